@@ -1,0 +1,218 @@
+"""``adjoined_conv2d``: the public op, a torch.library custom op with autograd.
+
+Path of one call: adjoined_conv2d (checks) -> anfast::adjoined_conv2d (custom op,
+backend chosen inside, so torch.compile sees one opaque node) -> Backend.forward.
+Backward runs anfast::adjoined_conv2d_backward, also one node, also dispatched.
+"""
+
+from __future__ import annotations
+
+from typing import List, Optional, Sequence
+
+import torch
+
+from anfast.ops import reference
+from anfast.ops.dispatch import ConvProblem, choose_backend
+
+__all__ = ["adjoined_conv2d"]
+
+
+def _problem(x_base, x_student, weight, bias, student_in_index, out_student, stride, padding,
+             dilation, groups) -> ConvProblem:
+    return ConvProblem(
+        x_base, x_student, weight, bias, out_student, tuple(stride), tuple(padding),
+        tuple(dilation), groups, student_in_index,
+    )
+
+
+@torch.library.custom_op("anfast::adjoined_conv2d", mutates_args=())
+def _adjoined_conv2d_op(
+    x_base: torch.Tensor,
+    x_student: torch.Tensor,
+    weight: torch.Tensor,
+    bias: Optional[torch.Tensor],
+    student_in_index: Optional[torch.Tensor],
+    out_student: int,
+    stride: List[int],
+    padding: List[int],
+    dilation: List[int],
+    groups: int,
+    backend: str,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    problem = _problem(x_base, x_student, weight, bias, student_in_index, out_student, stride,
+                       padding, dilation, groups)
+    return choose_backend(problem, backend).forward(problem)
+
+
+@_adjoined_conv2d_op.register_fake
+def _(x_base, x_student, weight, bias, student_in_index, out_student, stride, padding, dilation,
+      groups, backend):
+    # Shapes and memory formats are those of F.conv2d, which every backend must give.
+    return reference.adjoined_conv2d_reference(
+        x_base, x_student, weight, bias, out_student, stride, padding, dilation, groups,
+        student_in_index,
+    )
+
+
+@torch.library.custom_op("anfast::adjoined_conv2d_backward", mutates_args=())
+def _adjoined_conv2d_backward_op(
+    grad_base: torch.Tensor,
+    grad_student: torch.Tensor,
+    x_base: torch.Tensor,
+    x_student: torch.Tensor,
+    weight: torch.Tensor,
+    has_bias: bool,
+    student_in_index: Optional[torch.Tensor],
+    out_student: int,
+    stride: List[int],
+    padding: List[int],
+    dilation: List[int],
+    groups: int,
+    backend: str,
+    output_mask: List[bool],
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    # A bias stand-in that is never read: backends only look at its presence.
+    bias = weight.new_empty(weight.shape[0]) if has_bias else None
+    problem = _problem(x_base, x_student, weight, bias, student_in_index, out_student, stride,
+                       padding, dilation, groups)
+    grads = choose_backend(problem, backend).backward(grad_base, grad_student, problem,
+                                                      tuple(output_mask))
+    # Custom ops return tensors only: an empty tensor stands for "not asked for".
+    return tuple(g if g is not None else weight.new_empty(0) for g in grads)
+
+
+@_adjoined_conv2d_backward_op.register_fake
+def _(grad_base, grad_student, x_base, x_student, weight, has_bias, student_in_index, out_student,
+      stride, padding, dilation, groups, backend, output_mask):
+    like = (x_base, x_student, weight, weight.new_empty(weight.shape[0]) if has_bias else None)
+    return tuple(
+        torch.empty_like(t) if need and t is not None else weight.new_empty(0)
+        for t, need in zip(like, output_mask)
+    )
+
+
+def _setup_context(ctx, inputs, output):
+    (x_base, x_student, weight, bias, student_in_index, out_student, stride, padding, dilation,
+     groups, backend) = inputs
+    ctx.save_for_backward(x_base, x_student, weight, student_in_index)
+    ctx.has_bias = bias is not None
+    ctx.config = (out_student, stride, padding, dilation, groups, backend)
+
+
+def _backward(ctx, grad_base, grad_student):
+    x_base, x_student, weight, student_in_index = ctx.saved_tensors
+    out_student, stride, padding, dilation, groups, backend = ctx.config
+    needs = ctx.needs_input_grad
+    output_mask = [needs[0], needs[1], needs[2], needs[3] and ctx.has_bias]
+    grads = _adjoined_conv2d_backward_op(
+        grad_base.contiguous(memory_format=_memory_format(x_base)),
+        grad_student.contiguous(memory_format=_memory_format(x_student)),
+        x_base, x_student, weight, ctx.has_bias, student_in_index, out_student, stride, padding,
+        dilation, groups, backend, output_mask,
+    )
+    dx_base, dx_student, dweight, dbias = (g if need else None for g, need in zip(grads, output_mask))
+    return dx_base, dx_student, dweight, dbias, None, None, None, None, None, None, None
+
+
+def _memory_format(x: torch.Tensor) -> torch.memory_format:
+    return torch.channels_last if x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last) \
+        and not x.is_contiguous() else torch.contiguous_format
+
+
+torch.library.register_autograd(
+    "anfast::adjoined_conv2d", _backward, setup_context=_setup_context
+)
+
+
+def _pair(value: Sequence[int] | int, name: str) -> list[int]:
+    pair = [value, value] if isinstance(value, int) else list(value)
+    if len(pair) != 2 or not all(isinstance(v, int) for v in pair):
+        raise ValueError(f"adjoined_conv2d: {name} must be an int or a pair of ints, got {value!r}")
+    return pair
+
+
+def _check(x_base, x_student, weight, bias, out_student, groups, student_in_index):
+    if x_base.dim() != 4 or x_student.dim() != 4 or weight.dim() != 4:
+        raise ValueError(
+            "adjoined_conv2d: x_base, x_student and weight must be 4-D (N, C, H, W) / "
+            f"(C_out, C_in/groups, kh, kw); got {tuple(x_base.shape)}, {tuple(x_student.shape)}, "
+            f"{tuple(weight.shape)}"
+        )
+    c_out, c_in_per_group = weight.shape[:2]
+    if x_base.shape[1] != c_in_per_group * groups:
+        raise ValueError(
+            f"adjoined_conv2d: x_base has {x_base.shape[1]} channels but weight expects "
+            f"{c_in_per_group * groups} (C_in/groups={c_in_per_group}, groups={groups})"
+        )
+    if x_student.shape[0] != x_base.shape[0]:
+        raise ValueError(
+            f"adjoined_conv2d: x_student batch {x_student.shape[0]} != x_base batch {x_base.shape[0]}"
+        )
+    if not 1 <= out_student <= c_out:
+        raise ValueError(f"adjoined_conv2d: out_student={out_student} must be in [1, {c_out}]")
+    if student_in_index is not None:
+        if groups != 1:
+            raise ValueError("adjoined_conv2d: student_in_index needs groups=1")
+        if student_in_index.shape != (x_student.shape[1],):
+            raise ValueError(
+                f"adjoined_conv2d: student_in_index has shape {tuple(student_in_index.shape)}, "
+                f"expected ({x_student.shape[1]},), one base channel per student channel"
+            )
+    elif groups == 1:
+        if x_student.shape[1] > c_in_per_group:
+            raise ValueError(
+                f"adjoined_conv2d: x_student has {x_student.shape[1]} channels, more than the "
+                f"base's {c_in_per_group}"
+            )
+    else:
+        g_s = reference.student_groups(weight, groups, out_student)
+        if x_student.shape[1] != g_s * c_in_per_group:
+            raise ValueError(
+                f"adjoined_conv2d: a student with out_student={out_student} keeps {g_s} of "
+                f"{groups} groups and needs {g_s * c_in_per_group} input channels, "
+                f"x_student has {x_student.shape[1]}"
+            )
+    if bias is not None and bias.shape != (c_out,):
+        raise ValueError(f"adjoined_conv2d: bias must have shape ({c_out},), got {tuple(bias.shape)}")
+
+
+def adjoined_conv2d(
+    x_base: torch.Tensor,
+    x_student: torch.Tensor,
+    weight: torch.Tensor,
+    bias: Optional[torch.Tensor] = None,
+    *,
+    out_student: int,
+    stride: Sequence[int] | int = 1,
+    padding: Sequence[int] | int = 0,
+    dilation: Sequence[int] | int = 1,
+    groups: int = 1,
+    student_in_index: Optional[torch.Tensor] = None,
+    backend: Optional[str] = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Base and student convolutions of one shared weight, in one call.
+
+    Args:
+        x_base: base input, (N, C_in, H, W); channels_last is the fast layout.
+        x_student: student input, (N, c_in, H, W) with c_in <= C_in: its channels are
+            the base's leading c_in channels, or ``student_in_index`` names them.
+        weight: shared weight (C_out, C_in / groups, kh, kw).
+        bias: optional shared bias (C_out,); the student uses bias[:out_student].
+        out_student: the student's output channels (its leading filters).
+        stride, padding, dilation, groups: as in F.conv2d; a grouped student keeps
+            whole leading groups.
+        student_in_index: (c_in,) int64 base channel of each student input channel,
+            for a non-prefix channel map (after a concat).
+        backend: "cuda", "triton" or "torch"; default $ANFAST_BACKEND, else the first
+            that supports the problem. A named backend that cannot run raises.
+
+    Returns:
+        (y_base, y_student), shaped as F.conv2d's outputs.
+    """
+    stride, padding, dilation = (_pair(stride, "stride"), _pair(padding, "padding"),
+                                 _pair(dilation, "dilation"))
+    _check(x_base, x_student, weight, bias, out_student, groups, student_in_index)
+    return _adjoined_conv2d_op(
+        x_base, x_student, weight, bias, student_in_index, out_student, stride, padding,
+        dilation, groups, backend or "",
+    )

@@ -1,0 +1,170 @@
+"""Backend choice for the adjoined convolution, xformers-style.
+
+Each backend states what it supports and, when it cannot run a problem, why not.
+Choice: an explicit ``backend=`` argument, else the ANFAST_BACKEND environment
+variable, else the first supported backend of BACKEND_PRIORITY. A backend that was
+asked for by name and cannot run raises with its reasons; auto mode never picks a
+backend that would change the numbers beyond its dtype tolerance.
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+
+from anfast.ops import reference
+
+__all__ = [
+    "BACKEND_PRIORITY",
+    "ConvProblem",
+    "Backend",
+    "TorchBackend",
+    "BackendUnavailable",
+    "get_backend",
+    "choose_backend",
+    "explain",
+]
+
+# Highest priority first. Modules are imported lazily: the package must import on a
+# machine without Triton, a GPU or the compiled extension.
+BACKEND_PRIORITY = ("cuda", "triton", "torch")
+_BACKEND_MODULES = {
+    "cuda": "anfast.ops.cuda_backend",
+    "triton": "anfast.triton",
+    "torch": "anfast.ops.dispatch",
+}
+
+
+class BackendUnavailable(RuntimeError):
+    """Raised when the requested backend (or every backend) cannot run a problem."""
+
+
+@dataclass(frozen=True)
+class ConvProblem:
+    """Everything a backend needs to decide whether it can run an adjoined conv."""
+
+    x_base: torch.Tensor
+    x_student: torch.Tensor
+    weight: torch.Tensor
+    bias: Optional[torch.Tensor]
+    out_student: int
+    stride: tuple[int, int]
+    padding: tuple[int, int]
+    dilation: tuple[int, int]
+    groups: int
+    student_in_index: Optional[torch.Tensor]
+
+    @property
+    def in_student(self) -> int:
+        return self.x_student.shape[1]
+
+
+class Backend:
+    """One implementation of the adjoined conv contract (see anfast.ops.reference).
+
+    Outputs must have the memory format F.conv2d gives for the same inputs
+    (channels_last in, channels_last out), since the custom op's fake
+    implementation promises exactly that to torch.compile.
+    """
+
+    name: str = ""
+
+    def unsupported_reasons(self, problem: ConvProblem, explicit: bool) -> list[str]:
+        """Why this backend cannot run ``problem`` (empty when it can).
+
+        ``explicit`` is True when the user asked for this backend by name; a backend
+        may accept more then (the Triton interpreter on CPU tensors, say).
+        """
+        raise NotImplementedError
+
+    def forward(self, problem: ConvProblem) -> tuple[torch.Tensor, torch.Tensor]:
+        raise NotImplementedError
+
+    def backward(
+        self,
+        grad_base: torch.Tensor,
+        grad_student: torch.Tensor,
+        problem: ConvProblem,
+        output_mask: tuple[bool, bool, bool, bool],
+    ) -> tuple[Optional[torch.Tensor], ...]:
+        """(dx_base, dx_student, dweight, dbias); entries not in output_mask may be None."""
+        raise NotImplementedError
+
+
+class TorchBackend(Backend):
+    """The reference: cuDNN / oneDNN convolutions on sliced weights. Runs everything."""
+
+    name = "torch"
+
+    def unsupported_reasons(self, problem: ConvProblem, explicit: bool) -> list[str]:
+        return []
+
+    def forward(self, problem: ConvProblem) -> tuple[torch.Tensor, torch.Tensor]:
+        return reference.adjoined_conv2d_reference(
+            problem.x_base, problem.x_student, problem.weight, problem.bias,
+            problem.out_student, problem.stride, problem.padding, problem.dilation,
+            problem.groups, problem.student_in_index,
+        )
+
+    def backward(self, grad_base, grad_student, problem, output_mask):
+        return reference.adjoined_conv2d_backward_reference(
+            grad_base, grad_student, problem.x_base, problem.x_student, problem.weight,
+            problem.bias is not None, problem.out_student, problem.stride, problem.padding,
+            problem.dilation, problem.groups, problem.student_in_index, output_mask,
+        )
+
+
+BACKEND = TorchBackend()
+_cache: dict[str, Backend | str] = {}
+
+
+def get_backend(name: str) -> Backend:
+    """The backend object called ``name``; raises BackendUnavailable if it cannot load."""
+    if name not in _BACKEND_MODULES:
+        raise ValueError(f"unknown backend {name!r}; choose one of {', '.join(BACKEND_PRIORITY)}")
+    if name not in _cache:
+        try:
+            _cache[name] = importlib.import_module(_BACKEND_MODULES[name]).BACKEND
+        except (ImportError, AttributeError) as error:  # triton missing, extension not built
+            _cache[name] = f"cannot import {_BACKEND_MODULES[name]}: {error}"
+    backend = _cache[name]
+    if isinstance(backend, str):
+        raise BackendUnavailable(f"backend {name!r} is unavailable: {backend}")
+    return backend
+
+
+def _reasons(name: str, problem: ConvProblem, explicit: bool) -> list[str]:
+    try:
+        backend = get_backend(name)
+    except BackendUnavailable as error:
+        return [str(error)]
+    return backend.unsupported_reasons(problem, explicit)
+
+
+def choose_backend(problem: ConvProblem, requested: str = "") -> Backend:
+    """The backend that runs ``problem``: requested > $ANFAST_BACKEND > auto."""
+    requested = requested or os.environ.get("ANFAST_BACKEND", "")
+    if requested and requested != "auto":
+        reasons = _reasons(requested, problem, explicit=True)
+        if reasons:
+            raise BackendUnavailable(
+                f"adjoined_conv2d: backend {requested!r} cannot run this problem: " + "; ".join(reasons)
+            )
+        return get_backend(requested)
+    for name in BACKEND_PRIORITY:
+        if not _reasons(name, problem, explicit=False):
+            return get_backend(name)
+    raise BackendUnavailable("adjoined_conv2d: no backend can run this problem:\n" + explain(problem))
+
+
+def explain(problem: ConvProblem) -> str:
+    """One line per backend: 'ok' or the reasons it cannot run ``problem`` in auto mode."""
+    lines = []
+    for name in BACKEND_PRIORITY:
+        reasons = _reasons(name, problem, explicit=False)
+        lines.append(f"  {name}: " + ("ok" if not reasons else "; ".join(reasons)))
+    return "\n".join(lines)
