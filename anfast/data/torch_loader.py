@@ -1,0 +1,130 @@
+"""The torchvision DataLoader path: PIL decode, torchvision transforms, worker processes.
+
+An unreadable file (truncated JPEG, a text file named .jpg) must not end an epoch
+that may be hours old: the dataset returns None for it, the collate function drops it
+and hands its path back to the main process, which warns once per file and counts
+every skip in ``loader.skipped``.
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import torch
+from PIL import Image
+from torch.utils.data import DataLoader, Dataset, Sampler
+from torchvision import transforms
+
+from anfast.data.folder import IMAGENET_MEAN, IMAGENET_STD, ImageList, shard_indices, val_resize_size
+
+__all__ = ["TorchLoader", "build_transform"]
+
+# What PIL raises for a file it cannot decode: OSError (truncated data, unidentified
+# format), SyntaxError / ValueError (malformed headers), DecompressionBombError.
+_DECODE_ERRORS = (OSError, SyntaxError, ValueError, Image.DecompressionBombError)
+
+
+def build_transform(split: str, image_size: int) -> transforms.Compose:
+    """torchvision transforms for ``split``: the ImageNet train / eval recipes, normalized."""
+    normalize = [transforms.ToTensor(), transforms.Normalize(IMAGENET_MEAN, IMAGENET_STD)]
+    if split == "train":
+        return transforms.Compose([transforms.RandomResizedCrop(image_size, scale=(0.35, 1.0)),
+                                   transforms.RandomHorizontalFlip(), *normalize])
+    return transforms.Compose([transforms.Resize(val_resize_size(image_size)),
+                               transforms.CenterCrop(image_size), *normalize])
+
+
+class _ImageFiles(Dataset):
+    def __init__(self, samples: list[tuple[str, int]], transform: transforms.Compose):
+        self.samples = samples
+        self.transform = transform
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, index: int):
+        path, label = self.samples[index]
+        try:
+            with Image.open(path) as image:
+                image = image.convert("RGB")
+        except _DECODE_ERRORS as error:
+            return None, label, f"{path}: {error}"
+        return self.transform(image), label, None
+
+
+def _collate_skipping(batch):
+    kept = [(image, label) for image, label, _ in batch if image is not None]
+    bad = [problem for _, _, problem in batch if problem is not None]
+    if not kept:
+        return torch.empty(0), torch.empty(0, dtype=torch.int64), bad
+    images = torch.stack([image for image, _ in kept])
+    labels = torch.tensor([label for _, label in kept], dtype=torch.int64)
+    return images, labels, bad
+
+
+class _ShardSampler(Sampler[int]):
+    def __init__(self, num_samples: int, *, shard_id: int, num_shards: int, shuffle: bool, seed: int):
+        self.num_samples = num_samples
+        self.shard_id, self.num_shards = shard_id, num_shards
+        self.shuffle, self.seed = shuffle, seed
+        self.epoch = 0
+        self.length = len(list(iter(self)))
+
+    def __iter__(self):
+        return iter(shard_indices(self.num_samples, shard_id=self.shard_id, num_shards=self.num_shards,
+                                  shuffle=self.shuffle, seed=self.seed, epoch=self.epoch))
+
+    def __len__(self) -> int:
+        return self.length
+
+
+class TorchLoader:
+    """Batches of (images, labels) from a torchvision DataLoader over an ImageList.
+
+    See :func:`anfast.data.create_loader` for the meaning of the arguments.
+    """
+
+    name = "torch"
+
+    def __init__(self, images: ImageList, split: str, *, batch_size: int, image_size: int, workers: int,
+                 device: torch.device, channels_last: bool, shard_id: int, num_shards: int, seed: int,
+                 drop_last: bool, reason: str):
+        self.classes = images.classes
+        self.reason = reason
+        self.skipped = 0
+        self.device = device
+        self.channels_last = channels_last
+        self._warned: set[str] = set()
+        self._sampler = _ShardSampler(len(images.samples), shard_id=shard_id, num_shards=num_shards,
+                                      shuffle=split == "train", seed=seed)
+        self.num_samples = len(self._sampler)
+        self._loader = DataLoader(
+            _ImageFiles(images.samples, build_transform(split, image_size)),
+            batch_size=batch_size, sampler=self._sampler, num_workers=workers,
+            collate_fn=_collate_skipping, drop_last=drop_last, pin_memory=device.type == "cuda",
+            persistent_workers=workers > 0,
+            # Augmentation draws in the workers follow from the seed (and the shard).
+            generator=torch.Generator().manual_seed(seed * 1000 + shard_id))
+
+    def __len__(self) -> int:
+        return len(self._loader)
+
+    def set_epoch(self, epoch: int) -> None:
+        """Reshuffle for ``epoch``: the order follows from seed + epoch, identical on every shard."""
+        self._sampler.epoch = epoch
+
+    def __iter__(self):
+        memory_format = torch.channels_last if self.channels_last else torch.contiguous_format
+        for images, labels, bad in self._loader:
+            self._count_skipped(bad)
+            if labels.numel() == 0:
+                continue
+            images = images.to(self.device, non_blocking=True).contiguous(memory_format=memory_format)
+            yield images, labels.to(self.device, non_blocking=True)
+
+    def _count_skipped(self, problems: list[str]) -> None:
+        self.skipped += len(problems)
+        for problem in problems:
+            if problem not in self._warned:
+                self._warned.add(problem)
+                warnings.warn(f"anfast: skipped unreadable image {problem}", RuntimeWarning, stacklevel=3)
