@@ -1,3 +1,31 @@
-"""anfast: train compressed CNNs with Adjoined Networks, on fused kernels."""
+"""anfast: train compressed CNNs with Adjoined Networks, on fused kernels.
+
+    an = anfast.adjoin(model, alpha=4, policy="paper")   # base + student, shared filters
+    out = an(images)                                      # AdjoinedOutput(base, students)
+    loss = anfast.AdjoinedLoss()(out, labels, lambda_)
+    student = anfast.export_student(an, path="student/") # a plain, smaller model
+"""
+
+from anfast import ops
+from anfast.adjoin import AdjoinedNetwork, AdjoinedOutput, AdjoinError, adjoin, student_width
+from anfast.export import export_base, export_student, load_student, save_exported
+from anfast.profile import count_parameters, profile
+from anfast.train.loss import AdjoinedLoss
 
 __version__ = "0.1.0"
+
+__all__ = [
+    "ops",
+    "adjoin",
+    "AdjoinedNetwork",
+    "AdjoinedOutput",
+    "AdjoinError",
+    "student_width",
+    "export_student",
+    "export_base",
+    "save_exported",
+    "load_student",
+    "profile",
+    "count_parameters",
+    "AdjoinedLoss",
+]

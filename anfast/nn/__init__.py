@@ -1,0 +1,7 @@
+"""Adjoined modules: one set of parameters, outputs for the base and every student."""
+
+from anfast.nn.batchnorm import AdjoinedBatchNorm2d
+from anfast.nn.conv import AdjoinedConv2d
+from anfast.nn.linear import AdjoinedLinear
+
+__all__ = ["AdjoinedConv2d", "AdjoinedBatchNorm2d", "AdjoinedLinear"]

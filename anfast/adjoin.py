@@ -1,0 +1,616 @@
+"""``adjoin``: the torch.fx pass that turns a CNN into an adjoined network.
+
+Steps (DESIGN.md section 1):
+1. trace the model and propagate shapes on an example input;
+2. follow the channel dimension of every tensor: convs and linears create new
+   dimensions, elementwise ops between tensors merge theirs into one *width group*
+   (union-find, as Torch-Pruning does), a concat records which parts it joins, a
+   flatten remembers how many features each channel became;
+3. give every width group one student width per student, from the policy;
+4. rebuild the graph with one copy of each op per network, the convs, norms and
+   linears replaced by adjoined modules that compute every network at once.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import operator
+from dataclasses import dataclass, field
+from typing import Any, Callable, Mapping, NamedTuple, Optional, Sequence, Union
+
+import torch
+import torch.fx
+from torch import nn
+from torch.fx.passes.shape_prop import ShapeProp
+
+from anfast.nn import AdjoinedBatchNorm2d, AdjoinedConv2d, AdjoinedLinear
+
+__all__ = [
+    "AdjoinError",
+    "AdjoinedOutput",
+    "AdjoinedNetwork",
+    "WidthGroup",
+    "LayerWidths",
+    "adjoin",
+    "student_width",
+    "PAPER_MIN_CHANNELS",
+]
+
+Alpha = Union[float, Sequence[float]]
+Policy = Union[str, Mapping[str, Any], Callable[[str, nn.Module], Any]]
+
+# The authors' ResNet-50 rule: a conv shrinks when its base in and out channels both
+# exceed 64, which keeps the stem and layer1 at full width.
+PAPER_MIN_CHANNELS = 64
+
+
+class AdjoinError(ValueError):
+    """A model, alpha or policy that adjoin cannot apply; the message names the fix."""
+
+
+class AdjoinedOutput(NamedTuple):
+    """Outputs of an adjoined network: the base's and one per student (widest first)."""
+
+    base: Any
+    students: tuple
+
+    @property
+    def student(self) -> Any:
+        """The first (widest) student's output."""
+        return self.students[0]
+
+
+def _make_output(base, *students) -> AdjoinedOutput:
+    return AdjoinedOutput(base, tuple(students))
+
+
+torch.fx.wrap("_make_output")
+
+
+def student_width(channels: int, alpha: float, round_to: int = 8, multiple: int = 1) -> int:
+    """width(C, alpha) = C if alpha == 1 else min(C, round_up(ceil(C / alpha), step)).
+
+    ``step`` is lcm(round_to, multiple): grouped convs keep whole groups.
+    """
+    if alpha == 1:
+        return channels
+    step = math.lcm(max(1, int(round_to)), max(1, int(multiple)))
+    return min(channels, step * math.ceil(math.ceil(channels / alpha) / step))
+
+
+@dataclass
+class WidthGroup:
+    """Tensors whose channels must have one student width (they meet elementwise)."""
+
+    name: str
+    channels: int
+    widths: tuple[int, ...]
+    alphas: tuple[float, ...]
+    producers: tuple[str, ...]
+    fixed: str = ""  # why the group cannot shrink ("" when it can)
+    multiple: int = 1  # widths are multiples of this (whole conv groups)
+
+
+@dataclass
+class LayerWidths:
+    """Base and student widths of one adjoined layer."""
+
+    kind: str  # "conv", "linear" or "norm"
+    in_channels: int
+    out_channels: int
+    student_in: tuple[int, ...]
+    student_out: tuple[int, ...]
+    in_group: str
+    out_group: str
+    in_indices: tuple[Optional[torch.Tensor], ...] = ()
+
+
+# ----------------------------------------------------------------------------- dims
+
+
+class _Dim:
+    """One channel dimension; union-find node."""
+
+    def __init__(self, size: int, producer: Optional[str] = None, fixed: str = ""):
+        self.parent: _Dim = self
+        self.size = size
+        self.producers = [producer] if producer else []
+        self.fixed = fixed
+        self.multiple = 1
+        self.order = 0
+
+    def root(self) -> "_Dim":
+        node = self
+        while node.parent is not node:
+            node = node.parent
+        return node
+
+
+def _union(a: _Dim, b: _Dim, where: str) -> None:
+    a, b = a.root(), b.root()
+    if a is b:
+        return
+    if a.size != b.size:
+        raise AdjoinError(f"{where}: tensors with {a.size} and {b.size} channels meet elementwise")
+    if b.order < a.order:
+        a, b = b, a
+    b.parent = a
+    a.producers += b.producers
+    a.fixed = a.fixed or b.fixed
+    a.multiple = math.lcm(a.multiple, b.multiple)
+
+
+@dataclass
+class _Channels:
+    """The channel axis (axis 1) of a tensor: concatenated parts, each a dim."""
+
+    parts: tuple[_Dim, ...]
+    features_per_channel: int = 1  # > 1 after flattening C x H x W into features
+
+    @property
+    def size(self) -> int:
+        return sum(p.size for p in self.parts) * self.features_per_channel
+
+    def simple(self) -> Optional[_Dim]:
+        return self.parts[0] if len(self.parts) == 1 and self.features_per_channel == 1 else None
+
+
+@dataclass
+class _Analysis:
+    channels: dict = field(default_factory=dict)  # node -> _Channels
+    shared: set = field(default_factory=set)  # nodes equal in every network
+    layers: dict = field(default_factory=dict)  # module name -> (kind, in _Channels, out _Channels)
+    dims: list = field(default_factory=list)
+
+
+_ELEMENTWISE = {
+    operator.add, operator.iadd, operator.mul, operator.imul, operator.sub, operator.isub,
+    operator.truediv, torch.add, torch.mul, torch.sub, torch.div,
+    "add", "add_", "mul", "mul_", "sub", "sub_", "div", "div_",
+}
+_FLATTEN = {torch.flatten, "flatten", "view", "reshape"}
+_CONCAT = {torch.cat, torch.concat}
+
+
+def _node_shape(node: torch.fx.Node) -> Optional[torch.Size]:
+    meta = node.meta.get("tensor_meta")
+    return getattr(meta, "shape", None)
+
+
+def _tensor_inputs(node: torch.fx.Node) -> list[torch.fx.Node]:
+    found = []
+    torch.fx.map_arg((node.args, node.kwargs), lambda n: found.append(n) if _node_shape(n) is not None else None)
+    return found
+
+
+def _describe(node: torch.fx.Node) -> str:
+    return node.target if node.op == "call_module" else f"{node.name} ({node.op} {getattr(node.target, '__name__', node.target)})"
+
+
+def _analyse(gm: torch.fx.GraphModule) -> _Analysis:
+    result = _Analysis()
+    modules = dict(gm.named_modules())
+
+    def new_dim(size: int, producer=None, fixed="") -> _Dim:
+        dim = _Dim(size, producer, fixed)
+        dim.order = len(result.dims)
+        result.dims.append(dim)
+        return dim
+
+    def channels_of(node) -> Optional[_Channels]:
+        return result.channels.get(node)
+
+    for node in gm.graph.nodes:
+        shape = _node_shape(node)
+        inputs = _tensor_inputs(node)
+        if node.op in ("placeholder", "get_attr"):
+            result.shared.add(node)
+            if shape is not None and len(shape) >= 2:
+                result.channels[node] = _Channels((new_dim(shape[1], fixed="model input"),))
+            continue
+        if node.op == "output":
+            def mark_fixed(n):
+                ch = channels_of(n)
+                for part in ch.parts if ch else ():
+                    root = part.root()
+                    root.fixed = root.fixed or "model output"
+            torch.fx.map_arg(node.args, mark_fixed)
+            continue
+        module = modules.get(node.target) if node.op == "call_module" else None
+        if all(n in result.shared for n in inputs) and not isinstance(module, (nn.Conv2d, nn.Linear, nn.modules.batchnorm._BatchNorm)):
+            if node.op != "call_module" or not any(True for _ in module.parameters()):
+                result.shared.add(node)
+        if shape is None:
+            continue  # sizes, ints, tuples of sizes
+        in_channels = [channels_of(n) for n in inputs]
+        where = _describe(node)
+        function = node.target if node.op in ("call_function", "call_method") else None
+
+        if isinstance(module, nn.Conv2d):
+            x = in_channels[0]
+            if x is None or x.features_per_channel != 1:
+                raise AdjoinError(f"{where}: cannot follow the channels of its input")
+            if module.padding_mode != "zeros":
+                raise AdjoinError(f"{where}: padding_mode={module.padding_mode!r}; anfast supports 'zeros'")
+            out = new_dim(module.out_channels, producer=node.target)
+            if module.groups > 1:
+                in_dim = x.simple()
+                in_per_group = module.in_channels // module.groups
+                out_per_group = module.out_channels // module.groups
+                if in_dim is None or in_per_group != out_per_group:
+                    raise AdjoinError(
+                        f"{where}: grouped conv (groups={module.groups}) with {module.in_channels} in and "
+                        f"{module.out_channels} out channels; anfast slices whole groups only when the "
+                        "input is one width group and in/out group widths match. Keep this layer at "
+                        "full width with a dict policy ({'" + str(node.target) + "': 1, ...})"
+                    )
+                out.multiple = out_per_group
+                _union(in_dim, out, where)
+            result.channels[node] = _Channels((out,))
+            result.layers[node.target] = ("conv", x, result.channels[node])
+        elif isinstance(module, nn.Linear):
+            x = in_channels[0]
+            if x is None or len(shape) != 2:
+                raise AdjoinError(f"{where}: anfast adjoins Linear layers on (N, features) inputs only")
+            result.channels[node] = _Channels((new_dim(module.out_features, producer=node.target),))
+            result.layers[node.target] = ("linear", x, result.channels[node])
+        elif isinstance(module, nn.modules.batchnorm._BatchNorm):
+            if not isinstance(module, nn.BatchNorm2d):
+                raise AdjoinError(f"{where}: {type(module).__name__} is not supported; anfast adjoins BatchNorm2d")
+            result.channels[node] = in_channels[0]
+            result.layers[node.target] = ("norm", in_channels[0], in_channels[0])
+        elif function is not None and function in _CONCAT and _concat_dim(node) == 1:
+            parts = [channels_of(n) for n in node.args[0]]
+            if any(p is None or p.features_per_channel != 1 for p in parts):
+                raise AdjoinError(f"{where}: concatenates tensors whose channels anfast cannot follow")
+            result.channels[node] = _Channels(tuple(d for p in parts for d in p.parts))
+        elif function in _ELEMENTWISE or function in _FLATTEN or isinstance(module, nn.Flatten):
+            result.channels[node] = _follow_simple_op(node, shape, inputs, in_channels, where)
+        elif inputs:
+            result.channels[node] = _follow_generic(node, shape, inputs, in_channels, where)
+    return result
+
+
+def _concat_dim(node: torch.fx.Node) -> int:
+    dim = node.kwargs.get("dim", node.args[1] if len(node.args) > 1 else 0)
+    return dim if dim >= 0 else dim + len(_node_shape(node))
+
+
+def _follow_simple_op(node, shape, inputs, in_channels, where) -> Optional[_Channels]:
+    if node.target in _ELEMENTWISE:
+        meeting = [(n, c) for n, c in zip(inputs, in_channels)
+                   if c is not None and len(_node_shape(n)) >= 2 and _node_shape(n)[1] == shape[1] > 1]
+        if not meeting:
+            return in_channels[0] if in_channels else None
+        first = meeting[0][1]
+        for _, other in meeting[1:]:
+            if len(first.parts) != len(other.parts) or first.features_per_channel != other.features_per_channel:
+                raise AdjoinError(f"{where}: joins tensors with different channel layouts (after a concat)")
+            for a, b in zip(first.parts, other.parts):
+                _union(a, b, where)
+        return first
+    # flatten / view / reshape
+    x, x_shape = in_channels[0], _node_shape(inputs[0])
+    if x is None:
+        return None
+    if len(shape) == len(x_shape) and shape[1] == x_shape[1]:
+        return x
+    if len(shape) == 2 and shape[0] == x_shape[0] and shape[1] == math.prod(x_shape[1:]):
+        return _Channels(x.parts, x.features_per_channel * math.prod(x_shape[2:]))
+    raise AdjoinError(f"{where}: reshapes the channel axis {tuple(x_shape)} -> {tuple(shape)}; anfast "
+                      "follows channels only through flatten(start_dim=1)")
+
+
+def _follow_generic(node, shape, inputs, in_channels, where) -> Optional[_Channels]:
+    """Ops anfast has no rule for: channel-preserving ones pass through, others refuse."""
+    carried = [(n, c) for n, c in zip(inputs, in_channels) if c is not None]
+    if not carried:
+        return None
+    source, channels = carried[0]
+    source_shape = _node_shape(source)
+    if len(shape) == len(source_shape) and len(shape) >= 2 and shape[1] == source_shape[1]:
+        if len(carried) > 1:
+            for _, other in carried[1:]:
+                if other.size == channels.size and other is not channels:
+                    for a, b in zip(channels.parts, other.parts):
+                        _union(a, b, where)
+        return channels
+    if len(shape) < 2 or (len(source_shape) >= 2 and shape[1] != source_shape[1]):
+        raise AdjoinError(
+            f"{where}: changes the channel axis {tuple(source_shape)} -> {tuple(shape)} in a way anfast "
+            "cannot follow; adjoin supports convs, linears, batch norms, elementwise ops, pooling, "
+            "concat and flatten on the channel axis"
+        )
+    return channels
+
+
+# ----------------------------------------------------------------------------- policy
+
+
+def _as_alphas(value: Any, alphas: tuple[float, ...], where: str) -> tuple[float, ...]:
+    if value is True:
+        return alphas
+    if value is False or value is None:
+        return (1.0,) * len(alphas)
+    if isinstance(value, (int, float)):
+        result = (float(value),) * len(alphas)
+    else:
+        result = tuple(float(v) for v in value)
+        if len(result) != len(alphas):
+            raise AdjoinError(f"policy for {where}: {len(result)} alphas given for {len(alphas)} students")
+    if any(a < 1 for a in result):
+        raise AdjoinError(f"policy for {where}: alpha {result} must be >= 1 (the student is 1/alpha wide)")
+    return result
+
+
+def _layer_alphas(policy: Policy, name: str, module: nn.Module, alphas: tuple[float, ...]) -> tuple[float, ...]:
+    if policy == "paper":
+        shrink = isinstance(module, nn.Conv2d) and min(module.in_channels, module.out_channels) > PAPER_MIN_CHANNELS
+        return _as_alphas(shrink, alphas, name)
+    if policy == "all":
+        return alphas
+    if isinstance(policy, Mapping):
+        return _as_alphas(policy.get(name, 1), alphas, name)
+    if callable(policy):
+        return _as_alphas(policy(name, module), alphas, name)
+    raise AdjoinError(f"policy={policy!r}: use 'paper', 'all', a dict {{module name: alpha}} or a callable")
+
+
+def _check_alpha(alpha: Alpha) -> tuple[float, ...]:
+    alphas = (alpha,) if isinstance(alpha, (int, float)) else tuple(alpha)
+    if not alphas or not all(isinstance(a, (int, float)) and a >= 1 for a in alphas):
+        raise AdjoinError(f"alpha={alpha!r}: give a number >= 1 (the student is 1/alpha as wide) or a tuple of them")
+    if list(alphas) != sorted(alphas):
+        raise AdjoinError(f"alpha={alpha!r}: nested students go from widest to narrowest; sort the tuple ascending")
+    return tuple(float(a) for a in alphas)
+
+
+# ----------------------------------------------------------------------------- network
+
+
+class AdjoinedNetwork(torch.fx.GraphModule):
+    """A traced CNN whose forward returns the base's and every student's outputs.
+
+    Parameters keep the original model's names (``layer1.0.conv1.weight``); student
+    batch norms add ``*.student_norms.{s}.*``. ``width_groups`` and ``layer_widths``
+    describe the students; export them with :func:`anfast.export_student`.
+    """
+
+    width_groups: list[WidthGroup]
+    layer_widths: dict[str, LayerWidths]
+    alphas: tuple[float, ...]
+    source: dict
+
+    _EXTRA_ATTRIBUTES = ("width_groups", "layer_widths", "alphas", "source", "_skeleton")
+
+    def __deepcopy__(self, memo):
+        # GraphModule's deepcopy rebuilds from code and drops attributes it does not know.
+        result = super().__deepcopy__(memo)
+        for name in self._EXTRA_ATTRIBUTES:
+            result.__dict__[name] = copy.deepcopy(self.__dict__[name], memo)
+        return result
+
+    @property
+    def num_students(self) -> int:
+        return len(self.alphas)
+
+    def base_state_dict(self) -> dict[str, torch.Tensor]:
+        """The base network's state, loadable into the original architecture."""
+        return {k: v for k, v in self.state_dict().items() if ".student_norms." not in k}
+
+    def load_base_state_dict(self, state_dict: Mapping[str, torch.Tensor]) -> None:
+        """Load a checkpoint of the original architecture (a torchvision one, say) into the base."""
+        missing, unexpected = self.load_state_dict(state_dict, strict=False)
+        missing = [k for k in missing if ".student_norms." not in k]
+        if missing or unexpected:
+            raise KeyError(f"state_dict does not match the base network: missing {missing[:5]}, "
+                           f"unexpected {unexpected[:5]}")
+
+    def architecture(self) -> nn.Module:
+        """A fresh, parameter-less (meta) copy of the original model class."""
+        return copy.deepcopy(self.__dict__["_skeleton"])
+
+
+def adjoin(
+    model: Union[nn.Module, str],
+    alpha: Alpha = 4,
+    policy: Policy = "paper",
+    round_to: int = 8,
+    *,
+    share_affine: bool = False,
+    input_size: Sequence[int] = (3, 224, 224),
+    backend: Optional[str] = None,
+    **model_kwargs,
+) -> AdjoinedNetwork:
+    """Turn a traceable CNN into an adjoined network (base + students sharing filters).
+
+    Args:
+        model: an nn.Module (copied, never modified), or a torchvision model name built
+            with ``torchvision.models.get_model(name, weights=None, **model_kwargs)``.
+        alpha: student shrink factor; a tuple (2, 4, 8) gives nested students.
+        policy: which layers shrink: "paper" (convs with in and out channels > 64),
+            "all" (every layer but the image input and the class output), a dict
+            {module name: alpha | tuple | bool}, or a callable (name, module) -> same.
+            A width group takes the smallest alpha of the layers that produce it.
+        round_to: student widths are rounded up to multiples of this.
+        share_affine: students use sliced base BatchNorm affine parameters.
+        input_size: (C, H, W) of the example input used to trace shapes.
+        backend: force a backend of anfast.ops.adjoined_conv2d for every conv.
+
+    Returns:
+        An AdjoinedNetwork; ``an(x)`` gives ``AdjoinedOutput(base, students)``.
+    """
+    alphas = _check_alpha(alpha)
+    source: dict = {}
+    if isinstance(model, str):
+        import torchvision
+
+        try:
+            built = torchvision.models.get_model(model, weights=None, **model_kwargs)
+        except ValueError as error:
+            raise AdjoinError(f"model={model!r}: {error}") from None
+        source = {"torchvision": model, "kwargs": dict(model_kwargs)}
+        model = built
+    elif model_kwargs:
+        raise TypeError(f"adjoin: unexpected keyword arguments {sorted(model_kwargs)}")
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"adjoin: model must be an nn.Module or a torchvision name, got {type(model).__name__}")
+    source = source or {"class": f"{type(model).__module__}.{type(model).__qualname__}"}
+    model = copy.deepcopy(model)
+
+    try:
+        traced = torch.fx.symbolic_trace(model)
+    except Exception as error:  # fx raises many types; all mean "not traceable"
+        raise AdjoinError(
+            f"cannot trace {type(model).__name__} with torch.fx: {type(error).__name__}: {error}. "
+            "adjoin needs an fx-traceable model: avoid data-dependent control flow in forward, or "
+            "mark such submodules as leaves (they then keep full width)"
+        ) from error
+    _propagate_shapes(traced, model, input_size)
+    analysis = _analyse(traced)
+    groups = _assign_widths(analysis, traced, policy, alphas, round_to)
+    network = _build(traced, analysis, groups, alphas, share_affine, backend)
+    network.alphas = alphas
+    network.source = source
+    network.width_groups = list(groups.values())
+    skeleton = copy.deepcopy(model).to("meta")
+    network.__dict__["_skeleton"] = skeleton  # not a submodule: no parameters, no state
+    network.train(model.training)
+    return network
+
+
+def _propagate_shapes(traced: torch.fx.GraphModule, model: nn.Module, input_size: Sequence[int]) -> None:
+    parameter = next(model.parameters(), None)
+    device = parameter.device if parameter is not None else torch.device("cpu")
+    dtype = parameter.dtype if parameter is not None else torch.float32
+    was_training = traced.training
+    traced.eval()  # never update running statistics while tracing shapes
+    try:
+        with torch.no_grad():
+            ShapeProp(traced).propagate(torch.zeros(2, *input_size, device=device, dtype=dtype))
+    except Exception as error:
+        raise AdjoinError(f"{type(model).__name__} fails on an input of size (2, {', '.join(map(str, input_size))}): "
+                          f"{error}; pass input_size=(C, H, W) that the model accepts") from error
+    finally:
+        traced.train(was_training)
+
+
+def _assign_widths(analysis: _Analysis, traced, policy, alphas, round_to) -> dict:
+    if not isinstance(round_to, int) or round_to < 1:
+        raise AdjoinError(f"round_to={round_to!r}: give a positive int (8 suits tensor cores)")
+    modules = dict(traced.named_modules())
+    if isinstance(policy, Mapping):
+        unknown = sorted(set(policy) - set(analysis.layers))
+        if unknown:
+            raise AdjoinError(f"policy names {unknown[:5]}, which are not conv or linear layers of the model; "
+                              f"known layers start {sorted(analysis.layers)[:5]}")
+    groups: dict[_Dim, WidthGroup] = {}
+    for dim in analysis.dims:
+        root = dim.root()
+        if root in groups or dim is not root:
+            continue
+        producers = tuple(dict.fromkeys(root.producers))
+        layer_alphas = [_layer_alphas(policy, p, modules[p], alphas) for p in producers]
+        group_alphas = tuple(min(a[s] for a in layer_alphas) for s in range(len(alphas))) if producers else (1.0,) * len(alphas)
+        name = producers[0] if producers else "input"
+        if root.fixed:
+            if isinstance(policy, Mapping) and any(policy.get(p, 1) not in (1, False) for p in producers):
+                raise AdjoinError(f"policy asks to shrink {name}, but its channels are the {root.fixed}")
+            group_alphas = (1.0,) * len(alphas)
+        widths = tuple(student_width(root.size, a, round_to, root.multiple) for a in group_alphas)
+        groups[root] = WidthGroup(name, root.size, widths, group_alphas, producers, root.fixed, root.multiple)
+    return groups
+
+
+def _student_map(channels: _Channels, groups: dict, s: int) -> tuple[int, Optional[torch.Tensor]]:
+    """(student width, base index or None for a prefix) of a tensor's channel axis."""
+    widths = [groups[p.root()].widths[s] for p in channels.parts]
+    if all(w == p.size for w, p in zip(widths[:-1], channels.parts[:-1])):
+        return sum(widths) * channels.features_per_channel, None
+    index, offset = [], 0
+    for part, width in zip(channels.parts, widths):
+        index.extend(range(offset, offset + width))
+        offset += part.size
+    index = torch.tensor(index, dtype=torch.long)
+    per = channels.features_per_channel
+    if per > 1:
+        index = (index[:, None] * per + torch.arange(per)).flatten()
+    return len(index), index
+
+
+def _build(traced, analysis: _Analysis, groups, alphas, share_affine, backend) -> AdjoinedNetwork:
+    modules = dict(traced.named_modules())
+    students = range(len(alphas))
+    layer_widths: dict[str, LayerWidths] = {}
+    for name, (kind, x, y) in analysis.layers.items():
+        ins = [_student_map(x, groups, s) for s in students]
+        outs = [_student_map(y, groups, s) for s in students]
+        group_name = lambda ch: groups[ch.parts[0].root()].name if len(ch.parts) == 1 else "concat"
+        layer_widths[name] = LayerWidths(
+            kind, x.size, y.size, tuple(w for w, _ in ins), tuple(w for w, _ in outs),
+            group_name(x), group_name(y), tuple(i for _, i in ins),
+        )
+        _replace_module(traced, name, modules[name], layer_widths[name], analysis, share_affine, backend)
+
+    _check_other_parameters(traced, analysis, groups)
+    graph = torch.fx.Graph()
+    env: dict[torch.fx.Node, list] = {}
+    networks = len(alphas) + 1
+    for node in traced.graph.nodes:
+        if node.op == "output":
+            per_network = [torch.fx.map_arg(node.args[0], lambda n: env[n][k]) for k in range(networks)]
+            graph.output(graph.call_function(_make_output, tuple(per_network)))
+            continue
+        if node in analysis.shared:
+            copied = graph.node_copy(node, lambda n: env[n][0])
+            env[node] = [copied] * networks
+            continue
+        if node.op == "call_module" and node.target in layer_widths:
+            if len(node.args) != 1 or node.kwargs:
+                raise AdjoinError(f"{node.target}: called with extra arguments; anfast adjoins single-input layers")
+            (x,) = node.args
+            call = graph.call_module(node.target, tuple(env[x]))
+            env[node] = [graph.call_function(operator.getitem, (call, k)) for k in range(networks)]
+            continue
+        env[node] = [graph.node_copy(node, lambda n: env[n][k]) for k in range(networks)]
+    network = AdjoinedNetwork(traced, graph, class_name="AdjoinedNetwork")
+    network.layer_widths = layer_widths
+    return network
+
+
+def _replace_module(traced, name, module, widths: LayerWidths, analysis, share_affine, backend) -> None:
+    shared = any(n.op == "call_module" and n.target == name and n.args[0] in analysis.shared
+                 for n in traced.graph.nodes)
+    if widths.kind == "conv":
+        new = AdjoinedConv2d.from_conv(
+            module, student_out_channels=widths.student_out, student_in_channels=widths.student_in,
+            student_in_indices=widths.in_indices, input_shared=shared, backend=backend,
+        )
+    elif widths.kind == "linear":
+        new = AdjoinedLinear.from_linear(
+            module, student_in_features=widths.student_in, student_out_features=widths.student_out,
+            student_in_indices=widths.in_indices, input_shared=shared,
+        )
+    else:
+        new = AdjoinedBatchNorm2d.from_batchnorm(module, widths.student_out, widths.in_indices, share_affine)
+    new.train(module.training)
+    parent_name, _, child = name.rpartition(".")
+    setattr(traced.get_submodule(parent_name), child, new)
+
+
+def _check_other_parameters(traced, analysis: _Analysis, groups) -> None:
+    """Modules with per-channel parameters anfast does not slice must stay at full width."""
+    for node in traced.graph.nodes:
+        if node.op != "call_module" or node.target in analysis.layers:
+            continue
+        module = traced.get_submodule(node.target)
+        if not any(True for _ in module.parameters(recurse=True)):
+            continue
+        channels = analysis.channels.get(node)
+        parts = channels.parts if channels else ()
+        if any(w != g.channels for p in parts for g in [groups[p.root()]] for w in g.widths):
+            raise AdjoinError(
+                f"{node.target}: {type(module).__name__} has parameters on a shrinking channel axis; anfast "
+                "slices Conv2d, Linear and BatchNorm2d. Keep its channels at full width with a dict policy"
+            )

@@ -1,0 +1,89 @@
+"""AdjoinedBatchNorm2d: private normalisation for the base and every student."""
+
+from __future__ import annotations
+
+from typing import Optional, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+__all__ = ["AdjoinedBatchNorm2d"]
+
+
+class AdjoinedBatchNorm2d(nn.BatchNorm2d):
+    """BatchNorm2d for the base plus one private BatchNorm2d per student.
+
+    The networks' statistics differ, so each keeps its own running statistics (as in
+    the paper and Slimmable Networks). With ``share_affine`` the students use the
+    leading (or indexed) slice of the base's affine parameters and keep only their
+    own running statistics. The base keeps nn.BatchNorm2d's parameter names; student
+    ``s`` lives under ``student_norms.{s}``.
+
+    Call as ``bn(x_base, *x_students)``; returns ``(y_base, *y_students)``.
+    """
+
+    def __init__(
+        self,
+        num_features: int,
+        *args,
+        student_features: Sequence[int] = (),
+        student_indices: Sequence[Optional[torch.Tensor]] = (),
+        share_affine: bool = False,
+        **kwargs,
+    ) -> None:
+        super().__init__(num_features, *args, **kwargs)
+        self.share_affine = share_affine and self.affine
+        self.student_norms = nn.ModuleList(
+            nn.BatchNorm2d(c, self.eps, self.momentum, affine=self.affine and not self.share_affine,
+                           track_running_stats=self.track_running_stats,
+                           device=kwargs.get("device"), dtype=kwargs.get("dtype"))
+            for c in student_features
+        )
+        indices = tuple(student_indices) or (None,) * len(student_features)
+        for s, index in enumerate(indices):
+            self.register_buffer(f"_student_index_{s}", index, persistent=False)
+
+    @classmethod
+    def from_batchnorm(cls, bn: nn.BatchNorm2d, student_features: Sequence[int],
+                       student_indices: Sequence[Optional[torch.Tensor]] = (),
+                       share_affine: bool = False) -> "AdjoinedBatchNorm2d":
+        """Adopt ``bn`` as the base norm; students start from the matching slice of it."""
+        module = cls(bn.num_features, bn.eps, bn.momentum, bn.affine, bn.track_running_stats,
+                     student_features=student_features, student_indices=student_indices,
+                     share_affine=share_affine, device=bn.weight.device if bn.affine else None)
+        module.load_state_dict(bn.state_dict(), strict=False)  # students are filled below
+        if bn.affine:
+            module.weight, module.bias = bn.weight, bn.bias  # the same Parameter objects
+        with torch.no_grad():
+            for s, norm in enumerate(module.student_norms):
+                for name, tensor in norm.state_dict().items():
+                    if name != "num_batches_tracked":
+                        tensor.copy_(module._student_slice(getattr(module, name), s))
+        return module
+
+    def _student_slice(self, tensor: torch.Tensor, s: int) -> torch.Tensor:
+        index = getattr(self, f"_student_index_{s}")
+        if index is not None:
+            return tensor.index_select(0, index)
+        return tensor[: self.student_norms[s].num_features]
+
+    def forward(self, x_base: torch.Tensor, *x_students: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        outputs = [super().forward(x_base)]
+        for s, (norm, x) in enumerate(zip(self.student_norms, x_students)):
+            if not self.share_affine:
+                outputs.append(norm(x))
+                continue
+            # Private running statistics, the base's (sliced) affine parameters.
+            use_batch_stats = norm.training or not norm.track_running_stats
+            if norm.training and norm.track_running_stats:
+                norm.num_batches_tracked.add_(1)
+            outputs.append(F.batch_norm(
+                x, norm.running_mean, norm.running_var, self._student_slice(self.weight, s),
+                self._student_slice(self.bias, s), use_batch_stats, self.momentum, self.eps,
+            ))
+        return tuple(outputs)
+
+    def extra_repr(self) -> str:
+        features = tuple(n.num_features for n in self.student_norms)
+        return f"{super().extra_repr()}, student_features={features}, share_affine={self.share_affine}"

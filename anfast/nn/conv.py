@@ -1,0 +1,128 @@
+"""AdjoinedConv2d: one nn.Conv2d whose leading filters also serve the students."""
+
+from __future__ import annotations
+
+from typing import Optional, Sequence
+
+import torch
+from torch import nn
+
+from anfast.ops import adjoined_conv2d
+from anfast.ops.reference import student_groups, student_weight
+
+__all__ = ["AdjoinedConv2d", "autocast_inputs"]
+
+
+def autocast_inputs(*tensors: Optional[torch.Tensor]) -> tuple[Optional[torch.Tensor], ...]:
+    """Cast floating tensors to the autocast dtype, as autocast does for F.conv2d.
+
+    Custom ops are not on autocast's list, so the module applies its policy itself.
+    """
+    reference = next(t for t in tensors if t is not None)
+    device_type = reference.device.type
+    if not torch.is_autocast_enabled(device_type):
+        return tensors
+    dtype = torch.get_autocast_dtype(device_type)
+    return tuple(t if t is None or not t.is_floating_point() else t.to(dtype) for t in tensors)
+
+
+class AdjoinedConv2d(nn.Conv2d):
+    """A Conv2d computing the base and every student from one shared weight.
+
+    Student ``s`` uses ``weight[:student_out_channels[s], :student_in_channels[s]]``
+    (or, after a channel concat, the input columns named by its index), the leading
+    filters of the base (DESIGN.md section 1). Parameters keep nn.Conv2d's names, so
+    a torchvision state_dict loads into the base.
+
+    Call as ``conv(x_base, *x_students)``; returns ``(y_base, *y_students)``.
+    Nested students run as successive fused passes: student s is the "base" of the
+    pass that computes student s + 1.
+    """
+
+    def __init__(
+        self,
+        *args,
+        student_out_channels: Sequence[int] = (),
+        student_in_channels: Sequence[int] = (),
+        student_in_indices: Sequence[Optional[torch.Tensor]] = (),
+        input_shared: bool = False,
+        backend: Optional[str] = None,
+        **kwargs,
+    ) -> None:
+        super().__init__(*args, **kwargs)
+        self.student_out_channels = tuple(int(c) for c in student_out_channels)
+        self.student_in_channels = tuple(int(c) for c in student_in_channels)
+        # Students that see the base's very input (the image) get the base's leading
+        # output channels, computed once (DESIGN.md section 1, "Stem").
+        self.input_shared = input_shared
+        self.backend = backend
+        indices = tuple(student_in_indices) or (None,) * len(self.student_out_channels)
+        for s, index in enumerate(indices):  # absolute: base channel of each input channel
+            self.register_buffer(f"_student_index_{s}", index, persistent=False)
+        # Networks run in fused pairs (base, s0), (s1, s2), ...: each pass reads the
+        # wider network's weight tile once for both. A lone last student runs alone.
+        self._pairs = [(n, n + 1) for n in range(0, len(self.student_out_channels) + 1, 2)]
+        for parent, child in self._pairs:
+            if child <= len(indices):
+                relative = self._relative_index(indices, parent, child)
+                self.register_buffer(f"_pair_index_{parent}", relative, persistent=False)
+
+    @classmethod
+    def from_conv(cls, conv: nn.Conv2d, **student_kwargs) -> "AdjoinedConv2d":
+        """An AdjoinedConv2d that shares ``conv``'s parameters (the same Parameter objects)."""
+        module = cls(
+            conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride, conv.padding,
+            conv.dilation, conv.groups, conv.bias is not None, conv.padding_mode,
+            device="meta", **student_kwargs,
+        )
+        module.weight = conv.weight
+        module.bias = conv.bias
+        return module
+
+    @staticmethod
+    def _relative_index(indices, parent: int, child: int) -> Optional[torch.Tensor]:
+        """The child's input channels as positions within the parent's input channels."""
+        child_index = indices[child - 1]
+        if child_index is None:
+            return None
+        if parent == 0 or indices[parent - 1] is None:
+            return child_index.long()
+        position = {int(c): i for i, c in enumerate(indices[parent - 1].tolist())}
+        return torch.tensor([position[int(c)] for c in child_index.tolist()], dtype=torch.long)
+
+    def network_weight(self, n: int) -> tuple[torch.Tensor, Optional[torch.Tensor], int]:
+        """(weight, bias, groups) of network n: 0 is the base, s + 1 is student s."""
+        if n == 0:
+            return self.weight, self.bias, self.groups
+        out_channels = self.student_out_channels[n - 1]
+        weight = student_weight(self.weight, self.student_in_channels[n - 1], out_channels,
+                                self.groups, getattr(self, f"_student_index_{n - 1}"))
+        bias = None if self.bias is None else self.bias[:out_channels]
+        return weight, bias, student_groups(self.weight, self.groups, out_channels)
+
+    def forward(self, x_base: torch.Tensor, *x_students: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        if self.input_shared:
+            y_base = super().forward(x_base)
+            return (y_base, *(y_base[:, :c] for c in self.student_out_channels))
+        inputs = (x_base, *x_students)
+        outputs = []
+        for parent, child in self._pairs:
+            weight, bias, groups = self.network_weight(parent)
+            if child == len(inputs):
+                outputs.append(nn.functional.conv2d(inputs[parent], weight, bias, self.stride,
+                                                     self.padding, self.dilation, groups))
+                continue
+            x_parent, x_child, weight, bias = autocast_inputs(inputs[parent], inputs[child], weight, bias)
+            outputs.extend(adjoined_conv2d(
+                x_parent, x_child, weight, bias, out_student=self.student_out_channels[child - 1],
+                stride=self.stride, padding=self.padding, dilation=self.dilation, groups=groups,
+                student_in_index=getattr(self, f"_pair_index_{parent}"), backend=self.backend,
+            ))
+        return tuple(outputs)
+
+    def extra_repr(self) -> str:
+        return (
+            f"{super().extra_repr()}, student_in_channels={self.student_in_channels}, "
+            f"student_out_channels={self.student_out_channels}"
+            + (", input_shared=True" if self.input_shared else "")
+        )
