@@ -1,0 +1,86 @@
+// Public host API of the fused adjoined convolution kernels (DESIGN.md section 4).
+//
+// One shared weight W[C_out, C_in, kh, kw]; the base convolves x_base with all of W,
+// the student convolves x_student (the base's leading in_channels_student channels)
+// with the leading block W[:out_channels_student, :in_channels_student]. Every
+// launcher below computes base and student in ONE kernel launch.
+//
+// Plain CUDA runtime C++: no torch headers, so the kernels can be used elsewhere
+// (the CMake build links them into a standalone test and benchmark).
+#pragma once
+
+#include <cstdint>
+
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <cuda_runtime.h>
+
+namespace anfast {
+
+// A 4-D tensor in logical (N, C, H, W) order, strides in elements. NHWC
+// (channels_last) and NCHW buffers both fit; the kernels coalesce best on NHWC.
+// A weight is described the same way in (C_out, C_in, kh, kw) order.
+struct Tensor4d {
+  void* data;
+  int64_t stride[4];
+};
+
+// Sizes of one adjoined convolution. groups = 1 and dilation = 1; the student's
+// channel map is a prefix (a gathered map goes through the torch reference).
+struct AdjoinedConvShape {
+  int batch;
+  int in_channels;           // C_in of the base
+  int in_channels_student;   // c_in <= C_in: the student reads channels [0, c_in)
+  int height, width;         // input spatial size, shared by base and student
+  int out_channels;          // C_out of the base
+  int out_channels_student;  // 1 <= c_out <= C_out: the student's leading filters
+  int kernel_h, kernel_w;    // 1, 3, 5 or 7
+  int stride_h, stride_w;
+  int pad_h, pad_w;
+
+  int out_height() const { return (height + 2 * pad_h - kernel_h) / stride_h + 1; }
+  int out_width() const { return (width + 2 * pad_w - kernel_w) / stride_w + 1; }
+};
+
+// Why a shape cannot run, or nullptr when it can. The launchers return
+// cudaErrorInvalidValue for such shapes; hosts call this first to say why.
+const char* adjoined_conv2d_shape_error(const AdjoinedConvShape& shape);
+
+// y_base = conv(x_base, W) + bias; y_student = conv(x_student, W_s) + bias[:c_out].
+// bias may be nullptr. T is float (FMA path), __half or __nv_bfloat16 (tensor cores);
+// accumulation is fp32 throughout.
+template <typename T>
+cudaError_t adjoined_conv2d_forward(const AdjoinedConvShape& shape, Tensor4d x_base,
+                                    Tensor4d x_student, Tensor4d weight, const T* bias,
+                                    Tensor4d y_base, Tensor4d y_student, cudaStream_t stream);
+
+// grad_x_base = dgrad(grad_y_base, W); grad_x_student = dgrad(grad_y_student, W_s).
+template <typename T>
+cudaError_t adjoined_conv2d_dgrad(const AdjoinedConvShape& shape, Tensor4d grad_y_base,
+                                  Tensor4d grad_y_student, Tensor4d weight,
+                                  Tensor4d grad_x_base, Tensor4d grad_x_student,
+                                  cudaStream_t stream);
+
+// grad_weight = wgrad(grad_y_base, x_base), plus the student's wgrad added into the
+// leading block, summed in one fp32 accumulator per tile (no second tensor, no atomics).
+template <typename T>
+cudaError_t adjoined_conv2d_wgrad(const AdjoinedConvShape& shape, Tensor4d grad_y_base,
+                                  Tensor4d grad_y_student, Tensor4d x_base, Tensor4d x_student,
+                                  Tensor4d grad_weight, cudaStream_t stream);
+
+#define ANFAST_DECLARE_ADJOINED_CONV(T)                                                       \
+  extern template cudaError_t adjoined_conv2d_forward<T>(                                     \
+      const AdjoinedConvShape&, Tensor4d, Tensor4d, Tensor4d, const T*, Tensor4d, Tensor4d,   \
+      cudaStream_t);                                                                          \
+  extern template cudaError_t adjoined_conv2d_dgrad<T>(const AdjoinedConvShape&, Tensor4d,    \
+                                                       Tensor4d, Tensor4d, Tensor4d,          \
+                                                       Tensor4d, cudaStream_t);               \
+  extern template cudaError_t adjoined_conv2d_wgrad<T>(const AdjoinedConvShape&, Tensor4d,    \
+                                                       Tensor4d, Tensor4d, Tensor4d,          \
+                                                       Tensor4d, cudaStream_t);
+ANFAST_DECLARE_ADJOINED_CONV(float)
+ANFAST_DECLARE_ADJOINED_CONV(__half)
+ANFAST_DECLARE_ADJOINED_CONV(__nv_bfloat16)
+#undef ANFAST_DECLARE_ADJOINED_CONV
+
+}  // namespace anfast
