@@ -38,7 +38,11 @@ WGRAD_KEY = ["BATCH", "H_OUT", "W_OUT", "C_IN", "C_OUT", "C_IN_S", "C_OUT_S", "K
 # 2-core CI machine), so its cost is the number of loop steps: one mid-size config
 # keeps the CPU tests fast while odd channel counts (up to 40) still span several
 # tiles; autotuning there would only multiply the runtime.
-INTERPRETER_CONFIG = {"BLOCK_M": 64, "BLOCK_N": 32, "BLOCK_K": 32, "GROUP_M": 4}
+INTERPRETER_CONFIGS = {
+    "forward": {"BLOCK_M": 64, "BLOCK_N": 32, "BLOCK_K": 32, "GROUP_M": 4},
+    "dgrad": {"BLOCK_M": 64, "BLOCK_N": 32, "BLOCK_K": 32, "GROUP_M": 4},
+    "wgrad": {"BLOCK_M": 64, "BLOCK_N": 32, "BLOCK_K": 32},
+}
 
 
 def is_interpreted(kernel) -> bool:
@@ -46,9 +50,9 @@ def is_interpreted(kernel) -> bool:
     return type(kernel).__name__ == "InterpretedFunction"
 
 
-def _config(block_m, block_n, block_k, num_warps, num_stages, group_m=8) -> triton.Config:
+def _config(block_m, block_n, block_k, num_warps, num_stages, **extra) -> triton.Config:
     return triton.Config(
-        {"BLOCK_M": block_m, "BLOCK_N": block_n, "BLOCK_K": block_k, "GROUP_M": group_m},
+        {"BLOCK_M": block_m, "BLOCK_N": block_n, "BLOCK_K": block_k, **extra},
         num_warps=num_warps, num_stages=num_stages,
     )
 
@@ -60,7 +64,7 @@ def _gemm_configs(capability: tuple[int, int]) -> list[triton.Config]:
                   (64, 64, 64, 4, 4)]
     else:  # Ampere (sm_80 / sm_86) and anything older that runs Triton
         shapes = [(128, 128, 32, 4, 3), (128, 64, 32, 4, 4), (64, 128, 32, 4, 4), (64, 64, 64, 4, 3)]
-    return [_config(*shape) for shape in shapes]
+    return [_config(*shape, GROUP_M=8) for shape in shapes]
 
 
 def forward_configs(capability: tuple[int, int]) -> list[triton.Config]:
@@ -95,7 +99,8 @@ def autotuned(kernel, op: str, device: torch.device):
     """
     if is_interpreted(kernel) or device.type != "cuda":
         def launch(grid, *args, **kwargs):
-            kernel[grid(INTERPRETER_CONFIG)](*args, **kwargs, **INTERPRETER_CONFIG)
+            config = INTERPRETER_CONFIGS[op]
+            kernel[grid(config)](*args, **kwargs, **config)
         return launch
     configs = _CONFIGS[op](torch.cuda.get_device_capability(device))
     tuned = triton.autotune(configs=configs, key=_KEYS[op])(kernel)
