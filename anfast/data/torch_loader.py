@@ -3,7 +3,7 @@
 An unreadable file (truncated JPEG, a text file named .jpg) must not end an epoch
 that may be hours old: the dataset returns None for it, the collate function drops it
 and hands its path back to the main process, which warns once per file and counts
-every skip in ``loader.skipped``.
+each distinct file in ``loader.skipped`` (``loader.dropped`` maps it to the reason).
 """
 
 from __future__ import annotations
@@ -48,7 +48,7 @@ class _ImageFiles(Dataset):
             with Image.open(path) as image:
                 image = image.convert("RGB")
         except _DECODE_ERRORS as error:
-            return None, label, f"{path}: {error}"
+            return None, label, (path, f"{type(error).__name__}: {error}")
         return self.transform(image), label, None
 
 
@@ -92,9 +92,9 @@ class TorchLoader:
         self.classes = images.classes
         self.reason = reason
         self.skipped = 0
+        self.dropped: dict[str, str] = {}
         self.device = device
         self.channels_last = channels_last
-        self._warned: set[str] = set()
         self._sampler = _ShardSampler(len(images.samples), shard_id=shard_id, num_shards=num_shards,
                                       shuffle=split == "train", seed=seed)
         self.num_samples = len(self._sampler)
@@ -122,9 +122,9 @@ class TorchLoader:
             images = images.to(self.device, non_blocking=True).contiguous(memory_format=memory_format)
             yield images, labels.to(self.device, non_blocking=True)
 
-    def _count_skipped(self, problems: list[str]) -> None:
-        self.skipped += len(problems)
-        for problem in problems:
-            if problem not in self._warned:
-                self._warned.add(problem)
-                warnings.warn(f"anfast: skipped unreadable image {problem}", RuntimeWarning, stacklevel=3)
+    def _count_skipped(self, problems: list[tuple[str, str]]) -> None:
+        for path, reason in problems:
+            if path not in self.dropped:
+                self.dropped[path] = reason
+                warnings.warn(f"anfast: skipped unreadable image {path}: {reason}", RuntimeWarning, stacklevel=3)
+        self.skipped = len(self.dropped)

@@ -1,0 +1,92 @@
+"""Find the images a decoder cannot read, once per directory state.
+
+DALI stops the whole pipeline on a file it cannot decode, so before a DALI loader
+starts (and on ``anfast data check DIR``) every file is opened once with PIL: header
+verification plus a full decode. JPEGs decode in draft mode (1/8 scale), which still
+reads every entropy-coded byte, so truncation is found at a fraction of the cost.
+
+The result is cached as JSON under ``<data home>/checks/``, keyed by a hash of the
+sorted (path, size, mtime) list: a second start on an unchanged dataset costs one
+``stat`` per file, and any added, removed or rewritten file invalidates the cache.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import hashlib
+import json
+import os
+import pathlib
+from dataclasses import dataclass
+
+from PIL import Image
+from tqdm import tqdm
+
+from anfast.data.builtin import default_data_home
+
+__all__ = ["ScanResult", "find_unreadable", "probe_image"]
+
+_CACHE_VERSION = 1
+# Below this many files a process pool costs more to start than it saves.
+_PARALLEL_THRESHOLD = 512
+
+
+@dataclass(frozen=True)
+class ScanResult:
+    """Outcome of a scan: ``bad`` maps each unreadable path to the decoder's complaint."""
+
+    num_files: int
+    bad: dict[str, str]
+    cache_path: pathlib.Path
+    from_cache: bool
+
+
+def probe_image(path: str) -> str | None:
+    """None when PIL can verify and decode ``path``, else the reason it cannot."""
+    try:
+        with Image.open(path) as image:
+            image.verify()
+        with Image.open(path) as image:
+            image.draft("RGB", (max(1, image.width // 8), max(1, image.height // 8)))
+            image.convert("RGB")
+    except Exception as error:  # noqa: BLE001 - any failure means "DALI must not see this file"
+        return f"{type(error).__name__}: {error}"
+    return None
+
+
+def _state_key(paths: list[str]) -> str:
+    digest = hashlib.sha256()
+    for path in sorted(paths):
+        stat = os.stat(path)
+        digest.update(f"{os.path.abspath(path)}\t{stat.st_size}\t{stat.st_mtime_ns}\n".encode())
+    return digest.hexdigest()[:32]
+
+
+def find_unreadable(paths: list[str], *, workers: int = 1, cache_dir: str | os.PathLike | None = None,
+                    progress: bool = True) -> ScanResult:
+    """Scan ``paths`` (or reuse the cached scan of the same files) for unreadable images.
+
+    ``workers`` processes decode in parallel; ``cache_dir`` defaults to
+    <$ANFAST_DATA_HOME or ~/.cache/anfast>/checks.
+    """
+    cache_dir = pathlib.Path(cache_dir) if cache_dir is not None else default_data_home() / "checks"
+    cache_path = cache_dir / f"{_state_key(paths)}.json"
+    if cache_path.is_file():
+        cached = json.loads(cache_path.read_text())
+        if cached.get("version") == _CACHE_VERSION and cached.get("num_files") == len(paths):
+            return ScanResult(len(paths), cached["bad"], cache_path, from_cache=True)
+
+    bar = dict(total=len(paths), desc="anfast: checking images", unit="img", disable=not progress)
+    if workers > 1 and len(paths) >= _PARALLEL_THRESHOLD:
+        with concurrent.futures.ProcessPoolExecutor(workers) as pool:
+            reasons = list(tqdm(pool.map(probe_image, paths, chunksize=64), **bar))
+    else:
+        reasons = [probe_image(path) for path in tqdm(paths, **bar)]
+    bad = {path: reason for path, reason in zip(paths, reasons) if reason is not None}
+
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    # Written to a temporary name and renamed, so concurrent ranks never read half a file.
+    staging = cache_path.with_suffix(f".{os.getpid()}.tmp")
+    staging.write_text(json.dumps({"version": _CACHE_VERSION, "num_files": len(paths), "bad": bad}, indent=1))
+    os.replace(staging, cache_path)
+    return ScanResult(len(paths), bad, cache_path, from_cache=False)

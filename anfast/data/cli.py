@@ -1,0 +1,72 @@
+"""``anfast data``: ``check DIR`` finds unreadable images, ``builtin`` creates the shapes dataset."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import pathlib
+
+from anfast.data.builtin import builtin_dataset
+from anfast.data.check import find_unreadable
+from anfast.data.folder import IMAGE_EXTENSIONS, SPLITS, scan_split
+
+__all__ = ["builtin_command", "check_command", "register"]
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    """Add the ``data`` subcommand (``check DIR``, ``builtin [--root]``) to the anfast CLI."""
+    parser = subparsers.add_parser("data", help="check an image folder or create the built-in dataset")
+    commands = parser.add_subparsers(dest="data_command", metavar="{check,builtin}", required=True)
+
+    check = commands.add_parser(
+        "check", help="find images that cannot be decoded (DALI stops on them); the result is cached",
+        description="Decode every image under DIR once (ImageNet layout DIR/train, DIR/val, or any folder) "
+                    "and list the unreadable ones. The DALI loader reuses the cached result and leaves "
+                    "those files out. Exit status 1 when any file is unreadable.")
+    check.add_argument("dir", type=pathlib.Path, help="dataset root (with train/ and val/) or any image folder")
+    check.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="decoding processes")
+    check.set_defaults(func=lambda args: check_command(args.dir, workers=args.workers))
+
+    builtin = commands.add_parser("builtin", help="create the built-in shapes dataset and print its path")
+    builtin.add_argument("--root", type=pathlib.Path, default=None,
+                         help="parent folder (default: $ANFAST_DATA_HOME or ~/.cache/anfast)")
+    builtin.add_argument("--seed", type=int, default=0)
+    builtin.set_defaults(func=lambda args: builtin_command(args.root, seed=args.seed))
+
+
+def _image_groups(directory: pathlib.Path) -> dict[str, list[str]]:
+    # A split is scanned as the loaders list it, so the cached result is the one they look up.
+    splits = [split for split in SPLITS if (directory / split).is_dir()]
+    if splits:
+        return {split: scan_split(directory, split).paths for split in splits}
+    files = sorted(str(path) for path in directory.rglob("*")
+                   if path.is_file() and path.name.lower().endswith(IMAGE_EXTENSIONS))
+    return {str(directory): files}
+
+
+def check_command(directory: str | os.PathLike, *, workers: int = 1, progress: bool = True) -> int:
+    """Scan ``directory`` for unreadable images, print a report; 0 when all are readable, else 1."""
+    directory = pathlib.Path(directory).expanduser()
+    if not directory.is_dir():
+        raise SystemExit(f"anfast data check: {directory} is not a folder")
+    total_bad = 0
+    for name, paths in _image_groups(directory).items():
+        if not paths:
+            print(f"{name}: no images ({', '.join(IMAGE_EXTENSIONS)})")
+            continue
+        scan = find_unreadable(paths, workers=workers, progress=progress)
+        source = "cached scan" if scan.from_cache else "scanned"
+        print(f"{name}: {scan.num_files} images, {len(scan.bad)} unreadable ({source}; {scan.cache_path})")
+        for path, reason in sorted(scan.bad.items()):
+            print(f"  {path}: {reason}")
+        total_bad += len(scan.bad)
+    if total_bad:
+        print(f"{total_bad} unreadable file(s): the DALI loader leaves them out, the torch loader skips them "
+              "with a warning; delete or replace them to train on every image")
+    return 1 if total_bad else 0
+
+
+def builtin_command(root: str | os.PathLike | None = None, *, seed: int = 0) -> int:
+    """Create the built-in dataset (if needed) and print its path."""
+    print(builtin_dataset(root, seed=seed))
+    return 0
