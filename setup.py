@@ -1,5 +1,109 @@
-"""Build script: the pure-Python package (the CUDA extension joins in its own step)."""
+"""Build script: the anfast package plus, where CUDA can be compiled, anfast._C.
+
+The extension (csrc/ bindings + kernels/ device code) is built when nvcc is found
+(CUDA_HOME, else nvcc on PATH), torch is a CUDA build and ANFAST_BUILD_CUDA is not
+"0". Otherwise the install is pure Python and says why in one line; the package
+imports either way and backend "cuda" then explains what is missing.
+
+Environment:
+    ANFAST_BUILD_CUDA=0        skip the extension
+    ANFAST_CUDA_ARCHS="80;90"  compute capabilities to compile for (sm_80 or newer)
+    CUDA_HOME                  toolkit root; default: resolved from nvcc on PATH
+    MAX_JOBS                   parallel compile jobs (default 2: CI has 2 cores)
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import sys
+from pathlib import Path
 
 from setuptools import setup
 
-setup()
+ROOT = Path(__file__).resolve().parent
+DEFAULT_ARCHS = "80;90"
+
+
+def find_cuda_home() -> str | None:
+    """The CUDA toolkit root: $CUDA_HOME, else the toolkit behind `nvcc` on PATH.
+
+    An nvcc on PATH may be a wrapper script (`exec /usr/local/cuda-13.0/bin/nvcc "$@"`);
+    torch's own guess then lands on the wrapper's directory, so the script is read
+    for the real binary.
+    """
+    if os.environ.get("CUDA_HOME"):
+        return os.environ["CUDA_HOME"]
+    nvcc = shutil.which("nvcc")
+    if nvcc is None:
+        return None
+    nvcc = os.path.realpath(nvcc)
+    if not _is_toolkit(Path(nvcc).parent.parent):
+        with open(nvcc, "rb") as file:
+            head = file.read(4096)
+        if not head.startswith(b"#!"):
+            return None
+        targets = re.findall(rb"(/\S+/bin/nvcc)\b", head)
+        nvcc = next((t.decode() for t in targets if os.path.isfile(t)), None)
+        if nvcc is None:
+            return None
+    home = Path(nvcc).parent.parent
+    return str(home) if _is_toolkit(home) else None
+
+
+def _is_toolkit(home: Path) -> bool:
+    return (home / "bin" / "nvcc").is_file() and (home / "include" / "cuda_runtime.h").is_file()
+
+
+def gencode_flags(archs: str) -> list[str]:
+    """-gencode flags for "80;90": SASS per arch plus PTX of the newest, for future GPUs."""
+    numbers = [a.strip() for a in archs.replace(",", ";").split(";") if a.strip()]
+    if not numbers or not all(re.fullmatch(r"\d+a?", a) for a in numbers):
+        raise SystemExit(f"setup.py: ANFAST_CUDA_ARCHS={archs!r} is not a list like '80;90'")
+    if any(int(a.rstrip("a")) < 80 for a in numbers):
+        raise SystemExit(f"setup.py: ANFAST_CUDA_ARCHS={archs!r}: the kernels need sm_80 or newer")
+    flags = [f"-gencode=arch=compute_{a},code=sm_{a}" for a in numbers]
+    return flags + [f"-gencode=arch=compute_{numbers[-1]},code=compute_{numbers[-1]}"]
+
+
+def cuda_extension_or_reason():
+    """([CUDAExtension], cmdclass) to build anfast._C, or a one-line reason not to."""
+    if os.environ.get("ANFAST_BUILD_CUDA", "1") == "0":
+        return "ANFAST_BUILD_CUDA=0"
+    cuda_home = find_cuda_home()
+    if cuda_home is None:
+        return "no CUDA toolkit found (set CUDA_HOME or put nvcc on PATH)"
+    # torch.utils.cpp_extension reads CUDA_HOME once, at import.
+    os.environ["CUDA_HOME"] = cuda_home
+    try:
+        import torch
+        from torch.utils.cpp_extension import BuildExtension, CUDAExtension
+    except ImportError as error:
+        return f"torch is not importable ({error}); install torch first, without build isolation"
+    if torch.version.cuda is None:
+        return f"torch {torch.__version__} is a CPU-only build"
+    os.environ.setdefault("MAX_JOBS", "2")
+    extension = CUDAExtension(
+        name="anfast._C",
+        sources=[
+            "csrc/adjoined_conv_api.cpp",
+            "kernels/adjoined_conv_fprop_dgrad.cu",
+            "kernels/adjoined_conv_wgrad.cu",
+        ],
+        include_dirs=[str(ROOT / "kernels")],
+        extra_compile_args={
+            "cxx": ["-O3"],
+            "nvcc": ["-O3", "-lineinfo"] + gencode_flags(os.environ.get("ANFAST_CUDA_ARCHS", DEFAULT_ARCHS)),
+        },
+    )
+    return [extension], {"build_ext": BuildExtension}
+
+
+result = cuda_extension_or_reason()
+if isinstance(result, str):
+    print(f"anfast: building without the CUDA extension anfast._C: {result}", file=sys.stderr)
+    setup()
+else:
+    ext_modules, cmdclass = result
+    setup(ext_modules=ext_modules, cmdclass=cmdclass)

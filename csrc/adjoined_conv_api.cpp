@@ -1,0 +1,237 @@
+// anfast._C: torch bindings of the fused adjoined convolution kernels (kernels/).
+//
+// Plain pybind11 functions taking at::Tensor; the custom op anfast::adjoined_conv2d
+// (anfast/ops/conv.py) calls them through anfast.ops.cuda_backend. Every input is
+// checked here, naming the argument, before a kernel sees it. Optional `out`
+// tensors let tests poison outputs and check that every element is written.
+#include <optional>
+#include <vector>
+
+#include <c10/cuda/CUDAStream.h>
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <torch/extension.h>
+
+#include "adjoined_conv.h"
+
+#define CHECK_DEVICE(x)                                                                     \
+  TORCH_CHECK((x).is_cuda(), "anfast._C: " #x " must be a CUDA tensor, got one on ",      \
+              (x).device(), "; move it with .cuda() or use backend='torch'")
+#define CHECK_SAME_DEVICE(x, ref)                                                           \
+  TORCH_CHECK((x).device() == (ref).device(), "anfast._C: " #x " is on ", (x).device(),    \
+              " but " #ref " is on ", (ref).device(), "; put every tensor on one GPU")
+#define CHECK_DTYPE(x, ref)                                                                 \
+  TORCH_CHECK((x).scalar_type() == (ref).scalar_type(), "anfast._C: " #x " has dtype ",     \
+              (x).scalar_type(), " but " #ref " has ", (ref).scalar_type(),                 \
+              "; cast both to one of float32, float16, bfloat16")
+#define CHECK_LAYOUT(x)                                                                     \
+  TORCH_CHECK((x).layout() == at::kStrided, "anfast._C: " #x " must be a strided (dense) " \
+              "tensor, got layout ", (x).layout())
+#define CHECK_SHAPE(x, ...)                                                                 \
+  TORCH_CHECK((x).sizes() == at::IntArrayRef({__VA_ARGS__}), "anfast._C: " #x              \
+              " must have shape (" #__VA_ARGS__ ") = ", at::IntArrayRef({__VA_ARGS__}),     \
+              ", got ", (x).sizes())
+#define CHECK_INPUT(x, ref)  \
+  CHECK_DEVICE(x);           \
+  CHECK_SAME_DEVICE(x, ref); \
+  CHECK_DTYPE(x, ref);       \
+  CHECK_LAYOUT(x)
+
+namespace {
+
+anfast::Tensor4d describe(const at::Tensor& t) {
+  return {t.data_ptr(), {t.stride(0), t.stride(1), t.stride(2), t.stride(3)}};
+}
+
+// Sizes shared by the three entry points, checked against x_base / x_student / weight.
+anfast::AdjoinedConvShape conv_shape(const at::Tensor& x_base, const at::Tensor& x_student,
+                                     const at::Tensor& weight, int64_t out_student,
+                                     const std::vector<int64_t>& stride,
+                                     const std::vector<int64_t>& padding) {
+  TORCH_CHECK(x_base.dim() == 4, "anfast._C: x_base must be 4-D (N, C, H, W), got ", x_base.sizes());
+  TORCH_CHECK(x_student.dim() == 4, "anfast._C: x_student must be 4-D (N, C, H, W), got ",
+              x_student.sizes());
+  TORCH_CHECK(weight.dim() == 4, "anfast._C: weight must be 4-D (C_out, C_in, kh, kw), got ",
+              weight.sizes());
+  TORCH_CHECK(stride.size() == 2 && padding.size() == 2,
+              "anfast._C: stride and padding must be pairs (h, w)");
+  CHECK_INPUT(x_base, weight);
+  CHECK_INPUT(x_student, weight);
+  TORCH_CHECK(x_base.size(1) == weight.size(1), "anfast._C: x_base has ", x_base.size(1),
+              " channels but weight expects ", weight.size(1), " (the cuda backend needs groups=1)");
+  CHECK_SHAPE(x_student, x_base.size(0), x_student.size(1), x_base.size(2), x_base.size(3));
+  for (int64_t size : {x_base.size(0), x_base.size(1), x_base.size(2), x_base.size(3),
+                       weight.size(0)}) {
+    TORCH_CHECK(size <= INT32_MAX, "anfast._C: tensor sizes must fit in int32, got ", size);
+  }
+  anfast::AdjoinedConvShape shape{};
+  shape.batch = static_cast<int>(x_base.size(0));
+  shape.in_channels = static_cast<int>(x_base.size(1));
+  shape.in_channels_student = static_cast<int>(x_student.size(1));
+  shape.height = static_cast<int>(x_base.size(2));
+  shape.width = static_cast<int>(x_base.size(3));
+  shape.out_channels = static_cast<int>(weight.size(0));
+  shape.out_channels_student = static_cast<int>(out_student);
+  shape.kernel_h = static_cast<int>(weight.size(2));
+  shape.kernel_w = static_cast<int>(weight.size(3));
+  shape.stride_h = static_cast<int>(stride[0]);
+  shape.stride_w = static_cast<int>(stride[1]);
+  shape.pad_h = static_cast<int>(padding[0]);
+  shape.pad_w = static_cast<int>(padding[1]);
+  const char* error = anfast::adjoined_conv2d_shape_error(shape);
+  TORCH_CHECK(error == nullptr, "anfast._C: unsupported convolution: ", error, " (x_base ",
+              x_base.sizes(), ", x_student ", x_student.sizes(), ", weight ", weight.sizes(),
+              ", out_student ", out_student, ", stride ", at::IntArrayRef(stride), ", padding ", at::IntArrayRef(padding), ")");
+  return shape;
+}
+
+// The memory format F.conv2d gives on CUDA (channels_last when the input or the weight
+// suggests it), which the custom op's fake implementation promises to torch.compile.
+at::MemoryFormat conv_output_format(const at::Tensor& input, const at::Tensor& weight) {
+  const bool channels_last = input.suggest_memory_format() == at::MemoryFormat::ChannelsLast ||
+                             weight.suggest_memory_format() == at::MemoryFormat::ChannelsLast;
+  return channels_last ? at::MemoryFormat::ChannelsLast : at::MemoryFormat::Contiguous;
+}
+
+// A caller-given output after its checks, or a fresh one made by `make`.
+template <typename Make>
+at::Tensor output_or(const std::optional<at::Tensor>& given, const char* name,
+                     at::IntArrayRef shape, const at::Tensor& ref, Make make) {
+  if (!given.has_value()) return make();
+  const at::Tensor& out = *given;
+  TORCH_CHECK(out.is_cuda() && out.device() == ref.device(), "anfast._C: ", name,
+              " must be on ", ref.device(), ", got ", out.device());
+  TORCH_CHECK(out.scalar_type() == ref.scalar_type(), "anfast._C: ", name, " must have dtype ",
+              ref.scalar_type(), ", got ", out.scalar_type());
+  TORCH_CHECK(out.sizes() == shape, "anfast._C: ", name, " must have shape ", shape, ", got ",
+              out.sizes());
+  TORCH_CHECK(out.is_non_overlapping_and_dense(), "anfast._C: ", name,
+              " must be dense and non-overlapping (contiguous or channels_last)");
+  return out;
+}
+
+template <typename T>
+struct TypeTag {
+  using type = T;
+};
+
+// Calls fn(TypeTag<kernel type>) for the tensor's dtype.
+template <typename Fn>
+void dispatch_dtype(at::ScalarType dtype, Fn&& fn) {
+  switch (dtype) {
+    case at::kFloat: fn(TypeTag<float>{}); break;
+    case at::kHalf: fn(TypeTag<__half>{}); break;
+    case at::kBFloat16: fn(TypeTag<__nv_bfloat16>{}); break;
+    default:
+      TORCH_CHECK(false, "anfast._C: dtype ", dtype,
+                  " is not supported; use float32, float16 or bfloat16");
+  }
+}
+
+std::vector<at::Tensor> forward(const at::Tensor& x_base, const at::Tensor& x_student,
+                                const at::Tensor& weight, const std::optional<at::Tensor>& bias,
+                                int64_t out_student, const std::vector<int64_t>& stride,
+                                const std::vector<int64_t>& padding,
+                                const std::optional<at::Tensor>& y_base_out,
+                                const std::optional<at::Tensor>& y_student_out) {
+  const anfast::AdjoinedConvShape s = conv_shape(x_base, x_student, weight, out_student, stride, padding);
+  at::Tensor bias_contiguous;
+  if (bias.has_value()) {
+    const at::Tensor& bias_tensor = *bias;
+    CHECK_INPUT(bias_tensor, weight);
+    CHECK_SHAPE(bias_tensor, weight.size(0));
+    bias_contiguous = bias_tensor.contiguous();
+  }
+  const c10::cuda::CUDAGuard device_guard(x_base.device());
+  const std::vector<int64_t> y_base_shape{s.batch, s.out_channels, s.out_height(), s.out_width()};
+  const std::vector<int64_t> y_student_shape{s.batch, s.out_channels_student, s.out_height(),
+                                             s.out_width()};
+  const at::Tensor weight_student = weight.slice(0, 0, s.out_channels_student).slice(1, 0, s.in_channels_student);
+  at::Tensor y_base = output_or(y_base_out, "y_base_out", y_base_shape, x_base, [&] {
+    return at::empty(y_base_shape, x_base.options().memory_format(conv_output_format(x_base, weight)));
+  });
+  at::Tensor y_student = output_or(y_student_out, "y_student_out", y_student_shape, x_base, [&] {
+    return at::empty(y_student_shape,
+                     x_base.options().memory_format(conv_output_format(x_student, weight_student)));
+  });
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream().stream();
+  dispatch_dtype(weight.scalar_type(), [&](auto tag) {
+    using T = typename decltype(tag)::type;
+    const T* bias_ptr = bias.has_value() ? static_cast<const T*>(bias_contiguous.data_ptr()) : nullptr;
+    C10_CUDA_CHECK(anfast::adjoined_conv2d_forward<T>(s, describe(x_base), describe(x_student),
+                                                      describe(weight), bias_ptr, describe(y_base),
+                                                      describe(y_student), stream));
+  });
+  return {y_base, y_student};
+}
+
+std::vector<at::Tensor> dgrad(const at::Tensor& grad_base, const at::Tensor& grad_student,
+                              const at::Tensor& x_base, const at::Tensor& x_student,
+                              const at::Tensor& weight, int64_t out_student,
+                              const std::vector<int64_t>& stride, const std::vector<int64_t>& padding,
+                              const std::optional<at::Tensor>& grad_x_base_out,
+                              const std::optional<at::Tensor>& grad_x_student_out) {
+  const anfast::AdjoinedConvShape s = conv_shape(x_base, x_student, weight, out_student, stride, padding);
+  CHECK_INPUT(grad_base, weight);
+  CHECK_INPUT(grad_student, weight);
+  CHECK_SHAPE(grad_base, s.batch, s.out_channels, s.out_height(), s.out_width());
+  CHECK_SHAPE(grad_student, s.batch, s.out_channels_student, s.out_height(), s.out_width());
+  const c10::cuda::CUDAGuard device_guard(x_base.device());
+  // empty_like keeps x's strides, as the backward op's fake implementation promises.
+  at::Tensor grad_x_base = output_or(grad_x_base_out, "grad_x_base_out", x_base.sizes(), x_base,
+                                     [&] { return at::empty_like(x_base); });
+  at::Tensor grad_x_student = output_or(grad_x_student_out, "grad_x_student_out", x_student.sizes(),
+                                        x_base, [&] { return at::empty_like(x_student); });
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream().stream();
+  dispatch_dtype(weight.scalar_type(), [&](auto tag) {
+    using T = typename decltype(tag)::type;
+    C10_CUDA_CHECK(anfast::adjoined_conv2d_dgrad<T>(s, describe(grad_base), describe(grad_student),
+                                                    describe(weight), describe(grad_x_base),
+                                                    describe(grad_x_student), stream));
+  });
+  return {grad_x_base, grad_x_student};
+}
+
+at::Tensor wgrad(const at::Tensor& grad_base, const at::Tensor& grad_student,
+                 const at::Tensor& x_base, const at::Tensor& x_student, const at::Tensor& weight,
+                 int64_t out_student, const std::vector<int64_t>& stride,
+                 const std::vector<int64_t>& padding,
+                 const std::optional<at::Tensor>& grad_weight_out) {
+  const anfast::AdjoinedConvShape s = conv_shape(x_base, x_student, weight, out_student, stride, padding);
+  CHECK_INPUT(grad_base, weight);
+  CHECK_INPUT(grad_student, weight);
+  CHECK_SHAPE(grad_base, s.batch, s.out_channels, s.out_height(), s.out_width());
+  CHECK_SHAPE(grad_student, s.batch, s.out_channels_student, s.out_height(), s.out_width());
+  const c10::cuda::CUDAGuard device_guard(x_base.device());
+  at::Tensor grad_weight = output_or(grad_weight_out, "grad_weight_out", weight.sizes(), weight,
+                                     [&] { return at::empty_like(weight); });
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream().stream();
+  dispatch_dtype(weight.scalar_type(), [&](auto tag) {
+    using T = typename decltype(tag)::type;
+    C10_CUDA_CHECK(anfast::adjoined_conv2d_wgrad<T>(s, describe(grad_base), describe(grad_student),
+                                                    describe(x_base), describe(x_student),
+                                                    describe(grad_weight), stream));
+  });
+  return grad_weight;
+}
+
+}  // namespace
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  namespace py = pybind11;
+  m.doc() = "Fused CUDA kernels of the adjoined convolution (base + student in one launch)";
+  m.def("forward", &forward,
+        "(y_base, y_student) of the adjoined convolution; prefix channel map, groups=1, dilation=1",
+        py::arg("x_base"), py::arg("x_student"), py::arg("weight"), py::arg("bias"),
+        py::arg("out_student"), py::arg("stride"), py::arg("padding"),
+        py::arg("y_base_out") = py::none(), py::arg("y_student_out") = py::none());
+  m.def("dgrad", &dgrad, "(grad_x_base, grad_x_student), one launch", py::arg("grad_base"),
+        py::arg("grad_student"), py::arg("x_base"), py::arg("x_student"), py::arg("weight"),
+        py::arg("out_student"), py::arg("stride"), py::arg("padding"),
+        py::arg("grad_x_base_out") = py::none(), py::arg("grad_x_student_out") = py::none());
+  m.def("wgrad", &wgrad,
+        "grad_weight with the student's gradient summed into its leading block, one launch",
+        py::arg("grad_base"), py::arg("grad_student"), py::arg("x_base"), py::arg("x_student"),
+        py::arg("weight"), py::arg("out_student"), py::arg("stride"), py::arg("padding"),
+        py::arg("grad_weight_out") = py::none());
+}
