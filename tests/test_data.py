@@ -235,3 +235,40 @@ def test_unreadable_files_are_skipped_and_counted(indexed, workers):
         collect(loader)
     assert loader.skipped == 2, "skipped counts distinct files, not visits"
     assert sorted(pathlib.Path(path).name for path in loader.dropped) == ["readme.jpg", "truncated.jpg"]
+
+
+# ---------------------------------------------------------------- data check
+
+def test_scan_finds_unreadable_files_and_caches_per_directory_state(indexed, tmp_path):
+    from anfast.data.check import find_unreadable
+
+    root, _ = indexed
+    _corrupt(root)
+    paths = scan_split(root, "val").paths
+    cache = tmp_path / "cache"
+    first = find_unreadable(paths, cache_dir=cache, progress=False)
+    assert not first.from_cache and first.num_files == 25
+    assert sorted(pathlib.Path(path).name for path in first.bad) == ["readme.jpg", "truncated.jpg"]
+    assert "truncated" in first.bad[str(root / "val" / "bee" / "truncated.jpg")]
+    second = find_unreadable(paths, cache_dir=cache, progress=False)
+    assert second.from_cache and second.bad == first.bad
+    Image.new("RGB", (8, 8)).save(root / "val" / "cat" / "readme.jpg", format="JPEG")  # repaired
+    third = find_unreadable(paths, cache_dir=cache, progress=False)
+    assert not third.from_cache and [pathlib.Path(path).name for path in third.bad] == ["truncated.jpg"]
+
+
+def test_data_check_command(indexed, tmp_path, monkeypatch, capsys):
+    from anfast.data.cli import check_command
+
+    monkeypatch.setenv("ANFAST_DATA_HOME", str(tmp_path / "home"))
+    root, _ = indexed
+    assert check_command(root, progress=False) == 0
+    assert "train: 24 images, 0 unreadable" in capsys.readouterr().out
+    _corrupt(root)
+    assert check_command(root, progress=False) == 1
+    report = capsys.readouterr().out
+    assert "train: 24 images, 0 unreadable (cached scan" in report
+    assert "val: 25 images, 2 unreadable (scanned" in report and "readme.jpg: UnidentifiedImageError" in report
+    assert check_command(root / "val" / "cat", progress=False) == 1, "a plain folder is scanned recursively"
+    with pytest.raises(SystemExit, match="is not a folder"):
+        check_command(root / "missing")

@@ -1,0 +1,153 @@
+"""DALI CPU pipelines against the torch loader and against the files they read.
+
+Uses the solid-colour, index-encoding folders of test_data.py, so every batch says
+which files a shard saw.
+"""
+
+from __future__ import annotations
+
+import pathlib
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from test_data import _corrupt, collect, index_colour, make_indexed_folder
+
+from anfast.data import create_loader
+from anfast.data.folder import IMAGENET_MEAN, IMAGENET_STD
+
+pytest.importorskip("nvidia.dali", reason="nvidia-dali is not installed (pip install anfast[dali])")
+
+
+@pytest.fixture(autouse=True)
+def private_scan_cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("ANFAST_DATA_HOME", str(tmp_path / "data_home"))
+
+
+@pytest.fixture
+def indexed(tmp_path):
+    # 23 val images (odd: shards of 11 and 12, partial last batches), 24 train images.
+    expected = make_indexed_folder(tmp_path / "data", {"ant": (9, 8), "bee": (7, 7), "cat": (8, 8)})
+    return tmp_path / "data", expected
+
+
+def dali(root, split, **options):
+    defaults = dict(batch_size=4, image_size=12, loader="dali", workers=2)
+    return create_loader(root, split, **{**defaults, **options})
+
+
+@pytest.mark.parametrize("num_shards", [1, 2])
+def test_val_sees_every_sample_once_with_partial_batches(indexed, num_shards):
+    root, expected = indexed
+    seen = []
+    for shard_id in range(num_shards):
+        loader = dali(root, "val", shard_id=shard_id, num_shards=num_shards)
+        shard_size = 23 * (shard_id + 1) // num_shards - 23 * shard_id // num_shards
+        assert loader.name == "dali" and loader.num_samples == shard_size
+        assert len(loader) == -(-shard_size // 4)
+        for epoch in range(2):  # the second epoch must start clean, not mid-shard
+            loader.set_epoch(epoch)
+            indices, labels = collect(loader)
+            assert sorted(indices) == indices, "validation is read in file order"
+            assert labels == [expected["val"][i] for i in indices]
+            assert len(indices) == shard_size
+        seen += indices
+    assert sorted(seen) == sorted(expected["val"])
+
+
+def test_train_shards_partition_each_epoch(indexed):
+    root, expected = indexed
+    loaders = [dali(root, "train", seed=3, shard_id=shard_id, num_shards=2) for shard_id in range(2)]
+    assert [len(loader) for loader in loaders] == [3, 3]
+    orders = []
+    for epoch in range(2):
+        seen = []
+        for loader in loaders:
+            loader.set_epoch(epoch)
+            indices, labels = collect(loader)
+            assert labels == [expected["train"][i] for i in indices]
+            seen.append(indices)
+        assert sorted(seen[0] + seen[1]) == sorted(expected["train"]), f"epoch {epoch}"
+        orders.append(seen)
+    assert orders[0] != orders[1], "each epoch is reshuffled"
+    # A resumed run (set_epoch out of order) is deterministic and identical across ranks.
+    resumed = [dali(root, "train", seed=3, shard_id=shard_id, num_shards=2) for shard_id in range(2)]
+    again = [dali(root, "train", seed=3, shard_id=shard_id, num_shards=2) for shard_id in range(2)]
+    for loader in resumed + again:
+        loader.set_epoch(5)
+    first = [collect(loader)[0] for loader in resumed]
+    assert first == [collect(loader)[0] for loader in again]
+    assert sorted(first[0] + first[1]) == sorted(expected["train"])
+
+
+def test_uneven_train_shards_run_equal_steps(tmp_path):
+    make_indexed_folder(tmp_path, {"a": (12, 1), "b": (11, 1)})  # 23 train images
+    loaders = [dali(tmp_path, "train", shard_id=shard_id, num_shards=2) for shard_id in range(2)]
+    for epoch in range(3):
+        batches = [[len(labels) for _, labels in loader] for loader in loaders]
+        assert batches == [[4, 4], [4, 4]], f"epoch {epoch}: DDP ranks must run the same full batches"
+
+
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_layout_dtype_and_normalization(indexed, channels_last):
+    root, _ = indexed
+    images, labels = next(iter(dali(root, "val", batch_size=5, channels_last=channels_last)))
+    assert images.shape == (5, 3, 12, 12) and images.dtype == torch.float32
+    assert labels.shape == (5,) and labels.dtype == torch.int64
+    memory_format = torch.channels_last if channels_last else torch.contiguous_format
+    assert images.is_contiguous(memory_format=memory_format)
+    colour = torch.tensor(index_colour(0), dtype=torch.float32) / 255
+    reference = ((colour - torch.tensor(IMAGENET_MEAN)) / torch.tensor(IMAGENET_STD)).view(3, 1, 1)
+    torch.testing.assert_close(images[0], reference.expand(3, 12, 12), atol=1e-4, rtol=0)
+
+
+def _photo_like_jpegs(root: pathlib.Path) -> None:
+    # Smooth gradients at sizes whose resize and centre crop hit both of torchvision's
+    # rounding rules (truncated long side, half-pixel offsets rounded to even).
+    rng = np.random.default_rng(0)
+    sizes = [(60, 90), (131, 77), (100, 100), (97, 139), (64, 81), (75, 64)]
+    for split in ("train", "val"):
+        for label in ("a", "b"):
+            (root / split / label).mkdir(parents=True)
+            for i, (height, width) in enumerate(sizes):
+                yy, xx = np.mgrid[0:height, 0:width]
+                phase = rng.uniform(0, 6, size=3)
+                pixels = np.stack([128 + 100 * np.sin(xx / 9 + phase[0]), 128 + 100 * np.cos(yy / 7 + phase[1]),
+                                   128 + 80 * np.sin((xx + yy) / 11 + phase[2])], axis=-1)
+                Image.fromarray(pixels.astype(np.uint8)).save(root / split / label / f"{i}.jpg", quality=95)
+
+
+@pytest.mark.parametrize("image_size", [24, 33])
+def test_val_pixels_match_the_torch_loader(tmp_path, image_size):
+    _photo_like_jpegs(tmp_path)
+    options = dict(batch_size=12, image_size=image_size, workers=1)
+    (torch_images, torch_labels), = list(create_loader(tmp_path, "val", loader="torch", **options))
+    (dali_images, dali_labels), = list(create_loader(tmp_path, "val", loader="dali", **options))
+    assert torch.equal(torch_labels, dali_labels)
+    std = torch.tensor(IMAGENET_STD).view(1, 3, 1, 1)
+    pixel_error = ((torch_images - dali_images) * std * 255).abs().mean(dim=(1, 2, 3))
+    assert pixel_error.max() <= 2.0, f"mean abs difference per image in grey levels: {pixel_error.tolist()}"
+
+
+def test_train_augmentation_keeps_shape_and_range(tmp_path):
+    _photo_like_jpegs(tmp_path)
+    loader = create_loader(tmp_path, "train", batch_size=4, image_size=20, loader="dali", workers=1)
+    batches = list(loader)
+    assert len(batches) == len(loader) == 3
+    for images, labels in batches:
+        assert images.shape == (4, 3, 20, 20) and labels.dtype == torch.int64
+        pixels = images * torch.tensor(IMAGENET_STD).view(1, 3, 1, 1) + torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1)
+        assert pixels.min() >= -1e-4 and pixels.max() <= 1 + 1e-4
+
+
+def test_unreadable_files_are_dropped_and_reported(indexed):
+    root, expected = indexed
+    _corrupt(root)
+    with pytest.warns(RuntimeWarning, match=r"(?s)drops 2 unreadable image\(s\) of 25.*truncated.jpg.*readme.jpg"):
+        loader = dali(root, "val")
+    assert loader.skipped == 2 and loader.num_samples == 23
+    assert sorted(pathlib.Path(path).name for path in loader.dropped) == ["readme.jpg", "truncated.jpg"]
+    indices, _ = collect(loader)
+    assert sorted(indices) == sorted(expected["val"])
