@@ -1,0 +1,128 @@
+"""Differentiable expected FLOPs and parameters of the searched student.
+
+    E[F] = 2 * sum_layers k^2 * H_out * W_out * E[c_in] * E[c_out] / groups
+
+with E[c] = sum_i g_i * width_i for a searched group and the full width for a fixed
+one. The factor 2 and the layers counted follow anfast.profile (torch.utils.
+flop_counter: a multiply-add is 2 FLOPs; convs and linears count, bias adds and
+norms do not), so with one-hot gates the model equals anfast.profile of the derived
+student exactly. Parameters count conv / linear weights and biases and the affine
+parameters of norms, as anfast.count_parameters does.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Sequence
+
+import torch
+from torch import nn
+
+from anfast.adjoin import AdjoinedNetwork
+from anfast.dan.space import SearchSpace
+from anfast.export import export_base
+from anfast.profile import profile
+
+__all__ = ["CostModel"]
+
+
+@dataclass(frozen=True)
+class _Layer:
+    kind: str  # "conv", "linear" or "norm"
+    in_group: int  # index into the cost model's channel vector
+    out_group: int
+    in_features_per_channel: int  # > 1 for a linear after flatten(C x H x W)
+    kernel: int  # kh * kw for convs, 1 for linears
+    positions: int  # H_out * W_out for convs, 1 for linears
+    in_per_group: int  # C_in / groups of a grouped conv (its student keeps whole groups), else 0
+    bias: bool
+
+
+class CostModel:
+    """Expected FLOPs / params of the student for given gate weights; exact for one-hot gates.
+
+    Build it once per search with the network, its SearchSpace and the input size;
+    ``base`` holds anfast.profile's count of the base network.
+    """
+
+    def __init__(self, network: AdjoinedNetwork, space: SearchSpace, input_size: Sequence[int]):
+        self.space = space
+        searched = {name: i for i, name in enumerate(space.group_names)}
+        fixed = [g for g in network.width_groups if g.fixed]
+        index = {**searched, **{g.name: len(searched) + i for i, g in enumerate(fixed)}}
+        self._fixed_channels = torch.tensor([g.channels for g in fixed], dtype=torch.float64)
+        channels = {g.name: g.channels for g in network.width_groups}
+        spatial = _output_spatial_sizes(network, input_size)
+        modules = dict(network.named_modules())
+        self._layers = []
+        for name, widths in network.layer_widths.items():
+            module = modules[name]
+            if widths.kind == "norm" and not module.affine:
+                continue
+            grouped = widths.kind == "conv" and module.groups > 1
+            self._layers.append(_Layer(
+                kind=widths.kind,
+                in_group=index[widths.in_group],
+                out_group=index[widths.out_group],
+                in_features_per_channel=widths.in_channels // channels[widths.in_group],
+                kernel=module.kernel_size[0] * module.kernel_size[1] if widths.kind == "conv" else 1,
+                positions=spatial[name] if widths.kind == "conv" else 1,
+                in_per_group=module.in_channels // module.groups if grouped else 0,
+                bias=widths.kind != "norm" and module.bias is not None,
+            ))
+        self.base = profile(export_base(network), input_size)
+        full_width = self._modelled_widths(torch.cat([
+            torch.tensor([g.channels for g in space.groups], dtype=torch.float64), self._fixed_channels]))
+        # Work outside convs and linears (none in torchvision CNNs) and parameters of other
+        # modules (which adjoin keeps at full width) enter as constants.
+        self._constant = {k: self.base[k] - full_width[k] for k in ("flops", "params")}
+
+    def expected(self, gates: torch.Tensor) -> dict[str, torch.Tensor]:
+        """{"flops", "params"} as float64 scalars, differentiable in ``gates`` (groups, choices)."""
+        modelled = self._modelled(gates)
+        return {k: modelled[k] + self._constant[k] for k in modelled}
+
+    def exact(self, choice_index: torch.Tensor) -> dict[str, int]:
+        """The derived student's counts for one choice index per group."""
+        one_hot = torch.nn.functional.one_hot(choice_index.cpu(), len(self.space.choices)).double()
+        return {k: int(round(float(v))) for k, v in self.expected(one_hot).items()}
+
+    def fraction(self, counts: dict) -> dict[str, torch.Tensor]:
+        """Counts as fractions of the base's."""
+        return {k: counts[k] / self.base[k] for k in ("flops", "params")}
+
+    def _modelled(self, gates: torch.Tensor) -> dict[str, torch.Tensor]:
+        widths = self.space.widths.to(device=gates.device, dtype=torch.float64)
+        searched = (gates.double() * widths).sum(dim=1)
+        return self._modelled_widths(torch.cat([searched, self._fixed_channels.to(gates.device)]))
+
+    def _modelled_widths(self, channels: torch.Tensor) -> dict[str, torch.Tensor]:
+        flops = channels.new_zeros(())
+        params = channels.new_zeros(())
+        for layer in self._layers:
+            c_out = channels[layer.out_group]
+            if layer.kind == "norm":
+                params = params + 2 * c_out
+                continue
+            c_in = layer.in_per_group if layer.in_per_group else channels[layer.in_group] * layer.in_features_per_channel
+            flops = flops + 2 * layer.kernel * layer.positions * c_in * c_out
+            params = params + layer.kernel * c_in * c_out + (c_out if layer.bias else 0)
+        return {"flops": flops, "params": params}
+
+
+def _output_spatial_sizes(network: AdjoinedNetwork, input_size: Sequence[int]) -> dict[str, int]:
+    """H_out * W_out of every conv, from one forward pass at batch 1."""
+    sizes: dict[str, int] = {}
+    hooks = [module.register_forward_hook(lambda m, args, out, name=name: sizes.__setitem__(name, out[0].shape[-2] * out[0].shape[-1]))
+             for name, module in network.named_modules() if isinstance(module, nn.Conv2d)]
+    parameter = next(network.parameters())
+    was_training = network.training
+    network.eval()
+    try:
+        with torch.no_grad():
+            network(torch.zeros(1, *input_size[-3:], device=parameter.device, dtype=parameter.dtype))
+    finally:
+        network.train(was_training)
+        for hook in hooks:
+            hook.remove()
+    return sizes

@@ -1,0 +1,123 @@
+"""The DAN search space: one width choice per shrinkable width group (DESIGN.md section 3).
+
+The search runs the student at full width (``adjoin(model, alpha=1, policy="all")``,
+so it has its own batch norms) and narrows it softly with channel masks; this
+module says which groups can shrink, what widths each choice gives them, and which
+layer outputs carry each group's mask.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Sequence
+
+import torch
+import torch.fx
+
+from anfast.adjoin import AdjoinedNetwork, WidthGroup, student_width
+from anfast.nn import AdjoinedBatchNorm2d
+
+__all__ = ["DanError", "SearchSpace", "DEFAULT_CHOICES"]
+
+# The paper searched (1, 2, 4); 8 lets a group drop to an eighth when the target is tight.
+DEFAULT_CHOICES = (1.0, 2.0, 4.0, 8.0)
+
+
+class DanError(ValueError):
+    """A search setting or model DAN cannot work with; the message names the fix."""
+
+
+@dataclass
+class SearchSpace:
+    """Shrinkable width groups, their widths per choice, and where their masks go.
+
+    ``widths[g, i]`` is the student width of group ``groups[g]`` at ``choices[i]``,
+    computed by anfast.adjoin.student_width exactly as adjoin will build it.
+    ``mask_points`` maps a module name to the group whose mask multiplies that
+    module's student output.
+    """
+
+    groups: list[WidthGroup]
+    choices: tuple[float, ...]
+    round_to: int
+    widths: torch.Tensor  # (groups, choices), int64
+    mask_points: dict[str, int]
+
+    @classmethod
+    def from_network(cls, network: AdjoinedNetwork, choices: Sequence[float] = DEFAULT_CHOICES,
+                     round_to: int = 8) -> "SearchSpace":
+        """The space of ``network``, an adjoined network whose one student is full width."""
+        choices = _check_choices(choices)
+        if network.num_students != 1 or any(
+                w.student_out[0] != w.out_channels for w in network.layer_widths.values()):
+            raise DanError("the search network must have one full-width student: build it with "
+                           "anfast.adjoin(model, alpha=1, policy='all')")
+        groups = [g for g in network.width_groups if not g.fixed]
+        if not groups:
+            raise DanError(f"{type(network.architecture()).__name__} has no width group that can shrink "
+                           "(every channel axis is the model input or output); nothing to search")
+        names = [g.name for g in network.width_groups]
+        if len(set(names)) != len(names):
+            raise DanError(f"width group names repeat ({names}); DAN keys its choices by group name")
+        concat = sorted(name for name, w in network.layer_widths.items() if "concat" in (w.in_group, w.out_group))
+        if concat:
+            raise DanError(f"{concat[:3]} read channel-concatenated inputs; DAN's cost model and masks "
+                           "follow prefix channel maps only, so DenseNet / Inception style models "
+                           "cannot be searched. Train them with a fixed alpha (anfast train --alpha)")
+        widths = torch.tensor([[student_width(g.channels, a, round_to, g.multiple) for a in choices]
+                               for g in groups], dtype=torch.long)
+        index = {g.name: i for i, g in enumerate(groups)}
+        return cls(groups, choices, round_to, widths, _mask_points(network, index))
+
+    @property
+    def group_names(self) -> list[str]:
+        return [g.name for g in self.groups]
+
+    def channel_masks(self, gates: torch.Tensor) -> list[torch.Tensor]:
+        """m_g[c] = sum_i gates[g, i] * 1[c < widths[g, i]], one (C_g,) tensor per group."""
+        masks = []
+        for g, group in enumerate(self.groups):
+            keep = torch.arange(group.channels, device=gates.device) < self.widths[g].to(gates.device)[:, None]
+            masks.append(gates[g] @ keep.to(gates.dtype))
+        return masks
+
+    def alphas(self, choice_index: torch.Tensor) -> dict[str, float]:
+        """{group name: alpha} of one choice index per group."""
+        return {g.name: self.choices[int(i)] for g, i in zip(self.groups, choice_index)}
+
+
+def _check_choices(choices: Sequence[float]) -> tuple[float, ...]:
+    values = tuple(float(c) for c in choices)
+    if len(values) < 2 or any(c < 1 for c in values) or len(set(values)) != len(values):
+        raise DanError(f"choices={tuple(choices)}: give two or more distinct width divisors >= 1, "
+                       "e.g. 1,2,4,8 (the student is 1/alpha as wide)")
+    return tuple(sorted(values))
+
+
+def _mask_points(network: AdjoinedNetwork, group_index: dict[str, int]) -> dict[str, int]:
+    """Every student tensor of a group must carry the group's mask.
+
+    Masking after each batch norm of a group covers the tensors that norm produces
+    (a norm would otherwise re-normalise masked channels back to its bias); a
+    producer whose student output reaches anything but norms is masked itself.
+    ReLU, pooling and residual adds then pass the mask on unchanged.
+    """
+    points: dict[str, int] = {}
+    modules = dict(network.named_modules())
+    for name, widths in network.layer_widths.items():
+        group = group_index.get(widths.out_group)
+        if group is None:
+            continue
+        if widths.kind == "norm" or not _feeds_only_norms(network, name, modules):
+            points[name] = group
+    return points
+
+
+def _feeds_only_norms(network: torch.fx.GraphModule, name: str, modules: dict) -> bool:
+    for node in network.graph.nodes:
+        if node.op == "call_module" and node.target == name:
+            students = [u for u in node.users if u.args[1] == 1]  # getitem(call, 1): the student
+            users = [u for s in students for u in s.users]
+            return bool(users) and all(u.op == "call_module" and isinstance(modules[u.target], AdjoinedBatchNorm2d)
+                                       for u in users)
+    raise DanError(f"{name}: not called in the network's graph")
