@@ -1,0 +1,118 @@
+"""The "cuda" backend of anfast.ops.adjoined_conv2d: the compiled CUDA C++ kernels.
+
+The kernels live in kernels/ (device code) and are bound in csrc/ as the extension
+``anfast._C``, built by setup.py where nvcc is found. This module imports without
+the extension or a GPU; ``unsupported_reasons`` then says what is missing.
+"""
+
+from __future__ import annotations
+
+import importlib
+from functools import lru_cache
+from types import ModuleType
+from typing import Optional
+
+import torch
+
+from anfast.ops.dispatch import Backend, ConvProblem
+
+__all__ = ["CudaBackend", "BACKEND", "load_extension"]
+
+SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+SUPPORTED_KERNEL_SIZES = (1, 3, 5, 7)
+
+
+@lru_cache(maxsize=None)
+def load_extension() -> tuple[Optional[ModuleType], str]:
+    """(anfast._C, "") when the extension imports, else (None, why it does not)."""
+    try:
+        return importlib.import_module("anfast._C"), ""
+    except ImportError as error:
+        return None, str(error)
+
+
+class CudaBackend(Backend):
+    """Fused CUDA C++ kernels: CUDA tensors, groups 1, dilation 1, prefix channel map,
+    kernel sizes 1/3/5/7, fp32 (FMA) / bf16 / fp16 (tensor cores), sm_80 or newer."""
+
+    name = "cuda"
+
+    def unsupported_reasons(self, problem: ConvProblem, explicit: bool) -> list[str]:
+        reasons = []
+        extension, import_error = load_extension()
+        if extension is None:
+            reasons.append(
+                f"anfast._C is not built ({import_error}): install with nvcc available and "
+                "ANFAST_BUILD_CUDA!=0 (pip install --no-deps --no-build-isolation -e .)"
+            )
+        tensors = {"x_base": problem.x_base, "x_student": problem.x_student, "weight": problem.weight}
+        if problem.bias is not None:
+            tensors["bias"] = problem.bias
+        devices = {t.device for t in tensors.values()}
+        if len(devices) > 1:
+            placed = ", ".join(f"{name} on {t.device}" for name, t in tensors.items())
+            reasons.append(f"tensors are on several devices ({placed}); move them to one GPU")
+        elif problem.x_base.device.type != "cuda":
+            reasons.append(
+                f"tensors are on {problem.x_base.device.type}; the cuda backend needs CUDA tensors"
+            )
+        elif torch.cuda.get_device_capability(problem.x_base.device) < (8, 0):
+            major, minor = torch.cuda.get_device_capability(problem.x_base.device)
+            reasons.append(f"the GPU is sm_{major}{minor}; the cuda kernels need sm_80 or newer")
+        dtypes = {t.dtype for t in tensors.values()}
+        if len(dtypes) > 1:
+            mixed = ", ".join(f"{name} {t.dtype}" for name, t in tensors.items())
+            reasons.append(f"inputs mix dtypes ({mixed}); cast x, weight and bias to one dtype")
+        elif problem.x_base.dtype not in SUPPORTED_DTYPES:
+            reasons.append(f"dtype {problem.x_base.dtype} is not one of float32, bfloat16, float16")
+        if problem.groups != 1:
+            reasons.append(f"groups={problem.groups} (the cuda kernels need groups=1)")
+        if tuple(problem.dilation) != (1, 1):
+            reasons.append(f"dilation={tuple(problem.dilation)} (the cuda kernels need dilation 1)")
+        kernel_size = tuple(problem.weight.shape[2:])
+        if any(k not in SUPPORTED_KERNEL_SIZES for k in kernel_size):
+            reasons.append(f"kernel size {kernel_size} (the cuda kernels take 1, 3, 5 or 7 per side)")
+        if problem.student_in_index is not None:
+            reasons.append("student_in_index is set (the cuda kernels take the prefix channel map only)")
+        if problem.x_student.shape[2:] != problem.x_base.shape[2:]:
+            reasons.append(
+                f"x_student spatial size {tuple(problem.x_student.shape[2:])} differs from x_base's "
+                f"{tuple(problem.x_base.shape[2:])}"
+            )
+        return reasons
+
+    def forward(self, problem: ConvProblem) -> tuple[torch.Tensor, torch.Tensor]:
+        extension, _ = load_extension()
+        y_base, y_student = extension.forward(
+            problem.x_base, problem.x_student, problem.weight, problem.bias, problem.out_student,
+            list(problem.stride), list(problem.padding),
+        )
+        return y_base, y_student
+
+    def backward(
+        self,
+        grad_base: torch.Tensor,
+        grad_student: torch.Tensor,
+        problem: ConvProblem,
+        output_mask: tuple[bool, bool, bool, bool],
+    ) -> tuple[Optional[torch.Tensor], ...]:
+        extension, _ = load_extension()
+        need_dx_base, need_dx_student, need_weight, need_bias = output_mask
+        conv_args = (problem.x_base, problem.x_student, problem.weight, problem.out_student,
+                     list(problem.stride), list(problem.padding))
+        dx_base = dx_student = dweight = dbias = None
+        if need_dx_base or need_dx_student:
+            # One launch computes both; the one not asked for is dropped.
+            dx_base, dx_student = extension.dgrad(grad_base, grad_student, *conv_args)
+        if need_weight:
+            dweight = extension.wgrad(grad_base, grad_student, *conv_args)
+        if need_bias and problem.bias is not None:
+            # A channel sum is bandwidth-bound and cheap next to the GEMMs: torch does it.
+            dbias = grad_base.sum((0, 2, 3), dtype=torch.float32)
+            dbias[: problem.out_student] += grad_student.sum((0, 2, 3), dtype=torch.float32)
+            dbias = dbias.to(problem.weight.dtype)
+        return (dx_base if need_dx_base else None, dx_student if need_dx_student else None,
+                dweight, dbias)
+
+
+BACKEND = CudaBackend()

@@ -1,0 +1,148 @@
+"""GPU correctness of the CUDA C++ backend (anfast._C) against the float64 reference.
+
+Every output is poisoned with NaN before the kernel runs, so an element the kernel
+never wrote fails the test. Skipped without a CUDA device (CPU CI); run on a GPU by
+benchmarks/gpu_check.sh (pytest -m gpu).
+"""
+
+import random
+
+import pytest
+import torch
+
+import anfast.ops
+from anfast.ops import reference
+from anfast.ops.cuda_backend import BACKEND, load_extension
+
+from helpers import TOLERANCE, assert_close_rel
+
+pytestmark = [
+    pytest.mark.gpu,
+    pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device"),
+]
+
+def random_shapes(count: int, seed: int = 0) -> list[dict]:
+    """Odd problem sizes: batch 1-3, channels 3-40, spatial 5-17, kernels 1/3/5/7, strides
+    1/2, padding 0..k//2, student widths down to 1; plus channel counts spanning several
+    64-wide tiles, so tiles past the student width run the base alone."""
+    rng = random.Random(seed)
+    shapes = []
+    while len(shapes) < count:
+        k = rng.choice((1, 3, 5, 7))
+        s = dict(batch=rng.randint(1, 3), in_channels=rng.randint(3, 40), out_channels=rng.randint(3, 40),
+                 height=rng.randint(5, 17), width=rng.randint(5, 17), kernel=k,
+                 stride=rng.choice((1, 2)), padding=rng.randint(0, k // 2))
+        if min(s["height"], s["width"]) + 2 * s["padding"] < k:
+            continue
+        s["in_student"] = rng.choice((1, rng.randint(1, s["in_channels"])))
+        s["out_student"] = rng.choice((1, rng.randint(1, s["out_channels"])))
+        shapes.append(s)
+    shapes.append(dict(batch=2, in_channels=70, out_channels=130, height=9, width=6, kernel=3, stride=2,
+                       padding=1, in_student=66, out_student=65))
+    shapes.append(dict(batch=1, in_channels=96, out_channels=150, height=7, width=7, kernel=1, stride=1,
+                       padding=0, in_student=8, out_student=136))
+    return shapes
+
+
+SHAPES = random_shapes(32)
+
+
+def shape_id(s: dict) -> str:
+    return (f"N{s['batch']}-C{s['in_channels']}/{s['in_student']}-K{s['out_channels']}/{s['out_student']}"
+            f"-{s['height']}x{s['width']}-k{s['kernel']}s{s['stride']}p{s['padding']}")
+
+
+def make_problem(s: dict, dtype: torch.dtype, seed: int):
+    """CUDA inputs in ``dtype`` with mixed memory formats, and their float64 CPU copies."""
+    gen = torch.Generator().manual_seed(seed)
+
+    def rand(*shape, channels_last=False):
+        t = torch.randn(*shape, generator=gen).to(dtype).cuda()
+        return t.contiguous(memory_format=torch.channels_last) if channels_last else t
+
+    cl = seed % 2 == 0
+    x_base = rand(s["batch"], s["in_channels"], s["height"], s["width"], channels_last=cl)
+    x_student = rand(s["batch"], s["in_student"], s["height"], s["width"], channels_last=cl)
+    weight = rand(s["out_channels"], s["in_channels"], s["kernel"], s["kernel"], channels_last=seed % 3 == 0)
+    bias = rand(s["out_channels"])
+    return x_base, x_student, weight, bias
+
+
+def assert_close(actual: torch.Tensor, expected: torch.Tensor, dtype: torch.dtype, what: str):
+    assert_close_rel(actual.detach().cpu(), expected, TOLERANCE[dtype], what)
+
+
+def poisoned_like(shape, like: torch.Tensor, memory_format=torch.contiguous_format) -> torch.Tensor:
+    return torch.full(shape, float("nan"), dtype=like.dtype, device=like.device).contiguous(
+        memory_format=memory_format)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("index", range(len(SHAPES)), ids=[shape_id(s) for s in SHAPES])
+def test_kernels_match_float64_reference(index, dtype):
+    extension, why = load_extension()
+    assert extension is not None, why
+    s = SHAPES[index]
+    x_base, x_student, weight, bias = make_problem(s, dtype, seed=index)
+    stride, padding = [s["stride"]] * 2, [s["padding"]] * 2
+    x_b64, x_s64, w64, b64 = (t.double().cpu() for t in (x_base, x_student, weight, bias))
+    want_y_base, want_y_student = reference.adjoined_conv2d_reference(
+        x_b64, x_s64, w64, b64, s["out_student"], stride, padding)
+
+    y_base_out = poisoned_like(want_y_base.shape, x_base, torch.channels_last)
+    y_student_out = poisoned_like(want_y_student.shape, x_base)
+    y_base, y_student = extension.forward(x_base, x_student, weight, bias, s["out_student"], stride,
+                                          padding, y_base_out=y_base_out, y_student_out=y_student_out)
+    assert y_base.data_ptr() == y_base_out.data_ptr() and y_student.data_ptr() == y_student_out.data_ptr()
+    assert_close(y_base, want_y_base, dtype, "y_base")
+    assert_close(y_student, want_y_student, dtype, "y_student")
+
+    grad_base = torch.randn(want_y_base.shape, device="cuda").to(dtype)
+    grad_student = torch.randn(want_y_student.shape, device="cuda").to(dtype)
+    want_dx_b, want_dx_s, want_dw, _ = reference.adjoined_conv2d_backward_reference(
+        grad_base.double().cpu(), grad_student.double().cpu(), x_b64, x_s64, w64, True,
+        s["out_student"], stride, padding, output_mask=(True, True, True, False))
+    conv_args = (x_base, x_student, weight, s["out_student"], stride, padding)
+    dx_base, dx_student = extension.dgrad(
+        grad_base, grad_student, *conv_args,
+        grad_x_base_out=poisoned_like(x_base.shape, x_base, torch.channels_last),
+        grad_x_student_out=poisoned_like(x_student.shape, x_base))
+    dweight = extension.wgrad(grad_base, grad_student, *conv_args,
+                              grad_weight_out=poisoned_like(weight.shape, weight))
+    assert_close(dx_base, want_dx_b, dtype, "grad x_base")
+    assert_close(dx_student, want_dx_s, dtype, "grad x_student")
+    assert_close(dweight, want_dw, dtype, "grad weight")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("index", [0, 5, len(SHAPES) - 2], ids=lambda i: shape_id(SHAPES[i]))
+def test_custom_op_autograd_on_cuda_backend(index, dtype):
+    """The public op with backend='cuda': outputs, every gradient (bias too), output layout."""
+    s = SHAPES[index]
+    x_base, x_student, weight, bias = (t.requires_grad_() for t in make_problem(s, dtype, seed=100 + index))
+    stride, padding = s["stride"], s["padding"]
+    y_base, y_student = anfast.ops.adjoined_conv2d(
+        x_base, x_student, weight, bias, out_student=s["out_student"], stride=stride, padding=padding,
+        backend="cuda")
+    grad_base, grad_student = torch.randn_like(y_base), torch.randn_like(y_student)
+    torch.autograd.backward((y_base, y_student), (grad_base, grad_student))
+
+    leaves64 = [t.detach().double().cpu().requires_grad_() for t in (x_base, x_student, weight, bias)]
+    want = reference.adjoined_conv2d_reference(*leaves64, s["out_student"], stride, padding)
+    torch.autograd.backward(want, (grad_base.double().cpu(), grad_student.double().cpu()))
+    expected_layout = torch.nn.functional.conv2d(x_base.detach(), weight.detach(), None, stride, padding)
+    assert y_base.stride() == expected_layout.stride(), "y_base must have F.conv2d's memory format"
+    assert_close(y_base, want[0].detach(), dtype, "y_base")
+    assert_close(y_student, want[1].detach(), dtype, "y_student")
+    for name, got, ref in zip(("x_base", "x_student", "weight", "bias"),
+                              (x_base, x_student, weight, bias), leaves64):
+        assert_close(got.grad, ref.grad, dtype, f"grad {name}")
+
+
+def test_auto_dispatch_prefers_cuda_backend():
+    s = SHAPES[1]
+    x_base, x_student, weight, bias = make_problem(s, torch.bfloat16, seed=7)
+    problem = anfast.ops.ConvProblem(x_base, x_student, weight, bias, s["out_student"],
+                                     (s["stride"],) * 2, (s["padding"],) * 2, (1, 1), 1, None)
+    assert BACKEND.unsupported_reasons(problem, explicit=False) == []
+    assert anfast.ops.choose_backend(problem, "auto").name == "cuda"
