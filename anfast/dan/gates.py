@@ -1,0 +1,103 @@
+"""Gumbel-softmax choice gates per width group and the soft channel masks they apply.
+
+Per group g the search learns logits theta_g over the width choices; each step draws
+gate weights g = softmax((theta_g + G) / tau) with Gumbel noise G (resampled every
+step, or one draw kept for the whole search as in the paper), and the full-width
+student's tensors of group g are multiplied by m_g[c] = sum_i g_i * 1[c < width_i].
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import nn
+
+from anfast.adjoin import AdjoinedNetwork
+from anfast.dan.space import SearchSpace
+
+__all__ = ["ChoiceGates", "StudentMasks", "temperature", "entropy"]
+
+
+def temperature(epoch: float, tau0: float = 15.0, decay: float = 0.956) -> float:
+    """tau(e) = tau0 * decay^e, the paper's annealing (tau0 = 15, decay 0.956 per epoch)."""
+    return tau0 * decay**epoch
+
+
+class ChoiceGates(nn.Module):
+    """Architecture logits ``theta`` (groups x choices) and their Gumbel-softmax gates.
+
+    Args:
+        space: the SearchSpace whose groups and choices the logits cover.
+        frozen_noise: draw the Gumbel noise once and keep it (the paper's choice)
+            instead of resampling it at every call.
+        generator: random source of the frozen draw, for reproducible searches.
+    """
+
+    def __init__(self, space: SearchSpace, frozen_noise: bool = False,
+                 generator: Optional[torch.Generator] = None) -> None:
+        super().__init__()
+        shape = (len(space.groups), len(space.choices))
+        self.theta = nn.Parameter(torch.zeros(shape))
+        self.frozen_noise = frozen_noise
+        self.register_buffer("noise", _gumbel(shape, generator) if frozen_noise else None)
+
+    def forward(self, tau: float) -> torch.Tensor:
+        """Gate weights (groups x choices), each row on the simplex, differentiable in theta."""
+        noise = self.noise if self.frozen_noise else _gumbel(self.theta.shape, device=self.theta.device)
+        return torch.softmax((self.theta + noise) / tau, dim=-1)
+
+    def probabilities(self) -> torch.Tensor:
+        """softmax(theta): the architecture distribution without noise."""
+        return torch.softmax(self.theta.detach(), dim=-1)
+
+    def argmax(self) -> torch.Tensor:
+        """The derived architecture: the most likely choice of each group."""
+        return self.theta.detach().argmax(dim=-1)
+
+    def extra_repr(self) -> str:
+        return f"groups={self.theta.shape[0]}, choices={self.theta.shape[1]}, frozen_noise={self.frozen_noise}"
+
+
+def _gumbel(shape, generator: Optional[torch.Generator] = None, device=None) -> torch.Tensor:
+    uniform = torch.rand(shape, generator=generator, device=device).clamp_(1e-10, 1.0)
+    return -torch.log(-torch.log(uniform))
+
+
+def entropy(weights: torch.Tensor) -> torch.Tensor:
+    """Mean over rows of the entropy (nats) of each row of probabilities."""
+    return -(weights * weights.clamp_min(1e-12).log()).sum(dim=-1).mean()
+
+
+class StudentMasks:
+    """Forward hooks that multiply the student outputs of a group's layers by its mask.
+
+    ``set_gates(gates)`` before each forward; ``remove()`` detaches the hooks. With
+    one-hot gates the masked full-width student computes exactly the derived student
+    (the masked channels are zero everywhere they would not exist).
+    """
+
+    def __init__(self, network: AdjoinedNetwork, space: SearchSpace) -> None:
+        self.space = space
+        self._masks: Optional[list[torch.Tensor]] = None
+        self._handles = [network.get_submodule(name).register_forward_hook(self._hook(group))
+                         for name, group in space.mask_points.items()]
+
+    def set_gates(self, gates: torch.Tensor) -> None:
+        self._masks = self.space.channel_masks(gates)
+
+    def remove(self) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles = []
+
+    def _hook(self, group: int):
+        def apply(module, args, outputs):
+            if self._masks is None:
+                raise RuntimeError("StudentMasks: call set_gates(gates) before running the network")
+            base, student, *rest = outputs
+            mask = self._masks[group].to(student.dtype)
+            shape = (1, -1) + (1,) * (student.dim() - 2)
+            return (base, student * mask.view(shape), *rest)
+
+        return apply
