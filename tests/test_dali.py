@@ -38,6 +38,12 @@ def dali(root, split, **options):
     return create_loader(root, split, **{**defaults, **options})
 
 
+def test_auto_picks_dali_when_installed(indexed):
+    root, _ = indexed
+    loader = create_loader(root, "val", batch_size=4, image_size=12)
+    assert loader.name == "dali" and loader.reason.startswith("dali: auto, nvidia-dali is installed")
+
+
 @pytest.mark.parametrize("num_shards", [1, 2])
 def test_val_sees_every_sample_once_with_partial_batches(indexed, num_shards):
     root, expected = indexed

@@ -25,7 +25,7 @@ import numpy as np
 from PIL import Image, ImageDraw
 from tqdm import tqdm
 
-__all__ = ["SHAPES", "builtin_dataset", "default_data_home", "generate_shapes"]
+__all__ = ["SHAPES", "builtin_dataset", "create_atomically", "default_data_home", "generate_shapes"]
 
 DATASET_NAME = "shapes-v1"
 IMAGE_SIZE = 64
@@ -181,18 +181,27 @@ def builtin_dataset(root: str | os.PathLike | None = None, *, seed: int = 0) -> 
     The dataset lives in ``<root>/shapes-v1-seed<seed>`` with ``train/<class>/*.jpg``
     and ``val/<class>/*.jpg`` (10 classes, 600 train + 100 val images of 64x64 per
     class). ``root`` defaults to $ANFAST_DATA_HOME or ~/.cache/anfast. It is built in
-    a temporary folder next to its final place and renamed into place, so an
-    interrupted run or two processes starting together never leave a half-written
-    dataset. Same seed, same bytes.
+    a temporary folder and renamed into place (:func:`create_atomically`). Same seed,
+    same bytes.
     """
     root = pathlib.Path(root) if root is not None else default_data_home()
-    target = root / f"{DATASET_NAME}-seed{seed}"
+    return create_atomically(root / f"{DATASET_NAME}-seed{seed}", lambda staging: generate_shapes(staging, seed=seed))
+
+
+def create_atomically(target: str | os.PathLike, build: Callable[[pathlib.Path], object]) -> pathlib.Path:
+    """Return folder ``target``, first filling it with ``build(staging_folder)`` if it does not exist.
+
+    The staging folder sits next to ``target`` and is renamed into place only when
+    ``build`` returns, so an interrupted run or two processes starting together never
+    leave a half-written folder behind.
+    """
+    target = pathlib.Path(target)
     if target.is_dir():
         return target
-    root.mkdir(parents=True, exist_ok=True)
-    staging = pathlib.Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=root))
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staging = pathlib.Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
     try:
-        generate_shapes(staging, seed=seed)
+        build(staging)
         try:
             os.rename(staging, target)
         except OSError:
