@@ -1,0 +1,296 @@
+"""The fused Triton kernels against the float64 torch reference.
+
+Without CUDA the kernels run on the Triton interpreter (TRITON_INTERPRET=1, set
+before triton is imported), on small odd shapes. Every launcher writes into outputs
+poisoned with NaN first, so an element a kernel forgets to write fails the test.
+"""
+
+import os
+import random
+
+import pytest
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import anfast.ops  # noqa: E402
+from anfast.ops import BackendUnavailable, ConvProblem, adjoined_conv2d, choose_backend  # noqa: E402
+from anfast.ops.reference import (  # noqa: E402
+    adjoined_conv2d_backward_reference,
+    adjoined_conv2d_reference,
+)
+from anfast.triton import (  # noqa: E402
+    BACKEND,
+    adjoined_conv2d_dgrad,
+    adjoined_conv2d_forward,
+    adjoined_conv2d_wgrad,
+)
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+TOLERANCE = {torch.float32: 1e-5, torch.bfloat16: 2e-2, torch.float16: 2e-3}
+SEEDS = list(range(32))
+
+
+def relative_error(actual: torch.Tensor, expected: torch.Tensor, name: str) -> float:
+    """||actual - expected|| / ||expected||, after checking actual has no NaN."""
+    nan_count = int(torch.isnan(actual).sum())
+    assert nan_count == 0, f"{name}: {nan_count} of {actual.numel()} elements NaN (not written?)"
+    diff = actual.double() - expected
+    error = (diff.norm() / expected.norm().clamp_min(1e-30)).item()
+    return error
+
+
+def assert_close(actual, expected, dtype, name):
+    error = relative_error(actual, expected, name)
+    worst = (actual.double() - expected).abs().flatten().topk(min(3, expected.numel()))
+    assert error <= TOLERANCE[dtype], (
+        f"{name}: relative error {error:.3g} > {TOLERANCE[dtype]:g}; worst |diff| {worst.values.tolist()} "
+        f"at flat indices {worst.indices.tolist()}"
+    )
+
+
+def random_case(seed: int) -> dict:
+    """An odd conv shape; the interpreter's cost grows with k^2 * positions, so big
+    kernels get small images (runtime budget of this file: 4 minutes on 2 cores)."""
+    rng = random.Random(seed)
+    k = (1, 3, 5, 7)[seed % 4]
+    stride = rng.choice((1, 2))
+    max_side = {1: 17, 3: 13, 5: 10, 7: 9}[k]
+    height, width = rng.randint(max(5, k - 2), max_side), rng.randint(max(5, k - 2), max_side)
+    padding = rng.randint(0, k // 2)
+    # The padded image must hold one kernel window.
+    height, width = max(height, k - 2 * padding), max(width, k - 2 * padding)
+    c_in = rng.randint(3, 40 if k <= 3 else 24)
+    c_out = rng.randint(3, 40 if k <= 3 else 24)
+    return dict(
+        batch=rng.randint(1, 3 if k <= 3 else 2), c_in=c_in, c_out=c_out, height=height, width=width,
+        k=k, stride=stride, padding=padding,
+        # Student widths down to one channel, and sometimes the full width.
+        in_student=rng.choice((1, rng.randint(1, c_in), c_in)),
+        out_student=rng.choice((1, rng.randint(1, c_out), c_out)),
+        bias=rng.random() < 0.5, channels_last=rng.random() < 0.75,
+    )
+
+
+def make_tensors(case: dict, dtype=torch.float32, seed: int = 0) -> dict:
+    gen = torch.Generator().manual_seed(seed)
+    fmt = torch.channels_last if case["channels_last"] else torch.contiguous_format
+    k, s, p = case["k"], case["stride"], case["padding"]
+    h_out = (case["height"] + 2 * p - k) // s + 1
+    w_out = (case["width"] + 2 * p - k) // s + 1
+
+    def randn(*shape, memory_format=torch.contiguous_format):
+        t = torch.randn(*shape, generator=gen).to(dtype=dtype, memory_format=memory_format)
+        return t.to(DEVICE)
+
+    n, hw = case["batch"], (case["height"], case["width"])
+    return dict(
+        x_base=randn(n, case["c_in"], *hw, memory_format=fmt),
+        x_student=randn(n, case["in_student"], *hw, memory_format=fmt),
+        weight=randn(case["c_out"], case["c_in"], k, k),
+        bias=randn(case["c_out"]) if case["bias"] else None,
+        grad_base=randn(n, case["c_out"], h_out, w_out, memory_format=fmt),
+        grad_student=randn(n, case["out_student"], h_out, w_out, memory_format=fmt),
+    )
+
+
+def poisoned_like(t: torch.Tensor) -> torch.Tensor:
+    return torch.full_like(t, float("nan"))
+
+
+def reference_outputs(case, t):
+    wide = {name: (v.double() if v is not None else None) for name, v in t.items()}
+    pair = dict(stride=case["stride"], padding=case["padding"])
+    forward = adjoined_conv2d_reference(
+        wide["x_base"], wide["x_student"], wide["weight"], wide["bias"], case["out_student"], **pair)
+    backward = adjoined_conv2d_backward_reference(
+        wide["grad_base"], wide["grad_student"], wide["x_base"], wide["x_student"], wide["weight"],
+        case["bias"], case["out_student"], **pair)
+    return forward, backward
+
+
+def check_kernels(case, dtype, seed):
+    t = make_tensors(case, dtype, seed)
+    stride, padding = (case["stride"],) * 2, (case["padding"],) * 2
+    (ref_y_base, ref_y_student), (ref_dx_base, ref_dx_student, ref_dw, _) = reference_outputs(case, t)
+
+    out = (poisoned_like(ref_y_base.to(dtype)).to(DEVICE), poisoned_like(ref_y_student.to(dtype)).to(DEVICE))
+    y_base, y_student = adjoined_conv2d_forward(
+        t["x_base"], t["x_student"], t["weight"], t["bias"], case["out_student"], stride, padding, out=out)
+    dx_out = (poisoned_like(t["x_base"]), poisoned_like(t["x_student"]))
+    dx_base, dx_student = adjoined_conv2d_dgrad(
+        t["grad_base"], t["grad_student"], t["x_base"], t["x_student"], t["weight"], stride, padding,
+        out=dx_out)
+    dw = adjoined_conv2d_wgrad(
+        t["grad_base"], t["grad_student"], t["x_base"], t["x_student"], t["weight"], stride, padding,
+        split_m=1, out=poisoned_like(t["weight"]))
+
+    for name, actual, expected in [("y_base", y_base, ref_y_base), ("y_student", y_student, ref_y_student),
+                                   ("dx_base", dx_base, ref_dx_base),
+                                   ("dx_student", dx_student, ref_dx_student), ("dweight", dw, ref_dw)]:
+        assert_close(actual.cpu(), expected, dtype, f"{name} of {case}")
+
+
+@pytest.mark.parametrize("seed", SEEDS)
+def test_kernels_match_reference_fp32(seed):
+    check_kernels(random_case(seed), torch.float32, seed)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_kernels_match_reference_half(dtype):
+    case = dict(batch=2, c_in=19, c_out=23, height=9, width=7, k=3, stride=1, padding=1, in_student=5,
+                out_student=6, bias=True, channels_last=True)
+    check_kernels(case, dtype, seed=7)
+
+
+def test_wgrad_row_split_matches_reference():
+    case = dict(batch=3, c_in=13, c_out=21, height=11, width=9, k=3, stride=2, padding=1, in_student=4,
+                out_student=8, bias=False, channels_last=True)
+    t = make_tensors(case, torch.float32, seed=3)
+    _, (_, _, ref_dw, _) = reference_outputs(case, t)
+    # 3 splits of 75 rows: the last split owns a partial row block.
+    dw = adjoined_conv2d_wgrad(t["grad_base"], t["grad_student"], t["x_base"], t["x_student"],
+                               t["weight"], (2, 2), (1, 1), split_m=3, out=poisoned_like(t["weight"]))
+    assert_close(dw.cpu(), ref_dw, torch.float32, "split dweight")
+
+
+@pytest.mark.parametrize("channels_last", [True, False])
+def test_op_autograd_and_memory_format(channels_last):
+    case = dict(batch=2, c_in=11, c_out=17, height=7, width=8, k=3, stride=2, padding=1, in_student=3,
+                out_student=5, bias=True, channels_last=channels_last)
+    t = make_tensors(case, torch.float32, seed=11)
+    leaves = {name: t[name].clone().requires_grad_() for name in ("x_base", "x_student", "weight", "bias")}
+    y_base, y_student = adjoined_conv2d(
+        leaves["x_base"], leaves["x_student"], leaves["weight"], leaves["bias"],
+        out_student=case["out_student"], stride=2, padding=1, backend="triton")
+    torch.autograd.backward((y_base, y_student), (t["grad_base"], t["grad_student"]))
+    (ref_y_base, ref_y_student), (ref_dx_b, ref_dx_s, ref_dw, ref_db) = reference_outputs(case, t)
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    assert y_base.is_contiguous(memory_format=fmt) and y_student.is_contiguous(memory_format=fmt)
+    assert_close(y_base.detach().cpu(), ref_y_base, torch.float32, "y_base")
+    assert_close(y_student.detach().cpu(), ref_y_student, torch.float32, "y_student")
+    for name, expected in [("x_base", ref_dx_b), ("x_student", ref_dx_s), ("weight", ref_dw),
+                           ("bias", ref_db)]:
+        assert_close(leaves[name].grad.cpu(), expected, torch.float32, f"grad of {name}")
+
+
+@pytest.mark.parametrize("mask", [(False, True, False, False), (True, False, True, True),
+                                  (False, False, False, True)])
+def test_backward_honours_output_mask(mask):
+    case = dict(batch=1, c_in=9, c_out=12, height=6, width=6, k=3, stride=1, padding=1, in_student=4,
+                out_student=5, bias=True, channels_last=True)
+    t = make_tensors(case, torch.float32, seed=5)
+    problem = ConvProblem(t["x_base"], t["x_student"], t["weight"], t["bias"], case["out_student"],
+                          (1, 1), (1, 1), (1, 1), 1, None)
+    grads = BACKEND.backward(t["grad_base"], t["grad_student"], problem, mask)
+    _, expected = reference_outputs(case, t)
+    for need, grad, ref, name in zip(mask, grads, expected, ("dx_base", "dx_student", "dweight", "dbias")):
+        if need:
+            assert_close(grad.cpu(), ref, torch.float32, name)
+        else:
+            assert grad is None, f"{name} was not asked for but was returned"
+
+
+def test_nested_students_as_successive_passes():
+    """Students (8, 3) of a 13-channel layer: pass 1 is base + student 8, pass 2 is
+    student 8 (the sliced weight as its base) + student 3; all gradients meet in W."""
+    gen = torch.Generator().manual_seed(2)
+    x = [torch.randn(2, c, 9, 9, generator=gen).to(DEVICE, memory_format=torch.channels_last).requires_grad_()
+         for c in (13, 6, 2)]
+    weight = torch.randn(13, 13, 3, 3, generator=gen).to(DEVICE).requires_grad_()
+    grads = [torch.randn(2, c, 9, 9, generator=gen).to(DEVICE) for c in (13, 8, 3)]
+
+    def run(inputs, w, conv):
+        y_base, y_mid = conv(inputs[0], inputs[1], w, 8)
+        _, y_small = conv(inputs[1], inputs[2], w[:8, :6], 3)
+        loss = sum((y * g).sum() for y, g in zip((y_base, y_mid, y_small), grads))
+        return torch.autograd.grad(loss, [*inputs, w])
+
+    fused = run(x, weight, lambda a, b, w, o: adjoined_conv2d(a, b, w, out_student=o, padding=1,
+                                                               backend="triton"))
+    wide = [t.detach().double().requires_grad_() for t in (*x, weight)]
+    expected = run(wide[:3], wide[3], lambda a, b, w, o: adjoined_conv2d_reference(a, b, w, None, o, 1, 1))
+    for name, actual, ref in zip(("dx_base", "dx_mid", "dx_small", "dweight"), fused, expected):
+        assert_close(actual.cpu(), ref.detach().cpu(), torch.float32, name)
+
+
+def cpu_problem(**overrides) -> ConvProblem:
+    x_base = torch.randn(1, 8, 5, 5)
+    fields = dict(x_base=x_base, x_student=x_base[:, :4], weight=torch.randn(8, 8, 3, 3), bias=None,
+                  out_student=4, stride=(1, 1), padding=(1, 1), dilation=(1, 1), groups=1,
+                  student_in_index=None)
+    fields.update(overrides)
+    return ConvProblem(**fields)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU auto-mode rule")
+def test_auto_mode_never_picks_the_interpreter_for_cpu_tensors():
+    problem = cpu_problem()
+    reasons = BACKEND.unsupported_reasons(problem, explicit=False)
+    assert any("only when backend='triton'" in r for r in reasons), reasons
+    assert BACKEND.unsupported_reasons(problem, explicit=True) == []
+    assert choose_backend(problem).name != "triton"
+
+
+@pytest.mark.parametrize("overrides, reason", [
+    (dict(dilation=(2, 2)), "dilation"),
+    (dict(groups=2, weight=torch.randn(8, 4, 3, 3)), "groups=2"),
+    (dict(student_in_index=torch.tensor([0, 2, 4, 6])), "student_in_index"),
+])
+def test_explicit_triton_refuses_unsupported_problems(overrides, reason):
+    problem = cpu_problem(**overrides)
+    with pytest.raises(BackendUnavailable, match=reason):
+        choose_backend(problem, "triton")
+
+
+def test_public_op_names_the_reason_for_dilation():
+    x = torch.randn(1, 8, 7, 7, device=DEVICE)
+    with pytest.raises(BackendUnavailable, match="dilation"):
+        anfast.ops.adjoined_conv2d(x, x[:, :4], torch.randn(8, 8, 3, 3, device=DEVICE), out_student=4,
+                                   dilation=2, backend="triton")
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_resnet_sized_layers_on_gpu(dtype):
+    """Real tiles (autotuned configs, row splits) on ResNet-like layers."""
+    for seed, (c_in, c_out, side, k, stride) in enumerate([(256, 64, 28, 1, 1), (64, 64, 56, 3, 1),
+                                                           (128, 128, 29, 3, 2), (3, 64, 57, 7, 2)]):
+        case = dict(batch=8, c_in=c_in, c_out=c_out, height=side, width=side, k=k, stride=stride,
+                    padding=k // 2, in_student=max(1, c_in // 4) if c_in > 3 else 3,
+                    out_student=c_out // 4, bias=False, channels_last=True)
+        t = make_tensors(case, dtype, seed)
+        (ref_y_b, ref_y_s), (ref_dx_b, ref_dx_s, ref_dw, _) = reference_outputs(case, t)
+        s, p = (stride, stride), (k // 2, k // 2)
+        y_b, y_s = adjoined_conv2d_forward(t["x_base"], t["x_student"], t["weight"], None,
+                                           case["out_student"], s, p)
+        dx_b, dx_s = adjoined_conv2d_dgrad(t["grad_base"], t["grad_student"], t["x_base"],
+                                           t["x_student"], t["weight"], s, p)
+        dw = adjoined_conv2d_wgrad(t["grad_base"], t["grad_student"], t["x_base"], t["x_student"],
+                                   t["weight"], s, p)
+        for name, actual, expected in [("y_base", y_b, ref_y_b), ("y_student", y_s, ref_y_s),
+                                       ("dx_base", dx_b, ref_dx_b), ("dx_student", dx_s, ref_dx_s),
+                                       ("dweight", dw, ref_dw)]:
+            assert_close(actual, expected, dtype, f"{name} of {case}")
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_torch_compile_traces_the_triton_op():
+    x = torch.randn(4, 32, 14, 14, device="cuda").to(memory_format=torch.channels_last)
+    weight = torch.randn(48, 32, 3, 3, device="cuda", requires_grad=True)
+
+    def step(x_base, w):
+        y_base, y_student = adjoined_conv2d(x_base, x_base[:, :8], w, out_student=12, padding=1,
+                                            backend="triton")
+        return y_base.square().sum() + y_student.square().sum()
+
+    compiled = torch.compile(step, fullgraph=True)
+    loss = compiled(x, weight)
+    (grad,) = torch.autograd.grad(loss, weight)
+    wide = weight.detach().double().requires_grad_()
+    ref_b, ref_s = adjoined_conv2d_reference(x.double(), x.double()[:, :8], wide, None, 12, 1, 1)
+    (ref_grad,) = torch.autograd.grad(ref_b.square().sum() + ref_s.square().sum(), wide)
+    assert_close(grad, ref_grad, torch.float32, "compiled dweight")
