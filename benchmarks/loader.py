@@ -144,6 +144,7 @@ def main(argv: list[str] | None = None) -> dict:
     args = parser.parse_args(argv)
 
     root = args.data if args.data is not None else bench_folder(args.images)
+    load_at_start = os.getloadavg()[0]
     providers = [("torch", "torch", "cpu")]
     if has_dali():
         providers.append(("dali-cpu", "dali", "cpu"))
@@ -172,6 +173,8 @@ def main(argv: list[str] | None = None) -> dict:
         "benchmark": "loader",
         "device": device_name(),
         "cpu_count": os.cpu_count(),
+        # Other jobs share the cores: the 1-minute load when the run started and ended.
+        "load_average": {"start": load_at_start, "end": os.getloadavg()[0]},
         "cuda": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
         "versions": versions(),
         "commit": git_commit(),

@@ -28,9 +28,10 @@ def choose_loader(loader: str, device: torch.device) -> tuple[str, str]:
 
     Auto picks DALI whenever it is installed. On a CUDA device it decodes JPEGs on the
     GPU ("mixed" decoder), freeing the CPU cores that otherwise bound the input rate.
-    On the CPU its thread pool still beat the torchvision DataLoader at equal workers:
-    1.9x the images/s on 300-500 px JPEGs at 224 px and over 5x on the 64 px built-in
-    dataset (2-core machine, benchmarks/results/loader-cpu-*.json, docs/data.md).
+    On the CPU its thread pool still beat the torchvision DataLoader at equal workers
+    on a 2-core machine: 1.8x the images/s for training and 1.5x for validation on
+    300-500 px JPEGs at 224 px, 4.5x / 2.3x on the 64 px built-in dataset at 56 px
+    (benchmarks/results/loader-cpu-2026-11-25*.json, docs/data.md).
     """
     if loader not in LOADERS:
         raise ValueError(f"loader={loader!r} is not one of {LOADERS}")
@@ -44,8 +45,8 @@ def choose_loader(loader: str, device: torch.device) -> tuple[str, str]:
         return "torch", f"torch: auto, nvidia-dali is not installed ({DALI_INSTALL_HINT} to use it)"
     if device.type == "cuda":
         return "dali", "dali: auto, nvidia-dali is installed and the device is CUDA (JPEG decoding on the GPU)"
-    return "dali", ("dali: auto, nvidia-dali is installed; its CPU pipeline delivered 1.9x the torchvision "
-                    "DataLoader's images/s at equal workers (benchmarks/loader.py, docs/data.md)")
+    return "dali", ("dali: auto, nvidia-dali is installed; its CPU pipeline delivered 1.8x (train) and 1.5x "
+                    "(val) the torchvision DataLoader's images/s at equal workers (docs/data.md)")
 
 
 def create_loader(root: str | os.PathLike, split: str, *, batch_size: int, image_size: int, loader: str = "auto",
