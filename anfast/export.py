@@ -82,8 +82,8 @@ def _student_layer(an: AdjoinedNetwork, name: str, widths: LayerWidths, s: int) 
 
 def _finish(an: AdjoinedNetwork, model: nn.Module, state: dict, config: dict,
             path: Optional[Union[str, os.PathLike]]) -> nn.Module:
-    device = next(an.parameters()).device
-    model = model.to_empty(device=device)
+    parameter = next(an.parameters())
+    model = model.to_empty(device=parameter.device).to(parameter.dtype)
     model.load_state_dict({k: v.detach().clone() for k, v in state.items()}, strict=True)
     model.train(an.training)
     model.anfast_config = config

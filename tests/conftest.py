@@ -1,0 +1,12 @@
+"""Test session set-up: Triton runs on its interpreter when there is no GPU.
+
+TRITON_INTERPRET must be set before triton is first imported, so it is set here,
+at collection time, before any test module imports anfast.triton.
+"""
+
+import os
+
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")

@@ -1,0 +1,217 @@
+"""adjoin(): torchvision models and a hand-written CNN, base/student semantics, errors."""
+
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+import torchvision
+from torch import nn
+
+import anfast
+from anfast.adjoin import AdjoinError, student_width
+
+from helpers import assert_close_rel
+
+MODELS = [
+    "resnet18", "resnet50", "resnext50_32x4d", "wide_resnet50_2", "vgg11_bn", "mobilenet_v2",
+    "mobilenet_v3_small", "efficientnet_b0", "regnet_y_400mf", "densenet121",
+]
+SIZE = (3, 32, 32)
+
+
+class SmallCNN(nn.Module):
+    """Every channel rule at once: stem, concat, residual add, depthwise conv, SE-style gate."""
+
+    def __init__(self, num_classes=5):
+        super().__init__()
+        self.stem = nn.Conv2d(3, 16, 3, padding=1, bias=False)
+        self.stem_bn = nn.BatchNorm2d(16)
+        self.left = nn.Conv2d(16, 8, 1)
+        self.right = nn.Conv2d(16, 24, 3, padding=1)
+        self.mix_bn = nn.BatchNorm2d(32)
+        self.mix = nn.Conv2d(32, 16, 1)
+        self.depthwise = nn.Conv2d(16, 16, 3, padding=1, groups=16)
+        self.gate = nn.Conv2d(16, 16, 1)
+        self.fc = nn.Linear(16 * 4, num_classes)
+
+    def forward(self, x):
+        x = F.relu(self.stem_bn(self.stem(x)))
+        y = torch.cat([self.left(x), self.right(x)], dim=1)
+        y = self.mix(F.relu(self.mix_bn(y))) + x
+        y = self.depthwise(y)
+        y = y * torch.sigmoid(self.gate(F.adaptive_avg_pool2d(y, 1)))
+        return self.fc(torch.flatten(F.adaptive_avg_pool2d(y, 2), 1))
+
+
+def _check_network(model, an, x):
+    model.eval(), an.eval()
+    with torch.no_grad():
+        out = an(x)
+        reference = model(x)
+        assert out.base.shape == reference.shape
+        assert all(s.shape == reference.shape for s in out.students)
+        assert (out.base - reference).abs().max() <= 1e-5
+        for index in range(an.num_students):
+            student = anfast.export_student(an, index).eval()
+            assert (student(x) - out.students[index]).abs().max() <= 1e-5
+            assert anfast.count_parameters(student) < anfast.count_parameters(model)
+
+
+@pytest.mark.parametrize("name", MODELS)
+def test_torchvision_models(name):
+    torch.manual_seed(0)
+    model = torchvision.models.get_model(name, num_classes=10)
+    an = anfast.adjoin(model, alpha=4, policy="all", input_size=SIZE)
+    _check_network(model, an, torch.randn(2, *SIZE))
+    for layer, widths in an.layer_widths.items():
+        group = next(g for g in an.width_groups if g.name == widths.out_group) if widths.out_group != "concat" else None
+        if widths.kind == "linear" and layer == list(an.layer_widths)[-1]:
+            assert widths.student_out == (widths.out_channels,), f"{layer}: the classifier keeps every class"
+        elif widths.kind in ("conv", "linear"):
+            expected = student_width(widths.out_channels, 4, 8, group.multiple)
+            assert widths.student_out == (expected,), f"{layer}: {widths.student_out} != {expected}"
+
+
+def test_paper_policy_on_resnet50_keeps_stem_and_layer1():
+    an = anfast.adjoin("resnet50", alpha=4, policy="paper", num_classes=10, input_size=SIZE)
+    for name, widths in an.layer_widths.items():
+        if widths.kind != "conv":
+            continue
+        full = name == "conv1" or name.startswith("layer1.")
+        assert widths.student_out == ((widths.out_channels,) if full else (widths.out_channels // 4,)), name
+    assert an.layer_widths["fc"].student_in == (512,)
+    assert an.layer_widths["fc"].student_out == (10,)
+
+
+@pytest.mark.parametrize("name", ["mobilenet_v2", "efficientnet_b0", "densenet121"])
+def test_paper_policy_shrinks_only_convs_over_64_channels(name):
+    model = torchvision.models.get_model(name, num_classes=10)
+    an = anfast.adjoin(model, alpha=4, policy="paper", input_size=SIZE)
+    for layer, widths in an.layer_widths.items():
+        module = model.get_submodule(layer)
+        if widths.kind == "conv" and min(module.in_channels, module.out_channels) <= 64:
+            assert widths.student_out == (widths.out_channels,), f"{layer} must stay full width"
+    _check_network(model, an, torch.randn(2, *SIZE))
+
+
+def test_residual_groups_share_one_width():
+    an = anfast.adjoin("resnet50", alpha=4, policy="paper", num_classes=10, input_size=SIZE)
+    for stage in ("layer2", "layer3", "layer4"):
+        widths = {an.layer_widths[f"{stage}.{b}.conv3"].student_out for b in range(2)}
+        widths.add(an.layer_widths[f"{stage}.0.downsample.0"].student_out)
+        assert len(widths) == 1, f"{stage}: residual stream widths {widths}"
+
+
+def test_small_cnn_concat_depthwise_gate_and_flatten():
+    torch.manual_seed(0)
+    model = SmallCNN()
+    an = anfast.adjoin(model, alpha=2, policy="all", round_to=4, input_size=(3, 9, 9))
+    widths = an.layer_widths
+    # concat of 8 + 24 channels: the student keeps 4 of the first part and 12 of the second
+    assert widths["mix"].student_in == (16,) and widths["mix"].in_indices[0] is not None
+    assert widths["mix"].in_indices[0].tolist() == [0, 1, 2, 3] + list(range(8, 20))
+    # residual add and SE gate: stem, mix, depthwise and gate form one group
+    assert widths["stem"].student_out == widths["mix"].student_out == widths["gate"].student_out == (8,)
+    assert widths["fc"].student_in == (8 * 4,)
+    _check_network(model, an, torch.randn(3, 3, 9, 9))
+
+
+def test_gradients_reach_shared_weights_from_both_networks():
+    """float64: d(student loss)/dW equals the exported student's gradient, embedded."""
+    torch.manual_seed(0)
+    model = SmallCNN().double()
+    an = anfast.adjoin(model, alpha=2, policy="all", round_to=4, input_size=(3, 9, 9)).double()
+    x = torch.randn(3, 3, 9, 9, dtype=torch.float64)
+    out = an(x)
+    base_grad = torch.autograd.grad(out.base.square().sum(), an.mix.weight, retain_graph=True)[0]
+    student_grad = torch.autograd.grad(out.student.square().sum(), an.mix.weight)[0]
+    model.train()
+    reference_base = torch.autograd.grad(model(x).square().sum(), model.mix.weight)[0]
+    assert_close_rel(base_grad, reference_base, 1e-10, "base grad")
+    student = anfast.export_student(an).train()
+    reference_student = torch.autograd.grad(student(x).square().sum(), student.mix.weight)[0]
+    index = an.layer_widths["mix"].in_indices[0]
+    assert_close_rel(student_grad[:8][:, index], reference_student, 1e-10, "student grad")
+    mask = torch.ones_like(student_grad, dtype=torch.bool)
+    mask[:8, index] = False
+    assert student_grad[mask].abs().max() == 0, "the student only touches its own block"
+    assert torch.autograd.gradcheck(lambda x: an(x).student, (x.clone().requires_grad_(),), fast_mode=True)
+
+
+def test_nested_students_are_prefixes():
+    torch.manual_seed(0)
+    an = anfast.adjoin("resnet18", alpha=(2, 4, 8), policy="all", num_classes=10, input_size=SIZE)
+    for name, widths in an.layer_widths.items():
+        assert list(widths.student_out) == sorted(widths.student_out, reverse=True), name
+    wide, narrow = anfast.export_student(an, 0), anfast.export_student(an, 2)
+    w_wide, w_narrow = wide.layer3[0].conv2.weight, narrow.layer3[0].conv2.weight
+    assert torch.equal(w_wide[: w_narrow.shape[0], : w_narrow.shape[1]], w_narrow)
+    an.eval()
+    with torch.no_grad():
+        out = an(torch.randn(2, *SIZE))
+    assert len(out.students) == 3
+
+
+def test_torchvision_checkpoint_loads_into_base_and_back():
+    model = torchvision.models.resnet18(num_classes=10)
+    an = anfast.adjoin(torchvision.models.resnet18(num_classes=10), input_size=SIZE)
+    an.load_base_state_dict(model.state_dict())
+    base = anfast.export_base(an)
+    assert type(base) is type(model)
+    fresh = torchvision.models.resnet18(num_classes=10)
+    fresh.load_state_dict(base.state_dict(), strict=True)
+    for key, value in model.state_dict().items():
+        assert torch.equal(fresh.state_dict()[key], value), key
+
+
+def test_adjoin_does_not_modify_the_input_model():
+    model = SmallCNN()
+    before = copy.deepcopy(model.state_dict())
+    an = anfast.adjoin(model, alpha=2, policy="all", input_size=(3, 9, 9))
+    an(torch.randn(2, 3, 9, 9))  # train mode: running stats of the adjoined copy move
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    assert an.stem.weight is not model.stem.weight
+
+
+class DataDependent(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 8, 3)
+
+    def forward(self, x):
+        return self.conv(x) if x.sum() > 0 else x
+
+
+class ChannelShuffle(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 8, 1)
+        self.head = nn.Conv2d(8, 4, 1)
+
+    def forward(self, x):
+        y = self.conv(x)
+        n, c, h, w = y.shape
+        y = y.view(n, 2, c // 2, h, w).transpose(1, 2).reshape(n, c, h, w)
+        return self.head(y)
+
+
+def test_errors_name_the_module_and_the_fix():
+    with pytest.raises(AdjoinError, match="cannot trace DataDependent"):
+        anfast.adjoin(DataDependent(), input_size=(3, 8, 8))
+    with pytest.raises(AdjoinError, match="alpha=0.5"):
+        anfast.adjoin(SmallCNN(), alpha=0.5)
+    with pytest.raises(AdjoinError, match="sort the tuple ascending"):
+        anfast.adjoin(SmallCNN(), alpha=(4, 2))
+    with pytest.raises(AdjoinError, match="policy='half'"):
+        anfast.adjoin(SmallCNN(), policy="half", input_size=(3, 9, 9))
+    with pytest.raises(AdjoinError, match="not conv or linear layers"):
+        anfast.adjoin(SmallCNN(), policy={"stem.conv": 2}, input_size=(3, 9, 9))
+    with pytest.raises(AdjoinError, match="fc.*model output"):
+        anfast.adjoin(SmallCNN(), policy={"fc": 2}, input_size=(3, 9, 9))
+    with pytest.raises(AdjoinError, match="view.*channel axis"):
+        anfast.adjoin(ChannelShuffle(), policy="all", input_size=(3, 8, 8))
+    with pytest.raises(AdjoinError, match="fails on an input of size"):
+        anfast.adjoin(SmallCNN(), input_size=(5, 9, 9))
+    with pytest.raises(AdjoinError, match="resnet9000"):
+        anfast.adjoin("resnet9000")

@@ -1,0 +1,130 @@
+"""The adjoined conv op on the torch backend: against F.conv2d on sliced weights, float64."""
+
+import random
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import anfast
+from anfast.ops import BackendUnavailable, ConvProblem, adjoined_conv2d, choose_backend
+
+from helpers import assert_close_rel
+
+
+def _random_case(seed: int):
+    rng = random.Random(seed)
+    kernel = rng.choice([1, 3, 5, 7])
+    groups = rng.choice([1, 1, 1, 2, "depthwise"])
+    if groups == "depthwise":
+        c_in = c_out = rng.randint(3, 24)
+        groups = c_in
+        out_student = in_student = rng.randint(1, c_in)
+    elif groups == 2:
+        c_in, c_out = 2 * rng.randint(2, 12), 2 * rng.randint(2, 12)
+        out_student, in_student = c_out // 2, c_in // 2  # one of two whole groups
+    else:
+        c_in, c_out = rng.randint(3, 40), rng.randint(3, 40)
+        in_student, out_student = rng.randint(1, c_in), rng.randint(1, c_out)
+    dilation = rng.choice([1, 1, 2])
+    return dict(
+        batch=rng.randint(1, 3), c_in=c_in, c_out=c_out, in_student=in_student, out_student=out_student,
+        size=rng.randint(dilation * (kernel - 1) + 2, 17), kernel=kernel, stride=rng.choice([1, 2]),
+        padding=rng.randint(0, kernel // 2), dilation=dilation, groups=groups,
+        bias=rng.random() < 0.5,
+    )
+
+
+def _tensors(case, dtype=torch.float64, index=None):
+    g = torch.Generator().manual_seed(0)
+    make = lambda *shape: torch.randn(*shape, generator=g, dtype=dtype).requires_grad_()
+    x_b = make(case["batch"], case["c_in"], case["size"], case["size"])
+    x_s = make(case["batch"], case["in_student"], case["size"], case["size"])
+    w = make(case["c_out"], case["c_in"] // case["groups"], case["kernel"], case["kernel"])
+    b = make(case["c_out"]) if case["bias"] else None
+    return x_b, x_s, w, b
+
+
+@pytest.mark.parametrize("seed", range(40))
+def test_reference_matches_conv2d_on_sliced_weights(seed):
+    case = _random_case(seed)
+    x_b, x_s, w, b = _tensors(case)
+    conv = dict(stride=case["stride"], padding=case["padding"], dilation=case["dilation"])
+    y_b, y_s = adjoined_conv2d(x_b, x_s, w, b, out_student=case["out_student"], groups=case["groups"],
+                               backend="torch", **conv)
+    # Independent oracle: two plain convolutions, the student on the hand-sliced weight.
+    g_s = case["groups"] * case["out_student"] // case["c_out"] if case["groups"] > 1 else 1
+    w_s = w[: case["out_student"]] if case["groups"] > 1 else w[: case["out_student"], : case["in_student"]]
+    b_s = b[: case["out_student"]] if b is not None else None
+    ref_b = F.conv2d(x_b, w, b, groups=case["groups"], **conv)
+    ref_s = F.conv2d(x_s, w_s, b_s, groups=g_s, **conv)
+    assert_close_rel(y_b, ref_b, 1e-12, "y_base")
+    assert_close_rel(y_s, ref_s, 1e-12, "y_student")
+
+    g_b, g_st = torch.randn_like(y_b), torch.randn_like(y_s)
+    params = [t for t in (x_b, x_s, w, b) if t is not None]
+    grads = torch.autograd.grad((y_b * g_b).sum() + (y_s * g_st).sum(), params)
+    ref_grads = torch.autograd.grad((ref_b * g_b).sum() + (ref_s * g_st).sum(), params)
+    for name, got, want in zip(["dx_base", "dx_student", "dweight", "dbias"], grads, ref_grads):
+        assert_close_rel(got, want, 1e-12, name)
+
+
+def test_gathered_student_input_channels():
+    """After a concat the student's channels are named by an index (DenseNet)."""
+    x_b = torch.randn(2, 9, 6, 6, dtype=torch.float64, requires_grad=True)
+    index = torch.tensor([0, 1, 4, 5, 6])
+    x_s = x_b.detach()[:, index].clone().requires_grad_()
+    w = torch.randn(7, 9, 3, 3, dtype=torch.float64, requires_grad=True)
+    f = lambda x_b, x_s, w: adjoined_conv2d(x_b, x_s, w, out_student=3, padding=1, student_in_index=index)
+    assert torch.autograd.gradcheck(f, (x_b, x_s, w))
+    _, y_s = f(x_b, x_s, w)
+    assert_close_rel(y_s, F.conv2d(x_s, w[:3][:, index], padding=1), 1e-12, "y_student")
+
+
+def test_weight_gradient_lands_in_one_shared_tensor():
+    """dW = base contribution everywhere + student contribution on the leading block."""
+    x_b = torch.randn(1, 4, 5, 5, dtype=torch.float64)
+    x_s = torch.randn(1, 2, 5, 5, dtype=torch.float64)
+    w = torch.randn(6, 4, 3, 3, dtype=torch.float64, requires_grad=True)
+    y_b, y_s = adjoined_conv2d(x_b, x_s, w, out_student=3)
+    (dw,) = torch.autograd.grad(y_s.sum(), w)
+    assert dw[3:].abs().sum() == 0 and dw[:, 2:].abs().sum() == 0
+    assert dw[:3, :2].abs().sum() > 0
+
+
+def test_bad_inputs_raise_before_compute():
+    x = torch.randn(1, 4, 5, 5)
+    w = torch.randn(6, 4, 3, 3)
+    with pytest.raises(ValueError, match="out_student=7 must be in"):
+        adjoined_conv2d(x, x, w, out_student=7)
+    with pytest.raises(ValueError, match="x_student has 5 channels"):
+        adjoined_conv2d(x, torch.randn(1, 5, 5, 5), w, out_student=2)
+    with pytest.raises(ValueError, match="x_base has 3 channels"):
+        adjoined_conv2d(torch.randn(1, 3, 5, 5), x, w, out_student=2)
+
+
+def test_named_backend_that_cannot_run_lists_its_reasons(monkeypatch):
+    x = torch.randn(1, 4, 5, 5)
+    w = torch.randn(6, 4, 3, 3)
+    with pytest.raises(BackendUnavailable, match="backend 'cuda' cannot run"):
+        adjoined_conv2d(x, x[:, :2], w, out_student=2, backend="cuda")
+    monkeypatch.setenv("ANFAST_BACKEND", "cuda")
+    with pytest.raises(BackendUnavailable, match="backend 'cuda'"):
+        adjoined_conv2d(x, x[:, :2], w, out_student=2)
+    with pytest.raises(ValueError, match="unknown backend 'cudnn'"):
+        adjoined_conv2d(x, x[:, :2], w, out_student=2, backend="cudnn")
+
+
+def test_auto_picks_torch_for_cpu_tensors():
+    x = torch.randn(1, 4, 5, 5)
+    problem = ConvProblem(x, x[:, :2], torch.randn(6, 4, 3, 3), None, 2, (1, 1), (0, 0), (1, 1), 1, None)
+    assert choose_backend(problem).name == "torch"
+
+
+def test_module_under_bf16_autocast_runs_in_bf16():
+    conv = anfast.nn.AdjoinedConv2d(4, 6, 3, padding=1, student_out_channels=(3,), student_in_channels=(2,))
+    x_b, x_s = torch.randn(2, 4, 5, 5), torch.randn(2, 2, 5, 5)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y_b, y_s = conv(x_b, x_s)
+    assert y_b.dtype == y_s.dtype == torch.bfloat16
+    assert_close_rel(y_s, F.conv2d(x_s, conv.weight[:3, :2], conv.bias[:3], padding=1), 2e-2, "bf16 student")
