@@ -1,0 +1,68 @@
+"""``anfast info``: base vs student size and cost, next to the paper's numbers."""
+
+from __future__ import annotations
+
+import argparse
+
+import anfast
+from anfast.profile import count_parameters, profile
+
+__all__ = ["register", "describe"]
+
+# Nath, Kushagra, Yang (AAAI-MAKE 2022), Table 1: the AN-trained ResNet-50 student.
+PAPER_RESNET50_STUDENT = {"params": 1.8e6, "gflops": 1.6, "top1": 71.8}
+
+
+def _parse_alpha(text: str):
+    values = tuple(float(v) for v in text.split(","))
+    return values[0] if len(values) == 1 else values
+
+
+def describe(arch: str, alpha, policy: str, round_to: int, num_classes: int, image_size: int) -> str:
+    """The text ``anfast info`` prints."""
+    an = anfast.adjoin(arch, alpha=alpha, policy=policy, round_to=round_to, num_classes=num_classes,
+                       input_size=(3, image_size, image_size))
+    size = (3, image_size, image_size)
+    classifier = list(an.layer_widths)[-1]
+    rows = [("base", anfast.export_base(an))] + [
+        (f"student (alpha {a:g})", anfast.export_student(an, s)) for s, a in enumerate(an.alphas)
+    ]
+    lines = [f"{arch}, alpha {alpha}, policy {policy!r}, round_to {round_to}, {num_classes} classes, "
+             f"{image_size}x{image_size} input", ""]
+    lines.append(f"{'network':<22}{'params':>14}{'params w/o ' + classifier:>22}{'GFLOPs':>10}{'GMACs':>9}")
+    for label, module in rows:
+        stats = profile(module, size)
+        without = count_parameters(module, exclude=(classifier,))
+        lines.append(f"{label:<22}{stats['params']:>14,}{without:>22,}{stats['flops'] / 1e9:>10.3f}"
+                     f"{stats['flops'] / 2e9:>9.3f}")
+    if arch == "resnet50" and policy == "paper" and alpha == 4:
+        paper = PAPER_RESNET50_STUDENT
+        lines.append(f"{'paper (XResNet-50)':<22}{'':>14}{paper['params']:>22,.0f}{paper['gflops']:>10.1f}"
+                     f"{'':>9}   top-1 {paper['top1']}%")
+    lines += ["", "GFLOPs count a multiply-add as 2 (torch.utils.flop_counter); GMACs = GFLOPs / 2.", "",
+              f"{'layer':<34}{'kind':<7}{'in':>6}{'out':>6}  {'student in':>12}{'student out':>13}  group"]
+    for name, widths in an.layer_widths.items():
+        student_in = "/".join(map(str, widths.student_in))
+        student_out = "/".join(map(str, widths.student_out))
+        lines.append(f"{name:<34}{widths.kind:<7}{widths.in_channels:>6}{widths.out_channels:>6}  "
+                     f"{student_in:>12}{student_out:>13}  {widths.out_group}")
+    return "\n".join(lines)
+
+
+def _run(args: argparse.Namespace) -> int:
+    print(describe(args.arch, _parse_alpha(args.alpha), args.policy, args.round_to, args.num_classes,
+                   args.image_size))
+    return 0
+
+
+def register(subparsers) -> None:
+    parser = subparsers.add_parser("info", help="sizes, FLOPs and per-layer widths of base and students",
+                                   description="Print base vs student parameters and FLOPs and a per-layer "
+                                               "width table for a torchvision architecture.")
+    parser.add_argument("--arch", default="resnet50", help="torchvision model name (default resnet50)")
+    parser.add_argument("--alpha", default="4", help="shrink factor, or a comma list for nested students")
+    parser.add_argument("--policy", default="paper", choices=["paper", "all"], help="which layers shrink")
+    parser.add_argument("--round-to", type=int, default=8, help="round student widths to multiples of this")
+    parser.add_argument("--num-classes", type=int, default=1000)
+    parser.add_argument("--image-size", type=int, default=224)
+    parser.set_defaults(func=_run)
