@@ -188,8 +188,8 @@ def search(config: SearchConfig, *, model: Optional[nn.Module] = None,
                 step += 1
                 for name, value in (("loss", loss), ("ce", terms["ce"]), ("kl", terms["kl"]), ("penalty", penalty),
                                     ("expected", expected), ("gate_entropy", entropy(weights.detach()))):
-                    sums[name] += float(value)
-                batches.set_postfix(loss=f"{float(loss):.3f}", cost=f"{float(expected):.3f}")
+                    sums[name] += float(value.detach())
+                batches.set_postfix(loss=f"{loss.item():.3f}", cost=f"{expected.item():.3f}")
             derived = cost_model.fraction(cost_model.exact(gates.argmax()))
             seen = max(1, steps_per_epoch)
             log.log({

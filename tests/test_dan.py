@@ -1,0 +1,196 @@
+"""DAN: the cost model against anfast.profile, the masks against the derived student,
+the search loop and arch.json, the penalty's pull toward the target, the CLI."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+
+import pytest
+import torch
+from torch import nn
+
+import anfast
+from anfast.dan import (ChoiceGates, CostModel, DanError, SearchConfig, SearchSpace, StudentMasks, derive, read_arch,
+                        search, temperature)
+from anfast.dan.cli import config_from_args, register
+
+
+class TinyResidualNet(nn.Module):
+    """A residual add (two producers, one group), a depthwise conv, a conv with bias and no norm."""
+
+    def __init__(self, num_classes: int = 3):
+        super().__init__()
+        self.stem = nn.Conv2d(3, 16, 3, padding=1, bias=False)
+        self.stem_bn = nn.BatchNorm2d(16)
+        self.conv1 = nn.Conv2d(16, 24, 3, padding=1, bias=False)
+        self.bn1 = nn.BatchNorm2d(24)
+        self.conv2 = nn.Conv2d(24, 24, 3, stride=2, padding=1, bias=False)
+        self.bn2 = nn.BatchNorm2d(24)
+        self.shortcut = nn.Conv2d(16, 24, 1, stride=2, bias=False)
+        self.shortcut_bn = nn.BatchNorm2d(24)
+        self.depthwise = nn.Conv2d(24, 24, 3, padding=1, groups=24)
+        self.head = nn.Conv2d(24, 40, 1)  # bias, no norm: masked at the conv itself
+        self.fc = nn.Linear(40, num_classes)
+
+    def forward(self, x):
+        x = torch.relu(self.stem_bn(self.stem(x)))
+        y = torch.relu(self.bn1(self.conv1(x)))
+        y = self.bn2(self.conv2(y))
+        x = torch.relu(y + self.shortcut_bn(self.shortcut(x)))
+        x = torch.relu(self.depthwise(x))
+        x = torch.relu(self.head(x))
+        return self.fc(torch.flatten(nn.functional.adaptive_avg_pool2d(x, 1), 1))
+
+
+def _one_hot_profile(source, space, choice, image_size, **model_kwargs):
+    """anfast.profile of the student adjoin builds for one choice per group (the oracle)."""
+    alphas = space.alphas(choice)
+    policy = {producer: alphas[group.name] for group in space.groups for producer in group.producers}
+    network = anfast.adjoin(source, alpha=1, policy=policy, input_size=(3, image_size, image_size), **model_kwargs)
+    return anfast.profile(anfast.export_student(network), (3, image_size, image_size))
+
+
+@pytest.fixture(scope="module", params=["resnet18", "mobilenet_v2"])
+def torchvision_space(request):
+    """(arch, network, space, cost) of a 10-class torchvision model at 32 px, built once."""
+    network = anfast.adjoin(request.param, alpha=1, policy="all", input_size=(3, 32, 32), num_classes=10)
+    space = SearchSpace.from_network(network)
+    return request.param, network, space, CostModel(network, space, (3, 32, 32))
+
+
+def test_one_hot_cost_equals_profile_of_derived_student(torchvision_space):
+    arch, network, space, cost = torchvision_space
+    image_size = 32
+    assert cost.base == anfast.profile(anfast.export_base(network), (3, image_size, image_size))
+    generator = torch.Generator().manual_seed(7)
+    narrowest = torch.full((len(space.groups),), len(space.choices) - 1)
+    for choice in (narrowest, torch.randint(0, len(space.choices), (len(space.groups),), generator=generator)):
+        expected = _one_hot_profile(arch, space, choice, image_size, num_classes=10)
+        assert cost.exact(choice) == expected, f"{arch}: choice {choice.tolist()}"
+    assert cost.exact(torch.zeros(len(space.groups), dtype=torch.long)) == cost.base
+
+
+def test_tiny_model_cost_and_masks_match_the_derived_student():
+    torch.manual_seed(0)
+    model = TinyResidualNet()
+    network = anfast.adjoin(model, alpha=1, policy="all", input_size=(3, 9, 9)).double().eval()
+    space = SearchSpace.from_network(network, choices=(1, 2, 4), round_to=4)
+    # conv2 and shortcut meet in the residual add: one group, masked after both norms.
+    grouped = {p for g in space.groups for p in g.producers if len(g.producers) > 1}
+    assert {"conv2", "shortcut", "depthwise"} <= grouped
+    assert space.mask_points["head"] == space.group_names.index("head")
+    assert "conv2" not in space.mask_points and "bn2" in space.mask_points
+
+    cost = CostModel(network, space, (3, 9, 9))
+    masks = StudentMasks(network, space)
+    images = torch.randn(5, 3, 9, 9, dtype=torch.float64)
+    for choice in ([2, 1, 0, 2], [1, 2, 2, 0], [0, 0, 1, 1]):
+        choice = torch.tensor(choice[: len(space.groups)])
+        alphas = space.alphas(choice)
+        policy = {p: alphas[g.name] for g in space.groups for p in g.producers}
+        derived = anfast.adjoin(model, alpha=1, policy=policy, round_to=4, input_size=(3, 9, 9))
+        student = anfast.export_student(derived.double()).eval()
+        assert cost.exact(choice) == anfast.profile(student, (3, 9, 9))
+        masks.set_gates(nn.functional.one_hot(choice, len(space.choices)).double())
+        with torch.no_grad():
+            masked, expected = network(images).student, student(images)
+        error = float((masked - expected).norm() / expected.norm())
+        assert error < 1e-12, f"choice {choice.tolist()}: masked full-width student differs by {error:.2e}"
+    masks.remove()
+
+
+def test_expected_cost_is_differentiable_and_interpolates():
+    network = anfast.adjoin(TinyResidualNet(), alpha=1, policy="all", input_size=(3, 8, 8))
+    space = SearchSpace.from_network(network, choices=(1, 2, 4, 8))
+    cost = CostModel(network, space, (3, 8, 8))
+    gates = ChoiceGates(space)
+    weights = gates(tau=1.0)
+    expected = cost.expected(weights)
+    expected["flops"].backward()
+    # More weight on a wider choice means more FLOPs: the gradient falls across choices.
+    assert (gates.theta.grad[:, 0] > gates.theta.grad[:, -1]).all()
+    widest = cost.exact(torch.zeros(len(space.groups), dtype=torch.long))
+    narrowest = cost.exact(torch.full((len(space.groups),), 3))
+    for kind in ("flops", "params"):
+        assert narrowest[kind] < float(expected[kind].detach()) < widest[kind]
+
+
+def test_gates_noise_and_temperature():
+    network = anfast.adjoin(TinyResidualNet(), alpha=1, policy="all", input_size=(3, 8, 8))
+    space = SearchSpace.from_network(network)
+    frozen = ChoiceGates(space, frozen_noise=True, generator=torch.Generator().manual_seed(1))
+    assert torch.equal(frozen(2.0), frozen(2.0))
+    resampled = ChoiceGates(space)
+    assert not torch.equal(resampled(2.0), resampled(2.0))
+    assert torch.allclose(resampled(0.5).sum(dim=-1), torch.ones(len(space.groups)))
+    assert temperature(0) == 15.0 and math.isclose(temperature(10), 15.0 * 0.956**10)
+
+
+@pytest.mark.parametrize("torchvision_space", ["resnet18"], indirect=True)
+@pytest.mark.parametrize("target", [0.25, 0.5])
+def test_penalty_alone_drives_derived_student_to_target(torchvision_space, target):
+    """Only the resource term: Adam on the logits lands the argmax student within 15%."""
+    _, _, space, cost = torchvision_space
+    torch.manual_seed(0)
+    gates = ChoiceGates(space)
+    optimizer = torch.optim.Adam(gates.parameters(), lr=0.05)
+    for step in range(300):
+        fraction = cost.expected(gates(tau=temperature(step / 30, tau0=2.0, decay=0.7)))["flops"] / cost.base["flops"]
+        loss = (fraction / target - 1) ** 2
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    derived = cost.exact(gates.argmax())["flops"] / cost.base["flops"]
+    assert abs(derived / target - 1) < 0.15, f"target {target}: derived {derived:.3f}"
+
+
+def test_search_writes_arch_metrics_and_plot(tmp_path):
+    generator = torch.Generator().manual_seed(0)
+    batches = [(torch.randn(6, 3, 8, 8, generator=generator), torch.randint(0, 3, (6,), generator=generator))
+               for _ in range(4)]
+    config = SearchConfig(target_flops=0.4, epochs=1, max_steps_per_epoch=3, image_size=8, round_to=4,
+                          choices=(1, 2, 4), tau0=1.0, device="cpu", out=str(tmp_path / "run"))
+    result = search(config, model=TinyResidualNet(), train_loader=batches, num_classes=3)
+
+    arch = read_arch(result.arch_path)
+    assert arch == json.loads(json.dumps(result.arch))
+    assert arch["target"] == {"flops": 0.4} and arch["choices"] == [1.0, 2.0, 4.0]
+    assert arch["num_classes"] == 3 and arch["image_size"] == 8 and arch["round_to"] == 4
+    alphas = {name: group["alpha"] for name, group in arch["groups"].items()}
+    assert alphas == {name: config.choices[int(i)] for name, i in zip(arch["groups"], result.logits.argmax(-1))}
+    # The policy rebuilds the same student: its profile is the recorded count.
+    rebuilt = anfast.adjoin(TinyResidualNet(), alpha=1, policy=arch["policy"], round_to=4, input_size=(3, 8, 8))
+    assert anfast.profile(anfast.export_student(rebuilt), (3, 8, 8)) == arch["student"]
+    for name, group in arch["groups"].items():
+        assert group["width"] == anfast.student_width(group["channels"], group["alpha"], 4)
+    rows = [json.loads(line) for line in (result.run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert len(rows) == 1 and rows[0]["step"] == 3
+    assert rows[0]["derived_flops"] == pytest.approx(arch["student"]["flops"] / arch["base"]["flops"])
+    assert 0 < rows[0]["expected_flops"] < 1 and rows[0]["gate_entropy"] > 0
+    assert result.plot_path.read_bytes()[:4] == b"\x89PNG"
+
+
+def test_derive_rejects_unknown_and_fixed_groups():
+    with pytest.raises(DanError, match="not width groups"):
+        derive(TinyResidualNet(), {"no_such_layer": 2}, image_size=8)
+    with pytest.raises(DanError, match="cannot shrink"):
+        derive(TinyResidualNet(), {"fc": 2}, image_size=8)
+
+
+def test_cli_builds_the_config_and_validates_the_target():
+    parser = argparse.ArgumentParser(prog="anfast")
+    register(parser.add_subparsers())
+    args = parser.parse_args(["search", "--target-params", "0.25", "--choices", "1,2,4", "--tau0", "2",
+                              "--epochs", "3", "--max-steps-per-epoch", "10", "--frozen-noise", "--out", "r"])
+    config = config_from_args(args)
+    assert config.target == {"params": 0.25} and config.choices == (1.0, 2.0, 4.0)
+    assert config.tau0 == 2.0 and config.epochs == 3 and config.max_steps_per_epoch == 10 and config.frozen_noise
+    assert args.func is not None
+    with pytest.raises(SystemExit):
+        parser.parse_args(["search"])  # a target is required
+    with pytest.raises(DanError, match="below what choices"):
+        SearchConfig(target_flops=0.01, choices=(1, 2, 4)).validate()
+    with pytest.raises(DanError, match="exactly one target"):
+        SearchConfig(target_flops=0.5, target_params=0.5).validate()
