@@ -1,0 +1,294 @@
+"""Fused adjoined conv vs two cuDNN convs, on every conv shape of ResNet-50.
+
+Question: how fast is one fused base+student pass (forward, dgrad + wgrad) against
+what it replaces, two cuDNN convolutions (the base, and the sliced weight on the
+student input: the "torch" backend, anfast.ops.reference) and torch.compile of
+those? Student widths follow the paper's rule for ResNet-50: a conv whose in and
+out channels are both > 64 gets width(C, alpha) = min(C, round_up(ceil(C/alpha), 8))
+channels; other convs keep full width.
+
+Shapes come from torchvision's resnet50 (forward hooks on a meta-device run), not a
+hand-typed table. Identical shapes are timed once and weighted by their count.
+Times are triton.testing.do_bench medians (with 20% / 80% quantiles) in ms.
+
+    python benchmarks/conv.py                   # batch 256, alpha 4, bf16
+    python benchmarks/conv.py --quick --batch 64
+
+GPU only: on a machine without CUDA it exits with a message.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import math
+import os
+import subprocess
+import sys
+from dataclasses import asdict, dataclass
+
+import torch
+
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+# Dense (no sparsity) bf16 / fp16 tensor-core peaks in TFLOP/s, from NVIDIA's data
+# sheets: H100 SXM and H200 989, A100 312. Matched on torch.cuda.get_device_name().
+HALF_PEAK_TFLOPS = [("H200", 989.0), ("H100 80GB HBM3", 989.0), ("H100 SXM", 989.0), ("A100", 312.0)]
+QUANTILES = [0.5, 0.2, 0.8]
+
+
+@dataclass(frozen=True)
+class ConvShape:
+    """One conv layer's problem at the benchmark's batch and student widths."""
+
+    c_in: int
+    c_out: int
+    kernel: int
+    stride: int
+    padding: int
+    height: int
+    width: int
+    in_student: int
+    out_student: int
+
+    def output_size(self) -> tuple[int, int]:
+        h = (self.height + 2 * self.padding - self.kernel) // self.stride + 1
+        w = (self.width + 2 * self.padding - self.kernel) // self.stride + 1
+        return h, w
+
+    def forward_flops(self, batch: int) -> int:
+        """Multiply-adds x 2 of the base and the student convolutions."""
+        h, w = self.output_size()
+        taps = self.kernel * self.kernel
+        return 2 * batch * h * w * taps * (self.c_out * self.c_in + self.out_student * self.in_student)
+
+
+def resnet50_conv_shapes(alpha: float, round_to: int = 8) -> list[tuple[list[str], ConvShape]]:
+    """Every conv of torchvision resnet50 at 224x224: (layer names, shape), deduplicated."""
+    import torchvision
+    from anfast import student_width
+
+    model = torchvision.models.resnet50().to("meta")
+    found: dict[ConvShape, list[str]] = {}
+
+    def hook(name):
+        def record(module, inputs, output):
+            c_in, c_out = module.in_channels, module.out_channels
+            shrink = c_in > 64 and c_out > 64  # the paper's ResNet-50 rule: stem and layer1 stay full
+            shape = ConvShape(
+                c_in, c_out, module.kernel_size[0], module.stride[0], module.padding[0],
+                inputs[0].shape[2], inputs[0].shape[3],
+                student_width(c_in, alpha, round_to) if shrink else c_in,
+                student_width(c_out, alpha, round_to) if shrink else c_out,
+            )
+            found.setdefault(shape, []).append(name)
+        return record
+
+    for name, module in model.named_modules():
+        if isinstance(module, torch.nn.Conv2d):
+            module.register_forward_hook(hook(name))
+    with torch.no_grad():
+        model(torch.empty(1, 3, 224, 224, device="meta"))
+    return [(names, shape) for shape, names in found.items()]
+
+
+def half_peak_tflops(device_name: str) -> float | None:
+    for key, peak in HALF_PEAK_TFLOPS:
+        if key in device_name:
+            return peak
+    return None
+
+
+def git_commit() -> str:
+    try:
+        return subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True,
+                              cwd=os.path.dirname(os.path.abspath(__file__))).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
+def make_problem(shape: ConvShape, batch: int, dtype: torch.dtype):
+    from anfast.ops import ConvProblem
+
+    def randn(*size, channels_last=True):
+        t = torch.randn(*size, device="cuda", dtype=dtype)
+        return t.to(memory_format=torch.channels_last) if channels_last else t
+
+    x_base = randn(batch, shape.c_in, shape.height, shape.width)
+    x_student = randn(batch, shape.in_student, shape.height, shape.width)
+    weight = randn(shape.c_out, shape.c_in, shape.kernel, shape.kernel, channels_last=False) * 0.05
+    h, w = shape.output_size()
+    grad_base = randn(batch, shape.c_out, h, w)
+    grad_student = randn(batch, shape.out_student, h, w)
+    problem = ConvProblem(x_base, x_student, weight, None, shape.out_student, (shape.stride,) * 2,
+                          (shape.padding,) * 2, (1, 1), 1, None)
+    return problem, grad_base, grad_student
+
+
+def providers(problem) -> dict:
+    """name -> (forward(), backward()) callables for every provider that can run ``problem``."""
+    from anfast.ops import BACKEND_PRIORITY, BackendUnavailable, get_backend
+    from anfast.ops.reference import adjoined_conv2d_backward_reference, adjoined_conv2d_reference
+
+    mask = (True, True, True, False)
+    found = {}
+    for name in BACKEND_PRIORITY:
+        if name == "torch":
+            continue
+        try:
+            backend = get_backend(name)
+        except BackendUnavailable as error:
+            print(f"  (backend {name}: {error})", file=sys.stderr)
+            continue
+        reasons = backend.unsupported_reasons(problem, explicit=True)
+        if reasons:
+            print(f"  (backend {name}: {'; '.join(reasons)})", file=sys.stderr)
+            continue
+        found[f"fused-{name}"] = (lambda b=backend: b.forward(problem),
+                                  lambda g_b, g_s, b=backend: b.backward(g_b, g_s, problem, mask))
+
+    p = problem
+    conv_args = (p.out_student, p.stride, p.padding, p.dilation, p.groups, None)
+
+    def forward():
+        return adjoined_conv2d_reference(p.x_base, p.x_student, p.weight, None, *conv_args)
+
+    def backward(grad_base, grad_student):
+        return adjoined_conv2d_backward_reference(grad_base, grad_student, p.x_base, p.x_student, p.weight,
+                                                  False, *conv_args, mask)
+
+    found["cudnn-x2"] = (forward, backward)
+    compiled_forward = torch.compile(adjoined_conv2d_reference, dynamic=False)
+    compiled_backward = torch.compile(adjoined_conv2d_backward_reference, dynamic=False)
+    found["cudnn-x2-compiled"] = (
+        lambda: compiled_forward(p.x_base, p.x_student, p.weight, None, *conv_args),
+        lambda g_b, g_s: compiled_backward(g_b, g_s, p.x_base, p.x_student, p.weight, False, *conv_args, mask),
+    )
+    return found
+
+
+def time_provider(forward, backward, grad_base, grad_student) -> dict:
+    from triton.testing import do_bench
+
+    def total():
+        forward()
+        backward(grad_base, grad_student)
+
+    times = {}
+    for phase, fn in (("forward", forward), ("backward", lambda: backward(grad_base, grad_student)),
+                      ("total", total)):
+        median, low, high = do_bench(fn, quantiles=QUANTILES)
+        times[phase] = {"median_ms": median, "p20_ms": low, "p80_ms": high}
+    return times
+
+
+def geometric_mean(values: list[float], weights: list[int]) -> float:
+    return math.exp(sum(w * math.log(v) for v, w in zip(values, weights)) / sum(weights))
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--batch", type=int, default=256)
+    parser.add_argument("--alpha", type=float, default=4.0)
+    parser.add_argument("--dtype", choices=sorted(DTYPES), default="bf16")
+    parser.add_argument("--out", default="", help="JSON path (default benchmarks/results/conv-<device>-<date>.json)")
+    parser.add_argument("--quick", action="store_true", help="time 4 representative layer shapes only")
+    args = parser.parse_args(argv)
+
+    if not torch.cuda.is_available():
+        print("benchmarks/conv.py: no CUDA device visible; this benchmark times GPU kernels and has "
+              "nothing to measure on a CPU. Run it on a GPU machine (see benchmarks/gpu_check.sh).",
+              file=sys.stderr)
+        return 2
+    import triton
+
+    # One compiled graph per layer shape: lift dynamo's recompile limit (default 8) so the
+    # compiled baseline never falls back to eager halfway through ResNet-50.
+    torch._dynamo.config.cache_size_limit = 256
+    dtype = DTYPES[args.dtype]
+    device_name = torch.cuda.get_device_name()
+    peak = half_peak_tflops(device_name) if dtype != torch.float32 else None
+    shapes = resnet50_conv_shapes(args.alpha)
+    if args.quick:
+        # The stem, a 1x1 and a 3x3 of layer1 (full width), a strided 3x3 of layer3.
+        wanted = ("conv1", "layer1.0.conv1", "layer1.0.conv2", "layer3.0.conv2")
+        shapes = [(names, s) for names, s in shapes if any(n in wanted for n in names)]
+
+    out = args.out or os.path.join(
+        os.path.dirname(os.path.abspath(__file__)), "results",
+        f"conv-{device_name.replace(' ', '_')}-{datetime.date.today().isoformat()}.json")
+    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
+    header_fields = {
+        "benchmark": "conv", "device": device_name, "torch": torch.__version__,
+        "triton": triton.__version__, "cuda": torch.version.cuda, "commit": git_commit(),
+        "date": datetime.datetime.now().isoformat(timespec="seconds"), "args": vars(args),
+        "peak_tflops": peak,
+    }
+
+    def write_json(rows, complete):
+        # Written after every layer, so a run cut short by a time limit keeps its rows.
+        with open(out, "w") as f:
+            json.dump({**header_fields, "complete": complete, "rows": rows, "summary": summarize(rows)},
+                      f, indent=1)
+
+    rows = []
+    print(f"{device_name}, torch {torch.__version__}, triton {triton.__version__}, batch {args.batch}, "
+          f"alpha {args.alpha:g}, {args.dtype}, channels_last")
+    header = f"{'layer':<18}{'shape (Cin>Cout k s HxW | cin>cout)':<38}{'provider':<20}" \
+             f"{'fwd ms':>9}{'bwd ms':>9}{'total ms':>10}{'TFLOP/s':>9}{'% floor':>9}"
+    print(header)
+    for names, shape in shapes:
+        problem, grad_base, grad_student = make_problem(shape, args.batch, dtype)
+        forward_flops = shape.forward_flops(args.batch)
+        # Backward is dgrad + wgrad, each a forward's worth of multiply-adds.
+        flops = {"forward": forward_flops, "backward": 2 * forward_flops, "total": 3 * forward_flops}
+        for provider, (forward, backward) in providers(problem).items():
+            times = time_provider(forward, backward, grad_base, grad_student)
+            tflops = {phase: flops[phase] / (times[phase]["median_ms"] * 1e-3) / 1e12 for phase in flops}
+            row = {
+                "layers": names, "count": len(names), "shape": asdict(shape), "provider": provider,
+                "batch": args.batch, "dtype": args.dtype, "times": times, "flops": flops, "tflops": tflops,
+                "percent_of_floor": None if peak is None else {p: 100.0 * t / peak for p, t in tflops.items()},
+            }
+            rows.append(row)
+            desc = (f"{shape.c_in}>{shape.c_out} {shape.kernel} {shape.stride} {shape.height}x{shape.width}"
+                    f" | {shape.in_student}>{shape.out_student}")
+            floor = "unknown" if peak is None else f"{row['percent_of_floor']['total']:.1f}"
+            print(f"{names[0]:<18}{desc:<38}{provider:<20}{times['forward']['median_ms']:>9.3f}"
+                  f"{times['backward']['median_ms']:>9.3f}{times['total']['median_ms']:>10.3f}"
+                  f"{tflops['total']:>9.1f}{floor:>9}")
+        del problem, grad_base, grad_student
+        torch.cuda.empty_cache()
+        write_json(rows, complete=False)
+
+    summary = summarize(rows)
+    for line in summary:
+        print(f"geomean {line['provider']} / cudnn-x2 over {line['layers']} layers: "
+              f"forward {line['forward_ratio']:.3f}, backward {line['backward_ratio']:.3f}, "
+              f"total {line['total_ratio']:.3f} (< 1: fused is faster)")
+
+    write_json(rows, complete=True)
+    print(f"wrote {out}")
+    return 0
+
+
+def summarize(rows: list[dict]) -> list[dict]:
+    """Per fused provider: count-weighted geometric means of its time / cudnn-x2's time."""
+    if not rows:
+        return []
+    baseline = {json.dumps(r["shape"], sort_keys=True): r for r in rows if r["provider"] == "cudnn-x2"}
+    summary = []
+    for provider in sorted({r["provider"] for r in rows} - {"cudnn-x2"}):
+        mine = [r for r in rows if r["provider"] == provider]
+        pairs = [(r, baseline[json.dumps(r["shape"], sort_keys=True)]) for r in mine]
+        weights = [r["count"] for r, _ in pairs]
+        line = {"provider": provider, "layers": sum(weights)}
+        for phase in ("forward", "backward", "total"):
+            ratios = [r["times"][phase]["median_ms"] / b["times"][phase]["median_ms"] for r, b in pairs]
+            line[f"{phase}_ratio"] = geometric_mean(ratios, weights)
+        summary.append(line)
+    return summary
+
+
+if __name__ == "__main__":
+    sys.exit(main())
