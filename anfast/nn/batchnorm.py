@@ -51,7 +51,8 @@ class AdjoinedBatchNorm2d(nn.BatchNorm2d):
         """Adopt ``bn`` as the base norm; students start from the matching slice of it."""
         module = cls(bn.num_features, bn.eps, bn.momentum, bn.affine, bn.track_running_stats,
                      student_features=student_features, student_indices=student_indices,
-                     share_affine=share_affine, device=bn.weight.device if bn.affine else None)
+                     share_affine=share_affine, device=bn.running_mean.device if bn.track_running_stats else None,
+                     dtype=bn.running_mean.dtype if bn.track_running_stats else None)
         module.load_state_dict(bn.state_dict(), strict=False)  # students are filled below
         if bn.affine:
             module.weight, module.bias = bn.weight, bn.bias  # the same Parameter objects

@@ -42,6 +42,11 @@ def get_lambda_schedule(name: str) -> Callable[[float], float]:
     return _SCHEDULES[name]
 
 
+def _full_precision(logits: torch.Tensor) -> torch.Tensor:
+    """Softmax and KL of bf16 / fp16 logits lose too much: compute them in fp32 at least."""
+    return logits if logits.dtype in (torch.float32, torch.float64) else logits.float()
+
+
 class AdjoinedLoss(nn.Module):
     """Cross-entropy on the base plus lambda-weighted KL(base || student) per student.
 
@@ -67,7 +72,7 @@ class AdjoinedLoss(nn.Module):
 
     def terms(self, output, target: torch.Tensor) -> dict[str, torch.Tensor]:
         """{"ce": base CE, "kl": summed student KL, "student_ce": summed student CE}."""
-        base = output.base.float()
+        base = _full_precision(output.base)
         ce = F.cross_entropy(base, target, label_smoothing=self.label_smoothing)
         teacher = base.detach() if self.detach_teacher else base
         t = self.temperature
@@ -75,7 +80,7 @@ class AdjoinedLoss(nn.Module):
         kl = base.new_zeros(())
         student_ce = base.new_zeros(())
         for student in output.students:
-            student = student.float()
+            student = _full_precision(student)
             kl = kl + t * t * F.kl_div(F.log_softmax(student / t, dim=-1), log_p_teacher,
                                        reduction="batchmean", log_target=True)
             if self.student_ce_weight:
