@@ -1,0 +1,132 @@
+"""What a run is made of: the adjoined model, the optimizer, the AMP dtype.
+
+Each ``create_*`` raises ConfigError naming the option and the fix, so ``fit`` can
+build everything before the first step and fail there, not an hour in.
+"""
+
+from __future__ import annotations
+
+import difflib
+import functools
+from typing import Dict, Optional
+
+import torch
+import torchvision
+
+import anfast
+from anfast.train.config import ConfigError, TrainConfig, load_arch_config
+
+__all__ = ["create_adjoined_model", "create_optimizer", "resolve_amp_dtype", "has_apex",
+           "check_environment"]
+
+
+@functools.lru_cache(maxsize=None)
+def has_apex() -> bool:
+    """True when apex's fused optimizers (CUDA extensions) are importable."""
+    try:
+        from apex.optimizers import FusedLAMB, FusedSGD  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def resolve_amp_dtype(amp: str, device: torch.device) -> Optional[torch.dtype]:
+    """The autocast dtype, or None for full precision.
+
+    "auto" is bf16 on CUDA and off on the CPU: bf16 matmuls on a CPU without AMX or
+    AVX512-BF16 run slower than fp32.
+    """
+    if amp == "auto":
+        amp = "bf16" if device.type == "cuda" else "off"
+    if amp == "off":
+        return None
+    if amp == "fp16" and device.type != "cuda":
+        raise ConfigError(f"--amp fp16 needs CUDA (its loss scaling is a GPU feature) and the "
+                          f"device is {device}; use --amp bf16 or --amp off")
+    return torch.bfloat16 if amp == "bf16" else torch.float16
+
+
+def check_environment(config: TrainConfig, device: torch.device) -> None:
+    """Options that depend on this machine rather than on the data or the model."""
+    if config.optimizer == "lamb":
+        if not has_apex():
+            raise ConfigError("--optimizer lamb uses NVIDIA apex's FusedLAMB, and apex is not "
+                              "importable: install apex with its CUDA extensions "
+                              "(https://github.com/NVIDIA/apex#installation), or use "
+                              "--optimizer adamw")
+        if device.type != "cuda":
+            raise ConfigError(f"--optimizer lamb (apex FusedLAMB) runs on CUDA only and the "
+                              f"device is {device}; use --optimizer adamw")
+    if config.sync_bn and device.type != "cuda":
+        raise ConfigError(f"--sync-bn needs CUDA (SyncBatchNorm) and the device is {device}; "
+                          f"leave --sync-bn out")
+    resolve_amp_dtype(config.amp, device)
+
+
+def create_adjoined_model(config: TrainConfig, num_classes: int) -> torch.nn.Module:
+    """torchvision ``config.arch`` with ``num_classes`` outputs, adjoined as configured."""
+    if config.arch not in torchvision.models.list_models():
+        close = difflib.get_close_matches(config.arch, torchvision.models.list_models(), n=4)
+        hint = f"did you mean {close}? " if close else ""
+        raise ConfigError(f"--arch {config.arch!r} is not a torchvision model; {hint}the names "
+                          f"are listed by torchvision.models.list_models()")
+    alphas = tuple(int(a) if float(a).is_integer() else a for a in config.alpha)
+    alpha = alphas[0] if len(alphas) == 1 else alphas
+    input_size = (3, config.image_size, config.image_size)
+    try:
+        policy = config.policy
+        if config.arch_config:
+            policy = _arch_config_policy(config.arch, num_classes,
+                                         load_arch_config(config.arch_config), config.round_to,
+                                         input_size)
+        # By name, so exports record the torchvision source and load_student rebuilds it.
+        return anfast.adjoin(config.arch, alpha=alpha, policy=policy, round_to=config.round_to,
+                             input_size=input_size, num_classes=num_classes)
+    except (ValueError, TypeError, NotImplementedError) as error:
+        raise ConfigError(f"cannot adjoin --arch {config.arch} with --alpha "
+                          f"{','.join(f'{a:g}' for a in config.alpha)}: {error}") from error
+
+
+def _arch_config_policy(arch: str, num_classes: int, group_alphas: Dict[str, float],
+                        round_to: int, input_size) -> Dict[str, float]:
+    """DAN's {width group: alpha} as adjoin's {module name: alpha} policy.
+
+    A group takes the smallest alpha of the layers producing it, so every producer of
+    a listed group gets the group's alpha; unlisted groups stay at full width.
+    """
+    probe = anfast.adjoin(arch, alpha=1, policy="all", round_to=round_to, input_size=input_size,
+                          num_classes=num_classes)
+    producers = {group.name: group.producers for group in probe.width_groups}
+    unknown = sorted(set(group_alphas) - set(producers))
+    if unknown:
+        raise ConfigError(f"--arch-config names width groups {unknown} that this model does not "
+                          f"have; its groups are {sorted(producers)} (was the arch JSON searched "
+                          f"on another --arch?)")
+    return {module: alpha for group, alpha in group_alphas.items() for module in producers[group]}
+
+
+def create_optimizer(model: torch.nn.Module, config: TrainConfig,
+                     device: torch.device) -> torch.optim.Optimizer:
+    """SGD / AdamW (torch fused kernels on CUDA, apex FusedSGD when present) or apex LAMB.
+
+    Biases and normalisation parameters (every 1-D tensor) get no weight decay, the
+    usual ImageNet recipe (timm's param_groups_weight_decay).
+    """
+    check_environment(config, device)
+    decay = [p for p in model.parameters() if p.requires_grad and p.ndim > 1]
+    no_decay = [p for p in model.parameters() if p.requires_grad and p.ndim <= 1]
+    groups = [{"params": decay, "weight_decay": config.weight_decay},
+              {"params": no_decay, "weight_decay": 0.0}]
+    on_cuda = device.type == "cuda"
+    if config.optimizer == "lamb":
+        from apex.optimizers import FusedLAMB
+
+        return FusedLAMB(groups, lr=config.lr)
+    if config.optimizer == "sgd":
+        if on_cuda and has_apex():
+            from apex.optimizers import FusedSGD
+
+            return FusedSGD(groups, lr=config.lr, momentum=config.momentum)
+        return torch.optim.SGD(groups, lr=config.lr, momentum=config.momentum,
+                               fused=True if on_cuda else None)
+    return torch.optim.AdamW(groups, lr=config.lr, fused=True if on_cuda else None)

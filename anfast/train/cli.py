@@ -1,0 +1,174 @@
+"""`anfast train`, `anfast eval` and `anfast export`: argparse front ends of anfast.train.
+
+``register(subparsers)`` adds the three commands to the main ``anfast`` parser;
+``python -m anfast.train ...`` runs `train` alone. Precedence of an option:
+command line > --config YAML > the TrainConfig default.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import sys
+from pathlib import Path
+from typing import List, Optional
+
+from anfast.train.config import (AMP_CHOICES, LAMBDA_SCHEDULE_CHOICES, LOADER_CHOICES, OPTIMIZER_CHOICES, POLICY_CHOICES,
+                                 ConfigError, TrainConfig, load_config)
+
+__all__ = ["register", "add_train_arguments", "config_from_args", "main"]
+
+_DEFAULTS = TrainConfig()
+
+
+def _default(name: str) -> str:
+    value = getattr(_DEFAULTS, name)
+    if name == "alpha":
+        value = ",".join(f"{a:g}" for a in value)
+    return f"(default: {value})"
+
+
+def add_train_arguments(parser: argparse.ArgumentParser) -> None:
+    """Every TrainConfig field as a flag; unset flags stay None so YAML can fill them."""
+    add = parser.add_argument
+    add("--config", help="YAML file of options (names as below, '-' or '_'); flags override it")
+    add("--data", help="folder with train/<class>/*.jpg and val/<class>/*.jpg "
+                       "(default: the built-in shapes set, generated on first use)")
+    add("--arch", help=f"torchvision model name {_default('arch')}")
+    add("--alpha",
+        help=f"student width divisor; a comma list (2,4,8) trains nested students {_default('alpha')}")
+    add("--policy", choices=POLICY_CHOICES,
+        help=f"which layers shrink: paper (convs with in and out channels > 64) or all "
+             f"{_default('policy')}")
+    add("--arch-config", help="per-width-group alphas from `anfast search` (JSON "
+                              "{\"groups\": {name: alpha}}); replaces --policy")
+    add("--round-to", type=int, help=f"student widths round up to this {_default('round_to')}")
+    add("--epochs", type=int, help=_default("epochs"))
+    add("--batch-size", type=int, help=f"per process {_default('batch_size')}")
+    add("--lr", type=float, help=f"peak learning rate {_default('lr')}")
+    add("--min-lr", type=float, help=f"learning rate at the end of the cosine {_default('min_lr')}")
+    add("--optimizer", choices=OPTIMIZER_CHOICES,
+        help=f"lamb needs NVIDIA apex {_default('optimizer')}")
+    add("--momentum", type=float, help=f"SGD momentum {_default('momentum')}")
+    add("--weight-decay", type=float, help=f"not applied to biases and norms {_default('weight_decay')}")
+    add("--label-smoothing", type=float, help=f"on the base's cross-entropy {_default('label_smoothing')}")
+    add("--lambda-schedule", choices=LAMBDA_SCHEDULE_CHOICES,
+        help=f"distillation weight per epoch; paper is min(4 (e/E)^2, 1) {_default('lambda_schedule')}")
+    add("--warmup-epochs", type=float, help=f"linear LR warmup {_default('warmup_epochs')}")
+    add("--clip-grad", type=float, help="max global gradient norm (default: no clipping)")
+    add("--amp", choices=AMP_CHOICES,
+        help=f"autocast dtype; auto is bf16 on CUDA, off on CPU {_default('amp')}")
+    add("--channels-last", action=argparse.BooleanOptionalAction,
+        help=f"NHWC activations and weights {_default('channels_last')}")
+    add("--compile", action=argparse.BooleanOptionalAction,
+        help=f"torch.compile the model {_default('compile')}")
+    add("--loader", choices=LOADER_CHOICES, help=f"input pipeline {_default('loader')}")
+    add("--workers", type=int, help=f"loader worker processes / threads {_default('workers')}")
+    add("--image-size", type=int, help=f"train crop and val size in pixels {_default('image_size')}")
+    add("--out", help=f"run directory {_default('out')}")
+    add("--resume", help="checkpoint to continue from, or 'auto' (RUN_DIR/checkpoints/last.pt "
+                         "when it exists, else a fresh start)")
+    add("--seed", type=int, help=_default("seed"))
+    add("--ema", action=argparse.BooleanOptionalAction,
+        help=f"keep an EMA of the weights; evaluate and export it {_default('ema')}")
+    add("--ema-decay", type=float, help=_default("ema_decay"))
+    add("--sync-bn", action=argparse.BooleanOptionalAction,
+        help=f"SyncBatchNorm across torchrun ranks, CUDA only {_default('sync_bn')}")
+    add("--device", help=f"cpu, cuda or cuda:N {_default('device')}")
+
+
+def config_from_args(args: argparse.Namespace) -> TrainConfig:
+    """Merge TrainConfig defaults < --config YAML < explicit flags."""
+    values = load_config(args.config) if args.config else {}
+    fields = {field.name for field in dataclasses.fields(TrainConfig)}
+    values.update({name: value for name, value in vars(args).items()
+                   if name in fields and value is not None})
+    return TrainConfig.from_dict(values)
+
+
+def _fail(command: str, error: Exception) -> int:
+    print(f"anfast {command}: error: {error}", file=sys.stderr)
+    return 2
+
+
+def run_train(args: argparse.Namespace) -> int:
+    from anfast.data import DataLayoutError
+    from anfast.train.loop import NonFiniteLossError, fit
+
+    try:
+        summary = fit(config_from_args(args))
+    except (ConfigError, DataLayoutError, ImportError) as error:
+        return _fail("train", error)
+    except NonFiniteLossError as error:
+        print(f"anfast train: {error}", file=sys.stderr)
+        return 1
+    if summary.get("interrupted"):
+        print(f"anfast train: interrupted; checkpoint {summary['checkpoint']}")
+    return 0
+
+
+def run_eval(args: argparse.Namespace) -> int:
+    from anfast.data import DataLayoutError
+    from anfast.train.export import evaluate_run
+
+    try:
+        evaluate_run(args.run_dir, data=args.data, checkpoint=args.checkpoint,
+                     batch_size=args.batch_size, workers=args.workers, device=args.device)
+    except (ConfigError, DataLayoutError, FileNotFoundError, ImportError) as error:
+        return _fail("eval", error)
+    return 0
+
+
+def run_export(args: argparse.Namespace) -> int:
+    from anfast.train.export import export_run
+
+    try:
+        written = export_run(args.run_dir, checkpoint=args.checkpoint, onnx=args.onnx)
+    except (ConfigError, FileNotFoundError, ImportError) as error:
+        return _fail("export", error)
+    print(json.dumps({name: str(path) for name, path in written.items()}, indent=2))
+    return 0
+
+
+def register(subparsers) -> None:
+    """Add `train`, `eval` and `export` to the main parser's subcommands."""
+    train = subparsers.add_parser(
+        "train", help="train an adjoined network (base + students)",
+        description="Train a torchvision CNN and its adjoined students (Nath et al. 2022). "
+                    "Writes config.yaml, metrics.jsonl, TensorBoard events, checkpoints, "
+                    "curves.png, student/ and base/ exports and summary.json to --out.")
+    add_train_arguments(train)
+    train.set_defaults(func=run_train)
+
+    evaluate = subparsers.add_parser(
+        "eval", help="evaluate a run's base and students",
+        description="Top-1, top-5 and loss of the base and every student of a run's "
+                    "checkpoint; prints a table and writes RUN_DIR/eval.json.")
+    evaluate.add_argument("run_dir", help="a run directory written by `anfast train`")
+    evaluate.add_argument("--data", help="data root (default: the run's --data)")
+    evaluate.add_argument("--checkpoint", choices=("best", "last"), default="best",
+                          help="which checkpoint (default: best)")
+    evaluate.add_argument("--batch-size", type=int, help="default: the run's")
+    evaluate.add_argument("--workers", type=int, help="default: the run's")
+    evaluate.add_argument("--device", help="default: the run's")
+    evaluate.set_defaults(func=run_eval)
+
+    export = subparsers.add_parser(
+        "export", help="re-export a run's student/ and base/ from a checkpoint",
+        description="Write RUN_DIR/student/ (and student_N/ for nested students) and "
+                    "RUN_DIR/base/ as safetensors + JSON from the best or last checkpoint.")
+    export.add_argument("run_dir", help="a run directory written by `anfast train`")
+    export.add_argument("--checkpoint", choices=("best", "last"), default="best",
+                        help="which checkpoint (default: best)")
+    export.add_argument("--onnx", action="store_true",
+                        help="also write student/student.onnx (needs `pip install onnx`)")
+    export.set_defaults(func=run_export)
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    """`python -m anfast.train [options]`: the train command on its own."""
+    parser = argparse.ArgumentParser(prog="python -m anfast.train",
+                                     description="Train an adjoined network; see `anfast train -h`.")
+    add_train_arguments(parser)
+    return run_train(parser.parse_args(argv))

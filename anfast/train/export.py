@@ -1,0 +1,116 @@
+"""A finished run's networks: exports to safetensors + JSON (and ONNX), and re-evaluation.
+
+``anfast export`` and ``anfast eval`` rebuild the adjoined model from the run's
+config.yaml and load a checkpoint (its EMA weights when the run used --ema), so
+they see exactly the network that training evaluated.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, Dict, Optional, Tuple, Union
+
+import torch
+from torch.optim.swa_utils import AveragedModel
+
+import anfast
+from anfast.train.checkpoint import load_checkpoint
+from anfast.train.config import ConfigError, TrainConfig, load_config
+
+__all__ = ["export_networks", "load_run", "evaluate_run", "export_run"]
+
+
+def export_networks(an: torch.nn.Module, run_dir: Path, num_students: int) -> Dict[str, Path]:
+    """Write base/, student/ and, for nested students, student_1/, student_2/, ..."""
+    written = {"base": anfast.save_exported(anfast.export_base(an), run_dir / "base")}
+    for index in range(num_students):
+        name = "student" if index == 0 else f"student_{index}"
+        written[name] = anfast.save_exported(anfast.export_student(an, index=index),
+                                             run_dir / name)
+    return written
+
+
+def load_run(run_dir: Union[str, Path], checkpoint: str = "best",
+             device: Union[str, torch.device] = "cpu") -> Tuple[TrainConfig, torch.nn.Module, Dict[str, Any]]:
+    """(config, adjoined model in eval mode with the checkpoint's weights, checkpoint)."""
+    from anfast.train.build import create_adjoined_model
+
+    run_dir = Path(run_dir)
+    config = TrainConfig.from_dict(_read_yaml(run_dir))
+    path = run_dir / "checkpoints" / f"{checkpoint}.pt"
+    if not path.is_file() and checkpoint == "best":
+        path = run_dir / "checkpoints" / "last.pt"
+    state = load_checkpoint(path, map_location=device)
+    an = create_adjoined_model(config, len(state["classes"])).to(device)
+    if state["ema"] is not None:
+        ema = AveragedModel(an, use_buffers=True)
+        ema.load_state_dict(state["ema"])
+        an = ema.module
+    else:
+        an.load_state_dict(state["model"])
+    return config, an.eval(), state
+
+
+def evaluate_run(run_dir: Union[str, Path], *, data: Optional[str] = None,
+                 checkpoint: str = "best", batch_size: Optional[int] = None,
+                 workers: Optional[int] = None, device: Optional[str] = None) -> Dict[str, Any]:
+    """Evaluate a run's base and students on ``data``/val; print a table, write eval.json."""
+    from anfast.data import builtin_dataset, create_loader
+    from anfast.train.build import resolve_amp_dtype
+    from anfast.train.distributed import resolve_device
+    from anfast.train.evaluate import evaluate, format_table
+
+    run_dir = Path(run_dir)
+    resolved = resolve_device(device or "auto")
+    config, an, state = load_run(run_dir, checkpoint, resolved)
+    data_root = Path(data or config.data or builtin_dataset())
+    if not data_root.is_dir():
+        raise ConfigError(f"--data {data_root}: no such directory")
+    loader = create_loader(data_root, "val", batch_size=batch_size or config.batch_size,
+                           image_size=config.image_size, loader=config.loader,
+                           workers=config.workers if workers is None else workers,
+                           device=resolved, channels_last=config.channels_last)
+    if list(loader.classes) != list(state["classes"]):
+        raise ConfigError(f"{data_root}/val classes {list(loader.classes)[:5]}... differ from the "
+                          f"run's {list(state['classes'])[:5]}...; evaluate on data with the "
+                          f"training classes")
+    if config.channels_last:
+        an = an.to(memory_format=torch.channels_last)
+    metrics = evaluate(an, loader, resolved, amp_dtype=resolve_amp_dtype(config.amp, resolved),
+                       show_progress=True, alphas=config.alpha)
+    metrics.update({"checkpoint": checkpoint, "epoch": state["epoch"], "data": str(data_root),
+                    "skipped_images": loader.skipped})
+    print(format_table(metrics))
+    (run_dir / "eval.json").write_text(json.dumps(metrics, indent=2) + "\n")
+    return metrics
+
+
+def export_run(run_dir: Union[str, Path], *, checkpoint: str = "best",
+               onnx: bool = False) -> Dict[str, Path]:
+    """Re-export a run's networks from a checkpoint; with ``onnx`` also student.onnx."""
+    if onnx:
+        try:
+            import onnx as _onnx  # noqa: F401
+        except ImportError:
+            raise ImportError("--onnx needs the onnx package: pip install onnx") from None
+    run_dir = Path(run_dir)
+    config, an, _ = load_run(run_dir, checkpoint)
+    written = export_networks(an, run_dir, len(config.alpha))
+    if onnx:
+        student = anfast.export_student(an, index=0).eval()
+        path = written["student"] / "student.onnx"
+        example = torch.randn(1, 3, config.image_size, config.image_size)
+        torch.onnx.export(student, (example,), str(path), input_names=["images"],
+                          output_names=["logits"], dynamo=False,
+                          dynamic_axes={"images": {0: "batch"}, "logits": {0: "batch"}})
+        written["onnx"] = path
+    return written
+
+
+def _read_yaml(run_dir: Path) -> Dict[str, Any]:
+    path = run_dir / "config.yaml"
+    if not path.is_file():
+        raise FileNotFoundError(f"{run_dir}: no config.yaml; pass a run directory written by "
+                                f"`anfast train`")
+    return load_config(str(path))

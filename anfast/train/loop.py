@@ -1,0 +1,355 @@
+"""``fit(config)``: train an adjoined network, top to bottom in one function.
+
+Order of events: validate the config, join torchrun, open the loaders and build the
+model and optimizer (every bad option fails here, before the first step), resume if
+asked, then per epoch: train steps (warmup + cosine LR, AMP, clipping, EMA), evaluate
+the base and every student, log, checkpoint. At the end: curves.png, exports of
+the base and the students, summary.json. SIGTERM / SIGINT end the run between two
+steps with a checkpoint; ``--resume`` continues it to the same numbers.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import signal
+import threading
+import time
+from pathlib import Path
+from typing import Any, Callable, Dict, Optional
+
+import numpy as np
+import torch
+from torch.nn.parallel import DistributedDataParallel
+from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+from tqdm import tqdm
+
+import anfast
+from anfast.data import builtin_dataset, create_loader
+from anfast.train.build import (check_environment, create_adjoined_model, create_optimizer,
+                                resolve_amp_dtype)
+from anfast.train.checkpoint import (get_rng_state, load_checkpoint, remove_stale_temp_files,
+                                     save_checkpoint, set_rng_state)
+from anfast.train.config import ConfigError, TrainConfig, save_config
+from anfast.train.distributed import (DistributedInfo, all_reduce_sum, any_rank, barrier,
+                                      broadcast_buffers, destroy_distributed, init_distributed)
+from anfast.train.evaluate import evaluate
+from anfast.train.export import export_networks
+from anfast.train.loss import AdjoinedLoss, get_lambda_schedule
+from anfast.train.records import MetricsLog, plot_curves
+from anfast.train.schedule import lr_at
+
+__all__ = ["fit", "NonFiniteLossError", "resolve_resume_path"]
+
+
+class NonFiniteLossError(RuntimeError):
+    """The loss or the gradients became NaN / inf without fp16 loss scaling to absorb it."""
+
+
+class StopOnSignal:
+    """Turn SIGTERM / SIGINT into a flag the loop polls, so it stops between two steps.
+
+    Saving inside the handler could interrupt a half-done optimizer step; the loop
+    saves instead. A second Ctrl-C raises KeyboardInterrupt as usual.
+    """
+
+    def __init__(self):
+        self.requested = False
+        self._previous = {}
+
+    def __enter__(self) -> "StopOnSignal":
+        if threading.current_thread() is threading.main_thread():
+            self._previous = {sig: signal.signal(sig, self._handle)
+                              for sig in (signal.SIGTERM, signal.SIGINT)}
+        return self
+
+    def _handle(self, signum, frame) -> None:
+        if self.requested and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        self.requested = True
+
+    def __exit__(self, *exc) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+
+def resolve_resume_path(config: TrainConfig) -> Optional[Path]:
+    """--resume auto: RUN_DIR/checkpoints/last.pt when present, else a fresh start."""
+    if config.resume is None:
+        return None
+    if config.resume == "auto":
+        last = Path(config.out) / "checkpoints" / "last.pt"
+        return last if last.is_file() else None
+    path = Path(config.resume)
+    if not path.is_file():
+        raise ConfigError(f"--resume {config.resume}: no such checkpoint; pass a .pt file or "
+                          f"--resume auto")
+    return path
+
+
+def fit(config: TrainConfig, *, should_stop: Optional[Callable[[int], bool]] = None
+        ) -> Dict[str, Any]:
+    """Train ``config`` to the end (or to a stop request) and return the run summary.
+
+    ``should_stop(step)`` is polled after every optimizer step next to SIGTERM / SIGINT,
+    for programs that embed a run under their own time limit. A stopped run saves
+    checkpoints/last.pt and returns {"interrupted": True, ...}; resume it with
+    ``config.resume = "auto"``.
+    """
+    config.validate()
+    # Handlers go in first: a signal during set-up must also end the run cleanly.
+    with StopOnSignal() as stop_signal:
+        info = init_distributed(config.device)
+        try:
+            return _fit(config, info, should_stop, stop_signal)
+        finally:
+            destroy_distributed()
+
+
+def _fit(config: TrainConfig, info: DistributedInfo, should_stop: Optional[Callable[[int], bool]],
+         stop_signal: StopOnSignal) -> Dict[str, Any]:
+    started = time.perf_counter()
+    device = info.device
+    check_environment(config, device)
+    amp_dtype = resolve_amp_dtype(config.amp, device)
+    run_dir = Path(config.out)
+    checkpoint_dir = run_dir / "checkpoints"
+    resume_path = resolve_resume_path(config)
+    torch.manual_seed(config.seed + info.rank)
+    np.random.seed(config.seed + info.rank)
+
+    # Data, model and optimizer, all before the first step so bad options fail early.
+    data_root = _data_root(config, info)
+    loader_options = dict(batch_size=config.batch_size, image_size=config.image_size,
+                          loader=config.loader, workers=config.workers, device=device,
+                          channels_last=config.channels_last, shard_id=info.rank,
+                          num_shards=info.world_size, seed=config.seed)
+    train_loader = create_loader(data_root, "train", **loader_options)
+    val_loader = create_loader(data_root, "val", **loader_options)
+    if list(val_loader.classes) != list(train_loader.classes):
+        raise ConfigError(f"{data_root}: train/ and val/ hold different class folders "
+                          f"({len(train_loader.classes)} vs {len(val_loader.classes)}); "
+                          f"both splits need the same classes")
+    if len(train_loader) == 0:
+        raise ConfigError(f"{data_root}/train has {train_loader.num_samples} images per process, "
+                          f"fewer than one batch of {config.batch_size}; lower --batch-size")
+    num_classes = len(train_loader.classes)
+    an = create_adjoined_model(config, num_classes).to(device)
+    if config.sync_bn:
+        an = torch.nn.SyncBatchNorm.convert_sync_batchnorm(an)
+    if config.channels_last:
+        an = an.to(memory_format=torch.channels_last)
+    optimizer = create_optimizer(an, config, device)
+    scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
+    ema = (AveragedModel(an, multi_avg_fn=get_ema_multi_avg_fn(config.ema_decay), use_buffers=True)
+           if config.ema else None)
+    loss_fn = AdjoinedLoss(label_smoothing=config.label_smoothing)
+    lambda_schedule = get_lambda_schedule(config.lambda_schedule)
+    alphas = list(config.alpha)
+
+    steps_per_epoch = len(train_loader)
+    total_steps = config.epochs * steps_per_epoch
+    warmup_steps = round(config.warmup_epochs * steps_per_epoch)
+    state = {"epoch": 0, "batches_done": 0, "step": 0, "best_student_top1": -1.0,
+             "history": [], "train_images": 0, "train_seconds": 0.0, "wall_time_s": 0.0}
+    if resume_path is not None:
+        checkpoint = load_checkpoint(resume_path, map_location=device)
+        an.load_state_dict(checkpoint["model"])
+        optimizer.load_state_dict(checkpoint["optimizer"])
+        scaler.load_state_dict(checkpoint["scaler"])
+        if ema is not None:
+            if checkpoint["ema"] is None:
+                raise ConfigError(f"--resume {resume_path}: the run was trained without --ema; "
+                                  f"resume it without --ema")
+            ema.load_state_dict(checkpoint["ema"])
+        state = {key: checkpoint[key] for key in state}
+        set_rng_state(checkpoint["rng"])
+    if info.is_main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        remove_stale_temp_files(checkpoint_dir)
+        save_config(config, run_dir / "config.yaml")
+        log = MetricsLog(run_dir, state["history"])
+        _say(info, f"anfast train: {config.arch}, alpha {','.join(f'{a:g}' for a in alphas)}, "
+                   f"{num_classes} classes, {train_loader.num_samples * info.world_size} train "
+                   f"images, {steps_per_epoch} steps/epoch, device {device}, "
+                   f"world size {info.world_size}, {train_loader.reason}"
+                   + (f"; resuming from {resume_path} at epoch {state['epoch'] + 1}"
+                      if resume_path else ""))
+
+    model = DistributedDataParallel(an, device_ids=[device] if device.type == "cuda" else None
+                                    ) if info.enabled else an
+    if config.compile:
+        model = torch.compile(model)
+    eval_model = ema.module if ema is not None else an
+
+    def checkpoint_state() -> Dict[str, Any]:
+        return {"model": an.state_dict(), "optimizer": optimizer.state_dict(),
+                "scaler": scaler.state_dict(), "ema": ema.state_dict() if ema else None,
+                "rng": get_rng_state(), "config": config.to_dict(),
+                "classes": list(train_loader.classes), **state}
+
+    while state["epoch"] < config.epochs:
+        epoch = state["epoch"]
+        lambda_ = lambda_schedule(epoch / config.epochs)
+        train_loader.set_epoch(epoch)
+        model.train()
+        loss_sum, loss_count, epoch_images = 0.0, 0, 0
+        epoch_start = time.perf_counter()
+        bar = tqdm(total=steps_per_epoch, initial=state["batches_done"],
+                   desc=f"epoch {epoch + 1}/{config.epochs}", leave=False,
+                   disable=None if info.is_main else True)
+        stopped = False
+        for batch_index, (images, labels) in enumerate(train_loader):
+            # A run resumed mid-epoch replays the loader to where it stopped, so the
+            # remaining batches and RNG draws are those of an uninterrupted run.
+            if batch_index < state["batches_done"]:
+                continue
+            lr = lr_at(state["step"], total_steps=total_steps, warmup_steps=warmup_steps,
+                       base_lr=config.lr, min_lr=config.min_lr)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            with torch.autocast(device.type, dtype=amp_dtype or torch.float32,
+                                enabled=amp_dtype is not None):
+                out = model(images)
+                loss = loss_fn(out, labels, lambda_)
+            optimizer.zero_grad(set_to_none=True)
+            scaler.scale(loss).backward()
+            scaler.unscale_(optimizer)
+            grad_norm = torch.nn.utils.clip_grad_norm_(
+                an.parameters(), config.clip_grad if config.clip_grad else math.inf)
+            loss_value = loss.item()
+            # fp16 scaling skips non-finite steps by itself; without it one bad step
+            # would poison the weights, so the run stops on the last good checkpoint.
+            non_finite = not scaler.is_enabled() and not (
+                math.isfinite(loss_value) and math.isfinite(grad_norm.item()))
+            stop = stop_signal.requested or bool(should_stop and should_stop(state["step"] + 1))
+            non_finite, stop = (any_rank(non_finite, device), any_rank(stop, device))
+            if non_finite:
+                raise NonFiniteLossError(
+                    f"epoch {epoch + 1}, step {state['step'] + 1}: loss {loss_value} or "
+                    f"gradient norm {grad_norm.item()} is not finite; the last good "
+                    f"checkpoint is {checkpoint_dir / 'last.pt'}. Lower --lr, set "
+                    f"--clip-grad, or use --amp fp16 / off")
+            scaler.step(optimizer)
+            scaler.update()
+            if ema is not None:
+                ema.update_parameters(an)
+            state["step"] += 1
+            state["batches_done"] = batch_index + 1
+            loss_sum += loss_value
+            loss_count += 1
+            epoch_images += labels.numel() * info.world_size
+            bar.update(1)
+            bar.set_postfix(loss=f"{loss_value:.3f}", lr=f"{lr:.3g}")
+            if stop:
+                stopped = True
+                break
+        bar.close()
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        train_seconds = time.perf_counter() - epoch_start
+        state["train_images"] += epoch_images
+        state["train_seconds"] += train_seconds
+        if stopped:
+            state["wall_time_s"] += time.perf_counter() - started
+            if info.is_main:
+                save_checkpoint(checkpoint_state(), checkpoint_dir / "last.pt")
+                log.close()
+                _say(info, f"stopped at epoch {epoch + 1}, step {state['step']}; saved "
+                           f"{checkpoint_dir / 'last.pt'} (continue with --resume auto)")
+            barrier()
+            return {"interrupted": True, "epoch": epoch, "step": state["step"],
+                    "checkpoint": str(checkpoint_dir / "last.pt")}
+
+        if info.enabled:
+            broadcast_buffers(an)
+        metrics = evaluate(eval_model, val_loader, device, amp_dtype=amp_dtype,
+                           show_progress=info.is_main, alphas=alphas)
+        row = {"epoch": epoch, "step": state["step"], "lr": lr, "lambda": lambda_,
+               "train_loss": loss_sum / max(1, loss_count),
+               "images_per_second": epoch_images / train_seconds,
+               "epoch_seconds": time.perf_counter() - epoch_start,
+               "base": metrics["base"], "students": metrics["students"],
+               "student": metrics["students"][0],
+               "skipped_images": _skipped(train_loader, val_loader, device)}
+        state["history"].append(row)
+        state["epoch"] = epoch + 1
+        state["batches_done"] = 0
+        is_best = row["student"]["top1"] > state["best_student_top1"]
+        state["best_student_top1"] = max(state["best_student_top1"], row["student"]["top1"])
+        if info.is_main:
+            log.log(row)
+            _say(info, f"epoch {epoch + 1}/{config.epochs}  loss {row['train_loss']:.4f}  "
+                       f"base top-1 {100 * row['base']['top1']:.2f}%  student top-1 "
+                       f"{100 * row['student']['top1']:.2f}%  lambda {lambda_:.3f}  "
+                       f"{row['images_per_second']:.0f} img/s")
+            state_to_save = checkpoint_state()
+            state_to_save["wall_time_s"] += time.perf_counter() - started
+            save_checkpoint(state_to_save, checkpoint_dir / "last.pt")
+            if is_best:
+                save_checkpoint(state_to_save, checkpoint_dir / "best.pt")
+        barrier()
+
+    state["wall_time_s"] += time.perf_counter() - started
+    summary = _summary(config, state, eval_model, alphas, train_loader, device, info)
+    if info.is_main:
+        log.close()
+        plot_curves(state["history"], run_dir / "curves.png")
+        export_networks(eval_model, run_dir, len(alphas))
+        (run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+        _say(info, f"done in {summary['wall_time_s']:.0f} s: base top-1 "
+                   f"{100 * summary['base']['top1']:.2f}%, student top-1 "
+                   f"{100 * summary['student']['top1']:.2f}%; run directory {run_dir}")
+    barrier()
+    return summary
+
+
+def _data_root(config: TrainConfig, info: DistributedInfo) -> Path:
+    """--data, or the built-in set (generated once, by rank 0, while the others wait)."""
+    if config.data is not None:
+        return Path(config.data)
+    if info.is_main:
+        root = builtin_dataset()
+    barrier()
+    return root if info.is_main else builtin_dataset()
+
+
+def _skipped(train_loader, val_loader, device: torch.device) -> int:
+    """Unreadable files skipped so far by this run's loaders, summed over ranks."""
+    return int(all_reduce_sum([train_loader.skipped + val_loader.skipped], device)[0])
+
+
+def _summary(config: TrainConfig, state: Dict[str, Any], eval_model: torch.nn.Module, alphas,
+             train_loader, device: torch.device, info: DistributedInfo) -> Dict[str, Any]:
+    """summary.json: final metrics of every network, their size and cost, and throughput."""
+    final = state["history"][-1]
+    input_size = (1, 3, config.image_size, config.image_size)
+    base_profile = anfast.profile(anfast.export_base(eval_model), input_size)
+    student_profiles = [anfast.profile(anfast.export_student(eval_model, index=i), input_size)
+                        for i in range(len(alphas))]
+    pick = lambda row: {key: row[key] for key in ("top1", "top5", "loss")}  # noqa: E731
+    return {
+        "base": pick(final["base"]),
+        "student": {**pick(final["student"]), "alpha": alphas[0]},
+        "students": [{**pick(row), "alpha": alpha} for row, alpha in zip(final["students"], alphas)],
+        "best_student_top1": state["best_student_top1"],
+        "params": {"base": base_profile["params"], "student": student_profiles[0]["params"],
+                   "students": [p["params"] for p in student_profiles]},
+        "flops": {"base": base_profile["flops"], "student": student_profiles[0]["flops"],
+                  "students": [p["flops"] for p in student_profiles],
+                  "input_size": list(input_size)},
+        "images_per_second": state["train_images"] / max(state["train_seconds"], 1e-9),
+        "wall_time_s": state["wall_time_s"],
+        "epochs": config.epochs,
+        "steps": state["step"],
+        "skipped_images": final["skipped_images"],
+        "loader": train_loader.name,
+        "device": str(device),
+        "world_size": info.world_size,
+        "ema": config.ema,
+    }
+
+
+def _say(info: DistributedInfo, message: str) -> None:
+    if info.is_main:
+        tqdm.write(message)

@@ -1,0 +1,193 @@
+"""anfast.train: config, CLI parsing, LR schedule, checkpoints, and the errors raised
+before the first training step."""
+
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import random
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from anfast.data import DataLayoutError
+from anfast.train.build import has_apex
+from anfast.train.checkpoint import get_rng_state, load_checkpoint, save_checkpoint, set_rng_state
+from anfast.train.cli import add_train_arguments, config_from_args, main
+from anfast.train.config import ConfigError, TrainConfig
+from anfast.train.loop import fit
+from anfast.train.schedule import lr_at
+
+
+def make_image_folder(root, classes=("ant", "bee", "cat"), train_per_class=8, val_per_class=4,
+                      size=16, seed=0):
+    """A tiny ImageFolder: each class is a distinct colour, plus noise."""
+    generator = np.random.default_rng(seed)
+    colours = generator.integers(0, 256, size=(len(classes), 3))
+    for split, count in (("train", train_per_class), ("val", val_per_class)):
+        for label, name in enumerate(classes):
+            folder = root / split / name
+            folder.mkdir(parents=True, exist_ok=True)
+            for index in range(count):
+                pixels = colours[label] + generator.normal(0, 30, size=(size, size, 3))
+                Image.fromarray(pixels.clip(0, 255).astype(np.uint8)).save(folder / f"{index}.jpg")
+    return root
+
+
+def tiny_config(data, out, **overrides) -> TrainConfig:
+    values = dict(data=str(data), out=str(out), arch="resnet18", alpha=(4.0,), policy="all",
+                  epochs=1, batch_size=8, image_size=16, workers=0, loader="torch", lr=0.05,
+                  warmup_epochs=0.0, device="cpu")
+    values.update(overrides)
+    return TrainConfig(**values)
+
+
+# ----------------------------------------------------------------------------- schedule
+
+
+def test_lr_warmup_then_cosine_matches_hand_computed_values():
+    kwargs = dict(total_steps=10, warmup_steps=4, base_lr=0.8, min_lr=0.0)
+    assert [lr_at(step, **kwargs) for step in range(4)] == pytest.approx([0.2, 0.4, 0.6, 0.8])
+    # Cosine over steps 4..9 (5 intervals): step 4 is the peak, step 9 the floor.
+    expected = [0.4 * (1 + math.cos(math.pi * i / 5)) for i in range(6)]
+    assert [lr_at(step, **kwargs) for step in range(4, 10)] == pytest.approx(expected)
+    assert lr_at(9, **kwargs) == pytest.approx(0.0, abs=1e-12)
+    assert lr_at(0, total_steps=10, warmup_steps=0, base_lr=0.8, min_lr=0.1) == pytest.approx(0.8)
+    assert lr_at(9, total_steps=10, warmup_steps=0, base_lr=0.8, min_lr=0.1) == pytest.approx(0.1)
+
+
+# ----------------------------------------------------------------------------- config + CLI
+
+
+def _parse(argv):
+    parser = argparse.ArgumentParser()
+    add_train_arguments(parser)
+    return config_from_args(parser.parse_args(argv))
+
+
+def test_cli_flags_override_yaml_which_overrides_defaults(tmp_path):
+    yaml_file = tmp_path / "run.yaml"
+    yaml_file.write_text("epochs: 3\nbatch-size: 16\nalpha: 2,4\noptimizer: adamw\n")
+    config = _parse(["--config", str(yaml_file), "--epochs", "7", "--no-channels-last",
+                     "--ema", "--clip-grad", "1.5"])
+    assert config.epochs == 7                    # flag beats YAML
+    assert config.batch_size == 16               # YAML beats default
+    assert config.alpha == (2.0, 4.0)
+    assert config.optimizer == "adamw"
+    assert config.channels_last is False and config.ema is True and config.clip_grad == 1.5
+    assert config.lr == TrainConfig().lr         # default kept
+    assert TrainConfig.from_dict(config.to_dict()) == config
+
+
+def test_unknown_yaml_option_is_named(tmp_path):
+    yaml_file = tmp_path / "run.yaml"
+    yaml_file.write_text("epoch: 3\n")
+    with pytest.raises(ConfigError, match=r"unknown training option\(s\) \['epoch'\]"):
+        _parse(["--config", str(yaml_file)])
+
+
+@pytest.mark.parametrize("alpha, message", [
+    ("0.5", r"alpha=0.5: .*must be >= 1"),
+    ("4,2", r"sort them ascending"),
+    ("four", r"expected a number or a comma list"),
+])
+def test_bad_alpha_is_rejected_before_anything_runs(tmp_path, alpha, message):
+    with pytest.raises(ConfigError, match=message):
+        _parse(["--alpha", alpha, "--out", str(tmp_path / "run")]).validate()
+
+
+def test_missing_data_path_fails_with_exit_code_2(tmp_path, capsys):
+    missing = tmp_path / "no-such-data"
+    assert main(["--data", str(missing), "--out", str(tmp_path / "run")]) == 2
+    error = capsys.readouterr().err
+    assert f"--data {missing}: no such directory" in error
+    assert not (tmp_path / "run").exists()
+
+
+# ----------------------------------------------------------------------------- errors before step 1
+
+
+def test_empty_class_folder_fails_before_training(tmp_path):
+    data = make_image_folder(tmp_path / "data")
+    (data / "train" / "dog").mkdir()
+    (data / "val" / "dog").mkdir()
+    with pytest.raises(DataLayoutError, match="dog"):
+        fit(tiny_config(data, tmp_path / "run"))
+    assert not (tmp_path / "run" / "checkpoints").exists()
+
+
+def test_bad_arch_name_suggests_close_names(tmp_path):
+    data = make_image_folder(tmp_path / "data")
+    with pytest.raises(ConfigError, match=r"--arch 'resnet81' is not a torchvision model; did you "
+                                          r"mean \[.*'resnet18'"):
+        fit(tiny_config(data, tmp_path / "run", arch="resnet81"))
+    assert not (tmp_path / "run" / "checkpoints").exists()
+
+
+@pytest.mark.skipif(has_apex(), reason="apex is installed, so lamb is available")
+def test_lamb_without_apex_names_the_fix(tmp_path):
+    data = make_image_folder(tmp_path / "data")
+    with pytest.raises(ConfigError, match=r"--optimizer lamb .*apex.*--optimizer adamw"):
+        fit(tiny_config(data, tmp_path / "run", optimizer="lamb"))
+    assert not (tmp_path / "run").exists()
+
+
+def test_arch_config_with_unknown_group_is_rejected(tmp_path):
+    data = make_image_folder(tmp_path / "data")
+    arch = tmp_path / "arch.json"
+    arch.write_text('{"groups": {"layer9.0.conv1": 2}}')
+    with pytest.raises(ConfigError, match=r"width groups \['layer9.0.conv1'\] that this model"):
+        fit(tiny_config(data, tmp_path / "run", arch_config=str(arch)))
+
+
+# ----------------------------------------------------------------------------- checkpoints
+
+
+def test_rng_state_round_trips_through_a_weights_only_checkpoint(tmp_path):
+    torch.manual_seed(1), np.random.seed(2), random.seed(3)
+    save_checkpoint({"rng": get_rng_state(), "epoch": 4}, tmp_path / "c.pt")
+    expected = (torch.rand(5), np.random.rand(5), [random.random() for _ in range(5)])
+    torch.manual_seed(9), np.random.seed(9), random.seed(9)
+    state = load_checkpoint(tmp_path / "c.pt")
+    set_rng_state(state["rng"])
+    assert state["epoch"] == 4
+    assert torch.equal(torch.rand(5), expected[0])
+    assert np.array_equal(np.random.rand(5), expected[1])
+    assert [random.random() for _ in range(5)] == expected[2]
+
+
+_WRITER = textwrap.dedent("""
+    import sys, torch
+    from anfast.train.checkpoint import save_checkpoint
+    path = sys.argv[1]
+    version = 0
+    while True:
+        version += 1
+        # ~8 MB so a write takes long enough to be hit mid-way.
+        save_checkpoint({"version": version, "weights": torch.full((2_000_000,), float(version))}, path)
+        print(version, flush=True)
+""")
+
+
+def test_kill_9_during_checkpoint_writes_never_leaves_a_corrupt_file(tmp_path):
+    path = tmp_path / "checkpoints" / "last.pt"
+    rng = random.Random(0)
+    for attempt in range(3):
+        writer = subprocess.Popen([sys.executable, "-c", _WRITER, str(path)],
+                                  stdout=subprocess.PIPE, text=True)
+        writer.stdout.readline()  # one complete checkpoint exists
+        time.sleep(rng.uniform(0.0, 0.5))
+        writer.send_signal(signal.SIGKILL)
+        writer.wait(timeout=30)
+        writer.stdout.close()
+        state = load_checkpoint(path)
+        assert state["weights"].shape == (2_000_000,)
+        assert torch.all(state["weights"] == float(state["version"])), f"attempt {attempt}"
