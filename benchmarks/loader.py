@@ -10,7 +10,7 @@ anfast.data.create_loader exactly as training uses it:
 - dali-cpu:  DALI CPU pipeline, ``workers`` threads
 - dali-gpu:  DALI "mixed" decode on the GPU, ``workers`` threads (only with CUDA)
 
-Without --data it generates (once, cached) a folder of ~2,000 JPEGs of 300-500 px
+Without --data it generates (once, cached) 2,000 train + 2,000 val JPEGs of 300-500 px
 with photo-like content. Writes JSON to benchmarks/results/loader-<device>-<date>.json.
 
     python benchmarks/loader.py                    # generated folder, all providers
@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import gc
 import json
 import os
 import pathlib
@@ -54,18 +55,18 @@ def _photo_like(rng: np.random.Generator) -> Image.Image:
 
 
 def bench_folder(num_images: int, classes: int = 10) -> pathlib.Path:
-    """A cached ImageNet-layout folder of ``num_images`` train JPEGs (plus half as many val)."""
+    """A cached ImageNet-layout folder of ``num_images`` train and as many val JPEGs."""
 
     def build(staging: pathlib.Path) -> None:
         rng = np.random.default_rng(0)
-        counts = {"train": num_images, "val": max(classes, num_images // 2)}
+        counts = {"train": num_images, "val": num_images}
         jobs = [(split, i) for split, count in counts.items() for i in range(count)]
         for split, i in tqdm(jobs, desc="benchmark: writing JPEGs", unit="img"):
             folder = staging / split / f"class_{i % classes:02d}"
             folder.mkdir(parents=True, exist_ok=True)
             _photo_like(rng).save(folder / f"{i:06d}.jpg", quality=90)
 
-    return create_atomically(default_data_home() / f"bench-jpeg-v1-{num_images}", build)
+    return create_atomically(default_data_home() / f"bench-jpeg-v2-{num_images}", build)
 
 
 def measure(root, split: str, loader_name: str, device: str, args) -> dict:
@@ -92,6 +93,8 @@ def measure(root, split: str, loader_name: str, device: str, args) -> dict:
     seconds = time.perf_counter() - start
     for _ in iterator:  # finish the epoch so the loader's workers / pipeline shut down cleanly
         pass
+    del iterator, loader
+    gc.collect()  # the next provider must not share the cores with this one's workers
     return {"images": images, "seconds": seconds, "images_per_s": images / seconds}
 
 
@@ -137,7 +140,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--workers", type=int, default=2, help="DataLoader processes = DALI threads")
     parser.add_argument("--batches", type=int, default=25, help="timed batches per measurement")
     parser.add_argument("--warmup", type=int, default=3)
-    parser.add_argument("--repeats", type=int, default=3, help="interleaved repeats; the median is reported")
+    parser.add_argument("--repeats", type=int, default=5, help="interleaved repeats; the median is reported")
     parser.add_argument("--splits", nargs="+", default=["train", "val"], choices=["train", "val"])
     parser.add_argument("--out", type=pathlib.Path, default=RESULTS)
     parser.add_argument("--tag", default="", help="suffix for the result file name, e.g. the dataset")
