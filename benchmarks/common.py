@@ -1,0 +1,79 @@
+"""What every benchmark records next to its numbers: machine, versions, commit, load.
+
+Benchmarks import this as ``from common import ...`` (they run as scripts from any
+directory; each puts its own folder on sys.path first).
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import os
+import pathlib
+import platform
+import subprocess
+
+import torch
+
+RESULTS = pathlib.Path(__file__).resolve().parent / "results"
+
+
+def device_name(device: str | torch.device = "cpu") -> str:
+    """The GPU's name for CUDA devices, else the CPU model from /proc/cpuinfo."""
+    if torch.device(device).type == "cuda":
+        return torch.cuda.get_device_name(device)
+    try:
+        for line in pathlib.Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def git_commit() -> str:
+    """HEAD of the checkout, with '-dirty' when tracked files differ from it."""
+    here = pathlib.Path(__file__).resolve().parent
+    try:
+        commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True,
+                                cwd=here).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], capture_output=True,
+                               text=True, cwd=here).stdout.strip()
+        return commit + ("-dirty" if dirty else "")
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
+def environment(device: str | torch.device = "cpu") -> dict:
+    """Device, versions, commit, date, CPU threads and load average for a result file."""
+    found = {"python": platform.python_version(), "torch": torch.__version__}
+    for name in ("torchvision", "triton", "nvidia.dali"):
+        try:
+            found[name.replace("nvidia.", "nvidia-")] = __import__(name, fromlist=["__version__"]).__version__
+        except ImportError:
+            pass
+    return {
+        "device": device_name(device),
+        "device_type": torch.device(device).type,
+        "versions": found,
+        "commit": git_commit(),
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "cpu_threads": torch.get_num_threads(),
+        "load_average": os.getloadavg(),
+    }
+
+
+def write_result(benchmark: str, payload: dict, out: str | os.PathLike | None = None) -> pathlib.Path:
+    """Write ``payload`` as JSON to ``out`` or results/<benchmark>-<device>-<date>.json."""
+    if out is None:
+        device = payload.get("device", "unknown").lower()
+        slug = "".join(c if c.isalnum() else "-" for c in device).strip("-")
+        while "--" in slug:
+            slug = slug.replace("--", "-")
+        out = RESULTS / f"{benchmark}-{slug[:40]}-{datetime.date.today().isoformat()}.json"
+    out = pathlib.Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_suffix(".tmp")
+    tmp.write_text(json.dumps(payload, indent=2) + "\n")
+    os.replace(tmp, out)
+    return out
