@@ -29,8 +29,8 @@ def choose_loader(loader: str, device: torch.device) -> tuple[str, str]:
     Auto picks DALI whenever it is installed. On a CUDA device it decodes JPEGs on the
     GPU ("mixed" decoder), freeing the CPU cores that otherwise bound the input rate.
     On the CPU its thread pool still beat the torchvision DataLoader at equal workers
-    on a 2-core machine: 1.8x the images/s for training and 1.5x for validation on
-    300-500 px JPEGs at 224 px, 4.5x / 2.3x on the 64 px built-in dataset at 56 px
+    on a 2-core machine: 1.7x the images/s for training and 1.6x for validation on
+    300-500 px JPEGs at 224 px, 5.0x / 3.0x on the 64 px built-in dataset at 56 px
     (benchmarks/results/loader-cpu-2026-11-25*.json, docs/data.md).
     """
     if loader not in LOADERS:
@@ -45,7 +45,7 @@ def choose_loader(loader: str, device: torch.device) -> tuple[str, str]:
         return "torch", f"torch: auto, nvidia-dali is not installed ({DALI_INSTALL_HINT} to use it)"
     if device.type == "cuda":
         return "dali", "dali: auto, nvidia-dali is installed and the device is CUDA (JPEG decoding on the GPU)"
-    return "dali", ("dali: auto, nvidia-dali is installed; its CPU pipeline delivered 1.8x (train) and 1.5x "
+    return "dali", ("dali: auto, nvidia-dali is installed; its CPU pipeline delivered 1.7x (train) and 1.6x "
                     "(val) the torchvision DataLoader's images/s at equal workers (docs/data.md)")
 
 
