@@ -18,10 +18,12 @@ Sharding and epochs, both done by DALI's file reader over the scanned file list:
   the last batch by repeating its last sample and the iterator cuts the padding off,
   so across ranks every image is seen exactly once and the partial batch is kept.
 
-DALI's reader counts epochs itself; ``set_epoch(e)`` matches it when epochs are run
-in order. After a resume (or an epoch left unfinished) the pipeline is rebuilt with
-shuffle seed ``seed + e``, so the order is still deterministic and the same on every
-rank, though not the order an uninterrupted run would have drawn.
+Epoch order is a function of (seed, epoch) alone, as in the torch loader:
+``set_epoch(e)`` on a training loader rebuilds the pipeline with shuffle seed
+``seed + e`` (DALI shuffles before the first epoch too), so a resumed run replays
+exactly the order an uninterrupted run drew, on every rank. A rebuild costs
+milliseconds on the CPU and about a pipeline start on a GPU, once per epoch.
+Without set_epoch calls, DALI's own reshuffle after each epoch applies.
 """
 
 from __future__ import annotations
@@ -67,8 +69,11 @@ def _torchvision_center_crop_geometry(height, width, shorter: int, crop: int):
 
 def build_pipeline(paths: list[str], labels: list[int], split: str, *, batch_size: int, image_size: int,
                    num_threads: int, device_id: int | None, shard_id: int, num_shards: int, seed: int,
-                   shuffle_seed: int, channels_last: bool):
+                   epoch: int, channels_last: bool):
     """A built DALI pipeline yielding (images, labels) for one shard; ``device_id=None`` runs on the CPU.
+
+    The file order starts from shuffle seed ``seed + epoch`` (identical on all shards);
+    augmentation draws differ per shard and per epoch.
 
     Images are float32, ImageNet-normalized, CHW per sample (HWC when
     ``channels_last``, which the loader views as NCHW with channels-last strides).
@@ -81,10 +86,11 @@ def build_pipeline(paths: list[str], labels: list[int], split: str, *, batch_siz
     std = [255 * s for s in IMAGENET_STD]
     train = split == "train"
 
-    @pipeline_def(batch_size=batch_size, num_threads=num_threads, device_id=device_id,
-                  seed=seed * 1000 + shard_id)
+    augmentation_seed = hash((seed, epoch, shard_id)) % 2**31
+
+    @pipeline_def(batch_size=batch_size, num_threads=num_threads, device_id=device_id, seed=augmentation_seed)
     def pipeline():
-        order = dict(shuffle_after_epoch=True, shuffle_after_epoch_seed=shuffle_seed) if train \
+        order = dict(shuffle_after_epoch=True, shuffle_after_epoch_seed=seed + epoch) if train \
             else dict(stick_to_shard=True)
         encoded, label = fn.readers.file(files=paths, labels=labels, shard_id=shard_id, num_shards=num_shards,
                                          pad_last_batch=True, name=_READER, **order)
@@ -130,7 +136,6 @@ class DaliLoader:
         self.batch_size = batch_size
         self._split = split
         self._drop_last = drop_last
-        self._seed = seed
         scan = find_unreadable(images.paths, workers=max(1, workers))
         self.skipped = len(scan.bad)
         self.dropped = scan.bad
@@ -153,19 +158,19 @@ class DaliLoader:
                              device_id=self._device_id, shard_id=shard_id, num_shards=num_shards, seed=seed,
                              channels_last=channels_last)
         self._iterator = None
-        self._build(start_epoch=0)
+        self._build(epoch=0)
 
-    def _build(self, start_epoch: int) -> None:
+    def _build(self, epoch: int) -> None:
         from nvidia.dali.plugin.pytorch import DALIGenericIterator, LastBatchPolicy
 
         self._iterator = None  # release the old pipeline's threads and buffers first
-        pipeline = build_pipeline(self._paths, self._labels, self._split, shuffle_seed=self._seed + start_epoch,
-                                  **self._options)
+        pipeline = build_pipeline(self._paths, self._labels, self._split, epoch=epoch, **self._options)
         policy = LastBatchPolicy.DROP if self._drop_last else LastBatchPolicy.PARTIAL
         self._iterator = DALIGenericIterator([pipeline], ["images", "labels"], reader_name=_READER,
                                              last_batch_policy=policy, auto_reset=True)
         self.num_samples = self._iterator.size if self._drop_last else self._shard_size()
-        self._next_epoch = start_epoch
+        self._epoch = epoch
+        self._fresh = True
         self._mid_epoch = False
 
     def _shard_size(self) -> int:
@@ -176,14 +181,17 @@ class DaliLoader:
         return len(self._iterator)
 
     def set_epoch(self, epoch: int) -> None:
-        """Prepare ``epoch``: free when epochs run in order, a pipeline rebuild otherwise."""
-        if epoch != self._next_epoch or self._mid_epoch:
-            self._build(start_epoch=epoch)
+        """Reshuffle for ``epoch``: the order follows from seed + epoch, identical on every shard."""
+        reshuffle = self._split == "train" and (epoch != self._epoch or not self._fresh)
+        if reshuffle or self._mid_epoch:
+            self._build(epoch)
+        self._epoch = epoch
 
     def __iter__(self):
         if self._mid_epoch:
-            # DALI cannot rewind an iterator in the middle of an epoch.
-            self._build(start_epoch=self._next_epoch)
+            # DALI cannot rewind an iterator in the middle of an epoch: start it again.
+            self._build(self._epoch)
+        self._fresh = False
         self._mid_epoch = True
         for batch in self._iterator:
             images = batch[0]["images"]
@@ -192,4 +200,4 @@ class DaliLoader:
             labels = batch[0]["labels"].reshape(-1).long()
             yield images.to(self.device, non_blocking=True), labels.to(self.device, non_blocking=True)
         self._mid_epoch = False
-        self._next_epoch += 1
+        self._epoch += 1
