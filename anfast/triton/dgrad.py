@@ -19,7 +19,7 @@ import torch
 import triton
 import triton.language as tl
 
-from anfast.triton.forward import dot_options, fused_dot
+from anfast.triton.forward import dot_options
 from anfast.triton.tuning import autotuned
 
 __all__ = ["adjoined_conv2d_dgrad"]
@@ -39,8 +39,8 @@ def _adjoined_conv_dgrad_kernel(
     STRIDE_H, STRIDE_W, PAD_H, PAD_W, KH, KW,
     COMPUTE_BASE: tl.constexpr,     # write dX_base (output_mask[0])
     COMPUTE_STUDENT: tl.constexpr,  # write dX_student (output_mask[1])
+    DOT_DTYPE: tl.constexpr,        # see forward.dot_options
     DOT_PRECISION: tl.constexpr,    # see forward.dot_options
-    DOT_IN_FP32: tl.constexpr,      # see forward.dot_options
     BLOCK_M: tl.constexpr,          # input positions per tile
     BLOCK_N: tl.constexpr,          # input channels per tile
     BLOCK_K: tl.constexpr,          # output channels per reduction step
@@ -94,12 +94,14 @@ def _adjoined_conv_dgrad_kernel(
             if COMPUTE_BASE:
                 g_tile = tl.load(grad_base_rows[:, None] + out_chan[None, :] * grad_base_stride_c,
                                  mask=row_ok[:, None] & (out_chan[None, :] < C_OUT), other=0.0)
-                acc_base = fused_dot(g_tile, w_tile, acc_base, DOT_PRECISION, DOT_IN_FP32)
+                acc_base = tl.dot(g_tile.to(DOT_DTYPE), w_tile.to(DOT_DTYPE), acc_base,
+                                  input_precision=DOT_PRECISION)
             if with_student & (o0 < C_OUT_S):
                 # Same W tile; output channels past the student's width load zeros.
                 gs_tile = tl.load(grad_student_rows[:, None] + out_chan[None, :] * grad_student_stride_c,
                                   mask=row_ok[:, None] & (out_chan[None, :] < C_OUT_S), other=0.0)
-                acc_student = fused_dot(gs_tile, w_tile, acc_student, DOT_PRECISION, DOT_IN_FP32)
+                acc_student = tl.dot(gs_tile.to(DOT_DTYPE), w_tile.to(DOT_DTYPE), acc_student,
+                                     input_precision=DOT_PRECISION)
 
     if COMPUTE_BASE:
         dx_base_rows = (dx_base_ptr + image * dx_base_stride_n + in_h * dx_base_stride_h

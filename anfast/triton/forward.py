@@ -24,7 +24,7 @@ from torch._subclasses.fake_tensor import FakeTensorMode
 
 from anfast.triton.tuning import autotuned, is_interpreted
 
-__all__ = ["adjoined_conv2d_forward", "conv_output_like", "fused_dot", "dot_options"]
+__all__ = ["adjoined_conv2d_forward", "conv_output_like", "dot_options"]
 
 
 @triton.jit
@@ -40,8 +40,8 @@ def _adjoined_conv_fwd_kernel(
     BATCH, H, W, C_IN, C_IN_S, H_OUT, W_OUT, C_OUT, C_OUT_S,
     STRIDE_H, STRIDE_W, PAD_H, PAD_W, KH, KW,
     HAS_BIAS: tl.constexpr,       # add bias (the student adds bias[:C_OUT_S])
+    DOT_DTYPE: tl.constexpr,      # see dot_options
     DOT_PRECISION: tl.constexpr,  # see dot_options
-    DOT_IN_FP32: tl.constexpr,    # see dot_options
     BLOCK_M: tl.constexpr,        # output positions per tile
     BLOCK_N: tl.constexpr,        # output channels per tile
     BLOCK_K: tl.constexpr,        # input channels per reduction step
@@ -89,12 +89,14 @@ def _adjoined_conv_fwd_kernel(
                              mask=(chan[:, None] < C_IN) & n_mask[None, :], other=0.0)
             x_tile = tl.load(x_base_rows[:, None] + chan[None, :] * x_base_stride_c,
                              mask=row_ok[:, None] & (chan[None, :] < C_IN), other=0.0)
-            acc_base = fused_dot(x_tile, w_tile, acc_base, DOT_PRECISION, DOT_IN_FP32)
+            acc_base = tl.dot(x_tile.to(DOT_DTYPE), w_tile.to(DOT_DTYPE), acc_base,
+                              input_precision=DOT_PRECISION)
             if with_student & (c0 < C_IN_S):
                 # Same W tile; channels past the student's input width load zeros.
                 xs_tile = tl.load(x_student_rows[:, None] + chan[None, :] * x_student_stride_c,
                                   mask=row_ok[:, None] & (chan[None, :] < C_IN_S), other=0.0)
-                acc_student = fused_dot(xs_tile, w_tile, acc_student, DOT_PRECISION, DOT_IN_FP32)
+                acc_student = tl.dot(xs_tile.to(DOT_DTYPE), w_tile.to(DOT_DTYPE), acc_student,
+                                     input_precision=DOT_PRECISION)
 
     if HAS_BIAS:
         bias = tl.load(bias_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)
@@ -111,25 +113,22 @@ def _adjoined_conv_fwd_kernel(
                  mask=m_mask[:, None] & (offs_n[None, :] < C_OUT_S))
 
 
-@triton.jit
-def fused_dot(a, b, acc, DOT_PRECISION: tl.constexpr, DOT_IN_FP32: tl.constexpr):
-    """acc + a @ b; DOT_IN_FP32 widens the tiles first (exact for bf16 / fp16 products)."""
-    if DOT_IN_FP32:
-        a = a.to(tl.float32)
-        b = b.to(tl.float32)
-    return tl.dot(a, b, acc, input_precision=DOT_PRECISION)
+_TL_DTYPES = {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}
 
 
 def dot_options(kernel, dtype: torch.dtype) -> dict:
-    """DOT_PRECISION / DOT_IN_FP32 that keep ``dtype``'s tolerance.
+    """DOT_DTYPE / DOT_PRECISION of the kernels' tl.dot for ``dtype`` inputs.
 
-    fp32 inputs use "ieee": tf32 would break the fp32 contract. The interpreter of
-    Triton 3.8 multiplies bf16 tiles as their raw 16-bit patterns (relative error
-    4e9 measured on a 16x16 dot), so there bf16 tiles are widened to fp32 first.
+    Tiles are cast to DOT_DTYPE before each dot: the input dtype itself (a no-op
+    when compiled), except on the interpreter of Triton 3.8, which multiplies bf16
+    tiles as their raw 16-bit patterns (relative error 4e9 measured on a 16x16 dot),
+    so there bf16 tiles are widened to fp32 (exact products). fp32 dots use "ieee":
+    tf32 would break the fp32 tolerance of 1e-5.
     """
     widen = dtype == torch.bfloat16 and is_interpreted(kernel)
-    precision = "ieee" if dtype == torch.float32 or widen else "tf32"
-    return {"DOT_PRECISION": precision, "DOT_IN_FP32": widen}
+    dot_dtype = tl.float32 if widen else _TL_DTYPES[dtype]
+    precision = "ieee" if dot_dtype == tl.float32 else "tf32"
+    return {"DOT_DTYPE": dot_dtype, "DOT_PRECISION": precision}
 
 
 def conv_output_like(x: torch.Tensor, weight: torch.Tensor, stride, padding) -> torch.Tensor:

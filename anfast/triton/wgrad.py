@@ -23,7 +23,7 @@ import torch
 import triton
 import triton.language as tl
 
-from anfast.triton.forward import dot_options, fused_dot
+from anfast.triton.forward import dot_options
 from anfast.triton.tuning import autotuned
 
 __all__ = ["adjoined_conv2d_wgrad", "choose_split_m"]
@@ -41,8 +41,8 @@ def _adjoined_conv_wgrad_kernel(
     # sizes: base channels C_*, student channels C_*_S (leading prefix)
     BATCH, H, W, C_IN, C_IN_S, H_OUT, W_OUT, C_OUT, C_OUT_S,
     STRIDE_H, STRIDE_W, PAD_H, PAD_W, KH, KW, SPLIT_M,
+    DOT_DTYPE: tl.constexpr,      # see forward.dot_options
     DOT_PRECISION: tl.constexpr,  # see forward.dot_options
-    DOT_IN_FP32: tl.constexpr,    # see forward.dot_options
     BLOCK_M: tl.constexpr,        # rows (output positions) per reduction step
     BLOCK_N: tl.constexpr,        # output channels per tile
     BLOCK_K: tl.constexpr,        # input channels per tile
@@ -82,7 +82,8 @@ def _adjoined_conv_wgrad_kernel(
                          mask=o_mask[:, None] & m_mask[None, :], other=0.0)
         x_tile = tl.load(x_base_rows[:, None] + offs_c[None, :] * x_base_stride_c,
                          mask=row_ok[:, None] & c_mask[None, :], other=0.0)
-        acc = fused_dot(g_tile, x_tile, acc, DOT_PRECISION, DOT_IN_FP32)
+        acc = tl.dot(g_tile.to(DOT_DTYPE), x_tile.to(DOT_DTYPE), acc,
+                     input_precision=DOT_PRECISION)
         if with_student:
             # Masked to the student's block, so the one accumulator stays exact.
             grad_student_cols = (grad_student_ptr + image * grad_student_stride_n
@@ -93,7 +94,8 @@ def _adjoined_conv_wgrad_kernel(
                               mask=(offs_o[:, None] < C_OUT_S) & m_mask[None, :], other=0.0)
             xs_tile = tl.load(x_student_rows[:, None] + offs_c[None, :] * x_student_stride_c,
                               mask=row_ok[:, None] & (offs_c[None, :] < C_IN_S), other=0.0)
-            acc = fused_dot(gs_tile, xs_tile, acc, DOT_PRECISION, DOT_IN_FP32)
+            acc = tl.dot(gs_tile.to(DOT_DTYPE), xs_tile.to(DOT_DTYPE), acc,
+                         input_precision=DOT_PRECISION)
 
     dw_tile = (dw_ptr + split * dw_stride_split + offs_o[:, None] * dw_stride_o
                + offs_c[None, :] * dw_stride_i + kh * dw_stride_h + kw * dw_stride_w)
