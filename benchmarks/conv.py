@@ -162,7 +162,8 @@ def providers(problem) -> dict:
     compiled_backward = torch.compile(adjoined_conv2d_backward_reference, dynamic=False)
     found["cudnn-x2-compiled"] = (
         lambda: compiled_forward(p.x_base, p.x_student, p.weight, None, *conv_args),
-        lambda g_b, g_s: compiled_backward(g_b, g_s, p.x_base, p.x_student, p.weight, False, *conv_args, mask),
+        lambda g_b, g_s: compiled_backward(g_b, g_s, p.x_base, p.x_student, p.weight, False, *conv_args,
+                                           mask),
     )
     return found
 
@@ -191,7 +192,8 @@ def main(argv=None) -> int:
     parser.add_argument("--batch", type=int, default=256)
     parser.add_argument("--alpha", type=float, default=4.0)
     parser.add_argument("--dtype", choices=sorted(DTYPES), default="bf16")
-    parser.add_argument("--out", default="", help="JSON path (default benchmarks/results/conv-<device>-<date>.json)")
+    parser.add_argument("--out", default="",
+                        help="JSON path (default benchmarks/results/conv-<device>-<date>.json)")
     parser.add_argument("--quick", action="store_true", help="time 4 representative layer shapes only")
     args = parser.parse_args(argv)
 
@@ -248,7 +250,8 @@ def main(argv=None) -> int:
             row = {
                 "layers": names, "count": len(names), "shape": asdict(shape), "provider": provider,
                 "batch": args.batch, "dtype": args.dtype, "times": times, "flops": flops, "tflops": tflops,
-                "percent_of_floor": None if peak is None else {p: 100.0 * t / peak for p, t in tflops.items()},
+                "percent_of_floor": (None if peak is None
+                                     else {phase: 100.0 * t / peak for phase, t in tflops.items()}),
             }
             rows.append(row)
             desc = (f"{shape.c_in}>{shape.c_out} {shape.kernel} {shape.stride} {shape.height}x{shape.width}"

@@ -276,24 +276,26 @@ def test_resnet_sized_layers_on_gpu(dtype):
             assert_close(actual, expected, dtype, f"{name} of {case}")
 
 
-@pytest.mark.gpu
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_torch_compile_traces_the_triton_op():
-    x = torch.randn(4, 32, 14, 14, device="cuda").to(memory_format=torch.channels_last)
-    weight = torch.randn(48, 32, 3, 3, device="cuda", requires_grad=True)
+    """fullgraph torch.compile sees one opaque custom op (its fake impl gives the shapes);
+    on CPU aot_eager traces forward and backward graphs without a C++ toolchain."""
+    x = torch.randn(2, 12, 7, 7, device=DEVICE).to(memory_format=torch.channels_last)
+    weight = torch.randn(16, 12, 3, 3, device=DEVICE, requires_grad=True)
 
     def step(x_base, w):
-        y_base, y_student = adjoined_conv2d(x_base, x_base[:, :8], w, out_student=12, padding=1,
+        y_base, y_student = adjoined_conv2d(x_base, x_base[:, :5], w, out_student=6, padding=1,
                                             backend="triton")
         return y_base.square().sum() + y_student.square().sum()
 
-    compiled = torch.compile(step, fullgraph=True)
+    compiled = torch.compile(step, fullgraph=True, backend="inductor" if DEVICE == "cuda" else "aot_eager")
     loss = compiled(x, weight)
     (grad,) = torch.autograd.grad(loss, weight)
     wide = weight.detach().double().requires_grad_()
-    ref_b, ref_s = adjoined_conv2d_reference(x.double(), x.double()[:, :8], wide, None, 12, 1, 1)
+    ref_b, ref_s = adjoined_conv2d_reference(x.double(), x.double()[:, :5], wide, None, 6, 1, 1)
     (ref_grad,) = torch.autograd.grad(ref_b.square().sum() + ref_s.square().sum(), wide)
-    assert_close(grad, ref_grad, torch.float32, "compiled dweight")
+    assert_close(loss.detach().cpu(), (ref_b.square().sum() + ref_s.square().sum()).detach().cpu(),
+                 torch.float32, "compiled loss")
+    assert_close(grad.cpu(), ref_grad.cpu(), torch.float32, "compiled dweight")
 
 
 @pytest.mark.slow
@@ -301,8 +303,9 @@ def test_adjoined_resnet18_trains_like_the_torch_backend(monkeypatch):
     """SGD steps of an adjoined ResNet-18 (alpha 4, policy "all": every inner conv has a
     student) give the torch backend's losses within fp32 tolerance, step by step.
 
-    20 steps on a GPU; 3 on the interpreter, where one step takes about 50 s on the
-    shared 2-core CI machine (measured), so 20 would blow the test budget. BatchNorm
+    20 steps on a GPU; 2 on the interpreter, where one step takes about 50 s on the
+    shared 2-core CI machine (measured; 3 steps took 168 s), so 20 would blow the
+    test budget. Step 2's loss already uses weights updated with the fused gradients. BatchNorm
     runs in eval mode: in training mode with batch 2, layer4's 1x1 maps give BN two
     values per channel, and dividing by their spread turned 1e-7 rounding differences
     into 0.24 relative error at layer4.1.conv2 after one forward (measured); that
@@ -315,7 +318,7 @@ def test_adjoined_resnet18_trains_like_the_torch_backend(monkeypatch):
     import anfast
     from anfast.triton import tuning
 
-    steps = 20 if DEVICE == "cuda" else 3
+    steps = 20 if DEVICE == "cuda" else 2
     if DEVICE == "cpu":
         # Wide tiles: the interpreter's cost is per program and per loop step.
         wide = {"BLOCK_M": 32, "BLOCK_N": 512, "BLOCK_K": 512}
