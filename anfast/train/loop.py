@@ -150,8 +150,12 @@ def _fit(config: TrainConfig, info: DistributedInfo, should_stop: Optional[Calla
     steps_per_epoch = len(train_loader)
     total_steps = config.epochs * steps_per_epoch
     warmup_steps = round(config.warmup_epochs * steps_per_epoch)
+    # Everything a resumed run needs to continue as if never stopped; the epoch_* sums
+    # cover the part of the current epoch done before a mid-epoch stop.
     state = {"epoch": 0, "batches_done": 0, "step": 0, "best_student_top1": -1.0,
-             "history": [], "train_images": 0, "train_seconds": 0.0, "wall_time_s": 0.0}
+             "history": [], "train_images": 0, "train_seconds": 0.0, "wall_time_s": 0.0,
+             "epoch_loss_sum": 0.0, "epoch_images": 0, "epoch_seconds": 0.0}
+    resume_rng = None
     if resume_path is not None:
         checkpoint = load_checkpoint(resume_path, map_location=device)
         an.load_state_dict(checkpoint["model"])
@@ -163,7 +167,9 @@ def _fit(config: TrainConfig, info: DistributedInfo, should_stop: Optional[Calla
                                   f"resume it without --ema")
             ema.load_state_dict(checkpoint["ema"])
         state = {key: checkpoint[key] for key in state}
-        set_rng_state(checkpoint["rng"])
+        resume_rng = checkpoint["rng"]
+        if state["batches_done"] == 0:
+            set_rng_state(resume_rng)
     if info.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
         remove_stale_temp_files(checkpoint_dir)
@@ -193,16 +199,18 @@ def _fit(config: TrainConfig, info: DistributedInfo, should_stop: Optional[Calla
         lambda_ = lambda_schedule(epoch / config.epochs)
         train_loader.set_epoch(epoch)
         model.train()
-        loss_sum, loss_count, epoch_images = 0.0, 0, 0
-        epoch_start = time.perf_counter()
+        epoch_start = time.perf_counter() - state["epoch_seconds"]
         bar = tqdm(total=steps_per_epoch, initial=state["batches_done"],
                    desc=f"epoch {epoch + 1}/{config.epochs}", leave=False,
                    disable=None if info.is_main else True)
         stopped = False
         for batch_index, (images, labels) in enumerate(train_loader):
-            # A run resumed mid-epoch replays the loader to where it stopped, so the
-            # remaining batches and RNG draws are those of an uninterrupted run.
+            # A run resumed mid-epoch replays the loader to where it stopped and restores
+            # the RNGs after the last replayed batch, so the remaining batches and random
+            # draws are those of an uninterrupted run.
             if batch_index < state["batches_done"]:
+                if batch_index == state["batches_done"] - 1:
+                    set_rng_state(resume_rng)
                 continue
             lr = lr_at(state["step"], total_steps=total_steps, warmup_steps=warmup_steps,
                        base_lr=config.lr, min_lr=config.min_lr)
@@ -236,9 +244,8 @@ def _fit(config: TrainConfig, info: DistributedInfo, should_stop: Optional[Calla
                 ema.update_parameters(an)
             state["step"] += 1
             state["batches_done"] = batch_index + 1
-            loss_sum += loss_value
-            loss_count += 1
-            epoch_images += labels.numel() * info.world_size
+            state["epoch_loss_sum"] += loss_value
+            state["epoch_images"] += labels.numel() * info.world_size
             bar.update(1)
             bar.set_postfix(loss=f"{loss_value:.3f}", lr=f"{lr:.3g}")
             if stop:
@@ -247,9 +254,7 @@ def _fit(config: TrainConfig, info: DistributedInfo, should_stop: Optional[Calla
         bar.close()
         if device.type == "cuda":
             torch.cuda.synchronize(device)
-        train_seconds = time.perf_counter() - epoch_start
-        state["train_images"] += epoch_images
-        state["train_seconds"] += train_seconds
+        state["epoch_seconds"] = time.perf_counter() - epoch_start
         if stopped:
             state["wall_time_s"] += time.perf_counter() - started
             if info.is_main:
@@ -265,16 +270,20 @@ def _fit(config: TrainConfig, info: DistributedInfo, should_stop: Optional[Calla
             broadcast_buffers(an)
         metrics = evaluate(eval_model, val_loader, device, amp_dtype=amp_dtype,
                            show_progress=info.is_main, alphas=alphas)
-        row = {"epoch": epoch, "step": state["step"], "lr": lr, "lambda": lambda_,
-               "train_loss": loss_sum / max(1, loss_count),
-               "images_per_second": epoch_images / train_seconds,
+        last_lr = lr_at(state["step"] - 1, total_steps=total_steps, warmup_steps=warmup_steps,
+                        base_lr=config.lr, min_lr=config.min_lr)
+        row = {"epoch": epoch, "step": state["step"], "lr": last_lr, "lambda": lambda_,
+               "train_loss": state["epoch_loss_sum"] / max(1, state["batches_done"]),
+               "images_per_second": state["epoch_images"] / state["epoch_seconds"],
                "epoch_seconds": time.perf_counter() - epoch_start,
                "base": metrics["base"], "students": metrics["students"],
                "student": metrics["students"][0],
                "skipped_images": _skipped(train_loader, val_loader, device)}
         state["history"].append(row)
-        state["epoch"] = epoch + 1
-        state["batches_done"] = 0
+        state["train_images"] += state["epoch_images"]
+        state["train_seconds"] += state["epoch_seconds"]
+        state.update(epoch=epoch + 1, batches_done=0, epoch_loss_sum=0.0, epoch_images=0,
+                     epoch_seconds=0.0)
         is_best = row["student"]["top1"] > state["best_student_top1"]
         state["best_student_top1"] = max(state["best_student_top1"], row["student"]["top1"])
         if info.is_main:
