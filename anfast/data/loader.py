@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import importlib.util
+import functools
 import os
 
 import torch
@@ -15,12 +15,19 @@ LOADERS = ("auto", "torch", "dali")
 DALI_INSTALL_HINT = "pip install anfast[dali] (CUDA 13 wheel nvidia-dali-cuda130; on CUDA 12 pip install nvidia-dali-cuda120)"
 
 
+@functools.lru_cache(maxsize=None)
 def has_dali() -> bool:
-    """Whether nvidia-dali is installed (found without importing it)."""
+    """Whether NVIDIA DALI and its PyTorch plugin import here (checked once, on first use).
+
+    Importing rather than looking the package up means a DALI wheel built for another
+    CUDA or Python makes "auto" fall back to torch instead of failing at the first batch.
+    """
     try:
-        return importlib.util.find_spec("nvidia.dali") is not None
-    except ModuleNotFoundError:
+        import nvidia.dali  # noqa: F401
+        import nvidia.dali.plugin.pytorch  # noqa: F401
+    except Exception:  # noqa: BLE001 - any import failure means "not usable here"
         return False
+    return True
 
 
 def choose_loader(loader: str, device: torch.device) -> tuple[str, str]:
@@ -39,10 +46,11 @@ def choose_loader(loader: str, device: torch.device) -> tuple[str, str]:
         return "torch", "torch: requested with loader='torch'"
     if loader == "dali":
         if not has_dali():
-            raise ImportError(f"loader='dali' needs NVIDIA DALI, which is not installed; {DALI_INSTALL_HINT}")
+            raise ImportError(f"loader='dali' needs NVIDIA DALI, which is not installed (or does not import: "
+                              f"try python -c 'import nvidia.dali.plugin.pytorch'); {DALI_INSTALL_HINT}")
         return "dali", "dali: requested with loader='dali'"
     if not has_dali():
-        return "torch", f"torch: auto, nvidia-dali is not installed ({DALI_INSTALL_HINT} to use it)"
+        return "torch", f"torch: auto, nvidia-dali is not installed or does not import ({DALI_INSTALL_HINT} to use it)"
     if device.type == "cuda":
         return "dali", "dali: auto, nvidia-dali is installed and the device is CUDA (JPEG decoding on the GPU)"
     return "dali", ("dali: auto, nvidia-dali is installed; its CPU pipeline delivered 1.7x (train) and 1.6x "
