@@ -78,6 +78,8 @@ def find_unreadable(paths: list[str], *, workers: int = 1, cache_dir: str | os.P
 
     bar = dict(total=len(paths), desc="anfast: checking images", unit="img", disable=not progress)
     if workers > 1 and len(paths) >= _PARALLEL_THRESHOLD:
+        # Forked, as torch's DataLoader workers are: the children only run PIL, and spawning
+        # would re-run a user's training script that lacks a __main__ guard.
         with concurrent.futures.ProcessPoolExecutor(workers) as pool:
             reasons = list(tqdm(pool.map(probe_image, paths, chunksize=64), **bar))
     else:
