@@ -215,6 +215,50 @@ def test_nested_students_as_successive_passes():
         assert_close(actual.cpu(), ref.detach().cpu(), torch.float32, name)
 
 
+# Runs in a child process: the kernels there are real JIT functions (no interpreter),
+# compiled to cubin for a target GPU, which needs no GPU on this machine.
+COMPILE_SCRIPT = """
+import sys
+import triton
+import triton.language as tl
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+from anfast.triton.dgrad import _adjoined_conv_dgrad_kernel
+from anfast.triton.forward import _adjoined_conv_fwd_kernel
+from anfast.triton.wgrad import _adjoined_conv_wgrad_kernel
+
+capability = int(sys.argv[1])
+tiles = {"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 64, "DOT_DTYPE": tl.bfloat16, "DOT_PRECISION": "tf32"}
+for kernel, constexprs in [
+    (_adjoined_conv_fwd_kernel, {**tiles, "GROUP_M": 8, "HAS_BIAS": True}),
+    (_adjoined_conv_dgrad_kernel, {**tiles, "GROUP_M": 8, "COMPUTE_BASE": True, "COMPUTE_STUDENT": True}),
+    (_adjoined_conv_dgrad_kernel, {**tiles, "GROUP_M": 8, "COMPUTE_BASE": False, "COMPUTE_STUDENT": True}),
+    (_adjoined_conv_wgrad_kernel, tiles),
+]:
+    signature = {name: "constexpr" if name in constexprs else "*bf16" if name.endswith("_ptr") else "i32"
+                 for name in kernel.arg_names}
+    source = ASTSource(fn=kernel, signature=signature,
+                       constexprs={(kernel.arg_names.index(k),): v for k, v in constexprs.items()})
+    triton.compile(source, target=GPUTarget("cuda", capability, 32), options={"num_warps": 8, "num_stages": 3})
+    print(kernel.__name__, "compiled for sm_%d" % capability)
+"""
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the GPU tests compile the kernels for real")
+@pytest.mark.parametrize("capability", [90, 80])
+def test_kernels_compile_for_hopper_and_ampere(capability):
+    """The interpreter accepts code the compiler rejects (and the reverse): compile
+    every kernel variant to cubin for sm_90 / sm_80 in bf16, without a GPU."""
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    result = subprocess.run([sys.executable, "-c", COMPILE_SCRIPT, str(capability)], env=env,
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, f"compiling for sm_{capability} failed:\n{result.stderr[-3000:]}"
+    assert result.stdout.count("compiled") == 4, result.stdout
+
+
 def cpu_problem(**overrides) -> ConvProblem:
     x_base = torch.randn(1, 8, 5, 5)
     fields = dict(x_base=x_base, x_student=x_base[:, :4], weight=torch.randn(8, 8, 3, 3), bias=None,

@@ -47,9 +47,13 @@ def _adjoined_conv_dgrad_kernel(
     GROUP_M: tl.constexpr,          # m tiles that walk the channel tiles together
 ):
     M = BATCH * H * W
-    # Only the student asked for: its channels and its output channels bound the work.
-    channels = C_IN if COMPUTE_BASE else C_IN_S
-    reduce_channels = C_OUT if COMPUTE_BASE else C_OUT_S
+    if COMPUTE_BASE:
+        channels = C_IN
+        reduce_channels = C_OUT
+    else:
+        # Only the student asked for: its channels and its output channels bound the work.
+        channels = C_IN_S
+        reduce_channels = C_OUT_S
     num_m_tiles = tl.cdiv(M, BLOCK_M)
     num_n_tiles = tl.cdiv(channels, BLOCK_N)
     pid = tl.program_id(0)
@@ -67,7 +71,7 @@ def _adjoined_conv_dgrad_kernel(
     in_w = offs_m % W
     in_h = (offs_m // W) % H
     image = (offs_m // (W * H)).to(tl.int64)
-    with_student = COMPUTE_STUDENT & (pid_n * BLOCK_N < C_IN_S)
+    with_student = (pid_n * BLOCK_N < C_IN_S) & COMPUTE_STUDENT
 
     acc_base = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     acc_student = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
