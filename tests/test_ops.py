@@ -128,3 +128,13 @@ def test_module_under_bf16_autocast_runs_in_bf16():
         y_b, y_s = conv(x_b, x_s)
     assert y_b.dtype == y_s.dtype == torch.bfloat16
     assert_close_rel(y_s, F.conv2d(x_s, conv.weight[:3, :2], conv.bias[:3], padding=1), 2e-2, "bf16 student")
+
+
+def test_gradients_have_the_layout_the_fake_implementation_promises():
+    """torch.compile trusts the fake strides: real gradients must match them."""
+    x_b = torch.randn(2, 8, 7, 7).to(memory_format=torch.channels_last).requires_grad_()
+    x_s = torch.randn(2, 3, 7, 7).to(memory_format=torch.channels_last).requires_grad_()
+    w = torch.randn(6, 8, 3, 3, requires_grad=True)
+    y_b, y_s = adjoined_conv2d(x_b, x_s, w, out_student=2, padding=1)
+    dx_b, dx_s, dw = torch.autograd.grad(y_b.sum() + y_s.sum(), (x_b, x_s, w))
+    assert dw.stride() == w.stride() and dx_b.stride() == x_b.stride() and dx_s.stride() == x_s.stride()

@@ -77,8 +77,15 @@ def _adjoined_conv2d_backward_op(
                        padding, dilation, groups)
     grads = choose_backend(problem, backend).backward(grad_base, grad_student, problem,
                                                       tuple(output_mask))
-    # Custom ops return tensors only: an empty tensor stands for "not asked for".
-    return tuple(g if g is not None else weight.new_empty(0) for g in grads)
+    # Custom ops return tensors only: an empty tensor stands for "not asked for". Each
+    # gradient takes its input's layout, as the fake implementation promises (cuDNN
+    # returns dW channels_last for channels_last inputs).
+    like = (x_base, x_student, weight, bias)
+    return tuple(
+        weight.new_empty(0) if g is None
+        else g if g.stride() == t.stride() else torch.empty_like(t).copy_(g)
+        for g, t in zip(grads, like)
+    )
 
 
 @_adjoined_conv2d_backward_op.register_fake
