@@ -14,11 +14,10 @@ from typing import Optional
 
 import torch
 
-from anfast.ops.dispatch import Backend, ConvProblem
+from anfast.ops.dispatch import Backend, ConvProblem, fused_kernel_reasons
 
 __all__ = ["CudaBackend", "BACKEND", "load_extension"]
 
-SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 SUPPORTED_KERNEL_SIZES = (1, 3, 5, 7)
 
 
@@ -45,40 +44,17 @@ class CudaBackend(Backend):
                 f"anfast._C is not built ({import_error}): install with nvcc available and "
                 "ANFAST_BUILD_CUDA!=0 (pip install --no-deps --no-build-isolation -e .)"
             )
-        tensors = {"x_base": problem.x_base, "x_student": problem.x_student, "weight": problem.weight}
-        if problem.bias is not None:
-            tensors["bias"] = problem.bias
-        devices = {t.device for t in tensors.values()}
-        if len(devices) > 1:
-            placed = ", ".join(f"{name} on {t.device}" for name, t in tensors.items())
-            reasons.append(f"tensors are on several devices ({placed}); move them to one GPU")
-        elif problem.x_base.device.type != "cuda":
+        if problem.x_base.device.type != "cuda":
             reasons.append(
                 f"tensors are on {problem.x_base.device.type}; the cuda backend needs CUDA tensors"
             )
         elif torch.cuda.get_device_capability(problem.x_base.device) < (8, 0):
             major, minor = torch.cuda.get_device_capability(problem.x_base.device)
             reasons.append(f"the GPU is sm_{major}{minor}; the cuda kernels need sm_80 or newer")
-        dtypes = {t.dtype for t in tensors.values()}
-        if len(dtypes) > 1:
-            mixed = ", ".join(f"{name} {t.dtype}" for name, t in tensors.items())
-            reasons.append(f"inputs mix dtypes ({mixed}); cast x, weight and bias to one dtype")
-        elif problem.x_base.dtype not in SUPPORTED_DTYPES:
-            reasons.append(f"dtype {problem.x_base.dtype} is not one of float32, bfloat16, float16")
-        if problem.groups != 1:
-            reasons.append(f"groups={problem.groups} (the cuda kernels need groups=1)")
-        if tuple(problem.dilation) != (1, 1):
-            reasons.append(f"dilation={tuple(problem.dilation)} (the cuda kernels need dilation 1)")
+        reasons += fused_kernel_reasons(problem, "the cuda kernels")
         kernel_size = tuple(problem.weight.shape[2:])
         if any(k not in SUPPORTED_KERNEL_SIZES for k in kernel_size):
             reasons.append(f"kernel size {kernel_size} (the cuda kernels take 1, 3, 5 or 7 per side)")
-        if problem.student_in_index is not None:
-            reasons.append("student_in_index is set (the cuda kernels take the prefix channel map only)")
-        if problem.x_student.shape[2:] != problem.x_base.shape[2:]:
-            reasons.append(
-                f"x_student spatial size {tuple(problem.x_student.shape[2:])} differs from x_base's "
-                f"{tuple(problem.x_base.shape[2:])}"
-            )
         return reasons
 
     def forward(self, problem: ConvProblem) -> tuple[torch.Tensor, torch.Tensor]:

@@ -27,6 +27,8 @@ __all__ = [
     "get_backend",
     "choose_backend",
     "explain",
+    "FUSED_DTYPES",
+    "fused_kernel_reasons",
 ]
 
 # Highest priority first. Modules are imported lazily: the package must import on a
@@ -116,6 +118,37 @@ class TorchBackend(Backend):
             problem.bias is not None, problem.out_student, problem.stride, problem.padding,
             problem.dilation, problem.groups, problem.student_in_index, output_mask,
         )
+
+
+FUSED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
+def fused_kernel_reasons(problem: ConvProblem, kernels: str) -> list[str]:
+    """What the fused kernels of every backend share: one device and dtype, groups 1,
+    dilation 1, a prefix channel map, equal spatial sizes. ``kernels`` names them in
+    the messages ("the cuda kernels")."""
+    tensors = {"x_base": problem.x_base, "x_student": problem.x_student, "weight": problem.weight}
+    if problem.bias is not None:
+        tensors["bias"] = problem.bias
+    reasons = []
+    if len({t.device for t in tensors.values()}) > 1:
+        placed = ", ".join(f"{name} on {t.device}" for name, t in tensors.items())
+        reasons.append(f"tensors are on several devices ({placed}); move them to one device")
+    if len({t.dtype for t in tensors.values()}) > 1:
+        mixed = ", ".join(f"{name} {t.dtype}" for name, t in tensors.items())
+        reasons.append(f"inputs mix dtypes ({mixed}); cast x, weight and bias to one dtype")
+    elif problem.x_base.dtype not in FUSED_DTYPES:
+        reasons.append(f"dtype {problem.x_base.dtype} is not one of float32, bfloat16, float16")
+    if problem.groups != 1:
+        reasons.append(f"groups={problem.groups} ({kernels} need groups=1)")
+    if tuple(problem.dilation) != (1, 1):
+        reasons.append(f"dilation={tuple(problem.dilation)} ({kernels} need dilation 1)")
+    if problem.student_in_index is not None:
+        reasons.append(f"student_in_index is set ({kernels} take the prefix channel map only)")
+    if problem.x_student.shape[2:] != problem.x_base.shape[2:]:
+        reasons.append(f"x_student spatial size {tuple(problem.x_student.shape[2:])} differs from "
+                       f"x_base's {tuple(problem.x_base.shape[2:])}")
+    return reasons
 
 
 BACKEND = TorchBackend()

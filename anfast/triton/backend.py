@@ -6,7 +6,7 @@ from typing import Optional
 
 import torch
 
-from anfast.ops.dispatch import Backend, ConvProblem
+from anfast.ops.dispatch import Backend, ConvProblem, fused_kernel_reasons
 from anfast.triton.dgrad import adjoined_conv2d_dgrad
 from anfast.triton.forward import _adjoined_conv_fwd_kernel, adjoined_conv2d_forward
 from anfast.triton.tuning import is_interpreted
@@ -14,7 +14,6 @@ from anfast.triton.wgrad import adjoined_conv2d_wgrad
 
 __all__ = ["TritonBackend"]
 
-SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
 class TritonBackend(Backend):
@@ -23,14 +22,8 @@ class TritonBackend(Backend):
     name = "triton"
 
     def unsupported_reasons(self, problem: ConvProblem, explicit: bool) -> list[str]:
-        tensors = [problem.x_base, problem.x_student, problem.weight]
-        if problem.bias is not None:
-            tensors.append(problem.bias)
-        reasons = []
-        devices = {t.device for t in tensors}
-        if len(devices) > 1:
-            reasons.append(f"tensors are on several devices ({', '.join(sorted(map(str, devices)))})")
-        elif problem.x_base.device.type != "cuda":
+        reasons = fused_kernel_reasons(problem, "the fused kernels")
+        if problem.x_base.device.type != "cuda":
             if not is_interpreted(_adjoined_conv_fwd_kernel):
                 reasons.append(
                     f"{problem.x_base.device.type} tensors need CUDA, or TRITON_INTERPRET=1 set before "
@@ -40,23 +33,6 @@ class TritonBackend(Backend):
                 reasons.append(
                     "CPU tensors run on the Triton interpreter only when backend='triton' is asked for"
                 )
-        dtypes = {t.dtype for t in tensors}
-        if len(dtypes) > 1:
-            names = ", ".join(sorted(str(d) for d in dtypes))
-            reasons.append(f"inputs mix dtypes ({names}); cast x, weight and bias to one dtype")
-        elif problem.x_base.dtype not in SUPPORTED_DTYPES:
-            reasons.append(f"dtype {problem.x_base.dtype} is not one of float32, bfloat16, float16")
-        if problem.groups != 1:
-            reasons.append(f"groups={problem.groups} (the fused kernels need groups=1)")
-        if tuple(problem.dilation) != (1, 1):
-            reasons.append(f"dilation={tuple(problem.dilation)} (the fused kernels need dilation 1)")
-        if problem.student_in_index is not None:
-            reasons.append("student_in_index is set (the fused kernels take the prefix channel map only)")
-        if problem.x_student.shape[2:] != problem.x_base.shape[2:]:
-            reasons.append(
-                f"x_student spatial size {tuple(problem.x_student.shape[2:])} differs from x_base's "
-                f"{tuple(problem.x_base.shape[2:])}"
-            )
         return reasons
 
     def forward(self, problem: ConvProblem) -> tuple[torch.Tensor, torch.Tensor]:
