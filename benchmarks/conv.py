@@ -24,11 +24,13 @@ import datetime
 import json
 import math
 import os
-import subprocess
 import sys
 from dataclasses import asdict, dataclass
 
 import torch
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from common import environment  # noqa: E402
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 # Dense (no sparsity) bf16 / fp16 tensor-core peaks in TFLOP/s, from NVIDIA's data
@@ -97,14 +99,6 @@ def half_peak_tflops(device_name: str) -> float | None:
         if key in device_name:
             return peak
     return None
-
-
-def git_commit() -> str:
-    try:
-        return subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True,
-                              cwd=os.path.dirname(os.path.abspath(__file__))).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
 
 
 def make_problem(shape: ConvShape, batch: int, dtype: torch.dtype):
@@ -221,9 +215,7 @@ def main(argv=None) -> int:
         f"conv-{device_name.replace(' ', '_')}-{datetime.date.today().isoformat()}.json")
     os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
     header_fields = {
-        "benchmark": "conv", "device": device_name, "torch": torch.__version__,
-        "triton": triton.__version__, "cuda": torch.version.cuda, "commit": git_commit(),
-        "date": datetime.datetime.now().isoformat(timespec="seconds"), "args": vars(args),
+        "benchmark": "conv", **environment("cuda"), "cuda": torch.version.cuda, "args": vars(args),
         "peak_tflops": peak,
     }
 

@@ -25,18 +25,17 @@ import gc
 import json
 import os
 import pathlib
-import platform
 import statistics
-import subprocess
 import sys
 import time
 
 import numpy as np
-import PIL
 import torch
-import torchvision
 from PIL import Image
 from tqdm import tqdm
+
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
+from common import environment  # noqa: E402
 
 from anfast.data import create_loader, default_data_home, has_dali
 from anfast.data.builtin import create_atomically
@@ -98,39 +97,6 @@ def measure(root, split: str, loader_name: str, device: str, args) -> dict:
     return {"images": images, "seconds": seconds, "images_per_s": images / seconds}
 
 
-def device_name() -> str:
-    if torch.cuda.is_available():
-        return torch.cuda.get_device_name()
-    try:
-        for line in pathlib.Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
-def versions() -> dict:
-    found = {"python": platform.python_version(), "torch": torch.__version__,
-             "torchvision": torchvision.__version__, "pillow": PIL.__version__}
-    if has_dali():
-        import nvidia.dali
-
-        found["nvidia-dali"] = nvidia.dali.__version__
-    return found
-
-
-def git_commit() -> str:
-    try:
-        commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True,
-                                cwd=pathlib.Path(__file__).parent).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--", "anfast/data", "benchmarks/loader.py"],
-                               capture_output=True, text=True, cwd=pathlib.Path(__file__).parent).stdout.strip()
-        return commit + ("-dirty" if dirty else "")
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
-
-
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--data", type=pathlib.Path, help="ImageNet-layout folder (default: generated)")
@@ -174,14 +140,10 @@ def main(argv: list[str] | None = None) -> dict:
 
     report = {
         "benchmark": "loader",
-        "device": device_name(),
+        **environment("cuda" if torch.cuda.is_available() else "cpu"),
         "cpu_count": os.cpu_count(),
         # Other jobs share the cores: the 1-minute load when the run started and ended.
         "load_average": {"start": load_at_start, "end": os.getloadavg()[0]},
-        "cuda": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
-        "versions": versions(),
-        "commit": git_commit(),
-        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "data": str(root),
         "config": {key: (str(value) if isinstance(value, pathlib.Path) else value)
                    for key, value in vars(args).items()},
