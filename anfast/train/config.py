@@ -34,7 +34,7 @@ class ConfigError(ValueError):
 class TrainConfig:
     """One training run. Defaults train the quickstart on the built-in dataset.
 
-    The quickstart defaults (resnet18, the paper's policy, alpha 4, 32 px, 5 epochs)
+    The quickstart defaults (resnet18, the paper's policy, alpha 4, 32 px, 4 epochs, AdamW)
     are sized for a 2-core CPU on the built-in shapes set; ImageNet runs set --arch,
     --image-size, --epochs, --lr and --batch-size.
     """
@@ -45,15 +45,15 @@ class TrainConfig:
     policy: str = "paper"                 # "paper" | "all"; --arch-config overrides it
     arch_config: Optional[str] = None     # DAN search output: {"groups": {name: alpha}}
     round_to: int = 8
-    epochs: int = 5
+    epochs: int = 4
     batch_size: int = 64                  # per process
-    lr: float = 0.1
-    optimizer: str = "sgd"
+    lr: float = 2e-3
+    optimizer: str = "adamw"
     momentum: float = 0.9
-    weight_decay: float = 5e-4
+    weight_decay: float = 0.05
     label_smoothing: float = 0.0
     lambda_schedule: str = "paper"        # distillation weight per epoch (anfast.train.loss)
-    warmup_epochs: float = 0.5
+    warmup_epochs: float = 0.3
     min_lr: float = 0.0
     clip_grad: Optional[float] = None     # max global grad norm; None: no clipping
     amp: str = "auto"                     # auto: bf16 on CUDA, off on CPU
