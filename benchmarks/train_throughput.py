@@ -19,19 +19,18 @@ its img/s. On CUDA: bf16 autocast and channels_last.
     python benchmarks/train_throughput.py                       # CPU: ResNet-50, 64 px, batch 8
     python benchmarks/train_throughput.py --device cuda --image-size 224 --batch-size 64
 
-Writes benchmarks/results/train_throughput-<device>-<date>.json.
+Writes benchmarks/results/train_throughput-<device>-<date>.json, or
+OUT/train_throughput.json with --out OUT (a directory).
 """
 
 from __future__ import annotations
 
 import argparse
 import copy
-import datetime
 import json
 import os
-import platform
 import statistics
-import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -43,7 +42,8 @@ import torchvision
 import anfast
 from anfast.adjoin import PAPER_MIN_CHANNELS
 
-RESULTS = Path(__file__).resolve().parent / "results"
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import environment, write_result  # noqa: E402
 
 
 class MaskedConv2d(nn.Module):
@@ -119,26 +119,6 @@ def time_steps(model, loss_fn, optimizer, images, labels, steps, amp_dtype) -> l
     return times
 
 
-def device_name(device: torch.device) -> str:
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    try:
-        for line in subprocess.run(["lscpu"], capture_output=True, text=True).stdout.splitlines():
-            if line.startswith("Model name:"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "cpu"
-
-
-def git_commit() -> str:
-    try:
-        return subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
-                              cwd=Path(__file__).parent).stdout.strip()
-    except OSError:
-        return "unknown"
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -149,7 +129,8 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=3, help="untimed steps per provider")
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--steps", type=int, default=2, help="timed steps per provider per round")
-    parser.add_argument("--out", type=Path, default=RESULTS)
+    parser.add_argument("--out", type=Path, default=None,
+                        help="directory for the JSON (default: benchmarks/results/)")
     args = parser.parse_args()
 
     device = torch.device(args.device)
@@ -198,28 +179,17 @@ def main() -> None:
         "benchmark": "train_throughput",
         "question": "AN training img/s: anfast (student at real width) vs the authors' "
                     "masked full-width student vs plain base training",
-        "device": device_name(device), "device_type": device.type,
+        **environment(device),
         "arch": args.arch, "alpha": args.alpha, "policy": "paper", "image_size": image_size,
         "batch_size": batch_size, "precision": "bf16" if amp_dtype else "fp32",
         "channels_last": on_cuda, "warmup_steps": args.warmup, "rounds": args.rounds,
-        "steps_per_round": args.steps, "torch_threads": torch.get_num_threads(),
-        "load_average_before": load_before, "load_average_after": load_after,
-        "anfast_backend": os.environ.get("ANFAST_BACKEND", "auto"), "providers": rows, "ratios": ratios,
-        "versions": {"python": platform.python_version(), "torch": torch.__version__,
-                     "torchvision": torchvision.__version__, "anfast": anfast.__version__},
-        "commit": git_commit(),
-        "date": datetime.datetime.now().isoformat(timespec="seconds"),
+        "steps_per_round": args.steps, "load_average_before": load_before,
+        "load_average_after": load_after,
+        "anfast_backend": os.environ.get("ANFAST_BACKEND", "auto"), "providers": rows,
+        "ratios": ratios, "anfast_version": anfast.__version__,
     }
-    try:
-        import triton
-
-        result["versions"]["triton"] = triton.__version__
-    except ImportError:
-        pass
-    args.out.mkdir(parents=True, exist_ok=True)
-    slug = "".join(c if c.isalnum() else "-" for c in result["device"].lower()).strip("-")
-    path = args.out / f"train_throughput-{slug}-{datetime.date.today().isoformat()}.json"
-    path.write_text(json.dumps(result, indent=2) + "\n")
+    path = write_result("train_throughput", result,
+                        None if args.out is None else args.out / "train_throughput.json")
     print(json.dumps({"ratios": ratios, **{k: v["images_per_second"] for k, v in rows.items()}},
                      indent=2))
     print(f"wrote {path}")

@@ -59,6 +59,7 @@ def plot_curves(history: List[Dict[str, Any]], path: Path) -> None:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
 
     epochs = [row["epoch"] + 1 for row in history]
     figure, (accuracy_axis, loss_axis, lambda_axis) = plt.subplots(1, 3, figsize=(15, 4.2))
@@ -79,6 +80,7 @@ def plot_curves(history: List[Dict[str, Any]], path: Path) -> None:
     lambda_axis.set(title="distillation weight lambda", xlabel="epoch", ylim=(0, 1.05))
     for axis in (accuracy_axis, loss_axis, lambda_axis):
         axis.grid(alpha=0.3)
+        axis.xaxis.set_major_locator(MaxNLocator(integer=True))
     accuracy_axis.legend()
     loss_axis.legend()
     figure.tight_layout()
