@@ -3,6 +3,7 @@ eval / export, non-finite loss, torchrun."""
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import shutil
@@ -68,7 +69,9 @@ def test_full_run_writes_every_artifact_and_eval_export_agree(data, tmp_path):
 
     # export from the checkpoint: the reloaded student computes the adjoined student.
     shutil.rmtree(run_dir / "student")
-    export_run(run_dir, checkpoint="last")
+    has_onnx = importlib.util.find_spec("onnx") is not None
+    written = export_run(run_dir, checkpoint="last", onnx=has_onnx)
+    assert (run_dir / "student" / "student.onnx").is_file() == has_onnx == ("onnx" in written)
     _, an, _ = load_run(run_dir, "last")
     student = anfast.load_student(run_dir / "student")
     images = torch.randn(3, 3, 16, 16)

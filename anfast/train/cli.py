@@ -11,10 +11,10 @@ import argparse
 import dataclasses
 import json
 import sys
-from pathlib import Path
 from typing import List, Optional
 
-from anfast.train.config import (AMP_CHOICES, LAMBDA_SCHEDULE_CHOICES, LOADER_CHOICES, OPTIMIZER_CHOICES, POLICY_CHOICES,
+from anfast.train.config import (AMP_CHOICES, LAMBDA_SCHEDULE_CHOICES, LOADER_CHOICES,
+                                 OPTIMIZER_CHOICES, POLICY_CHOICES,
                                  ConfigError, TrainConfig, load_config)
 
 __all__ = ["register", "add_train_arguments", "config_from_args", "main"]

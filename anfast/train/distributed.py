@@ -65,11 +65,11 @@ def all_reduce_sum(values: Sequence[float], device: torch.device) -> list:
     return tensor.tolist()
 
 
-def any_rank(flag: bool, device: torch.device) -> bool:
-    """True on every rank when it is true on any: ranks must stop at the same step."""
+def any_rank(flags: Sequence[bool], device: torch.device) -> list:
+    """Each flag true on every rank when it is true on any (one all-reduce for all)."""
     if not dist.is_initialized():
-        return flag
-    return all_reduce_sum([float(flag)], device)[0] > 0
+        return [bool(flag) for flag in flags]
+    return [total > 0 for total in all_reduce_sum([float(flag) for flag in flags], device)]
 
 
 def broadcast_buffers(module: torch.nn.Module) -> None:

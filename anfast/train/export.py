@@ -7,6 +7,7 @@ they see exactly the network that training evaluated.
 
 from __future__ import annotations
 
+import importlib.util
 import json
 from pathlib import Path
 from typing import Any, Dict, Optional, Tuple, Union
@@ -89,11 +90,8 @@ def evaluate_run(run_dir: Union[str, Path], *, data: Optional[str] = None,
 def export_run(run_dir: Union[str, Path], *, checkpoint: str = "best",
                onnx: bool = False) -> Dict[str, Path]:
     """Re-export a run's networks from a checkpoint; with ``onnx`` also student.onnx."""
-    if onnx:
-        try:
-            import onnx as _onnx  # noqa: F401
-        except ImportError:
-            raise ImportError("--onnx needs the onnx package: pip install onnx") from None
+    if onnx and importlib.util.find_spec("onnx") is None:
+        raise ImportError("--onnx needs the onnx package: pip install onnx")
     run_dir = Path(run_dir)
     config, an, _ = load_run(run_dir, checkpoint)
     written = export_networks(an, run_dir, len(config.alpha))

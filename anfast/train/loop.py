@@ -231,7 +231,8 @@ def _fit(config: TrainConfig, info: DistributedInfo, should_stop: Optional[Calla
             non_finite = not scaler.is_enabled() and not (
                 math.isfinite(loss_value) and math.isfinite(grad_norm.item()))
             stop = stop_signal.requested or bool(should_stop and should_stop(state["step"] + 1))
-            non_finite, stop = (any_rank(non_finite, device), any_rank(stop, device))
+            # Ranks must agree, or one would wait forever in the next all-reduce.
+            non_finite, stop = any_rank([non_finite, stop], device)
             if non_finite:
                 raise NonFiniteLossError(
                     f"epoch {epoch + 1}, step {state['step'] + 1}: loss {loss_value} or "
