@@ -99,6 +99,8 @@ def export_run(run_dir: Union[str, Path], *, checkpoint: str = "best",
         student = anfast.export_student(an, index=0).eval()
         path = written["student"] / "student.onnx"
         example = torch.randn(1, 3, config.image_size, config.image_size)
+        # dynamo=False: the torch.export-based exporter also needs onnxscript, which
+        # the onnx extra does not install; the TorchScript exporter handles plain CNNs.
         torch.onnx.export(student, (example,), str(path), input_names=["images"],
                           output_names=["logits"], dynamo=False,
                           dynamic_axes={"images": {0: "batch"}, "logits": {0: "batch"}})
