@@ -215,3 +215,19 @@ def test_errors_name_the_module_and_the_fix():
         anfast.adjoin(SmallCNN(), input_size=(5, 9, 9))
     with pytest.raises(AdjoinError, match="resnet9000"):
         anfast.adjoin("resnet9000")
+
+
+def test_convert_sync_batchnorm_keeps_students_and_names():
+    torch.manual_seed(0)
+    an = anfast.adjoin(SmallCNN(), alpha=2, policy="all", round_to=4, input_size=(3, 9, 9)).eval()
+    x = torch.randn(2, 3, 9, 9)
+    with torch.no_grad():
+        before = an(x)
+    keys = list(an.state_dict())
+    anfast.nn.convert_sync_batchnorm(an)
+    assert isinstance(an.stem_bn, nn.SyncBatchNorm) and isinstance(an.stem_bn, anfast.nn.AdjoinedBatchNorm2d)
+    assert isinstance(an.stem_bn.student_norms[0], nn.SyncBatchNorm)
+    assert list(an.state_dict()) == keys
+    with torch.no_grad():  # eval mode: running statistics, no communication
+        after = an(x)
+    assert torch.equal(before.base, after.base) and torch.equal(before.student, after.student)

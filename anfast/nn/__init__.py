@@ -1,7 +1,8 @@
 """Adjoined modules: one set of parameters, outputs for the base and every student."""
 
-from anfast.nn.batchnorm import AdjoinedBatchNorm2d
+from anfast.nn.batchnorm import AdjoinedBatchNorm2d, AdjoinedSyncBatchNorm2d, convert_sync_batchnorm
 from anfast.nn.conv import AdjoinedConv2d
 from anfast.nn.linear import AdjoinedLinear
 
-__all__ = ["AdjoinedConv2d", "AdjoinedBatchNorm2d", "AdjoinedLinear"]
+__all__ = ["AdjoinedConv2d", "AdjoinedBatchNorm2d", "AdjoinedSyncBatchNorm2d", "AdjoinedLinear",
+           "convert_sync_batchnorm"]

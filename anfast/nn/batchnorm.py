@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["AdjoinedBatchNorm2d"]
+__all__ = ["AdjoinedBatchNorm2d", "AdjoinedSyncBatchNorm2d", "convert_sync_batchnorm"]
 
 
 class AdjoinedBatchNorm2d(nn.BatchNorm2d):
@@ -88,3 +88,26 @@ class AdjoinedBatchNorm2d(nn.BatchNorm2d):
     def extra_repr(self) -> str:
         features = tuple(n.num_features for n in self.student_norms)
         return f"{super().extra_repr()}, student_features={features}, share_affine={self.share_affine}"
+
+
+class AdjoinedSyncBatchNorm2d(AdjoinedBatchNorm2d, nn.SyncBatchNorm):
+    """AdjoinedBatchNorm2d whose base and students use statistics across torchrun ranks.
+
+    Method order puts nn.SyncBatchNorm.forward behind ``super().forward`` of the base
+    norm; the students are plain nn.SyncBatchNorm modules. Made by
+    :func:`convert_sync_batchnorm`, never constructed directly.
+    """
+
+
+def convert_sync_batchnorm(module: nn.Module, process_group=None) -> nn.Module:
+    """SyncBatchNorm for every adjoined norm of ``module``, in place; returns ``module``.
+
+    torch.nn.SyncBatchNorm.convert_sync_batchnorm would replace an adjoined norm by a
+    plain SyncBatchNorm and drop its students, so adjoined networks use this instead.
+    """
+    for norm in module.modules():
+        if type(norm) is AdjoinedBatchNorm2d:
+            norm.__class__ = AdjoinedSyncBatchNorm2d
+            norm.process_group = process_group
+            norm.student_norms = nn.SyncBatchNorm.convert_sync_batchnorm(norm.student_norms, process_group)
+    return module

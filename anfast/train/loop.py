@@ -136,7 +136,7 @@ def _fit(config: TrainConfig, info: DistributedInfo, should_stop: Optional[Calla
     num_classes = len(train_loader.classes)
     an = create_adjoined_model(config, num_classes).to(device)
     if config.sync_bn:
-        an = torch.nn.SyncBatchNorm.convert_sync_batchnorm(an)
+        an = anfast.nn.convert_sync_batchnorm(an)
     if config.channels_last:
         an = an.to(memory_format=torch.channels_last)
     optimizer = create_optimizer(an, config, device)
