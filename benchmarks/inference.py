@@ -16,6 +16,7 @@ import time
 from pathlib import Path
 
 import torch
+from torch.fx.experimental.optimization import fuse
 from tqdm import tqdm
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -44,13 +45,18 @@ def main(argv=None) -> dict:
     parser.add_argument("--repeats", type=int, default=20, help="timed runs per network")
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--channels-last", action="store_true")
+    parser.add_argument("--fold-bn", action="store_true",
+                        help="fold eval-mode BatchNorm into the convs (torch.fx.experimental.optimization.fuse), "
+                             "as a deployment would")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--out", help="JSON path (default benchmarks/results/inference-<device>-<date>.json)")
     args = parser.parse_args(argv)
 
     size = (3, args.image_size, args.image_size)
     an = anfast.adjoin(args.arch, alpha=args.alpha, policy=args.policy, input_size=size).eval()
-    networks = {"base": anfast.export_base(an), "student": anfast.export_student(an)}
+    networks = {"base": anfast.export_base(an).eval(), "student": anfast.export_student(an).eval()}
+    if args.fold_bn:
+        networks = {name: fuse(module) for name, module in networks.items()}
     memory_format = torch.channels_last if args.channels_last else torch.contiguous_format
     x = torch.randn(args.batch, *size, device=args.device).to(memory_format=memory_format)
     times: dict[str, list[float]] = {name: [] for name in networks}
