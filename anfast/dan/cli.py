@@ -8,7 +8,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 
-from anfast.dan.search import SearchConfig, search
+from anfast.dan.search import OPTIMIZERS, TAU_SCHEDULES, SearchConfig, search
 from anfast.dan.space import DanError
 
 __all__ = ["register", "config_from_args"]
@@ -41,18 +41,26 @@ def register(subparsers) -> argparse.ArgumentParser:
     for name, help_text in (
         ("round_to", "student widths round up to this"),
         ("gamma", "weight of the resource penalty"),
-        ("tau0", "initial Gumbel-softmax temperature (paper: 15; use 1-2 for searches of a few epochs)"),
-        ("tau_decay", "temperature factor per epoch"),
+        ("tau0", "first Gumbel-softmax temperature (unset: 15 for --tau-schedule paper, 1 for anneal)"),
+        ("tau_decay", "temperature factor per epoch, --tau-schedule paper"),
+        ("tau_end", "last step's temperature, --tau-schedule anneal"),
         ("epochs", None), ("max_steps_per_epoch", "cap on steps per epoch"),
         ("batch_size", None), ("image_size", "crop size in pixels"),
-        ("lr", "network weight learning rate (SGD, cosine)"), ("momentum", None),
+        ("lr", "network weight learning rate (cosine schedule)"), ("momentum", "--optimizer sgd only"),
         ("weight_decay", None), ("arch_lr", "architecture logit learning rate (Adam)"),
-        ("arch_weight_decay", None), ("workers", "loader worker processes"), ("seed", None),
+        ("arch_weight_decay", None),
+        ("arch_warmup", "fraction of the steps that train only the weights before the logits move"),
+        ("workers", "loader worker processes"), ("seed", None),
     ):
         default = getattr(_DEFAULTS, name)
         kind = int if isinstance(default, int) or name == "max_steps_per_epoch" else float
         add("--" + name.replace("_", "-"), type=kind, default=default,
             help=f"{help_text + ' ' if help_text else ''}(default: %(default)s)")
+    add("--optimizer", default=_DEFAULTS.optimizer, choices=OPTIMIZERS,
+        help="network weight optimizer (default: %(default)s)")
+    add("--tau-schedule", default=_DEFAULTS.tau_schedule, choices=TAU_SCHEDULES,
+        help="paper: tau0 * tau_decay^epoch; anneal: tau0 to tau_end geometrically over the search's "
+             "steps; auto: paper from 50 epochs up, else anneal (default: %(default)s)")
     add("--lambda-schedule", default=_DEFAULTS.lambda_schedule, choices=("paper", "linear", "constant"),
         help="weight of KL + gamma * R over the search (default: %(default)s)")
     add("--frozen-noise", action="store_true", help="keep one Gumbel noise draw for the whole search (the paper)")

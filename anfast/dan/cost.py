@@ -8,10 +8,18 @@ flop_counter: a multiply-add is 2 FLOPs; convs and linears count, bias adds and
 norms do not), so with one-hot gates the model equals anfast.profile of the derived
 student exactly. Parameters count conv / linear weights and biases and the affine
 parameters of norms, as anfast.count_parameters does.
+
+Both counts are polynomials of degree <= 2 in the searched widths. When every group
+draws its choice independently from p = softmax(theta), ``moments`` gives the exact
+E_p[cost] and E_p[cost^2], so ``expected_penalty`` is the exact expected penalty of a
+sampled architecture, E_p[(cost / (target * base) - 1)^2] = bias^2 + variance. The
+variance term is what makes the derived (argmax) student meet the target: a penalty
+on E_p[cost] alone is met by a spread-out p whose argmax is far from the target.
 """
 
 from __future__ import annotations
 
+from collections import defaultdict
 from dataclasses import dataclass
 from typing import Sequence
 
@@ -76,6 +84,80 @@ class CostModel:
         # Work outside convs and linears (none in torchvision CNNs) and parameters of other
         # modules (which adjoin keeps at full width) enter as constants.
         self._constant = {k: self.base[k] - full_width[k] for k in ("flops", "params")}
+        self._polynomials = self._polynomial_form()
+
+    def moments(self, probabilities: torch.Tensor) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+        """{"flops": (E[F], E[F^2]), "params": (...)} as fractions of the base's count.
+
+        Each group draws choice i with probability ``probabilities[g, i]`` (rows on the
+        simplex), independently of the other groups; exact, and differentiable in
+        ``probabilities``.
+        """
+        widths = self.space.widths.to(device=probabilities.device, dtype=torch.float64)
+        powers = widths[..., None] ** torch.arange(5, device=widths.device, dtype=torch.float64)
+        # raw[g, n] = E[width_g^n]; degree-2 monomials squared need up to the 4th moment.
+        raw = torch.einsum("gk,gkn->gn", probabilities.double(), powers)
+        groups = torch.arange(raw.shape[0], device=raw.device)
+        result = {}
+        for kind, (exponents, coefficients) in self._polynomials.items():
+            exponents, coefficients = exponents.to(raw.device), coefficients.to(raw.device)
+            mean = (coefficients * raw[groups, exponents].prod(dim=-1)).sum()
+            pairs = exponents[:, None, :] + exponents[None, :, :]
+            second = (coefficients[:, None] * coefficients[None, :] * raw[groups, pairs].prod(dim=-1)).sum()
+            result[kind] = (mean, second)
+        return result
+
+    def expected_penalty(self, probabilities: torch.Tensor, kind: str, target: float) -> dict[str, torch.Tensor]:
+        """E_p[(cost / (target * base) - 1)^2] and E_p[cost] / base for one cost ``kind``.
+
+        Returns {"penalty", "mean"}, float64 scalars differentiable in ``probabilities``.
+        """
+        if kind not in self._polynomials:
+            raise ValueError(f"cost kind {kind!r}: expected 'flops' or 'params'")
+        mean, second = self.moments(probabilities)[kind]
+        penalty = second / target**2 - 2 * mean / target + 1
+        return {"penalty": penalty.clamp_min(0.0), "mean": mean}
+
+    def _polynomial_form(self) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+        """Each count as monomials: (exponents (terms, groups), coefficients (terms,)).
+
+        Coefficients are divided by the base's count, so the moments are fractions and
+        stay well inside float64 when squared.
+        """
+        searched = len(self.space.groups)
+        terms: dict[str, dict[tuple, float]] = {"flops": defaultdict(float), "params": defaultdict(float)}
+
+        def channels(index: int, factor: float = 1.0) -> tuple[float, tuple[int, ...]]:
+            if index < searched:
+                return factor, (index,)
+            return factor * float(self._fixed_channels[index - searched]), ()
+
+        def add(kind: str, coefficient: float, *factors: tuple[float, tuple[int, ...]]) -> None:
+            exponent = [0] * searched
+            for scale, groups in factors:
+                coefficient *= scale
+                for g in groups:
+                    exponent[g] += 1
+            terms[kind][tuple(exponent)] += coefficient
+
+        for layer in self._layers:
+            c_out = channels(layer.out_group)
+            if layer.kind == "norm":
+                add("params", 2.0, c_out)
+                continue
+            c_in = ((float(layer.in_per_group), ()) if layer.in_per_group
+                    else channels(layer.in_group, float(layer.in_features_per_channel)))
+            add("flops", 2.0 * layer.kernel * layer.positions, c_in, c_out)
+            add("params", float(layer.kernel), c_in, c_out)
+            if layer.bias:
+                add("params", 1.0, c_out)
+        forms = {}
+        for kind, monomials in terms.items():
+            monomials[(0,) * searched] += float(self._constant[kind])
+            exponents = torch.tensor(list(monomials), dtype=torch.long).reshape(len(monomials), searched)
+            coefficients = torch.tensor(list(monomials.values()), dtype=torch.float64) / self.base[kind]
+            forms[kind] = (exponents, coefficients)
+        return forms
 
     def expected(self, gates: torch.Tensor) -> dict[str, torch.Tensor]:
         """{"flops", "params"} as float64 scalars, differentiable in ``gates`` (groups, choices)."""

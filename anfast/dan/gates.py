@@ -48,8 +48,8 @@ class ChoiceGates(nn.Module):
         return torch.softmax((self.theta + noise) / tau, dim=-1)
 
     def probabilities(self) -> torch.Tensor:
-        """softmax(theta): the architecture distribution without noise."""
-        return torch.softmax(self.theta.detach(), dim=-1)
+        """softmax(theta): the architecture distribution without noise (differentiable)."""
+        return torch.softmax(self.theta, dim=-1)
 
     def argmax(self) -> torch.Tensor:
         """The derived architecture: the most likely choice of each group."""

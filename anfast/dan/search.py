@@ -4,11 +4,15 @@ Each step draws Gumbel-softmax gates, masks the full-width student with them, an
 minimises
 
     L = CE(y, z_base) + lambda * (KL(base || student) + gamma * R),
-    R = (E[cost] / (target * cost_base) - 1)^2
+    R = E_{a ~ softmax(theta)}[(cost(a) / (target * cost_base) - 1)^2]
 
-over the network weights (SGD) and the architecture logits (Adam, their own
-optimizer). The derived student (argmax per group) is written to RUN_DIR/arch.json
-with its exact params and FLOPs, next to widths.png and metrics.jsonl.
+over the network weights (AdamW, as the trainer's quickstart) and the architecture logits (Adam, their own
+optimizer; they start after ``arch_warmup`` of the steps). R is the exact expected
+penalty of an architecture drawn from the noise-free choice probabilities (see
+anfast.dan.cost): its variance part makes every group commit to one choice, so the
+argmax student lands on the target, not only the average one. The derived student
+(argmax per group) is written to RUN_DIR/arch.json with its exact params and FLOPs,
+next to widths.png and metrics.jsonl.
 """
 
 from __future__ import annotations
@@ -33,16 +37,23 @@ from anfast.train.loss import AdjoinedLoss, get_lambda_schedule
 from anfast.train.records import MetricsLog
 from anfast.train.schedule import lr_at
 
-__all__ = ["SearchConfig", "SearchResult", "search"]
+__all__ = ["SearchConfig", "SearchResult", "search", "TAU_SCHEDULES"]
+
+TAU_SCHEDULES = ("auto", "paper", "anneal")
+OPTIMIZERS = ("adamw", "sgd")
+# tau0 = 15 needs this many epochs at x0.956 to fall near 1 (15 * 0.956^50 = 1.6).
+PAPER_SCHEDULE_EPOCHS = 50
 
 
 @dataclass
 class SearchConfig:
     """One DAN search. Set exactly one of ``target_flops`` / ``target_params``.
 
-    The temperature defaults are the paper's (tau0 = 15, x0.956 per epoch), tuned for
-    ~100-epoch searches; a search of a few epochs needs a lower tau0 (1-2) so the
-    gates can commit.
+    Temperature: ``tau_schedule="paper"`` is tau0 * tau_decay^epoch (paper: tau0 = 15,
+    made for ~100-epoch searches); ``"anneal"`` goes geometrically, step by step, from
+    tau0 to tau_end over the whole search, so the gates are nearly one-hot by the end
+    of even a short search; ``"auto"`` (default) is "paper" from 50 epochs up, else
+    "anneal". ``tau0=None`` is 15 for "paper" and 1 for "anneal".
     """
 
     data: Optional[str] = None             # ImageNet-layout root; None: the built-in set
@@ -53,18 +64,22 @@ class SearchConfig:
     round_to: int = 8
     gamma: float = 10.0                    # weight of the resource penalty R
     lambda_schedule: str = "constant"      # a short search needs the KL and R from step 0
-    tau0: float = 15.0
-    tau_decay: float = 0.956
+    tau_schedule: str = "auto"             # "auto" | "paper" | "anneal"
+    tau0: Optional[float] = None           # None: 15 ("paper") or 1 ("anneal")
+    tau_decay: float = 0.956               # per epoch, "paper"
+    tau_end: float = 0.2                   # last step's temperature, "anneal"
     frozen_noise: bool = False             # the paper's single noise draw
     epochs: int = 5
     max_steps_per_epoch: Optional[int] = None
     batch_size: int = 64
     image_size: int = 32
-    lr: float = 0.05                       # network weights, SGD, cosine
-    momentum: float = 0.9
-    weight_decay: float = 5e-4
-    arch_lr: float = 0.03                  # architecture logits, Adam
+    optimizer: str = "adamw"               # network weights: "adamw" | "sgd", cosine schedule
+    lr: float = 2e-3                       # the trainer's quickstart AdamW settings
+    momentum: float = 0.9                  # sgd only
+    weight_decay: float = 0.05
+    arch_lr: float = 0.1                   # architecture logits, Adam
     arch_weight_decay: float = 0.0
+    arch_warmup: float = 0.2               # fraction of the steps that train only the weights
     workers: int = 2
     device: str = "auto"
     seed: int = 0
@@ -90,17 +105,38 @@ class SearchConfig:
         for name in ("epochs", "batch_size", "image_size", "round_to"):
             if getattr(self, name) < 1:
                 raise DanError(f"{name}={getattr(self, name)} must be >= 1")
-        for name in ("tau0", "lr", "arch_lr"):
+        if self.optimizer not in OPTIMIZERS:
+            raise DanError(f"optimizer={self.optimizer!r}: choose one of {OPTIMIZERS}")
+        if self.tau_schedule not in TAU_SCHEDULES:
+            raise DanError(f"tau_schedule={self.tau_schedule!r}: choose one of {TAU_SCHEDULES}")
+        for name in ("tau_end", "lr", "arch_lr") + (("tau0",) if self.tau0 is not None else ()):
             if getattr(self, name) <= 0:
                 raise DanError(f"{name}={getattr(self, name)} must be > 0")
         if not 0 < self.tau_decay <= 1:
             raise DanError(f"tau_decay={self.tau_decay} must be in (0, 1]")
+        if not 0 <= self.arch_warmup < 1:
+            raise DanError(f"arch_warmup={self.arch_warmup} must be in [0, 1): the fraction of the "
+                           "steps before the architecture logits start to move")
         if self.gamma < 0:
             raise DanError(f"gamma={self.gamma} must be >= 0")
         if self.max_steps_per_epoch is not None and self.max_steps_per_epoch < 1:
             raise DanError(f"max_steps_per_epoch={self.max_steps_per_epoch} must be >= 1 (or unset)")
         get_lambda_schedule(self.lambda_schedule)
         return self
+
+    def resolved_tau_schedule(self) -> str:
+        """"paper" or "anneal": what "auto" means for this many epochs."""
+        if self.tau_schedule != "auto":
+            return self.tau_schedule
+        return "paper" if self.epochs >= PAPER_SCHEDULE_EPOCHS else "anneal"
+
+    def tau_at(self, step: int, steps_per_epoch: int, total_steps: int) -> float:
+        """The Gumbel-softmax temperature at ``step``."""
+        schedule = self.resolved_tau_schedule()
+        if schedule == "paper":
+            return temperature(step // steps_per_epoch, 15.0 if self.tau0 is None else self.tau0, self.tau_decay)
+        start = 1.0 if self.tau0 is None else self.tau0
+        return start * (self.tau_end / start) ** (step / max(1, total_steps - 1))
 
 
 @dataclass
@@ -144,8 +180,11 @@ def search(config: SearchConfig, *, model: Optional[nn.Module] = None,
     gates = ChoiceGates(space, config.frozen_noise, torch.Generator().manual_seed(config.seed)).to(device)
     masks = StudentMasks(network, space)
 
-    weight_optimizer = torch.optim.SGD(network.parameters(), lr=config.lr, momentum=config.momentum,
-                                       weight_decay=config.weight_decay)
+    if config.optimizer == "sgd":
+        weight_optimizer = torch.optim.SGD(network.parameters(), lr=config.lr, momentum=config.momentum,
+                                           weight_decay=config.weight_decay)
+    else:
+        weight_optimizer = torch.optim.AdamW(network.parameters(), lr=config.lr, weight_decay=config.weight_decay)
     arch_optimizer = torch.optim.Adam(gates.parameters(), lr=config.arch_lr, weight_decay=config.arch_weight_decay)
     loss_fn = AdjoinedLoss()
     lambda_at = get_lambda_schedule(config.lambda_schedule)
@@ -156,14 +195,15 @@ def search(config: SearchConfig, *, model: Optional[nn.Module] = None,
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "search_config.json").write_text(json.dumps(dataclasses.asdict(config), indent=2) + "\n")
     log = MetricsLog(run_dir, [])
+    arch_start = int(config.arch_warmup * total_steps)
     step = 0
     network.train()
     try:
         for epoch in range(config.epochs):
             if hasattr(train_loader, "set_epoch"):
                 train_loader.set_epoch(epoch)
-            tau = temperature(epoch, config.tau0, config.tau_decay)
-            sums = {"loss": 0.0, "ce": 0.0, "kl": 0.0, "penalty": 0.0, "expected": 0.0, "gate_entropy": 0.0}
+            sums = {"loss": 0.0, "ce": 0.0, "kl": 0.0, "penalty": 0.0, "expected": 0.0, "gate_entropy": 0.0,
+                    "tau": 0.0}
             started = time.perf_counter()
             batches = tqdm(_take(train_loader, steps_per_epoch), total=steps_per_epoch, leave=False,
                            desc=f"search epoch {epoch + 1}/{config.epochs}")
@@ -171,32 +211,35 @@ def search(config: SearchConfig, *, model: Optional[nn.Module] = None,
                 images, labels = images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
                 for group in weight_optimizer.param_groups:
                     group["lr"] = lr_at(step, total_steps=total_steps, warmup_steps=0, base_lr=config.lr)
+                tau = config.tau_at(step, steps_per_epoch, total_steps)
                 weights = gates(tau)
                 masks.set_gates(weights)
                 terms = loss_fn.terms(network(images), labels)
-                expected = cost_model.expected(weights)[target_kind] / cost_model.base[target_kind]
-                penalty = (expected / target_value - 1) ** 2
+                resource = cost_model.expected_penalty(gates.probabilities(), target_kind, target_value)
                 lambda_ = lambda_at(step / total_steps)
-                loss = terms["ce"] + lambda_ * (terms["kl"] + config.gamma * penalty.float())
+                loss = terms["ce"] + lambda_ * (terms["kl"] + config.gamma * resource["penalty"].float())
                 if not torch.isfinite(loss):
                     raise FloatingPointError(f"search loss is {loss.item()} at step {step}; lower --lr or --arch-lr")
                 weight_optimizer.zero_grad(set_to_none=True)
                 arch_optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 weight_optimizer.step()
-                arch_optimizer.step()
+                if step >= arch_start:
+                    arch_optimizer.step()
                 step += 1
-                for name, value in (("loss", loss), ("ce", terms["ce"]), ("kl", terms["kl"]), ("penalty", penalty),
-                                    ("expected", expected), ("gate_entropy", entropy(weights.detach()))):
+                for name, value in (("loss", loss), ("ce", terms["ce"]), ("kl", terms["kl"]),
+                                    ("penalty", resource["penalty"]), ("expected", resource["mean"]),
+                                    ("gate_entropy", entropy(weights.detach()))):
                     sums[name] += float(value.detach())
-                batches.set_postfix(loss=f"{loss.item():.3f}", cost=f"{expected.item():.3f}")
+                sums["tau"] += tau
+                batches.set_postfix(loss=f"{loss.item():.3f}", cost=f"{resource['mean'].item():.3f}")
             derived = cost_model.fraction(cost_model.exact(gates.argmax()))
             seen = max(1, steps_per_epoch)
             log.log({
-                "epoch": epoch + 1, "step": step, "tau": tau, "lambda": lambda_at(step / total_steps),
+                "epoch": epoch + 1, "step": step, "lambda": lambda_at(step / total_steps),
                 **{k: v / seen for k, v in sums.items() if k != "expected"},
                 f"expected_{target_kind}": sums["expected"] / seen,
-                "choice_entropy": float(entropy(gates.probabilities())),
+                "choice_entropy": float(entropy(gates.probabilities().detach())),
                 "derived_flops": float(derived["flops"]), "derived_params": float(derived["params"]),
                 "seconds": time.perf_counter() - started,
             })
