@@ -19,7 +19,7 @@ import torch
 import triton
 import triton.language as tl
 
-from anfast.triton.forward import dot_options
+from anfast.triton.forward import dot_options, grouped_tile
 from anfast.triton.tuning import autotuned
 
 __all__ = ["adjoined_conv2d_dgrad"]
@@ -56,12 +56,7 @@ def _adjoined_conv_dgrad_kernel(
         reduce_channels = C_OUT_S
     num_m_tiles = tl.cdiv(M, BLOCK_M)
     num_n_tiles = tl.cdiv(channels, BLOCK_N)
-    pid = tl.program_id(0)
-    tiles_per_group = GROUP_M * num_n_tiles
-    first_m = (pid // tiles_per_group) * GROUP_M
-    group_rows = tl.minimum(num_m_tiles - first_m, GROUP_M)
-    pid_m = first_m + (pid % tiles_per_group) % group_rows
-    pid_n = (pid % tiles_per_group) // group_rows
+    pid_m, pid_n = grouped_tile(tl.program_id(0), num_m_tiles, num_n_tiles, GROUP_M)
 
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_c = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)

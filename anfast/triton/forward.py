@@ -28,6 +28,16 @@ __all__ = ["adjoined_conv2d_forward", "conv_output_like", "dot_options"]
 
 
 @triton.jit
+def grouped_tile(pid, num_m_tiles, num_n_tiles, GROUP_M: tl.constexpr):
+    """(m tile, n tile) of program ``pid`` in grouped order (Triton tutorial 03): GROUP_M
+    row tiles walk the column tiles together, so each W tile is reused from L2."""
+    tiles_per_group = GROUP_M * num_n_tiles
+    first_m = (pid // tiles_per_group) * GROUP_M
+    group_rows = tl.minimum(num_m_tiles - first_m, GROUP_M)
+    return first_m + (pid % tiles_per_group) % group_rows, (pid % tiles_per_group) // group_rows
+
+
+@triton.jit
 def _adjoined_conv_fwd_kernel(
     x_base_ptr, x_student_ptr, weight_ptr, bias_ptr, y_base_ptr, y_student_ptr,
     # strides in (n, c, h, w) order for activations, (out, in, kh, kw) for the weight
@@ -50,13 +60,7 @@ def _adjoined_conv_fwd_kernel(
     M = BATCH * H_OUT * W_OUT
     num_m_tiles = tl.cdiv(M, BLOCK_M)
     num_n_tiles = tl.cdiv(C_OUT, BLOCK_N)
-    # Grouped ordering (Triton tutorial 03): GROUP_M row tiles share each W column tile.
-    pid = tl.program_id(0)
-    tiles_per_group = GROUP_M * num_n_tiles
-    first_m = (pid // tiles_per_group) * GROUP_M
-    group_rows = tl.minimum(num_m_tiles - first_m, GROUP_M)
-    pid_m = first_m + (pid % tiles_per_group) % group_rows
-    pid_n = (pid % tiles_per_group) // group_rows
+    pid_m, pid_n = grouped_tile(tl.program_id(0), num_m_tiles, num_n_tiles, GROUP_M)
 
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
