@@ -338,10 +338,13 @@ def _summary(config: TrainConfig, state: Dict[str, Any], eval_model: torch.nn.Mo
     student_profiles = [anfast.profile(anfast.export_student(eval_model, index=i), input_size)
                         for i in range(len(alphas))]
     pick = lambda row: {key: row[key] for key in ("top1", "top5", "loss")}  # noqa: E731
+    # Under --arch-config each width group has its own alpha: no single number applies.
+    alphas = [None] * len(alphas) if config.arch_config else alphas
     return {
         "base": pick(final["base"]),
         "student": {**pick(final["student"]), "alpha": alphas[0]},
         "students": [{**pick(row), "alpha": alpha} for row, alpha in zip(final["students"], alphas)],
+        "arch_config": config.arch_config,
         "best_student_top1": state["best_student_top1"],
         "params": {"base": base_profile["params"], "student": student_profiles[0]["params"],
                    "students": [p["params"] for p in student_profiles]},
