@@ -126,6 +126,8 @@ def main() -> None:
     parser.add_argument("--alpha", type=float, default=4.0)
     parser.add_argument("--image-size", type=int, default=None, help="default: 64 CPU, 224 CUDA")
     parser.add_argument("--batch-size", type=int, default=None, help="default: 8 CPU, 64 CUDA")
+    parser.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=None,
+                        help="NHWC activations (default: on CUDA only)")
     parser.add_argument("--warmup", type=int, default=3, help="untimed steps per provider")
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--steps", type=int, default=2, help="timed steps per provider per round")
@@ -138,7 +140,8 @@ def main() -> None:
     image_size = args.image_size or (224 if on_cuda else 64)
     batch_size = args.batch_size or (64 if on_cuda else 8)
     amp_dtype = torch.bfloat16 if on_cuda else None
-    memory_format = torch.channels_last if on_cuda else torch.contiguous_format
+    channels_last = on_cuda if args.channels_last is None else args.channels_last
+    memory_format = torch.channels_last if channels_last else torch.contiguous_format
     num_classes = 1000
 
     providers = build_providers(args.arch, args.alpha, num_classes, (3, image_size, image_size))
@@ -182,7 +185,7 @@ def main() -> None:
         **environment(device),
         "arch": args.arch, "alpha": args.alpha, "policy": "paper", "image_size": image_size,
         "batch_size": batch_size, "precision": "bf16" if amp_dtype else "fp32",
-        "channels_last": on_cuda, "warmup_steps": args.warmup, "rounds": args.rounds,
+        "channels_last": channels_last, "warmup_steps": args.warmup, "rounds": args.rounds,
         "steps_per_round": args.steps, "load_average_before": load_before,
         "load_average_after": load_after,
         "anfast_backend": os.environ.get("ANFAST_BACKEND", "auto"), "providers": rows,
