@@ -165,6 +165,16 @@ std::vector<at::Tensor> forward(const at::Tensor& x_base, const at::Tensor& x_st
   return {y_base, y_student};
 }
 
+// dgrad and wgrad take the same output gradients: on the weight's device and dtype,
+// shaped as the base and student outputs.
+void check_output_grads(const at::Tensor& grad_base, const at::Tensor& grad_student,
+                        const at::Tensor& weight, const anfast::AdjoinedConvShape& s) {
+  CHECK_INPUT(grad_base, weight);
+  CHECK_INPUT(grad_student, weight);
+  CHECK_SHAPE(grad_base, s.batch, s.out_channels, s.out_height(), s.out_width());
+  CHECK_SHAPE(grad_student, s.batch, s.out_channels_student, s.out_height(), s.out_width());
+}
+
 std::vector<at::Tensor> dgrad(const at::Tensor& grad_base, const at::Tensor& grad_student,
                               const at::Tensor& x_base, const at::Tensor& x_student,
                               const at::Tensor& weight, int64_t out_student,
@@ -172,10 +182,7 @@ std::vector<at::Tensor> dgrad(const at::Tensor& grad_base, const at::Tensor& gra
                               const std::optional<at::Tensor>& grad_x_base_out,
                               const std::optional<at::Tensor>& grad_x_student_out) {
   const anfast::AdjoinedConvShape s = conv_shape(x_base, x_student, weight, out_student, stride, padding);
-  CHECK_INPUT(grad_base, weight);
-  CHECK_INPUT(grad_student, weight);
-  CHECK_SHAPE(grad_base, s.batch, s.out_channels, s.out_height(), s.out_width());
-  CHECK_SHAPE(grad_student, s.batch, s.out_channels_student, s.out_height(), s.out_width());
+  check_output_grads(grad_base, grad_student, weight, s);
   const c10::cuda::CUDAGuard device_guard(x_base.device());
   // empty_like keeps x's strides, as the backward op's fake implementation promises.
   at::Tensor grad_x_base = output_or(grad_x_base_out, "grad_x_base_out", x_base.sizes(), x_base,
@@ -198,10 +205,7 @@ at::Tensor wgrad(const at::Tensor& grad_base, const at::Tensor& grad_student,
                  const std::vector<int64_t>& padding,
                  const std::optional<at::Tensor>& grad_weight_out) {
   const anfast::AdjoinedConvShape s = conv_shape(x_base, x_student, weight, out_student, stride, padding);
-  CHECK_INPUT(grad_base, weight);
-  CHECK_INPUT(grad_student, weight);
-  CHECK_SHAPE(grad_base, s.batch, s.out_channels, s.out_height(), s.out_width());
-  CHECK_SHAPE(grad_student, s.batch, s.out_channels_student, s.out_height(), s.out_width());
+  check_output_grads(grad_base, grad_student, weight, s);
   const c10::cuda::CUDAGuard device_guard(x_base.device());
   at::Tensor grad_weight = output_or(grad_weight_out, "grad_weight_out", weight.sizes(), weight,
                                      [&] { return at::empty_like(weight); });

@@ -40,12 +40,8 @@ __global__ void __launch_bounds__(kThreads) conv_gemm_kernel(const ConvGemmParam
   const int n0 = blockIdx.y * kBlockN;
   if (threadIdx.x < kBlockM) {
     const int64_t m = m0 + threadIdx.x;
-    int batch = -1, y = 0, x = 0;
-    if (m < m_total) {
-      x = static_cast<int>(m % p.cols);
-      y = static_cast<int>((m / p.cols) % p.rows);
-      batch = static_cast<int>(m / (static_cast<int64_t>(p.cols) * p.rows));
-    }
+    int batch, y, x;
+    decode_row(m, m_total, p.rows, p.cols, batch, y, x);
     row_batch[threadIdx.x] = batch;
     row_y[threadIdx.x] = y;
     row_x[threadIdx.x] = x;

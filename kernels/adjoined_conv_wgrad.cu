@@ -44,12 +44,8 @@ __global__ void __launch_bounds__(kThreads) wgrad_kernel(const WgradParams p) {
   for (int64_t m0 = 0; m0 < m_total; m0 += kBlockK) {
     if (threadIdx.x < kBlockK) {
       const int64_t m = m0 + threadIdx.x;
-      int batch = -1, y = 0, x = 0;
-      if (m < m_total) {
-        x = static_cast<int>(m % p.out_cols);
-        y = static_cast<int>((m / p.out_cols) % p.out_rows);
-        batch = static_cast<int>(m / (static_cast<int64_t>(p.out_cols) * p.out_rows));
-      }
+      int batch, y, x;
+      decode_row(m, m_total, p.out_rows, p.out_cols, batch, y, x);
       step_batch[threadIdx.x] = batch;
       step_y[threadIdx.x] = y;
       step_x[threadIdx.x] = x;

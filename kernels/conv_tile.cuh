@@ -34,6 +34,19 @@ __device__ __forceinline__ float to_float(float v) { return v; }
 __device__ __forceinline__ float to_float(__half v) { return __half2float(v); }
 __device__ __forceinline__ float to_float(__nv_bfloat16 v) { return __bfloat162float(v); }
 
+// Row m of an implicit-GEMM tile over a batch x rows x cols grid, as (batch, y, x);
+// batch is -1 for rows past m_total, so loads of those rows are masked.
+__device__ __forceinline__ void decode_row(int64_t m, int64_t m_total, int rows, int cols,
+                                           int& batch, int& y, int& x) {
+  batch = -1;
+  y = x = 0;
+  if (m < m_total) {
+    x = static_cast<int>(m % cols);
+    y = static_cast<int>((m / cols) % rows);
+    batch = static_cast<int>(m / (static_cast<int64_t>(cols) * rows));
+  }
+}
+
 template <typename T>
 __device__ __forceinline__ T from_float(float v);
 template <>

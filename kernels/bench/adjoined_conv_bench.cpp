@@ -9,18 +9,9 @@
 #include <vector>
 
 #include "adjoined_conv.h"
+#include "cuda_ok.h"
 
 namespace {
-
-#define CUDA_OK(call)                                                              \
-  do {                                                                             \
-    cudaError_t status_ = (call);                                                  \
-    if (status_ != cudaSuccess) {                                                  \
-      std::fprintf(stderr, "%s:%d %s: %s\n", __FILE__, __LINE__, #call,            \
-                   cudaGetErrorString(status_));                                   \
-      std::exit(1);                                                                \
-    }                                                                              \
-  } while (0)
 
 anfast::Tensor4d nhwc(void* data, int c, int h, int w) {
   return {data, {static_cast<int64_t>(h) * w * c, 1, static_cast<int64_t>(w) * c, c}};

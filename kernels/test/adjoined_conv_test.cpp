@@ -10,20 +10,11 @@
 #include <vector>
 
 #include "adjoined_conv.h"
+#include "cuda_ok.h"
 
 namespace {
 
 constexpr int kSkip = 77;
-
-#define CUDA_OK(call)                                                              \
-  do {                                                                             \
-    cudaError_t status_ = (call);                                                  \
-    if (status_ != cudaSuccess) {                                                  \
-      std::fprintf(stderr, "%s:%d %s: %s\n", __FILE__, __LINE__, #call,            \
-                   cudaGetErrorString(status_));                                   \
-      std::exit(1);                                                                \
-    }                                                                              \
-  } while (0)
 
 double to_double(float v) { return v; }
 double to_double(__half v) { return __half2float(v); }
