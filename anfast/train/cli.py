@@ -131,6 +131,13 @@ def run_export(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_run_arguments(parser: argparse.ArgumentParser) -> None:
+    """RUN_DIR and --checkpoint, shared by `eval` and `export`."""
+    parser.add_argument("run_dir", help="a run directory written by `anfast train`")
+    parser.add_argument("--checkpoint", choices=("best", "last"), default="best",
+                        help="which checkpoint (default: best)")
+
+
 def register(subparsers) -> None:
     """Add `train`, `eval` and `export` to the main parser's subcommands."""
     train = subparsers.add_parser(
@@ -145,10 +152,8 @@ def register(subparsers) -> None:
         "eval", help="evaluate a run's base and students",
         description="Top-1, top-5 and loss of the base and every student of a run's "
                     "checkpoint; prints a table and writes RUN_DIR/eval.json.")
-    evaluate.add_argument("run_dir", help="a run directory written by `anfast train`")
+    _add_run_arguments(evaluate)
     evaluate.add_argument("--data", help="data root (default: the run's --data)")
-    evaluate.add_argument("--checkpoint", choices=("best", "last"), default="best",
-                          help="which checkpoint (default: best)")
     evaluate.add_argument("--batch-size", type=int, help="default: the run's")
     evaluate.add_argument("--workers", type=int, help="default: the run's")
     evaluate.add_argument("--device", help="default: the run's")
@@ -158,9 +163,7 @@ def register(subparsers) -> None:
         "export", help="re-export a run's student/ and base/ from a checkpoint",
         description="Write RUN_DIR/student/ (and student_N/ for nested students) and "
                     "RUN_DIR/base/ as safetensors + JSON from the best or last checkpoint.")
-    export.add_argument("run_dir", help="a run directory written by `anfast train`")
-    export.add_argument("--checkpoint", choices=("best", "last"), default="best",
-                        help="which checkpoint (default: best)")
+    _add_run_arguments(export)
     export.add_argument("--onnx", action="store_true",
                         help="also write student/student.onnx (needs `pip install onnx`)")
     export.set_defaults(func=run_export)
