@@ -19,7 +19,7 @@ import torch
 import triton
 import triton.language as tl
 
-from anfast.triton.forward import dot_options, grouped_tile
+from anfast.triton.forward import decode_rows, dot_options, grouped_tile
 from anfast.triton.tuning import autotuned
 
 __all__ = ["adjoined_conv2d_dgrad"]
@@ -63,9 +63,7 @@ def _adjoined_conv_dgrad_kernel(
     offs_k = tl.arange(0, BLOCK_K)
     m_mask = offs_m < M
     c_mask = offs_c < C_IN
-    in_w = offs_m % W
-    in_h = (offs_m // W) % H
-    image = (offs_m // (W * H)).to(tl.int64)
+    image, in_h, in_w = decode_rows(offs_m, H, W)
     with_student = (pid_n * BLOCK_N < C_IN_S) & COMPUTE_STUDENT
 
     acc_base = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)

@@ -38,6 +38,12 @@ def grouped_tile(pid, num_m_tiles, num_n_tiles, GROUP_M: tl.constexpr):
 
 
 @triton.jit
+def decode_rows(offs_m, rows, cols):
+    """GEMM rows m as (image, y, x) over a batch x rows x cols grid (NHW order)."""
+    return (offs_m // (cols * rows)).to(tl.int64), (offs_m // cols) % rows, offs_m % cols
+
+
+@triton.jit
 def _adjoined_conv_fwd_kernel(
     x_base_ptr, x_student_ptr, weight_ptr, bias_ptr, y_base_ptr, y_student_ptr,
     # strides in (n, c, h, w) order for activations, (out, in, kh, kw) for the weight
@@ -67,9 +73,7 @@ def _adjoined_conv_fwd_kernel(
     offs_k = tl.arange(0, BLOCK_K)
     m_mask = offs_m < M
     n_mask = offs_n < C_OUT
-    out_w = offs_m % W_OUT
-    out_h = (offs_m // W_OUT) % H_OUT
-    image = (offs_m // (W_OUT * H_OUT)).to(tl.int64)
+    image, out_h, out_w = decode_rows(offs_m, H_OUT, W_OUT)
     in_h0 = out_h * STRIDE_H - PAD_H
     in_w0 = out_w * STRIDE_W - PAD_W
     with_student = pid_n * BLOCK_N < C_OUT_S

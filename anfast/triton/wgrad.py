@@ -23,7 +23,7 @@ import torch
 import triton
 import triton.language as tl
 
-from anfast.triton.forward import dot_options
+from anfast.triton.forward import decode_rows, dot_options
 from anfast.triton.tuning import autotuned
 
 __all__ = ["adjoined_conv2d_wgrad", "choose_split_m"]
@@ -69,9 +69,7 @@ def _adjoined_conv_wgrad_kernel(
     for m0 in range(m_start, m_end, BLOCK_M):
         offs_m = m0 + tl.arange(0, BLOCK_M)
         m_mask = offs_m < m_end
-        out_w = offs_m % W_OUT
-        out_h = (offs_m // W_OUT) % H_OUT
-        image = (offs_m // (W_OUT * H_OUT)).to(tl.int64)
+        image, out_h, out_w = decode_rows(offs_m, H_OUT, W_OUT)
         in_h = out_h * STRIDE_H - PAD_H + kh
         in_w = out_w * STRIDE_W - PAD_W + kw
         row_ok = m_mask & (in_h >= 0) & (in_h < H) & (in_w >= 0) & (in_w < W)
