@@ -155,8 +155,9 @@ def test_torchrun_two_cpu_ranks_report_identical_final_metrics(data, tmp_path):
     driver = tmp_path / "driver.py"
     driver.write_text(_DRIVER)
     config = tiny_config(data, tmp_path / "run", epochs=2, batch_size=4).to_dict()
-    command = ["torchrun", "--standalone", "--nproc_per_node", "2", str(driver),
-               json.dumps(config), str(tmp_path)]
+    # The interpreter's own torchrun: a fresh machine has none on the PATH.
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node",
+               "2", str(driver), json.dumps(config), str(tmp_path)]
     env = dict(os.environ, OMP_NUM_THREADS="1")
     for attempt in range(2):  # gloo on CPU aborted once in eight tries on a 2-core machine
         result = subprocess.run(command, capture_output=True, text=True, timeout=600, env=env)
