@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import errno
 import sys
 from typing import Optional, Sequence
 
@@ -20,15 +21,55 @@ _COMMAND_MODULES = (train_cli, dan_cli, info, data_cli)
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="anfast", description="Train compressed CNNs with Adjoined Networks (base + students).")
+    parser.add_argument("--debug", action="store_true",
+                        help="on an error, show the full traceback instead of one line")
     subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for module in _COMMAND_MODULES:
         module.register(subparsers)
+    for command in subparsers.choices.values():
+        # SUPPRESS: a subcommand's unset flag must not reset `anfast --debug train`.
+        command.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
+                             help="on an error, show the full traceback instead of one line")
     return parser
 
 
+# Disk and permission failures a user fixes outside anfast; other OSErrors are bugs.
+_USER_ERRNOS = {errno.ENOSPC: "free disk space or choose another --out",
+                errno.EDQUOT: "free disk space or choose another --out",
+                errno.EACCES: "choose a directory you can write, or fix its permissions",
+                errno.EPERM: "choose a directory you can write, or fix its permissions",
+                errno.EROFS: "the file system is read-only; choose another --out"}
+
+
+def _user_error(error: BaseException) -> Optional[str]:
+    """The one-line message for an error the user can fix, or None for a bug."""
+    from anfast.dan.space import DanError
+    from anfast.data import DataLayoutError
+    from anfast.export import ExportError
+    from anfast.train.checkpoint import CheckpointError
+    from anfast.train.config import ConfigError
+
+    if isinstance(error, (ConfigError, DataLayoutError, DanError, CheckpointError, ExportError,
+                          FileNotFoundError)):
+        return " ".join(str(error).split())
+    if isinstance(error, OSError) and error.errno in _USER_ERRNOS:
+        where = f" ({error.filename})" if error.filename else ""
+        return f"{error.strerror}{where}; {_USER_ERRNOS[error.errno]}"
+    return None
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
+    """Run one ``anfast`` command; a user error prints one line and returns 2 (``--debug``:
+    raise it with its traceback)."""
     args = build_parser().parse_args(argv)
-    return args.func(args) or 0
+    try:
+        return args.func(args) or 0
+    except Exception as error:
+        message = _user_error(error)
+        if message is None or args.debug:
+            raise
+        print(f"anfast {args.command}: error: {message} (--debug shows the traceback)", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

@@ -19,7 +19,10 @@ from PIL import Image
 
 from anfast.data import DataLayoutError
 from anfast.train.build import has_apex
-from anfast.train.checkpoint import get_rng_state, load_checkpoint, save_checkpoint, set_rng_state
+import anfast.cli
+from anfast.train.checkpoint import (CheckpointError, get_rng_state, load_checkpoint,
+                                     load_training_checkpoint, previous_checkpoint, save_checkpoint,
+                                     set_rng_state)
 from anfast.train.cli import add_train_arguments, config_from_args, main
 from anfast.train.config import ConfigError, TrainConfig
 from anfast.train.loop import fit
@@ -103,6 +106,60 @@ def test_bad_alpha_is_rejected_before_anything_runs(tmp_path, alpha, message):
         _parse(["--alpha", alpha, "--out", str(tmp_path / "run")]).validate()
 
 
+def _one_line_error(argv, capsys) -> str:
+    """Run `anfast ARGV`: it must fail with exit status 2 and one line on stderr."""
+    assert anfast.cli.main(argv) == 2
+    captured = capsys.readouterr()
+    lines = captured.err.strip().splitlines()
+    assert len(lines) == 1 and "Traceback" not in captured.err, captured.err
+    return lines[0]
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--alpha", "inf"], "alpha=inf: give a finite number"),
+    (["--alpha", "2,nan"], "alpha=nan: give a finite number"),
+    (["--warmup-epochs", "nan"], "warmup_epochs=nan: give a finite number"),
+    (["--lr", "inf"], "lr=inf: give a finite number"),
+    (["--weight-decay", "-1"], "weight_decay=-1.0 must be >= 0"),
+    (["--momentum", "nan"], "momentum=nan: give a finite number"),
+])
+def test_non_finite_and_out_of_range_flags_are_one_line_errors(tmp_path, capsys, flags, message):
+    line = _one_line_error(["train", "--out", str(tmp_path / "run"), *flags], capsys)
+    assert line.startswith("anfast train: error: ") and message in line, line
+    assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("yaml_text, message", [
+    ('epochs: "one"\n', "epochs='one' is not a whole number"),
+    ("epochs: 2.5\n", "epochs=2.5 must be a whole number"),
+    ("alpha: .inf\n", "alpha=inf: give a finite number"),
+    ("warmup_epochs: .nan\n", "warmup_epochs=nan: give a finite number"),
+    ("lr: [1]\n", "lr=[1] is not a number"),
+    ("ema: maybe\n", "ema='maybe' must be true or false"),
+    ("epochs:\n", "epochs is missing a value"),
+])
+def test_bad_yaml_values_are_one_line_errors(tmp_path, capsys, yaml_text, message):
+    yaml_file = tmp_path / "run.yaml"
+    yaml_file.write_text(yaml_text)
+    line = _one_line_error(["train", "--config", str(yaml_file), "--out", str(tmp_path / "run")], capsys)
+    assert message in line, line
+
+
+def test_yaml_numbers_are_normalised(tmp_path):
+    yaml_file = tmp_path / "run.yaml"
+    # YAML 1.1 reads 1e-3 (no dot) as text; 2.0 is a whole number of epochs.
+    yaml_file.write_text("lr: 1e-3\nepochs: 2.0\n")
+    config = _parse(["--config", str(yaml_file)]).validate()
+    assert config.lr == 0.001 and config.epochs == 2 and isinstance(config.epochs, int)
+
+
+def test_arch_config_with_an_infinite_alpha_is_refused(tmp_path, capsys):
+    arch = tmp_path / "arch.json"
+    arch.write_text('{"groups": {"layer1.0.conv1": 1e999}}')  # json reads 1e999 as inf
+    line = _one_line_error(["train", "--arch-config", str(arch), "--out", str(tmp_path / "run")], capsys)
+    assert f"--arch-config {arch}: \"groups\" must map group names to finite numbers >= 1" in line
+
+
 def test_missing_data_path_fails_with_exit_code_2(tmp_path, capsys):
     missing = tmp_path / "no-such-data"
     assert main(["--data", str(missing), "--out", str(tmp_path / "run")]) == 2
@@ -171,9 +228,67 @@ _WRITER = textwrap.dedent("""
     while True:
         version += 1
         # ~8 MB so a write takes long enough to be hit mid-way.
-        save_checkpoint({"version": version, "weights": torch.full((2_000_000,), float(version))}, path)
+        save_checkpoint({"version": version, "weights": torch.full((2_000_000,), float(version))}, path,
+                        keep_previous=True)
         print(version, flush=True)
 """)
+
+
+def test_damaged_checkpoints_name_the_file_the_previous_one_and_the_fix(tmp_path):
+    path = tmp_path / "checkpoints" / "last.pt"
+    path.parent.mkdir()
+    path.write_bytes(b"")
+    with pytest.raises(CheckpointError, match=rf"^{path} is damaged \(zero bytes\); there is no "
+                                              rf"previous checkpoint; restart with --overwrite$"):
+        load_training_checkpoint(path)
+
+    for version in (1, 2):
+        save_checkpoint({"version": version}, path, keep_previous=True)
+    previous = previous_checkpoint(path)
+    assert load_checkpoint(previous)["version"] == 1 and load_checkpoint(path)["version"] == 2
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+    with pytest.raises(CheckpointError, match=rf"^{path} is damaged \({len(data) // 2} bytes, "
+                                              rf"unreadable: .*\); the previous checkpoint is "
+                                              rf"{previous}; restart with --resume {previous} or "
+                                              rf"--overwrite$"):
+        load_checkpoint(path)
+
+    torch.save({"state_dict": {}}, path)  # a torch file, but not one anfast train wrote
+    with pytest.raises(CheckpointError, match=r"is damaged \(not an anfast training checkpoint: no "
+                                              r"\['model', 'optimizer'"):
+        load_training_checkpoint(path)
+
+
+class _Payload:
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (open, (str(self.marker), "w"))
+
+
+def test_a_pickle_with_code_is_refused_as_unsafe_and_never_run(tmp_path):
+    path, marker = tmp_path / "evil.pt", tmp_path / "executed"
+    torch.save({"model": _Payload(marker)}, path)
+    with pytest.raises(CheckpointError) as error:
+        load_checkpoint(path)
+    message = str(error.value)
+    assert message.startswith(f"{path} was refused as unsafe: it holds a Python object (")
+    assert "weights_only" not in message
+    assert not marker.exists()
+
+
+def test_resume_from_a_zero_byte_checkpoint_is_one_line(tmp_path, capsys):
+    data = make_image_folder(tmp_path / "data")
+    run_dir = tmp_path / "run"
+    (run_dir / "checkpoints").mkdir(parents=True)
+    (run_dir / "checkpoints" / "last.pt").write_bytes(b"")
+    config = tiny_config(data, run_dir)
+    line = _one_line_error(["train", "--data", config.data, "--out", config.out, "--image-size", "16",
+                            "--workers", "0", "--loader", "torch", "--device", "cpu",
+                            "--batch-size", "8", "--resume", "auto"], capsys)
+    assert f"{run_dir}/checkpoints/last.pt is damaged (zero bytes)" in line, line
 
 
 def test_kill_9_during_checkpoint_writes_never_leaves_a_corrupt_file(tmp_path):
@@ -190,3 +305,8 @@ def test_kill_9_during_checkpoint_writes_never_leaves_a_corrupt_file(tmp_path):
         state = load_checkpoint(path)
         assert state["weights"].shape == (2_000_000,)
         assert torch.all(state["weights"] == float(state["version"])), f"attempt {attempt}"
+        previous = previous_checkpoint(path)
+        if state["version"] > 1 or previous.exists():  # kept since the second save
+            older = load_checkpoint(previous)
+            assert torch.all(older["weights"] == float(older["version"])), f"attempt {attempt}"
+            assert older["version"] in (state["version"] - 1, state["version"]), f"attempt {attempt}"

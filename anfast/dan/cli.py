@@ -66,6 +66,7 @@ def register(subparsers) -> argparse.ArgumentParser:
     add("--frozen-noise", action="store_true", help="keep one Gumbel noise draw for the whole search (the paper)")
     add("--device", default=_DEFAULTS.device, help="cpu, cuda or cuda:N (default: %(default)s)")
     add("--out", default=_DEFAULTS.out, help="run directory (default: %(default)s)")
+    add("--overwrite", action="store_true", help="replace a search already in --out")
     parser.set_defaults(func=run)
     return parser
 

@@ -33,8 +33,10 @@ from anfast.dan.cost import CostModel
 from anfast.dan.derive import derive, plot_widths, write_arch
 from anfast.dan.gates import ChoiceGates, StudentMasks, entropy, temperature
 from anfast.dan.space import DEFAULT_CHOICES, DanError, SearchSpace
+from anfast.train.config import check_field_types
 from anfast.train.loss import AdjoinedLoss, get_lambda_schedule
 from anfast.train.records import MetricsLog
+from anfast.train.rundir import SEARCH_ARTIFACTS, claim_run_dir
 from anfast.train.schedule import lr_at
 
 __all__ = ["SearchConfig", "SearchResult", "search", "TAU_SCHEDULES"]
@@ -84,6 +86,7 @@ class SearchConfig:
     device: str = "auto"
     seed: int = 0
     out: str = "runs/search"
+    overwrite: bool = False                # replace a search already in `out`
 
     @property
     def target(self) -> dict[str, float]:
@@ -92,6 +95,7 @@ class SearchConfig:
 
     def validate(self) -> "SearchConfig":
         """Check the options that need no data or model; returns self."""
+        check_field_types(self, DanError)
         if (self.target_flops is None) == (self.target_params is None):
             raise DanError("give exactly one target: --target-flops 0.4 or --target-params 0.25 "
                            "(a fraction of the base network's count)")
@@ -159,8 +163,19 @@ def search(config: SearchConfig, *, model: Optional[nn.Module] = None,
     torchvision ``config.arch``. Tests and notebooks may pass ``model`` (an
     nn.Module with ``num_classes`` outputs) and ``train_loader`` (any iterable of
     (images, labels) batches; give ``num_classes`` when it has no ``classes``).
+    RUN_DIR is locked for the search's life and a previous search in it is refused
+    unless ``config.overwrite`` (see anfast.train.rundir).
     """
     config.validate()
+    lock = claim_run_dir(Path(config.out), SEARCH_ARTIFACTS, resume=None, overwrite=config.overwrite)
+    try:
+        return _search(config, model, train_loader, num_classes)
+    finally:
+        lock.release()
+
+
+def _search(config: SearchConfig, model: Optional[nn.Module], train_loader: Optional[Iterable],
+            num_classes: Optional[int]) -> SearchResult:
     torch.manual_seed(config.seed)
     device = _resolve_device(config.device)
     if train_loader is None:

@@ -5,12 +5,20 @@ then renamed over the old one with os.replace (atomic on POSIX), and the directo
 is fsynced so the rename itself is durable. A reader therefore sees the old file or
 the new one, never half of one. Only tensors and plain Python values go in, so
 loading never unpickles arbitrary objects; RNG states are stored as tensors.
+
+``keep_previous`` (used for last.pt) first hard-links the current file as
+last.prev.pt, again through a temp name and a rename, so at every instant both a
+last.pt and (after the second save) a last.prev.pt exist: a file damaged after it was
+written (disk error, a copy cut short) still leaves the checkpoint before it.
 """
 
 from __future__ import annotations
 
 import os
+import pickle
 import random
+import re
+import shutil
 import tempfile
 from pathlib import Path
 from typing import Any, Dict, Union
@@ -18,13 +26,25 @@ from typing import Any, Dict, Union
 import numpy as np
 import torch
 
-__all__ = ["save_checkpoint", "load_checkpoint", "get_rng_state", "set_rng_state",
-           "remove_stale_temp_files"]
+__all__ = ["save_checkpoint", "load_checkpoint", "load_training_checkpoint", "previous_checkpoint",
+           "CheckpointError", "get_rng_state", "set_rng_state", "remove_stale_temp_files"]
 
 _TEMP_SUFFIX = ".tmp"
+# What a resumable training checkpoint holds besides the loop's counters.
+TRAINING_KEYS = ("model", "optimizer", "scaler", "ema", "rng", "config", "classes", "epoch", "step")
 
 
-def save_checkpoint(state: Dict[str, Any], path: Union[str, Path]) -> None:
+class CheckpointError(ValueError):
+    """A checkpoint file that is damaged, unsafe to unpickle, or not an anfast checkpoint."""
+
+
+def previous_checkpoint(path: Union[str, Path]) -> Path:
+    """Where ``save_checkpoint(..., keep_previous=True)`` keeps the file ``path`` replaced."""
+    path = Path(path)
+    return path.with_name(f"{path.stem}.prev{path.suffix}")
+
+
+def save_checkpoint(state: Dict[str, Any], path: Union[str, Path], keep_previous: bool = False) -> None:
     """Atomically write ``state`` to ``path`` (see the module docstring)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -35,6 +55,8 @@ def save_checkpoint(state: Dict[str, Any], path: Union[str, Path]) -> None:
             torch.save(state, file)
             file.flush()
             os.fsync(file.fileno())
+        if keep_previous and path.is_file():
+            _link_atomically(path, previous_checkpoint(path))
         os.replace(temp_name, path)
     except BaseException:
         Path(temp_name).unlink(missing_ok=True)
@@ -46,14 +68,67 @@ def save_checkpoint(state: Dict[str, Any], path: Union[str, Path]) -> None:
         os.close(dir_fd)
 
 
+def _link_atomically(source: Path, target: Path) -> None:
+    """Make ``target`` name the file ``source`` names, replacing any old ``target`` in one rename."""
+    temp = target.with_name(f".{target.name}.link{_TEMP_SUFFIX}")
+    temp.unlink(missing_ok=True)
+    try:
+        os.link(source, temp)
+    except OSError:  # a file system without hard links
+        shutil.copyfile(source, temp)
+    os.replace(temp, target)
+
+
 def load_checkpoint(path: Union[str, Path], map_location: Union[str, torch.device] = "cpu"
                     ) -> Dict[str, Any]:
-    """Load a checkpoint written by ``save_checkpoint``, tensors and plain values only."""
+    """Load a checkpoint written by ``save_checkpoint``, tensors and plain values only.
+
+    Raises CheckpointError naming the file, the previous checkpoint and the fix when
+    the file is damaged (empty, truncated, not a torch file) or holds Python objects
+    that ``weights_only`` refuses; those are never unpickled.
+    """
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint {path} does not exist; pass a checkpoint file, or "
                                 f"--resume auto to start fresh when there is none")
-    return torch.load(path, map_location=map_location, weights_only=True)
+    try:
+        state = torch.load(path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as error:
+        refused = re.search(r"unsupported GLOBAL (\S+)", str(error))
+        if "Weights only load failed" not in str(error):
+            raise _damaged(path, f"{type(error).__name__}: {error}") from None
+        raise CheckpointError(
+            f"{path} was refused as unsafe: it holds a Python object "
+            f"({refused.group(1) if refused else 'not a tensor or plain value'}) that loading "
+            f"would have to execute, and anfast checkpoints never do; use a checkpoint written "
+            f"by anfast train") from None
+    except Exception as error:  # noqa: BLE001 - torch reports damage as EOFError, OSError, KeyError, RuntimeError
+        size = path.stat().st_size
+        raise _damaged(path, "zero bytes" if size == 0 else
+                       f"{size} bytes, unreadable: {type(error).__name__} {str(error)[:200]!r}"
+                       ) from None
+    if not isinstance(state, dict):
+        raise _damaged(path, f"holds a {type(state).__name__}, not an anfast checkpoint")
+    return state
+
+
+def load_training_checkpoint(path: Union[str, Path], map_location: Union[str, torch.device] = "cpu"
+                             ) -> Dict[str, Any]:
+    """``load_checkpoint``, then check it holds everything ``anfast train --resume`` restores."""
+    state = load_checkpoint(path, map_location)
+    missing = [key for key in TRAINING_KEYS if key not in state]
+    if missing:
+        raise _damaged(Path(path), f"not an anfast training checkpoint: no {missing}")
+    return state
+
+
+def _damaged(path: Path, reason: str) -> CheckpointError:
+    previous = previous_checkpoint(path)
+    if previous.is_file():
+        fix = f"the previous checkpoint is {previous}; restart with --resume {previous} or --overwrite"
+    else:
+        fix = "there is no previous checkpoint; restart with --overwrite"
+    return CheckpointError(f"{path} is damaged ({reason}); {fix}")
 
 
 def remove_stale_temp_files(directory: Union[str, Path]) -> None:

@@ -15,7 +15,7 @@ from typing import List, Optional
 
 from anfast.train.config import (AMP_CHOICES, LAMBDA_SCHEDULE_CHOICES, LOADER_CHOICES,
                                  OPTIMIZER_CHOICES, POLICY_CHOICES,
-                                 ConfigError, TrainConfig, load_config)
+                                 TrainConfig, load_config)
 
 __all__ = ["register", "add_train_arguments", "config_from_args", "main"]
 
@@ -69,6 +69,9 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
     add("--out", help=f"run directory {_default('out')}")
     add("--resume", help="checkpoint to continue from, or 'auto' (RUN_DIR/checkpoints/last.pt "
                          "when it exists, else a fresh start)")
+    add("--overwrite", action="store_true", default=None,
+        help="replace the run already in --out (its checkpoints, metrics, exports); without it "
+             "and without --resume, train refuses a run directory that holds a run")
     add("--seed", type=int, help=_default("seed"))
     add("--ema", action=argparse.BooleanOptionalAction,
         help=f"keep an EMA of the weights; evaluate and export it {_default('ema')}")
@@ -93,12 +96,13 @@ def _fail(command: str, error: Exception) -> int:
 
 
 def run_train(args: argparse.Namespace) -> int:
-    from anfast.data import DataLayoutError
+    """`anfast train`; ConfigError, DataLayoutError and other user errors reach anfast.cli.main,
+    which prints them in one line."""
     from anfast.train.loop import NonFiniteLossError, fit
 
     try:
         summary = fit(config_from_args(args))
-    except (ConfigError, DataLayoutError, ImportError) as error:
+    except ImportError as error:
         return _fail("train", error)
     except NonFiniteLossError as error:
         print(f"anfast train: {error}", file=sys.stderr)
@@ -109,13 +113,12 @@ def run_train(args: argparse.Namespace) -> int:
 
 
 def run_eval(args: argparse.Namespace) -> int:
-    from anfast.data import DataLayoutError
     from anfast.train.export import evaluate_run
 
     try:
         evaluate_run(args.run_dir, data=args.data, checkpoint=args.checkpoint,
                      batch_size=args.batch_size, workers=args.workers, device=args.device)
-    except (ConfigError, DataLayoutError, FileNotFoundError, ImportError) as error:
+    except ImportError as error:
         return _fail("eval", error)
     return 0
 
@@ -125,7 +128,7 @@ def run_export(args: argparse.Namespace) -> int:
 
     try:
         written = export_run(args.run_dir, checkpoint=args.checkpoint, onnx=args.onnx)
-    except (ConfigError, FileNotFoundError, ImportError) as error:
+    except ImportError as error:
         return _fail("export", error)
     print(json.dumps({name: str(path) for name, path in written.items()}, indent=2))
     return 0
@@ -170,8 +173,7 @@ def register(subparsers) -> None:
 
 
 def main(argv: Optional[List[str]] = None) -> int:
-    """`python -m anfast.train [options]`: the train command on its own."""
-    parser = argparse.ArgumentParser(prog="python -m anfast.train",
-                                     description="Train an adjoined network; see `anfast train -h`.")
-    add_train_arguments(parser)
-    return run_train(parser.parse_args(argv))
+    """`python -m anfast.train [options]`: `anfast train [options]`, with its error handling."""
+    from anfast.cli import main as anfast_main
+
+    return anfast_main(["train", *(sys.argv[1:] if argv is None else argv)])

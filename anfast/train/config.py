@@ -9,14 +9,16 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
+import typing
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Dict, Optional, Tuple, Union
+from typing import Any, Dict, Optional, Tuple, Type, Union
 
 import yaml
 
 __all__ = ["TrainConfig", "ConfigError", "parse_alpha", "load_config", "save_config",
-           "load_arch_config", "AMP_CHOICES", "OPTIMIZER_CHOICES", "LOADER_CHOICES",
+           "load_arch_config", "check_field_types", "AMP_CHOICES", "OPTIMIZER_CHOICES", "LOADER_CHOICES",
            "POLICY_CHOICES", "LAMBDA_SCHEDULE_CHOICES"]
 
 AMP_CHOICES = ("auto", "bf16", "fp16", "off")
@@ -64,6 +66,7 @@ class TrainConfig:
     image_size: int = 32
     out: str = "runs/train"
     resume: Optional[str] = None          # checkpoint path, or "auto"
+    overwrite: bool = False               # replace the run already in `out` (see rundir.py)
     seed: int = 0
     ema: bool = False
     ema_decay: float = 0.999
@@ -90,10 +93,11 @@ class TrainConfig:
 
     def validate(self) -> "TrainConfig":
         """Check the options that need no data or model; returns self."""
+        check_field_types(self, ConfigError)
         if not self.alpha:
             raise ConfigError("alpha is empty; give one width divisor, e.g. --alpha 4")
         for alpha in self.alpha:
-            if not alpha >= 1:
+            if not (math.isfinite(alpha) and alpha >= 1):
                 raise ConfigError(
                     f"alpha={alpha:g}: a student is the base's width divided by alpha, so "
                     f"alpha must be >= 1 (e.g. --alpha 4, or --alpha 2,4 for nested students)")
@@ -110,6 +114,14 @@ class TrainConfig:
                 raise ConfigError(f"{name}={getattr(self, name)} must be >= 1")
         if self.lr <= 0:
             raise ConfigError(f"lr={self.lr} must be > 0")
+        if not 0 <= self.min_lr <= self.lr:
+            raise ConfigError(f"min_lr={self.min_lr} must be in [0, lr={self.lr}]")
+        if not 0 <= self.momentum <= 1:
+            raise ConfigError(f"momentum={self.momentum} must be in [0, 1]")
+        if self.weight_decay < 0:
+            raise ConfigError(f"weight_decay={self.weight_decay} must be >= 0")
+        if self.seed < 0:
+            raise ConfigError(f"seed={self.seed} must be >= 0")
         if self.warmup_epochs < 0:
             raise ConfigError(f"warmup_epochs={self.warmup_epochs} must be >= 0")
         if self.clip_grad is not None and self.clip_grad <= 0:
@@ -126,7 +138,54 @@ class TrainConfig:
                               f"for the built-in dataset")
         if self.arch_config is not None:
             load_arch_config(self.arch_config)
+        if self.overwrite and self.resume is not None and (
+                self.resume == "auto" or Path(self.resume).resolve().is_relative_to(Path(self.out).resolve())):
+            raise ConfigError(f"--resume {self.resume} continues the run in --out {self.out} and "
+                              f"--overwrite deletes it; give one of the two")
         return self
+
+
+def check_field_types(config: Any, error: Type[Exception]) -> None:
+    """Check and normalise every field of the dataclass ``config`` against its annotation.
+
+    One rule for the command line, YAML and Python callers: numbers must be finite,
+    integer options whole (2.0 becomes 2; a numeric string such as YAML's ``1e-3``,
+    which YAML 1.1 reads as text, becomes its number), booleans real booleans, text
+    text; ``None`` only where the field is Optional. Raises ``error`` naming the field.
+    """
+    hints = typing.get_type_hints(type(config))
+    for field in dataclasses.fields(config):
+        name, value = field.name, getattr(config, field.name)
+        kinds = typing.get_args(hints[name]) if typing.get_origin(hints[name]) is Union else (hints[name],)
+        if value is None:
+            if type(None) not in kinds:
+                raise error(f"{name} is missing a value; give one (default: {field.default!r})")
+            continue
+        kind = next(k for k in kinds if k is not type(None))
+        if kind in (int, float):
+            setattr(config, name, _number(name, value, kind, error))
+        elif typing.get_origin(kind) is tuple:
+            setattr(config, name, tuple(_number(name, item, float, error) for item in value))
+        elif kind in (bool, str) and not isinstance(value, kind):
+            raise error(f"{name}={value!r} must be {'true or false' if kind is bool else 'text'}")
+
+
+def _number(name: str, value: Any, kind: type, error: Type[Exception]) -> Union[int, float]:
+    what = "a whole number" if kind is int else "a number"
+    if isinstance(value, str):
+        try:
+            value = float(value.strip())
+        except ValueError:
+            raise error(f"{name}={value!r} is not {what}") from None
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise error(f"{name}={value!r} is not {what}")
+    if not math.isfinite(value):
+        raise error(f"{name}={value}: give a finite number")
+    if kind is int:
+        if value != int(value):
+            raise error(f"{name}={value} must be a whole number")
+        return int(value)
+    return float(value)
 
 
 def _check_choice(name: str, value: str, choices) -> None:
@@ -159,8 +218,10 @@ def load_arch_config(path: str) -> Dict[str, float]:
     if isinstance(groups, dict):  # `anfast search` writes {"<group>": {"alpha": a, "channels": C, "width": w}}
         groups = {name: entry.get("alpha") if isinstance(entry, dict) else entry for name, entry in groups.items()}
     if not isinstance(groups, dict) or not all(
-            isinstance(alpha, (int, float)) and alpha >= 1 for alpha in groups.values()):
-        raise ConfigError(f"--arch-config {path}: \"groups\" must map group names to numbers >= 1")
+            isinstance(alpha, (int, float)) and not isinstance(alpha, bool) and math.isfinite(alpha)
+            and alpha >= 1 for alpha in groups.values()):
+        raise ConfigError(f"--arch-config {path}: \"groups\" must map group names to finite "
+                          f"numbers >= 1")
     return {str(name): float(alpha) for name, alpha in groups.items()}
 
 
@@ -177,4 +238,5 @@ def load_config(path: str) -> Dict[str, Any]:
 
 def save_config(config: TrainConfig, path: Path) -> None:
     """Write the resolved config as YAML (loadable with ``--config``)."""
-    path.write_text(yaml.safe_dump(config.to_dict(), sort_keys=False))
+    # Reused with --config for another --out, a saved `overwrite: true` would delete that run.
+    path.write_text(yaml.safe_dump({**config.to_dict(), "overwrite": False}, sort_keys=False))

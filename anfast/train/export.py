@@ -16,7 +16,7 @@ import torch
 from torch.optim.swa_utils import AveragedModel
 
 import anfast
-from anfast.train.checkpoint import load_checkpoint
+from anfast.train.checkpoint import load_training_checkpoint
 from anfast.train.config import ConfigError, TrainConfig, load_config
 
 __all__ = ["export_networks", "load_run", "evaluate_run", "export_run"]
@@ -42,7 +42,7 @@ def load_run(run_dir: Union[str, Path], checkpoint: str = "best",
     path = run_dir / "checkpoints" / f"{checkpoint}.pt"
     if not path.is_file() and checkpoint == "best":
         path = run_dir / "checkpoints" / "last.pt"
-    state = load_checkpoint(path, map_location=device)
+    state = load_training_checkpoint(path, map_location=device)
     an = create_adjoined_model(config, len(state["classes"])).to(device)
     if state["ema"] is not None:
         ema = AveragedModel(an, use_buffers=True)

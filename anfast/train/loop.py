@@ -28,8 +28,8 @@ import anfast
 from anfast.data import builtin_dataset, create_loader
 from anfast.train.build import (check_environment, create_adjoined_model, create_optimizer,
                                 resolve_amp_dtype)
-from anfast.train.checkpoint import (get_rng_state, load_checkpoint, remove_stale_temp_files,
-                                     save_checkpoint, set_rng_state)
+from anfast.train.checkpoint import (get_rng_state, load_training_checkpoint,
+                                     remove_stale_temp_files, save_checkpoint, set_rng_state)
 from anfast.train.config import ConfigError, TrainConfig, save_config
 from anfast.train.distributed import (DistributedInfo, all_reduce_sum, any_rank, barrier,
                                       broadcast_buffers, destroy_distributed, init_distributed)
@@ -37,6 +37,7 @@ from anfast.train.evaluate import evaluate
 from anfast.train.export import export_networks
 from anfast.train.loss import AdjoinedLoss, get_lambda_schedule
 from anfast.train.records import MetricsLog, plot_curves
+from anfast.train.rundir import TRAIN_ARTIFACTS, RunDirLock, claim_run_dir
 from anfast.train.schedule import lr_at
 
 __all__ = ["fit", "NonFiniteLossError", "resolve_resume_path"]
@@ -101,9 +102,29 @@ def fit(config: TrainConfig, *, should_stop: Optional[Callable[[int], bool]] = N
     with StopOnSignal() as stop_signal:
         info = init_distributed(config.device)
         try:
-            return _fit(config, info, should_stop, stop_signal)
+            lock = _claim_run_dir(config, info)
+            try:
+                return _fit(config, info, should_stop, stop_signal)
+            finally:
+                if lock is not None:
+                    lock.release()
         finally:
             destroy_distributed()
+
+
+def _claim_run_dir(config: TrainConfig, info: DistributedInfo) -> Optional[RunDirLock]:
+    """Rank 0 locks --out (see rundir.py); every rank stops when it is refused."""
+    refusal, lock = None, None
+    if info.is_main:
+        try:
+            lock = claim_run_dir(Path(config.out), TRAIN_ARTIFACTS, resume=config.resume is not None,
+                                 overwrite=config.overwrite)
+        except ConfigError as error:
+            refusal = error
+    refused, = any_rank([refusal is not None], info.device)
+    if refused:
+        raise refusal or ConfigError(f"--out {config.out}: refused on rank 0 (see its message)")
+    return lock
 
 
 def _fit(config: TrainConfig, info: DistributedInfo, should_stop: Optional[Callable[[int], bool]],
@@ -157,7 +178,7 @@ def _fit(config: TrainConfig, info: DistributedInfo, should_stop: Optional[Calla
              "epoch_loss_sum": 0.0, "epoch_images": 0, "epoch_seconds": 0.0}
     resume_rng = None
     if resume_path is not None:
-        checkpoint = load_checkpoint(resume_path, map_location=device)
+        checkpoint = load_training_checkpoint(resume_path, map_location=device)
         an.load_state_dict(checkpoint["model"])
         optimizer.load_state_dict(checkpoint["optimizer"])
         scaler.load_state_dict(checkpoint["scaler"])
@@ -259,7 +280,7 @@ def _fit(config: TrainConfig, info: DistributedInfo, should_stop: Optional[Calla
         if stopped:
             state["wall_time_s"] += time.perf_counter() - started
             if info.is_main:
-                save_checkpoint(checkpoint_state(), checkpoint_dir / "last.pt")
+                save_checkpoint(checkpoint_state(), checkpoint_dir / "last.pt", keep_previous=True)
                 log.close()
                 _say(info, f"stopped at epoch {epoch + 1}, step {state['step']}; saved "
                            f"{checkpoint_dir / 'last.pt'} (continue with --resume auto)")
@@ -295,7 +316,7 @@ def _fit(config: TrainConfig, info: DistributedInfo, should_stop: Optional[Calla
                        f"{row['images_per_second']:.0f} img/s")
             state_to_save = checkpoint_state()
             state_to_save["wall_time_s"] += time.perf_counter() - started
-            save_checkpoint(state_to_save, checkpoint_dir / "last.pt")
+            save_checkpoint(state_to_save, checkpoint_dir / "last.pt", keep_previous=True)
             if is_best:
                 save_checkpoint(state_to_save, checkpoint_dir / "best.pt")
         barrier()

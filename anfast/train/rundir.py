@@ -1,0 +1,148 @@
+"""One process per run directory, and no run replaced by accident.
+
+``claim_run_dir`` takes an exclusive ``flock`` on RUN_DIR/.anfast.lock for the life
+of the run, so a second ``anfast train`` (or ``search``) on the same --out stops at
+once, naming the holder, instead of interleaving metrics.jsonl and overwriting
+checkpoints. The kernel drops a flock when its holder dies, even by kill -9; the file,
+with the dead holder's pid, host and start time, stays, so the next run takes the lock
+over and says whose it was. A clean exit deletes the file while still holding the lock;
+a process that opened the old file just before then sees, after its flock, that the
+path now names another inode (or none) and tries again, so two processes never hold
+locks on two different files under one name.
+
+A directory that already holds a run's files is refused unless the caller continues
+it (--resume) or replaces it (--overwrite, which deletes only those files).
+"""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import os
+import shutil
+import socket
+import sys
+import time
+from pathlib import Path
+from typing import IO, Optional, Sequence
+
+from anfast.train.config import ConfigError
+
+__all__ = ["RunDirLock", "claim_run_dir", "TRAIN_ARTIFACTS", "SEARCH_ARTIFACTS", "LOCK_NAME"]
+
+LOCK_NAME = ".anfast.lock"
+# What `anfast train` writes into RUN_DIR (glob patterns); --overwrite removes these only.
+TRAIN_ARTIFACTS = ("config.yaml", "metrics.jsonl", "summary.json", "checkpoints", "tensorboard",
+                   "curves.png", "eval.json", "base", "student", "student_*")
+SEARCH_ARTIFACTS = ("search_config.json", "metrics.jsonl", "tensorboard", "arch.json", "widths.png")
+
+
+class RunDirLock:
+    """An exclusive lock on ``run_dir`` held by this process until ``release()``."""
+
+    def __init__(self, run_dir: Path):
+        self.run_dir = Path(run_dir)
+        self.path = self.run_dir / LOCK_NAME
+        self._file: Optional[IO[str]] = None
+        self._created_dir = False
+
+    def acquire(self) -> None:
+        """Take the lock, or raise ConfigError naming the process that holds it."""
+        try:
+            self._created_dir = not self.run_dir.exists()
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            while True:
+                file = open(self.path, "a+")
+                try:
+                    fcntl.flock(file.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+                except BlockingIOError:
+                    holder = _describe(_read(file))
+                    file.close()
+                    raise ConfigError(f"--out {self.run_dir} is in use by another run ({holder}); "
+                                      f"wait for it to end or choose another --out") from None
+                if _same_file(file, self.path):
+                    break
+                # The holder released and deleted this file between our open and flock.
+                file.close()
+        except OSError as error:
+            raise ConfigError(f"--out {self.run_dir}: cannot write there ({error.strerror}); "
+                              f"choose a writable directory") from None
+        previous = _read(file)
+        if previous:
+            print(f"anfast: --out {self.run_dir}: taking over the lock of {_describe(previous)}, "
+                  f"which is no longer running", file=sys.stderr)
+        file.seek(0)
+        file.truncate()
+        file.write(json.dumps({"pid": os.getpid(), "host": socket.gethostname(),
+                               "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+                               "command": " ".join(sys.argv)}) + "\n")
+        file.flush()
+        self._file = file
+
+    def release(self) -> None:
+        """Delete the lock file, unlock, and remove RUN_DIR if this lock created it and it is
+        still empty (a run refused at set-up leaves nothing behind). Safe to call twice."""
+        if self._file is None:
+            return
+        self.path.unlink(missing_ok=True)
+        fcntl.flock(self._file.fileno(), fcntl.LOCK_UN)
+        self._file.close()
+        self._file = None
+        if self._created_dir and not any(self.run_dir.iterdir()):
+            self.run_dir.rmdir()
+
+    def __enter__(self) -> "RunDirLock":
+        self.acquire()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.release()
+
+
+def _read(file: IO[str]) -> str:
+    file.seek(0)
+    return file.read().strip()
+
+
+def _same_file(file: IO[str], path: Path) -> bool:
+    try:
+        return os.stat(path).st_ino == os.fstat(file.fileno()).st_ino
+    except FileNotFoundError:
+        return False
+
+
+def _describe(text: str) -> str:
+    try:
+        holder = json.loads(text)
+        return f"pid {holder['pid']} on {holder['host']}, started {holder['started']}"
+    except (ValueError, KeyError, TypeError):
+        return "a process that left no pid"
+
+
+def claim_run_dir(run_dir: Path, artifacts: Sequence[str], *, resume: Optional[bool], overwrite: bool
+                  ) -> RunDirLock:
+    """Lock ``run_dir``; refuse it when it holds a run that is neither resumed nor overwritten.
+
+    ``resume`` is None for commands that cannot continue a run. With ``overwrite`` the
+    previous run's ``artifacts`` are deleted (after the lock is taken, so a live run is
+    never touched). Returns the held lock; release it at the end.
+    """
+    lock = RunDirLock(run_dir)
+    lock.acquire()
+    try:
+        found = sorted({path for pattern in artifacts for path in Path(run_dir).glob(pattern)})
+        if found and not resume and not overwrite:
+            names = ", ".join(path.name for path in found[:4]) + (", ..." if len(found) > 4 else "")
+            fix = ("continue it with --resume auto, or replace it with --overwrite" if resume is not None
+                   else "replace it with --overwrite, or choose another --out")
+            raise ConfigError(f"--out {run_dir} already holds a run ({names}); {fix}")
+        if overwrite:
+            for path in found:
+                if path.is_dir():
+                    shutil.rmtree(path)
+                else:
+                    path.unlink()
+    except BaseException:
+        lock.release()
+        raise
+    return lock
