@@ -13,6 +13,7 @@ Steps (DESIGN.md section 1):
 
 from __future__ import annotations
 
+import collections
 import copy
 import math
 import operator
@@ -396,8 +397,14 @@ class AdjoinedNetwork(torch.fx.GraphModule):
         return len(self.alphas)
 
     def base_state_dict(self) -> dict[str, torch.Tensor]:
-        """The base network's state, loadable into the original architecture."""
-        return {k: v for k, v in self.state_dict().items() if ".student_norms." not in k}
+        """The base network's state, loadable into the original architecture.
+
+        It carries the original classes' state_dict versions (``_metadata``), which some
+        ``_load_from_state_dict`` methods require (torchvision's MNASNet)."""
+        state = collections.OrderedDict(
+            (k, v) for k, v in self.state_dict().items() if ".student_norms." not in k)
+        state._metadata = self.__dict__["_skeleton"].state_dict()._metadata
+        return state
 
     def load_base_state_dict(self, state_dict: Mapping[str, torch.Tensor]) -> None:
         """Load a checkpoint of the original architecture (a torchvision one, say) into the base."""

@@ -7,21 +7,43 @@ code that expects a torchvision ResNet keeps working.
 
 from __future__ import annotations
 
+import collections
 import json
 import os
+import re
 from pathlib import Path
-from typing import Optional, Union
+from typing import Any, Optional, Union
 
 import torch
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
 
 from anfast.adjoin import AdjoinedNetwork, LayerWidths
 
-__all__ = ["export_student", "export_base", "save_exported", "load_student", "EXPORT_FORMAT"]
+__all__ = ["export_student", "export_base", "save_exported", "load_student", "read_export",
+           "ExportError", "EXPORT_FORMAT"]
 
 EXPORT_FORMAT = "anfast.export/1"
 _WEIGHTS, _CONFIG = "model.safetensors", "config.json"
+
+
+class ExportError(ValueError):
+    """An exported network's files are missing, damaged, or do not describe each other."""
+
+
+# What config.json may hold; anything else is refused, so a tampered file cannot pass
+# arguments through to a constructor. Extend these to add a source type or layer type.
+_CONFIG_KEYS = {"format", "network", "index", "alpha", "source", "layers"}
+_SOURCE_KEYS = {"torchvision": {"torchvision", "kwargs"}, "class": {"class"}}
+_LAYER_KEYS = {
+    "Conv2d": {"in_channels", "out_channels", "kernel_size", "stride", "padding", "dilation", "groups", "bias"},
+    "BatchNorm2d": {"num_features", "eps", "momentum", "affine", "track_running_stats"},
+    "Linear": {"in_features", "out_features", "bias"},
+}
+# Constructor arguments that load weights from somewhere (torchvision's weights /
+# weights_backbone, timm's pretrained / pretrained_cfg / checkpoint_path, URLs, hubs).
+_FETCHING_KWARG = re.compile(r"weight|pretrain|checkpoint|url|download|hub|cache|file|path", re.IGNORECASE)
 
 
 def _layer_spec(module: nn.Module) -> dict:
@@ -84,12 +106,24 @@ def _finish(an: AdjoinedNetwork, model: nn.Module, state: dict, config: dict,
             path: Optional[Union[str, os.PathLike]]) -> nn.Module:
     parameter = next(an.parameters())
     model = model.to_empty(device=parameter.device).to(parameter.dtype)
-    model.load_state_dict({k: v.detach().clone() for k, v in state.items()}, strict=True)
+    _load_state(model, {k: v.detach().clone() for k, v in state.items()})
     model.train(an.training)
     model.anfast_config = config
     if path is not None:
         save_exported(model, path)
     return model
+
+
+def _load_state(model: nn.Module, state: dict) -> None:
+    """``load_state_dict(strict=True)`` under the model's own state_dict versions.
+
+    A plain dict (sliced weights, a safetensors file) has no ``_metadata``, and some
+    classes refuse a state without their version (torchvision's MNASNet raises).
+    The state was made for this very class, so its current versions are the right ones.
+    """
+    state = collections.OrderedDict(state)
+    state._metadata = model.state_dict()._metadata
+    model.load_state_dict(state, strict=True)
 
 
 def export_student(an: AdjoinedNetwork, index: int = 0, path: Optional[Union[str, os.PathLike]] = None) -> nn.Module:
@@ -146,21 +180,174 @@ def load_student(path: Union[str, os.PathLike], model: Optional[nn.Module] = Non
 
     Torchvision architectures are rebuilt from their name. For other classes pass
     ``model``, a freshly constructed instance of the original (base) architecture.
+    config.json is checked against the safetensors header before any weight is
+    allocated (see ``read_export``), and the network is built on the meta device
+    first, so a tampered export can neither fetch weights nor allocate sizes the
+    weight file does not hold; every refusal is an ExportError naming the file and key.
     """
     path = Path(path)
-    if not (path / _CONFIG).is_file() or not (path / _WEIGHTS).is_file():
-        raise FileNotFoundError(f"{path}: expected {_CONFIG} and {_WEIGHTS} written by anfast.export_student")
-    config = json.loads((path / _CONFIG).read_text())
-    if config.get("format") != EXPORT_FORMAT:
-        raise ValueError(f"{path / _CONFIG}: format {config.get('format')!r}, expected {EXPORT_FORMAT!r}")
-    source = config["source"]
+    config, shapes = read_export(path)
+    source, layers = config["source"], config["layers"]
     if model is None:
         if "torchvision" not in source:
-            raise ValueError(f"{path}: the network is a {source.get('class')}; pass model=<a new instance of it>")
+            raise ExportError(f"{path}: the network is a {source.get('class')}; pass model=<a new instance of it>")
         import torchvision
 
-        model = torchvision.models.get_model(source["torchvision"], weights=None, **source["kwargs"])
-    model = _swap_layers(model.to(device), config["layers"], device)
-    model.load_state_dict(load_file(path / _WEIGHTS, device=str(device)), strict=True)
+        def build() -> nn.Module:
+            return torchvision.models.get_model(source["torchvision"], weights=None, **source["kwargs"])
+
+        with torch.device("meta"):
+            _check_against_weights(build(), layers, shapes, path)
+        model = build()  # real sizes only now that they match the file's
+    else:
+        _check_against_weights(model, layers, shapes, path)
+    model = _swap_layers(model.to(device), layers, device)
+    _load_state(model, load_file(path / _WEIGHTS, device=str(device)))
     model.anfast_config = config
     return model.eval()
+
+
+def read_export(path: Union[str, os.PathLike]) -> tuple[dict, dict[str, tuple[int, ...]]]:
+    """(config.json, {tensor name: shape} from the safetensors header) of an export, checked.
+
+    Refuses unknown keys, source types and layer types, constructor kwargs that can
+    fetch weights, and any layer whose declared size differs from its tensors in the
+    header. Reads no tensor data.
+    """
+    path = Path(path)
+    config_file, weights_file = path / _CONFIG, path / _WEIGHTS
+    if not config_file.is_file() or not weights_file.is_file():
+        raise FileNotFoundError(f"{path}: expected {_CONFIG} and {_WEIGHTS} written by anfast.export_student")
+    try:
+        config = json.loads(config_file.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise ExportError(f"{config_file}: not valid JSON ({error}); re-export the network") from None
+    try:
+        with safe_open(str(weights_file), framework="pt") as weights:
+            shapes = {key: tuple(weights.get_slice(key).get_shape()) for key in weights.keys()}
+    except Exception as error:  # noqa: BLE001 - safetensors raises its own and OSError types
+        raise ExportError(f"{weights_file}: not a readable safetensors file ({error}); re-export the network") from None
+    _check_config(config, config_file)
+    for name, spec in config["layers"].items():
+        for key, shape in _layer_shapes(spec).items():
+            found = shapes.get(f"{name}.{key}")
+            if found != shape:
+                raise ExportError(f"{config_file}: layers.{name} declares {name}.{key} of shape {list(shape)}, "
+                                  f"but {weights_file.name} holds "
+                                  f"{list(found) if found is not None else 'no such tensor'}; re-export the network")
+    return config, shapes
+
+
+def _check_config(config: Any, file: Path) -> None:
+    def refuse(key: str, problem: str) -> ExportError:
+        return ExportError(f"{file}: {key}: {problem}")
+
+    if not isinstance(config, dict):
+        raise refuse("(top level)", "expected a JSON object")
+    if config.get("format") != EXPORT_FORMAT:
+        raise refuse("format", f"{config.get('format')!r}, expected {EXPORT_FORMAT!r}")
+    for key in sorted(set(config) - _CONFIG_KEYS):
+        raise refuse(key, f"not a key anfast writes (known: {sorted(_CONFIG_KEYS)})")
+    source = config.get("source")
+    kinds = [kind for kind in _SOURCE_KEYS if isinstance(source, dict) and kind in source]
+    if len(kinds) != 1:
+        raise refuse("source", f"expected an object with exactly one of {sorted(_SOURCE_KEYS)}")
+    for key in sorted(set(source) - _SOURCE_KEYS[kinds[0]]):
+        raise refuse(f"source.{key}", f"not allowed with source type {kinds[0]!r}")
+    if not isinstance(source[kinds[0]], str):
+        raise refuse(f"source.{kinds[0]}", "expected a name (text)")
+    kwargs = source.get("kwargs", {})
+    if not isinstance(kwargs, dict):
+        raise refuse("source.kwargs", "expected an object")
+    for key, value in kwargs.items():
+        if _FETCHING_KWARG.search(key):
+            raise refuse(f"source.kwargs.{key}", "could load weights from outside the export; refused")
+        if not _is_plain(value):
+            raise refuse(f"source.kwargs.{key}", "expected a number, text, true/false, null or a list of them")
+    layers = config.get("layers")
+    if not isinstance(layers, dict):
+        raise refuse("layers", "expected an object {module name: layer spec}")
+    for name, spec in layers.items():
+        kind = spec.get("type") if isinstance(spec, dict) else None
+        if kind not in _LAYER_KEYS:
+            raise refuse(f"layers.{name}.type", f"{kind!r}, expected one of {sorted(_LAYER_KEYS)}")
+        extra, missing = set(spec) - _LAYER_KEYS[kind] - {"type"}, _LAYER_KEYS[kind] - set(spec)
+        if extra or missing:
+            raise refuse(f"layers.{name}", f"a {kind} takes exactly {sorted(_LAYER_KEYS[kind])}; "
+                                           f"unknown {sorted(extra)}, missing {sorted(missing)}")
+        for key, value in spec.items():
+            if key != "type" and not _is_plain(value, text=False):
+                raise refuse(f"layers.{name}.{key}", "expected a number, true/false or a list of numbers")
+        try:
+            _layer_shapes(spec)
+        except (TypeError, ValueError) as error:
+            raise refuse(f"layers.{name}", str(error)) from None
+
+
+def _is_plain(value: Any, text: bool = True) -> bool:
+    if isinstance(value, list):
+        return all(_is_plain(item, text) and not isinstance(item, list) for item in value)
+    return value is None or isinstance(value, (bool, int, float) + ((str,) if text else ()))
+
+
+def _layer_shapes(spec: dict) -> dict[str, tuple[int, ...]]:
+    """The state_dict shapes the layer ``spec`` declares, computed without building it."""
+    def size(value: Any, what: str) -> int:
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"{what}={value!r} must be a positive whole number")
+        return value
+
+    def sizes(key: str) -> tuple[int, ...]:
+        if not isinstance(spec[key], list) or len(spec[key]) != 2:
+            raise ValueError(f"{key}={spec[key]!r} must be a list of two whole numbers")
+        return tuple(size(value, key) for value in spec[key])
+
+    def size_of(key: str) -> int:
+        return size(spec[key], key)
+
+    if spec["type"] == "Conv2d":
+        groups, kernel = size_of("groups"), sizes("kernel_size")
+        if size_of("in_channels") % groups or size_of("out_channels") % groups:
+            raise ValueError(f"groups={groups} must divide in_channels and out_channels")
+        shapes = {"weight": (size_of("out_channels"), size_of("in_channels") // groups, *kernel)}
+        return {**shapes, **({"bias": (size_of("out_channels"),)} if spec["bias"] else {})}
+    if spec["type"] == "Linear":
+        shapes = {"weight": (size_of("out_features"), size_of("in_features"))}
+        return {**shapes, **({"bias": (size_of("out_features"),)} if spec["bias"] else {})}
+    features = (size_of("num_features"),)
+    shapes = {"weight": features, "bias": features} if spec["affine"] else {}
+    if spec["track_running_stats"]:
+        shapes.update(running_mean=features, running_var=features, num_batches_tracked=())
+    return shapes
+
+
+def _check_layer_targets(model: nn.Module, layers: dict, file: Path) -> None:
+    """Each swapped layer replaces a module of its own type that computes what it would."""
+    for name, spec in layers.items():
+        try:
+            original = model.get_submodule(name)
+        except AttributeError:
+            raise ExportError(f"{file}: layers.{name}: the {type(model).__name__} has no such module") from None
+        if not isinstance(original, getattr(nn, spec["type"])):
+            raise ExportError(f"{file}: layers.{name}: a {spec['type']} cannot replace the model's "
+                              f"{type(original).__name__}")
+        if getattr(original, "padding_mode", "zeros") != "zeros":
+            raise ExportError(f"{file}: layers.{name}: the model pads with {original.padding_mode!r}, "
+                              f"the exported layer with zeros; they would compute different outputs")
+
+
+def _check_against_weights(model: nn.Module, layers: dict, shapes: dict[str, tuple[int, ...]],
+                           path: Path) -> None:
+    """``model`` with ``layers`` swapped in has exactly the tensors of the safetensors header."""
+    _check_layer_targets(model, layers, path / _CONFIG)
+    expected = {key: tuple(value.shape) for key, value in model.state_dict().items()
+                if not any(key.startswith(f"{name}.") for name in layers)}
+    for name, spec in layers.items():
+        expected.update({f"{name}.{key}": shape for key, shape in _layer_shapes(spec).items()})
+    file = path / _WEIGHTS
+    for key in sorted(set(expected) | set(shapes)):
+        if expected.get(key) != shapes.get(key):
+            model_has = list(expected[key]) if key in expected else "no such tensor"
+            file_has = list(shapes[key]) if key in shapes else "no such tensor"
+            raise ExportError(f"{file}: {key}: the network config.json describes has {model_has}, "
+                              f"the file holds {file_has}; the export is damaged or was edited")
