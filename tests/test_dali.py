@@ -208,3 +208,52 @@ def test_one_checkpoint_evaluates_alike_through_both_loaders(trained_runs):
                                           metrics["dali"]["students"][0])):
         assert abs(torch_row["top1"] - dali_row["top1"]) <= 0.005, f"{network}: {torch_row} vs {dali_row}"
         assert torch_row["loss"] == pytest.approx(dali_row["loss"], rel=0.02, abs=1e-3), network
+
+
+# ---------------------------------------------------------------- PIL modes
+
+def _mode_images(rng):
+    grey = rng.integers(0, 256, (9, 11)).astype(np.uint8)
+    alpha = rng.integers(0, 256, (9, 11)).astype(np.uint8)
+    rgb = rng.integers(0, 256, (9, 11, 3)).astype(np.uint8)
+    palette_transparent = Image.fromarray(rgb).quantize(16)
+    palette_transparent.info["transparency"] = 3
+    return {
+        "L.png": Image.fromarray(grey),
+        "1.png": Image.fromarray(grey > 127),
+        "I16.png": Image.fromarray(rng.integers(0, 65536, (9, 11)).astype(np.uint16)),
+        "I16.tif": Image.fromarray(rng.integers(0, 65536, (9, 11)).astype(np.uint16)),
+        "P.png": Image.fromarray(rgb).quantize(16),
+        "P_transparency.png": palette_transparent,
+        "LA.png": Image.merge("LA", [Image.fromarray(grey), Image.fromarray(alpha)]),
+        "RGBA.png": Image.fromarray(np.dstack([rgb, alpha])),
+        "CMYK.jpg": Image.frombytes("CMYK", (11, 9), np.dstack([rgb, alpha]).tobytes()),
+    }
+
+
+def test_torch_loader_decodes_every_pil_mode_like_dali(tmp_path):
+    from nvidia.dali import fn, pipeline_def, types
+
+    from anfast.data.torch_loader import load_rgb
+
+    images = _mode_images(np.random.default_rng(0))
+    for name, image in images.items():
+        image.save(tmp_path / name, **({"quality": 100} if name.endswith(".jpg") else {}))
+    paths = [str(tmp_path / name) for name in images]
+
+    # The decoder and options of anfast.data.dali's pipelines, on DALI's CPU backend.
+    @pipeline_def(batch_size=len(paths), num_threads=1, device_id=None)
+    def decode():
+        encoded, _ = fn.readers.file(files=paths)
+        return fn.decoders.image(encoded, device="cpu", output_type=types.RGB, adjust_orientation=False)
+
+    pipeline = decode()
+    pipeline.build()
+    decoded, = pipeline.run()
+    for index, name in enumerate(images):
+        with Image.open(paths[index]) as image:
+            mode = image.mode
+        dali_pixels = np.asarray(decoded[index]).astype(np.int64)
+        torch_pixels = np.asarray(load_rgb(paths[index])).astype(np.int64)
+        worst = int(np.abs(dali_pixels - torch_pixels).max())
+        assert worst <= 1, f"{name} (PIL mode {mode}): torch and DALI differ by {worst} grey levels"

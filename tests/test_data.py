@@ -272,3 +272,46 @@ def test_data_check_command(indexed, tmp_path, monkeypatch, capsys):
     assert check_command(root / "val" / "cat", progress=False) == 1, "a plain folder is scanned recursively"
     with pytest.raises(SystemExit, match="is not a folder"):
         check_command(root / "missing")
+
+
+def test_data_check_reports_what_train_would_refuse(tmp_path, monkeypatch, capsys):
+    import anfast.cli
+
+    monkeypatch.setenv("ANFAST_DATA_HOME", str(tmp_path / "home"))
+    root = tmp_path / "data"
+    make_indexed_folder(root, {"ant": (2, 2), "bee": (2, 0), "cat": (0, 2)})
+    (root / "train" / "dog").mkdir()
+    # bee has no val images, cat no train images: scan_split refuses the first empty
+    # folder; the check lists all of them and the class mismatch, and keeps going.
+    assert anfast.cli.main(["data", "check", str(root)]) == 1
+    report = capsys.readouterr().out
+    assert "Traceback" not in report
+    for folder in ("train/cat", "train/dog", "val/bee"):
+        assert f"layout: class folder {root / folder} holds no image" in report, report
+    assert ("layout: train/ and val/ hold different class folders (only in train/: ['dog'], "
+            "only in val/: []); both splits need the same classes") in report
+    assert "train: 4 images, 0 unreadable" in report
+    assert f"4 layout problem(s): `anfast train --data {root}` refuses this folder" in report
+
+    import shutil
+    shutil.rmtree(root / "val")
+    assert anfast.cli.main(["data", "check", str(root)]) == 1
+    assert f"layout: {root / 'val'} is missing" in capsys.readouterr().out
+
+
+def test_16_bit_grey_is_scaled_to_8_bits_as_dali_does(tmp_path):
+    from anfast.data.check import probe_image
+    from anfast.data.torch_loader import load_rgb
+
+    values = np.array([[0, 128, 129, 257], [32896, 32767, 65534, 65535]], dtype=np.uint16)
+    Image.fromarray(values).save(tmp_path / "grey16.png")
+    with Image.open(tmp_path / "grey16.png") as image:
+        assert image.mode == "I;16"
+    rgb = np.asarray(load_rgb(tmp_path / "grey16.png"))
+    expected = np.array([[0, 0, 1, 1], [128, 127, 255, 255]])  # round(v / 257), by hand
+    assert rgb.shape == (2, 4, 3) and (rgb == expected[..., None]).all()
+
+    Image.fromarray(values.astype(np.int32)).save(tmp_path / "grey32.tif")
+    with pytest.raises(ValueError, match="TIFF with 32-bit samples"):
+        load_rgb(tmp_path / "grey32.tif")
+    assert "TIFF with 32-bit samples (mode I), which DALI cannot decode" in probe_image(str(tmp_path / "grey32.tif"))

@@ -4,6 +4,7 @@ before the first training step."""
 from __future__ import annotations
 
 import argparse
+import errno
 import math
 import random
 import signal
@@ -258,6 +259,24 @@ def test_damaged_checkpoints_name_the_file_the_previous_one_and_the_fix(tmp_path
     with pytest.raises(CheckpointError, match=r"is damaged \(not an anfast training checkpoint: no "
                                               r"\['model', 'optimizer'"):
         load_training_checkpoint(path)
+
+
+def test_a_full_disk_keeps_the_old_checkpoint_and_is_one_line(tmp_path, monkeypatch):
+    path = tmp_path / "checkpoints" / "last.pt"
+    save_checkpoint({"version": 1}, path)
+
+    def full_disk(fd):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr("os.fsync", full_disk)
+    with pytest.raises(OSError) as error:
+        save_checkpoint({"version": 2}, path, keep_previous=True)
+    monkeypatch.undo()
+    assert error.value.filename == str(path)
+    assert anfast.cli._user_error(error.value) == (f"No space left on device ({path}); free disk "
+                                                   f"space or choose another --out")
+    assert load_checkpoint(path)["version"] == 1
+    assert sorted(p.name for p in path.parent.iterdir()) == ["last.pt"]  # no temp file left
 
 
 class _Payload:

@@ -19,16 +19,40 @@ import os
 import pathlib
 from dataclasses import dataclass
 
+import numpy as np
 from PIL import Image
 from tqdm import tqdm
 
 from anfast.data.builtin import default_data_home
 
-__all__ = ["ScanResult", "find_unreadable", "probe_image"]
+__all__ = ["ScanResult", "find_unreadable", "probe_image", "to_rgb"]
 
-_CACHE_VERSION = 1
+_CACHE_VERSION = 2  # 2: TIFFs with 32-bit samples count as unreadable
 # Below this many files a process pool costs more to start than it saves.
 _PARALLEL_THRESHOLD = 512
+
+
+# Integer grey modes wider than 8 bits: PIL's convert("RGB") clips them at 255 (a 16-bit
+# PNG turns white), where DALI scales 0..65535 to 0..255.
+_WIDE_GREY_MODES = ("I;16", "I;16B", "I;16L", "I;16N", "I")
+
+
+def to_rgb(image: Image.Image) -> Image.Image:
+    """``image`` as 8-bit RGB, the way DALI's image decoder (``output_type=RGB``) makes it.
+
+    Measured against DALI's CPU decoder on generated files: 16-bit grey becomes
+    round(v / 257); alpha (LA, RGBA, palette transparency) is dropped, not composited;
+    palette, 1-bit, grey and CMYK convert as PIL converts them (CMYK within one grey
+    level). tests/test_dali.py checks each mode. DALI fails on, or garbles, TIFFs with
+    32-bit samples, so both loaders refuse those (ValueError).
+    """
+    if image.format == "TIFF" and image.mode in ("I", "F"):
+        raise ValueError(f"TIFF with 32-bit samples (mode {image.mode}), which DALI cannot decode; "
+                         f"save it with 8 or 16 bits per sample")
+    if image.mode in _WIDE_GREY_MODES:
+        grey = np.clip(np.rint(np.asarray(image, dtype=np.float64) / 257), 0, 255).astype(np.uint8)
+        return Image.fromarray(grey).convert("RGB")
+    return image.convert("RGB")
 
 
 @dataclass(frozen=True)
@@ -48,7 +72,7 @@ def probe_image(path: str) -> str | None:
             image.verify()
         with Image.open(path) as image:
             image.draft("RGB", (max(1, image.width // 8), max(1, image.height // 8)))
-            image.convert("RGB")
+            to_rgb(image)
     except Exception as error:  # noqa: BLE001 - any failure means "DALI must not see this file"
         return f"{type(error).__name__}: {error}"
     return None

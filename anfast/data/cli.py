@@ -8,7 +8,7 @@ import pathlib
 
 from anfast.data.builtin import builtin_dataset
 from anfast.data.check import find_unreadable
-from anfast.data.folder import IMAGE_EXTENSIONS, SPLITS, scan_split
+from anfast.data.folder import IMAGE_EXTENSIONS, SPLITS, DataLayoutError, layout_problems, scan_split
 
 __all__ = ["builtin_command", "check_command", "register"]
 
@@ -34,14 +34,22 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     builtin.set_defaults(func=lambda args: builtin_command(args.root, seed=args.seed))
 
 
+def _image_files(directory: pathlib.Path) -> list[str]:
+    return sorted(str(path) for path in directory.rglob("*")
+                  if path.is_file() and path.name.lower().endswith(IMAGE_EXTENSIONS))
+
+
 def _image_groups(directory: pathlib.Path) -> dict[str, list[str]]:
-    # A split is scanned as the loaders list it, so the cached result is the one they look up.
-    splits = [split for split in SPLITS if (directory / split).is_dir()]
-    if splits:
-        return {split: scan_split(directory, split).paths for split in splits}
-    files = sorted(str(path) for path in directory.rglob("*")
-                   if path.is_file() and path.name.lower().endswith(IMAGE_EXTENSIONS))
-    return {str(directory): files}
+    # A split is scanned as the loaders list it, so the cached result is the one they look up;
+    # a split whose layout is refused (reported separately) still has its files checked.
+    groups = {}
+    for split in SPLITS:
+        if (directory / split).is_dir():
+            try:
+                groups[split] = scan_split(directory, split).paths
+            except DataLayoutError:
+                groups[split] = _image_files(directory / split)
+    return groups or {str(directory): _image_files(directory)}
 
 
 def check_command(directory: str | os.PathLike, *, workers: int = 1, progress: bool = True) -> int:
@@ -49,6 +57,10 @@ def check_command(directory: str | os.PathLike, *, workers: int = 1, progress: b
     directory = pathlib.Path(directory).expanduser()
     if not directory.is_dir():
         raise SystemExit(f"anfast data check: {directory} is not a folder")
+    # A dataset root (train/ or val/ present) must also have the layout `anfast train` needs.
+    problems = layout_problems(directory) if any((directory / s).is_dir() for s in SPLITS) else []
+    for problem in problems:
+        print(f"layout: {problem}")
     total_bad = 0
     for name, paths in _image_groups(directory).items():
         if not paths:
@@ -63,7 +75,10 @@ def check_command(directory: str | os.PathLike, *, workers: int = 1, progress: b
     if total_bad:
         print(f"{total_bad} unreadable file(s): the DALI loader leaves them out, the torch loader skips them "
               "with a warning; delete or replace them to train on every image")
-    return 1 if total_bad else 0
+    if problems:
+        print(f"{len(problems)} layout problem(s): `anfast train --data {directory}` refuses this folder "
+              f"until they are fixed")
+    return 1 if total_bad or problems else 0
 
 
 def builtin_command(root: str | os.PathLike | None = None, *, seed: int = 0) -> int:

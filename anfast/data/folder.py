@@ -20,6 +20,8 @@ __all__ = [
     "SPLITS",
     "DataLayoutError",
     "ImageList",
+    "class_mismatch",
+    "layout_problems",
     "scan_split",
     "shard_indices",
     "val_resize_size",
@@ -89,6 +91,39 @@ def scan_split(root: str | os.PathLike, split: str) -> ImageList:
                                   f"({', '.join(IMAGE_EXTENSIONS)}); add images or remove the folder")
         samples.extend((path, label) for path in files)
     return ImageList(split_dir, classes, samples)
+
+
+def class_mismatch(train_classes: list[str], val_classes: list[str]) -> str | None:
+    """What differs between the class folders of train/ and val/, naming them; None when equal."""
+    if list(train_classes) == list(val_classes):
+        return None
+    only_train = sorted(set(train_classes) - set(val_classes))
+    only_val = sorted(set(val_classes) - set(train_classes))
+    return (f"train/ and val/ hold different class folders (only in train/: {only_train[:10]}, "
+            f"only in val/: {only_val[:10]}); both splits need the same classes")
+
+
+def layout_problems(root: str | os.PathLike) -> list[str]:
+    """Every reason the loaders would refuse ``root`` (each split's ``scan_split`` error,
+    every empty class folder, a class mismatch), not only the first; empty when usable."""
+    problems, classes = [], {}
+    for split in SPLITS:
+        try:
+            scan_split(root, split)
+        except DataLayoutError as error:
+            problems.append(str(error))
+        split_dir = pathlib.Path(root).expanduser() / split
+        if not split_dir.is_dir():
+            continue
+        classes[split] = sorted(entry.name for entry in os.scandir(split_dir) if entry.is_dir())
+        for name in classes[split]:
+            if not any(file.lower().endswith(IMAGE_EXTENSIONS) for file in os.listdir(split_dir / name)):
+                message = (f"class folder {split_dir / name} holds no image ({', '.join(IMAGE_EXTENSIONS)}); "
+                           f"add images or remove the folder")
+                if message not in problems:
+                    problems.append(message)
+    mismatch = class_mismatch(classes["train"], classes["val"]) if len(classes) == len(SPLITS) else None
+    return problems + ([mismatch] if mismatch else [])
 
 
 def shard_indices(num_samples: int, *, shard_id: int, num_shards: int, shuffle: bool, seed: int,

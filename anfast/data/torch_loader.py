@@ -8,6 +8,7 @@ each distinct file in ``loader.skipped`` (``loader.dropped`` maps it to the reas
 
 from __future__ import annotations
 
+import os
 import warnings
 
 import torch
@@ -15,13 +16,20 @@ from PIL import Image
 from torch.utils.data import DataLoader, Dataset, Sampler
 from torchvision import transforms
 
+from anfast.data.check import to_rgb
 from anfast.data.folder import IMAGENET_MEAN, IMAGENET_STD, ImageList, shard_indices, val_resize_size
 
-__all__ = ["TorchLoader", "build_transform"]
+__all__ = ["TorchLoader", "build_transform", "load_rgb"]
 
 # What PIL raises for a file it cannot decode: OSError (truncated data, unidentified
 # format), SyntaxError / ValueError (malformed headers), DecompressionBombError.
 _DECODE_ERRORS = (OSError, SyntaxError, ValueError, Image.DecompressionBombError)
+
+
+def load_rgb(path: str | os.PathLike) -> Image.Image:
+    """Decode ``path`` to 8-bit RGB the way DALI's image decoder does (see ``to_rgb``)."""
+    with Image.open(path) as image:
+        return to_rgb(image)
 
 
 def build_transform(split: str, image_size: int) -> transforms.Compose:
@@ -45,8 +53,7 @@ class _ImageFiles(Dataset):
     def __getitem__(self, index: int):
         path, label = self.samples[index]
         try:
-            with Image.open(path) as image:
-                image = image.convert("RGB")
+            image = load_rgb(path)
         except _DECODE_ERRORS as error:
             return None, label, (path, f"{type(error).__name__}: {error}")
         return self.transform(image), label, None

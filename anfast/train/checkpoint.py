@@ -58,8 +58,10 @@ def save_checkpoint(state: Dict[str, Any], path: Union[str, Path], keep_previous
         if keep_previous and path.is_file():
             _link_atomically(path, previous_checkpoint(path))
         os.replace(temp_name, path)
-    except BaseException:
+    except BaseException as error:
         Path(temp_name).unlink(missing_ok=True)
+        if isinstance(error, OSError) and error.filename is None:  # write() names no file
+            raise OSError(error.errno, error.strerror, str(path)) from error
         raise
     dir_fd = os.open(path.parent, os.O_RDONLY)
     try:

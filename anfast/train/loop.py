@@ -26,6 +26,7 @@ from tqdm import tqdm
 
 import anfast
 from anfast.data import builtin_dataset, create_loader
+from anfast.data.folder import class_mismatch
 from anfast.train.build import (check_environment, create_adjoined_model, create_optimizer,
                                 resolve_amp_dtype)
 from anfast.train.checkpoint import (get_rng_state, load_training_checkpoint,
@@ -147,10 +148,9 @@ def _fit(config: TrainConfig, info: DistributedInfo, should_stop: Optional[Calla
                           num_shards=info.world_size, seed=config.seed)
     train_loader = create_loader(data_root, "train", **loader_options)
     val_loader = create_loader(data_root, "val", **loader_options)
-    if list(val_loader.classes) != list(train_loader.classes):
-        raise ConfigError(f"{data_root}: train/ and val/ hold different class folders "
-                          f"({len(train_loader.classes)} vs {len(val_loader.classes)}); "
-                          f"both splits need the same classes")
+    mismatch = class_mismatch(train_loader.classes, val_loader.classes)
+    if mismatch:
+        raise ConfigError(f"{data_root}: {mismatch}")
     if len(train_loader) == 0:
         raise ConfigError(f"{data_root}/train has {train_loader.num_samples} images per process, "
                           f"fewer than one batch of {config.batch_size}; lower --batch-size")
