@@ -162,6 +162,7 @@ def test_two_gloo_ranks_take_rank_0s_decisions(tmp_path):
     assert [r["timings"] for r in ranks] == [4, 0]  # rank 0 measured both problems alone
 
 
+@pytest.mark.slow
 def test_default_cpu_training_never_touches_the_fused_backends(monkeypatch, tmp_path):
     """With no GPU (the extension built or not), auto never even asks cuda or triton."""
     from anfast.ops.cuda_backend import CudaBackend
@@ -181,6 +182,7 @@ def test_default_cpu_training_never_touches_the_fused_backends(monkeypatch, tmp_
     assert summary["backends"] and set(summary["backends"].values()) == {"torch"}
 
 
+@pytest.mark.slow
 def test_anfast_tune_on_the_interpreter_verifies_triton_chooses_torch_then_reads_the_cache(
         tmp_path, monkeypatch, capsys):
     """The issue's CPU command, on the first block of resnet18 (the interpreter needs

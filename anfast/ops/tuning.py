@@ -42,18 +42,23 @@ from anfast.ops.dispatch import Backend, ConvProblem
 __all__ = [
     "TOLERANCE",
     "relative_error",
+    "grad_mask",
     "problem_key",
+    "versions",
+    "device_identity",
+    "cache_dir",
     "cache_path",
+    "stream_is_capturing",
+    "default_timer",
     "Tuner",
     "get_tuner",
     "set_tuner",
+    "fused_backend_names",
     "auto_backend_name",
     "tune_problems",
     "describe_auto",
     "recording",
     "note_choice",
-    "stream_is_capturing",
-    "default_timer",
 ]
 
 # DESIGN.md section 6: relative Frobenius error bounds per input dtype.
