@@ -210,3 +210,17 @@ def test_anfast_tune_on_the_interpreter_verifies_triton_chooses_torch_then_reads
     # Cached, not re-timed: the very same measurements come back.
     assert [(l["torch_ms"], l["candidates"]) for l in second["layers"]] == \
         [(l["torch_ms"], l["candidates"]) for l in first["layers"]]
+
+
+def test_train_backend_option_is_checked_and_reaches_every_layer():
+    from anfast.train.config import ConfigError, TrainConfig
+    from anfast.tune import set_backend
+
+    with pytest.raises(ConfigError, match=r"backend='cudnn'; choose one of \['auto', 'torch', 'triton', 'cuda'\]"):
+        TrainConfig(backend="cudnn").validate()
+    an = anfast.adjoin("resnet18", alpha=4, policy="paper", input_size=(3, 32, 32), num_classes=10)
+    convs = [m for m in an.modules() if isinstance(m, anfast.nn.AdjoinedConv2d)]
+    set_backend(an, "triton")
+    assert convs and all(m.backend == "triton" for m in convs)
+    set_backend(an, "auto")  # leaves $ANFAST_BACKEND its say
+    assert all(m.backend is None for m in convs)

@@ -21,6 +21,7 @@ other inside a convolution.
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import os
 import platform
@@ -110,6 +111,7 @@ def problem_key(problem: ConvProblem) -> str:
     ])
 
 
+@functools.lru_cache(maxsize=None)
 def versions() -> Dict[str, str]:
     """The torch, triton and anfast versions a decision holds for."""
     from importlib import metadata
@@ -123,6 +125,7 @@ def versions() -> Dict[str, str]:
     return {"torch": torch.__version__, "triton": triton_version, "anfast": anfast.__version__}
 
 
+@functools.lru_cache(maxsize=None)
 def device_identity(device: torch.device) -> Dict[str, str]:
     """Name and capability of ``device``: what a decision was measured on."""
     if device.type == "cuda":
@@ -294,15 +297,16 @@ class Tuner:
     def __init__(self, timer: Timer = default_timer, lazy_devices: Iterable[str] = ("cuda",)):
         self.timer = timer
         self.lazy_devices = frozenset(lazy_devices)
-        self._tables: Dict[Path, Dict[str, Dict[str, Any]]] = {}
+        self._tables: Dict[tuple, Dict[str, Dict[str, Any]]] = {}
         self._agreed: Dict[str, Dict[str, Any]] = {}
 
     def table(self, device: torch.device) -> Dict[str, Dict[str, Any]]:
-        """This process's decisions for ``device`` (read from its cache file once)."""
-        path = cache_path(device)
-        if path not in self._tables:
-            self._tables[path] = _read_cache(path, _expected_header(device))
-        return self._tables[path]
+        """This process's decisions for ``device`` (read from its cache file once; keyed
+        without building the file name, since auto looks this up on every call)."""
+        where = (device, os.environ.get("ANFAST_CACHE_DIR"))
+        if where not in self._tables:
+            self._tables[where] = _read_cache(cache_path(device), _expected_header(device))
+        return self._tables[where]
 
     def lookup(self, problem: ConvProblem) -> Optional[Dict[str, Any]]:
         """The decision auto uses for ``problem``, or None (not decided: torch runs)."""
