@@ -434,24 +434,37 @@ def tune_problems(problems: Sequence[ConvProblem], candidates: Optional[Sequence
     """
     tuner = get_tuner()
     candidates = list(fused_backend_names() if candidates is None else candidates)
-    results = None
-    if not _distributed() or dist.get_rank() == 0:
-        results = []
-        for problem in problems:
-            key = problem_key(problem)
-            cached = tuner.table(problem.x_base.device).get(key)
-            measured_now = any(key == k and not was_cached for k, _, was_cached in results)
-            if cached is not None and (measured_now or not force and
-                                       set(candidates) <= set(cached["candidates"])):
-                results.append((key, cached, not measured_now))
-            else:
-                results.append((key, tuner.decide(problem, candidates, explicit), False))
-    if _distributed():
-        box = [results]
-        dist.broadcast_object_list(box, src=0)
-        results = box[0]
-        tuner._agreed.update({key: decision for key, decision, _ in results})
-    return [(decision, was_cached) for _, decision, was_cached in results]
+    if not _distributed():
+        return [(decision, was_cached) for _, decision, was_cached in
+                _decide_all(tuner, problems, candidates, explicit, force)]
+    # Rank 0 sends its decisions, or its error: the other ranks must never wait for a
+    # broadcast that will not come.
+    box = [None]
+    if dist.get_rank() == 0:
+        try:
+            box[0] = _decide_all(tuner, problems, candidates, explicit, force)
+        except Exception as error:
+            box[0] = f"{type(error).__name__}: {error}"
+    dist.broadcast_object_list(box, src=0)
+    if isinstance(box[0], str):
+        raise RuntimeError(f"anfast: rank 0 failed to tune the conv backends: {box[0]}")
+    tuner._agreed.update({key: decision for key, decision, _ in box[0]})
+    return [(decision, was_cached) for _, decision, was_cached in box[0]]
+
+
+def _decide_all(tuner: Tuner, problems, candidates, explicit, force):
+    """(key, decision, was_cached) per problem; a key repeated in ``problems`` is measured once."""
+    results = []
+    for problem in problems:
+        key = problem_key(problem)
+        cached = tuner.table(problem.x_base.device).get(key)
+        measured_now = any(key == k and not was_cached for k, _, was_cached in results)
+        if cached is not None and (measured_now or not force and
+                                   set(candidates) <= set(cached["candidates"])):
+            results.append((key, cached, not measured_now))
+        else:
+            results.append((key, tuner.decide(problem, candidates, explicit), False))
+    return results
 
 
 def describe_auto(problem: ConvProblem) -> str:
