@@ -1,4 +1,4 @@
-"""The ``anfast`` command: train | search | eval | export | info | data."""
+"""The ``anfast`` command: train | search | tune | eval | export | info | data."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import errno
 import sys
 from typing import Optional, Sequence
 
-from anfast import info
+from anfast import info, tune
 from anfast.dan import cli as dan_cli
 from anfast.data import cli as data_cli
 from anfast.train import cli as train_cli
@@ -15,7 +15,7 @@ from anfast.train import cli as train_cli
 __all__ = ["main", "build_parser"]
 
 # Each module adds its subcommands with register(subparsers).
-_COMMAND_MODULES = (train_cli, dan_cli, info, data_cli)
+_COMMAND_MODULES = (train_cli, dan_cli, tune, info, data_cli)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -66,6 +66,11 @@ ARCH=$($PYTHON -c "import torch; c = torch.cuda.get_device_capability(); print(f
 run_step install 180 env ANFAST_CUDA_ARCHS="${ARCH:-80;90}" MAX_JOBS="$(nproc)" \
     $PYTHON -m pip install --no-deps --no-build-isolation -e .
 run_step gpu_tests 120 $PYTHON -m pytest -q -m gpu tests/
+# Auto's measured choice for ResNet-50 training (verify + time every conv against
+# torch); the cache stays in OUTDIR, filled key by key even if the step times out.
+run_step tune_resnet50 150 env ANFAST_CACHE_DIR="$OUTDIR/cache" $PYTHON -m anfast tune \
+    --arch resnet50 --alpha 4 --policy paper --batch-size 256 --image-size 224 --amp bf16 \
+    --channels-last --device cuda --out "$OUTDIR/tune-resnet50.json"
 run_step conv_bench 180 $PYTHON benchmarks/conv.py --out "$OUTDIR/conv.json"
 if [ -f benchmarks/train_throughput.py ]; then
     # --out is a directory there: its JSON lands in OUTDIR.

@@ -5,8 +5,12 @@ at collection time, before any test module imports anfast.triton.
 """
 
 import os
+import tempfile
 
 import torch
 
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
+
+# Auto's tuning decisions of a test run go to a scratch cache, never ~/.cache/anfast.
+os.environ.setdefault("ANFAST_CACHE_DIR", tempfile.mkdtemp(prefix="anfast-test-cache-"))

@@ -140,10 +140,15 @@ def test_custom_op_autograd_on_cuda_backend(index, dtype):
         assert_close(got.grad, ref.grad, dtype, f"grad {name}")
 
 
-def test_auto_dispatch_prefers_cuda_backend():
+def test_auto_dispatch_verifies_the_cuda_backend_and_follows_its_decision(monkeypatch, tmp_path):
+    monkeypatch.setenv("ANFAST_CACHE_DIR", str(tmp_path))
+    monkeypatch.setattr(anfast.ops.tuning, "_tuner", anfast.ops.tuning.Tuner())
     s = SHAPES[1]
     x_base, x_student, weight, bias = make_problem(s, torch.bfloat16, seed=7)
     problem = anfast.ops.ConvProblem(x_base, x_student, weight, bias, s["out_student"],
                                      (s["stride"],) * 2, (s["padding"],) * 2, (1, 1), 1, None)
     assert BACKEND.unsupported_reasons(problem, explicit=False) == []
-    assert anfast.ops.choose_backend(problem, "auto").name == "cuda"
+    (decision, cached), = anfast.ops.tuning.tune_problems([problem], ["cuda"])
+    assert decision["candidates"]["cuda"]["verified"], decision["candidates"]["cuda"]["why"]
+    assert not cached
+    assert anfast.ops.choose_backend(problem, "auto").name == decision["backend"]

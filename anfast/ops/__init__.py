@@ -10,6 +10,7 @@ from anfast.ops.dispatch import (
     explain,
     get_backend,
 )
+from anfast.ops import tuning  # auto's measured choice: anfast.ops.tuning.tune_problems, ...
 from anfast.ops.reference import adjoined_conv2d_reference
 
 __all__ = [
@@ -22,4 +23,5 @@ __all__ = [
     "choose_backend",
     "explain",
     "get_backend",
+    "tuning",
 ]

@@ -18,10 +18,10 @@ __all__ = ["adjoined_conv2d"]
 
 
 def _problem(x_base, x_student, weight, bias, student_in_index, out_student, stride, padding,
-             dilation, groups) -> ConvProblem:
+             dilation, groups, needs_grad=None) -> ConvProblem:
     return ConvProblem(
         x_base, x_student, weight, bias, out_student, tuple(stride), tuple(padding),
-        tuple(dilation), groups, student_in_index,
+        tuple(dilation), groups, student_in_index, needs_grad,
     )
 
 
@@ -74,9 +74,9 @@ def _adjoined_conv2d_backward_op(
     # A bias stand-in that is never read: backends only look at its presence.
     bias = weight.new_empty(weight.shape[0]) if has_bias else None
     problem = _problem(x_base, x_student, weight, bias, student_in_index, out_student, stride,
-                       padding, dilation, groups)
-    grads = choose_backend(problem, backend).backward(grad_base, grad_student, problem,
-                                                      tuple(output_mask))
+                       padding, dilation, groups, tuple(output_mask))
+    grads = choose_backend(problem, backend, phase="backward").backward(
+        grad_base, grad_student, problem, tuple(output_mask))
     # Custom ops return tensors only: an empty tensor stands for "not asked for". Each
     # gradient takes its input's layout, as the fake implementation promises (cuDNN
     # returns dW channels_last for channels_last inputs).
@@ -210,8 +210,10 @@ def adjoined_conv2d(
             whole leading groups.
         student_in_index: (c_in,) int64 base channel of each student input channel,
             for a non-prefix channel map (after a concat).
-        backend: "cuda", "triton" or "torch"; default $ANFAST_BACKEND, else the first
-            that supports the problem. A named backend that cannot run raises.
+        backend: "cuda", "triton", "torch" or "auto"; default $ANFAST_BACKEND, else
+            auto: torch on the CPU, on a GPU the fastest backend verified and timed
+            against torch on this problem (anfast.ops.tuning). A named backend that
+            cannot run raises.
 
     Returns:
         (y_base, y_student), shaped as F.conv2d's outputs.

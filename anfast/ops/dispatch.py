@@ -2,9 +2,9 @@
 
 Each backend states what it supports and, when it cannot run a problem, why not.
 Choice: an explicit ``backend=`` argument, else the ANFAST_BACKEND environment
-variable, else the first supported backend of BACKEND_PRIORITY. A backend that was
-asked for by name and cannot run raises with its reasons; auto mode never picks a
-backend that would change the numbers beyond its dtype tolerance.
+variable, else auto. A backend that was asked for by name and cannot run raises with
+its reasons. Auto runs torch on the CPU; on a GPU it runs the fastest backend that was
+verified against torch and timed on that problem (anfast.ops.tuning), torch until then.
 """
 
 from __future__ import annotations
@@ -29,9 +29,10 @@ __all__ = [
     "explain",
     "FUSED_DTYPES",
     "fused_kernel_reasons",
+    "backend_reasons",
 ]
 
-# Highest priority first. Modules are imported lazily: the package must import on a
+# The fused backends auto may try, then torch. Modules are imported lazily: the package must import on a
 # machine without Triton, a GPU or the compiled extension.
 BACKEND_PRIORITY = ("cuda", "triton", "torch")
 _BACKEND_MODULES = {
@@ -59,6 +60,9 @@ class ConvProblem:
     dilation: tuple[int, int]
     groups: int
     student_in_index: Optional[torch.Tensor]
+    # (x_base, x_student, weight, bias) gradients the backward pass computes; None in
+    # a forward call, where the tensors' requires_grad says the same.
+    needs_grad: Optional[tuple[bool, bool, bool, bool]] = None
 
     @property
     def in_student(self) -> int:
@@ -170,7 +174,8 @@ def get_backend(name: str) -> Backend:
     return backend
 
 
-def _reasons(name: str, problem: ConvProblem, explicit: bool) -> list[str]:
+def backend_reasons(name: str, problem: ConvProblem, explicit: bool) -> list[str]:
+    """Why backend ``name`` cannot run ``problem`` (empty when it can), loading it first."""
     try:
         backend = get_backend(name)
     except BackendUnavailable as error:
@@ -178,26 +183,36 @@ def _reasons(name: str, problem: ConvProblem, explicit: bool) -> list[str]:
     return backend.unsupported_reasons(problem, explicit)
 
 
-def choose_backend(problem: ConvProblem, requested: str = "") -> Backend:
-    """The backend that runs ``problem``: requested > $ANFAST_BACKEND > auto."""
+def choose_backend(problem: ConvProblem, requested: str = "", phase: str = "forward") -> Backend:
+    """The backend that runs ``problem``: requested > $ANFAST_BACKEND > auto.
+
+    ``phase`` is "forward" or "backward": only a forward call may tune a new problem
+    (it holds the real bias), the backward call of the same problem reads its decision.
+    """
+    from anfast.ops import tuning
+
     requested = requested or os.environ.get("ANFAST_BACKEND", "")
     if requested and requested != "auto":
-        reasons = _reasons(requested, problem, explicit=True)
+        reasons = backend_reasons(requested, problem, explicit=True)
         if reasons:
             raise BackendUnavailable(
                 f"adjoined_conv2d: backend {requested!r} cannot run this problem: " + "; ".join(reasons)
             )
-        return get_backend(requested)
-    for name in BACKEND_PRIORITY:
-        if not _reasons(name, problem, explicit=False):
-            return get_backend(name)
-    raise BackendUnavailable("adjoined_conv2d: no backend can run this problem:\n" + explain(problem))
+        backend = get_backend(requested)
+    else:
+        backend = get_backend(tuning.auto_backend_name(problem, phase))
+    tuning.note_choice(problem, phase, backend.name)
+    return backend
 
 
 def explain(problem: ConvProblem) -> str:
-    """One line per backend: 'ok' or the reasons it cannot run ``problem`` in auto mode."""
+    """One line per backend ('ok' or why it cannot run ``problem`` in auto mode), then
+    what auto decided for it and why."""
+    from anfast.ops import tuning
+
     lines = []
     for name in BACKEND_PRIORITY:
-        reasons = _reasons(name, problem, explicit=False)
+        reasons = backend_reasons(name, problem, explicit=False)
         lines.append(f"  {name}: " + ("ok" if not reasons else "; ".join(reasons)))
+    lines.append("  auto: " + tuning.describe_auto(problem))
     return "\n".join(lines)

@@ -13,7 +13,7 @@ import json
 import sys
 from typing import List, Optional
 
-from anfast.train.config import (AMP_CHOICES, LAMBDA_SCHEDULE_CHOICES, LOADER_CHOICES,
+from anfast.train.config import (AMP_CHOICES, BACKEND_CHOICES, LAMBDA_SCHEDULE_CHOICES, LOADER_CHOICES,
                                  OPTIMIZER_CHOICES, POLICY_CHOICES,
                                  TrainConfig, load_config)
 
@@ -79,6 +79,9 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
     add("--sync-bn", action=argparse.BooleanOptionalAction,
         help=f"SyncBatchNorm across torchrun ranks, CUDA only {_default('sync_bn')}")
     add("--device", help=f"cpu, cuda or cuda:N {_default('device')}")
+    add("--backend", choices=BACKEND_CHOICES,
+        help=f"adjoined conv kernels; auto runs torch on the CPU and, on a GPU, the fastest "
+             f"backend verified against torch (see `anfast tune`) {_default('backend')}")
 
 
 def config_from_args(args: argparse.Namespace) -> TrainConfig:

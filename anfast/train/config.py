@@ -18,14 +18,15 @@ from typing import Any, Dict, Optional, Tuple, Type, Union
 import yaml
 
 __all__ = ["TrainConfig", "ConfigError", "parse_alpha", "load_config", "save_config",
-           "load_arch_config", "check_field_types", "AMP_CHOICES", "OPTIMIZER_CHOICES", "LOADER_CHOICES",
-           "POLICY_CHOICES", "LAMBDA_SCHEDULE_CHOICES"]
+           "load_arch_config", "check_field_types", "AMP_CHOICES", "OPTIMIZER_CHOICES",
+           "LOADER_CHOICES", "POLICY_CHOICES", "LAMBDA_SCHEDULE_CHOICES", "BACKEND_CHOICES"]
 
 AMP_CHOICES = ("auto", "bf16", "fp16", "off")
 OPTIMIZER_CHOICES = ("sgd", "adamw", "lamb")
 LOADER_CHOICES = ("auto", "torch", "dali")
 POLICY_CHOICES = ("paper", "all")
 LAMBDA_SCHEDULE_CHOICES = ("paper", "linear", "constant")
+BACKEND_CHOICES = ("auto", "torch", "triton", "cuda")
 
 
 class ConfigError(ValueError):
@@ -72,6 +73,7 @@ class TrainConfig:
     ema_decay: float = 0.999
     sync_bn: bool = False
     device: str = "auto"                  # auto: cuda if available, else cpu
+    backend: str = "auto"                 # adjoined conv backend; auto: measured (DESIGN.md 4b)
 
     def to_dict(self) -> Dict[str, Any]:
         """Plain types only, so YAML and ``torch.load(weights_only=True)`` both accept it."""
@@ -109,6 +111,7 @@ class TrainConfig:
         _check_choice("amp", self.amp, AMP_CHOICES)
         _check_choice("loader", self.loader, LOADER_CHOICES)
         _check_choice("lambda_schedule", self.lambda_schedule, LAMBDA_SCHEDULE_CHOICES)
+        _check_choice("backend", self.backend, BACKEND_CHOICES)
         for name in ("epochs", "batch_size", "image_size", "round_to"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name}={getattr(self, name)} must be >= 1")

@@ -40,6 +40,7 @@ from anfast.train.loss import AdjoinedLoss, get_lambda_schedule
 from anfast.train.records import MetricsLog, plot_curves
 from anfast.train.rundir import TRAIN_ARTIFACTS, RunDirLock, claim_run_dir
 from anfast.train.schedule import lr_at
+from anfast.tune import layer_backends, prepare_backends
 
 __all__ = ["fit", "NonFiniteLossError", "resolve_resume_path"]
 
@@ -160,6 +161,7 @@ def _fit(config: TrainConfig, info: DistributedInfo, should_stop: Optional[Calla
         an = anfast.nn.convert_sync_batchnorm(an)
     if config.channels_last:
         an = an.to(memory_format=torch.channels_last)
+    prepare_backends(an, config.backend, config.batch_size, config.image_size, amp_dtype)
     optimizer = create_optimizer(an, config, device)
     scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
     ema = (AveragedModel(an, multi_avg_fn=get_ema_multi_avg_fn(config.ema_decay), use_buffers=True)
@@ -322,7 +324,7 @@ def _fit(config: TrainConfig, info: DistributedInfo, should_stop: Optional[Calla
         barrier()
 
     state["wall_time_s"] += time.perf_counter() - started
-    summary = _summary(config, state, eval_model, alphas, train_loader, device, info)
+    summary = _summary(config, state, eval_model, alphas, train_loader, device, info, amp_dtype)
     if info.is_main:
         log.close()
         plot_curves(state["history"], run_dir / "curves.png")
@@ -351,8 +353,10 @@ def _skipped(train_loader, val_loader, device: torch.device) -> int:
 
 
 def _summary(config: TrainConfig, state: Dict[str, Any], eval_model: torch.nn.Module, alphas,
-             train_loader, device: torch.device, info: DistributedInfo) -> Dict[str, Any]:
-    """summary.json: final metrics of every network, their size and cost, and throughput."""
+             train_loader, device: torch.device, info: DistributedInfo,
+             amp_dtype: Optional[torch.dtype]) -> Dict[str, Any]:
+    """summary.json: final metrics of every network, their size and cost, throughput, and
+    the conv backend each layer ran."""
     final = state["history"][-1]
     input_size = (1, 3, config.image_size, config.image_size)
     base_profile = anfast.profile(anfast.export_base(eval_model), input_size)
@@ -381,6 +385,7 @@ def _summary(config: TrainConfig, state: Dict[str, Any], eval_model: torch.nn.Mo
         "device": str(device),
         "world_size": info.world_size,
         "ema": config.ema,
+        "backends": layer_backends(eval_model, config.batch_size, config.image_size, amp_dtype),
     }
 
 

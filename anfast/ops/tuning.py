@@ -1,0 +1,509 @@
+"""Auto's measured backend choice (DESIGN.md section 4b), as cudnn.benchmark does it.
+
+The first forward call of a problem key (device, dtype, shapes, stride, padding,
+memory formats, which gradients are needed) VERIFIES every fused backend that
+supports it against the torch backend in float64 (forward and every gradient,
+within the dtype tolerance of DESIGN.md section 6, NaN never) and TIMES forward +
+backward of each candidate and of torch. The fastest verified backend wins; torch
+runs until a key is decided and wherever no fused backend is both correct and
+faster. A backend that fails verification is never chosen for that key and is
+reported once with its worst error.
+
+Decisions persist in ANFAST_CACHE_DIR (default ~/.cache/anfast), one JSON file per
+device and software versions. No tuning happens when ANFAST_TUNE=0, while a CUDA
+graph is being captured or while torch.compile traces (the custom op body is opaque
+there anyway), nor lazily inside a distributed run: there ``tune_problems`` is a
+collective (rank 0 measures, every rank installs rank 0's decisions), and the op
+only reads those agreed decisions, so ranks can neither diverge nor wait on each
+other inside a convolution.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import json
+import os
+import platform
+import re
+import statistics
+import tempfile
+import time
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence
+
+import torch
+import torch.distributed as dist
+
+from anfast.ops import dispatch
+from anfast.ops.dispatch import Backend, ConvProblem
+
+__all__ = [
+    "TOLERANCE",
+    "relative_error",
+    "grad_mask",
+    "problem_key",
+    "versions",
+    "device_identity",
+    "cache_dir",
+    "cache_path",
+    "stream_is_capturing",
+    "default_timer",
+    "Tuner",
+    "get_tuner",
+    "set_tuner",
+    "fused_backend_names",
+    "auto_backend_name",
+    "tune_problems",
+    "describe_auto",
+    "recording",
+    "note_choice",
+]
+
+# DESIGN.md section 6: relative Frobenius error bounds per input dtype.
+TOLERANCE = {torch.float64: 1e-10, torch.float32: 1e-5, torch.bfloat16: 2e-2, torch.float16: 2e-2}
+
+_CACHE_FORMAT = 1
+_OUTPUT_NAMES = ("y_base", "y_student")
+_GRAD_NAMES = ("dx_base", "dx_student", "dweight", "dbias")
+_DTYPE_NAMES = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16",
+                torch.float64: "fp64"}
+
+
+def relative_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
+    """||actual - expected|| / ||expected|| (Frobenius, float64); inf when actual has NaN."""
+    actual64, expected64 = actual.detach().double(), expected.detach().double()
+    if torch.isnan(actual64).any():
+        return float("inf")
+    return float((actual64 - expected64).norm() / expected64.norm().clamp_min(1e-30))
+
+
+def _format_name(x: torch.Tensor) -> str:
+    if x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous():
+        return "cl"
+    return "c" if x.is_contiguous() else "s" + ",".join(map(str, x.stride()))
+
+
+def grad_mask(problem: ConvProblem) -> tuple[bool, bool, bool, bool]:
+    """Which of (x_base, x_student, weight, bias) get a gradient in this problem."""
+    if problem.needs_grad is not None:
+        return tuple(problem.needs_grad)
+    bias_grad = problem.bias is not None and problem.bias.requires_grad
+    return (problem.x_base.requires_grad, problem.x_student.requires_grad,
+            problem.weight.requires_grad, bias_grad)
+
+
+def problem_key(problem: ConvProblem) -> str:
+    """The per-problem part of a decision's key (the device and versions name the file)."""
+    def tensor(name, x):
+        return f"{name}{'x'.join(map(str, x.shape))}:{_format_name(x)}"
+
+    dtype = _DTYPE_NAMES.get(problem.x_base.dtype, str(problem.x_base.dtype))
+    return " ".join([
+        dtype, tensor("xb", problem.x_base), tensor("xs", problem.x_student),
+        tensor("w", problem.weight), f"bias{int(problem.bias is not None)}",
+        f"os{problem.out_student}", "stride{},{}".format(*problem.stride),
+        "pad{},{}".format(*problem.padding), "dil{},{}".format(*problem.dilation),
+        f"g{problem.groups}", f"index{int(problem.student_in_index is not None)}",
+        "grad" + "".join(str(int(need)) for need in grad_mask(problem)),
+    ])
+
+
+@functools.lru_cache(maxsize=None)
+def versions() -> Dict[str, str]:
+    """The torch, triton and anfast versions a decision holds for."""
+    from importlib import metadata
+
+    import anfast
+
+    try:
+        triton_version = metadata.version("triton")
+    except metadata.PackageNotFoundError:
+        triton_version = "none"
+    return {"torch": torch.__version__, "triton": triton_version, "anfast": anfast.__version__}
+
+
+@functools.lru_cache(maxsize=None)
+def device_identity(device: torch.device) -> Dict[str, str]:
+    """Name and capability of ``device``: what a decision was measured on."""
+    if device.type == "cuda":
+        major, minor = torch.cuda.get_device_capability(device)
+        return {"device": torch.cuda.get_device_name(device), "capability": f"sm_{major}{minor}"}
+    return {"device": f"{device.type} {platform.machine()}", "capability": ""}
+
+
+def cache_dir() -> Path:
+    """$ANFAST_CACHE_DIR, else ~/.cache/anfast."""
+    return Path(os.environ.get("ANFAST_CACHE_DIR") or Path.home() / ".cache" / "anfast")
+
+
+def cache_path(device: torch.device) -> Path:
+    """The decisions file of ``device`` with this torch / triton / anfast."""
+    identity = device_identity(device)
+    name = "-".join([identity["device"], identity["capability"],
+                     *(f"{k}{v}" for k, v in versions().items())])
+    return cache_dir() / ("tune-" + re.sub(r"[^A-Za-z0-9.+]+", "_", name).strip("_") + ".json")
+
+
+def _expected_header(device: torch.device) -> Dict[str, Any]:
+    return {"format": _CACHE_FORMAT, **device_identity(device), "versions": versions()}
+
+
+def _read_cache(path: Path, header: Dict[str, Any]) -> Dict[str, Dict[str, Any]]:
+    """Decisions in ``path``; a missing file is empty, a corrupt or foreign one is
+    ignored with a one-line warning (never a crash: the cache only saves time)."""
+    try:
+        content = json.loads(path.read_text())
+    except FileNotFoundError:
+        return {}
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
+        warnings.warn(f"anfast: ignoring tuning cache {path}: unreadable ({error}); "
+                      f"it will be rewritten", stacklevel=2)
+        return {}
+    found = {key: content.get(key) for key in header} if isinstance(content, dict) else None
+    if found != header or not isinstance(content.get("decisions"), dict):
+        warnings.warn(f"anfast: ignoring tuning cache {path}: written for {found}, this process "
+                      f"is {header}; it will be rewritten", stacklevel=2)
+        return {}
+    return content["decisions"]
+
+
+def _write_cache(path: Path, header: Dict[str, Any], decisions: Dict[str, Dict[str, Any]]) -> None:
+    """Merge ``decisions`` into the file and replace it atomically (temp + os.replace),
+    so a concurrent reader sees the old file or the new one, never half of one."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # already reported when this process first read it
+        merged = {**_read_cache(path, header), **decisions}
+    handle, temp = tempfile.mkstemp(prefix=path.name, suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(handle, "w") as file:
+            json.dump({**header, "decisions": merged}, file, indent=1, sort_keys=True)
+        os.replace(temp, path)
+    except BaseException:
+        os.unlink(temp)
+        raise
+
+
+def stream_is_capturing(device: torch.device) -> bool:
+    """True while a CUDA graph is being captured on ``device``'s current stream."""
+    return device.type == "cuda" and torch.cuda.is_current_stream_capturing()
+
+
+def _median_ms(run: Callable[[], None], clock: Callable[[], Callable[[], float]], warmup: int,
+               repeats: int) -> float:
+    for _ in range(warmup):
+        run()
+    times = []
+    for _ in range(repeats):
+        stop = clock()
+        run()
+        times.append(stop())
+    return statistics.median(times)
+
+
+def _cuda_clock() -> Callable[[], float]:
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+
+    def stop() -> float:
+        end.record()
+        end.synchronize()
+        return start.elapsed_time(end)
+    return stop
+
+
+def _wall_clock() -> Callable[[], float]:
+    start = time.perf_counter()
+    return lambda: (time.perf_counter() - start) * 1e3
+
+
+def default_timer(run: Callable[[], None], *, backend: str, device: torch.device) -> float:
+    """Median milliseconds of ``run``: CUDA events after warm-up on a GPU. Elsewhere one
+    perf_counter run: auto never uses a CPU measurement (auto on the CPU is torch), and
+    the Triton interpreter takes seconds to minutes per call."""
+    if device.type == "cuda":
+        return _median_ms(run, _cuda_clock, warmup=5, repeats=20)
+    return _median_ms(run, _wall_clock, warmup=0, repeats=1)
+
+
+Timer = Callable[..., float]
+
+
+@dataclass
+class _Reference:
+    """The torch backend's outputs and gradients in float64, and the gradients fed to both."""
+
+    outputs: tuple
+    grads_out: tuple
+    grads: tuple
+
+
+def _reference(problem: ConvProblem, mask) -> _Reference:
+    as64 = lambda t: None if t is None else t.detach().double()  # noqa: E731
+    problem64 = ConvProblem(as64(problem.x_base), as64(problem.x_student), as64(problem.weight),
+                            as64(problem.bias), problem.out_student, problem.stride,
+                            problem.padding, problem.dilation, problem.groups,
+                            problem.student_in_index)
+    torch_backend = dispatch.get_backend("torch")
+    outputs = torch_backend.forward(problem64)
+    generator = torch.Generator(problem.x_base.device).manual_seed(0)
+    grads_out = tuple(torch.empty_like(y, dtype=problem.x_base.dtype).normal_(generator=generator)
+                      for y in outputs)
+    grads = torch_backend.backward(*(g.double() for g in grads_out), problem64, mask) \
+        if any(mask) else (None,) * 4
+    return _Reference(outputs, grads_out, grads)
+
+
+def _verify(outputs: tuple, grads: tuple, mask, reference: _Reference, dtype: torch.dtype
+            ) -> Dict[str, Any]:
+    """{"verified": bool, "error": worst relative error, "why": reason when not verified}."""
+    tolerance = TOLERANCE[dtype]
+    checks = list(zip(_OUTPUT_NAMES, outputs, reference.outputs))
+    checks += [(name, got, want) for name, got, want, need in
+               zip(_GRAD_NAMES, grads, reference.grads, mask) if need]
+    worst_name, worst = "", 0.0
+    for name, got, want in checks:
+        if got is None or got.shape != want.shape:
+            shape = None if got is None else tuple(got.shape)
+            return {"verified": False, "error": None,
+                    "why": f"{name} has shape {shape}, torch gives {tuple(want.shape)}"}
+        error = relative_error(got, want)
+        if error >= worst:
+            worst_name, worst = name, error
+    for name, got, want in zip(_OUTPUT_NAMES, outputs, reference.outputs):
+        if got.stride() != want.stride():
+            return {"verified": False, "error": worst,
+                    "why": f"{name} has strides {got.stride()}, torch gives {want.stride()}"}
+    if worst > tolerance:
+        what = "NaN or inf" if worst == float("inf") else f"relative error {worst:.2e}"
+        return {"verified": False, "error": worst,
+                "why": f"{worst_name} {what} > tolerance {tolerance:.0e}"}
+    return {"verified": True, "error": worst, "why": ""}
+
+
+class Tuner:
+    """Holds decisions (per device file, per problem key), measures new ones.
+
+    Args:
+        timer: ``timer(run, backend=name, device=device) -> ms``; tests inject one.
+        lazy_devices: device types on which auto tunes on a first call. CUDA only by
+            default (auto on the CPU is torch); tests add "cpu" to exercise the CUDA
+            path on CPU tensors, the one seam this module has for that.
+    """
+
+    def __init__(self, timer: Timer = default_timer, lazy_devices: Iterable[str] = ("cuda",)):
+        self.timer = timer
+        self.lazy_devices = frozenset(lazy_devices)
+        self._tables: Dict[tuple, Dict[str, Dict[str, Any]]] = {}
+        self._agreed: Dict[str, Dict[str, Any]] = {}
+
+    def table(self, device: torch.device) -> Dict[str, Dict[str, Any]]:
+        """This process's decisions for ``device`` (read from its cache file once; keyed
+        without building the file name, since auto looks this up on every call)."""
+        where = (device, os.environ.get("ANFAST_CACHE_DIR"))
+        if where not in self._tables:
+            self._tables[where] = _read_cache(cache_path(device), _expected_header(device))
+        return self._tables[where]
+
+    def lookup(self, problem: ConvProblem) -> Optional[Dict[str, Any]]:
+        """The decision auto uses for ``problem``, or None (not decided: torch runs)."""
+        if _distributed():
+            return self._agreed.get(problem_key(problem))
+        return self.table(problem.x_base.device).get(problem_key(problem))
+
+    def may_tune(self, problem: ConvProblem) -> str:
+        """'' when auto may tune ``problem`` now, else why not."""
+        device = problem.x_base.device
+        if os.environ.get("ANFAST_TUNE", "1") == "0":
+            return "ANFAST_TUNE=0 turns on-the-fly tuning off"
+        if stream_is_capturing(device):
+            return "a CUDA graph is being captured"
+        if torch.compiler.is_compiling():
+            return "torch.compile is tracing"
+        if _distributed():
+            return ("a distributed run takes only the decisions all ranks agreed on "
+                    "(anfast.ops.tuning.tune_problems)")
+        return ""
+
+    def decide(self, problem: ConvProblem, candidates: Sequence[str], explicit: bool = False,
+               ) -> Dict[str, Any]:
+        """Verify and time ``candidates`` (fused backend names) against torch on
+        ``problem``'s own tensors; store and persist the decision and return it."""
+        device = problem.x_base.device
+        mask = grad_mask(problem)
+        with torch.no_grad(), torch.autocast(device.type, enabled=False):
+            reference = _reference(problem, mask)
+            times = {"torch": self._time(dispatch.get_backend("torch"), problem, mask, reference)[0]}
+            results = {}
+            for name in candidates:
+                reasons = dispatch.backend_reasons(name, problem, explicit)
+                if reasons:
+                    results[name] = {"verified": False, "error": None,
+                                     "why": "unsupported: " + "; ".join(reasons)}
+                    continue
+                backend = dispatch.get_backend(name)
+                try:
+                    times[name], outputs, grads = self._time(backend, problem, mask, reference)
+                except Exception as error:  # a kernel that cannot run this problem
+                    results[name] = {"verified": False, "error": None, "why": f"raised "
+                                     f"{type(error).__name__}: {str(error).splitlines()[0]}"}
+                else:
+                    results[name] = _verify(outputs, grads, mask, reference, problem.x_base.dtype)
+                if not results[name]["verified"]:
+                    times.pop(name, None)
+                    warnings.warn(f"anfast: backend {name!r} failed verification on "
+                                  f"[{problem_key(problem)}]: {results[name]['why']}; auto will "
+                                  f"not use it for this problem", stacklevel=2)
+        for name, result in results.items():
+            result["ms"] = times.get(name)
+        fastest = min(times, key=times.get)
+        if fastest == "torch":
+            reason = ("no verified fused backend is faster than torch" if len(times) > 1
+                      else "no fused backend could run it and pass verification" if results
+                      else "no fused backend to try")
+        else:
+            reason = f"verified, {times['torch'] / times[fastest]:.2f}x torch's speed"
+        decision = {"backend": fastest, "reason": reason, "torch_ms": times["torch"],
+                    "candidates": results}
+        self.table(device)[problem_key(problem)] = decision
+        _write_cache(cache_path(device), _expected_header(device),
+                     {problem_key(problem): decision})
+        return decision
+
+    def _time(self, backend: Backend, problem: ConvProblem, mask, reference: _Reference):
+        """(median ms, outputs, gradients) of forward + backward; the outputs of the last
+        timed run are the ones verified, so a kernel is checked as it ran when timed
+        (after autotuning's first calls, say)."""
+        last = {}
+
+        def run():
+            last["outputs"] = backend.forward(problem)
+            last["grads"] = (backend.backward(*reference.grads_out, problem, mask)
+                             if any(mask) else (None,) * 4)
+        ms = float(self.timer(run, backend=backend.name, device=problem.x_base.device))
+        return ms, last["outputs"], last["grads"]
+
+
+def _distributed() -> bool:
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+def fused_backend_names() -> List[str]:
+    """Every backend auto may try instead of torch, in priority order."""
+    return [name for name in dispatch.BACKEND_PRIORITY if name != "torch"]
+
+
+_tuner = Tuner()
+
+
+def get_tuner() -> Tuner:
+    """The process-wide tuner that auto dispatch uses."""
+    return _tuner
+
+
+def set_tuner(tuner: Tuner) -> Tuner:
+    """Replace the process-wide tuner (tests inject timers); returns the previous one."""
+    global _tuner
+    previous, _tuner = _tuner, tuner
+    return previous
+
+
+def auto_backend_name(problem: ConvProblem, phase: str) -> str:
+    """Auto's backend for ``problem``: torch on devices auto does not tune (the CPU),
+    else the key's decision, tuning it first on a forward call where that is allowed."""
+    tuner = get_tuner()
+    if problem.x_base.device.type not in tuner.lazy_devices:
+        return "torch"
+    decision = tuner.lookup(problem)
+    if decision is None and phase == "forward" and not _recorders and not tuner.may_tune(problem):
+        decision = tuner.decide(problem, fused_backend_names())
+    return decision["backend"] if decision else "torch"
+
+
+def tune_problems(problems: Sequence[ConvProblem], candidates: Optional[Sequence[str]] = None,
+                  explicit: bool = False, force: bool = False) -> List[tuple[Dict[str, Any], bool]]:
+    """Decide every problem; returns (decision, was_cached) per problem.
+
+    Keys already decided (in memory or the cache file) are not measured again unless
+    ``force``, or unless the cached decision did not try one of ``candidates``. In a
+    distributed run this is a collective that every rank must call: rank 0 measures,
+    then broadcasts its decisions, which every rank installs for auto.
+    """
+    tuner = get_tuner()
+    candidates = list(fused_backend_names() if candidates is None else candidates)
+    if not _distributed():
+        return [(decision, was_cached) for _, decision, was_cached in
+                _decide_all(tuner, problems, candidates, explicit, force)]
+    # Rank 0 sends its decisions, or its error: the other ranks must never wait for a
+    # broadcast that will not come.
+    box = [None]
+    if dist.get_rank() == 0:
+        try:
+            box[0] = _decide_all(tuner, problems, candidates, explicit, force)
+        except Exception as error:
+            box[0] = f"{type(error).__name__}: {error}"
+    dist.broadcast_object_list(box, src=0)
+    if isinstance(box[0], str):
+        raise RuntimeError(f"anfast: rank 0 failed to tune the conv backends: {box[0]}")
+    tuner._agreed.update({key: decision for key, decision, _ in box[0]})
+    return [(decision, was_cached) for _, decision, was_cached in box[0]]
+
+
+def _decide_all(tuner: Tuner, problems, candidates, explicit, force):
+    """(key, decision, was_cached) per problem; a key repeated in ``problems`` is measured once."""
+    results = []
+    for problem in problems:
+        key = problem_key(problem)
+        cached = tuner.table(problem.x_base.device).get(key)
+        measured_now = any(key == k and not was_cached for k, _, was_cached in results)
+        if cached is not None and (measured_now or not force and
+                                   set(candidates) <= set(cached["candidates"])):
+            results.append((key, cached, not measured_now))
+        else:
+            results.append((key, tuner.decide(problem, candidates, explicit), False))
+    return results
+
+
+def describe_auto(problem: ConvProblem) -> str:
+    """What auto decided for ``problem`` and why, in one line."""
+    tuner = get_tuner()
+    device = problem.x_base.device
+    if device.type not in tuner.lazy_devices:
+        return f"torch (auto runs torch on {device.type}; tuning is for CUDA devices)"
+    decision = tuner.lookup(problem)
+    if decision is None:
+        blocked = tuner.may_tune(problem)
+        return ("torch: not tuned yet; " + (f"cannot tune now: {blocked}" if blocked else
+                "the first forward call will verify and time the fused backends"))
+    parts = [f"{decision['backend']}: {decision['reason']} (torch {decision['torch_ms']:.3g} ms"]
+    for name, result in decision["candidates"].items():
+        parts.append(f"{name} {result['ms']:.3g} ms" if result["verified"]
+                     else f"{name} not verified: {result['why']}")
+    where = "agreed by rank 0" if _distributed() else f"cached in {cache_path(device)}"
+    return "; ".join(parts) + f"); {where}"
+
+
+# Recorders see every choice the op makes: `anfast tune` collects a model's problems
+# with one, `anfast train` reports the backend of each layer. While one is active auto
+# does not tune, so recording a pass measures nothing.
+_recorders: List[List[tuple[ConvProblem, str, str]]] = []
+
+
+@contextlib.contextmanager
+def recording():
+    """Collect (problem, phase, backend name) of every adjoined conv call in the block."""
+    records: List[tuple[ConvProblem, str, str]] = []
+    _recorders.append(records)
+    try:
+        yield records
+    finally:
+        _recorders.remove(records)
+
+
+def note_choice(problem: ConvProblem, phase: str, backend: str) -> None:
+    """Called by dispatch for every call; a no-op unless a recorder is active."""
+    for records in _recorders:
+        records.append((problem, phase, backend))

@@ -1,0 +1,226 @@
+"""Auto's measured backend choice (anfast.ops.tuning): verification, timing, the cache,
+CUDA-graph capture, ANFAST_TUNE=0, distributed agreement, and the CPU training path.
+
+Auto tunes on CUDA devices only; these tests add "cpu" to the tuner's lazy devices
+(its one documented seam) so the same path runs on CPU tensors, and inject a timer.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import anfast
+from anfast.ops import adjoined_conv2d, explain, tuning
+from anfast.ops.conv import _problem
+from anfast.ops.tuning import Tuner, cache_path
+from helpers import FakeTimer, StandInBackend, assert_close_rel, install_backends
+
+WORKER = Path(__file__).with_name("tuning_worker.py")
+
+
+def make_inputs(seed=0, batch=3, channels=13, size=7):
+    generator = torch.Generator().manual_seed(seed)
+    x_base = torch.randn(batch, channels, size, size, generator=generator).requires_grad_()
+    x_student = torch.randn(batch, 5, size, size, generator=generator).requires_grad_()
+    weight = torch.randn(11, channels, 3, 3, generator=generator).requires_grad_()
+    bias = torch.randn(11, generator=generator).requires_grad_()
+    return x_base, x_student, weight, bias
+
+
+def run_op(inputs, **kwargs):
+    """Forward and backward through the public op; returns outputs and gradients."""
+    for t in inputs:
+        t.grad = None
+    y_base, y_student = adjoined_conv2d(*inputs, out_student=4, padding=1, **kwargs)
+    (y_base.square().sum() + 3 * y_student.sum()).backward()
+    return y_base.detach(), y_student.detach(), *(t.grad for t in inputs)
+
+
+def problem_of(inputs):
+    return _problem(*inputs, None, 4, [1, 1], [1, 1], [1, 1], 1)
+
+
+@pytest.fixture
+def tuner(monkeypatch, tmp_path):
+    """A CPU-tuning tuner with a cache in tmp_path; its timer is set per test."""
+    monkeypatch.setenv("ANFAST_CACHE_DIR", str(tmp_path / "cache"))
+    monkeypatch.delenv("ANFAST_BACKEND", raising=False)
+    monkeypatch.delenv("ANFAST_TUNE", raising=False)
+    fresh = Tuner(timer=FakeTimer({}), lazy_devices=("cpu",))
+    previous = tuning.set_tuner(fresh)
+    yield fresh
+    tuning.set_tuner(previous)
+
+
+@pytest.mark.parametrize("wrong, message", [
+    ("y_student", r"y_student relative error 5\.0\de-01 > tolerance 1e-05"),
+    ("dweight", r"dweight relative error .* > tolerance 1e-05"),
+    ("nan", r"y_base NaN or inf > tolerance 1e-05"),
+])
+def test_wrong_backend_is_never_chosen_and_named_once(tuner, monkeypatch, wrong, message):
+    bad = StandInBackend("bad", wrong=wrong)
+    install_backends(monkeypatch, bad)
+    tuner.timer = FakeTimer({"bad": 0.1, "torch": 1.0})  # it would win on speed
+    inputs = make_inputs()
+    expected = run_op(inputs, backend="torch")
+    with pytest.warns(UserWarning, match=r"backend 'bad' failed verification on .*" + message):
+        got = run_op(inputs)
+    for name, a, b in zip(("y_base", "y_student", "dx_base", "dx_student", "dweight", "dbias"),
+                          got, expected):
+        assert_close_rel(a, b, 1e-6, name)
+    decision = tuner.lookup(problem_of(inputs))
+    assert decision["backend"] == "torch" and not decision["candidates"]["bad"]["verified"]
+    timings, calls = tuner.timer.calls, bad.forward_calls
+    with tuning.warnings.catch_warnings():
+        tuning.warnings.simplefilter("error")  # logged once: a decided key warns no more
+        run_op(inputs)
+    assert (tuner.timer.calls, bad.forward_calls) == (timings, calls)
+
+
+@pytest.mark.parametrize("fast_ms, chosen", [(0.5, "fast"), (1.5, "torch")])
+def test_fastest_verified_backend_wins_and_runs(tuner, monkeypatch, fast_ms, chosen):
+    fast = StandInBackend("fast")
+    install_backends(monkeypatch, fast)
+    tuner.timer = FakeTimer({"fast": fast_ms, "torch": 1.0})
+    inputs = make_inputs()
+    run_op(inputs)
+    decision = tuner.lookup(problem_of(inputs))
+    assert decision["backend"] == chosen
+    assert decision["candidates"]["fast"]["verified"] and decision["candidates"]["fast"]["ms"] == fast_ms
+    assert tuner.timer.calls == 2  # torch and the candidate, once
+    calls = fast.forward_calls
+    run_op(inputs)
+    assert fast.forward_calls == calls + (chosen == "fast")
+    assert f"auto: {chosen}: " in explain(problem_of(inputs))
+
+
+def test_cache_round_trips_and_survives_corrupt_and_foreign_files(tuner, monkeypatch):
+    install_backends(monkeypatch, StandInBackend("fast"))
+    tuner.timer = FakeTimer({"fast": 0.5, "torch": 1.0})
+    inputs = make_inputs()
+    run_op(inputs)
+    path = cache_path(torch.device("cpu"))
+    stored = json.loads(path.read_text())
+    assert stored["device"] and stored["versions"]["anfast"] == anfast.__version__
+    assert [d["backend"] for d in stored["decisions"].values()] == ["fast"]
+
+    # A fresh process reads the decision back and measures nothing.
+    reader = Tuner(timer=FakeTimer({}), lazy_devices=("cpu",))
+    tuning.set_tuner(reader)
+    run_op(inputs)
+    assert reader.timer.calls == 0 and reader.lookup(problem_of(inputs))["backend"] == "fast"
+
+    foreign = dict(stored, device="Some Other GPU", capability="sm_75")
+    for content, why in (("{not json", "unreadable"), (json.dumps(foreign), "written for")):
+        path.write_text(content)
+        fresh = Tuner(timer=FakeTimer({"fast": 0.5, "torch": 1.0}), lazy_devices=("cpu",))
+        tuning.set_tuner(fresh)
+        with pytest.warns(UserWarning, match=f"ignoring tuning cache .*{why}"):
+            run_op(inputs)
+        assert fresh.timer.calls == 2  # tuned again, and the file is valid once more
+        assert json.loads(path.read_text())["device"] == stored["device"]
+
+
+def test_no_tuning_during_cuda_graph_capture_or_with_anfast_tune_0(tuner, monkeypatch):
+    fast = StandInBackend("fast")
+    install_backends(monkeypatch, fast)
+    tuner.timer = FakeTimer({"fast": 0.5, "torch": 1.0})
+    inputs = make_inputs()
+    monkeypatch.setattr(tuning, "stream_is_capturing", lambda device: True)
+    run_op(inputs)
+    assert tuner.timer.calls == 0 and fast.forward_calls == 0
+    assert "cannot tune now: a CUDA graph is being captured" in explain(problem_of(inputs))
+    monkeypatch.setenv("ANFAST_TUNE", "0")
+    monkeypatch.setattr(tuning, "stream_is_capturing", lambda device: False)
+    run_op(inputs)
+    assert tuner.timer.calls == 0 and fast.forward_calls == 0
+    monkeypatch.delenv("ANFAST_TUNE")
+    run_op(inputs)  # tunes now
+    calls = fast.forward_calls
+    monkeypatch.setattr(tuning, "stream_is_capturing", lambda device: True)
+    run_op(inputs)  # a decided key runs its decision inside a capture too
+    assert fast.forward_calls == calls + 1 and tuner.timer.calls == 2
+
+
+def test_two_gloo_ranks_take_rank_0s_decisions(tmp_path):
+    # Rank 0's timer makes "fast" win, rank 1's makes it lose: tuning alone, they diverge.
+    processes = [subprocess.Popen([sys.executable, str(WORKER), str(rank), "2",
+                                   str(tmp_path / "store"), str(tmp_path / f"rank{rank}.json"),
+                                   str(tmp_path / f"cache{rank}")])
+                 for rank in range(2)]
+    for process in processes:
+        assert process.wait(timeout=240) == 0
+    ranks = [json.loads((tmp_path / f"rank{rank}.json").read_text()) for rank in range(2)]
+    assert [r["decisions"] for r in ranks] == [["fast", "fast"]] * 2
+    assert [(r["before"], r["after"]) for r in ranks] == [("torch", "fast")] * 2
+    assert [r["timings"] for r in ranks] == [4, 0]  # rank 0 measured both problems alone
+
+
+@pytest.mark.slow
+def test_default_cpu_training_never_touches_the_fused_backends(monkeypatch, tmp_path):
+    """With no GPU (the extension built or not), auto never even asks cuda or triton."""
+    from anfast.ops.cuda_backend import CudaBackend
+    from anfast.train.loop import fit
+    from anfast.triton.backend import TritonBackend
+    from test_train_config import make_image_folder, tiny_config
+
+    def refuse(self, *args, **kwargs):
+        raise AssertionError(f"auto on the CPU touched the {self.name} backend")
+
+    for backend in (CudaBackend, TritonBackend):
+        for method in ("unsupported_reasons", "forward", "backward"):
+            monkeypatch.setattr(backend, method, refuse)
+    monkeypatch.delenv("ANFAST_BACKEND", raising=False)
+    data = make_image_folder(tmp_path / "data")
+    summary = fit(tiny_config(data, tmp_path / "run", epochs=1))
+    assert summary["backends"] and set(summary["backends"].values()) == {"torch"}
+
+
+@pytest.mark.slow
+def test_anfast_tune_on_the_interpreter_verifies_triton_chooses_torch_then_reads_the_cache(
+        tmp_path, monkeypatch, capsys):
+    """The issue's CPU command, on the first block of resnet18 (the interpreter needs
+    minutes for the whole model): the real verification and timing path end to end."""
+    from anfast.cli import main
+
+    monkeypatch.setenv("ANFAST_CACHE_DIR", str(tmp_path / "cache"))
+    argv = ["tune", "--device", "cpu", "--arch", "resnet18", "--alpha", "4", "--batch-size", "2",
+            "--image-size", "32", "--backends", "triton,torch", "--layers", "layer1.0.*"]
+    reports = []
+    for run in range(2):
+        monkeypatch.setattr(tuning, "_tuner", Tuner())  # a new process: only the file carries decisions
+        assert main(argv + ["--out", str(tmp_path / f"t{run}.json")]) == 0
+        reports.append((capsys.readouterr().out, json.loads((tmp_path / f"t{run}.json").read_text())))
+    (first_text, first), (second_text, second) = reports
+    assert [layer["layer"] for layer in first["layers"]] == ["layer1.0.conv1", "layer1.0.conv2"]
+    for layer in first["layers"]:
+        triton = layer["candidates"]["triton"]
+        assert triton["verified"] and triton["error"] < 2e-2 and triton["ms"] > 0
+        assert layer["choice"] == "torch" and not layer["cached"]
+        assert f"{layer['layer']} " in first_text
+    assert "triton verified" in first_text and "1 timed, 0 cached" in first_text
+    assert "0 timed, 1 cached" in second_text and "cached " in second_text
+    assert all(layer["cached"] for layer in second["layers"])
+    # Cached, not re-timed: the very same measurements come back.
+    assert [(l["torch_ms"], l["candidates"]) for l in second["layers"]] == \
+        [(l["torch_ms"], l["candidates"]) for l in first["layers"]]
+
+
+def test_train_backend_option_is_checked_and_reaches_every_layer():
+    from anfast.train.config import ConfigError, TrainConfig
+    from anfast.tune import set_backend
+
+    with pytest.raises(ConfigError, match=r"backend='cudnn'; choose one of \['auto', 'torch', 'triton', 'cuda'\]"):
+        TrainConfig(backend="cudnn").validate()
+    an = anfast.adjoin("resnet18", alpha=4, policy="paper", input_size=(3, 32, 32), num_classes=10)
+    convs = [m for m in an.modules() if isinstance(m, anfast.nn.AdjoinedConv2d)]
+    set_backend(an, "triton")
+    assert convs and all(m.backend == "triton" for m in convs)
+    set_backend(an, "auto")  # leaves $ANFAST_BACKEND its say
+    assert all(m.backend is None for m in convs)
