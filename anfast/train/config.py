@@ -17,13 +17,16 @@ import yaml
 
 __all__ = ["TrainConfig", "ConfigError", "parse_alpha", "load_config", "save_config",
            "load_arch_config", "AMP_CHOICES", "OPTIMIZER_CHOICES", "LOADER_CHOICES",
-           "POLICY_CHOICES", "LAMBDA_SCHEDULE_CHOICES"]
+           "POLICY_CHOICES", "LAMBDA_SCHEDULE_CHOICES", "COMPILE_CHOICES", "SYNTHETIC_DATA",
+           "compile_mode"]
 
 AMP_CHOICES = ("auto", "bf16", "fp16", "off")
 OPTIMIZER_CHOICES = ("sgd", "adamw", "lamb")
 LOADER_CHOICES = ("auto", "torch", "dali")
 POLICY_CHOICES = ("paper", "all")
 LAMBDA_SCHEDULE_CHOICES = ("paper", "linear", "constant")
+COMPILE_CHOICES = ("default", "max-autotune", "reduce-overhead")  # torch.compile modes
+SYNTHETIC_DATA = "synthetic"  # --data value: random batches made on the device, no files
 
 
 class ConfigError(ValueError):
@@ -39,7 +42,9 @@ class TrainConfig:
     --image-size, --epochs, --lr and --batch-size.
     """
 
-    data: Optional[str] = None            # train/ and val/ ImageFolder root; None: built-in set
+    data: Optional[str] = None            # train/ and val/ ImageFolder root, "synthetic"; None: built-in set
+    num_classes: Optional[int] = None     # --data synthetic only; None: 1000
+    synthetic_steps: int = 100            # --data synthetic: training steps per epoch
     arch: str = "resnet18"                # torchvision.models.get_model name
     alpha: Tuple[float, ...] = (4.0,)     # one per student; nested students are prefixes
     policy: str = "paper"                 # "paper" | "all"; --arch-config overrides it
@@ -58,7 +63,7 @@ class TrainConfig:
     clip_grad: Optional[float] = None     # max global grad norm; None: no clipping
     amp: str = "auto"                     # auto: bf16 on CUDA, off on CPU
     channels_last: bool = False
-    compile: bool = False
+    compile: Union[bool, str] = False     # a COMPILE_CHOICES mode; True means "default"
     loader: str = "auto"
     workers: int = 2
     image_size: int = 32
@@ -69,6 +74,8 @@ class TrainConfig:
     ema_decay: float = 0.999
     sync_bn: bool = False
     device: str = "auto"                  # auto: cuda if available, else cpu
+    log_interval: int = 50                # steps between host reads of loss / grad norm
+    max_bad_steps: int = 0                # non-finite steps skipped before the run stops
 
     def to_dict(self) -> Dict[str, Any]:
         """Plain types only, so YAML and ``torch.load(weights_only=True)`` both accept it."""
@@ -105,7 +112,9 @@ class TrainConfig:
         _check_choice("amp", self.amp, AMP_CHOICES)
         _check_choice("loader", self.loader, LOADER_CHOICES)
         _check_choice("lambda_schedule", self.lambda_schedule, LAMBDA_SCHEDULE_CHOICES)
-        for name in ("epochs", "batch_size", "image_size", "round_to"):
+        compile_mode(self.compile)
+        for name in ("epochs", "batch_size", "image_size", "round_to", "log_interval",
+                     "synthetic_steps"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name}={getattr(self, name)} must be >= 1")
         if self.lr <= 0:
@@ -120,13 +129,33 @@ class TrainConfig:
             raise ConfigError(f"ema_decay={self.ema_decay} must be in (0, 1)")
         if self.workers < 0:
             raise ConfigError(f"workers={self.workers} must be >= 0")
-        if self.data is not None and not Path(self.data).is_dir():
+        if self.max_bad_steps < 0:
+            raise ConfigError(f"max_bad_steps={self.max_bad_steps} must be >= 0")
+        if self.num_classes is not None and self.data != SYNTHETIC_DATA:
+            raise ConfigError(f"--num-classes {self.num_classes} applies to --data synthetic only; "
+                              f"a folder's classes are its class folders: leave --num-classes out")
+        if self.num_classes is not None and self.num_classes < 2:
+            raise ConfigError(f"num_classes={self.num_classes} must be >= 2")
+        if self.data not in (None, SYNTHETIC_DATA) and not Path(self.data).is_dir():
             raise ConfigError(f"--data {self.data}: no such directory; give a folder with "
                               f"train/<class>/*.jpg and val/<class>/*.jpg, or leave --data out "
                               f"for the built-in dataset")
         if self.arch_config is not None:
             load_arch_config(self.arch_config)
         return self
+
+
+def compile_mode(value: Union[bool, str, None]) -> Optional[str]:
+    """--compile as a torch.compile mode, or None for eager: True (a bare --compile or YAML
+    ``true``) is "default"; False / None is off."""
+    if value is None or value is False:
+        return None
+    if value is True:
+        return "default"
+    if value not in COMPILE_CHOICES:
+        raise ConfigError(f"compile={value!r}; choose one of {list(COMPILE_CHOICES)}, true "
+                          f"(= default) or false")
+    return value
 
 
 def _check_choice(name: str, value: str, choices) -> None:
