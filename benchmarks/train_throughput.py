@@ -5,19 +5,25 @@ real width (anfast) than in the authors' public code, which computes the student
 FULL width and zeroes its trailing channels after each conv (so the student costs
 what the base costs)? Plain base training is the floor both are compared against.
 
-Providers, all with SGD, the same model, data and precision:
-  base    torchvision model, cross-entropy
-  anfast  anfast.adjoin(model, alpha, policy) + anfast.AdjoinedLoss
-  masked  the base plus a full-width student that shares the conv / linear modules
-          (so the same weights), has its own BatchNorms, and multiplies every shrunk
-          conv's output by a 0/1 channel mask of width(C, alpha); same AdjoinedLoss
+Providers, all with fused SGD, the same model, data and precision:
+  base          torchvision model, cross-entropy
+  anfast        anfast.adjoin(model, alpha, policy) + anfast.AdjoinedLoss, backend auto
+  anfast_torch  the same with backend="torch" (two cuDNN / ATen convs, no fused kernel)
+  masked        the base plus a full-width student that shares the conv / linear modules
+                (so the same weights), has its own BatchNorms, and multiplies every shrunk
+                conv's output by a 0/1 channel mask of width(C, alpha); same AdjoinedLoss
+and each again under torch.compile per --compile mode ("+default", "+reduce-overhead").
 
-Synthetic data already on the device. Rounds alternate the providers so a machine
-whose load drifts affects all of them alike; each provider's median step time gives
-its img/s. On CUDA: bf16 autocast and channels_last.
+Every step is the trainer's own (anfast.train.step.train_step: no host read inside)
+on `anfast train --data synthetic`'s batch (anfast.data.synthetic: one random batch
+made once on the device). A round runs --steps steps of one provider and synchronizes
+once; rounds alternate the providers so a machine whose load drifts affects all of
+them alike; the median round gives a provider's img/s. On CUDA: bf16 autocast and
+channels_last.
 
     python benchmarks/train_throughput.py                       # CPU: ResNet-50, 64 px, batch 8
-    python benchmarks/train_throughput.py --device cuda --image-size 224 --batch-size 64
+    python benchmarks/train_throughput.py --device cuda --image-size 224 --batch-size 256 \
+        --compile off,default,reduce-overhead
 
 Writes benchmarks/results/train_throughput-<device>-<date>.json, or
 OUT/train_throughput.json with --out OUT (a directory).
@@ -27,6 +33,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import functools
 import json
 import os
 import statistics
@@ -41,6 +48,9 @@ import torchvision
 
 import anfast
 from anfast.adjoin import PAPER_MIN_CHANNELS
+from anfast.data.synthetic import DEFAULT_SYNTHETIC_CLASSES, synthetic_batch
+from anfast.train.config import COMPILE_CHOICES
+from anfast.train.step import StepMeter, resolve_compile, train_step, warm_up
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import environment, write_result  # noqa: E402
@@ -89,34 +99,32 @@ class MaskedAdjoined(nn.Module):
 
 
 def build_providers(arch: str, alpha: float, num_classes: int, input_size) -> dict:
+    """name -> (model, loss_fn(output, target)), all from the same initial weights."""
     torch.manual_seed(0)
     base = torchvision.models.get_model(arch, weights=None, num_classes=num_classes)
-    adjoined = anfast.adjoin(copy.deepcopy(base), alpha=alpha, policy="paper", round_to=8,
-                             input_size=input_size)
+    adjoined = {backend: anfast.adjoin(copy.deepcopy(base), alpha=alpha, policy="paper", round_to=8,
+                                       input_size=input_size, backend=backend)
+                for backend in (None, "torch")}
     masked = MaskedAdjoined(copy.deepcopy(base), alpha, 8)
-    adjoined_loss = anfast.AdjoinedLoss()
+    adjoined_loss = functools.partial(anfast.AdjoinedLoss(), lambda_=1.0)
     return {
-        "base": (base, lambda out, target: F.cross_entropy(out, target)),
-        "anfast": (adjoined, lambda out, target: adjoined_loss(out, target, 1.0)),
-        "masked": (masked, lambda out, target: adjoined_loss(out, target, 1.0)),
+        "base": (base, F.cross_entropy),
+        "anfast": (adjoined[None], adjoined_loss),
+        "anfast_torch": (adjoined["torch"], adjoined_loss),
+        "masked": (masked, adjoined_loss),
     }
 
 
-def time_steps(model, loss_fn, optimizer, images, labels, steps, amp_dtype) -> list:
-    device = images.device
-    times = []
+def seconds_per_step(step, steps: int, device: torch.device) -> float:
+    """Run ``steps`` steps back to back and wait for the device once, as training does."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    start = time.perf_counter()
     for _ in range(steps):
-        start = time.perf_counter()
-        with torch.autocast(device.type, dtype=amp_dtype or torch.float32,
-                            enabled=amp_dtype is not None):
-            loss = loss_fn(model(images), labels)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        times.append(time.perf_counter() - start)
-    return times
+        step()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return (time.perf_counter() - start) / steps
 
 
 def main() -> None:
@@ -126,8 +134,12 @@ def main() -> None:
     parser.add_argument("--alpha", type=float, default=4.0)
     parser.add_argument("--image-size", type=int, default=None, help="default: 64 CPU, 224 CUDA")
     parser.add_argument("--batch-size", type=int, default=None, help="default: 8 CPU, 64 CUDA")
+    parser.add_argument("--num-classes", type=int, default=DEFAULT_SYNTHETIC_CLASSES)
     parser.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=None,
                         help="NHWC activations (default: on CUDA only)")
+    parser.add_argument("--compile", default="off",
+                        help=f"comma list of off and torch.compile modes {list(COMPILE_CHOICES)}; "
+                             f"each mode times every provider again (default: off)")
     parser.add_argument("--warmup", type=int, default=3, help="untimed steps per provider")
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--steps", type=int, default=2, help="timed steps per provider per round")
@@ -137,55 +149,78 @@ def main() -> None:
 
     device = torch.device(args.device)
     on_cuda = device.type == "cuda"
+    modes = [mode.strip() for mode in args.compile.split(",") if mode.strip()]
+    unknown = sorted(set(modes) - {"off", *COMPILE_CHOICES})
+    if unknown or not modes:
+        parser.error(f"--compile {args.compile}: use a comma list of off, {', '.join(COMPILE_CHOICES)}")
     image_size = args.image_size or (224 if on_cuda else 64)
     batch_size = args.batch_size or (64 if on_cuda else 8)
     amp_dtype = torch.bfloat16 if on_cuda else None
     channels_last = on_cuda if args.channels_last is None else args.channels_last
     memory_format = torch.channels_last if channels_last else torch.contiguous_format
-    num_classes = 1000
 
-    providers = build_providers(args.arch, args.alpha, num_classes, (3, image_size, image_size))
-    generator = torch.Generator().manual_seed(0)
-    images = torch.randn(batch_size, 3, image_size, image_size, generator=generator)
-    images = images.to(device).contiguous(memory_format=memory_format)
-    labels = torch.randint(0, num_classes, (batch_size,), generator=generator).to(device)
-    optimizers = {}
-    for name, (model, _) in providers.items():
-        model.to(device=device, memory_format=memory_format).train()
-        optimizers[name] = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9)
+    providers = build_providers(args.arch, args.alpha, args.num_classes, (3, image_size, image_size))
+    images, labels = synthetic_batch(batch_size, image_size, args.num_classes, device=device,
+                                     channels_last=channels_last)
+    scaler = torch.amp.GradScaler(device.type, enabled=False)
+    steps = {}
+    for mode in modes:
+        compile_as, fallback = resolve_compile(None if mode == "off" else mode, device)
+        if fallback:
+            print(fallback, flush=True)
+        for name, (model, loss_fn) in providers.items():
+            model.to(device=device, memory_format=memory_format).train()
+            optimizer = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9, fused=True)
+            forward = model
+            if compile_as is not None:
+                warm_up(model, loss_fn, batch_size=batch_size, image_size=image_size,
+                        num_classes=args.num_classes, channels_last=channels_last,
+                        amp_dtype=amp_dtype, device=device)
+                forward = torch.compile(model, mode=compile_as)
+            meter = StepMeter(device, max_bad_steps=0, step=0)
+            key = name if mode == "off" else f"{name}+{mode}"
+            steps[key] = functools.partial(
+                train_step, forward, images, labels, loss_fn=loss_fn, optimizer=optimizer,
+                scaler=scaler, parameters=list(model.parameters()), amp_dtype=amp_dtype,
+                meter=meter)
 
     load_before = os.getloadavg()
-    for name, (model, loss_fn) in providers.items():
-        time_steps(model, loss_fn, optimizers[name], images, labels, args.warmup, amp_dtype)
-    times = {name: [] for name in providers}
+    for key, step in steps.items():  # also compiles, tunes and records CUDA graphs
+        seconds_per_step(step, args.warmup, device)
+    times = {key: [] for key in steps}
     for round_index in range(args.rounds):
-        for name, (model, loss_fn) in providers.items():
-            times[name] += time_steps(model, loss_fn, optimizers[name], images, labels,
-                                      args.steps, amp_dtype)
+        for key, step in steps.items():
+            times[key].append(seconds_per_step(step, args.steps, device))
         print(f"round {round_index + 1}/{args.rounds}: " + ", ".join(
-            f"{name} {batch_size / statistics.median(t):.1f} img/s" for name, t in times.items()),
+            f"{key} {batch_size / statistics.median(t):.1f} img/s" for key, t in times.items()),
             flush=True)
     load_after = os.getloadavg()
 
     rows = {}
-    for name, step_times in times.items():
-        median = statistics.median(step_times)
-        rows[name] = {"images_per_second": batch_size / median, "median_step_s": median,
-                      "min_step_s": min(step_times), "max_step_s": max(step_times),
-                      "steps": len(step_times)}
-    ratios = {
-        "anfast_over_masked": rows["anfast"]["images_per_second"] / rows["masked"]["images_per_second"],
-        "anfast_over_base": rows["anfast"]["images_per_second"] / rows["base"]["images_per_second"],
-        "masked_over_base": rows["masked"]["images_per_second"] / rows["base"]["images_per_second"],
-    }
+    for key, round_times in times.items():
+        median = statistics.median(round_times)
+        rows[key] = {"images_per_second": batch_size / median, "median_step_s": median,
+                     "min_step_s": min(round_times), "max_step_s": max(round_times),
+                     "rounds": len(round_times), "steps_per_round": args.steps}
+    ratios = {}
+    for mode in modes:
+        suffix = "" if mode == "off" else f"+{mode}"
+        speed = {name: rows[name + suffix]["images_per_second"] for name in providers}
+        ratios[f"anfast_over_masked{suffix}"] = speed["anfast"] / speed["masked"]
+        ratios[f"anfast_torch_over_masked{suffix}"] = speed["anfast_torch"] / speed["masked"]
+        ratios[f"anfast_over_anfast_torch{suffix}"] = speed["anfast"] / speed["anfast_torch"]
+        ratios[f"anfast_over_base{suffix}"] = speed["anfast"] / speed["base"]
+        ratios[f"masked_over_base{suffix}"] = speed["masked"] / speed["base"]
     result = {
         "benchmark": "train_throughput",
-        "question": "AN training img/s: anfast (student at real width) vs the authors' "
-                    "masked full-width student vs plain base training",
+        "question": "AN training img/s: anfast (student at real width; auto and torch backends) "
+                    "vs the authors' masked full-width student vs plain base training, eager "
+                    "and compiled",
         **environment(device),
         "arch": args.arch, "alpha": args.alpha, "policy": "paper", "image_size": image_size,
-        "batch_size": batch_size, "precision": "bf16" if amp_dtype else "fp32",
-        "channels_last": channels_last, "warmup_steps": args.warmup, "rounds": args.rounds,
+        "batch_size": batch_size, "num_classes": args.num_classes, "data": "synthetic",
+        "precision": "bf16" if amp_dtype else "fp32", "channels_last": channels_last,
+        "compile": modes, "warmup_steps": args.warmup, "rounds": args.rounds,
         "steps_per_round": args.steps, "load_average_before": load_before,
         "load_average_after": load_after,
         "anfast_backend": os.environ.get("ANFAST_BACKEND", "auto"), "providers": rows,

@@ -107,8 +107,11 @@ def _arch_config_policy(arch: str, num_classes: int, group_alphas: Dict[str, flo
 
 def create_optimizer(model: torch.nn.Module, config: TrainConfig,
                      device: torch.device) -> torch.optim.Optimizer:
-    """SGD / AdamW (torch fused kernels on CUDA, apex FusedSGD when present) or apex LAMB.
+    """SGD / AdamW (torch's fused kernels, on every device) or apex LAMB.
 
+    The fused kernels take the step's non-finite flag as ``found_inf`` and skip the
+    update on the device (anfast.train.step), so no step waits for the host; apex
+    FusedSGD has no such input, so torch's fused SGD is used even where apex is installed.
     Biases and normalisation parameters (every 1-D tensor) get no weight decay, the
     usual ImageNet recipe (timm's param_groups_weight_decay).
     """
@@ -117,16 +120,17 @@ def create_optimizer(model: torch.nn.Module, config: TrainConfig,
     no_decay = [p for p in model.parameters() if p.requires_grad and p.ndim <= 1]
     groups = [{"params": decay, "weight_decay": config.weight_decay},
               {"params": no_decay, "weight_decay": 0.0}]
-    on_cuda = device.type == "cuda"
     if config.optimizer == "lamb":
         from apex.optimizers import FusedLAMB
 
         return FusedLAMB(groups, lr=config.lr)
     if config.optimizer == "sgd":
-        if on_cuda and has_apex():
-            from apex.optimizers import FusedSGD
-
-            return FusedSGD(groups, lr=config.lr, momentum=config.momentum)
-        return torch.optim.SGD(groups, lr=config.lr, momentum=config.momentum,
-                               fused=True if on_cuda else None)
-    return torch.optim.AdamW(groups, lr=config.lr, fused=True if on_cuda else None)
+        optimizer = torch.optim.SGD(groups, lr=config.lr, momentum=config.momentum, fused=True)
+        if config.momentum:
+            # Fused SGD creates its buffers uninitialised on the first step and fills them
+            # there, unless that step is skipped (found_inf): start them at zero instead,
+            # which gives the same first step (momentum * 0 + grad = grad).
+            for param in decay + no_decay:
+                optimizer.state[param]["momentum_buffer"] = torch.zeros_like(param)
+        return optimizer
+    return torch.optim.AdamW(groups, lr=config.lr, fused=True)

@@ -13,9 +13,10 @@ import json
 import sys
 from typing import List, Optional
 
-from anfast.train.config import (AMP_CHOICES, BACKEND_CHOICES, LAMBDA_SCHEDULE_CHOICES, LOADER_CHOICES,
-                                 OPTIMIZER_CHOICES, POLICY_CHOICES,
-                                 TrainConfig, load_config)
+from anfast.train.config import (AMP_CHOICES, BACKEND_CHOICES, COMPILE_CHOICES,
+                                 LAMBDA_SCHEDULE_CHOICES,
+                                 LOADER_CHOICES, OPTIMIZER_CHOICES, POLICY_CHOICES,
+                                 ConfigError, TrainConfig, load_config)
 
 __all__ = ["register", "add_train_arguments", "config_from_args", "main"]
 
@@ -33,8 +34,12 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
     """Every TrainConfig field as a flag; unset flags stay None so YAML can fill them."""
     add = parser.add_argument
     add("--config", help="YAML file of options (names as below, '-' or '_'); flags override it")
-    add("--data", help="folder with train/<class>/*.jpg and val/<class>/*.jpg "
+    add("--data", help="folder with train/<class>/*.jpg and val/<class>/*.jpg, or 'synthetic' "
+                       "(one random batch made once on the device: compute throughput only) "
                        "(default: the built-in shapes set, generated on first use)")
+    add("--num-classes", type=int, help="classes of --data synthetic (default: 1000)")
+    add("--synthetic-steps", type=int,
+        help=f"training steps per epoch of --data synthetic {_default('synthetic_steps')}")
     add("--arch", help=f"torchvision model name {_default('arch')}")
     add("--alpha",
         help=f"student width divisor; a comma list (2,4,8) trains nested students {_default('alpha')}")
@@ -61,8 +66,11 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
         help=f"autocast dtype; auto is bf16 on CUDA, off on CPU {_default('amp')}")
     add("--channels-last", action=argparse.BooleanOptionalAction,
         help=f"NHWC activations and weights {_default('channels_last')}")
-    add("--compile", action=argparse.BooleanOptionalAction,
-        help=f"torch.compile the model {_default('compile')}")
+    add("--compile", nargs="?", const="default", choices=COMPILE_CHOICES,
+        help="torch.compile the model; a bare --compile is mode default, reduce-overhead adds "
+             "CUDA graphs (on the CPU it falls back to default) (default: off)")
+    add("--no-compile", dest="compile", action="store_const", const=False,
+        help="run eagerly (overrides a YAML compile:)")
     add("--loader", choices=LOADER_CHOICES, help=f"input pipeline {_default('loader')}")
     add("--workers", type=int, help=f"loader worker processes / threads {_default('workers')}")
     add("--image-size", type=int, help=f"train crop and val size in pixels {_default('image_size')}")
@@ -82,6 +90,12 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
     add("--backend", choices=BACKEND_CHOICES,
         help=f"adjoined conv kernels; auto runs torch on the CPU and, on a GPU, the fastest "
              f"backend verified against torch (see `anfast tune`) {_default('backend')}")
+    add("--log-interval", type=int,
+        help=f"steps between reads of the loss and gradient norm on the host; the steps in "
+             f"between never wait for the device {_default('log_interval')}")
+    add("--max-bad-steps", type=int,
+        help=f"non-finite steps to skip (weights untouched) before the run stops with an error "
+             f"{_default('max_bad_steps')}")
 
 
 def config_from_args(args: argparse.Namespace) -> TrainConfig:

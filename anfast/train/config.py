@@ -19,7 +19,8 @@ import yaml
 
 __all__ = ["TrainConfig", "ConfigError", "parse_alpha", "load_config", "save_config",
            "load_arch_config", "check_field_types", "AMP_CHOICES", "OPTIMIZER_CHOICES",
-           "LOADER_CHOICES", "POLICY_CHOICES", "LAMBDA_SCHEDULE_CHOICES", "BACKEND_CHOICES"]
+           "LOADER_CHOICES", "POLICY_CHOICES", "LAMBDA_SCHEDULE_CHOICES", "BACKEND_CHOICES",
+           "COMPILE_CHOICES", "SYNTHETIC_DATA", "compile_mode"]
 
 AMP_CHOICES = ("auto", "bf16", "fp16", "off")
 OPTIMIZER_CHOICES = ("sgd", "adamw", "lamb")
@@ -27,6 +28,8 @@ LOADER_CHOICES = ("auto", "torch", "dali")
 POLICY_CHOICES = ("paper", "all")
 LAMBDA_SCHEDULE_CHOICES = ("paper", "linear", "constant")
 BACKEND_CHOICES = ("auto", "torch", "triton", "cuda")
+COMPILE_CHOICES = ("default", "max-autotune", "reduce-overhead")  # torch.compile modes
+SYNTHETIC_DATA = "synthetic"  # --data value: random batches made on the device, no files
 
 
 class ConfigError(ValueError):
@@ -42,7 +45,9 @@ class TrainConfig:
     --image-size, --epochs, --lr and --batch-size.
     """
 
-    data: Optional[str] = None            # train/ and val/ ImageFolder root; None: built-in set
+    data: Optional[str] = None            # train/ and val/ ImageFolder root, "synthetic"; None: built-in set
+    num_classes: Optional[int] = None     # --data synthetic only; None: 1000
+    synthetic_steps: int = 100            # --data synthetic: training steps per epoch
     arch: str = "resnet18"                # torchvision.models.get_model name
     alpha: Tuple[float, ...] = (4.0,)     # one per student; nested students are prefixes
     policy: str = "paper"                 # "paper" | "all"; --arch-config overrides it
@@ -61,7 +66,7 @@ class TrainConfig:
     clip_grad: Optional[float] = None     # max global grad norm; None: no clipping
     amp: str = "auto"                     # auto: bf16 on CUDA, off on CPU
     channels_last: bool = False
-    compile: bool = False
+    compile: Union[bool, str] = False     # a COMPILE_CHOICES mode; True means "default"
     loader: str = "auto"
     workers: int = 2
     image_size: int = 32
@@ -74,6 +79,8 @@ class TrainConfig:
     sync_bn: bool = False
     device: str = "auto"                  # auto: cuda if available, else cpu
     backend: str = "auto"                 # adjoined conv backend; auto: measured (DESIGN.md 4b)
+    log_interval: int = 50                # steps between host reads of loss / grad norm
+    max_bad_steps: int = 0                # non-finite steps skipped before the run stops
 
     def to_dict(self) -> Dict[str, Any]:
         """Plain types only, so YAML and ``torch.load(weights_only=True)`` both accept it."""
@@ -112,7 +119,9 @@ class TrainConfig:
         _check_choice("loader", self.loader, LOADER_CHOICES)
         _check_choice("lambda_schedule", self.lambda_schedule, LAMBDA_SCHEDULE_CHOICES)
         _check_choice("backend", self.backend, BACKEND_CHOICES)
-        for name in ("epochs", "batch_size", "image_size", "round_to"):
+        compile_mode(self.compile)
+        for name in ("epochs", "batch_size", "image_size", "round_to", "log_interval",
+                     "synthetic_steps"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name}={getattr(self, name)} must be >= 1")
         if self.lr <= 0:
@@ -135,7 +144,14 @@ class TrainConfig:
             raise ConfigError(f"ema_decay={self.ema_decay} must be in (0, 1)")
         if self.workers < 0:
             raise ConfigError(f"workers={self.workers} must be >= 0")
-        if self.data is not None and not Path(self.data).is_dir():
+        if self.max_bad_steps < 0:
+            raise ConfigError(f"max_bad_steps={self.max_bad_steps} must be >= 0")
+        if self.num_classes is not None and self.data != SYNTHETIC_DATA:
+            raise ConfigError(f"--num-classes {self.num_classes} applies to --data synthetic only; "
+                              f"a folder's classes are its class folders: leave --num-classes out")
+        if self.num_classes is not None and self.num_classes < 2:
+            raise ConfigError(f"num_classes={self.num_classes} must be >= 2")
+        if self.data not in (None, SYNTHETIC_DATA) and not Path(self.data).is_dir():
             raise ConfigError(f"--data {self.data}: no such directory; give a folder with "
                               f"train/<class>/*.jpg and val/<class>/*.jpg, or leave --data out "
                               f"for the built-in dataset")
@@ -165,7 +181,10 @@ def check_field_types(config: Any, error: Type[Exception]) -> None:
                 raise error(f"{name} is missing a value; give one (default: {field.default!r})")
             continue
         kind = next(k for k in kinds if k is not type(None))
-        if kind in (int, float):
+        if set(kinds) >= {bool, str}:  # --compile: true / false or a mode name
+            if not isinstance(value, (bool, str)):
+                raise error(f"{name}={value!r} must be true, false or a name")
+        elif kind in (int, float):
             setattr(config, name, _number(name, value, kind, error))
         elif typing.get_origin(kind) is tuple:
             setattr(config, name, tuple(_number(name, item, float, error) for item in value))
@@ -189,6 +208,17 @@ def _number(name: str, value: Any, kind: type, error: Type[Exception]) -> Union[
             raise error(f"{name}={value} must be a whole number")
         return int(value)
     return float(value)
+def compile_mode(value: Union[bool, str, None]) -> Optional[str]:
+    """--compile as a torch.compile mode, or None for eager: True (a bare --compile or YAML
+    ``true``) is "default"; False / None is off."""
+    if value is None or value is False:
+        return None
+    if value is True:
+        return "default"
+    if value not in COMPILE_CHOICES:
+        raise ConfigError(f"compile={value!r}; choose one of {list(COMPILE_CHOICES)}, true "
+                          f"(= default) or false")
+    return value
 
 
 def _check_choice(name: str, value: str, choices) -> None:

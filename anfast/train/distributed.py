@@ -10,7 +10,7 @@ import torch
 import torch.distributed as dist
 
 __all__ = ["DistributedInfo", "init_distributed", "resolve_device", "all_reduce_sum",
-           "any_rank", "barrier", "broadcast_buffers", "destroy_distributed"]
+           "any_rank", "create_host_group", "any_rank_on_host", "barrier", "broadcast_buffers", "destroy_distributed"]
 
 
 @dataclass(frozen=True)
@@ -70,6 +70,26 @@ def any_rank(flags: Sequence[bool], device: torch.device) -> list:
     if not dist.is_initialized():
         return [bool(flag) for flag in flags]
     return [total > 0 for total in all_reduce_sum([float(flag) for flag in flags], device)]
+
+
+def create_host_group():
+    """A gloo group for votes between the ranks' hosts (None when not distributed).
+
+    Its collectives take CPU tensors, so they never wait for a GPU's queued work; the
+    default group serves when it is gloo already (CPU runs). Every rank must call this.
+    """
+    if not dist.is_initialized():
+        return None
+    return dist.group.WORLD if dist.get_backend() == "gloo" else dist.new_group(backend="gloo")
+
+
+def any_rank_on_host(flag: bool, group) -> bool:
+    """True on every rank when ``flag`` is true on any, agreed over ``create_host_group()``."""
+    if group is None:
+        return bool(flag)
+    tensor = torch.tensor([int(flag)], dtype=torch.int32)
+    dist.all_reduce(tensor, group=group)
+    return bool(tensor.item())
 
 
 def broadcast_buffers(module: torch.nn.Module) -> None:

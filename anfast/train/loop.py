@@ -6,12 +6,16 @@ asked, then per epoch: train steps (warmup + cosine LR, AMP, clipping, EMA), eva
 the base and every student, log, checkpoint. At the end: curves.png, exports of
 the base and the students, summary.json. SIGTERM / SIGINT end the run between two
 steps with a checkpoint; ``--resume`` continues it to the same numbers.
+
+The steps themselves never wait for the device (anfast.train.step): the loss and
+gradient norm are read on the host every --log-interval steps, at epoch end and at a
+stop; non-finite steps are skipped on the device and counted.
 """
 
 from __future__ import annotations
 
+import functools
 import json
-import math
 import signal
 import threading
 import time
@@ -21,32 +25,36 @@ from typing import Any, Callable, Dict, Optional
 import numpy as np
 import torch
 from torch.nn.parallel import DistributedDataParallel
-from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+from torch.optim.swa_utils import AveragedModel
 from tqdm import tqdm
 
 import anfast
 from anfast.data import builtin_dataset, create_loader
 from anfast.data.folder import class_mismatch
+from anfast.data.synthetic import DEFAULT_SYNTHETIC_CLASSES, SyntheticLoader
 from anfast.train.build import (check_environment, create_adjoined_model, create_optimizer,
                                 resolve_amp_dtype)
 from anfast.train.checkpoint import (get_rng_state, load_training_checkpoint,
                                      remove_stale_temp_files, save_checkpoint, set_rng_state)
-from anfast.train.config import ConfigError, TrainConfig, save_config
-from anfast.train.distributed import (DistributedInfo, all_reduce_sum, any_rank, barrier,
-                                      broadcast_buffers, destroy_distributed, init_distributed)
+from anfast.train.config import (SYNTHETIC_DATA, ConfigError, TrainConfig, compile_mode,
+                                 save_config)
+from anfast.train.distributed import (DistributedInfo, all_reduce_sum, any_rank, any_rank_on_host,
+                                      barrier, broadcast_buffers, create_host_group,
+                                      destroy_distributed, init_distributed)
 from anfast.train.evaluate import evaluate
 from anfast.train.export import export_networks
 from anfast.train.loss import AdjoinedLoss, get_lambda_schedule
 from anfast.train.records import MetricsLog, plot_curves
 from anfast.train.rundir import TRAIN_ARTIFACTS, RunDirLock, claim_run_dir
 from anfast.train.schedule import lr_at
+from anfast.train.step import StepMeter, ema_update, resolve_compile, train_step, warm_up
 from anfast.tune import layer_backends, prepare_backends
 
 __all__ = ["fit", "NonFiniteLossError", "resolve_resume_path"]
 
 
 class NonFiniteLossError(RuntimeError):
-    """The loss or the gradients became NaN / inf without fp16 loss scaling to absorb it."""
+    """More steps than --max-bad-steps had a NaN / inf loss or gradient (each was skipped)."""
 
 
 class StopOnSignal:
@@ -142,13 +150,17 @@ def _fit(config: TrainConfig, info: DistributedInfo, should_stop: Optional[Calla
     np.random.seed(config.seed + info.rank)
 
     # Data, model and optimizer, all before the first step so bad options fail early.
-    data_root = _data_root(config, info)
-    loader_options = dict(batch_size=config.batch_size, image_size=config.image_size,
-                          loader=config.loader, workers=config.workers, device=device,
-                          channels_last=config.channels_last, shard_id=info.rank,
-                          num_shards=info.world_size, seed=config.seed)
-    train_loader = create_loader(data_root, "train", **loader_options)
-    val_loader = create_loader(data_root, "val", **loader_options)
+    if config.data == SYNTHETIC_DATA:
+        train_loader, val_loader = _synthetic_loaders(config, info)
+        data_root = SYNTHETIC_DATA
+    else:
+        data_root = _data_root(config, info)
+        loader_options = dict(batch_size=config.batch_size, image_size=config.image_size,
+                              loader=config.loader, workers=config.workers, device=device,
+                              channels_last=config.channels_last, shard_id=info.rank,
+                              num_shards=info.world_size, seed=config.seed)
+        train_loader = create_loader(data_root, "train", **loader_options)
+        val_loader = create_loader(data_root, "val", **loader_options)
     mismatch = class_mismatch(train_loader.classes, val_loader.classes)
     if mismatch:
         raise ConfigError(f"{data_root}: {mismatch}")
@@ -164,8 +176,8 @@ def _fit(config: TrainConfig, info: DistributedInfo, should_stop: Optional[Calla
     prepare_backends(an, config.backend, config.batch_size, config.image_size, amp_dtype)
     optimizer = create_optimizer(an, config, device)
     scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
-    ema = (AveragedModel(an, multi_avg_fn=get_ema_multi_avg_fn(config.ema_decay), use_buffers=True)
-           if config.ema else None)
+    # Its own update (step.ema_update) replaces update_parameters: same numbers, no host reads.
+    ema = AveragedModel(an, use_buffers=True) if config.ema else None
     loss_fn = AdjoinedLoss(label_smoothing=config.label_smoothing)
     lambda_schedule = get_lambda_schedule(config.lambda_schedule)
     alphas = list(config.alpha)
@@ -177,7 +189,8 @@ def _fit(config: TrainConfig, info: DistributedInfo, should_stop: Optional[Calla
     # cover the part of the current epoch done before a mid-epoch stop.
     state = {"epoch": 0, "batches_done": 0, "step": 0, "best_student_top1": -1.0,
              "history": [], "train_images": 0, "train_seconds": 0.0, "wall_time_s": 0.0,
-             "epoch_loss_sum": 0.0, "epoch_images": 0, "epoch_seconds": 0.0}
+             "epoch_loss_sum": 0.0, "epoch_images": 0, "epoch_seconds": 0.0,
+             "epoch_grad_norm_sum": 0.0, "epoch_good_steps": 0, "bad_steps": 0}
     resume_rng = None
     if resume_path is not None:
         checkpoint = load_training_checkpoint(resume_path, map_location=device)
@@ -189,7 +202,7 @@ def _fit(config: TrainConfig, info: DistributedInfo, should_stop: Optional[Calla
                 raise ConfigError(f"--resume {resume_path}: the run was trained without --ema; "
                                   f"resume it without --ema")
             ema.load_state_dict(checkpoint["ema"])
-        state = {key: checkpoint[key] for key in state}
+        state = {key: checkpoint.get(key, value) for key, value in state.items()}
         resume_rng = checkpoint["rng"]
         if state["batches_done"] == 0:
             set_rng_state(resume_rng)
@@ -205,17 +218,54 @@ def _fit(config: TrainConfig, info: DistributedInfo, should_stop: Optional[Calla
                    + (f"; resuming from {resume_path} at epoch {state['epoch'] + 1}"
                       if resume_path else ""))
 
-    model = DistributedDataParallel(an, device_ids=[device] if device.type == "cuda" else None
+    mode, fallback = resolve_compile(compile_mode(config.compile), device)
+    if fallback:
+        _say(info, f"anfast train: {fallback}")
+    if mode is not None:
+        warm_up(an, lambda out, target: loss_fn(out, target, 1.0), batch_size=config.batch_size,
+                image_size=config.image_size, num_classes=num_classes,
+                channels_last=config.channels_last, amp_dtype=amp_dtype, device=device)
+    # Gradients as views of DDP's buckets: no copy between them. static_graph lets DDP
+    # skip per-iteration bookkeeping (every parameter is used every step), but not
+    # under torch.compile, whose DDPOptimizer does not support it (pytorch#109261).
+    model = DistributedDataParallel(an, device_ids=[device] if device.type == "cuda" else None,
+                                    gradient_as_bucket_view=True, static_graph=mode is None
                                     ) if info.enabled else an
-    if config.compile:
-        model = torch.compile(model)
+    if mode is not None:
+        model = torch.compile(model, mode=mode)
     eval_model = ema.module if ema is not None else an
+    parameters = [p for p in an.parameters() if p.requires_grad]
+    update_ema = (functools.partial(ema_update, ema, an, decay=config.ema_decay)
+                  if ema is not None else None)
+    # Ranks agree on a stop on the host, over gloo: a 4-byte all-reduce per step that
+    # never waits for the GPU (it costs microseconds against a step of tens of ms), so
+    # every rank stops after the same step without the device having to finish first.
+    host_group = create_host_group()
 
     def checkpoint_state() -> Dict[str, Any]:
         return {"model": an.state_dict(), "optimizer": optimizer.state_dict(),
                 "scaler": scaler.state_dict(), "ema": ema.state_dict() if ema else None,
                 "rng": get_rng_state(), "config": config.to_dict(),
                 "classes": list(train_loader.classes), **state}
+
+    def read_meter(meter: StepMeter) -> Dict[str, Any]:
+        """The one host read: sums into ``state``; stop if too many steps were bad."""
+        values = meter.read()
+        state.update(epoch_loss_sum=values["loss_sum"],
+                     epoch_grad_norm_sum=values["grad_norm_sum"],
+                     epoch_good_steps=values["good_steps"], bad_steps=values["bad_steps"])
+        failed_at = values["failed_at"]
+        if failed_at is not None:
+            last = checkpoint_dir / "last.pt"
+            where = (f"the last good checkpoint is {last}" if last.is_file()
+                     else "no checkpoint has been written yet")
+            raise NonFiniteLossError(
+                f"step {failed_at} (epoch {(failed_at - 1) // steps_per_epoch + 1}): "
+                f"the loss or the gradient norm is not finite; the step was skipped, "
+                f"{values['bad_steps']} bad step(s) so far, more than --max-bad-steps "
+                f"{config.max_bad_steps}; {where}. Lower --lr, set --clip-grad, use --amp "
+                f"fp16 / off, or allow skipped steps with --max-bad-steps")
+        return values
 
     while state["epoch"] < config.epochs:
         epoch = state["epoch"]
@@ -227,6 +277,10 @@ def _fit(config: TrainConfig, info: DistributedInfo, should_stop: Optional[Calla
                    desc=f"epoch {epoch + 1}/{config.epochs}", leave=False,
                    disable=None if info.is_main else True)
         stopped = False
+        meter = StepMeter(device, max_bad_steps=config.max_bad_steps, step=state["step"],
+                          bad_steps=state["bad_steps"], loss_sum=state["epoch_loss_sum"],
+                          grad_norm_sum=state["epoch_grad_norm_sum"],
+                          good_steps=state["epoch_good_steps"])
         for batch_index, (images, labels) in enumerate(train_loader):
             # A run resumed mid-epoch replays the loader to where it stopped and restores
             # the RNGs after the last replayed batch, so the remaining batches and random
@@ -239,43 +293,28 @@ def _fit(config: TrainConfig, info: DistributedInfo, should_stop: Optional[Calla
                        base_lr=config.lr, min_lr=config.min_lr)
             for group in optimizer.param_groups:
                 group["lr"] = lr
-            with torch.autocast(device.type, dtype=amp_dtype or torch.float32,
-                                enabled=amp_dtype is not None):
-                out = model(images)
-                loss = loss_fn(out, labels, lambda_)
-            optimizer.zero_grad(set_to_none=True)
-            scaler.scale(loss).backward()
-            scaler.unscale_(optimizer)
-            grad_norm = torch.nn.utils.clip_grad_norm_(
-                an.parameters(), config.clip_grad if config.clip_grad else math.inf)
-            loss_value = loss.item()
-            # fp16 scaling skips non-finite steps by itself; without it one bad step
-            # would poison the weights, so the run stops on the last good checkpoint.
-            non_finite = not scaler.is_enabled() and not (
-                math.isfinite(loss_value) and math.isfinite(grad_norm.item()))
-            stop = stop_signal.requested or bool(should_stop and should_stop(state["step"] + 1))
-            # Ranks must agree, or one would wait forever in the next all-reduce.
-            non_finite, stop = any_rank([non_finite, stop], device)
-            if non_finite:
-                raise NonFiniteLossError(
-                    f"epoch {epoch + 1}, step {state['step'] + 1}: loss {loss_value} or "
-                    f"gradient norm {grad_norm.item()} is not finite; the last good "
-                    f"checkpoint is {checkpoint_dir / 'last.pt'}. Lower --lr, set "
-                    f"--clip-grad, or use --amp fp16 / off")
-            scaler.step(optimizer)
-            scaler.update()
-            if ema is not None:
-                ema.update_parameters(an)
+            train_step(model, images, labels,
+                       loss_fn=lambda out, target: loss_fn(out, target, lambda_),
+                       optimizer=optimizer, scaler=scaler, parameters=parameters,
+                       amp_dtype=amp_dtype, clip_grad=config.clip_grad, update_ema=update_ema,
+                       meter=meter)
             state["step"] += 1
             state["batches_done"] = batch_index + 1
-            state["epoch_loss_sum"] += loss_value
             state["epoch_images"] += labels.numel() * info.world_size
             bar.update(1)
-            bar.set_postfix(loss=f"{loss_value:.3f}", lr=f"{lr:.3g}")
-            if stop:
+            stop = stop_signal.requested or bool(should_stop and should_stop(state["step"]))
+            # Ranks must agree, or one would wait forever in the next all-reduce.
+            if any_rank_on_host(stop, host_group):
                 stopped = True
                 break
+            if state["step"] % config.log_interval == 0:
+                values = read_meter(meter)
+                if values["recent_loss"] is not None:
+                    bar.set_postfix(loss=f"{values['recent_loss']:.3f}",
+                                    grad_norm=f"{values['recent_grad_norm']:.3g}",
+                                    lr=f"{lr:.3g}", bad_steps=values["bad_steps"])
         bar.close()
+        read_meter(meter)  # at the epoch's end or a stop
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         state["epoch_seconds"] = time.perf_counter() - epoch_start
@@ -297,7 +336,9 @@ def _fit(config: TrainConfig, info: DistributedInfo, should_stop: Optional[Calla
         last_lr = lr_at(state["step"] - 1, total_steps=total_steps, warmup_steps=warmup_steps,
                         base_lr=config.lr, min_lr=config.min_lr)
         row = {"epoch": epoch, "step": state["step"], "lr": last_lr, "lambda": lambda_,
-               "train_loss": state["epoch_loss_sum"] / max(1, state["batches_done"]),
+               "train_loss": state["epoch_loss_sum"] / max(1, state["epoch_good_steps"]),
+               "grad_norm": state["epoch_grad_norm_sum"] / max(1, state["epoch_good_steps"]),
+               "bad_steps": state["bad_steps"],
                "images_per_second": state["epoch_images"] / state["epoch_seconds"],
                "epoch_seconds": time.perf_counter() - epoch_start,
                "base": metrics["base"], "students": metrics["students"],
@@ -307,7 +348,7 @@ def _fit(config: TrainConfig, info: DistributedInfo, should_stop: Optional[Calla
         state["train_images"] += state["epoch_images"]
         state["train_seconds"] += state["epoch_seconds"]
         state.update(epoch=epoch + 1, batches_done=0, epoch_loss_sum=0.0, epoch_images=0,
-                     epoch_seconds=0.0)
+                     epoch_seconds=0.0, epoch_grad_norm_sum=0.0, epoch_good_steps=0)
         is_best = row["student"]["top1"] > state["best_student_top1"]
         state["best_student_top1"] = max(state["best_student_top1"], row["student"]["top1"])
         if info.is_main:
@@ -347,6 +388,19 @@ def _data_root(config: TrainConfig, info: DistributedInfo) -> Path:
     return root if info.is_main else builtin_dataset()
 
 
+def _synthetic_loaders(config: TrainConfig, info: DistributedInfo):
+    """--data synthetic: a training batch and a one-step validation batch, made on the device.
+
+    Validation runs on a second random batch: it exercises the evaluation path and its
+    accuracy is chance (1 / num_classes) by construction, so read only the throughput.
+    """
+    options = dict(batch_size=config.batch_size, image_size=config.image_size,
+                   num_classes=config.num_classes or DEFAULT_SYNTHETIC_CLASSES,
+                   device=info.device, channels_last=config.channels_last, shard_id=info.rank)
+    return (SyntheticLoader(steps=config.synthetic_steps, seed=config.seed, **options),
+            SyntheticLoader(steps=1, seed=config.seed + 1, **options))
+
+
 def _skipped(train_loader, val_loader, device: torch.device) -> int:
     """Unreadable files skipped so far by this run's loaders, summed over ranks."""
     return int(all_reduce_sum([train_loader.skipped + val_loader.skipped], device)[0])
@@ -380,6 +434,7 @@ def _summary(config: TrainConfig, state: Dict[str, Any], eval_model: torch.nn.Mo
         "wall_time_s": state["wall_time_s"],
         "epochs": config.epochs,
         "steps": state["step"],
+        "bad_steps": state["bad_steps"],
         "skipped_images": final["skipped_images"],
         "loader": train_loader.name,
         "device": str(device),
