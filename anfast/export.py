@@ -17,6 +17,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from anfast.adjoin import AdjoinedNetwork, LayerWidths
+from anfast.models import arch_name, model_from_source
 
 __all__ = ["export_student", "export_base", "save_exported", "load_student", "EXPORT_FORMAT"]
 
@@ -50,10 +51,33 @@ def _layer_from_spec(spec: dict, device: Union[str, torch.device] = "cpu") -> nn
     raise ValueError(f"unknown layer type {kind!r} in an anfast export config")
 
 
+# What a layer of a spec may differ in from the model's layer; the rest must match.
+_SIZES = {"Conv2d": ("in_channels", "out_channels", "groups"), "BatchNorm2d": ("num_features",),
+          "Linear": ("in_features", "out_features")}
+
+
+def _resize_layer(module: nn.Module, name: str, spec: dict, device) -> None:
+    """Give ``module`` the sizes of ``spec`` in place, with new uninitialised parameters.
+
+    The module keeps its class, so a timm BatchNormAct2d keeps its activation.
+    """
+    fresh = _layer_from_spec(spec, device)
+    if not isinstance(module, type(fresh)):
+        raise ValueError(f"layer {name}: the export has a {spec['type']}, the model a {type(module).__name__}; "
+                         "pass the architecture the network was exported from")
+    for key in spec.keys() - {"type", *_SIZES[spec["type"]]}:
+        if _layer_spec(module)[key] != spec[key]:
+            raise ValueError(f"layer {name}: {key}={spec[key]!r} in the export, {_layer_spec(module)[key]!r} "
+                             "in the model; pass the architecture the network was exported from")
+    for key in _SIZES[spec["type"]]:
+        setattr(module, key, getattr(fresh, key))
+    for key, tensor in [*fresh.named_parameters(recurse=False), *fresh.named_buffers(recurse=False)]:
+        setattr(module, key, tensor)
+
+
 def _swap_layers(model: nn.Module, specs: dict[str, dict], device) -> nn.Module:
     for name, spec in specs.items():
-        parent_name, _, child = name.rpartition(".")
-        setattr(model.get_submodule(parent_name), child, _layer_from_spec(spec, device))
+        _resize_layer(model.get_submodule(name), name, spec, device)
     return model
 
 
@@ -105,9 +129,8 @@ def export_student(an: AdjoinedNetwork, index: int = 0, path: Optional[Union[str
     specs = {}
     for name, widths in an.layer_widths.items():
         plain, layer_state = _student_layer(an, name, widths, index)
-        parent_name, _, child = name.rpartition(".")
-        setattr(model.get_submodule(parent_name), child, plain)
         specs[name] = _layer_spec(plain)
+        _resize_layer(model.get_submodule(name), name, specs[name], "meta")
         for key in [k for k in state if k.startswith(name + ".")]:
             del state[key]
         state.update({f"{name}.{k}": v for k, v in layer_state.items()})
@@ -144,8 +167,9 @@ def load_student(path: Union[str, os.PathLike], model: Optional[nn.Module] = Non
                  device: Union[str, torch.device] = "cpu") -> nn.Module:
     """Load a network written by export_student / export_base (safetensors + JSON, no pickle).
 
-    Torchvision architectures are rebuilt from their name. For other classes pass
-    ``model``, a freshly constructed instance of the original (base) architecture.
+    Torchvision, timm and anfast architectures are rebuilt from their name (timm
+    without weights). For other classes pass ``model``, a freshly constructed instance
+    of the original (base) architecture.
     """
     path = Path(path)
     if not (path / _CONFIG).is_file() or not (path / _WEIGHTS).is_file():
@@ -155,11 +179,9 @@ def load_student(path: Union[str, os.PathLike], model: Optional[nn.Module] = Non
         raise ValueError(f"{path / _CONFIG}: format {config.get('format')!r}, expected {EXPORT_FORMAT!r}")
     source = config["source"]
     if model is None:
-        if "torchvision" not in source:
+        if arch_name(source) is None:
             raise ValueError(f"{path}: the network is a {source.get('class')}; pass model=<a new instance of it>")
-        import torchvision
-
-        model = torchvision.models.get_model(source["torchvision"], weights=None, **source["kwargs"])
+        model = model_from_source(source)  # torchvision, timm or anfast, by name
     model = _swap_layers(model.to(device), config["layers"], device)
     model.load_state_dict(load_file(path / _WEIGHTS, device=str(device)), strict=True)
     model.anfast_config = config

@@ -35,7 +35,8 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
     add("--config", help="YAML file of options (names as below, '-' or '_'); flags override it")
     add("--data", help="folder with train/<class>/*.jpg and val/<class>/*.jpg "
                        "(default: the built-in shapes set, generated on first use)")
-    add("--arch", help=f"torchvision model name {_default('arch')}")
+    add("--arch", help=f"torchvision name, xresnet18/34/50/101 (the paper's network), or "
+                       f"timm:NAME (pip install 'anfast[timm]') {_default('arch')}")
     add("--alpha",
         help=f"student width divisor; a comma list (2,4,8) trains nested students {_default('alpha')}")
     add("--policy", choices=POLICY_CHOICES,
@@ -142,7 +143,8 @@ def register(subparsers) -> None:
     """Add `train`, `eval` and `export` to the main parser's subcommands."""
     train = subparsers.add_parser(
         "train", help="train an adjoined network (base + students)",
-        description="Train a torchvision CNN and its adjoined students (Nath et al. 2022). "
+        description="Train a CNN (torchvision, timm:NAME or anfast's XResNet) and its adjoined "
+                    "students (Nath et al. 2022). "
                     "Writes config.yaml, metrics.jsonl, TensorBoard events, checkpoints, "
                     "curves.png, student/ and base/ exports and summary.json to --out.")
     add_train_arguments(train)

@@ -40,7 +40,7 @@ class TrainConfig:
     """
 
     data: Optional[str] = None            # train/ and val/ ImageFolder root; None: built-in set
-    arch: str = "resnet18"                # torchvision.models.get_model name
+    arch: str = "resnet18"                # torchvision name, xresnet50, timm:NAME (anfast.models)
     alpha: Tuple[float, ...] = (4.0,)     # one per student; nested students are prefixes
     policy: str = "paper"                 # "paper" | "all"; --arch-config overrides it
     arch_config: Optional[str] = None     # DAN search output: {"groups": {name: alpha}}
