@@ -17,6 +17,7 @@ import collections
 import copy
 import math
 import operator
+import sys
 from dataclasses import dataclass, field
 from typing import Any, Callable, Mapping, NamedTuple, Optional, Sequence, Union
 
@@ -228,6 +229,8 @@ def _analyse(gm: torch.fx.GraphModule) -> _Analysis:
         where = _describe(node)
         function = node.target if node.op in ("call_function", "call_method") else None
 
+        if isinstance(module, (nn.Conv2d, nn.Linear, nn.BatchNorm2d)):
+            _check_layer_class(module, where)
         if isinstance(module, nn.Conv2d):
             x = in_channels[0]
             if x is None or x.features_per_channel != 1:
@@ -433,8 +436,9 @@ def adjoin(
     """Turn a traceable CNN into an adjoined network (base + students sharing filters).
 
     Args:
-        model: an nn.Module (copied, never modified), or a torchvision model name built
-            with ``torchvision.models.get_model(name, weights=None, **model_kwargs)``.
+        model: an nn.Module (copied, never modified), or a name built with
+            ``model_kwargs`` by anfast.models.create_model: a torchvision name, an anfast
+            one (``"xresnet50"``) or ``"timm:NAME"`` (timm, no weights).
         alpha: student shrink factor; a tuple (2, 4, 8) gives nested students.
         policy: which layers shrink: "paper" (convs with in and out channels > 64),
             "all" (every layer but the image input and the class output), a dict
@@ -451,23 +455,21 @@ def adjoin(
     alphas = _check_alpha(alpha)
     source: dict = {}
     if isinstance(model, str):
-        import torchvision
+        from anfast.models import create_model
 
         try:
-            built = torchvision.models.get_model(model, weights=None, **model_kwargs)
+            model, source = create_model(model, **model_kwargs)
         except ValueError as error:
             raise AdjoinError(f"model={model!r}: {error}") from None
-        source = {"torchvision": model, "kwargs": dict(model_kwargs)}
-        model = built
     elif model_kwargs:
         raise TypeError(f"adjoin: unexpected keyword arguments {sorted(model_kwargs)}")
     if not isinstance(model, nn.Module):
-        raise TypeError(f"adjoin: model must be an nn.Module or a torchvision name, got {type(model).__name__}")
+        raise TypeError(f"adjoin: model must be an nn.Module or a model name, got {type(model).__name__}")
     source = source or {"class": f"{type(model).__module__}.{type(model).__qualname__}"}
     model = copy.deepcopy(model)
 
     try:
-        traced = torch.fx.symbolic_trace(model)
+        traced = _trace(model)
     except Exception as error:  # fx raises many types; all mean "not traceable"
         raise AdjoinError(
             f"cannot trace {type(model).__name__} with torch.fx: {type(error).__name__}: {error}. "
@@ -485,6 +487,69 @@ def adjoin(
     network.__dict__["_skeleton"] = skeleton  # not a submodule: no parameters, no state
     network.train(model.training)
     return network
+
+
+def _qualified_name(cls: type) -> str:
+    return f"{cls.__module__}.{cls.__qualname__}"
+
+
+# Subclasses whose forward is their base class's (timm's Linear skips nothing but
+# TorchScript; BatchNormAct2d is BatchNorm2d followed by its own .drop and .act).
+_EQUIVALENT_LAYERS = {"timm.layers.linear.Linear", "timm.layers.norm_act.BatchNormAct2d"}
+# Traced through, their ``self.training`` would be frozen at trace time; as leaves they
+# follow train() / eval() at run time, each network drawing its own mask.
+_STOCHASTIC_DEPTH = {"timm.layers.drop.DropPath", "torchvision.ops.stochastic_depth.StochasticDepth"}
+
+
+def _norm_epilogue(module: nn.Module) -> tuple[str, ...]:
+    """Children a norm layer applies after normalising (timm's BatchNormAct2d: drop, act)."""
+    return ("drop", "act") if _qualified_name(type(module)) == "timm.layers.norm_act.BatchNormAct2d" else ()
+
+
+class _Tracer(torch.fx.Tracer):
+    """torch.fx's tracer that keeps every layer adjoin rebuilds as one call_module node.
+
+    Subclasses of Conv2d, Linear and BatchNorm (timm's BatchNormAct2d, Conv2dSame)
+    stay whole so adjoin can adopt or refuse them by name, stochastic depth stays a
+    module, and timm's registered no-trace modules and functions are leaves, as in
+    timm's own fx feature extraction.
+    """
+
+    def __init__(self):
+        functions, self._timm_leaves = (), ()
+        if sys.modules.get("timm") is not None:  # never import timm for a model that is not timm's
+            from timm.layers import get_notrace_functions, get_notrace_modules
+
+            functions, self._timm_leaves = tuple(get_notrace_functions()), tuple(get_notrace_modules())
+        super().__init__(autowrap_functions=functions)
+
+    def is_leaf_module(self, module: nn.Module, qualified_name: str) -> bool:
+        return (isinstance(module, (nn.Conv2d, nn.Linear, nn.modules.batchnorm._BatchNorm) + self._timm_leaves)
+                or _qualified_name(type(module)) in _STOCHASTIC_DEPTH
+                or super().is_leaf_module(module, qualified_name))
+
+
+def _trace(model: nn.Module) -> torch.fx.GraphModule:
+    tracer = _Tracer()
+    graph = tracer.trace(model)
+    return torch.fx.GraphModule(tracer.root, graph, type(model).__name__)
+
+
+def _check_layer_class(module: nn.Module, where: str) -> None:
+    """A subclass of a layer adjoin rebuilds must compute what its base class computes."""
+    cls = type(module)
+    base = next(b for b in (nn.Conv2d, nn.Linear, nn.BatchNorm2d) if isinstance(module, b))
+    if cls is base or cls.forward is base.forward or _qualified_name(cls) in _EQUIVALENT_LAYERS:
+        for child in _norm_epilogue(module):
+            if any(True for _ in getattr(module, child).parameters()):
+                raise AdjoinError(f"{where}.{child}: {type(getattr(module, child)).__name__} has parameters, "
+                                  "which anfast cannot slice per network; use a parameter-free activation")
+        return
+    raise AdjoinError(
+        f"{where}: {cls.__name__} subclasses {base.__name__} with its own forward (timm's Conv2dSame, "
+        f"for one, pads at run time), which anfast cannot rebuild; use plain {base.__name__} layers "
+        "(for timm, a model without TF 'same' padding: efficientnet_b0 rather than tf_efficientnet_b0)"
+    )
 
 
 def _propagate_shapes(traced: torch.fx.GraphModule, model: nn.Module, input_size: Sequence[int]) -> None:
@@ -578,7 +643,10 @@ def _build(traced, analysis: _Analysis, groups, alphas, share_affine, backend) -
                 raise AdjoinError(f"{node.target}: called with extra arguments; anfast adjoins single-input layers")
             (x,) = node.args
             call = graph.call_module(node.target, tuple(env[x]))
-            env[node] = [graph.call_function(operator.getitem, (call, k)) for k in range(networks)]
+            outputs = [graph.call_function(operator.getitem, (call, k)) for k in range(networks)]
+            for child in _norm_epilogue(modules[node.target]):
+                outputs = [graph.call_module(f"{node.target}.{child}", (y,)) for y in outputs]
+            env[node] = outputs
             continue
         env[node] = [graph.node_copy(node, lambda n: env[n][k]) for k in range(networks)]
     network = AdjoinedNetwork(traced, graph, class_name="AdjoinedNetwork")
@@ -601,6 +669,8 @@ def _replace_module(traced, name, module, widths: LayerWidths, analysis, share_a
         )
     else:
         new = AdjoinedBatchNorm2d.from_batchnorm(module, widths.student_out, widths.in_indices, share_affine)
+        for child in _norm_epilogue(module):  # parameter-free, applied to every network's output
+            new.add_module(child, getattr(module, child))
     new.train(module.training)
     parent_name, _, child = name.rpartition(".")
     setattr(traced.get_submodule(parent_name), child, new)

@@ -20,6 +20,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from anfast.adjoin import AdjoinedNetwork, LayerWidths
+from anfast.models import arch_name, model_from_source
 
 __all__ = ["export_student", "export_base", "save_exported", "load_student", "read_export",
            "ExportError", "EXPORT_FORMAT"]
@@ -35,7 +36,8 @@ class ExportError(ValueError):
 # What config.json may hold; anything else is refused, so a tampered file cannot pass
 # arguments through to a constructor. Extend these to add a source type or layer type.
 _CONFIG_KEYS = {"format", "network", "index", "alpha", "source", "layers"}
-_SOURCE_KEYS = {"torchvision": {"torchvision", "kwargs"}, "class": {"class"}}
+_SOURCE_KEYS = {"torchvision": {"torchvision", "kwargs"}, "timm": {"timm", "kwargs"},
+                "anfast": {"anfast", "kwargs"}, "class": {"class"}}
 _LAYER_KEYS = {
     "Conv2d": {"in_channels", "out_channels", "kernel_size", "stride", "padding", "dilation", "groups", "bias"},
     "BatchNorm2d": {"num_features", "eps", "momentum", "affine", "track_running_stats"},
@@ -72,10 +74,33 @@ def _layer_from_spec(spec: dict, device: Union[str, torch.device] = "cpu") -> nn
     raise ValueError(f"unknown layer type {kind!r} in an anfast export config")
 
 
+# What a layer of a spec may differ in from the model's layer; the rest must match.
+_SIZES = {"Conv2d": ("in_channels", "out_channels", "groups"), "BatchNorm2d": ("num_features",),
+          "Linear": ("in_features", "out_features")}
+
+
+def _resize_layer(module: nn.Module, name: str, spec: dict, device) -> None:
+    """Give ``module`` the sizes of ``spec`` in place, with new uninitialised parameters.
+
+    The module keeps its class, so a timm BatchNormAct2d keeps its activation.
+    """
+    fresh = _layer_from_spec(spec, device)
+    if not isinstance(module, type(fresh)):
+        raise ValueError(f"layer {name}: the export has a {spec['type']}, the model a {type(module).__name__}; "
+                         "pass the architecture the network was exported from")
+    for key in spec.keys() - {"type", *_SIZES[spec["type"]]}:
+        if _layer_spec(module)[key] != spec[key]:
+            raise ValueError(f"layer {name}: {key}={spec[key]!r} in the export, {_layer_spec(module)[key]!r} "
+                             "in the model; pass the architecture the network was exported from")
+    for key in _SIZES[spec["type"]]:
+        setattr(module, key, getattr(fresh, key))
+    for key, tensor in [*fresh.named_parameters(recurse=False), *fresh.named_buffers(recurse=False)]:
+        setattr(module, key, tensor)
+
+
 def _swap_layers(model: nn.Module, specs: dict[str, dict], device) -> nn.Module:
     for name, spec in specs.items():
-        parent_name, _, child = name.rpartition(".")
-        setattr(model.get_submodule(parent_name), child, _layer_from_spec(spec, device))
+        _resize_layer(model.get_submodule(name), name, spec, device)
     return model
 
 
@@ -139,9 +164,8 @@ def export_student(an: AdjoinedNetwork, index: int = 0, path: Optional[Union[str
     specs = {}
     for name, widths in an.layer_widths.items():
         plain, layer_state = _student_layer(an, name, widths, index)
-        parent_name, _, child = name.rpartition(".")
-        setattr(model.get_submodule(parent_name), child, plain)
         specs[name] = _layer_spec(plain)
+        _resize_layer(model.get_submodule(name), name, specs[name], "meta")
         for key in [k for k in state if k.startswith(name + ".")]:
             del state[key]
         state.update({f"{name}.{k}": v for k, v in layer_state.items()})
@@ -178,8 +202,9 @@ def load_student(path: Union[str, os.PathLike], model: Optional[nn.Module] = Non
                  device: Union[str, torch.device] = "cpu") -> nn.Module:
     """Load a network written by export_student / export_base (safetensors + JSON, no pickle).
 
-    Torchvision architectures are rebuilt from their name. For other classes pass
-    ``model``, a freshly constructed instance of the original (base) architecture.
+    Torchvision, timm and anfast architectures are rebuilt from their name (timm
+    without weights). For other classes pass ``model``, a freshly constructed instance
+    of the original (base) architecture.
     config.json is checked against the safetensors header before any weight is
     allocated (see ``read_export``), and the network is built on the meta device
     first, so a tampered export can neither fetch weights nor allocate sizes the
@@ -189,16 +214,11 @@ def load_student(path: Union[str, os.PathLike], model: Optional[nn.Module] = Non
     config, shapes = read_export(path)
     source, layers = config["source"], config["layers"]
     if model is None:
-        if "torchvision" not in source:
+        if arch_name(source) is None:
             raise ExportError(f"{path}: the network is a {source.get('class')}; pass model=<a new instance of it>")
-        import torchvision
-
-        def build() -> nn.Module:
-            return torchvision.models.get_model(source["torchvision"], weights=None, **source["kwargs"])
-
-        with torch.device("meta"):
-            _check_against_weights(build(), layers, shapes, path)
-        model = build()  # real sizes only now that they match the file's
+        with torch.device("meta"):  # torchvision, timm or anfast, by name
+            _check_against_weights(model_from_source(source), layers, shapes, path)
+        model = model_from_source(source)  # real sizes only now that they match the file's
     else:
         _check_against_weights(model, layers, shapes, path)
     model = _swap_layers(model.to(device), layers, device)

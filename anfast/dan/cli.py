@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 
+from anfast.adjoin import AdjoinError
 from anfast.dan.search import OPTIMIZERS, TAU_SCHEDULES, SearchConfig, search
 from anfast.dan.space import DanError
 
@@ -35,7 +36,7 @@ def register(subparsers) -> argparse.ArgumentParser:
     target.add_argument("--target-flops", type=float, help="student FLOPs as a fraction of the base's, e.g. 0.4")
     target.add_argument("--target-params", type=float, help="student parameters as a fraction of the base's")
     add("--data", help="folder with train/<class>/*.jpg (default: the built-in shapes set)")
-    add("--arch", default=_DEFAULTS.arch, help="torchvision model name (default: %(default)s)")
+    add("--arch", default=_DEFAULTS.arch, help="torchvision name, xresnet18/34/50/101, or timm:NAME (default: %(default)s)")
     add("--choices", type=_choices, default=_DEFAULTS.choices,
         help="width divisors each group chooses from (default: 1,2,4,8)")
     for name, help_text in (
@@ -81,7 +82,7 @@ def run(args: argparse.Namespace) -> int:
     """Run the search; print where the arch and the plot went. Returns the exit code."""
     try:
         result = search(config_from_args(args))
-    except DanError as error:
+    except (DanError, AdjoinError, ImportError) as error:
         print(f"anfast search: {error}")
         return 2
     arch = result.arch

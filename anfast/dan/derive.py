@@ -2,7 +2,7 @@
 
 arch.json is what ``anfast train --arch-config`` reads:
 
-    {"format": "anfast.arch/1", "arch": "<torchvision name>", "num_classes": N,
+    {"format": "anfast.arch/1", "arch": "<--arch name>", "num_classes": N,
      "image_size": S, "round_to": 8,
      "policy": {"<producer module>": alpha, ...},   # a dict policy for anfast.adjoin
      "groups": {"<group name>": {"alpha": a, "channels": C, "width": w}, ...},
@@ -26,6 +26,7 @@ from torch import nn
 from anfast.adjoin import adjoin
 from anfast.dan.space import DanError
 from anfast.export import export_base, export_student
+from anfast.models import arch_name
 from anfast.profile import profile
 
 __all__ = ["ARCH_FORMAT", "derive", "write_arch", "read_arch", "plot_widths"]
@@ -46,7 +47,7 @@ def derive(
     """The arch record of the student that gives each width group its alpha.
 
     Args:
-        model: the searched model, or its torchvision name (with ``model_kwargs`` such
+        model: the searched model, or its --arch name (with ``model_kwargs`` such
             as ``num_classes=10``).
         group_alphas: {width group name: alpha}; unlisted groups keep full width.
         image_size: input side in pixels, for the FLOPs count.
@@ -76,7 +77,7 @@ def derive(
     source = network.source
     return {
         "format": ARCH_FORMAT,
-        "arch": source.get("torchvision", source.get("class")),
+        "arch": arch_name(source) or source.get("class"),
         "num_classes": num_classes,
         "image_size": image_size,
         "round_to": round_to,

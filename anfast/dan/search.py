@@ -59,7 +59,7 @@ class SearchConfig:
     """
 
     data: Optional[str] = None             # ImageNet-layout root; None: the built-in set
-    arch: str = "resnet18"                 # torchvision.models.get_model name
+    arch: str = "resnet18"                 # torchvision name, xresnet50, timm:NAME (anfast.models)
     target_flops: Optional[float] = None   # fraction of the base's FLOPs, e.g. 0.4
     target_params: Optional[float] = None  # fraction of the base's parameters, e.g. 0.25
     choices: Tuple[float, ...] = DEFAULT_CHOICES
@@ -160,7 +160,7 @@ def search(config: SearchConfig, *, model: Optional[nn.Module] = None,
     """Search one width per group toward ``config.target``, derive the student, write RUN_DIR.
 
     By default the data is ``config.data`` (or the built-in dataset) and the model the
-    torchvision ``config.arch``. Tests and notebooks may pass ``model`` (an
+    ``config.arch`` (anfast.models.create_model). Tests and notebooks may pass ``model`` (an
     nn.Module with ``num_classes`` outputs) and ``train_loader`` (any iterable of
     (images, labels) batches; give ``num_classes`` when it has no ``classes``).
     RUN_DIR is locked for the search's life and a previous search in it is refused

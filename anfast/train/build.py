@@ -6,14 +6,13 @@ build everything before the first step and fail there, not an hour in.
 
 from __future__ import annotations
 
-import difflib
 import functools
 from typing import Dict, Optional
 
 import torch
-import torchvision
 
 import anfast
+import anfast.models
 from anfast.train.config import ConfigError, TrainConfig, load_arch_config
 
 __all__ = ["create_adjoined_model", "create_optimizer", "resolve_amp_dtype", "has_apex",
@@ -64,12 +63,11 @@ def check_environment(config: TrainConfig, device: torch.device) -> None:
 
 
 def create_adjoined_model(config: TrainConfig, num_classes: int) -> torch.nn.Module:
-    """torchvision ``config.arch`` with ``num_classes`` outputs, adjoined as configured."""
-    if config.arch not in torchvision.models.list_models():
-        close = difflib.get_close_matches(config.arch, torchvision.models.list_models(), n=4)
-        hint = f"did you mean {close}? " if close else ""
-        raise ConfigError(f"--arch {config.arch!r} is not a torchvision model; {hint}the names "
-                          f"are listed by torchvision.models.list_models()")
+    """``config.arch`` (torchvision, anfast or timm:NAME), ``num_classes`` outputs, adjoined."""
+    try:
+        anfast.models.resolve_arch(config.arch)
+    except ValueError as error:
+        raise ConfigError(f"--arch {error}") from None
     alphas = tuple(int(a) if float(a).is_integer() else a for a in config.alpha)
     alpha = alphas[0] if len(alphas) == 1 else alphas
     input_size = (3, config.image_size, config.image_size)
@@ -79,7 +77,7 @@ def create_adjoined_model(config: TrainConfig, num_classes: int) -> torch.nn.Mod
             policy = _arch_config_policy(config.arch, num_classes,
                                          load_arch_config(config.arch_config), config.round_to,
                                          input_size)
-        # By name, so exports record the torchvision source and load_student rebuilds it.
+        # By name, so exports record the source and load_student rebuilds it.
         return anfast.adjoin(config.arch, alpha=alpha, policy=policy, round_to=config.round_to,
                              input_size=input_size, num_classes=num_classes)
     except (ValueError, TypeError, NotImplementedError) as error:

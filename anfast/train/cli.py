@@ -40,7 +40,8 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
     add("--num-classes", type=int, help="classes of --data synthetic (default: 1000)")
     add("--synthetic-steps", type=int,
         help=f"training steps per epoch of --data synthetic {_default('synthetic_steps')}")
-    add("--arch", help=f"torchvision model name {_default('arch')}")
+    add("--arch", help=f"torchvision name, xresnet18/34/50/101 (the paper's network), or "
+                       f"timm:NAME (pip install 'anfast[timm]') {_default('arch')}")
     add("--alpha",
         help=f"student width divisor; a comma list (2,4,8) trains nested students {_default('alpha')}")
     add("--policy", choices=POLICY_CHOICES,
@@ -162,7 +163,8 @@ def register(subparsers) -> None:
     """Add `train`, `eval` and `export` to the main parser's subcommands."""
     train = subparsers.add_parser(
         "train", help="train an adjoined network (base + students)",
-        description="Train a torchvision CNN and its adjoined students (Nath et al. 2022). "
+        description="Train a CNN (torchvision, timm:NAME or anfast's XResNet) and its adjoined "
+                    "students (Nath et al. 2022). "
                     "Writes config.yaml, metrics.jsonl, TensorBoard events, checkpoints, "
                     "curves.png, student/ and base/ exports and summary.json to --out.")
     add_train_arguments(train)

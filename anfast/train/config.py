@@ -48,7 +48,7 @@ class TrainConfig:
     data: Optional[str] = None            # train/ and val/ ImageFolder root, "synthetic"; None: built-in set
     num_classes: Optional[int] = None     # --data synthetic only; None: 1000
     synthetic_steps: int = 100            # --data synthetic: training steps per epoch
-    arch: str = "resnet18"                # torchvision.models.get_model name
+    arch: str = "resnet18"                # torchvision name, xresnet50, timm:NAME (anfast.models)
     alpha: Tuple[float, ...] = (4.0,)     # one per student; nested students are prefixes
     policy: str = "paper"                 # "paper" | "all"; --arch-config overrides it
     arch_config: Optional[str] = None     # DAN search output: {"groups": {name: alpha}}

@@ -1,0 +1,181 @@
+"""anfast.models: the paper's XResNet counted by hand, timm models adjoined and exported, names resolved."""
+
+import json
+import re
+import sys
+
+import pytest
+import torch
+import torch.fx
+from torch import nn
+
+import anfast
+from anfast.adjoin import AdjoinError
+from anfast.info import describe
+from anfast.models import MissingExtraError, create_model, xresnet18, xresnet50
+
+from helpers import TOLERANCE, assert_close_rel
+
+timm = pytest.importorskip("timm")
+
+
+def _xresnet50_student_by_hand(image_size: int) -> tuple[int, int]:
+    """(parameters without fc, multiply-adds) of the XResNet-50 student, alpha 4, paper policy.
+
+    The paper's rule shrinks convs whose in and out channels both exceed 64: the stem and
+    layer1 stay full; in layers 2-4 every conv (and the residual stream) is a quarter wide.
+    Each conv costs c_in * c_out * k^2 weights and that times H_out * W_out multiply-adds;
+    each BatchNorm 2 * c parameters and no multiply-adds in torch's counter.
+    """
+    params = macs = 0
+
+    def conv(c_in, c_out, k, size):
+        nonlocal params, macs
+        params += c_in * c_out * k * k + 2 * c_out  # weights + its BatchNorm
+        macs += c_in * c_out * k * k * size * size
+
+    size = -(-image_size // 2)  # stem: 3x3 stride 2 then two 3x3, all full width
+    conv(3, 32, 3, size), conv(32, 64, 3, size), conv(64, 64, 3, size)
+    size = -(-size // 2)  # max pool
+    # layer1, full width: 3 bottlenecks of 64 -> 64 -> 256, the first with a 1x1 shortcut.
+    conv(64, 64, 1, size), conv(64, 64, 3, size), conv(64, 256, 1, size), conv(64, 256, 1, size)
+    for _ in range(2):
+        conv(256, 64, 1, size), conv(64, 64, 3, size), conv(64, 256, 1, size)
+    # layers 2-4 at a quarter width; block 0 reads the previous stage's output (full width
+    # after layer1), strides in its 3x3 and average-pools before its 1x1 shortcut.
+    previous = 256
+    for planes, blocks in ((128 // 4, 4), (256 // 4, 6), (512 // 4, 3)):
+        conv(previous, planes, 1, size)
+        size = -(-size // 2)
+        conv(planes, planes, 3, size), conv(planes, 4 * planes, 1, size), conv(previous, 4 * planes, 1, size)
+        for _ in range(blocks - 1):
+            conv(4 * planes, planes, 1, size), conv(planes, planes, 3, size), conv(planes, 4 * planes, 1, size)
+        previous = 4 * planes
+    macs += previous * 1000  # the classifier reads 512 of the base's 2048 features
+    return params, macs
+
+
+def test_xresnet50_paper_student_counts_match_the_hand_count():
+    params, macs = _xresnet50_student_by_hand(224)
+    assert (params, macs) == (1_767_584, 1_617_784_832)
+    text = describe("xresnet50", 4, "paper", 8, 1000, 224)
+    row = re.search(r"^student \(alpha 4\)\s+([\d,]+)\s+([\d,]+)\s+([\d.]+)\s+([\d.]+)$", text, re.M)
+    assert int(row[2].replace(",", "")) == params
+    assert row[4] == f"{macs / 1e9:.3f}"
+    # The paper's figures (1.8M, 1.6 GFLOPs that are multiply-adds) within 5%, as printed.
+    ratios = re.search(r"^student / paper\s+([\d.]+)\s+([\d.]+)$", text, re.M)
+    assert abs(float(ratios[1]) - 1) <= 0.05 and abs(float(ratios[2]) - 1) <= 0.05, ratios[0]
+
+
+def test_xresnet_is_the_papers_network():
+    model = xresnet50(num_classes=7)
+    assert [m.out_channels for m in model.conv1 if isinstance(m, nn.Conv2d)] == [32, 64, 64]
+    assert model.conv1[0].stride == (2, 2) and model.conv1[0].kernel_size == (3, 3)
+    shortcut = model.layer2[0].downsample
+    assert isinstance(shortcut[0], nn.AvgPool2d) and shortcut[0].ceil_mode and shortcut[1].stride == (1, 1)
+    assert not isinstance(model.layer1[0].downsample[0], nn.AvgPool2d)  # stride 1: conv + BN only
+    assert all(int(torch.count_nonzero(block.bn3.weight)) == 0 for layer in (model.layer1, model.layer4) for block in layer)
+    assert float(model.layer1[0].bn2.weight.min()) == 1
+    # Odd sizes: ceil_mode keeps the shortcut's and the strided conv's shapes equal.
+    assert model.eval()(torch.randn(2, 3, 45, 45)).shape == (2, 7)
+    small = xresnet18(num_classes=3).eval()
+    x = torch.randn(2, 3, 33, 33)
+    assert torch.equal(torch.fx.symbolic_trace(small)(x), small(x))
+
+
+def test_xresnet_student_exports_and_loads_by_name(tmp_path):
+    torch.manual_seed(0)
+    an = anfast.adjoin("xresnet18", alpha=4, policy="all", num_classes=5, input_size=(3, 32, 32))
+    an(torch.randn(4, 3, 32, 32))  # train mode: move the running statistics off their init
+    an.eval()
+    for parameter in an.parameters():  # zero-initialised BNs would hide a wrong residual path
+        parameter.data.normal_(0, 0.1)
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        out = an(x)
+        anfast.export_student(an, path=tmp_path)
+        loaded = anfast.load_student(tmp_path)
+        assert type(loaded) is anfast.models.XResNet
+        assert_close_rel(loaded(x), out.student, TOLERANCE[torch.float32], "xresnet18 student")
+    assert json.loads((tmp_path / "config.json").read_text())["source"] == {"anfast": "xresnet18",
+                                                                            "kwargs": {"num_classes": 5}}
+
+
+TIMM_MODELS = [("resnet18d", {}), ("resnet50d", {"drop_path_rate": 0.1}),
+               ("efficientnet_b0", {"drop_path_rate": 0.2}), ("mobilenetv3_large_100", {}),
+               ("regnety_016", {})]
+
+
+@pytest.mark.parametrize("name, kwargs", TIMM_MODELS, ids=[n for n, _ in TIMM_MODELS])
+def test_timm_model_adjoins_and_exports_exactly(name, kwargs):
+    """Base = the timm model; exported students = the adjoined students (eval, float32)."""
+    torch.manual_seed(0)
+    model = timm.create_model(name, pretrained=False, num_classes=10, **kwargs)
+    an = anfast.adjoin(model, alpha=(2, 4), policy="all", input_size=(3, 32, 32))
+    an(torch.randn(4, 3, 32, 32))  # training step with stochastic depth on: moves running stats
+    an.eval()
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        out = an(x)
+        # The adjoined model was traced in train mode; eval must still switch DropPath off.
+        assert torch.equal(an(x).base, out.base)
+        base = anfast.export_base(an).eval()
+        assert type(base) is type(model)
+        model.load_state_dict(base.state_dict())
+        assert_close_rel(out.base, model.eval()(x), TOLERANCE[torch.float32], f"{name} base")
+        for index in range(2):
+            student = anfast.export_student(an, index).eval()
+            assert type(student) is type(model)
+            # timm's norm-act layers keep their class (and so their activation) in the export.
+            assert ([type(m) for m in student.modules() if isinstance(m, nn.BatchNorm2d)]
+                    == [type(m) for m in model.modules() if isinstance(m, nn.BatchNorm2d)])
+            assert anfast.count_parameters(student) < anfast.count_parameters(model)
+            assert_close_rel(student(x), out.students[index], TOLERANCE[torch.float32], f"{name} student {index}")
+
+
+def test_timm_student_round_trip_by_name(tmp_path):
+    torch.manual_seed(0)
+    an = anfast.adjoin("timm:mobilenetv3_large_100", alpha=4, policy="all", num_classes=6,
+                       input_size=(3, 32, 32))
+    an(torch.randn(4, 3, 32, 32))
+    an.eval()
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        anfast.export_student(an, path=tmp_path)
+        loaded = anfast.load_student(tmp_path)
+        assert type(loaded) is timm.models.MobileNetV3
+        assert_close_rel(loaded(x), an(x).student, TOLERANCE[torch.float32], "loaded timm student")
+    config = json.loads((tmp_path / "config.json").read_text())
+    assert config["source"] == {"timm": "mobilenetv3_large_100", "kwargs": {"num_classes": 6}}
+
+
+def test_missing_timm_names_the_extra(tmp_path, monkeypatch):
+    an = anfast.adjoin("timm:resnet18d", alpha=2, num_classes=3, input_size=(3, 32, 32)).eval()
+    anfast.export_student(an, path=tmp_path)
+    monkeypatch.setitem(sys.modules, "timm", None)  # `import timm` now raises ImportError
+    with pytest.raises(MissingExtraError, match=r"'timm:resnet18d' needs timm.*pip install 'anfast\[timm\]'"):
+        anfast.adjoin("timm:resnet18d")
+    with pytest.raises(MissingExtraError, match=r"anfast\[timm\]"):
+        anfast.load_student(tmp_path)
+    from anfast.train.build import create_adjoined_model
+    from anfast.train.config import TrainConfig
+
+    with pytest.raises(ImportError, match=r"anfast\[timm\]"):
+        create_adjoined_model(TrainConfig(arch="timm:resnet18d"), 3)
+    assert anfast.adjoin("xresnet18", alpha=2, num_classes=3, input_size=(3, 32, 32)).num_students == 1
+
+
+def test_names_and_refusals():
+    with pytest.raises(ValueError, match=r"'resnet50x' is not a timm model; did you mean \[.*'resnet50d'"):
+        create_model("timm:resnet50x")
+    with pytest.raises(ValueError, match=r"'xresnet5' is not a torchvision model; did you mean \[.*'xresnet50'"):
+        create_model("xresnet5")
+    with pytest.raises(ValueError, match=r"\['pretrained'\] would load weights"):
+        create_model("timm:resnet18d", pretrained=True)
+    # TF-style 'same' padding is computed at run time: refused with the module and the fix.
+    model = nn.Sequential(timm.layers.create_conv2d(3, 8, 3, stride=2, padding="same"), nn.BatchNorm2d(8))
+    with pytest.raises(AdjoinError, match=r"0: Conv2dSame .* efficientnet_b0 rather than tf_efficientnet_b0"):
+        anfast.adjoin(model, input_size=(3, 9, 9))
+    model = nn.Sequential(nn.Conv2d(3, 8, 3), timm.layers.BatchNormAct2d(8, act_layer=nn.PReLU), nn.Conv2d(8, 4, 1))
+    with pytest.raises(AdjoinError, match=r"1.act: PReLU has parameters"):
+        anfast.adjoin(model, input_size=(3, 9, 9))
