@@ -266,14 +266,16 @@ def _check_config(config: Any, file: Path) -> None:
         raise refuse("(top level)", "expected a JSON object")
     if config.get("format") != EXPORT_FORMAT:
         raise refuse("format", f"{config.get('format')!r}, expected {EXPORT_FORMAT!r}")
-    for key in sorted(set(config) - _CONFIG_KEYS):
-        raise refuse(key, f"not a key anfast writes (known: {sorted(_CONFIG_KEYS)})")
+    unknown = sorted(set(config) - _CONFIG_KEYS)
+    if unknown:
+        raise refuse(unknown[0], f"not a key anfast writes (known: {sorted(_CONFIG_KEYS)})")
     source = config.get("source")
     kinds = [kind for kind in _SOURCE_KEYS if isinstance(source, dict) and kind in source]
     if len(kinds) != 1:
         raise refuse("source", f"expected an object with exactly one of {sorted(_SOURCE_KEYS)}")
-    for key in sorted(set(source) - _SOURCE_KEYS[kinds[0]]):
-        raise refuse(f"source.{key}", f"not allowed with source type {kinds[0]!r}")
+    unknown = sorted(set(source) - _SOURCE_KEYS[kinds[0]])
+    if unknown:
+        raise refuse(f"source.{unknown[0]}", f"not allowed with source type {kinds[0]!r}")
     if not isinstance(source[kinds[0]], str):
         raise refuse(f"source.{kinds[0]}", "expected a name (text)")
     kwargs = source.get("kwargs", {})

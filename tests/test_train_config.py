@@ -146,6 +146,17 @@ def test_bad_yaml_values_are_one_line_errors(tmp_path, capsys, yaml_text, messag
     assert message in line, line
 
 
+def test_debug_shows_the_traceback_and_overwrite_with_resume_is_refused(tmp_path, capsys):
+    out = str(tmp_path / "run")
+    for argv in (["--debug", "train", "--alpha", "inf", "--out", out],
+                 ["train", "--alpha", "inf", "--out", out, "--debug"]):
+        with pytest.raises(ConfigError, match="alpha=inf: give a finite number"):
+            anfast.cli.main(argv)
+    line = _one_line_error(["train", "--out", str(tmp_path / "run"), "--resume", "auto", "--overwrite"],
+                           capsys)
+    assert "--resume auto continues the run in --out" in line and "--overwrite deletes it" in line
+
+
 def test_yaml_numbers_are_normalised(tmp_path):
     yaml_file = tmp_path / "run.yaml"
     # YAML 1.1 reads 1e-3 (no dot) as text; 2.0 is a whole number of epochs.

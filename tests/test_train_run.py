@@ -79,17 +79,20 @@ def test_full_run_writes_every_artifact_and_eval_export_agree(data, tmp_path):
         torch.testing.assert_close(student(images), an(images).students[0], rtol=1e-4, atol=1e-5)
 
 
-def test_resume_from_any_stop_equals_an_uninterrupted_run(data, tmp_path):
+@pytest.mark.parametrize("workers", [0, 2])
+def test_resume_from_any_stop_equals_an_uninterrupted_run(data, tmp_path, workers):
     # 24 images / batch 8 = 3 steps per epoch: stop mid-epoch 1, then after its last step
-    # (before its evaluation), then run to the end.
+    # (before its evaluation), then after the first step of epoch 2, then run to the end.
+    # The last restart begins in epoch 2 with fresh loader workers: their crops must follow
+    # from (seed, epoch, index) alone, not from what workers drew in earlier epochs.
     uninterrupted = tmp_path / "straight"
-    fit(tiny_config(data, uninterrupted, epochs=2))
+    fit(tiny_config(data, uninterrupted, epochs=2, workers=workers))
     resumed = tmp_path / "resumed"
-    for stop_at in (2, 3):
-        result = fit(tiny_config(data, resumed, epochs=2, resume="auto"),
+    for stop_at in (2, 3, 4):
+        result = fit(tiny_config(data, resumed, epochs=2, resume="auto", workers=workers),
                      should_stop=lambda step, stop_at=stop_at: step == stop_at)
         assert result["interrupted"] and result["step"] == stop_at
-    fit(tiny_config(data, resumed, epochs=2, resume="auto"))
+    fit(tiny_config(data, resumed, epochs=2, resume="auto", workers=workers))
 
     assert _without_timings(_metrics(resumed)) == _without_timings(_metrics(uninterrupted))
     straight = load_checkpoint(uninterrupted / "checkpoints" / "last.pt")
@@ -119,6 +122,37 @@ def test_sigterm_saves_a_checkpoint_exits_0_and_resumes(data, tmp_path):
     assert done.returncode == 0, done.stdout + done.stderr
     assert [row["epoch"] for row in _metrics(run_dir)] == [0, 1]
     assert (run_dir / "summary.json").is_file()
+
+
+def test_a_second_run_on_the_same_out_is_refused_and_a_finished_run_is_kept(data, tmp_path):
+    run_dir = tmp_path / "run"
+    command = [sys.executable, "-m", "anfast", "train", *_cli_args(data, run_dir, epochs=1)]
+    first = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    for line in first.stdout:
+        if line.startswith("anfast train: resnet18"):  # set-up done, the lock is held
+            break
+    second = subprocess.run(command, capture_output=True, text=True, timeout=300)
+    assert second.returncode == 2, second.stdout + second.stderr
+    assert second.stderr.startswith(f"anfast train: error: --out {run_dir} is in use by another run "
+                                    f"(pid {first.pid} on "), second.stderr
+    assert len(second.stderr.strip().splitlines()) == 1 and "Traceback" not in second.stderr
+    output = first.stdout.read()
+    assert first.wait(timeout=300) == 0, output
+    metrics = (run_dir / "metrics.jsonl").read_text()
+    checkpoint = (run_dir / "checkpoints" / "last.pt").read_bytes()
+
+    again = subprocess.run(command, capture_output=True, text=True, timeout=300)
+    assert again.returncode == 2
+    assert again.stderr.startswith(f"anfast train: error: --out {run_dir} already holds a run ("), again.stderr
+    assert "continue it with --resume auto, or replace it with --overwrite" in again.stderr
+    assert (run_dir / "metrics.jsonl").read_text() == metrics
+    assert (run_dir / "checkpoints" / "last.pt").read_bytes() == checkpoint
+
+    replaced = subprocess.run([*command, "--overwrite", "--seed", "1"], capture_output=True, text=True,
+                              timeout=300)
+    assert replaced.returncode == 0, replaced.stdout + replaced.stderr
+    assert len(_metrics(run_dir)) == 1 and (run_dir / "metrics.jsonl").read_text() != metrics
+    assert len(list((run_dir / "tensorboard").glob("events.out.tfevents.*"))) == 1
 
 
 def test_unreadable_images_are_skipped_and_counted(data, tmp_path):

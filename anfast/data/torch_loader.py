@@ -42,21 +42,37 @@ def build_transform(split: str, image_size: int) -> transforms.Compose:
                                transforms.CenterCrop(image_size), *normalize])
 
 
+def sample_seed(seed: int, epoch: int, index: int) -> int:
+    """The augmentation seed of sample ``index`` in ``epoch``: a function of these alone."""
+    return hash((seed, epoch, index)) % 2**63  # int tuples hash the same in every process
+
+
 class _ImageFiles(Dataset):
-    def __init__(self, samples: list[tuple[str, int]], transform: transforms.Compose):
+    """Keys are (sample index, epoch) from _ShardSampler. Each sample's random crop and flip
+    are drawn from its own generator seeded by (seed, epoch, index), so they do not depend
+    on the worker count, on which worker loads it, or on where a resumed run restarted:
+    persistent workers cannot be reseeded per epoch, but a key can carry the epoch."""
+
+    def __init__(self, samples: list[tuple[str, int]], transform: transforms.Compose, seed: int):
         self.samples = samples
         self.transform = transform
+        self.seed = seed
 
     def __len__(self) -> int:
         return len(self.samples)
 
-    def __getitem__(self, index: int):
+    def __getitem__(self, key: tuple[int, int]):
+        index, epoch = key
         path, label = self.samples[index]
         try:
             image = load_rgb(path)
         except _DECODE_ERRORS as error:
             return None, label, (path, f"{type(error).__name__}: {error}")
-        return self.transform(image), label, None
+        # torchvision's transforms draw from the global generator; forking keeps the
+        # caller's stream (the training process's, when workers=0) untouched.
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(sample_seed(self.seed, epoch, index))
+            return self.transform(image), label, None
 
 
 def _collate_skipping(batch):
@@ -69,7 +85,7 @@ def _collate_skipping(batch):
     return images, labels, bad
 
 
-class _ShardSampler(Sampler[int]):
+class _ShardSampler(Sampler[tuple[int, int]]):
     def __init__(self, num_samples: int, *, shard_id: int, num_shards: int, shuffle: bool, seed: int):
         self.num_samples = num_samples
         self.shard_id, self.num_shards = shard_id, num_shards
@@ -78,8 +94,9 @@ class _ShardSampler(Sampler[int]):
         self.length = len(list(iter(self)))
 
     def __iter__(self):
-        return iter(shard_indices(self.num_samples, shard_id=self.shard_id, num_shards=self.num_shards,
-                                  shuffle=self.shuffle, seed=self.seed, epoch=self.epoch))
+        indices = shard_indices(self.num_samples, shard_id=self.shard_id, num_shards=self.num_shards,
+                                shuffle=self.shuffle, seed=self.seed, epoch=self.epoch)
+        return iter([(index, self.epoch) for index in indices])
 
     def __len__(self) -> int:
         return self.length
@@ -106,12 +123,10 @@ class TorchLoader:
                                       shuffle=split == "train", seed=seed)
         self.num_samples = len(self._sampler)
         self._loader = DataLoader(
-            _ImageFiles(images.samples, build_transform(split, image_size)),
+            _ImageFiles(images.samples, build_transform(split, image_size), seed),
             batch_size=batch_size, sampler=self._sampler, num_workers=workers,
             collate_fn=_collate_skipping, drop_last=drop_last, pin_memory=device.type == "cuda",
-            persistent_workers=workers > 0,
-            # Augmentation draws in the workers follow from the seed (and the shard).
-            generator=torch.Generator().manual_seed(seed * 1000 + shard_id))
+            persistent_workers=workers > 0)
 
     def __len__(self) -> int:
         return len(self._loader)

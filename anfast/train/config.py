@@ -181,33 +181,38 @@ def check_field_types(config: Any, error: Type[Exception]) -> None:
                 raise error(f"{name} is missing a value; give one (default: {field.default!r})")
             continue
         kind = next(k for k in kinds if k is not type(None))
+        default = field.default
+        example = ",".join(f"{v:g}" for v in default) if isinstance(default, tuple) else default
         if set(kinds) >= {bool, str}:  # --compile: true / false or a mode name
             if not isinstance(value, (bool, str)):
                 raise error(f"{name}={value!r} must be true, false or a name")
         elif kind in (int, float):
-            setattr(config, name, _number(name, value, kind, error))
+            setattr(config, name, _number(name, value, kind, example, error))
         elif typing.get_origin(kind) is tuple:
-            setattr(config, name, tuple(_number(name, item, float, error) for item in value))
+            setattr(config, name, tuple(_number(name, item, float, example, error) for item in value))
         elif kind in (bool, str) and not isinstance(value, kind):
             raise error(f"{name}={value!r} must be {'true or false' if kind is bool else 'text'}")
 
 
-def _number(name: str, value: Any, kind: type, error: Type[Exception]) -> Union[int, float]:
+def _number(name: str, value: Any, kind: type, example: Any, error: Type[Exception]) -> Union[int, float]:
     what = "a whole number" if kind is int else "a number"
+    default = f" (default: {example})" if example is not None else ""
     if isinstance(value, str):
         try:
             value = float(value.strip())
         except ValueError:
-            raise error(f"{name}={value!r} is not {what}") from None
+            raise error(f"{name}={value!r} is not {what}{default}") from None
     if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise error(f"{name}={value!r} is not {what}")
+        raise error(f"{name}={value!r} is not {what}{default}")
     if not math.isfinite(value):
-        raise error(f"{name}={value}: give a finite number")
+        raise error(f"{name}={value}: give a finite number{default}")
     if kind is int:
         if value != int(value):
-            raise error(f"{name}={value} must be a whole number")
+            raise error(f"{name}={value} must be a whole number{default}")
         return int(value)
     return float(value)
+
+
 def compile_mode(value: Union[bool, str, None]) -> Optional[str]:
     """--compile as a torch.compile mode, or None for eager: True (a bare --compile or YAML
     ``true``) is "default"; False / None is off."""
