@@ -305,3 +305,14 @@ def test_synthetic_data_trains_and_reduce_overhead_falls_back_on_the_cpu(tmp_pat
     assert out.count("--compile reduce-overhead records CUDA graphs") == 1
     assert summary["steps"] == 3 and summary["loader"] == "synthetic"
     assert 0 <= summary["base"]["top1"] <= 1
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
+def test_reduce_overhead_trains_with_cuda_graphs_on_the_gpu(tmp_path):
+    config = TrainConfig(data="synthetic", num_classes=10, synthetic_steps=6, batch_size=8,
+                         image_size=32, epochs=2, out=str(tmp_path / "run"), device="cuda",
+                         channels_last=True, compile="reduce-overhead", log_interval=4)
+    summary = fit(config)
+    rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert summary["steps"] == 12 and summary["bad_steps"] == 0
+    assert all(torch.isfinite(torch.tensor(row["train_loss"])) for row in rows)

@@ -41,6 +41,9 @@ _READER = "Reader"
 # torchvision's RandomResizedCrop defaults, so both loaders draw the same crops.
 _CROP_ASPECT = (3 / 4, 4 / 3)
 _CROP_AREA = (0.35, 1.0)
+# Batches prepared ahead of the one in use (DALI's default, stated so it is a choice):
+# one more 256 x 224 x 224 float batch costs 154 MB of device memory; unmeasured gain.
+PREFETCH_QUEUE_DEPTH = 2
 
 
 def _torchvision_center_crop_geometry(height, width, shorter: int, crop: int):
@@ -88,7 +91,8 @@ def build_pipeline(paths: list[str], labels: list[int], split: str, *, batch_siz
 
     augmentation_seed = hash((seed, epoch, shard_id)) % 2**31
 
-    @pipeline_def(batch_size=batch_size, num_threads=num_threads, device_id=device_id, seed=augmentation_seed)
+    @pipeline_def(batch_size=batch_size, num_threads=num_threads, device_id=device_id, seed=augmentation_seed,
+                  prefetch_queue_depth=PREFETCH_QUEUE_DEPTH)
     def pipeline():
         order = dict(shuffle_after_epoch=True, shuffle_after_epoch_seed=seed + epoch) if train \
             else dict(stick_to_shard=True)
@@ -111,7 +115,8 @@ def build_pipeline(paths: list[str], labels: list[int], split: str, *, batch_siz
             images = fn.crop_mirror_normalize(images, dtype=types.FLOAT, output_layout=layout, mean=mean,
                                               std=std, crop=(image_size, image_size),
                                               crop_pos_y=crop_position[0], crop_pos_x=crop_position[1])
-        return images, label
+        # Labels go to the GPU inside the pipeline, so the loop never copies them from pageable memory.
+        return images, label if device_id is None else label.gpu()
 
     built = pipeline()
     built.build()

@@ -45,7 +45,7 @@ class TrainConfig:
     --image-size, --epochs, --lr and --batch-size.
     """
 
-    data: Optional[str] = None            # train/ and val/ ImageFolder root, "synthetic"; None: built-in set
+    data: Optional[str] = None            # ImageFolder root or "synthetic"; None: built-in set
     num_classes: Optional[int] = None     # --data synthetic only; None: 1000
     synthetic_steps: int = 100            # --data synthetic: training steps per epoch
     arch: str = "resnet18"                # torchvision name, xresnet50, timm:NAME (anfast.models)
