@@ -77,6 +77,12 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
     add("--sync-bn", action=argparse.BooleanOptionalAction,
         help=f"SyncBatchNorm across torchrun ranks, CUDA only {_default('sync_bn')}")
     add("--device", help=f"cpu, cuda or cuda:N {_default('device')}")
+    add("--pretrained", help="start the base from a local checkpoint: .safetensors, a torchvision / timm "
+                             ".pt/.pth state_dict, or an anfast export folder (RUN_DIR/base); students "
+                             "start as its slices")
+    add("--pretrained-skip-classifier", action=argparse.BooleanOptionalAction,
+        help=f"keep a fresh classifier (a checkpoint with another number of classes) "
+             f"{_default('pretrained_skip_classifier')}")
 
 
 def config_from_args(args: argparse.Namespace) -> TrainConfig:

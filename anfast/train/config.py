@@ -69,6 +69,8 @@ class TrainConfig:
     ema_decay: float = 0.999
     sync_bn: bool = False
     device: str = "auto"                  # auto: cuda if available, else cpu
+    pretrained: Optional[str] = None      # local checkpoint for the base (anfast.train.pretrained)
+    pretrained_skip_classifier: bool = False  # keep a fresh classifier (another number of classes)
 
     def to_dict(self) -> Dict[str, Any]:
         """Plain types only, so YAML and ``torch.load(weights_only=True)`` both accept it."""
@@ -126,6 +128,9 @@ class TrainConfig:
                               f"for the built-in dataset")
         if self.arch_config is not None:
             load_arch_config(self.arch_config)
+        if self.pretrained is not None and not Path(self.pretrained).exists():
+            raise ConfigError(f"--pretrained {self.pretrained}: no such file or folder; give a local "
+                              f".safetensors / .pt file or an anfast export folder (anfast never downloads)")
         return self
 
 
