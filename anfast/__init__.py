@@ -6,7 +6,7 @@
     student = anfast.export_student(an, path="student/") # a plain, smaller model
 """
 
-from anfast import ops
+from anfast import models, ops
 from anfast.adjoin import AdjoinedNetwork, AdjoinedOutput, AdjoinError, adjoin, student_width
 from anfast.export import export_base, export_student, load_student, save_exported
 from anfast.profile import count_parameters, profile
@@ -16,6 +16,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "ops",
+    "models",
     "adjoin",
     "AdjoinedNetwork",
     "AdjoinedOutput",

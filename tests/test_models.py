@@ -165,6 +165,19 @@ def test_missing_timm_names_the_extra(tmp_path, monkeypatch):
     assert anfast.adjoin("xresnet18", alpha=2, num_classes=3, input_size=(3, 32, 32)).num_students == 1
 
 
+def test_info_command_on_a_timm_model(capsys, monkeypatch):
+    from anfast.cli import main
+
+    assert main(["info", "--arch", "timm:resnet18d", "--alpha", "2,4", "--num-classes", "10",
+                 "--image-size", "32"]) == 0
+    out = capsys.readouterr().out
+    assert re.search(r"^student \(alpha 4\)\s+[\d,]+", out, re.M) and "layer1.0.conv1" in out
+    assert "paper (XResNet-50)" not in out  # the paper's figures are for ResNet-50s at 224 px, alpha 4
+    monkeypatch.setitem(sys.modules, "timm", None)
+    assert main(["info", "--arch", "timm:resnet18d"]) == 2
+    assert "pip install 'anfast[timm]'" in capsys.readouterr().err
+
+
 def test_names_and_refusals():
     with pytest.raises(ValueError, match=r"'resnet50x' is not a timm model; did you mean \[.*'resnet50d'"):
         create_model("timm:resnet50x")

@@ -11,6 +11,7 @@ import dataclasses
 from anfast.adjoin import AdjoinError
 from anfast.dan.search import OPTIMIZERS, TAU_SCHEDULES, SearchConfig, search
 from anfast.dan.space import DanError
+from anfast.train.config import ConfigError
 
 __all__ = ["register", "config_from_args"]
 
@@ -65,6 +66,10 @@ def register(subparsers) -> argparse.ArgumentParser:
     add("--lambda-schedule", default=_DEFAULTS.lambda_schedule, choices=("paper", "linear", "constant"),
         help="weight of KL + gamma * R over the search (default: %(default)s)")
     add("--frozen-noise", action="store_true", help="keep one Gumbel noise draw for the whole search (the paper)")
+    add("--pretrained", help="start the network from a local checkpoint: .safetensors, a torchvision / timm "
+                             ".pt/.pth state_dict, or an anfast export folder (RUN_DIR/base)")
+    add("--pretrained-skip-classifier", action="store_true",
+        help="keep a fresh classifier (a checkpoint with another number of classes)")
     add("--device", default=_DEFAULTS.device, help="cpu, cuda or cuda:N (default: %(default)s)")
     add("--out", default=_DEFAULTS.out, help="run directory (default: %(default)s)")
     add("--overwrite", action="store_true", help="replace a search already in --out")
@@ -82,7 +87,7 @@ def run(args: argparse.Namespace) -> int:
     """Run the search; print where the arch and the plot went. Returns the exit code."""
     try:
         result = search(config_from_args(args))
-    except (DanError, AdjoinError, ImportError) as error:
+    except (DanError, AdjoinError, ConfigError, ImportError) as error:
         print(f"anfast search: {error}")
         return 2
     arch = result.arch

@@ -35,6 +35,7 @@ from anfast.dan.gates import ChoiceGates, StudentMasks, entropy, temperature
 from anfast.dan.space import DEFAULT_CHOICES, DanError, SearchSpace
 from anfast.train.config import check_field_types
 from anfast.train.loss import AdjoinedLoss, get_lambda_schedule
+from anfast.train.pretrained import load_pretrained
 from anfast.train.records import MetricsLog
 from anfast.train.rundir import SEARCH_ARTIFACTS, claim_run_dir
 from anfast.train.schedule import lr_at
@@ -87,6 +88,8 @@ class SearchConfig:
     seed: int = 0
     out: str = "runs/search"
     overwrite: bool = False                # replace a search already in `out`
+    pretrained: Optional[str] = None       # local checkpoint for the base (anfast.train.pretrained)
+    pretrained_skip_classifier: bool = False
 
     @property
     def target(self) -> dict[str, float]:
@@ -189,6 +192,8 @@ def _search(config: SearchConfig, model: Optional[nn.Module], train_loader: Opti
     input_size = (3, config.image_size, config.image_size)
     network = adjoin(source, alpha=1, policy="all", round_to=config.round_to, input_size=input_size,
                      **model_kwargs).to(device)
+    if config.pretrained is not None:
+        load_pretrained(network, config.pretrained, config.pretrained_skip_classifier)
     space = SearchSpace.from_network(network, config.choices, config.round_to)
     cost_model = CostModel(network, space, input_size)
     (target_kind, target_value), = config.target.items()

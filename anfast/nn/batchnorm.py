@@ -56,12 +56,16 @@ class AdjoinedBatchNorm2d(nn.BatchNorm2d):
         module.load_state_dict(bn.state_dict(), strict=False)  # students are filled below
         if bn.affine:
             module.weight, module.bias = bn.weight, bn.bias  # the same Parameter objects
-        with torch.no_grad():
-            for s, norm in enumerate(module.student_norms):
-                for name, tensor in norm.state_dict().items():
-                    if name != "num_batches_tracked":
-                        tensor.copy_(module._student_slice(getattr(module, name), s))
+        module.copy_base_to_students()
         return module
+
+    @torch.no_grad()
+    def copy_base_to_students(self) -> None:
+        """Set every student's norm (affine and running statistics) to its slice of the base's."""
+        for s, norm in enumerate(self.student_norms):
+            for name, tensor in norm.state_dict().items():
+                if name != "num_batches_tracked":
+                    tensor.copy_(self._student_slice(getattr(self, name), s))
 
     def _student_slice(self, tensor: torch.Tensor, s: int) -> torch.Tensor:
         index = getattr(self, f"_student_index_{s}")

@@ -97,6 +97,12 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
     add("--max-bad-steps", type=int,
         help=f"non-finite steps to skip (weights untouched) before the run stops with an error "
              f"{_default('max_bad_steps')}")
+    add("--pretrained", help="start the base from a local checkpoint: .safetensors, a torchvision / timm "
+                             ".pt/.pth state_dict, or an anfast export folder (RUN_DIR/base); students "
+                             "start as its slices")
+    add("--pretrained-skip-classifier", action=argparse.BooleanOptionalAction,
+        help=f"keep a fresh classifier (a checkpoint with another number of classes) "
+             f"{_default('pretrained_skip_classifier')}")
 
 
 def config_from_args(args: argparse.Namespace) -> TrainConfig:

@@ -81,6 +81,8 @@ class TrainConfig:
     backend: str = "auto"                 # adjoined conv backend; auto: measured (DESIGN.md 4b)
     log_interval: int = 50                # steps between host reads of loss / grad norm
     max_bad_steps: int = 0                # non-finite steps skipped before the run stops
+    pretrained: Optional[str] = None      # local checkpoint for the base (anfast.train.pretrained)
+    pretrained_skip_classifier: bool = False  # keep a fresh classifier (another number of classes)
 
     def to_dict(self) -> Dict[str, Any]:
         """Plain types only, so YAML and ``torch.load(weights_only=True)`` both accept it."""
@@ -161,6 +163,9 @@ class TrainConfig:
                 self.resume == "auto" or Path(self.resume).resolve().is_relative_to(Path(self.out).resolve())):
             raise ConfigError(f"--resume {self.resume} continues the run in --out {self.out} and "
                               f"--overwrite deletes it; give one of the two")
+        if self.pretrained is not None and not Path(self.pretrained).exists():
+            raise ConfigError(f"--pretrained {self.pretrained}: no such file or folder; give a local "
+                              f".safetensors / .pt file or an anfast export folder (anfast never downloads)")
         return self
 
 

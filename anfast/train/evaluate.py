@@ -2,15 +2,16 @@
 
 from __future__ import annotations
 
-from typing import Any, Dict, Optional, Sequence
+from typing import Any, Dict, List, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
+import anfast
 from anfast.train.distributed import all_reduce_sum
 
-__all__ = ["evaluate", "format_table"]
+__all__ = ["evaluate", "format_table", "network_costs"]
 
 
 @torch.no_grad()
@@ -55,13 +56,27 @@ def evaluate(model: torch.nn.Module, loader, device: torch.device, *,
     return {"base": rows[0], "students": rows[1:], "samples": samples}
 
 
-def format_table(metrics: Dict[str, Any]) -> str:
-    """A fixed-width table of top-1 / top-5 / loss per network."""
-    lines = [f"{'network':<22}{'top-1 %':>9}{'top-5 %':>9}{'loss':>9}"]
+def network_costs(an: torch.nn.Module, image_size: int) -> List[Dict[str, int]]:
+    """anfast.profile of the exported base and every student at one image: [base, *students]."""
+    networks = [anfast.export_base(an)] + [anfast.export_student(an, index=i) for i in range(an.num_students)]
+    return [anfast.profile(network, (1, 3, image_size, image_size)) for network in networks]
+
+
+def format_table(metrics: Dict[str, Any], costs: Optional[Sequence[Dict[str, int]]] = None) -> str:
+    """A fixed-width table of top-1 / top-5 / loss per network, with ``costs`` (from
+    network_costs) also parameters and GFLOPs: the accuracy / cost trade-off of a run."""
+    lines = [f"{'network':<22}{'top-1 %':>9}{'top-5 %':>9}{'loss':>9}"
+             + (f"{'params':>14}{'GFLOPs':>10}" if costs else "")]
     named = [("base", metrics["base"])]
-    named += [(f"student {i} (alpha {row.get('alpha', float('nan')):g})", row)
+    named += [(f"student {i} (alpha {_alpha_label(row.get('alpha'))})", row)
               for i, row in enumerate(metrics["students"])]
-    for name, row in named:
+    for index, (name, row) in enumerate(named):
         lines.append(f"{name:<22}{100 * row['top1']:>9.2f}{100 * row['top5']:>9.2f}"
-                     f"{row['loss']:>9.4f}")
+                     f"{row['loss']:>9.4f}"
+                     + (f"{costs[index]['params']:>14,}{costs[index]['flops'] / 1e9:>10.3f}" if costs else ""))
     return "\n".join(lines)
+
+
+def _alpha_label(alpha: Optional[float]) -> str:
+    """Under --arch-config each width group has its own alpha: no single number applies."""
+    return "per group" if alpha is None else f"{alpha:g}"

@@ -60,7 +60,7 @@ def evaluate_run(run_dir: Union[str, Path], *, data: Optional[str] = None,
     from anfast.data import builtin_dataset, create_loader
     from anfast.train.build import resolve_amp_dtype
     from anfast.train.distributed import resolve_device
-    from anfast.train.evaluate import evaluate, format_table
+    from anfast.train.evaluate import evaluate, format_table, network_costs
 
     run_dir = Path(run_dir)
     resolved = resolve_device(device or "auto")
@@ -79,10 +79,10 @@ def evaluate_run(run_dir: Union[str, Path], *, data: Optional[str] = None,
     if config.channels_last:
         an = an.to(memory_format=torch.channels_last)
     metrics = evaluate(an, loader, resolved, amp_dtype=resolve_amp_dtype(config.amp, resolved),
-                       show_progress=True, alphas=config.alpha)
+                       show_progress=True, alphas=() if config.arch_config else config.alpha)
     metrics.update({"checkpoint": checkpoint, "epoch": state["epoch"], "data": str(data_root),
                     "skipped_images": loader.skipped})
-    print(format_table(metrics))
+    print(format_table(metrics, network_costs(an, config.image_size)))
     (run_dir / "eval.json").write_text(json.dumps(metrics, indent=2) + "\n")
     return metrics
 

@@ -41,10 +41,11 @@ from anfast.train.config import (SYNTHETIC_DATA, ConfigError, TrainConfig, compi
 from anfast.train.distributed import (DistributedInfo, all_reduce_sum, any_rank, any_rank_on_host,
                                       barrier, broadcast_buffers, create_host_group,
                                       destroy_distributed, init_distributed)
-from anfast.train.evaluate import evaluate
+from anfast.train.evaluate import evaluate, format_table, network_costs
 from anfast.train.export import export_networks
 from anfast.train.loss import AdjoinedLoss, get_lambda_schedule
-from anfast.train.records import MetricsLog, plot_curves
+from anfast.train.pretrained import load_pretrained
+from anfast.train.records import MetricsLog, plot_curves, plot_tradeoff
 from anfast.train.rundir import TRAIN_ARTIFACTS, RunDirLock, claim_run_dir
 from anfast.train.schedule import lr_at
 from anfast.train.step import StepMeter, ema_update, resolve_compile, train_step, warm_up
@@ -169,6 +170,8 @@ def _fit(config: TrainConfig, info: DistributedInfo, should_stop: Optional[Calla
                           f"fewer than one batch of {config.batch_size}; lower --batch-size")
     num_classes = len(train_loader.classes)
     an = create_adjoined_model(config, num_classes).to(device)
+    if config.pretrained is not None and resume_path is None:
+        load_pretrained(an, config.pretrained, config.pretrained_skip_classifier)
     if config.sync_bn:
         an = anfast.nn.convert_sync_batchnorm(an)
     if config.channels_last:
@@ -365,12 +368,17 @@ def _fit(config: TrainConfig, info: DistributedInfo, should_stop: Optional[Calla
         barrier()
 
     state["wall_time_s"] += time.perf_counter() - started
-    summary = _summary(config, state, eval_model, alphas, train_loader, device, info, amp_dtype)
+    costs = network_costs(eval_model, config.image_size)
+    summary = _summary(config, state, eval_model, costs, alphas, train_loader, device, info,
+                       amp_dtype)
     if info.is_main:
         log.close()
         plot_curves(state["history"], run_dir / "curves.png")
+        plot_tradeoff(summary, costs, run_dir / "tradeoff.png",
+                      f"{config.arch}, {config.image_size} px, epoch {config.epochs}")
         export_networks(eval_model, run_dir, len(alphas))
         (run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+        _say(info, format_table(summary, costs))
         _say(info, f"done in {summary['wall_time_s']:.0f} s: base top-1 "
                    f"{100 * summary['base']['top1']:.2f}%, student top-1 "
                    f"{100 * summary['student']['top1']:.2f}%; run directory {run_dir}")
@@ -406,16 +414,14 @@ def _skipped(train_loader, val_loader, device: torch.device) -> int:
     return int(all_reduce_sum([train_loader.skipped + val_loader.skipped], device)[0])
 
 
-def _summary(config: TrainConfig, state: Dict[str, Any], eval_model: torch.nn.Module, alphas,
-             train_loader, device: torch.device, info: DistributedInfo,
+def _summary(config: TrainConfig, state: Dict[str, Any], eval_model: torch.nn.Module, costs,
+             alphas, train_loader, device: torch.device, info: DistributedInfo,
              amp_dtype: Optional[torch.dtype]) -> Dict[str, Any]:
-    """summary.json: final metrics of every network, their size and cost, throughput, and
-    the conv backend each layer ran."""
+    """summary.json: final metrics of every network, their size and cost (``costs``:
+    network_costs of ``eval_model``), throughput, and the conv backend each layer ran."""
     final = state["history"][-1]
     input_size = (1, 3, config.image_size, config.image_size)
-    base_profile = anfast.profile(anfast.export_base(eval_model), input_size)
-    student_profiles = [anfast.profile(anfast.export_student(eval_model, index=i), input_size)
-                        for i in range(len(alphas))]
+    base_profile, student_profiles = costs[0], costs[1:]
     pick = lambda row: {key: row[key] for key in ("top1", "top5", "loss")}  # noqa: E731
     # Under --arch-config each width group has its own alpha: no single number applies.
     alphas = [None] * len(alphas) if config.arch_config else alphas

@@ -1,12 +1,12 @@
-"""Run records: metrics.jsonl, TensorBoard scalars and curves.png."""
+"""Run records: metrics.jsonl, TensorBoard scalars, curves.png and tradeoff.png."""
 
 from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any, Dict, List
+from typing import Any, Dict, List, Sequence
 
-__all__ = ["MetricsLog", "plot_curves"]
+__all__ = ["MetricsLog", "plot_curves", "plot_tradeoff"]
 
 
 class MetricsLog:
@@ -83,6 +83,43 @@ def plot_curves(history: List[Dict[str, Any]], path: Path) -> None:
         axis.xaxis.set_major_locator(MaxNLocator(integer=True))
     accuracy_axis.legend()
     loss_axis.legend()
+    figure.tight_layout()
+    figure.savefig(path, dpi=110)
+    plt.close(figure)
+
+
+def plot_tradeoff(summary: Dict[str, Any], costs: Sequence[Dict[str, int]], path: Path,
+                  title: str = "") -> None:
+    """Top-1 against GFLOPs and against parameters for the base and every student.
+
+    ``summary`` has "base" and "students" rows (top1, alpha) as in summary.json;
+    ``costs`` is [base, *students] from anfast.train.evaluate.network_costs.
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = [summary["base"], *summary["students"]]
+    labels = ["base"] + [f"alpha {s['alpha']:g}" if s.get("alpha") is not None else f"student {i}"
+                         for i, s in enumerate(summary["students"])]
+    top1 = [100 * row["top1"] for row in rows]
+    figure, axes = plt.subplots(1, 2, figsize=(11, 4.2))
+    for axis, values, xlabel in ((axes[0], [c["flops"] / 1e9 for c in costs], "GFLOPs (multiply-add = 2)"),
+                                 (axes[1], [c["params"] / 1e6 for c in costs], "parameters (M)")):
+        order = sorted(range(len(rows)), key=lambda i: values[i])
+        axis.plot([values[i] for i in order], [top1[i] for i in order], color="gray", alpha=0.5, zorder=1)
+        for index, label in enumerate(labels):
+            axis.scatter(values[index], top1[index], s=50, zorder=2,
+                         color="black" if index == 0 else f"C{index - 1}")
+            axis.annotate(label, (values[index], top1[index]), textcoords="offset points", xytext=(6, 6))
+        axis.set(xlabel=xlabel, ylabel="validation top-1 %")
+        axis.grid(alpha=0.3)
+        axis.margins(x=0.15, y=0.15)
+    axes[0].set_title("accuracy vs compute")
+    axes[1].set_title("accuracy vs size")
+    if title:
+        figure.suptitle(title)
     figure.tight_layout()
     figure.savefig(path, dpi=110)
     plt.close(figure)

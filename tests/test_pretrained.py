@@ -1,0 +1,82 @@
+"""--pretrained: a trained base starts the adjoined network; bad checkpoints name the file and the key."""
+
+import pytest
+import torch
+import torchvision
+from safetensors.torch import save_file
+
+import anfast
+from anfast.train.config import ConfigError
+from anfast.train.loop import fit
+from anfast.train.pretrained import load_pretrained
+from test_train_config import tiny_config
+
+SIZE = (3, 16, 16)
+
+
+def _trained_resnet18(num_classes=4):
+    torch.manual_seed(1)
+    model = torchvision.models.resnet18(num_classes=num_classes)
+    model(torch.randn(8, *SIZE))  # train mode: running statistics move off (0, 1)
+    return model.eval()
+
+
+@pytest.mark.parametrize("suffix", [".pth", ".safetensors"])
+def test_checkpoint_starts_base_and_student_slices(tmp_path, suffix):
+    model = _trained_resnet18()
+    path = tmp_path / f"resnet18{suffix}"
+    if suffix == ".pth":
+        torch.save({"state_dict": model.state_dict()}, path)  # a training script's wrapper
+    else:
+        save_file(model.state_dict(), path)
+    an = anfast.adjoin("resnet18", alpha=4, policy="all", num_classes=4, input_size=SIZE)
+    load_pretrained(an, str(path))
+    an.eval()
+    x = torch.randn(2, *SIZE)
+    with torch.no_grad():
+        assert torch.equal(an(x).base, model(x))
+    # The student's private norm is the base norm's leading slice; its convs are slices anyway.
+    student_norm = an.get_submodule("layer2.0.bn1").student_norms[0]
+    width = student_norm.num_features
+    assert width < 128
+    for name in ("weight", "bias", "running_mean", "running_var"):
+        assert torch.equal(getattr(student_norm, name), getattr(model.layer2[0].bn1, name)[:width]), name
+
+
+def test_export_folder_and_skip_classifier(tmp_path):
+    source = anfast.adjoin(_trained_resnet18(num_classes=4), alpha=2, input_size=SIZE).eval()
+    anfast.export_base(source, path=tmp_path / "base")
+    anfast.export_student(source, path=tmp_path / "student")
+    an = anfast.adjoin("resnet18", alpha=4, policy="all", num_classes=7, input_size=SIZE)
+    with pytest.raises(ConfigError, match=r"base.*fc.weight \(4, 512\) in the file vs \(7, 512\).*"
+                                          r"--pretrained-skip-classifier"):
+        load_pretrained(an, str(tmp_path / "base"))
+    fresh_fc = an.fc.weight.detach().clone()
+    load_pretrained(an, str(tmp_path / "base"), skip_classifier=True)
+    assert torch.equal(an.fc.weight, fresh_fc)
+    assert torch.equal(an.conv1.weight, source.conv1.weight)
+    with pytest.raises(ConfigError, match=r"student.*an export of the student.*pass the run's base/"):
+        load_pretrained(an, str(tmp_path / "student"))
+
+
+def test_bad_checkpoints_name_the_file_and_the_key(tmp_path):
+    an = anfast.adjoin("resnet18", alpha=4, num_classes=4, input_size=SIZE)
+    state = _trained_resnet18().state_dict()
+    garbage = tmp_path / "garbage.pt"
+    garbage.write_bytes(b"not a checkpoint")
+    with pytest.raises(ConfigError, match=r"garbage.pt: torch.load\(weights_only=True\) cannot read it"):
+        load_pretrained(an, str(garbage))
+    torch.save({**state, "epoch": 3}, tmp_path / "extra.pt")
+    with pytest.raises(ConfigError, match=r"extra.pt: key 'epoch' holds a int, not a tensor"):
+        load_pretrained(an, str(tmp_path / "extra.pt"))
+    del state["layer3.1.conv2.weight"]
+    state["head.weight"] = torch.zeros(1)
+    torch.save(state, tmp_path / "other.pth")
+    with pytest.raises(ConfigError, match=r"other.pth: keys do not match.*missing \['layer3.1.conv2.weight'\]"
+                                          r".*unexpected \['head.weight'\]"):
+        load_pretrained(an, str(tmp_path / "other.pth"))
+    (tmp_path / "broken.safetensors").write_bytes(b"\x00" * 16)
+    with pytest.raises(ConfigError, match=r"broken.safetensors: not a readable safetensors file"):
+        load_pretrained(an, str(tmp_path / "broken.safetensors"))
+    with pytest.raises(ConfigError, match=r"--pretrained .*nowhere.pt: no such file"):
+        fit(tiny_config(tmp_path, tmp_path / "run", pretrained=str(tmp_path / "nowhere.pt")))
