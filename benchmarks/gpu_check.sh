@@ -65,7 +65,9 @@ run_step() {
 ARCH=$($PYTHON -c "import torch; c = torch.cuda.get_device_capability(); print(f'{c[0]}{c[1]}')" 2>/dev/null)
 run_step install 180 env ANFAST_CUDA_ARCHS="${ARCH:-80;90}" MAX_JOBS="$(nproc)" \
     $PYTHON -m pip install --no-deps --no-build-isolation -e .
-run_step gpu_tests 120 $PYTHON -m pytest -q -m gpu tests/
+# First after the install: the CUDA C++ kernels vs float64 on every ResNet-50 conv.
+run_step cuda_tests 150 $PYTHON -m pytest -q tests/test_cuda_ext.py
+run_step gpu_tests 120 $PYTHON -m pytest -q -m gpu tests/ --ignore=tests/test_cuda_ext.py
 run_step conv_bench 180 $PYTHON benchmarks/conv.py --out "$OUTDIR/conv.json"
 if [ -f benchmarks/train_throughput.py ]; then
     # --out is a directory there: its JSON lands in OUTDIR.
