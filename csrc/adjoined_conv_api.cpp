@@ -47,6 +47,15 @@ anfast::Tensor4d describe(const at::Tensor& t) {
   return {t.data_ptr(), {t.stride(0), t.stride(1), t.stride(2), t.stride(3)}};
 }
 
+// A channels_last-contiguous tensor with its canonical strides {H*W*C, 1, W*C, C}:
+// torch leaves the strides of size-1 dims arbitrary (an NCHW 1x1 weight passes as
+// channels_last), and they address nothing, but the kernels check and use all four.
+anfast::Tensor4d describe_nhwc(const at::Tensor& t) {
+  TORCH_INTERNAL_ASSERT(t.is_contiguous(at::MemoryFormat::ChannelsLast));
+  const int64_t c = t.size(1), h = t.size(2), w = t.size(3);
+  return {t.data_ptr(), {h * w * c, 1, w * c, c}};
+}
+
 // Sizes shared by the three entry points, checked against x_base / x_student / weight.
 anfast::AdjoinedConvShape conv_shape(const at::Tensor& x_base, const at::Tensor& x_student,
                                      const at::Tensor& weight, int64_t out_student,
@@ -220,8 +229,8 @@ std::vector<at::Tensor> forward(const at::Tensor& x_base, const at::Tensor& x_st
   dispatch_dtype(weight.scalar_type(), [&](auto tag) {
     using T = typename decltype(tag)::type;
     const T* bias_ptr = bias.has_value() ? static_cast<const T*>(bias_padded.data_ptr()) : nullptr;
-    C10_CUDA_CHECK(anfast::adjoined_conv2d_forward<T>(p, describe(xb), describe(xs), describe(w), bias_ptr,
-                                                      describe(yb), describe(ys), stream));
+    C10_CUDA_CHECK(anfast::adjoined_conv2d_forward<T>(p, describe_nhwc(xb), describe_nhwc(xs), describe_nhwc(w),
+                                                      bias_ptr, describe_nhwc(yb), describe_nhwc(ys), stream));
   });
   finish(yb, y_base);
   finish(ys, y_student);
@@ -260,8 +269,8 @@ std::vector<at::Tensor> dgrad(const at::Tensor& grad_base, const at::Tensor& gra
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream().stream();
   dispatch_dtype(weight.scalar_type(), [&](auto tag) {
     using T = typename decltype(tag)::type;
-    C10_CUDA_CHECK(anfast::adjoined_conv2d_dgrad<T>(p, describe(gb), describe(gs), describe(w), describe(dxb),
-                                                    describe(dxs), stream));
+    C10_CUDA_CHECK(anfast::adjoined_conv2d_dgrad<T>(p, describe_nhwc(gb), describe_nhwc(gs), describe_nhwc(w),
+                                                    describe_nhwc(dxb), describe_nhwc(dxs), stream));
   });
   finish(dxb, grad_x_base);
   finish(dxs, grad_x_student);
@@ -292,8 +301,8 @@ at::Tensor wgrad(const at::Tensor& grad_base, const at::Tensor& grad_student,
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream().stream();
   dispatch_dtype(weight.scalar_type(), [&](auto tag) {
     using T = typename decltype(tag)::type;
-    C10_CUDA_CHECK(anfast::adjoined_conv2d_wgrad<T>(p, describe(gb), describe(gs), describe(xb), describe(xs),
-                                                    describe(dw), workspace.data_ptr(), workspace_bytes,
+    C10_CUDA_CHECK(anfast::adjoined_conv2d_wgrad<T>(p, describe_nhwc(gb), describe_nhwc(gs), describe_nhwc(xb),
+                                                    describe_nhwc(xs), describe(dw), workspace.data_ptr(), workspace_bytes,
                                                     stream));
   });
   if (padded) grad_weight.copy_(dw.narrow(0, 0, s.out_channels).narrow(1, 0, s.in_channels));
