@@ -61,7 +61,7 @@ run_step() {
 } | tee "$OUTDIR/environment.log"
 
 # Build the extension for this GPU's architecture only, with every core: the default
-# (sm_80 + sm_90, 2 jobs) measured ~1 min 50 s on 2 cores (docs/cuda.md).
+# (sm_80 + sm_90, 2 jobs) takes minutes on 2 cores (docs/cuda.md).
 ARCH=$($PYTHON -c "import torch; c = torch.cuda.get_device_capability(); print(f'{c[0]}{c[1]}')" 2>/dev/null)
 run_step install 180 env ANFAST_CUDA_ARCHS="${ARCH:-80;90}" MAX_JOBS="$(nproc)" \
     $PYTHON -m pip install --no-deps --no-build-isolation -e .
