@@ -1,8 +1,8 @@
 """Build script: the anfast package plus, where CUDA can be compiled, anfast._C.
 
 The extension (csrc/ bindings + kernels/ device code) is built when nvcc is found
-(CUDA_HOME, else nvcc on PATH), torch is a CUDA build and ANFAST_BUILD_CUDA is not
-"0". Otherwise the install is pure Python and says why in one line; the package
+(CUDA_HOME, else nvcc on PATH), torch is a CUDA build, the pinned nvidia-cutlass
+package (its CUTLASS / CuTe headers) is installed and ANFAST_BUILD_CUDA is not "0". Otherwise the install is pure Python and says why in one line; the package
 imports either way and backend "cuda" then explains what is missing.
 
 Environment:
@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import os
 import re
+import runpy
 import shutil
 import sys
 from pathlib import Path
@@ -83,18 +84,27 @@ def cuda_extension_or_reason():
         return f"torch is not importable ({error}); install torch first, without build isolation"
     if torch.version.cuda is None:
         return f"torch {torch.__version__} is a CPU-only build"
+    try:
+        cutlass_include = runpy.run_path(str(ROOT / "kernels" / "find_cutlass.py"))["cutlass_include_dir"]()
+    except ValueError as error:
+        return str(error)
     os.environ.setdefault("MAX_JOBS", "2")
     extension = CUDAExtension(
         name="anfast._C",
         sources=[
             "csrc/adjoined_conv_api.cpp",
-            "kernels/adjoined_conv_fprop_dgrad.cu",
+            "kernels/adjoined_conv_fprop.cu",
+            "kernels/adjoined_conv_dgrad.cu",
             "kernels/adjoined_conv_wgrad.cu",
         ],
-        include_dirs=[str(ROOT / "kernels")],
+        include_dirs=[str(ROOT / "kernels"), cutlass_include],
         extra_compile_args={
             "cxx": ["-O3"],
-            "nvcc": ["-O3", "-lineinfo"] + gencode_flags(os.environ.get("ANFAST_CUDA_ARCHS", DEFAULT_ARCHS)),
+            # CUTLASS's half / bfloat16 types need the conversions torch's flags switch off.
+            "nvcc": ["-O3", "-lineinfo", "--expt-relaxed-constexpr", "-U__CUDA_NO_HALF_OPERATORS__",
+                     "-U__CUDA_NO_HALF_CONVERSIONS__", "-U__CUDA_NO_BFLOAT16_CONVERSIONS__",
+                     "-U__CUDA_NO_HALF2_OPERATORS__"]
+            + gencode_flags(os.environ.get("ANFAST_CUDA_ARCHS", DEFAULT_ARCHS)),
         },
     )
     return [extension], {"build_ext": BuildExtension}

@@ -61,11 +61,13 @@ run_step() {
 } | tee "$OUTDIR/environment.log"
 
 # Build the extension for this GPU's architecture only, with every core: the default
-# (sm_80 + sm_90, 2 jobs) measured ~1 min 50 s on 2 cores (docs/cuda.md).
+# (sm_80 + sm_90, 2 jobs) takes minutes on 2 cores (docs/cuda.md).
 ARCH=$($PYTHON -c "import torch; c = torch.cuda.get_device_capability(); print(f'{c[0]}{c[1]}')" 2>/dev/null)
 run_step install 180 env ANFAST_CUDA_ARCHS="${ARCH:-80;90}" MAX_JOBS="$(nproc)" \
     $PYTHON -m pip install --no-deps --no-build-isolation -e .
-run_step gpu_tests 120 $PYTHON -m pytest -q -m gpu tests/
+# First after the install: the CUDA C++ kernels vs float64 on every ResNet-50 conv.
+run_step cuda_tests 150 $PYTHON -m pytest -q tests/test_cuda_ext.py
+run_step gpu_tests 120 $PYTHON -m pytest -q -m gpu tests/ --ignore=tests/test_cuda_ext.py
 # Auto's measured choice for ResNet-50 training (verify + time every conv against
 # torch); the cache stays in OUTDIR, filled key by key even if the step times out.
 run_step tune_resnet50 150 env ANFAST_CACHE_DIR="$OUTDIR/cache" $PYTHON -m anfast tune \

@@ -4,6 +4,10 @@
 // (anfast/ops/conv.py) calls them through anfast.ops.cuda_backend. Every input is
 // checked here, naming the argument, before a kernel sees it. Optional `out`
 // tensors let tests poison outputs and check that every element is written.
+//
+// The kernels read channels_last tensors whose channel counts are multiples of the
+// dtype's alignment (8 for 16-bit); inputs that are not are copied here (zero-padded
+// channels contribute nothing), and results are copied into outputs of another layout.
 #include <optional>
 #include <vector>
 
@@ -43,6 +47,15 @@ anfast::Tensor4d describe(const at::Tensor& t) {
   return {t.data_ptr(), {t.stride(0), t.stride(1), t.stride(2), t.stride(3)}};
 }
 
+// A channels_last-contiguous tensor with its canonical strides {H*W*C, 1, W*C, C}:
+// torch leaves the strides of size-1 dims arbitrary (an NCHW 1x1 weight passes as
+// channels_last), and they address nothing, but the kernels check and use all four.
+anfast::Tensor4d describe_nhwc(const at::Tensor& t) {
+  TORCH_INTERNAL_ASSERT(t.is_contiguous(at::MemoryFormat::ChannelsLast));
+  const int64_t c = t.size(1), h = t.size(2), w = t.size(3);
+  return {t.data_ptr(), {h * w * c, 1, w * c, c}};
+}
+
 // Sizes shared by the three entry points, checked against x_base / x_student / weight.
 anfast::AdjoinedConvShape conv_shape(const at::Tensor& x_base, const at::Tensor& x_student,
                                      const at::Tensor& weight, int64_t out_student,
@@ -78,7 +91,8 @@ anfast::AdjoinedConvShape conv_shape(const at::Tensor& x_base, const at::Tensor&
   shape.stride_w = static_cast<int>(stride[1]);
   shape.pad_h = static_cast<int>(padding[0]);
   shape.pad_w = static_cast<int>(padding[1]);
-  const char* error = anfast::adjoined_conv2d_shape_error(shape);
+  // Alignment is not checked here: padded_shape() below pads the channels for it.
+  const char* error = anfast::adjoined_conv2d_shape_error<float>(shape);
   TORCH_CHECK(error == nullptr, "anfast._C: unsupported convolution: ", error, " (x_base ",
               x_base.sizes(), ", x_student ", x_student.sizes(), ", weight ", weight.sizes(),
               ", out_student ", out_student, ", stride ", at::IntArrayRef(stride), ", padding ", at::IntArrayRef(padding), ")");
@@ -128,6 +142,51 @@ void dispatch_dtype(at::ScalarType dtype, Fn&& fn) {
   }
 }
 
+int64_t round_up(int64_t value, int64_t multiple) { return (value + multiple - 1) / multiple * multiple; }
+
+// The shape the kernels run: every channel count rounded up to the dtype's alignment.
+anfast::AdjoinedConvShape padded_shape(anfast::AdjoinedConvShape s, at::ScalarType dtype) {
+  int alignment = 1;
+  dispatch_dtype(dtype, [&](auto tag) {
+    alignment = anfast::adjoined_conv2d_channel_alignment<typename decltype(tag)::type>();
+  });
+  for (int* channels : {&s.in_channels, &s.in_channels_student, &s.out_channels, &s.out_channels_student})
+    *channels = static_cast<int>(round_up(*channels, alignment));
+  return s;
+}
+
+// t as channels_last with `channels` channels, zero past t's own: t itself when it
+// already is one.
+at::Tensor nhwc(const at::Tensor& t, int64_t channels) {
+  if (t.size(1) == channels) return t.contiguous(at::MemoryFormat::ChannelsLast);
+  at::Tensor padded = at::zeros({t.size(0), channels, t.size(2), t.size(3)},
+                                t.options().memory_format(at::MemoryFormat::ChannelsLast));
+  padded.narrow(1, 0, t.size(1)).copy_(t);
+  return padded;
+}
+
+// The weight as KRSC (channels_last) with the padded shape's channel counts.
+at::Tensor krsc(const at::Tensor& weight, const anfast::AdjoinedConvShape& p) {
+  if (weight.size(0) == p.out_channels && weight.size(1) == p.in_channels)
+    return weight.contiguous(at::MemoryFormat::ChannelsLast);
+  at::Tensor padded = at::zeros({p.out_channels, p.in_channels, weight.size(2), weight.size(3)},
+                                weight.options().memory_format(at::MemoryFormat::ChannelsLast));
+  padded.narrow(0, 0, weight.size(0)).narrow(1, 0, weight.size(1)).copy_(weight);
+  return padded;
+}
+
+// Where a kernel writes `out` (padded to `channels`): out itself when it has the
+// kernels' layout, else a scratch tensor that finish() copies back.
+at::Tensor kernel_target(const at::Tensor& out, int64_t channels) {
+  if (out.size(1) == channels && out.is_contiguous(at::MemoryFormat::ChannelsLast)) return out;
+  return at::empty({out.size(0), channels, out.size(2), out.size(3)},
+                   out.options().memory_format(at::MemoryFormat::ChannelsLast));
+}
+
+void finish(const at::Tensor& target, at::Tensor& out) {
+  if (!target.is_same(out)) out.copy_(target.narrow(1, 0, out.size(1)));
+}
+
 std::vector<at::Tensor> forward(const at::Tensor& x_base, const at::Tensor& x_student,
                                 const at::Tensor& weight, const std::optional<at::Tensor>& bias,
                                 int64_t out_student, const std::vector<int64_t>& stride,
@@ -135,12 +194,10 @@ std::vector<at::Tensor> forward(const at::Tensor& x_base, const at::Tensor& x_st
                                 const std::optional<at::Tensor>& y_base_out,
                                 const std::optional<at::Tensor>& y_student_out) {
   const anfast::AdjoinedConvShape s = conv_shape(x_base, x_student, weight, out_student, stride, padding);
-  at::Tensor bias_contiguous;
   if (bias.has_value()) {
     const at::Tensor& bias_tensor = *bias;
     CHECK_INPUT(bias_tensor, weight);
     CHECK_SHAPE(bias_tensor, weight.size(0));
-    bias_contiguous = bias_tensor.contiguous();
   }
   const c10::cuda::CUDAGuard device_guard(x_base.device());
   const std::vector<int64_t> y_base_shape{s.batch, s.out_channels, s.out_height(), s.out_width()};
@@ -154,14 +211,29 @@ std::vector<at::Tensor> forward(const at::Tensor& x_base, const at::Tensor& x_st
     return at::empty(y_student_shape,
                      x_base.options().memory_format(conv_output_format(x_student, weight_student)));
   });
+  const anfast::AdjoinedConvShape p = padded_shape(s, weight.scalar_type());
+  const at::Tensor xb = nhwc(x_base, p.in_channels), xs = nhwc(x_student, p.in_channels_student);
+  const at::Tensor w = krsc(weight, p);
+  at::Tensor bias_padded;
+  if (bias.has_value()) {
+    if (p.out_channels == s.out_channels) {
+      bias_padded = bias->contiguous();
+    } else {
+      bias_padded = at::zeros({p.out_channels}, weight.options());
+      bias_padded.narrow(0, 0, s.out_channels).copy_(*bias);
+    }
+  }
+  const at::Tensor yb = kernel_target(y_base, p.out_channels);
+  const at::Tensor ys = kernel_target(y_student, p.out_channels_student);
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream().stream();
   dispatch_dtype(weight.scalar_type(), [&](auto tag) {
     using T = typename decltype(tag)::type;
-    const T* bias_ptr = bias.has_value() ? static_cast<const T*>(bias_contiguous.data_ptr()) : nullptr;
-    C10_CUDA_CHECK(anfast::adjoined_conv2d_forward<T>(s, describe(x_base), describe(x_student),
-                                                      describe(weight), bias_ptr, describe(y_base),
-                                                      describe(y_student), stream));
+    const T* bias_ptr = bias.has_value() ? static_cast<const T*>(bias_padded.data_ptr()) : nullptr;
+    C10_CUDA_CHECK(anfast::adjoined_conv2d_forward<T>(p, describe_nhwc(xb), describe_nhwc(xs), describe_nhwc(w),
+                                                      bias_ptr, describe_nhwc(yb), describe_nhwc(ys), stream));
   });
+  finish(yb, y_base);
+  finish(ys, y_student);
   return {y_base, y_student};
 }
 
@@ -189,13 +261,19 @@ std::vector<at::Tensor> dgrad(const at::Tensor& grad_base, const at::Tensor& gra
                                      [&] { return at::empty_like(x_base); });
   at::Tensor grad_x_student = output_or(grad_x_student_out, "grad_x_student_out", x_student.sizes(),
                                         x_base, [&] { return at::empty_like(x_student); });
+  const anfast::AdjoinedConvShape p = padded_shape(s, weight.scalar_type());
+  const at::Tensor gb = nhwc(grad_base, p.out_channels), gs = nhwc(grad_student, p.out_channels_student);
+  const at::Tensor w = krsc(weight, p);
+  const at::Tensor dxb = kernel_target(grad_x_base, p.in_channels);
+  const at::Tensor dxs = kernel_target(grad_x_student, p.in_channels_student);
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream().stream();
   dispatch_dtype(weight.scalar_type(), [&](auto tag) {
     using T = typename decltype(tag)::type;
-    C10_CUDA_CHECK(anfast::adjoined_conv2d_dgrad<T>(s, describe(grad_base), describe(grad_student),
-                                                    describe(weight), describe(grad_x_base),
-                                                    describe(grad_x_student), stream));
+    C10_CUDA_CHECK(anfast::adjoined_conv2d_dgrad<T>(p, describe_nhwc(gb), describe_nhwc(gs), describe_nhwc(w),
+                                                    describe_nhwc(dxb), describe_nhwc(dxs), stream));
   });
+  finish(dxb, grad_x_base);
+  finish(dxs, grad_x_student);
   return {grad_x_base, grad_x_student};
 }
 
@@ -209,13 +287,25 @@ at::Tensor wgrad(const at::Tensor& grad_base, const at::Tensor& grad_student,
   const c10::cuda::CUDAGuard device_guard(x_base.device());
   at::Tensor grad_weight = output_or(grad_weight_out, "grad_weight_out", weight.sizes(), weight,
                                      [&] { return at::empty_like(weight); });
+  anfast::AdjoinedConvShape p = padded_shape(s, weight.scalar_type());
+  p.in_channels_student = anfast::adjoined_conv2d_wgrad_student_channels(p);
+  const at::Tensor xb = nhwc(x_base, p.in_channels), xs = nhwc(x_student, p.in_channels_student);
+  const at::Tensor gb = nhwc(grad_base, p.out_channels), gs = nhwc(grad_student, p.out_channels_student);
+  // The slice-summing kernel writes any strides: only padding needs a scratch dW.
+  const bool padded = p.out_channels != s.out_channels || p.in_channels != s.in_channels;
+  const at::Tensor dw = padded ? at::empty({p.out_channels, p.in_channels, s.kernel_h, s.kernel_w}, weight.options())
+                               : grad_weight;
+  const size_t workspace_bytes = anfast::adjoined_conv2d_wgrad_workspace_bytes(p);
+  const at::Tensor workspace = at::empty({static_cast<int64_t>(workspace_bytes / sizeof(float))},
+                                         weight.options().dtype(at::kFloat));
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream().stream();
   dispatch_dtype(weight.scalar_type(), [&](auto tag) {
     using T = typename decltype(tag)::type;
-    C10_CUDA_CHECK(anfast::adjoined_conv2d_wgrad<T>(s, describe(grad_base), describe(grad_student),
-                                                    describe(x_base), describe(x_student),
-                                                    describe(grad_weight), stream));
+    C10_CUDA_CHECK(anfast::adjoined_conv2d_wgrad<T>(p, describe_nhwc(gb), describe_nhwc(gs), describe_nhwc(xb),
+                                                    describe_nhwc(xs), describe(dw), workspace.data_ptr(), workspace_bytes,
+                                                    stream));
   });
+  if (padded) grad_weight.copy_(dw.narrow(0, 0, s.out_channels).narrow(1, 0, s.in_channels));
   return grad_weight;
 }
 

@@ -9,6 +9,7 @@
 // (the CMake build links them into a standalone test and benchmark).
 #pragma once
 
+#include <cstddef>
 #include <cstdint>
 
 #include <cuda_bf16.h>
@@ -17,16 +18,22 @@
 
 namespace anfast {
 
-// A 4-D tensor in logical (N, C, H, W) order, strides in elements. NHWC
-// (channels_last) and NCHW buffers both fit; the kernels coalesce best on NHWC.
-// A weight is described the same way in (C_out, C_in, kh, kw) order.
+// A 4-D tensor in logical (N, C, H, W) order, strides in elements. The kernels read
+// and write activations NHWC with packed rows (PyTorch's channels_last contiguous:
+// stride = {H*W*C, 1, W*C, C}) and the weight KRSC (channels_last of (C_out, C_in, kh,
+// kw)); the wgrad output alone may have any strides.
 struct Tensor4d {
   void* data;
   int64_t stride[4];
 };
 
-// Sizes of one adjoined convolution. groups = 1 and dilation = 1; the student's
-// channel map is a prefix (a gathered map goes through the torch reference).
+// Channel counts must be multiples of this (16-byte cp.async of 16-bit types);
+// callers zero-pad channels to it (anfast._C does).
+template <typename T>
+constexpr int adjoined_conv2d_channel_alignment() {
+  return sizeof(T) == 2 ? 8 : 1;
+}
+
 struct AdjoinedConvShape {
   int batch;
   int in_channels;           // C_in of the base
@@ -42,12 +49,23 @@ struct AdjoinedConvShape {
   int out_width() const { return (width + 2 * pad_w - kernel_w) / stride_w + 1; }
 };
 
-// Why a shape cannot run, or nullptr when it can. The launchers return
-// cudaErrorInvalidValue for such shapes; hosts call this first to say why.
+// Why a shape cannot run with element type T, or nullptr when it can. The launchers
+// return cudaErrorInvalidValue for such shapes; hosts call this first to say why.
+template <typename T>
 const char* adjoined_conv2d_shape_error(const AdjoinedConvShape& shape);
 
+// wgrad sums the student's rows into the base's dW tiles, so a student tile must
+// cover the same (tap, channel) columns as its base tile: x_student must then have
+// this many channels (>= in_channels_student, zero past it), and wgrad takes a
+// shape whose in_channels_student is this number.
+int adjoined_conv2d_wgrad_student_channels(const AdjoinedConvShape& shape);
+
+// Bytes of fp32 scratch that wgrad needs on the current device (the split-reduction
+// partial sums).
+size_t adjoined_conv2d_wgrad_workspace_bytes(const AdjoinedConvShape& shape);
+
 // y_base = conv(x_base, W) + bias; y_student = conv(x_student, W_s) + bias[:c_out].
-// bias may be nullptr. T is float (FMA path), __half or __nv_bfloat16 (tensor cores);
+// bias may be nullptr. T is float (SIMT FMA), __half or __nv_bfloat16 (tensor cores);
 // accumulation is fp32 throughout.
 template <typename T>
 cudaError_t adjoined_conv2d_forward(const AdjoinedConvShape& shape, Tensor4d x_base,
@@ -63,10 +81,14 @@ cudaError_t adjoined_conv2d_dgrad(const AdjoinedConvShape& shape, Tensor4d grad_
 
 // grad_weight = wgrad(grad_y_base, x_base), plus the student's wgrad added into the
 // leading block, summed in one fp32 accumulator per tile (no second tensor, no atomics).
+// The reduction over batch x positions is split when the dW tiles underfill the GPU;
+// the slices are summed in a fixed order (deterministic). workspace: at least
+// adjoined_conv2d_wgrad_workspace_bytes(shape) bytes on the device.
 template <typename T>
 cudaError_t adjoined_conv2d_wgrad(const AdjoinedConvShape& shape, Tensor4d grad_y_base,
                                   Tensor4d grad_y_student, Tensor4d x_base, Tensor4d x_student,
-                                  Tensor4d grad_weight, cudaStream_t stream);
+                                  Tensor4d grad_weight, void* workspace, size_t workspace_bytes,
+                                  cudaStream_t stream);
 
 #define ANFAST_DECLARE_ADJOINED_CONV(T)                                                       \
   extern template cudaError_t adjoined_conv2d_forward<T>(                                     \
@@ -77,7 +99,8 @@ cudaError_t adjoined_conv2d_wgrad(const AdjoinedConvShape& shape, Tensor4d grad_
                                                        Tensor4d, cudaStream_t);               \
   extern template cudaError_t adjoined_conv2d_wgrad<T>(const AdjoinedConvShape&, Tensor4d,    \
                                                        Tensor4d, Tensor4d, Tensor4d,          \
-                                                       Tensor4d, cudaStream_t);
+                                                       Tensor4d, void*, size_t, cudaStream_t); \
+  extern template const char* adjoined_conv2d_shape_error<T>(const AdjoinedConvShape&);
 ANFAST_DECLARE_ADJOINED_CONV(float)
 ANFAST_DECLARE_ADJOINED_CONV(__half)
 ANFAST_DECLARE_ADJOINED_CONV(__nv_bfloat16)

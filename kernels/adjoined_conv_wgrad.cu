@@ -1,138 +1,194 @@
 // Weight gradient of the adjoined convolution, base and student in one launch.
 //
-// GEMM view, per dW tile (o, c) at one kernel tap (tap_h, tap_w):
-//   dW[o, c] = sum_m grad_y_base[m, o] * x_base[m @ tap, c]
-//            + [o < c_out, c < c_in] sum_m grad_y_student[m, o] * x_student[m @ tap, c]
-// with m = (batch, out_row, out_col). Both sums go into ONE fp32 accumulator per
-// tile (DESIGN.md section 4): no second tensor, no add kernel, no atomics.
-#include "conv_tile.cuh"
+// GEMM view per dW tile: m = output channel, n = (tap_h, tap_w, input channel),
+// k = (batch, out_row, out_col):
+//   dW[o, n] = sum_k grad_y_base[k, o] * x_base[k @ tap, c]
+//            + [o < c_out, c < c_in] sum_k grad_y_student[k, o] * x_student[k @ tap, c]
+// A block whose tile overlaps the student's leading block runs CUTLASS's wgrad
+// mainloop over the base rows, then over the student rows, into ONE accumulator
+// (DESIGN.md section 4). When the dW tiles alone underfill the GPU, the k reduction is
+// split into slices (blockIdx.y), each writing fp32 partial sums; a second kernel adds
+// the slices in a fixed order (deterministic) and converts to T.
+#include "cutlass_conv.cuh"
 
 namespace anfast {
 namespace detail {
 namespace {
 
+template <typename Kernel>
 struct WgradParams {
-  int batch, out_rows, out_cols, in_rows, in_cols;
-  int kernel_w, stride_h, stride_w, pad_h, pad_w;
-  int in_channels[2];    // [base, student]
-  int out_channels[2];   // [base, student]
-  int channel_tiles;     // ceil(C_in / kBlockN): blockIdx.y = tap * channel_tiles + tile
-  Tensor4d grad_y[2];    // [base, student], (N, C, H, W) order
-  Tensor4d x[2];         // [base, student], (N, C, H, W) order
-  Tensor4d grad_weight;  // (C_out, C_in, kh, kw) order
+  typename Kernel::Params problem[2];  // [base, student]
+  cutlass::FastDivmod tiles_m;         // dW tile -> (m, n), m fastest
+  cutlass::FastDivmod base_columns;    // base column n -> (tap, input channel)
+  int student_rows;                    // out_channels_student
+  int student_channels;                // x_student's channels (see wgrad_student_channels)
+  float* workspace;                    // [splits][C_out][kh][kw][C_in] fp32 partial sums
+  int64_t slice_elements;              // C_out * kh * kw * C_in
 };
 
+// acc += the wgrad mainloop of one problem over reduction slice `split`, for the dW
+// tile at (row, column) of that problem's GEMM.
+template <typename Kernel>
+__device__ __forceinline__ void wgrad_mainloop(const typename Kernel::Params& params, int row, int column,
+                                               int split, typename Kernel::Mma::FragmentC& accumulators,
+                                               typename Kernel::SharedStorage& smem) {
+  using Mma = typename Kernel::Mma;
+  const int thread_idx = threadIdx.x;
+  typename Mma::IteratorA iterator_A(params.iterator_A, params.problem_size, params.ptr_A, thread_idx,
+                                     cutlass::MatrixCoord(row, split * Mma::Shape::kK));
+  typename Mma::IteratorB iterator_B(params.iterator_B, params.problem_size, params.ptr_B, thread_idx,
+                                     cutlass::MatrixCoord(split * Mma::Shape::kK, column));
+  Mma mma(smem.main_loop, thread_idx, cutlass::canonical_warp_idx_sync(), threadIdx.x % 32);
+  mma(params.gemm_k_iterations, accumulators, iterator_A, iterator_B, accumulators,
+      params.gemm_k_iterations_per_channel);
+}
+
+template <typename Kernel>
+__global__ void __launch_bounds__(Kernel::kThreadCount)
+    wgrad_kernel(const __grid_constant__ WgradParams<Kernel> p) {
+  using Mma = typename Kernel::Mma;
+  using Epilogue = typename Kernel::Epilogue;
+  auto& smem = shared_storage<Kernel>();
+  int tile_n, tile_m;
+  p.tiles_m(tile_n, tile_m, blockIdx.x);
+  const int row = tile_m * Mma::Shape::kM, column = tile_n * Mma::Shape::kN;
+  const int split = blockIdx.y;
+
+  typename Mma::FragmentC accumulators;
+  accumulators.clear();
+  wgrad_mainloop<Kernel>(p.problem[0], row, column, split, accumulators, smem);
+  // The same (tap, channel) column in the student's GEMM, whose rows are
+  // tap-major over its own channel count. Block-uniform branch.
+  int tap, channel;
+  p.base_columns(tap, channel, column);
+  if (row < p.student_rows && channel < p.student_channels) {
+    __syncthreads();  // every warp is done with the base pipeline's shared memory
+    wgrad_mainloop<Kernel>(p.problem[1], row, tap * p.student_channels + channel, split, accumulators, smem);
+  }
+
+  const typename Kernel::Params& base = p.problem[0];
+  typename Epilogue::OutputTileIterator iterator_D(
+      base.iterator_D, p.workspace + split * p.slice_elements,
+      Kernel::ConvOutputIteratorParameter::extent(base.problem_size), threadIdx.x,
+      cutlass::MatrixCoord(row, column));
+  Epilogue epilogue(smem.epilogue, threadIdx.x, cutlass::canonical_warp_idx_sync(), threadIdx.x % 32);
+  epilogue(typename Kernel::EpilogueOutputOp(base.output_op), iterator_D, accumulators);
+}
+
+// dW[o, c, r, s] = sum over slices, in slice order, of workspace[slice][o][r][s][c].
 template <typename T>
-__global__ void __launch_bounds__(kThreads) wgrad_kernel(const WgradParams p) {
-  ANFAST_SHARED_TILES(T, tiles);
-  // Decoded (batch, out_row, out_col) of the kBlockK reduction positions of one step.
-  __shared__ int step_batch[kBlockK], step_y[kBlockK], step_x[kBlockK];
-
-  const int o0 = blockIdx.x * kBlockM;
-  const int tap = blockIdx.y / p.channel_tiles;
-  const int c0 = (blockIdx.y % p.channel_tiles) * kBlockN;
-  const int tap_h = tap / p.kernel_w, tap_w = tap % p.kernel_w;
-  // Block-uniform: whether this tile overlaps the student's leading block of W.
-  const bool student_tile = o0 < p.out_channels[1] && c0 < p.in_channels[1];
-  const int networks = student_tile ? 2 : 1;
-  const int64_t m_total = static_cast<int64_t>(p.batch) * p.out_rows * p.out_cols;
-  const T zero = from_float<T>(0.0f);
-
-  TileMma<T> acc;
-  acc.zero();
-
-  for (int64_t m0 = 0; m0 < m_total; m0 += kBlockK) {
-    if (threadIdx.x < kBlockK) {
-      const int64_t m = m0 + threadIdx.x;
-      int batch, y, x;
-      decode_row(m, m_total, p.out_rows, p.out_cols, batch, y, x);
-      step_batch[threadIdx.x] = batch;
-      step_y[threadIdx.x] = y;
-      step_x[threadIdx.x] = x;
-    }
-    __syncthreads();
-    for (int net = 0; net < networks; ++net) {
-      // Left operand a[o][m] = grad_y[m, o]: consecutive threads read consecutive o.
-      const T* grad_y = static_cast<const T*>(p.grad_y[net].data);
-      for (int e = threadIdx.x; e < kBlockM * kBlockK; e += kThreads) {
-        const int k = e / kBlockM, r = e % kBlockM, o = o0 + r;
-        const int batch = step_batch[k];
-        T value = zero;
-        if (batch >= 0 && o < p.out_channels[net])
-          value = grad_y[offset4d(p.grad_y[net], batch, o, step_y[k], step_x[k])];
-        tiles.operands.a[net][r][k] = value;
-      }
-      // Right operand b[m][c] = x[m @ tap, c] (im2col), consecutive threads read consecutive c.
-      const T* x = static_cast<const T*>(p.x[net].data);
-      for (int e = threadIdx.x; e < kBlockK * kBlockN; e += kThreads) {
-        const int k = e / kBlockN, n = e % kBlockN, c = c0 + n;
-        const int batch = step_batch[k];
-        T value = zero;
-        if (batch >= 0 && c < p.in_channels[net]) {
-          const int iy = tap_source(step_y[k], tap_h, p.stride_h, p.pad_h, p.in_rows, false);
-          const int ix = tap_source(step_x[k], tap_w, p.stride_w, p.pad_w, p.in_cols, false);
-          if (iy >= 0 && ix >= 0) value = x[offset4d(p.x[net], batch, c, iy, ix)];
-        }
-        tiles.operands.b[net][k][n] = value;
-      }
-    }
-    __syncthreads();
-    acc.mma(tiles.operands.a[0], tiles.operands.b[0]);
-    if (student_tile) acc.mma(tiles.operands.a[1], tiles.operands.b[1]);
-    __syncthreads();
+__global__ void wgrad_sum_slices_kernel(const float* workspace, int splits, int64_t slice_elements,
+                                        Tensor4d grad_weight, int elements, cutlass::FastDivmod channels,
+                                        cutlass::FastDivmod kernel_w, cutlass::FastDivmod kernel_h) {
+  for (int i = blockIdx.x * blockDim.x + threadIdx.x; i < elements; i += gridDim.x * blockDim.x) {
+    int rest, c, r, s, o;
+    channels(rest, c, i);
+    kernel_w(rest, s, rest);
+    kernel_h(o, r, rest);
+    float sum = 0.0f;
+    for (int k = 0; k < splits; ++k) sum += workspace[k * slice_elements + i];
+    T* out = static_cast<T*>(grad_weight.data);
+    out[o * grad_weight.stride[0] + c * grad_weight.stride[1] + r * grad_weight.stride[2] +
+        s * grad_weight.stride[3]] = static_cast<T>(sum);
   }
+}
 
-  acc.store(tiles.c);
-  __syncthreads();
-  T* grad_weight = static_cast<T*>(p.grad_weight.data);
-  for (int e = threadIdx.x; e < kBlockM * kBlockN; e += kThreads) {
-    const int r = e / kBlockN, n = e % kBlockN, o = o0 + r, c = c0 + n;
-    if (o < p.out_channels[0] && c < p.in_channels[0])
-      grad_weight[offset4d(p.grad_weight, o, c, tap_h, tap_w)] = from_float<T>(tiles.c[r][n]);
-  }
+template <typename T>
+using WgradKernel = typename ConvKernels<T>::Wgrad;
+
+// Every dtype's wgrad tile is 128 x 64, so the student column rule is dtype-free.
+constexpr int kWgradTileN = 64;
+static_assert(TensorOpConfig::WgradThreadblock::kN == kWgradTileN &&
+                  SimtConfig::WgradThreadblock::kN == kWgradTileN,
+              "adjoined_conv2d_wgrad_student_channels assumes one wgrad tile width");
+static_assert(TensorOpConfig::WgradThreadblock::kM == SimtConfig::WgradThreadblock::kM,
+              "wgrad_splits assumes one wgrad tile height");
+
+// Reduction slices: enough blocks for two waves, each slice at least 16 k-steps of 32.
+int wgrad_splits(const AdjoinedConvShape& s) {
+  int device = 0, sms = 1;
+  if (cudaGetDevice(&device) != cudaSuccess ||
+      cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device) != cudaSuccess)
+    sms = 1;
+  const int64_t columns = static_cast<int64_t>(s.kernel_h) * s.kernel_w * s.in_channels;
+  const int64_t tiles = ceil_div(s.out_channels, TensorOpConfig::WgradThreadblock::kM) *
+                        static_cast<int64_t>(ceil_div(columns, kWgradTileN));
+  const int64_t rows = static_cast<int64_t>(s.batch) * s.out_height() * s.out_width();
+  const int64_t by_occupancy = ceil_div(2 * sms, tiles);
+  const int64_t by_depth = rows / (16 * 32);
+  return static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(by_occupancy, by_depth)));
 }
 
 }  // namespace
 }  // namespace detail
 
+int adjoined_conv2d_wgrad_student_channels(const AdjoinedConvShape& s) {
+  constexpr int n = detail::kWgradTileN;
+  if (s.in_channels_student == s.in_channels) return s.in_channels;
+  // Whole base tiles per tap: the student's tiles are whole tiles of the same channels.
+  if (s.in_channels % n == 0) return (s.in_channels_student + n - 1) / n * n;
+  // Otherwise a base tile may span two taps: the student needs the base's columns.
+  return s.in_channels;
+}
+
+size_t adjoined_conv2d_wgrad_workspace_bytes(const AdjoinedConvShape& s) {
+  return static_cast<size_t>(detail::wgrad_splits(s)) * s.out_channels * s.kernel_h * s.kernel_w *
+         s.in_channels * sizeof(float);
+}
+
 template <typename T>
 cudaError_t adjoined_conv2d_wgrad(const AdjoinedConvShape& shape, Tensor4d grad_y_base,
                                   Tensor4d grad_y_student, Tensor4d x_base, Tensor4d x_student,
-                                  Tensor4d grad_weight, cudaStream_t stream) {
-  using detail::ceil_div;
-  if (adjoined_conv2d_shape_error(shape) != nullptr) return cudaErrorInvalidValue;
-  detail::WgradParams p{};
-  p.batch = shape.batch;
-  p.out_rows = shape.out_height();
-  p.out_cols = shape.out_width();
-  p.in_rows = shape.height;
-  p.in_cols = shape.width;
-  p.kernel_w = shape.kernel_w;
-  p.stride_h = shape.stride_h;
-  p.stride_w = shape.stride_w;
-  p.pad_h = shape.pad_h;
-  p.pad_w = shape.pad_w;
-  p.in_channels[0] = shape.in_channels;
-  p.in_channels[1] = shape.in_channels_student;
-  p.out_channels[0] = shape.out_channels;
-  p.out_channels[1] = shape.out_channels_student;
-  p.channel_tiles = ceil_div(shape.in_channels, detail::kBlockN);
-  p.grad_y[0] = grad_y_base;
-  p.grad_y[1] = grad_y_student;
-  p.x[0] = x_base;
-  p.x[1] = x_student;
-  p.grad_weight = grad_weight;
-  // The whole reduction over batch x output positions runs inside one block: with
-  // batch 0 the kernel still runs and writes zeros, as the gradient must be.
-  const dim3 grid(ceil_div(shape.out_channels, detail::kBlockM),
-                  shape.kernel_h * shape.kernel_w * p.channel_tiles);
-  detail::wgrad_kernel<T><<<grid, detail::kThreads, 0, stream>>>(p);
+                                  Tensor4d grad_weight, void* workspace, size_t workspace_bytes,
+                                  cudaStream_t stream) {
+  using Kernel = detail::WgradKernel<T>;
+  using Element = typename detail::ConvKernels<T>::Element;
+  const Tensor4d grad_y[2] = {grad_y_base, grad_y_student}, x[2] = {x_base, x_student};
+  if (adjoined_conv2d_shape_error<T>(shape) != nullptr ||
+      adjoined_conv2d_wgrad_student_channels(shape) != shape.in_channels_student ||
+      !detail::layouts_ok(shape, nullptr, x, grad_y, true))
+    return cudaErrorInvalidValue;
+  const int splits = detail::wgrad_splits(shape);
+  const int64_t slice = static_cast<int64_t>(shape.out_channels) * shape.kernel_h * shape.kernel_w *
+                        shape.in_channels;
+  if (workspace == nullptr || workspace_bytes < static_cast<size_t>(splits * slice) * sizeof(float))
+    return cudaErrorInvalidValue;
+
+  detail::WgradParams<Kernel> p;
+  const int in_c[2] = {shape.in_channels, shape.in_channels_student};
+  const int out_c[2] = {shape.out_channels, shape.out_channels_student};
+  float* slices = static_cast<float*>(workspace);
+  for (int net = 0; net < 2; ++net) {
+    // The student's epilogue is never run: its D is the base's layout, for Params only.
+    const cutlass::TensorRef<float, cutlass::layout::TensorNHWC> out(
+        slices, cutlass::layout::TensorNHWC::packed({out_c[net], shape.kernel_h, shape.kernel_w, in_c[net]}));
+    typename Kernel::Arguments args(detail::problem_size(shape, in_c[net], out_c[net], splits),
+                                    detail::nhwc_ref<Element>(grad_y[net]), detail::nhwc_ref<Element>(x[net]),
+                                    out, out, {1.0f, 0.0f}, cutlass::conv::SplitKMode::kParallel);
+    p.problem[net] = typename Kernel::Params(args);
+  }
+  const auto& tiled = p.problem[0].grid_tiled_shape;
+  p.tiles_m = cutlass::FastDivmod(tiled.m());
+  p.base_columns = cutlass::FastDivmod(shape.in_channels);
+  p.student_rows = shape.out_channels_student;
+  p.student_channels = shape.in_channels_student;
+  p.workspace = slices;
+  p.slice_elements = slice;
+  cudaError_t status = detail::launch<Kernel>(detail::wgrad_kernel<Kernel>, dim3(tiled.m() * tiled.n(), splits),
+                                              p, stream);
+  if (status != cudaSuccess) return status;
+  constexpr int threads = 256;
+  const int blocks = static_cast<int>(std::min<int64_t>(detail::ceil_div(slice, threads), 4096));
+  detail::wgrad_sum_slices_kernel<T><<<blocks, threads, 0, stream>>>(
+      slices, splits, slice, grad_weight, static_cast<int>(slice), cutlass::FastDivmod(shape.in_channels),
+      cutlass::FastDivmod(shape.kernel_w), cutlass::FastDivmod(shape.kernel_h));
   return cudaGetLastError();
 }
 
 #define ANFAST_INSTANTIATE(T)                                                                 \
   template cudaError_t adjoined_conv2d_wgrad<T>(const AdjoinedConvShape&, Tensor4d, Tensor4d,  \
-                                                Tensor4d, Tensor4d, Tensor4d, cudaStream_t);
+                                                Tensor4d, Tensor4d, Tensor4d, void*, size_t,   \
+                                                cudaStream_t);
 ANFAST_INSTANTIATE(float)
 ANFAST_INSTANTIATE(__half)
 ANFAST_INSTANTIATE(__nv_bfloat16)

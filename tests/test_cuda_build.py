@@ -8,8 +8,10 @@ Skipped only where nvcc is absent.
 """
 
 import os
+import re
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -21,6 +23,23 @@ from anfast.ops.cuda_backend import BACKEND, load_extension
 ROOT = Path(__file__).resolve().parent.parent
 HAS_NVCC = shutil.which("nvcc") is not None or bool(os.environ.get("CUDA_HOME"))
 needs_nvcc = pytest.mark.skipif(not HAS_NVCC, reason="nvcc is not on this machine: the CUDA parts cannot be built")
+
+
+def test_cutlass_pin_is_one_version_everywhere():
+    """pyproject's build requirements, CI's and the README's install line pin the
+    version kernels/find_cutlass.py checks, and its headers are the ones found."""
+    import runpy
+    import tomllib
+
+    finder = runpy.run_path(str(ROOT / "kernels" / "find_cutlass.py"))
+    pin = f"nvidia-cutlass=={finder['CUTLASS_VERSION']}"
+    requires = tomllib.loads((ROOT / "pyproject.toml").read_text())["build-system"]["requires"]
+    assert pin in requires, requires
+    for install_file in (".ci/run", "README.md"):
+        assert pin in (ROOT / install_file).read_text(), f"{install_file} does not install {pin}"
+    include = Path(finder["cutlass_include_dir"]())
+    assert (include / "cutlass" / "conv" / "kernel" / "default_conv2d_fprop.h").is_file()
+    assert (include / "cute" / "tensor.hpp").is_file()
 
 
 def small_cpu_problem():
@@ -47,10 +66,20 @@ def test_cuda_backend_refuses_cpu_tensors_naming_the_device():
 def test_cuda_backend_lists_every_unsupported_feature():
     x_base, x_student, weight = small_cpu_problem()
     problem = anfast.ops.ConvProblem(x_base.double(), x_student.double(), weight.double(), None, 2,
-                                     (1, 1), (1, 1), (2, 2), 1, torch.tensor([0, 2, 4]))
+                                     (5, 1), (1, 1), (2, 2), 1, torch.tensor([0, 2, 4]))
     reasons = " | ".join(BACKEND.unsupported_reasons(problem, explicit=True))
-    for expected in ("tensors are on cpu", "dtype torch.float64", "dilation=(2, 2)", "student_in_index"):
+    for expected in ("tensors are on cpu", "dtype torch.float64", "dilation=(2, 2)", "student_in_index",
+                     "stride=(5, 1)"):
         assert expected in reasons, f"missing {expected!r} in: {reasons}"
+
+
+def test_cuda_backend_refuses_activations_past_32_bit_offsets():
+    # expand() gives a 7.7 GB float32 tensor without memory.
+    x_base = torch.zeros(1, 1, 1, 1).expand(600, 64, 224, 224)
+    problem = anfast.ops.ConvProblem(x_base, x_base[:, :16], torch.zeros(64, 64, 1, 1), None, 16,
+                                     (1, 1), (0, 0), (1, 1), 1, None)
+    reasons = " | ".join(BACKEND.unsupported_reasons(problem, explicit=True))
+    assert "7.2 GiB" in reasons and "split the batch" in reasons, reasons
 
 
 @needs_nvcc
@@ -67,7 +96,8 @@ def test_extension_checks_name_the_bad_argument():
 def test_cmake_builds_library_test_and_benchmark(tmp_path):
     build = tmp_path / "build"
     configure = subprocess.run(
-        ["cmake", "-S", str(ROOT), "-B", str(build), "-DCMAKE_CUDA_ARCHITECTURES=80;90"],
+        ["cmake", "-S", str(ROOT), "-B", str(build), "-DCMAKE_CUDA_ARCHITECTURES=80;90",
+         f"-DPython3_EXECUTABLE={sys.executable}"],
         capture_output=True, text=True)
     assert configure.returncode == 0, configure.stdout + configure.stderr
     compile_ = subprocess.run(["cmake", "--build", str(build), "-j2"], capture_output=True, text=True)
@@ -80,3 +110,86 @@ def test_cmake_builds_library_test_and_benchmark(tmp_path):
         assert run.returncode == 0, run.stdout + run.stderr
     else:
         assert run.returncode == 77 and "SKIP" in run.stdout, (run.returncode, run.stdout, run.stderr)
+
+
+def _cuobjdump() -> str | None:
+    """cuobjdump from the CUDA toolkit, else the one the triton wheel ships."""
+    found = shutil.which("cuobjdump")
+    if found:
+        return found
+    try:
+        import triton
+    except ImportError:
+        return None
+    shipped = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
+    return str(shipped) if shipped.is_file() else None
+
+
+def _sass_functions(library: Path, cuobjdump: str) -> list[dict]:
+    """Per (arch, kernel): name, registers / stack / local bytes, SASS instruction lines."""
+    usage = subprocess.run([cuobjdump, "-res-usage", str(library)], capture_output=True, text=True, check=True).stdout
+    sass = subprocess.run([cuobjdump, "-sass", str(library)], capture_output=True, text=True, check=True).stdout
+    resources, arch, name = {}, None, None
+    for line in usage.splitlines():
+        if m := re.search(r"arch = (sm_\d+)", line):
+            arch = m.group(1)
+        elif m := re.search(r"Function (\S+):", line):
+            name = m.group(1)
+        elif m := re.search(r"REG:(\d+) STACK:(\d+) SHARED:\d+ LOCAL:(\d+)", line):
+            resources[(arch, name)] = tuple(int(g) for g in m.groups())
+    functions, arch = [], None
+    for line in sass.splitlines():
+        if m := re.search(r"arch = (sm_\d+)", line):
+            arch = m.group(1)
+        elif m := re.search(r"Function : (\S+)", line):
+            functions.append(dict(arch=arch, name=m.group(1), code=[]))
+        elif functions and re.search(r"/\*[0-9a-f]{4,}\*/", line):
+            functions[-1]["code"].append(line)
+    for f in functions:
+        f["regs"], f["stack"], f["local"] = resources[(f["arch"], f["name"])]
+    return functions
+
+
+def _main_loop(code: list[str]) -> list[str]:
+    """The instructions of the loop holding the MMA / FMA work: the longest backward branch."""
+    def address(line):
+        return int(re.search(r"/\*([0-9a-f]{4,})\*/", line).group(1), 16)
+    best = []
+    for i, line in enumerate(code):
+        m = re.search(r"BRA\s+(?:`\(\S+\)\s+)?(0x[0-9a-f]+)", line)
+        if m and int(m.group(1), 16) < address(line):
+            start = next(j for j, other in enumerate(code) if address(other) >= int(m.group(1), 16))
+            if any(re.search(r"HMMA|FFMA", other) for other in code[start:i]) and i - start > len(best):
+                best = code[start:i + 1]
+    return best
+
+
+@needs_nvcc
+def test_extension_sass_pipelined_tensor_cores_no_spills():
+    """The built anfast._C for sm_80 and sm_90: no spills; every forward / dgrad / wgrad
+    kernel loads with cp.async (LDGSTS); 16-bit ones read fragments with ldmatrix (LDSM)
+    into mma.sync (HMMA), fp32 ones run FFMA; no integer division (I2F / MUFU.RCP) in
+    a dgrad main loop."""
+    extension, why = load_extension()
+    assert extension is not None, why
+    cuobjdump = _cuobjdump()
+    if cuobjdump is None:
+        pytest.skip("no cuobjdump (CUDA toolkit or the triton wheel) to read the SASS")
+    functions = _sass_functions(Path(extension.__file__), cuobjdump)
+    convs = [f for f in functions if "fused_conv_kernel" in f["name"] or "wgrad_kernel" in f["name"]]
+    assert {f["arch"] for f in convs} == {"sm_80", "sm_90"}
+    # Per arch: forward, dgrad stride 1, dgrad strided, wgrad, for 3 dtypes.
+    assert len(convs) == 2 * 4 * 3, [f["name"][:80] for f in convs]
+    for f in functions:
+        assert f["stack"] == 0 and f["local"] == 0, f"{f['arch']} {f['name'][:100]} spills"
+    for f in convs:
+        what = f"{f['arch']} {f['name'][:100]}"
+        text = "\n".join(f["code"])
+        assert "LDGSTS" in text, f"{what}: no cp.async"
+        if "half_t" in f["name"] or "bfloat16_t" in f["name"]:
+            assert "LDSM" in text and "HMMA" in text, f"{what}: no ldmatrix / mma.sync"
+        else:
+            assert "FFMA" in text and "HMMA" not in text, f"{what}: fp32 must stay off the tensor cores"
+        if "Dgrad" in f["name"]:
+            loop = "\n".join(_main_loop(f["code"]))
+            assert loop and not re.search(r"I2F|MUFU\.RCP", loop), f"{what}: integer division in the main loop"

@@ -1,16 +1,22 @@
 """GPU correctness of the CUDA C++ backend (anfast._C) against the float64 reference.
 
 Every output is poisoned with NaN before the kernel runs, so an element the kernel
-never wrote fails the test. Skipped without a CUDA device (CPU CI); run on a GPU by
-benchmarks/gpu_check.sh (pytest -m gpu).
+never wrote fails the test. Two shape sets: odd random sizes (channel counts the
+binding must zero-pad for the 16-bit kernels) and every convolution of torchvision's
+ResNet-50 adjoined with the paper policy at alpha 4, batch 8. Skipped without a CUDA
+device (CPU CI); run first by benchmarks/gpu_check.sh (pytest -m gpu).
 """
 
+import functools
 import random
 
 import pytest
 import torch
+import torchvision
 
+import anfast
 import anfast.ops
+from anfast.nn.conv import AdjoinedConv2d
 from anfast.ops import reference
 from anfast.ops.cuda_backend import BACKEND, load_extension
 
@@ -47,6 +53,41 @@ def random_shapes(count: int, seed: int = 0) -> list[dict]:
 SHAPES = random_shapes(32)
 
 
+def resnet50_conv_names() -> list[str]:
+    """Names of ResNet-50's convolutions, without building its weights."""
+    with torch.device("meta"):
+        model = torchvision.models.resnet50()
+    return [name for name, module in model.named_modules() if isinstance(module, torch.nn.Conv2d)]
+
+
+@functools.lru_cache(maxsize=None)
+def resnet50_shapes(batch: int = 8) -> dict[str, dict]:
+    """Each conv of ResNet-50 adjoined with the paper policy (alpha 4), as a shape dict.
+
+    The stem's student shares the image (input_shared), so it is tested with an
+    x_student of the image's 3 channels: the kernels still meet its C_in = 3.
+    """
+    net = anfast.adjoin("resnet50", alpha=4, policy="paper")
+    shapes = {}
+
+    def record(name):
+        def hook(module, inputs):
+            height, width = inputs[0].shape[2:]
+            shapes[name] = dict(
+                batch=batch, in_channels=module.in_channels, out_channels=module.out_channels,
+                height=height, width=width, kernel=module.kernel_size[0], stride=module.stride[0],
+                padding=module.padding[0], in_student=module.student_in_channels[0],
+                out_student=module.student_out_channels[0])
+        return hook
+
+    for name, module in net.named_modules():
+        if isinstance(module, AdjoinedConv2d):
+            module.register_forward_pre_hook(record(name))
+    with torch.no_grad():
+        net(torch.randn(1, 3, 224, 224))
+    return shapes
+
+
 def shape_id(s: dict) -> str:
     return (f"N{s['batch']}-C{s['in_channels']}/{s['in_student']}-K{s['out_channels']}/{s['out_student']}"
             f"-{s['height']}x{s['width']}-k{s['kernel']}s{s['stride']}p{s['padding']}")
@@ -69,7 +110,7 @@ def make_problem(s: dict, dtype: torch.dtype, seed: int):
 
 
 def assert_close(actual: torch.Tensor, expected: torch.Tensor, dtype: torch.dtype, what: str):
-    assert_close_rel(actual.detach().cpu(), expected, TOLERANCE[dtype], what)
+    assert_close_rel(actual.detach().cpu(), expected.detach().cpu(), TOLERANCE[dtype], what)
 
 
 def poisoned_like(shape, like: torch.Tensor, memory_format=torch.contiguous_format) -> torch.Tensor:
@@ -77,15 +118,13 @@ def poisoned_like(shape, like: torch.Tensor, memory_format=torch.contiguous_form
         memory_format=memory_format)
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
-@pytest.mark.parametrize("index", range(len(SHAPES)), ids=[shape_id(s) for s in SHAPES])
-def test_kernels_match_float64_reference(index, dtype):
+def check_kernels_against_float64(s: dict, dtype: torch.dtype, seed: int):
+    """forward, dgrad and wgrad of anfast._C vs torch in float64 (on the same GPU)."""
     extension, why = load_extension()
     assert extension is not None, why
-    s = SHAPES[index]
-    x_base, x_student, weight, bias = make_problem(s, dtype, seed=index)
+    x_base, x_student, weight, bias = make_problem(s, dtype, seed=seed)
     stride, padding = [s["stride"]] * 2, [s["padding"]] * 2
-    x_b64, x_s64, w64, b64 = (t.double().cpu() for t in (x_base, x_student, weight, bias))
+    x_b64, x_s64, w64, b64 = (t.double() for t in (x_base, x_student, weight, bias))
     want_y_base, want_y_student = reference.adjoined_conv2d_reference(
         x_b64, x_s64, w64, b64, s["out_student"], stride, padding)
 
@@ -100,7 +139,7 @@ def test_kernels_match_float64_reference(index, dtype):
     grad_base = torch.randn(want_y_base.shape, device="cuda").to(dtype)
     grad_student = torch.randn(want_y_student.shape, device="cuda").to(dtype)
     want_dx_b, want_dx_s, want_dw, _ = reference.adjoined_conv2d_backward_reference(
-        grad_base.double().cpu(), grad_student.double().cpu(), x_b64, x_s64, w64, True,
+        grad_base.double(), grad_student.double(), x_b64, x_s64, w64, True,
         s["out_student"], stride, padding, output_mask=(True, True, True, False))
     conv_args = (x_base, x_student, weight, s["out_student"], stride, padding)
     dx_base, dx_student = extension.dgrad(
@@ -112,6 +151,18 @@ def test_kernels_match_float64_reference(index, dtype):
     assert_close(dx_base, want_dx_b, dtype, "grad x_base")
     assert_close(dx_student, want_dx_s, dtype, "grad x_student")
     assert_close(dweight, want_dw, dtype, "grad weight")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("index", range(len(SHAPES)), ids=[shape_id(s) for s in SHAPES])
+def test_kernels_match_float64_reference(index, dtype):
+    check_kernels_against_float64(SHAPES[index], dtype, seed=index)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("name", resnet50_conv_names())
+def test_every_resnet50_conv_matches_float64_reference(name, dtype):
+    check_kernels_against_float64(resnet50_shapes()[name], dtype, seed=len(name))
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)

@@ -1,8 +1,10 @@
 """The "cuda" backend of anfast.ops.adjoined_conv2d: the compiled CUDA C++ kernels.
 
-The kernels live in kernels/ (device code) and are bound in csrc/ as the extension
-``anfast._C``, built by setup.py where nvcc is found. This module imports without
-the extension or a GPU; ``unsupported_reasons`` then says what is missing.
+The kernels live in kernels/ (device code: CUTLASS 2.x implicit-GEMM mainloops run
+by fused kernels of ours) and are bound in csrc/ as the extension ``anfast._C``,
+built by setup.py where nvcc and the pinned nvidia-cutlass headers are found. This
+module imports without the extension or a GPU; ``unsupported_reasons`` then says
+what is missing.
 """
 
 from __future__ import annotations
@@ -19,6 +21,8 @@ from anfast.ops.dispatch import Backend, ConvProblem, fused_kernel_reasons
 __all__ = ["CudaBackend", "BACKEND", "load_extension"]
 
 SUPPORTED_KERNEL_SIZES = (1, 3, 5, 7)
+# dgrad keeps the divisors of each of the stride_h x stride_w phases (kernels/phase_output_iterator.cuh).
+MAX_STRIDE = 4
 
 
 @lru_cache(maxsize=None)
@@ -30,9 +34,18 @@ def load_extension() -> tuple[Optional[ModuleType], str]:
         return None, str(error)
 
 
+def _output_numel(problem: ConvProblem) -> int:
+    """Elements of y_base: (N, C_out, H_out, W_out)."""
+    n, _, h, w = problem.x_base.shape
+    c_out, _, kh, kw = problem.weight.shape
+    (sh, sw), (ph, pw) = problem.stride, problem.padding
+    return n * c_out * max(0, (h + 2 * ph - kh) // sh + 1) * max(0, (w + 2 * pw - kw) // sw + 1)
+
+
 class CudaBackend(Backend):
     """Fused CUDA C++ kernels: CUDA tensors, groups 1, dilation 1, prefix channel map,
-    kernel sizes 1/3/5/7, fp32 (FMA) / bf16 / fp16 (tensor cores), sm_80 or newer."""
+    kernel sizes 1/3/5/7, stride up to 4, fp32 (SIMT FMA) / bf16 / fp16 (tensor cores),
+    sm_80 or newer."""
 
     name = "cuda"
 
@@ -55,6 +68,12 @@ class CudaBackend(Backend):
         kernel_size = tuple(problem.weight.shape[2:])
         if any(k not in SUPPORTED_KERNEL_SIZES for k in kernel_size):
             reasons.append(f"kernel size {kernel_size} (the cuda kernels take 1, 3, 5 or 7 per side)")
+        largest = max(problem.x_base.numel(), _output_numel(problem)) * problem.x_base.element_size()
+        if largest >= 2**31:
+            reasons.append(f"an activation holds {largest / 2**30:.1f} GiB (the cuda kernels use 32-bit "
+                           "offsets: under 2 GiB per tensor); split the batch")
+        if any(s > MAX_STRIDE for s in problem.stride):
+            reasons.append(f"stride={tuple(problem.stride)} (the cuda kernels take strides up to {MAX_STRIDE})")
         return reasons
 
     def forward(self, problem: ConvProblem) -> tuple[torch.Tensor, torch.Tensor]:

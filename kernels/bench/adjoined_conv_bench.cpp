@@ -58,7 +58,13 @@ void bench(const anfast::AdjoinedConvShape& s, const char* dtype) {
   const anfast::Tensor4d y_b = nhwc(alloc(y_count), s.out_channels, ho, wo);
   const anfast::Tensor4d y_s = nhwc(alloc(y_count), s.out_channels_student, ho, wo);
   const anfast::Tensor4d w = {alloc(w_count), {static_cast<int64_t>(s.in_channels) * s.kernel_h * s.kernel_w,
-                                               s.kernel_h * s.kernel_w, s.kernel_w, 1}};
+                                               1, static_cast<int64_t>(s.kernel_w) * s.in_channels, s.in_channels}};
+  // wgrad reads x_student with its tile-aligned channel count (the buffer holds x_base's).
+  anfast::AdjoinedConvShape ws = s;
+  ws.in_channels_student = anfast::adjoined_conv2d_wgrad_student_channels(s);
+  const anfast::Tensor4d x_s_wgrad = nhwc(x_s.data, ws.in_channels_student, s.height, s.width);
+  const size_t workspace_bytes = anfast::adjoined_conv2d_wgrad_workspace_bytes(ws);
+  void* workspace = alloc((workspace_bytes + sizeof(T) - 1) / sizeof(T));
   const double macs_per_position = static_cast<double>(s.kernel_h) * s.kernel_w *
       (static_cast<double>(s.in_channels) * s.out_channels +
        static_cast<double>(s.in_channels_student) * s.out_channels_student);
@@ -66,7 +72,7 @@ void bench(const anfast::AdjoinedConvShape& s, const char* dtype) {
   const int repeats = 20;
   const float fwd = median_ms([&] { return anfast::adjoined_conv2d_forward<T>(s, x_b, x_s, w, nullptr, y_b, y_s, nullptr); }, repeats);
   const float dgrad = median_ms([&] { return anfast::adjoined_conv2d_dgrad<T>(s, y_b, y_s, w, x_b, x_s, nullptr); }, repeats);
-  const float wgrad = median_ms([&] { return anfast::adjoined_conv2d_wgrad<T>(s, y_b, y_s, x_b, x_s, w, nullptr); }, repeats);
+  const float wgrad = median_ms([&] { return anfast::adjoined_conv2d_wgrad<T>(ws, y_b, y_s, x_b, x_s_wgrad, w, workspace, workspace_bytes, nullptr); }, repeats);
   std::printf("%-4s N=%-3d C=%4d/%-4d HxW=%3dx%-3d K=%4d/%-4d k=%d s=%d | fwd %8.3f ms %6.1f TF/s"
               " | dgrad %8.3f ms %6.1f TF/s | wgrad %8.3f ms %6.1f TF/s\n",
               dtype, s.batch, s.in_channels, s.in_channels_student, s.height, s.width,

@@ -1,6 +1,7 @@
 // Standalone correctness test of the fused kernels against a float64 host
-// convolution: forward, dgrad and wgrad, fp32 / fp16 / bf16, odd shapes, outputs
-// poisoned with NaN first so an element the kernel never wrote fails the test.
+// convolution: forward, dgrad and wgrad, fp32 / fp16 / bf16, outputs poisoned with
+// NaN first so an element the kernel never wrote fails the test. Channel counts are
+// multiples of 8 (the 16-bit kernels' alignment; anfast._C pads other counts).
 // Exit codes: 0 pass, 1 fail, 77 skipped (no CUDA device; ctest SKIP_RETURN_CODE).
 #include <algorithm>
 #include <cmath>
@@ -26,7 +27,7 @@ template <> __nv_bfloat16 from_double<__nv_bfloat16>(double v) {
   return __float2bfloat16(static_cast<float>(v));
 }
 
-// A logical (N, C, H, W) host tensor stored NHWC (activations) or NCHW (weights).
+// A logical (N, C, H, W) host tensor stored NHWC (channels_last), or NCHW.
 struct HostTensor {
   int d[4];
   bool nhwc;
@@ -105,7 +106,7 @@ void run_case(const anfast::AdjoinedConvShape& s, const char* dtype, double tole
   const int cis = s.in_channels_student, cos = s.out_channels_student;
   HostTensor x_b(s.batch, s.in_channels, s.height, s.width, true);
   HostTensor x_s(s.batch, cis, s.height, s.width, true);
-  HostTensor w(s.out_channels, s.in_channels, s.kernel_h, s.kernel_w, false);
+  HostTensor w(s.out_channels, s.in_channels, s.kernel_h, s.kernel_w, true);
   HostTensor bias(1, s.out_channels, 1, 1, false);
   HostTensor gy_b(s.batch, s.out_channels, ho, wo, true);
   HostTensor gy_s(s.batch, cos, ho, wo, true);
@@ -114,6 +115,7 @@ void run_case(const anfast::AdjoinedConvShape& s, const char* dtype, double tole
   HostTensor y_b(s.batch, s.out_channels, ho, wo, true), y_s(s.batch, cos, ho, wo, true);
   HostTensor gx_b(s.batch, s.in_channels, s.height, s.width, true);
   HostTensor gx_s(s.batch, cis, s.height, s.width, true);
+  // NCHW: wgrad writes dW with any strides.
   HostTensor gw(s.out_channels, s.in_channels, s.kernel_h, s.kernel_w, false);
   // Each network's taps: y[n,o,p,q] += x[n,c,p*sh-ph+r,q*sw-pw+t] * w[o,c,r,t].
   struct Net { HostTensor *x, *gy, *y, *gx; int cin, cout; };
@@ -145,14 +147,19 @@ void run_case(const anfast::AdjoinedConvShape& s, const char* dtype, double tole
                                              d_yb.desc(), d_ys.desc(), nullptr));
   CUDA_OK(anfast::adjoined_conv2d_dgrad<T>(s, d_gyb.desc(), d_gys.desc(), d_w.desc(),
                                            d_gxb.desc(), d_gxs.desc(), nullptr));
+  const size_t workspace_bytes = anfast::adjoined_conv2d_wgrad_workspace_bytes(s);
+  void* workspace = nullptr;
+  CUDA_OK(cudaMalloc(&workspace, workspace_bytes));
   CUDA_OK(anfast::adjoined_conv2d_wgrad<T>(s, d_gyb.desc(), d_gys.desc(), d_xb.desc(),
-                                           d_xs.desc(), d_gw.desc(), nullptr));
+                                           d_xs.desc(), d_gw.desc(), workspace, workspace_bytes,
+                                           nullptr));
   CUDA_OK(cudaDeviceSynchronize());
   compare("y_base", dtype, d_yb.read(), y_b.v, tolerance);
   compare("y_student", dtype, d_ys.read(), y_s.v, tolerance);
   compare("grad_x_base", dtype, d_gxb.read(), gx_b.v, tolerance);
   compare("grad_x_student", dtype, d_gxs.read(), gx_s.v, tolerance);
   compare("grad_weight", dtype, d_gw.read(), gw.v, tolerance);
+  CUDA_OK(cudaFree(workspace));
 }
 
 }  // namespace
@@ -165,18 +172,22 @@ int main() {
   }
   // batch, C_in, c_in, H, W, C_out, c_out, kh, kw, stride_h, stride_w, pad_h, pad_w
   const anfast::AdjoinedConvShape shapes[] = {
-      {2, 13, 5, 9, 7, 19, 6, 3, 3, 2, 2, 1, 1},
-      {1, 40, 1, 17, 5, 33, 1, 7, 7, 1, 1, 3, 3},
-      {3, 3, 3, 6, 11, 8, 8, 5, 5, 2, 1, 0, 2},
-      {2, 70, 24, 8, 8, 130, 72, 1, 1, 1, 1, 0, 0},
-      {1, 37, 36, 12, 10, 65, 64, 3, 5, 2, 2, 1, 2},
+      {2, 16, 16, 9, 7, 24, 8, 3, 3, 2, 2, 1, 1},
+      {1, 64, 64, 17, 5, 40, 8, 7, 7, 1, 1, 3, 3},
+      {3, 8, 8, 6, 11, 8, 8, 5, 5, 2, 1, 0, 2},
+      {2, 128, 64, 8, 8, 136, 72, 1, 1, 1, 1, 0, 0},
+      {1, 64, 64, 12, 10, 72, 64, 3, 5, 2, 2, 1, 2},
+      {2, 128, 64, 9, 9, 128, 32, 1, 1, 2, 2, 0, 0},
   };
   for (const auto& s : shapes) {
     std::printf("N=%d C_in=%d/%d H=%d W=%d C_out=%d/%d k=%dx%d stride=%d,%d pad=%d,%d\n",
                 s.batch, s.in_channels, s.in_channels_student, s.height, s.width, s.out_channels,
                 s.out_channels_student, s.kernel_h, s.kernel_w, s.stride_h, s.stride_w, s.pad_h,
                 s.pad_w);
-    if (const char* why = anfast::adjoined_conv2d_shape_error(s)) {
+    const char* why = anfast::adjoined_conv2d_shape_error<__half>(s);
+    if (why == nullptr && anfast::adjoined_conv2d_wgrad_student_channels(s) != s.in_channels_student)
+      why = "in_channels_student is not whole wgrad tiles";
+    if (why != nullptr) {
       std::printf("  bad test shape: %s\n", why);
       return 1;
     }
