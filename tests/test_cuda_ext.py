@@ -7,20 +7,17 @@ ResNet-50 adjoined with the paper policy at alpha 4, batch 8. Skipped without a 
 device (CPU CI); run first by benchmarks/gpu_check.sh (pytest -m gpu).
 """
 
-import functools
 import random
 
 import pytest
 import torch
-import torchvision
 
 import anfast
 import anfast.ops
-from anfast.nn.conv import AdjoinedConv2d
 from anfast.ops import reference
 from anfast.ops.cuda_backend import BACKEND, load_extension
 
-from helpers import TOLERANCE, assert_close_rel
+from helpers import TOLERANCE, assert_close_rel, resnet50_conv_names, resnet50_shapes, shape_id
 
 pytestmark = [
     pytest.mark.gpu,
@@ -51,46 +48,6 @@ def random_shapes(count: int, seed: int = 0) -> list[dict]:
 
 
 SHAPES = random_shapes(32)
-
-
-def resnet50_conv_names() -> list[str]:
-    """Names of ResNet-50's convolutions, without building its weights."""
-    with torch.device("meta"):
-        model = torchvision.models.resnet50()
-    return [name for name, module in model.named_modules() if isinstance(module, torch.nn.Conv2d)]
-
-
-@functools.lru_cache(maxsize=None)
-def resnet50_shapes(batch: int = 8) -> dict[str, dict]:
-    """Each conv of ResNet-50 adjoined with the paper policy (alpha 4), as a shape dict.
-
-    The stem's student shares the image (input_shared), so it is tested with an
-    x_student of the image's 3 channels: the kernels still meet its C_in = 3.
-    """
-    net = anfast.adjoin("resnet50", alpha=4, policy="paper")
-    shapes = {}
-
-    def record(name):
-        def hook(module, inputs):
-            height, width = inputs[0].shape[2:]
-            shapes[name] = dict(
-                batch=batch, in_channels=module.in_channels, out_channels=module.out_channels,
-                height=height, width=width, kernel=module.kernel_size[0], stride=module.stride[0],
-                padding=module.padding[0], in_student=module.student_in_channels[0],
-                out_student=module.student_out_channels[0])
-        return hook
-
-    for name, module in net.named_modules():
-        if isinstance(module, AdjoinedConv2d):
-            module.register_forward_pre_hook(record(name))
-    with torch.no_grad():
-        net(torch.randn(1, 3, 224, 224))
-    return shapes
-
-
-def shape_id(s: dict) -> str:
-    return (f"N{s['batch']}-C{s['in_channels']}/{s['in_student']}-K{s['out_channels']}/{s['out_student']}"
-            f"-{s['height']}x{s['width']}-k{s['kernel']}s{s['stride']}p{s['padding']}")
 
 
 def make_problem(s: dict, dtype: torch.dtype, seed: int):
