@@ -290,6 +290,20 @@ def test_a_full_disk_keeps_the_old_checkpoint_and_is_one_line(tmp_path, monkeypa
     assert sorted(p.name for p in path.parent.iterdir()) == ["last.pt"]  # no temp file left
 
 
+def test_resume_from_another_networks_checkpoint_is_one_line(tmp_path, capsys):
+    data = make_image_folder(tmp_path / "data")
+    path = tmp_path / "other.pt"
+    state = {key: None for key in ("optimizer", "scaler", "ema", "rng", "classes", "epoch", "step")}
+    save_checkpoint({**state, "model": {"fc.weight": torch.zeros(3, 8)},
+                     "config": {"arch": "resnet50", "alpha": [2.0], "policy": "paper"}}, path)
+    line = _one_line_error(["train", "--data", str(data), "--out", str(tmp_path / "run"), "--image-size",
+                            "16", "--batch-size", "8", "--workers", "0", "--loader", "torch",
+                            "--device", "cpu", "--resume", str(path)], capsys)
+    assert line.startswith(f"anfast train: error: --resume {path}: its weights do not fit this network "
+                           f"(Missing key(s) in state_dict: "), line
+    assert "resume with the options it was trained with: {'arch': 'resnet50', 'alpha': [2.0]" in line
+
+
 class _Payload:
     def __init__(self, marker):
         self.marker = marker

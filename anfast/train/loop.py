@@ -197,7 +197,14 @@ def _fit(config: TrainConfig, info: DistributedInfo, should_stop: Optional[Calla
     resume_rng = None
     if resume_path is not None:
         checkpoint = load_training_checkpoint(resume_path, map_location=device)
-        an.load_state_dict(checkpoint["model"])
+        try:
+            an.load_state_dict(checkpoint["model"])
+        except RuntimeError as error:  # torch lists every mismatched key; the first says enough
+            trained = {key: checkpoint["config"].get(key) for key in ("arch", "alpha", "policy", "arch_config")}
+            raise ConfigError(f"--resume {resume_path}: its weights do not fit this network "
+                              f"({(str(error).splitlines()[1:] or [str(error)])[0].strip()[:200]}); "
+                              f"resume with the options it "
+                              f"was trained with: {trained}") from None
         optimizer.load_state_dict(checkpoint["optimizer"])
         scaler.load_state_dict(checkpoint["scaler"])
         if ema is not None:
