@@ -384,6 +384,7 @@ def main(argv=None) -> int:
         print(format_row(row), flush=True)
 
     started = time.perf_counter()
+    env = environment("cpu")  # the commit whose kernels are compiled, taken before any edit
     rows = triton_rows(archs, layers, args.subset, progress)
     extension = extension_path()
     if extension is not None:
@@ -404,7 +405,7 @@ def main(argv=None) -> int:
           f"{summary['triton_one_cta_per_sm']} Triton configs at 1 CTA/SM; {summary['seconds']} s")
     if not args.no_write:
         payload = {
-            "benchmark": "kernel_report", **environment("cpu"),
+            "benchmark": "kernel_report", **env,
             "batch": BATCH, "dtype": "bfloat16", "memory_format": "channels_last",
             "layers": [dataclasses.asdict(layer) for layer in layers], "subset": args.subset,
             "extension": str(extension.name) if extension else None, "arch_limits": ARCH_LIMITS,
