@@ -166,7 +166,8 @@ EDGE_CASES = [
 ]
 
 
-@pytest.mark.parametrize("case", EDGE_CASES, ids=lambda c: f"k{c['k']}s{c['stride']}-{c['in_student']}>{c['out_student']}")
+@pytest.mark.parametrize("case", EDGE_CASES,
+                         ids=lambda c: f"k{c['k']}s{c['stride']}-{c['in_student']}>{c['out_student']}")
 def test_edge_shapes_match_reference(case):
     check_kernels(case, torch.float32, seed=17)
 

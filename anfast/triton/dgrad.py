@@ -72,8 +72,8 @@ def _conv_dgrad_tile(
             out_h = out_h0 - jh
             out_w = out_w0 - jw
             row_ok = m_mask & (out_h >= 0) & (out_h < H_OUT) & (out_w >= 0) & (out_w < W_OUT)
-            # The axis analysis does not see through the loop-carried counter: without this
-            # hint the K-contiguous loads are not vectorised.
+            # A counter that stays a multiple of BLOCK_K: stated for the alignment analysis,
+            # which does not follow loop-carried values (16-byte vector loads need it).
             o0 = tl.multiple_of(o0, BLOCK_K)
             out_chan = o0 + offs_k
             g_tile = tl.load(g_rows[:, None] - (jh * sg_h + jw * sg_w) + out_chan[None, :] * sg_c,
