@@ -14,6 +14,8 @@ from anfast.triton.wgrad import adjoined_conv2d_wgrad
 
 __all__ = ["TritonBackend"]
 
+INT32_ELEMENTS = 2**31  # the kernels' offsets are int32 (forward.decode_rows)
+
 
 
 class TritonBackend(Backend):
@@ -23,6 +25,12 @@ class TritonBackend(Backend):
 
     def unsupported_reasons(self, problem: ConvProblem, explicit: bool) -> list[str]:
         reasons = fused_kernel_reasons(problem, "the fused kernels")
+        largest = max(problem.x_base.numel(), problem.x_student.numel(), problem.weight.numel())
+        if largest >= INT32_ELEMENTS:
+            reasons.append(
+                f"a tensor of {largest} elements: the Triton kernels index in int32 (< 2**31 elements); "
+                "use a smaller batch or backend='torch'"
+            )
         if problem.x_base.device.type != "cuda":
             if not is_interpreted(_adjoined_conv_fwd_kernel):
                 reasons.append(

@@ -4,19 +4,23 @@ dW[o, c, kh, kw] = sum_m dY_b[m, o] X_b[m, (kh, kw, c)]
                  + [o < out_student and c < in_student] sum_m dY_s[m, o] X_s[m, (kh, kw, c)]
 
 with m over N * H_out * W_out (DESIGN.md section 4). A program owns one
-(BLOCK_N output channels) x (BLOCK_K input channels) tile of one (kh, kw) tap and
-reduces over BLOCK_M rows at a time; tiles inside the student's block add the
-student's dot to the same fp32 accumulator, so the shared gradient is stored once
-(no second tensor for the student's part, no add kernel).
+(BLOCK_N output channels) x (BLOCK_K input channels) tile of one (kh, kw) tap with
+ONE fp32 accumulator: a concatenated reduction, first over the base rows, then (only
+for tiles that meet the student's block) over the student rows, masked to that block.
+The shared gradient is stored once: no second tensor for the student's part, no add.
 
-Split over m: early ResNet layers have few dW tiles (64x64x3x3 is 9 tiles of 64x64)
-but 800k rows at batch 256, which would leave most SMs idle. With SPLIT_M > 1 each
-program reduces a contiguous 1/SPLIT_M of the rows and stores its fp32 partial tile;
-the host sums the partials. The base and student still share each accumulator.
+Split over m: early ResNet layers have few dW tiles (a 64x64 1x1 conv is one tile)
+but 800k rows at batch 256, which would leave most SMs idle. The split is chosen
+from the config that runs (its tile count against the SM count); with a split,
+program s reduces the s-th contiguous share of the rows into an fp32 partial tile,
+and a second stage sums the partials in a fixed order (deterministic).
+
+Rows advance by carries instead of a division per step (see advance_rows).
 """
 
 from __future__ import annotations
 
+import functools
 from typing import Optional
 
 import torch
@@ -27,6 +31,52 @@ from anfast.triton.forward import decode_rows, dot_options
 from anfast.triton.tuning import autotuned
 
 __all__ = ["adjoined_conv2d_wgrad", "choose_split_m"]
+
+# SMs of an H100 SXM: the split's target where no device can be asked (meta tensors).
+ASSUMED_SMS = 132
+
+
+@triton.jit
+def advance_rows(image, out_h, out_w, STEP_IMAGES, STEP_H, STEP_W, H_OUT, W_OUT):
+    """(image, y, x) of rows m + step, given those of m and step = (STEP_IMAGES, STEP_H,
+    STEP_W) in mixed radix: each digit carries at most once, so no division."""
+    out_w = out_w + STEP_W
+    carry = out_w >= W_OUT
+    out_w = tl.where(carry, out_w - W_OUT, out_w)
+    out_h = out_h + STEP_H + carry.to(tl.int32)
+    carry = out_h >= H_OUT
+    out_h = tl.where(carry, out_h - H_OUT, out_h)
+    return image + STEP_IMAGES + carry.to(tl.int32), out_h, out_w
+
+
+@triton.jit
+def _wgrad_rows(
+    acc, g_ptr, sg_n, sg_c, sg_h, sg_w, x_ptr, sx_n, sx_c, sx_h, sx_w, offs_o, offs_c, C_O, C_I,
+    m_start, m_end, kh, kw, H, W, H_OUT, W_OUT, STRIDE_H, STRIDE_W, PAD_H, PAD_W,
+    DOT_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr,
+):
+    """acc + dY[rows, :C_O]^T X[rows, tap (kh, kw), :C_I] over rows [m_start, m_end)."""
+    offs_m = m_start + tl.arange(0, BLOCK_M)
+    image, out_h, out_w = decode_rows(offs_m, H_OUT, W_OUT)
+    step_images = BLOCK_M // (H_OUT * W_OUT)
+    step_h = (BLOCK_M // W_OUT) % H_OUT
+    step_w = BLOCK_M % W_OUT
+    o_mask = offs_o < C_O
+    c_mask = offs_c < C_I
+    for m0 in range(m_start, m_end, BLOCK_M):
+        m_mask = (m0 + tl.arange(0, BLOCK_M)) < m_end
+        in_h = out_h * STRIDE_H - PAD_H + kh
+        in_w = out_w * STRIDE_W - PAD_W + kw
+        row_ok = m_mask & (in_h >= 0) & (in_h < H) & (in_w >= 0) & (in_w < W)
+        g_cols = g_ptr + image * sg_n + out_h * sg_h + out_w * sg_w
+        x_rows = x_ptr + image * sx_n + in_h * sx_h + in_w * sx_w
+        g_tile = tl.load(g_cols[None, :] + offs_o[:, None] * sg_c, mask=o_mask[:, None] & m_mask[None, :],
+                         other=0.0)
+        x_tile = tl.load(x_rows[:, None] + offs_c[None, :] * sx_c, mask=row_ok[:, None] & c_mask[None, :],
+                         other=0.0)
+        acc = tl.dot(g_tile.to(DOT_DTYPE), x_tile.to(DOT_DTYPE), acc, input_precision=DOT_PRECISION)
+        image, out_h, out_w = advance_rows(image, out_h, out_w, step_images, step_h, step_w, H_OUT, W_OUT)
+    return acc
 
 
 @triton.jit
@@ -40,7 +90,7 @@ def _adjoined_conv_wgrad_kernel(
     dw_stride_split, dw_stride_o, dw_stride_i, dw_stride_h, dw_stride_w,
     # sizes: base channels C_*, student channels C_*_S (leading prefix)
     BATCH, H, W, C_IN, C_IN_S, H_OUT, W_OUT, C_OUT, C_OUT_S,
-    STRIDE_H, STRIDE_W, PAD_H, PAD_W, KH, KW, SPLIT_M,
+    STRIDE_H, STRIDE_W, PAD_H, PAD_W, KH, KW,
     DOT_DTYPE: tl.constexpr,      # see forward.dot_options
     DOT_PRECISION: tl.constexpr,  # see forward.dot_options
     BLOCK_M: tl.constexpr,        # rows (output positions) per reduction step
@@ -55,59 +105,46 @@ def _adjoined_conv_wgrad_kernel(
     split = tl.program_id(2)
     kh = khw // KW
     kw = khw % KW
-
-    offs_o = pid_o * BLOCK_N + tl.arange(0, BLOCK_N)
-    offs_c = pid_c * BLOCK_K + tl.arange(0, BLOCK_K)
-    o_mask = offs_o < C_OUT
-    c_mask = offs_c < C_IN
-    with_student = (pid_o * BLOCK_N < C_OUT_S) & (pid_c * BLOCK_K < C_IN_S)
-    rows_per_split = tl.cdiv(tl.cdiv(M, SPLIT_M), BLOCK_M) * BLOCK_M
+    # The split is grid axis 2, chosen on the host from the config (choose_split_m).
+    rows_per_split = tl.cdiv(tl.cdiv(M, tl.num_programs(2)), BLOCK_M) * BLOCK_M
     m_start = split * rows_per_split
     m_end = tl.minimum(m_start + rows_per_split, M)
+    offs_o = pid_o * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_c = pid_c * BLOCK_K + tl.arange(0, BLOCK_K)
 
     acc = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
-    for m0 in range(m_start, m_end, BLOCK_M):
-        offs_m = m0 + tl.arange(0, BLOCK_M)
-        m_mask = offs_m < m_end
-        image, out_h, out_w = decode_rows(offs_m, H_OUT, W_OUT)
-        in_h = out_h * STRIDE_H - PAD_H + kh
-        in_w = out_w * STRIDE_W - PAD_W + kw
-        row_ok = m_mask & (in_h >= 0) & (in_h < H) & (in_w >= 0) & (in_w < W)
-        grad_base_cols = (grad_base_ptr + image * grad_base_stride_n + out_h * grad_base_stride_h
-                          + out_w * grad_base_stride_w)
-        x_base_rows = x_base_ptr + image * x_base_stride_n + in_h * x_base_stride_h + in_w * x_base_stride_w
-        g_tile = tl.load(grad_base_cols[None, :] + offs_o[:, None] * grad_base_stride_c,
-                         mask=o_mask[:, None] & m_mask[None, :], other=0.0)
-        x_tile = tl.load(x_base_rows[:, None] + offs_c[None, :] * x_base_stride_c,
-                         mask=row_ok[:, None] & c_mask[None, :], other=0.0)
-        acc = tl.dot(g_tile.to(DOT_DTYPE), x_tile.to(DOT_DTYPE), acc,
-                     input_precision=DOT_PRECISION)
-        if with_student:
-            # Masked to the student's block, so the one accumulator stays exact.
-            grad_student_cols = (grad_student_ptr + image * grad_student_stride_n
-                                 + out_h * grad_student_stride_h + out_w * grad_student_stride_w)
-            x_student_rows = (x_student_ptr + image * x_student_stride_n + in_h * x_student_stride_h
-                              + in_w * x_student_stride_w)
-            gs_tile = tl.load(grad_student_cols[None, :] + offs_o[:, None] * grad_student_stride_c,
-                              mask=(offs_o[:, None] < C_OUT_S) & m_mask[None, :], other=0.0)
-            xs_tile = tl.load(x_student_rows[:, None] + offs_c[None, :] * x_student_stride_c,
-                              mask=row_ok[:, None] & (offs_c[None, :] < C_IN_S), other=0.0)
-            acc = tl.dot(gs_tile.to(DOT_DTYPE), xs_tile.to(DOT_DTYPE), acc,
-                         input_precision=DOT_PRECISION)
+    acc = _wgrad_rows(
+        acc, grad_base_ptr, grad_base_stride_n, grad_base_stride_c, grad_base_stride_h, grad_base_stride_w,
+        x_base_ptr, x_base_stride_n, x_base_stride_c, x_base_stride_h, x_base_stride_w, offs_o, offs_c,
+        C_OUT, C_IN, m_start, m_end, kh, kw, H, W, H_OUT, W_OUT, STRIDE_H, STRIDE_W, PAD_H, PAD_W,
+        DOT_DTYPE, DOT_PRECISION, BLOCK_M)
+    if (pid_o * BLOCK_N < C_OUT_S) & (pid_c * BLOCK_K < C_IN_S):
+        # The student's rows, masked to its block, continue the same accumulator.
+        acc = _wgrad_rows(
+            acc, grad_student_ptr, grad_student_stride_n, grad_student_stride_c, grad_student_stride_h,
+            grad_student_stride_w, x_student_ptr, x_student_stride_n, x_student_stride_c,
+            x_student_stride_h, x_student_stride_w, offs_o, offs_c, C_OUT_S, C_IN_S, m_start, m_end, kh, kw,
+            H, W, H_OUT, W_OUT, STRIDE_H, STRIDE_W, PAD_H, PAD_W, DOT_DTYPE, DOT_PRECISION, BLOCK_M)
 
     dw_tile = (dw_ptr + split * dw_stride_split + offs_o[:, None] * dw_stride_o
                + offs_c[None, :] * dw_stride_i + kh * dw_stride_h + kw * dw_stride_w)
-    tl.store(dw_tile, acc.to(dw_ptr.dtype.element_ty), mask=o_mask[:, None] & c_mask[None, :])
+    tl.store(dw_tile, acc.to(dw_ptr.dtype.element_ty), mask=(offs_o[:, None] < C_OUT) & (offs_c[None, :] < C_IN))
 
 
-def choose_split_m(rows: int, c_out: int, c_in: int, taps: int, target_programs: int = 264) -> int:
-    """How many row splits keep about ``target_programs`` (2 per SM of an H100) busy.
+def choose_split_m(rows: int, tiles: int, sms: int, min_rows: int = 2048) -> int:
+    """Row splits that bring ``tiles`` dW tiles up to about 2 programs per SM.
 
-    Counted with 64x64 dW tiles; each split keeps at least 2048 rows so the partial
-    sums stay a small fraction of the work.
+    Each split keeps at least ``min_rows`` rows, so the partial tiles stay a small
+    fraction of the work; tiles that fill the GPU alone get no split.
     """
-    tiles = triton.cdiv(c_out, 64) * triton.cdiv(c_in, 64) * taps
-    return max(1, min(triton.cdiv(target_programs, tiles), rows // 2048))
+    return max(1, min(triton.cdiv(2 * sms, tiles), rows // min_rows))
+
+
+@functools.lru_cache(maxsize=None)
+def _sm_count(device: torch.device) -> int:
+    if device.type != "cuda":
+        return ASSUMED_SMS
+    return torch.cuda.get_device_properties(device).multi_processor_count
 
 
 def adjoined_conv2d_wgrad(
@@ -123,38 +160,52 @@ def adjoined_conv2d_wgrad(
 ) -> torch.Tensor:
     """dW of the adjoined conv (base plus the student's leading block), weight's layout.
 
-    ``split_m`` overrides the row split (default: choose_split_m; the interpreter
-    uses 1); ``out`` optionally gives the dW tensor to write when no split is used.
+    ``split_m`` fixes the row split (default: choose_split_m for the config that runs;
+    the interpreter's single config on a CPU tensor gets none); ``out`` optionally
+    gives the dW tensor to write.
     """
     batch, c_in, height, width = x_base.shape
     c_out, _, kh, kw = weight.shape
     c_in_student, out_student = x_student.shape[1], grad_student.shape[1]
     h_out, w_out = grad_base.shape[2:]
     m_rows = batch * h_out * w_out
-    if split_m is None:
-        split_m = choose_split_m(m_rows, c_out, c_in, kh * kw) if x_base.is_cuda else 1
-    if split_m == 1:
-        dw = out if out is not None else torch.empty_like(weight)
-        target, split_stride = dw, 0
+    launch = autotuned(_adjoined_conv_wgrad_kernel, "wgrad", x_base.device)
+    sms = _sm_count(x_base.device)
+
+    def splits(meta) -> int:
+        if split_m is not None:
+            return split_m
+        if x_base.device.type == "cpu":
+            return 1
+        tiles = triton.cdiv(c_out, meta["BLOCK_N"]) * triton.cdiv(c_in, meta["BLOCK_K"]) * kh * kw
+        return choose_split_m(m_rows, tiles, sms)
+
+    dw = out if out is not None else torch.empty_like(weight)
+    most = max(splits(meta) for meta in launch.metas)
+    # Without a split anywhere the kernel writes dW itself; otherwise fp32 partials.
+    if most == 1:
+        target = dw
     else:
-        target = torch.empty((split_m, *weight.shape), dtype=torch.float32, device=weight.device)
-        split_stride = target.stride(0)
+        # Partials in dW's own dimension order, so the kernel's stores stay contiguous.
+        proto = torch.empty_like(dw, dtype=torch.float32)
+        target = torch.empty_strided((most, *dw.shape), (proto.numel(), *proto.stride()), dtype=torch.float32,
+                                     device=dw.device)
+    split_stride = 0 if most == 1 else target.stride(0)
+    dw_strides = target.stride() if most == 1 else target.stride()[1:]
 
     def grid(meta):
-        return (triton.cdiv(c_out, meta["BLOCK_N"]) * triton.cdiv(c_in, meta["BLOCK_K"]), kh * kw, split_m)
+        return (triton.cdiv(c_out, meta["BLOCK_N"]) * triton.cdiv(c_in, meta["BLOCK_K"]), kh * kw, splits(meta))
 
-    dw_strides = target.stride()[1:] if split_m > 1 else target.stride()
-    launch = autotuned(_adjoined_conv_wgrad_kernel, "wgrad", x_base.device)
-    launch(
+    meta = launch(
         grid,
         grad_base, grad_student, x_base, x_student, target,
         *grad_base.stride(), *grad_student.stride(), *x_base.stride(), *x_student.stride(),
         split_stride, *dw_strides,
         batch, height, width, c_in, c_in_student, h_out, w_out, c_out, out_student,
-        stride[0], stride[1], padding[0], padding[1], kh, kw, split_m,
+        stride[0], stride[1], padding[0], padding[1], kh, kw,
         **dot_options(_adjoined_conv_wgrad_kernel, x_base.dtype),
     )
-    if split_m == 1:
+    if most == 1:
         return dw
-    dw = out if out is not None else torch.empty_like(weight)
-    return dw.copy_(target.sum(0))
+    # Second stage: the chosen config's partials, summed in split order.
+    return dw.copy_(target[: splits(meta)].sum(0))
