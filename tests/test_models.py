@@ -75,7 +75,7 @@ def test_xresnet_is_the_papers_network():
     assert isinstance(shortcut[0], nn.AvgPool2d) and shortcut[0].ceil_mode and shortcut[1].stride == (1, 1)
     assert not isinstance(model.layer1[0].downsample[0], nn.AvgPool2d)  # stride 1: conv + BN only
     assert all(int(torch.count_nonzero(block.bn3.weight)) == 0 for layer in (model.layer1, model.layer4) for block in layer)
-    assert float(model.layer1[0].bn2.weight.min()) == 1
+    assert torch.equal(model.layer1[0].bn2.weight.detach(), torch.ones(64))
     # Odd sizes: ceil_mode keeps the shortcut's and the strided conv's shapes equal.
     assert model.eval()(torch.randn(2, 3, 45, 45)).shape == (2, 7)
     small = xresnet18(num_classes=3).eval()

@@ -43,7 +43,7 @@ def test_full_run_writes_every_artifact_and_eval_export_agree(data, tmp_path):
     run_dir = tmp_path / "run"
     summary = fit(tiny_config(data, run_dir, epochs=2, alpha=(2.0, 4.0), ema=True,
                               ema_decay=0.5, clip_grad=5.0))
-    for name in ("config.yaml", "metrics.jsonl", "curves.png", "summary.json",
+    for name in ("config.yaml", "metrics.jsonl", "curves.png", "tradeoff.png", "summary.json",
                  "checkpoints/last.pt", "checkpoints/best.pt", "base/model.safetensors",
                  "student/model.safetensors", "student_1/config.json"):
         assert (run_dir / name).is_file(), name
