@@ -105,8 +105,10 @@ def test_resume_from_any_stop_equals_an_uninterrupted_run(data, tmp_path, worker
 def test_sigterm_saves_a_checkpoint_exits_0_and_resumes(data, tmp_path):
     run_dir = tmp_path / "run"
     command = [sys.executable, "-m", "anfast.train", *_cli_args(data, run_dir, epochs=2)]
+    # Unbuffered, so the set-up line arrives when it is printed: block-buffered, it came
+    # only at exit and the SIGTERM then hit a finished process (exit -15).
     process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                               text=True)
+                               text=True, env=dict(os.environ, PYTHONUNBUFFERED="1"))
     for line in process.stdout:
         if line.startswith("anfast train: resnet18"):  # set-up done, the loop starts now
             process.send_signal(signal.SIGTERM)

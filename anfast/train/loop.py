@@ -17,6 +17,7 @@ from __future__ import annotations
 import functools
 import json
 import signal
+import sys
 import threading
 import time
 from pathlib import Path
@@ -458,5 +459,8 @@ def _summary(config: TrainConfig, state: Dict[str, Any], eval_model: torch.nn.Mo
 
 
 def _say(info: DistributedInfo, message: str) -> None:
+    """One line of the run's log, flushed at once: a pipe (`| tee`, a supervisor waiting
+    for "set-up done") must not see it only when the block buffer fills at the end."""
     if info.is_main:
-        tqdm.write(message)
+        tqdm.write(message, file=sys.stdout)
+        sys.stdout.flush()
