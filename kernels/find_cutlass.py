@@ -13,7 +13,7 @@ import importlib.util
 import os
 import sys
 
-CUTLASS_VERSION = "4.2.0.0"  # keep equal to the pins in pyproject.toml and .ci/run
+CUTLASS_VERSION = "4.2.0.0"  # keep equal to the pins in pyproject.toml and README.md
 
 
 def cutlass_include_dir() -> str:
