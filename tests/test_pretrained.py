@@ -1,7 +1,6 @@
 """--pretrained: a trained base starts the adjoined network; bad checkpoints name the file and the key."""
 
 import json
-import shutil
 
 import pytest
 import torch
@@ -9,7 +8,7 @@ import torchvision
 from safetensors.torch import save_file
 
 import anfast
-from anfast.data.builtin import generate_shapes
+from anfast.data.builtin import builtin_dataset
 from anfast.train.config import ConfigError
 from anfast.train.loop import fit
 from anfast.train.pretrained import load_pretrained
@@ -88,17 +87,15 @@ def test_bad_checkpoints_name_the_file_and_the_key(tmp_path):
 
 @pytest.mark.slow
 def test_pretrained_run_starts_ahead_of_a_run_from_scratch(tmp_path):
-    """On three classes of the built-in shapes set, one epoch from a base trained for two
-    beats one epoch from scratch."""
-    data = generate_shapes(tmp_path / "shapes", train_per_class=160, val_per_class=40, progress=False)
-    for split in ("train", "val"):  # three classes keep the runs short enough to learn something
-        for folder in sorted((data / split).iterdir())[3:]:
-            shutil.rmtree(folder)
-    options = dict(policy="paper", batch_size=16, image_size=32, lr=2e-3, optimizer="adamw",
-                   warmup_epochs=0.3)
+    """On the built-in set with the quickstart's options, one epoch from a base trained
+    for two beats one epoch from scratch (measured: 89.9% vs 52.2% top-1; on a 3-class,
+    480-image subset the bases learned too little to tell the two apart)."""
+    options = dict(policy="paper", batch_size=64, image_size=32, lr=2e-3, optimizer="adamw",
+                   warmup_epochs=0.3, workers=2)
+    data = builtin_dataset()
     fit(tiny_config(data, tmp_path / "base_run", epochs=2, **options))
     fit(tiny_config(data, tmp_path / "scratch", **options))
     fit(tiny_config(data, tmp_path / "started", pretrained=str(tmp_path / "base_run" / "base"), **options))
     top1 = {run: json.loads((tmp_path / run / "metrics.jsonl").read_text().splitlines()[0])["base"]["top1"]
-            for run in ("base_run", "scratch", "started")}
-    assert top1["started"] > top1["scratch"], top1
+            for run in ("scratch", "started")}
+    assert top1["started"] > top1["scratch"] + 0.1, top1
