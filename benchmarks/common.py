@@ -32,8 +32,11 @@ def device_name(device: str | torch.device = "cpu") -> str:
 
 
 def git_commit() -> str:
-    """HEAD of the checkout, with '-dirty' when tracked files differ from it."""
+    """HEAD of the checkout, with '-dirty' when tracked files differ from it; where the
+    tree has no git metadata (a copy sent to a GPU machine), $ANFAST_COMMIT as given."""
     here = pathlib.Path(__file__).resolve().parent
+    if not (here.parent / ".git").exists() and os.environ.get("ANFAST_COMMIT"):
+        return os.environ["ANFAST_COMMIT"] + " (ANFAST_COMMIT)"
     try:
         commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True,
                                 cwd=here).stdout.strip()
@@ -44,17 +47,36 @@ def git_commit() -> str:
         return "unknown"
 
 
+def gpu_driver() -> str:
+    """The NVIDIA driver version as nvidia-smi reports it, or "unknown"."""
+    try:
+        return subprocess.run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
+                              capture_output=True, text=True, check=True, timeout=30).stdout.split()[0]
+    except (OSError, IndexError, subprocess.SubprocessError):
+        return "unknown"
+
+
 def environment(device: str | torch.device = "cpu") -> dict:
-    """Device, versions, commit, date, CPU threads and load average for a result file."""
+    """Device, versions, commit, date, CPU threads and load average for a result file
+    (on CUDA also the driver, CUDA runtime, capability and SM count)."""
     found = {"python": platform.python_version(), "torch": torch.__version__}
     for name in ("torchvision", "triton", "nvidia.dali"):
         try:
             found[name.replace("nvidia.", "nvidia-")] = __import__(name, fromlist=["__version__"]).__version__
         except ImportError:
             pass
+    gpu = {}
+    if torch.device(device).type == "cuda":
+        found["cuda"] = torch.version.cuda
+        found["cudnn"] = str(torch.backends.cudnn.version())
+        properties = torch.cuda.get_device_properties(device)
+        gpu = {"driver": gpu_driver(), "capability": f"{properties.major}.{properties.minor}",
+               "sm_count": properties.multi_processor_count,
+               "memory_gib": round(properties.total_memory / 2**30, 1)}
     return {
         "device": device_name(device),
         "device_type": torch.device(device).type,
+        **gpu,
         "versions": found,
         "commit": git_commit(),
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
@@ -77,3 +99,15 @@ def write_result(benchmark: str, payload: dict, out: str | os.PathLike | None = 
     tmp.write_text(json.dumps(payload, indent=2) + "\n")
     os.replace(tmp, out)
     return out
+
+
+if __name__ == "__main__":
+    import argparse
+
+    parser = argparse.ArgumentParser(description="Write this machine's environment record as JSON.")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--out", required=True)
+    args = parser.parse_args()
+    record = {**environment(args.device), "cpu_count": os.cpu_count()}
+    write_result("environment", record, args.out)
+    print(json.dumps(record))

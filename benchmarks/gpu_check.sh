@@ -1,107 +1,190 @@
 #!/usr/bin/env bash
-# One command for a GPU machine: install, GPU tests, kernel and training benchmarks.
+# One command for a GPU machine: install, GPU correctness, tuning and training benchmarks.
 #
-#   bash benchmarks/gpu_check.sh OUTDIR
+#   bash benchmarks/gpu_check.sh OUTDIR [STEP ...]
+#   GPU_CHECK_PACK=DIR bash benchmarks/gpu_check.sh OUTDIR     # also pack the results into DIR
 #
-# Runs from the repository root (any cwd). Every step tees its log into OUTDIR and
-# runs under a share of one overall deadline (GPU_CHECK_BUDGET_S, default 480 s, so
-# the whole check ends inside 9 minutes, set-up included); steps run in the order of
-# what matters most (install, correctness, tuning, training throughput, the training
-# check, kernel benchmarks), so a short lease still gets the first answers; a failed or timed-out step does not stop
-# the next one, but the script exits non-zero at the end if any step failed. The
-# benchmarks write their JSON into OUTDIR (conv.py after every layer, so a run cut
-# by its time limit keeps the rows it measured). A short table prints last.
+# Runs from the repository root (any cwd). Every step tees its log into OUTDIR and runs
+# under its own time limit and a share of one overall deadline (GPU_CHECK_BUDGET_S,
+# default 430 s), most important first, so a short lease still gets the first answers;
+# a failed or timed-out step does not stop the next one, and the exit status is non-zero
+# if any step failed. STEPs (default: all, in this order):
+#
+#   install        the extension for this GPU's arch only, in the background, while
+#   triton_correct the Triton backend on every distinct ResNet-50 conv vs float64 runs
+#                  (pytest-xdist spreads the kernel compiles over the cores)
+#   train_check    the built-in-set training (bf16, channels_last, the CUDA backend) and
+#                  a SIGTERM / --resume run, in the background, while
+#   cuda_correct   the CUDA backend on the same convs and tests/test_cuda_ext.py run
+#   tune           `anfast tune` ResNet-50, bs 256, bf16, channels_last (verify + time)
+#   train_bench    training img/s on synthetic data: plain / AN auto / AN torch / masked
+#   train_compile  the same throughput under torch.compile
+#   gpu_tests      the remaining `pytest -m gpu` tests
+#   conv_bench     benchmarks/conv.py --quick (fused vs two cuDNN convs per kernel phase)
+#
+# Triton's kernel cache is TRITON_CACHE_DIR (default /tmp/anfast-triton: an absolute
+# path that is the same on every machine, since Triton's cache index holds absolute
+# paths); with GPU_CHECK_PACK it travels back as triton-cache.tgz and the built
+# extension as extension.tgz, and a later call that carries them in .gpu/ reuses both
+# (no rebuild, no recompile). The commit is ANFAST_COMMIT when the tree has no .git.
 set -u -o pipefail
 
-if [ $# -ne 1 ]; then
-    echo "usage: bash benchmarks/gpu_check.sh OUTDIR" >&2
+if [ $# -lt 1 ]; then
+    echo "usage: bash benchmarks/gpu_check.sh OUTDIR [STEP ...]" >&2
     exit 2
 fi
 OUTDIR=$(mkdir -p "$1" && cd "$1" && pwd)
+shift
+ALL_STEPS="install triton_correct train_check cuda_correct tune train_bench train_compile gpu_tests conv_bench"
+STEPS=${*:-$ALL_STEPS}
 cd "$(dirname "$0")/.."
-PYTHON=${PYTHON:-python}
-BUDGET_S=${GPU_CHECK_BUDGET_S:-480}
+REPO=$(pwd)
+PYTHON=${PYTHON:-python3}
+BUDGET_S=${GPU_CHECK_BUDGET_S:-430}
 START_S=$(date +%s)
 SUMMARY="$OUTDIR/summary.tsv"
 : > "$SUMMARY"
 FAILED=0
+export PYTHONUNBUFFERED=1 PYTHONPATH="$REPO${PYTHONPATH:+:$PYTHONPATH}"
+export ANFAST_CACHE_DIR="$OUTDIR/cache" ANFAST_GPU_CORRECTNESS_LOG="$OUTDIR/correctness.jsonl"
+export TRITON_CACHE_DIR=${TRITON_CACHE_DIR:-/tmp/anfast-triton} TRITON_STORE_BINARY_ONLY=1
+NPROC=$(nproc)
+
+wants() { [[ " $STEPS " == *" $1 "* ]]; }
+left_s() { echo $((BUDGET_S - ($(date +%s) - START_S))); }
+
+record() {  # record NAME STATUS SECONDS NOTE
+    printf '%s\t%s\t%s\t%s\n' "$1" "$2" "$3" "$(echo "$4" | tr '\t\n' '  ' | cut -c1-110)" >> "$SUMMARY"
+    case $2 in ok) ;; *) FAILED=1 ;; esac
+}
 
 # run_step NAME MAX_SECONDS COMMAND...: log to OUTDIR/NAME.log, record status and time.
 run_step() {
-    local name=$1 max_s=$2
-    shift 2
-    local left=$((BUDGET_S - ($(date +%s) - START_S)))
-    local limit=$((max_s < left ? max_s : left))
-    if [ "$limit" -lt 10 ]; then
-        printf '%s\tSKIPPED\t0\tno time left of the %ss budget\n' "$name" "$BUDGET_S" >> "$SUMMARY"
-        FAILED=1
-        return
-    fi
-    echo "=== $name (limit ${limit}s): $*" | tee "$OUTDIR/$name.log"
-    local step_start rc
-    step_start=$(date +%s)
-    timeout --kill-after=10 "$limit" "$@" 2>&1 | tee -a "$OUTDIR/$name.log"
-    rc=$?
-    local took=$(($(date +%s) - step_start))
-    local status=ok
-    if [ $rc -eq 124 ] || [ $rc -eq 137 ]; then
-        status="TIMEOUT"
-        FAILED=1
-    elif [ $rc -ne 0 ]; then
-        status="FAILED(rc=$rc)"
-        FAILED=1
-    fi
-    printf '%s\t%s\t%s\t%s\n' "$name" "$status" "$took" "$(tail -n 1 "$OUTDIR/$name.log" | cut -c1-100)" \
-        >> "$SUMMARY"
+    start_step "$@" && finish_step "$1"
 }
 
-{
-    nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv 2>&1
-    $PYTHON -c "import sys, torch, triton; print(sys.version.split()[0], 'torch', torch.__version__, \
-'cuda', torch.version.cuda, 'triton', triton.__version__, torch.cuda.get_device_name())"
-    git rev-parse HEAD 2>&1
-} | tee "$OUTDIR/environment.log"
+# start_step NAME MAX_SECONDS COMMAND...: the same in the background (finish_step NAME
+# waits for it); for steps that time nothing, beside another such step.
+start_step() {
+    local name=$1 max_s=$2
+    shift 2
+    local left
+    left=$(left_s)
+    local limit=$((max_s < left ? max_s : left))
+    if [ "$limit" -lt 15 ]; then
+        record "$name" SKIPPED 0 "no time left of the ${BUDGET_S}s budget"
+        return 1
+    fi
+    echo "=== $name (limit ${limit}s): $*" | tee "$OUTDIR/$name.log"
+    (
+        s=$(date +%s)
+        timeout --kill-after=10 "$limit" "$@" >> "$OUTDIR/$name.log" 2>&1
+        echo "$? $(($(date +%s) - s))" > "$OUTDIR/$name.rc"
+    ) &
+    echo $! > "$OUTDIR/$name.pid"
+}
 
-# The GPU machine has no network: the pinned CUTLASS headers travel as a wheel in .whl/
-# (pip download --no-deps -d .whl nvidia-cutlass==VERSION, then carry .whl).
-if compgen -G ".whl/nvidia_cutlass-*.whl" >/dev/null; then
-    run_step cutlass_wheel 60 $PYTHON -m pip install --no-deps .whl/nvidia_cutlass-*.whl
+finish_step() {
+    local name=$1 rc took status=ok
+    [ -f "$OUTDIR/$name.pid" ] || return 0
+    wait "$(cat "$OUTDIR/$name.pid")"
+    rm -f "$OUTDIR/$name.pid"
+    read -r rc took < "$OUTDIR/$name.rc"
+    if [ "$rc" -eq 124 ] || [ "$rc" -eq 137 ]; then
+        status=TIMEOUT
+    elif [ "$rc" -ne 0 ]; then
+        status="FAILED(rc=$rc)"
+    fi
+    tail -n 25 "$OUTDIR/$name.log"
+    record "$name" "$status" "$took" "$(grep -v '^\s*$' "$OUTDIR/$name.log" | tail -n 1)"
+}
+
+pack() {  # the results as at most 8 flat files (what a device call brings back)
+    [ -n "${GPU_CHECK_PACK:-}" ] || return 0
+    mkdir -p "$GPU_CHECK_PACK"
+    cp "$SUMMARY" "$GPU_CHECK_PACK/summary.tsv"
+    tar czf "$GPU_CHECK_PACK/gpu_check.tgz" -C "$OUTDIR" --exclude=./train_check/uninterrupted \
+        --exclude=./train_check/resumed . 2>/dev/null
+    tar czf "$GPU_CHECK_PACK/triton-cache.tgz" -C / "${TRITON_CACHE_DIR#/}" 2>/dev/null
+    local so
+    so=$(ls anfast/_C*.so 2>/dev/null | head -n 1)
+    [ -n "$so" ] && tar czf "$GPU_CHECK_PACK/extension.tgz" "$so"
+    local f  # a device call brings back files of at most 16 MiB
+    for f in "$GPU_CHECK_PACK"/*.tgz; do
+        if [ "$(stat -c %s "$f")" -gt $((16 * 1024 * 1024 - 4096)) ]; then
+            echo "gpu_check: $f is over 16 MiB, left out"; rm -f "$f"
+        fi
+    done
+    ls -la "$GPU_CHECK_PACK"
+}
+
+$PYTHON benchmarks/common.py --device cuda --out "$OUTDIR/environment.json" 2>&1 | tee "$OUTDIR/environment.log"
+XDIST=()
+if $PYTHON -c "import xdist" 2>/dev/null; then
+    XDIST=(-n "$((NPROC > 12 ? 12 : NPROC))")
 fi
-# Build the extension for this GPU's architecture only, with every core: the default
-# (sm_80 + sm_90, 2 jobs) takes minutes on 2 cores (docs/cuda.md).
-ARCH=$($PYTHON -c "import torch; c = torch.cuda.get_device_capability(); print(f'{c[0]}{c[1]}')" 2>/dev/null)
-run_step install 180 env ANFAST_CUDA_ARCHS="${ARCH:-80;90}" MAX_JOBS="$(nproc)" \
-    $PYTHON -m pip install --no-deps --no-build-isolation -e .
-# Correctness first: every fused backend vs float64 on every ResNet-50 conv (bf16 / fp32,
-# channels_last / NCHW, forward and every gradient), then the CUDA kernels' own tests.
-run_step resnet50_correctness 120 $PYTHON -m pytest -q -rs tests/test_gpu_resnet50.py
-run_step cuda_tests 90 $PYTHON -m pytest -q tests/test_cuda_ext.py
-# Auto's measured choice for ResNet-50 training (verify + time every conv against
-# torch); the cache stays in OUTDIR, filled key by key even if the step times out.
-run_step tune_resnet50 150 env ANFAST_CACHE_DIR="$OUTDIR/cache" $PYTHON -m anfast tune \
-    --arch resnet50 --alpha 4 --policy paper --batch-size 256 --image-size 224 --amp bf16 \
-    --channels-last --device cuda --out "$OUTDIR/tune-resnet50.json"
-# Training img/s on synthetic data: plain vs AN (auto, with the decisions just cached)
-# vs AN (torch) vs the authors' masked student, side by side; --out is a directory.
-run_step train_bench 120 env ANFAST_CACHE_DIR="$OUTDIR/cache" $PYTHON benchmarks/train_throughput.py \
-    --device cuda --arch resnet50 --image-size 224 --batch-size 256 --compile off --out "$OUTDIR"
-# The quickstart's training on this GPU (bf16, channels_last) and a SIGTERM + resume.
-run_step train_check 120 env ANFAST_CACHE_DIR="$OUTDIR/cache" $PYTHON benchmarks/train_check.py \
-    --device cuda --out "$OUTDIR/train_check" -- --amp bf16 --channels-last
-run_step conv_bench 150 $PYTHON benchmarks/conv.py --out "$OUTDIR/conv.json"
-run_step gpu_tests 90 $PYTHON -m pytest -q -m gpu tests/ --ignore=tests/test_cuda_ext.py \
-    --ignore=tests/test_gpu_resnet50.py
-# With what is left: the same throughput under torch.compile, then the interpreter-sized
-# random shapes of the Triton tests, now compiled for the GPU.
-run_step train_bench_compile 150 env ANFAST_CACHE_DIR="$OUTDIR/cache" $PYTHON \
-    benchmarks/train_throughput.py --device cuda --arch resnet50 --image-size 224 --batch-size 256 \
-    --compile default,reduce-overhead --out "$OUTDIR/compiled"
-run_step triton_tests 100 $PYTHON -m pytest -q -m "not slow and not gpu" tests/test_triton_conv.py
+
+# A previous call's Triton cache and extension, carried in .gpu/ (see the header).
+if [ -f .gpu/triton-cache.tgz ]; then
+    tar xzf .gpu/triton-cache.tgz -C / && echo "gpu_check: Triton cache restored into $TRITON_CACHE_DIR"
+fi
+
+if wants install; then
+    # The GPU machine has no network: the pinned CUTLASS headers travel as a wheel in .whl/.
+    if compgen -G ".whl/nvidia_cutlass-*.whl" >/dev/null; then
+        $PYTHON -m pip install -q --no-deps --no-index .whl/nvidia_cutlass-*.whl > "$OUTDIR/cutlass_wheel.log" 2>&1 \
+            || record cutlass_wheel FAILED 0 "$(tail -n 1 "$OUTDIR/cutlass_wheel.log")"
+    fi
+    ARCH=$($PYTHON -c "import torch; c = torch.cuda.get_device_capability(); print(f'{c[0]}{c[1]}')")
+    INSTALL_ENV=(ANFAST_CUDA_ARCHS="$ARCH" MAX_JOBS="$NPROC")
+    if [ -f .gpu/extension.tgz ]; then
+        # The extension an earlier call built from the same sources: unpack, install pure Python.
+        tar xzf .gpu/extension.tgz && INSTALL_ENV+=(ANFAST_BUILD_CUDA=0)
+    fi
+    # The build runs beside the Triton correctness step, which needs no extension.
+    start_step install 240 env "${INSTALL_ENV[@]}" $PYTHON -m pip install --no-deps --no-build-isolation -e .
+fi
+
+# Correctness first: each fused backend through the public op on every distinct
+# ResNet-50 conv (bf16 / fp32, channels_last / NCHW, outputs and every gradient vs float64).
+wants triton_correct && run_step triton_correct 150 $PYTHON -m pytest -q -rs -p no:cacheprovider \
+    "${XDIST[@]}" -k triton tests/test_gpu_resnet50.py
+finish_step install
+# The quickstart's training on this GPU (bf16, channels_last, the CUDA backend) and a
+# SIGTERM + resume, beside the CUDA backend's correctness tests (neither is timed).
+wants train_check && start_step train_check 110 $PYTHON benchmarks/train_check.py --device cuda \
+    --workers 4 --out "$OUTDIR/train_check" -- --amp bf16 --channels-last --backend cuda
+wants cuda_correct && run_step cuda_correct 80 $PYTHON -m pytest -q -rs -p no:cacheprovider \
+    "${XDIST[@]}" -k cuda tests/test_gpu_resnet50.py tests/test_cuda_ext.py
+finish_step train_check
+if wants triton_correct || wants cuda_correct; then
+    run_step correctness_report 30 $PYTHON benchmarks/correctness_report.py "$OUTDIR/correctness.jsonl" \
+        --out "$OUTDIR/correctness-resnet50.json"
+fi
+
+# Auto's measured choice for ResNet-50 training: every conv verified against float64 and
+# timed (fwd + bwd) against torch; the cache fills key by key even if the step times out.
+wants tune && run_step tune 100 $PYTHON -m anfast tune --arch resnet50 --alpha 4 --policy paper \
+    --batch-size 256 --image-size 224 --amp bf16 --channels-last --device cuda \
+    --out "$OUTDIR/tune-resnet50.json"
+
+# Training img/s on synthetic data, side by side in one process; auto takes the decisions
+# just cached and never tunes inside the timing (ANFAST_TUNE=0: an undecided conv runs torch).
+wants train_bench && run_step train_bench 90 env ANFAST_TUNE=0 $PYTHON benchmarks/train_throughput.py \
+    --device cuda --arch resnet50 --image-size 224 --batch-size 256 --compile off --rounds 4 --steps 4 \
+    --out "$OUTDIR"
+wants train_compile && run_step train_compile 150 env ANFAST_TUNE=0 $PYTHON benchmarks/train_throughput.py \
+    --device cuda --arch resnet50 --image-size 224 --batch-size 256 --compile default \
+    --rounds 3 --steps 4 --out "$OUTDIR/compiled"
+wants gpu_tests && run_step gpu_tests 90 $PYTHON -m pytest -q -rs -p no:cacheprovider "${XDIST[@]}" \
+    -m gpu tests/ --ignore=tests/test_cuda_ext.py --ignore=tests/test_gpu_resnet50.py
+wants conv_bench && run_step conv_bench 120 $PYTHON benchmarks/conv.py --quick --out "$OUTDIR/conv.json"
 
 echo
 echo "gpu_check: $(($(date +%s) - START_S)) s in all, logs and JSON in $OUTDIR"
-printf '%-14s %-14s %6s  %s\n' step status sec "last line of log"
+pack
+printf '%-15s %-14s %5s  %s\n' step status sec "last line of its log"
 while IFS=$'\t' read -r name status took last; do
-    printf '%-14s %-14s %6s  %s\n' "$name" "$status" "$took" "$last"
+    printf '%-15s %-14s %5s  %s\n' "$name" "$status" "$took" "$last"
 done < "$SUMMARY"
 exit $FAILED

@@ -85,6 +85,15 @@ def resnet50_conv_names() -> list[str]:
     return [name for name, module in model.named_modules() if isinstance(module, torch.nn.Conv2d)]
 
 
+def resnet50_distinct_convs(batch: int = 8) -> list[str]:
+    """The first name of each distinct conv shape of ResNet-50 (paper policy, alpha 4),
+    in model order: the 53 convs are 23 problems, and the rest repeat one of them."""
+    first: dict[tuple, str] = {}
+    for name, shape in resnet50_shapes(batch).items():
+        first.setdefault(tuple(sorted(shape.items())), name)
+    return list(first.values())
+
+
 @functools.lru_cache(maxsize=None)
 def resnet50_shapes(batch: int = 8) -> dict[str, dict]:
     """Each conv of ResNet-50 adjoined with the paper policy (alpha 4), as a shape dict.
