@@ -8,6 +8,11 @@ imports either way and backend "cuda" then explains what is missing.
 Environment:
     ANFAST_BUILD_CUDA=0        skip the extension
     ANFAST_CUDA_ARCHS="80;90"  compute capabilities to compile for (sm_80 or newer)
+    ANFAST_PREBUILT_KERNELS=D  link the kernels/ objects D/adjoined_conv_{fprop,dgrad,wgrad}.o
+                               (compiled elsewhere by the same nvcc, for this GPU's arch)
+                               instead of compiling kernels/*.cu: the device code does not
+                               include torch, so only the bindings are built here (a GPU
+                               lease then spends seconds, not minutes, on the build)
     CUDA_HOME                  toolkit root; default: resolved from nvcc on PATH
     MAX_JOBS                   parallel compile jobs (default 2: CI has 2 cores)
 """
@@ -89,14 +94,19 @@ def cuda_extension_or_reason():
     except ValueError as error:
         return str(error)
     os.environ.setdefault("MAX_JOBS", "2")
+    kernels = ["kernels/adjoined_conv_fprop.cu", "kernels/adjoined_conv_dgrad.cu", "kernels/adjoined_conv_wgrad.cu"]
+    sources, objects = ["csrc/adjoined_conv_api.cpp", *kernels], []
+    if os.environ.get("ANFAST_PREBUILT_KERNELS"):
+        folder = Path(os.environ["ANFAST_PREBUILT_KERNELS"])
+        objects = [str(folder / (Path(kernel).stem + ".o")) for kernel in kernels]
+        missing = [o for o in objects if not os.path.isfile(o)]
+        if missing:
+            raise SystemExit(f"setup.py: ANFAST_PREBUILT_KERNELS={folder}: missing {', '.join(missing)}")
+        sources = sources[:1]
     extension = CUDAExtension(
         name="anfast._C",
-        sources=[
-            "csrc/adjoined_conv_api.cpp",
-            "kernels/adjoined_conv_fprop.cu",
-            "kernels/adjoined_conv_dgrad.cu",
-            "kernels/adjoined_conv_wgrad.cu",
-        ],
+        sources=sources,
+        extra_objects=objects,
         include_dirs=[str(ROOT / "kernels"), cutlass_include],
         extra_compile_args={
             "cxx": ["-O3"],

@@ -32,11 +32,11 @@ def device_name(device: str | torch.device = "cpu") -> str:
 
 
 def git_commit() -> str:
-    """HEAD of the checkout, with '-dirty' when tracked files differ from it; where the
-    tree has no git metadata (a copy sent to a GPU machine), $ANFAST_COMMIT as given."""
+    """HEAD of the checkout, with '-dirty' when tracked files differ from it; $ANFAST_COMMIT
+    when set (a copy of the tree sent to a GPU machine may carry a stale .git)."""
     here = pathlib.Path(__file__).resolve().parent
-    if not (here.parent / ".git").exists() and os.environ.get("ANFAST_COMMIT"):
-        return os.environ["ANFAST_COMMIT"] + " (ANFAST_COMMIT)"
+    if os.environ.get("ANFAST_COMMIT"):
+        return os.environ["ANFAST_COMMIT"]
     try:
         commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True,
                                 cwd=here).stdout.strip()

@@ -16,17 +16,20 @@
 #   train_check    the built-in-set training (bf16, channels_last, the CUDA backend) and
 #                  a SIGTERM / --resume run, in the background, while
 #   cuda_correct   the CUDA backend on the same convs and tests/test_cuda_ext.py run
-#   tune           `anfast tune` ResNet-50, bs 256, bf16, channels_last (verify + time)
+#   tune           `anfast tune` ResNet-50, bs 256, bf16, channels_last (verify + time;
+#                  backends $TUNE_BACKENDS, default cuda,triton)
 #   train_bench    training img/s on synthetic data: plain / AN auto / AN torch / masked
+#   tune_triton    `anfast tune` of the Triton backend on the 3x3 convs (own cache)
 #   train_compile  the same throughput under torch.compile
 #   gpu_tests      the remaining `pytest -m gpu` tests
 #   conv_bench     benchmarks/conv.py --quick (fused vs two cuDNN convs per kernel phase)
 #
 # Triton's kernel cache is TRITON_CACHE_DIR (default /tmp/anfast-triton: an absolute
 # path that is the same on every machine, since Triton's cache index holds absolute
-# paths); with GPU_CHECK_PACK it travels back as triton-cache.tgz and the built
-# extension as extension.tgz, and a later call that carries them in .gpu/ reuses both
-# (no rebuild, no recompile). The commit is ANFAST_COMMIT when the tree has no .git.
+# paths); with GPU_CHECK_PACK it travels back as triton-cache.tgz, and a later call that
+# carries it in .gpu/ compiles only what is new. Kernel objects in .gpu/kernels/
+# (ANFAST_PREBUILT_KERNELS in setup.py) save the extension's device-code build. The
+# commit recorded is ANFAST_COMMIT when set (the device's copy of .git may be stale).
 set -u -o pipefail
 
 if [ $# -lt 1 ]; then
@@ -35,7 +38,7 @@ if [ $# -lt 1 ]; then
 fi
 OUTDIR=$(mkdir -p "$1" && cd "$1" && pwd)
 shift
-ALL_STEPS="install triton_correct train_check cuda_correct tune train_bench train_compile gpu_tests conv_bench"
+ALL_STEPS="install triton_correct train_check cuda_correct tune train_bench tune_triton train_compile gpu_tests conv_bench"
 STEPS=${*:-$ALL_STEPS}
 cd "$(dirname "$0")/.."
 REPO=$(pwd)
@@ -106,9 +109,6 @@ pack() {  # the results as at most 8 flat files (what a device call brings back)
     tar czf "$GPU_CHECK_PACK/gpu_check.tgz" -C "$OUTDIR" --exclude=./train_check/uninterrupted \
         --exclude=./train_check/resumed . 2>/dev/null
     tar czf "$GPU_CHECK_PACK/triton-cache.tgz" -C / "${TRITON_CACHE_DIR#/}" 2>/dev/null
-    local so
-    so=$(ls anfast/_C*.so 2>/dev/null | head -n 1)
-    [ -n "$so" ] && tar czf "$GPU_CHECK_PACK/extension.tgz" "$so"
     local f  # a device call brings back files of at most 16 MiB
     for f in "$GPU_CHECK_PACK"/*.tgz; do
         if [ "$(stat -c %s "$f")" -gt $((16 * 1024 * 1024 - 4096)) ]; then
@@ -119,9 +119,16 @@ pack() {  # the results as at most 8 flat files (what a device call brings back)
 }
 
 $PYTHON benchmarks/common.py --device cuda --out "$OUTDIR/environment.json" 2>&1 | tee "$OUTDIR/environment.log"
+# pytest-xdist spreads the GPU tests over processes (each with few CPU threads); the
+# per-test timeout of pytest-timeout prints the stacks of a test that hangs.
+PYTEST=($PYTHON -m pytest -q -rs -p no:cacheprovider -p no:benchmark)
 XDIST=()
 if $PYTHON -c "import xdist" 2>/dev/null; then
     XDIST=(-n "$((NPROC > 12 ? 12 : NPROC))")
+    PYTEST+=(-v)
+fi
+if $PYTHON -c "import pytest_timeout" 2>/dev/null; then
+    PYTEST+=(--timeout=60)
 fi
 
 # A previous call's Triton cache and extension, carried in .gpu/ (see the header).
@@ -136,25 +143,37 @@ if wants install; then
             || record cutlass_wheel FAILED 0 "$(tail -n 1 "$OUTDIR/cutlass_wheel.log")"
     fi
     ARCH=$($PYTHON -c "import torch; c = torch.cuda.get_device_capability(); print(f'{c[0]}{c[1]}')")
-    INSTALL_ENV=(ANFAST_CUDA_ARCHS="$ARCH" MAX_JOBS="$NPROC")
-    if [ -f .gpu/extension.tgz ]; then
-        # The extension an earlier call built from the same sources: unpack, install pure Python.
-        tar xzf .gpu/extension.tgz && INSTALL_ENV+=(ANFAST_BUILD_CUDA=0)
-    fi
+    # Kernel objects compiled elsewhere by the same nvcc for this arch (setup.py's
+    # ANFAST_PREBUILT_KERNELS): only the bindings compile here.
+    PREBUILT=""
+    compgen -G ".gpu/kernels/*.o" >/dev/null && PREBUILT="$REPO/.gpu/kernels"
+    export ARCH NPROC PYTHON PREBUILT
+    install_extension() {  # for this GPU's arch only, with every core; a full build if needed
+        local pip_e=($PYTHON -m pip install -q --no-deps --no-build-isolation -e .)
+        if [ -n "$PREBUILT" ] && env ANFAST_PREBUILT_KERNELS="$PREBUILT" ANFAST_CUDA_ARCHS="$ARCH" \
+                "${pip_e[@]}" && $PYTHON -c "import anfast._C"; then
+            echo "gpu_check: installed with the prebuilt kernels of $PREBUILT"
+            return 0
+        fi
+        [ -n "$PREBUILT" ] && echo "gpu_check: the prebuilt kernels did not link or load: a full build"
+        env ANFAST_CUDA_ARCHS="$ARCH" MAX_JOBS="$NPROC" "${pip_e[@]}" && $PYTHON -c "import anfast._C" \
+            && echo "gpu_check: installed, extension built here"
+    }
+    export -f install_extension
     # The build runs beside the Triton correctness step, which needs no extension.
-    start_step install 240 env "${INSTALL_ENV[@]}" $PYTHON -m pip install --no-deps --no-build-isolation -e .
+    start_step install 240 bash -c install_extension
 fi
 
 # Correctness first: each fused backend through the public op on every distinct
 # ResNet-50 conv (bf16 / fp32, channels_last / NCHW, outputs and every gradient vs float64).
-wants triton_correct && run_step triton_correct 150 $PYTHON -m pytest -q -rs -p no:cacheprovider \
+wants triton_correct && run_step triton_correct 150 env OMP_NUM_THREADS=2 "${PYTEST[@]}" \
     "${XDIST[@]}" -k triton tests/test_gpu_resnet50.py
 finish_step install
 # The quickstart's training on this GPU (bf16, channels_last, the CUDA backend) and a
 # SIGTERM + resume, beside the CUDA backend's correctness tests (neither is timed).
 wants train_check && start_step train_check 110 $PYTHON benchmarks/train_check.py --device cuda \
     --workers 4 --out "$OUTDIR/train_check" -- --amp bf16 --channels-last --backend cuda
-wants cuda_correct && run_step cuda_correct 80 $PYTHON -m pytest -q -rs -p no:cacheprovider \
+wants cuda_correct && run_step cuda_correct 80 env OMP_NUM_THREADS=2 "${PYTEST[@]}" \
     "${XDIST[@]}" -k cuda tests/test_gpu_resnet50.py tests/test_cuda_ext.py
 finish_step train_check
 if wants triton_correct || wants cuda_correct; then
@@ -164,8 +183,9 @@ fi
 
 # Auto's measured choice for ResNet-50 training: every conv verified against float64 and
 # timed (fwd + bwd) against torch; the cache fills key by key even if the step times out.
-wants tune && run_step tune 100 $PYTHON -m anfast tune --arch resnet50 --alpha 4 --policy paper \
-    --batch-size 256 --image-size 224 --amp bf16 --channels-last --device cuda \
+TUNE=($PYTHON -m anfast tune --arch resnet50 --alpha 4 --policy paper --batch-size 256 --image-size 224
+      --amp bf16 --channels-last --device cuda)
+wants tune && run_step tune 100 "${TUNE[@]}" --backends "${TUNE_BACKENDS:-cuda,triton}" \
     --out "$OUTDIR/tune-resnet50.json"
 
 # Training img/s on synthetic data, side by side in one process; auto takes the decisions
@@ -173,10 +193,15 @@ wants tune && run_step tune 100 $PYTHON -m anfast tune --arch resnet50 --alpha 4
 wants train_bench && run_step train_bench 90 env ANFAST_TUNE=0 $PYTHON benchmarks/train_throughput.py \
     --device cuda --arch resnet50 --image-size 224 --batch-size 256 --compile off --rounds 4 --steps 4 \
     --out "$OUTDIR"
+# Triton on ResNet-50's 3x3 convs alone, in a cache of its own: each Triton kernel config
+# compiles in seconds on the device's CPU, so a first tune of all 23 convs with three
+# configs of three kernels each does not fit a short lease.
+wants tune_triton && run_step tune_triton 150 env ANFAST_CACHE_DIR="$OUTDIR/cache-triton" "${TUNE[@]}" \
+    --backends triton --layers '*conv2' --out "$OUTDIR/tune-resnet50-triton-conv2.json"
 wants train_compile && run_step train_compile 150 env ANFAST_TUNE=0 $PYTHON benchmarks/train_throughput.py \
     --device cuda --arch resnet50 --image-size 224 --batch-size 256 --compile default \
     --rounds 3 --steps 4 --out "$OUTDIR/compiled"
-wants gpu_tests && run_step gpu_tests 90 $PYTHON -m pytest -q -rs -p no:cacheprovider "${XDIST[@]}" \
+wants gpu_tests && run_step gpu_tests 90 env OMP_NUM_THREADS=2 "${PYTEST[@]}" "${XDIST[@]}" \
     -m gpu tests/ --ignore=tests/test_cuda_ext.py --ignore=tests/test_gpu_resnet50.py
 wants conv_bench && run_step conv_bench 120 $PYTHON benchmarks/conv.py --quick --out "$OUTDIR/conv.json"
 

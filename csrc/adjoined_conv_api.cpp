@@ -159,8 +159,10 @@ anfast::AdjoinedConvShape padded_shape(anfast::AdjoinedConvShape s, at::ScalarTy
 // already is one.
 at::Tensor nhwc(const at::Tensor& t, int64_t channels) {
   if (t.size(1) == channels) return t.contiguous(at::MemoryFormat::ChannelsLast);
-  at::Tensor padded = at::zeros({t.size(0), channels, t.size(2), t.size(3)},
-                                t.options().memory_format(at::MemoryFormat::ChannelsLast));
+  // at::empty, then zero_: at::zeros drops the memory format of its TensorOptions (it
+  // returned an NCHW tensor here, and describe_nhwc's check failed on the GPU).
+  at::Tensor padded = at::empty({t.size(0), channels, t.size(2), t.size(3)},
+                                t.options().memory_format(at::MemoryFormat::ChannelsLast)).zero_();
   padded.narrow(1, 0, t.size(1)).copy_(t);
   return padded;
 }
@@ -169,8 +171,8 @@ at::Tensor nhwc(const at::Tensor& t, int64_t channels) {
 at::Tensor krsc(const at::Tensor& weight, const anfast::AdjoinedConvShape& p) {
   if (weight.size(0) == p.out_channels && weight.size(1) == p.in_channels)
     return weight.contiguous(at::MemoryFormat::ChannelsLast);
-  at::Tensor padded = at::zeros({p.out_channels, p.in_channels, weight.size(2), weight.size(3)},
-                                weight.options().memory_format(at::MemoryFormat::ChannelsLast));
+  at::Tensor padded = at::empty({p.out_channels, p.in_channels, weight.size(2), weight.size(3)},
+                                weight.options().memory_format(at::MemoryFormat::ChannelsLast)).zero_();
   padded.narrow(0, 0, weight.size(0)).narrow(1, 0, weight.size(1)).copy_(weight);
   return padded;
 }

@@ -100,6 +100,39 @@ def test_fastest_verified_backend_wins_and_runs(tuner, monkeypatch, fast_ms, cho
     assert f"auto: {chosen}: " in explain(problem_of(inputs))
 
 
+@pytest.mark.parametrize("fused_layout, verified", [("channels_last", True), ("nchw", False)])
+def test_output_strides_are_checked_against_torch_in_the_problems_dtype(tuner, monkeypatch,
+                                                                         fused_layout, verified):
+    # On an H200 (torch 2.11) torch's float64 conv returned NCHW outputs for channels_last
+    # inputs, and comparing fused outputs with those strides refused every fused backend.
+    # Simulated here: the float64 reference is made NCHW, torch in float32 stays channels_last.
+    real_reference = tuning._reference
+
+    def nchw_reference(problem, mask):
+        ref = real_reference(problem, mask)
+        return tuning._Reference(tuple(y.contiguous() for y in ref.outputs), ref.grads_out, ref.grads)
+
+    class Layout(StandInBackend):
+        def forward(self, problem):
+            return tuple(y.contiguous(memory_format=torch.channels_last if fused_layout == "channels_last"
+                                      else torch.contiguous_format) for y in super().forward(problem))
+
+    monkeypatch.setattr(tuning, "_reference", nchw_reference)
+    install_backends(monkeypatch, Layout("fast"))
+    tuner.timer = FakeTimer({"fast": 0.5, "torch": 1.0})
+    inputs = [t.detach().contiguous(memory_format=torch.channels_last).requires_grad_()
+              if t.dim() == 4 else t for t in make_inputs()]
+    with tuning.warnings.catch_warnings(record=True) as caught:
+        tuning.warnings.simplefilter("always")
+        run_op(inputs)
+    decision = tuner.lookup(problem_of(inputs))
+    assert decision["candidates"]["fast"]["verified"] is verified
+    assert decision["backend"] == ("fast" if verified else "torch")
+    if not verified:
+        assert "y_base has strides" in decision["candidates"]["fast"]["why"]
+        assert any("failed verification" in str(w.message) for w in caught)
+
+
 def test_cache_round_trips_and_survives_corrupt_and_foreign_files(tuner, monkeypatch):
     install_backends(monkeypatch, StandInBackend("fast"))
     tuner.timer = FakeTimer({"fast": 0.5, "torch": 1.0})

@@ -257,9 +257,15 @@ def _reference(problem: ConvProblem, mask) -> _Reference:
     return _Reference(outputs, grads_out, grads)
 
 
-def _verify(outputs: tuple, grads: tuple, mask, reference: _Reference, dtype: torch.dtype
-            ) -> Dict[str, Any]:
-    """{"verified": bool, "error": worst relative error, "why": reason when not verified}."""
+def _verify(outputs: tuple, grads: tuple, mask, reference: _Reference, dtype: torch.dtype,
+            torch_outputs: tuple) -> Dict[str, Any]:
+    """{"verified": bool, "error": worst relative error, "why": reason when not verified}.
+
+    Values are compared with the float64 reference; output strides with ``torch_outputs``,
+    the torch backend's outputs in the problem's own dtype: that is what a run without
+    the fused backend would hand on. (Not the float64 reference's: torch's float64
+    convolution on CUDA returned NCHW strides for channels_last inputs on an H200 with
+    torch 2.11, 2026-11-26, and comparing with those refused every fused backend.)"""
     tolerance = TOLERANCE[dtype]
     checks = list(zip(_OUTPUT_NAMES, outputs, reference.outputs))
     checks += [(name, got, want) for name, got, want, need in
@@ -273,7 +279,7 @@ def _verify(outputs: tuple, grads: tuple, mask, reference: _Reference, dtype: to
         error = relative_error(got, want)
         if error >= worst:
             worst_name, worst = name, error
-    for name, got, want in zip(_OUTPUT_NAMES, outputs, reference.outputs):
+    for name, got, want in zip(_OUTPUT_NAMES, outputs, torch_outputs):
         if got.stride() != want.stride():
             return {"verified": False, "error": worst,
                     "why": f"{name} has strides {got.stride()}, torch gives {want.stride()}"}
@@ -336,7 +342,9 @@ class Tuner:
         mask = grad_mask(problem)
         with torch.no_grad(), torch.autocast(device.type, enabled=False):
             reference = _reference(problem, mask)
-            times = {"torch": self._time(dispatch.get_backend("torch"), problem, mask, reference)[0]}
+            times = {}
+            times["torch"], torch_outputs, _ = self._time(dispatch.get_backend("torch"), problem, mask,
+                                                          reference)
             results = {}
             for name in candidates:
                 reasons = dispatch.backend_reasons(name, problem, explicit)
@@ -351,7 +359,8 @@ class Tuner:
                     results[name] = {"verified": False, "error": None, "why": f"raised "
                                      f"{type(error).__name__}: {str(error).splitlines()[0]}"}
                 else:
-                    results[name] = _verify(outputs, grads, mask, reference, problem.x_base.dtype)
+                    results[name] = _verify(outputs, grads, mask, reference, problem.x_base.dtype,
+                                            torch_outputs)
                 if not results[name]["verified"]:
                     times.pop(name, None)
                     warnings.warn(f"anfast: backend {name!r} failed verification on "
