@@ -232,6 +232,32 @@ def test_rng_state_round_trips_through_a_weights_only_checkpoint(tmp_path):
     assert [random.random() for _ in range(5)] == expected[2]
 
 
+class _OnDevice(torch.Tensor):
+    """A CPU tensor that behaves like a CUDA one where it matters here: numpy() refuses,
+    as it does for a tensor that torch.load(map_location="cuda") put on the GPU."""
+
+    def numpy(self, *args, **kwargs):
+        raise TypeError("can't convert cuda:0 device type tensor to numpy")
+
+    def cpu(self, *args, **kwargs):
+        return self.as_subclass(torch.Tensor).clone()
+
+
+def test_rng_state_restores_from_tensors_loaded_onto_a_gpu(tmp_path):
+    # A --resume on CUDA loads the checkpoint onto the GPU (seen on an H200, 2026-11-26).
+    torch.manual_seed(1), np.random.seed(2), random.seed(3)
+    state = get_rng_state()
+    expected = (torch.rand(5), np.random.rand(5), [random.random() for _ in range(5)])
+    on_device = {key: value.as_subclass(_OnDevice) if isinstance(value, torch.Tensor) else value
+                 for key, value in state.items()}
+    with pytest.raises(TypeError):
+        on_device["numpy_keys"].numpy()
+    set_rng_state(on_device)
+    assert torch.equal(torch.rand(5), expected[0])
+    assert np.array_equal(np.random.rand(5), expected[1])
+    assert [random.random() for _ in range(5)] == expected[2]
+
+
 _WRITER = textwrap.dedent("""
     import sys, torch
     from anfast.train.checkpoint import save_checkpoint

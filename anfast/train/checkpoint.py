@@ -158,13 +158,15 @@ def get_rng_state() -> Dict[str, Any]:
 
 
 def set_rng_state(state: Dict[str, Any]) -> None:
-    """Restore what ``get_rng_state`` captured."""
+    """Restore what ``get_rng_state`` captured, wherever its tensors were loaded: a resume
+    on CUDA loads the checkpoint with map_location=cuda (a --resume run on an H200 failed
+    here with "can't convert cuda:0 device type tensor to numpy")."""
     torch.set_rng_state(state["torch"].cpu())
     numpy_kind, numpy_pos, numpy_has_gauss, numpy_gauss = state["numpy_meta"]
-    np.random.set_state((numpy_kind, state["numpy_keys"].numpy().astype(np.uint32), numpy_pos,
+    np.random.set_state((numpy_kind, state["numpy_keys"].cpu().numpy().astype(np.uint32), numpy_pos,
                          numpy_has_gauss, numpy_gauss))
     python_version, python_gauss = state["python_meta"]
-    random.setstate((python_version, tuple(int(v) for v in state["python_internal"].tolist()),
+    random.setstate((python_version, tuple(int(v) for v in state["python_internal"].cpu().tolist()),
                      python_gauss))
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all([s.cpu() for s in state["cuda"]])
