@@ -133,6 +133,20 @@ def test_output_strides_are_checked_against_torch_in_the_problems_dtype(tuner, m
         assert any("failed verification" in str(w.message) for w in caught)
 
 
+def test_auto_tries_triton_only_when_anfast_auto_backends_names_it(monkeypatch):
+    monkeypatch.delenv("ANFAST_AUTO_BACKENDS", raising=False)
+    assert tuning.fused_backend_names() == ["cuda"]  # the measured default (tuning.AUTO_OPT_IN)
+    monkeypatch.setenv("ANFAST_AUTO_BACKENDS", "triton, cuda")
+    assert tuning.fused_backend_names() == ["cuda", "triton"]  # priority order
+    monkeypatch.setenv("ANFAST_AUTO_BACKENDS", "triton,torch")
+    with pytest.raises(ValueError, match=r"ANFAST_AUTO_BACKENDS='triton,torch': torch is not a fused backend"):
+        tuning.fused_backend_names()
+    from anfast.train.config import ConfigError, TrainConfig
+    with pytest.raises(ConfigError, match="ANFAST_AUTO_BACKENDS"):
+        TrainConfig().validate()  # refused before any data or model is built
+    TrainConfig(backend="torch").validate()  # a named backend does not read it
+
+
 def test_cache_round_trips_and_survives_corrupt_and_foreign_files(tuner, monkeypatch):
     install_backends(monkeypatch, StandInBackend("fast"))
     tuner.timer = FakeTimer({"fast": 0.5, "torch": 1.0})

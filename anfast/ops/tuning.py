@@ -55,6 +55,7 @@ __all__ = [
     "get_tuner",
     "set_tuner",
     "fused_backend_names",
+    "AUTO_OPT_IN",
     "auto_backend_name",
     "tune_problems",
     "describe_auto",
@@ -400,9 +401,27 @@ def _distributed() -> bool:
     return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
 
 
+# Fused backends auto does not try unless ANFAST_AUTO_BACKENDS names them. Triton: on an
+# H200 (2026-11-26, benchmarks/results/tune-resnet50-triton-conv2-*.json) it was 7.2x
+# slower than cuDNN on ResNet-50's 3x3 convs and never chosen, while trying it compiles
+# 3 configs of 3 kernels per new conv, minutes of a first training step on a fresh cache.
+AUTO_OPT_IN = ("triton",)
+
+
 def fused_backend_names() -> List[str]:
-    """Every backend auto may try instead of torch, in priority order."""
-    return [name for name in dispatch.BACKEND_PRIORITY if name != "torch"]
+    """The backends auto tries instead of torch, in priority order: $ANFAST_AUTO_BACKENDS
+    (comma-separated, e.g. "cuda,triton") when set, else every fused backend but those of
+    AUTO_OPT_IN. ``anfast tune --backends`` measures any of them explicitly."""
+    fused = [name for name in dispatch.BACKEND_PRIORITY if name != "torch"]
+    chosen = os.environ.get("ANFAST_AUTO_BACKENDS")
+    if chosen is None:
+        return [name for name in fused if name not in AUTO_OPT_IN]
+    names = [name.strip() for name in chosen.split(",") if name.strip()]
+    unknown = [name for name in names if name not in fused]
+    if unknown:
+        raise ValueError(f"ANFAST_AUTO_BACKENDS={chosen!r}: {', '.join(unknown)} is not a fused backend; "
+                         f"choose among {','.join(fused)} (torch always runs when none is faster)")
+    return [name for name in fused if name in names]
 
 
 _tuner = Tuner()

@@ -121,6 +121,12 @@ class TrainConfig:
         _check_choice("loader", self.loader, LOADER_CHOICES)
         _check_choice("lambda_schedule", self.lambda_schedule, LAMBDA_SCHEDULE_CHOICES)
         _check_choice("backend", self.backend, BACKEND_CHOICES)
+        if self.backend == "auto":
+            from anfast.ops.tuning import fused_backend_names
+            try:
+                fused_backend_names()  # $ANFAST_AUTO_BACKENDS names only fused backends
+            except ValueError as error:
+                raise ConfigError(str(error)) from None
         compile_mode(self.compile)
         for name in ("epochs", "batch_size", "image_size", "round_to", "log_interval",
                      "synthetic_steps"):
