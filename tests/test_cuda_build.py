@@ -49,6 +49,17 @@ def small_cpu_problem():
 
 
 @needs_nvcc
+def test_bindings_never_ask_at_zeros_for_a_memory_format():
+    # at::zeros drops the memory format of its TensorOptions: the binding's zero-padded
+    # "channels_last" copies came back NCHW and failed its own layout check in wgrad on
+    # an H200 (2026-11-26). Allocate with at::empty(..., memory_format) and zero_().
+    source = (ROOT / "csrc" / "adjoined_conv_api.cpp").read_text()
+    calls = re.findall(r"at::zeros\((?:[^()]|\([^()]*\))*\)", source)
+    assert calls, "the bindings pad with zeros somewhere; this test must see those calls"
+    assert not [call for call in calls if "memory_format" in call], calls
+    assert source.count(").zero_()") >= 2  # the padded activations and the padded weight
+
+
 def test_extension_imports_without_gpu():
     extension, why = load_extension()
     assert extension is not None, (
