@@ -11,6 +11,8 @@ import signal
 import subprocess
 import sys
 import textwrap
+import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -124,6 +126,42 @@ def test_sigterm_saves_a_checkpoint_exits_0_and_resumes(data, tmp_path):
     assert done.returncode == 0, done.stdout + done.stderr
     assert [row["epoch"] for row in _metrics(run_dir)] == [0, 1]
     assert (run_dir / "summary.json").is_file()
+
+
+def _children(pid: int) -> list[int]:
+    """The processes whose parent is ``pid`` (read from /proc: no tool from the PATH)."""
+    found = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:  # the process ended while we looked
+            continue
+        if int(fields[1]) == pid:
+            found.append(int(stat.parent.name))
+    return found
+
+
+@pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="reads the process table from /proc")
+def test_sigterm_to_the_whole_process_group_with_loader_workers_still_saves(data, tmp_path):
+    # A batch scheduler signals every process of the job: loader workers included.
+    run_dir = tmp_path / "run"
+    args = _cli_args(data, run_dir, epochs=2)
+    args[args.index("--workers") + 1] = "2"
+    process = subprocess.Popen([sys.executable, "-m", "anfast.train", *args], stdout=subprocess.PIPE,
+                               stderr=subprocess.STDOUT, text=True, start_new_session=True,
+                               env=dict(os.environ, PYTHONUNBUFFERED="1"))
+    for line in process.stdout:
+        if line.startswith("anfast train: resnet18"):  # set-up done: the loop starts its workers
+            break
+    deadline = time.monotonic() + 120
+    while len(_children(process.pid)) < 2 and process.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert len(_children(process.pid)) >= 2, "the loader workers never started"
+    os.killpg(process.pid, signal.SIGTERM)
+    output = process.stdout.read()
+    assert process.wait(timeout=300) == 0, output
+    assert "killed by signal" not in output and "stopped at epoch 1" in output, output
+    assert load_checkpoint(run_dir / "checkpoints" / "last.pt")["epoch"] == 0
 
 
 def test_a_second_run_on_the_same_out_is_refused_and_a_finished_run_is_kept(data, tmp_path):

@@ -9,6 +9,7 @@ each distinct file in ``loader.skipped`` (``loader.dropped`` maps it to the reas
 from __future__ import annotations
 
 import os
+import signal
 import warnings
 
 import torch
@@ -75,6 +76,16 @@ class _ImageFiles(Dataset):
             return self.transform(image), label, None
 
 
+def _leave_stops_to_the_main_process(worker_id: int) -> None:
+    """Loader workers ignore SIGTERM and SIGINT. A batch scheduler's SIGTERM (or Ctrl-C)
+    reaches the whole process group: a worker that died of it made the next batch fail
+    with "DataLoader worker ... is killed by signal" before the training process could
+    save. The training process stops between two steps and ends its workers itself;
+    workers also exit when it dies (torch's worker watchdog)."""
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
 def _collate_skipping(batch):
     kept = [(image, label) for image, label, _ in batch if image is not None]
     bad = [problem for _, _, problem in batch if problem is not None]
@@ -126,7 +137,7 @@ class TorchLoader:
             _ImageFiles(images.samples, build_transform(split, image_size), seed),
             batch_size=batch_size, sampler=self._sampler, num_workers=workers,
             collate_fn=_collate_skipping, drop_last=drop_last, pin_memory=device.type == "cuda",
-            persistent_workers=workers > 0)
+            persistent_workers=workers > 0, worker_init_fn=_leave_stops_to_the_main_process)
 
     def __len__(self) -> int:
         return len(self._loader)
