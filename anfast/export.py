@@ -10,7 +10,6 @@ from __future__ import annotations
 import collections
 import json
 import os
-import re
 from pathlib import Path
 from typing import Any, Optional, Union
 
@@ -20,7 +19,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from anfast.adjoin import AdjoinedNetwork, LayerWidths
-from anfast.models import arch_name, model_from_source
+from anfast.models import arch_name, fetching_kwargs, model_from_source
 
 __all__ = ["export_student", "export_base", "save_exported", "load_student", "read_export",
            "ExportError", "EXPORT_FORMAT"]
@@ -43,9 +42,6 @@ _LAYER_KEYS = {
     "BatchNorm2d": {"num_features", "eps", "momentum", "affine", "track_running_stats"},
     "Linear": {"in_features", "out_features", "bias"},
 }
-# Constructor arguments that load weights from somewhere (torchvision's weights /
-# weights_backbone, timm's pretrained / pretrained_cfg / checkpoint_path, URLs, hubs).
-_FETCHING_KWARG = re.compile(r"weight|pretrain|checkpoint|url|download|hub|cache|file|path", re.IGNORECASE)
 
 
 def _layer_spec(module: nn.Module) -> dict:
@@ -282,7 +278,7 @@ def _check_config(config: Any, file: Path) -> None:
     if not isinstance(kwargs, dict):
         raise refuse("source.kwargs", "expected an object")
     for key, value in kwargs.items():
-        if _FETCHING_KWARG.search(key):
+        if fetching_kwargs([key]):
             raise refuse(f"source.kwargs.{key}", "could load weights from outside the export; refused")
         if not _is_plain(value):
             raise refuse(f"source.kwargs.{key}", "expected a number, text, true/false, null or a list of them")

@@ -12,7 +12,7 @@ from torch import nn
 import anfast
 from anfast.adjoin import AdjoinError
 from anfast.info import describe
-from anfast.models import MissingExtraError, create_model, xresnet18, xresnet50
+from anfast.models import MissingExtraError, create_model, fetching_kwargs, xresnet18, xresnet50
 
 from helpers import TOLERANCE, assert_close_rel
 
@@ -147,6 +147,19 @@ def test_timm_student_round_trip_by_name(tmp_path):
         assert_close_rel(loaded(x), an(x).student, TOLERANCE[torch.float32], "loaded timm student")
     config = json.loads((tmp_path / "config.json").read_text())
     assert config["source"] == {"timm": "mobilenetv3_large_100", "kwargs": {"num_classes": 6}}
+
+
+def test_stochastic_depth_is_not_mistaken_for_a_weight_download(tmp_path):
+    # drop_path_rate contains "path": the export check once refused it as a weight source.
+    an = anfast.adjoin("timm:resnet18d", alpha=2, num_classes=3, drop_path_rate=0.1,
+                       input_size=(3, 32, 32)).eval()
+    anfast.export_student(an, path=tmp_path)
+    loaded = anfast.load_student(tmp_path)
+    assert type(loaded) is timm.models.ResNet
+    assert json.loads((tmp_path / "config.json").read_text())["source"]["kwargs"]["drop_path_rate"] == 0.1
+    assert fetching_kwargs(["drop_path_rate", "checkpoint_path", "weights", "weights_backbone", "cache_dir",
+                            "pretrained_cfg_overlay", "path", "num_classes", "url"]) == [
+        "cache_dir", "checkpoint_path", "path", "pretrained_cfg_overlay", "url", "weights", "weights_backbone"]
 
 
 def test_missing_timm_names_the_extra(tmp_path, monkeypatch):

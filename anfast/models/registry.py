@@ -30,8 +30,24 @@ TIMM_PREFIX = "timm:"
 _ANFAST_MODELS: dict[str, Callable[..., nn.Module]] = {
     "xresnet18": xresnet18, "xresnet34": xresnet34, "xresnet50": xresnet50, "xresnet101": xresnet101,
 }
-# timm.create_model arguments that load weights from a file or the network.
-_WEIGHT_ARGUMENTS = {"pretrained", "pretrained_cfg", "pretrained_cfg_overlay", "checkpoint_path", "cache_dir"}
+# The words of constructor arguments that load weights from a file or the network:
+# torchvision's weights / weights_backbone, timm's pretrained / pretrained_cfg(_overlay) /
+# checkpoint_path / cache_dir, and the url / download / hub / file / dir arguments of
+# other libraries. Matched per "_"-separated word, so drop_path_rate (timm's stochastic
+# depth) is not caught by "path"; a name ending in "_path" (or "path" itself) is.
+_FETCHING_WORDS = {"weight", "weights", "pretrain", "pretrained", "checkpoint", "url", "urls",
+                   "download", "hub", "cache", "file", "files", "dir"}
+
+
+def fetching_kwargs(names) -> list[str]:
+    """The argument names among ``names`` that could load weights from outside (sorted).
+
+    One definition for create_model (what a model may be built with) and load_student
+    (what an export's config.json may ask for)."""
+    def fetches(name: str) -> bool:
+        words = name.lower().split("_")
+        return bool(_FETCHING_WORDS.intersection(words)) or words[-1] == "path"
+    return sorted(name for name in names if fetches(str(name)))
 
 
 class MissingExtraError(ImportError):
@@ -54,7 +70,7 @@ def list_models() -> list[str]:
 
 def _check_kwargs(library: str, name: str, kwargs: Mapping[str, Any]) -> dict:
     """Keyword arguments that config.json can hold and that never fetch weights."""
-    loading = sorted(_WEIGHT_ARGUMENTS & set(kwargs)) + (["weights"] if "weights" in kwargs else [])
+    loading = fetching_kwargs(kwargs)
     if loading:
         raise ValueError(f"{library} model {name!r}: {loading} would load weights; anfast builds "
                          "architectures only (initialise from a local file with --pretrained PATH)")
