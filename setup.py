@@ -95,14 +95,15 @@ def cuda_extension_or_reason():
         return str(error)
     os.environ.setdefault("MAX_JOBS", "2")
     kernels = ["kernels/adjoined_conv_fprop.cu", "kernels/adjoined_conv_dgrad.cu", "kernels/adjoined_conv_wgrad.cu"]
-    sources, objects = ["csrc/adjoined_conv_api.cpp", *kernels], []
-    if os.environ.get("ANFAST_PREBUILT_KERNELS"):
-        folder = Path(os.environ["ANFAST_PREBUILT_KERNELS"])
-        objects = [str(folder / (Path(kernel).stem + ".o")) for kernel in kernels]
+    sources, objects = ["csrc/adjoined_conv_api.cpp"], []
+    prebuilt = os.environ.get("ANFAST_PREBUILT_KERNELS")
+    if prebuilt:
+        objects = [str(Path(prebuilt) / (Path(kernel).stem + ".o")) for kernel in kernels]
         missing = [o for o in objects if not os.path.isfile(o)]
         if missing:
-            raise SystemExit(f"setup.py: ANFAST_PREBUILT_KERNELS={folder}: missing {', '.join(missing)}")
-        sources = sources[:1]
+            raise SystemExit(f"setup.py: ANFAST_PREBUILT_KERNELS={prebuilt}: missing {', '.join(missing)}")
+    else:
+        sources += kernels
     extension = CUDAExtension(
         name="anfast._C",
         sources=sources,

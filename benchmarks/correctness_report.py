@@ -26,7 +26,7 @@ from common import environment, write_result  # noqa: E402
 
 def summarize(cases: list[dict]) -> dict:
     """{backend/dtype/layout: {counts..., worst: {layer, error}}} over ``cases``."""
-    groups: dict[str, dict] = collections.defaultdict(lambda: collections.Counter())
+    groups: dict[str, collections.Counter] = collections.defaultdict(collections.Counter)
     worst: dict[str, tuple[float, str]] = {}
     for case in cases:
         key = f"{case['backend']}/{case['dtype']}/{case['layout']}"

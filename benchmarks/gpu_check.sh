@@ -119,19 +119,19 @@ pack() {  # the results as at most 8 flat files (what a device call brings back)
 }
 
 $PYTHON benchmarks/common.py --device cuda --out "$OUTDIR/environment.json" 2>&1 | tee "$OUTDIR/environment.log"
-# pytest-xdist spreads the GPU tests over processes (each with few CPU threads); the
+# pytest-xdist spreads the GPU tests over processes (each with few CPU threads; the
+# correctness cases report themselves in correctness.jsonl as they finish); the
 # per-test timeout of pytest-timeout prints the stacks of a test that hangs.
 PYTEST=($PYTHON -m pytest -q -rs -p no:cacheprovider -p no:benchmark)
 XDIST=()
 if $PYTHON -c "import xdist" 2>/dev/null; then
     XDIST=(-n "$((NPROC > 12 ? 12 : NPROC))")
-    PYTEST+=(-v)
 fi
 if $PYTHON -c "import pytest_timeout" 2>/dev/null; then
     PYTEST+=(--timeout=60)
 fi
 
-# A previous call's Triton cache and extension, carried in .gpu/ (see the header).
+# A previous call's Triton kernel cache, carried in .gpu/ (see the header).
 if [ -f .gpu/triton-cache.tgz ]; then
     tar xzf .gpu/triton-cache.tgz -C / && echo "gpu_check: Triton cache restored into $TRITON_CACHE_DIR"
 fi

@@ -50,9 +50,9 @@ def finished(run_dir: Path, seconds: float, log: str) -> dict:
 
 def start_uninterrupted(run_dir: Path, args: argparse.Namespace) -> tuple[subprocess.Popen, float]:
     """Start the uninterrupted run (it trains while the other run is stopped and resumed)."""
-    log = open(run_dir.parent / "uninterrupted.log", "w")
-    return subprocess.Popen(train_command(run_dir, args), stdout=log, stderr=subprocess.STDOUT,
-                            text=True), time.perf_counter()
+    with open(run_dir.parent / "uninterrupted.log", "w") as log:  # the child keeps its own copy
+        process = subprocess.Popen(train_command(run_dir, args), stdout=log, stderr=subprocess.STDOUT)
+    return process, time.perf_counter()
 
 
 def finish_uninterrupted(run_dir: Path, started: tuple[subprocess.Popen, float]) -> dict:

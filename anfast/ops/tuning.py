@@ -343,9 +343,8 @@ class Tuner:
         mask = grad_mask(problem)
         with torch.no_grad(), torch.autocast(device.type, enabled=False):
             reference = _reference(problem, mask)
-            times = {}
-            times["torch"], torch_outputs, _ = self._time(dispatch.get_backend("torch"), problem, mask,
-                                                          reference)
+            torch_ms, torch_outputs, _ = self._time(dispatch.get_backend("torch"), problem, mask, reference)
+            times = {"torch": torch_ms}
             results = {}
             for name in candidates:
                 reasons = dispatch.backend_reasons(name, problem, explicit)
