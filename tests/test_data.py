@@ -9,7 +9,11 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import os
 import pathlib
+import signal
+import subprocess
+import sys
 import warnings
 
 import numpy as np
@@ -315,3 +319,45 @@ def test_16_bit_grey_is_scaled_to_8_bits_as_dali_does(tmp_path):
     with pytest.raises(ValueError, match="TIFF with 32-bit samples"):
         load_rgb(tmp_path / "grey32.tif")
     assert "TIFF with 32-bit samples (mode I), which DALI cannot decode" in probe_image(str(tmp_path / "grey32.tif"))
+
+
+# ---------------------------------------------------------------- loader workers and signals
+
+_WORKERS_AND_SIGNALS = """
+import multiprocessing, os, signal, subprocess, sys, time
+from anfast.data import create_loader
+
+loader = create_loader(sys.argv[1], "val", batch_size=4, image_size=10, loader="torch", workers=2)
+batches = iter(loader)
+next(batches)
+workers = multiprocessing.active_children()
+assert len(workers) == 2, workers
+# A scheduler's or a terminal's stop, sent by a process other than this one.
+for worker in workers:
+    for stop in (signal.SIGTERM, signal.SIGINT):
+        subprocess.run([sys.executable, "-c", f"import os; os.kill({worker.pid}, {int(stop)})"],
+                       check=True)
+time.sleep(1.0)
+print("alive:", [worker.is_alive() for worker in workers])
+print("batches after the stops:", sum(1 for _ in batches))
+# The loader and its persistent workers stay alive to the exit, as they did when a run
+# stopped on SIGTERM: multiprocessing then ends them with terminate() and joins them.
+"""
+
+
+def test_loader_workers_drop_others_stops_and_end_with_their_training_process(indexed):
+    root, _ = indexed
+    # Its own session: should it hang, the whole group is killed, workers included.
+    process = subprocess.Popen([sys.executable, "-c", _WORKERS_AND_SIGNALS, str(root)],
+                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                               start_new_session=True)
+    try:
+        output, _ = process.communicate(timeout=120)
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)
+        output, _ = process.communicate()
+        pytest.fail("the process did not exit with its loader workers alive (workers that "
+                    f"ignore SIGTERM are joined forever at exit):\n{output}")
+    assert process.returncode == 0, output
+    assert "alive: [True, True]" in output, output
+    assert "batches after the stops: 5" in output, output  # 23 images, batches of 4: 6 in all

@@ -6,11 +6,13 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
+import queue
 import shutil
 import signal
 import subprocess
 import sys
 import textwrap
+import threading
 import time
 from pathlib import Path
 
@@ -39,6 +41,70 @@ def _metrics(run_dir):
 @pytest.fixture(scope="module")
 def data(tmp_path_factory):
     return make_image_folder(tmp_path_factory.mktemp("data"))
+
+
+class _Training:
+    """A training command in a subprocess of its own session, its output read on a thread.
+
+    No wait below blocks past its deadline: a run that hangs fails its test, and the
+    whole process group (loader workers included) is killed, instead of hanging the
+    suite (a worker that outlived its run once held the output pipe open forever).
+    """
+
+    def __init__(self, command: list[str]):
+        self.process = subprocess.Popen(
+            command, stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT, text=True, start_new_session=True,
+            # Unbuffered, so a line arrives when it is printed: block-buffered, the set-up
+            # line came only at exit and a SIGTERM then hit a finished process.
+            env=dict(os.environ, PYTHONUNBUFFERED="1"))
+        self.lines: queue.Queue = queue.Queue()
+        self.output: list[str] = []
+        self.reader = threading.Thread(target=self._read, daemon=True)
+        self.reader.start()
+
+    def _read(self) -> None:
+        for line in self.process.stdout:
+            self.output.append(line)
+            self.lines.put(line)
+        self.lines.put(None)
+
+    def text(self) -> str:
+        return "".join(self.output)
+
+    def wait_for_line(self, prefix: str, timeout: float = 300) -> None:
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                line = self.lines.get(timeout=max(0.0, deadline - time.monotonic()))
+            except queue.Empty:
+                self.kill()
+                pytest.fail(f"no line starting {prefix!r} within {timeout} s:\n{self.text()}")
+            if line is None:
+                pytest.fail(f"the run ended before printing {prefix!r}:\n{self.text()}")
+            if line.startswith(prefix):
+                return
+
+    def finish(self, timeout: float = 300) -> tuple[int, str]:
+        """The exit status and all output, once the run and every process that shares
+        its output (loader workers) have ended."""
+        try:
+            returncode = self.process.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            self.kill()
+            pytest.fail(f"the run was still going after {timeout} s:\n{self.text()}")
+        self.reader.join(timeout=60)
+        if self.reader.is_alive():
+            self.kill()
+            pytest.fail("a process of the run (a loader worker?) outlived it by 60 s, holding its "
+                        f"output open:\n{self.text()}")
+        return returncode, self.text()
+
+    def kill(self) -> None:
+        try:
+            os.killpg(self.process.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
 
 
 def test_full_run_writes_every_artifact_and_eval_export_agree(data, tmp_path):
@@ -107,16 +173,11 @@ def test_resume_from_any_stop_equals_an_uninterrupted_run(data, tmp_path, worker
 def test_sigterm_saves_a_checkpoint_exits_0_and_resumes(data, tmp_path):
     run_dir = tmp_path / "run"
     command = [sys.executable, "-m", "anfast.train", *_cli_args(data, run_dir, epochs=2)]
-    # Unbuffered, so the set-up line arrives when it is printed: block-buffered, it came
-    # only at exit and the SIGTERM then hit a finished process (exit -15).
-    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                               text=True, env=dict(os.environ, PYTHONUNBUFFERED="1"))
-    for line in process.stdout:
-        if line.startswith("anfast train: resnet18"):  # set-up done, the loop starts now
-            process.send_signal(signal.SIGTERM)
-            break
-    output = process.stdout.read()
-    assert process.wait(timeout=300) == 0, output
+    run = _Training(command)
+    run.wait_for_line("anfast train: resnet18")  # set-up done, the loop starts now
+    run.process.send_signal(signal.SIGTERM)
+    returncode, output = run.finish()
+    assert returncode == 0, output
     assert "stopped at epoch 1" in output and "--resume auto" in output, output
     state = load_checkpoint(run_dir / "checkpoints" / "last.pt")
     assert state["epoch"] == 0 and 1 <= state["step"] < 3
@@ -147,19 +208,16 @@ def test_sigterm_to_the_whole_process_group_with_loader_workers_still_saves(data
     run_dir = tmp_path / "run"
     args = _cli_args(data, run_dir, epochs=2)
     args[args.index("--workers") + 1] = "2"
-    process = subprocess.Popen([sys.executable, "-m", "anfast.train", *args], stdout=subprocess.PIPE,
-                               stderr=subprocess.STDOUT, text=True, start_new_session=True,
-                               env=dict(os.environ, PYTHONUNBUFFERED="1"))
-    for line in process.stdout:
-        if line.startswith("anfast train: resnet18"):  # set-up done: the loop starts its workers
-            break
+    run = _Training([sys.executable, "-m", "anfast.train", *args])
+    run.wait_for_line("anfast train: resnet18")  # set-up done: the loop starts its workers
+    pid = run.process.pid
     deadline = time.monotonic() + 120
-    while len(_children(process.pid)) < 2 and process.poll() is None and time.monotonic() < deadline:
+    while len(_children(pid)) < 2 and run.process.poll() is None and time.monotonic() < deadline:
         time.sleep(0.05)
-    assert len(_children(process.pid)) >= 2, "the loader workers never started"
-    os.killpg(process.pid, signal.SIGTERM)
-    output = process.stdout.read()
-    assert process.wait(timeout=300) == 0, output
+    assert len(_children(pid)) >= 2, "the loader workers never started"
+    os.killpg(pid, signal.SIGTERM)
+    returncode, output = run.finish()
+    assert returncode == 0, output
     assert "killed by signal" not in output and "stopped at epoch 1" in output, output
     assert load_checkpoint(run_dir / "checkpoints" / "last.pt")["epoch"] == 0
 
@@ -167,17 +225,15 @@ def test_sigterm_to_the_whole_process_group_with_loader_workers_still_saves(data
 def test_a_second_run_on_the_same_out_is_refused_and_a_finished_run_is_kept(data, tmp_path):
     run_dir = tmp_path / "run"
     command = [sys.executable, "-m", "anfast", "train", *_cli_args(data, run_dir, epochs=1)]
-    first = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    for line in first.stdout:
-        if line.startswith("anfast train: resnet18"):  # set-up done, the lock is held
-            break
+    first = _Training(command)
+    first.wait_for_line("anfast train: resnet18")  # set-up done, the lock is held
     second = subprocess.run(command, capture_output=True, text=True, timeout=300)
     assert second.returncode == 2, second.stdout + second.stderr
     assert second.stderr.startswith(f"anfast train: error: --out {run_dir} is in use by another run "
-                                    f"(pid {first.pid} on "), second.stderr
+                                    f"(pid {first.process.pid} on "), second.stderr
     assert len(second.stderr.strip().splitlines()) == 1 and "Traceback" not in second.stderr
-    output = first.stdout.read()
-    assert first.wait(timeout=300) == 0, output
+    returncode, output = first.finish()
+    assert returncode == 0, output
     metrics = (run_dir / "metrics.jsonl").read_text()
     checkpoint = (run_dir / "checkpoints" / "last.pt").read_bytes()
 

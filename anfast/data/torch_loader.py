@@ -8,8 +8,11 @@ each distinct file in ``loader.skipped`` (``loader.dropped`` maps it to the reas
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import os
 import signal
+import threading
 import warnings
 
 import torch
@@ -76,14 +79,54 @@ class _ImageFiles(Dataset):
             return self.transform(image), label, None
 
 
-def _leave_stops_to_the_main_process(worker_id: int) -> None:
-    """Loader workers ignore SIGTERM and SIGINT. A batch scheduler's SIGTERM (or Ctrl-C)
-    reaches the whole process group: a worker that died of it made the next batch fail
-    with "DataLoader worker ... is killed by signal" before the training process could
-    save. The training process stops between two steps and ends its workers itself;
-    workers also exit when it dies (torch's worker watchdog)."""
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
+_STOPS = {signal.SIGTERM, signal.SIGINT}
+
+
+def _leave_stops_to_the_main_process(worker_id: int, *, main_pid: int) -> None:
+    """Loader workers obey SIGTERM / SIGINT from their training process only.
+
+    A batch scheduler's SIGTERM (or Ctrl-C) reaches the whole process group: a worker
+    that died of it made the next batch fail with "DataLoader worker ... is killed by
+    signal" before the training process could save. So the workers leave stops to the
+    training process, which stops between two steps and ends its workers itself.
+
+    Ignoring the signals outright (SIG_IGN) hung the run instead: at exit,
+    multiprocessing ends daemonic children with SIGTERM and then joins them, and a
+    worker that ignores SIGTERM is joined forever. A worker therefore keeps both
+    signals blocked (it was forked with them blocked, see :func:`_stops_held_back`) and
+    takes them on a thread of its own, which reads the sender of each: one from the
+    training process (torch's and multiprocessing's ``terminate()``) ends the worker at
+    once, any other is dropped. Workers also exit when the training process dies
+    (torch's worker watchdog).
+    """
+    # Threads inherit the mask: every thread the worker starts later blocks them too,
+    # so they stay pending until the waiting thread takes them.
+    signal.pthread_sigmask(signal.SIG_BLOCK, _STOPS)
+    threading.Thread(target=_obey_only, args=(main_pid,), name="anfast-worker-signals",
+                     daemon=True).start()
+
+
+def _obey_only(main_pid: int) -> None:
+    while True:
+        received = signal.sigwaitinfo(_STOPS)
+        if received.si_pid == main_pid:
+            os._exit(128 + received.si_signo)  # what a shell reports for death by that signal
+
+
+@contextlib.contextmanager
+def _stops_held_back():
+    """Block SIGTERM / SIGINT in this thread while it forks loader workers.
+
+    A forked worker inherits the mask, so a signal that reaches the process group
+    before the worker's own handling is in place stays pending instead of killing it
+    (torch installs a SIGTERM handler that dies at the start of every worker). Signals
+    sent to the training process meanwhile are delivered when the mask is restored.
+    """
+    previous = signal.pthread_sigmask(signal.SIG_BLOCK, _STOPS)
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
 
 
 def _collate_skipping(batch):
@@ -137,7 +180,8 @@ class TorchLoader:
             _ImageFiles(images.samples, build_transform(split, image_size), seed),
             batch_size=batch_size, sampler=self._sampler, num_workers=workers,
             collate_fn=_collate_skipping, drop_last=drop_last, pin_memory=device.type == "cuda",
-            persistent_workers=workers > 0, worker_init_fn=_leave_stops_to_the_main_process)
+            persistent_workers=workers > 0,
+            worker_init_fn=functools.partial(_leave_stops_to_the_main_process, main_pid=os.getpid()))
 
     def __len__(self) -> int:
         return len(self._loader)
@@ -148,7 +192,9 @@ class TorchLoader:
 
     def __iter__(self):
         memory_format = torch.channels_last if self.channels_last else torch.contiguous_format
-        for images, labels, bad in self._loader:
+        with _stops_held_back():  # the first iter() forks the (persistent) workers
+            batches = iter(self._loader)
+        for images, labels, bad in batches:
             self._count_skipped(bad)
             if labels.numel() == 0:
                 continue
