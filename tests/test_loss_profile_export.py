@@ -1,6 +1,9 @@
 """AdjoinedLoss against a hand-written formula, profile against hand counts, export round trips."""
 
+import copy
 import math
+import pathlib
+import sys
 
 import pytest
 import torch
@@ -58,6 +61,20 @@ def test_profile_counts_by_hand():
     assert stats["flops"] == 2 * (8 * 25 * 3 * 9) + 2 * (200 * 4)
 
 
+
+def test_profile_of_an_adjoined_network_is_its_base_plus_its_students():
+    # Its convs are custom ops: before they had FLOP formulas, profile() counted only the
+    # classifiers of an adjoined network.
+    an = anfast.adjoin("resnet18", alpha=(2, 4), policy="paper", num_classes=10, input_size=(3, 32, 32))
+    base = anfast.profile(anfast.export_base(an), (3, 32, 32))["flops"]
+    students = [anfast.profile(anfast.export_student(an, s), (3, 32, 32))["flops"] for s in range(2)]
+    # The stem conv reads the image, the same for every network: it runs once, and the
+    # students take leading channels of its output. By hand: 7x7, stride 2, 3 -> c channels
+    # on 32 px (16 x 16 out) costs 2 * 16 * 16 * c * 3 * 49 FLOPs per student.
+    assert an.conv1.input_shared
+    stems = [2 * 16 * 16 * c * 3 * 49 for c in an.layer_widths["conv1"].student_out]
+    assert anfast.profile(an, (3, 32, 32))["flops"] == base + sum(students) - sum(stems)
+
 def test_resnet50_paper_student_size():
     """The paper's ResNet-50 student has 1.8M parameters without the classifier."""
     an = anfast.adjoin("resnet50", alpha=4, policy="paper", input_size=(3, 32, 32))
@@ -95,3 +112,37 @@ def test_load_student_of_a_user_class_needs_an_instance(tmp_path):
         assert (loaded(x) - an(x).student).abs().max() <= 1e-5
     with pytest.raises(FileNotFoundError, match="config.json"):
         anfast.load_student(tmp_path / "missing")
+
+
+def test_step_census_counts_on_meta_what_a_real_step_runs():
+    """benchmarks/step_census.py counts ResNet-50 at batch 256 without running it, on the
+    meta device: its FLOPs, calls and elements must be those of a real CPU step."""
+    benchmarks = pathlib.Path(__file__).resolve().parent.parent / "benchmarks"
+    sys.path.insert(0, str(benchmarks))
+    try:
+        from step_census import census
+        from train_throughput import build_providers
+    finally:
+        sys.path.remove(str(benchmarks))
+    providers = build_providers("resnet18", 4.0, 10, (3, 32, 32))
+    for name in ("base", "anfast_torch", "masked"):
+        model, loss_fn = providers[name]
+        for channels_last in (True, False):
+            shape = dict(batch_size=2, image_size=32, num_classes=10, channels_last=channels_last)
+            counted = census(copy.deepcopy(model), loss_fn, **shape)
+            ran = census(copy.deepcopy(model), loss_fn, device="cpu", **shape)
+            if name == "masked":
+                # Its base and student share weights: the autograd engine sums their
+                # channels_last gradients through a few more copies on meta than on the
+                # CPU (3 of 330 calls). The FLOPs and the convs are the same.
+                for kind in ("calls", "elements"):
+                    assert counted[kind]["other"] == pytest.approx(ran[kind]["other"], rel=0.01)
+                    counted[kind]["other"] = ran[kind]["other"]
+                counted["most_called"] = ran["most_called"]
+            assert counted == ran, (name, channels_last)
+    # FLOPs by hand for the one part every provider shares: the stem conv's forward,
+    # 7x7 stride 2 on 32 px, 3 -> 64 channels, batch 2 (its backward has no dgrad).
+    stem = 2 * 2 * 16 * 16 * 64 * 3 * 49
+    assert census(copy.deepcopy(providers["base"][0].conv1), lambda y, _: y.sum(), batch_size=2,
+                  image_size=32, num_classes=10, channels_last=False)["flops"] == {
+        "forward": stem, "backward": stem, "total": 2 * stem}

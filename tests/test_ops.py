@@ -5,6 +5,7 @@ import random
 import pytest
 import torch
 import torch.nn.functional as F
+from torch.utils.flop_counter import FlopCounterMode
 
 import anfast
 from anfast.ops import BackendUnavailable, ConvProblem, adjoined_conv2d, choose_backend
@@ -68,6 +69,46 @@ def test_reference_matches_conv2d_on_sliced_weights(seed):
     for name, got, want in zip(["dx_base", "dx_student", "dweight", "dbias"], grads, ref_grads):
         assert_close_rel(got, want, 1e-12, name)
 
+
+
+def _flops(function) -> tuple[int, int]:
+    """(forward, backward) FLOPs of ``function()`` and its backward, as torch counts them."""
+    forward, backward = FlopCounterMode(display=False), FlopCounterMode(display=False)
+    with forward:
+        outputs = function()
+    with backward:
+        sum(y.sum() for y in outputs).backward()
+    return forward.get_total_flops(), backward.get_total_flops()
+
+
+@pytest.mark.parametrize("seed", range(12))
+def test_flop_counter_counts_an_adjoined_conv_as_its_two_convs(seed):
+    """FlopCounterMode (so anfast.profile) sees through the custom op: an adjoined conv
+    costs what torch's own formulas give for F.conv2d on the base and on the student's
+    slice, forward and backward, with the backward counting only the gradients asked."""
+    case = _random_case(seed)
+    x_b, x_s, w, b = _tensors(case)
+    if seed % 3 == 0:
+        x_b.requires_grad_(False)  # the first conv of a network: no dgrad for the image
+    conv = dict(stride=case["stride"], padding=case["padding"], dilation=case["dilation"])
+    g_s = case["groups"] * case["out_student"] // case["c_out"] if case["groups"] > 1 else 1
+    w_s = w[: case["out_student"]] if case["groups"] > 1 else w[: case["out_student"], : case["in_student"]]
+    b_s = b[: case["out_student"]] if b is not None else None
+    got = _flops(lambda: adjoined_conv2d(x_b, x_s, w, b, out_student=case["out_student"],
+                                         groups=case["groups"], backend="torch", **conv))
+    want = _flops(lambda: (F.conv2d(x_b, w, b, groups=case["groups"], **conv),
+                           F.conv2d(x_s, w_s, b_s, groups=g_s, **conv)))
+    assert got == want, case
+
+
+def test_flops_of_an_adjoined_conv_by_hand():
+    x_b = torch.randn(2, 6, 8, 8, requires_grad=True)
+    x_s = torch.randn(2, 3, 8, 8, requires_grad=True)
+    w = torch.randn(10, 6, 3, 3, requires_grad=True)
+    forward, backward = _flops(lambda: adjoined_conv2d(x_b, x_s, w, out_student=4, stride=2, padding=1))
+    base, student = 2 * 2 * 4 * 4 * 10 * 6 * 9, 2 * 2 * 4 * 4 * 4 * 3 * 9  # 2·N·Ho·Wo·Cout·Cin·k²
+    assert forward == base + student
+    assert backward == 2 * (base + student)  # dgrad and wgrad, each one forward's worth
 
 def test_gathered_student_input_channels():
     """After a concat the student's channels are named by an index (DenseNet)."""

@@ -20,7 +20,8 @@ def autocast_inputs(*tensors: Optional[torch.Tensor]) -> tuple[Optional[torch.Te
     """
     reference = next(t for t in tensors if t is not None)
     device_type = reference.device.type
-    if not torch.is_autocast_enabled(device_type):
+    # Autocast knows no meta device: shape-only runs (FLOP counts, census) pass through.
+    if device_type == "meta" or not torch.is_autocast_enabled(device_type):
         return tensors
     dtype = torch.get_autocast_dtype(device_type)
     return tuple(t if t is None or not t.is_floating_point() else t.to(dtype) for t in tensors)

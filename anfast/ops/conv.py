@@ -10,6 +10,7 @@ from __future__ import annotations
 from typing import List, Optional, Sequence
 
 import torch
+from torch.utils import flop_counter
 
 from anfast.ops import reference
 from anfast.ops.dispatch import ConvProblem, choose_backend
@@ -129,6 +130,44 @@ def _memory_format(x: torch.Tensor) -> torch.memory_format:
 torch.library.register_autograd(
     "anfast::adjoined_conv2d", _backward, setup_context=_setup_context
 )
+
+
+# torch.utils.flop_counter sees a custom op as one opaque call: without these formulas
+# FlopCounterMode (and anfast.profile) counted no conv FLOPs in an adjoined model. Each
+# pass costs what torch's own formulas give F.conv2d on the base and on the student's
+# slice of the weight, backward included (torch.utils.flop_counter.conv_backward_flop's
+# formulas, which count a grouped conv's wgrad as ``groups`` times its forward).
+def _student_weight_shape(x_student, weight, groups, y_student) -> list[int]:
+    return [y_student[1], weight[1] if groups != 1 else x_student[1], *weight[2:]]
+
+
+@flop_counter.register_flop_formula(torch.ops.anfast.adjoined_conv2d)
+def _forward_flops(x_base, x_student, weight, bias, student_in_index, out_student, stride, padding,
+                   dilation, groups, backend, out_shape) -> int:
+    y_base, y_student = out_shape
+    student = _student_weight_shape(x_student, weight, groups, y_student)
+    return (flop_counter.conv_flop_count(x_base, weight, y_base)
+            + flop_counter.conv_flop_count(x_student, student, y_student))
+
+
+@flop_counter.register_flop_formula(torch.ops.anfast.adjoined_conv2d_backward)
+def _backward_flops(grad_base, grad_student, x_base, x_student, weight, has_bias, student_in_index,
+                    out_student, stride, padding, dilation, groups, backend, output_mask,
+                    out_shape) -> int:
+    dx_base, dx_student, dweight, _ = output_mask
+    student = _student_weight_shape(x_student, weight, groups, grad_student)
+    total = 0
+    for grad, x, w, dx in ((grad_base, x_base, weight, dx_base),
+                           (grad_student, x_student, student, dx_student)):
+        if dx:  # dgrad: the transposed conv of the output gradient with the weight
+            total += flop_counter.conv_flop_count(grad, w, x, transposed=True)
+        if dweight:  # wgrad: the conv of the input with the output gradient
+            total += flop_counter.conv_flop_count(_swap01(x), _swap01(grad), _swap01(w))
+    return total
+
+
+def _swap01(shape) -> list[int]:
+    return [shape[1], shape[0], *shape[2:]]
 
 
 def _pair(value: Sequence[int] | int, name: str) -> list[int]:
