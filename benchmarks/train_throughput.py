@@ -98,11 +98,15 @@ class MaskedAdjoined(nn.Module):
         return anfast.AdjoinedOutput(self.base(x), (self.student(x),))
 
 
-def build_providers(arch: str, alpha: float, num_classes: int, input_size) -> dict:
-    """name -> (model, loss_fn(output, target)), all from the same initial weights."""
+def build_providers(arch: str, alpha: float, num_classes: int, input_size, policy: str = "paper"
+                    ) -> dict:
+    """name -> (model, loss_fn(output, target)), all from the same initial weights.
+
+    ``policy`` is the anfast providers' width policy; the masked student is the paper's.
+    """
     torch.manual_seed(0)
     base = torchvision.models.get_model(arch, weights=None, num_classes=num_classes)
-    adjoined = {backend: anfast.adjoin(copy.deepcopy(base), alpha=alpha, policy="paper", round_to=8,
+    adjoined = {backend: anfast.adjoin(copy.deepcopy(base), alpha=alpha, policy=policy, round_to=8,
                                        input_size=input_size, backend=backend)
                 for backend in (None, "torch")}
     masked = MaskedAdjoined(copy.deepcopy(base), alpha, 8)

@@ -1,0 +1,191 @@
+"""What one training step asks of the device: FLOPs, operator calls and memory traffic.
+
+Question: why is an AN step slower than its FLOPs say? On the H200, plain ResNet-50
+training ran at 4667 img/s and AN (paper policy, alpha 4, torch backend, which auto also
+chose there) at 2629: 1.78x the time for (as counted here) 1.23x the FLOPs. This counts, per provider of train_throughput.py,
+what one forward + backward pass at the benchmark's shape dispatches, without running
+it: the model and batch live on the meta device (shapes only, no memory, no compute),
+so ResNet-50 at batch 256 and 224 px is counted in seconds on any machine.
+
+  flops               torch.utils.flop_counter (a multiply-add is 2), forward and backward
+  calls               operator calls by kind: "gemm" (conv, conv backward, matmul, and
+                      anfast's adjoined conv ops) and "other" (batch norm, ReLU, residual
+                      adds, pooling, loss, ...). On a GPU each call is one or more kernels.
+  elements            tensor elements each call reads or writes (inputs + outputs);
+                      "other" calls do a few operations per element, so their time is
+                      their traffic: elements x bytes per element / memory bandwidth.
+
+Views and allocations move no data and are not counted. The optimizer step is left
+out (its traffic is a few passes over the weights, the same for every provider).
+
+    python benchmarks/step_census.py                       # ResNet-50, batch 256, 224 px
+    python benchmarks/step_census.py --throughput benchmarks/results/train_throughput-nvidia-h200-2026-11-26.json
+
+With --throughput, the measured step times of a train_throughput.py JSON (same arch,
+batch and image size) are set beside the counts. Writes
+benchmarks/results/step_census-<arch>-<policy>-<machine>-<date>.json, or
+OUT/step_census.json with --out.
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import json
+import sys
+from pathlib import Path
+
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_flatten
+from torch.utils.flop_counter import FlopCounterMode
+
+import anfast
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import environment, write_result  # noqa: E402
+from train_throughput import build_providers  # noqa: E402
+
+GEMM_OPS = frozenset({"convolution", "convolution_backward", "mm", "addmm", "bmm",
+                      "adjoined_conv2d", "adjoined_conv2d_backward"})
+# Calls that move no data: views, metadata, allocations.
+FREE_OPS = frozenset({"view", "_unsafe_view", "t", "permute", "expand", "detach", "slice", "alias",
+                      "as_strided", "transpose", "unsqueeze", "squeeze", "select", "reshape",
+                      "empty", "empty_like", "empty_strided", "new_empty", "new_empty_strided",
+                      "lift_fresh", "_to_copy_meta"})
+
+
+class OpCensus(TorchDispatchMode):
+    """Counts operator calls and the tensor elements each reads or writes, by kind."""
+
+    def __init__(self):
+        super().__init__()
+        self.calls: collections.Counter = collections.Counter()
+        self.elements: collections.Counter = collections.Counter()
+        self.by_op: collections.Counter = collections.Counter()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        name = func._overloadpacket.__name__
+        if name in FREE_OPS:
+            return out
+        kind = "gemm" if name in GEMM_OPS else "other"
+        touched = sum(t.numel() for t in tree_flatten((args, kwargs, out))[0]
+                      if isinstance(t, torch.Tensor))
+        self.calls[kind] += 1
+        self.elements[kind] += touched
+        self.by_op[name] += 1
+        return out
+
+
+def census(model: torch.nn.Module, loss_fn, *, batch_size: int, image_size: int,
+           num_classes: int, channels_last: bool, device: str = "meta") -> dict:
+    """FLOPs, calls and elements of one forward + backward pass of ``model``.
+
+    On "meta" (the default) nothing is computed or allocated; ``model`` is moved there.
+    """
+    memory_format = torch.channels_last if channels_last else torch.contiguous_format
+    model = model.to(device=device, memory_format=memory_format).train()
+    images = torch.randn(batch_size, 3, image_size, image_size, device=device)
+    images = images.contiguous(memory_format=memory_format)
+    labels = torch.randint(num_classes, (batch_size,), device=device)
+    result = {}
+    forward_flops, backward_flops = FlopCounterMode(display=False), FlopCounterMode(display=False)
+    ops = OpCensus()
+    with ops:
+        with forward_flops:
+            loss = loss_fn(model(images), labels)
+        with backward_flops:
+            loss.backward()
+    result["flops"] = {"forward": forward_flops.get_total_flops(),
+                       "backward": backward_flops.get_total_flops()}
+    result["flops"]["total"] = result["flops"]["forward"] + result["flops"]["backward"]
+    result["calls"] = dict(ops.calls)
+    result["elements"] = dict(ops.elements)
+    result["most_called"] = dict(ops.by_op.most_common(12))
+    return result
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--arch", default="resnet50")
+    parser.add_argument("--alpha", type=float, default=4.0)
+    parser.add_argument("--policy", default="paper",
+                        help="width policy of the anfast providers (the masked one is always the "
+                             "paper's; default: %(default)s)")
+    parser.add_argument("--image-size", type=int, default=224)
+    parser.add_argument("--batch-size", type=int, default=256)
+    parser.add_argument("--num-classes", type=int, default=1000)
+    parser.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=True)
+    parser.add_argument("--providers", default="base,anfast_torch,masked",
+                        help="comma list of train_throughput.py's providers (default: %(default)s)")
+    parser.add_argument("--throughput", type=Path, default=None,
+                        help="a train_throughput.py JSON whose measured step times to set beside "
+                             "the counts (same arch, batch size and image size)")
+    parser.add_argument("--out", type=Path, default=None,
+                        help="directory for the JSON (default: benchmarks/results/)")
+    args = parser.parse_args()
+
+    measured = None
+    if args.throughput is not None:
+        measured = json.loads(args.throughput.read_text())
+        mismatched = [f"{key} {measured.get(key)} (here {value})" for key, value in
+                      (("arch", args.arch), ("batch_size", args.batch_size),
+                       ("image_size", args.image_size), ("alpha", args.alpha),
+                       ("policy", args.policy))
+                      if measured.get(key) != value]
+        if mismatched:
+            parser.error(f"--throughput {args.throughput} measured another problem: "
+                         + ", ".join(mismatched))
+    providers = build_providers(args.arch, args.alpha, args.num_classes,
+                                (3, args.image_size, args.image_size), policy=args.policy)
+    names = [name.strip() for name in args.providers.split(",") if name.strip()]
+    unknown = sorted(set(names) - set(providers))
+    if unknown or not names:
+        parser.error(f"--providers {args.providers}: choose from {', '.join(providers)}")
+
+    rows = {}
+    for name in names:
+        model, loss_fn = providers[name]
+        rows[name] = census(model, loss_fn, batch_size=args.batch_size, image_size=args.image_size,
+                            num_classes=args.num_classes, channels_last=args.channels_last)
+        if measured is not None and name in measured["providers"]:
+            rows[name]["measured_step_s"] = measured["providers"][name]["median_step_s"]
+        print(f"{name}: {rows[name]['flops']['total'] / 1e12:.2f} TFLOP, calls {rows[name]['calls']}, "
+              f"elements {rows[name]['elements']}", flush=True)
+
+    # Each provider against plain training, the floor (DESIGN: ratios, not absolutes).
+    base = rows.get("base")
+    ratios = {}
+    if base is not None:
+        for name, row in rows.items():
+            if name == "base":
+                continue
+            ratios[name] = {
+                "flops": row["flops"]["total"] / base["flops"]["total"],
+                "gemm_calls": row["calls"]["gemm"] / base["calls"]["gemm"],
+                "other_calls": row["calls"]["other"] / base["calls"]["other"],
+                "other_elements": row["elements"]["other"] / base["elements"]["other"],
+            }
+            if "measured_step_s" in row and "measured_step_s" in base:
+                ratios[name]["measured_step_time"] = row["measured_step_s"] / base["measured_step_s"]
+    result = {
+        "benchmark": "step_census",
+        "question": "what one training step (forward + backward) dispatches, per provider: FLOPs, "
+                    "operator calls and tensor elements touched, counted on the meta device",
+        **environment("cpu"),
+        "arch": args.arch, "alpha": args.alpha, "policy": args.policy, "image_size": args.image_size,
+        "batch_size": args.batch_size, "num_classes": args.num_classes,
+        "channels_last": args.channels_last, "counted_on": "meta device (no compute)",
+        "measured_step_times_from": None if args.throughput is None else str(args.throughput),
+        "measured_on": None if measured is None else measured.get("device"),
+        "providers": rows, "ratios_to_base": ratios, "anfast_version": anfast.__version__,
+    }
+    path = write_result(f"step_census-{args.arch}-{args.policy}", result,
+                        None if args.out is None else args.out / "step_census.json")
+    print(json.dumps(ratios, indent=2))
+    print(f"wrote {path}")
+
+
+if __name__ == "__main__":
+    main()
