@@ -2,10 +2,11 @@
 
 Question: why is an AN step slower than its FLOPs say? On the H200, plain ResNet-50
 training ran at 4667 img/s and AN (paper policy, alpha 4, torch backend, which auto also
-chose there) at 2629: 1.78x the time for (as counted here) 1.23x the FLOPs. This counts, per provider of train_throughput.py,
-what one forward + backward pass at the benchmark's shape dispatches, without running
-it: the model and batch live on the meta device (shapes only, no memory, no compute),
-so ResNet-50 at batch 256 and 224 px is counted in seconds on any machine.
+chose there) at 2629: 1.78x the time for (as counted here) 1.23x the FLOPs. This counts,
+per provider of train_throughput.py, what one forward + backward pass at the benchmark's
+shape dispatches, without running it: the model and batch live on the meta device
+(shapes only, no memory, no compute), so ResNet-50 at batch 256 and 224 px is counted
+in seconds on any machine.
 
   flops               torch.utils.flop_counter (a multiply-add is 2), forward and backward
   calls               operator calls by kind: "gemm" (conv, conv backward, matmul, and
@@ -50,9 +51,9 @@ GEMM_OPS = frozenset({"convolution", "convolution_backward", "mm", "addmm", "bmm
                       "adjoined_conv2d", "adjoined_conv2d_backward"})
 # Calls that move no data: views, metadata, allocations.
 FREE_OPS = frozenset({"view", "_unsafe_view", "t", "permute", "expand", "detach", "slice", "alias",
-                      "as_strided", "transpose", "unsqueeze", "squeeze", "select", "reshape",
+                      "as_strided", "transpose", "unsqueeze", "squeeze", "select",
                       "empty", "empty_like", "empty_strided", "new_empty", "new_empty_strided",
-                      "lift_fresh", "_to_copy_meta"})
+                      "lift_fresh"})
 
 
 class OpCensus(TorchDispatchMode):
@@ -89,7 +90,6 @@ def census(model: torch.nn.Module, loss_fn, *, batch_size: int, image_size: int,
     images = torch.randn(batch_size, 3, image_size, image_size, device=device)
     images = images.contiguous(memory_format=memory_format)
     labels = torch.randint(num_classes, (batch_size,), device=device)
-    result = {}
     forward_flops, backward_flops = FlopCounterMode(display=False), FlopCounterMode(display=False)
     ops = OpCensus()
     with ops:
@@ -97,13 +97,10 @@ def census(model: torch.nn.Module, loss_fn, *, batch_size: int, image_size: int,
             loss = loss_fn(model(images), labels)
         with backward_flops:
             loss.backward()
-    result["flops"] = {"forward": forward_flops.get_total_flops(),
-                       "backward": backward_flops.get_total_flops()}
-    result["flops"]["total"] = result["flops"]["forward"] + result["flops"]["backward"]
-    result["calls"] = dict(ops.calls)
-    result["elements"] = dict(ops.elements)
-    result["most_called"] = dict(ops.by_op.most_common(12))
-    return result
+    forward, backward = forward_flops.get_total_flops(), backward_flops.get_total_flops()
+    return {"flops": {"forward": forward, "backward": backward, "total": forward + backward},
+            "calls": dict(ops.calls), "elements": dict(ops.elements),
+            "most_called": dict(ops.by_op.most_common(12))}
 
 
 def main() -> None:
@@ -121,7 +118,7 @@ def main() -> None:
                         help="comma list of train_throughput.py's providers (default: %(default)s)")
     parser.add_argument("--throughput", type=Path, default=None,
                         help="a train_throughput.py JSON whose measured step times to set beside "
-                             "the counts (same arch, batch size and image size)")
+                             "the counts (same arch, alpha, policy, batch size and image size)")
     parser.add_argument("--out", type=Path, default=None,
                         help="directory for the JSON (default: benchmarks/results/)")
     args = parser.parse_args()

@@ -324,7 +324,7 @@ def test_16_bit_grey_is_scaled_to_8_bits_as_dali_does(tmp_path):
 # ---------------------------------------------------------------- loader workers and signals
 
 _WORKERS_AND_SIGNALS = """
-import multiprocessing, os, signal, subprocess, sys, time
+import multiprocessing, signal, subprocess, sys, time
 from anfast.data import create_loader
 
 loader = create_loader(sys.argv[1], "val", batch_size=4, image_size=10, loader="torch", workers=2)

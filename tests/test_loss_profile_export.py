@@ -61,7 +61,6 @@ def test_profile_counts_by_hand():
     assert stats["flops"] == 2 * (8 * 25 * 3 * 9) + 2 * (200 * 4)
 
 
-
 def test_profile_of_an_adjoined_network_is_its_base_plus_its_students():
     # Its convs are custom ops: before they had FLOP formulas, profile() counted only the
     # classifiers of an adjoined network.
@@ -74,6 +73,7 @@ def test_profile_of_an_adjoined_network_is_its_base_plus_its_students():
     assert an.conv1.input_shared
     stems = [2 * 16 * 16 * c * 3 * 49 for c in an.layer_widths["conv1"].student_out]
     assert anfast.profile(an, (3, 32, 32))["flops"] == base + sum(students) - sum(stems)
+
 
 def test_resnet50_paper_student_size():
     """The paper's ResNet-50 student has 1.8M parameters without the classifier."""
