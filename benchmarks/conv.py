@@ -1,6 +1,6 @@
 """Fused adjoined conv vs two cuDNN convs, on every conv shape of ResNet-50.
 
-Question: how fast is one fused base+student pass (forward, dgrad + wgrad) against
+Question: how fast is one fused base+student pass (forward, dgrad, wgrad) against
 what it replaces, two cuDNN convolutions (the base, and the sliced weight on the
 student input: the "torch" backend, anfast.ops.reference) and torch.compile of
 those? Student widths follow the paper's rule for ResNet-50: a conv whose in and
@@ -9,10 +9,13 @@ channels; other convs keep full width.
 
 Shapes come from torchvision's resnet50 (forward hooks on a meta-device run), not a
 hand-typed table. Identical shapes are timed once and weighted by their count.
-Times are triton.testing.do_bench medians (with 20% / 80% quantiles) in ms.
+Times are triton.testing.do_bench medians (with 20% / 80% quantiles) in ms, per phase:
+forward, dgrad (both inputs' gradients), wgrad (the shared weight's), backward (both
+gradients in one call, as autograd asks) and total (forward + backward).
 
     python benchmarks/conv.py                   # batch 256, alpha 4, bf16
     python benchmarks/conv.py --quick --batch 64
+    python benchmarks/conv.py --layers 'layer1.0.conv2' 'layer3.0.conv2'
 
 GPU only: on a machine without CUDA it exits with a message.
 """
@@ -21,6 +24,8 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import fnmatch
+import functools
 import json
 import math
 import os
@@ -37,6 +42,12 @@ DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 # sheets: H100 SXM and H200 989, A100 312. Matched on torch.cuda.get_device_name().
 HALF_PEAK_TFLOPS = [("H200", 989.0), ("H100 80GB HBM3", 989.0), ("H100 SXM", 989.0), ("A100", 312.0)]
 QUANTILES = [0.5, 0.2, 0.8]
+# Backward output masks (dx_base, dx_student, dweight, dbias) of each backward phase.
+BACKWARD_PHASES = {"dgrad": (True, True, False, False), "wgrad": (False, False, True, False),
+                   "backward": (True, True, True, False)}
+PHASES = ("forward", "dgrad", "wgrad", "backward", "total")
+# The --quick set: the stem, a 1x1 and a 3x3 of layer1 (full width), a strided 3x3 of layer3.
+QUICK_LAYERS = ("conv1", "layer1.0.conv1", "layer1.0.conv2", "layer3.0.conv2")
 
 
 @dataclass(frozen=True)
@@ -101,11 +112,21 @@ def half_peak_tflops(device_name: str) -> float | None:
     return None
 
 
-def make_problem(shape: ConvShape, batch: int, dtype: torch.dtype):
+def select_shapes(shapes: list[tuple[list[str], ConvShape]], patterns) -> list[tuple[list[str], ConvShape]]:
+    """The shapes any of whose layer names matches one of the fnmatch ``patterns``."""
+    chosen = [(names, s) for names, s in shapes
+              if any(fnmatch.fnmatchcase(n, p) for n in names for p in patterns)]
+    if not chosen:
+        raise SystemExit(f"benchmarks/conv.py: no ResNet-50 conv matches {list(patterns)}; layer names "
+                         f"look like conv1, layer1.0.conv2, layer3.0.downsample.0")
+    return chosen
+
+
+def make_problem(shape: ConvShape, batch: int, dtype: torch.dtype, device: str = "cuda"):
     from anfast.ops import ConvProblem
 
     def randn(*size, channels_last=True):
-        t = torch.randn(*size, device="cuda", dtype=dtype)
+        t = torch.randn(*size, device=device, dtype=dtype)
         return t.to(memory_format=torch.channels_last) if channels_last else t
 
     x_base = randn(batch, shape.c_in, shape.height, shape.width)
@@ -119,12 +140,12 @@ def make_problem(shape: ConvShape, batch: int, dtype: torch.dtype):
     return problem, grad_base, grad_student
 
 
-def providers(problem) -> dict:
-    """name -> (forward(), backward()) callables for every provider that can run ``problem``."""
+def providers(problem, compiled: bool = True) -> dict:
+    """name -> (forward(), backward(grad_base, grad_student, output_mask)) for every provider
+    that can run ``problem``; ``compiled`` adds torch.compile of the reference."""
     from anfast.ops import BACKEND_PRIORITY, BackendUnavailable, get_backend
     from anfast.ops.reference import adjoined_conv2d_backward_reference, adjoined_conv2d_reference
 
-    mask = (True, True, True, False)
     found = {}
     for name in BACKEND_PRIORITY:
         if name == "torch":
@@ -139,7 +160,7 @@ def providers(problem) -> dict:
             print(f"  (backend {name}: {'; '.join(reasons)})", file=sys.stderr)
             continue
         found[f"fused-{name}"] = (lambda b=backend: b.forward(problem),
-                                  lambda g_b, g_s, b=backend: b.backward(g_b, g_s, problem, mask))
+                                  lambda g_b, g_s, mask, b=backend: b.backward(g_b, g_s, problem, mask))
 
     p = problem
     conv_args = (p.out_student, p.stride, p.padding, p.dilation, p.groups, None)
@@ -147,31 +168,42 @@ def providers(problem) -> dict:
     def forward():
         return adjoined_conv2d_reference(p.x_base, p.x_student, p.weight, None, *conv_args)
 
-    def backward(grad_base, grad_student):
+    def backward(grad_base, grad_student, mask):
         return adjoined_conv2d_backward_reference(grad_base, grad_student, p.x_base, p.x_student, p.weight,
                                                   False, *conv_args, mask)
 
     found["cudnn-x2"] = (forward, backward)
+    if not compiled:
+        return found
     compiled_forward = torch.compile(adjoined_conv2d_reference, dynamic=False)
     compiled_backward = torch.compile(adjoined_conv2d_backward_reference, dynamic=False)
     found["cudnn-x2-compiled"] = (
         lambda: compiled_forward(p.x_base, p.x_student, p.weight, None, *conv_args),
-        lambda g_b, g_s: compiled_backward(g_b, g_s, p.x_base, p.x_student, p.weight, False, *conv_args,
-                                           mask),
+        lambda g_b, g_s, mask: compiled_backward(g_b, g_s, p.x_base, p.x_student, p.weight, False,
+                                                 *conv_args, mask),
     )
     return found
+
+
+def phase_calls(forward, backward, grad_base, grad_student) -> dict:
+    """phase name -> a no-argument call that runs that phase once."""
+    calls = {"forward": forward}
+    for phase, mask in BACKWARD_PHASES.items():
+        calls[phase] = functools.partial(backward, grad_base, grad_student, mask)
+
+    def total():
+        forward()
+        backward(grad_base, grad_student, BACKWARD_PHASES["backward"])
+
+    calls["total"] = total
+    return calls
 
 
 def time_provider(forward, backward, grad_base, grad_student) -> dict:
     from triton.testing import do_bench
 
-    def total():
-        forward()
-        backward(grad_base, grad_student)
-
     times = {}
-    for phase, fn in (("forward", forward), ("backward", lambda: backward(grad_base, grad_student)),
-                      ("total", total)):
+    for phase, fn in phase_calls(forward, backward, grad_base, grad_student).items():
         median, low, high = do_bench(fn, quantiles=QUANTILES)
         times[phase] = {"median_ms": median, "p20_ms": low, "p80_ms": high}
     return times
@@ -188,7 +220,14 @@ def main(argv=None) -> int:
     parser.add_argument("--dtype", choices=sorted(DTYPES), default="bf16")
     parser.add_argument("--out", default="",
                         help="JSON path (default benchmarks/results/conv-<device>-<date>.json)")
-    parser.add_argument("--quick", action="store_true", help="time 4 representative layer shapes only")
+    parser.add_argument("--quick", action="store_true",
+                        help=f"time 4 representative layer shapes only: {', '.join(QUICK_LAYERS)}")
+    parser.add_argument("--compiled", action=argparse.BooleanOptionalAction, default=True,
+                        help="also time torch.compile of the two cuDNN convs (cudnn-x2-compiled; "
+                             "compiles twice per shape)")
+    parser.add_argument("--layers", nargs="+", metavar="PATTERN",
+                        help="time only the shapes of these layers (fnmatch patterns on names such "
+                             "as layer1.0.conv2)")
     args = parser.parse_args(argv)
 
     if not torch.cuda.is_available():
@@ -205,10 +244,8 @@ def main(argv=None) -> int:
     device_name = torch.cuda.get_device_name()
     peak = half_peak_tflops(device_name) if dtype != torch.float32 else None
     shapes = resnet50_conv_shapes(args.alpha)
-    if args.quick:
-        # The stem, a 1x1 and a 3x3 of layer1 (full width), a strided 3x3 of layer3.
-        wanted = ("conv1", "layer1.0.conv1", "layer1.0.conv2", "layer3.0.conv2")
-        shapes = [(names, s) for names, s in shapes if any(n in wanted for n in names)]
+    if args.quick or args.layers:
+        shapes = select_shapes(shapes, (args.layers or []) + (list(QUICK_LAYERS) if args.quick else []))
 
     out = args.out or os.path.join(
         os.path.dirname(os.path.abspath(__file__)), "results",
@@ -229,14 +266,16 @@ def main(argv=None) -> int:
     print(f"{device_name}, torch {torch.__version__}, triton {triton.__version__}, batch {args.batch}, "
           f"alpha {args.alpha:g}, {args.dtype}, channels_last")
     header = f"{'layer':<18}{'shape (Cin>Cout k s HxW | cin>cout)':<38}{'provider':<20}" \
-             f"{'fwd ms':>9}{'bwd ms':>9}{'total ms':>10}{'TFLOP/s':>9}{'% floor':>9}"
+             f"{'fwd ms':>9}{'dgrad ms':>9}{'wgrad ms':>9}{'bwd ms':>9}{'total ms':>10}{'TFLOP/s':>9}" \
+             f"{'% floor':>9}"
     print(header)
     for names, shape in shapes:
         problem, grad_base, grad_student = make_problem(shape, args.batch, dtype)
         forward_flops = shape.forward_flops(args.batch)
-        # Backward is dgrad + wgrad, each a forward's worth of multiply-adds.
-        flops = {"forward": forward_flops, "backward": 2 * forward_flops, "total": 3 * forward_flops}
-        for provider, (forward, backward) in providers(problem).items():
+        # dgrad and wgrad are each a forward's worth of multiply-adds.
+        flops = {"forward": forward_flops, "dgrad": forward_flops, "wgrad": forward_flops,
+                 "backward": 2 * forward_flops, "total": 3 * forward_flops}
+        for provider, (forward, backward) in providers(problem, compiled=args.compiled).items():
             times = time_provider(forward, backward, grad_base, grad_student)
             tflops = {phase: flops[phase] / (times[phase]["median_ms"] * 1e-3) / 1e12 for phase in flops}
             row = {
@@ -249,9 +288,10 @@ def main(argv=None) -> int:
             desc = (f"{shape.c_in}>{shape.c_out} {shape.kernel} {shape.stride} {shape.height}x{shape.width}"
                     f" | {shape.in_student}>{shape.out_student}")
             floor = "unknown" if peak is None else f"{row['percent_of_floor']['total']:.1f}"
-            print(f"{names[0]:<18}{desc:<38}{provider:<20}{times['forward']['median_ms']:>9.3f}"
-                  f"{times['backward']['median_ms']:>9.3f}{times['total']['median_ms']:>10.3f}"
-                  f"{tflops['total']:>9.1f}{floor:>9}")
+            print(f"{names[0]:<18}{desc:<38}{provider:<20}"
+                  + "".join(f"{times[phase]['median_ms']:>9.3f}" for phase in ("forward", "dgrad", "wgrad",
+                                                                                 "backward"))
+                  + f"{times['total']['median_ms']:>10.3f}{tflops['total']:>9.1f}{floor:>9}")
         del problem, grad_base, grad_student
         torch.cuda.empty_cache()
         write_json(rows, complete=False)
@@ -259,8 +299,8 @@ def main(argv=None) -> int:
     summary = summarize(rows)
     for line in summary:
         print(f"geomean {line['provider']} / cudnn-x2 over {line['layers']} layers: "
-              f"forward {line['forward_ratio']:.3f}, backward {line['backward_ratio']:.3f}, "
-              f"total {line['total_ratio']:.3f} (< 1: fused is faster)")
+              + ", ".join(f"{phase} {line[f'{phase}_ratio']:.3f}" for phase in PHASES)
+              + " (< 1: fused is faster)")
 
     write_json(rows, complete=True)
     print(f"wrote {out}")
@@ -278,7 +318,7 @@ def summarize(rows: list[dict]) -> list[dict]:
         pairs = [(r, baseline[json.dumps(r["shape"], sort_keys=True)]) for r in mine]
         weights = [r["count"] for r, _ in pairs]
         line = {"provider": provider, "layers": sum(weights)}
-        for phase in ("forward", "backward", "total"):
+        for phase in PHASES:
             ratios = [r["times"][phase]["median_ms"] / b["times"][phase]["median_ms"] for r, b in pairs]
             line[f"{phase}_ratio"] = geometric_mean(ratios, weights)
         summary.append(line)

@@ -6,9 +6,11 @@
 #
 # Runs from the repository root (any cwd). Every step tees its log into OUTDIR and runs
 # under its own time limit and a share of one overall deadline (GPU_CHECK_BUDGET_S,
-# default 430 s), most important first, so a short lease still gets the first answers;
-# a failed or timed-out step does not stop the next one, and the exit status is non-zero
-# if any step failed. STEPs (default: all, in this order):
+# default 500 s), so a short lease still gets the first answers; a failed or timed-out
+# step does not stop the next one, and the exit status is non-zero if any step failed.
+# The order puts correctness first, then what no lease has measured yet (the H200 lease
+# of 2026-11-26 measured tune, train_bench and the CUDA correctness cases). STEPs
+# (default: all, in this order):
 #
 #   install        the extension for this GPU's arch only, in the background, while
 #   triton_correct the Triton backend on every distinct ResNet-50 conv vs float64 runs
@@ -17,12 +19,16 @@
 #                  a SIGTERM / --resume run, in the background, while
 #   cuda_correct   the CUDA backend on the same convs and tests/test_cuda_ext.py run
 #   tune           `anfast tune` ResNet-50, bs 256, bf16, channels_last (verify + time;
-#                  backends $TUNE_BACKENDS, default cuda,triton)
+#                  backends $TUNE_BACKENDS, default cuda)
+#   train_compile  training img/s, plain vs AN (auto), eager and under torch.compile,
+#                  side by side in one process
+#   conv_bench     benchmarks/conv.py --quick: fused vs two cuDNN convs on 4 layers, per
+#                  phase (forward, dgrad, wgrad)
+#   ncu            Nsight Compute on each fused backend's slowest layer (picked from the
+#                  tune results) and on cuDNN's kernels for that layer
 #   train_bench    training img/s on synthetic data: plain / AN auto / AN torch / masked
 #   tune_triton    `anfast tune` of the Triton backend on the 3x3 convs (own cache)
-#   train_compile  the same throughput under torch.compile
 #   gpu_tests      the remaining `pytest -m gpu` tests
-#   conv_bench     benchmarks/conv.py --quick (fused vs two cuDNN convs per kernel phase)
 #
 # Triton's kernel cache is TRITON_CACHE_DIR (default /tmp/anfast-triton: an absolute
 # path that is the same on every machine, since Triton's cache index holds absolute
@@ -38,12 +44,12 @@ if [ $# -lt 1 ]; then
 fi
 OUTDIR=$(mkdir -p "$1" && cd "$1" && pwd)
 shift
-ALL_STEPS="install triton_correct train_check cuda_correct tune train_bench tune_triton train_compile gpu_tests conv_bench"
+ALL_STEPS="install triton_correct train_check cuda_correct tune train_compile conv_bench ncu train_bench tune_triton gpu_tests"
 STEPS=${*:-$ALL_STEPS}
 cd "$(dirname "$0")/.."
 REPO=$(pwd)
 PYTHON=${PYTHON:-python3}
-BUDGET_S=${GPU_CHECK_BUDGET_S:-430}
+BUDGET_S=${GPU_CHECK_BUDGET_S:-500}
 START_S=$(date +%s)
 SUMMARY="$OUTDIR/summary.tsv"
 : > "$SUMMARY"
@@ -166,7 +172,7 @@ fi
 
 # Correctness first: each fused backend through the public op on every distinct
 # ResNet-50 conv (bf16 / fp32, channels_last / NCHW, outputs and every gradient vs float64).
-wants triton_correct && run_step triton_correct 150 env OMP_NUM_THREADS=2 "${PYTEST[@]}" \
+wants triton_correct && run_step triton_correct 70 env OMP_NUM_THREADS=2 "${PYTEST[@]}" \
     "${XDIST[@]}" -k triton tests/test_gpu_resnet50.py
 finish_step install
 # The quickstart's training on this GPU (bf16, channels_last, the CUDA backend) and a
@@ -185,12 +191,56 @@ fi
 # timed (fwd + bwd) against torch; the cache fills key by key even if the step times out.
 TUNE=($PYTHON -m anfast tune --arch resnet50 --alpha 4 --policy paper --batch-size 256 --image-size 224
       --amp bf16 --channels-last --device cuda)
-wants tune && run_step tune 100 "${TUNE[@]}" --backends "${TUNE_BACKENDS:-cuda,triton}" \
+wants tune && run_step tune 60 "${TUNE[@]}" --backends "${TUNE_BACKENDS:-cuda}" \
     --out "$OUTDIR/tune-resnet50.json"
+
+# The step census's next lever: does torch.compile fuse away the AN step's extra elementwise
+# work? Plain and AN (auto) training, eager and compiled, side by side in one process.
+wants train_compile && run_step train_compile 240 env ANFAST_TUNE=0 $PYTHON benchmarks/train_throughput.py \
+    --device cuda --arch resnet50 --image-size 224 --batch-size 256 --providers base,anfast \
+    --compile off,default --rounds 3 --steps 4 --out "$OUTDIR/compiled"
+# Where the fused kernels lose: per phase (forward, dgrad, wgrad) on 4 layers, including
+# each backend's slowest (layer1's 3x3 for CUDA C++, layer3.0.conv2 for Triton).
+wants conv_bench && run_step conv_bench 90 $PYTHON benchmarks/conv.py --quick --no-compiled \
+    --out "$OUTDIR/conv.json"
+
+# Nsight Compute on each fused backend's slowest layer and on cuDNN's kernels for it:
+# one `ncu` run per provider and layer, its report read back as CSV, then one JSON.
+NCU=${NCU:-$(command -v ncu || echo /usr/local/cuda/bin/ncu)}
+export NCU OUTDIR PYTHON
+ncu_profiles() {
+    local picks backend layer ratio provider report csvs=()
+    picks=$($PYTHON benchmarks/ncu_layer.py pick "$OUTDIR/tune-resnet50.json" \
+        benchmarks/results/tune-resnet50-*.json) || return 1
+    echo "slowest layer per fused backend (time / torch's):"
+    echo "$picks"
+    while read -r backend layer ratio; do
+        for provider in "fused-$backend" cudnn-x2; do
+            report="$OUTDIR/ncu-$provider-$layer"
+            [ -f "$report.csv" ] && continue  # cuDNN once per layer
+            "$NCU" --profile-from-start off --clock-control none --force-overwrite \
+                --section SpeedOfLight --section LaunchStats --section Occupancy \
+                --section ComputeWorkloadAnalysis --section MemoryWorkloadAnalysis \
+                --section WarpStateStats --export "$report" \
+                $PYTHON benchmarks/ncu_layer.py run --layer "$layer" --provider "$provider" \
+                || { echo "gpu_check: ncu failed on $provider $layer"; continue; }
+            "$NCU" --import "$report.ncu-rep" --csv --page details > "$report.csv" && csvs+=("$report.csv")
+        done
+    done <<< "$picks"
+    [ ${#csvs[@]} -gt 0 ] && $PYTHON benchmarks/ncu_layer.py summarize "${csvs[@]}" --out "$OUTDIR/ncu.json"
+}
+export -f ncu_profiles
+if wants ncu; then
+    if [ -x "$NCU" ] || command -v "$NCU" >/dev/null; then
+        run_step ncu 150 bash -c ncu_profiles
+    else
+        record ncu SKIPPED 0 "no ncu found (set NCU=/path/to/ncu)"
+    fi
+fi
 
 # Training img/s on synthetic data, side by side in one process; auto takes the decisions
 # just cached and never tunes inside the timing (ANFAST_TUNE=0: an undecided conv runs torch).
-wants train_bench && run_step train_bench 90 env ANFAST_TUNE=0 $PYTHON benchmarks/train_throughput.py \
+wants train_bench && run_step train_bench 60 env ANFAST_TUNE=0 $PYTHON benchmarks/train_throughput.py \
     --device cuda --arch resnet50 --image-size 224 --batch-size 256 --compile off --rounds 4 --steps 4 \
     --out "$OUTDIR"
 # Triton on ResNet-50's 3x3 convs alone, in a cache of its own: each Triton kernel config
@@ -198,12 +248,8 @@ wants train_bench && run_step train_bench 90 env ANFAST_TUNE=0 $PYTHON benchmark
 # configs of three kernels each does not fit a short lease.
 wants tune_triton && run_step tune_triton 150 env ANFAST_CACHE_DIR="$OUTDIR/cache-triton" "${TUNE[@]}" \
     --backends triton --layers '*conv2' --out "$OUTDIR/tune-resnet50-triton-conv2.json"
-wants train_compile && run_step train_compile 150 env ANFAST_TUNE=0 $PYTHON benchmarks/train_throughput.py \
-    --device cuda --arch resnet50 --image-size 224 --batch-size 256 --compile default \
-    --rounds 3 --steps 4 --out "$OUTDIR/compiled"
 wants gpu_tests && run_step gpu_tests 90 env OMP_NUM_THREADS=2 "${PYTEST[@]}" "${XDIST[@]}" \
     -m gpu tests/ --ignore=tests/test_cuda_ext.py --ignore=tests/test_gpu_resnet50.py
-wants conv_bench && run_step conv_bench 120 $PYTHON benchmarks/conv.py --quick --out "$OUTDIR/conv.json"
 
 echo
 echo "gpu_check: $(($(date +%s) - START_S)) s in all, logs and JSON in $OUTDIR"

@@ -98,6 +98,12 @@ class MaskedAdjoined(nn.Module):
         return anfast.AdjoinedOutput(self.base(x), (self.student(x),))
 
 
+PROVIDERS = ("base", "anfast", "anfast_torch", "masked")
+# (numerator, denominator) of the img/s ratios reported per compile mode.
+RATIOS = (("anfast", "masked"), ("anfast_torch", "masked"), ("anfast", "anfast_torch"), ("anfast", "base"),
+          ("anfast_torch", "base"), ("masked", "base"))
+
+
 def build_providers(arch: str, alpha: float, num_classes: int, input_size, policy: str = "paper"
                     ) -> dict:
     """name -> (model, loss_fn(output, target)), all from the same initial weights.
@@ -144,6 +150,9 @@ def main() -> None:
     parser.add_argument("--compile", default="off",
                         help=f"comma list of off and torch.compile modes {list(COMPILE_CHOICES)}; "
                              f"each mode times every provider again (default: off)")
+    parser.add_argument("--providers", default=",".join(PROVIDERS),
+                        help=f"comma list of {', '.join(PROVIDERS)} (default: all); the ratios "
+                             f"that need a provider left out are not computed")
     parser.add_argument("--warmup", type=int, default=3, help="untimed steps per provider")
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--steps", type=int, default=2, help="timed steps per provider per round")
@@ -157,6 +166,9 @@ def main() -> None:
     unknown = sorted(set(modes) - {"off", *COMPILE_CHOICES})
     if unknown or not modes:
         parser.error(f"--compile {args.compile}: use a comma list of off, {', '.join(COMPILE_CHOICES)}")
+    chosen = [name.strip() for name in args.providers.split(",") if name.strip()]
+    if not chosen or set(chosen) - set(PROVIDERS):
+        parser.error(f"--providers {args.providers}: use a comma list of {', '.join(PROVIDERS)}")
     image_size = args.image_size or (224 if on_cuda else 64)
     batch_size = args.batch_size or (64 if on_cuda else 8)
     amp_dtype = torch.bfloat16 if on_cuda else None
@@ -164,6 +176,7 @@ def main() -> None:
     memory_format = torch.channels_last if channels_last else torch.contiguous_format
 
     providers = build_providers(args.arch, args.alpha, args.num_classes, (3, image_size, image_size))
+    providers = {name: providers[name] for name in chosen}
     images, labels = synthetic_batch(batch_size, image_size, args.num_classes, device=device,
                                      channels_last=channels_last)
     scaler = torch.amp.GradScaler(device.type, enabled=False)
@@ -210,18 +223,20 @@ def main() -> None:
     for mode in modes:
         suffix = "" if mode == "off" else f"+{mode}"
         speed = {name: rows[name + suffix]["images_per_second"] for name in providers}
-        ratios[f"anfast_over_masked{suffix}"] = speed["anfast"] / speed["masked"]
-        ratios[f"anfast_torch_over_masked{suffix}"] = speed["anfast_torch"] / speed["masked"]
-        ratios[f"anfast_over_anfast_torch{suffix}"] = speed["anfast"] / speed["anfast_torch"]
-        ratios[f"anfast_over_base{suffix}"] = speed["anfast"] / speed["base"]
-        ratios[f"masked_over_base{suffix}"] = speed["masked"] / speed["base"]
+        for numerator, denominator in RATIOS:
+            if numerator in speed and denominator in speed:
+                ratios[f"{numerator}_over_{denominator}{suffix}"] = speed[numerator] / speed[denominator]
+        if "off" in modes and mode != "off":  # each provider compiled vs eager
+            for name in providers:
+                ratios[f"{name}{suffix}_over_{name}"] = speed[name] / rows[name]["images_per_second"]
     result = {
         "benchmark": "train_throughput",
         "question": "AN training img/s: anfast (student at real width; auto and torch backends) "
                     "vs the authors' masked full-width student vs plain base training, eager "
                     "and compiled",
         **environment(device),
-        "arch": args.arch, "alpha": args.alpha, "policy": "paper", "image_size": image_size,
+        "arch": args.arch, "alpha": args.alpha, "policy": "paper", "providers_run": chosen,
+        "image_size": image_size,
         "batch_size": batch_size, "num_classes": args.num_classes, "data": "synthetic",
         "precision": "bf16" if amp_dtype else "fp32", "channels_last": channels_last,
         "compile": modes, "warmup_steps": args.warmup, "rounds": args.rounds,

@@ -1,0 +1,114 @@
+"""The CPU-checkable parts of the GPU benchmarks: conv.py's per-phase calls compute the
+gradients their names claim (vs torch autograd in float64), ncu_layer.py reads an Nsight
+Compute listing and tune results as documented (vs hand-written files)."""
+
+import json
+import pathlib
+import sys
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1] / "benchmarks"))
+import conv  # noqa: E402
+import ncu_layer  # noqa: E402
+
+
+def test_conv_phases_compute_what_they_are_named_after_in_float64():
+    """forward, dgrad, wgrad and backward of the cudnn-x2 provider (what every fused
+    provider is timed against) vs autograd through F.conv2d on the sliced weight."""
+    torch.manual_seed(0)
+    shape = conv.ConvShape(c_in=16, c_out=24, kernel=3, stride=2, padding=1, height=9, width=9,
+                           in_student=8, out_student=8)
+    problem, grad_base, grad_student = conv.make_problem(shape, 2, torch.float64, device="cpu")
+    found = conv.providers(problem, compiled=False)
+    calls = conv.phase_calls(*found["cudnn-x2"], grad_base, grad_student)
+    assert list(calls) == ["forward", "dgrad", "wgrad", "backward", "total"]
+
+    x_b = problem.x_base.detach().clone().requires_grad_()
+    x_s = problem.x_student.detach().clone().requires_grad_()
+    w = problem.weight.detach().clone().requires_grad_()
+    y_b = F.conv2d(x_b, w, stride=2, padding=1)
+    y_s = F.conv2d(x_s, w[:8, :8], stride=2, padding=1)
+    dx_b, dx_s, dw = torch.autograd.grad((y_b, y_s), (x_b, x_s, w), (grad_base, grad_student))
+
+    out_b, out_s = calls["forward"]()
+    torch.testing.assert_close(out_b, y_b, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(out_s, y_s, rtol=1e-12, atol=1e-12)
+    got_dx_b, got_dx_s, no_dw, _ = calls["dgrad"]()
+    assert no_dw is None
+    torch.testing.assert_close(got_dx_b, dx_b, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(got_dx_s, dx_s, rtol=1e-12, atol=1e-12)
+    no_dx_b, no_dx_s, got_dw, _ = calls["wgrad"]()
+    assert no_dx_b is None and no_dx_s is None
+    torch.testing.assert_close(got_dw, dw, rtol=1e-12, atol=1e-12)
+    all_dx_b, all_dx_s, all_dw, _ = calls["backward"]()
+    for got, want in ((all_dx_b, dx_b), (all_dx_s, dx_s), (all_dw, dw)):
+        torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+
+
+def test_conv_layer_patterns_select_shapes_and_name_the_fix():
+    shapes = conv.resnet50_conv_shapes(4.0)
+    chosen = conv.select_shapes(shapes, ["layer3.0.conv2", "layer1.*.conv2"])
+    names = sorted(n for group, _ in chosen for n in group)
+    # layer1's three 3x3 convs share one shape; layer3.0.conv2 is the strided 3x3.
+    assert names == ["layer1.0.conv2", "layer1.1.conv2", "layer1.2.conv2", "layer3.0.conv2"]
+    assert {s.stride for _, s in chosen} == {1, 2}
+    with pytest.raises(SystemExit, match="no ResNet-50 conv matches.*layer1.0.conv2"):
+        conv.select_shapes(shapes, ["layer9.*"])
+
+
+def _tune_file(path, layers):
+    path.write_text(json.dumps({"tune": {"layers": layers}}))
+    return path
+
+
+def test_ncu_pick_names_each_backends_slowest_verified_layer(tmp_path):
+    fresh = _tune_file(tmp_path / "fresh.json", [
+        {"layer": "a", "torch_ms": 1.0, "candidates": {"cuda": {"ms": 2.0, "verified": True}}},
+        {"layer": "b", "torch_ms": 2.0, "candidates": {"cuda": {"ms": 5.0, "verified": True},
+                                                        "triton": {"ms": 90.0, "verified": False}}},
+    ])
+    older = _tune_file(tmp_path / "older.json", [
+        {"layer": "c", "torch_ms": 1.0, "candidates": {"cuda": {"ms": 9.0, "verified": True},
+                                                        "triton": {"ms": 3.0, "verified": True}}},
+    ])
+    # cuda: b (2.5x) in the first file wins over the older file's c; triton is unverified
+    # in the first file, so the older file's measurement decides.
+    assert ncu_layer.slowest_layers([fresh, older]) == {"cuda": ("b", 2.5), "triton": ("c", 3.0)}
+
+
+# What `ncu --import REP --csv --page details` prints (abridged: two sections), with
+# ncu's own lines around it: three marker kernels split forward / dgrad / wgrad.
+NCU_LISTING = '''==PROF== Connected to process 4242
+"ID","Process ID","Process Name","Host Name","Kernel Name","Context","Stream","Block Size","Grid Size","Device","CC","Section Name","Metric Name","Metric Unit","Metric Value"
+"0","4242","python3","h","spin_kernel(long)","1","7","(1, 1, 1)","(1, 1, 1)","0","9.0","GPU Speed Of Light Throughput","Duration","usecond","1.02"
+"1","4242","python3","h","void fprop_kernel<cutlass::Foo<128, 3>>(Params)","1","7","(128, 1, 1)","(1,024, 1, 1)","0","9.0","GPU Speed Of Light Throughput","Duration","msecond","1.25"
+"1","4242","python3","h","void fprop_kernel<cutlass::Foo<128, 3>>(Params)","1","7","(128, 1, 1)","(1,024, 1, 1)","0","9.0","GPU Speed Of Light Throughput","Compute (SM) Throughput","%","41.5"
+"1","4242","python3","h","void fprop_kernel<cutlass::Foo<128, 3>>(Params)","1","7","(128, 1, 1)","(1,024, 1, 1)","0","9.0","Launch Statistics","Registers Per Thread","register/thread","168"
+"2","4242","python3","h","spin_kernel(long)","1","7","(1, 1, 1)","(1, 1, 1)","0","9.0","GPU Speed Of Light Throughput","Duration","usecond","1.01"
+"3","4242","python3","h","dgrad_kernel","1","7","(256, 1, 1)","(2,048, 1, 1)","0","9.0","GPU Speed Of Light Throughput","Duration","usecond","1,500.5"
+"4","4242","python3","h","zero_fill","1","7","(256, 1, 1)","(64, 1, 1)","0","9.0","GPU Speed Of Light Throughput","Duration","nsecond","2,000"
+"5","4242","python3","h","spin_kernel(long)","1","7","(1, 1, 1)","(1, 1, 1)","0","9.0","GPU Speed Of Light Throughput","Duration","usecond","1.00"
+"6","4242","python3","h","wgrad_kernel","1","7","(256, 1, 1)","(96, 1, 1)","0","9.0","GPU Speed Of Light Throughput","Duration","usecond","800"
+"6","4242","python3","h","wgrad_kernel","1","7","(256, 1, 1)","(96, 1, 1)","0","9.0","Launch Statistics","Registers Per Thread","register/thread","n/a"
+==PROF== Disconnected from process 4242
+'''
+
+
+def test_ncu_listing_is_split_into_phases_with_durations_in_microseconds(tmp_path):
+    path = tmp_path / "ncu-fused-cuda-layer1.0.conv2.csv"
+    path.write_text(NCU_LISTING)
+    (report,) = ncu_layer.summarize([path])
+    assert (report["provider"], report["layer"]) == ("fused-cuda", "layer1.0.conv2")
+    kernels = report["kernels"]
+    assert [(k["id"], k["phase"]) for k in kernels] == [(1, "forward"), (3, "dgrad"), (4, "dgrad"), (6, "wgrad")]
+    assert kernels[0]["grid"] == "(1,024, 1, 1)"
+    assert ncu_layer.metric(kernels[0], "Duration") == pytest.approx(1250.0)
+    assert ncu_layer.metric(kernels[0], "Compute (SM) Throughput") == pytest.approx(41.5)
+    assert ncu_layer.metric(kernels[0], "Registers Per Thread") == 168
+    assert ncu_layer.metric(kernels[3], "Registers Per Thread") is None  # "n/a" is not a number
+    assert kernels[3]["metrics"]["Launch Statistics / Registers Per Thread"]["value"] == "n/a"
+    assert report["phase_us"] == pytest.approx({"forward": 1250.0, "dgrad": 1502.5, "wgrad": 800.0})
+    assert ncu_layer.short_name(kernels[0]["name"]) == "void fprop_kernel"
