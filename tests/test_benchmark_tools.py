@@ -112,3 +112,29 @@ def test_ncu_listing_is_split_into_phases_with_durations_in_microseconds(tmp_pat
     assert kernels[3]["metrics"]["Launch Statistics / Registers Per Thread"]["value"] == "n/a"
     assert report["phase_us"] == pytest.approx({"forward": 1250.0, "dgrad": 1502.5, "wgrad": 800.0})
     assert ncu_layer.short_name(kernels[0]["name"]) == "void fprop_kernel"
+
+
+def test_plot_results_reads_verified_ratios_in_network_order(tmp_path):
+    import plot_results
+
+    tune = _tune_file(tmp_path / "tune.json", [
+        {"layer": "layer1.10.conv1", "torch_ms": 2.0, "candidates": {"cuda": {"ms": 3.0, "verified": True}}},
+        {"layer": "layer1.2.conv1", "torch_ms": 1.0, "candidates": {"cuda": {"ms": 4.0, "verified": True},
+                                                                     "triton": {"ms": 9.0, "verified": False}}},
+        {"layer": "conv1", "torch_ms": 1.0, "candidates": {"triton": {"ms": 2.0, "verified": True}}},
+    ])
+    assert plot_results.layer_ratios([tune]) == {"cuda": {"layer1.10.conv1": 1.5, "layer1.2.conv1": 4.0},
+                                                 "triton": {"conv1": 2.0}}
+    # Block indices sort as numbers (2 before 10), not as text.
+    names = ["layer1.10.conv1", "layer2.0.conv1", "layer1.2.conv1", "layer1.2.conv2"]
+    assert sorted(names, key=plot_results.network_order) == [
+        "layer1.2.conv1", "layer1.2.conv2", "layer1.10.conv1", "layer2.0.conv1"]
+    throughput = tmp_path / "throughput.json"
+    throughput.write_text(json.dumps({"providers": {"base": {"images_per_second": 100.0},
+                                                    "anfast": {"images_per_second": 60.0}}}))
+    out = plot_results.plot([tune], throughput, tmp_path / "figure.png")
+    assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    with pytest.raises(SystemExit, match="no verified fused candidate"):
+        plot_results.plot([_tune_file(tmp_path / "none.json", [])], throughput, tmp_path / "no.png")
+    assert plot_results.cudnn_version("91900") == "9.19"
+    assert plot_results.cudnn_version("8902") == "8.9"  # cuDNN 8 numbered major * 1000
