@@ -224,10 +224,15 @@ ncu_profiles() {
                 --section WarpStateStats --export "$report" \
                 $PYTHON benchmarks/ncu_layer.py run --layer "$layer" --provider "$provider" \
                 || { echo "gpu_check: ncu failed on $provider $layer"; continue; }
-            "$NCU" --import "$report.ncu-rep" --csv --page details > "$report.csv" && csvs+=("$report.csv")
+            "$NCU" --import "$report.ncu-rep" --csv --page details > "$report.csv" || continue
+            csvs+=("$report.csv")
+            # After every report, so a step cut short by its limit keeps what it profiled.
+            $PYTHON benchmarks/ncu_layer.py summarize "${csvs[@]}" --out "$OUTDIR/ncu.json" \
+                $([ -f "$OUTDIR/environment.json" ] && echo --environment "$OUTDIR/environment.json") \
+                > "$OUTDIR/ncu-summary.txt" || return 1
         done
     done <<< "$picks"
-    [ ${#csvs[@]} -gt 0 ] && $PYTHON benchmarks/ncu_layer.py summarize "${csvs[@]}" --out "$OUTDIR/ncu.json"
+    cat "$OUTDIR/ncu-summary.txt"
 }
 export -f ncu_profiles
 if wants ncu; then

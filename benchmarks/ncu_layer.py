@@ -17,7 +17,7 @@ the next kernel work aims at the right bottleneck. Three subcommands:
         # dgrad and wgrad once each between cudaProfilerStart / Stop; a marker kernel
         # (torch.cuda._sleep's spin_kernel) precedes each phase so the report can be split
 
-    python benchmarks/ncu_layer.py summarize OUT/ncu-*.csv --out OUT/ncu.json
+    python benchmarks/ncu_layer.py summarize OUT/ncu-*.csv --out OUT/ncu.json [--environment OUT/environment.json]
         # reads `ncu --import REP --csv --page details` output: per kernel its phase,
         # grid, block and every metric; a table of the main ones; device, versions, commit
 
@@ -211,7 +211,9 @@ def main(argv=None) -> int:
     summary = sub.add_parser("summarize", help="ncu CSV listings -> JSON and a table")
     summary.add_argument("csv_files", nargs="+", type=Path)
     summary.add_argument("--out", type=Path, required=True)
-    summary.add_argument("--device", default="cuda", help="whose environment the JSON records")
+    summary.add_argument("--environment", type=Path, default=None,
+                         help="an environment JSON of the GPU machine (benchmarks/common.py --out) "
+                              "to record instead of this machine's (for listings read elsewhere)")
     args = parser.parse_args(argv)
 
     if args.command == "pick":
@@ -226,12 +228,15 @@ def main(argv=None) -> int:
     reports = summarize(args.csv_files)
     print_table(reports)
     empty = [report["file"] for report in reports if not report["kernels"]]
-    device = args.device if args.device != "cuda" or torch.cuda.is_available() else "cpu"
+    if args.environment is not None:
+        machine = json.loads(args.environment.read_text())
+    else:
+        machine = environment("cuda" if torch.cuda.is_available() else "cpu")
     path = write_result("ncu", {
         "benchmark": "ncu_layer",
         "question": "what limits each fused backend's slowest ResNet-50 layer, kernel by kernel, "
                     "next to cuDNN's kernels for the same layer (Nsight Compute, --clock-control none)",
-        **environment(device), "reports": reports}, args.out)
+        **machine, "reports": reports}, args.out)
     print(f"wrote {path}")
     if empty:
         print(f"benchmarks/ncu_layer.py: no profiled kernel in {', '.join(empty)}: was the range between "
