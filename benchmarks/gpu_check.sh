@@ -196,7 +196,9 @@ wants tune && run_step tune 60 "${TUNE[@]}" --backends "${TUNE_BACKENDS:-cuda}" 
 
 # The step census's next lever: does torch.compile fuse away the AN step's extra elementwise
 # work? Plain and AN (auto) training, eager and compiled, side by side in one process.
-wants train_compile && run_step train_compile 240 env ANFAST_TUNE=0 $PYTHON benchmarks/train_throughput.py \
+# Inductor's own Triton kernels go to a cache of their own: anfast's travels back whole.
+wants train_compile && run_step train_compile 240 env ANFAST_TUNE=0 TRITON_CACHE_DIR=/tmp/inductor-triton \
+    $PYTHON benchmarks/train_throughput.py \
     --device cuda --arch resnet50 --image-size 224 --batch-size 256 --providers base,anfast \
     --compile off,default --rounds 3 --steps 4 --out "$OUTDIR/compiled"
 # Where the fused kernels lose: per phase (forward, dgrad, wgrad) on 4 layers, including

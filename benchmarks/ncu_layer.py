@@ -94,7 +94,9 @@ def parse_details_csv(text: str) -> list[dict]:
             "block": row.get("Block Size", ""), "metrics": {}})
         key = f"{row.get('Section Name', '')} / {row['Metric Name']}".strip(" /")
         kernel["metrics"][key] = {"value": number(row.get("Metric Value", "")), "unit": row.get("Metric Unit", "")}
-    ordered = sorted(kernels.values(), key=lambda k: (isinstance(k["id"], str), str(k["id"]).zfill(12)))
+    # Launch order: numeric IDs as numbers (2 before 10), any other ID after them.
+    ordered = sorted(kernels.values(), key=lambda k: (0, k["id"], "") if isinstance(k["id"], int)
+                     else (1, 0, k["id"]))
     phases = iter(PHASE_ORDER)
     phase = None
     result = []

@@ -80,7 +80,8 @@ def test_ncu_pick_names_each_backends_slowest_verified_layer(tmp_path):
 
 
 # What `ncu --import REP --csv --page details` prints (abridged: two sections), with
-# ncu's own lines around it: three marker kernels split forward / dgrad / wgrad.
+# ncu's own lines around it: three marker kernels split forward / dgrad / wgrad; IDs
+# order numerically (12 after 5).
 NCU_LISTING = '''==PROF== Connected to process 4242
 "ID","Process ID","Process Name","Host Name","Kernel Name","Context","Stream","Block Size","Grid Size","Device","CC","Section Name","Metric Name","Metric Unit","Metric Value"
 "0","4242","python3","h","spin_kernel(long)","1","7","(1, 1, 1)","(1, 1, 1)","0","9.0","GPU Speed Of Light Throughput","Duration","usecond","1.02"
@@ -91,8 +92,8 @@ NCU_LISTING = '''==PROF== Connected to process 4242
 "3","4242","python3","h","dgrad_kernel","1","7","(256, 1, 1)","(2,048, 1, 1)","0","9.0","GPU Speed Of Light Throughput","Duration","usecond","1,500.5"
 "4","4242","python3","h","zero_fill","1","7","(256, 1, 1)","(64, 1, 1)","0","9.0","GPU Speed Of Light Throughput","Duration","nsecond","2,000"
 "5","4242","python3","h","spin_kernel(long)","1","7","(1, 1, 1)","(1, 1, 1)","0","9.0","GPU Speed Of Light Throughput","Duration","usecond","1.00"
-"6","4242","python3","h","wgrad_kernel","1","7","(256, 1, 1)","(96, 1, 1)","0","9.0","GPU Speed Of Light Throughput","Duration","usecond","800"
-"6","4242","python3","h","wgrad_kernel","1","7","(256, 1, 1)","(96, 1, 1)","0","9.0","Launch Statistics","Registers Per Thread","register/thread","n/a"
+"12","4242","python3","h","wgrad_kernel","1","7","(256, 1, 1)","(96, 1, 1)","0","9.0","GPU Speed Of Light Throughput","Duration","usecond","800"
+"12","4242","python3","h","wgrad_kernel","1","7","(256, 1, 1)","(96, 1, 1)","0","9.0","Launch Statistics","Registers Per Thread","register/thread","n/a"
 ==PROF== Disconnected from process 4242
 '''
 
@@ -103,7 +104,7 @@ def test_ncu_listing_is_split_into_phases_with_durations_in_microseconds(tmp_pat
     (report,) = ncu_layer.summarize([path])
     assert (report["provider"], report["layer"]) == ("fused-cuda", "layer1.0.conv2")
     kernels = report["kernels"]
-    assert [(k["id"], k["phase"]) for k in kernels] == [(1, "forward"), (3, "dgrad"), (4, "dgrad"), (6, "wgrad")]
+    assert [(k["id"], k["phase"]) for k in kernels] == [(1, "forward"), (3, "dgrad"), (4, "dgrad"), (12, "wgrad")]
     assert kernels[0]["grid"] == "(1,024, 1, 1)"
     assert ncu_layer.metric(kernels[0], "Duration") == pytest.approx(1250.0)
     assert ncu_layer.metric(kernels[0], "Compute (SM) Throughput") == pytest.approx(41.5)
