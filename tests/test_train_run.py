@@ -170,6 +170,29 @@ def test_resume_from_any_stop_equals_an_uninterrupted_run(data, tmp_path, worker
         assert torch.equal(tensor, again["model"][name]), name
 
 
+def test_gradient_accumulation_counts_optimizer_steps_and_resumes_exactly(data, tmp_path):
+    # 24 images / batch 8 = 3 micro-batches per epoch; --accum-steps 2 makes 2 optimizer
+    # steps of them (2 + the last 1). Stop after each step of epoch 1 and the first of
+    # epoch 2: the resumed run must equal the uninterrupted one, weights bit for bit.
+    uninterrupted = tmp_path / "straight"
+    summary = fit(tiny_config(data, uninterrupted, epochs=2, accum_steps=2))
+    assert summary["steps"] == 4 and summary["effective_batch_size"] == 16
+    assert [row["step"] for row in _metrics(uninterrupted)] == [2, 4]
+    resumed = tmp_path / "resumed"
+    for stop_at in (1, 2, 3):
+        result = fit(tiny_config(data, resumed, epochs=2, accum_steps=2, resume="auto"),
+                     should_stop=lambda step, stop_at=stop_at: step == stop_at)
+        assert result["interrupted"] and result["step"] == stop_at
+        assert load_checkpoint(resumed / "checkpoints" / "last.pt")["batches_done"] == {1: 2, 2: 3, 3: 2}[stop_at]
+    fit(tiny_config(data, resumed, epochs=2, accum_steps=2, resume="auto"))
+
+    assert _without_timings(_metrics(resumed)) == _without_timings(_metrics(uninterrupted))
+    straight = load_checkpoint(uninterrupted / "checkpoints" / "last.pt")
+    again = load_checkpoint(resumed / "checkpoints" / "last.pt")
+    for name, tensor in straight["model"].items():
+        assert torch.equal(tensor, again["model"][name]), name
+
+
 def test_sigterm_saves_a_checkpoint_exits_0_and_resumes(data, tmp_path):
     run_dir = tmp_path / "run"
     command = [sys.executable, "-m", "anfast.train", *_cli_args(data, run_dir, epochs=2)]
@@ -277,35 +300,49 @@ def test_non_finite_loss_stops_with_a_clear_error(data, tmp_path):
 
 _DRIVER = textwrap.dedent("""
     import json, os, sys
+    import anfast.train.loop as loop
     from anfast.train.config import TrainConfig
-    from anfast.train.loop import fit
     config = TrainConfig.from_dict(json.loads(sys.argv[1]))
-    summary = fit(config)
+    # Each rank's own weights at every evaluation (the metrics are all-reduced, so they
+    # agree across ranks whatever the weights): DDP must have kept them identical.
+    sums, evaluate = [], loop.evaluate
+    def evaluate_and_sum(model, *args, **kwargs):
+        sums.append(sum(float(p.double().sum()) for p in model.parameters()))
+        return evaluate(model, *args, **kwargs)
+    loop.evaluate = evaluate_and_sum
+    summary = loop.fit(config)
     with open(os.path.join(sys.argv[2], f"rank{os.environ['RANK']}.json"), "w") as file:
-        json.dump(summary, file)
+        json.dump({**summary, "weight_sums": sums}, file)
 """)
 
 
 def test_torchrun_two_cpu_ranks_report_identical_final_metrics(data, tmp_path):
     driver = tmp_path / "driver.py"
     driver.write_text(_DRIVER)
-    config = tiny_config(data, tmp_path / "run", epochs=2, batch_size=4).to_dict()
-    # The interpreter's own torchrun: a fresh machine has none on the PATH.
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node",
-               "2", str(driver), json.dumps(config), str(tmp_path)]
+    # Two micro-batches per step: ranks must all-reduce the accumulated gradients once
+    # (DDP no_sync before the last micro-batch) and so stay identical.
     env = dict(os.environ, OMP_NUM_THREADS="1")
     for attempt in range(2):  # gloo on CPU aborted once in eight tries on a 2-core machine
+        # A run directory per attempt: a second run into a failed one's would be refused.
+        run_dir = tmp_path / f"run{attempt}"
+        config = tiny_config(data, run_dir, epochs=2, batch_size=4, accum_steps=2).to_dict()
+        # The interpreter's own torchrun: a fresh machine has none on the PATH.
+        command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node",
+                   "2", str(driver), json.dumps(config), str(tmp_path)]
         result = subprocess.run(command, capture_output=True, text=True, timeout=600, env=env)
         if result.returncode == 0:
             break
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     rank0, rank1 = (json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1))
     assert rank0["world_size"] == 2
-    for key in ("base", "student", "students", "steps", "skipped_images"):
+    for key in ("base", "student", "students", "steps", "skipped_images", "weight_sums"):
         assert rank0[key] == rank1[key], key
+    assert len(rank0["weight_sums"]) == 2 and rank0["weight_sums"][0] != rank0["weight_sums"][1]
+    # 12 train images per rank / batch 4 = 3 micro-batches: 2 steps (2 + 1) per epoch.
+    assert rank0["steps"] == 4 and rank0["effective_batch_size"] == 16
     # val has 12 images over 2 shards: every image counted once, so top-1 is k/12.
     assert round(rank0["base"]["top1"] * 12, 6) == int(round(rank0["base"]["top1"] * 12))
-    assert len(_metrics(tmp_path / "run")) == 2
+    assert len(_metrics(run_dir)) == 2
 
 
 def _cli_args(data, run_dir, **overrides):

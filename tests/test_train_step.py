@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import functools
 import json
 
 import pytest
@@ -16,7 +17,8 @@ from anfast.train.checkpoint import load_checkpoint
 from anfast.train.cli import add_train_arguments, config_from_args
 from anfast.train.config import ConfigError, TrainConfig
 from anfast.train.loop import NonFiniteLossError, fit
-from anfast.train.step import StepMeter, ema_update, optimizer_step, resolve_compile
+import anfast
+from anfast.train.step import StepMeter, ema_update, optimizer_step, resolve_compile, train_step
 from test_train_config import make_image_folder, tiny_config
 
 
@@ -109,6 +111,61 @@ def test_skipped_optimizer_step_leaves_weights_and_state_alone(cls, kwargs):
     optimizer_step(optimizer, torch.tensor(False))
     assert not torch.equal(param.detach(), before[0])
     assert not hasattr(optimizer, "found_inf")
+
+
+def _conv_net() -> torch.nn.Module:
+    """A CNN without BatchNorm: its gradient over a batch is the mean of its micro-batches'."""
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(
+        torch.nn.Conv2d(3, 16, 3, padding=1), torch.nn.ReLU(), torch.nn.Conv2d(16, 32, 3, stride=2),
+        torch.nn.ReLU(), torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten(), torch.nn.Linear(32, 5))
+    return anfast.adjoin(net, alpha=2, policy="all", input_size=(3, 8, 8)).double()
+
+
+def _step(model, batches, *, accumulate, clip_grad=None):
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.5, momentum=0.9)
+    meter = StepMeter(torch.device("cpu"), max_bad_steps=0, step=0)
+    (images, labels), *more = batches
+    train_step(model, images, labels, loss_fn=functools.partial(anfast.AdjoinedLoss(), lambda_=0.7),
+               optimizer=optimizer, scaler=torch.amp.GradScaler("cpu", enabled=False),
+               parameters=list(model.parameters()), amp_dtype=None, clip_grad=clip_grad, meter=meter,
+               more_batches=iter(more), accumulate=accumulate)
+    return meter.read()
+
+
+@pytest.mark.parametrize("clip_grad", [None, 0.05])
+def test_accumulated_micro_batches_step_as_one_batch_in_float64(clip_grad):
+    """Three micro-batches of 4 accumulated = one step on the 12 images (mean-reduced
+    loss, no BatchNorm): the same weights, loss and gradient norm, clipped or not."""
+    torch.manual_seed(1)
+    images = torch.randn(12, 3, 8, 8, dtype=torch.float64)
+    labels = torch.randint(5, (12,))
+    whole, accumulated = _conv_net(), _conv_net()
+    one = _step(whole, [(images, labels)], accumulate=1, clip_grad=clip_grad)
+    three = _step(accumulated, [(images[i:i + 4], labels[i:i + 4]) for i in (0, 4, 8)], accumulate=3,
+                  clip_grad=clip_grad)
+    assert three["loss_sum"] == pytest.approx(one["loss_sum"], rel=1e-12)
+    assert three["grad_norm_sum"] == pytest.approx(one["grad_norm_sum"], rel=1e-12)
+    assert three["good_steps"] == one["good_steps"] == 1
+    for (name, after_whole), after_accumulated in zip(whole.named_parameters(), accumulated.parameters()):
+        torch.testing.assert_close(after_accumulated, after_whole, rtol=1e-12, atol=1e-14, msg=name)
+    # The step moved the weights: the comparison is not between two untouched networks.
+    assert not torch.equal(next(whole.parameters()), next(_conv_net().parameters()))
+
+
+def test_accumulate_must_match_the_micro_batches_given():
+    images, labels = torch.randn(2, 3, 8, 8, dtype=torch.float64), torch.tensor([0, 1])
+    with pytest.raises(ValueError, match="1 micro-batch\\(es\\), but accumulate=2"):
+        _step(_conv_net(), [(images, labels)], accumulate=2)
+    with pytest.raises(ValueError, match="more micro-batches than accumulate=1"):
+        _step(_conv_net(), [(images, labels)] * 2, accumulate=1)
+
+
+def test_accum_steps_flag_and_its_bounds():
+    assert _parse(["--accum-steps", "4"]).accum_steps == 4
+    assert TrainConfig().accum_steps == 1
+    with pytest.raises(ConfigError, match="accum_steps=0 must be >= 1"):
+        TrainConfig(accum_steps=0).validate()
 
 
 def test_ema_update_matches_the_formula_in_float64_and_skips():

@@ -52,6 +52,10 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
     add("--round-to", type=int, help=f"student widths round up to this {_default('round_to')}")
     add("--epochs", type=int, help=_default("epochs"))
     add("--batch-size", type=int, help=f"per process {_default('batch_size')}")
+    add("--accum-steps", type=int,
+        help=f"gradient accumulation: micro-batches of --batch-size per optimizer step, so the "
+             f"effective batch is accum-steps x batch-size x processes; the LR schedule, "
+             f"--log-interval and stops count optimizer steps {_default('accum_steps')}")
     add("--lr", type=float, help=f"peak learning rate {_default('lr')}")
     add("--min-lr", type=float, help=f"learning rate at the end of the cosine {_default('min_lr')}")
     add("--optimizer", choices=OPTIMIZER_CHOICES,

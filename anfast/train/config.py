@@ -55,6 +55,7 @@ class TrainConfig:
     round_to: int = 8
     epochs: int = 4
     batch_size: int = 64                  # per process
+    accum_steps: int = 1                  # micro-batches of batch_size per optimizer step
     lr: float = 2e-3
     optimizer: str = "adamw"
     momentum: float = 0.9
@@ -128,7 +129,7 @@ class TrainConfig:
             except ValueError as error:
                 raise ConfigError(str(error)) from None
         compile_mode(self.compile)
-        for name in ("epochs", "batch_size", "image_size", "round_to", "log_interval",
+        for name in ("epochs", "batch_size", "accum_steps", "image_size", "round_to", "log_interval",
                      "synthetic_steps"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name}={getattr(self, name)} must be >= 1")

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import functools
 import json
+import math
 import signal
 import sys
 import threading
@@ -186,7 +187,10 @@ def _fit(config: TrainConfig, info: DistributedInfo, should_stop: Optional[Calla
     lambda_schedule = get_lambda_schedule(config.lambda_schedule)
     alphas = list(config.alpha)
 
-    steps_per_epoch = len(train_loader)
+    # Optimizer steps: each takes --accum-steps micro-batches (an epoch's last step the rest).
+    accum = config.accum_steps
+    batches_per_epoch = len(train_loader)
+    steps_per_epoch = math.ceil(batches_per_epoch / accum)
     total_steps = config.epochs * steps_per_epoch
     warmup_steps = round(config.warmup_epochs * steps_per_epoch)
     # Everything a resumed run needs to continue as if never stopped; the epoch_* sums
@@ -224,7 +228,10 @@ def _fit(config: TrainConfig, info: DistributedInfo, should_stop: Optional[Calla
         log = MetricsLog(run_dir, state["history"])
         _say(info, f"anfast train: {config.arch}, alpha {','.join(f'{a:g}' for a in alphas)}, "
                    f"{num_classes} classes, {train_loader.num_samples * info.world_size} train "
-                   f"images, {steps_per_epoch} steps/epoch, device {device}, "
+                   f"images, {steps_per_epoch} steps/epoch"
+                   + (f" of {accum} micro-batches (effective batch "
+                      f"{accum * config.batch_size * info.world_size})" if accum > 1 else "")
+                   + f", device {device}, "
                    f"world size {info.world_size}, {train_loader.reason}"
                    + (f"; resuming from {resume_path} at epoch {state['epoch'] + 1}"
                       if resume_path else ""))
@@ -238,10 +245,12 @@ def _fit(config: TrainConfig, info: DistributedInfo, should_stop: Optional[Calla
                 channels_last=config.channels_last, amp_dtype=amp_dtype, device=device)
     # Gradients as views of DDP's buckets: no copy between them. static_graph lets DDP
     # skip per-iteration bookkeeping (every parameter is used every step), but not
-    # under torch.compile, whose DDPOptimizer does not support it (pytorch#109261).
+    # under torch.compile, whose DDPOptimizer does not support it (pytorch#109261), nor
+    # with --accum-steps: its no_sync micro-batches fail the static graph's reducer
+    # ("expect_autograd_hooks_ INTERNAL ASSERT FAILED", seen on 2 gloo ranks).
     model = DistributedDataParallel(an, device_ids=[device] if device.type == "cuda" else None,
-                                    gradient_as_bucket_view=True, static_graph=mode is None
-                                    ) if info.enabled else an
+                                    gradient_as_bucket_view=True,
+                                    static_graph=mode is None and accum == 1) if info.enabled else an
     if mode is not None:
         model = torch.compile(model, mode=mode)
     eval_model = ema.module if ema is not None else an
@@ -284,7 +293,7 @@ def _fit(config: TrainConfig, info: DistributedInfo, should_stop: Optional[Calla
         train_loader.set_epoch(epoch)
         model.train()
         epoch_start = time.perf_counter() - state["epoch_seconds"]
-        bar = tqdm(total=steps_per_epoch, initial=state["batches_done"],
+        bar = tqdm(total=steps_per_epoch, initial=math.ceil(state["batches_done"] / accum),
                    desc=f"epoch {epoch + 1}/{config.epochs}", leave=False,
                    disable=None if info.is_main else True)
         stopped = False
@@ -292,7 +301,8 @@ def _fit(config: TrainConfig, info: DistributedInfo, should_stop: Optional[Calla
                           bad_steps=state["bad_steps"], loss_sum=state["epoch_loss_sum"],
                           grad_norm_sum=state["epoch_grad_norm_sum"],
                           good_steps=state["epoch_good_steps"])
-        for batch_index, (images, labels) in enumerate(train_loader):
+        batches = enumerate(train_loader)
+        for batch_index, (images, labels) in batches:
             # A run resumed mid-epoch replays the loader to where it stopped and restores
             # the RNGs after the last replayed batch, so the remaining batches and random
             # draws are those of an uninterrupted run.
@@ -304,14 +314,24 @@ def _fit(config: TrainConfig, info: DistributedInfo, should_stop: Optional[Calla
                        base_lr=config.lr, min_lr=config.min_lr)
             for group in optimizer.param_groups:
                 group["lr"] = lr
+            # This step's further micro-batches, drawn from the same iterator one at a time.
+            micro_batches = min(accum, batches_per_epoch - batch_index)
+            images_seen = [labels.numel()]
+
+            def more_batches(count=micro_batches - 1, seen=images_seen):
+                for _ in range(count):
+                    _, (more_images, more_labels) = next(batches)
+                    seen.append(more_labels.numel())
+                    yield more_images, more_labels
+
             train_step(model, images, labels,
                        loss_fn=lambda out, target: loss_fn(out, target, lambda_),
                        optimizer=optimizer, scaler=scaler, parameters=parameters,
                        amp_dtype=amp_dtype, clip_grad=config.clip_grad, update_ema=update_ema,
-                       meter=meter)
+                       meter=meter, more_batches=more_batches(), accumulate=micro_batches)
             state["step"] += 1
-            state["batches_done"] = batch_index + 1
-            state["epoch_images"] += labels.numel() * info.world_size
+            state["batches_done"] = batch_index + micro_batches
+            state["epoch_images"] += sum(images_seen) * info.world_size
             bar.update(1)
             stop = stop_signal.requested or bool(should_stop and should_stop(state["step"]))
             # Ranks must agree, or one would wait forever in the next all-reduce.
@@ -448,6 +468,7 @@ def _summary(config: TrainConfig, state: Dict[str, Any], eval_model: torch.nn.Mo
         "wall_time_s": state["wall_time_s"],
         "epochs": config.epochs,
         "steps": state["step"],
+        "effective_batch_size": config.batch_size * config.accum_steps * info.world_size,
         "bad_steps": state["bad_steps"],
         "skipped_images": final["skipped_images"],
         "loader": train_loader.name,

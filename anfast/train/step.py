@@ -21,7 +21,9 @@ reason. Here:
 
 from __future__ import annotations
 
-from typing import Callable, Dict, Optional, Sequence, Tuple
+import contextlib
+import itertools
+from typing import Callable, Dict, Iterable, Optional, Sequence, Tuple
 
 import torch
 from torch.optim.swa_utils import AveragedModel
@@ -48,17 +50,38 @@ def train_step(model: torch.nn.Module, images: torch.Tensor, labels: torch.Tenso
                parameters: Sequence[torch.nn.Parameter], amp_dtype: Optional[torch.dtype],
                clip_grad: Optional[float] = None,
                update_ema: Optional[Callable[[torch.Tensor], None]] = None,
-               meter: Optional["StepMeter"] = None) -> None:
+               meter: Optional["StepMeter"] = None,
+               more_batches: Iterable[Tuple[torch.Tensor, torch.Tensor]] = (),
+               accumulate: int = 1) -> None:
     """Forward, backward, clip, optimizer step and EMA update, with no host read.
 
     ``parameters`` are the trained module's (for the gradient norm); ``update_ema(skip)``
     (e.g. a partial of :func:`ema_update`) follows the step. Under fp16 the GradScaler skips
     steps with inf gradients itself (they are part of finding the scale), so those are
     not counted as bad steps.
+
+    Gradient accumulation: ``more_batches`` yields the step's further micro-batches (read
+    one at a time, after the previous one's backward was queued) and ``accumulate`` is
+    their number plus one. Each micro-batch's loss counts ``1 / accumulate``, so the
+    step's gradient and its logged loss are those of the mean loss over the micro-batches
+    (for mean-reduced losses, one step on their concatenation, BatchNorm statistics
+    aside). Under DDP only the last micro-batch all-reduces (``no_sync`` before it).
     """
-    loss = forward_loss(model, images, labels, loss_fn, amp_dtype)
     optimizer.zero_grad(set_to_none=True)
-    scaler.scale(loss).backward()
+    loss_sum = None
+    count = 0
+    for count, (batch_images, batch_labels) in enumerate(
+            itertools.chain([(images, labels)], more_batches), start=1):
+        if count > accumulate:
+            raise ValueError(f"train_step: more micro-batches than accumulate={accumulate}")
+        no_sync = getattr(model, "no_sync", None)  # DDP, also through torch.compile's wrapper
+        with (no_sync() if no_sync is not None and count < accumulate else contextlib.nullcontext()):
+            loss = forward_loss(model, batch_images, batch_labels, loss_fn, amp_dtype)
+            scaler.scale(loss / accumulate if accumulate > 1 else loss).backward()
+        loss_sum = loss.detach() if loss_sum is None else loss_sum + loss.detach()
+    if count != accumulate:
+        raise ValueError(f"train_step: {count} micro-batch(es), but accumulate={accumulate}")
+    loss = loss_sum / accumulate if accumulate > 1 else loss_sum
     scaler.unscale_(optimizer)
     if clip_grad:
         grad_norm = torch.nn.utils.clip_grad_norm_(parameters, clip_grad)
@@ -66,7 +89,7 @@ def train_step(model: torch.nn.Module, images: torch.Tensor, labels: torch.Tenso
         grad_norm = torch.nn.utils.get_total_norm([p.grad for p in parameters if p.grad is not None])
     # Under DDP the gradients are all-reduced, so the flag is the same on every rank: a
     # non-finite loss on one rank makes its gradients, hence everyone's, non-finite.
-    bad = torch.logical_not(torch.isfinite(loss.detach()) & torch.isfinite(grad_norm))
+    bad = torch.logical_not(torch.isfinite(loss) & torch.isfinite(grad_norm))
     if scaler.is_enabled():
         scaler.step(optimizer)  # fused optimizers take the scaler's found_inf: no host read
         scaler.update()
