@@ -85,6 +85,18 @@ def environment(device: str | torch.device = "cpu") -> dict:
     }
 
 
+def tune_ratios(path: str | os.PathLike) -> dict[str, dict[str, float]]:
+    """backend -> {layer: fused ms / torch ms} over the verified candidates of one
+    `anfast tune --out` JSON (or a benchmark file that wraps it under "tune")."""
+    payload = json.loads(pathlib.Path(path).read_text())
+    ratios: dict[str, dict[str, float]] = {}
+    for row in payload.get("tune", payload)["layers"]:
+        for backend, candidate in row.get("candidates", {}).items():
+            if candidate.get("verified") and candidate.get("ms") and row.get("torch_ms"):
+                ratios.setdefault(backend, {})[row["layer"]] = candidate["ms"] / row["torch_ms"]
+    return ratios
+
+
 def write_result(benchmark: str, payload: dict, out: str | os.PathLike | None = None) -> pathlib.Path:
     """Write ``payload`` as JSON to ``out`` or results/<benchmark>-<device>-<date>.json."""
     if out is None:

@@ -30,12 +30,11 @@ from __future__ import annotations
 import argparse
 import csv
 import json
-import math
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import environment, write_result  # noqa: E402
+from common import environment, tune_ratios, write_result  # noqa: E402
 
 PHASE_ORDER = ("forward", "dgrad", "wgrad")
 MARKER_KERNEL = "spin_kernel"  # what torch.cuda._sleep launches
@@ -54,18 +53,8 @@ def slowest_layers(tune_files: list[Path]) -> dict[str, tuple[str, float]]:
     The first file that measured a backend decides for it (pass the freshest first)."""
     found: dict[str, tuple[str, float]] = {}
     for path in tune_files:
-        layers = json.loads(Path(path).read_text())
-        layers = layers.get("tune", layers)["layers"]
-        worst: dict[str, tuple[str, float]] = {}
-        for row in layers:
-            for backend, candidate in row.get("candidates", {}).items():
-                if not candidate.get("verified") or not candidate.get("ms") or not row.get("torch_ms"):
-                    continue
-                ratio = candidate["ms"] / row["torch_ms"]
-                if ratio > worst.get(backend, ("", -math.inf))[1]:
-                    worst[backend] = (row["layer"], ratio)
-        for backend, pick in worst.items():
-            found.setdefault(backend, pick)
+        for backend, per_layer in tune_ratios(path).items():
+            found.setdefault(backend, max(per_layer.items(), key=lambda item: item[1]))
     return found
 
 

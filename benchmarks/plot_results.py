@@ -20,9 +20,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
+import statistics
 import sys
 from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import tune_ratios  # noqa: E402
 
 PROVIDER_LABELS = {"base": "plain base", "anfast": "anfast (auto)", "anfast_torch": "anfast (torch)",
                    "masked": "authors' masked student"}
@@ -33,11 +36,8 @@ def layer_ratios(tune_files: list[Path]) -> dict[str, dict[str, float]]:
     """backend -> {layer: fused ms / torch ms} over the verified candidates of the files."""
     ratios: dict[str, dict[str, float]] = {}
     for path in tune_files:
-        payload = json.loads(Path(path).read_text())
-        for row in payload.get("tune", payload)["layers"]:
-            for backend, candidate in row.get("candidates", {}).items():
-                if candidate.get("verified") and candidate.get("ms") and row.get("torch_ms"):
-                    ratios.setdefault(backend, {})[row["layer"]] = candidate["ms"] / row["torch_ms"]
+        for backend, per_layer in tune_ratios(path).items():
+            ratios.setdefault(backend, {}).update(per_layer)
     return ratios
 
 
@@ -60,11 +60,6 @@ def cudnn_version(text: str) -> str:
     return f"{number // 1000}.{number % 1000 // 100}"
 
 
-def geometric_mean(values) -> float:
-    values = list(values)
-    return math.exp(sum(math.log(v) for v in values) / len(values))
-
-
 def plot(tune_files: list[Path], throughput_file: Path, out: Path) -> Path:
     import matplotlib
 
@@ -84,9 +79,10 @@ def plot(tune_files: list[Path], throughput_file: Path, out: Path) -> Path:
     for index, (backend, per_layer) in enumerate(sorted(ratios.items())):
         xs = [position[layer] + (index - (len(ratios) - 1) / 2) * width for layer in per_layer]
         color = COLORS.get(backend)
+        mean = statistics.geometric_mean(per_layer.values())
         left.bar(xs, list(per_layer.values()), width=width, color=color,
-                 label=f"{backend}: geomean {geometric_mean(per_layer.values()):.2f}x over {len(per_layer)} convs")
-        left.axhline(geometric_mean(per_layer.values()), color=color, linestyle="--", linewidth=1)
+                 label=f"{backend}: geomean {mean:.2f}x over {len(per_layer)} convs")
+        left.axhline(mean, color=color, linestyle="--", linewidth=1)
     left.axhline(1.0, color="black", linewidth=1)
     left.text(len(layers) - 0.5, 1.0, " cuDNN", va="bottom", ha="right", fontsize=8)
     left.set_yscale("log")

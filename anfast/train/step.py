@@ -68,13 +68,13 @@ def train_step(model: torch.nn.Module, images: torch.Tensor, labels: torch.Tenso
     aside). Under DDP only the last micro-batch all-reduces (``no_sync`` before it).
     """
     optimizer.zero_grad(set_to_none=True)
+    no_sync = getattr(model, "no_sync", None)  # DDP, also through torch.compile's wrapper
     loss_sum = None
     count = 0
     for count, (batch_images, batch_labels) in enumerate(
             itertools.chain([(images, labels)], more_batches), start=1):
         if count > accumulate:
             raise ValueError(f"train_step: more micro-batches than accumulate={accumulate}")
-        no_sync = getattr(model, "no_sync", None)  # DDP, also through torch.compile's wrapper
         with (no_sync() if no_sync is not None and count < accumulate else contextlib.nullcontext()):
             loss = forward_loss(model, batch_images, batch_labels, loss_fn, amp_dtype)
             scaler.scale(loss / accumulate if accumulate > 1 else loss).backward()
