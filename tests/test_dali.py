@@ -139,6 +139,18 @@ def test_val_pixels_match_the_torch_loader(tmp_path, image_size):
     assert pixel_error.max() <= 2.0, f"mean abs difference per image in grey levels: {pixel_error.tolist()}"
 
 
+def test_a_shard_smaller_than_one_batch_is_a_clear_error(indexed):
+    # 24 train images in 2 shards of 12: a batch of 13 (drop_last) never fills; DALI's own
+    # error ("no data in the pipeline") came from inside the pipeline, as a traceback.
+    from anfast.data import DataLayoutError
+
+    root, _ = indexed
+    with pytest.raises(DataLayoutError, match=rf"^{root}/train has 12 images per process, fewer than "
+                                              rf"one batch of 13; lower --batch-size$"):
+        dali(root, "train", batch_size=13, shard_id=1, num_shards=2)
+    assert len(dali(root, "train", batch_size=12, shard_id=1, num_shards=2)) == 1
+
+
 def test_train_augmentation_keeps_shape_and_range(tmp_path):
     _photo_like_jpegs(tmp_path)
     loader = create_loader(tmp_path, "train", batch_size=4, image_size=20, loader="dali", workers=1)

@@ -79,7 +79,12 @@ def test_a_run_directory_with_a_run_is_refused_unless_resumed_or_overwritten(tmp
         claim_run_dir(run_dir, ("metrics.jsonl",), resume=None, overwrite=False)
     claim_run_dir(run_dir, TRAIN_ARTIFACTS, resume=True, overwrite=False).release()
     assert (run_dir / "summary.json").exists()
+    # --overwrite deletes nothing until the new run's set-up has passed and it says so.
     claim_run_dir(run_dir, TRAIN_ARTIFACTS, resume=False, overwrite=True).release()
+    assert (run_dir / "checkpoints" / "last.pt").read_bytes() == b"x"
+    lock = claim_run_dir(run_dir, TRAIN_ARTIFACTS, resume=False, overwrite=True)
+    lock.remove_previous_run()
+    lock.release()
     # Only what anfast wrote is deleted.
     assert sorted(path.name for path in run_dir.iterdir()) == ["notes.txt"]
 

@@ -4,6 +4,7 @@ before the first training step."""
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import errno
 import math
 import random
@@ -25,7 +26,7 @@ from anfast.train.checkpoint import (CheckpointError, get_rng_state, load_checkp
                                      load_training_checkpoint, previous_checkpoint, save_checkpoint,
                                      set_rng_state)
 from anfast.train.cli import add_train_arguments, config_from_args, main
-from anfast.train.config import ConfigError, TrainConfig
+from anfast.train.config import RESUME_FIXED, RESUME_FREE, ConfigError, TrainConfig, resume_conflicts
 from anfast.train.loop import fit
 from anfast.train.schedule import lr_at
 
@@ -155,6 +156,53 @@ def test_debug_shows_the_traceback_and_overwrite_with_resume_is_refused(tmp_path
     line = _one_line_error(["train", "--out", str(tmp_path / "run"), "--resume", "auto", "--overwrite"],
                            capsys)
     assert "--resume auto continues the run in --out" in line and "--overwrite deletes it" in line
+
+
+@pytest.mark.parametrize("device, message", [
+    ("tpu", "--device 'tpu' is not a device; use auto, cpu, cuda or cuda:N"),
+    ("cuda:x", "--device 'cuda:x' is not a device"),
+    ("meta", "--device meta: anfast trains on cpu or cuda"),
+])
+def test_a_bad_device_is_one_line(tmp_path, capsys, device, message):
+    line = _one_line_error(["train", "--device", device, "--out", str(tmp_path / "run")], capsys)
+    assert message in line, line
+    assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
+def test_cuda_on_a_machine_without_it_is_one_line(tmp_path, capsys):
+    line = _one_line_error(["train", "--device", "cuda", "--out", str(tmp_path / "run")], capsys)
+    assert "--device cuda: CUDA is not available on this machine; use --device cpu" in line
+
+
+def test_eval_refuses_bad_batch_size_and_workers_before_loading(tmp_path, capsys):
+    # The run directory need not exist: the numbers are checked first.
+    assert "--batch-size 0 must be >= 1" in _one_line_error(
+        ["eval", str(tmp_path / "run"), "--batch-size", "0"], capsys)
+    assert "--workers -1 must be >= 0" in _one_line_error(
+        ["eval", str(tmp_path / "run"), "--workers", "-1"], capsys)
+
+
+def test_resume_fixes_every_option_that_shapes_the_run_and_frees_the_rest():
+    # Each option is either the run's (checked on resume) or where it runs, never neither:
+    # a new option must be sorted into one of the two.
+    fields = {field.name for field in dataclasses.fields(TrainConfig)}
+    assert set(RESUME_FIXED) | set(RESUME_FREE) == fields
+    assert not set(RESUME_FIXED) & set(RESUME_FREE)
+    saved = TrainConfig(alpha=(2.0, 4.0), epochs=3).to_dict()
+    assert resume_conflicts(saved, TrainConfig(alpha=(2.0, 4.0), epochs=3, workers=7, device="cpu")) == []
+    assert resume_conflicts(saved, TrainConfig(alpha=(4.0,), epochs=5, lr=0.1)) == [
+        "--alpha 4 (the run: 2,4)", "--epochs 5 (the run: 3)", "--lr 0.1 (the run: 0.002)"]
+    assert resume_conflicts({"arch": "resnet18"}, TrainConfig(epochs=9)) == []  # absent: not compared
+
+
+def test_one_image_batches_that_reach_a_1x1_batch_norm_are_refused_before_anything_runs(tmp_path):
+    data = make_image_folder(tmp_path / "data")
+    # resnet18 at 16 px: layer4 is 1x1, so training-mode BatchNorm sees one value per channel.
+    with pytest.raises(ConfigError, match=r"^--batch-size 1 at --image-size 16: a BatchNorm layer would "
+                                          r"see one value per channel .*use --batch-size 2 or more"):
+        fit(tiny_config(data, tmp_path / "run", batch_size=1))
+    assert not (tmp_path / "run").exists()
 
 
 def test_yaml_numbers_are_normalised(tmp_path):

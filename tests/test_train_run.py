@@ -20,6 +20,7 @@ import pytest
 import torch
 
 import anfast
+import anfast.cli
 from anfast.train.checkpoint import load_checkpoint
 from anfast.train.export import evaluate_run, export_run, load_run
 from anfast.train.loop import NonFiniteLossError, fit
@@ -191,6 +192,45 @@ def test_gradient_accumulation_counts_optimizer_steps_and_resumes_exactly(data, 
     again = load_checkpoint(resumed / "checkpoints" / "last.pt")
     for name, tensor in straight["model"].items():
         assert torch.equal(tensor, again["model"][name]), name
+
+
+def test_the_readme_resume_command_takes_the_runs_options_and_refuses_changed_ones(
+        data, tmp_path, capsys, monkeypatch):
+    # The README continues a run with `anfast train --out RUN --resume auto` alone: the run's
+    # options must come from its checkpoint, not from the defaults (its 3 classes and 16 px
+    # against the defaults' built-in set and 32 px). Changed options and other data are
+    # refused in one line before anything runs; --overwrite with a bad option keeps the run.
+    straight, run_dir = tmp_path / "straight", tmp_path / "run"
+    fit(tiny_config(data, straight, epochs=2))
+    result = fit(tiny_config(data, run_dir, epochs=2), should_stop=lambda step: step == 2)
+    assert result["interrupted"]
+    last = (run_dir / "checkpoints" / "last.pt").read_bytes()
+    config = (run_dir / "config.yaml").read_text()
+
+    def refused(*argv):
+        assert anfast.cli.main(["train", "--out", str(run_dir), *argv]) == 2
+        lines = capsys.readouterr().err.strip().splitlines()
+        assert len(lines) == 1 and (run_dir / "checkpoints" / "last.pt").read_bytes() == last
+        assert (run_dir / "config.yaml").read_text() == config
+        return lines[0]
+
+    line = refused("--resume", "auto", "--epochs", "5", "--batch-size", "4")
+    assert "but --epochs 5 (the run: 2); --batch-size 4 (the run: 8); leave these options out" in line
+    other = make_image_folder(tmp_path / "other", classes=("cat", "dog", "eel"))
+    line = refused("--resume", "auto", "--data", str(other))
+    assert f"the run was trained on classes ['ant', 'bee', 'cat'], {other} has ['cat', 'dog', 'eel']" in line
+    line = refused("--overwrite", "--data", str(data), "--arch", "resnet81", "--image-size", "16",
+                   "--batch-size", "8", "--loader", "torch", "--workers", "0", "--device", "cpu")
+    assert "--arch 'resnet81' is not a torchvision model" in line
+
+    # Stopped before its first evaluation, the run has no best.pt: eval says it read last.pt.
+    evaluate_run(run_dir, device="cpu")
+    assert json.loads((run_dir / "eval.json").read_text())["checkpoint"] == "last"
+
+    monkeypatch.chdir(tmp_path)  # the run's paths hold from another working directory
+    assert anfast.cli.main(["train", "--out", "run", "--resume", "auto"]) == 0
+    assert _without_timings(_metrics(run_dir)) == _without_timings(_metrics(straight))
+    assert json.loads((run_dir / "summary.json").read_text())["effective_batch_size"] == 8
 
 
 def test_sigterm_saves_a_checkpoint_exits_0_and_resumes(data, tmp_path):

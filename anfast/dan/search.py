@@ -34,10 +34,11 @@ from anfast.dan.derive import derive, plot_widths, write_arch
 from anfast.dan.gates import ChoiceGates, StudentMasks, entropy, temperature
 from anfast.dan.space import DEFAULT_CHOICES, DanError, SearchSpace
 from anfast.train.config import check_field_types
+from anfast.train.distributed import resolve_device
 from anfast.train.loss import AdjoinedLoss, get_lambda_schedule
 from anfast.train.pretrained import load_pretrained
 from anfast.train.records import MetricsLog
-from anfast.train.rundir import SEARCH_ARTIFACTS, claim_run_dir
+from anfast.train.rundir import SEARCH_ARTIFACTS, RunDirLock, claim_run_dir
 from anfast.train.schedule import lr_at
 
 __all__ = ["SearchConfig", "SearchResult", "search", "TAU_SCHEDULES"]
@@ -172,15 +173,15 @@ def search(config: SearchConfig, *, model: Optional[nn.Module] = None,
     config.validate()
     lock = claim_run_dir(Path(config.out), SEARCH_ARTIFACTS, resume=None, overwrite=config.overwrite)
     try:
-        return _search(config, model, train_loader, num_classes)
+        return _search(config, model, train_loader, num_classes, lock)
     finally:
         lock.release()
 
 
 def _search(config: SearchConfig, model: Optional[nn.Module], train_loader: Optional[Iterable],
-            num_classes: Optional[int]) -> SearchResult:
+            num_classes: Optional[int], lock: RunDirLock) -> SearchResult:
     torch.manual_seed(config.seed)
-    device = _resolve_device(config.device)
+    device = resolve_device(config.device)
     if train_loader is None:
         train_loader = _create_train_loader(config, device)
     if model is None:
@@ -212,6 +213,7 @@ def _search(config: SearchConfig, model: Optional[nn.Module], train_loader: Opti
     total_steps = steps_per_epoch * config.epochs
 
     run_dir = Path(config.out)
+    lock.remove_previous_run()  # --overwrite: set-up passed, the old search may go now
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "search_config.json").write_text(json.dumps(dataclasses.asdict(config), indent=2) + "\n")
     log = MetricsLog(run_dir, [])
@@ -273,12 +275,6 @@ def _search(config: SearchConfig, model: Optional[nn.Module], train_loader: Opti
     arch_path = write_arch(arch, run_dir / "arch.json")
     plot_path = plot_widths(arch, run_dir / "widths.png")
     return SearchResult(arch, run_dir, arch_path, plot_path, gates.theta.detach().cpu(), log.history)
-
-
-def _resolve_device(device: str) -> torch.device:
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
 
 
 def _create_train_loader(config: SearchConfig, device: torch.device):

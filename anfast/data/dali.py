@@ -162,6 +162,10 @@ class DaliLoader:
         self._options = dict(batch_size=batch_size, image_size=image_size, num_threads=max(1, workers),
                              device_id=self._device_id, shard_id=shard_id, num_shards=num_shards, seed=seed,
                              channels_last=channels_last)
+        if drop_last and self._shard_size() < batch_size:
+            # DALI's reader would fail inside the pipeline ("no data in the pipeline").
+            raise DataLayoutError(f"{images.root} has {self._shard_size()} images per process, fewer "
+                                  f"than one batch of {batch_size}; lower --batch-size")
         self._iterator = None
         self._build(epoch=0)
 

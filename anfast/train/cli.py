@@ -2,7 +2,9 @@
 
 ``register(subparsers)`` adds the three commands to the main ``anfast`` parser;
 ``python -m anfast.train ...`` runs `train` alone. Precedence of an option:
-command line > --config YAML > the TrainConfig default.
+command line > --config YAML > the TrainConfig default; with --resume, the resumed
+run's own options (its checkpoint's config) come before the defaults, so
+`anfast train --out RUN --resume auto` continues RUN as it was started.
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ import argparse
 import dataclasses
 import json
 import sys
+from pathlib import Path
 from typing import List, Optional
 
 from anfast.train.config import (AMP_CHOICES, BACKEND_CHOICES, COMPILE_CHOICES,
@@ -81,7 +84,9 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
     add("--image-size", type=int, help=f"train crop and val size in pixels {_default('image_size')}")
     add("--out", help=f"run directory {_default('out')}")
     add("--resume", help="checkpoint to continue from, or 'auto' (RUN_DIR/checkpoints/last.pt "
-                         "when it exists, else a fresh start)")
+                         "when it exists, else a fresh start); the run continues with the "
+                         "options it was started with, so give only where it runs (--data, "
+                         "--device, --workers, ...)")
     add("--overwrite", action="store_true", default=None,
         help="replace the run already in --out (its checkpoints, metrics, exports); without it "
              "and without --resume, train refuses a run directory that holds a run")
@@ -110,12 +115,33 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def config_from_args(args: argparse.Namespace) -> TrainConfig:
-    """Merge TrainConfig defaults < --config YAML < explicit flags."""
+    """Merge TrainConfig defaults < the resumed run's options < --config YAML < explicit flags."""
     values = load_config(args.config) if args.config else {}
     fields = {field.name for field in dataclasses.fields(TrainConfig)}
     values.update({name: value for name, value in vars(args).items()
                    if name in fields and value is not None})
+    if values.get("resume"):
+        values = {**resumed_run_options(values["resume"], values.get("out", _DEFAULTS.out)), **values}
     return TrainConfig.from_dict(values)
+
+
+def resumed_run_options(resume: str, out: str) -> dict:
+    """The options the run that ``--resume`` continues was started with (its checkpoint's
+    config), less where it ran (out, resume, overwrite); empty when there is no checkpoint
+    yet (``--resume auto`` then starts afresh, and a missing file is reported by fit)."""
+    from anfast.train.checkpoint import load_checkpoint
+    from anfast.train.export import ARCH_CONFIG_COPY
+
+    path = Path(out) / "checkpoints" / "last.pt" if resume == "auto" else Path(resume)
+    if not path.is_file():
+        return {}
+    saved = load_checkpoint(path).get("config")
+    fields = {field.name for field in dataclasses.fields(TrainConfig)} - {"out", "resume", "overwrite"}
+    options = {name: value for name, value in (saved or {}).items() if name in fields}
+    copy = Path(out) / ARCH_CONFIG_COPY  # the run's own --arch-config, should the recorded path be gone
+    if options.get("arch_config") and not Path(options["arch_config"]).is_file() and copy.is_file():
+        options["arch_config"] = str(copy)
+    return options
 
 
 def _fail(command: str, error: Exception) -> int:

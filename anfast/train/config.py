@@ -13,14 +13,15 @@ import math
 import typing
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Dict, Optional, Tuple, Type, Union
+from typing import Any, Dict, List, Optional, Tuple, Type, Union
 
 import yaml
 
 __all__ = ["TrainConfig", "ConfigError", "parse_alpha", "load_config", "save_config",
            "load_arch_config", "check_field_types", "AMP_CHOICES", "OPTIMIZER_CHOICES",
            "LOADER_CHOICES", "POLICY_CHOICES", "LAMBDA_SCHEDULE_CHOICES", "BACKEND_CHOICES",
-           "COMPILE_CHOICES", "SYNTHETIC_DATA", "compile_mode"]
+           "COMPILE_CHOICES", "SYNTHETIC_DATA", "compile_mode", "RESUME_FIXED", "RESUME_FREE",
+           "resume_conflicts"]
 
 AMP_CHOICES = ("auto", "bf16", "fp16", "off")
 OPTIMIZER_CHOICES = ("sgd", "adamw", "lamb")
@@ -174,6 +175,39 @@ class TrainConfig:
             raise ConfigError(f"--pretrained {self.pretrained}: no such file or folder; give a local "
                               f".safetensors / .pt file or an anfast export folder (anfast never downloads)")
         return self
+
+
+# A resumed run continues the run it resumes, as if never stopped: these options shape its
+# network, data stream or optimizer steps and must be what the run was started with.
+# The data folder may move (its classes and batches per epoch are checked instead).
+RESUME_FIXED = ("num_classes", "synthetic_steps", "arch", "alpha", "policy", "round_to", "epochs",
+                "batch_size", "accum_steps", "lr", "min_lr", "optimizer", "momentum", "weight_decay",
+                "label_smoothing", "lambda_schedule", "warmup_epochs", "clip_grad", "amp",
+                "image_size", "seed", "ema", "ema_decay", "sync_bn")
+# Options a resumed run takes from its command line: where and how it runs, not what it computes.
+# arch_config may name another copy of the same file (its widths are checked by loading the weights).
+RESUME_FREE = ("data", "arch_config", "channels_last", "compile", "loader", "workers", "out", "resume",
+               "overwrite", "device", "backend", "log_interval", "max_bad_steps", "pretrained",
+               "pretrained_skip_classifier")
+
+
+def resume_conflicts(saved: Dict[str, Any], config: "TrainConfig") -> List[str]:
+    """The RESUME_FIXED options where ``config`` differs from ``saved`` (a checkpoint's
+    config), each as ``--name NEW (the run: OLD)``; options ``saved`` lacks are not compared."""
+    def show(value: Any) -> str:
+        return ",".join(f"{v:g}" for v in value) if isinstance(value, list) else str(value)
+
+    current = config.to_dict()
+    conflicts = []
+    for name in RESUME_FIXED:
+        if name not in saved:
+            continue
+        old, new = saved[name], current[name]
+        if isinstance(old, (list, tuple)):  # alpha
+            old = [float(v) for v in old]
+        if old != new:
+            conflicts.append(f"--{name.replace('_', '-')} {show(new)} (the run: {show(old)})")
+    return conflicts
 
 
 def check_field_types(config: Any, error: Type[Exception]) -> None:

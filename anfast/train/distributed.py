@@ -31,13 +31,23 @@ class DistributedInfo:
 
 def resolve_device(device: str, local_rank: int = 0) -> torch.device:
     """"auto" -> this rank's GPU when CUDA is available, else the CPU."""
+    from anfast.train.config import ConfigError
+
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
-    resolved = torch.device(device)
+    try:
+        resolved = torch.device(device)
+    except RuntimeError:
+        raise ConfigError(f"--device {device!r} is not a device; use auto, cpu, cuda or cuda:N") from None
+    if resolved.type not in ("cpu", "cuda"):
+        raise ConfigError(f"--device {device}: anfast trains on cpu or cuda; use auto, cpu, cuda or cuda:N")
     if resolved.type == "cuda":
         if not torch.cuda.is_available():
-            raise ValueError(f"--device {device}: CUDA is not available on this machine; "
-                             f"use --device cpu")
+            raise ConfigError(f"--device {device}: CUDA is not available on this machine; "
+                              f"use --device cpu")
+        if resolved.index is not None and resolved.index >= torch.cuda.device_count():
+            raise ConfigError(f"--device {device}: this machine has {torch.cuda.device_count()} "
+                              f"CUDA device(s), numbered from 0")
         if resolved.index is None:
             resolved = torch.device("cuda", local_rank)
     return resolved

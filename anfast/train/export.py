@@ -7,6 +7,7 @@ they see exactly the network that training evaluated.
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
 import json
 from pathlib import Path
@@ -17,9 +18,13 @@ from torch.optim.swa_utils import AveragedModel
 
 import anfast
 from anfast.train.checkpoint import load_training_checkpoint
-from anfast.train.config import ConfigError, TrainConfig, load_config
+from anfast.train.config import SYNTHETIC_DATA, ConfigError, TrainConfig, load_config
 
-__all__ = ["export_networks", "load_run", "evaluate_run", "export_run"]
+__all__ = ["export_networks", "load_run", "checkpoint_path", "evaluate_run", "export_run",
+           "ARCH_CONFIG_COPY"]
+
+# `anfast train --arch-config FILE` keeps a copy of FILE in RUN_DIR under this name.
+ARCH_CONFIG_COPY = "arch_config.json"
 
 
 def export_networks(an: torch.nn.Module, run_dir: Path, num_students: int) -> Dict[str, Path]:
@@ -39,10 +44,10 @@ def load_run(run_dir: Union[str, Path], checkpoint: str = "best",
 
     run_dir = Path(run_dir)
     config = TrainConfig.from_dict(_read_yaml(run_dir))
-    path = run_dir / "checkpoints" / f"{checkpoint}.pt"
-    if not path.is_file() and checkpoint == "best":
-        path = run_dir / "checkpoints" / "last.pt"
-    state = load_training_checkpoint(path, map_location=device)
+    if config.arch_config is not None and (run_dir / ARCH_CONFIG_COPY).is_file():
+        # The run's own copy of its --arch-config: found from any working directory.
+        config = dataclasses.replace(config, arch_config=str(run_dir / ARCH_CONFIG_COPY))
+    state = load_training_checkpoint(checkpoint_path(run_dir, checkpoint), map_location=device)
     an = create_adjoined_model(config, len(state["classes"])).to(device)
     if state["ema"] is not None:
         ema = AveragedModel(an, use_buffers=True)
@@ -51,6 +56,20 @@ def load_run(run_dir: Union[str, Path], checkpoint: str = "best",
     else:
         an.load_state_dict(state["model"])
     return config, an.eval(), state
+
+
+def checkpoint_path(run_dir: Union[str, Path], checkpoint: str = "best") -> Path:
+    """RUN_DIR/checkpoints/{checkpoint}.pt; "best" falls back to last.pt while a run has
+    no best yet (it stopped before its first evaluation). Raises ConfigError when neither exists."""
+    checkpoints = Path(run_dir) / "checkpoints"
+    path = checkpoints / f"{checkpoint}.pt"
+    if not path.is_file() and checkpoint == "best":
+        path = checkpoints / "last.pt"
+    if not path.is_file():
+        raise ConfigError(f"{run_dir}: no checkpoint ({checkpoints}/{checkpoint}.pt does not exist); "
+                          f"the run stopped before saving one: continue it with "
+                          f"`anfast train --out {run_dir} --resume auto`")
+    return path
 
 
 def evaluate_run(run_dir: Union[str, Path], *, data: Optional[str] = None,
@@ -63,8 +82,15 @@ def evaluate_run(run_dir: Union[str, Path], *, data: Optional[str] = None,
     from anfast.train.evaluate import evaluate, format_table, network_costs
 
     run_dir = Path(run_dir)
+    for name, value, least in (("--batch-size", batch_size, 1), ("--workers", workers, 0)):
+        if value is not None and value < least:
+            raise ConfigError(f"{name} {value} must be >= {least}")
     resolved = resolve_device(device or "auto")
     config, an, state = load_run(run_dir, checkpoint, resolved)
+    if data is None and config.data == SYNTHETIC_DATA:
+        raise ConfigError(f"{run_dir} trained on --data synthetic (random images, no val set); "
+                          f"pass --data with a folder of val/<class>/ images of its "
+                          f"{len(state['classes'])} classes")
     data_root = Path(data or config.data or builtin_dataset())
     if not data_root.is_dir():
         raise ConfigError(f"--data {data_root}: no such directory")
@@ -80,7 +106,8 @@ def evaluate_run(run_dir: Union[str, Path], *, data: Optional[str] = None,
         an = an.to(memory_format=torch.channels_last)
     metrics = evaluate(an, loader, resolved, amp_dtype=resolve_amp_dtype(config.amp, resolved),
                        show_progress=True, alphas=() if config.arch_config else config.alpha)
-    metrics.update({"checkpoint": checkpoint, "epoch": state["epoch"], "data": str(data_root),
+    metrics.update({"checkpoint": checkpoint_path(run_dir, checkpoint).stem, "epoch": state["epoch"],
+                    "data": str(data_root),
                     "skipped_images": loader.skipped})
     print(format_table(metrics, network_costs(an, config.image_size)))
     (run_dir / "eval.json").write_text(json.dumps(metrics, indent=2) + "\n")

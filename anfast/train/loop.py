@@ -14,6 +14,8 @@ stop; non-finite steps are skipped on the device and counted.
 
 from __future__ import annotations
 
+import copy
+import dataclasses
 import functools
 import json
 import math
@@ -22,7 +24,7 @@ import sys
 import threading
 import time
 from pathlib import Path
-from typing import Any, Callable, Dict, Optional
+from typing import Any, Callable, Dict, Optional, Sequence
 
 import numpy as np
 import torch
@@ -38,13 +40,13 @@ from anfast.train.build import (check_environment, create_adjoined_model, create
                                 resolve_amp_dtype)
 from anfast.train.checkpoint import (get_rng_state, load_training_checkpoint,
                                      remove_stale_temp_files, save_checkpoint, set_rng_state)
-from anfast.train.config import (SYNTHETIC_DATA, ConfigError, TrainConfig, compile_mode,
+from anfast.train.config import (SYNTHETIC_DATA, ConfigError, TrainConfig, compile_mode, resume_conflicts,
                                  save_config)
 from anfast.train.distributed import (DistributedInfo, all_reduce_sum, any_rank, any_rank_on_host,
                                       barrier, broadcast_buffers, create_host_group,
                                       destroy_distributed, init_distributed)
 from anfast.train.evaluate import evaluate, format_table, network_costs
-from anfast.train.export import export_networks
+from anfast.train.export import ARCH_CONFIG_COPY, export_networks
 from anfast.train.loss import AdjoinedLoss, get_lambda_schedule
 from anfast.train.pretrained import load_pretrained
 from anfast.train.records import MetricsLog, plot_curves, plot_tradeoff
@@ -117,7 +119,7 @@ def fit(config: TrainConfig, *, should_stop: Optional[Callable[[int], bool]] = N
         try:
             lock = _claim_run_dir(config, info)
             try:
-                return _fit(config, info, should_stop, stop_signal)
+                return _fit(config, info, should_stop, stop_signal, lock)
             finally:
                 if lock is not None:
                     lock.release()
@@ -140,8 +142,44 @@ def _claim_run_dir(config: TrainConfig, info: DistributedInfo) -> Optional[RunDi
     return lock
 
 
+def _check_resumed_data(checkpoint: Dict[str, Any], resume_path: Path, data_root: Any,
+                        train_loader: Any) -> None:
+    """A resumed run must read the data it was trained on: the same classes in the same
+    order, and as many batches per epoch per process (same images, batch size, processes)."""
+    classes, batches = checkpoint.get("classes"), checkpoint.get("batches_per_epoch")
+    if classes is not None and list(classes) != list(train_loader.classes):
+        raise ConfigError(f"--resume {resume_path}: the run was trained on classes "
+                          f"{_preview(classes)}, {data_root} has {_preview(train_loader.classes)}; "
+                          f"resume with the run's data (--data)")
+    if batches is not None and batches != len(train_loader):
+        raise ConfigError(f"--resume {resume_path}: the run had {batches} batches per epoch per "
+                          f"process, {data_root} gives {len(train_loader)} here; resume with the same "
+                          f"images and number of processes")
+
+
+def _check_one_image_batches(an: torch.nn.Module, image_size: int) -> None:
+    """Training-mode BatchNorm needs more than one value per channel: with one image per
+    batch, a layer whose output is 1x1 at ``image_size`` has one. Run on the meta device,
+    so the run stops here and not at its first step."""
+    probe = copy.deepcopy(an).to("meta").train()
+    try:
+        with torch.no_grad():
+            probe(torch.empty(1, 3, image_size, image_size, device="meta"))
+    except ValueError as error:
+        if "more than 1 value per channel" not in str(error):
+            raise
+        raise ConfigError(f"--batch-size 1 at --image-size {image_size}: a BatchNorm layer would see "
+                          f"one value per channel ({error}); use --batch-size 2 or more, or a larger "
+                          f"--image-size") from None
+
+
+def _preview(names: Sequence[str]) -> str:
+    names = list(names)
+    return str(names[:5])[:-1] + (f", ... {len(names)} in all]" if len(names) > 5 else "]")
+
+
 def _fit(config: TrainConfig, info: DistributedInfo, should_stop: Optional[Callable[[int], bool]],
-         stop_signal: StopOnSignal) -> Dict[str, Any]:
+         stop_signal: StopOnSignal, lock: Optional[RunDirLock]) -> Dict[str, Any]:
     started = time.perf_counter()
     device = info.device
     check_environment(config, device)
@@ -149,6 +187,14 @@ def _fit(config: TrainConfig, info: DistributedInfo, should_stop: Optional[Calla
     run_dir = Path(config.out)
     checkpoint_dir = run_dir / "checkpoints"
     resume_path = resolve_resume_path(config)
+    checkpoint = None
+    if resume_path is not None:
+        checkpoint = load_training_checkpoint(resume_path, map_location=device)
+        conflicts = resume_conflicts(checkpoint["config"] or {}, config)
+        if conflicts:
+            raise ConfigError(f"--resume {resume_path} continues a run, with the options it was "
+                              f"started with, but {'; '.join(conflicts)}; leave these options out "
+                              f"(the CLI then takes the run's), or start a new run in another --out")
     torch.manual_seed(config.seed + info.rank)
     np.random.seed(config.seed + info.rank)
 
@@ -170,8 +216,13 @@ def _fit(config: TrainConfig, info: DistributedInfo, should_stop: Optional[Calla
     if len(train_loader) == 0:
         raise ConfigError(f"{data_root}/train has {train_loader.num_samples} images per process, "
                           f"fewer than one batch of {config.batch_size}; lower --batch-size")
+    if checkpoint is not None:
+        _check_resumed_data(checkpoint, resume_path, data_root, train_loader)
     num_classes = len(train_loader.classes)
-    an = create_adjoined_model(config, num_classes).to(device)
+    an = create_adjoined_model(config, num_classes)
+    if config.batch_size == 1:
+        _check_one_image_batches(an, config.image_size)
+    an = an.to(device)
     if config.pretrained is not None and resume_path is None:
         load_pretrained(an, config.pretrained, config.pretrained_skip_classifier)
     if config.sync_bn:
@@ -191,6 +242,8 @@ def _fit(config: TrainConfig, info: DistributedInfo, should_stop: Optional[Calla
     accum = config.accum_steps
     batches_per_epoch = len(train_loader)
     steps_per_epoch = math.ceil(batches_per_epoch / accum)
+    # What one full optimizer step sees (fewer micro-batches when an epoch has fewer than K).
+    effective_batch = min(accum, batches_per_epoch) * config.batch_size * info.world_size
     total_steps = config.epochs * steps_per_epoch
     warmup_steps = round(config.warmup_epochs * steps_per_epoch)
     # Everything a resumed run needs to continue as if never stopped; the epoch_* sums
@@ -200,8 +253,7 @@ def _fit(config: TrainConfig, info: DistributedInfo, should_stop: Optional[Calla
              "epoch_loss_sum": 0.0, "epoch_images": 0, "epoch_seconds": 0.0,
              "epoch_grad_norm_sum": 0.0, "epoch_good_steps": 0, "bad_steps": 0}
     resume_rng = None
-    if resume_path is not None:
-        checkpoint = load_training_checkpoint(resume_path, map_location=device)
+    if checkpoint is not None:
         try:
             an.load_state_dict(checkpoint["model"])
         except RuntimeError as error:  # torch lists every mismatched key; the first says enough
@@ -221,16 +273,26 @@ def _fit(config: TrainConfig, info: DistributedInfo, should_stop: Optional[Calla
         resume_rng = checkpoint["rng"]
         if state["batches_done"] == 0:
             set_rng_state(resume_rng)
+    # The run keeps its own copy of --arch-config, so eval, export and resume find it from
+    # any working directory (read now: --overwrite may be about to delete the old copy).
+    arch_config_text = Path(config.arch_config).read_text() if config.arch_config else None
     if info.is_main:
+        if lock is not None:
+            lock.remove_previous_run()  # --overwrite: set-up passed, the old run may go now
         run_dir.mkdir(parents=True, exist_ok=True)
+        if arch_config_text is not None:
+            copy = run_dir / ARCH_CONFIG_COPY
+            if not copy.is_file() or copy.read_text() != arch_config_text:
+                copy.write_text(arch_config_text)
+            config = dataclasses.replace(config, arch_config=str(copy.resolve()))
         remove_stale_temp_files(checkpoint_dir)
         save_config(config, run_dir / "config.yaml")
         log = MetricsLog(run_dir, state["history"])
         _say(info, f"anfast train: {config.arch}, alpha {','.join(f'{a:g}' for a in alphas)}, "
                    f"{num_classes} classes, {train_loader.num_samples * info.world_size} train "
                    f"images, {steps_per_epoch} steps/epoch"
-                   + (f" of {accum} micro-batches (effective batch "
-                      f"{accum * config.batch_size * info.world_size})" if accum > 1 else "")
+                   + (f" of {min(accum, batches_per_epoch)} micro-batches (effective batch "
+                      f"{effective_batch})" if accum > 1 else "")
                    + f", device {device}, "
                    f"world size {info.world_size}, {train_loader.reason}"
                    + (f"; resuming from {resume_path} at epoch {state['epoch'] + 1}"
@@ -266,7 +328,8 @@ def _fit(config: TrainConfig, info: DistributedInfo, should_stop: Optional[Calla
         return {"model": an.state_dict(), "optimizer": optimizer.state_dict(),
                 "scaler": scaler.state_dict(), "ema": ema.state_dict() if ema else None,
                 "rng": get_rng_state(), "config": config.to_dict(),
-                "classes": list(train_loader.classes), **state}
+                "classes": list(train_loader.classes), "batches_per_epoch": batches_per_epoch,
+                **state}
 
     def read_meter(meter: StepMeter) -> Dict[str, Any]:
         """The one host read: sums into ``state``; stop if too many steps were bad."""
@@ -468,7 +531,8 @@ def _summary(config: TrainConfig, state: Dict[str, Any], eval_model: torch.nn.Mo
         "wall_time_s": state["wall_time_s"],
         "epochs": config.epochs,
         "steps": state["step"],
-        "effective_batch_size": config.batch_size * config.accum_steps * info.world_size,
+        "effective_batch_size": (min(config.accum_steps, len(train_loader)) * config.batch_size
+                                 * info.world_size),
         "bad_steps": state["bad_steps"],
         "skipped_images": final["skipped_images"],
         "loader": train_loader.name,

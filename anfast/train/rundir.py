@@ -11,7 +11,9 @@ path now names another inode (or none) and tries again, so two processes never h
 locks on two different files under one name.
 
 A directory that already holds a run's files is refused unless the caller continues
-it (--resume) or replaces it (--overwrite, which deletes only those files).
+it (--resume) or replaces it (--overwrite, which deletes only those files, and only
+when the caller calls ``RunDirLock.remove_previous_run`` once its own set-up has
+passed: a typo in another option must not cost the old run).
 """
 
 from __future__ import annotations
@@ -33,7 +35,8 @@ __all__ = ["RunDirLock", "claim_run_dir", "TRAIN_ARTIFACTS", "SEARCH_ARTIFACTS",
 LOCK_NAME = ".anfast.lock"
 # What `anfast train` writes into RUN_DIR (glob patterns); --overwrite removes these only.
 TRAIN_ARTIFACTS = ("config.yaml", "metrics.jsonl", "summary.json", "checkpoints", "tensorboard",
-                   "curves.png", "eval.json", "base", "student", "student_*")
+                   "curves.png", "tradeoff.png", "eval.json", "base", "student", "student_*",
+                   "arch_config.json")
 SEARCH_ARTIFACTS = ("search_config.json", "metrics.jsonl", "tensorboard", "arch.json", "widths.png")
 
 
@@ -45,6 +48,7 @@ class RunDirLock:
         self.path = self.run_dir / LOCK_NAME
         self._file: Optional[IO[str]] = None
         self._created_dir = False
+        self._replaced: Sequence[str] = ()  # artifact patterns of a run --overwrite replaces
 
     def acquire(self) -> None:
         """Take the lock, or raise ConfigError naming the process that holds it."""
@@ -78,6 +82,19 @@ class RunDirLock:
                                "command": " ".join(sys.argv)}) + "\n")
         file.flush()
         self._file = file
+
+    def remove_previous_run(self) -> None:
+        """Delete the replaced run's files (``claim_run_dir(..., overwrite=True)``); call it
+        when set-up has passed, just before the new run writes. Only the artifact patterns
+        are deleted, never other files, and never without the lock held."""
+        if self._file is None:
+            raise RuntimeError(f"remove_previous_run: the lock on {self.run_dir} is not held")
+        for path in sorted({path for pattern in self._replaced for path in self.run_dir.glob(pattern)}):
+            if path.is_dir():
+                shutil.rmtree(path)
+            else:
+                path.unlink()
+        self._replaced = ()
 
     def release(self) -> None:
         """Delete the lock file, unlock, and remove RUN_DIR if this lock created it and it is
@@ -124,8 +141,10 @@ def claim_run_dir(run_dir: Path, artifacts: Sequence[str], *, resume: Optional[b
     """Lock ``run_dir``; refuse it when it holds a run that is neither resumed nor overwritten.
 
     ``resume`` is None for commands that cannot continue a run. With ``overwrite`` the
-    previous run's ``artifacts`` are deleted (after the lock is taken, so a live run is
-    never touched). Returns the held lock; release it at the end.
+    previous run's ``artifacts`` are deleted by ``lock.remove_previous_run()``, which the
+    caller runs once its set-up has passed (never before the lock is taken, so a live run
+    is never touched; never before the new run's options are checked, so a bad option
+    keeps the old run). Returns the held lock; release it at the end.
     """
     lock = RunDirLock(run_dir)
     lock.acquire()
@@ -137,11 +156,7 @@ def claim_run_dir(run_dir: Path, artifacts: Sequence[str], *, resume: Optional[b
                    else "replace it with --overwrite, or choose another --out")
             raise ConfigError(f"--out {run_dir} already holds a run ({names}); {fix}")
         if overwrite:
-            for path in found:
-                if path.is_dir():
-                    shutil.rmtree(path)
-                else:
-                    path.unlink()
+            lock._replaced = tuple(artifacts)
     except BaseException:
         lock.release()
         raise
