@@ -27,6 +27,7 @@ from torch import nn
 from torch.fx.passes.shape_prop import ShapeProp
 
 from anfast.nn import AdjoinedBatchNorm2d, AdjoinedConv2d, AdjoinedLinear
+from anfast.nn.conv import numeric_padding
 
 __all__ = [
     "AdjoinError",
@@ -237,6 +238,10 @@ def _analyse(gm: torch.fx.GraphModule) -> _Analysis:
                 raise AdjoinError(f"{where}: cannot follow the channels of its input")
             if module.padding_mode != "zeros":
                 raise AdjoinError(f"{where}: padding_mode={module.padding_mode!r}; anfast supports 'zeros'")
+            try:
+                numeric_padding(module)
+            except ValueError as error:
+                raise AdjoinError(f"{where}: {error}") from None
             out = new_dim(module.out_channels, producer=node.target)
             if module.groups > 1:
                 in_dim = x.simple()
@@ -293,6 +298,17 @@ def _follow_simple_op(node, shape, inputs, in_channels, where) -> Optional[_Chan
                 raise AdjoinError(f"{where}: joins tensors with different channel layouts (after a concat)")
             for a, b in zip(first.parts, other.parts):
                 _union(a, b, where)
+        # A lower-rank tensor that broadcasts along the channel axis (a layer scale of shape
+        # (C, 1, 1)) has no student slice: its channels keep full width.
+        for other in inputs:
+            other_shape = _node_shape(other)
+            if other_shape is None or len(other_shape) >= len(shape):
+                continue
+            axis = len(other_shape) - len(shape) + 1  # right-aligned broadcasting
+            if axis >= 0 and other_shape[axis] == shape[1]:
+                for part in first.parts:
+                    root = part.root()
+                    root.fixed = root.fixed or f"channels of {other.target} {tuple(other_shape)}"
         return first
     # flatten / view / reshape
     x, x_shape = in_channels[0], _node_shape(inputs[0])
@@ -319,6 +335,14 @@ def _follow_generic(node, shape, inputs, in_channels, where) -> Optional[_Channe
                 if other.size == channels.size and other is not channels:
                     for a, b in zip(channels.parts, other.parts):
                         _union(a, b, where)
+        # A parameter or buffer the op reads per channel (timm's blur filter (C, 1, 3, 3) in
+        # F.conv2d) has no student slice: these channels keep full width.
+        for other in inputs:
+            other_shape = _node_shape(other)
+            if other.op == "get_attr" and other_shape is not None and shape[1] > 1 and shape[1] in other_shape:
+                for part in channels.parts:
+                    root = part.root()
+                    root.fixed = root.fixed or f"channels of {other.target} {tuple(other_shape)}"
         return channels
     if len(shape) < 2 or (len(source_shape) >= 2 and shape[1] != source_shape[1]):
         raise AdjoinError(
@@ -343,8 +367,9 @@ def _as_alphas(value: Any, alphas: tuple[float, ...], where: str) -> tuple[float
         result = tuple(float(v) for v in value)
         if len(result) != len(alphas):
             raise AdjoinError(f"policy for {where}: {len(result)} alphas given for {len(alphas)} students")
-    if any(a < 1 for a in result):
-        raise AdjoinError(f"policy for {where}: alpha {result} must be >= 1 (the student is 1/alpha wide)")
+    if not all(math.isfinite(a) and a >= 1 for a in result):
+        raise AdjoinError(f"policy for {where}: alpha {result} must be finite and >= 1 (the student is "
+                          f"1/alpha wide)")
     return result
 
 
@@ -363,7 +388,8 @@ def _layer_alphas(policy: Policy, name: str, module: nn.Module, alphas: tuple[fl
 
 def _check_alpha(alpha: Alpha) -> tuple[float, ...]:
     alphas = (alpha,) if isinstance(alpha, (int, float)) else tuple(alpha)
-    if not alphas or not all(isinstance(a, (int, float)) and a >= 1 for a in alphas):
+    if not alphas or not all(isinstance(a, (int, float)) and not isinstance(a, bool) and math.isfinite(a)
+                             and a >= 1 for a in alphas):
         raise AdjoinError(f"alpha={alpha!r}: give a number >= 1 (the student is 1/alpha as wide) or a tuple of them")
     if list(alphas) != sorted(alphas):
         raise AdjoinError(f"alpha={alpha!r}: nested students go from widest to narrowest; sort the tuple ascending")
@@ -410,12 +436,18 @@ class AdjoinedNetwork(torch.fx.GraphModule):
         return state
 
     def load_base_state_dict(self, state_dict: Mapping[str, torch.Tensor]) -> None:
-        """Load a checkpoint of the original architecture (a torchvision one, say) into the base."""
+        """Load a checkpoint of the original architecture (a torchvision one, say) into the base.
+
+        The students' batch norms start as slices of the loaded base's (affine parameters and
+        running statistics), as when ``adjoin`` is given the trained model itself."""
         missing, unexpected = self.load_state_dict(state_dict, strict=False)
         missing = [k for k in missing if ".student_norms." not in k]
         if missing or unexpected:
             raise KeyError(f"state_dict does not match the base network: missing {missing[:5]}, "
                            f"unexpected {unexpected[:5]}")
+        for module in self.modules():
+            if isinstance(module, AdjoinedBatchNorm2d):
+                module.copy_base_to_students()
 
     def architecture(self) -> nn.Module:
         """A fresh, parameter-less (meta) copy of the original model class."""
@@ -573,10 +605,11 @@ def _assign_widths(analysis: _Analysis, traced, policy, alphas, round_to) -> dic
         raise AdjoinError(f"round_to={round_to!r}: give a positive int (8 suits tensor cores)")
     modules = dict(traced.named_modules())
     if isinstance(policy, Mapping):
-        unknown = sorted(set(policy) - set(analysis.layers))
+        shrinkable = {name for name, (kind, *_) in analysis.layers.items() if kind in ("conv", "linear")}
+        unknown = sorted(set(policy) - shrinkable)
         if unknown:
             raise AdjoinError(f"policy names {unknown[:5]}, which are not conv or linear layers of the model; "
-                              f"known layers start {sorted(analysis.layers)[:5]}")
+                              f"known layers start {sorted(shrinkable)[:5]}")
     groups: dict[_Dim, WidthGroup] = {}
     for dim in analysis.dims:
         root = dim.root()
@@ -587,8 +620,10 @@ def _assign_widths(analysis: _Analysis, traced, policy, alphas, round_to) -> dic
         group_alphas = tuple(min(a[s] for a in layer_alphas) for s in range(len(alphas))) if producers else (1.0,) * len(alphas)
         name = producers[0] if producers else "input"
         if root.fixed:
-            if isinstance(policy, Mapping) and any(policy.get(p, 1) not in (1, False) for p in producers):
-                raise AdjoinError(f"policy asks to shrink {name}, but its channels are the {root.fixed}")
+            asked = [p for p in producers if isinstance(policy, Mapping)
+                     and any(a != 1 for a in _as_alphas(policy.get(p, 1), alphas, p))]
+            if asked:
+                raise AdjoinError(f"policy asks to shrink {asked[0]}, but its channels are the {root.fixed}")
             group_alphas = (1.0,) * len(alphas)
         widths = tuple(student_width(root.size, a, round_to, root.multiple) for a in group_alphas)
         groups[root] = WidthGroup(name, root.size, widths, group_alphas, producers, root.fixed, root.multiple)

@@ -20,6 +20,7 @@ from torch import nn
 
 from anfast.adjoin import AdjoinedNetwork, LayerWidths
 from anfast.models import arch_name, fetching_kwargs, model_from_source
+from anfast.nn.conv import numeric_padding
 
 __all__ = ["export_student", "export_base", "save_exported", "load_student", "read_export",
            "ExportError", "EXPORT_FORMAT"]
@@ -48,7 +49,7 @@ def _layer_spec(module: nn.Module) -> dict:
     if isinstance(module, nn.Conv2d):
         return {"type": "Conv2d", "in_channels": module.in_channels, "out_channels": module.out_channels,
                 "kernel_size": list(module.kernel_size), "stride": list(module.stride),
-                "padding": list(module.padding), "dilation": list(module.dilation),
+                "padding": list(numeric_padding(module)), "dilation": list(module.dilation),
                 "groups": module.groups, "bias": module.bias is not None}
     if isinstance(module, nn.BatchNorm2d):
         return {"type": "BatchNorm2d", "num_features": module.num_features, "eps": module.eps,
@@ -128,11 +129,32 @@ def _finish(an: AdjoinedNetwork, model: nn.Module, state: dict, config: dict,
     parameter = next(an.parameters())
     model = model.to_empty(device=parameter.device).to(parameter.dtype)
     _load_state(model, {k: v.detach().clone() for k, v in state.items()})
+    _copy_non_persistent_buffers(an, model, state)
     model.train(an.training)
     model.anfast_config = config
     if path is not None:
         save_exported(model, path)
     return model
+
+
+def _copy_non_persistent_buffers(an: AdjoinedNetwork, model: nn.Module, state: dict) -> None:
+    """Non-persistent buffers (a normalisation constant, timm's blur filters) are in no
+    state_dict, and ``to_empty`` left them uninitialised: take each from the adjoined
+    network, which keeps them under the same name."""
+    for name, buffer in model.named_buffers():
+        if name in state:
+            continue
+        try:
+            source = an.get_buffer(name)
+        except AttributeError:
+            raise ExportError(f"buffer {name!r} of {type(model).__name__} is not in the adjoined "
+                              f"network; it cannot be exported") from None
+        if source.shape != buffer.shape:
+            raise ExportError(f"buffer {name!r} is {tuple(source.shape)} in the adjoined network but "
+                              f"{tuple(buffer.shape)} in the export; a layer that holds a per-channel "
+                              f"buffer cannot change width: keep it at alpha 1 in the policy")
+        with torch.no_grad():
+            buffer.copy_(source)
 
 
 def _load_state(model: nn.Module, state: dict) -> None:

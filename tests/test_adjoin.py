@@ -215,6 +215,117 @@ def test_errors_name_the_module_and_the_fix():
         anfast.adjoin(SmallCNN(), input_size=(5, 9, 9))
     with pytest.raises(AdjoinError, match="resnet9000"):
         anfast.adjoin("resnet9000")
+    with pytest.raises(AdjoinError, match="alpha=inf"):
+        anfast.adjoin(SmallCNN(), alpha=float("inf"))
+    with pytest.raises(AdjoinError, match=r"policy for left: alpha \(inf,\) must be finite"):
+        anfast.adjoin(SmallCNN(), policy={"left": float("inf")}, input_size=(3, 9, 9))
+    # A norm's width follows its conv: naming it would do nothing, so it is refused.
+    with pytest.raises(AdjoinError, match=r"policy names \['stem_bn'\], which are not conv or linear"):
+        anfast.adjoin(SmallCNN(), policy={"stem_bn": 2}, input_size=(3, 9, 9))
+    with pytest.raises(AdjoinError, match="fc.*model output"):  # True is "shrink", not alpha 1
+        anfast.adjoin(SmallCNN(), policy={"fc": True}, input_size=(3, 9, 9))
+    with pytest.raises(AdjoinError, match=r"padding='same' with kernel \(2, 2\) .* pads unevenly"):
+        anfast.adjoin(nn.Sequential(nn.Conv2d(3, 8, 2, padding="same"), nn.Conv2d(8, 4, 1)),
+                      input_size=(3, 8, 8))
+
+
+class Scaled(nn.Module):
+    """A non-persistent normalisation buffer, string paddings and a (C, 1, 1) layer scale."""
+
+    def __init__(self):
+        super().__init__()
+        self.register_buffer("mean", torch.tensor([0.5, -0.25, 2.0]).view(1, 3, 1, 1), persistent=False)
+        self.stem = nn.Conv2d(3, 16, 3, padding="same")
+        self.body = nn.Conv2d(16, 16, 3, padding=1)
+        self.gamma = nn.Parameter(torch.linspace(0.5, 2.0, 16).view(16, 1, 1))
+        self.head = nn.Conv2d(16, 32, 3, padding="valid")
+        self.fc = nn.Linear(32, 5)
+
+    def forward(self, x):
+        x = F.relu(self.stem(x - self.mean))
+        x = x + self.gamma * self.body(x)
+        return self.fc(F.relu(self.head(x)).mean((2, 3)))
+
+
+def test_buffers_string_paddings_and_layer_scales_export_exactly(tmp_path):
+    torch.manual_seed(0)
+    model = Scaled().double().eval()
+    an = anfast.adjoin(model, alpha=4, policy="all", input_size=(3, 8, 8)).eval()
+    # The layer scale has no student slice: its group (stem, body) keeps full width.
+    assert an.layer_widths["body"].student_out == (16,) and an.layer_widths["head"].student_out == (8,)
+    x = torch.randn(2, 3, 8, 8, dtype=torch.float64)
+    with torch.no_grad():
+        out = an(x)
+        assert (out.base - model(x)).abs().max() <= 1e-12
+        base = anfast.export_base(an).eval()
+        # to_empty left the non-persistent buffer uninitialised: the base read garbage.
+        assert torch.equal(base.mean, model.mean)
+        assert (base(x) - model(x)).abs().max() <= 1e-12
+        student = anfast.export_student(an, path=tmp_path / "student").eval()
+        # By hand: the student is the full stem and body and the leading 8 head filters.
+        h = F.relu(model.stem(x - model.mean))
+        h = h + model.gamma * model.body(h)
+        h = F.relu(F.conv2d(h, model.head.weight[:8], model.head.bias[:8])).mean((2, 3))
+        expected = F.linear(h, model.fc.weight[:, :8], model.fc.bias)
+        assert (out.student - expected).abs().max() <= 1e-12
+        assert (student(x) - expected).abs().max() <= 1e-12
+        loaded = anfast.load_student(tmp_path / "student", model=Scaled()).double().eval()
+        assert (loaded(x) - expected).abs().max() <= 1e-12
+    with pytest.raises(AdjoinError, match=r"policy asks to shrink body, but its channels are the channels "
+                                          r"of gamma \(16, 1, 1\)"):
+        anfast.adjoin(model, policy={"body": 2}, input_size=(3, 8, 8))
+
+
+def test_timm_blur_pool_filters_survive_export():
+    pytest.importorskip("timm")
+    torch.manual_seed(0)
+    an = anfast.adjoin("timm:resnetblur18", alpha=4, policy="paper", num_classes=10,
+                       input_size=(3, 32, 32)).eval()
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        out = an(x)
+        assert (anfast.export_base(an)(x) - out.base).abs().max() <= 1e-5
+        assert (anfast.export_student(an).eval()(x) - out.student).abs().max() <= 1e-5
+
+
+def test_loaded_base_weights_start_the_student_norms_like_adjoining_the_trained_model():
+    torch.manual_seed(0)
+    trained = torchvision.models.resnet18(num_classes=10)
+    for module in trained.modules():  # as if trained: statistics and affine away from their init
+        if isinstance(module, nn.BatchNorm2d):
+            module.running_mean.uniform_(-1, 1), module.running_var.uniform_(0.5, 2)
+            module.weight.data.uniform_(0.5, 1.5), module.bias.data.uniform_(-0.5, 0.5)
+    direct = anfast.adjoin(trained, input_size=SIZE).eval()
+    loaded = anfast.adjoin(torchvision.models.resnet18(num_classes=10), input_size=SIZE)
+    loaded.load_base_state_dict(trained.state_dict())
+    loaded.eval()
+    x = torch.randn(2, *SIZE)
+    with torch.no_grad():
+        a, b = direct(x), loaded(x)
+    assert torch.equal(a.base, b.base) and torch.equal(a.student, b.student)
+
+
+def test_shared_affine_norms_with_cumulative_momentum_track_like_private_ones():
+    # momentum=None is nn.BatchNorm2d's cumulative average; share_affine passed None to F.batch_norm.
+    model = nn.Sequential(nn.Conv2d(3, 32, 3), nn.Conv2d(32, 32, 3), nn.BatchNorm2d(32, momentum=None),
+                          nn.ReLU(), nn.Conv2d(32, 10, 1))
+    shared = anfast.adjoin(model, alpha=4, policy="all", input_size=(3, 8, 8), share_affine=True)
+    private = anfast.adjoin(model, alpha=4, policy="all", input_size=(3, 8, 8))
+    torch.manual_seed(0)
+    batches = [torch.randn(4, 3, 8, 8, dtype=torch.float32) for _ in range(3)]
+    for x in batches:
+        shared(x), private(x)
+    a, b = shared.get_submodule("2").student_norms[0], private.get_submodule("2").student_norms[0]
+    torch.testing.assert_close(a.running_mean, b.running_mean, rtol=0, atol=1e-6)
+    torch.testing.assert_close(a.running_var, b.running_var, rtol=0, atol=1e-6)
+    # A cumulative average of the three batches' variances, by hand (the student's convs
+    # are the leading 8 filters of each).
+    conv0, conv1 = model[0], model[1]
+    with torch.no_grad():
+        h = [F.conv2d(F.conv2d(x, conv0.weight[:8], conv0.bias[:8]), conv1.weight[:8, :8], conv1.bias[:8])
+             for x in batches]
+    expected = torch.stack([t.var(dim=(0, 2, 3), unbiased=True) for t in h]).mean(0)
+    torch.testing.assert_close(a.running_var, expected, rtol=1e-5, atol=1e-6)
 
 
 def test_convert_sync_batchnorm_keeps_students_and_names():

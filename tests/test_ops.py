@@ -142,6 +142,33 @@ def test_bad_inputs_raise_before_compute():
         adjoined_conv2d(x, torch.randn(1, 5, 5, 5), w, out_student=2)
     with pytest.raises(ValueError, match="x_base has 3 channels"):
         adjoined_conv2d(torch.randn(1, 3, 5, 5), x, w, out_student=2)
+    with pytest.raises(ValueError, match=r"x_student is \(4, 4\) \(H, W\), x_base \(5, 5\)"):
+        adjoined_conv2d(x, torch.randn(1, 2, 4, 4), w, out_student=2)
+    with pytest.raises(ValueError, match="x_student has no channels"):
+        adjoined_conv2d(x, torch.randn(1, 0, 5, 5), w, out_student=2)
+    with pytest.raises(ValueError, match=r"one dtype and device, got x_base torch.float32 on cpu, "
+                                         r"x_student torch.float64 on cpu"):
+        adjoined_conv2d(x, torch.randn(1, 2, 5, 5, dtype=torch.float64), w, out_student=2)
+    with pytest.raises(ValueError, match=r"x_student torch.float32 on meta"):
+        adjoined_conv2d(x, torch.randn(1, 2, 5, 5, device="meta"), w, out_student=2)
+    with pytest.raises(ValueError, match=r"student_in_index must be an int64 tensor on cpu, got torch.float32"):
+        adjoined_conv2d(x, x[:, :2], w, out_student=2, student_in_index=torch.tensor([0.0, 1.0]))
+
+
+def test_the_drop_in_layer_checks_its_students_widths_and_inputs():
+    with pytest.raises(ValueError, match=r"student_in_channels=\(12,\) must be in \[1, 8\]"):
+        anfast.nn.AdjoinedConv2d(8, 16, 3, student_in_channels=(12,), student_out_channels=(4,))
+    with pytest.raises(ValueError, match="1 student_in_channels for 2 student_out_channels"):
+        anfast.nn.AdjoinedConv2d(8, 16, 3, student_in_channels=(4,), student_out_channels=(8, 4))
+    conv = anfast.nn.AdjoinedConv2d(8, 16, 3, student_in_channels=(4,), student_out_channels=(8,))
+    x = torch.randn(1, 8, 5, 5)
+    # A 6-channel student input used to run silently on weight[:8, :6] instead of [:8, :4].
+    with pytest.raises(ValueError, match=r"student 0's input has shape \(1, 6, 5, 5\), expected 4 channels"):
+        conv(x, torch.randn(1, 6, 5, 5))
+    with pytest.raises(ValueError, match="0 student inputs for 1 students"):
+        conv(x)
+    with pytest.raises(ValueError, match="2 student inputs for 1 students"):
+        conv(x, x[:, :4], x[:, :4])
 
 
 def test_named_backend_that_cannot_run_lists_its_reasons(monkeypatch):

@@ -81,11 +81,14 @@ class AdjoinedBatchNorm2d(nn.BatchNorm2d):
                 continue
             # Private running statistics, the base's (sliced) affine parameters.
             use_batch_stats = norm.training or not norm.track_running_stats
+            factor = 0.0 if self.momentum is None else self.momentum
             if norm.training and norm.track_running_stats:
                 norm.num_batches_tracked.add_(1)
+                if self.momentum is None:  # a cumulative average, as nn.BatchNorm2d does it
+                    factor = 1.0 / float(norm.num_batches_tracked)
             outputs.append(F.batch_norm(
                 x, norm.running_mean, norm.running_var, self._student_slice(self.weight, s),
-                self._student_slice(self.bias, s), use_batch_stats, self.momentum, self.eps,
+                self._student_slice(self.bias, s), use_batch_stats, factor, self.eps,
             ))
         return tuple(outputs)
 

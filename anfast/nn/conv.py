@@ -10,7 +10,22 @@ from torch import nn
 from anfast.ops import adjoined_conv2d
 from anfast.ops.reference import student_groups, student_weight
 
-__all__ = ["AdjoinedConv2d", "autocast_inputs"]
+__all__ = ["AdjoinedConv2d", "autocast_inputs", "numeric_padding"]
+
+
+def numeric_padding(conv: nn.Conv2d) -> tuple[int, int]:
+    """``conv.padding`` as (pad_h, pad_w): "valid" is 0; "same" is dilation * (k - 1) / 2 per
+    side, which must be whole (nn.Conv2d pads an even kernel's "same" unevenly, which the
+    adjoined op's symmetric padding cannot express). Raises ValueError otherwise."""
+    if not isinstance(conv.padding, str):
+        return tuple(conv.padding)
+    if conv.padding == "valid":
+        return (0, 0)
+    total = [d * (k - 1) for d, k in zip(conv.dilation, conv.kernel_size)]
+    if any(t % 2 for t in total):
+        raise ValueError(f"padding='same' with kernel {tuple(conv.kernel_size)} and dilation "
+                         f"{tuple(conv.dilation)} pads unevenly; give explicit padding or an odd kernel")
+    return tuple(t // 2 for t in total)
 
 
 def autocast_inputs(*tensors: Optional[torch.Tensor]) -> tuple[Optional[torch.Tensor], ...]:
@@ -53,6 +68,13 @@ class AdjoinedConv2d(nn.Conv2d):
         super().__init__(*args, **kwargs)
         self.student_out_channels = tuple(int(c) for c in student_out_channels)
         self.student_in_channels = tuple(int(c) for c in student_in_channels)
+        if len(self.student_in_channels) != len(self.student_out_channels):
+            raise ValueError(f"AdjoinedConv2d: {len(self.student_in_channels)} student_in_channels for "
+                             f"{len(self.student_out_channels)} student_out_channels; give one of each per student")
+        for name, widths, limit in (("student_in_channels", self.student_in_channels, self.in_channels),
+                                    ("student_out_channels", self.student_out_channels, self.out_channels)):
+            if not all(1 <= c <= limit for c in widths):
+                raise ValueError(f"AdjoinedConv2d: {name}={widths} must be in [1, {limit}] (the base's)")
         # Students that see the base's very input (the image) get the base's leading
         # output channels, computed once (DESIGN.md section 1, "Stem").
         self.input_shared = input_shared
@@ -72,7 +94,7 @@ class AdjoinedConv2d(nn.Conv2d):
     def from_conv(cls, conv: nn.Conv2d, **student_kwargs) -> "AdjoinedConv2d":
         """An AdjoinedConv2d that shares ``conv``'s parameters (the same Parameter objects)."""
         module = cls(
-            conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride, conv.padding,
+            conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride, numeric_padding(conv),
             conv.dilation, conv.groups, conv.bias is not None, conv.padding_mode,
             device="meta", **student_kwargs,
         )
@@ -105,6 +127,13 @@ class AdjoinedConv2d(nn.Conv2d):
         if self.input_shared:
             y_base = super().forward(x_base)
             return (y_base, *(y_base[:, :c] for c in self.student_out_channels))
+        if len(x_students) != len(self.student_out_channels):
+            raise ValueError(f"AdjoinedConv2d: {len(x_students)} student inputs for "
+                             f"{len(self.student_out_channels)} students; call conv(x_base, *x_students)")
+        for s, (x, channels) in enumerate(zip(x_students, self.student_in_channels)):
+            if x.dim() < 2 or x.shape[1] != channels:
+                raise ValueError(f"AdjoinedConv2d: student {s}'s input has shape {tuple(x.shape)}, expected "
+                                 f"{channels} channels (student_in_channels={self.student_in_channels})")
         inputs = (x_base, *x_students)
         outputs = []
         for parent, child in self._pairs:

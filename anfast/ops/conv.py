@@ -194,6 +194,21 @@ def _check(x_base, x_student, weight, bias, out_student, groups, student_in_inde
         raise ValueError(
             f"adjoined_conv2d: x_student batch {x_student.shape[0]} != x_base batch {x_base.shape[0]}"
         )
+    if x_student.shape[1] < 1:
+        raise ValueError("adjoined_conv2d: x_student has no channels; a student reads at least one")
+    if x_student.shape[2:] != x_base.shape[2:]:
+        raise ValueError(f"adjoined_conv2d: x_student is {tuple(x_student.shape[2:])} (H, W), x_base "
+                         f"{tuple(x_base.shape[2:])}; base and student see the same spatial size")
+    tensors = {"x_base": x_base, "x_student": x_student, "weight": weight,
+               **({"bias": bias} if bias is not None else {})}
+    if len({t.device for t in tensors.values()}) > 1 or len({t.dtype for t in tensors.values()}) > 1:
+        found = ", ".join(f"{name} {t.dtype} on {t.device}" for name, t in tensors.items())
+        raise ValueError(f"adjoined_conv2d: inputs must share one dtype and device, got {found}; cast and "
+                         f"move them together (autocast does it for anfast.nn.AdjoinedConv2d)")
+    if student_in_index is not None and (student_in_index.dtype not in (torch.int64, torch.int32)
+                                         or student_in_index.device != x_base.device):
+        raise ValueError(f"adjoined_conv2d: student_in_index must be an int64 tensor on {x_base.device}, got "
+                         f"{student_in_index.dtype} on {student_in_index.device}")
     if not 1 <= out_student <= c_out:
         raise ValueError(f"adjoined_conv2d: out_student={out_student} must be in [1, {c_out}]")
     if student_in_index is not None:
