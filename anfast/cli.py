@@ -43,6 +43,7 @@ _USER_ERRNOS = {errno.ENOSPC: "free disk space or choose another --out",
 
 def _user_error(error: BaseException) -> Optional[str]:
     """The one-line message for an error the user can fix, or None for a bug."""
+    from anfast.adjoin import AdjoinError
     from anfast.dan.space import DanError
     from anfast.data import DataLayoutError
     from anfast.export import ExportError
@@ -50,7 +51,7 @@ def _user_error(error: BaseException) -> Optional[str]:
     from anfast.train.config import ConfigError
 
     if isinstance(error, (ConfigError, DataLayoutError, DanError, CheckpointError, ExportError,
-                          FileNotFoundError)):
+                          AdjoinError, FileNotFoundError)):
         return " ".join(str(error).split())
     if isinstance(error, OSError) and error.errno in _USER_ERRNOS:
         where = f" ({error.filename})" if error.filename else ""

@@ -56,6 +56,11 @@ def describe(arch: str, alpha, policy: str, round_to: int, num_classes: int, ima
 
 
 def _run(args: argparse.Namespace) -> int:
+    for flag, value in (("--image-size", args.image_size), ("--num-classes", args.num_classes),
+                        ("--round-to", args.round_to)):
+        if value < 1:
+            print(f"anfast info: error: {flag} {value} must be >= 1", file=sys.stderr)
+            return 2
     try:
         text = describe(args.arch, _parse_alpha(args.alpha), args.policy, args.round_to, args.num_classes,
                         args.image_size)

@@ -231,3 +231,26 @@ def test_cli_builds_the_config_and_validates_the_target():
         SearchConfig(target_flops=0.5, target_params=0.5).validate()
     with pytest.raises(DanError, match="arch_warmup"):
         SearchConfig(target_flops=0.5, arch_warmup=1.0).validate()
+    for choices in ((), (1, 1), (0.5, 1)):  # () once crashed in max(); the others blamed the target
+        with pytest.raises(DanError, match="give two or more distinct width divisors >= 1"):
+            SearchConfig(target_flops=0.3, choices=choices).validate()
+
+
+def test_read_arch_names_the_file_it_cannot_read(tmp_path):
+    from anfast.dan import read_arch
+
+    for name, content, message in (("list.json", b"[1, 2]", r"not an arch record \(format 'list'"),
+                                   ("cut.json", b'{"a', "not JSON"), ("binary.json", b"\x80\x04", "not JSON")):
+        (tmp_path / name).write_bytes(content)
+        with pytest.raises(DanError, match=rf"^{tmp_path / name}: {message}"):
+            read_arch(tmp_path / name)
+
+
+def test_search_errors_are_one_line_on_stderr(tmp_path, capsys):
+    import anfast.cli
+
+    assert anfast.cli.main(["search", "--target-flops", "0", "--out", str(tmp_path / "s")]) == 2
+    captured = capsys.readouterr()
+    assert captured.out == ""
+    assert captured.err.startswith("anfast search: error: target flops=0.0: give a fraction of the base")
+    assert len(captured.err.strip().splitlines()) == 1

@@ -243,7 +243,7 @@ def test_unreadable_files_are_skipped_and_counted(indexed, workers):
 
 # ---------------------------------------------------------------- data check
 
-def test_scan_finds_unreadable_files_and_caches_per_directory_state(indexed, tmp_path):
+def test_scan_finds_unreadable_files_and_caches_per_directory_state(indexed, tmp_path, monkeypatch):
     from anfast.data.check import find_unreadable
 
     root, _ = indexed
@@ -256,6 +256,12 @@ def test_scan_finds_unreadable_files_and_caches_per_directory_state(indexed, tmp
     assert "truncated" in first.bad[str(root / "val" / "bee" / "truncated.jpg")]
     second = find_unreadable(paths, cache_dir=cache, progress=False)
     assert second.from_cache and second.bad == first.bad
+    # The same files spelled relative to another directory hit the cache and are named as given:
+    # a `data check ds` before a `train --data /abs/ds` once let DALI read the bad files.
+    relative = [os.path.relpath(path, tmp_path) for path in paths]
+    monkeypatch.chdir(tmp_path)
+    spelled = find_unreadable(relative, cache_dir=cache, progress=False)
+    assert spelled.from_cache and sorted(spelled.bad) == sorted(os.path.relpath(p, tmp_path) for p in first.bad)
     Image.new("RGB", (8, 8)).save(root / "val" / "cat" / "readme.jpg", format="JPEG")  # repaired
     third = find_unreadable(paths, cache_dir=cache, progress=False)
     assert not third.from_cache and [pathlib.Path(path).name for path in third.bad] == ["truncated.jpg"]
@@ -274,7 +280,7 @@ def test_data_check_command(indexed, tmp_path, monkeypatch, capsys):
     assert "train: 24 images, 0 unreadable (cached scan" in report
     assert "val: 25 images, 2 unreadable (scanned" in report and "readme.jpg: UnidentifiedImageError" in report
     assert check_command(root / "val" / "cat", progress=False) == 1, "a plain folder is scanned recursively"
-    with pytest.raises(SystemExit, match="is not a folder"):
+    with pytest.raises(DataLayoutError, match="is not a folder; give a dataset root"):
         check_command(root / "missing")
 
 

@@ -240,8 +240,13 @@ def test_empty_class_folder_fails_before_training(tmp_path):
     assert not (tmp_path / "run" / "checkpoints").exists()
 
 
-def test_bad_arch_name_suggests_close_names(tmp_path):
+def test_bad_arch_name_suggests_close_names(tmp_path, monkeypatch):
     data = make_image_folder(tmp_path / "data")
+
+    def no_loader(*args, **kwargs):  # the DALI loader scans every image when it is built
+        raise AssertionError("a loader was built before --arch was checked")
+
+    monkeypatch.setattr("anfast.train.loop.create_loader", no_loader)
     with pytest.raises(ConfigError, match=r"--arch 'resnet81' is not a torchvision model; did you "
                                           r"mean \[.*'resnet18'"):
         fit(tiny_config(data, tmp_path / "run", arch="resnet81"))
@@ -254,6 +259,30 @@ def test_lamb_without_apex_names_the_fix(tmp_path):
     with pytest.raises(ConfigError, match=r"--optimizer lamb .*apex.*--optimizer adamw"):
         fit(tiny_config(data, tmp_path / "run", optimizer="lamb"))
     assert not (tmp_path / "run").exists()
+
+
+def test_arch_config_searched_with_other_widths_or_network_is_refused(tmp_path):
+    # Trained with the default round_to 8, an arch searched at 16 built another student
+    # than the one its arch.json reported.
+    data = make_image_folder(tmp_path / "data")
+    arch = tmp_path / "arch.json"
+    arch.write_text('{"arch": "resnet18", "round_to": 16, "groups": {}}')
+    with pytest.raises(ConfigError, match=r"was searched with --round-to 16, this run has --round-to 8; "
+                                          r"pass --round-to 16"):
+        fit(tiny_config(data, tmp_path / "run", arch_config=str(arch)))
+    with pytest.raises(ConfigError, match=r"was searched with --arch resnet18, this run has --arch resnet34"):
+        fit(tiny_config(data, tmp_path / "run", arch_config=str(arch), arch="resnet34", round_to=16))
+    arch.write_bytes(b"\x80\x04binary")
+    with pytest.raises(ConfigError, match=rf"--arch-config {arch}: expected JSON"):
+        fit(tiny_config(data, tmp_path / "run", arch_config=str(arch)))
+    assert not (tmp_path / "run").exists()
+
+
+def test_info_and_builtin_refuse_bad_numbers(capsys):
+    assert "--image-size 0 must be >= 1" in _one_line_error(["info", "--image-size", "0"], capsys)
+    with pytest.raises(SystemExit):
+        anfast.cli.main(["data", "builtin", "--seed", "-1"])
+    assert "-1 is negative; give a seed >= 0" in capsys.readouterr().err
 
 
 def test_arch_config_with_unknown_group_is_rejected(tmp_path):

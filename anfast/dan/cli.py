@@ -7,11 +7,9 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import sys
 
-from anfast.adjoin import AdjoinError
 from anfast.dan.search import OPTIMIZERS, TAU_SCHEDULES, SearchConfig, search
-from anfast.dan.space import DanError
-from anfast.train.config import ConfigError
 
 __all__ = ["register", "config_from_args"]
 
@@ -86,9 +84,9 @@ def config_from_args(args: argparse.Namespace) -> SearchConfig:
 def run(args: argparse.Namespace) -> int:
     """Run the search; print where the arch and the plot went. Returns the exit code."""
     try:
-        result = search(config_from_args(args))
-    except (DanError, AdjoinError, ConfigError, ImportError) as error:
-        print(f"anfast search: {error}")
+        result = search(config_from_args(args))  # user errors: one line on stderr, by anfast.cli.main
+    except ImportError as error:  # an optional dependency (apex, timm) the options need
+        print(f"anfast search: error: {error}", file=sys.stderr)
         return 2
     arch = result.arch
     fractions = {k: arch["student"][k] / arch["base"][k] for k in ("flops", "params")}
@@ -96,5 +94,6 @@ def run(args: argparse.Namespace) -> int:
           f"{arch['student']['params']:,} params ({fractions['params']:.1%}); target {arch['target']}")
     print(f"  arch: {result.arch_path}\n  plot: {result.plot_path}\n"
           f"  train it: anfast train --arch {arch['arch']} --image-size {arch['image_size']} "
-          f"--arch-config {result.arch_path}")
+          f"--round-to {arch['round_to']} --arch-config {result.arch_path}"
+          + (f" --data {args.data}" if args.data else ""))
     return 0

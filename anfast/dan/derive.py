@@ -109,9 +109,13 @@ def read_arch(path: Union[str, os.PathLike]) -> dict[str, Any]:
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no such arch file; `anfast search` writes RUN_DIR/arch.json")
-    arch = json.loads(path.read_text())
-    if arch.get("format") != ARCH_FORMAT or not isinstance(arch.get("policy"), dict):
-        raise DanError(f"{path}: not an arch record (format {arch.get('format')!r}, expected {ARCH_FORMAT!r} "
+    try:
+        arch = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise DanError(f"{path}: not JSON ({error}); write it with `anfast search`") from None
+    found = arch.get("format") if isinstance(arch, dict) else type(arch).__name__
+    if not isinstance(arch, dict) or found != ARCH_FORMAT or not isinstance(arch.get("policy"), dict):
+        raise DanError(f"{path}: not an arch record (format {found!r}, expected {ARCH_FORMAT!r} "
                        "with a 'policy' dict); write it with `anfast search`")
     return arch
 

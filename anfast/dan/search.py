@@ -32,7 +32,8 @@ from anfast.adjoin import adjoin
 from anfast.dan.cost import CostModel
 from anfast.dan.derive import derive, plot_widths, write_arch
 from anfast.dan.gates import ChoiceGates, StudentMasks, entropy, temperature
-from anfast.dan.space import DEFAULT_CHOICES, DanError, SearchSpace
+from anfast.dan.space import DEFAULT_CHOICES, DanError, SearchSpace, _check_choices
+from anfast.train.build import check_arch
 from anfast.train.config import check_field_types
 from anfast.train.distributed import resolve_device
 from anfast.train.loss import AdjoinedLoss, get_lambda_schedule
@@ -104,6 +105,7 @@ class SearchConfig:
             raise DanError("give exactly one target: --target-flops 0.4 or --target-params 0.25 "
                            "(a fraction of the base network's count)")
         (kind, value), = self.target.items()
+        self.choices = _check_choices(self.choices)
         if not 0 < value <= 1:
             raise DanError(f"target {kind}={value}: give a fraction of the base in (0, 1], e.g. 0.4")
         smallest = 1 / max(self.choices) ** 2
@@ -182,6 +184,8 @@ def _search(config: SearchConfig, model: Optional[nn.Module], train_loader: Opti
             num_classes: Optional[int], lock: RunDirLock) -> SearchResult:
     torch.manual_seed(config.seed)
     device = resolve_device(config.device)
+    if model is None:
+        check_arch(config.arch)  # before the loader, which may scan every image first
     if train_loader is None:
         train_loader = _create_train_loader(config, device)
     if model is None:

@@ -27,7 +27,7 @@ from anfast.data.builtin import default_data_home
 
 __all__ = ["ScanResult", "find_unreadable", "probe_image", "to_rgb"]
 
-_CACHE_VERSION = 2  # 2: TIFFs with 32-bit samples count as unreadable
+_CACHE_VERSION = 3  # 2: TIFFs with 32-bit samples count as unreadable; 3: bad files by absolute path
 # Below this many files a process pool costs more to start than it saves.
 _PARALLEL_THRESHOLD = 512
 
@@ -98,7 +98,7 @@ def find_unreadable(paths: list[str], *, workers: int = 1, cache_dir: str | os.P
     if cache_path.is_file():
         cached = json.loads(cache_path.read_text())
         if cached.get("version") == _CACHE_VERSION and cached.get("num_files") == len(paths):
-            return ScanResult(len(paths), cached["bad"], cache_path, from_cache=True)
+            return ScanResult(len(paths), _as_given(paths, cached["bad"]), cache_path, from_cache=True)
 
     bar = dict(total=len(paths), desc="anfast: checking images", unit="img", disable=not progress)
     if workers > 1 and len(paths) >= _PARALLEL_THRESHOLD:
@@ -112,7 +112,16 @@ def find_unreadable(paths: list[str], *, workers: int = 1, cache_dir: str | os.P
 
     cache_dir.mkdir(parents=True, exist_ok=True)
     # Written to a temporary name and renamed, so concurrent ranks never read half a file.
+    # Keyed by absolute path, as the cache file's name is: the same folder given as
+    # `ds` and as `/abs/ds` must find its bad files (DALI then skips them).
     staging = cache_path.with_suffix(f".{os.getpid()}.tmp")
-    staging.write_text(json.dumps({"version": _CACHE_VERSION, "num_files": len(paths), "bad": bad}, indent=1))
+    absolute = {os.path.abspath(path): reason for path, reason in bad.items()}
+    staging.write_text(json.dumps({"version": _CACHE_VERSION, "num_files": len(paths), "bad": absolute},
+                                  indent=1))
     os.replace(staging, cache_path)
     return ScanResult(len(paths), bad, cache_path, from_cache=False)
+
+
+def _as_given(paths: list[str], bad: dict[str, str]) -> dict[str, str]:
+    """A cached scan's bad files (absolute paths) under the names ``paths`` spells them."""
+    return {path: bad[os.path.abspath(path)] for path in paths if os.path.abspath(path) in bad}

@@ -30,7 +30,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     builtin = commands.add_parser("builtin", help="create the built-in shapes dataset and print its path")
     builtin.add_argument("--root", type=pathlib.Path, default=None,
                          help="parent folder (default: $ANFAST_DATA_HOME or ~/.cache/anfast)")
-    builtin.add_argument("--seed", type=int, default=0)
+    builtin.add_argument("--seed", type=_seed, default=0)
     builtin.set_defaults(func=lambda args: builtin_command(args.root, seed=args.seed))
 
 
@@ -52,11 +52,20 @@ def _image_groups(directory: pathlib.Path) -> dict[str, list[str]]:
     return groups or {str(directory): _image_files(directory)}
 
 
+def _seed(text: str) -> int:
+    """argparse type of --seed: numpy seeds are whole numbers >= 0."""
+    seed = int(text)
+    if seed < 0:
+        raise argparse.ArgumentTypeError(f"{seed} is negative; give a seed >= 0")
+    return seed
+
+
 def check_command(directory: str | os.PathLike, *, workers: int = 1, progress: bool = True) -> int:
     """Scan ``directory`` for unreadable images, print a report; 0 when all are readable, else 1."""
     directory = pathlib.Path(directory).expanduser()
     if not directory.is_dir():
-        raise SystemExit(f"anfast data check: {directory} is not a folder")
+        raise DataLayoutError(f"{directory} is not a folder; give a dataset root (train/, val/) or "
+                              f"a folder of images")
     # A dataset root (train/ or val/ present) must also have the layout `anfast train` needs.
     problems = layout_problems(directory) if any((directory / s).is_dir() for s in SPLITS) else []
     for problem in problems:

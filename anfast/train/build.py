@@ -46,7 +46,8 @@ def resolve_amp_dtype(amp: str, device: torch.device) -> Optional[torch.dtype]:
 
 
 def check_environment(config: TrainConfig, device: torch.device) -> None:
-    """Options that depend on this machine rather than on the data or the model."""
+    """Options that depend on this machine rather than on the data, and the --arch name."""
+    check_arch(config.arch)
     if config.optimizer == "lamb":
         if not has_apex():
             raise ConfigError("--optimizer lamb uses NVIDIA apex's FusedLAMB, and apex is not "
@@ -62,12 +63,18 @@ def check_environment(config: TrainConfig, device: torch.device) -> None:
     resolve_amp_dtype(config.amp, device)
 
 
-def create_adjoined_model(config: TrainConfig, num_classes: int) -> torch.nn.Module:
-    """``config.arch`` (torchvision, anfast or timm:NAME), ``num_classes`` outputs, adjoined."""
+def check_arch(arch: str) -> None:
+    """Refuse an --arch name no registry knows, before any data is read (a DALI loader
+    scans every image first)."""
     try:
-        anfast.models.resolve_arch(config.arch)
+        anfast.models.resolve_arch(arch)
     except ValueError as error:
         raise ConfigError(f"--arch {error}") from None
+
+
+def create_adjoined_model(config: TrainConfig, num_classes: int) -> torch.nn.Module:
+    """``config.arch`` (torchvision, anfast or timm:NAME), ``num_classes`` outputs, adjoined."""
+    check_arch(config.arch)
     alphas = tuple(int(a) if float(a).is_integer() else a for a in config.alpha)
     alpha = alphas[0] if len(alphas) == 1 else alphas
     input_size = (3, config.image_size, config.image_size)

@@ -167,6 +167,12 @@ class TrainConfig:
                               f"for the built-in dataset")
         if self.arch_config is not None:
             load_arch_config(self.arch_config)
+            searched = json.loads(Path(self.arch_config).read_text())
+            for name, flag in (("arch", "--arch"), ("round_to", "--round-to")):
+                if name in searched and searched[name] != getattr(self, name):
+                    raise ConfigError(f"--arch-config {self.arch_config} was searched with {flag} "
+                                      f"{searched[name]}, this run has {flag} {getattr(self, name)}; "
+                                      f"pass {flag} {searched[name]} (other values build another student)")
         if self.overwrite and self.resume is not None and (
                 self.resume == "auto" or Path(self.resume).resolve().is_relative_to(Path(self.out).resolve())):
             raise ConfigError(f"--resume {self.resume} continues the run in --out {self.out} and "
@@ -296,7 +302,7 @@ def load_arch_config(path: str) -> Dict[str, float]:
                           f"`anfast search`")
     try:
         groups = json.loads(file.read_text())["groups"]
-    except (json.JSONDecodeError, KeyError, TypeError) as error:
+    except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError) as error:
         raise ConfigError(f"--arch-config {path}: expected JSON {{\"groups\": {{\"<group name>\": "
                           f"alpha, ...}}}} ({error})") from None
     if isinstance(groups, dict):  # `anfast search` writes {"<group>": {"alpha": a, "channels": C, "width": w}}
