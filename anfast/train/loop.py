@@ -173,6 +173,12 @@ def _check_one_image_batches(an: torch.nn.Module, image_size: int) -> None:
                           f"--image-size") from None
 
 
+def _effective_batch(config: TrainConfig, batches_per_epoch: int, world_size: int) -> int:
+    """Images per optimizer step: --accum-steps micro-batches of every process, or all of an
+    epoch's batches when it has fewer."""
+    return min(config.accum_steps, batches_per_epoch) * config.batch_size * world_size
+
+
 def _preview(names: Sequence[str]) -> str:
     names = list(names)
     return str(names[:5])[:-1] + (f", ... {len(names)} in all]" if len(names) > 5 else "]")
@@ -242,8 +248,7 @@ def _fit(config: TrainConfig, info: DistributedInfo, should_stop: Optional[Calla
     accum = config.accum_steps
     batches_per_epoch = len(train_loader)
     steps_per_epoch = math.ceil(batches_per_epoch / accum)
-    # What one full optimizer step sees (fewer micro-batches when an epoch has fewer than K).
-    effective_batch = min(accum, batches_per_epoch) * config.batch_size * info.world_size
+    effective_batch = _effective_batch(config, batches_per_epoch, info.world_size)
     total_steps = config.epochs * steps_per_epoch
     warmup_steps = round(config.warmup_epochs * steps_per_epoch)
     # Everything a resumed run needs to continue as if never stopped; the epoch_* sums
@@ -281,10 +286,10 @@ def _fit(config: TrainConfig, info: DistributedInfo, should_stop: Optional[Calla
             lock.remove_previous_run()  # --overwrite: set-up passed, the old run may go now
         run_dir.mkdir(parents=True, exist_ok=True)
         if arch_config_text is not None:
-            copy = run_dir / ARCH_CONFIG_COPY
-            if not copy.is_file() or copy.read_text() != arch_config_text:
-                copy.write_text(arch_config_text)
-            config = dataclasses.replace(config, arch_config=str(copy.resolve()))
+            arch_copy = run_dir / ARCH_CONFIG_COPY
+            if not arch_copy.is_file() or arch_copy.read_text() != arch_config_text:
+                arch_copy.write_text(arch_config_text)
+            config = dataclasses.replace(config, arch_config=str(arch_copy.resolve()))
         remove_stale_temp_files(checkpoint_dir)
         save_config(config, run_dir / "config.yaml")
         log = MetricsLog(run_dir, state["history"])
@@ -531,8 +536,7 @@ def _summary(config: TrainConfig, state: Dict[str, Any], eval_model: torch.nn.Mo
         "wall_time_s": state["wall_time_s"],
         "epochs": config.epochs,
         "steps": state["step"],
-        "effective_batch_size": (min(config.accum_steps, len(train_loader)) * config.batch_size
-                                 * info.world_size),
+        "effective_batch_size": _effective_batch(config, len(train_loader), info.world_size),
         "bad_steps": state["bad_steps"],
         "skipped_images": final["skipped_images"],
         "loader": train_loader.name,
