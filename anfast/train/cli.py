@@ -138,9 +138,9 @@ def resumed_run_options(resume: str, out: str) -> dict:
     saved = load_checkpoint(path).get("config")
     fields = {field.name for field in dataclasses.fields(TrainConfig)} - {"out", "resume", "overwrite"}
     options = {name: value for name, value in (saved or {}).items() if name in fields}
-    copy = Path(out) / ARCH_CONFIG_COPY  # the run's own --arch-config, should the recorded path be gone
-    if options.get("arch_config") and not Path(options["arch_config"]).is_file() and copy.is_file():
-        options["arch_config"] = str(copy)
+    arch_copy = Path(out) / ARCH_CONFIG_COPY  # the run's own --arch-config, should the recorded path be gone
+    if options.get("arch_config") and not Path(options["arch_config"]).is_file() and arch_copy.is_file():
+        options["arch_config"] = str(arch_copy)
     return options
 
 
