@@ -306,9 +306,7 @@ def _follow_simple_op(node, shape, inputs, in_channels, where) -> Optional[_Chan
                 continue
             axis = len(other_shape) - len(shape) + 1  # right-aligned broadcasting
             if axis >= 0 and other_shape[axis] == shape[1]:
-                for part in first.parts:
-                    root = part.root()
-                    root.fixed = root.fixed or f"channels of {other.target} {tuple(other_shape)}"
+                _keep_full_width(first, f"channels of {other.target} {tuple(other_shape)}")
         return first
     # flatten / view / reshape
     x, x_shape = in_channels[0], _node_shape(inputs[0])
@@ -320,6 +318,13 @@ def _follow_simple_op(node, shape, inputs, in_channels, where) -> Optional[_Chan
         return _Channels(x.parts, x.features_per_channel * math.prod(x_shape[2:]))
     raise AdjoinError(f"{where}: reshapes the channel axis {tuple(x_shape)} -> {tuple(shape)}; anfast "
                       "follows channels only through flatten(start_dim=1)")
+
+
+def _keep_full_width(channels: _Channels, why: str) -> None:
+    """Fix every width group of ``channels`` at full width (``why`` names the reason)."""
+    for part in channels.parts:
+        root = part.root()
+        root.fixed = root.fixed or why
 
 
 def _follow_generic(node, shape, inputs, in_channels, where) -> Optional[_Channels]:
@@ -340,9 +345,7 @@ def _follow_generic(node, shape, inputs, in_channels, where) -> Optional[_Channe
         for other in inputs:
             other_shape = _node_shape(other)
             if other.op == "get_attr" and other_shape is not None and shape[1] > 1 and shape[1] in other_shape:
-                for part in channels.parts:
-                    root = part.root()
-                    root.fixed = root.fixed or f"channels of {other.target} {tuple(other_shape)}"
+                _keep_full_width(channels, f"channels of {other.target} {tuple(other_shape)}")
         return channels
     if len(shape) < 2 or (len(source_shape) >= 2 and shape[1] != source_shape[1]):
         raise AdjoinError(

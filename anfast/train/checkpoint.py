@@ -81,20 +81,21 @@ def _link_atomically(source: Path, target: Path) -> None:
     os.replace(temp, target)
 
 
-def load_checkpoint(path: Union[str, Path], map_location: Union[str, torch.device] = "cpu"
-                    ) -> Dict[str, Any]:
+def load_checkpoint(path: Union[str, Path], map_location: Union[str, torch.device] = "cpu",
+                    mmap: bool = False) -> Dict[str, Any]:
     """Load a checkpoint written by ``save_checkpoint``, tensors and plain values only.
 
     Raises CheckpointError naming the file, the previous checkpoint and the fix when
     the file is damaged (empty, truncated, not a torch file) or holds Python objects
-    that ``weights_only`` refuses; those are never unpickled.
+    that ``weights_only`` refuses; those are never unpickled. ``mmap`` maps the tensors
+    instead of reading them, for a caller that needs only the plain values.
     """
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint {path} does not exist; pass a checkpoint file, or "
                                 f"--resume auto to start fresh when there is none")
     try:
-        state = torch.load(path, map_location=map_location, weights_only=True)
+        state = torch.load(path, map_location=map_location, weights_only=True, mmap=mmap)
     except pickle.UnpicklingError as error:
         refused = re.search(r"unsupported GLOBAL (\S+)", str(error))
         if "Weights only load failed" not in str(error):

@@ -135,7 +135,7 @@ def resumed_run_options(resume: str, out: str) -> dict:
     path = Path(out) / "checkpoints" / "last.pt" if resume == "auto" else Path(resume)
     if not path.is_file():
         return {}
-    saved = load_checkpoint(path).get("config")
+    saved = load_checkpoint(path, mmap=True).get("config")  # the config only: tensors stay on disk
     fields = {field.name for field in dataclasses.fields(TrainConfig)} - {"out", "resume", "overwrite"}
     options = {name: value for name, value in (saved or {}).items() if name in fields}
     arch_copy = Path(out) / ARCH_CONFIG_COPY  # the run's own --arch-config, should the recorded path be gone
