@@ -224,9 +224,11 @@ def load_student(path: Union[str, os.PathLike], model: Optional[nn.Module] = Non
     without weights). For other classes pass ``model``, a freshly constructed instance
     of the original (base) architecture.
     config.json is checked against the safetensors header before any weight is
-    allocated (see ``read_export``), and the network is built on the meta device
-    first, so a tampered export can neither fetch weights nor allocate sizes the
-    weight file does not hold; every refusal is an ExportError naming the file and key.
+    allocated (see ``read_export``); its source's keyword arguments must be ones the
+    builder takes, of the types of their defaults; and the network is built on the
+    meta device first and allocated at the file's sizes only (``_model_from_source``),
+    so a tampered export can neither fetch weights nor allocate sizes the weight file
+    does not hold; every refusal is an ExportError naming the file and key.
     """
     path = Path(path)
     config, shapes = read_export(path)
@@ -234,15 +236,44 @@ def load_student(path: Union[str, os.PathLike], model: Optional[nn.Module] = Non
     if model is None:
         if arch_name(source) is None:
             raise ExportError(f"{path}: the network is a {source.get('class')}; pass model=<a new instance of it>")
-        with torch.device("meta"):  # torchvision, timm or anfast, by name
-            _check_against_weights(model_from_source(source), layers, shapes, path)
-        model = model_from_source(source)  # real sizes only now that they match the file's
+        model = _model_from_source(source, layers, shapes, path, device)
     else:
         _check_against_weights(model, layers, shapes, path)
-    model = _swap_layers(model.to(device), layers, device)
+        model = _swap_layers(model.to(device), layers, device)
     _load_state(model, load_file(path / _WEIGHTS, device=str(device)))
     model.anfast_config = config
     return model.eval()
+
+
+def _model_from_source(source: dict, layers: dict, shapes: dict[str, tuple[int, ...]], path: Path,
+                       device: Union[str, torch.device]) -> nn.Module:
+    """The torchvision, timm or anfast network of an export, allocated at the file's sizes only.
+
+    It is built on the meta device, checked against the safetensors header, and given
+    the exported layers there; only then is memory allocated, for exactly the tensors
+    the file holds. A student's base architecture, whose size config.json alone decides
+    (``kwargs.num_classes``), is never allocated. A model with non-persistent buffers
+    (values its constructor computes, in no file) must be built for real: its size is
+    then bounded by the memory available (anfast.models.create_model).
+    """
+    with torch.device("meta"):
+        model = _build(source, path)
+    _check_against_weights(model, layers, shapes, path)
+    if not _non_persistent_buffers(model):
+        return _swap_layers(model, layers, "meta").to_empty(device=device)
+    return _swap_layers(_build(source, path).to(device), layers, device)
+
+
+def _build(source: dict, path: Path) -> nn.Module:
+    try:
+        return model_from_source(source)
+    except ValueError as error:  # a kwarg the builder does not take or of another type, too large a model
+        raise ExportError(f"{path / _CONFIG}: source: {error}; re-export the network") from None
+
+
+def _non_persistent_buffers(model: nn.Module) -> list[str]:
+    persistent = model.state_dict().keys()
+    return [name for name, _ in model.named_buffers() if name not in persistent]
 
 
 def read_export(path: Union[str, os.PathLike]) -> tuple[dict, dict[str, tuple[int, ...]]]:

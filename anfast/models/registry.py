@@ -7,8 +7,14 @@ Names, in the order they are tried:
 - anfast's own architectures (``xresnet18`` ... ``xresnet101``);
 - a torchvision name: ``torchvision.models.get_model(NAME, weights=None, **kwargs)``.
 
-Nothing is ever downloaded: timm models are built with ``pretrained=False`` and keyword
-arguments that would fetch or read weights are refused. ``create_model`` also returns
+Nothing is ever downloaded: every argument of the builder's signature that could fetch
+weights (``fetching_kwargs``: torchvision's ``weights`` and ``weights_backbone``, timm's
+``pretrained``, ``pretrained_cfg``, ``checkpoint_path`` ...) is passed as None / False,
+whatever its default, and a user's keyword argument that would fetch or read weights is
+refused. Every other keyword argument must be one the builder or the class it returns
+takes, of the type of its default; and the model is first built on the meta device, so
+one that would not fit in the memory available is refused before any allocation.
+``create_model`` also returns
 the *source* that export writes into config.json (``{"timm": NAME, "kwargs": {...}}``,
 ``{"anfast": ...}`` or ``{"torchvision": ...}``) and ``model_from_source`` rebuilds
 from it, so ``anfast.load_student`` needs no pickle.
@@ -17,14 +23,19 @@ from it, so ``anfast.load_student`` needs no pickle.
 from __future__ import annotations
 
 import difflib
+import functools
+import inspect
+import os
+import typing
 from typing import Any, Callable, Mapping, Optional
 
+import torch
 from torch import nn
 
 from anfast.models.xresnet import xresnet18, xresnet34, xresnet50, xresnet101
 
-__all__ = ["resolve_arch", "create_model", "model_from_source", "arch_name", "list_models", "MissingExtraError",
-           "TIMM_PREFIX"]
+__all__ = ["resolve_arch", "create_model", "model_from_source", "arch_name", "list_models", "fetching_kwargs",
+           "available_memory", "MissingExtraError", "TIMM_PREFIX"]
 
 TIMM_PREFIX = "timm:"
 _ANFAST_MODELS: dict[str, Callable[..., nn.Module]] = {
@@ -66,6 +77,122 @@ def _import_timm(arch: str):
 def list_models() -> list[str]:
     """anfast's own architecture names (torchvision's: torchvision.models.list_models())."""
     return list(_ANFAST_MODELS)
+
+
+def _builder(library: str, name: str) -> Callable[..., nn.Module]:
+    """The function whose signature says what a model takes: timm's entrypoint, anfast's
+    constructor, torchvision's builder."""
+    if library == "timm":
+        return _import_timm(TIMM_PREFIX + name).models.model_entrypoint(name)
+    if library == "anfast":
+        return _ANFAST_MODELS[name]
+    import torchvision
+
+    return torchvision.models.get_model_builder(name)
+
+
+def _keyword_parameters(function: Callable) -> dict[str, inspect.Parameter]:
+    return {p.name: p for p in inspect.signature(function).parameters.values()
+            if p.kind in (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)}
+
+
+def _takes_any_keyword(function: Callable) -> bool:
+    return any(p.kind is inspect.Parameter.VAR_KEYWORD for p in inspect.signature(function).parameters.values())
+
+
+def _simple_types(parameter: inspect.Parameter) -> Optional[tuple[type, ...]]:
+    """The JSON-expressible types ``parameter`` accepts, or None where its signature cannot tell.
+
+    From its annotation (``Optional[int]`` -> (int, NoneType)), else from the type of its
+    default; a float parameter also takes an int, a tuple one a list."""
+    simple = (bool, int, float, str, type(None), tuple, list)
+    annotation = parameter.annotation
+    if annotation is not inspect.Parameter.empty and not isinstance(annotation, str):
+        options = typing.get_args(annotation) if typing.get_origin(annotation) is typing.Union else (annotation,)
+        options = tuple(typing.get_origin(option) or option for option in options)
+        if all(isinstance(option, type) and issubclass(option, simple) for option in options):
+            return options + ((int,) if float in options else ()) + ((list,) if tuple in options else ())
+        return None
+    default = parameter.default
+    if default is inspect.Parameter.empty or default is None or not isinstance(default, simple):
+        return None
+    return _simple_types(parameter.replace(annotation=type(default)))
+
+
+def _check_value(library: str, name: str, key: str, value: Any, parameter: inspect.Parameter) -> None:
+    types = _simple_types(parameter)
+    if types is None:
+        return
+    # bool is an int in Python; a flag given for a size (or a size for a flag) is a mistake.
+    matches = any(isinstance(value, t) and (t is bool or not isinstance(value, bool)) for t in types)
+    if not matches:
+        expected = " or ".join(sorted({"null" if t is type(None) else t.__name__ for t in types}))
+        raise ValueError(f"{library} model {name!r}: {key}={value!r} ({type(value).__name__}), but {key} "
+                         f"takes {expected} (default {parameter.default!r})")
+
+
+def _no_weights(library: str, name: str, functions: tuple[Callable, ...]) -> dict:
+    """Every argument of ``functions`` that could fetch weights, set to None (False for a flag).
+
+    Refuses an architecture whose signature requires weights: an argument that can
+    fetch them and takes neither None nor False."""
+    off = {}
+    for function in functions:
+        for key, parameter in _keyword_parameters(function).items():
+            if not fetching_kwargs([key]):
+                continue
+            off[key] = False if isinstance(parameter.default, bool) else None
+            types = _simple_types(parameter)
+            if parameter.default is inspect.Parameter.empty and types is not None and type(off[key]) not in types:
+                raise ValueError(f"{library} model {name!r} cannot be built without weights ({key} is "
+                                 "required); anfast builds architectures only: choose another --arch")
+    return off
+
+
+def _check_signature(library: str, name: str, kwargs: Mapping[str, Any], functions: tuple[Callable, ...]) -> None:
+    """Each keyword argument is one that ``functions``, or the class the last returns, take, of its type."""
+    parameters, open_ended = {}, False
+    for function in functions:
+        parameters.update((key, p) for key, p in _keyword_parameters(function).items() if key != "model_name")
+        open_ended = _takes_any_keyword(function)
+    returned = inspect.signature(functions[-1]).return_annotation
+    if open_ended and isinstance(returned, type) and issubclass(returned, nn.Module):
+        # Builders pass their **kwargs on to the model class they return.
+        parameters = {**_keyword_parameters(returned.__init__), **parameters}
+        open_ended = _takes_any_keyword(returned.__init__)
+    for key, value in kwargs.items():
+        if key in parameters:
+            _check_value(library, name, key, value, parameters[key])
+        elif not open_ended:
+            close = difflib.get_close_matches(key, list(parameters), n=3)
+            raise ValueError(f"{library} model {name!r} takes no keyword argument {key!r}"
+                             f"{f'; did you mean {close}?' if close else ''}")
+
+
+def available_memory() -> int:
+    """Bytes this process could allocate now: MemAvailable of /proc/meminfo (free memory
+    plus reclaimable caches), else the machine's physical memory."""
+    try:
+        with open("/proc/meminfo") as meminfo:
+            for line in meminfo:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+
+
+def _check_size(arch: str, kwargs: Mapping[str, Any], model: nn.Module) -> None:
+    """Refuse a model (built on meta) whose parameters and buffers exceed the available memory."""
+    tensors = [*model.parameters(), *model.buffers()]
+    size = sum(t.numel() * t.element_size() for t in tensors)
+    memory = available_memory()
+    if size > memory:
+        count = sum(t.numel() for t in tensors)
+        given = ", ".join(f"{k}={v!r}" for k, v in kwargs.items())
+        raise ValueError(f"{arch}{f' with {given}' if given else ''} holds {count:,} parameters and buffers, "
+                         f"{size / 2**30:,.1f} GiB, more than the {memory / 2**30:,.1f} GiB of memory "
+                         "available; choose smaller sizes")
 
 
 def _check_kwargs(library: str, name: str, kwargs: Mapping[str, Any]) -> dict:
@@ -120,20 +247,26 @@ def resolve_arch(arch: str) -> tuple[str, str]:
 def create_model(arch: str, **kwargs) -> tuple[nn.Module, dict]:
     """``(model, source)`` for an ``--arch`` string (see the module docstring), never with weights.
 
-    Raises what resolve_arch raises, and ValueError for keyword arguments that would
-    load weights or that config.json cannot hold.
+    Under ``torch.device("meta")`` the model is built there (no memory), as load_student
+    does to check an export before it allocates. Raises what resolve_arch raises, and
+    ValueError for keyword arguments that would load weights, that config.json cannot
+    hold or that the builder does not take (name or type), for an architecture that
+    needs weights, and for a model larger than the memory available.
     """
     library, name = resolve_arch(arch)
     kwargs = _check_kwargs(library, name, kwargs)
-    if library == "timm":
-        model = _import_timm(arch).create_model(name, pretrained=False, **kwargs)
-    elif library == "anfast":
-        model = _ANFAST_MODELS[name](**kwargs)
+    builder = _builder(library, name)
+    if library == "timm":  # timm.create_model(name, ...) takes arguments of its own, then the entrypoint's
+        timm_create = _import_timm(arch).create_model
+        signatures, build = (timm_create, builder), functools.partial(timm_create, name)
     else:
-        import torchvision
-
-        model = torchvision.models.get_model(name, weights=None, **kwargs)
-    return model, {library: name, "kwargs": kwargs}
+        signatures, build = (builder,), builder
+    _check_signature(library, name, kwargs, signatures)
+    off = _no_weights(library, name, signatures)
+    if torch.get_default_device().type != "meta":
+        with torch.device("meta"):
+            _check_size(arch, kwargs, build(**off, **kwargs))
+    return build(**off, **kwargs), {library: name, "kwargs": kwargs}
 
 
 def arch_name(source: Mapping[str, Any]) -> Optional[str]:
