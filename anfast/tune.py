@@ -21,10 +21,11 @@ import torch
 
 from anfast.nn import AdjoinedConv2d
 from anfast.ops import dispatch, tuning
+from anfast.ops.conv import TRACEABLE_BACKENDS
 from anfast.ops.dispatch import ConvProblem
 
 __all__ = ["register", "collect_layer_problems", "tune_model", "set_backend", "layer_backends",
-           "prepare_backends", "LayerDecision", "format_table"]
+           "prepare_backends", "pin_traceable_decisions", "LayerDecision", "format_table"]
 
 
 def set_backend(model: torch.nn.Module, backend: str) -> None:
@@ -142,7 +143,24 @@ def prepare_backends(model: torch.nn.Module, backend: str, batch_size: int, imag
     set_backend(model, backend)
     device = next(model.parameters()).device
     if backend == "auto" and device.type in tuning.get_tuner().lazy_devices:
-        tune_model(model, batch_size, image_size, amp_dtype)
+        pin_traceable_decisions(model, tune_model(model, batch_size, image_size, amp_dtype))
+
+
+def pin_traceable_decisions(model: torch.nn.Module, decisions: Sequence["LayerDecision"]) -> List[str]:
+    """Fix the backend of every adjoined conv whose passes auto decided alike for a backend
+    with a traceable form (torch: aten convolutions), so torch.compile and CUDA graphs see
+    plain aten ops there instead of the custom op that would decide again on every call
+    (DESIGN.md section 4c, decide then trace). Returns the names of the pinned layers."""
+    chosen: Dict[str, set] = {}
+    for row in decisions:
+        chosen.setdefault(row.layer.split("#")[0], set()).add(row.decision["backend"])
+    pinned = []
+    for name, module in model.named_modules():
+        names = chosen.get(name, set())
+        if isinstance(module, AdjoinedConv2d) and len(names) == 1 and names <= TRACEABLE_BACKENDS.keys():
+            module.backend = next(iter(names))
+            pinned.append(name)
+    return pinned
 
 
 def _shape(problem: ConvProblem) -> str:

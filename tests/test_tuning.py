@@ -135,7 +135,7 @@ def test_output_strides_are_checked_against_torch_in_the_problems_dtype(tuner, m
 
 def test_auto_tries_triton_only_when_anfast_auto_backends_names_it(monkeypatch):
     monkeypatch.delenv("ANFAST_AUTO_BACKENDS", raising=False)
-    assert tuning.fused_backend_names() == ["cuda"]  # the measured default (tuning.AUTO_OPT_IN)
+    assert tuning.fused_backend_names() == ["gemm", "cuda"]  # the default: all but tuning.AUTO_OPT_IN
     monkeypatch.setenv("ANFAST_AUTO_BACKENDS", "triton, cuda")
     assert tuning.fused_backend_names() == ["cuda", "triton"]  # priority order
     monkeypatch.setenv("ANFAST_AUTO_BACKENDS", "triton,torch")
@@ -271,3 +271,23 @@ def test_train_backend_option_is_checked_and_reaches_every_layer():
     assert convs and all(m.backend == "triton" for m in convs)
     set_backend(an, "auto")  # leaves $ANFAST_BACKEND its say
     assert all(m.backend is None for m in convs)
+
+
+@pytest.mark.parametrize("fast_ms, pinned", [(1.5, "torch"), (0.5, None)])
+def test_prepare_backends_pins_convs_auto_decided_for_torch(tuner, monkeypatch, fast_ms, pinned):
+    """Decide, then trace: a conv tuned to torch is fixed to torch, so it runs (and
+    compiles) as aten convolutions; a conv tuned to a fused backend stays with auto."""
+    from anfast.ops import conv as conv_op
+    from anfast.tune import prepare_backends
+
+    install_backends(monkeypatch, StandInBackend("fast"))
+    tuner.timer = FakeTimer({"fast": fast_ms, "torch": 1.0})
+    an = anfast.adjoin("resnet18", alpha=4, policy="paper", input_size=(3, 16, 16), num_classes=4)
+    convs = [m for m in an.modules() if isinstance(m, anfast.nn.AdjoinedConv2d) and not m.input_shared]
+    prepare_backends(an, "auto", 2, 16, None)
+    assert convs and {m.backend for m in convs} == {pinned}
+    op_calls = []
+    original = conv_op._adjoined_conv2d_op
+    monkeypatch.setattr(conv_op, "_adjoined_conv2d_op", lambda *args: op_calls.append(1) or original(*args))
+    an(torch.randn(2, 3, 16, 16))
+    assert len(op_calls) == (0 if pinned else len(convs))

@@ -3,19 +3,32 @@
 Path of one call: adjoined_conv2d (checks) -> anfast::adjoined_conv2d (custom op,
 backend chosen inside, so torch.compile sees one opaque node) -> Backend.forward.
 Backward runs anfast::adjoined_conv2d_backward, also one node, also dispatched.
+
+Decide, then trace (DESIGN.md section 4c): when the backend is known before the call
+looks at the problem (named, $ANFAST_BACKEND, or auto on a device auto does not tune),
+and that backend has a traceable form, the call skips the custom op and runs that form:
+the torch backend is two aten convolutions on the weight slice, so torch.compile sees
+an adjoined conv as plain convolutions and autograd differentiates them natively.
 """
 
 from __future__ import annotations
 
 from typing import List, Optional, Sequence
 
+import os
+
 import torch
 from torch.utils import flop_counter
 
-from anfast.ops import reference
-from anfast.ops.dispatch import ConvProblem, choose_backend
+from anfast.ops import reference, tuning
+from anfast.ops.dispatch import BackendUnavailable, ConvProblem, backend_reasons, choose_backend
 
-__all__ = ["adjoined_conv2d"]
+__all__ = ["adjoined_conv2d", "fixed_backend_name", "TRACEABLE_BACKENDS"]
+
+# Backends whose work can be written as differentiable torch ops, with the signature of
+# reference.adjoined_conv2d_reference. A call fixed to one of these never reaches the
+# custom op: torch.compile traces its aten ops and autograd derives the backward pass.
+TRACEABLE_BACKENDS = {"torch": reference.adjoined_conv2d_reference}
 
 
 def _problem(x_base, x_student, weight, bias, student_in_index, out_student, stride, padding,
@@ -26,7 +39,14 @@ def _problem(x_base, x_student, weight, bias, student_in_index, out_student, str
     )
 
 
-@torch.library.custom_op("anfast::adjoined_conv2d", mutates_args=())
+# The fused kernels read and write the exact layouts eager mode gives them (channels_last
+# in, channels_last out): inductor must hand them those strides, which it then does
+# without a copy wherever its producer already writes them. The tag is spelled out
+# rather than left to inductor's default for custom ops, which has changed across versions.
+_LAYOUT_TAGS = tuple(tag for tag in (getattr(torch.Tag, "needs_exact_strides", None),) if tag is not None)
+
+
+@torch.library.custom_op("anfast::adjoined_conv2d", mutates_args=(), tags=_LAYOUT_TAGS)
 def _adjoined_conv2d_op(
     x_base: torch.Tensor,
     x_student: torch.Tensor,
@@ -55,7 +75,7 @@ def _(x_base, x_student, weight, bias, student_in_index, out_student, stride, pa
     )
 
 
-@torch.library.custom_op("anfast::adjoined_conv2d_backward", mutates_args=())
+@torch.library.custom_op("anfast::adjoined_conv2d_backward", mutates_args=(), tags=_LAYOUT_TAGS)
 def _adjoined_conv2d_backward_op(
     grad_base: torch.Tensor,
     grad_student: torch.Tensor,
@@ -237,6 +257,17 @@ def _check(x_base, x_student, weight, bias, out_student, groups, student_in_inde
         raise ValueError(f"adjoined_conv2d: bias must have shape ({c_out},), got {tuple(bias.shape)}")
 
 
+def fixed_backend_name(requested: Optional[str], device: torch.device) -> Optional[str]:
+    """The backend a call runs, when that is known without looking at the problem:
+    ``requested`` > $ANFAST_BACKEND > auto, where auto is torch on a device it does not
+    tune (the CPU). None where auto decides per problem (a GPU): the custom op does.
+    """
+    name = requested or os.environ.get("ANFAST_BACKEND", "") or "auto"
+    if name != "auto":
+        return name
+    return None if device.type in tuning.get_tuner().lazy_devices else "torch"
+
+
 def adjoined_conv2d(
     x_base: torch.Tensor,
     x_student: torch.Tensor,
@@ -275,6 +306,18 @@ def adjoined_conv2d(
     stride, padding, dilation = (_pair(stride, "stride"), _pair(padding, "padding"),
                                  _pair(dilation, "dilation"))
     _check(x_base, x_student, weight, bias, out_student, groups, student_in_index)
+    name = fixed_backend_name(backend, x_base.device)
+    if name in TRACEABLE_BACKENDS:
+        problem = _problem(x_base, x_student, weight, bias, student_in_index, out_student, stride,
+                           padding, dilation, groups)
+        if name != "torch":  # torch runs every problem the checks above let through
+            reasons = backend_reasons(name, problem, explicit=True)
+            if reasons:
+                raise BackendUnavailable(
+                    f"adjoined_conv2d: backend {name!r} cannot run this problem: " + "; ".join(reasons))
+        tuning.note_choice(problem, "forward", name)
+        return TRACEABLE_BACKENDS[name](x_base, x_student, weight, bias, out_student, stride,
+                                        padding, dilation, groups, student_in_index)
     return _adjoined_conv2d_op(
         x_base, x_student, weight, bias, student_in_index, out_student, stride, padding,
         dilation, groups, backend or "",
