@@ -33,9 +33,11 @@ __all__ = [
 ]
 
 # The fused backends auto may try, then torch. Modules are imported lazily: the package must import on a
-# machine without Triton, a GPU or the compiled extension.
-BACKEND_PRIORITY = ("cuda", "triton", "torch")
+# machine without Triton, a GPU or the compiled extension. gemm (1x1 convs through cuBLAS) comes first:
+# on a tie with a kernel of ours the library GEMM wins.
+BACKEND_PRIORITY = ("gemm", "cuda", "triton", "torch")
 _BACKEND_MODULES = {
+    "gemm": "anfast.ops.gemm_backend",
     "cuda": "anfast.ops.cuda_backend",
     "triton": "anfast.triton",
     "torch": "anfast.ops.dispatch",
@@ -127,10 +129,11 @@ class TorchBackend(Backend):
 FUSED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
-def fused_kernel_reasons(problem: ConvProblem, kernels: str) -> list[str]:
-    """What the fused kernels of every backend share: one device and dtype, groups 1,
-    dilation 1, a prefix channel map, equal spatial sizes. ``kernels`` names them in
-    the messages ("the cuda kernels")."""
+def fused_kernel_reasons(problem: ConvProblem, kernels: str,
+                         dtypes: tuple[torch.dtype, ...] = FUSED_DTYPES) -> list[str]:
+    """What the fused kernels of every backend share: one device and dtype (one of
+    ``dtypes``), groups 1, dilation 1, a prefix channel map, equal spatial sizes.
+    ``kernels`` names them in the messages ("the cuda kernels")."""
     tensors = {"x_base": problem.x_base, "x_student": problem.x_student, "weight": problem.weight}
     if problem.bias is not None:
         tensors["bias"] = problem.bias
@@ -141,14 +144,18 @@ def fused_kernel_reasons(problem: ConvProblem, kernels: str) -> list[str]:
     if len({t.dtype for t in tensors.values()}) > 1:
         mixed = ", ".join(f"{name} {t.dtype}" for name, t in tensors.items())
         reasons.append(f"inputs mix dtypes ({mixed}); cast x, weight and bias to one dtype")
-    elif problem.x_base.dtype not in FUSED_DTYPES:
-        reasons.append(f"dtype {problem.x_base.dtype} is not one of float32, bfloat16, float16")
+    elif problem.x_base.dtype not in dtypes:
+        names = ", ".join(str(dtype).removeprefix("torch.") for dtype in dtypes)
+        reasons.append(f"dtype {problem.x_base.dtype} is not one of {names}")
     if problem.groups != 1:
-        reasons.append(f"groups={problem.groups} ({kernels} need groups=1)")
+        reasons.append(f"groups={problem.groups} ({kernels} need groups=1; backend='torch' runs "
+                       "grouped convs)")
     if tuple(problem.dilation) != (1, 1):
-        reasons.append(f"dilation={tuple(problem.dilation)} ({kernels} need dilation 1)")
+        reasons.append(f"dilation={tuple(problem.dilation)} ({kernels} need dilation 1; "
+                       "backend='torch' runs dilated convs)")
     if problem.student_in_index is not None:
-        reasons.append(f"student_in_index is set ({kernels} take the prefix channel map only)")
+        reasons.append(f"student_in_index is set ({kernels} take the prefix channel map only; "
+                       "backend='torch' gathers the weight columns)")
     if problem.x_student.shape[2:] != problem.x_base.shape[2:]:
         reasons.append(f"x_student spatial size {tuple(problem.x_student.shape[2:])} differs from "
                        f"x_base's {tuple(problem.x_base.shape[2:])}")

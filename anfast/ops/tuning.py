@@ -404,12 +404,15 @@ def _distributed() -> bool:
 # H200 (2026-11-26, benchmarks/results/tune-resnet50-triton-conv2-*.json) it was 7.2x
 # slower than cuDNN on ResNet-50's 3x3 convs and never chosen, while trying it compiles
 # 3 configs of 3 kernels per new conv, minutes of a first training step on a fresh cache.
+# gemm is tried by default: it compiles nothing (cuBLAS), takes only channels_last 1x1
+# convs (refusing the rest costs a few checks), and verifying and timing it are the 25
+# forward + backward runs every candidate gets, milliseconds for a 1x1 conv.
 AUTO_OPT_IN = ("triton",)
 
 
 def fused_backend_names() -> List[str]:
     """The backends auto tries instead of torch, in priority order: $ANFAST_AUTO_BACKENDS
-    (comma-separated, e.g. "cuda,triton") when set, else every fused backend but those of
+    (comma-separated, e.g. "gemm,cuda,triton") when set, else every fused backend but those of
     AUTO_OPT_IN. ``anfast tune --backends`` measures any of them explicitly."""
     fused = [name for name in dispatch.BACKEND_PRIORITY if name != "torch"]
     chosen = os.environ.get("ANFAST_AUTO_BACKENDS")
