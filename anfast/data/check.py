@@ -24,8 +24,9 @@ from PIL import Image
 from tqdm import tqdm
 
 from anfast.data.builtin import default_data_home
+from anfast.data.folder import DataLayoutError, ImageList
 
-__all__ = ["ScanResult", "find_unreadable", "probe_image", "to_rgb"]
+__all__ = ["ScanResult", "find_unreadable", "probe_image", "require_a_readable_image", "to_rgb"]
 
 _CACHE_VERSION = 3  # 2: TIFFs with 32-bit samples count as unreadable; 3: bad files by absolute path
 # Below this many files a process pool costs more to start than it saves.
@@ -76,6 +77,21 @@ def probe_image(path: str) -> str | None:
     except Exception as error:  # noqa: BLE001 - any failure means "DALI must not see this file"
         return f"{type(error).__name__}: {error}"
     return None
+
+
+def require_a_readable_image(images: ImageList) -> None:
+    """Raise DataLayoutError when no file of ``images`` decodes, before a loader that skips
+    unreadable files one by one (the torch loader) trains zero steps on them and exports an
+    untrained network. Stops at the first readable file: one decode for a healthy folder."""
+    first_reason = None
+    for path in images.paths:
+        reason = probe_image(path)
+        if reason is None:
+            return
+        first_reason = first_reason or f"{path}: {reason}"
+    raise DataLayoutError(f"{images.root} holds {len(images.samples)} image file(s) and none can be "
+                          f"decoded (first: {first_reason}); replace them with readable images (list "
+                          f"them with `anfast data check {images.root.parent}`)")
 
 
 def _state_key(paths: list[str]) -> str:

@@ -85,12 +85,22 @@ def scan_split(root: str | os.PathLike, split: str) -> ImageList:
     samples = []
     for label, name in enumerate(classes):
         files = sorted(entry.path for entry in os.scandir(split_dir / name)
-                       if entry.is_file() and entry.name.lower().endswith(IMAGE_EXTENSIONS))
+                       if entry.name.lower().endswith(IMAGE_EXTENSIONS) and _is_file(entry))
         if not files:
             raise DataLayoutError(f"class folder {split_dir / name} holds no image "
                                   f"({', '.join(IMAGE_EXTENSIONS)}); add images or remove the folder")
         samples.extend((path, label) for path in files)
     return ImageList(split_dir, classes, samples)
+
+
+def _is_file(entry: os.DirEntry) -> bool:
+    """``entry.is_file()``, refusing by name a symlink it cannot follow (a loop), for which
+    ``is_file`` raises a bare OSError."""
+    try:
+        return entry.is_file()
+    except OSError as error:
+        raise DataLayoutError(f"{entry.path}: {error.strerror}; remove it or point it at an image "
+                              f"file") from None
 
 
 def class_mismatch(train_classes: list[str], val_classes: list[str]) -> str | None:

@@ -20,7 +20,7 @@ from PIL import Image
 from torch.utils.data import DataLoader, Dataset, Sampler
 from torchvision import transforms
 
-from anfast.data.check import to_rgb
+from anfast.data.check import require_a_readable_image, to_rgb
 from anfast.data.folder import IMAGENET_MEAN, IMAGENET_STD, ImageList, shard_indices, val_resize_size
 
 __all__ = ["TorchLoader", "build_transform", "load_rgb"]
@@ -167,6 +167,7 @@ class TorchLoader:
     def __init__(self, images: ImageList, split: str, *, batch_size: int, image_size: int, workers: int,
                  device: torch.device, channels_last: bool, shard_id: int, num_shards: int, seed: int,
                  drop_last: bool, reason: str):
+        require_a_readable_image(images)
         self.classes = images.classes
         self.reason = reason
         self.skipped = 0
