@@ -47,12 +47,14 @@ def _user_error(error: BaseException) -> Optional[str]:
     from anfast.dan.space import DanError
     from anfast.data import DataLayoutError
     from anfast.export import ExportError
-    from anfast.train.checkpoint import CheckpointError
+    from anfast.train.checkpoint import CheckpointError, DiskFullError
     from anfast.train.config import ConfigError
 
     if isinstance(error, (ConfigError, DataLayoutError, DanError, CheckpointError, ExportError,
                           AdjoinError, FileNotFoundError)):
         return " ".join(str(error).split())
+    if isinstance(error, DiskFullError):
+        return f"{error.strerror} ({error.filename}): {error.space()}; {_USER_ERRNOS[error.errno]}"
     if isinstance(error, OSError) and error.errno in _USER_ERRNOS:
         where = f" ({error.filename})" if error.filename else ""
         return f"{error.strerror}{where}; {_USER_ERRNOS[error.errno]}"

@@ -14,6 +14,8 @@ written (disk error, a copy cut short) still leaves the checkpoint before it.
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import os
 import pickle
 import random
@@ -21,21 +23,34 @@ import re
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Any, Dict, Union
+from typing import Any, Dict, Iterator, Optional, Tuple, Union
 
 import numpy as np
 import torch
 
+from anfast.train.config import ConfigError
+
 __all__ = ["save_checkpoint", "load_checkpoint", "load_training_checkpoint", "previous_checkpoint",
-           "CheckpointError", "get_rng_state", "set_rng_state", "remove_stale_temp_files"]
+           "CheckpointError", "get_rng_state", "set_rng_state", "remove_stale_temp_files",
+           "newest_usable_checkpoint", "resume_checkpoint", "RESUME_CANDIDATES",
+           "reporting_full_disk", "tensor_bytes", "DiskFullError"]
 
 _TEMP_SUFFIX = ".tmp"
 # What a resumable training checkpoint holds besides the loop's counters.
 TRAINING_KEYS = ("model", "optimizer", "scaler", "ema", "rng", "config", "classes", "epoch", "step")
 
 
+# The checkpoints of RUN_DIR/checkpoints a run can continue from, newest first in a healthy run.
+RESUME_CANDIDATES = ("last.pt", "last.prev.pt", "best.pt")
+
+
 class CheckpointError(ValueError):
-    """A checkpoint file that is damaged, unsafe to unpickle, or not an anfast checkpoint."""
+    """A checkpoint file that is damaged, unsafe to unpickle, or not an anfast checkpoint;
+    ``reason`` is what is wrong with the file, without the advice."""
+
+    def __init__(self, message: str, reason: Optional[str] = None):
+        super().__init__(message)
+        self.reason = reason or message
 
 
 def previous_checkpoint(path: Union[str, Path]) -> Path:
@@ -45,19 +60,21 @@ def previous_checkpoint(path: Union[str, Path]) -> Path:
 
 
 def save_checkpoint(state: Dict[str, Any], path: Union[str, Path], keep_previous: bool = False) -> None:
-    """Atomically write ``state`` to ``path`` (see the module docstring)."""
+    """Atomically write ``state`` to ``path`` (see the module docstring); a full disk raises
+    OSError ENOSPC naming ``path`` and the space it needs (``reporting_full_disk``)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, temp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.",
                                      suffix=_TEMP_SUFFIX)
     try:
-        with os.fdopen(fd, "wb") as file:
-            torch.save(state, file)
-            file.flush()
-            os.fsync(file.fileno())
-        if keep_previous and path.is_file():
-            _link_atomically(path, previous_checkpoint(path))
-        os.replace(temp_name, path)
+        with reporting_full_disk(path, tensor_bytes(state)):
+            with os.fdopen(fd, "wb") as file:
+                torch.save(state, file)
+                file.flush()
+                os.fsync(file.fileno())
+            if keep_previous and path.is_file():
+                _link_atomically(path, previous_checkpoint(path))
+            os.replace(temp_name, path)
     except BaseException as error:
         Path(temp_name).unlink(missing_ok=True)
         if isinstance(error, OSError) and error.filename is None:  # write() names no file
@@ -68,6 +85,61 @@ def save_checkpoint(state: Dict[str, Any], path: Union[str, Path], keep_previous
         os.fsync(dir_fd)
     finally:
         os.close(dir_fd)
+
+
+# A full disk, or a full quota: the user frees space or writes elsewhere.
+_FULL_DISK_ERRNOS = (errno.ENOSPC, errno.EDQUOT)
+
+
+class DiskFullError(OSError):
+    """OSError ENOSPC / EDQUOT for ``filename``, with the bytes writing it needs and the bytes free."""
+
+    def __init__(self, errno_: int, strerror: str, filename: str, *, needed_bytes: int, free_bytes: int):
+        super().__init__(errno_, strerror, filename)
+        self.needed_bytes, self.free_bytes = needed_bytes, free_bytes
+
+    def space(self) -> str:
+        """"about 128.2 MiB needed, 3.1 MiB free"."""
+        return f"about {_megabytes(self.needed_bytes)} needed, {_megabytes(self.free_bytes)} free"
+
+
+@contextlib.contextmanager
+def reporting_full_disk(path: Union[str, Path], needed_bytes: int) -> Iterator[None]:
+    """Turn a full disk met while writing ``path`` into DiskFullError naming ``path``, the
+    space it needs and the space left, however deep the writer buried it: torch.save and
+    safetensors raise a RuntimeError with the ENOSPC only in its chain."""
+    try:
+        yield
+    except Exception as error:  # noqa: BLE001 - re-raised unless a full disk is in its chain
+        cause: Optional[BaseException] = error
+        while cause is not None and not (isinstance(cause, OSError) and cause.errno in _FULL_DISK_ERRNOS):
+            cause = cause.__cause__ or cause.__context__
+        if cause is None:
+            raise
+        free = shutil.disk_usage(_existing_parent(Path(path))).free
+        raise DiskFullError(cause.errno, os.strerror(cause.errno), str(path), needed_bytes=needed_bytes,
+                            free_bytes=free) from error
+
+
+def tensor_bytes(value: Any) -> int:
+    """Bytes of every tensor in ``value`` (nested dicts, lists, tuples): what writing it takes."""
+    if isinstance(value, torch.Tensor):
+        return value.numel() * value.element_size()
+    if isinstance(value, dict):
+        return sum(tensor_bytes(item) for item in value.values())
+    if isinstance(value, (list, tuple)):
+        return sum(tensor_bytes(item) for item in value)
+    return 0
+
+
+def _megabytes(count: int) -> str:
+    return f"{count / 2**20:.1f} MiB"
+
+
+def _existing_parent(path: Path) -> Path:
+    while not path.exists() and path != path.parent:
+        path = path.parent
+    return path
 
 
 def _link_atomically(source: Path, target: Path) -> None:
@@ -100,11 +172,11 @@ def load_checkpoint(path: Union[str, Path], map_location: Union[str, torch.devic
         refused = re.search(r"unsupported GLOBAL (\S+)", str(error))
         if "Weights only load failed" not in str(error):
             raise _damaged(path, f"{type(error).__name__}: {error}") from None
+        what = refused.group(1) if refused else "not a tensor or plain value"
         raise CheckpointError(
-            f"{path} was refused as unsafe: it holds a Python object "
-            f"({refused.group(1) if refused else 'not a tensor or plain value'}) that loading "
+            f"{path} was refused as unsafe: it holds a Python object ({what}) that loading "
             f"would have to execute, and anfast checkpoints never do; use a checkpoint written "
-            f"by anfast train") from None
+            f"by anfast train", reason=f"refused as unsafe: it holds a Python object ({what})") from None
     except Exception as error:  # noqa: BLE001 - torch reports damage as EOFError, OSError, KeyError, RuntimeError
         size = path.stat().st_size
         raise _damaged(path, "zero bytes" if size == 0 else
@@ -115,10 +187,10 @@ def load_checkpoint(path: Union[str, Path], map_location: Union[str, torch.devic
     return state
 
 
-def load_training_checkpoint(path: Union[str, Path], map_location: Union[str, torch.device] = "cpu"
-                             ) -> Dict[str, Any]:
+def load_training_checkpoint(path: Union[str, Path], map_location: Union[str, torch.device] = "cpu",
+                             mmap: bool = False) -> Dict[str, Any]:
     """``load_checkpoint``, then check it holds everything ``anfast train --resume`` restores."""
-    state = load_checkpoint(path, map_location)
+    state = load_checkpoint(path, map_location, mmap=mmap)
     missing = [key for key in TRAINING_KEYS if key not in state]
     if missing:
         raise _damaged(Path(path), f"not an anfast training checkpoint: no {missing}")
@@ -131,7 +203,68 @@ def _damaged(path: Path, reason: str) -> CheckpointError:
         fix = f"the previous checkpoint is {previous}; restart with --resume {previous} or --overwrite"
     else:
         fix = "there is no previous checkpoint; restart with --overwrite"
-    return CheckpointError(f"{path} is damaged ({reason}); {fix}")
+    return CheckpointError(f"{path} is damaged ({reason}); {fix}", reason=f"damaged ({reason})")
+
+
+def _probe(path: Path) -> Tuple[Optional[Dict[str, Any]], Optional[str]]:
+    """(the training checkpoint at ``path``, memory-mapped, None) or (None, why it is none:
+    "a dangling symlink to X", "a symlink loop", "a directory", "damaged (...)")."""
+    if path.is_symlink() and not path.exists():
+        try:
+            os.stat(path)
+        except OSError as error:
+            if error.errno == errno.ELOOP:
+                return None, "a symlink loop"
+        return None, f"a dangling symlink to {os.readlink(path)}"
+    if path.is_dir():
+        return None, "a directory"
+    if not path.is_file():
+        return None, "not a regular file"
+    try:
+        return load_training_checkpoint(path, mmap=True), None
+    except CheckpointError as error:
+        return None, error.reason
+
+
+def newest_usable_checkpoint(checkpoint_dir: Union[str, Path]
+                             ) -> Tuple[Optional[Path], Dict[str, str]]:
+    """(the RESUME_CANDIDATES file of ``checkpoint_dir`` with the most optimizer steps that
+    loads, or None; {name: why it is unusable} for every other candidate that exists in
+    any form, a dangling symlink included). On a tie the earlier candidate wins: last.pt
+    over a best.pt written at the same step. Files are memory-mapped, not read."""
+    checkpoint_dir = Path(checkpoint_dir)
+    usable, unusable = [], {}
+    for order, name in enumerate(RESUME_CANDIDATES):
+        path = checkpoint_dir / name
+        if not os.path.lexists(path):
+            continue
+        state, why = _probe(path)
+        if state is None:
+            unusable[name] = why
+        else:
+            usable.append(((state["step"], -order), path))
+    return (max(usable)[1] if usable else None), unusable
+
+
+def resume_checkpoint(resume: str, run_dir: Union[str, Path]) -> Optional[Path]:
+    """The checkpoint ``--resume RESUME`` continues: the file it names or, for "auto", the
+    newest usable one of RUN_DIR/checkpoints; None when "auto" finds none in any form (the
+    run saved none yet). Raises ConfigError when the file is missing, or when "auto" finds
+    candidates and none of them loads: a fresh start would replace that run."""
+    if resume != "auto":
+        path = Path(resume)
+        if not path.is_file():
+            raise ConfigError(f"--resume {resume}: no such checkpoint; pass a .pt file or "
+                              f"--resume auto")
+        return path
+    checkpoint_dir = Path(run_dir) / "checkpoints"
+    path, unusable = newest_usable_checkpoint(checkpoint_dir)
+    if path is None and unusable:
+        found = "; ".join(f"{name} is {why}" for name, why in unusable.items())
+        raise ConfigError(f"--resume auto: {checkpoint_dir} holds no usable checkpoint ({found}); "
+                          f"restore one of {', '.join(RESUME_CANDIDATES)}, or start the run again "
+                          f"with --overwrite (which deletes it)")
+    return path
 
 
 def remove_stale_temp_files(directory: Union[str, Path]) -> None:

@@ -83,10 +83,11 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
     add("--workers", type=int, help=f"loader worker processes / threads {_default('workers')}")
     add("--image-size", type=int, help=f"train crop and val size in pixels {_default('image_size')}")
     add("--out", help=f"run directory {_default('out')}")
-    add("--resume", help="checkpoint to continue from, or 'auto' (RUN_DIR/checkpoints/last.pt "
-                         "when it exists, else a fresh start); the run continues with the "
-                         "options it was started with, so give only where it runs (--data, "
-                         "--device, --workers, ...)")
+    add("--resume", help="checkpoint to continue from, or 'auto' (the newest usable of "
+                         "RUN_DIR/checkpoints/last.pt, last.prev.pt, best.pt; with none yet, the "
+                         "run restarts from its config.yaml; in a new directory, a fresh start); "
+                         "the run continues with the options it was started with, so give only "
+                         "where it runs (--data, --device, --workers, ...)")
     add("--overwrite", action="store_true", default=None,
         help="replace the run already in --out (its checkpoints, metrics, exports); without it "
              "and without --resume, train refuses a run directory that holds a run")
@@ -126,18 +127,21 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
 
 
 def resumed_run_options(resume: str, out: str) -> dict:
-    """The options the run that ``--resume`` continues was started with (its checkpoint's
-    config), less where it ran (out, resume, overwrite); empty when there is no checkpoint
-    yet (``--resume auto`` then starts afresh, and a missing file is reported by fit)."""
-    from anfast.train.checkpoint import load_checkpoint
+    """The options the run that ``--resume`` continues was started with, less where it ran
+    (out, resume, overwrite): its checkpoint's config (see checkpoint.resume_checkpoint)
+    or, for ``--resume auto`` in a run that saved no checkpoint yet, its config.yaml
+    (rundir.restart_options); empty for a new directory (a fresh start)."""
+    from anfast.train.checkpoint import load_checkpoint, resume_checkpoint
     from anfast.train.export import ARCH_CONFIG_COPY
+    from anfast.train.rundir import restart_options
 
-    path = Path(out) / "checkpoints" / "last.pt" if resume == "auto" else Path(resume)
-    if not path.is_file():
-        return {}
-    saved = load_checkpoint(path, mmap=True).get("config")  # the config only: tensors stay on disk
+    path = resume_checkpoint(resume, out)
+    if path is None:
+        saved = restart_options(Path(out))
+    else:
+        saved = load_checkpoint(path, mmap=True).get("config") or {}  # the config only: tensors stay on disk
     fields = {field.name for field in dataclasses.fields(TrainConfig)} - {"out", "resume", "overwrite"}
-    options = {name: value for name, value in (saved or {}).items() if name in fields}
+    options = {name: value for name, value in saved.items() if name in fields}
     arch_copy = Path(out) / ARCH_CONFIG_COPY  # the run's own --arch-config, should the recorded path be gone
     if options.get("arch_config") and not Path(options["arch_config"]).is_file() and arch_copy.is_file():
         options["arch_config"] = str(arch_copy)

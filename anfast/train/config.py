@@ -31,6 +31,9 @@ LAMBDA_SCHEDULE_CHOICES = ("paper", "linear", "constant")
 BACKEND_CHOICES = ("auto", "torch", "triton", "cuda")
 COMPILE_CHOICES = ("default", "max-autotune", "reduce-overhead")  # torch.compile modes
 SYNTHETIC_DATA = "synthetic"  # --data value: random batches made on the device, no files
+# np.random.seed takes values below 2**32 and each process seeds seed + rank: 2**31 leaves
+# room for any number of ranks; torch.manual_seed takes all of these.
+MAX_SEED = 2**31 - 1
 
 
 class ConfigError(ValueError):
@@ -142,8 +145,9 @@ class TrainConfig:
             raise ConfigError(f"momentum={self.momentum} must be in [0, 1]")
         if self.weight_decay < 0:
             raise ConfigError(f"weight_decay={self.weight_decay} must be >= 0")
-        if self.seed < 0:
-            raise ConfigError(f"seed={self.seed} must be >= 0")
+        if not 0 <= self.seed <= MAX_SEED:
+            raise ConfigError(f"seed={self.seed} must be in [0, {MAX_SEED}] (numpy seeds each process "
+                              f"with seed + rank, below 2**32)")
         if self.warmup_epochs < 0:
             raise ConfigError(f"warmup_epochs={self.warmup_epochs} must be >= 0")
         if self.clip_grad is not None and self.clip_grad <= 0:
@@ -320,10 +324,16 @@ def load_config(path: str) -> Dict[str, Any]:
     file = Path(path)
     if not file.is_file():
         raise ConfigError(f"--config {path}: no such file")
-    values = yaml.safe_load(file.read_text()) or {}
+    try:
+        # safe_load builds plain values only: a tag such as !!python/object is refused, never run.
+        values = yaml.safe_load(file.read_text()) or {}
+    except (yaml.YAMLError, UnicodeDecodeError) as error:
+        problem = " ".join(str(error).split())[:300]
+        raise ConfigError(f"{path} is not a YAML file of plain option: value lines ({problem}); fix "
+                          f"or restore it") from None
     if not isinstance(values, dict):
-        raise ConfigError(f"--config {path}: expected a YAML mapping of option: value")
-    return {key.replace("-", "_"): value for key, value in values.items()}
+        raise ConfigError(f"{path}: expected a YAML mapping of option: value")
+    return {str(key).replace("-", "_"): value for key, value in values.items()}
 
 
 def save_config(config: TrainConfig, path: Path) -> None:

@@ -17,8 +17,9 @@ import torch
 from torch.optim.swa_utils import AveragedModel
 
 import anfast
-from anfast.train.checkpoint import load_training_checkpoint
-from anfast.train.config import SYNTHETIC_DATA, ConfigError, TrainConfig, load_config
+from anfast.train.checkpoint import (CheckpointError, load_training_checkpoint, newest_usable_checkpoint,
+                                     reporting_full_disk, tensor_bytes)
+from anfast.train.config import SYNTHETIC_DATA, ConfigError, TrainConfig, check_field_types, load_config
 
 __all__ = ["export_networks", "load_run", "checkpoint_path", "evaluate_run", "export_run",
            "ARCH_CONFIG_COPY"]
@@ -28,12 +29,15 @@ ARCH_CONFIG_COPY = "arch_config.json"
 
 
 def export_networks(an: torch.nn.Module, run_dir: Path, num_students: int) -> Dict[str, Path]:
-    """Write base/, student/ and, for nested students, student_1/, student_2/, ..."""
-    written = {"base": anfast.save_exported(anfast.export_base(an), run_dir / "base")}
+    """Write base/, student/ and, for nested students, student_1/, student_2/, ...; a full
+    disk is a DiskFullError naming the folder and the space it needs."""
+    networks = {"base": anfast.export_base(an)}
     for index in range(num_students):
-        name = "student" if index == 0 else f"student_{index}"
-        written[name] = anfast.save_exported(anfast.export_student(an, index=index),
-                                             run_dir / name)
+        networks["student" if index == 0 else f"student_{index}"] = anfast.export_student(an, index=index)
+    written = {}
+    for name, network in networks.items():
+        with reporting_full_disk(run_dir / name, tensor_bytes(network.state_dict())):
+            written[name] = anfast.save_exported(network, run_dir / name)
     return written
 
 
@@ -43,11 +47,15 @@ def load_run(run_dir: Union[str, Path], checkpoint: str = "best",
     from anfast.train.build import create_adjoined_model
 
     run_dir = Path(run_dir)
-    config = TrainConfig.from_dict(_read_yaml(run_dir))
+    config = _run_config(run_dir)
     if config.arch_config is not None and (run_dir / ARCH_CONFIG_COPY).is_file():
         # The run's own copy of its --arch-config: found from any working directory.
         config = dataclasses.replace(config, arch_config=str(run_dir / ARCH_CONFIG_COPY))
-    state = load_training_checkpoint(checkpoint_path(run_dir, checkpoint), map_location=device)
+    path = checkpoint_path(run_dir, checkpoint)
+    try:
+        state = load_training_checkpoint(path, map_location=device)
+    except CheckpointError as error:
+        raise _damaged_checkpoint(run_dir, path, error) from None
     an = create_adjoined_model(config, len(state["classes"])).to(device)
     if state["ema"] is not None:
         ema = AveragedModel(an, use_buffers=True)
@@ -135,9 +143,32 @@ def export_run(run_dir: Union[str, Path], *, checkpoint: str = "best",
     return written
 
 
-def _read_yaml(run_dir: Path) -> Dict[str, Any]:
+def _run_config(run_dir: Path) -> TrainConfig:
+    """RUN_DIR/config.yaml as a TrainConfig; an edited file that is no longer one (bad YAML,
+    unknown options, values of the wrong type) is a ConfigError naming it."""
     path = run_dir / "config.yaml"
     if not path.is_file():
         raise FileNotFoundError(f"{run_dir}: no config.yaml; pass a run directory written by "
                                 f"`anfast train`")
-    return load_config(str(path))
+    try:
+        config = TrainConfig.from_dict(load_config(str(path)))
+        check_field_types(config, ConfigError)
+    except (ConfigError, TypeError) as error:
+        if str(error).startswith(str(path)):
+            raise
+        raise ConfigError(f"{path}: {error}; restore the file `anfast train` wrote") from None
+    return config
+
+
+def _damaged_checkpoint(run_dir: Path, path: Path, error: CheckpointError) -> CheckpointError:
+    """``error`` for ``path`` with the advice eval and export can follow: the run's usable
+    checkpoint to pass instead (never --overwrite, which would delete the run)."""
+    usable, _ = newest_usable_checkpoint(path.parent)
+    if usable is not None and usable.stem in ("best", "last"):
+        fix = f"{usable} is intact: pass --checkpoint {usable.stem}"
+    elif usable is not None:
+        fix = (f"{usable} is intact: continue the run from it with "
+               f"`anfast train --out {run_dir} --resume auto`, then pass --checkpoint last")
+    else:
+        fix = f"no checkpoint of {path.parent} loads; retrain the run in another --out"
+    return CheckpointError(f"{path} is {error.reason}; {fix}", reason=error.reason)

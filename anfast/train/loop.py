@@ -19,6 +19,7 @@ import dataclasses
 import functools
 import json
 import math
+import os
 import signal
 import sys
 import threading
@@ -38,8 +39,9 @@ from anfast.data.folder import class_mismatch
 from anfast.data.synthetic import DEFAULT_SYNTHETIC_CLASSES, SyntheticLoader
 from anfast.train.build import (check_environment, create_adjoined_model, create_optimizer,
                                 resolve_amp_dtype)
-from anfast.train.checkpoint import (get_rng_state, load_training_checkpoint,
-                                     remove_stale_temp_files, save_checkpoint, set_rng_state)
+from anfast.train.checkpoint import (get_rng_state, load_training_checkpoint, remove_stale_temp_files,
+                                     reporting_full_disk, resume_checkpoint, save_checkpoint,
+                                     set_rng_state)
 from anfast.train.config import (SYNTHETIC_DATA, ConfigError, TrainConfig, compile_mode, resume_conflicts,
                                  save_config)
 from anfast.train.distributed import (DistributedInfo, all_reduce_sum, any_rank, any_rank_on_host,
@@ -50,10 +52,11 @@ from anfast.train.export import ARCH_CONFIG_COPY, export_networks
 from anfast.train.loss import AdjoinedLoss, get_lambda_schedule
 from anfast.train.pretrained import load_pretrained
 from anfast.train.records import MetricsLog, plot_curves, plot_tradeoff
-from anfast.train.rundir import TRAIN_ARTIFACTS, RunDirLock, claim_run_dir
+from anfast.train.rundir import TRAIN_ARTIFACTS, RunDirLock, claim_run_dir, restart_options
 from anfast.train.schedule import lr_at
 from anfast.train.step import StepMeter, ema_update, resolve_compile, train_step, warm_up
-from anfast.tune import layer_backends, prepare_backends
+from anfast.ops.dispatch import backend_reasons
+from anfast.tune import collect_layer_problems, layer_backends, prepare_backends, set_backend
 
 __all__ = ["fit", "NonFiniteLossError", "resolve_resume_path"]
 
@@ -90,16 +93,19 @@ class StopOnSignal:
 
 
 def resolve_resume_path(config: TrainConfig) -> Optional[Path]:
-    """--resume auto: RUN_DIR/checkpoints/last.pt when present, else a fresh start."""
+    """The checkpoint the run continues (checkpoint.resume_checkpoint: for --resume auto the
+    newest usable one), or None for a fresh start. --resume auto in a run that saved no
+    checkpoint yet restarts it, with the options of its config.yaml (rundir.restart_options)."""
     if config.resume is None:
         return None
-    if config.resume == "auto":
-        last = Path(config.out) / "checkpoints" / "last.pt"
-        return last if last.is_file() else None
-    path = Path(config.resume)
-    if not path.is_file():
-        raise ConfigError(f"--resume {config.resume}: no such checkpoint; pass a .pt file or "
-                          f"--resume auto")
+    path = resume_checkpoint(config.resume, config.out)
+    if path is None:
+        conflicts = resume_conflicts(restart_options(Path(config.out)), config)
+        if conflicts:
+            raise ConfigError(f"--resume auto restarts the run in --out {config.out} from its "
+                              f"config.yaml (it saved no checkpoint yet), but {'; '.join(conflicts)}; "
+                              f"leave these options out (the CLI then takes the run's), or start a "
+                              f"new run in another --out")
     return path
 
 
@@ -155,6 +161,34 @@ def _check_resumed_data(checkpoint: Dict[str, Any], resume_path: Path, data_root
         raise ConfigError(f"--resume {resume_path}: the run had {batches} batches per epoch per "
                           f"process, {data_root} gives {len(train_loader)} here; resume with the same "
                           f"images and number of processes")
+
+
+def _check_backend(an: torch.nn.Module, config: TrainConfig, device: torch.device,
+                   amp_dtype: Optional[torch.dtype]) -> None:
+    """A named fused --backend must run every adjoined conv of this network on this device,
+    checked on one forward pass before anything is written: `--backend cuda` on a CPU
+    machine once failed only at step 1, after --overwrite had deleted the old run."""
+    if config.backend in ("auto", "torch"):
+        return
+    set_backend(an, "torch")
+    for layer, problem, _ in collect_layer_problems(an, config.batch_size, config.image_size, amp_dtype):
+        reasons = backend_reasons(config.backend, problem, explicit=True)
+        if reasons:
+            raise ConfigError(f"--backend {config.backend} cannot run {layer} on {device}: "
+                              f"{'; '.join(reasons)}; use --backend auto (or torch)")
+
+
+def _set_aside_unusable_last(config: TrainConfig, resume_path: Optional[Path], checkpoint_dir: Path,
+                             info: DistributedInfo) -> None:
+    """--resume auto continues from last.prev.pt or best.pt only when last.pt is unusable (a
+    directory, a dangling symlink, damaged): rename it to last.unusable.pt, so the next save
+    neither fails on it nor keeps it as last.prev.pt in place of a good checkpoint."""
+    last = checkpoint_dir / "last.pt"
+    if config.resume != "auto" or resume_path is None or resume_path == last or not os.path.lexists(last):
+        return
+    aside = checkpoint_dir / "last.unusable.pt"
+    os.replace(last, aside)
+    _say(info, f"anfast train: {last} is unusable (see --resume auto); renamed it {aside.name}")
 
 
 def _check_one_image_batches(an: torch.nn.Module, image_size: int) -> None:
@@ -235,6 +269,7 @@ def _fit(config: TrainConfig, info: DistributedInfo, should_stop: Optional[Calla
         an = anfast.nn.convert_sync_batchnorm(an)
     if config.channels_last:
         an = an.to(memory_format=torch.channels_last)
+    _check_backend(an, config, device, amp_dtype)
     prepare_backends(an, config.backend, config.batch_size, config.image_size, amp_dtype)
     optimizer = create_optimizer(an, config, device)
     scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
@@ -278,6 +313,14 @@ def _fit(config: TrainConfig, info: DistributedInfo, should_stop: Optional[Calla
         resume_rng = checkpoint["rng"]
         if state["batches_done"] == 0:
             set_rng_state(resume_rng)
+    # Compiled before anything is written: a compiler failure is set-up too.
+    mode, fallback = resolve_compile(compile_mode(config.compile), device)
+    if fallback:
+        _say(info, f"anfast train: {fallback}")
+    if mode is not None:
+        warm_up(an, lambda out, target: loss_fn(out, target, 1.0), batch_size=config.batch_size,
+                image_size=config.image_size, num_classes=num_classes,
+                channels_last=config.channels_last, amp_dtype=amp_dtype, device=device)
     # The run keeps its own copy of --arch-config, so eval, export and resume find it from
     # any working directory (read now: --overwrite may be about to delete the old copy).
     arch_config_text = Path(config.arch_config).read_text() if config.arch_config else None
@@ -285,14 +328,17 @@ def _fit(config: TrainConfig, info: DistributedInfo, should_stop: Optional[Calla
         if lock is not None:
             lock.remove_previous_run()  # --overwrite: set-up passed, the old run may go now
         run_dir.mkdir(parents=True, exist_ok=True)
+        _set_aside_unusable_last(config, resume_path, checkpoint_dir, info)
         if arch_config_text is not None:
             arch_copy = run_dir / ARCH_CONFIG_COPY
             if not arch_copy.is_file() or arch_copy.read_text() != arch_config_text:
                 arch_copy.write_text(arch_config_text)
             config = dataclasses.replace(config, arch_config=str(arch_copy.resolve()))
         remove_stale_temp_files(checkpoint_dir)
-        save_config(config, run_dir / "config.yaml")
-        log = MetricsLog(run_dir, state["history"])
+        with reporting_full_disk(run_dir / "config.yaml", len(json.dumps(config.to_dict()))):
+            save_config(config, run_dir / "config.yaml")
+        with reporting_full_disk(run_dir / "metrics.jsonl", len(json.dumps(state["history"]))):
+            log = MetricsLog(run_dir, state["history"])
         _say(info, f"anfast train: {config.arch}, alpha {','.join(f'{a:g}' for a in alphas)}, "
                    f"{num_classes} classes, {train_loader.num_samples * info.world_size} train "
                    f"images, {steps_per_epoch} steps/epoch"
@@ -303,13 +349,6 @@ def _fit(config: TrainConfig, info: DistributedInfo, should_stop: Optional[Calla
                    + (f"; resuming from {resume_path} at epoch {state['epoch'] + 1}"
                       if resume_path else ""))
 
-    mode, fallback = resolve_compile(compile_mode(config.compile), device)
-    if fallback:
-        _say(info, f"anfast train: {fallback}")
-    if mode is not None:
-        warm_up(an, lambda out, target: loss_fn(out, target, 1.0), batch_size=config.batch_size,
-                image_size=config.image_size, num_classes=num_classes,
-                channels_last=config.channels_last, amp_dtype=amp_dtype, device=device)
     # Gradients as views of DDP's buckets: no copy between them. static_graph lets DDP
     # skip per-iteration bookkeeping (every parameter is used every step), but not
     # under torch.compile, whose DDPOptimizer does not support it (pytorch#109261), nor
@@ -451,7 +490,8 @@ def _fit(config: TrainConfig, info: DistributedInfo, should_stop: Optional[Calla
         is_best = row["student"]["top1"] > state["best_student_top1"]
         state["best_student_top1"] = max(state["best_student_top1"], row["student"]["top1"])
         if info.is_main:
-            log.log(row)
+            with reporting_full_disk(log.path, len(json.dumps(row)) + 1):
+                log.log(row)
             _say(info, f"epoch {epoch + 1}/{config.epochs}  loss {row['train_loss']:.4f}  "
                        f"base top-1 {100 * row['base']['top1']:.2f}%  student top-1 "
                        f"{100 * row['student']['top1']:.2f}%  lambda {lambda_:.3f}  "
@@ -473,7 +513,9 @@ def _fit(config: TrainConfig, info: DistributedInfo, should_stop: Optional[Calla
         plot_tradeoff(summary, costs, run_dir / "tradeoff.png",
                       f"{config.arch}, {config.image_size} px, epoch {config.epochs}")
         export_networks(eval_model, run_dir, len(alphas))
-        (run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+        summary_text = json.dumps(summary, indent=2) + "\n"
+        with reporting_full_disk(run_dir / "summary.json", len(summary_text)):
+            (run_dir / "summary.json").write_text(summary_text)
         _say(info, format_table(summary, costs))
         _say(info, f"done in {summary['wall_time_s']:.0f} s: base top-1 "
                    f"{100 * summary['base']['top1']:.2f}%, student top-1 "

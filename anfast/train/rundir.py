@@ -13,7 +13,10 @@ locks on two different files under one name.
 A directory that already holds a run's files is refused unless the caller continues
 it (--resume) or replaces it (--overwrite, which deletes only those files, and only
 when the caller calls ``RunDirLock.remove_previous_run`` once its own set-up has
-passed: a typo in another option must not cost the old run).
+passed: a typo in another option must not cost the old run). ``--resume auto`` in a
+directory whose run saved no checkpoint yet restarts that run from its config.yaml
+(``restart_options``), never from the defaults, and refuses one that did work a restart
+would replace.
 """
 
 from __future__ import annotations
@@ -26,17 +29,20 @@ import socket
 import sys
 import time
 from pathlib import Path
-from typing import IO, Optional, Sequence
+from typing import IO, Any, Dict, Optional, Sequence
 
-from anfast.train.config import ConfigError
+from anfast.train.config import ConfigError, load_config
 
-__all__ = ["RunDirLock", "claim_run_dir", "TRAIN_ARTIFACTS", "SEARCH_ARTIFACTS", "LOCK_NAME"]
+__all__ = ["RunDirLock", "claim_run_dir", "restart_options", "TRAIN_ARTIFACTS", "SEARCH_ARTIFACTS",
+           "LOCK_NAME"]
 
 LOCK_NAME = ".anfast.lock"
 # What `anfast train` writes into RUN_DIR (glob patterns); --overwrite removes these only.
 TRAIN_ARTIFACTS = ("config.yaml", "metrics.jsonl", "summary.json", "checkpoints", "tensorboard",
                    "curves.png", "tradeoff.png", "eval.json", "base", "student", "student_*",
                    "arch_config.json")
+# What a run writes once an epoch is done: work that a restart from step 0 would replace.
+FINISHED_WORK = ("summary.json", "eval.json", "base", "student", "student_*")
 SEARCH_ARTIFACTS = ("search_config.json", "metrics.jsonl", "tensorboard", "arch.json", "widths.png")
 
 
@@ -161,3 +167,24 @@ def claim_run_dir(run_dir: Path, artifacts: Sequence[str], *, resume: Optional[b
         lock.release()
         raise
     return lock
+
+
+def restart_options(run_dir: Path) -> Dict[str, Any]:
+    """The options ``--resume auto`` restarts a run with when RUN_DIR has no checkpoint: its
+    config.yaml's, less where it runs (out, resume, overwrite); empty for a directory that
+    holds no config.yaml (a fresh start). Raises ConfigError when the directory holds work
+    a restart from step 0 would replace (an epoch's metrics, exports, summary.json)."""
+    run_dir = Path(run_dir)
+    metrics = run_dir / "metrics.jsonl"
+    work = sorted(path.name for pattern in FINISHED_WORK for path in run_dir.glob(pattern))
+    if metrics.is_file() and metrics.read_text().strip():
+        work.insert(0, "metrics.jsonl")
+    if work:
+        raise ConfigError(f"--resume auto: {run_dir} holds a run ({', '.join(work)}) but no checkpoint "
+                          f"to continue it from ({run_dir / 'checkpoints'} has none); restore its "
+                          f"checkpoints, or start it again with --overwrite (which deletes it)")
+    config = run_dir / "config.yaml"
+    if not config.is_file():
+        return {}
+    saved = load_config(str(config))
+    return {name: value for name, value in saved.items() if name not in ("out", "resume", "overwrite")}
