@@ -17,6 +17,7 @@ import torch.nn.functional as F
 
 import anfast
 from anfast.ops import BackendUnavailable, ConvProblem, adjoined_conv2d, choose_backend, explain, tuning
+from anfast.ops import conv as conv_op
 from anfast.ops.gemm_backend import (
     BACKEND,
     gemm_dgrad,
@@ -60,12 +61,22 @@ def reference(t, out_student, stride):
     return outputs, grads
 
 
+@pytest.fixture(params=["traced", "custom_op"])
+def op_path(request, monkeypatch):
+    """backend="gemm" runs the traceable form (anfast.ops.conv.TRACEABLE_BACKENDS); auto on
+    a GPU runs GemmBackend inside the custom op, which this fixture's "custom_op" forces."""
+    if request.param == "custom_op":
+        traceable = {k: v for k, v in conv_op.TRACEABLE_BACKENDS.items() if k != "gemm"}
+        monkeypatch.setattr(conv_op, "TRACEABLE_BACKENDS", traceable)
+    return request.param
+
+
 # Every student width of the 13 channels, in (in_student = w) and out (out_student = 14 - w).
 @pytest.mark.parametrize("width", range(1, CHANNELS + 1))
 @pytest.mark.parametrize("bias", [True, False], ids=["bias", "nobias"])
 @pytest.mark.parametrize("stride", [1, 2])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
-def test_op_and_every_gradient_match_float64(dtype, stride, bias, width):
+def test_op_and_every_gradient_match_float64(op_path, dtype, stride, bias, width):
     in_student, out_student = width, CHANNELS + 1 - width
     t = make_tensors(in_student, out_student, dtype, bias, stride)
     leaves = {name: t[name].clone().requires_grad_() for name in ("x_base", "x_student", "weight", "bias")
@@ -141,7 +152,7 @@ def test_backward_takes_output_gradients_of_any_layout():
 
 
 @pytest.mark.parametrize("stride", [1, 2])
-def test_nested_students_through_the_adjoined_module(stride):
+def test_nested_students_through_the_adjoined_module(op_path, stride):
     """Students (9, 6, 2) of a 13-channel layer run as two gemm passes, (base, 9) and
     (6, 2), the second on the strided weight view W[:6, :8] as its base weight; every
     gradient meets in the one weight and bias."""
@@ -274,10 +285,8 @@ def test_tuner_records_why_gemm_cannot_run_a_3x3_conv(tuner):
     assert "unsupported: kernel size (3, 3)" in decision["candidates"]["gemm"]["why"]
 
 
-@pytest.mark.parametrize("stride", [1, 2])
-def test_traced_form_compiles_to_aten_matmuls(stride):
-    """Dynamo traces the autograd.Function: forward and backward graphs hold aten
-    mm / addmm and no anfast custom op, and give the reference's numbers."""
+def _recording_backend():
+    """An aot_autograd compiler that keeps the forward and backward graphs it is given."""
     from functorch.compile import make_boxed_func
     from torch._dynamo.backends.common import aot_autograd
 
@@ -287,6 +296,18 @@ def test_traced_form_compiles_to_aten_matmuls(stride):
         graphs.append(graph_module)
         return make_boxed_func(graph_module.forward)
 
+    return aot_autograd(fw_compiler=record, bw_compiler=record), graphs
+
+
+def _call_targets(graph_module) -> list[str]:
+    return [str(node.target) for node in graph_module.graph.nodes if node.op == "call_function"]
+
+
+@pytest.mark.parametrize("stride", [1, 2])
+def test_traced_form_compiles_to_aten_matmuls(stride):
+    """Dynamo traces the autograd.Function: forward and backward graphs hold aten
+    mm / addmm and no anfast custom op, and give the reference's numbers."""
+    backend, graphs = _recording_backend()
     t = make_tensors(5, 4, stride=stride, seed=11)
     leaves = [t[name].clone().requires_grad_() for name in ("x_base", "x_student", "weight", "bias")]
 
@@ -295,16 +316,38 @@ def test_traced_form_compiles_to_aten_matmuls(stride):
         return (y_base * t["grad_base"]).sum() + (y_student * t["grad_student"]).sum()
 
     torch._dynamo.reset()
-    compiled = torch.compile(step, fullgraph=True,
-                             backend=aot_autograd(fw_compiler=record, bw_compiler=record))
-    grads = torch.autograd.grad(compiled(*leaves), leaves)
-    ops = {str(node.target) for graph in graphs for node in graph.graph.nodes
-           if node.op == "call_function"}
+    grads = torch.autograd.grad(torch.compile(step, fullgraph=True, backend=backend)(*leaves), leaves)
+    ops = {target for graph in graphs for target in _call_targets(graph)}
     assert len(graphs) == 2 and not [op for op in ops if "anfast" in op], ops
     assert {"aten.mm.default", "aten.addmm.default"} <= ops, ops
     _, expected = reference(t, 4, stride)
     for got, want, name in zip(grads, expected, GRAD_NAMES):
         assert_close_rel(got, want, TOLERANCE[torch.float32], f"compiled {name}")
+
+
+def test_a_conv_fixed_to_gemm_compiles_without_the_custom_op():
+    """Decide, then trace: AdjoinedConv2d with backend="gemm" (students 9, 6, 2: two gemm
+    passes and a lone plain conv) is one graph with no break; its forward holds one mm /
+    addmm per network and no anfast node, its backward no anfast node either."""
+    conv = anfast.nn.AdjoinedConv2d(CHANNELS, CHANNELS, 1, stride=2, backend="gemm",
+                                    student_out_channels=(9, 6, 2), student_in_channels=(10, 8, 3))
+    generator = torch.Generator().manual_seed(4)
+    inputs = [torch.randn(BATCH, c, SIZE, SIZE, generator=generator)
+              .contiguous(memory_format=torch.channels_last) for c in (CHANNELS, 10, 8, 3)]
+    torch._dynamo.reset()
+    explained = torch._dynamo.explain(conv)(*inputs)
+    assert (explained.graph_count, explained.graph_break_count) == (1, 0), explained.break_reasons
+
+    torch._dynamo.reset()
+    backend, graphs = _recording_backend()
+    outputs = torch.compile(conv, fullgraph=True, backend=backend)(*inputs)
+    sum(y.square().sum() for y in outputs).backward()
+    forward, backward = (_call_targets(graph) for graph in graphs)
+    assert not [t for t in forward + backward if t.startswith("anfast.")], forward + backward
+    assert sum(t in ("aten.mm.default", "aten.addmm.default") for t in forward) == 4  # 2 passes x 2
+    eager = conv(*inputs)
+    for n, (got, want) in enumerate(zip(outputs, eager)):
+        assert_close_rel(got, want, TOLERANCE[torch.float32], f"compiled output of network {n}")
 
 
 def test_traced_form_refuses_what_gemm_cannot_run():

@@ -8,7 +8,8 @@ Decide, then trace (DESIGN.md section 4c): when the backend is known before the 
 looks at the problem (named, $ANFAST_BACKEND, or auto on a device auto does not tune),
 and that backend has a traceable form, the call skips the custom op and runs that form:
 the torch backend is two aten convolutions on the weight slice, so torch.compile sees
-an adjoined conv as plain convolutions and autograd differentiates them natively.
+an adjoined conv as plain convolutions and autograd differentiates them natively; the
+gemm backend's form is aten matmuls (anfast.ops.gemm_backend.traced_adjoined_conv1x1).
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ import os
 import torch
 from torch.utils import flop_counter
 
-from anfast.ops import reference, tuning
+from anfast.ops import gemm_backend, reference, tuning
 from anfast.ops.dispatch import BackendUnavailable, ConvProblem, backend_reasons, choose_backend
 
 __all__ = ["adjoined_conv2d", "fixed_backend_name", "TRACEABLE_BACKENDS"]
@@ -28,7 +29,8 @@ __all__ = ["adjoined_conv2d", "fixed_backend_name", "TRACEABLE_BACKENDS"]
 # Backends whose work can be written as differentiable torch ops, with the signature of
 # reference.adjoined_conv2d_reference. A call fixed to one of these never reaches the
 # custom op: torch.compile traces its aten ops and autograd derives the backward pass.
-TRACEABLE_BACKENDS = {"torch": reference.adjoined_conv2d_reference}
+TRACEABLE_BACKENDS = {"torch": reference.adjoined_conv2d_reference,
+                      "gemm": gemm_backend.traced_adjoined_conv1x1}
 
 
 def _problem(x_base, x_student, weight, bias, student_in_index, out_student, stride, padding,
@@ -295,7 +297,7 @@ def adjoined_conv2d(
             whole leading groups.
         student_in_index: (c_in,) int64 base channel of each student input channel,
             for a non-prefix channel map (after a concat).
-        backend: "cuda", "triton", "torch" or "auto"; default $ANFAST_BACKEND, else
+        backend: "gemm", "cuda", "triton", "torch" or "auto"; default $ANFAST_BACKEND, else
             auto: torch on the CPU, on a GPU the fastest backend verified and timed
             against torch on this problem (anfast.ops.tuning). A named backend that
             cannot run raises.

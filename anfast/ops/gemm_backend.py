@@ -147,9 +147,10 @@ def gemm_dgrad(
     out: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
     """dx of one network: grad_rows @ weight2d, placed at the strided pixels of a zeroed
-    dx when the stride is above 1. ``out``: the channels_last dx buffer to write."""
+    dx when the stride is above 1. ``out``: the channels_last dx buffer to write, by
+    default one like ``x`` (the layout the custom op's fake implementation promises)."""
     if out is None:
-        out = _new_channels_last(x, *x.shape)
+        out = torch.empty_like(x)
     if tuple(stride) == (1, 1):
         torch.mm(_rows(grad), weight2d, out=_row_view(out))
         return out
@@ -281,6 +282,10 @@ class _AdjoinedConv1x1(torch.autograd.Function):
         return (*grads, None, None)
 
 
+def _pair(value: Sequence[int] | int) -> tuple[int, int]:
+    return (value, value) if isinstance(value, int) else tuple(value)
+
+
 def traced_adjoined_conv1x1(
     x_base: torch.Tensor,
     x_student: torch.Tensor,
@@ -288,13 +293,19 @@ def traced_adjoined_conv1x1(
     bias: Optional[torch.Tensor],
     out_student: int,
     stride: Sequence[int] | int = 1,
+    padding: Sequence[int] | int = 0,
+    dilation: Sequence[int] | int = 1,
+    groups: int = 1,
+    student_in_index: Optional[torch.Tensor] = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The gemm backend's 1x1 adjoined conv as traceable torch code: under torch.compile
-    it appears as aten matmuls. For a conv whose backend is fixed to gemm; raises
-    BackendUnavailable with the reasons when the gemm backend cannot run it."""
-    stride = (stride, stride) if isinstance(stride, int) else tuple(stride)
-    problem = ConvProblem(x_base, x_student, weight, bias, out_student, stride, (0, 0), (1, 1), 1,
-                          None)
+    it appears as aten matmuls. For a conv whose backend is fixed to gemm (it is gemm's
+    entry of anfast.ops.conv.TRACEABLE_BACKENDS, hence the signature of
+    reference.adjoined_conv2d_reference); raises BackendUnavailable with the reasons when
+    the gemm backend cannot run the problem."""
+    stride = _pair(stride)
+    problem = ConvProblem(x_base, x_student, weight, bias, out_student, stride, _pair(padding),
+                          _pair(dilation), groups, student_in_index)
     reasons = BACKEND.unsupported_reasons(problem, explicit=True)
     if reasons:
         raise BackendUnavailable("traced_adjoined_conv1x1: the gemm backend cannot run this "
