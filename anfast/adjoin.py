@@ -14,7 +14,9 @@ Steps (DESIGN.md section 1):
 from __future__ import annotations
 
 import collections
+import contextlib
 import copy
+import io
 import math
 import operator
 import sys
@@ -587,18 +589,40 @@ def _check_layer_class(module: nn.Module, where: str) -> None:
     )
 
 
+class _ShapeProp(ShapeProp):
+    """torch.fx's ShapeProp that remembers the node it runs, so a failure can name it."""
+
+    node: Optional[torch.fx.Node] = None
+
+    def run_node(self, n: torch.fx.Node) -> Any:
+        self.node = n
+        return super().run_node(n)
+
+
+def _node_label(node: torch.fx.Node) -> str:
+    if node.op == "call_module":
+        return f"module {node.target}"
+    return f"{node.name} ({node.op} {getattr(node.target, '__name__', node.target)})"
+
+
 def _propagate_shapes(traced: torch.fx.GraphModule, model: nn.Module, input_size: Sequence[int]) -> None:
     parameter = next(model.parameters(), None)
     device = parameter.device if parameter is not None else torch.device("cpu")
     dtype = parameter.dtype if parameter is not None else torch.float32
     was_training = traced.training
     traced.eval()  # never update running statistics while tracing shapes
+    propagation = _ShapeProp(traced)
     try:
-        with torch.no_grad():
-            ShapeProp(traced).propagate(torch.zeros(2, *input_size, device=device, dtype=dtype))
+        # ShapeProp prints the traceback of a failing node before it raises; the error
+        # below chains it (--debug shows it), so the user sees one line.
+        with torch.no_grad(), contextlib.redirect_stderr(io.StringIO()):
+            propagation.propagate(torch.zeros(2, *input_size, device=device, dtype=dtype))
     except Exception as error:
-        raise AdjoinError(f"{type(model).__name__} fails on an input of size (2, {', '.join(map(str, input_size))}): "
-                          f"{error}; pass input_size=(C, H, W) that the model accepts") from error
+        cause = error.__cause__ if isinstance(error, RuntimeError) and error.__cause__ is not None else error
+        where = f" at {_node_label(propagation.node)}" if propagation.node is not None else ""
+        raise AdjoinError(f"{type(model).__name__} fails on an input of size (2, {', '.join(map(str, input_size))})"
+                          f"{where}: {type(cause).__name__}: {cause}; pass input_size=(C, H, W) that the model "
+                          "accepts") from error
     finally:
         traced.train(was_training)
 

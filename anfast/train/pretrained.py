@@ -38,7 +38,15 @@ def read_state_dict(path: str) -> Dict[str, torch.Tensor]:
         if not config_path.is_file() or not (file / "model.safetensors").is_file():
             raise ConfigError(f"--pretrained {path}: a folder must be an anfast export (config.json + "
                               f"model.safetensors, e.g. RUN_DIR/base); give a .safetensors or .pt file otherwise")
-        network = json.loads(config_path.read_text()).get("network")
+        try:
+            exported = json.loads(config_path.read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError) as error:
+            raise ConfigError(f"--pretrained {path}: {config_path.name} is not valid JSON ({_first_line(error)}); "
+                              f"write the folder again with anfast export RUN_DIR") from None
+        if not isinstance(exported, dict):
+            raise ConfigError(f"--pretrained {path}: {config_path.name} holds a {type(exported).__name__}, not "
+                              f"the object anfast export writes; write the folder again with anfast export RUN_DIR")
+        network = exported.get("network")
         if network != "base":
             raise ConfigError(f"--pretrained {path}: an export of the {network}, whose layers are narrower "
                               f"than the base's; pass the run's base/ export")
@@ -60,7 +68,7 @@ def read_state_dict(path: str) -> Dict[str, torch.Tensor]:
         loaded = torch.load(file, map_location="cpu", weights_only=True)
     except Exception as error:  # UnpicklingError, RuntimeError (not a zip / truncated), EOFError...
         raise ConfigError(f"--pretrained {file}: torch.load(weights_only=True) cannot read it "
-                          f"({type(error).__name__}: {str(error).splitlines()[0]}); save a state_dict of "
+                          f"({_first_line(error)}); save a state_dict of "
                           f"tensors: torch.save(model.state_dict(), path)") from None
     if isinstance(loaded, dict):
         for wrapper in ("state_dict", "model"):
@@ -78,6 +86,12 @@ def read_state_dict(path: str) -> Dict[str, torch.Tensor]:
         loaded = {key[len("module."):]: value for key, value in loaded.items()}
     # An anfast training checkpoint holds the students' norms too; the base is what starts.
     return {key: value for key, value in loaded.items() if ".student_norms." not in key}
+
+
+def _first_line(error: BaseException) -> str:
+    """``Type: first line of the message`` (torch.load raises an empty EOFError on an empty file)."""
+    lines = str(error).splitlines()
+    return f"{type(error).__name__}: {lines[0]}" if lines else type(error).__name__
 
 
 def load_pretrained(an: AdjoinedNetwork, path: str, skip_classifier: bool = False) -> None:
