@@ -135,17 +135,19 @@ def _no_weights(library: str, name: str, functions: tuple[Callable, ...]) -> dic
     """Every argument of ``functions`` that could fetch weights, set to None (False for a flag).
 
     Refuses an architecture whose signature requires weights: an argument that can
-    fetch them and takes neither None nor False."""
+    fetch them, has no default and whose annotation admits neither None nor False."""
     off = {}
     for function in functions:
         for key, parameter in _keyword_parameters(function).items():
             if not fetching_kwargs([key]):
                 continue
             off[key] = False if isinstance(parameter.default, bool) else None
-            types = _simple_types(parameter)
-            if parameter.default is inspect.Parameter.empty and types is not None and type(off[key]) not in types:
-                raise ValueError(f"{library} model {name!r} cannot be built without weights ({key} is "
-                                 "required); anfast builds architectures only: choose another --arch")
+            annotation = parameter.annotation
+            if parameter.default is inspect.Parameter.empty and annotation is not inspect.Parameter.empty:
+                options = typing.get_args(annotation) if typing.get_origin(annotation) is typing.Union else (annotation,)
+                if not {type(None), bool, Any}.intersection(options):
+                    raise ValueError(f"{library} model {name!r} cannot be built without weights ({key} is "
+                                     "required); anfast builds architectures only: choose another --arch")
     return off
 
 
