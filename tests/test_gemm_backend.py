@@ -111,9 +111,8 @@ def test_launchers_write_every_element_of_poisoned_buffers(stride):
 
     y_base, y_student = gemm_forward(t["x_base"], t["x_student"], t["weight"], t["bias"], out_student,
                                      strides, out=(poison(t["grad_base"]), poison(t["grad_student"])))
-    weight2d = t["weight"][:, :, 0, 0]
-    dx_base = gemm_dgrad(t["grad_base"], t["x_base"], weight2d, strides, out=poison(t["x_base"]))
-    dx_student = gemm_dgrad(t["grad_student"], t["x_student"], weight2d[:out_student, :in_student],
+    dx_base = gemm_dgrad(t["grad_base"], t["x_base"], t["weight"], strides, out=poison(t["x_base"]))
+    dx_student = gemm_dgrad(t["grad_student"], t["x_student"], t["weight"][:out_student, :in_student],
                             strides, out=poison(t["x_student"]))
     dweight = gemm_wgrad(t["grad_base"], t["grad_student"], t["x_base"], t["x_student"], t["weight"],
                          strides, out=poison(t["weight"]))
@@ -301,6 +300,29 @@ def _recording_backend():
 
 def _call_targets(graph_module) -> list[str]:
     return [str(node.target) for node in graph_module.graph.nodes if node.op == "call_function"]
+
+
+def test_warm_up_tune_pins_gemm_where_it_won(tuner, monkeypatch):
+    """anfast train's warm-up on a channels_last ResNet-18: gemm wins its 1x1 shortcut
+    convs (the fake timer says so; verification is real), torch the 3x3 ones; both are
+    pinned, so the next forward never enters the custom op."""
+    from anfast.tune import prepare_backends
+
+    tuner.timer = FakeTimer({"gemm": 0.5, "torch": 1.0})
+    an = anfast.adjoin("resnet18", alpha=4, policy="paper", input_size=(3, 32, 32), num_classes=4)
+    an = an.to(memory_format=torch.channels_last)
+    prepare_backends(an, "auto", 2, 32, None)
+    convs = {name: m for name, m in an.named_modules()
+             if isinstance(m, anfast.nn.AdjoinedConv2d) and not m.input_shared}
+    one_by_one = {name for name, m in convs.items() if m.kernel_size == (1, 1)}
+    assert one_by_one == {f"layer{n}.0.downsample.0" for n in (2, 3, 4)}
+    assert {name: m.backend for name, m in convs.items()} == {
+        name: "gemm" if name in one_by_one else "torch" for name in convs}
+    op_calls = []
+    original = conv_op._adjoined_conv2d_op
+    monkeypatch.setattr(conv_op, "_adjoined_conv2d_op", lambda *args: op_calls.append(1) or original(*args))
+    an(torch.randn(2, 3, 32, 32).contiguous(memory_format=torch.channels_last))
+    assert not op_calls
 
 
 @pytest.mark.parametrize("stride", [1, 2])

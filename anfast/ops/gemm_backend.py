@@ -67,11 +67,6 @@ def _row_view(out: torch.Tensor) -> torch.Tensor:
     return out.permute(0, 2, 3, 1).view(-1, out.shape[1])
 
 
-def _new_channels_last(like: torch.Tensor, n: int, c: int, h: int, w: int) -> torch.Tensor:
-    """An uninitialized (n, c, h, w) tensor with NHWC strides."""
-    return like.new_empty((n, h, w, c)).permute(0, 3, 1, 2)
-
-
 def _has_channels_last_strides(t: torch.Tensor) -> bool:
     """Tensor::suggest_memory_format() == channels_last, which Python does not expose
     (c10's is_channels_last_strides_2d_s4): NHWC-ordered strides, ambiguous ones NCHW."""
@@ -90,14 +85,10 @@ def _new_output(x: torch.Tensor, weight: torch.Tensor, stride: Sequence[int]) ->
     """An uninitialized conv output in the layout F.conv2d gives (cuDNN and oneDNN alike):
     channels_last when the input or the weight has channels_last strides, else NCHW.
     Only an input of one channel (or a 1x1 image) with NCHW strides gives NCHW here."""
-    n, h_out, w_out = x.shape[0], *_output_size(x, stride)
+    h_out, w_out = (-(-size // s) for size, s in zip(x.shape[2:], stride))  # len(range(0, size, s))
     if _has_channels_last_strides(x) or _has_channels_last_strides(weight):
-        return _new_channels_last(x, n, weight.shape[0], h_out, w_out)
-    return x.new_empty((n, weight.shape[0], h_out, w_out))
-
-
-def _output_size(x: torch.Tensor, stride: Sequence[int]) -> tuple[int, int]:
-    return tuple(-(-size // s) for size, s in zip(x.shape[2:], stride))  # len(range(0, size, s))
+        return x.new_empty((x.shape[0], h_out, w_out, weight.shape[0])).permute(0, 3, 1, 2)
+    return x.new_empty((x.shape[0], weight.shape[0], h_out, w_out))
 
 
 def _linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
@@ -142,15 +133,17 @@ def gemm_forward(
 def gemm_dgrad(
     grad: torch.Tensor,
     x: torch.Tensor,
-    weight2d: torch.Tensor,
+    weight: torch.Tensor,
     stride: Sequence[int],
     out: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
-    """dx of one network: grad_rows @ weight2d, placed at the strided pixels of a zeroed
-    dx when the stride is above 1. ``out``: the channels_last dx buffer to write, by
-    default one like ``x`` (the layout the custom op's fake implementation promises)."""
+    """dx of one network (``weight`` is its own, the student's a slice): grad_rows @ W2d,
+    placed at the strided pixels of a zeroed dx when the stride is above 1. ``out``: the
+    channels_last dx buffer to write, by default one like ``x`` (the layout the custom
+    op's fake implementation promises)."""
     if out is None:
         out = torch.empty_like(x)
+    weight2d = weight[:, :, 0, 0]
     if tuple(stride) == (1, 1):
         torch.mm(_rows(grad), weight2d, out=_row_view(out))
         return out
@@ -197,9 +190,8 @@ def gemm_backward(
     """(dx_base, dx_student, dweight, dbias) of a 1x1 adjoined conv; None where
     ``output_mask`` does not ask."""
     need_dx_base, need_dx_student, need_weight, need_bias = output_mask
-    weight2d = weight[:, :, 0, 0]
-    dx_base = gemm_dgrad(grad_base, x_base, weight2d, stride) if need_dx_base else None
-    dx_student = (gemm_dgrad(grad_student, x_student, weight2d[:out_student, : x_student.shape[1]],
+    dx_base = gemm_dgrad(grad_base, x_base, weight, stride) if need_dx_base else None
+    dx_student = (gemm_dgrad(grad_student, x_student, weight[:out_student, : x_student.shape[1]],
                              stride) if need_dx_student else None)
     dweight = (gemm_wgrad(grad_base, grad_student, x_base, x_student, weight, stride)
                if need_weight else None)
