@@ -1,6 +1,7 @@
 """--pretrained: a trained base starts the adjoined network; bad checkpoints name the file and the key."""
 
 import json
+import re
 
 import pytest
 import torch
@@ -12,7 +13,7 @@ from anfast.data.builtin import builtin_dataset
 from anfast.train.config import ConfigError
 from anfast.train.loop import fit
 from anfast.train.pretrained import load_pretrained
-from test_train_config import tiny_config
+from test_train_config import make_image_folder, tiny_config
 
 SIZE = (3, 16, 16)
 
@@ -83,6 +84,40 @@ def test_bad_checkpoints_name_the_file_and_the_key(tmp_path):
         load_pretrained(an, str(tmp_path / "broken.safetensors"))
     with pytest.raises(ConfigError, match=r"--pretrained .*nowhere.pt: no such file"):
         fit(tiny_config(tmp_path, tmp_path / "run", pretrained=str(tmp_path / "nowhere.pt")))
+
+
+def _zero_byte_file(tmp_path):
+    (tmp_path / "empty.pt").touch()
+    return tmp_path / "empty.pt", r"empty.pt: torch.load\(weights_only=True\) cannot read it \(EOFError\)"
+
+
+def _export_folder_with(text):
+    def make(tmp_path):
+        folder = tmp_path / "base"
+        folder.mkdir()
+        (folder / "config.json").write_text(text)
+        save_file({"w": torch.zeros(1)}, folder / "model.safetensors")
+        return folder, r"base: config.json " + {"{not json": "is not valid JSON \\(JSONDecodeError: Expecting",
+                                                "[1, 2]": "holds a list, not the object anfast export writes"}[text]
+    return make
+
+
+@pytest.mark.parametrize("make", [_zero_byte_file, _export_folder_with("{not json"), _export_folder_with("[1, 2]")],
+                         ids=["zero-byte file", "bad JSON", "JSON list"])
+def test_unreadable_pretrained_paths_end_the_cli_in_one_line(tmp_path, capsys, make):
+    from anfast.cli import main
+
+    path, message = make(tmp_path)
+    data = make_image_folder(tmp_path / "data", train_per_class=2, val_per_class=1)
+    assert main(["train", "--data", str(data), "--out", str(tmp_path / "run"), "--pretrained", str(path),
+                 "--epochs", "1", "--batch-size", "2", "--image-size", "16", "--workers", "0",
+                 "--device", "cpu"]) == 2
+    err = capsys.readouterr().err
+    errors = [line for line in err.splitlines() if "error:" in line]  # the rest: progress bars
+    assert "Traceback" not in err and len(errors) == 1, err
+    error = errors[0]
+    assert re.match(rf"anfast train: error: --pretrained \S*{message}.*; (save a state_dict|write the folder "
+                    r"again with anfast export RUN_DIR)", error), error
 
 
 @pytest.mark.slow
