@@ -117,6 +117,7 @@ def test_resume_auto_without_a_usable_last_pt_continues_from_the_newest_usable_c
     assert _rows(run) == before
     assert torch.load(run / "checkpoints" / "last.pt", weights_only=True, mmap=True)["epoch"] == 2
     if last == "directory":
+        assert f"{run}/checkpoints/last.pt is a directory; renamed it last.unusable.pt" in out, out
         assert (run / "checkpoints" / "last.unusable.pt").is_dir()
 
 

@@ -118,7 +118,9 @@ def evaluate_run(run_dir: Union[str, Path], *, data: Optional[str] = None,
                     "data": str(data_root),
                     "skipped_images": loader.skipped})
     print(format_table(metrics, network_costs(an, config.image_size)))
-    (run_dir / "eval.json").write_text(json.dumps(metrics, indent=2) + "\n")
+    text = json.dumps(metrics, indent=2) + "\n"
+    with reporting_full_disk(run_dir / "eval.json", len(text)):
+        (run_dir / "eval.json").write_text(text)
     return metrics
 
 

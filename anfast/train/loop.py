@@ -37,11 +37,12 @@ import anfast
 from anfast.data import builtin_dataset, create_loader
 from anfast.data.folder import class_mismatch
 from anfast.data.synthetic import DEFAULT_SYNTHETIC_CLASSES, SyntheticLoader
+from anfast.ops.dispatch import backend_reasons
 from anfast.train.build import (check_environment, create_adjoined_model, create_optimizer,
                                 resolve_amp_dtype)
-from anfast.train.checkpoint import (get_rng_state, load_training_checkpoint, remove_stale_temp_files,
-                                     reporting_full_disk, resume_checkpoint, save_checkpoint,
-                                     set_rng_state)
+from anfast.train.checkpoint import (get_rng_state, load_training_checkpoint, newest_usable_checkpoint,
+                                     remove_stale_temp_files, reporting_full_disk, resume_checkpoint,
+                                     save_checkpoint, set_rng_state)
 from anfast.train.config import (SYNTHETIC_DATA, ConfigError, TrainConfig, compile_mode, resume_conflicts,
                                  save_config)
 from anfast.train.distributed import (DistributedInfo, all_reduce_sum, any_rank, any_rank_on_host,
@@ -55,7 +56,6 @@ from anfast.train.records import MetricsLog, plot_curves, plot_tradeoff
 from anfast.train.rundir import TRAIN_ARTIFACTS, RunDirLock, claim_run_dir, restart_options
 from anfast.train.schedule import lr_at
 from anfast.train.step import StepMeter, ema_update, resolve_compile, train_step, warm_up
-from anfast.ops.dispatch import backend_reasons
 from anfast.tune import collect_layer_problems, layer_backends, prepare_backends, set_backend
 
 __all__ = ["fit", "NonFiniteLossError", "resolve_resume_path"]
@@ -186,9 +186,11 @@ def _set_aside_unusable_last(config: TrainConfig, resume_path: Optional[Path], c
     last = checkpoint_dir / "last.pt"
     if config.resume != "auto" or resume_path is None or resume_path == last or not os.path.lexists(last):
         return
+    why = newest_usable_checkpoint(checkpoint_dir)[1]["last.pt"]
     aside = checkpoint_dir / "last.unusable.pt"
     os.replace(last, aside)
-    _say(info, f"anfast train: {last} is unusable (see --resume auto); renamed it {aside.name}")
+    _say(info, f"anfast train: {last} is {why}; renamed it {aside.name} and resuming from "
+               f"{resume_path.name}")
 
 
 def _check_one_image_batches(an: torch.nn.Module, image_size: int) -> None:
