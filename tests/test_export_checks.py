@@ -3,6 +3,7 @@ state_dict versions survive adjoin and export (torchvision's MNASNet needs them)
 
 from __future__ import annotations
 
+import functools
 import json
 import shutil
 import subprocess
@@ -12,6 +13,7 @@ import textwrap
 import pytest
 import torch
 import torchvision
+from safetensors.torch import load_file, save_file
 
 import anfast
 from anfast.export import ExportError
@@ -138,3 +140,72 @@ def test_mnasnet_keeps_its_state_dict_version_through_adjoin_and_export(tmp_path
         for network, expected in ((student, out.students[0]), (loaded, out.students[0]),
                                   (base, out.base), (reference, out.base)):
             torch.testing.assert_close(network(x), expected, rtol=1e-5, atol=1e-6)
+
+
+@pytest.fixture
+def builder_devices(monkeypatch):
+    """The default device each model was built on: torchvision's builders, timm.create_model."""
+    from anfast.models import registry
+
+    devices = []
+
+    def recording(builder):
+        @functools.wraps(builder)
+        def build(*args, **kwargs):
+            devices.append(torch.get_default_device().type)
+            return builder(*args, **kwargs)
+        return build
+
+    find_builder = registry._builder
+    monkeypatch.setattr(registry, "_builder", lambda library, name: recording(find_builder(library, name)))
+    timm = pytest.importorskip("timm")
+    monkeypatch.setattr(timm, "create_model", recording(timm.create_model))
+    return devices
+
+
+def test_a_consistent_huge_classifier_allocates_only_what_the_file_holds(exported, tmp_path, builder_devices):
+    # A student whose classifier config.json, layers and weights all agree on 100,000
+    # classes: the file holds the student's 100,000 x 128 weight, and the base network
+    # (100,000 x 512: 4x as much) is never built for real.
+    classes = 100_000
+    path = _tampered(exported, tmp_path, "student", lambda config: (
+        config["source"]["kwargs"].update(num_classes=classes), config["layers"]["fc"].update(out_features=classes)))
+    state = load_file(path / "model.safetensors")
+    state["fc.weight"] = torch.randn(classes, state["fc.weight"].shape[1])
+    state["fc.bias"] = torch.randn(classes)
+    save_file(state, path / "model.safetensors")
+    loaded = anfast.load_student(path)
+    assert builder_devices == ["meta"]
+    assert torch.equal(loaded.fc.weight, state["fc.weight"]) and torch.equal(loaded.fc.bias, state["fc.bias"])
+    assert sum(p.numel() for p in loaded.state_dict().values()) == sum(t.numel() for t in state.values())
+
+
+@pytest.mark.parametrize("arch", ["resnet18", "timm:resnet18d"])
+def test_a_tampered_class_count_is_refused_on_meta(tmp_path, builder_devices, arch):
+    an = anfast.adjoin(arch, alpha=2, num_classes=10, input_size=(3, 16, 16)).eval()
+    anfast.export_base(an, path=tmp_path)
+    config = json.loads((tmp_path / "config.json").read_text())
+    config["source"]["kwargs"]["num_classes"] = 20_000_000  # 41 GB of base classifier
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    builder_devices.clear()
+    with pytest.raises(ExportError, match=rf"^{tmp_path}/model.safetensors: fc.bias: the network config.json "
+                                          r"describes has \[20000000\], the file holds \[10\]; the export is "
+                                          r"damaged or was edited$"):
+        anfast.load_student(tmp_path)
+    assert builder_devices and set(builder_devices) == {"meta"}  # timm: create_model, then its entrypoint
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    ({"num_classes": "10"}, r"torchvision model 'resnet18': num_classes='10' \(str\), but num_classes takes int "
+                            r"\(default 1000\)"),
+    ({"num_classes": 10.0}, r"num_classes=10.0 \(float\), but num_classes takes int"),
+    ({"num_classes": 10, "zero_init_residual": 1}, r"zero_init_residual=1 \(int\), but zero_init_residual takes "
+                                                   r"bool \(default False\)"),
+    ({"num_classes": 10, "num_clases": 3}, r"takes no keyword argument 'num_clases'; did you mean "
+                                           r"\['num_classes'\]\?"),
+])
+def test_kwargs_the_builder_does_not_take_are_refused_in_one_line(exported, tmp_path, kwargs, message):
+    path = _tampered(exported, tmp_path, "base", lambda config: config["source"].update(kwargs=kwargs))
+    with pytest.raises(ExportError, match=rf"^{path}/config.json: source: {message}; re-export the network$") as error:
+        anfast.load_student(path)
+    assert "\n" not in str(error.value)
