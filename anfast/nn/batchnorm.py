@@ -8,6 +8,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from anfast.nn.streams import network_stream
+
 __all__ = ["AdjoinedBatchNorm2d", "AdjoinedSyncBatchNorm2d", "convert_sync_batchnorm"]
 
 
@@ -76,21 +78,24 @@ class AdjoinedBatchNorm2d(nn.BatchNorm2d):
     def forward(self, x_base: torch.Tensor, *x_students: torch.Tensor) -> tuple[torch.Tensor, ...]:
         outputs = [super().forward(x_base)]
         for s, (norm, x) in enumerate(zip(self.student_norms, x_students)):
-            if not self.share_affine:
-                outputs.append(norm(x))
-                continue
-            # Private running statistics, the base's (sliced) affine parameters.
-            use_batch_stats = norm.training or not norm.track_running_stats
-            factor = 0.0 if self.momentum is None else self.momentum
-            if norm.training and norm.track_running_stats:
-                norm.num_batches_tracked.add_(1)
-                if self.momentum is None:  # a cumulative average, as nn.BatchNorm2d does it
-                    factor = 1.0 / float(norm.num_batches_tracked)
-            outputs.append(F.batch_norm(
-                x, norm.running_mean, norm.running_var, self._student_slice(self.weight, s),
-                self._student_slice(self.bias, s), use_batch_stats, factor, self.eps,
-            ))
+            with network_stream(s + 1):
+                outputs.append(self._student_forward(s, norm, x))
         return tuple(outputs)
+
+    def _student_forward(self, s: int, norm: nn.BatchNorm2d, x: torch.Tensor) -> torch.Tensor:
+        if not self.share_affine:
+            return norm(x)
+        # Private running statistics, the base's (sliced) affine parameters.
+        use_batch_stats = norm.training or not norm.track_running_stats
+        factor = 0.0 if self.momentum is None else self.momentum
+        if norm.training and norm.track_running_stats:
+            norm.num_batches_tracked.add_(1)
+            if self.momentum is None:  # a cumulative average, as nn.BatchNorm2d does it
+                factor = 1.0 / float(norm.num_batches_tracked)
+        return F.batch_norm(
+            x, norm.running_mean, norm.running_var, self._student_slice(self.weight, s),
+            self._student_slice(self.bias, s), use_batch_stats, factor, self.eps,
+        )
 
     def extra_repr(self) -> str:
         features = tuple(n.num_features for n in self.student_norms)

@@ -7,7 +7,9 @@ from typing import Optional, Sequence
 import torch
 from torch import nn
 
+from anfast.nn.streams import active_streams, hand_over, network_stream
 from anfast.ops import adjoined_conv2d
+from anfast.ops.conv import fixed_backend_name
 from anfast.ops.reference import student_groups, student_weight
 
 __all__ = ["AdjoinedConv2d", "autocast_inputs", "numeric_padding"]
@@ -126,7 +128,7 @@ class AdjoinedConv2d(nn.Conv2d):
     def forward(self, x_base: torch.Tensor, *x_students: torch.Tensor) -> tuple[torch.Tensor, ...]:
         if self.input_shared:
             y_base = super().forward(x_base)
-            return (y_base, *(y_base[:, :c] for c in self.student_out_channels))
+            return (y_base, *(hand_over(y_base[:, :c], s + 1) for s, c in enumerate(self.student_out_channels)))
         if len(x_students) != len(self.student_out_channels):
             raise ValueError(f"AdjoinedConv2d: {len(x_students)} student inputs for "
                              f"{len(self.student_out_channels)} students; call conv(x_base, *x_students)")
@@ -135,20 +137,31 @@ class AdjoinedConv2d(nn.Conv2d):
                 raise ValueError(f"AdjoinedConv2d: student {s}'s input has shape {tuple(x.shape)}, expected "
                                  f"{channels} channels (student_in_channels={self.student_in_channels})")
         inputs = (x_base, *x_students)
+        if active_streams() is not None and fixed_backend_name(self.backend, x_base.device) == "torch":
+            # One stream per network: the torch backend's two convolutions, each on its own.
+            return tuple(self._conv_on_stream(n, x) for n, x in enumerate(inputs))
         outputs = []
         for parent, child in self._pairs:
-            weight, bias, groups = self.network_weight(parent)
             if child == len(inputs):
-                outputs.append(nn.functional.conv2d(inputs[parent], weight, bias, self.stride,
-                                                     self.padding, self.dilation, groups))
+                outputs.append(self._conv_on_stream(parent, inputs[parent]))
                 continue
-            x_parent, x_child, weight, bias = autocast_inputs(inputs[parent], inputs[child], weight, bias)
-            outputs.extend(adjoined_conv2d(
-                x_parent, x_child, weight, bias, out_student=self.student_out_channels[child - 1],
-                stride=self.stride, padding=self.padding, dilation=self.dilation, groups=groups,
-                student_in_index=getattr(self, f"_pair_index_{parent}"), backend=self.backend,
-            ))
+            weight, bias, groups = self.network_weight(parent)
+            x_parent, x_child, weight, bias = autocast_inputs(
+                inputs[parent], hand_over(inputs[child], parent, source=child), weight, bias)
+            with network_stream(parent):  # one fused launch for both, on the wider's stream
+                y_parent, y_child = adjoined_conv2d(
+                    x_parent, x_child, weight, bias, out_student=self.student_out_channels[child - 1],
+                    stride=self.stride, padding=self.padding, dilation=self.dilation, groups=groups,
+                    student_in_index=getattr(self, f"_pair_index_{parent}"), backend=self.backend,
+                )
+            outputs += [y_parent, hand_over(y_child, child, source=parent)]
         return tuple(outputs)
+
+    def _conv_on_stream(self, n: int, x: torch.Tensor) -> torch.Tensor:
+        """Network n's convolution alone (F.conv2d on its weight slice), on its stream."""
+        weight, bias, groups = self.network_weight(n)
+        with network_stream(n):
+            return nn.functional.conv2d(x, weight, bias, self.stride, self.padding, self.dilation, groups)
 
     def extra_repr(self) -> str:
         return (

@@ -8,6 +8,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from anfast.nn.streams import hand_over, network_stream
+
 __all__ = ["AdjoinedLinear"]
 
 
@@ -64,8 +66,12 @@ class AdjoinedLinear(nn.Linear):
     def forward(self, x_base: torch.Tensor, *x_students: torch.Tensor) -> tuple[torch.Tensor, ...]:
         y_base = F.linear(x_base, self.weight, self.bias)
         if self.input_shared:
-            return (y_base, *(y_base[..., :c] for c in self.student_out_features))
-        return (y_base, *(F.linear(x, *self.network_weight(s + 1)) for s, x in enumerate(x_students)))
+            return (y_base, *(hand_over(y_base[..., :c], s + 1) for s, c in enumerate(self.student_out_features)))
+        return (y_base, *(self._linear_on_stream(s + 1, x) for s, x in enumerate(x_students)))
+
+    def _linear_on_stream(self, n: int, x: torch.Tensor) -> torch.Tensor:
+        with network_stream(n):
+            return F.linear(x, *self.network_weight(n))
 
     def extra_repr(self) -> str:
         return (f"{super().extra_repr()}, student_in_features={self.student_in_features}, "

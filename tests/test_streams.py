@@ -1,0 +1,150 @@
+"""--streams: each student on its own CUDA stream. On the CPU a stand-in for the streams
+checks the schedule like a race detector (every tensor a network reads was written on
+its stream or handed over to it) and the numbers against one stream."""
+
+import pytest
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_leaves
+
+import anfast
+from anfast.nn import streams as streams_module
+from anfast.train.loss import AdjoinedLoss
+
+from helpers import assert_close_rel
+
+
+class RecordingStreams(streams_module.NetworkStreams):
+    """CPU stand-in: tracks the current network instead of a CUDA stream, and which
+    tensors (by storage) each network may read."""
+
+    def __init__(self, networks):
+        super().__init__(networks)
+        self.current, self.readable, self.joined, self.switches = 0, set(), False, 0
+
+    def begin(self, device):
+        self._device, self.current, self.joined = device, 0, False
+
+    def switch(self, n):
+        self.current = n
+        self.switches += 1
+
+    def hand_over(self, tensor, n, source=0):
+        self.readable.add((tensor.untyped_storage().data_ptr(), n))
+
+    def end(self, outputs):
+        self.current, self.joined = 0, True
+
+
+class RaceDetector(TorchDispatchMode):
+    """Every op of network k may read tensors made before the forward, on k, or handed
+    over to k; records each op's network."""
+
+    def __init__(self, streams):
+        super().__init__()
+        self.streams, self.writer, self.races, self.ops = streams, {}, [], []
+        self.alive = []  # storages stay allocated, so an address names one tensor
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        n = self.streams.current
+        for t in tree_leaves((args, kwargs)):
+            if isinstance(t, torch.Tensor):
+                key = t.untyped_storage().data_ptr()
+                writer = self.writer.setdefault(key, "before")  # parameters, images: every stream waited
+                if writer not in ("before", n) and (key, n) not in self.streams.readable:
+                    self.races.append(f"{func} on network {n} reads a tensor of network {writer}")
+        out = func(*args, **(kwargs or {}))
+        self.alive.append(out)
+        for t in tree_leaves(out):
+            if isinstance(t, torch.Tensor):  # a new storage is written here; a view's is not
+                self.writer.setdefault(t.untyped_storage().data_ptr(), n)
+        self.ops.append((n, str(func)))
+        return out
+
+
+def _cpu_streams(monkeypatch, network, count):
+    """use_streams on the CPU with the stand-in active during the network's forward."""
+    anfast.nn.use_streams(network, count)
+    stand_in = RecordingStreams(count)
+    network.__dict__["_network_streams"] = stand_in
+    monkeypatch.setattr(streams_module, "_begin_hook", _begin_on_cpu)
+    network._forward_pre_hooks.clear()
+    network.register_forward_pre_hook(_begin_on_cpu)
+    return stand_in
+
+
+def _begin_on_cpu(module, args):
+    streams = module.__dict__["_network_streams"]
+    streams.begin(args[0].device)
+    streams_module._active.append(streams)
+
+
+@pytest.mark.parametrize("arch, alpha", [("resnet18", 4), ("resnet18", (2, 4)), ("mobilenet_v2", 4)])
+def test_every_network_reads_only_its_own_or_handed_over_tensors(monkeypatch, arch, alpha):
+    torch.manual_seed(0)
+    an = anfast.adjoin(arch, alpha=alpha, policy="paper", num_classes=5, input_size=(3, 32, 32))
+    stand_in = _cpu_streams(monkeypatch, an, an.num_students + 1)
+    detector = RaceDetector(stand_in)
+    with detector:
+        out = an(torch.randn(2, 3, 32, 32))
+    assert stand_in.joined and not streams_module._active
+    assert not detector.races, detector.races[:5]
+    networks = {n for n, op in detector.ops if "convolution" in op}
+    assert networks == set(range(an.num_students + 1))  # every student's convs ran on its stream
+    assert stand_in.current == 0  # the loss runs on the base's (the caller's) stream
+    assert len(out.students) == an.num_students
+
+
+def test_two_streams_give_the_numbers_of_one(monkeypatch):
+    """Outputs, loss and every gradient, bit for bit: the students' ops are the same ops."""
+    torch.manual_seed(0)
+    one = anfast.adjoin("resnet18", alpha=(2, 4), policy="paper", num_classes=5, input_size=(3, 32, 32))
+    two = anfast.adjoin("resnet18", alpha=(2, 4), policy="paper", num_classes=5, input_size=(3, 32, 32))
+    two.load_state_dict(one.state_dict())
+    stand_in = _cpu_streams(monkeypatch, two, 3)
+    x, labels = torch.randn(3, 3, 32, 32), torch.tensor([0, 1, 4])
+    results = []
+    for network in (one, two):
+        loss = AdjoinedLoss()(network(x), labels, lambda_=1.0)
+        loss.backward()
+        results.append((loss.detach(), {k: p.grad for k, p in network.named_parameters()},
+                        {k: b.clone() for k, b in network.named_buffers()}))
+    assert stand_in.switches > 0
+    (loss_1, grads_1, buffers_1), (loss_2, grads_2, buffers_2) = results
+    assert torch.equal(loss_1, loss_2)
+    for name in grads_1:
+        assert torch.equal(grads_1[name], grads_2[name]), name
+    for name in buffers_1:  # the students' BatchNorm statistics too
+        assert torch.equal(buffers_1[name], buffers_2[name]), name
+
+
+def test_streams_count_is_checked():
+    an = anfast.adjoin("resnet18", alpha=4, num_classes=5, input_size=(3, 32, 32))
+    with pytest.raises(ValueError, match=r"streams=3: use 1 \(one stream\) or 2 \(one per network"):
+        anfast.nn.use_streams(an, 3)
+    with pytest.raises(TypeError, match="expected an AdjoinedNetwork"):
+        anfast.nn.use_streams(torch.nn.Conv2d(3, 3, 1), 2)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_streams_match_one_stream():
+    """On a GPU: the students really run on side streams, and the step's numbers match."""
+    torch.manual_seed(0)
+    device = torch.device("cuda")
+    kwargs = dict(alpha=(2, 4), policy="paper", num_classes=10, input_size=(3, 64, 64), backend="torch")
+    one = anfast.adjoin("resnet50", **kwargs).to(device)
+    two = anfast.adjoin("resnet50", **kwargs).to(device)
+    two.load_state_dict(one.state_dict())
+    anfast.nn.use_streams(two, 3)
+    x = torch.randn(8, 3, 64, 64, device=device)
+    labels = torch.randint(0, 10, (8,), device=device)
+    grads = []
+    for network in (one, two):
+        loss = AdjoinedLoss()(network(x), labels, lambda_=1.0)
+        loss.backward()
+        grads.append({k: p.grad for k, p in network.named_parameters()})
+    torch.cuda.synchronize()
+    for name in grads[0]:
+        assert_close_rel(grads[1][name], grads[0][name], 1e-5, name)
+    assert torch.cuda.current_stream() == torch.cuda.default_stream()
