@@ -196,16 +196,16 @@ def test_a_tampered_class_count_is_refused_on_meta(tmp_path, builder_devices, ar
 
 
 @pytest.mark.parametrize("kwargs, message", [
-    ({"num_classes": "10"}, r"torchvision model 'resnet18': num_classes='10' \(str\), but num_classes takes int "
-                            r"\(default 1000\)"),
-    ({"num_classes": 10.0}, r"num_classes=10.0 \(float\), but num_classes takes int"),
-    ({"num_classes": 10, "zero_init_residual": 1}, r"zero_init_residual=1 \(int\), but zero_init_residual takes "
+    ({"num_classes": "10"}, r": num_classes='10' \(str\), but num_classes takes int \(default 1000\)"),
+    ({"num_classes": 10.0}, r": num_classes=10.0 \(float\), but num_classes takes int \(default 1000\)"),
+    ({"num_classes": 10, "zero_init_residual": 1}, r": zero_init_residual=1 \(int\), but zero_init_residual takes "
                                                    r"bool \(default False\)"),
-    ({"num_classes": 10, "num_clases": 3}, r"takes no keyword argument 'num_clases'; did you mean "
-                                           r"\['num_classes'\]\?"),
+    ({"num_classes": 10, "num_clases": 3}, r" takes no keyword argument 'num_clases' \(did "
+                                           r"you mean \['num_classes', 'norm_layer'\]\?\)"),
 ])
 def test_kwargs_the_builder_does_not_take_are_refused_in_one_line(exported, tmp_path, kwargs, message):
     path = _tampered(exported, tmp_path, "base", lambda config: config["source"].update(kwargs=kwargs))
-    with pytest.raises(ExportError, match=rf"^{path}/config.json: source: {message}; re-export the network$") as error:
+    with pytest.raises(ExportError, match=rf"^{path}/config.json: source: torchvision model 'resnet18'{message}; "
+                                          r"re-export the network$") as error:
         anfast.load_student(path)
     assert "\n" not in str(error.value)

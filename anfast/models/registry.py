@@ -168,7 +168,7 @@ def _check_signature(library: str, name: str, kwargs: Mapping[str, Any], functio
         elif not open_ended:
             close = difflib.get_close_matches(key, list(parameters), n=3)
             raise ValueError(f"{library} model {name!r} takes no keyword argument {key!r}"
-                             f"{f'; did you mean {close}?' if close else ''}")
+                             f"{f' (did you mean {close}?)' if close else ''}")
 
 
 def available_memory() -> int:
