@@ -7,6 +7,7 @@ import sys
 import pytest
 import torch
 import torch.fx
+import torchvision
 from torch import nn
 
 import anfast
@@ -205,3 +206,38 @@ def test_names_and_refusals():
     model = nn.Sequential(nn.Conv2d(3, 8, 3), timm.layers.BatchNormAct2d(8, act_layer=nn.PReLU), nn.Conv2d(8, 4, 1))
     with pytest.raises(AdjoinError, match=r"1.act: PReLU has parameters"):
         anfast.adjoin(model, input_size=(3, 9, 9))
+
+
+def _info_error(capsys, *argv) -> str:
+    from anfast.cli import main
+
+    assert main(["info", *argv]) == 2
+    captured = capsys.readouterr()
+    assert "Traceback" not in captured.err and len(captured.err.strip().splitlines()) == 1, captured.err
+    return captured.err.strip()
+
+
+def test_info_refuses_a_model_larger_than_the_memory_before_allocating(capsys, monkeypatch):
+    from anfast.models import registry
+
+    # 100,000,000 classes x 2,048 features: 763 GiB of float32 classifier.
+    error = _info_error(capsys, "--num-classes", "100000000")
+    assert re.fullmatch(r"anfast info: error: model='resnet50': resnet50 with num_classes=100000000 holds "
+                        r"204,923,561,205 parameters and buffers, 763.4 GiB, more than the [\d,.]+ GiB of "
+                        r"memory available; choose smaller sizes", error), error
+    # The bound is the memory available, whatever the machine: 10 MiB refuses a resnet18.
+    monkeypatch.setattr(registry, "available_memory", lambda: 10 * 2**20)
+    tensors = [*torchvision.models.resnet18(num_classes=10).state_dict().values()]
+    count, size = sum(t.numel() for t in tensors), sum(t.numel() * t.element_size() for t in tensors)
+    assert _info_error(capsys, "--arch", "resnet18", "--num-classes", "10") == (
+        f"anfast info: error: model='resnet18': resnet18 with num_classes=10 holds {count:,} parameters and "
+        f"buffers, {size / 2**20:.1f} MiB, more than the 10.0 MiB of memory available; choose smaller sizes")
+
+
+def test_info_refuses_a_model_it_cannot_trace_in_one_line(capsys):
+    error = _info_error(capsys, "--arch", "vit_b_16", "--image-size", "32")
+    assert error == ("anfast info: error: VisionTransformer fails on an input of size (2, 3, 32, 32) at _assert "
+                     "(call_function _assert): AssertionError: Wrong image height! Expected 224 but got "
+                     "Proxy(getitem_2)!; pass input_size=(C, H, W) that the model accepts"), error
+    error = _info_error(capsys, "--arch", "vit_b_16")
+    assert error.startswith("anfast info: error: reshape (call_method reshape): reshapes the channel axis"), error

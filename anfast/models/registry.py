@@ -193,8 +193,12 @@ def _check_size(arch: str, kwargs: Mapping[str, Any], model: nn.Module) -> None:
         count = sum(t.numel() for t in tensors)
         given = ", ".join(f"{k}={v!r}" for k, v in kwargs.items())
         raise ValueError(f"{arch}{f' with {given}' if given else ''} holds {count:,} parameters and buffers, "
-                         f"{size / 2**30:,.1f} GiB, more than the {memory / 2**30:,.1f} GiB of memory "
+                         f"{_in_binary_units(size)}, more than the {_in_binary_units(memory)} of memory "
                          "available; choose smaller sizes")
+
+
+def _in_binary_units(size: int) -> str:
+    return f"{size / 2**30:,.1f} GiB" if size >= 2**30 else f"{size / 2**20:,.1f} MiB"
 
 
 def _check_kwargs(library: str, name: str, kwargs: Mapping[str, Any]) -> dict:
