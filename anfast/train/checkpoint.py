@@ -61,7 +61,7 @@ def previous_checkpoint(path: Union[str, Path]) -> Path:
 
 def save_checkpoint(state: Dict[str, Any], path: Union[str, Path], keep_previous: bool = False) -> None:
     """Atomically write ``state`` to ``path`` (see the module docstring); a full disk raises
-    OSError ENOSPC naming ``path`` and the space it needs (``reporting_full_disk``)."""
+    DiskFullError naming ``path`` and the space it needs (``reporting_full_disk``)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, temp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.",

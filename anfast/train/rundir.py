@@ -41,7 +41,7 @@ LOCK_NAME = ".anfast.lock"
 TRAIN_ARTIFACTS = ("config.yaml", "metrics.jsonl", "summary.json", "checkpoints", "tensorboard",
                    "curves.png", "tradeoff.png", "eval.json", "base", "student", "student_*",
                    "arch_config.json")
-# What a run writes once an epoch is done: work that a restart from step 0 would replace.
+# What a finished run (and `anfast eval` of it) writes: work a restart from step 0 would replace.
 FINISHED_WORK = ("summary.json", "eval.json", "base", "student", "student_*")
 SEARCH_ARTIFACTS = ("search_config.json", "metrics.jsonl", "tensorboard", "arch.json", "widths.png")
 
