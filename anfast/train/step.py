@@ -179,6 +179,10 @@ class StepMeter:
         self._sums[self._FAILED_AT] = torch.where(exceeded, self._sums[self._STEP],
                                                   self._sums[self._FAILED_AT])
 
+    def state_tensors(self) -> list:
+        """The device tensors ``add`` writes (a captured step restores them after warm-up)."""
+        return [self._sums]
+
     def read(self) -> Dict[str, float]:
         """The sums on the host, plus the mean loss and gradient norm since the last read."""
         loss_sum, grad_norm_sum, good, bad, step, failed_at = self._sums.tolist()

@@ -1,0 +1,116 @@
+"""--cuda-graphs: the whole training step captured once as one CUDA graph, then replayed.
+
+A ResNet-50 AN step launches about twice the kernels of a plain step (the students' many
+small convolutions and norms); at batch 256 on an H200 many of them are short enough that
+the host's launch rate, not the GPU, sets the pace. A replayed graph launches them all
+at once. What changes from one step to the next must therefore live in device memory
+the graph reads, never in Python values baked into it at capture:
+
+- the batch: copied into static input buffers before each replay (``CapturedStep``);
+- the learning rate: a 0-d device tensor in every param group (``tensor_learning_rates``),
+  filled in place before each replay; torch's fused SGD / AdamW take a tensor lr;
+- the distillation weight lambda: a device tensor the loss multiplies;
+- everything the step updates (weights, optimizer moments, BatchNorm running statistics,
+  the EMA, the StepMeter's sums) is updated in place by the captured kernels, so it stays
+  right across replays. The non-finite-step skip is already on the device (found_inf).
+
+The warm-up that capture needs (torch's recipe: a few steps on a side stream, so lazy
+initialisation and cuDNN's algorithm search happen outside the capture) would train on
+the first batch; ``CapturedStep`` saves every tensor the step writes and puts it back
+after the warm-up, so a captured run continues exactly where an eager one would.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Iterable, List, Optional, Sequence
+
+import torch
+
+from anfast.train.checkpoint import get_rng_state, set_rng_state
+
+__all__ = ["CapturedStep", "tensor_learning_rates", "set_learning_rate", "step_state_tensors"]
+
+
+def tensor_learning_rates(optimizer: torch.optim.Optimizer, device: torch.device) -> None:
+    """Make every param group's lr a 0-d float32 tensor on ``device`` (fused optimizers
+    read it on the device, so a captured step sees each new value)."""
+    for group in optimizer.param_groups:
+        lr = group["lr"]
+        group["lr"] = torch.tensor(float(lr), dtype=torch.float32, device=device)
+
+
+def set_learning_rate(optimizer: torch.optim.Optimizer, lr: float) -> None:
+    """Set every group's lr: in place where it is a tensor (no new allocation, no host
+    wait), as a float otherwise."""
+    for group in optimizer.param_groups:
+        if isinstance(group["lr"], torch.Tensor):
+            group["lr"].fill_(lr)
+        else:
+            group["lr"] = lr
+
+
+def step_state_tensors(*holders) -> List[torch.Tensor]:
+    """Every tensor a training step may write, of modules (parameters, buffers),
+    optimizers (their state and tensor lrs), and objects with ``state_tensors()``."""
+    tensors: List[torch.Tensor] = []
+    for holder in holders:
+        if holder is None:
+            continue
+        if isinstance(holder, torch.nn.Module):
+            tensors += list(holder.parameters()) + list(holder.buffers())
+        elif isinstance(holder, torch.optim.Optimizer):
+            tensors += [v for state in holder.state.values() for v in state.values()
+                        if isinstance(v, torch.Tensor)]
+            tensors += [g["lr"] for g in holder.param_groups if isinstance(g["lr"], torch.Tensor)]
+        else:
+            tensors += list(holder.state_tensors())
+    unique = {id(t): t for t in tensors}
+    return list(unique.values())
+
+
+class CapturedStep:
+    """``step(images, labels)`` captured as one CUDA graph; call it like ``step``.
+
+    Args:
+        step: one whole training step on (images, labels): forward, backward, optimizer,
+            EMA, meter; it must make no host read (anfast.train.step.train_step makes none)
+            and read what changes between steps from device tensors (see the module doc).
+        images, labels: a batch of the training shape, dtype, device and memory format.
+        state: every tensor ``step`` writes (``step_state_tensors``); the warm-up's
+            changes to them are undone before capture.
+        warmup_steps: eager steps on a side stream before capture (torch's recipe).
+    """
+
+    def __init__(self, step: Callable[[torch.Tensor, torch.Tensor], None], images: torch.Tensor,
+                 labels: torch.Tensor, *, state: Sequence[torch.Tensor], warmup_steps: int = 3):
+        if images.device.type != "cuda":
+            raise ValueError(f"--cuda-graphs needs a CUDA device; the batch is on {images.device}")
+        self.images = torch.empty_like(images)
+        self.labels = torch.empty_like(labels)
+        self.images.copy_(images)
+        self.labels.copy_(labels)
+        saved = [t.detach().clone() for t in state]
+        saved_rng = get_rng_state()
+        side = torch.cuda.Stream(images.device)
+        side.wait_stream(torch.cuda.current_stream(images.device))
+        with torch.cuda.stream(side):
+            for _ in range(warmup_steps):
+                step(self.images, self.labels)
+        torch.cuda.current_stream(images.device).wait_stream(side)
+        with torch.no_grad():
+            for tensor, value in zip(state, saved):
+                tensor.copy_(value)
+        set_rng_state(saved_rng)
+        self.graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self.graph):
+            step(self.images, self.labels)
+
+    def __call__(self, images: torch.Tensor, labels: torch.Tensor) -> None:
+        """Copy the batch into the graph's inputs and replay the step (no host wait)."""
+        if images.shape != self.images.shape or labels.shape != self.labels.shape:
+            raise ValueError(f"--cuda-graphs: a batch of {tuple(images.shape)} images, but the graph "
+                             f"was captured for {tuple(self.images.shape)}; the loader must drop "
+                             f"the last partial batch (it does for training)")
+        self.images.copy_(images, non_blocking=True)
+        self.labels.copy_(labels, non_blocking=True)
+        self.graph.replay()

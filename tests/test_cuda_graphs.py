@@ -1,0 +1,142 @@
+"""--cuda-graphs (anfast.train.graphs): what a captured step must read from the device and
+restore after its warm-up, checked on the CPU; capture and replay on a GPU."""
+
+import functools
+
+import pytest
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_leaves
+
+import anfast
+from anfast.train.graphs import CapturedStep, set_learning_rate, step_state_tensors, tensor_learning_rates
+from anfast.train.loss import AdjoinedLoss
+from anfast.train.step import StepMeter, ema_update, train_step
+
+from helpers import assert_close_rel
+
+
+class WriteRecorder(TorchDispatchMode):
+    """Storages each op writes in place, and storages the step itself allocated (kept
+    alive, so an address names one storage)."""
+
+    def __init__(self):
+        super().__init__()
+        self.written, self.allocated, self.alive = set(), set(), []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        schema_args = func._schema.arguments
+        values = list(args) + [kwargs.get(a.name) for a in schema_args[len(args):]] if kwargs else list(args)
+        for argument, value in zip(schema_args, values):
+            if argument.alias_info is not None and argument.alias_info.is_write:
+                for t in tree_leaves(value):
+                    if isinstance(t, torch.Tensor):
+                        self.written.add(t.untyped_storage().data_ptr())
+        inputs = {t.untyped_storage().data_ptr() for t in tree_leaves((args, kwargs))
+                  if isinstance(t, torch.Tensor)}
+        out = func(*args, **(kwargs or {}))
+        self.alive.append(out)
+        for t in tree_leaves(out):  # a new storage, not a view or an in-place result
+            if isinstance(t, torch.Tensor) and t.untyped_storage().data_ptr() not in inputs:
+                self.allocated.add(t.untyped_storage().data_ptr())
+        return out
+
+
+def _training_objects(optimizer_name):
+    torch.manual_seed(0)
+    an = anfast.adjoin("resnet18", alpha=4, policy="paper", num_classes=5, input_size=(3, 16, 16))
+    decay = [p for p in an.parameters() if p.ndim > 1]
+    rest = [p for p in an.parameters() if p.ndim <= 1]
+    groups = [{"params": decay, "weight_decay": 1e-4}, {"params": rest, "weight_decay": 0.0}]
+    optimizer = (torch.optim.SGD(groups, lr=0.1, momentum=0.9, fused=True) if optimizer_name == "sgd"
+                 else torch.optim.AdamW(groups, lr=1e-3, fused=True))
+    for p in decay + rest if optimizer_name == "sgd" else ():
+        optimizer.state[p]["momentum_buffer"] = torch.zeros_like(p)
+    ema = torch.optim.swa_utils.AveragedModel(
+        an, multi_avg_fn=torch.optim.swa_utils.get_ema_multi_avg_fn(0.9), use_buffers=True)
+    meter = StepMeter(torch.device("cpu"), max_bad_steps=0, step=0)
+    return an, optimizer, ema, meter
+
+
+def _step(an, optimizer, ema, meter, lambda_):
+    return functools.partial(
+        train_step, an, loss_fn=lambda out, target: AdjoinedLoss()(out, target, lambda_),
+        optimizer=optimizer, scaler=torch.amp.GradScaler("cpu", enabled=False),
+        parameters=list(an.parameters()), amp_dtype=None, clip_grad=1.0,
+        update_ema=functools.partial(ema_update, ema, an, decay=0.9), meter=meter)
+
+
+@pytest.mark.parametrize("optimizer_name", ["sgd", "adamw"])
+def test_every_tensor_a_step_writes_is_restored_after_the_warm_up(optimizer_name):
+    """A step after the first (optimizer state exists) under a recorder: every storage it
+    writes in place that it did not allocate itself must be in step_state_tensors."""
+    an, optimizer, ema, meter = _training_objects(optimizer_name)
+    tensor_learning_rates(optimizer, torch.device("cpu"))
+    lambda_ = torch.tensor(0.5)
+    step = _step(an, optimizer, ema, meter, lambda_)
+    images, labels = torch.randn(4, 3, 16, 16), torch.tensor([0, 1, 2, 4])
+    step(images, labels)
+    recorder = WriteRecorder()
+    with recorder:
+        step(images, labels)
+    restored = {t.untyped_storage().data_ptr() for t in step_state_tensors(an, optimizer, ema, meter)}
+    missing = recorder.written - recorder.allocated - restored
+    assert not missing, f"{len(missing)} written storages would keep the warm-up's values"
+
+
+def test_a_tensor_learning_rate_and_lambda_give_the_steps_of_floats():
+    """What the captured step reads from the device equals what the eager step bakes in."""
+    runs = []
+    for as_tensor in (False, True):
+        an, optimizer, ema, meter = _training_objects("sgd")
+        lambda_ = torch.tensor(0.5) if as_tensor else 0.5
+        if as_tensor:
+            tensor_learning_rates(optimizer, torch.device("cpu"))
+        step = _step(an, optimizer, ema, meter, lambda_)
+        for lr in (0.1, 0.05):
+            set_learning_rate(optimizer, lr)
+            step(torch.ones(4, 3, 16, 16), torch.tensor([0, 1, 2, 4]))
+        runs.append([p.detach().clone() for p in an.parameters()])
+    for eager, tensor_lr in zip(*runs):
+        assert torch.equal(eager, tensor_lr)
+
+
+def test_capture_refuses_a_cpu_batch():
+    with pytest.raises(ValueError, match="--cuda-graphs needs a CUDA device; the batch is on cpu"):
+        CapturedStep(lambda images, labels: None, torch.zeros(2, 3), torch.zeros(2), state=[])
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_captured_steps_continue_exactly_like_eager_steps():
+    """Three replays from the state three eager steps started from: the same weights,
+    BatchNorm statistics, EMA and meter sums (within bf16-free fp32 rounding)."""
+    device = torch.device("cuda")
+    results = []
+    for captured in (False, True):
+        an, optimizer, ema, meter = _training_objects("sgd")
+        an.to(device), ema.to(device)
+        for state in optimizer.state.values():
+            state["momentum_buffer"] = state["momentum_buffer"].to(device)
+        meter = StepMeter(device, max_bad_steps=0, step=0)
+        tensor_learning_rates(optimizer, device)
+        lambda_ = torch.tensor(0.5, device=device)
+        step = _step(an, optimizer, ema, meter, lambda_)
+        torch.manual_seed(1)
+        batches = [(torch.randn(8, 3, 16, 16, device=device), torch.randint(0, 5, (8,), device=device))
+                   for _ in range(3)]
+        if captured:
+            step = CapturedStep(step, *batches[0], state=step_state_tensors(an, optimizer, ema, meter))
+        for index, batch in enumerate(batches):
+            set_learning_rate(optimizer, 0.1 / (index + 1))
+            step(*batch)
+        torch.cuda.synchronize()
+        results.append((list(an.state_dict().values()), list(ema.state_dict().values()), meter.read()))
+    (model_1, ema_1, read_1), (model_2, ema_2, read_2) = results
+    for a, b in zip(model_1 + ema_1, model_2 + ema_2):
+        if a.is_floating_point():
+            assert_close_rel(b, a, 1e-5)
+        else:
+            assert torch.equal(a, b)
+    assert read_1["step"] == read_2["step"] == 3
+    assert abs(read_1["loss_sum"] - read_2["loss_sum"]) <= 1e-5 * abs(read_1["loss_sum"])
