@@ -2,6 +2,8 @@
 checks the schedule like a race detector (every tensor a network reads was written on
 its stream or handed over to it) and the numbers against one stream."""
 
+import json
+
 import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
@@ -148,3 +150,31 @@ def test_cuda_streams_match_one_stream():
     for name in grads[0]:
         assert_close_rel(grads[1][name], grads[0][name], 1e-5, name)
     assert torch.cuda.current_stream() == torch.cuda.default_stream()
+
+
+def test_train_with_streams_on_the_cpu_gives_the_run_of_one_stream(tmp_path):
+    """`anfast train --streams 2` on the CPU: the same code path, so the same run."""
+    from anfast.train.loop import fit
+    from test_train_config import make_image_folder, tiny_config
+
+    data = make_image_folder(tmp_path / "data")
+    rows = {}
+    for streams in (1, 2):
+        summary = fit(tiny_config(data, tmp_path / f"s{streams}", streams=streams, epochs=2))
+        assert summary["streams"] == streams and summary["cuda_graphs"]["mode"] == "off"
+        rows[streams] = [json.loads(line) for line in (tmp_path / f"s{streams}" / "metrics.jsonl")
+                         .read_text().splitlines()]
+    pick = lambda row: (row["train_loss"], row["base"], row["student"])  # noqa: E731
+    assert [pick(r) for r in rows[1]] == [pick(r) for r in rows[2]]
+
+
+def test_cuda_graphs_on_the_cpu_is_refused_before_anything_is_written(tmp_path):
+    from anfast.train.config import ConfigError
+    from anfast.train.loop import fit
+    from test_train_config import make_image_folder, tiny_config
+
+    data = make_image_folder(tmp_path / "data")
+    with pytest.raises(ConfigError, match=r"--cuda-graphs captures the step on a CUDA device and the "
+                                          r"device is cpu; leave --cuda-graphs out"):
+        fit(tiny_config(data, tmp_path / "run", cuda_graphs=True))
+    assert not (tmp_path / "run" / "config.yaml").exists()

@@ -57,6 +57,9 @@ def check_environment(config: TrainConfig, device: torch.device) -> None:
         if device.type != "cuda":
             raise ConfigError(f"--optimizer lamb (apex FusedLAMB) runs on CUDA only and the "
                               f"device is {device}; use --optimizer adamw")
+    if config.cuda_graphs and device.type != "cuda":
+        raise ConfigError(f"--cuda-graphs captures the step on a CUDA device and the device is "
+                          f"{device}; leave --cuda-graphs out")
     if config.sync_bn and device.type != "cuda":
         raise ConfigError(f"--sync-bn needs CUDA (SyncBatchNorm) and the device is {device}; "
                           f"leave --sync-bn out")

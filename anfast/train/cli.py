@@ -79,6 +79,12 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
              "CUDA graphs (on the CPU it falls back to default) (default: off)")
     add("--no-compile", dest="compile", action="store_const", const=False,
         help="run eagerly (overrides a YAML compile:)")
+    add("--streams", type=int,
+        help=f"CUDA streams: 1, or one per network (the base and each student) so the students' "
+             f"kernels run beside the base's; eager mode only {_default('streams')}")
+    add("--cuda-graphs", action=argparse.BooleanOptionalAction,
+        help=f"capture the whole training step (forward, backward, optimizer) as one CUDA graph "
+             f"and replay it; CUDA, one process, no --compile {_default('cuda_graphs')}")
     add("--loader", choices=LOADER_CHOICES, help=f"input pipeline {_default('loader')}")
     add("--workers", type=int, help=f"loader worker processes / threads {_default('workers')}")
     add("--image-size", type=int, help=f"train crop and val size in pixels {_default('image_size')}")

@@ -72,6 +72,8 @@ class TrainConfig:
     amp: str = "auto"                     # auto: bf16 on CUDA, off on CPU
     channels_last: bool = False
     compile: Union[bool, str] = False     # a COMPILE_CHOICES mode; True means "default"
+    streams: int = 1                      # CUDA streams: 1, or one per network (anfast.nn.streams)
+    cuda_graphs: bool = False             # the whole step as one CUDA graph (anfast.train.graphs)
     loader: str = "auto"
     workers: int = 2
     image_size: int = 32
@@ -133,6 +135,7 @@ class TrainConfig:
             except ValueError as error:
                 raise ConfigError(str(error)) from None
         compile_mode(self.compile)
+        self._check_step_engine()
         for name in ("epochs", "batch_size", "accum_steps", "image_size", "round_to", "log_interval",
                      "synthetic_steps"):
             if getattr(self, name) < 1:
@@ -186,6 +189,30 @@ class TrainConfig:
                               f".safetensors / .pt file or an anfast export folder (anfast never downloads)")
         return self
 
+    def _check_step_engine(self) -> None:
+        """--streams and --cuda-graphs against each other and the options they cannot run with."""
+        networks = len(self.alpha) + 1
+        if self.streams not in (1, networks):
+            raise ConfigError(f"streams={self.streams}: use 1 (one stream) or {networks} (one per "
+                              f"network: the base and {networks - 1} student(s))")
+        if self.streams > 1 and compile_mode(self.compile) is not None:
+            raise ConfigError("--streams runs the students on their own CUDA streams in eager mode; "
+                              "torch.compile schedules the one graph itself: leave out --streams or --compile")
+        if not self.cuda_graphs:
+            return
+        refusals = [
+            (compile_mode(self.compile) is not None,
+             "--compile (use --compile reduce-overhead for inductor's CUDA graphs, or --cuda-graphs alone)"),
+            (self.accum_steps > 1, "--accum-steps > 1 (capture one micro-batch per step)"),
+            (self.optimizer == "lamb", "--optimizer lamb (apex FusedLAMB reads its step count on the "
+                                       "host; use sgd or adamw)"),
+            (self.amp == "fp16", "--amp fp16 (GradScaler; use --amp bf16)"),
+            (self.streams > 1, "--streams (a captured step runs on one stream)"),
+        ]
+        for refused, why in refusals:
+            if refused:
+                raise ConfigError(f"--cuda-graphs cannot run with {why}")
+
 
 # A resumed run continues the run it resumes, as if never stopped: these options shape its
 # network, data stream or optimizer steps and must be what the run was started with.
@@ -196,8 +223,8 @@ RESUME_FIXED = ("num_classes", "synthetic_steps", "arch", "alpha", "policy", "ro
                 "image_size", "seed", "ema", "ema_decay", "sync_bn")
 # Options a resumed run takes from its command line: where and how it runs, not what it computes.
 # arch_config may name another copy of the same file (its widths are checked by loading the weights).
-RESUME_FREE = ("data", "arch_config", "channels_last", "compile", "loader", "workers", "out", "resume",
-               "overwrite", "device", "backend", "log_interval", "max_bad_steps", "pretrained",
+RESUME_FREE = ("data", "arch_config", "channels_last", "compile", "streams", "cuda_graphs", "loader",
+               "workers", "out", "resume", "overwrite", "device", "backend", "log_interval", "max_bad_steps", "pretrained",
                "pretrained_skip_classifier")
 
 

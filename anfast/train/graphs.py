@@ -28,7 +28,8 @@ import torch
 
 from anfast.train.checkpoint import get_rng_state, set_rng_state
 
-__all__ = ["CapturedStep", "tensor_learning_rates", "set_learning_rate", "step_state_tensors"]
+__all__ = ["CapturedStep", "tensor_learning_rates", "set_learning_rate", "step_state_tensors",
+           "cudagraph_skips"]
 
 
 def tensor_learning_rates(optimizer: torch.optim.Optimizer, device: torch.device) -> None:
@@ -66,6 +67,16 @@ def step_state_tensors(*holders) -> List[torch.Tensor]:
             tensors += list(holder.state_tensors())
     unique = {id(t): t for t in tensors}
     return list(unique.values())
+
+
+def cudagraph_skips() -> int:
+    """How many compiled graphs torch.compile(mode="reduce-overhead") has run without a CUDA
+    graph in this process: inductor skips those that mutate their inputs (BatchNorm's
+    running statistics under some versions), copy to the CPU, or have dynamic shapes, and
+    says so only under TORCH_LOGS=perf_hints."""
+    from torch._dynamo.utils import counters
+
+    return int(counters["inductor"].get("cudagraph_skips", 0))
 
 
 class CapturedStep:

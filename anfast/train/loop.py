@@ -50,6 +50,8 @@ from anfast.train.distributed import (DistributedInfo, all_reduce_sum, any_rank,
                                       destroy_distributed, init_distributed)
 from anfast.train.evaluate import evaluate, format_table, network_costs
 from anfast.train.export import ARCH_CONFIG_COPY, export_networks
+from anfast.train.graphs import (CapturedStep, cudagraph_skips, set_learning_rate, step_state_tensors,
+                                 tensor_learning_rates)
 from anfast.train.loss import AdjoinedLoss, get_lambda_schedule
 from anfast.train.pretrained import load_pretrained
 from anfast.train.records import MetricsLog, plot_curves, plot_tradeoff
@@ -273,6 +275,11 @@ def _fit(config: TrainConfig, info: DistributedInfo, should_stop: Optional[Calla
         an = an.to(memory_format=torch.channels_last)
     _check_backend(an, config, device, amp_dtype)
     prepare_backends(an, config.backend, config.batch_size, config.image_size, amp_dtype)
+    if config.streams > 1:
+        anfast.nn.use_streams(an, config.streams)
+    if config.cuda_graphs and info.world_size > 1:
+        raise ConfigError(f"--cuda-graphs captures one process's step; this run has {info.world_size} "
+                          f"processes (DDP's all-reduce is not captured): leave --cuda-graphs out")
     optimizer = create_optimizer(an, config, device)
     scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
     # Its own update (step.ema_update) replaces update_parameters: same numbers, no host reads.
@@ -396,9 +403,19 @@ def _fit(config: TrainConfig, info: DistributedInfo, should_stop: Optional[Calla
                 f"fp16 / off, or allow skipped steps with --max-bad-steps")
         return values
 
+    # --cuda-graphs: what changes between steps lives on the device (anfast.train.graphs);
+    # the step is captured on the first batch and replayed from then on.
+    captured_step = None
+    meter = None
+    reported_skips = 0  # compiled graphs that reduce-overhead ran without a CUDA graph
+    lambda_on_device = torch.zeros((), device=device) if config.cuda_graphs else None
+    if config.cuda_graphs:
+        tensor_learning_rates(optimizer, device)
     while state["epoch"] < config.epochs:
         epoch = state["epoch"]
         lambda_ = lambda_schedule(epoch / config.epochs)
+        if lambda_on_device is not None:
+            lambda_on_device.fill_(lambda_)
         train_loader.set_epoch(epoch)
         model.train()
         epoch_start = time.perf_counter() - state["epoch_seconds"]
@@ -406,10 +423,12 @@ def _fit(config: TrainConfig, info: DistributedInfo, should_stop: Optional[Calla
                    desc=f"epoch {epoch + 1}/{config.epochs}", leave=False,
                    disable=None if info.is_main else True)
         stopped = False
-        meter = StepMeter(device, max_bad_steps=config.max_bad_steps, step=state["step"],
-                          bad_steps=state["bad_steps"], loss_sum=state["epoch_loss_sum"],
-                          grad_norm_sum=state["epoch_grad_norm_sum"],
-                          good_steps=state["epoch_good_steps"])
+        sums = dict(step=state["step"], bad_steps=state["bad_steps"], loss_sum=state["epoch_loss_sum"],
+                    grad_norm_sum=state["epoch_grad_norm_sum"], good_steps=state["epoch_good_steps"])
+        if meter is None or captured_step is None:
+            meter = StepMeter(device, max_bad_steps=config.max_bad_steps, **sums)
+        else:
+            meter.restart(**sums)  # the captured step writes this meter's sums
         batches = enumerate(train_loader)
         for batch_index, (images, labels) in batches:
             # A run resumed mid-epoch replays the loader to where it stopped and restores
@@ -421,8 +440,7 @@ def _fit(config: TrainConfig, info: DistributedInfo, should_stop: Optional[Calla
                 continue
             lr = lr_at(state["step"], total_steps=total_steps, warmup_steps=warmup_steps,
                        base_lr=config.lr, min_lr=config.min_lr)
-            for group in optimizer.param_groups:
-                group["lr"] = lr
+            set_learning_rate(optimizer, lr)
             # This step's further micro-batches, drawn from the same iterator one at a time.
             micro_batches = min(accum, batches_per_epoch - batch_index)
             images_seen = [labels.numel()]
@@ -433,11 +451,20 @@ def _fit(config: TrainConfig, info: DistributedInfo, should_stop: Optional[Calla
                     seen.append(more_labels.numel())
                     yield more_images, more_labels
 
-            train_step(model, images, labels,
-                       loss_fn=lambda out, target: loss_fn(out, target, lambda_),
-                       optimizer=optimizer, scaler=scaler, parameters=parameters,
-                       amp_dtype=amp_dtype, clip_grad=config.clip_grad, update_ema=update_ema,
-                       meter=meter, more_batches=more_batches(), accumulate=micro_batches)
+            distill_weight = lambda_on_device if lambda_on_device is not None else lambda_
+            step_options = dict(loss_fn=lambda out, target: loss_fn(out, target, distill_weight),
+                                optimizer=optimizer, scaler=scaler, parameters=parameters,
+                                amp_dtype=amp_dtype, clip_grad=config.clip_grad, update_ema=update_ema,
+                                meter=meter)
+            if config.cuda_graphs:
+                if captured_step is None:
+                    captured_step = CapturedStep(functools.partial(train_step, model, **step_options),
+                                                 images, labels,
+                                                 state=step_state_tensors(an, optimizer, ema, meter))
+                captured_step(images, labels)
+            else:
+                train_step(model, images, labels, **step_options, more_batches=more_batches(),
+                           accumulate=micro_batches)
             state["step"] += 1
             state["batches_done"] = batch_index + micro_batches
             state["epoch_images"] += sum(images_seen) * info.world_size
@@ -455,6 +482,13 @@ def _fit(config: TrainConfig, info: DistributedInfo, should_stop: Optional[Calla
                                     lr=f"{lr:.3g}", bad_steps=values["bad_steps"])
         bar.close()
         read_meter(meter)  # at the epoch's end or a stop
+        skips = cudagraph_skips()
+        if mode == "reduce-overhead" and skips > reported_skips:
+            _say(info, f"anfast train: torch.compile reduce-overhead ran {skips} compiled graph(s) "
+                       f"without CUDA graphs (inductor skips a graph that mutates its inputs, "
+                       f"BatchNorm's running statistics among them; TORCH_LOGS=perf_hints says why); "
+                       f"--cuda-graphs captures the whole eager step instead")
+            reported_skips = skips
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         state["epoch_seconds"] = time.perf_counter() - epoch_start
@@ -588,7 +622,20 @@ def _summary(config: TrainConfig, state: Dict[str, Any], eval_model: torch.nn.Mo
         "world_size": info.world_size,
         "ema": config.ema,
         "backends": layer_backends(eval_model, config.batch_size, config.image_size, amp_dtype),
+        "streams": config.streams,
+        "cuda_graphs": _cuda_graphs_summary(config, device),
     }
+
+
+def _cuda_graphs_summary(config: TrainConfig, device: torch.device) -> Dict[str, Any]:
+    """How the run used CUDA graphs: the whole captured step, inductor's (with the number
+    of compiled graphs it ran without one), or none."""
+    mode, _ = resolve_compile(compile_mode(config.compile), device)
+    if config.cuda_graphs:
+        return {"mode": "whole step (--cuda-graphs)", "graphs_skipped": 0}
+    if mode == "reduce-overhead":
+        return {"mode": "torch.compile reduce-overhead", "graphs_skipped": cudagraph_skips()}
+    return {"mode": "off", "graphs_skipped": 0}
 
 
 def _say(info: DistributedInfo, message: str) -> None:

@@ -161,8 +161,16 @@ class StepMeter:
     def __init__(self, device: torch.device, *, max_bad_steps: int, step: int, bad_steps: int = 0,
                  loss_sum: float = 0.0, grad_norm_sum: float = 0.0, good_steps: int = 0):
         self.max_bad_steps = max_bad_steps
+        self._sums = torch.empty(6, dtype=torch.float64, device=device)
+        self.restart(step=step, bad_steps=bad_steps, loss_sum=loss_sum, grad_norm_sum=grad_norm_sum,
+                     good_steps=good_steps)
+
+    def restart(self, *, step: int, bad_steps: int = 0, loss_sum: float = 0.0,
+                grad_norm_sum: float = 0.0, good_steps: int = 0) -> None:
+        """Start a new epoch's sums in the same device tensor (a captured step keeps
+        writing the tensor it was captured with)."""
         values = [loss_sum, grad_norm_sum, good_steps, bad_steps, step, -1]
-        self._sums = torch.tensor(values, dtype=torch.float64, device=device)
+        self._sums.copy_(torch.tensor(values, dtype=torch.float64))
         self._last_read = {"loss_sum": loss_sum, "grad_norm_sum": grad_norm_sum,
                            "good_steps": good_steps}
 
