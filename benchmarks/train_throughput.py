@@ -9,10 +9,17 @@ Providers, all with fused SGD, the same model, data and precision:
   base          torchvision model, cross-entropy
   anfast        anfast.adjoin(model, alpha, policy) + anfast.AdjoinedLoss, backend auto
   anfast_torch  the same with backend="torch" (two cuDNN / ATen convs, no fused kernel)
+  anfast_aten   the same adjoined network with every AdjoinedConv2d's forward replaced by
+                F.conv2d per network on its weight slice: what the op path costs beyond
+                the two convolutions themselves (its checks, the backend choice)
+  anfast_streams  anfast with each student on its own CUDA stream (anfast.nn.use_streams;
+                on the CPU the same path as anfast)
   masked        the base plus a full-width student that shares the conv / linear modules
                 (so the same weights), has its own BatchNorms, and multiplies every shrunk
                 conv's output by a 0/1 channel mask of width(C, alpha); same AdjoinedLoss
-and each again under torch.compile per --compile mode ("+default", "+reduce-overhead").
+and each again per --compile mode: torch.compile modes ("+default", "+reduce-overhead"),
+and "graphs", the whole eager step captured as one CUDA graph (anfast.train.graphs, as
+`anfast train --cuda-graphs`; CUDA only, not for anfast_streams).
 
 Every step is the trainer's own (anfast.train.step.train_step: no host read inside)
 on `anfast train --data synthetic`'s batch (anfast.data.synthetic: one random batch
@@ -48,8 +55,10 @@ import torchvision
 
 import anfast
 from anfast.adjoin import PAPER_MIN_CHANNELS
+from anfast.nn import AdjoinedConv2d
 from anfast.data.synthetic import DEFAULT_SYNTHETIC_CLASSES, synthetic_batch
 from anfast.train.config import COMPILE_CHOICES
+from anfast.train.graphs import CapturedStep, step_state_tensors, tensor_learning_rates
 from anfast.train.step import StepMeter, resolve_compile, train_step, warm_up
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -98,10 +107,31 @@ class MaskedAdjoined(nn.Module):
         return anfast.AdjoinedOutput(self.base(x), (self.student(x),))
 
 
-PROVIDERS = ("base", "anfast", "anfast_torch", "masked")
+PROVIDERS = ("base", "anfast", "anfast_torch", "anfast_aten", "anfast_streams", "masked")
+GRAPHS = "graphs"  # a --compile entry: the whole eager step as one CUDA graph
 # (numerator, denominator) of the img/s ratios reported per compile mode.
 RATIOS = (("anfast", "masked"), ("anfast_torch", "masked"), ("anfast", "anfast_torch"), ("anfast", "base"),
-          ("anfast_torch", "base"), ("masked", "base"))
+          ("anfast_torch", "base"), ("masked", "base"), ("anfast", "anfast_aten"), ("anfast_aten", "base"), ("anfast_streams", "base"),
+          ("anfast_streams", "anfast"))
+
+
+def _aten_forward(conv: AdjoinedConv2d, x_base: torch.Tensor, *x_students: torch.Tensor):
+    """AdjoinedConv2d's outputs from plain F.conv2d on each network's weight slice."""
+    if conv.input_shared:
+        y_base = F.conv2d(x_base, conv.weight, conv.bias, conv.stride, conv.padding, conv.dilation,
+                          conv.groups)
+        return (y_base, *(y_base[:, :c] for c in conv.student_out_channels))
+    return tuple(F.conv2d(x, *conv.network_weight(n)[:2], conv.stride, conv.padding, conv.dilation,
+                          conv.network_weight(n)[2])
+                 for n, x in enumerate((x_base, *x_students)))
+
+
+def aten_adjoined(network: nn.Module) -> nn.Module:
+    """``network`` with each adjoined conv computed by plain aten convolutions."""
+    for module in network.modules():
+        if isinstance(module, AdjoinedConv2d):
+            module.forward = functools.partial(_aten_forward, module)
+    return network
 
 
 def build_providers(arch: str, alpha: float, num_classes: int, input_size, policy: str = "paper"
@@ -112,15 +142,18 @@ def build_providers(arch: str, alpha: float, num_classes: int, input_size, polic
     """
     torch.manual_seed(0)
     base = torchvision.models.get_model(arch, weights=None, num_classes=num_classes)
-    adjoined = {backend: anfast.adjoin(copy.deepcopy(base), alpha=alpha, policy=policy, round_to=8,
-                                       input_size=input_size, backend=backend)
-                for backend in (None, "torch")}
+    adjoined = {key: anfast.adjoin(copy.deepcopy(base), alpha=alpha, policy=policy, round_to=8,
+                                   input_size=input_size, backend=backend)
+                for key, backend in ((None, None), ("torch", "torch"), ("aten", "torch"),
+                                     ("streams", None))}
     masked = MaskedAdjoined(copy.deepcopy(base), alpha, 8)
     adjoined_loss = functools.partial(anfast.AdjoinedLoss(), lambda_=1.0)
     return {
         "base": (base, F.cross_entropy),
         "anfast": (adjoined[None], adjoined_loss),
         "anfast_torch": (adjoined["torch"], adjoined_loss),
+        "anfast_aten": (aten_adjoined(adjoined["aten"]), adjoined_loss),
+        "anfast_streams": (anfast.nn.use_streams(adjoined["streams"], 2), adjoined_loss),
         "masked": (masked, adjoined_loss),
     }
 
@@ -148,11 +181,13 @@ def main() -> None:
     parser.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=None,
                         help="NHWC activations (default: on CUDA only)")
     parser.add_argument("--compile", default="off",
-                        help=f"comma list of off and torch.compile modes {list(COMPILE_CHOICES)}; "
-                             f"each mode times every provider again (default: off)")
-    parser.add_argument("--providers", default=",".join(PROVIDERS),
-                        help=f"comma list of {', '.join(PROVIDERS)} (default: all); the ratios "
-                             f"that need a provider left out are not computed")
+                        help=f"comma list of off, torch.compile modes {list(COMPILE_CHOICES)} and "
+                             f"{GRAPHS} (CUDA graphs of the eager step); each mode times every "
+                             f"provider again (default: off)")
+    parser.add_argument("--providers", default=None,
+                        help=f"comma list of {', '.join(PROVIDERS)} (default: all; on the CPU all "
+                             f"but anfast_streams, which is anfast there); the ratios that need a "
+                             f"provider left out are not computed")
     parser.add_argument("--warmup", type=int, default=3, help="untimed steps per provider")
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--steps", type=int, default=2, help="timed steps per provider per round")
@@ -163,10 +198,15 @@ def main() -> None:
     device = torch.device(args.device)
     on_cuda = device.type == "cuda"
     modes = [mode.strip() for mode in args.compile.split(",") if mode.strip()]
-    unknown = sorted(set(modes) - {"off", *COMPILE_CHOICES})
+    unknown = sorted(set(modes) - {"off", GRAPHS, *COMPILE_CHOICES})
     if unknown or not modes:
-        parser.error(f"--compile {args.compile}: use a comma list of off, {', '.join(COMPILE_CHOICES)}")
-    chosen = [name.strip() for name in args.providers.split(",") if name.strip()]
+        parser.error(f"--compile {args.compile}: use a comma list of off, {GRAPHS}, "
+                     f"{', '.join(COMPILE_CHOICES)}")
+    if GRAPHS in modes and not on_cuda:
+        parser.error(f"--compile {GRAPHS} captures CUDA graphs; it needs --device cuda")
+    default_providers = PROVIDERS if on_cuda else tuple(p for p in PROVIDERS if p != "anfast_streams")
+    chosen = [name.strip() for name in (args.providers or ",".join(default_providers)).split(",")
+              if name.strip()]
     if not chosen or set(chosen) - set(PROVIDERS):
         parser.error(f"--providers {args.providers}: use a comma list of {', '.join(PROVIDERS)}")
     image_size = args.image_size or (224 if on_cuda else 64)
@@ -182,24 +222,31 @@ def main() -> None:
     scaler = torch.amp.GradScaler(device.type, enabled=False)
     steps = {}
     for mode in modes:
-        compile_as, fallback = resolve_compile(None if mode == "off" else mode, device)
+        compile_as, fallback = resolve_compile(None if mode in ("off", GRAPHS) else mode, device)
         if fallback:
             print(fallback, flush=True)
         for name, (model, loss_fn) in providers.items():
+            if mode != "off" and name == "anfast_streams":
+                continue  # streams run eager kernels on several streams: not captured, not compiled
             model.to(device=device, memory_format=memory_format).train()
             optimizer = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9, fused=True)
             forward = model
-            if compile_as is not None:
+            if compile_as is not None or mode == GRAPHS:
                 warm_up(model, loss_fn, batch_size=batch_size, image_size=image_size,
                         num_classes=args.num_classes, channels_last=channels_last,
                         amp_dtype=amp_dtype, device=device)
+            if compile_as is not None:
                 forward = torch.compile(model, mode=compile_as)
             meter = StepMeter(device, max_bad_steps=0, step=0)
             key = name if mode == "off" else f"{name}+{mode}"
-            steps[key] = functools.partial(
-                train_step, forward, images, labels, loss_fn=loss_fn, optimizer=optimizer,
-                scaler=scaler, parameters=list(model.parameters()), amp_dtype=amp_dtype,
-                meter=meter)
+            step = functools.partial(
+                train_step, forward, loss_fn=loss_fn, optimizer=optimizer, scaler=scaler,
+                parameters=list(model.parameters()), amp_dtype=amp_dtype, meter=meter)
+            if mode == GRAPHS:
+                tensor_learning_rates(optimizer, device)
+                step = CapturedStep(step, images, labels,
+                                    state=step_state_tensors(model, optimizer, meter))
+            steps[key] = functools.partial(step, images, labels)
 
     load_before = os.getloadavg()
     for key, step in steps.items():  # also compiles, tunes and records CUDA graphs
@@ -222,18 +269,19 @@ def main() -> None:
     ratios = {}
     for mode in modes:
         suffix = "" if mode == "off" else f"+{mode}"
-        speed = {name: rows[name + suffix]["images_per_second"] for name in providers}
+        speed = {name: rows[name + suffix]["images_per_second"] for name in providers
+                 if name + suffix in rows}
         for numerator, denominator in RATIOS:
             if numerator in speed and denominator in speed:
                 ratios[f"{numerator}_over_{denominator}{suffix}"] = speed[numerator] / speed[denominator]
         if "off" in modes and mode != "off":  # each provider compiled vs eager
-            for name in providers:
+            for name in speed:
                 ratios[f"{name}{suffix}_over_{name}"] = speed[name] / rows[name]["images_per_second"]
     result = {
         "benchmark": "train_throughput",
-        "question": "AN training img/s: anfast (student at real width; auto and torch backends) "
-                    "vs the authors' masked full-width student vs plain base training, eager "
-                    "and compiled",
+        "question": "AN training img/s: anfast (student at real width; auto and torch backends, "
+                    "pure aten convs, student streams) vs the authors' masked full-width student "
+                    "vs plain base training, eager, compiled and as whole-step CUDA graphs",
         **environment(device),
         "arch": args.arch, "alpha": args.alpha, "policy": "paper", "providers_run": chosen,
         "image_size": image_size,
