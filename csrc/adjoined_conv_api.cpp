@@ -3,12 +3,16 @@
 // Plain pybind11 functions taking at::Tensor; the custom op anfast::adjoined_conv2d
 // (anfast/ops/conv.py) calls them through anfast.ops.cuda_backend. Every input is
 // checked here, naming the argument, before a kernel sees it. Optional `out`
-// tensors let tests poison outputs and check that every element is written.
+// tensors let tests poison outputs and check that every element is written; `variant`
+// names the kernels' tile shape (variants() lists them; the tuner picks one per problem).
 //
 // The kernels read channels_last tensors whose channel counts are multiples of the
 // dtype's alignment (8 for 16-bit); inputs that are not are copied here (zero-padded
 // channels contribute nothing), and results are copied into outputs of another layout.
+#include <algorithm>
+#include <map>
 #include <optional>
+#include <string>
 #include <vector>
 
 #include <c10/cuda/CUDAStream.h>
@@ -142,6 +146,36 @@ void dispatch_dtype(at::ScalarType dtype, Fn&& fn) {
   }
 }
 
+// Kernel variants by name: the tile shape ("128x64x32"), then "-unsplit" where wgrad
+// keeps its reduction in one slice. The tuner (anfast.ops.tuning) times each per problem.
+constexpr const char* kUnsplit = "-unsplit";
+
+template <typename T>
+std::vector<std::string> variant_names() {
+  std::vector<std::string> names;
+  for (int tiles = 0; tiles < anfast::adjoined_conv2d_tile_count<T>(); ++tiles) {
+    const std::string tile = anfast::adjoined_conv2d_tile_name<T>(tiles);
+    names.push_back(tile);
+    names.push_back(tile + kUnsplit);
+  }
+  return names;
+}
+
+// The variant called `name` for the dtype; "" is the default (the largest tile, split).
+anfast::KernelVariant variant_named(const std::string& name, at::ScalarType dtype) {
+  anfast::KernelVariant variant;
+  if (name.empty()) return variant;
+  std::vector<std::string> names;
+  dispatch_dtype(dtype, [&](auto tag) { names = variant_names<typename decltype(tag)::type>(); });
+  const auto found = std::find(names.begin(), names.end(), name);
+  TORCH_CHECK(found != names.end(), "anfast._C: variant '", name, "' is not a ", dtype,
+              " kernel variant; choose one of ", c10::Join(", ", names), " (anfast._C.variants())");
+  const int index = static_cast<int>(found - names.begin());
+  variant.tiles = index / 2;
+  variant.split_wgrad = index % 2 == 0;
+  return variant;
+}
+
 int64_t round_up(int64_t value, int64_t multiple) { return (value + multiple - 1) / multiple * multiple; }
 
 // The shape the kernels run: every channel count rounded up to the dtype's alignment.
@@ -194,8 +228,9 @@ std::vector<at::Tensor> forward(const at::Tensor& x_base, const at::Tensor& x_st
                                 int64_t out_student, const std::vector<int64_t>& stride,
                                 const std::vector<int64_t>& padding,
                                 const std::optional<at::Tensor>& y_base_out,
-                                const std::optional<at::Tensor>& y_student_out) {
+                                const std::optional<at::Tensor>& y_student_out, const std::string& variant) {
   const anfast::AdjoinedConvShape s = conv_shape(x_base, x_student, weight, out_student, stride, padding);
+  const anfast::KernelVariant kernels = variant_named(variant, weight.scalar_type());
   if (bias.has_value()) {
     const at::Tensor& bias_tensor = *bias;
     CHECK_INPUT(bias_tensor, weight);
@@ -232,7 +267,8 @@ std::vector<at::Tensor> forward(const at::Tensor& x_base, const at::Tensor& x_st
     using T = typename decltype(tag)::type;
     const T* bias_ptr = bias.has_value() ? static_cast<const T*>(bias_padded.data_ptr()) : nullptr;
     C10_CUDA_CHECK(anfast::adjoined_conv2d_forward<T>(p, describe_nhwc(xb), describe_nhwc(xs), describe_nhwc(w),
-                                                      bias_ptr, describe_nhwc(yb), describe_nhwc(ys), stream));
+                                                      bias_ptr, describe_nhwc(yb), describe_nhwc(ys), stream,
+                                                      kernels));
   });
   finish(yb, y_base);
   finish(ys, y_student);
@@ -254,8 +290,9 @@ std::vector<at::Tensor> dgrad(const at::Tensor& grad_base, const at::Tensor& gra
                               const at::Tensor& weight, int64_t out_student,
                               const std::vector<int64_t>& stride, const std::vector<int64_t>& padding,
                               const std::optional<at::Tensor>& grad_x_base_out,
-                              const std::optional<at::Tensor>& grad_x_student_out) {
+                              const std::optional<at::Tensor>& grad_x_student_out, const std::string& variant) {
   const anfast::AdjoinedConvShape s = conv_shape(x_base, x_student, weight, out_student, stride, padding);
+  const anfast::KernelVariant kernels = variant_named(variant, weight.scalar_type());
   check_output_grads(grad_base, grad_student, weight, s);
   const c10::cuda::CUDAGuard device_guard(x_base.device());
   // empty_like keeps x's strides, as the backward op's fake implementation promises.
@@ -272,7 +309,7 @@ std::vector<at::Tensor> dgrad(const at::Tensor& grad_base, const at::Tensor& gra
   dispatch_dtype(weight.scalar_type(), [&](auto tag) {
     using T = typename decltype(tag)::type;
     C10_CUDA_CHECK(anfast::adjoined_conv2d_dgrad<T>(p, describe_nhwc(gb), describe_nhwc(gs), describe_nhwc(w),
-                                                    describe_nhwc(dxb), describe_nhwc(dxs), stream));
+                                                    describe_nhwc(dxb), describe_nhwc(dxs), stream, kernels));
   });
   finish(dxb, grad_x_base);
   finish(dxs, grad_x_student);
@@ -283,8 +320,9 @@ at::Tensor wgrad(const at::Tensor& grad_base, const at::Tensor& grad_student,
                  const at::Tensor& x_base, const at::Tensor& x_student, const at::Tensor& weight,
                  int64_t out_student, const std::vector<int64_t>& stride,
                  const std::vector<int64_t>& padding,
-                 const std::optional<at::Tensor>& grad_weight_out) {
+                 const std::optional<at::Tensor>& grad_weight_out, const std::string& variant) {
   const anfast::AdjoinedConvShape s = conv_shape(x_base, x_student, weight, out_student, stride, padding);
+  const anfast::KernelVariant kernels = variant_named(variant, weight.scalar_type());
   check_output_grads(grad_base, grad_student, weight, s);
   const c10::cuda::CUDAGuard device_guard(x_base.device());
   at::Tensor grad_weight = output_or(grad_weight_out, "grad_weight_out", weight.sizes(), weight,
@@ -297,15 +335,15 @@ at::Tensor wgrad(const at::Tensor& grad_base, const at::Tensor& grad_student,
   const bool padded = p.out_channels != s.out_channels || p.in_channels != s.in_channels;
   const at::Tensor dw = padded ? at::empty({p.out_channels, p.in_channels, s.kernel_h, s.kernel_w}, weight.options())
                                : grad_weight;
-  const size_t workspace_bytes = anfast::adjoined_conv2d_wgrad_workspace_bytes(p);
-  const at::Tensor workspace = at::empty({static_cast<int64_t>(workspace_bytes / sizeof(float))},
-                                         weight.options().dtype(at::kFloat));
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream().stream();
   dispatch_dtype(weight.scalar_type(), [&](auto tag) {
     using T = typename decltype(tag)::type;
+    const size_t workspace_bytes = anfast::adjoined_conv2d_wgrad_workspace_bytes<T>(p, kernels);
+    const at::Tensor workspace = at::empty({static_cast<int64_t>(workspace_bytes / sizeof(float))},
+                                           weight.options().dtype(at::kFloat));
     C10_CUDA_CHECK(anfast::adjoined_conv2d_wgrad<T>(p, describe_nhwc(gb), describe_nhwc(gs), describe_nhwc(xb),
                                                     describe_nhwc(xs), describe(dw), workspace.data_ptr(), workspace_bytes,
-                                                    stream));
+                                                    stream, kernels));
   });
   if (padded) grad_weight.copy_(dw.narrow(0, 0, s.out_channels).narrow(1, 0, s.in_channels));
   return grad_weight;
@@ -320,14 +358,20 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "(y_base, y_student) of the adjoined convolution; prefix channel map, groups=1, dilation=1",
         py::arg("x_base"), py::arg("x_student"), py::arg("weight"), py::arg("bias"),
         py::arg("out_student"), py::arg("stride"), py::arg("padding"),
-        py::arg("y_base_out") = py::none(), py::arg("y_student_out") = py::none());
+        py::arg("y_base_out") = py::none(), py::arg("y_student_out") = py::none(), py::arg("variant") = "");
   m.def("dgrad", &dgrad, "(grad_x_base, grad_x_student), one launch", py::arg("grad_base"),
         py::arg("grad_student"), py::arg("x_base"), py::arg("x_student"), py::arg("weight"),
         py::arg("out_student"), py::arg("stride"), py::arg("padding"),
-        py::arg("grad_x_base_out") = py::none(), py::arg("grad_x_student_out") = py::none());
+        py::arg("grad_x_base_out") = py::none(), py::arg("grad_x_student_out") = py::none(),
+        py::arg("variant") = "");
   m.def("wgrad", &wgrad,
         "grad_weight with the student's gradient summed into its leading block, one launch",
         py::arg("grad_base"), py::arg("grad_student"), py::arg("x_base"), py::arg("x_student"),
         py::arg("weight"), py::arg("out_student"), py::arg("stride"), py::arg("padding"),
-        py::arg("grad_weight_out") = py::none());
+        py::arg("grad_weight_out") = py::none(), py::arg("variant") = "");
+  m.def("variants", [] {
+    return std::map<std::string, std::vector<std::string>>{
+        {"float32", variant_names<float>()}, {"float16", variant_names<__half>()},
+        {"bfloat16", variant_names<__nv_bfloat16>()}};
+  }, "{dtype name: kernel variant names}; the first of each is the default (variant='')");
 }

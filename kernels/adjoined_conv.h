@@ -49,6 +49,24 @@ struct AdjoinedConvShape {
   int out_width() const { return (width + 2 * pad_w - kernel_w) / stride_w + 1; }
 };
 
+// Which kernels a launcher runs: one of the element type's tile shapes, and whether
+// wgrad may split its reduction. The best choice depends on the problem (a 64-channel
+// conv fills half of a 128-wide tile with zeros), so anfast's tuner times every
+// variant per problem and passes the fastest; the default is the largest tile, split.
+struct KernelVariant {
+  int tiles = 0;            // index of a tile shape: 0 <= tiles < adjoined_conv2d_tile_count<T>()
+  bool split_wgrad = true;  // split wgrad's reduction when its dW tiles underfill the GPU
+};
+
+// How many tile shapes element type T has (3 for 16-bit types, 1 for fp32).
+template <typename T>
+int adjoined_conv2d_tile_count();
+
+// The forward / dgrad threadblock tile of shape `tiles` as "MxNxK" (wgrad's dW tile is
+// N output channels x 64 columns); an empty string for an index T does not have.
+template <typename T>
+const char* adjoined_conv2d_tile_name(int tiles);
+
 // Why a shape cannot run with element type T, or nullptr when it can. The launchers
 // return cudaErrorInvalidValue for such shapes; hosts call this first to say why.
 template <typename T>
@@ -61,8 +79,9 @@ const char* adjoined_conv2d_shape_error(const AdjoinedConvShape& shape);
 int adjoined_conv2d_wgrad_student_channels(const AdjoinedConvShape& shape);
 
 // Bytes of fp32 scratch that wgrad needs on the current device (the split-reduction
-// partial sums).
-size_t adjoined_conv2d_wgrad_workspace_bytes(const AdjoinedConvShape& shape);
+// partial sums) with `variant`.
+template <typename T>
+size_t adjoined_conv2d_wgrad_workspace_bytes(const AdjoinedConvShape& shape, KernelVariant variant = {});
 
 // y_base = conv(x_base, W) + bias; y_student = conv(x_student, W_s) + bias[:c_out].
 // bias may be nullptr. T is float (SIMT FMA), __half or __nv_bfloat16 (tensor cores);
@@ -70,36 +89,41 @@ size_t adjoined_conv2d_wgrad_workspace_bytes(const AdjoinedConvShape& shape);
 template <typename T>
 cudaError_t adjoined_conv2d_forward(const AdjoinedConvShape& shape, Tensor4d x_base,
                                     Tensor4d x_student, Tensor4d weight, const T* bias,
-                                    Tensor4d y_base, Tensor4d y_student, cudaStream_t stream);
+                                    Tensor4d y_base, Tensor4d y_student, cudaStream_t stream,
+                                    KernelVariant variant = {});
 
 // grad_x_base = dgrad(grad_y_base, W); grad_x_student = dgrad(grad_y_student, W_s).
 template <typename T>
 cudaError_t adjoined_conv2d_dgrad(const AdjoinedConvShape& shape, Tensor4d grad_y_base,
                                   Tensor4d grad_y_student, Tensor4d weight,
                                   Tensor4d grad_x_base, Tensor4d grad_x_student,
-                                  cudaStream_t stream);
+                                  cudaStream_t stream, KernelVariant variant = {});
 
 // grad_weight = wgrad(grad_y_base, x_base), plus the student's wgrad added into the
 // leading block, summed in one fp32 accumulator per tile (no second tensor, no atomics).
 // The reduction over batch x positions is split when the dW tiles underfill the GPU;
 // the slices are summed in a fixed order (deterministic). workspace: at least
-// adjoined_conv2d_wgrad_workspace_bytes(shape) bytes on the device.
+// adjoined_conv2d_wgrad_workspace_bytes<T>(shape, variant) bytes on the device.
 template <typename T>
 cudaError_t adjoined_conv2d_wgrad(const AdjoinedConvShape& shape, Tensor4d grad_y_base,
                                   Tensor4d grad_y_student, Tensor4d x_base, Tensor4d x_student,
                                   Tensor4d grad_weight, void* workspace, size_t workspace_bytes,
-                                  cudaStream_t stream);
+                                  cudaStream_t stream, KernelVariant variant = {});
 
-#define ANFAST_DECLARE_ADJOINED_CONV(T)                                                       \
-  extern template cudaError_t adjoined_conv2d_forward<T>(                                     \
-      const AdjoinedConvShape&, Tensor4d, Tensor4d, Tensor4d, const T*, Tensor4d, Tensor4d,   \
-      cudaStream_t);                                                                          \
-  extern template cudaError_t adjoined_conv2d_dgrad<T>(const AdjoinedConvShape&, Tensor4d,    \
-                                                       Tensor4d, Tensor4d, Tensor4d,          \
-                                                       Tensor4d, cudaStream_t);               \
-  extern template cudaError_t adjoined_conv2d_wgrad<T>(const AdjoinedConvShape&, Tensor4d,    \
-                                                       Tensor4d, Tensor4d, Tensor4d,          \
-                                                       Tensor4d, void*, size_t, cudaStream_t); \
+#define ANFAST_DECLARE_ADJOINED_CONV(T)                                                        \
+  extern template cudaError_t adjoined_conv2d_forward<T>(                                      \
+      const AdjoinedConvShape&, Tensor4d, Tensor4d, Tensor4d, const T*, Tensor4d, Tensor4d,    \
+      cudaStream_t, KernelVariant);                                                            \
+  extern template cudaError_t adjoined_conv2d_dgrad<T>(const AdjoinedConvShape&, Tensor4d,     \
+                                                       Tensor4d, Tensor4d, Tensor4d,           \
+                                                       Tensor4d, cudaStream_t, KernelVariant); \
+  extern template cudaError_t adjoined_conv2d_wgrad<T>(                                        \
+      const AdjoinedConvShape&, Tensor4d, Tensor4d, Tensor4d, Tensor4d, Tensor4d, void*,       \
+      size_t, cudaStream_t, KernelVariant);                                                    \
+  extern template size_t adjoined_conv2d_wgrad_workspace_bytes<T>(const AdjoinedConvShape&,    \
+                                                                  KernelVariant);              \
+  extern template int adjoined_conv2d_tile_count<T>();                                         \
+  extern template const char* adjoined_conv2d_tile_name<T>(int);                               \
   extern template const char* adjoined_conv2d_shape_error<T>(const AdjoinedConvShape&);
 ANFAST_DECLARE_ADJOINED_CONV(float)
 ANFAST_DECLARE_ADJOINED_CONV(__half)

@@ -4,6 +4,8 @@
 // GEMM view per network: m = (batch, out_row, out_col), n = output channel,
 // k = (tap_h, tap_w, input channel). The student's problem reads x_student and the
 // leading block W[:c_out, :c_in] in place (the base weight's strides).
+#include <string>
+
 #include "cutlass_conv.cuh"
 
 namespace anfast {
@@ -67,17 +69,30 @@ bool layouts_ok(const AdjoinedConvShape& s, const Tensor4d* weight, const Tensor
 }  // namespace detail
 
 template <typename T>
-cudaError_t adjoined_conv2d_forward(const AdjoinedConvShape& shape, Tensor4d x_base,
-                                    Tensor4d x_student, Tensor4d weight, const T* bias,
-                                    Tensor4d y_base, Tensor4d y_student, cudaStream_t stream) {
-  using Kernels = detail::ConvKernels<T>;
-  using Kernel = typename Kernels::Fprop;
-  using Element = typename Kernels::Element;
-  const Tensor4d inputs[2] = {x_base, x_student}, outputs[2] = {y_base, y_student};
-  if (adjoined_conv2d_shape_error<T>(shape) != nullptr ||
-      !detail::layouts_ok(shape, &weight, inputs, outputs, true))
-    return cudaErrorInvalidValue;
-  if (shape.batch == 0) return cudaSuccess;  // empty outputs (and no tile to count)
+int adjoined_conv2d_tile_count() {
+  return sizeof(T) == 2 ? detail::kTensorOpTileCount : 1;
+}
+
+template <typename T>
+const char* adjoined_conv2d_tile_name(int tiles) {
+  const char* name = "";
+  detail::with_tiles<T>(tiles, [&](auto config) {
+    using Tile = typename decltype(config)::Threadblock;
+    static const std::string text =
+        std::to_string(Tile::kM) + "x" + std::to_string(Tile::kN) + "x" + std::to_string(Tile::kK);
+    name = text.c_str();
+  });
+  return name;
+}
+
+namespace detail {
+namespace {
+
+template <typename T, typename Config>
+cudaError_t launch_forward(const AdjoinedConvShape& shape, const Tensor4d* inputs, const Tensor4d& weight,
+                           const T* bias, const Tensor4d* outputs, cudaStream_t stream) {
+  using Kernel = typename ConvKernels<T, Config>::Fprop;
+  using Element = typename CutlassElement<T>::type;
   // bias as the epilogue's source C: a tensor whose n, h, w strides are 0.
   const cutlass::TensorRef<Element, cutlass::layout::TensorNHWC> bias_ref(
       const_cast<Element*>(reinterpret_cast<const Element*>(bias)), cutlass::layout::TensorNHWC(0, 0, 0));
@@ -86,21 +101,44 @@ cudaError_t adjoined_conv2d_forward(const AdjoinedConvShape& shape, Tensor4d x_b
   const int out_c[2] = {shape.out_channels, shape.out_channels_student};
   typename Kernel::Arguments args[2];
   for (int net = 0; net < 2; ++net) {
-    args[net] = typename Kernel::Arguments(
-        detail::problem_size(shape, in_c[net], out_c[net], 1), detail::nhwc_ref<Element>(inputs[net]),
-        detail::nhwc_ref<Element>(weight), bias_ref, detail::nhwc_ref<Element>(outputs[net]),
-        {1.0f, beta});
+    args[net] = typename Kernel::Arguments(problem_size(shape, in_c[net], out_c[net], 1),
+                                           nhwc_ref<Element>(inputs[net]), nhwc_ref<Element>(weight), bias_ref,
+                                           nhwc_ref<Element>(outputs[net]), {1.0f, beta});
   }
-  const auto params = detail::fused_params<Kernel>(args[0], args[1]);
-  return detail::launch<Kernel>(detail::fused_conv_kernel<Kernel, false>,
-                                dim3(params.tiles[0] + params.tiles[1]), params, stream);
+  const auto params = fused_params<Kernel>(args[0], args[1]);
+  return launch<Kernel>(fused_conv_kernel<Kernel, false>, dim3(params.tiles[0] + params.tiles[1]), params,
+                        stream);
+}
+
+}  // namespace
+}  // namespace detail
+
+template <typename T>
+cudaError_t adjoined_conv2d_forward(const AdjoinedConvShape& shape, Tensor4d x_base,
+                                    Tensor4d x_student, Tensor4d weight, const T* bias,
+                                    Tensor4d y_base, Tensor4d y_student, cudaStream_t stream,
+                                    KernelVariant variant) {
+  const Tensor4d inputs[2] = {x_base, x_student}, outputs[2] = {y_base, y_student};
+  if (adjoined_conv2d_shape_error<T>(shape) != nullptr ||
+      !detail::layouts_ok(shape, &weight, inputs, outputs, true))
+    return cudaErrorInvalidValue;
+  cudaError_t status = cudaErrorInvalidValue;  // stays so for a tile index T does not have
+  detail::with_tiles<T>(variant.tiles, [&](auto config) {
+    // An empty batch has empty outputs (and no tile to count).
+    status = shape.batch == 0 ? cudaSuccess
+                              : detail::launch_forward<T, decltype(config)>(shape, inputs, weight, bias,
+                                                                            outputs, stream);
+  });
+  return status;
 }
 
 #define ANFAST_INSTANTIATE(T)                                                                  \
+  template int adjoined_conv2d_tile_count<T>();                                                \
+  template const char* adjoined_conv2d_tile_name<T>(int);                                      \
   template const char* adjoined_conv2d_shape_error<T>(const AdjoinedConvShape&);               \
   template cudaError_t adjoined_conv2d_forward<T>(const AdjoinedConvShape&, Tensor4d, Tensor4d, \
                                                   Tensor4d, const T*, Tensor4d, Tensor4d,       \
-                                                  cudaStream_t);
+                                                  cudaStream_t, KernelVariant);
 ANFAST_INSTANTIATE(float)
 ANFAST_INSTANTIATE(__half)
 ANFAST_INSTANTIATE(__nv_bfloat16)

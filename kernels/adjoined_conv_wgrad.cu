@@ -93,30 +93,66 @@ __global__ void wgrad_sum_slices_kernel(const float* workspace, int splits, int6
   }
 }
 
-template <typename T>
-using WgradKernel = typename ConvKernels<T>::Wgrad;
-
-// Every dtype's wgrad tile is 128 x 64, so the student column rule is dtype-free.
-constexpr int kWgradTileN = 64;
-static_assert(TensorOpConfig::WgradThreadblock::kN == kWgradTileN &&
-                  SimtConfig::WgradThreadblock::kN == kWgradTileN,
-              "adjoined_conv2d_wgrad_student_channels assumes one wgrad tile width");
-static_assert(TensorOpConfig::WgradThreadblock::kM == SimtConfig::WgradThreadblock::kM,
-              "wgrad_splits assumes one wgrad tile height");
-
-// Reduction slices: enough blocks for two waves, each slice at least 16 k-steps of 32.
-int wgrad_splits(const AdjoinedConvShape& s) {
+// Reduction slices: enough blocks for two waves of dW tiles of tile_m rows, each slice
+// at least 16 k-steps of 32; one slice when the variant does not split.
+int wgrad_splits(const AdjoinedConvShape& s, int tile_m, bool split) {
+  if (!split) return 1;
   int device = 0, sms = 1;
   if (cudaGetDevice(&device) != cudaSuccess ||
       cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device) != cudaSuccess)
     sms = 1;
   const int64_t columns = static_cast<int64_t>(s.kernel_h) * s.kernel_w * s.in_channels;
-  const int64_t tiles = ceil_div(s.out_channels, TensorOpConfig::WgradThreadblock::kM) *
-                        static_cast<int64_t>(ceil_div(columns, kWgradTileN));
+  const int64_t tiles = ceil_div(s.out_channels, tile_m) * static_cast<int64_t>(ceil_div(columns, kWgradTileN));
   const int64_t rows = static_cast<int64_t>(s.batch) * s.out_height() * s.out_width();
   const int64_t by_occupancy = ceil_div(2 * sms, tiles);
   const int64_t by_depth = rows / (16 * 32);
   return static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(by_occupancy, by_depth)));
+}
+
+// The reduction slices of `variant` (0 for a tile index T does not have).
+template <typename T>
+int wgrad_splits(const AdjoinedConvShape& s, KernelVariant variant) {
+  int splits = 0;
+  with_tiles<T>(variant.tiles, [&](auto config) {
+    splits = wgrad_splits(s, decltype(config)::WgradThreadblock::kM, variant.split_wgrad);
+  });
+  return splits;
+}
+
+template <typename T, typename Config>
+cudaError_t launch_wgrad(const AdjoinedConvShape& shape, const Tensor4d* grad_y, const Tensor4d* x,
+                         Tensor4d grad_weight, float* slices, int splits, cudaStream_t stream) {
+  using Kernel = typename ConvKernels<T, Config>::Wgrad;
+  using Element = typename CutlassElement<T>::type;
+  const int64_t slice = static_cast<int64_t>(shape.out_channels) * shape.kernel_h * shape.kernel_w *
+                        shape.in_channels;
+  WgradParams<Kernel> p;
+  const int in_c[2] = {shape.in_channels, shape.in_channels_student};
+  const int out_c[2] = {shape.out_channels, shape.out_channels_student};
+  for (int net = 0; net < 2; ++net) {
+    // The student's epilogue is never run: its D is the base's layout, for Params only.
+    const cutlass::TensorRef<float, cutlass::layout::TensorNHWC> out(
+        slices, cutlass::layout::TensorNHWC::packed({out_c[net], shape.kernel_h, shape.kernel_w, in_c[net]}));
+    typename Kernel::Arguments args(problem_size(shape, in_c[net], out_c[net], splits),
+                                    nhwc_ref<Element>(grad_y[net]), nhwc_ref<Element>(x[net]), out, out,
+                                    {1.0f, 0.0f}, cutlass::conv::SplitKMode::kParallel);
+    p.problem[net] = typename Kernel::Params(args);
+  }
+  const auto& tiled = p.problem[0].grid_tiled_shape;
+  p.tiles_m = cutlass::FastDivmod(tiled.m());
+  p.base_columns = cutlass::FastDivmod(shape.in_channels);
+  p.student_rows = shape.out_channels_student;
+  p.student_channels = shape.in_channels_student;
+  p.workspace = slices;
+  p.slice_elements = slice;
+  cudaError_t status = launch<Kernel>(wgrad_kernel<Kernel>, dim3(tiled.m() * tiled.n(), splits), p, stream);
+  if (status != cudaSuccess) return status;
+  constexpr int threads = 256;
+  const int blocks = static_cast<int>(std::min<int64_t>(ceil_div(slice, threads), 4096));
+  wgrad_sum_slices_kernel<T><<<blocks, threads, 0, stream>>>(
+      slices, splits, slice, grad_weight, static_cast<int>(slice), cutlass::FastDivmod(shape.in_channels),
+      cutlass::FastDivmod(shape.kernel_w), cutlass::FastDivmod(shape.kernel_h));
+  return cudaGetLastError();
 }
 
 }  // namespace
@@ -131,8 +167,9 @@ int adjoined_conv2d_wgrad_student_channels(const AdjoinedConvShape& s) {
   return s.in_channels;
 }
 
-size_t adjoined_conv2d_wgrad_workspace_bytes(const AdjoinedConvShape& s) {
-  return static_cast<size_t>(detail::wgrad_splits(s)) * s.out_channels * s.kernel_h * s.kernel_w *
+template <typename T>
+size_t adjoined_conv2d_wgrad_workspace_bytes(const AdjoinedConvShape& s, KernelVariant variant) {
+  return static_cast<size_t>(detail::wgrad_splits<T>(s, variant)) * s.out_channels * s.kernel_h * s.kernel_w *
          s.in_channels * sizeof(float);
 }
 
@@ -140,55 +177,29 @@ template <typename T>
 cudaError_t adjoined_conv2d_wgrad(const AdjoinedConvShape& shape, Tensor4d grad_y_base,
                                   Tensor4d grad_y_student, Tensor4d x_base, Tensor4d x_student,
                                   Tensor4d grad_weight, void* workspace, size_t workspace_bytes,
-                                  cudaStream_t stream) {
-  using Kernel = detail::WgradKernel<T>;
-  using Element = typename detail::ConvKernels<T>::Element;
+                                  cudaStream_t stream, KernelVariant variant) {
   const Tensor4d grad_y[2] = {grad_y_base, grad_y_student}, x[2] = {x_base, x_student};
   if (adjoined_conv2d_shape_error<T>(shape) != nullptr ||
       adjoined_conv2d_wgrad_student_channels(shape) != shape.in_channels_student ||
       !detail::layouts_ok(shape, nullptr, x, grad_y, true))
     return cudaErrorInvalidValue;
-  const int splits = detail::wgrad_splits(shape);
-  const int64_t slice = static_cast<int64_t>(shape.out_channels) * shape.kernel_h * shape.kernel_w *
-                        shape.in_channels;
-  if (workspace == nullptr || workspace_bytes < static_cast<size_t>(splits * slice) * sizeof(float))
+  const int splits = detail::wgrad_splits<T>(shape, variant);
+  if (splits == 0 || workspace == nullptr ||
+      workspace_bytes < adjoined_conv2d_wgrad_workspace_bytes<T>(shape, variant))
     return cudaErrorInvalidValue;
-
-  detail::WgradParams<Kernel> p;
-  const int in_c[2] = {shape.in_channels, shape.in_channels_student};
-  const int out_c[2] = {shape.out_channels, shape.out_channels_student};
-  float* slices = static_cast<float*>(workspace);
-  for (int net = 0; net < 2; ++net) {
-    // The student's epilogue is never run: its D is the base's layout, for Params only.
-    const cutlass::TensorRef<float, cutlass::layout::TensorNHWC> out(
-        slices, cutlass::layout::TensorNHWC::packed({out_c[net], shape.kernel_h, shape.kernel_w, in_c[net]}));
-    typename Kernel::Arguments args(detail::problem_size(shape, in_c[net], out_c[net], splits),
-                                    detail::nhwc_ref<Element>(grad_y[net]), detail::nhwc_ref<Element>(x[net]),
-                                    out, out, {1.0f, 0.0f}, cutlass::conv::SplitKMode::kParallel);
-    p.problem[net] = typename Kernel::Params(args);
-  }
-  const auto& tiled = p.problem[0].grid_tiled_shape;
-  p.tiles_m = cutlass::FastDivmod(tiled.m());
-  p.base_columns = cutlass::FastDivmod(shape.in_channels);
-  p.student_rows = shape.out_channels_student;
-  p.student_channels = shape.in_channels_student;
-  p.workspace = slices;
-  p.slice_elements = slice;
-  cudaError_t status = detail::launch<Kernel>(detail::wgrad_kernel<Kernel>, dim3(tiled.m() * tiled.n(), splits),
-                                              p, stream);
-  if (status != cudaSuccess) return status;
-  constexpr int threads = 256;
-  const int blocks = static_cast<int>(std::min<int64_t>(detail::ceil_div(slice, threads), 4096));
-  detail::wgrad_sum_slices_kernel<T><<<blocks, threads, 0, stream>>>(
-      slices, splits, slice, grad_weight, static_cast<int>(slice), cutlass::FastDivmod(shape.in_channels),
-      cutlass::FastDivmod(shape.kernel_w), cutlass::FastDivmod(shape.kernel_h));
-  return cudaGetLastError();
+  cudaError_t status = cudaErrorInvalidValue;
+  detail::with_tiles<T>(variant.tiles, [&](auto config) {
+    status = detail::launch_wgrad<T, decltype(config)>(shape, grad_y, x, grad_weight, static_cast<float*>(workspace),
+                                                       splits, stream);
+  });
+  return status;
 }
 
 #define ANFAST_INSTANTIATE(T)                                                                 \
+  template size_t adjoined_conv2d_wgrad_workspace_bytes<T>(const AdjoinedConvShape&, KernelVariant); \
   template cudaError_t adjoined_conv2d_wgrad<T>(const AdjoinedConvShape&, Tensor4d, Tensor4d,  \
                                                 Tensor4d, Tensor4d, Tensor4d, void*, size_t,   \
-                                                cudaStream_t);
+                                                cudaStream_t, KernelVariant);
 ANFAST_INSTANTIATE(float)
 ANFAST_INSTANTIATE(__half)
 ANFAST_INSTANTIATE(__nv_bfloat16)

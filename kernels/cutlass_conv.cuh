@@ -40,16 +40,18 @@ struct CutlassElement<__nv_bfloat16> {
   using type = cutlass::bfloat16_t;
 };
 
-// 16-bit inputs: tensor cores (mma.sync 16x8x16), 4 warps of 64x64 on a 128x128 tile,
-// 32-deep k steps in a 4-stage cp.async pipeline (64 KB of shared memory). wgrad
-// tiles are 128 (output channels) x 64 (tap x input channels): 64 columns divide
-// every ResNet channel count, so a student tile lines up with a base tile.
-struct TensorOpConfig {
+// 16-bit inputs: tensor cores (mma.sync 16x8x16), 4 warps of (kM / 2) x (kN / 2) on a
+// kM x kN tile, 32-deep k steps in a 4-stage cp.async pipeline (128x128: 64 KB of
+// shared memory). wgrad's dW tile is kN (output channels, fprop's n) x 64 (tap x input
+// channels): 64 columns divide every ResNet channel count, so a student tile lines up
+// with a base tile.
+template <int kM, int kN>
+struct TensorOpTiles {
   using OperatorClass = cutlass::arch::OpClassTensorOp;
-  using Threadblock = cutlass::gemm::GemmShape<128, 128, 32>;
-  using Warp = cutlass::gemm::GemmShape<64, 64, 32>;
-  using WgradThreadblock = cutlass::gemm::GemmShape<128, 64, 32>;
-  using WgradWarp = cutlass::gemm::GemmShape<64, 32, 32>;
+  using Threadblock = cutlass::gemm::GemmShape<kM, kN, 32>;
+  using Warp = cutlass::gemm::GemmShape<kM / 2, kN / 2, 32>;
+  using WgradThreadblock = cutlass::gemm::GemmShape<kN, 64, 32>;
+  using WgradWarp = cutlass::gemm::GemmShape<kN / 2, 32, 32>;
   using Instruction = cutlass::gemm::GemmShape<16, 8, 16>;
   static constexpr int kStages = 4;
   static constexpr int kAlignment = 8;  // 16-byte cp.async of 8 channels
@@ -72,8 +74,32 @@ struct SimtConfig {
   static constexpr int kEpilogueVector = 1;
 };
 
-template <typename T>
-using ConfigFor = typename std::conditional<sizeof(T) == 2, TensorOpConfig, SimtConfig>::type;
+// The tile shapes of KernelVariant::tiles (docs/cuda.md says why these). 16-bit:
+// 128x128 for wide problems; 128x64 for 64 output channels (all of ResNet-50's layer1
+// under the paper policy), which a 128-wide tile fills half with zeros; 64x64 for
+// small problems, twice the blocks of 128x64 at fewer registers per thread. fp32 is
+// the exact path (SIMT, never faster than cuDNN): one shape.
+constexpr int kTensorOpTileCount = 3;
+
+// Calls fn(Config{}) for tile shape `tiles` of element type T; false when T has none.
+template <typename T, typename Fn>
+bool with_tiles(int tiles, Fn&& fn) {
+  if constexpr (sizeof(T) == 2) {
+    switch (tiles) {
+      case 0: fn(TensorOpTiles<128, 128>{}); return true;
+      case 1: fn(TensorOpTiles<128, 64>{}); return true;
+      case 2: fn(TensorOpTiles<64, 64>{}); return true;
+      default: return false;
+    }
+  } else {
+    if (tiles != 0) return false;
+    fn(SimtConfig{});
+    return true;
+  }
+}
+
+// Every wgrad tile is 64 columns wide, so the student column rule is variant-free.
+constexpr int kWgradTileN = 64;
 
 // A CUTLASS epilogue E storing through PhaseOutputIterator (FastDivmod row decode).
 template <typename E>
@@ -83,12 +109,14 @@ using PhaseEpilogue = cutlass::epilogue::threadblock::Epilogue<
     typename E::AccumulatorFragmentIterator, typename E::WarpTileIterator, typename E::SharedLoadIterator,
     typename E::OutputOp, typename E::Padding, E::kFragmentsPerIteration>;
 
-// The three CUTLASS kernels per dtype: their mainloops and epilogues are what the fused
-// kernels below run. wgrad writes fp32 partial sums (one slice per split of the
-// reduction); a second kernel adds the slices in order and converts.
-template <typename T>
+// The three CUTLASS kernels per dtype and tile shape (Config): their mainloops and
+// epilogues are what the fused kernels below run. wgrad writes fp32 partial sums (one
+// slice per split of the reduction); a second kernel adds the slices in order and
+// converts.
+template <typename T, typename Config>
 struct ConvKernels {
-  using Config = ConfigFor<T>;
+  static_assert(Config::WgradThreadblock::kN == kWgradTileN,
+                "adjoined_conv2d_wgrad_student_channels assumes one wgrad tile width");
   using Element = typename CutlassElement<T>::type;
   using Layout = cutlass::layout::TensorNHWC;
   using OutputOp = cutlass::epilogue::thread::LinearCombination<

@@ -63,7 +63,7 @@ void bench(const anfast::AdjoinedConvShape& s, const char* dtype) {
   anfast::AdjoinedConvShape ws = s;
   ws.in_channels_student = anfast::adjoined_conv2d_wgrad_student_channels(s);
   const anfast::Tensor4d x_s_wgrad = nhwc(x_s.data, ws.in_channels_student, s.height, s.width);
-  const size_t workspace_bytes = anfast::adjoined_conv2d_wgrad_workspace_bytes(ws);
+  const size_t workspace_bytes = anfast::adjoined_conv2d_wgrad_workspace_bytes<T>(ws);
   void* workspace = alloc((workspace_bytes + sizeof(T) - 1) / sizeof(T));
   const double macs_per_position = static_cast<double>(s.kernel_h) * s.kernel_w *
       (static_cast<double>(s.in_channels) * s.out_channels +

@@ -1,5 +1,5 @@
 // Standalone correctness test of the fused kernels against a float64 host
-// convolution: forward, dgrad and wgrad, fp32 / fp16 / bf16, outputs poisoned with
+// convolution: forward, dgrad and wgrad, fp32 / fp16 / bf16, every kernel variant, outputs poisoned with
 // NaN first so an element the kernel never wrote fails the test. Channel counts are
 // multiples of 8 (the 16-bit kernels' alignment; anfast._C pads other counts).
 // Exit codes: 0 pass, 1 fail, 77 skipped (no CUDA device; ctest SKIP_RETURN_CODE).
@@ -142,24 +142,31 @@ void run_case(const anfast::AdjoinedConvShape& s, const char* dtype, double tole
 
   DeviceTensor<T> d_xb(x_b), d_xs(x_s), d_w(w), d_bias(bias), d_gyb(gy_b), d_gys(gy_s);
   DeviceTensor<T> d_yb(y_b), d_ys(y_s), d_gxb(gx_b), d_gxs(gx_s), d_gw(gw);
-  for (DeviceTensor<T>* out : {&d_yb, &d_ys, &d_gxb, &d_gxs, &d_gw}) out->poison();
-  CUDA_OK(anfast::adjoined_conv2d_forward<T>(s, d_xb.desc(), d_xs.desc(), d_w.desc(), d_bias.ptr,
-                                             d_yb.desc(), d_ys.desc(), nullptr));
-  CUDA_OK(anfast::adjoined_conv2d_dgrad<T>(s, d_gyb.desc(), d_gys.desc(), d_w.desc(),
-                                           d_gxb.desc(), d_gxs.desc(), nullptr));
-  const size_t workspace_bytes = anfast::adjoined_conv2d_wgrad_workspace_bytes(s);
-  void* workspace = nullptr;
-  CUDA_OK(cudaMalloc(&workspace, workspace_bytes));
-  CUDA_OK(anfast::adjoined_conv2d_wgrad<T>(s, d_gyb.desc(), d_gys.desc(), d_xb.desc(),
-                                           d_xs.desc(), d_gw.desc(), workspace, workspace_bytes,
-                                           nullptr));
-  CUDA_OK(cudaDeviceSynchronize());
-  compare("y_base", dtype, d_yb.read(), y_b.v, tolerance);
-  compare("y_student", dtype, d_ys.read(), y_s.v, tolerance);
-  compare("grad_x_base", dtype, d_gxb.read(), gx_b.v, tolerance);
-  compare("grad_x_student", dtype, d_gxs.read(), gx_s.v, tolerance);
-  compare("grad_weight", dtype, d_gw.read(), gw.v, tolerance);
-  CUDA_OK(cudaFree(workspace));
+  // Every kernel variant (tile shape x wgrad split) against the same reference.
+  for (int tiles = 0; tiles < anfast::adjoined_conv2d_tile_count<T>(); ++tiles) {
+    for (bool split : {true, false}) {
+      const anfast::KernelVariant variant{tiles, split};
+      std::printf("  %s tiles %s, wgrad %s\n", dtype, anfast::adjoined_conv2d_tile_name<T>(tiles),
+                  split ? "split" : "unsplit");
+      for (DeviceTensor<T>* out : {&d_yb, &d_ys, &d_gxb, &d_gxs, &d_gw}) out->poison();
+      CUDA_OK(anfast::adjoined_conv2d_forward<T>(s, d_xb.desc(), d_xs.desc(), d_w.desc(), d_bias.ptr,
+                                                 d_yb.desc(), d_ys.desc(), nullptr, variant));
+      CUDA_OK(anfast::adjoined_conv2d_dgrad<T>(s, d_gyb.desc(), d_gys.desc(), d_w.desc(), d_gxb.desc(),
+                                               d_gxs.desc(), nullptr, variant));
+      const size_t workspace_bytes = anfast::adjoined_conv2d_wgrad_workspace_bytes<T>(s, variant);
+      void* workspace = nullptr;
+      CUDA_OK(cudaMalloc(&workspace, workspace_bytes));
+      CUDA_OK(anfast::adjoined_conv2d_wgrad<T>(s, d_gyb.desc(), d_gys.desc(), d_xb.desc(), d_xs.desc(),
+                                               d_gw.desc(), workspace, workspace_bytes, nullptr, variant));
+      CUDA_OK(cudaDeviceSynchronize());
+      compare("y_base", dtype, d_yb.read(), y_b.v, tolerance);
+      compare("y_student", dtype, d_ys.read(), y_s.v, tolerance);
+      compare("grad_x_base", dtype, d_gxb.read(), gx_b.v, tolerance);
+      compare("grad_x_student", dtype, d_gxs.read(), gx_s.v, tolerance);
+      compare("grad_weight", dtype, d_gw.read(), gw.v, tolerance);
+      CUDA_OK(cudaFree(workspace));
+    }
+  }
 }
 
 }  // namespace
