@@ -105,7 +105,8 @@ class LayerDecision:
                 "x_base": list(p.x_base.shape), "x_student": list(p.x_student.shape),
                 "weight": list(p.weight.shape), "out_student": p.out_student,
                 "stride": list(p.stride), "padding": list(p.padding),
-                "choice": self.decision["backend"], "reason": self.decision["reason"],
+                "choice": self.decision["backend"], "variant": self.decision["variant"],
+                "reason": self.decision["reason"],
                 "torch_ms": self.decision["torch_ms"], "chosen_ms": self.chosen_ms(),
                 "speedup": self.decision["torch_ms"] / self.chosen_ms(),
                 "candidates": self.decision["candidates"], "cached": self.cached}

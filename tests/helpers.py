@@ -1,5 +1,6 @@
 """Shared test helpers: dtype tolerances, a verbose relative-error check, stand-in
-backends and timers for the dispatch tests, and ResNet-50's adjoined conv shapes."""
+backends (some with kernel variants) and timers for the dispatch tests, and ResNet-50's
+adjoined conv shapes."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ import torchvision
 
 import anfast
 from anfast.nn.conv import AdjoinedConv2d
-from anfast.ops import dispatch
+from anfast.ops import dispatch, tuning
 from anfast.ops.dispatch import TorchBackend
 from anfast.ops.tuning import TOLERANCE  # noqa: F401  (DESIGN.md section 6, one definition)
 
@@ -58,7 +59,35 @@ class StandInBackend(TorchBackend):
         return dx_base, dx_student, dweight, dbias
 
 
-def install_backends(monkeypatch, *backends: StandInBackend) -> None:
+class VariantStandIn(TorchBackend):
+    """A fused-backend stand-in with kernel variants, as CudaBackend has: ``faults`` maps
+    each variant name to how it is wrong (a StandInBackend ``wrong``; "" for right).
+    Unbound (``variant=""``) it runs the variant the tuner decided for the problem, as
+    the cuda backend does, and records in ``ran`` which one each forward call ran."""
+
+    def __init__(self, name: str, faults: dict, variant: str = ""):
+        self.name, self.faults, self.variant, self.ran = name, dict(faults), variant, []
+
+    def variants(self, problem):
+        return list(self.faults)
+
+    def with_variant(self, variant):
+        return VariantStandIn(self.name, self.faults, variant)
+
+    def _running(self, problem) -> tuple[str, StandInBackend]:
+        variant = self.variant or tuning.decided_variant(problem, self.name)
+        return variant, StandInBackend(self.name, wrong=self.faults.get(variant, ""))
+
+    def forward(self, problem):
+        variant, runner = self._running(problem)
+        self.ran.append(variant)
+        return runner.forward(problem)
+
+    def backward(self, grad_base, grad_student, problem, output_mask):
+        return self._running(problem)[1].backward(grad_base, grad_student, problem, output_mask)
+
+
+def install_backends(monkeypatch, *backends: TorchBackend) -> None:
     """Make ``backends`` auto's fused candidates (ahead of torch) for one test."""
     monkeypatch.setattr(dispatch, "BACKEND_PRIORITY", (*(b.name for b in backends), "torch"))
     for backend in backends:

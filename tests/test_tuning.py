@@ -19,7 +19,8 @@ import anfast
 from anfast.ops import adjoined_conv2d, explain, tuning
 from anfast.ops.conv import _problem
 from anfast.ops.tuning import Tuner, cache_path
-from helpers import FakeTimer, StandInBackend, assert_close_rel, install_backends
+from anfast.tune import LayerDecision
+from helpers import FakeTimer, StandInBackend, VariantStandIn, assert_close_rel, install_backends
 
 WORKER = Path(__file__).with_name("tuning_worker.py")
 
@@ -98,6 +99,70 @@ def test_fastest_verified_backend_wins_and_runs(tuner, monkeypatch, fast_ms, cho
     run_op(inputs)
     assert fast.forward_calls == calls + (chosen == "fast")
     assert f"auto: {chosen}: " in explain(problem_of(inputs))
+
+
+def test_fastest_verified_variant_wins_runs_and_round_trips_the_cache(tuner, monkeypatch):
+    # Each variant is a candidate of its own: "wrong" would win on speed and is refused.
+    tiles = VariantStandIn("tiles", {"128x128": "", "64x64": "", "wrong": "dweight"})
+    install_backends(monkeypatch, tiles)
+    tuner.timer = FakeTimer({"torch": 1.0, "tiles:128x128": 0.8, "tiles:64x64": 0.5, "tiles:wrong": 0.1})
+    inputs = make_inputs()
+    expected = run_op(inputs, backend="torch")
+    with pytest.warns(UserWarning, match=r"backend 'tiles:wrong' failed verification on .*dweight"):
+        got = run_op(inputs)
+    for name, a, b in zip(("y_base", "y_student", "dx_base", "dx_student", "dweight", "dbias"), got, expected):
+        assert_close_rel(a, b, 1e-6, name)
+    decision = tuner.lookup(problem_of(inputs))
+    result = decision["candidates"]["tiles"]
+    assert (decision["backend"], decision["variant"], result["variant"], result["ms"]) == \
+        ("tiles", "64x64", "64x64", 0.5)
+    assert {name: r["verified"] for name, r in result["variants"].items()} == \
+        {"128x128": True, "64x64": True, "wrong": False}
+    assert "variant 64x64" in decision["reason"] and "tiles:64x64 0.5 ms" in explain(problem_of(inputs))
+    assert tuner.timer.calls == 4 and tiles.ran == ["64x64"]  # torch + 3 variants; then the winner ran
+
+    # A fresh process reads the variant back, measures nothing and runs that variant, also
+    # when the backend is named; the tune JSON names it.
+    reader = Tuner(timer=FakeTimer({}), lazy_devices=("cpu",))
+    tuning.set_tuner(reader)
+    run_op(inputs)
+    run_op(inputs, backend="tiles")
+    assert reader.timer.calls == 0 and tiles.ran == ["64x64"] * 3
+    row = LayerDecision("conv", problem_of(inputs), reader.lookup(problem_of(inputs)), True)
+    assert (row.to_dict()["choice"], row.to_dict()["variant"], row.chosen_ms()) == ("tiles", "64x64", 0.5)
+
+
+def test_backend_whose_every_variant_fails_is_never_chosen(tuner, monkeypatch):
+    tiles = VariantStandIn("tiles", {"a": "y_student", "b": "nan"})
+    install_backends(monkeypatch, tiles)
+    tuner.timer = FakeTimer({"torch": 1.0, "tiles:a": 0.1, "tiles:b": 0.1})
+    inputs = make_inputs()
+    with pytest.warns(UserWarning, match="failed verification"):
+        run_op(inputs)
+    decision = tuner.lookup(problem_of(inputs))
+    result = decision["candidates"]["tiles"]
+    assert (decision["backend"], decision["variant"], result["verified"], result["ms"]) == ("torch", "", False, None)
+    assert result["why"].startswith("no variant verified: a: y_student relative error")
+    assert "b: y_base NaN or inf" in result["why"]
+    run_op(inputs, backend="tiles")
+    assert tiles.ran == [""]  # named, with no verified variant: its default
+
+
+def test_format_1_cache_is_set_aside_and_retuned(tuner, monkeypatch):
+    # Before variants a decision timed only a backend's default kernels.
+    install_backends(monkeypatch, VariantStandIn("tiles", {"128x128": "", "64x64": ""}))
+    tuner.timer = FakeTimer({"torch": 1.0, "tiles:128x128": 0.8, "tiles:64x64": 0.5})
+    inputs = make_inputs()
+    path = cache_path(torch.device("cpu"))
+    path.parent.mkdir(parents=True)
+    old = {**tuning._expected_header(torch.device("cpu")), "format": 1, "decisions": {
+        tuning.problem_key(problem_of(inputs)): {"backend": "tiles", "reason": "verified", "torch_ms": 1.0,
+                                                 "candidates": {"tiles": {"verified": True, "ms": 0.8}}}}}
+    path.write_text(json.dumps(old))
+    with pytest.warns(UserWarning, match="ignoring tuning cache .*'format': 1"):
+        run_op(inputs)
+    assert tuner.timer.calls == 3 and tuner.lookup(problem_of(inputs))["variant"] == "64x64"
+    assert json.loads(path.read_text())["format"] == tuning._CACHE_FORMAT
 
 
 @pytest.mark.parametrize("fused_layout, verified", [("channels_last", True), ("nchw", False)])

@@ -5,6 +5,10 @@ by fused kernels of ours) and are bound in csrc/ as the extension ``anfast._C``,
 built by setup.py where nvcc and the pinned nvidia-cutlass headers are found. This
 module imports without the extension or a GPU; ``unsupported_reasons`` then says
 what is missing.
+
+The kernels come in variants (tile shapes, wgrad split or not; ``anfast._C.variants()``):
+the tuner times each per problem (anfast.ops.tuning) and the backend runs the one it
+found fastest for that problem, the largest tile where none was measured.
 """
 
 from __future__ import annotations
@@ -16,6 +20,7 @@ from typing import Optional
 
 import torch
 
+from anfast.ops import tuning
 from anfast.ops.dispatch import Backend, ConvProblem, fused_kernel_reasons
 
 __all__ = ["CudaBackend", "BACKEND", "load_extension"]
@@ -34,6 +39,13 @@ def load_extension() -> tuple[Optional[ModuleType], str]:
         return None, str(error)
 
 
+@lru_cache(maxsize=None)
+def _variant_names() -> dict[str, tuple[str, ...]]:
+    """{dtype name: the extension's kernel variants}, empty without the extension."""
+    extension, _ = load_extension()
+    return {} if extension is None else {dtype: tuple(names) for dtype, names in extension.variants().items()}
+
+
 def _output_numel(problem: ConvProblem) -> int:
     """Elements of y_base: (N, C_out, H_out, W_out)."""
     n, _, h, w = problem.x_base.shape
@@ -45,9 +57,28 @@ def _output_numel(problem: ConvProblem) -> int:
 class CudaBackend(Backend):
     """Fused CUDA C++ kernels: CUDA tensors, groups 1, dilation 1, prefix channel map,
     kernel sizes 1/3/5/7, stride up to 4, fp32 (SIMT FMA) / bf16 / fp16 (tensor cores),
-    sm_80 or newer."""
+    sm_80 or newer.
+
+    Args:
+        variant: the kernel variant to run ("128x64x32"); "" runs the one the tuner found
+            fastest for each problem (anfast.ops.tuning.decided_variant), else the default.
+    """
 
     name = "cuda"
+
+    def __init__(self, variant: str = ""):
+        self.variant = variant
+
+    def variants(self, problem: ConvProblem) -> list[str]:
+        """The kernel variants the tuner times for ``problem`` (all of its dtype's)."""
+        return list(_variant_names().get(str(problem.x_base.dtype).removeprefix("torch."), ()))
+
+    def with_variant(self, variant: str) -> "CudaBackend":
+        """This backend fixed to one kernel variant (what the tuner times and verifies)."""
+        return CudaBackend(variant)
+
+    def _variant_for(self, problem: ConvProblem) -> str:
+        return self.variant or tuning.decided_variant(problem, self.name)
 
     def unsupported_reasons(self, problem: ConvProblem, explicit: bool) -> list[str]:
         reasons = []
@@ -80,7 +111,7 @@ class CudaBackend(Backend):
         extension, _ = load_extension()
         y_base, y_student = extension.forward(
             problem.x_base, problem.x_student, problem.weight, problem.bias, problem.out_student,
-            list(problem.stride), list(problem.padding),
+            list(problem.stride), list(problem.padding), variant=self._variant_for(problem),
         )
         return y_base, y_student
 
@@ -95,12 +126,13 @@ class CudaBackend(Backend):
         need_dx_base, need_dx_student, need_weight, need_bias = output_mask
         conv_args = (problem.x_base, problem.x_student, problem.weight, problem.out_student,
                      list(problem.stride), list(problem.padding))
+        variant = self._variant_for(problem)
         dx_base = dx_student = dweight = dbias = None
         if need_dx_base or need_dx_student:
             # One launch computes both; the one not asked for is dropped.
-            dx_base, dx_student = extension.dgrad(grad_base, grad_student, *conv_args)
+            dx_base, dx_student = extension.dgrad(grad_base, grad_student, *conv_args, variant=variant)
         if need_weight:
-            dweight = extension.wgrad(grad_base, grad_student, *conv_args)
+            dweight = extension.wgrad(grad_base, grad_student, *conv_args, variant=variant)
         if need_bias and problem.bias is not None:
             # A channel sum is bandwidth-bound and cheap next to the GEMMs: torch does it.
             dbias = grad_base.sum((0, 2, 3), dtype=torch.float32)

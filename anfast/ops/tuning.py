@@ -7,7 +7,10 @@ within the dtype tolerance of DESIGN.md section 6, NaN never) and TIMES forward 
 backward of each candidate and of torch. The fastest verified backend wins; torch
 runs until a key is decided and wherever no fused backend is both correct and
 faster. A backend that fails verification is never chosen for that key and is
-reported once with its worst error.
+reported once with its worst error. A backend with kernel variants (the cuda
+backend's tile shapes) has each variant verified and timed as a candidate of its
+own ("cuda:128x64x32"); the backend's result is its fastest verified variant, which
+the decision names and the backend then runs for that key.
 
 Decisions persist in ANFAST_CACHE_DIR (default ~/.cache/anfast), one JSON file per
 device and software versions. No tuning happens when ANFAST_TUNE=0, while a CUDA
@@ -51,6 +54,8 @@ __all__ = [
     "cache_path",
     "stream_is_capturing",
     "default_timer",
+    "backend_variants",
+    "decided_variant",
     "Tuner",
     "get_tuner",
     "set_tuner",
@@ -66,7 +71,9 @@ __all__ = [
 # DESIGN.md section 6: relative Frobenius error bounds per input dtype.
 TOLERANCE = {torch.float64: 1e-10, torch.float32: 1e-5, torch.bfloat16: 2e-2, torch.float16: 2e-2}
 
-_CACHE_FORMAT = 1
+# 2: a backend's result names its fastest variant and holds every variant's result;
+# a format-1 file (decisions timed only the default variant) is set aside and rewritten.
+_CACHE_FORMAT = 2
 _OUTPUT_NAMES = ("y_base", "y_student")
 _GRAD_NAMES = ("dx_base", "dx_student", "dweight", "dbias")
 _DTYPE_NAMES = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16",
@@ -291,6 +298,40 @@ def _verify(outputs: tuple, grads: tuple, mask, reference: _Reference, dtype: to
     return {"verified": True, "error": worst, "why": ""}
 
 
+def backend_variants(backend: Backend, problem: ConvProblem) -> List[tuple[str, Backend]]:
+    """(variant name, backend object running it) per kernel variant ``backend`` offers
+    for ``problem``: a backend with variants has ``variants(problem)`` (names) and
+    ``with_variant(name)`` (CudaBackend); any other is one candidate, ``[("", backend)]``."""
+    names = backend.variants(problem) if hasattr(backend, "variants") else []
+    if not names:
+        return [("", backend)]
+    return [(name, backend.with_variant(name)) for name in names]
+
+
+def decided_variant(problem: ConvProblem, backend_name: str) -> str:
+    """The variant of ``backend_name`` found fastest on ``problem`` ("" when the problem is
+    not decided or that backend's variants were not verified): what the backend runs for
+    it, whether auto chose it or it was named."""
+    decision = get_tuner().lookup(problem)
+    if decision is None:
+        return ""
+    return decision["candidates"].get(backend_name, {}).get("variant", "")
+
+
+def _fastest_variant(tried: Dict[str, Dict[str, Any]]) -> Dict[str, Any]:
+    """A backend's result from its variants' ({variant: result}; {"": result} for a
+    backend without variants): the fastest verified variant's result naming it, with
+    every variant's result under "variants"."""
+    if list(tried) == [""]:
+        return tried[""]
+    verified = [name for name, result in tried.items() if result["verified"]]
+    if verified:
+        best = min(verified, key=lambda name: tried[name]["ms"])
+        return {**tried[best], "variant": best, "variants": tried}
+    why = "no variant verified: " + "; ".join(f"{name}: {result['why']}" for name, result in tried.items())
+    return {"verified": False, "error": None, "why": why, "ms": None, "variant": "", "variants": tried}
+
+
 class Tuner:
     """Holds decisions (per device file, per problem key), measures new ones.
 
@@ -343,56 +384,67 @@ class Tuner:
         mask = grad_mask(problem)
         with torch.no_grad(), torch.autocast(device.type, enabled=False):
             reference = _reference(problem, mask)
-            torch_ms, torch_outputs, _ = self._time(dispatch.get_backend("torch"), problem, mask, reference)
+            torch_ms, torch_outputs, _ = self._time(dispatch.get_backend("torch"), "torch", problem, mask,
+                                                    reference)
             times = {"torch": torch_ms}
             results = {}
             for name in candidates:
                 reasons = dispatch.backend_reasons(name, problem, explicit)
                 if reasons:
-                    results[name] = {"verified": False, "error": None,
+                    results[name] = {"verified": False, "error": None, "ms": None,
                                      "why": "unsupported: " + "; ".join(reasons)}
                     continue
-                backend = dispatch.get_backend(name)
-                try:
-                    times[name], outputs, grads = self._time(backend, problem, mask, reference)
-                except Exception as error:  # a kernel that cannot run this problem
-                    results[name] = {"verified": False, "error": None, "why": f"raised "
-                                     f"{type(error).__name__}: {str(error).splitlines()[0]}"}
-                else:
-                    results[name] = _verify(outputs, grads, mask, reference, problem.x_base.dtype,
-                                            torch_outputs)
-                if not results[name]["verified"]:
-                    times.pop(name, None)
-                    warnings.warn(f"anfast: backend {name!r} failed verification on "
-                                  f"[{problem_key(problem)}]: {results[name]['why']}; auto will "
-                                  f"not use it for this problem", stacklevel=2)
-        for name, result in results.items():
-            result["ms"] = times.get(name)
+                tried = {variant: self._try(f"{name}:{variant}" if variant else name, runner, problem, mask,
+                                            reference, torch_outputs)
+                         for variant, runner in backend_variants(dispatch.get_backend(name), problem)}
+                results[name] = _fastest_variant(tried)
+                if results[name]["verified"]:
+                    times[name] = results[name]["ms"]
         fastest = min(times, key=times.get)
         if fastest == "torch":
             reason = ("no verified fused backend is faster than torch" if len(times) > 1
                       else "no fused backend could run it and pass verification" if results
                       else "no fused backend to try")
         else:
-            reason = f"verified, {times['torch'] / times[fastest]:.2f}x torch's speed"
-        decision = {"backend": fastest, "reason": reason, "torch_ms": times["torch"],
-                    "candidates": results}
+            variant = results[fastest].get("variant")
+            reason = (f"verified{f' (variant {variant})' if variant else ''}, "
+                      f"{times['torch'] / times[fastest]:.2f}x torch's speed")
+        decision = {"backend": fastest, "variant": results.get(fastest, {}).get("variant", ""),
+                    "reason": reason, "torch_ms": times["torch"], "candidates": results}
         self.table(device)[problem_key(problem)] = decision
         _write_cache(cache_path(device), _expected_header(device),
                      {problem_key(problem): decision})
         return decision
 
-    def _time(self, backend: Backend, problem: ConvProblem, mask, reference: _Reference):
-        """(median ms, outputs, gradients) of forward + backward; the outputs of the last
-        timed run are the ones verified, so a kernel is checked as it ran when timed
-        (after autotuning's first calls, say)."""
+    def _try(self, label: str, backend: Backend, problem: ConvProblem, mask, reference: _Reference,
+             torch_outputs: tuple) -> Dict[str, Any]:
+        """Time and verify one candidate (a backend, or one variant of it, named ``label``):
+        its result with "ms" (None unless verified); a failure is reported once."""
+        ms = None
+        try:
+            ms, outputs, grads = self._time(backend, label, problem, mask, reference)
+        except Exception as error:  # a kernel that cannot run this problem
+            result = {"verified": False, "error": None,
+                      "why": f"raised {type(error).__name__}: {str(error).splitlines()[0]}"}
+        else:
+            result = _verify(outputs, grads, mask, reference, problem.x_base.dtype, torch_outputs)
+        result["ms"] = ms if result["verified"] else None
+        if not result["verified"]:
+            warnings.warn(f"anfast: backend {label!r} failed verification on [{problem_key(problem)}]: "
+                          f"{result['why']}; auto will not use it for this problem", stacklevel=3)
+        return result
+
+    def _time(self, backend: Backend, label: str, problem: ConvProblem, mask, reference: _Reference):
+        """(median ms, outputs, gradients) of forward + backward, timed as ``label``; the
+        outputs of the last timed run are the ones verified, so a kernel is checked as it
+        ran when timed (after autotuning's first calls, say)."""
         last = {}
 
         def run():
             last["outputs"] = backend.forward(problem)
             last["grads"] = (backend.backward(*reference.grads_out, problem, mask)
                              if any(mask) else (None,) * 4)
-        ms = float(self.timer(run, backend=backend.name, device=problem.x_base.device))
+        ms = float(self.timer(run, backend=label, device=problem.x_base.device))
         return ms, last["outputs"], last["grads"]
 
 
@@ -510,7 +562,8 @@ def describe_auto(problem: ConvProblem) -> str:
                 "the first forward call will verify and time the fused backends"))
     parts = [f"{decision['backend']}: {decision['reason']} (torch {decision['torch_ms']:.3g} ms"]
     for name, result in decision["candidates"].items():
-        parts.append(f"{name} {result['ms']:.3g} ms" if result["verified"]
+        variant = f":{result['variant']}" if result.get("variant") else ""
+        parts.append(f"{name}{variant} {result['ms']:.3g} ms" if result["verified"]
                      else f"{name} not verified: {result['why']}")
     where = "agreed by rank 0" if _distributed() else f"cached in {cache_path(device)}"
     return "; ".join(parts) + f"); {where}"
