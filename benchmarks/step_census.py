@@ -19,8 +19,18 @@ in seconds on any machine.
 Views and allocations move no data and are not counted. The optimizer step is left
 out (its traffic is a few passes over the weights, the same for every provider).
 
+With --launches, each provider also runs whole training steps (train_throughput's step:
+forward, backward, fused SGD) on --device, eager and under torch.compile, and
+torch.profiler counts what one step launches:
+
+  launches            on CUDA: kernels (and memcpy / memset) on the device; on the CPU:
+                      inductor's generated kernels plus the outermost aten operators that
+                      compute (views and allocations left out), one per CUDA kernel launch
+                      they would be on a GPU, give or take the kernels one aten op runs
+
     python benchmarks/step_census.py                       # ResNet-50, batch 256, 224 px
     python benchmarks/step_census.py --throughput benchmarks/results/train_throughput-nvidia-h200-2026-11-26.json
+    python benchmarks/step_census.py --launches --device cpu --launch-batch-size 8 --launch-image-size 64
 
 With --throughput, the measured step times of a train_throughput.py JSON (same arch,
 batch and image size) are set beside the counts. Writes
@@ -36,7 +46,10 @@ import json
 import sys
 from pathlib import Path
 
+import functools
+
 import torch
+from torch.profiler import ProfilerActivity, profile
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 from torch.utils.flop_counter import FlopCounterMode
@@ -46,6 +59,9 @@ import anfast
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import environment, write_result  # noqa: E402
 from train_throughput import build_providers  # noqa: E402
+
+from anfast.data.synthetic import synthetic_batch  # noqa: E402
+from anfast.train.step import StepMeter, train_step, warm_up  # noqa: E402
 
 GEMM_OPS = frozenset({"convolution", "convolution_backward", "mm", "addmm", "bmm",
                       "adjoined_conv2d", "adjoined_conv2d_backward"})
@@ -103,6 +119,55 @@ def census(model: torch.nn.Module, loss_fn, *, batch_size: int, image_size: int,
             "most_called": dict(ops.by_op.most_common(12))}
 
 
+def _is_launch(event) -> bool:
+    """A profiler event that is one kernel launch (see the module docstring)."""
+    if event.device_type == torch.autograd.DeviceType.CUDA:
+        return True
+    name = event.name
+    if "cpp_fused" in name or name.startswith("triton_"):
+        return True  # a kernel inductor generated
+    if not name.startswith("aten::") or name[len("aten::"):] in FREE_OPS:
+        return False
+    parent = event.cpu_parent
+    while parent is not None:  # an aten op inside another one is part of its launch
+        if parent.name.startswith("aten::"):
+            return False
+        parent = parent.cpu_parent
+    return True
+
+
+def launch_census(model: torch.nn.Module, loss_fn, *, compiled: bool, batch_size: int,
+                  image_size: int, num_classes: int, channels_last: bool,
+                  device: torch.device) -> int:
+    """Kernel launches of one whole training step (train_throughput's: forward, backward,
+    fused SGD), eager or under torch.compile, after warm-up steps."""
+    memory_format = torch.channels_last if channels_last else torch.contiguous_format
+    model = model.to(device=device, memory_format=memory_format).train()
+    images, labels = synthetic_batch(batch_size, image_size, num_classes, device=device,
+                                     channels_last=channels_last)
+    amp_dtype = torch.bfloat16 if device.type == "cuda" else None
+    forward = model
+    if compiled:
+        warm_up(model, loss_fn, batch_size=batch_size, image_size=image_size,
+                num_classes=num_classes, channels_last=channels_last, amp_dtype=amp_dtype,
+                device=device)
+        torch._dynamo.reset()
+        forward = torch.compile(model)
+    step = functools.partial(
+        train_step, forward, images, labels, loss_fn=loss_fn,
+        optimizer=torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9, fused=True),
+        scaler=torch.amp.GradScaler(device.type, enabled=False), parameters=list(model.parameters()),
+        amp_dtype=amp_dtype, meter=StepMeter(device, max_bad_steps=0, step=0))
+    for _ in range(2):  # compile, tune, allocate
+        step()
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    with torch._inductor.config.patch({"cpp.enable_kernel_profile": True}), profile(activities=activities) as prof:
+        step()
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+    return sum(1 for event in prof.events() if _is_launch(event))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--arch", default="resnet50")
@@ -119,9 +184,21 @@ def main() -> None:
     parser.add_argument("--throughput", type=Path, default=None,
                         help="a train_throughput.py JSON whose measured step times to set beside "
                              "the counts (same arch, alpha, policy, batch size and image size)")
+    parser.add_argument("--launches", action="store_true",
+                        help="also count the kernel launches of one real training step per "
+                             "provider, eager and compiled, on --device")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
+                        help="where --launches runs its steps (default: %(default)s)")
+    parser.add_argument("--launch-batch-size", type=int, default=None,
+                        help="batch of the --launches steps (default: --batch-size on CUDA, 8 on the CPU)")
+    parser.add_argument("--launch-image-size", type=int, default=None,
+                        help="image size of the --launches steps (default: --image-size on CUDA, 64 on the CPU)")
     parser.add_argument("--out", type=Path, default=None,
                         help="directory for the JSON (default: benchmarks/results/)")
     args = parser.parse_args()
+    device = torch.device(args.device)
+    launch_batch = args.launch_batch_size or (args.batch_size if device.type == "cuda" else 8)
+    launch_size = args.launch_image_size or (args.image_size if device.type == "cuda" else 64)
 
     measured = None
     if args.throughput is not None:
@@ -150,6 +227,17 @@ def main() -> None:
             rows[name]["measured_step_s"] = measured["providers"][name]["median_step_s"]
         print(f"{name}: {rows[name]['flops']['total'] / 1e12:.2f} TFLOP, calls {rows[name]['calls']}, "
               f"elements {rows[name]['elements']}", flush=True)
+    if args.launches:  # fresh models: the census moved the first ones to the meta device
+        live = build_providers(args.arch, args.alpha, args.num_classes,
+                               (3, launch_size, launch_size), policy=args.policy)
+        for name in names:
+            model, loss_fn = live[name]
+            rows[name]["launches"] = {
+                mode: launch_census(model, loss_fn, compiled=mode == "compiled", batch_size=launch_batch,
+                                    image_size=launch_size, num_classes=args.num_classes,
+                                    channels_last=args.channels_last, device=device)
+                for mode in ("eager", "compiled")}
+            print(f"{name}: launches per step {rows[name]['launches']}", flush=True)
 
     # Each provider against plain training, the floor (DESIGN: ratios, not absolutes).
     base = rows.get("base")
@@ -164,6 +252,9 @@ def main() -> None:
                 "other_calls": row["calls"]["other"] / base["calls"]["other"],
                 "other_elements": row["elements"]["other"] / base["elements"]["other"],
             }
+            if "launches" in row:
+                for mode in ("eager", "compiled"):
+                    ratios[name][f"launches_{mode}"] = row["launches"][mode] / base["launches"][mode]
             if "measured_step_s" in row and "measured_step_s" in base:
                 ratios[name]["measured_step_time"] = row["measured_step_s"] / base["measured_step_s"]
     result = {
@@ -174,6 +265,9 @@ def main() -> None:
         "arch": args.arch, "alpha": args.alpha, "policy": args.policy, "image_size": args.image_size,
         "batch_size": args.batch_size, "num_classes": args.num_classes,
         "channels_last": args.channels_last, "counted_on": "meta device (no compute)",
+        "launches_on": ({"device": str(device), "batch_size": launch_batch, "image_size": launch_size,
+                         **({"gpu": torch.cuda.get_device_name(device)} if device.type == "cuda" else {})}
+                        if args.launches else None),
         "measured_step_times_from": None if args.throughput is None else str(args.throughput),
         "measured_on": None if measured is None else measured.get("device"),
         "providers": rows, "ratios_to_base": ratios, "anfast_version": anfast.__version__,

@@ -1,6 +1,7 @@
 """The CPU-checkable parts of the GPU benchmarks: conv.py's per-phase calls compute the
 gradients their names claim (vs torch autograd in float64), ncu_layer.py reads an Nsight
-Compute listing and tune results as documented (vs hand-written files)."""
+Compute listing and tune results as documented (vs hand-written files), step_census.py
+counts launches as a fused graph and an adjoined step must."""
 
 import json
 import pathlib
@@ -12,6 +13,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1] / "benchmarks"))
 import conv  # noqa: E402
+import step_census  # noqa: E402
 import ncu_layer  # noqa: E402
 
 
@@ -139,3 +141,22 @@ def test_plot_results_reads_verified_ratios_in_network_order(tmp_path):
         plot_results.plot([_tune_file(tmp_path / "none.json", [])], throughput, tmp_path / "no.png")
     assert plot_results.cudnn_version("91900") == "9.19"
     assert plot_results.cudnn_version("8902") == "8.9"  # cuDNN 8 numbered major * 1000
+
+
+@pytest.mark.slow
+def test_launch_census_counts_fewer_launches_compiled_and_more_for_the_adjoined_step():
+    """step_census.py --launches on the CPU: inductor fuses the elementwise work (fewer
+    launches compiled), and the AN step launches more than the plain one (its students)."""
+    from train_throughput import build_providers
+
+    providers = build_providers("resnet18", 4.0, 10, (3, 16, 16))
+    counts = {}
+    for name in ("base", "anfast_torch"):
+        model, loss_fn = providers[name]
+        counts[name] = {mode: step_census.launch_census(
+            model, loss_fn, compiled=mode == "compiled", batch_size=2, image_size=16, num_classes=10,
+            channels_last=False, device=torch.device("cpu")) for mode in ("eager", "compiled")}
+    for name, count in counts.items():
+        assert 0 < count["compiled"] < count["eager"], (name, count)
+    assert counts["anfast_torch"]["eager"] > counts["base"]["eager"], counts
+    assert counts["anfast_torch"]["compiled"] > counts["base"]["compiled"], counts
