@@ -6,27 +6,32 @@
 #
 # Runs from the repository root (any cwd). Every step tees its log into OUTDIR and runs
 # under its own time limit and a share of one overall deadline (GPU_CHECK_BUDGET_S,
-# default 500 s), so a short lease still gets the first answers; a failed or timed-out
+# default 540 s), so a short lease still gets the first answers; a failed or timed-out
 # step does not stop the next one, and the exit status is non-zero if any step failed.
-# The order puts correctness first, then what no lease has measured yet (the H200 lease
-# of 2026-11-26 measured tune, train_bench and the CUDA correctness cases). STEPs
-# (default: all, in this order):
+# The order is this round's (issue 27): correctness of what is new, then the step engine,
+# the tune with every backend, then what earlier leases left unmeasured. STEPs (default:
+# all, in this order):
 #
 #   install        the extension for this GPU's arch only, in the background, while
-#   triton_correct the Triton backend on every distinct ResNet-50 conv vs float64 runs
-#                  (pytest-xdist spreads the kernel compiles over the cores)
-#   train_check    the built-in-set training (bf16, channels_last, the CUDA backend) and
-#                  a SIGTERM / --resume run, in the background, while
-#   cuda_correct   the CUDA backend on the same convs and tests/test_cuda_ext.py run
+#   engine_correct the GPU tests of the step engine (two streams vs one, a captured step
+#                  vs eager steps) and the gemm backend, which need no extension
+#   cuda_correct   the CUDA backend (every tile variant) on every distinct ResNet-50 conv
+#                  vs float64, and tests/test_cuda_ext.py
+#   step_engine    training img/s, plain vs AN (torch backend; and its students on their
+#                  own streams), eager / torch.compile / whole-step CUDA graphs, one process
 #   tune           `anfast tune` ResNet-50, bs 256, bf16, channels_last (verify + time;
-#                  backends $TUNE_BACKENDS, default cuda)
-#   train_compile  training img/s, plain vs AN (auto), eager and under torch.compile,
-#                  side by side in one process
+#                  backends $TUNE_BACKENDS, default gemm,cuda), each layer's winner and variant
+#   train_bench    plain vs AN auto (the decisions just tuned, torch ones pinned), eager /
+#                  compiled / CUDA graphs
+#   census         kernel launches per step (torch.profiler), plain vs AN, eager and compiled
+#   triton_correct the Triton backend on every distinct ResNet-50 conv (the cases earlier
+#                  leases never reached; pytest-xdist spreads the kernel compiles)
 #   conv_bench     benchmarks/conv.py --quick: fused vs two cuDNN convs on 4 layers, per
 #                  phase (forward, dgrad, wgrad)
+#   train_check    the built-in-set training (bf16, channels_last, the CUDA backend) and
+#                  a SIGTERM / --resume run
 #   ncu            Nsight Compute on each fused backend's slowest layer (picked from the
 #                  tune results) and on cuDNN's kernels for that layer
-#   train_bench    training img/s on synthetic data: plain / AN auto / AN torch / masked
 #   tune_triton    `anfast tune` of the Triton backend on the 3x3 convs (own cache)
 #   gpu_tests      the remaining `pytest -m gpu` tests
 #
@@ -44,12 +49,12 @@ if [ $# -lt 1 ]; then
 fi
 OUTDIR=$(mkdir -p "$1" && cd "$1" && pwd)
 shift
-ALL_STEPS="install triton_correct train_check cuda_correct tune train_compile conv_bench ncu train_bench tune_triton gpu_tests"
+ALL_STEPS="install engine_correct cuda_correct step_engine tune train_bench census triton_correct conv_bench train_check ncu tune_triton gpu_tests"
 STEPS=${*:-$ALL_STEPS}
 cd "$(dirname "$0")/.."
 REPO=$(pwd)
 PYTHON=${PYTHON:-python3}
-BUDGET_S=${GPU_CHECK_BUDGET_S:-500}
+BUDGET_S=${GPU_CHECK_BUDGET_S:-540}
 START_S=$(date +%s)
 SUMMARY="$OUTDIR/summary.tsv"
 : > "$SUMMARY"
@@ -170,41 +175,59 @@ if wants install; then
     start_step install 240 bash -c install_extension
 fi
 
-# Correctness first: each fused backend through the public op on every distinct
+# Correctness first. The step engine and the gemm backend need no extension: they run
+# beside its build. Then each fused backend through the public op on every distinct
 # ResNet-50 conv (bf16 / fp32, channels_last / NCHW, outputs and every gradient vs float64).
-wants triton_correct && run_step triton_correct 70 env OMP_NUM_THREADS=2 "${PYTEST[@]}" \
-    "${XDIST[@]}" -k triton tests/test_gpu_resnet50.py
+wants engine_correct && run_step engine_correct 60 env OMP_NUM_THREADS=2 "${PYTEST[@]}" \
+    -m gpu tests/test_streams.py tests/test_cuda_graphs.py tests/test_gemm_backend.py
 finish_step install
-# The quickstart's training on this GPU (bf16, channels_last, the CUDA backend) and a
-# SIGTERM + resume, beside the CUDA backend's correctness tests (neither is timed).
-wants train_check && start_step train_check 110 $PYTHON benchmarks/train_check.py --device cuda \
-    --workers 4 --out "$OUTDIR/train_check" -- --amp bf16 --channels-last --backend cuda
-wants cuda_correct && run_step cuda_correct 80 env OMP_NUM_THREADS=2 "${PYTEST[@]}" \
-    "${XDIST[@]}" -k cuda tests/test_gpu_resnet50.py tests/test_cuda_ext.py
-finish_step train_check
+wants cuda_correct && run_step cuda_correct 90 env OMP_NUM_THREADS=2 "${PYTEST[@]}" \
+    "${XDIST[@]}" -k "cuda or gemm" tests/test_gpu_resnet50.py tests/test_cuda_ext.py
+
+# The AN step against the plain step, eager, compiled and as one CUDA graph, side by side in
+# one process (issue 23's targets: AN compiled / plain compiled >= 0.62, AN >= 4000 img/s).
+# The torch backend is what auto chose on every conv so far; inductor's own Triton kernels
+# go to a cache of their own, so anfast's travels back whole.
+wants step_engine && run_step step_engine 240 env TRITON_CACHE_DIR=/tmp/inductor-triton \
+    $PYTHON benchmarks/train_throughput.py --device cuda --arch resnet50 --image-size 224 \
+    --batch-size 256 --providers base,anfast_torch,anfast_streams --compile off,default,graphs \
+    --rounds 3 --steps 4 --out "$OUTDIR/step_engine"
+
+# Auto's measured choice for ResNet-50 training: every conv verified against float64 and
+# timed (fwd + bwd) against torch, per backend and kernel variant; the cache fills key by
+# key even if the step times out.
+TUNE=($PYTHON -m anfast tune --arch resnet50 --alpha 4 --policy paper --batch-size 256 --image-size 224
+      --amp bf16 --channels-last --device cuda)
+wants tune && run_step tune 120 "${TUNE[@]}" --backends "${TUNE_BACKENDS:-gemm,cuda}" \
+    --out "$OUTDIR/tune-resnet50.json"
+
+# Training img/s with auto's decisions just cached (ANFAST_TUNE=0: nothing is timed inside
+# the timing; an undecided conv runs torch), the convs decided for torch pinned to it.
+wants train_bench && run_step train_bench 200 env ANFAST_TUNE=0 TRITON_CACHE_DIR=/tmp/inductor-triton \
+    $PYTHON benchmarks/train_throughput.py --device cuda --arch resnet50 --image-size 224 \
+    --batch-size 256 --providers base,anfast --compile off,default,graphs --rounds 3 --steps 4 \
+    --out "$OUTDIR"
+# What one step launches: plain vs AN, eager and compiled (torch.profiler on the device).
+wants census && run_step census 120 env TRITON_CACHE_DIR=/tmp/inductor-triton $PYTHON \
+    benchmarks/step_census.py --providers base,anfast_torch --launches --device cuda \
+    --launch-batch-size 64 --out "$OUTDIR"
+
+wants triton_correct && run_step triton_correct 90 env OMP_NUM_THREADS=2 "${PYTEST[@]}" \
+    "${XDIST[@]}" -k triton tests/test_gpu_resnet50.py
 if wants triton_correct || wants cuda_correct; then
     run_step correctness_report 30 $PYTHON benchmarks/correctness_report.py "$OUTDIR/correctness.jsonl" \
         --out "$OUTDIR/correctness-resnet50.json"
 fi
 
-# Auto's measured choice for ResNet-50 training: every conv verified against float64 and
-# timed (fwd + bwd) against torch; the cache fills key by key even if the step times out.
-TUNE=($PYTHON -m anfast tune --arch resnet50 --alpha 4 --policy paper --batch-size 256 --image-size 224
-      --amp bf16 --channels-last --device cuda)
-wants tune && run_step tune 60 "${TUNE[@]}" --backends "${TUNE_BACKENDS:-cuda}" \
-    --out "$OUTDIR/tune-resnet50.json"
-
-# The step census's next lever: does torch.compile fuse away the AN step's extra elementwise
-# work? Plain and AN (auto) training, eager and compiled, side by side in one process.
-# Inductor's own Triton kernels go to a cache of their own: anfast's travels back whole.
-wants train_compile && run_step train_compile 240 env ANFAST_TUNE=0 TRITON_CACHE_DIR=/tmp/inductor-triton \
-    $PYTHON benchmarks/train_throughput.py \
-    --device cuda --arch resnet50 --image-size 224 --batch-size 256 --providers base,anfast \
-    --compile off,default --rounds 3 --steps 4 --out "$OUTDIR/compiled"
 # Where the fused kernels lose: per phase (forward, dgrad, wgrad) on 4 layers, including
 # each backend's slowest (layer1's 3x3 for CUDA C++, layer3.0.conv2 for Triton).
 wants conv_bench && run_step conv_bench 90 $PYTHON benchmarks/conv.py --quick --no-compiled \
     --out "$OUTDIR/conv.json"
+
+# The quickstart's training on this GPU (bf16, channels_last, the CUDA backend) and a
+# SIGTERM + resume.
+wants train_check && run_step train_check 110 $PYTHON benchmarks/train_check.py --device cuda \
+    --workers 4 --out "$OUTDIR/train_check" -- --amp bf16 --channels-last --backend cuda
 
 # Nsight Compute on each fused backend's slowest layer and on cuDNN's kernels for it:
 # one `ncu` run per provider and layer, its report read back as CSV, then one JSON.
@@ -245,11 +268,6 @@ if wants ncu; then
     fi
 fi
 
-# Training img/s on synthetic data, side by side in one process; auto takes the decisions
-# just cached and never tunes inside the timing (ANFAST_TUNE=0: an undecided conv runs torch).
-wants train_bench && run_step train_bench 60 env ANFAST_TUNE=0 $PYTHON benchmarks/train_throughput.py \
-    --device cuda --arch resnet50 --image-size 224 --batch-size 256 --compile off --rounds 4 --steps 4 \
-    --out "$OUTDIR"
 # Triton on ResNet-50's 3x3 convs alone, in a cache of its own: each Triton kernel config
 # compiles in seconds on the device's CPU, so a first tune of all 23 convs with three
 # configs of three kernels each does not fit a short lease.

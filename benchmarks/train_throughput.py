@@ -8,12 +8,14 @@ what the base costs)? Plain base training is the floor both are compared against
 Providers, all with fused SGD, the same model, data and precision:
   base          torchvision model, cross-entropy
   anfast        anfast.adjoin(model, alpha, policy) + anfast.AdjoinedLoss, backend auto
+                (on CUDA prepared as `anfast train` does: tuned, or read from the tune cache,
+                and the convs decided for torch pinned to it)
   anfast_torch  the same with backend="torch" (two cuDNN / ATen convs, no fused kernel)
   anfast_aten   the same adjoined network with every AdjoinedConv2d's forward replaced by
                 F.conv2d per network on its weight slice: what the op path costs beyond
                 the two convolutions themselves (its checks, the backend choice)
-  anfast_streams  anfast with each student on its own CUDA stream (anfast.nn.use_streams;
-                on the CPU the same path as anfast)
+  anfast_streams  anfast_torch with each student on its own CUDA stream
+                (anfast.nn.use_streams; on the CPU the same path as anfast_torch)
   masked        the base plus a full-width student that shares the conv / linear modules
                 (so the same weights), has its own BatchNorms, and multiplies every shrunk
                 conv's output by a 0/1 channel mask of width(C, alpha); same AdjoinedLoss
@@ -60,6 +62,7 @@ from anfast.data.synthetic import DEFAULT_SYNTHETIC_CLASSES, synthetic_batch
 from anfast.train.config import COMPILE_CHOICES
 from anfast.train.graphs import CapturedStep, step_state_tensors, tensor_learning_rates
 from anfast.train.step import StepMeter, resolve_compile, train_step, warm_up
+from anfast.tune import prepare_backends
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import environment, write_result  # noqa: E402
@@ -145,7 +148,7 @@ def build_providers(arch: str, alpha: float, num_classes: int, input_size, polic
     adjoined = {key: anfast.adjoin(copy.deepcopy(base), alpha=alpha, policy=policy, round_to=8,
                                    input_size=input_size, backend=backend)
                 for key, backend in ((None, None), ("torch", "torch"), ("aten", "torch"),
-                                     ("streams", None))}
+                                     ("streams", "torch"))}
     masked = MaskedAdjoined(copy.deepcopy(base), alpha, 8)
     adjoined_loss = functools.partial(anfast.AdjoinedLoss(), lambda_=1.0)
     return {
@@ -220,6 +223,12 @@ def main() -> None:
     images, labels = synthetic_batch(batch_size, image_size, args.num_classes, device=device,
                                      channels_last=channels_last)
     scaler = torch.amp.GradScaler(device.type, enabled=False)
+    if on_cuda and "anfast" in providers:
+        # As `anfast train` does before its first step: auto's decisions (from the cache
+        # `anfast tune` filled, else measured now), and the convs decided for torch pinned
+        # to it, so they compile as aten convolutions.
+        model = providers["anfast"][0].to(device=device, memory_format=memory_format)
+        prepare_backends(model, "auto", batch_size, image_size, amp_dtype)
     steps = {}
     for mode in modes:
         compile_as, fallback = resolve_compile(None if mode in ("off", GRAPHS) else mode, device)
