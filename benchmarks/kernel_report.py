@@ -11,8 +11,10 @@ triton's own binder (16-byte pointer alignment, integers divisible by 16, intege
 equal to 1 and the stride-1 channel axis specialised to constexpr 1) into
 triton.compile for GPUTarget("cuda", arch, 32).
 
-CUDA C++: the compiled extension anfast/_C*.so, when present, is read generically per
-kernel symbol and arch with the cuobjdump the triton wheel ships.
+CUDA C++: the compiled extension anfast/_C*.so, when present, is read per kernel symbol
+and arch with the cuobjdump the triton wheel ships; each symbol's (dtype, op,
+threadblock tile) names the tile variants that run it, and anfast._C.kernel_resources()
+gives its threads and dynamic shared memory, so every variant gets its CTAs per SM.
 
 Per kernel and config: registers, spill bytes (ptxas' spill stores; for the
 extension the local + stack bytes, an upper bound), static shared memory (Triton's
@@ -316,8 +318,39 @@ def extension_path() -> Optional[pathlib.Path]:
     return pathlib.Path(found[0]) if found else None
 
 
+def cuda_kernel_identity(symbol: str) -> tuple[str, str, Optional[tuple[int, int, int]]]:
+    """(dtype, op, threadblock tile) of an extension kernel from its mangled name: the
+    first CUTLASS GemmShape in it is the mainloop's threadblock shape; op is one of
+    anfast._C.kernel_resources()'s ("other" for the slice-summing kernel)."""
+    dtype = "bfloat16" if "bfloat16_t" in symbol else "float16" if "half_t" in symbol else "float32"
+    if "wgrad_kernel" in symbol:
+        op = "wgrad"
+    elif "fused_conv_kernel" in symbol:
+        op = "dgrad_strided" if "StridedDgrad" in symbol else "dgrad" if "Dgrad" in symbol else "forward"
+    else:
+        return dtype, "other", None
+    shape = re.search(r"GemmShapeILi(\d+)ELi(\d+)ELi(\d+)E", symbol)
+    return dtype, op, tuple(int(g) for g in shape.groups()) if shape else None
+
+
+def extension_resources() -> dict[tuple, dict]:
+    """{(dtype, op, threadblock): threads, dynamic shared bytes and the tile variants that
+    run that kernel}, from anfast._C.kernel_resources() (importing it needs no GPU)."""
+    import anfast._C
+
+    kernels = {}
+    for entry in anfast._C.kernel_resources():
+        key = (entry["dtype"], entry["op"], tuple(entry["threadblock"]))
+        kernel = kernels.setdefault(key, {"threads": entry["threads"], "dynamic_shared_bytes": entry["shared_bytes"],
+                                          "variants": []})
+        kernel["variants"].append(entry["tiles"])
+    return kernels
+
+
 def extension_rows(path: pathlib.Path, archs, progress: Callable[[dict], None]) -> list[dict]:
-    """Per kernel symbol and arch of the extension: resources and SASS counts."""
+    """Per kernel symbol and arch of the extension: its tile variants, resources (static
+    plus dynamic shared memory), CTAs per SM and SASS counts."""
+    kernels = extension_resources()
     rows = []
     for arch in archs:
         try:
@@ -330,21 +363,22 @@ def extension_rows(path: pathlib.Path, archs, progress: Callable[[dict], None]) 
         for name, resources in usage.items():
             if name not in sass:
                 continue
+            dtype, op, tile = cuda_kernel_identity(name)
+            kernel = kernels.get((dtype, op, tile), {})
+            shared = resources.get("SHARED", 0) + kernel.get("dynamic_shared_bytes", 0)
+            ctas, limit = (occupancy(arch, resources.get("REG", 0), shared, kernel["threads"]) if kernel
+                           else (None, None))
             row = {
-                "backend": "cuda", "arch": f"sm_{arch}", "kernel": name, "op": _cuda_op(name), "layer": None,
-                "config": None, "registers": resources.get("REG", 0),
+                "backend": "cuda", "arch": f"sm_{arch}", "kernel": name, "op": op, "layer": None,
+                "config": f"{dtype} {'x'.join(map(str, tile))}" if tile else None, "dtype": dtype,
+                "variants": kernel.get("variants", []), "registers": resources.get("REG", 0),
                 "spill_bytes": resources.get("LOCAL", 0) + resources.get("STACK", 0),
-                "shared_bytes": resources.get("SHARED", 0), "threads": None, "ctas_per_sm": None,
-                "limited_by": None, **sass_summary(sass[name]),
+                "shared_bytes": shared, "threads": kernel.get("threads"), "ctas_per_sm": ctas,
+                "limited_by": limit, **sass_summary(sass[name]),
             }
             progress(row)
             rows.append(row)
     return rows
-
-
-def _cuda_op(symbol: str) -> str:
-    lowered = symbol.lower()
-    return next((op for op in ("wgrad", "dgrad", "fprop", "forward") if op in lowered), "other")
 
 
 # ---------------------------------------------------------------------------- CLI
@@ -398,6 +432,8 @@ def main(argv=None) -> int:
         "sm90_triton_without_hgmma": sum(r["backend"] == "triton" and r["arch"] == "sm_90"
                                          and r["sass"]["HGMMA"] == 0 for r in compiled),
         "triton_one_cta_per_sm": sum(r["backend"] == "triton" and r["ctas_per_sm"] == 1 for r in compiled),
+        "cuda_variant_kernels": sum(bool(r.get("variants")) for r in compiled),
+        "cuda_variant_kernels_spilling": sum(bool(r.get("variants")) and r["spill_bytes"] > 0 for r in compiled),
         "seconds": round(time.perf_counter() - started, 1),
     }
     print(f"summary: {summary['rows']} kernels compiled, {summary['spilling']} spill, "

@@ -20,6 +20,8 @@
 #include <c10/cuda/CUDAGuard.h>
 #include <torch/extension.h>
 
+namespace py = pybind11;
+
 #include "adjoined_conv.h"
 
 #define CHECK_DEVICE(x)                                                                     \
@@ -349,10 +351,34 @@ at::Tensor wgrad(const at::Tensor& grad_base, const at::Tensor& grad_student,
   return grad_weight;
 }
 
+// Every compiled conv kernel of every tile shape: what it asks of an SM (for
+// benchmarks/kernel_report.py, which reads registers and spills from the SASS).
+std::vector<std::map<std::string, py::object>> kernel_resources() {
+  const std::pair<anfast::ConvKernel, const char*> ops[] = {
+      {anfast::ConvKernel::kForward, "forward"}, {anfast::ConvKernel::kDgrad, "dgrad"},
+      {anfast::ConvKernel::kDgradStrided, "dgrad_strided"}, {anfast::ConvKernel::kWgrad, "wgrad"}};
+  std::vector<std::map<std::string, py::object>> rows;
+  auto add = [&](auto tag, const char* dtype) {
+    using T = typename decltype(tag)::type;
+    for (int tiles = 0; tiles < anfast::adjoined_conv2d_tile_count<T>(); ++tiles) {
+      for (const auto& [op, op_name] : ops) {
+        const anfast::KernelResources r = anfast::adjoined_conv2d_kernel_resources<T>(tiles, op);
+        rows.push_back({{"dtype", py::str(dtype)}, {"tiles", py::str(anfast::adjoined_conv2d_tile_name<T>(tiles))},
+                        {"op", py::str(op_name)},
+                        {"threadblock", py::make_tuple(r.tile_m, r.tile_n, r.tile_k)},
+                        {"threads", py::int_(r.threads)}, {"shared_bytes", py::int_(r.shared_bytes)}});
+      }
+    }
+  };
+  add(TypeTag<float>{}, "float32");
+  add(TypeTag<__half>{}, "float16");
+  add(TypeTag<__nv_bfloat16>{}, "bfloat16");
+  return rows;
+}
+
 }  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  namespace py = pybind11;
   m.doc() = "Fused CUDA kernels of the adjoined convolution (base + student in one launch)";
   m.def("forward", &forward,
         "(y_base, y_student) of the adjoined convolution; prefix channel map, groups=1, dilation=1",
@@ -374,4 +400,6 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         {"float32", variant_names<float>()}, {"float16", variant_names<__half>()},
         {"bfloat16", variant_names<__nv_bfloat16>()}};
   }, "{dtype name: kernel variant names}; the first of each is the default (variant='')");
+  m.def("kernel_resources", &kernel_resources,
+        "per compiled conv kernel: dtype, op, threadblock tile, threads and dynamic shared bytes");
 }

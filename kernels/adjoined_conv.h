@@ -67,6 +67,18 @@ int adjoined_conv2d_tile_count();
 template <typename T>
 const char* adjoined_conv2d_tile_name(int tiles);
 
+// What one kernel of a tile shape asks of an SM, for the static kernel report
+// (benchmarks/kernel_report.py): its threadblock tile, threads per block and dynamic
+// shared memory (the mainloop's stages or the epilogue's staging, whichever is larger).
+enum class ConvKernel : int { kForward, kDgrad, kDgradStrided, kWgrad };
+struct KernelResources {
+  int tile_m, tile_n, tile_k;
+  int threads;
+  int shared_bytes;
+};
+template <typename T>
+KernelResources adjoined_conv2d_kernel_resources(int tiles, ConvKernel kernel);
+
 // Why a shape cannot run with element type T, or nullptr when it can. The launchers
 // return cudaErrorInvalidValue for such shapes; hosts call this first to say why.
 template <typename T>
@@ -124,6 +136,7 @@ cudaError_t adjoined_conv2d_wgrad(const AdjoinedConvShape& shape, Tensor4d grad_
                                                                   KernelVariant);              \
   extern template int adjoined_conv2d_tile_count<T>();                                         \
   extern template const char* adjoined_conv2d_tile_name<T>(int);                               \
+  extern template KernelResources adjoined_conv2d_kernel_resources<T>(int, ConvKernel);        \
   extern template const char* adjoined_conv2d_shape_error<T>(const AdjoinedConvShape&);
 ANFAST_DECLARE_ADJOINED_CONV(float)
 ANFAST_DECLARE_ADJOINED_CONV(__half)

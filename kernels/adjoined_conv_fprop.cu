@@ -86,6 +86,31 @@ const char* adjoined_conv2d_tile_name(int tiles) {
 }
 
 namespace detail {
+
+template <typename Kernel>
+KernelResources resources_of() {
+  using Tile = typename Kernel::Mma::Shape;
+  return {Tile::kM, Tile::kN, Tile::kK, Kernel::kThreadCount, shared_bytes<Kernel>()};
+}
+
+}  // namespace detail
+
+template <typename T>
+KernelResources adjoined_conv2d_kernel_resources(int tiles, ConvKernel kernel) {
+  KernelResources resources{};
+  detail::with_tiles<T>(tiles, [&](auto config) {
+    using Kernels = detail::ConvKernels<T, decltype(config)>;
+    switch (kernel) {
+      case ConvKernel::kForward: resources = detail::resources_of<typename Kernels::Fprop>(); break;
+      case ConvKernel::kDgrad: resources = detail::resources_of<typename Kernels::DgradUnit>(); break;
+      case ConvKernel::kDgradStrided: resources = detail::resources_of<typename Kernels::DgradStrided>(); break;
+      case ConvKernel::kWgrad: resources = detail::resources_of<typename Kernels::Wgrad>(); break;
+    }
+  });
+  return resources;
+}
+
+namespace detail {
 namespace {
 
 template <typename T, typename Config>
@@ -135,6 +160,7 @@ cudaError_t adjoined_conv2d_forward(const AdjoinedConvShape& shape, Tensor4d x_b
 #define ANFAST_INSTANTIATE(T)                                                                  \
   template int adjoined_conv2d_tile_count<T>();                                                \
   template const char* adjoined_conv2d_tile_name<T>(int);                                      \
+  template KernelResources adjoined_conv2d_kernel_resources<T>(int, ConvKernel);               \
   template const char* adjoined_conv2d_shape_error<T>(const AdjoinedConvShape&);               \
   template cudaError_t adjoined_conv2d_forward<T>(const AdjoinedConvShape&, Tensor4d, Tensor4d, \
                                                   Tensor4d, const T*, Tensor4d, Tensor4d,       \
