@@ -176,10 +176,25 @@ def _main_loop(code: list[str]) -> list[str]:
     return best
 
 
+def _kernel_identity(entry: dict) -> tuple:
+    """(dtype, op, threadblock tile) of one entry of anfast._C.kernel_resources()."""
+    return entry["dtype"], entry["op"], tuple(entry["threadblock"])
+
+
+def _symbol_identity(symbol: str) -> tuple:
+    """(dtype, op, threadblock tile) of a conv kernel from its mangled name; the first
+    CUTLASS GemmShape in it is the mainloop's threadblock shape."""
+    dtype = "bfloat16" if "bfloat16_t" in symbol else "float16" if "half_t" in symbol else "float32"
+    op = ("wgrad" if "wgrad_kernel" in symbol else "dgrad_strided" if "StridedDgrad" in symbol
+          else "dgrad" if "Dgrad" in symbol else "forward")
+    tile = re.search(r"GemmShapeILi(\d+)ELi(\d+)ELi(\d+)E", symbol)
+    return dtype, op, tuple(int(g) for g in tile.groups())
+
+
 @needs_nvcc
 def test_extension_sass_pipelined_tensor_cores_no_spills():
-    """The built anfast._C for sm_80 and sm_90: no spills; every forward / dgrad / wgrad
-    kernel loads with cp.async (LDGSTS); 16-bit ones read fragments with ldmatrix (LDSM)
+    """The built anfast._C for sm_80 and sm_90: every kernel of every tile variant is
+    compiled for both; no spills; every forward / dgrad / wgrad kernel loads with cp.async (LDGSTS); 16-bit ones read fragments with ldmatrix (LDSM)
     into mma.sync (HMMA), fp32 ones run FFMA; no integer division (I2F / MUFU.RCP) in
     a dgrad main loop."""
     extension, why = load_extension()
@@ -190,8 +205,12 @@ def test_extension_sass_pipelined_tensor_cores_no_spills():
     functions = _sass_functions(Path(extension.__file__), cuobjdump)
     convs = [f for f in functions if "fused_conv_kernel" in f["name"] or "wgrad_kernel" in f["name"]]
     assert {f["arch"] for f in convs} == {"sm_80", "sm_90"}
-    # Per arch: forward, dgrad stride 1, dgrad strided, wgrad, for 3 dtypes.
-    assert len(convs) == 2 * 4 * 3, [f["name"][:80] for f in convs]
+    # Every tile variant's kernels, per arch: forward, dgrad stride 1, dgrad strided, wgrad
+    # of each dtype and tile shape (variants sharing a wgrad tile share its kernel).
+    expected = {_kernel_identity(entry) for entry in extension.kernel_resources()}
+    for arch in ("sm_80", "sm_90"):
+        compiled = sorted(_symbol_identity(f["name"]) for f in convs if f["arch"] == arch)
+        assert compiled == sorted(expected), (arch, compiled)
     for f in functions:
         assert f["stack"] == 0 and f["local"] == 0, f"{f['arch']} {f['name'][:100]} spills"
     for f in convs:
