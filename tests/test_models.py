@@ -241,3 +241,17 @@ def test_info_refuses_a_model_it_cannot_trace_in_one_line(capsys):
                      "Proxy(getitem_2)!; pass input_size=(C, H, W) that the model accepts"), error
     error = _info_error(capsys, "--arch", "vit_b_16")
     assert error.startswith("anfast info: error: reshape (call_method reshape): reshapes the channel axis"), error
+
+
+def test_train_refuses_a_model_it_cannot_adjoin_in_one_line(capsys, tmp_path):
+    from anfast.cli import main
+    from test_train_config import make_image_folder
+
+    data = make_image_folder(tmp_path / "data", train_per_class=2, val_per_class=1)
+    assert main(["train", "--arch", "vit_b_16", "--data", str(data), "--out", str(tmp_path / "run"),
+                 "--image-size", "32", "--batch-size", "2", "--device", "cpu", "--workers", "0"]) == 2
+    err = capsys.readouterr().err
+    errors = [line for line in err.splitlines() if "error:" in line]  # the rest: progress bars
+    assert "Traceback" not in err and len(errors) == 1, err
+    assert errors[0].startswith("anfast train: error: cannot adjoin --arch vit_b_16 with --alpha 4: "
+                                "VisionTransformer fails on an input of size (2, 3, 32, 32) at _assert"), errors

@@ -26,6 +26,7 @@ import difflib
 import functools
 import inspect
 import os
+import types
 import typing
 from typing import Any, Callable, Mapping, Optional
 
@@ -100,6 +101,13 @@ def _takes_any_keyword(function: Callable) -> bool:
     return any(p.kind is inspect.Parameter.VAR_KEYWORD for p in inspect.signature(function).parameters.values())
 
 
+def _annotation_options(annotation: Any) -> tuple:
+    """The members of a Union annotation (``Optional[int]``, ``int | None`` -> (int, NoneType)); else the
+    annotation."""
+    union = typing.get_origin(annotation) in (typing.Union, types.UnionType)
+    return typing.get_args(annotation) if union else (annotation,)
+
+
 def _simple_types(parameter: inspect.Parameter) -> Optional[tuple[type, ...]]:
     """The JSON-expressible types ``parameter`` accepts, or None where its signature cannot tell.
 
@@ -108,8 +116,7 @@ def _simple_types(parameter: inspect.Parameter) -> Optional[tuple[type, ...]]:
     simple = (bool, int, float, str, type(None), tuple, list)
     annotation = parameter.annotation
     if annotation is not inspect.Parameter.empty and not isinstance(annotation, str):
-        options = typing.get_args(annotation) if typing.get_origin(annotation) is typing.Union else (annotation,)
-        options = tuple(typing.get_origin(option) or option for option in options)
+        options = tuple(typing.get_origin(option) or option for option in _annotation_options(annotation))
         if all(isinstance(option, type) and issubclass(option, simple) for option in options):
             return options + ((int,) if float in options else ()) + ((list,) if tuple in options else ())
         return None
@@ -144,8 +151,7 @@ def _no_weights(library: str, name: str, functions: tuple[Callable, ...]) -> dic
             off[key] = False if isinstance(parameter.default, bool) else None
             annotation = parameter.annotation
             if parameter.default is inspect.Parameter.empty and annotation is not inspect.Parameter.empty:
-                options = typing.get_args(annotation) if typing.get_origin(annotation) is typing.Union else (annotation,)
-                if not {type(None), bool, Any}.intersection(options):
+                if not {type(None), bool, Any}.intersection(_annotation_options(annotation)):
                     raise ValueError(f"{library} model {name!r} cannot be built without weights ({key} is "
                                      "required); anfast builds architectures only: choose another --arch")
     return off
