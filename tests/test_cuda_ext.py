@@ -3,7 +3,8 @@
 Every output is poisoned with NaN before the kernel runs, so an element the kernel
 never wrote fails the test. Two shape sets: odd random sizes (channel counts the
 binding must zero-pad for the 16-bit kernels) and every convolution of torchvision's
-ResNet-50 adjoined with the paper policy at alpha 4, batch 8. Skipped without a CUDA
+ResNet-50 adjoined with the paper policy at alpha 4, batch 8; every kernel variant
+(tile shape, wgrad split) on the distinct ResNet-50 convs, channels_last. Skipped without a CUDA
 device (CPU CI); run first by benchmarks/gpu_check.sh (pytest -m gpu).
 """
 
@@ -17,7 +18,8 @@ import anfast.ops
 from anfast.ops import reference
 from anfast.ops.cuda_backend import BACKEND, load_extension
 
-from helpers import TOLERANCE, assert_close_rel, resnet50_conv_names, resnet50_shapes, shape_id
+from helpers import (TOLERANCE, assert_close_rel, resnet50_conv_names, resnet50_distinct_convs,
+                     resnet50_shapes, shape_id)
 
 pytestmark = [
     pytest.mark.gpu,
@@ -50,18 +52,20 @@ def random_shapes(count: int, seed: int = 0) -> list[dict]:
 SHAPES = random_shapes(32)
 
 
-def make_problem(s: dict, dtype: torch.dtype, seed: int):
-    """CUDA inputs in ``dtype`` with mixed memory formats, and their float64 CPU copies."""
+def make_problem(s: dict, dtype: torch.dtype, seed: int, channels_last: bool = False):
+    """CUDA inputs in ``dtype``: every 4-D one channels_last if asked, else mixed memory
+    formats by seed."""
     gen = torch.Generator().manual_seed(seed)
 
     def rand(*shape, channels_last=False):
         t = torch.randn(*shape, generator=gen).to(dtype).cuda()
         return t.contiguous(memory_format=torch.channels_last) if channels_last else t
 
-    cl = seed % 2 == 0
+    cl = channels_last or seed % 2 == 0
     x_base = rand(s["batch"], s["in_channels"], s["height"], s["width"], channels_last=cl)
     x_student = rand(s["batch"], s["in_student"], s["height"], s["width"], channels_last=cl)
-    weight = rand(s["out_channels"], s["in_channels"], s["kernel"], s["kernel"], channels_last=seed % 3 == 0)
+    weight = rand(s["out_channels"], s["in_channels"], s["kernel"], s["kernel"],
+                  channels_last=channels_last or seed % 3 == 0)
     bias = rand(s["out_channels"])
     return x_base, x_student, weight, bias
 
@@ -75,11 +79,13 @@ def poisoned_like(shape, like: torch.Tensor, memory_format=torch.contiguous_form
         memory_format=memory_format)
 
 
-def check_kernels_against_float64(s: dict, dtype: torch.dtype, seed: int):
-    """forward, dgrad and wgrad of anfast._C vs torch in float64 (on the same GPU)."""
+def check_kernels_against_float64(s: dict, dtype: torch.dtype, seed: int, variant: str = "",
+                                  channels_last: bool = False):
+    """forward, dgrad and wgrad of anfast._C (kernel ``variant``; "" the default) vs torch
+    in float64 (on the same GPU)."""
     extension, why = load_extension()
     assert extension is not None, why
-    x_base, x_student, weight, bias = make_problem(s, dtype, seed=seed)
+    x_base, x_student, weight, bias = make_problem(s, dtype, seed=seed, channels_last=channels_last)
     stride, padding = [s["stride"]] * 2, [s["padding"]] * 2
     x_b64, x_s64, w64, b64 = (t.double() for t in (x_base, x_student, weight, bias))
     want_y_base, want_y_student = reference.adjoined_conv2d_reference(
@@ -88,7 +94,8 @@ def check_kernels_against_float64(s: dict, dtype: torch.dtype, seed: int):
     y_base_out = poisoned_like(want_y_base.shape, x_base, torch.channels_last)
     y_student_out = poisoned_like(want_y_student.shape, x_base)
     y_base, y_student = extension.forward(x_base, x_student, weight, bias, s["out_student"], stride,
-                                          padding, y_base_out=y_base_out, y_student_out=y_student_out)
+                                          padding, y_base_out=y_base_out, y_student_out=y_student_out,
+                                          variant=variant)
     assert y_base.data_ptr() == y_base_out.data_ptr() and y_student.data_ptr() == y_student_out.data_ptr()
     assert_close(y_base, want_y_base, dtype, "y_base")
     assert_close(y_student, want_y_student, dtype, "y_student")
@@ -102,9 +109,9 @@ def check_kernels_against_float64(s: dict, dtype: torch.dtype, seed: int):
     dx_base, dx_student = extension.dgrad(
         grad_base, grad_student, *conv_args,
         grad_x_base_out=poisoned_like(x_base.shape, x_base, torch.channels_last),
-        grad_x_student_out=poisoned_like(x_student.shape, x_base))
+        grad_x_student_out=poisoned_like(x_student.shape, x_base), variant=variant)
     dweight = extension.wgrad(grad_base, grad_student, *conv_args,
-                              grad_weight_out=poisoned_like(weight.shape, weight))
+                              grad_weight_out=poisoned_like(weight.shape, weight), variant=variant)
     assert_close(dx_base, want_dx_b, dtype, "grad x_base")
     assert_close(dx_student, want_dx_s, dtype, "grad x_student")
     assert_close(dweight, want_dw, dtype, "grad weight")
@@ -120,6 +127,38 @@ def test_kernels_match_float64_reference(index, dtype):
 @pytest.mark.parametrize("name", resnet50_conv_names())
 def test_every_resnet50_conv_matches_float64_reference(name, dtype):
     check_kernels_against_float64(resnet50_shapes()[name], dtype, seed=len(name))
+
+
+def kernel_variants(dtype_name: str) -> list[str]:
+    """The extension's kernel variants of a dtype; none where it is not built."""
+    extension, _ = load_extension()
+    return extension.variants()[dtype_name] if extension is not None else []
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("variant", kernel_variants("bfloat16"))
+@pytest.mark.parametrize("name", resnet50_distinct_convs())
+def test_every_variant_on_resnet50_convs_matches_float64_reference(name, variant, dtype):
+    """Each tile variant (16-bit: both dtypes share the list) on the 23 distinct ResNet-50
+    convs, channels_last, the outputs and every gradient."""
+    check_kernels_against_float64(resnet50_shapes()[name], dtype, seed=len(name), variant=variant,
+                                  channels_last=True)
+
+
+@pytest.mark.parametrize("variant", kernel_variants("float32"))
+@pytest.mark.parametrize("index", [0, 5, len(SHAPES) - 2], ids=lambda i: shape_id(SHAPES[i]))
+def test_every_fp32_variant_matches_float64_reference(index, variant):
+    check_kernels_against_float64(SHAPES[index], torch.float32, seed=index, variant=variant)
+
+
+def test_an_unknown_variant_is_refused_with_the_choices():
+    extension, why = load_extension()
+    assert extension is not None, why
+    x_base, x_student, weight, bias = make_problem(SHAPES[0], torch.bfloat16, seed=0)
+    with pytest.raises(RuntimeError, match=r"variant '256x256x32' is not a BFloat16 kernel variant; "
+                                           r"choose one of 128x128x32, 128x128x32-unsplit, "):
+        extension.forward(x_base, x_student, weight, bias, SHAPES[0]["out_student"], [1, 1], [1, 1],
+                          variant="256x256x32")
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
@@ -157,6 +196,11 @@ def test_auto_dispatch_verifies_the_cuda_backend_and_follows_its_decision(monkey
                                      (s["stride"],) * 2, (s["padding"],) * 2, (1, 1), 1, None)
     assert BACKEND.unsupported_reasons(problem, explicit=False) == []
     (decision, cached), = anfast.ops.tuning.tune_problems([problem], ["cuda"])
-    assert decision["candidates"]["cuda"]["verified"], decision["candidates"]["cuda"]["why"]
+    cuda = decision["candidates"]["cuda"]
+    assert cuda["verified"], cuda["why"]
     assert not cached
+    # Every variant was verified and timed; the fastest is named and is what the backend runs.
+    assert sorted(cuda["variants"]) == sorted(kernel_variants("bfloat16"))
+    assert cuda["ms"] == min(r["ms"] for r in cuda["variants"].values() if r["verified"])
+    assert cuda["variant"] == anfast.ops.tuning.decided_variant(problem, "cuda")
     assert anfast.ops.choose_backend(problem, "auto").name == decision["backend"]
