@@ -198,7 +198,7 @@ wants step_engine && run_step step_engine 240 env TRITON_CACHE_DIR=/tmp/inductor
 # key even if the step times out.
 TUNE=($PYTHON -m anfast tune --arch resnet50 --alpha 4 --policy paper --batch-size 256 --image-size 224
       --amp bf16 --channels-last --device cuda)
-wants tune && run_step tune 120 "${TUNE[@]}" --backends "${TUNE_BACKENDS:-gemm,cuda}" \
+wants tune && run_step tune 180 "${TUNE[@]}" --backends "${TUNE_BACKENDS:-gemm,cuda}" \
     --out "$OUTDIR/tune-resnet50.json"
 
 # Training img/s with auto's decisions just cached (ANFAST_TUNE=0: nothing is timed inside
