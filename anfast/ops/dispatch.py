@@ -89,6 +89,15 @@ class Backend:
         """
         raise NotImplementedError
 
+    def variants(self, problem: ConvProblem) -> list[str]:
+        """Names of the kernel variants (tile shapes, ...) the tuner times apart for
+        ``problem``; empty for a backend with one way to run it."""
+        return []
+
+    def with_variant(self, variant: str) -> "Backend":
+        """This backend fixed to one of its variants."""
+        raise ValueError(f"backend {self.name!r} has no kernel variants (asked for {variant!r})")
+
     def forward(self, problem: ConvProblem) -> tuple[torch.Tensor, torch.Tensor]:
         raise NotImplementedError
 

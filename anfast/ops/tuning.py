@@ -300,9 +300,9 @@ def _verify(outputs: tuple, grads: tuple, mask, reference: _Reference, dtype: to
 
 def backend_variants(backend: Backend, problem: ConvProblem) -> List[tuple[str, Backend]]:
     """(variant name, backend object running it) per kernel variant ``backend`` offers
-    for ``problem``: a backend with variants has ``variants(problem)`` (names) and
-    ``with_variant(name)`` (CudaBackend); any other is one candidate, ``[("", backend)]``."""
-    names = backend.variants(problem) if hasattr(backend, "variants") else []
+    for ``problem`` (Backend.variants / with_variant); a backend without variants is one
+    candidate, ``[("", backend)]``."""
+    names = backend.variants(problem)
     if not names:
         return [("", backend)]
     return [(name, backend.with_variant(name)) for name in names]
