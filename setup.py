@@ -7,9 +7,12 @@ imports either way and backend "cuda" then explains what is missing.
 
 Environment:
     ANFAST_BUILD_CUDA=0        skip the extension
-    ANFAST_CUDA_ARCHS="80;90"  compute capabilities to compile for (sm_80 or newer)
+    ANFAST_CUDA_ARCHS="80;90"  compute capabilities to compile for (sm_80 or newer); with 90
+                               in the list kernels/adjoined_conv_sm90a.cu (CUTLASS 3, TMA +
+                               wgmma) is compiled too, for sm_90a only (37 s on 2 cores)
     ANFAST_PREBUILT_KERNELS=D  link the kernels/ objects D/adjoined_conv_{fprop,dgrad,wgrad}.o
-                               (compiled elsewhere by the same nvcc, for this GPU's arch)
+                               (compiled elsewhere by the same nvcc, for this GPU's arch;
+                               with 90 in the archs, D/adjoined_conv_sm90a.o as well)
                                instead of compiling kernels/*.cu: the device code does not
                                include torch, so only the bindings are built here (a GPU
                                lease then spends seconds, not minutes, on the build)
@@ -23,6 +26,7 @@ import os
 import re
 import runpy
 import shutil
+import subprocess
 import sys
 from pathlib import Path
 
@@ -30,6 +34,7 @@ from setuptools import setup
 
 ROOT = Path(__file__).resolve().parent
 DEFAULT_ARCHS = "80;90"
+SM90A_KERNELS = "kernels/adjoined_conv_sm90a.cu"
 
 
 def find_cuda_home() -> str | None:
@@ -73,6 +78,32 @@ def gencode_flags(archs: str) -> list[str]:
     return flags + [f"-gencode=arch=compute_{numbers[-1]},code=compute_{numbers[-1]}"]
 
 
+def targets_hopper(archs: str) -> bool:
+    """Whether the target archs include sm_90: then the sm_90a kernels are built too."""
+    return "90" in [a.strip().rstrip("a") for a in archs.replace(",", ";").split(";")]
+
+
+def compile_sm90a_kernels(nvcc: str, include_dirs: list[str], build_temp: str) -> str:
+    """nvcc kernels/adjoined_conv_sm90a.cu for sm_90a alone; the object's path.
+
+    torch's BuildExtension gives every .cu one set of -gencode flags, and wgmma / TMA
+    im2col exist only on sm_90a, so this file is compiled on its own (again only when a
+    kernels/ source is newer than the object).
+    """
+    source = ROOT / SM90A_KERNELS
+    target = Path(build_temp) / "kernels" / (source.stem + ".o")
+    newest = max(path.stat().st_mtime for path in (ROOT / "kernels").glob("*.[ch]*"))
+    if target.is_file() and target.stat().st_mtime >= newest:
+        return str(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    command = [nvcc, "-std=c++17", "-O3", "-lineinfo", "--expt-relaxed-constexpr", "-Xcompiler", "-fPIC",
+               "-gencode=arch=compute_90a,code=sm_90a", *(f"-I{d}" for d in include_dirs),
+               "-c", str(source), "-o", str(target)]
+    print(" ".join(command), file=sys.stderr)
+    subprocess.run(command, check=True)
+    return str(target)
+
+
 def cuda_extension_or_reason():
     """([CUDAExtension], cmdclass) to build anfast._C, or a one-line reason not to."""
     if os.environ.get("ANFAST_BUILD_CUDA", "1") == "0":
@@ -89,16 +120,21 @@ def cuda_extension_or_reason():
         return f"torch is not importable ({error}); install torch first, without build isolation"
     if torch.version.cuda is None:
         return f"torch {torch.__version__} is a CPU-only build"
+    find_cutlass = runpy.run_path(str(ROOT / "kernels" / "find_cutlass.py"))
     try:
-        cutlass_include = runpy.run_path(str(ROOT / "kernels" / "find_cutlass.py"))["cutlass_include_dir"]()
+        cutlass_include = find_cutlass["cutlass_include_dir"]()
+        cutlass_util_include = find_cutlass["cutlass_util_include_dir"]()
     except ValueError as error:
         return str(error)
     os.environ.setdefault("MAX_JOBS", "2")
+    archs = os.environ.get("ANFAST_CUDA_ARCHS", DEFAULT_ARCHS)
+    hopper = targets_hopper(archs)
     kernels = ["kernels/adjoined_conv_fprop.cu", "kernels/adjoined_conv_dgrad.cu", "kernels/adjoined_conv_wgrad.cu"]
     sources, objects = ["csrc/adjoined_conv_api.cpp"], []
     prebuilt = os.environ.get("ANFAST_PREBUILT_KERNELS")
     if prebuilt:
-        objects = [str(Path(prebuilt) / (Path(kernel).stem + ".o")) for kernel in kernels]
+        objects = [str(Path(prebuilt) / (Path(kernel).stem + ".o"))
+                   for kernel in kernels + ([SM90A_KERNELS] if hopper else [])]
         missing = [o for o in objects if not os.path.isfile(o)]
         if missing:
             raise SystemExit(f"setup.py: ANFAST_PREBUILT_KERNELS={prebuilt}: missing {', '.join(missing)}")
@@ -109,16 +145,30 @@ def cuda_extension_or_reason():
         sources=sources,
         extra_objects=objects,
         include_dirs=[str(ROOT / "kernels"), cutlass_include],
+        # The bindings offer the sm_90a variant only where its object is linked.
+        define_macros=[("ANFAST_HAS_SM90A", "1")] if hopper else [],
         extra_compile_args={
             "cxx": ["-O3"],
             # CUTLASS's half / bfloat16 types need the conversions torch's flags switch off.
             "nvcc": ["-O3", "-lineinfo", "--expt-relaxed-constexpr", "-U__CUDA_NO_HALF_OPERATORS__",
                      "-U__CUDA_NO_HALF_CONVERSIONS__", "-U__CUDA_NO_BFLOAT16_CONVERSIONS__",
                      "-U__CUDA_NO_HALF2_OPERATORS__"]
-            + gencode_flags(os.environ.get("ANFAST_CUDA_ARCHS", DEFAULT_ARCHS)),
+            + gencode_flags(archs),
         },
     )
-    return [extension], {"build_ext": BuildExtension}
+    if not hopper or prebuilt:
+        return [extension], {"build_ext": BuildExtension}
+
+    class BuildExtensionWithSm90a(BuildExtension):
+        """BuildExtension that links the separately compiled sm_90a kernels in."""
+
+        def build_extensions(self):
+            nvcc = str(Path(cuda_home) / "bin" / "nvcc")
+            include_dirs = [str(ROOT / "kernels"), cutlass_include, cutlass_util_include]
+            extension.extra_objects.append(compile_sm90a_kernels(nvcc, include_dirs, self.build_temp))
+            super().build_extensions()
+
+    return [extension], {"build_ext": BuildExtensionWithSm90a}
 
 
 result = cuda_extension_or_reason()

@@ -56,6 +56,8 @@ from triton.runtime.jit import create_function_from_signature  # noqa: E402
 from common import RESULTS, environment  # noqa: E402
 
 ARCHS = (90, 80)
+# anfast._C's variant name of its CUTLASS 3 kernels (anfast.ops.cuda_backend.SM90A_VARIANT).
+SM90A_VARIANT = "sm90a-tma-wgmma"
 # Per-SM limits (CUDA C Programming Guide, "Technical Specifications per Compute
 # Capability"): registers, shared memory per SM and per block, threads, resident
 # blocks; the driver reserves 1 KiB of shared memory per block on sm_80+.
@@ -321,8 +323,12 @@ def extension_path() -> Optional[pathlib.Path]:
 def cuda_kernel_identity(symbol: str) -> tuple[str, str, Optional[tuple[int, int, int]]]:
     """(dtype, op, threadblock tile) of an extension kernel from its mangled name: the
     first CUTLASS GemmShape in it is the mainloop's threadblock shape; op is one of
-    anfast._C.kernel_resources()'s ("other" for the slice-summing kernel)."""
+    anfast._C.kernel_resources()'s ("other" for the slice-summing kernel). The CUTLASS 3
+    kernels (one tile each) are named by their variant, SM90A_VARIANT, instead of a tile."""
     dtype = "bfloat16" if "bfloat16_t" in symbol else "float16" if "half_t" in symbol else "float32"
+    if "ConvUniversal" in symbol:  # CUTLASS 3, sm_90a: ConvProblemShape<conv::Operator, 2>
+        operator = re.search(r"ConvProblemShapeILNS\d+_8OperatorE(\d)", symbol).group(1)
+        return dtype, {"0": "forward", "1": "dgrad", "2": "wgrad"}[operator], SM90A_VARIANT
     if "wgrad_kernel" in symbol:
         op = "wgrad"
     elif "fused_conv_kernel" in symbol:
@@ -340,9 +346,10 @@ def extension_resources() -> dict[tuple, dict]:
 
     kernels = {}
     for entry in anfast._C.kernel_resources():
-        key = (entry["dtype"], entry["op"], tuple(entry["threadblock"]))
-        kernel = kernels.setdefault(key, {"threads": entry["threads"], "dynamic_shared_bytes": entry["shared_bytes"],
-                                          "variants": []})
+        tile = SM90A_VARIANT if entry["tiles"] == SM90A_VARIANT else tuple(entry["threadblock"])
+        kernel = kernels.setdefault((entry["dtype"], entry["op"], tile),
+                                    {"threads": entry["threads"], "dynamic_shared_bytes": entry["shared_bytes"],
+                                     "threadblock": tuple(entry["threadblock"]), "variants": []})
         kernel["variants"].append(entry["tiles"])
     return kernels
 
@@ -352,13 +359,16 @@ def extension_rows(path: pathlib.Path, archs, progress: Callable[[dict], None]) 
     plus dynamic shared memory), CTAs per SM and SASS counts."""
     kernels = extension_resources()
     rows = []
-    for arch in archs:
+    # sm_90 also reads the sm_90a cubin (the CUTLASS 3 kernels), present when built.
+    cubins = [(arch, f"sm_{arch}") for arch in archs] + [(90, "sm_90a") for arch in archs if arch == 90]
+    for arch, cubin in cubins:
         try:
-            usage = parse_res_usage(run_tool("cuobjdump", "-res-usage", "-arch", f"sm_{arch}", str(path)))
-            sass = split_sass(run_tool("cuobjdump", "-sass", "-arch", f"sm_{arch}", str(path)))
+            usage = parse_res_usage(run_tool("cuobjdump", "-res-usage", "-arch", cubin, str(path)))
+            sass = split_sass(run_tool("cuobjdump", "-sass", "-arch", cubin, str(path)))
         except subprocess.CalledProcessError as error:  # no code for this arch in the fatbinary
-            rows.append({"backend": "cuda", "arch": f"sm_{arch}", "kernel": None,
-                         "error": (error.stderr or "").strip()[:200]})
+            if cubin != "sm_90a" or any(tile == SM90A_VARIANT for _, _, tile in kernels):
+                rows.append({"backend": "cuda", "arch": cubin, "kernel": None,
+                             "error": (error.stderr or "").strip()[:200]})
             continue
         for name, resources in usage.items():
             if name not in sass:
@@ -368,9 +378,13 @@ def extension_rows(path: pathlib.Path, archs, progress: Callable[[dict], None]) 
             shared = resources.get("SHARED", 0) + kernel.get("dynamic_shared_bytes", 0)
             ctas, limit = (occupancy(arch, resources.get("REG", 0), shared, kernel["threads"]) if kernel
                            else (None, None))
+            threadblock = kernel.get("threadblock", tile) if tile else None
+            config = f"{dtype} {'x'.join(map(str, threadblock))}" if threadblock else None
+            if tile == SM90A_VARIANT:
+                config += f" {SM90A_VARIANT}"
             row = {
-                "backend": "cuda", "arch": f"sm_{arch}", "kernel": name, "op": op, "layer": None,
-                "config": f"{dtype} {'x'.join(map(str, tile))}" if tile else None, "dtype": dtype,
+                "backend": "cuda", "arch": cubin, "kernel": name, "op": op, "layer": None,
+                "config": config, "dtype": dtype,
                 "variants": kernel.get("variants", []), "registers": resources.get("REG", 0),
                 "spill_bytes": resources.get("LOCAL", 0) + resources.get("STACK", 0),
                 "shared_bytes": shared, "threads": kernel.get("threads"), "ctas_per_sm": ctas,
@@ -434,6 +448,9 @@ def main(argv=None) -> int:
         "triton_one_cta_per_sm": sum(r["backend"] == "triton" and r["ctas_per_sm"] == 1 for r in compiled),
         "cuda_variant_kernels": sum(bool(r.get("variants")) for r in compiled),
         "cuda_variant_kernels_spilling": sum(bool(r.get("variants")) and r["spill_bytes"] > 0 for r in compiled),
+        "sm90a_kernels": sum(r["arch"] == "sm_90a" for r in compiled),
+        "sm90a_kernels_without_hgmma_or_tma": sum(r["arch"] == "sm_90a" and not (r["sass"]["HGMMA"] and r["sass"]["UTMALDG"])
+                                                  for r in compiled),
         "seconds": round(time.perf_counter() - started, 1),
     }
     print(f"summary: {summary['rows']} kernels compiled, {summary['spilling']} spill, "

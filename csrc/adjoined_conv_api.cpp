@@ -23,6 +23,9 @@
 namespace py = pybind11;
 
 #include "adjoined_conv.h"
+#ifdef ANFAST_HAS_SM90A
+#include "adjoined_conv_sm90a.h"
+#endif
 
 #define CHECK_DEVICE(x)                                                                     \
   TORCH_CHECK((x).is_cuda(), "anfast._C: " #x " must be a CUDA tensor, got one on ",      \
@@ -151,6 +154,18 @@ void dispatch_dtype(at::ScalarType dtype, Fn&& fn) {
 // Kernel variants by name: the tile shape ("128x64x32"), then "-unsplit" where wgrad
 // keeps its reduction in one slice. The tuner (anfast.ops.tuning) times each per problem.
 constexpr const char* kUnsplit = "-unsplit";
+// The Hopper-native forward (kernels/adjoined_conv_sm90a.cu, CUTLASS 3 TMA + wgmma), a
+// 16-bit variant where the extension was built for sm_90; runs on sm_90 devices only.
+// Its dgrad and wgrad are the default 2.x tiles' (not built for sm_90a yet).
+constexpr const char* kSm90aVariant = "sm90a-tma-wgmma";
+
+constexpr bool sm90a_built() {
+#ifdef ANFAST_HAS_SM90A
+  return true;
+#else
+  return false;
+#endif
+}
 
 template <typename T>
 std::vector<std::string> variant_names() {
@@ -160,10 +175,12 @@ std::vector<std::string> variant_names() {
     names.push_back(tile);
     names.push_back(tile + kUnsplit);
   }
+  if (sm90a_built() && sizeof(T) == 2) names.push_back(kSm90aVariant);
   return names;
 }
 
-// The variant called `name` for the dtype; "" is the default (the largest tile, split).
+// The variant called `name` for the dtype; "" is the default (the largest tile, split),
+// which is also what the sm_90a variant's dgrad and wgrad run.
 anfast::KernelVariant variant_named(const std::string& name, at::ScalarType dtype) {
   anfast::KernelVariant variant;
   if (name.empty()) return variant;
@@ -172,6 +189,7 @@ anfast::KernelVariant variant_named(const std::string& name, at::ScalarType dtyp
   const auto found = std::find(names.begin(), names.end(), name);
   TORCH_CHECK(found != names.end(), "anfast._C: variant '", name, "' is not a ", dtype,
               " kernel variant; choose one of ", c10::Join(", ", names), " (anfast._C.variants())");
+  if (name == kSm90aVariant) return variant;
   const int index = static_cast<int>(found - names.begin());
   variant.tiles = index / 2;
   variant.split_wgrad = index % 2 == 0;
@@ -225,6 +243,35 @@ void finish(const at::Tensor& target, at::Tensor& out) {
   if (!target.is_same(out)) out.copy_(target.narrow(1, 0, out.size(1)));
 }
 
+#ifdef ANFAST_HAS_SM90A
+// The sm_90a forward on the padded channels_last tensors; refuses, saying why, off
+// sm_90 and for the shapes CUTLASS 3's kernels do not take.
+void forward_sm90a(const anfast::AdjoinedConvShape& p, const at::Tensor& xb, const at::Tensor& xs,
+                   const at::Tensor& w, bool has_bias, const at::Tensor& yb, const at::Tensor& ys,
+                   cudaStream_t stream) {
+  int major = 0, minor = 0;
+  const int device = c10::cuda::current_device();
+  C10_CUDA_CHECK(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device));
+  C10_CUDA_CHECK(cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, device));
+  TORCH_CHECK(major == 9 && minor == 0, "anfast._C: variant '", kSm90aVariant,
+              "' runs on sm_90 GPUs only, this one is sm_", major, minor,
+              "; choose another variant (anfast._C.variants())");
+  const at::ScalarType dtype = w.scalar_type();
+  TORCH_CHECK(dtype == at::kHalf || dtype == at::kBFloat16, "anfast._C: variant '", kSm90aVariant,
+              "' takes float16 or bfloat16, got ", dtype);
+  dispatch_dtype(dtype, [&](auto tag) {
+    using T = typename decltype(tag)::type;
+    if constexpr (sizeof(T) == 2) {
+      const char* error = anfast::adjoined_conv2d_sm90a_shape_error<T>(p, has_bias);
+      TORCH_CHECK(error == nullptr, "anfast._C: variant '", kSm90aVariant, "': ", error);
+      C10_CUDA_CHECK(anfast::adjoined_conv2d_forward_sm90a<T>(p, describe_nhwc(xb), describe_nhwc(xs),
+                                                              describe_nhwc(w), describe_nhwc(yb),
+                                                              describe_nhwc(ys), stream));
+    }
+  });
+}
+#endif
+
 std::vector<at::Tensor> forward(const at::Tensor& x_base, const at::Tensor& x_student,
                                 const at::Tensor& weight, const std::optional<at::Tensor>& bias,
                                 int64_t out_student, const std::vector<int64_t>& stride,
@@ -265,6 +312,14 @@ std::vector<at::Tensor> forward(const at::Tensor& x_base, const at::Tensor& x_st
   const at::Tensor yb = kernel_target(y_base, p.out_channels);
   const at::Tensor ys = kernel_target(y_student, p.out_channels_student);
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream().stream();
+#ifdef ANFAST_HAS_SM90A
+  if (variant == kSm90aVariant) {
+    forward_sm90a(p, xb, xs, w, bias.has_value(), yb, ys, stream);
+    finish(yb, y_base);
+    finish(ys, y_student);
+    return {y_base, y_student};
+  }
+#endif
   dispatch_dtype(weight.scalar_type(), [&](auto tag) {
     using T = typename decltype(tag)::type;
     const T* bias_ptr = bias.has_value() ? static_cast<const T*>(bias_padded.data_ptr()) : nullptr;
@@ -373,6 +428,17 @@ std::vector<std::map<std::string, py::object>> kernel_resources() {
   add(TypeTag<float>{}, "float32");
   add(TypeTag<__half>{}, "float16");
   add(TypeTag<__nv_bfloat16>{}, "bfloat16");
+#ifdef ANFAST_HAS_SM90A
+  auto add_sm90a = [&](auto tag, const char* dtype) {
+    using T = typename decltype(tag)::type;
+    const anfast::KernelResources r = anfast::adjoined_conv2d_sm90a_kernel_resources<T>(anfast::ConvKernel::kForward);
+    rows.push_back({{"dtype", py::str(dtype)}, {"tiles", py::str(kSm90aVariant)}, {"op", py::str("forward")},
+                    {"threadblock", py::make_tuple(r.tile_m, r.tile_n, r.tile_k)},
+                    {"threads", py::int_(r.threads)}, {"shared_bytes", py::int_(r.shared_bytes)}});
+  };
+  add_sm90a(TypeTag<__half>{}, "float16");
+  add_sm90a(TypeTag<__nv_bfloat16>{}, "bfloat16");
+#endif
   return rows;
 }
 

@@ -32,6 +32,16 @@ def cutlass_include_dir() -> str:
     return include
 
 
+def cutlass_util_include_dir() -> str:
+    """The CUTLASS tools' include directory (cutlass/util/), which CUTLASS 3's conv
+    collectives include (packed_stride.hpp); the package ships it beside the headers."""
+    util = os.path.join(os.path.dirname(cutlass_include_dir()), "tools", "util", "include")
+    if not os.path.isfile(os.path.join(util, "cutlass", "util", "packed_stride.hpp")):
+        raise ValueError(f"nvidia-cutlass has no cutlass/util headers under {util}; "
+                         f"reinstall it with: pip install nvidia-cutlass=={CUTLASS_VERSION}")
+    return util
+
+
 if __name__ == "__main__":
     try:
         print(cutlass_include_dir())

@@ -18,7 +18,7 @@ import pytest
 import torch
 
 import anfast.ops
-from anfast.ops.cuda_backend import BACKEND, load_extension
+from anfast.ops.cuda_backend import BACKEND, SM90A_VARIANT, load_extension
 
 ROOT = Path(__file__).resolve().parent.parent
 HAS_NVCC = shutil.which("nvcc") is not None or bool(os.environ.get("CUDA_HOME"))
@@ -143,7 +143,7 @@ def _sass_functions(library: Path, cuobjdump: str) -> list[dict]:
     sass = subprocess.run([cuobjdump, "-sass", str(library)], capture_output=True, text=True, check=True).stdout
     resources, arch, name = {}, None, None
     for line in usage.splitlines():
-        if m := re.search(r"arch = (sm_\d+)", line):
+        if m := re.search(r"arch = (sm_\d+a?)", line):
             arch = m.group(1)
         elif m := re.search(r"Function (\S+):", line):
             name = m.group(1)
@@ -151,7 +151,7 @@ def _sass_functions(library: Path, cuobjdump: str) -> list[dict]:
             resources[(arch, name)] = tuple(int(g) for g in m.groups())
     functions, arch = [], None
     for line in sass.splitlines():
-        if m := re.search(r"arch = (sm_\d+)", line):
+        if m := re.search(r"arch = (sm_\d+a?)", line):
             arch = m.group(1)
         elif m := re.search(r"Function : (\S+)", line):
             functions.append(dict(arch=arch, name=m.group(1), code=[]))
@@ -207,7 +207,7 @@ def test_extension_sass_pipelined_tensor_cores_no_spills():
     assert {f["arch"] for f in convs} == {"sm_80", "sm_90"}
     # Every tile variant's kernels, per arch: forward, dgrad stride 1, dgrad strided, wgrad
     # of each dtype and tile shape (variants sharing a wgrad tile share its kernel).
-    expected = {_kernel_identity(entry) for entry in extension.kernel_resources()}
+    expected = {_kernel_identity(entry) for entry in extension.kernel_resources() if entry["tiles"] != SM90A_VARIANT}
     for arch in ("sm_80", "sm_90"):
         compiled = sorted(_symbol_identity(f["name"]) for f in convs if f["arch"] == arch)
         assert compiled == sorted(expected), (arch, compiled)
@@ -224,3 +224,30 @@ def test_extension_sass_pipelined_tensor_cores_no_spills():
         if "Dgrad" in f["name"]:
             loop = "\n".join(_main_loop(f["code"]))
             assert loop and not re.search(r"I2F|MUFU\.RCP", loop), f"{what}: integer division in the main loop"
+
+
+@needs_nvcc
+def test_sm90a_kernels_use_tma_and_wgmma_without_spills():
+    """The CUTLASS 3 kernels (kernels/adjoined_conv_sm90a.cu), where the extension holds
+    them: compiled for sm_90a alone, one per dtype and op that kernel_resources() lists;
+    each loads through TMA (UTMALDG) into wgmma (HGMMA), with no spills."""
+    extension, why = load_extension()
+    assert extension is not None, why
+    entries = [e for e in extension.kernel_resources() if e["tiles"] == SM90A_VARIANT]
+    if not entries:
+        pytest.skip("anfast._C was built without the sm_90a kernels (no 90 in ANFAST_CUDA_ARCHS)")
+    cuobjdump = _cuobjdump()
+    if cuobjdump is None:
+        pytest.skip("no cuobjdump (CUDA toolkit or the triton wheel) to read the SASS")
+    hopper = [f for f in _sass_functions(Path(extension.__file__), cuobjdump) if "ConvUniversal" in f["name"]]
+    assert {f["arch"] for f in hopper} == {"sm_90a"}
+    operators = {"forward": "0", "dgrad": "1", "wgrad": "2"}  # cutlass::conv::Operator
+    compiled = sorted(
+        ("bfloat16" if "bfloat16_t" in f["name"] else "float16",
+         re.search(r"ConvProblemShapeILNS\d+_8OperatorE(\d)", f["name"]).group(1)) for f in hopper)
+    assert compiled == sorted((e["dtype"], operators[e["op"]]) for e in entries)
+    for f in hopper:
+        text = "\n".join(f["code"])
+        what = f"{f['arch']} {f['name'][:100]}"
+        assert "HGMMA" in text and "UTMALDG" in text, f"{what}: no wgmma / TMA load"
+        assert f["stack"] == 0 and f["local"] == 0, f"{what} spills"

@@ -8,7 +8,10 @@ what is missing.
 
 The kernels come in variants (tile shapes, wgrad split or not; ``anfast._C.variants()``):
 the tuner times each per problem (anfast.ops.tuning) and the backend runs the one it
-found fastest for that problem, the largest tile where none was measured.
+found fastest for that problem, the largest tile where none was measured. Where the
+extension was built for sm_90, the 16-bit dtypes have one more: ``SM90A_VARIANT``, the
+Hopper-native forward (CUTLASS 3, TMA + wgmma; kernels/adjoined_conv_sm90a.cu) with the
+default tiles' dgrad and wgrad, offered only on sm_90 GPUs and for convs without bias.
 """
 
 from __future__ import annotations
@@ -23,11 +26,13 @@ import torch
 from anfast.ops import tuning
 from anfast.ops.dispatch import Backend, ConvProblem, fused_kernel_reasons
 
-__all__ = ["CudaBackend", "BACKEND", "load_extension"]
+__all__ = ["CudaBackend", "BACKEND", "SM90A_VARIANT", "load_extension", "sm90a_variant_reasons"]
 
 SUPPORTED_KERNEL_SIZES = (1, 3, 5, 7)
 # dgrad keeps the divisors of each of the stride_h x stride_w phases (kernels/phase_output_iterator.cuh).
 MAX_STRIDE = 4
+# The name anfast._C gives its sm_90a kernel variant (csrc/adjoined_conv_api.cpp).
+SM90A_VARIANT = "sm90a-tma-wgmma"
 
 
 @lru_cache(maxsize=None)
@@ -44,6 +49,20 @@ def _variant_names() -> dict[str, tuple[str, ...]]:
     """{dtype name: the extension's kernel variants}, empty without the extension."""
     extension, _ = load_extension()
     return {} if extension is None else {dtype: tuple(names) for dtype, names in extension.variants().items()}
+
+
+def sm90a_variant_reasons(problem: ConvProblem) -> list[str]:
+    """Why the sm_90a variant cannot run ``problem`` (beyond the backend's own reasons):
+    CUTLASS 3's TMA kernels run on sm_90 alone; their epilogue here takes no bias. Their
+    other limits hold for every problem the binding passes on: channels are zero-padded
+    to multiples of 8 (TMA's 16-byte rule), groups are 1."""
+    reasons = []
+    device = problem.x_base.device
+    if device.type != "cuda" or torch.cuda.get_device_capability(device) != (9, 0):
+        reasons.append(f"{SM90A_VARIANT} runs on sm_90 GPUs only (tensors on {device})")
+    if problem.bias is not None:
+        reasons.append(f"{SM90A_VARIANT} takes no bias")
+    return reasons
 
 
 def _output_numel(problem: ConvProblem) -> int:
@@ -70,8 +89,10 @@ class CudaBackend(Backend):
         self.variant = variant
 
     def variants(self, problem: ConvProblem) -> list[str]:
-        """The kernel variants the tuner times for ``problem`` (all of its dtype's)."""
-        return list(_variant_names().get(str(problem.x_base.dtype).removeprefix("torch."), ()))
+        """The kernel variants the tuner times for ``problem``: its dtype's, the sm_90a one
+        only where it can run the problem."""
+        names = _variant_names().get(str(problem.x_base.dtype).removeprefix("torch."), ())
+        return [name for name in names if name != SM90A_VARIANT or not sm90a_variant_reasons(problem)]
 
     def with_variant(self, variant: str) -> "CudaBackend":
         """This backend fixed to one kernel variant (what the tuner times and verifies)."""
@@ -105,6 +126,8 @@ class CudaBackend(Backend):
                            "offsets: under 2 GiB per tensor); split the batch")
         if any(s > MAX_STRIDE for s in problem.stride):
             reasons.append(f"stride={tuple(problem.stride)} (the cuda kernels take strides up to {MAX_STRIDE})")
+        if self.variant == SM90A_VARIANT:
+            reasons += sm90a_variant_reasons(problem)
         return reasons
 
     def forward(self, problem: ConvProblem) -> tuple[torch.Tensor, torch.Tensor]:
