@@ -4,8 +4,9 @@ Every output is poisoned with NaN before the kernel runs, so an element the kern
 never wrote fails the test. Two shape sets: odd random sizes (channel counts the
 binding must zero-pad for the 16-bit kernels) and every convolution of torchvision's
 ResNet-50 adjoined with the paper policy at alpha 4, batch 8; every kernel variant
-(tile shape, wgrad split) on the distinct ResNet-50 convs, channels_last. Skipped without a CUDA
-device (CPU CI); run first by benchmarks/gpu_check.sh (pytest -m gpu).
+(tile shape, wgrad split) on the distinct ResNet-50 convs, channels_last; the sm_90a variant
+(CUTLASS 3 TMA + wgmma forward) on every ResNet-50 conv without bias, on sm_90 GPUs only.
+Skipped without a CUDA device (CPU CI); run first by benchmarks/gpu_check.sh (pytest -m gpu).
 """
 
 import random
@@ -16,7 +17,7 @@ import torch
 import anfast
 import anfast.ops
 from anfast.ops import reference
-from anfast.ops.cuda_backend import BACKEND, load_extension
+from anfast.ops.cuda_backend import BACKEND, SM90A_VARIANT, load_extension
 
 from helpers import (TOLERANCE, assert_close_rel, resnet50_conv_names, resnet50_distinct_convs,
                      resnet50_shapes, shape_id)
@@ -80,14 +81,16 @@ def poisoned_like(shape, like: torch.Tensor, memory_format=torch.contiguous_form
 
 
 def check_kernels_against_float64(s: dict, dtype: torch.dtype, seed: int, variant: str = "",
-                                  channels_last: bool = False):
+                                  channels_last: bool = False, with_bias: bool = True):
     """forward, dgrad and wgrad of anfast._C (kernel ``variant``; "" the default) vs torch
     in float64 (on the same GPU)."""
     extension, why = load_extension()
     assert extension is not None, why
     x_base, x_student, weight, bias = make_problem(s, dtype, seed=seed, channels_last=channels_last)
+    bias = bias if with_bias else None
     stride, padding = [s["stride"]] * 2, [s["padding"]] * 2
-    x_b64, x_s64, w64, b64 = (t.double() for t in (x_base, x_student, weight, bias))
+    x_b64, x_s64, w64 = (t.double() for t in (x_base, x_student, weight))
+    b64 = bias.double() if with_bias else None
     want_y_base, want_y_student = reference.adjoined_conv2d_reference(
         x_b64, x_s64, w64, b64, s["out_student"], stride, padding)
 
@@ -103,7 +106,7 @@ def check_kernels_against_float64(s: dict, dtype: torch.dtype, seed: int, varian
     grad_base = torch.randn(want_y_base.shape, device="cuda").to(dtype)
     grad_student = torch.randn(want_y_student.shape, device="cuda").to(dtype)
     want_dx_b, want_dx_s, want_dw, _ = reference.adjoined_conv2d_backward_reference(
-        grad_base.double(), grad_student.double(), x_b64, x_s64, w64, True,
+        grad_base.double(), grad_student.double(), x_b64, x_s64, w64, with_bias,
         s["out_student"], stride, padding, output_mask=(True, True, True, False))
     conv_args = (x_base, x_student, weight, s["out_student"], stride, padding)
     dx_base, dx_student = extension.dgrad(
@@ -135,14 +138,47 @@ def kernel_variants(dtype_name: str) -> list[str]:
     return extension.variants()[dtype_name] if extension is not None else []
 
 
+def on_sm90() -> bool:
+    return torch.cuda.is_available() and torch.cuda.get_device_capability() == (9, 0)
+
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
-@pytest.mark.parametrize("variant", kernel_variants("bfloat16"))
+@pytest.mark.parametrize("variant", [v for v in kernel_variants("bfloat16") if v != SM90A_VARIANT])
 @pytest.mark.parametrize("name", resnet50_distinct_convs())
 def test_every_variant_on_resnet50_convs_matches_float64_reference(name, variant, dtype):
     """Each tile variant (16-bit: both dtypes share the list) on the 23 distinct ResNet-50
     convs, channels_last, the outputs and every gradient."""
     check_kernels_against_float64(resnet50_shapes()[name], dtype, seed=len(name), variant=variant,
                                   channels_last=True)
+
+
+@pytest.mark.skipif(SM90A_VARIANT not in kernel_variants("bfloat16"),
+                    reason="anfast._C was built without the sm_90a kernels (no 90 in ANFAST_CUDA_ARCHS)")
+@pytest.mark.skipif(not on_sm90(), reason="the sm_90a kernels run on sm_90 GPUs only")
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("name", resnet50_conv_names())
+def test_sm90a_variant_on_every_resnet50_conv_matches_float64_reference(name, dtype):
+    """The CUTLASS 3 forward (and the default tiles' dgrad / wgrad behind it) on all 52
+    ResNet-50 convs, channels_last, without bias (which the variant refuses), the outputs
+    and every gradient."""
+    check_kernels_against_float64(resnet50_shapes()[name], dtype, seed=len(name), variant=SM90A_VARIANT,
+                                  channels_last=True, with_bias=False)
+
+
+@pytest.mark.skipif(SM90A_VARIANT not in kernel_variants("bfloat16"),
+                    reason="anfast._C was built without the sm_90a kernels (no 90 in ANFAST_CUDA_ARCHS)")
+def test_sm90a_variant_refuses_a_bias_and_other_gpus_with_reasons():
+    extension, why = load_extension()
+    assert extension is not None, why
+    x_base, x_student, weight, bias = make_problem(SHAPES[0], torch.bfloat16, seed=0)
+    refusal = "takes no bias" if on_sm90() else "runs on sm_90 GPUs only"
+    with pytest.raises(RuntimeError, match=refusal):
+        extension.forward(x_base, x_student, weight, bias, SHAPES[0]["out_student"], [1, 1], [1, 1],
+                          variant=SM90A_VARIANT)
+    problem = anfast.ops.ConvProblem(x_base, x_student, weight, bias, SHAPES[0]["out_student"], (1, 1), (1, 1),
+                                     (1, 1), 1, None)
+    assert SM90A_VARIANT not in BACKEND.variants(problem)
+    assert BACKEND.with_variant(SM90A_VARIANT).unsupported_reasons(problem, explicit=True)
 
 
 @pytest.mark.parametrize("variant", kernel_variants("float32"))
@@ -200,7 +236,7 @@ def test_auto_dispatch_verifies_the_cuda_backend_and_follows_its_decision(monkey
     assert cuda["verified"], cuda["why"]
     assert not cached
     # Every variant was verified and timed; the fastest is named and is what the backend runs.
-    assert sorted(cuda["variants"]) == sorted(kernel_variants("bfloat16"))
+    assert sorted(cuda["variants"]) == sorted(BACKEND.variants(problem))
     assert cuda["ms"] == min(r["ms"] for r in cuda["variants"].values() if r["verified"])
     assert cuda["variant"] == anfast.ops.tuning.decided_variant(problem, "cuda")
     assert anfast.ops.choose_backend(problem, "auto").name == decision["backend"]
