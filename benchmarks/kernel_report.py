@@ -374,6 +374,8 @@ def extension_rows(path: pathlib.Path, archs, progress: Callable[[dict], None]) 
             if name not in sass:
                 continue
             dtype, op, tile = cuda_kernel_identity(name)
+            if (cubin == "sm_90a") != (tile == SM90A_VARIANT):  # cuobjdump -arch sm_90a lists sm_90's too
+                continue
             kernel = kernels.get((dtype, op, tile), {})
             shared = resources.get("SHARED", 0) + kernel.get("dynamic_shared_bytes", 0)
             ctas, limit = (occupancy(arch, resources.get("REG", 0), shared, kernel["threads"]) if kernel
