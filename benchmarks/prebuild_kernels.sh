@@ -3,7 +3,8 @@
 #
 #   bash benchmarks/prebuild_kernels.sh [ARCHS]      # default 90 (H100 / H200)
 #
-# Writes .gpu/kernels/adjoined_conv_{fprop,dgrad,wgrad}.o (kernels/*.cu include no torch,
+# Writes .gpu/kernels/adjoined_conv_{fprop,dgrad,wgrad}.o, and adjoined_conv_sm90a.o with 90 in
+# ARCHS (the CUTLASS 3 kernels, sm_90a only; kernels/*.cu include no torch,
 # so they do not depend on the torch version there). Carry .gpu to the GPU machine:
 # benchmarks/gpu_check.sh then installs with ANFAST_PREBUILT_KERNELS and compiles only
 # the bindings (49 s on the H200 machine instead of 172 s). Use the nvcc the GPU machine
