@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import List, Optional
 
 from anfast.train.config import (AMP_CHOICES, BACKEND_CHOICES, COMPILE_CHOICES,
-                                 LAMBDA_SCHEDULE_CHOICES,
+                                 LAMBDA_SCHEDULE_CHOICES, OBJECTIVE_CHOICES,
                                  LOADER_CHOICES, OPTIMIZER_CHOICES, POLICY_CHOICES,
                                  ConfigError, TrainConfig, load_config)
 
@@ -68,6 +68,14 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
     add("--label-smoothing", type=float, help=f"on the base's cross-entropy {_default('label_smoothing')}")
     add("--lambda-schedule", choices=LAMBDA_SCHEDULE_CHOICES,
         help=f"distillation weight per epoch; paper is min(4 (e/E)^2, 1) {_default('lambda_schedule')}")
+    add("--objective", choices=OBJECTIVE_CHOICES,
+        help=f"adjoined: the paper's loss; base / student: that side alone with cross-entropy, "
+             f"the baselines of benchmarks/paper_table.py {_default('objective')}")
+    add("--teacher", help="with --objective student: distil the students from this export folder "
+                          "(RUN_DIR/base of a trained run), Hinton et al. 2015")
+    add("--distill-temperature", type=float, help=f"T of --teacher's softmax {_default('distill_temperature')}")
+    add("--distill-weight", type=float,
+        help=f"weight of --teacher's soft term, (1 - it) on the CE {_default('distill_weight')}")
     add("--warmup-epochs", type=float, help=f"linear LR warmup {_default('warmup_epochs')}")
     add("--clip-grad", type=float, help="max global gradient norm (default: no clipping)")
     add("--amp", choices=AMP_CHOICES,

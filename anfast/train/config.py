@@ -19,7 +19,7 @@ import yaml
 
 __all__ = ["TrainConfig", "ConfigError", "parse_alpha", "load_config", "save_config",
            "load_arch_config", "check_field_types", "AMP_CHOICES", "OPTIMIZER_CHOICES",
-           "LOADER_CHOICES", "POLICY_CHOICES", "LAMBDA_SCHEDULE_CHOICES", "BACKEND_CHOICES",
+           "LOADER_CHOICES", "POLICY_CHOICES", "OBJECTIVE_CHOICES", "LAMBDA_SCHEDULE_CHOICES", "BACKEND_CHOICES",
            "COMPILE_CHOICES", "SYNTHETIC_DATA", "compile_mode", "RESUME_FIXED", "RESUME_FREE",
            "resume_conflicts"]
 
@@ -28,6 +28,7 @@ OPTIMIZER_CHOICES = ("sgd", "adamw", "lamb")
 LOADER_CHOICES = ("auto", "torch", "dali")
 POLICY_CHOICES = ("paper", "all")
 LAMBDA_SCHEDULE_CHOICES = ("paper", "linear", "constant")
+OBJECTIVE_CHOICES = ("adjoined", "base", "student")  # anfast.train.loss: AdjoinedLoss / OneNetworkLoss
 BACKEND_CHOICES = ("auto", "torch", "triton", "cuda")
 COMPILE_CHOICES = ("default", "max-autotune", "reduce-overhead")  # torch.compile modes
 SYNTHETIC_DATA = "synthetic"  # --data value: random batches made on the device, no files
@@ -66,6 +67,10 @@ class TrainConfig:
     weight_decay: float = 0.05
     label_smoothing: float = 0.0
     lambda_schedule: str = "paper"        # distillation weight per epoch (anfast.train.loss)
+    objective: str = "adjoined"           # adjoined (the paper) | base | student: one side alone
+    teacher: Optional[str] = None         # --objective student: distil from this export folder
+    distill_temperature: float = 4.0      # Hinton et al. 2015's T for --teacher
+    distill_weight: float = 0.9           # weight of the soft term; (1 - it) on the CE
     warmup_epochs: float = 0.3
     min_lr: float = 0.0
     clip_grad: Optional[float] = None     # max global grad norm; None: no clipping
@@ -128,6 +133,8 @@ class TrainConfig:
         _check_choice("loader", self.loader, LOADER_CHOICES)
         _check_choice("lambda_schedule", self.lambda_schedule, LAMBDA_SCHEDULE_CHOICES)
         _check_choice("backend", self.backend, BACKEND_CHOICES)
+        _check_choice("objective", self.objective, OBJECTIVE_CHOICES)
+        self._check_teacher()
         if self.backend == "auto":
             from anfast.ops.tuning import fused_backend_names
             try:
@@ -189,6 +196,21 @@ class TrainConfig:
                               f".safetensors / .pt file or an anfast export folder (anfast never downloads)")
         return self
 
+    def _check_teacher(self) -> None:
+        """--teacher distils the students alone: it needs --objective student and an export folder."""
+        if self.distill_temperature <= 0:
+            raise ConfigError(f"distill_temperature={self.distill_temperature} must be > 0 (Hinton et al. use 4)")
+        if not 0 <= self.distill_weight <= 1:
+            raise ConfigError(f"distill_weight={self.distill_weight} must be in [0, 1]")
+        if self.teacher is None:
+            return
+        if self.objective != "student":
+            raise ConfigError(f"--teacher {self.teacher} distils the students trained alone; add "
+                              f"--objective student (the AN objective has the base as its teacher)")
+        if not (Path(self.teacher) / "config.json").is_file():
+            raise ConfigError(f"--teacher {self.teacher}: not an anfast export folder (no config.json); "
+                              f"give RUN_DIR/base of a finished `anfast train` run")
+
     def _check_step_engine(self) -> None:
         """--streams and --cuda-graphs against each other and the options they cannot run with."""
         networks = len(self.alpha) + 1
@@ -219,13 +241,14 @@ class TrainConfig:
 # The data folder may move (its classes and batches per epoch are checked instead).
 RESUME_FIXED = ("num_classes", "synthetic_steps", "arch", "alpha", "policy", "round_to", "epochs",
                 "batch_size", "accum_steps", "lr", "min_lr", "optimizer", "momentum", "weight_decay",
-                "label_smoothing", "lambda_schedule", "warmup_epochs", "clip_grad", "amp",
+                "label_smoothing", "lambda_schedule", "objective", "distill_temperature", "distill_weight",
+                "warmup_epochs", "clip_grad", "amp",
                 "image_size", "seed", "ema", "ema_decay", "sync_bn")
 # Options a resumed run takes from its command line: where and how it runs, not what it computes.
 # arch_config may name another copy of the same file (its widths are checked by loading the weights).
 RESUME_FREE = ("data", "arch_config", "channels_last", "compile", "streams", "cuda_graphs", "loader",
                "workers", "out", "resume", "overwrite", "device", "backend", "log_interval", "max_bad_steps", "pretrained",
-               "pretrained_skip_classifier")
+               "pretrained_skip_classifier", "teacher")
 
 
 def resume_conflicts(saved: Dict[str, Any], config: "TrainConfig") -> List[str]:

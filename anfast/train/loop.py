@@ -52,7 +52,7 @@ from anfast.train.evaluate import evaluate, format_table, network_costs
 from anfast.train.export import ARCH_CONFIG_COPY, export_networks
 from anfast.train.graphs import (CapturedStep, cudagraph_skips, set_learning_rate, step_state_tensors,
                                  tensor_learning_rates)
-from anfast.train.loss import AdjoinedLoss, get_lambda_schedule
+from anfast.train.loss import AdjoinedLoss, OneNetworkLoss, TaughtOutput, get_lambda_schedule
 from anfast.train.pretrained import load_pretrained
 from anfast.train.records import MetricsLog, plot_curves, plot_tradeoff
 from anfast.train.rundir import TRAIN_ARTIFACTS, RunDirLock, claim_run_dir, restart_options
@@ -284,7 +284,7 @@ def _fit(config: TrainConfig, info: DistributedInfo, should_stop: Optional[Calla
     scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
     # Its own update (step.ema_update) replaces update_parameters: same numbers, no host reads.
     ema = AveragedModel(an, use_buffers=True) if config.ema else None
-    loss_fn = AdjoinedLoss(label_smoothing=config.label_smoothing)
+    loss_fn = _create_loss(config)
     lambda_schedule = get_lambda_schedule(config.lambda_schedule)
     alphas = list(config.alpha)
 
@@ -366,6 +366,8 @@ def _fit(config: TrainConfig, info: DistributedInfo, should_stop: Optional[Calla
     model = DistributedDataParallel(an, device_ids=[device] if device.type == "cuda" else None,
                                     gradient_as_bucket_view=True,
                                     static_graph=mode is None and accum == 1) if info.enabled else an
+    if config.teacher is not None:
+        model = WithTeacher(model, _load_teacher(config.teacher, device))
     if mode is not None:
         model = torch.compile(model, mode=mode)
     eval_model = ema.module if ema is not None else an
@@ -558,6 +560,41 @@ def _fit(config: TrainConfig, info: DistributedInfo, should_stop: Optional[Calla
                    f"{100 * summary['student']['top1']:.2f}%; run directory {run_dir}")
     barrier()
     return summary
+
+
+def _create_loss(config: TrainConfig) -> torch.nn.Module:
+    """--objective adjoined: the paper's loss; base / student: one side alone (OneNetworkLoss)."""
+    if config.objective == "adjoined":
+        return AdjoinedLoss(label_smoothing=config.label_smoothing)
+    return OneNetworkLoss(config.objective, label_smoothing=config.label_smoothing,
+                          temperature=config.distill_temperature, distill_weight=config.distill_weight)
+
+
+class WithTeacher(torch.nn.Module):
+    """The trained network's output next to a frozen teacher's logits (--teacher)."""
+
+    def __init__(self, model: torch.nn.Module, teacher: torch.nn.Module) -> None:
+        super().__init__()
+        self.model = model
+        self.teacher = teacher
+
+    def forward(self, images: torch.Tensor) -> TaughtOutput:
+        with torch.no_grad():
+            teacher_logits = self.teacher(images)
+        return TaughtOutput(self.model(images), teacher_logits)
+
+    def train(self, mode: bool = True) -> "WithTeacher":
+        """The loop's model.train() each epoch trains the model; the teacher stays in eval."""
+        self.model.train(mode)
+        self.teacher.eval()
+        return self
+
+
+def _load_teacher(path: str, device: torch.device) -> torch.nn.Module:
+    """An export folder in eval mode with no gradients: its BatchNorm statistics stay fixed."""
+    teacher = anfast.load_student(path).to(device).eval()
+    teacher.requires_grad_(False)
+    return teacher
 
 
 def _data_root(config: TrainConfig, info: DistributedInfo) -> Path:

@@ -8,13 +8,13 @@ KL term also trains the base ("regularizes the teacher").
 
 from __future__ import annotations
 
-from typing import Callable
+from typing import Callable, NamedTuple, Optional
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["AdjoinedLoss", "paper_lambda", "linear_lambda", "constant_lambda", "get_lambda_schedule"]
+__all__ = ["AdjoinedLoss", "OneNetworkLoss", "TaughtOutput", "distillation_loss", "paper_lambda", "linear_lambda", "constant_lambda", "get_lambda_schedule"]
 
 
 def paper_lambda(progress: float) -> float:
@@ -94,3 +94,69 @@ class AdjoinedLoss(nn.Module):
     def extra_repr(self) -> str:
         return (f"temperature={self.temperature}, label_smoothing={self.label_smoothing}, "
                 f"student_ce_weight={self.student_ce_weight}, detach_teacher={self.detach_teacher}")
+
+
+class TaughtOutput(NamedTuple):
+    """An AdjoinedOutput and a frozen teacher's logits for the same images (TrainConfig.teacher)."""
+
+    output: object
+    teacher: torch.Tensor
+
+
+def distillation_loss(student: torch.Tensor, teacher: torch.Tensor, target: torch.Tensor, *,
+                      temperature: float = 4.0, weight: float = 0.9,
+                      label_smoothing: float = 0.0) -> torch.Tensor:
+    """Hinton et al. 2015: ``weight * T^2 * KL(softmax(teacher / T) || softmax(student / T))
+    + (1 - weight) * CE(target, student)``; T^2 keeps the soft term's gradient on the scale
+    of the hard one as T changes (section 2 of that paper)."""
+    student, teacher = _full_precision(student), _full_precision(teacher.detach())
+    t = temperature
+    kl = F.kl_div(F.log_softmax(student / t, dim=-1), F.log_softmax(teacher / t, dim=-1),
+                  reduction="batchmean", log_target=True)
+    ce = F.cross_entropy(student, target, label_smoothing=label_smoothing)
+    return weight * t * t * kl + (1.0 - weight) * ce
+
+
+class OneNetworkLoss(nn.Module):
+    """Train one side of an adjoined network alone: the baselines of the paper's comparison.
+
+    ``network="base"``: cross-entropy on the base only, the plain base (the students get no
+    gradient). ``network="student"``: cross-entropy on each student only, the students
+    trained alone; given a TaughtOutput, each student is distilled from the teacher
+    (``distillation_loss``). The AN's lambda ramp does not apply: called as
+    ``loss_fn(output, target, lambda_)`` like AdjoinedLoss, it ignores ``lambda_``.
+    """
+
+    def __init__(self, network: str, label_smoothing: float = 0.0, temperature: float = 4.0,
+                 distill_weight: float = 0.9) -> None:
+        super().__init__()
+        if network not in ("base", "student"):
+            raise ValueError(f"network={network!r}; choose base or student")
+        if temperature <= 0:
+            raise ValueError(f"temperature={temperature}: must be > 0")
+        if not 0 <= distill_weight <= 1:
+            raise ValueError(f"distill_weight={distill_weight}: must be in [0, 1]")
+        self.network = network
+        self.label_smoothing = label_smoothing
+        self.temperature = temperature
+        self.distill_weight = distill_weight
+
+    def forward(self, output, target: torch.Tensor, lambda_: Optional[float] = None) -> torch.Tensor:
+        teacher = output.teacher if isinstance(output, TaughtOutput) else None
+        output = output.output if isinstance(output, TaughtOutput) else output
+        if self.network == "base":
+            return F.cross_entropy(_full_precision(output.base), target, label_smoothing=self.label_smoothing)
+        loss = 0.0
+        for student in output.students:
+            if teacher is None:
+                loss = loss + F.cross_entropy(_full_precision(student), target,
+                                              label_smoothing=self.label_smoothing)
+            else:
+                loss = loss + distillation_loss(student, teacher, target, temperature=self.temperature,
+                                                weight=self.distill_weight,
+                                                label_smoothing=self.label_smoothing)
+        return loss
+
+    def extra_repr(self) -> str:
+        return (f"network={self.network}, label_smoothing={self.label_smoothing}, "
+                f"temperature={self.temperature}, distill_weight={self.distill_weight}")

@@ -1,0 +1,98 @@
+"""benchmarks/paper_table.py and the trainer options it uses (--objective, --teacher)."""
+
+import importlib.util
+import json
+import math
+import pathlib
+import sys
+
+import pytest
+import torch
+
+import anfast
+from anfast.adjoin import AdjoinedOutput
+from anfast.train.config import ConfigError, TrainConfig
+from anfast.train.loss import OneNetworkLoss, TaughtOutput, distillation_loss
+from test_train_config import make_image_folder
+
+BENCHMARKS = pathlib.Path(__file__).resolve().parent.parent / "benchmarks"
+
+
+def load_paper_table():
+    sys.path.insert(0, str(BENCHMARKS))
+    spec = importlib.util.spec_from_file_location("paper_table", BENCHMARKS / "paper_table.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_distillation_loss_matches_hand_computation():
+    generator = torch.Generator().manual_seed(0)
+    student = torch.randn(3, 5, generator=generator, dtype=torch.float64)
+    teacher = torch.randn(3, 5, generator=generator, dtype=torch.float64)
+    target = torch.tensor([0, 4, 2])
+    t, weight = 4.0, 0.9
+    expected = 0.0
+    for row in range(3):
+        p = [math.exp(v / t) for v in teacher[row].tolist()]
+        q = [math.exp(v / t) for v in student[row].tolist()]
+        p = [v / sum(p) for v in p]
+        q = [v / sum(q) for v in q]
+        kl = sum(pi * math.log(pi / qi) for pi, qi in zip(p, q))
+        logits = student[row].tolist()
+        ce = -logits[target[row]] + math.log(sum(math.exp(v) for v in logits))
+        expected += (weight * t * t * kl + (1 - weight) * ce) / 3
+    got = distillation_loss(student, teacher, target, temperature=t, weight=weight)
+    assert got.dtype == torch.float64
+    assert abs(got.item() - expected) < 1e-12, (got.item(), expected)
+    # The same through the trainer's loss: a TaughtOutput distils each student.
+    output = TaughtOutput(AdjoinedOutput(torch.zeros(3, 5, dtype=torch.float64), (student,)), teacher)
+    assert abs(OneNetworkLoss("student")(output, target, 1.0).item() - expected) < 1e-12
+
+
+def test_one_network_loss_trains_one_side_only():
+    base = torch.randn(4, 3, requires_grad=True)
+    student = torch.randn(4, 3, requires_grad=True)
+    target = torch.tensor([0, 1, 2, 0])
+    output = AdjoinedOutput(base, (student,))
+    OneNetworkLoss("base")(output, target).backward()
+    assert base.grad is not None and student.grad is None
+    OneNetworkLoss("student")(output, target).backward()
+    assert student.grad is not None
+    expected = torch.nn.functional.cross_entropy(student, target)
+    assert torch.allclose(OneNetworkLoss("student")(output, target), expected)
+
+
+def test_teacher_needs_student_objective(tmp_path):
+    with pytest.raises(ConfigError, match="--objective student"):
+        TrainConfig(teacher=str(tmp_path)).validate()
+    with pytest.raises(ConfigError, match="not an anfast export folder"):
+        TrainConfig(objective="student", teacher=str(tmp_path)).validate()
+
+
+def test_paper_table_end_to_end(tmp_path):
+    data = make_image_folder(tmp_path / "data", train_per_class=4, val_per_class=2, size=16)
+    out = tmp_path / "table.json"
+    paper_table = load_paper_table()
+    path = paper_table.main(["--data", str(data), "--seeds", "1", "--epochs", "1", "--image-size", "16",
+                             "--batch-size", "4", "--work", str(tmp_path / "work"), "--out", str(out)])
+    assert path == out
+    result = json.loads(out.read_text())
+    assert set(result["rows"]) == {"base", "scratch", "distilled", "adjoined", "dan"}
+    for name in ("base", "scratch", "distilled", "adjoined"):
+        row = result["rows"][name]
+        assert 0 <= row["top1_mean"] <= 1 and row["top1_std"] == 0 and len(row["top1"]) == 1
+        assert row["params"] > 0 and row["flops"] > 0
+    assert result["rows"]["scratch"]["params"] == result["rows"]["adjoined"]["params"]
+    assert result["rows"]["base"]["params"] > result["rows"]["scratch"]["params"]
+    assert "not_run" in result["rows"]["dan"]
+    assert result["commit"] and result["versions"]
+    assert out.with_suffix(".png").is_file()
+    # Row 2's network is exactly what export_student gives for this arch and alpha: the
+    # same parameter names and shapes, and the count the row reports.
+    scratch = anfast.load_student(tmp_path / "work" / "scratch-0" / "student")
+    reference = anfast.export_student(anfast.adjoin("resnet18", alpha=4, num_classes=3,
+                                                    input_size=(3, 16, 16)))
+    shapes = lambda model: {name: p.shape for name, p in model.named_parameters()}  # noqa: E731
+    assert shapes(scratch) == shapes(reference)
+    assert sum(p.numel() for p in scratch.parameters()) == result["rows"]["scratch"]["params"]
