@@ -122,7 +122,8 @@ const char* adjoined_conv2d_sm90a_shape_error(const AdjoinedConvShape& s, bool h
   // The 16-byte rule of TMA: the 2.x check above already asks for channels in multiples
   // of 8 (16-bit), which is also what the im2col descriptor needs.
   if (has_bias) return "the sm_90a kernels take no bias (ResNet's convs have none): use the 2.x tiles";
-  if (s.pad_h > 255 || s.pad_w > 255) return "TMA im2col takes padding up to 255";
+  // TMA im2col's corners are 8-bit signed per spatial dimension in 2-D.
+  if (s.pad_h > 127 || s.pad_w > 127) return "TMA im2col takes padding up to 127";
   return nullptr;
 }
 

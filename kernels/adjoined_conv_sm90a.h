@@ -13,7 +13,7 @@ namespace anfast {
 // Why the sm_90a kernels cannot run a shape with element type T (__half or
 // __nv_bfloat16), or nullptr when they can: everything adjoined_conv2d_shape_error
 // refuses, a bias (the epilogue has no broadcast source here), padding over TMA
-// im2col's 255.
+// im2col's 127.
 template <typename T>
 const char* adjoined_conv2d_sm90a_shape_error(const AdjoinedConvShape& shape, bool has_bias);
 

@@ -251,3 +251,19 @@ def test_sm90a_kernels_use_tma_and_wgmma_without_spills():
         what = f"{f['arch']} {f['name'][:100]}"
         assert "HGMMA" in text and "UTMALDG" in text, f"{what}: no wgmma / TMA load"
         assert f["stack"] == 0 and f["local"] == 0, f"{what} spills"
+
+
+def test_sm90a_variant_is_offered_only_where_it_can_run():
+    """The backend says why the sm_90a variant cannot run a problem (here: CPU tensors, a
+    bias, padding past TMA im2col's corners) and leaves it out of the tuner's variants."""
+    from anfast.ops.cuda_backend import CudaBackend, sm90a_variant_reasons
+
+    x = torch.randn(2, 16, 9, 9, dtype=torch.bfloat16)
+    weight = torch.randn(16, 16, 3, 3, dtype=torch.bfloat16)
+    problem = anfast.ops.ConvProblem(x, x[:, :8], weight, torch.zeros(16, dtype=torch.bfloat16), 8, (1, 1),
+                                     (200, 200), (1, 1), 1, None)
+    reasons = sm90a_variant_reasons(problem)
+    assert [r.split(" (")[0] for r in reasons] == [
+        f"{SM90A_VARIANT} runs on sm_90 GPUs only", f"{SM90A_VARIANT} takes no bias", "padding=(200, 200)"]
+    assert SM90A_VARIANT not in CudaBackend().variants(problem)
+    assert set(reasons) <= set(CudaBackend(SM90A_VARIANT).unsupported_reasons(problem, explicit=True))

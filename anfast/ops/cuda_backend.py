@@ -33,6 +33,7 @@ SUPPORTED_KERNEL_SIZES = (1, 3, 5, 7)
 MAX_STRIDE = 4
 # The name anfast._C gives its sm_90a kernel variant (csrc/adjoined_conv_api.cpp).
 SM90A_VARIANT = "sm90a-tma-wgmma"
+SM90A_MAX_PADDING = 127
 
 
 @lru_cache(maxsize=None)
@@ -53,7 +54,8 @@ def _variant_names() -> dict[str, tuple[str, ...]]:
 
 def sm90a_variant_reasons(problem: ConvProblem) -> list[str]:
     """Why the sm_90a variant cannot run ``problem`` (beyond the backend's own reasons):
-    CUTLASS 3's TMA kernels run on sm_90 alone; their epilogue here takes no bias. Their
+    CUTLASS 3's TMA kernels run on sm_90 alone; their epilogue here takes no bias; TMA
+    im2col's corners are 8-bit signed, which bounds the padding. Their
     other limits hold for every problem the binding passes on: channels are zero-padded
     to multiples of 8 (TMA's 16-byte rule), groups are 1."""
     reasons = []
@@ -62,6 +64,9 @@ def sm90a_variant_reasons(problem: ConvProblem) -> list[str]:
         reasons.append(f"{SM90A_VARIANT} runs on sm_90 GPUs only (tensors on {device})")
     if problem.bias is not None:
         reasons.append(f"{SM90A_VARIANT} takes no bias")
+    if max(problem.padding) > SM90A_MAX_PADDING:
+        reasons.append(f"padding={tuple(problem.padding)} ({SM90A_VARIANT}'s TMA im2col takes padding up to "
+                       f"{SM90A_MAX_PADDING})")
     return reasons
 
 
