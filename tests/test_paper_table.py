@@ -85,6 +85,7 @@ def test_paper_table_end_to_end(tmp_path):
         assert row["params"] > 0 and row["flops"] > 0
     assert result["rows"]["scratch"]["params"] == result["rows"]["adjoined"]["params"]
     assert result["rows"]["base"]["params"] > result["rows"]["scratch"]["params"]
+    assert 0 <= result["rows"]["adjoined"]["base_top1_mean"] <= 1
     assert "not_run" in result["rows"]["dan"]
     assert result["commit"] and result["versions"]
     assert out.with_suffix(".png").is_file()
