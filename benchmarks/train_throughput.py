@@ -124,9 +124,9 @@ def _aten_forward(conv: AdjoinedConv2d, x_base: torch.Tensor, *x_students: torch
         y_base = F.conv2d(x_base, conv.weight, conv.bias, conv.stride, conv.padding, conv.dilation,
                           conv.groups)
         return (y_base, *(y_base[:, :c] for c in conv.student_out_channels))
-    return tuple(F.conv2d(x, *conv.network_weight(n)[:2], conv.stride, conv.padding, conv.dilation,
-                          conv.network_weight(n)[2])
-                 for n, x in enumerate((x_base, *x_students)))
+    return tuple(F.conv2d(x, weight, bias, conv.stride, conv.padding, conv.dilation, groups)
+                 for n, x in enumerate((x_base, *x_students))
+                 for weight, bias, groups in [conv.network_weight(n)])
 
 
 def aten_adjoined(network: nn.Module) -> nn.Module:

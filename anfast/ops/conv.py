@@ -22,7 +22,7 @@ import torch
 from torch.utils import flop_counter
 
 from anfast.ops import gemm_backend, reference, tuning
-from anfast.ops.dispatch import BackendUnavailable, ConvProblem, backend_reasons, choose_backend
+from anfast.ops.dispatch import ConvProblem, choose_backend
 
 __all__ = ["adjoined_conv2d", "fixed_backend_name", "TRACEABLE_BACKENDS"]
 
@@ -310,14 +310,10 @@ def adjoined_conv2d(
     _check(x_base, x_student, weight, bias, out_student, groups, student_in_index)
     name = fixed_backend_name(backend, x_base.device)
     if name in TRACEABLE_BACKENDS:
-        problem = _problem(x_base, x_student, weight, bias, student_in_index, out_student, stride,
-                           padding, dilation, groups)
-        if name != "torch":  # torch runs every problem the checks above let through
-            reasons = backend_reasons(name, problem, explicit=True)
-            if reasons:
-                raise BackendUnavailable(
-                    f"adjoined_conv2d: backend {name!r} cannot run this problem: " + "; ".join(reasons))
-        tuning.note_choice(problem, "forward", name)
+        # Each traceable form refuses what its backend cannot run (torch runs everything
+        # the checks above let through), so the backend's reasons are asked once.
+        tuning.note_choice(_problem(x_base, x_student, weight, bias, student_in_index, out_student,
+                                    stride, padding, dilation, groups), "forward", name)
         return TRACEABLE_BACKENDS[name](x_base, x_student, weight, bias, out_student, stride,
                                         padding, dilation, groups, student_in_index)
     return _adjoined_conv2d_op(

@@ -300,6 +300,6 @@ def traced_adjoined_conv1x1(
                           _pair(dilation), groups, student_in_index)
     reasons = BACKEND.unsupported_reasons(problem, explicit=True)
     if reasons:
-        raise BackendUnavailable("traced_adjoined_conv1x1: the gemm backend cannot run this "
-                                 "problem: " + "; ".join(reasons))
+        raise BackendUnavailable("adjoined_conv2d: backend 'gemm' cannot run this problem: "
+                                 + "; ".join(reasons))
     return _AdjoinedConv1x1.apply(x_base, x_student, weight, bias, out_student, stride)
