@@ -29,6 +29,7 @@ from typing import Iterator, Optional
 import torch
 import torch.fx
 from torch import nn
+from torch.utils._pytree import tree_leaves
 
 __all__ = ["NetworkStreams", "use_streams", "network_stream", "hand_over", "active_streams"]
 
@@ -78,11 +79,7 @@ class NetworkStreams:
 
 
 def _tensors(value) -> Iterator[torch.Tensor]:
-    if isinstance(value, torch.Tensor):
-        yield value
-    elif isinstance(value, (tuple, list)):
-        for item in value:
-            yield from _tensors(item)
+    return (leaf for leaf in tree_leaves(value) if isinstance(leaf, torch.Tensor))
 
 
 def active_streams() -> Optional[NetworkStreams]:
