@@ -6,13 +6,16 @@
     student = anfast.export_student(an, path="student/") # a plain, smaller model
 """
 
+from importlib import metadata as _metadata
+
 from anfast import models, ops
 from anfast.adjoin import AdjoinedNetwork, AdjoinedOutput, AdjoinError, adjoin, student_width
 from anfast.export import export_base, export_student, load_student, save_exported
 from anfast.profile import count_parameters, profile
-from anfast.train.loss import AdjoinedLoss
+from anfast.streams import use_streams
+from anfast.loss import AdjoinedLoss
 
-__version__ = "0.1.0"
+__version__ = _metadata.version("anfast")  # pyproject.toml's, as installed
 
 __all__ = [
     "ops",
@@ -29,4 +32,5 @@ __all__ = [
     "profile",
     "count_parameters",
     "AdjoinedLoss",
+    "use_streams",
 ]

@@ -20,9 +20,9 @@ from typing import Any, Dict, List, Optional, Sequence
 import torch
 
 from anfast.nn import AdjoinedConv2d
-from anfast.ops import dispatch, tuning
+from anfast.ops import backend as registry, dispatch, tuning
 from anfast.ops.conv import TRACEABLE_BACKENDS
-from anfast.ops.dispatch import ConvProblem
+from anfast.ops.backend import ConvProblem
 
 __all__ = ["register", "collect_layer_problems", "tune_model", "set_backend", "layer_backends",
            "prepare_backends", "pin_traceable_decisions", "LayerDecision", "format_table"]
@@ -75,7 +75,7 @@ def collect_layer_problems(model: torch.nn.Module, batch_size: int, image_size: 
     was_training = model.training
     model.eval()
     try:
-        with tuning.recording() as records, torch.autocast(
+        with dispatch.recording() as records, torch.autocast(
                 images.device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
             model(images)
     finally:
@@ -214,10 +214,10 @@ def _totals_line(totals: Dict[str, Any]) -> str:
 
 def _parse_backends(text: str) -> List[str]:
     names = [name.strip() for name in text.split(",") if name.strip()]
-    unknown = [name for name in names if name not in dispatch.BACKEND_PRIORITY]
+    unknown = [name for name in names if name not in registry.BACKEND_PRIORITY]
     if unknown or not names:
         raise ValueError(f"--backends {text!r}: unknown backend(s) {unknown}; choose from "
-                         f"{','.join(dispatch.BACKEND_PRIORITY)}")
+                         f"{','.join(registry.BACKEND_PRIORITY)}")
     return [name for name in names if name != "torch"]
 
 
@@ -280,7 +280,7 @@ def register(subparsers) -> None:
     parser.add_argument("--amp", default="bf16", choices=("bf16", "fp16", "off"))
     parser.add_argument("--channels-last", action="store_true")
     parser.add_argument("--num-classes", type=int, default=1000)
-    parser.add_argument("--backends", default=",".join(dispatch.BACKEND_PRIORITY),
+    parser.add_argument("--backends", default=",".join(registry.BACKEND_PRIORITY),
                         help="backends to try against torch, e.g. triton,torch "
                              "(default: %(default)s)")
     parser.add_argument("--device", default="auto", help="cuda, cuda:N or cpu (default: auto)")

@@ -15,7 +15,7 @@ Providers, all with fused SGD, the same model, data and precision:
                 F.conv2d per network on its weight slice: what the op path costs beyond
                 the two convolutions themselves (its checks, the backend choice)
   anfast_streams  anfast_torch with each student on its own CUDA stream
-                (anfast.nn.use_streams; on the CPU the same path as anfast_torch)
+                (anfast.use_streams; on the CPU the same path as anfast_torch)
   masked        the base plus a full-width student that shares the conv / linear modules
                 (so the same weights), has its own BatchNorms, and multiplies every shrunk
                 conv's output by a 0/1 channel mask of width(C, alpha); same AdjoinedLoss
@@ -156,7 +156,7 @@ def build_providers(arch: str, alpha: float, num_classes: int, input_size, polic
         "anfast": (adjoined[None], adjoined_loss),
         "anfast_torch": (adjoined["torch"], adjoined_loss),
         "anfast_aten": (aten_adjoined(adjoined["aten"]), adjoined_loss),
-        "anfast_streams": (anfast.nn.use_streams(adjoined["streams"], 2), adjoined_loss),
+        "anfast_streams": (anfast.use_streams(adjoined["streams"], 2), adjoined_loss),
         "masked": (masked, adjoined_loss),
     }
 

@@ -11,8 +11,8 @@ import torchvision
 
 import anfast
 from anfast.nn.conv import AdjoinedConv2d
-from anfast.ops import dispatch, tuning
-from anfast.ops.dispatch import TorchBackend
+from anfast.ops import backend as registry, tuning
+from anfast.ops.backend import TorchBackend
 from anfast.ops.tuning import TOLERANCE  # noqa: F401  (DESIGN.md section 6, one definition)
 
 
@@ -89,10 +89,10 @@ class VariantStandIn(TorchBackend):
 
 def install_backends(monkeypatch, *backends: TorchBackend) -> None:
     """Make ``backends`` auto's fused candidates (ahead of torch) for one test."""
-    monkeypatch.setattr(dispatch, "BACKEND_PRIORITY", (*(b.name for b in backends), "torch"))
+    monkeypatch.setattr(registry, "BACKEND_PRIORITY", (*(b.name for b in backends), "torch"))
     for backend in backends:
-        monkeypatch.setitem(dispatch._BACKEND_MODULES, backend.name, __name__)
-        monkeypatch.setitem(dispatch._cache, backend.name, backend)
+        monkeypatch.setitem(registry._BACKEND_MODULES, backend.name, __name__)
+        monkeypatch.setitem(registry._cache, backend.name, backend)
 
 
 class FakeTimer:

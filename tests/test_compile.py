@@ -7,7 +7,7 @@ import torch
 import anfast
 from anfast.nn import AdjoinedConv2d
 from anfast.ops import conv as conv_op
-from anfast.train.loss import AdjoinedLoss
+from anfast.loss import AdjoinedLoss
 from torch._dynamo.backends.common import aot_autograd
 from torch._functorch.aot_autograd import make_boxed_func
 

@@ -10,7 +10,7 @@ from torch.utils._pytree import tree_leaves
 
 import anfast
 from anfast.train.graphs import CapturedStep, set_learning_rate, step_state_tensors, tensor_learning_rates
-from anfast.train.loss import AdjoinedLoss
+from anfast.loss import AdjoinedLoss
 from anfast.train.step import StepMeter, ema_update, train_step
 
 from helpers import assert_close_rel

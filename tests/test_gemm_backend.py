@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 
 import anfast
-from anfast.ops import BackendUnavailable, ConvProblem, adjoined_conv2d, choose_backend, explain, tuning
+from anfast.ops import BackendUnavailable, ConvProblem, adjoined_conv2d, choose_backend, dispatch, explain, tuning
 from anfast.ops import conv as conv_op
 from anfast.ops.gemm_backend import (
     BACKEND,
@@ -165,7 +165,7 @@ def test_nested_students_through_the_adjoined_module(op_path, stride):
               .contiguous(memory_format=torch.channels_last).requires_grad_()
               for c in (CHANNELS, 10, 8, 3)]
     inputs64 = [x.detach().double().requires_grad_() for x in inputs]
-    with tuning.recording() as records:
+    with dispatch.recording() as records:
         outputs = conv(*inputs)
     assert [(phase, name) for _, phase, name in records] == [("forward", "gemm")] * 2
     outputs64 = wide(*inputs64)
@@ -267,7 +267,7 @@ def test_tuner_verifies_gemm_for_real_and_picks_the_faster(tuner, gemm_ms, chose
     assert gemm["verified"] and gemm["error"] < TOLERANCE[torch.float32] and gemm["ms"] == gemm_ms
     assert decision["backend"] == chosen and tuner.timer.calls == 2
     assert f"auto: {chosen}: " in explain(problem)
-    with tuning.recording() as records:
+    with dispatch.recording() as records:
         _auto_call(make_tensors(5, 4, seed=9))
     assert [name for _, _, name in records] == [chosen, chosen]  # the backward reads the decision
 

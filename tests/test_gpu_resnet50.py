@@ -17,7 +17,7 @@ import torch
 
 import anfast.ops
 from anfast.ops import reference
-from anfast.ops.dispatch import BackendUnavailable
+from anfast.ops.backend import BackendUnavailable
 from anfast.ops.tuning import relative_error
 
 from helpers import TOLERANCE, assert_close_rel, resnet50_distinct_convs, resnet50_shapes

@@ -12,7 +12,7 @@ from torch import nn
 
 import anfast
 from anfast.adjoin import AdjoinedOutput
-from anfast.train.loss import get_lambda_schedule, paper_lambda
+from anfast.loss import get_lambda_schedule, paper_lambda
 
 
 def test_loss_matches_the_paper_formula_in_float64():

@@ -12,7 +12,7 @@ import torch
 import anfast
 from anfast.adjoin import AdjoinedOutput
 from anfast.train.config import ConfigError, TrainConfig
-from anfast.train.loss import OneNetworkLoss, TaughtOutput, distillation_loss
+from anfast.loss import OneNetworkLoss, TaughtOutput, distillation_loss
 from test_train_config import make_image_folder
 
 BENCHMARKS = pathlib.Path(__file__).resolve().parent.parent / "benchmarks"

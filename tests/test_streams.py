@@ -11,7 +11,7 @@ from torch.utils._pytree import tree_leaves
 
 import anfast
 from anfast.nn import streams as streams_module
-from anfast.train.loss import AdjoinedLoss
+from anfast.loss import AdjoinedLoss
 
 from helpers import assert_close_rel
 
@@ -66,7 +66,7 @@ class RaceDetector(TorchDispatchMode):
 
 def _cpu_streams(monkeypatch, network, count):
     """use_streams on the CPU with the stand-in active during the network's forward."""
-    anfast.nn.use_streams(network, count)
+    anfast.use_streams(network, count)
     stand_in = RecordingStreams(count)
     network.__dict__["_network_streams"] = stand_in
     monkeypatch.setattr(streams_module, "_begin_hook", _begin_on_cpu)
@@ -123,9 +123,9 @@ def test_two_streams_give_the_numbers_of_one(monkeypatch):
 def test_streams_count_is_checked():
     an = anfast.adjoin("resnet18", alpha=4, num_classes=5, input_size=(3, 32, 32))
     with pytest.raises(ValueError, match=r"streams=3: use 1 \(one stream\) or 2 \(one per network"):
-        anfast.nn.use_streams(an, 3)
+        anfast.use_streams(an, 3)
     with pytest.raises(TypeError, match="expected an AdjoinedNetwork"):
-        anfast.nn.use_streams(torch.nn.Conv2d(3, 3, 1), 2)
+        anfast.use_streams(torch.nn.Conv2d(3, 3, 1), 2)
 
 
 @pytest.mark.gpu
@@ -138,7 +138,7 @@ def test_cuda_streams_match_one_stream():
     one = anfast.adjoin("resnet50", **kwargs).to(device)
     two = anfast.adjoin("resnet50", **kwargs).to(device)
     two.load_state_dict(one.state_dict())
-    anfast.nn.use_streams(two, 3)
+    anfast.use_streams(two, 3)
     x = torch.randn(8, 3, 64, 64, device=device)
     labels = torch.randint(0, 10, (8,), device=device)
     grads = []

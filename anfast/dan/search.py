@@ -36,7 +36,7 @@ from anfast.dan.space import DEFAULT_CHOICES, DanError, SearchSpace, _check_choi
 from anfast.train.build import check_arch
 from anfast.train.config import check_field_types
 from anfast.train.distributed import resolve_device
-from anfast.train.loss import AdjoinedLoss, get_lambda_schedule
+from anfast.loss import AdjoinedLoss, get_lambda_schedule
 from anfast.train.pretrained import load_pretrained
 from anfast.train.records import MetricsLog
 from anfast.train.rundir import SEARCH_ARTIFACTS, RunDirLock, claim_run_dir

@@ -3,7 +3,6 @@
 from anfast.nn.batchnorm import AdjoinedBatchNorm2d, AdjoinedSyncBatchNorm2d, convert_sync_batchnorm
 from anfast.nn.conv import AdjoinedConv2d
 from anfast.nn.linear import AdjoinedLinear
-from anfast.nn.streams import use_streams
 
 __all__ = ["AdjoinedConv2d", "AdjoinedBatchNorm2d", "AdjoinedSyncBatchNorm2d", "AdjoinedLinear",
-           "convert_sync_batchnorm", "use_streams"]
+           "convert_sync_batchnorm"]

@@ -3,7 +3,9 @@
 Between the shared stem and the loss the networks of an adjoined model never read each
 other's activations, so each student's kernels can run beside the base's instead of
 after them: the small student convolutions of layers 3 and 4 fill SMs the base leaves
-idle. ``use_streams(network, 2)`` gives every student its own stream:
+idle. ``anfast.use_streams(network, 2)`` (anfast/streams.py, the graph rewrite) gives
+every student its own stream; this module is what the rewritten graph and the adjoined
+modules run:
 
 - the graph gets a ``_use_network(k)`` node before each run of network k's nodes, and a
   ``_hand_over(x, k)`` node where a student first reads a tensor the base's stream made
@@ -23,15 +25,12 @@ runs the very code path of one stream and gets the same numbers.
 from __future__ import annotations
 
 import contextlib
-import operator
 from typing import Iterator, Optional
 
 import torch
-import torch.fx
-from torch import nn
 from torch.utils._pytree import tree_leaves
 
-__all__ = ["NetworkStreams", "use_streams", "network_stream", "hand_over", "active_streams"]
+__all__ = ["NetworkStreams", "network_stream", "hand_over", "active_streams"]
 
 _active: list["NetworkStreams"] = []
 
@@ -140,70 +139,3 @@ def _end_hook(module, args, output):
     if _active and _active[-1] is streams:
         _active.pop()
         streams.end(output)
-
-
-def _networks_of(graph: torch.fx.Graph, adjoined: set) -> dict:
-    """The network (0 = base or shared, k = student k) of every node: ``getitem(call, k)``
-    of an adjoined module call starts network k; a node that reads a network-k node is
-    network k (networks meet only in the output)."""
-    from anfast.adjoin import _make_output
-
-    network = {}
-    for node in graph.nodes:
-        if node.op == "call_function" and node.target is operator.getitem \
-                and node.args[0] in adjoined:
-            network[node] = node.args[1]
-            continue
-        if node.op == "call_function" and node.target is _make_output:
-            network[node] = 0  # gathers every network's outputs: no work of its own
-            continue
-        found = {network.get(arg, 0) for arg in node.all_input_nodes} - {0}
-        network[node] = found.pop() if len(found) == 1 and node.op != "output" else 0
-    return network
-
-
-def use_streams(network: nn.Module, count: int) -> nn.Module:
-    """Run ``network``'s students on their own CUDA streams (``count`` 1 undoes nothing
-    and adds nothing; ``count`` is 1 or the number of networks). Returns ``network``."""
-    from anfast.adjoin import AdjoinedNetwork
-    from anfast.nn import AdjoinedBatchNorm2d, AdjoinedConv2d, AdjoinedLinear
-
-    if not isinstance(network, AdjoinedNetwork):
-        raise TypeError(f"use_streams: expected an AdjoinedNetwork (anfast.adjoin's result), "
-                        f"got {type(network).__name__}")
-    networks = network.num_students + 1
-    if count not in (1, networks):
-        raise ValueError(f"streams={count}: use 1 (one stream) or {networks} (one per network: "
-                         f"the base and {network.num_students} student(s))")
-    if count == 1 or "_network_streams" in network.__dict__:
-        return network
-    graph = network.graph
-    kinds = (AdjoinedConv2d, AdjoinedBatchNorm2d, AdjoinedLinear)
-    adjoined = {node for node in graph.nodes if node.op == "call_module"
-                and isinstance(network.get_submodule(node.target), kinds)}
-    owner = _networks_of(graph, adjoined)
-    current = 0
-    for node in list(graph.nodes):
-        if node.op in ("placeholder", "get_attr"):
-            continue
-        wanted = owner[node]
-        if node in adjoined or node.op == "output":
-            wanted = 0  # modules switch per network inside; the hook joins at the output
-        free = node.op == "call_function" and node.target is operator.getitem
-        if wanted != current and not free:  # taking an output apart launches nothing
-            with graph.inserting_before(node):
-                graph.call_function(_use_network, (wanted,))
-            current = wanted
-        if wanted:
-            for arg in list(node.all_input_nodes):
-                if owner[arg] == 0 and arg.op != "get_attr" and arg not in adjoined:
-                    with graph.inserting_before(node):
-                        handed = graph.call_function(_hand_over, (arg, wanted))
-                    node.replace_input_with(arg, handed)
-        if node in adjoined:
-            current = 0
-    network.recompile()
-    network.__dict__["_network_streams"] = NetworkStreams(networks)
-    network.register_forward_pre_hook(_begin_hook)
-    network.register_forward_hook(_end_hook)
-    return network

@@ -22,7 +22,8 @@ import torch
 from torch.utils import flop_counter
 
 from anfast.ops import gemm_backend, reference, tuning
-from anfast.ops.dispatch import ConvProblem, choose_backend
+from anfast.ops.backend import ConvProblem
+from anfast.ops.dispatch import choose_backend, note_choice
 
 __all__ = ["adjoined_conv2d", "fixed_backend_name", "TRACEABLE_BACKENDS"]
 
@@ -312,7 +313,7 @@ def adjoined_conv2d(
     if name in TRACEABLE_BACKENDS:
         # Each traceable form refuses what its backend cannot run (torch runs everything
         # the checks above let through), so the backend's reasons are asked once.
-        tuning.note_choice(_problem(x_base, x_student, weight, bias, student_in_index, out_student,
+        note_choice(_problem(x_base, x_student, weight, bias, student_in_index, out_student,
                                     stride, padding, dilation, groups), "forward", name)
         return TRACEABLE_BACKENDS[name](x_base, x_student, weight, bias, out_student, stride,
                                         padding, dilation, groups, student_in_index)

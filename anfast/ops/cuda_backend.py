@@ -24,7 +24,7 @@ from typing import Optional
 import torch
 
 from anfast.ops import tuning
-from anfast.ops.dispatch import Backend, ConvProblem, fused_kernel_reasons
+from anfast.ops.backend import Backend, ConvProblem, fused_kernel_reasons
 
 __all__ = ["CudaBackend", "BACKEND", "SM90A_VARIANT", "load_extension", "sm90a_variant_reasons"]
 

@@ -32,7 +32,7 @@ from typing import Optional, Sequence
 
 import torch
 
-from anfast.ops.dispatch import (
+from anfast.ops.backend import (
     FUSED_DTYPES,
     Backend,
     BackendUnavailable,

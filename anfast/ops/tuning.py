@@ -23,7 +23,6 @@ other inside a convolution.
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import json
 import os
@@ -40,8 +39,8 @@ from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence
 import torch
 import torch.distributed as dist
 
-from anfast.ops import dispatch
-from anfast.ops.dispatch import Backend, ConvProblem
+from anfast.ops import backend as registry
+from anfast.ops.backend import Backend, ConvProblem
 
 __all__ = [
     "TOLERANCE",
@@ -64,8 +63,6 @@ __all__ = [
     "auto_backend_name",
     "tune_problems",
     "describe_auto",
-    "recording",
-    "note_choice",
 ]
 
 # DESIGN.md section 6: relative Frobenius error bounds per input dtype.
@@ -124,13 +121,11 @@ def versions() -> Dict[str, str]:
     """The torch, triton and anfast versions a decision holds for."""
     from importlib import metadata
 
-    import anfast
-
     try:
         triton_version = metadata.version("triton")
     except metadata.PackageNotFoundError:
         triton_version = "none"
-    return {"torch": torch.__version__, "triton": triton_version, "anfast": anfast.__version__}
+    return {"torch": torch.__version__, "triton": triton_version, "anfast": metadata.version("anfast")}
 
 
 @functools.lru_cache(maxsize=None)
@@ -255,7 +250,7 @@ def _reference(problem: ConvProblem, mask) -> _Reference:
                             as64(problem.bias), problem.out_student, problem.stride,
                             problem.padding, problem.dilation, problem.groups,
                             problem.student_in_index)
-    torch_backend = dispatch.get_backend("torch")
+    torch_backend = registry.get_backend("torch")
     outputs = torch_backend.forward(problem64)
     generator = torch.Generator(problem.x_base.device).manual_seed(0)
     grads_out = tuple(torch.empty_like(y, dtype=problem.x_base.dtype).normal_(generator=generator)
@@ -384,19 +379,19 @@ class Tuner:
         mask = grad_mask(problem)
         with torch.no_grad(), torch.autocast(device.type, enabled=False):
             reference = _reference(problem, mask)
-            torch_ms, torch_outputs, _ = self._time(dispatch.get_backend("torch"), "torch", problem, mask,
+            torch_ms, torch_outputs, _ = self._time(registry.get_backend("torch"), "torch", problem, mask,
                                                     reference)
             times = {"torch": torch_ms}
             results = {}
             for name in candidates:
-                reasons = dispatch.backend_reasons(name, problem, explicit)
+                reasons = registry.backend_reasons(name, problem, explicit)
                 if reasons:
                     results[name] = {"verified": False, "error": None, "ms": None,
                                      "why": "unsupported: " + "; ".join(reasons)}
                     continue
                 tried = {variant: self._try(f"{name}:{variant}" if variant else name, runner, problem, mask,
                                             reference, torch_outputs)
-                         for variant, runner in backend_variants(dispatch.get_backend(name), problem)}
+                         for variant, runner in backend_variants(registry.get_backend(name), problem)}
                 results[name] = _fastest_variant(tried)
                 if results[name]["verified"]:
                     times[name] = results[name]["ms"]
@@ -466,7 +461,7 @@ def fused_backend_names() -> List[str]:
     """The backends auto tries instead of torch, in priority order: $ANFAST_AUTO_BACKENDS
     (comma-separated, e.g. "gemm,cuda,triton") when set, else every fused backend but those of
     AUTO_OPT_IN. ``anfast tune --backends`` measures any of them explicitly."""
-    fused = [name for name in dispatch.BACKEND_PRIORITY if name != "torch"]
+    fused = [name for name in registry.BACKEND_PRIORITY if name != "torch"]
     chosen = os.environ.get("ANFAST_AUTO_BACKENDS")
     if chosen is None:
         return [name for name in fused if name not in AUTO_OPT_IN]
@@ -493,14 +488,15 @@ def set_tuner(tuner: Tuner) -> Tuner:
     return previous
 
 
-def auto_backend_name(problem: ConvProblem, phase: str) -> str:
+def auto_backend_name(problem: ConvProblem, phase: str, may_tune: bool = True) -> str:
     """Auto's backend for ``problem``: torch on devices auto does not tune (the CPU),
-    else the key's decision, tuning it first on a forward call where that is allowed."""
+    else the key's decision, tuning it first on a forward call where that is allowed
+    (``may_tune`` False: while dispatch records a pass, which must measure nothing)."""
     tuner = get_tuner()
     if problem.x_base.device.type not in tuner.lazy_devices:
         return "torch"
     decision = tuner.lookup(problem)
-    if decision is None and phase == "forward" and not _recorders and not tuner.may_tune(problem):
+    if decision is None and phase == "forward" and may_tune and not tuner.may_tune(problem):
         decision = tuner.decide(problem, fused_backend_names())
     return decision["backend"] if decision else "torch"
 
@@ -567,26 +563,3 @@ def describe_auto(problem: ConvProblem) -> str:
                      else f"{name} not verified: {result['why']}")
     where = "agreed by rank 0" if _distributed() else f"cached in {cache_path(device)}"
     return "; ".join(parts) + f"); {where}"
-
-
-# Recorders see every choice the op makes: `anfast tune` collects a model's problems
-# with one, `anfast train` reports the backend of each layer. While one is active auto
-# does not tune, so recording a pass measures nothing.
-_recorders: List[List[tuple[ConvProblem, str, str]]] = []
-
-
-@contextlib.contextmanager
-def recording():
-    """Collect (problem, phase, backend name) of every adjoined conv call in the block."""
-    records: List[tuple[ConvProblem, str, str]] = []
-    _recorders.append(records)
-    try:
-        yield records
-    finally:
-        _recorders.remove(records)
-
-
-def note_choice(problem: ConvProblem, phase: str, backend: str) -> None:
-    """Called by dispatch for every call; a no-op unless a recorder is active."""
-    for records in _recorders:
-        records.append((problem, phase, backend))

@@ -28,7 +28,7 @@ OPTIMIZER_CHOICES = ("sgd", "adamw", "lamb")
 LOADER_CHOICES = ("auto", "torch", "dali")
 POLICY_CHOICES = ("paper", "all")
 LAMBDA_SCHEDULE_CHOICES = ("paper", "linear", "constant")
-OBJECTIVE_CHOICES = ("adjoined", "base", "student")  # anfast.train.loss: AdjoinedLoss / OneNetworkLoss
+OBJECTIVE_CHOICES = ("adjoined", "base", "student")  # anfast.loss: AdjoinedLoss / OneNetworkLoss
 BACKEND_CHOICES = ("auto", "torch", "triton", "cuda")
 COMPILE_CHOICES = ("default", "max-autotune", "reduce-overhead")  # torch.compile modes
 SYNTHETIC_DATA = "synthetic"  # --data value: random batches made on the device, no files
@@ -66,7 +66,7 @@ class TrainConfig:
     momentum: float = 0.9
     weight_decay: float = 0.05
     label_smoothing: float = 0.0
-    lambda_schedule: str = "paper"        # distillation weight per epoch (anfast.train.loss)
+    lambda_schedule: str = "paper"        # distillation weight per epoch (anfast.loss)
     objective: str = "adjoined"           # adjoined (the paper) | base | student: one side alone
     teacher: Optional[str] = None         # --objective student: distil from this export folder
     distill_temperature: float = 4.0      # Hinton et al. 2015's T for --teacher

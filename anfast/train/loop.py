@@ -37,7 +37,7 @@ import anfast
 from anfast.data import builtin_dataset, create_loader
 from anfast.data.folder import class_mismatch
 from anfast.data.synthetic import DEFAULT_SYNTHETIC_CLASSES, SyntheticLoader
-from anfast.ops.dispatch import backend_reasons
+from anfast.ops.backend import backend_reasons
 from anfast.train.build import (check_environment, create_adjoined_model, create_optimizer,
                                 resolve_amp_dtype)
 from anfast.train.checkpoint import (get_rng_state, load_training_checkpoint, newest_usable_checkpoint,
@@ -52,7 +52,7 @@ from anfast.train.evaluate import evaluate, format_table, network_costs
 from anfast.train.export import ARCH_CONFIG_COPY, export_networks
 from anfast.train.graphs import (CapturedStep, cudagraph_skips, set_learning_rate, step_state_tensors,
                                  tensor_learning_rates)
-from anfast.train.loss import AdjoinedLoss, OneNetworkLoss, TaughtOutput, get_lambda_schedule
+from anfast.loss import AdjoinedLoss, OneNetworkLoss, TaughtOutput, get_lambda_schedule
 from anfast.train.pretrained import load_pretrained
 from anfast.train.records import MetricsLog, plot_curves, plot_tradeoff
 from anfast.train.rundir import TRAIN_ARTIFACTS, RunDirLock, claim_run_dir, restart_options
@@ -276,7 +276,7 @@ def _fit(config: TrainConfig, info: DistributedInfo, should_stop: Optional[Calla
     _check_backend(an, config, device, amp_dtype)
     prepare_backends(an, config.backend, config.batch_size, config.image_size, amp_dtype)
     if config.streams > 1:
-        anfast.nn.use_streams(an, config.streams)
+        anfast.use_streams(an, config.streams)
     if config.cuda_graphs and info.world_size > 1:
         raise ConfigError(f"--cuda-graphs captures one process's step; this run has {info.world_size} "
                           f"processes (DDP's all-reduce is not captured): leave --cuda-graphs out")

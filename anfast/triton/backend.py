@@ -6,7 +6,7 @@ from typing import Optional
 
 import torch
 
-from anfast.ops.dispatch import Backend, ConvProblem, fused_kernel_reasons
+from anfast.ops.backend import Backend, ConvProblem, fused_kernel_reasons
 from anfast.triton.dgrad import adjoined_conv2d_dgrad
 from anfast.triton.forward import _adjoined_conv_fwd_kernel, adjoined_conv2d_forward
 from anfast.triton.tuning import is_interpreted
