@@ -154,9 +154,10 @@ void dispatch_dtype(at::ScalarType dtype, Fn&& fn) {
 // Kernel variants by name: the tile shape ("128x64x32"), then "-unsplit" where wgrad
 // keeps its reduction in one slice. The tuner (anfast.ops.tuning) times each per problem.
 constexpr const char* kUnsplit = "-unsplit";
-// The Hopper-native forward (kernels/adjoined_conv_sm90a.cu, CUTLASS 3 TMA + wgmma), a
+// The Hopper-native kernels (kernels/adjoined_conv_sm90a.cu, CUTLASS 3 TMA + wgmma), a
 // 16-bit variant where the extension was built for sm_90; runs on sm_90 devices only.
-// Its dgrad and wgrad are the default 2.x tiles' (not built for sm_90a yet).
+// Each phase the sm_90a kernels refuse for a shape (adjoined_conv2d_sm90a_shape_error: a
+// bias in the forward, a strided dgrad) runs the default 2.x tiles of the same call.
 constexpr const char* kSm90aVariant = "sm90a-tma-wgmma";
 
 constexpr bool sm90a_built() {
@@ -180,7 +181,7 @@ std::vector<std::string> variant_names() {
 }
 
 // The variant called `name` for the dtype; "" is the default (the largest tile, split),
-// which is also what the sm_90a variant's dgrad and wgrad run.
+// which is also what the sm_90a variant runs in the phases its kernels refuse.
 anfast::KernelVariant variant_named(const std::string& name, at::ScalarType dtype) {
   anfast::KernelVariant variant;
   if (name.empty()) return variant;
@@ -244,11 +245,20 @@ void finish(const at::Tensor& target, at::Tensor& out) {
 }
 
 #ifdef ANFAST_HAS_SM90A
-// The sm_90a forward on the padded channels_last tensors; refuses, saying why, off
-// sm_90 and for the shapes CUTLASS 3's kernels do not take.
-void forward_sm90a(const anfast::AdjoinedConvShape& p, const at::Tensor& xb, const at::Tensor& xs,
-                   const at::Tensor& w, bool has_bias, const at::Tensor& yb, const at::Tensor& ys,
-                   cudaStream_t stream) {
+// Calls fn(TypeTag<kernel type>) for a 16-bit dtype, the sm_90a kernels' only types
+// (sm90a_runs refuses the others first).
+template <typename Fn>
+void dispatch_16bit(at::ScalarType dtype, Fn&& fn) {
+  dispatch_dtype(dtype, [&](auto tag) {
+    if constexpr (sizeof(typename decltype(tag)::type) == 2) fn(tag);
+  });
+}
+
+// Whether the sm_90a kernel of `phase` runs this padded shape: refuses, saying why, off
+// sm_90 and for dtypes other than 16-bit ones; false (the 2.x kernels run the phase) for
+// the shapes adjoined_conv2d_sm90a_shape_error refuses.
+bool sm90a_runs(const anfast::AdjoinedConvShape& p, anfast::ConvKernel phase, at::ScalarType dtype,
+                bool has_bias) {
   int major = 0, minor = 0;
   const int device = c10::cuda::current_device();
   C10_CUDA_CHECK(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device));
@@ -256,19 +266,14 @@ void forward_sm90a(const anfast::AdjoinedConvShape& p, const at::Tensor& xb, con
   TORCH_CHECK(major == 9 && minor == 0, "anfast._C: variant '", kSm90aVariant,
               "' runs on sm_90 GPUs only, this one is sm_", major, minor,
               "; choose another variant (anfast._C.variants())");
-  const at::ScalarType dtype = w.scalar_type();
   TORCH_CHECK(dtype == at::kHalf || dtype == at::kBFloat16, "anfast._C: variant '", kSm90aVariant,
               "' takes float16 or bfloat16, got ", dtype);
-  dispatch_dtype(dtype, [&](auto tag) {
+  bool runs = false;
+  dispatch_16bit(dtype, [&](auto tag) {
     using T = typename decltype(tag)::type;
-    if constexpr (sizeof(T) == 2) {
-      const char* error = anfast::adjoined_conv2d_sm90a_shape_error<T>(p, has_bias);
-      TORCH_CHECK(error == nullptr, "anfast._C: variant '", kSm90aVariant, "': ", error);
-      C10_CUDA_CHECK(anfast::adjoined_conv2d_forward_sm90a<T>(p, describe_nhwc(xb), describe_nhwc(xs),
-                                                              describe_nhwc(w), describe_nhwc(yb),
-                                                              describe_nhwc(ys), stream));
-    }
+    runs = anfast::adjoined_conv2d_sm90a_shape_error<T>(p, phase, has_bias) == nullptr;
   });
+  return runs;
 }
 #endif
 
@@ -313,8 +318,14 @@ std::vector<at::Tensor> forward(const at::Tensor& x_base, const at::Tensor& x_st
   const at::Tensor ys = kernel_target(y_student, p.out_channels_student);
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream().stream();
 #ifdef ANFAST_HAS_SM90A
-  if (variant == kSm90aVariant) {
-    forward_sm90a(p, xb, xs, w, bias.has_value(), yb, ys, stream);
+  if (variant == kSm90aVariant &&
+      sm90a_runs(p, anfast::ConvKernel::kForward, weight.scalar_type(), bias.has_value())) {
+    dispatch_16bit(weight.scalar_type(), [&](auto tag) {
+      using T = typename decltype(tag)::type;
+      C10_CUDA_CHECK(anfast::adjoined_conv2d_forward_sm90a<T>(p, describe_nhwc(xb), describe_nhwc(xs),
+                                                              describe_nhwc(w), describe_nhwc(yb),
+                                                              describe_nhwc(ys), stream));
+    });
     finish(yb, y_base);
     finish(ys, y_student);
     return {y_base, y_student};
@@ -363,6 +374,19 @@ std::vector<at::Tensor> dgrad(const at::Tensor& grad_base, const at::Tensor& gra
   const at::Tensor dxb = kernel_target(grad_x_base, p.in_channels);
   const at::Tensor dxs = kernel_target(grad_x_student, p.in_channels_student);
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream().stream();
+#ifdef ANFAST_HAS_SM90A
+  if (variant == kSm90aVariant && sm90a_runs(p, anfast::ConvKernel::kDgrad, weight.scalar_type(), false)) {
+    dispatch_16bit(weight.scalar_type(), [&](auto tag) {
+      using T = typename decltype(tag)::type;
+      C10_CUDA_CHECK(anfast::adjoined_conv2d_dgrad_sm90a<T>(p, describe_nhwc(gb), describe_nhwc(gs),
+                                                            describe_nhwc(w), describe_nhwc(dxb),
+                                                            describe_nhwc(dxs), stream));
+    });
+    finish(dxb, grad_x_base);
+    finish(dxs, grad_x_student);
+    return {grad_x_base, grad_x_student};
+  }
+#endif
   dispatch_dtype(weight.scalar_type(), [&](auto tag) {
     using T = typename decltype(tag)::type;
     C10_CUDA_CHECK(anfast::adjoined_conv2d_dgrad<T>(p, describe_nhwc(gb), describe_nhwc(gs), describe_nhwc(w),
@@ -385,14 +409,33 @@ at::Tensor wgrad(const at::Tensor& grad_base, const at::Tensor& grad_student,
   at::Tensor grad_weight = output_or(grad_weight_out, "grad_weight_out", weight.sizes(), weight,
                                      [&] { return at::empty_like(weight); });
   anfast::AdjoinedConvShape p = padded_shape(s, weight.scalar_type());
+  const at::Tensor gb = nhwc(grad_base, p.out_channels), gs = nhwc(grad_student, p.out_channels_student);
+  const bool padded = p.out_channels != s.out_channels || p.in_channels != s.in_channels;
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream().stream();
+#ifdef ANFAST_HAS_SM90A
+  if (variant == kSm90aVariant && sm90a_runs(p, anfast::ConvKernel::kWgrad, weight.scalar_type(), false)) {
+    const at::Tensor xb = nhwc(x_base, p.in_channels), xs = nhwc(x_student, p.in_channels_student);
+    // CUTLASS 3's wgrad writes packed KRSC alone: grad_weight itself where it is that.
+    const at::Tensor dw =
+        !padded && grad_weight.is_contiguous(at::MemoryFormat::ChannelsLast)
+            ? grad_weight
+            : at::empty({p.out_channels, p.in_channels, s.kernel_h, s.kernel_w},
+                        weight.options().memory_format(at::MemoryFormat::ChannelsLast));
+    dispatch_16bit(weight.scalar_type(), [&](auto tag) {
+      using T = typename decltype(tag)::type;
+      C10_CUDA_CHECK(anfast::adjoined_conv2d_wgrad_sm90a<T>(p, describe_nhwc(gb), describe_nhwc(gs),
+                                                            describe_nhwc(xb), describe_nhwc(xs),
+                                                            describe_nhwc(dw), stream));
+    });
+    if (!dw.is_same(grad_weight)) grad_weight.copy_(dw.narrow(0, 0, s.out_channels).narrow(1, 0, s.in_channels));
+    return grad_weight;
+  }
+#endif
   p.in_channels_student = anfast::adjoined_conv2d_wgrad_student_channels(p);
   const at::Tensor xb = nhwc(x_base, p.in_channels), xs = nhwc(x_student, p.in_channels_student);
-  const at::Tensor gb = nhwc(grad_base, p.out_channels), gs = nhwc(grad_student, p.out_channels_student);
   // The slice-summing kernel writes any strides: only padding needs a scratch dW.
-  const bool padded = p.out_channels != s.out_channels || p.in_channels != s.in_channels;
   const at::Tensor dw = padded ? at::empty({p.out_channels, p.in_channels, s.kernel_h, s.kernel_w}, weight.options())
                                : grad_weight;
-  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream().stream();
   dispatch_dtype(weight.scalar_type(), [&](auto tag) {
     using T = typename decltype(tag)::type;
     const size_t workspace_bytes = anfast::adjoined_conv2d_wgrad_workspace_bytes<T>(p, kernels);
@@ -431,10 +474,13 @@ std::vector<std::map<std::string, py::object>> kernel_resources() {
 #ifdef ANFAST_HAS_SM90A
   auto add_sm90a = [&](auto tag, const char* dtype) {
     using T = typename decltype(tag)::type;
-    const anfast::KernelResources r = anfast::adjoined_conv2d_sm90a_kernel_resources<T>(anfast::ConvKernel::kForward);
-    rows.push_back({{"dtype", py::str(dtype)}, {"tiles", py::str(kSm90aVariant)}, {"op", py::str("forward")},
-                    {"threadblock", py::make_tuple(r.tile_m, r.tile_n, r.tile_k)},
-                    {"threads", py::int_(r.threads)}, {"shared_bytes", py::int_(r.shared_bytes)}});
+    for (const auto& [op, op_name] : ops) {
+      if (op == anfast::ConvKernel::kDgradStrided) continue;  // the 2.x strided dgrad runs it
+      const anfast::KernelResources r = anfast::adjoined_conv2d_sm90a_kernel_resources<T>(op);
+      rows.push_back({{"dtype", py::str(dtype)}, {"tiles", py::str(kSm90aVariant)}, {"op", py::str(op_name)},
+                      {"threadblock", py::make_tuple(r.tile_m, r.tile_n, r.tile_k)},
+                      {"threads", py::int_(r.threads)}, {"shared_bytes", py::int_(r.shared_bytes)}});
+    }
   };
   add_sm90a(TypeTag<__half>{}, "float16");
   add_sm90a(TypeTag<__nv_bfloat16>{}, "bfloat16");

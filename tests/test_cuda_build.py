@@ -229,13 +229,17 @@ def test_extension_sass_pipelined_tensor_cores_no_spills():
 @needs_nvcc
 def test_sm90a_kernels_use_tma_and_wgmma_without_spills():
     """The CUTLASS 3 kernels (kernels/adjoined_conv_sm90a.cu), where the extension holds
-    them: compiled for sm_90a alone, one per dtype and op that kernel_resources() lists;
+    them: forward, dgrad and wgrad per 16-bit dtype, compiled for sm_90a alone, one per
+    dtype and op that kernel_resources() lists (with their threads and shared memory);
     each loads through TMA (UTMALDG) into wgmma (HGMMA), with no spills."""
     extension, why = load_extension()
     assert extension is not None, why
     entries = [e for e in extension.kernel_resources() if e["tiles"] == SM90A_VARIANT]
     if not entries:
         pytest.skip("anfast._C was built without the sm_90a kernels (no 90 in ANFAST_CUDA_ARCHS)")
+    assert sorted((e["dtype"], e["op"]) for e in entries) == sorted(
+        (dtype, op) for dtype in ("bfloat16", "float16") for op in ("dgrad", "forward", "wgrad"))
+    assert all(e["threads"] > 0 and e["shared_bytes"] > 0 and min(e["threadblock"]) > 0 for e in entries), entries
     cuobjdump = _cuobjdump()
     if cuobjdump is None:
         pytest.skip("no cuobjdump (CUDA toolkit or the triton wheel) to read the SASS")
@@ -254,16 +258,33 @@ def test_sm90a_kernels_use_tma_and_wgmma_without_spills():
 
 
 def test_sm90a_variant_is_offered_only_where_it_can_run():
-    """The backend says why the sm_90a variant cannot run a problem (here: CPU tensors, a
-    bias, padding past TMA im2col's corners) and leaves it out of the tuner's variants."""
-    from anfast.ops.cuda_backend import CudaBackend, sm90a_variant_reasons
+    """The backend says which phases the sm_90a kernels leave to the 2.x tiles (a bias:
+    the forward; a stride: dgrad; padding past TMA im2col's corners: all three) and why
+    the variant cannot run a problem (CPU tensors; every phase left to the 2.x tiles),
+    and leaves it out of the tuner's variants then."""
+    from anfast.ops.cuda_backend import CudaBackend, sm90a_fallback_reasons, sm90a_variant_reasons
 
     x = torch.randn(2, 16, 9, 9, dtype=torch.bfloat16)
     weight = torch.randn(16, 16, 3, 3, dtype=torch.bfloat16)
-    problem = anfast.ops.ConvProblem(x, x[:, :8], weight, torch.zeros(16, dtype=torch.bfloat16), 8, (1, 1),
-                                     (200, 200), (1, 1), 1, None)
-    reasons = sm90a_variant_reasons(problem)
-    assert [r.split(" (")[0] for r in reasons] == [
-        f"{SM90A_VARIANT} runs on sm_90 GPUs only", f"{SM90A_VARIANT} takes no bias", "padding=(200, 200)"]
-    assert SM90A_VARIANT not in CudaBackend().variants(problem)
-    assert set(reasons) <= set(CudaBackend(SM90A_VARIANT).unsupported_reasons(problem, explicit=True))
+
+    def problem(bias, stride, padding):
+        return anfast.ops.ConvProblem(x, x[:, :8], weight, bias, 8, stride, padding, (1, 1), 1, None)
+
+    plain = problem(None, (1, 1), (1, 1))
+    assert sm90a_fallback_reasons(plain) == {}
+    biased_strided = problem(torch.zeros(16, dtype=torch.bfloat16), (2, 2), (1, 1))
+    fallbacks = sm90a_fallback_reasons(biased_strided)
+    assert sorted(fallbacks) == ["dgrad", "forward"]
+    assert "bias" in fallbacks["forward"] and "stride=(2, 2)" in fallbacks["dgrad"]
+    assert [r.split(" (")[0] for r in sm90a_variant_reasons(biased_strided)] == [
+        f"{SM90A_VARIANT} runs on sm_90 GPUs only"]
+    padded = problem(None, (1, 1), (200, 200))
+    assert sorted(sm90a_fallback_reasons(padded)) == ["dgrad", "forward", "wgrad"]
+    reasons = sm90a_variant_reasons(padded)
+    assert [r.split(":")[0] for r in reasons] == [f"{SM90A_VARIANT} runs on sm_90 GPUs only (tensors on cpu)"] + [
+        f"{SM90A_VARIANT} leaves its {phase} to the 2.x tiles" for phase in ("forward", "dgrad", "wgrad")]
+    assert all("padding=(200, 200)" in r for r in reasons[1:])
+    for refused in (plain, padded):
+        assert SM90A_VARIANT not in CudaBackend().variants(refused)
+        assert set(sm90a_variant_reasons(refused)) <= set(
+            CudaBackend(SM90A_VARIANT).unsupported_reasons(refused, explicit=True))

@@ -5,7 +5,8 @@ never wrote fails the test. Two shape sets: odd random sizes (channel counts the
 binding must zero-pad for the 16-bit kernels) and every convolution of torchvision's
 ResNet-50 adjoined with the paper policy at alpha 4, batch 8; every kernel variant
 (tile shape, wgrad split) on the distinct ResNet-50 convs, channels_last; the sm_90a variant
-(CUTLASS 3 TMA + wgmma forward) on every ResNet-50 conv without bias, on sm_90 GPUs only.
+(CUTLASS 3 TMA + wgmma forward, wgrad and stride-1 dgrad) on every ResNet-50 conv, through
+the binding and through the backend pinned to it as the tuner pins it, on sm_90 GPUs only.
 Skipped without a CUDA device (CPU CI); run first by benchmarks/gpu_check.sh (pytest -m gpu).
 """
 
@@ -152,33 +153,81 @@ def test_every_variant_on_resnet50_convs_matches_float64_reference(name, variant
                                   channels_last=True)
 
 
-@pytest.mark.skipif(SM90A_VARIANT not in kernel_variants("bfloat16"),
-                    reason="anfast._C was built without the sm_90a kernels (no 90 in ANFAST_CUDA_ARCHS)")
-@pytest.mark.skipif(not on_sm90(), reason="the sm_90a kernels run on sm_90 GPUs only")
+needs_sm90a_build = pytest.mark.skipif(
+    SM90A_VARIANT not in kernel_variants("bfloat16"),
+    reason="anfast._C was built without the sm_90a kernels (no 90 in ANFAST_CUDA_ARCHS)")
+needs_sm90 = pytest.mark.skipif(not on_sm90(), reason="the sm_90a kernels run on sm_90 GPUs only")
+
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
 @pytest.mark.parametrize("name", resnet50_conv_names())
+@needs_sm90a_build
+@needs_sm90
 def test_sm90a_variant_on_every_resnet50_conv_matches_float64_reference(name, dtype):
-    """The CUTLASS 3 forward (and the default tiles' dgrad / wgrad behind it) on all 52
-    ResNet-50 convs, channels_last, without bias (which the variant refuses), the outputs
-    and every gradient."""
+    """The binding's CUTLASS 3 kernels (forward, wgrad, stride-1 dgrad; the 2.x strided
+    dgrad behind the stride-2 convs) on all 52 ResNet-50 convs, channels_last, without bias
+    (ResNet's convs have none), into poisoned outputs: the outputs and every gradient."""
     check_kernels_against_float64(resnet50_shapes()[name], dtype, seed=len(name), variant=SM90A_VARIANT,
                                   channels_last=True, with_bias=False)
 
 
-@pytest.mark.skipif(SM90A_VARIANT not in kernel_variants("bfloat16"),
-                    reason="anfast._C was built without the sm_90a kernels (no 90 in ANFAST_CUDA_ARCHS)")
-def test_sm90a_variant_refuses_a_bias_and_other_gpus_with_reasons():
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("name", resnet50_conv_names())
+@needs_sm90a_build
+@needs_sm90
+def test_sm90a_backend_on_every_resnet50_conv_matches_float64_reference(name, dtype):
+    """The cuda backend pinned to the sm_90a variant by Backend.with_variant (as the tuner
+    verifies and times it) on all 52 ResNet-50 convs (paper policy, alpha 4), channels_last:
+    every phase but a strided dgrad runs on sm_90a, and y, dx base, dx student and dW
+    match float64."""
+    from anfast.ops.cuda_backend import sm90a_fallback_reasons
+
+    s = resnet50_shapes()[name]
+    x_base, x_student, weight, _ = make_problem(s, dtype, seed=len(name), channels_last=True)
+    stride, padding = (s["stride"],) * 2, (s["padding"],) * 2
+    problem = anfast.ops.ConvProblem(x_base, x_student, weight, None, s["out_student"], stride, padding, (1, 1), 1,
+                                     None)
+    backend = BACKEND.with_variant(SM90A_VARIANT)
+    assert backend.unsupported_reasons(problem, explicit=True) == []
+    assert SM90A_VARIANT in BACKEND.variants(problem)
+    assert sorted(sm90a_fallback_reasons(problem)) == (["dgrad"] if s["stride"] > 1 else [])
+
+    x_b64, x_s64, w64 = (t.double() for t in (x_base, x_student, weight))
+    want_y_base, want_y_student = reference.adjoined_conv2d_reference(x_b64, x_s64, w64, None, s["out_student"],
+                                                                      stride, padding)
+    y_base, y_student = backend.forward(problem)
+    assert_close(y_base, want_y_base, dtype, "y_base")
+    assert_close(y_student, want_y_student, dtype, "y_student")
+    grad_base = torch.randn(want_y_base.shape, device="cuda").to(dtype)
+    grad_student = torch.randn(want_y_student.shape, device="cuda").to(dtype)
+    wants = reference.adjoined_conv2d_backward_reference(
+        grad_base.double(), grad_student.double(), x_b64, x_s64, w64, False, s["out_student"], stride, padding,
+        output_mask=(True, True, True, False))
+    grads = backend.backward(grad_base, grad_student, problem, (True, True, True, False))
+    for what, got, want in zip(("grad x_base", "grad x_student", "grad weight"), grads, wants):
+        assert_close(got, want, dtype, what)
+
+
+@needs_sm90a_build
+def test_sm90a_variant_falls_back_per_phase_and_refuses_other_gpus():
+    """On sm_90 a bias (forward) and a stride (dgrad) run those phases on the 2.x tiles in
+    the same call, wgrad on sm_90a, all against float64; other GPUs are refused, saying why."""
     extension, why = load_extension()
     assert extension is not None, why
-    x_base, x_student, weight, bias = make_problem(SHAPES[0], torch.bfloat16, seed=0)
-    refusal = "takes no bias" if on_sm90() else "runs on sm_90 GPUs only"
-    with pytest.raises(RuntimeError, match=refusal):
-        extension.forward(x_base, x_student, weight, bias, SHAPES[0]["out_student"], [1, 1], [1, 1],
-                          variant=SM90A_VARIANT)
-    problem = anfast.ops.ConvProblem(x_base, x_student, weight, bias, SHAPES[0]["out_student"], (1, 1), (1, 1),
-                                     (1, 1), 1, None)
-    assert SM90A_VARIANT not in BACKEND.variants(problem)
-    assert BACKEND.with_variant(SM90A_VARIANT).unsupported_reasons(problem, explicit=True)
+    s = dict(batch=2, in_channels=24, out_channels=40, height=9, width=9, kernel=3, stride=2, padding=1,
+             in_student=8, out_student=16)
+    x_base, x_student, weight, bias = make_problem(s, torch.bfloat16, seed=0, channels_last=True)
+    problem = anfast.ops.ConvProblem(x_base, x_student, weight, bias, s["out_student"], (2, 2), (1, 1), (1, 1), 1,
+                                     None)
+    if not on_sm90():
+        with pytest.raises(RuntimeError, match="runs on sm_90 GPUs only"):
+            extension.forward(x_base, x_student, weight, bias, s["out_student"], [2, 2], [1, 1],
+                              variant=SM90A_VARIANT)
+        assert SM90A_VARIANT not in BACKEND.variants(problem)
+        assert BACKEND.with_variant(SM90A_VARIANT).unsupported_reasons(problem, explicit=True)
+        return
+    assert SM90A_VARIANT in BACKEND.variants(problem)
+    check_kernels_against_float64(s, torch.bfloat16, seed=0, variant=SM90A_VARIANT, channels_last=True)
 
 
 @pytest.mark.parametrize("variant", kernel_variants("float32"))

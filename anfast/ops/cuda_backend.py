@@ -10,8 +10,10 @@ The kernels come in variants (tile shapes, wgrad split or not; ``anfast._C.varia
 the tuner times each per problem (anfast.ops.tuning) and the backend runs the one it
 found fastest for that problem, the largest tile where none was measured. Where the
 extension was built for sm_90, the 16-bit dtypes have one more: ``SM90A_VARIANT``, the
-Hopper-native forward (CUTLASS 3, TMA + wgmma; kernels/adjoined_conv_sm90a.cu) with the
-default tiles' dgrad and wgrad, offered only on sm_90 GPUs and for convs without bias.
+Hopper-native kernels (CUTLASS 3, TMA + wgmma; kernels/adjoined_conv_sm90a.cu) of the
+forward, wgrad and stride-1 dgrad. A phase they refuse for a problem runs the default
+tiles' kernel in the same call (``sm90a_fallback_reasons`` says which and why); the
+variant is offered only on sm_90 GPUs and where at least one phase runs on sm_90a.
 """
 
 from __future__ import annotations
@@ -26,13 +28,16 @@ import torch
 from anfast.ops import tuning
 from anfast.ops.backend import Backend, ConvProblem, fused_kernel_reasons
 
-__all__ = ["CudaBackend", "BACKEND", "SM90A_VARIANT", "load_extension", "sm90a_variant_reasons"]
+__all__ = ["CudaBackend", "BACKEND", "SM90A_VARIANT", "load_extension", "sm90a_fallback_reasons",
+           "sm90a_variant_reasons"]
 
 SUPPORTED_KERNEL_SIZES = (1, 3, 5, 7)
 # dgrad keeps the divisors of each of the stride_h x stride_w phases (kernels/phase_output_iterator.cuh).
 MAX_STRIDE = 4
 # The name anfast._C gives its sm_90a kernel variant (csrc/adjoined_conv_api.cpp).
 SM90A_VARIANT = "sm90a-tma-wgmma"
+# The phases it has sm_90a kernels for (adjoined_conv2d_sm90a_shape_error names each).
+SM90A_PHASES = ("forward", "dgrad", "wgrad")
 SM90A_MAX_PADDING = 127
 
 
@@ -52,21 +57,37 @@ def _variant_names() -> dict[str, tuple[str, ...]]:
     return {} if extension is None else {dtype: tuple(names) for dtype, names in extension.variants().items()}
 
 
+def sm90a_fallback_reasons(problem: ConvProblem) -> dict[str, str]:
+    """{phase: why the sm_90a kernels leave it to the default 2.x tiles} for ``problem``,
+    as the binding decides (adjoined_conv2d_sm90a_shape_error in kernels/adjoined_conv_sm90a.cu):
+    every phase when the padding passes TMA im2col's corners (8-bit signed: up to 127);
+    the forward with a bias (its epilogue here has none); dgrad at a stride over 1 (CUTLASS
+    3 hands the stride to TMA im2col as the forward's, and tests no strided dgrad). Their
+    other limits hold for every problem the binding passes on: channels are zero-padded
+    to multiples of 8 (TMA's 16-byte rule), groups are 1, wgrad's dW is packed."""
+    if max(problem.padding) > SM90A_MAX_PADDING:
+        why = f"padding={tuple(problem.padding)} (TMA im2col takes padding up to {SM90A_MAX_PADDING})"
+        return {phase: why for phase in SM90A_PHASES}
+    fallbacks = {}
+    if problem.bias is not None:
+        fallbacks["forward"] = "a bias (the sm_90a forward takes none)"
+    if max(problem.stride) > 1:
+        fallbacks["dgrad"] = (f"stride={tuple(problem.stride)} (the sm_90a dgrad takes stride 1 only: "
+                              "CUTLASS 3 tests no strided dgrad)")
+    return fallbacks
+
+
 def sm90a_variant_reasons(problem: ConvProblem) -> list[str]:
     """Why the sm_90a variant cannot run ``problem`` (beyond the backend's own reasons):
-    CUTLASS 3's TMA kernels run on sm_90 alone; their epilogue here takes no bias; TMA
-    im2col's corners are 8-bit signed, which bounds the padding. Their
-    other limits hold for every problem the binding passes on: channels are zero-padded
-    to multiples of 8 (TMA's 16-byte rule), groups are 1."""
+    CUTLASS 3's TMA kernels run on sm_90 alone; where every phase falls back to the
+    default tiles (``sm90a_fallback_reasons``), the variant would only repeat them."""
     reasons = []
     device = problem.x_base.device
     if device.type != "cuda" or torch.cuda.get_device_capability(device) != (9, 0):
         reasons.append(f"{SM90A_VARIANT} runs on sm_90 GPUs only (tensors on {device})")
-    if problem.bias is not None:
-        reasons.append(f"{SM90A_VARIANT} takes no bias")
-    if max(problem.padding) > SM90A_MAX_PADDING:
-        reasons.append(f"padding={tuple(problem.padding)} ({SM90A_VARIANT}'s TMA im2col takes padding up to "
-                       f"{SM90A_MAX_PADDING})")
+    fallbacks = sm90a_fallback_reasons(problem)
+    if len(fallbacks) == len(SM90A_PHASES):
+        reasons += [f"{SM90A_VARIANT} leaves its {phase} to the 2.x tiles: {why}" for phase, why in fallbacks.items()]
     return reasons
 
 
@@ -95,7 +116,7 @@ class CudaBackend(Backend):
 
     def variants(self, problem: ConvProblem) -> list[str]:
         """The kernel variants the tuner times for ``problem``: its dtype's, the sm_90a one
-        only where it can run the problem."""
+        only where it runs at least one phase of the problem."""
         names = _variant_names().get(str(problem.x_base.dtype).removeprefix("torch."), ())
         return [name for name in names if name != SM90A_VARIANT or not sm90a_variant_reasons(problem)]
 
