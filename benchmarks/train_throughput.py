@@ -62,7 +62,7 @@ from anfast.data.synthetic import DEFAULT_SYNTHETIC_CLASSES, synthetic_batch
 from anfast.train.config import COMPILE_CHOICES
 from anfast.train.graphs import CapturedStep, step_state_tensors, tensor_learning_rates
 from anfast.train.step import StepMeter, resolve_compile, train_step, warm_up
-from anfast.tune import prepare_backends
+from anfast.nn.backends import prepare_backends
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import environment, write_result  # noqa: E402

@@ -15,7 +15,7 @@ from torch import nn
 import anfast
 from anfast.dan import (ChoiceGates, CostModel, DanError, SearchConfig, SearchSpace, StudentMasks, derive, read_arch,
                         search, temperature)
-from anfast.dan.cli import config_from_args, register
+from anfast.cli.search import config_from_args, register
 
 
 class TinyResidualNet(nn.Module):

@@ -268,7 +268,7 @@ def test_scan_finds_unreadable_files_and_caches_per_directory_state(indexed, tmp
 
 
 def test_data_check_command(indexed, tmp_path, monkeypatch, capsys):
-    from anfast.data.cli import check_command
+    from anfast.cli.data import check_command
 
     monkeypatch.setenv("ANFAST_DATA_HOME", str(tmp_path / "home"))
     root, _ = indexed

@@ -306,7 +306,7 @@ def test_warm_up_tune_pins_gemm_where_it_won(tuner, monkeypatch):
     """anfast train's warm-up on a channels_last ResNet-18: gemm wins its 1x1 shortcut
     convs (the fake timer says so; verification is real), torch the 3x3 ones; both are
     pinned, so the next forward never enters the custom op."""
-    from anfast.tune import prepare_backends
+    from anfast.nn.backends import prepare_backends
 
     tuner.timer = FakeTimer({"gemm": 0.5, "torch": 1.0})
     an = anfast.adjoin("resnet18", alpha=4, policy="paper", input_size=(3, 32, 32), num_classes=4)

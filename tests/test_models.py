@@ -12,7 +12,7 @@ from torch import nn
 
 import anfast
 from anfast.adjoin import AdjoinError
-from anfast.info import describe
+from anfast.cli.info import describe
 from anfast.models import MissingExtraError, create_model, fetching_kwargs, xresnet18, xresnet50
 
 from helpers import TOLERANCE, assert_close_rel
@@ -214,7 +214,10 @@ def _info_error(capsys, *argv) -> str:
     assert main(["info", *argv]) == 2
     captured = capsys.readouterr()
     assert "Traceback" not in captured.err and len(captured.err.strip().splitlines()) == 1, captured.err
-    return captured.err.strip()
+    # Every command's errors come from anfast.cli.main's one printer, with the same hint.
+    hint = " (--debug shows the traceback)"
+    assert captured.err.strip().endswith(hint), captured.err
+    return captured.err.strip().removesuffix(hint)
 
 
 def test_info_refuses_a_model_larger_than_the_memory_before_allocating(capsys, monkeypatch):

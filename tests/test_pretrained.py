@@ -13,7 +13,7 @@ import anfast
 from anfast.data.builtin import builtin_dataset
 from anfast.train.config import ConfigError
 from anfast.train.loop import fit
-from anfast.train.pretrained import load_pretrained
+from anfast.runs.pretrained import load_pretrained
 from test_train_config import make_image_folder, tiny_config
 
 SIZE = (3, 16, 16)

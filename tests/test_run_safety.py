@@ -24,10 +24,10 @@ import yaml
 import anfast
 import anfast.cli
 from anfast.data import DataLayoutError, create_loader
-from anfast.train.checkpoint import newest_usable_checkpoint, save_checkpoint
+from anfast.runs.checkpoint import newest_usable_checkpoint, save_checkpoint
 from anfast.train.config import ConfigError
 from anfast.train.loop import fit
-from anfast.train.records import MetricsLog
+from anfast.runs.records import MetricsLog
 from test_train_config import make_image_folder, tiny_config
 
 _TIMING_KEYS = ("images_per_second", "epoch_seconds")
@@ -261,7 +261,7 @@ def test_a_full_disk_is_one_line_naming_the_path_and_the_space_needed(data, tmp_
     elif write == "metrics":
         monkeypatch.setattr(MetricsLog, "log", _full_disk)
     else:
-        monkeypatch.setattr(anfast, "save_exported", _full_disk)
+        monkeypatch.setattr(anfast.export, "save_exported", _full_disk)  # what train.export calls
     run_dir = tmp_path / "run"
     line = _one_line(_train_args(data, run_dir, "--epochs", "1"), capsys)
     assert line.startswith(f"anfast train: error: No space left on device ({run_dir / path}): about "), line

@@ -11,11 +11,11 @@ import textwrap
 import pytest
 
 from anfast.train.config import ConfigError
-from anfast.train.rundir import LOCK_NAME, TRAIN_ARTIFACTS, RunDirLock, claim_run_dir
+from anfast.runs.rundir import LOCK_NAME, TRAIN_ARTIFACTS, RunDirLock, claim_run_dir
 
 _HOLDER = textwrap.dedent("""
     import sys, time
-    from anfast.train.rundir import RunDirLock
+    from anfast.runs.rundir import RunDirLock
     lock = RunDirLock(sys.argv[1])
     lock.acquire()
     print("locked", flush=True)

@@ -5,7 +5,7 @@ from PIL import Image
 
 import anfast
 from anfast.train.evaluate import format_table, network_costs
-from anfast.train.records import plot_tradeoff
+from anfast.runs.records import plot_tradeoff
 
 
 def test_costs_table_and_plot(tmp_path):

@@ -23,13 +23,13 @@ from PIL import Image
 from anfast.data import DataLayoutError
 from anfast.train.build import has_apex
 import anfast.cli
-from anfast.train.checkpoint import (CheckpointError, get_rng_state, load_checkpoint,
+from anfast.runs.checkpoint import (CheckpointError, get_rng_state, load_checkpoint,
                                      load_training_checkpoint, previous_checkpoint, save_checkpoint,
                                      set_rng_state)
-from anfast.train.cli import add_train_arguments, config_from_args, main
+from anfast.cli.train import add_train_arguments, config_from_args
 from anfast.train.config import RESUME_FIXED, RESUME_FREE, ConfigError, TrainConfig, resume_conflicts
 from anfast.train.loop import fit
-from anfast.train.schedule import lr_at
+from anfast.runs.schedule import lr_at
 
 
 def make_image_folder(root, classes=("ant", "bee", "cat"), train_per_class=8, val_per_class=4,
@@ -223,7 +223,7 @@ def test_arch_config_with_an_infinite_alpha_is_refused(tmp_path, capsys):
 
 def test_missing_data_path_fails_with_exit_code_2(tmp_path, capsys):
     missing = tmp_path / "no-such-data"
-    assert main(["--data", str(missing), "--out", str(tmp_path / "run")]) == 2
+    assert anfast.cli.main(["train", "--data", str(missing), "--out", str(tmp_path / "run")]) == 2
     error = capsys.readouterr().err
     assert f"--data {missing}: no such directory" in error
     assert not (tmp_path / "run").exists()
@@ -338,7 +338,7 @@ def test_rng_state_restores_from_tensors_loaded_onto_a_gpu(tmp_path):
 
 _WRITER = textwrap.dedent("""
     import sys, torch
-    from anfast.train.checkpoint import save_checkpoint
+    from anfast.runs.checkpoint import save_checkpoint
     path = sys.argv[1]
     version = 0
     while True:
@@ -390,7 +390,7 @@ def test_a_full_disk_keeps_the_old_checkpoint_and_is_one_line(tmp_path, monkeypa
     assert error.value.filename == str(path)
     assert re.fullmatch(rf"No space left on device \({path}\): about \d+\.\d MiB needed, \d+\.\d MiB "
                         rf"free; free disk space or choose another --out",
-                        anfast.cli._user_error(error.value))
+                        anfast.cli.user_error(error.value))
     assert load_checkpoint(path)["version"] == 1
     assert sorted(p.name for p in path.parent.iterdir()) == ["last.pt"]  # no temp file left
 

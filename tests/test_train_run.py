@@ -21,7 +21,7 @@ import torch
 
 import anfast
 import anfast.cli
-from anfast.train.checkpoint import load_checkpoint
+from anfast.runs.checkpoint import load_checkpoint
 from anfast.train.export import evaluate_run, export_run, load_run
 from anfast.train.loop import NonFiniteLossError, fit
 from test_train_config import make_image_folder, tiny_config
@@ -235,7 +235,7 @@ def test_the_readme_resume_command_takes_the_runs_options_and_refuses_changed_on
 
 def test_sigterm_saves_a_checkpoint_exits_0_and_resumes(data, tmp_path):
     run_dir = tmp_path / "run"
-    command = [sys.executable, "-m", "anfast.train", *_cli_args(data, run_dir, epochs=2)]
+    command = [sys.executable, "-m", "anfast", "train", *_cli_args(data, run_dir, epochs=2)]
     run = _Training(command)
     run.wait_for_line("anfast train: resnet18")  # set-up done, the loop starts now
     run.process.send_signal(signal.SIGTERM)
@@ -271,7 +271,7 @@ def test_sigterm_to_the_whole_process_group_with_loader_workers_still_saves(data
     run_dir = tmp_path / "run"
     args = _cli_args(data, run_dir, epochs=2)
     args[args.index("--workers") + 1] = "2"
-    run = _Training([sys.executable, "-m", "anfast.train", *args])
+    run = _Training([sys.executable, "-m", "anfast", "train", *args])
     run.wait_for_line("anfast train: resnet18")  # set-up done: the loop starts its workers
     pid = run.process.pid
     deadline = time.monotonic() + 120

@@ -13,8 +13,8 @@ import torch
 from torch.optim.swa_utils import AveragedModel
 
 import anfast.train.loop as loop
-from anfast.train.checkpoint import load_checkpoint
-from anfast.train.cli import add_train_arguments, config_from_args
+from anfast.runs.checkpoint import load_checkpoint
+from anfast.cli.train import add_train_arguments, config_from_args
 from anfast.train.config import ConfigError, TrainConfig
 from anfast.train.loop import NonFiniteLossError, fit
 import anfast

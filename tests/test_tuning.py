@@ -19,7 +19,7 @@ import anfast
 from anfast.ops import adjoined_conv2d, explain, tuning
 from anfast.ops.conv import _problem
 from anfast.ops.tuning import Tuner, cache_path
-from anfast.tune import LayerDecision
+from anfast.nn.backends import LayerDecision
 from helpers import FakeTimer, StandInBackend, VariantStandIn, assert_close_rel, install_backends
 
 WORKER = Path(__file__).with_name("tuning_worker.py")
@@ -326,7 +326,7 @@ def test_anfast_tune_on_the_interpreter_verifies_triton_chooses_torch_then_reads
 
 def test_train_backend_option_is_checked_and_reaches_every_layer():
     from anfast.train.config import ConfigError, TrainConfig
-    from anfast.tune import set_backend
+    from anfast.nn.backends import set_backend
 
     with pytest.raises(ConfigError, match=r"backend='cudnn'; choose one of \['auto', 'torch', 'triton', 'cuda'\]"):
         TrainConfig(backend="cudnn").validate()
@@ -343,7 +343,7 @@ def test_prepare_backends_pins_convs_auto_decided_for_torch(tuner, monkeypatch, 
     """Decide, then trace: a conv tuned to torch is fixed to torch, so it runs (and
     compiles) as aten convolutions; a conv tuned to a fused backend stays with auto."""
     from anfast.ops import conv as conv_op
-    from anfast.tune import prepare_backends
+    from anfast.nn.backends import prepare_backends
 
     install_backends(monkeypatch, StandInBackend("fast"))
     tuner.timer = FakeTimer({"fast": fast_ms, "torch": 1.0})
@@ -356,3 +356,45 @@ def test_prepare_backends_pins_convs_auto_decided_for_torch(tuner, monkeypatch, 
     monkeypatch.setattr(conv_op, "_adjoined_conv2d_op", lambda *args: op_calls.append(1) or original(*args))
     an(torch.randn(2, 3, 16, 16))
     assert len(op_calls) == (0 if pinned else len(convs))
+
+
+def test_a_bare_anfast_tune_tunes_the_model_a_bare_anfast_train_trains(tmp_path, monkeypatch):
+    """The model flags default to TrainConfig's in both commands: a default tune fills the
+    cache a default train reads (same network, batch, image size, AMP dtype, layout)."""
+    import anfast.cli
+    import anfast.cli.tune
+    import anfast.train.loop
+    from test_train_config import make_image_folder
+
+    class Seen(Exception):
+        pass
+
+    def describe(model, batch_size, image_size, amp_dtype):
+        weight = next(p for p in model.parameters() if p.dim() == 4)
+        return {"tensors": {name: (tuple(t.shape), t.dtype) for name, t in model.state_dict().items()},
+                "widths": {name: widths for name, widths in model.layer_widths.items()},
+                "batch": batch_size, "image": image_size, "amp": amp_dtype, "device": weight.device,
+                "channels_last": weight.is_contiguous(memory_format=torch.channels_last)
+                and not weight.is_contiguous()}
+
+    seen = {}
+
+    def tuned(model, batch_size, image_size, amp_dtype, *args, **kwargs):
+        seen["tune"] = describe(model, batch_size, image_size, amp_dtype)
+        raise Seen
+
+    def prepared(model, backend, batch_size, image_size, amp_dtype):
+        seen["train"] = describe(model, batch_size, image_size, amp_dtype)
+        raise Seen
+
+    monkeypatch.setattr(anfast.cli.tune, "tune_model", tuned)
+    monkeypatch.setattr(anfast.train.loop, "prepare_backends", prepared)
+    with pytest.raises(Seen):
+        anfast.cli.main(["tune"])
+    # As many classes as the built-in set (tune's --num-classes default), enough for a batch of 64.
+    data = make_image_folder(tmp_path / "data", classes=tuple("abcdefghij"))
+    with pytest.raises(Seen):
+        anfast.cli.main(["train", "--data", str(data), "--out", str(tmp_path / "run"), "--workers", "0"])
+    assert seen["tune"] == seen["train"]
+    assert seen["tune"]["batch"] == 64 and seen["tune"]["image"] == 32  # TrainConfig's, not resnet50's
+    assert any(name.startswith("layer4") for name in seen["tune"]["widths"])  # a resnet18, adjoined

@@ -35,12 +35,12 @@ from anfast.dan.gates import ChoiceGates, StudentMasks, entropy, temperature
 from anfast.dan.space import DEFAULT_CHOICES, DanError, SearchSpace, _check_choices
 from anfast.train.build import check_arch
 from anfast.train.config import check_field_types
-from anfast.train.distributed import resolve_device
+from anfast.runs.distributed import resolve_device
 from anfast.loss import AdjoinedLoss, get_lambda_schedule
-from anfast.train.pretrained import load_pretrained
-from anfast.train.records import MetricsLog
-from anfast.train.rundir import SEARCH_ARTIFACTS, RunDirLock, claim_run_dir
-from anfast.train.schedule import lr_at
+from anfast.runs.pretrained import load_pretrained
+from anfast.runs.records import MetricsLog
+from anfast.runs.rundir import SEARCH_ARTIFACTS, RunDirLock, claim_run_dir
+from anfast.runs.schedule import lr_at
 
 __all__ = ["SearchConfig", "SearchResult", "search", "TAU_SCHEDULES"]
 
@@ -90,7 +90,7 @@ class SearchConfig:
     seed: int = 0
     out: str = "runs/search"
     overwrite: bool = False                # replace a search already in `out`
-    pretrained: Optional[str] = None       # local checkpoint for the base (anfast.train.pretrained)
+    pretrained: Optional[str] = None       # local checkpoint for the base (anfast.runs.pretrained)
     pretrained_skip_classifier: bool = False
 
     @property
@@ -170,7 +170,7 @@ def search(config: SearchConfig, *, model: Optional[nn.Module] = None,
     nn.Module with ``num_classes`` outputs) and ``train_loader`` (any iterable of
     (images, labels) batches; give ``num_classes`` when it has no ``classes``).
     RUN_DIR is locked for the search's life and a previous search in it is refused
-    unless ``config.overwrite`` (see anfast.train.rundir).
+    unless ``config.overwrite`` (see anfast.runs.rundir).
     """
     config.validate()
     lock = claim_run_dir(Path(config.out), SEARCH_ARTIFACTS, resume=None, overwrite=config.overwrite)

@@ -11,8 +11,8 @@ from typing import Dict, Optional
 
 import torch
 
-import anfast
-import anfast.models
+from anfast.adjoin import adjoin
+from anfast.models import resolve_arch
 from anfast.train.config import ConfigError, TrainConfig, load_arch_config
 
 __all__ = ["create_adjoined_model", "create_optimizer", "resolve_amp_dtype", "has_apex",
@@ -70,7 +70,7 @@ def check_arch(arch: str) -> None:
     """Refuse an --arch name no registry knows, before any data is read (a DALI loader
     scans every image first)."""
     try:
-        anfast.models.resolve_arch(arch)
+        resolve_arch(arch)
     except ValueError as error:
         raise ConfigError(f"--arch {error}") from None
 
@@ -88,7 +88,7 @@ def create_adjoined_model(config: TrainConfig, num_classes: int) -> torch.nn.Mod
                                          load_arch_config(config.arch_config), config.round_to,
                                          input_size)
         # By name, so exports record the source and load_student rebuilds it.
-        return anfast.adjoin(config.arch, alpha=alpha, policy=policy, round_to=config.round_to,
+        return adjoin(config.arch, alpha=alpha, policy=policy, round_to=config.round_to,
                              input_size=input_size, num_classes=num_classes)
     except (ValueError, TypeError, NotImplementedError) as error:
         raise ConfigError(f"cannot adjoin --arch {config.arch} with --alpha "
@@ -102,7 +102,7 @@ def _arch_config_policy(arch: str, num_classes: int, group_alphas: Dict[str, flo
     A group takes the smallest alpha of the layers producing it, so every producer of
     a listed group gets the group's alpha; unlisted groups stay at full width.
     """
-    probe = anfast.adjoin(arch, alpha=1, policy="all", round_to=round_to, input_size=input_size,
+    probe = adjoin(arch, alpha=1, policy="all", round_to=round_to, input_size=input_size,
                           num_classes=num_classes)
     producers = {group.name: group.producers for group in probe.width_groups}
     unknown = sorted(set(group_alphas) - set(producers))

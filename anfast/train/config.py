@@ -1,6 +1,6 @@
 """``TrainConfig``: every knob of a training run, in one dataclass.
 
-The CLI fills it (anfast/train/cli.py), a YAML file may too (``--config``), and the
+The CLI fills it (anfast/cli/train.py), a YAML file may too (``--config``), and the
 resolved config is written next to the run as config.yaml, timm's args.yaml habit.
 Each default lives here and only here.
 """
@@ -16,6 +16,9 @@ from pathlib import Path
 from typing import Any, Dict, List, Optional, Tuple, Type, Union
 
 import yaml
+
+from anfast.runs.errors import ConfigError
+from anfast.runs.rundir import load_config
 
 __all__ = ["TrainConfig", "ConfigError", "parse_alpha", "load_config", "save_config",
            "load_arch_config", "check_field_types", "AMP_CHOICES", "OPTIMIZER_CHOICES",
@@ -35,10 +38,6 @@ SYNTHETIC_DATA = "synthetic"  # --data value: random batches made on the device,
 # np.random.seed takes values below 2**32 and each process seeds seed + rank: 2**31 leaves
 # room for any number of ranks; torch.manual_seed takes all of these.
 MAX_SEED = 2**31 - 1
-
-
-class ConfigError(ValueError):
-    """A training option that cannot work; raised before the first step."""
 
 
 @dataclass
@@ -93,7 +92,7 @@ class TrainConfig:
     backend: str = "auto"                 # adjoined conv backend; auto: measured (DESIGN.md 4b)
     log_interval: int = 50                # steps between host reads of loss / grad norm
     max_bad_steps: int = 0                # non-finite steps skipped before the run stops
-    pretrained: Optional[str] = None      # local checkpoint for the base (anfast.train.pretrained)
+    pretrained: Optional[str] = None      # local checkpoint for the base (anfast.runs.pretrained)
     pretrained_skip_classifier: bool = False  # keep a fresh classifier (another number of classes)
 
     def to_dict(self) -> Dict[str, Any]:
@@ -367,23 +366,6 @@ def load_arch_config(path: str) -> Dict[str, float]:
         raise ConfigError(f"--arch-config {path}: \"groups\" must map group names to finite "
                           f"numbers >= 1")
     return {str(name): float(alpha) for name, alpha in groups.items()}
-
-
-def load_config(path: str) -> Dict[str, Any]:
-    """The options in a YAML file, as a dict of TrainConfig field names."""
-    file = Path(path)
-    if not file.is_file():
-        raise ConfigError(f"--config {path}: no such file")
-    try:
-        # safe_load builds plain values only: a tag such as !!python/object is refused, never run.
-        values = yaml.safe_load(file.read_text()) or {}
-    except (yaml.YAMLError, UnicodeDecodeError) as error:
-        problem = " ".join(str(error).split())[:300]
-        raise ConfigError(f"{path} is not a YAML file of plain option: value lines ({problem}); fix "
-                          f"or restore it") from None
-    if not isinstance(values, dict):
-        raise ConfigError(f"{path}: expected a YAML mapping of option: value")
-    return {str(key).replace("-", "_"): value for key, value in values.items()}
 
 
 def save_config(config: TrainConfig, path: Path) -> None:

@@ -8,8 +8,9 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-import anfast
-from anfast.train.distributed import all_reduce_sum
+from anfast.export import export_base, export_student
+from anfast.profile import profile
+from anfast.runs.distributed import all_reduce_sum
 
 __all__ = ["evaluate", "format_table", "network_costs"]
 
@@ -58,8 +59,8 @@ def evaluate(model: torch.nn.Module, loader, device: torch.device, *,
 
 def network_costs(an: torch.nn.Module, image_size: int) -> List[Dict[str, int]]:
     """anfast.profile of the exported base and every student at one image: [base, *students]."""
-    networks = [anfast.export_base(an)] + [anfast.export_student(an, index=i) for i in range(an.num_students)]
-    return [anfast.profile(network, (1, 3, image_size, image_size)) for network in networks]
+    networks = [export_base(an)] + [export_student(an, index=i) for i in range(an.num_students)]
+    return [profile(network, (1, 3, image_size, image_size)) for network in networks]
 
 
 def format_table(metrics: Dict[str, Any], costs: Optional[Sequence[Dict[str, int]]] = None) -> str:

@@ -16,8 +16,9 @@ from typing import Any, Dict, Optional, Tuple, Union
 import torch
 from torch.optim.swa_utils import AveragedModel
 
-import anfast
-from anfast.train.checkpoint import (CheckpointError, load_training_checkpoint, newest_usable_checkpoint,
+from anfast import export as exporting
+from anfast.export import export_base, export_student
+from anfast.runs.checkpoint import (CheckpointError, load_training_checkpoint, newest_usable_checkpoint,
                                      reporting_full_disk, tensor_bytes)
 from anfast.train.config import SYNTHETIC_DATA, ConfigError, TrainConfig, check_field_types, load_config
 
@@ -31,13 +32,13 @@ ARCH_CONFIG_COPY = "arch_config.json"
 def export_networks(an: torch.nn.Module, run_dir: Path, num_students: int) -> Dict[str, Path]:
     """Write base/, student/ and, for nested students, student_1/, student_2/, ...; a full
     disk is a DiskFullError naming the folder and the space it needs."""
-    networks = {"base": anfast.export_base(an)}
+    networks = {"base": export_base(an)}
     for index in range(num_students):
-        networks["student" if index == 0 else f"student_{index}"] = anfast.export_student(an, index=index)
+        networks["student" if index == 0 else f"student_{index}"] = export_student(an, index=index)
     written = {}
     for name, network in networks.items():
         with reporting_full_disk(run_dir / name, tensor_bytes(network.state_dict())):
-            written[name] = anfast.save_exported(network, run_dir / name)
+            written[name] = exporting.save_exported(network, run_dir / name)
     return written
 
 
@@ -86,7 +87,7 @@ def evaluate_run(run_dir: Union[str, Path], *, data: Optional[str] = None,
     """Evaluate a run's base and students on ``data``/val; print a table, write eval.json."""
     from anfast.data import builtin_dataset, create_loader
     from anfast.train.build import resolve_amp_dtype
-    from anfast.train.distributed import resolve_device
+    from anfast.runs.distributed import resolve_device
     from anfast.train.evaluate import evaluate, format_table, network_costs
 
     run_dir = Path(run_dir)
@@ -133,7 +134,7 @@ def export_run(run_dir: Union[str, Path], *, checkpoint: str = "best",
     config, an, _ = load_run(run_dir, checkpoint)
     written = export_networks(an, run_dir, len(config.alpha))
     if onnx:
-        student = anfast.export_student(an, index=0).eval()
+        student = export_student(an, index=0).eval()
         path = written["student"] / "student.onnx"
         example = torch.randn(1, 3, config.image_size, config.image_size)
         # dynamo=False: the torch.export-based exporter also needs onnxscript, which

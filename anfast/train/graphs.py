@@ -22,11 +22,11 @@ after the warm-up, so a captured run continues exactly where an eager one would.
 
 from __future__ import annotations
 
-from typing import Callable, Iterable, List, Optional, Sequence
+from typing import Callable, List, Sequence
 
 import torch
 
-from anfast.train.checkpoint import get_rng_state, set_rng_state
+from anfast.runs.checkpoint import get_rng_state, set_rng_state
 
 __all__ = ["CapturedStep", "tensor_learning_rates", "set_learning_rate", "step_state_tensors",
            "cudagraph_skips"]

@@ -33,19 +33,21 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.optim.swa_utils import AveragedModel
 from tqdm import tqdm
 
-import anfast
+from anfast.export import load_student
+from anfast.nn import convert_sync_batchnorm
+from anfast.streams import use_streams
 from anfast.data import builtin_dataset, create_loader
 from anfast.data.folder import class_mismatch
 from anfast.data.synthetic import DEFAULT_SYNTHETIC_CLASSES, SyntheticLoader
 from anfast.ops.backend import backend_reasons
 from anfast.train.build import (check_environment, create_adjoined_model, create_optimizer,
                                 resolve_amp_dtype)
-from anfast.train.checkpoint import (get_rng_state, load_training_checkpoint, newest_usable_checkpoint,
+from anfast.runs.checkpoint import (get_rng_state, load_training_checkpoint, newest_usable_checkpoint,
                                      remove_stale_temp_files, reporting_full_disk, resume_checkpoint,
                                      save_checkpoint, set_rng_state)
 from anfast.train.config import (SYNTHETIC_DATA, ConfigError, TrainConfig, compile_mode, resume_conflicts,
                                  save_config)
-from anfast.train.distributed import (DistributedInfo, all_reduce_sum, any_rank, any_rank_on_host,
+from anfast.runs.distributed import (DistributedInfo, all_reduce_sum, any_rank, any_rank_on_host,
                                       barrier, broadcast_buffers, create_host_group,
                                       destroy_distributed, init_distributed)
 from anfast.train.evaluate import evaluate, format_table, network_costs
@@ -53,12 +55,12 @@ from anfast.train.export import ARCH_CONFIG_COPY, export_networks
 from anfast.train.graphs import (CapturedStep, cudagraph_skips, set_learning_rate, step_state_tensors,
                                  tensor_learning_rates)
 from anfast.loss import AdjoinedLoss, OneNetworkLoss, TaughtOutput, get_lambda_schedule
-from anfast.train.pretrained import load_pretrained
-from anfast.train.records import MetricsLog, plot_curves, plot_tradeoff
-from anfast.train.rundir import TRAIN_ARTIFACTS, RunDirLock, claim_run_dir, restart_options
-from anfast.train.schedule import lr_at
+from anfast.runs.pretrained import load_pretrained
+from anfast.runs.records import MetricsLog, plot_curves, plot_tradeoff
+from anfast.runs.rundir import TRAIN_ARTIFACTS, RunDirLock, claim_run_dir, restart_options
+from anfast.runs.schedule import lr_at
 from anfast.train.step import StepMeter, ema_update, resolve_compile, train_step, warm_up
-from anfast.tune import collect_layer_problems, layer_backends, prepare_backends, set_backend
+from anfast.nn.backends import collect_layer_problems, layer_backends, prepare_backends, set_backend
 
 __all__ = ["fit", "NonFiniteLossError", "resolve_resume_path"]
 
@@ -270,13 +272,13 @@ def _fit(config: TrainConfig, info: DistributedInfo, should_stop: Optional[Calla
     if config.pretrained is not None and resume_path is None:
         load_pretrained(an, config.pretrained, config.pretrained_skip_classifier)
     if config.sync_bn:
-        an = anfast.nn.convert_sync_batchnorm(an)
+        an = convert_sync_batchnorm(an)
     if config.channels_last:
         an = an.to(memory_format=torch.channels_last)
     _check_backend(an, config, device, amp_dtype)
     prepare_backends(an, config.backend, config.batch_size, config.image_size, amp_dtype)
     if config.streams > 1:
-        anfast.use_streams(an, config.streams)
+        use_streams(an, config.streams)
     if config.cuda_graphs and info.world_size > 1:
         raise ConfigError(f"--cuda-graphs captures one process's step; this run has {info.world_size} "
                           f"processes (DDP's all-reduce is not captured): leave --cuda-graphs out")
@@ -592,7 +594,7 @@ class WithTeacher(torch.nn.Module):
 
 def _load_teacher(path: str, device: torch.device) -> torch.nn.Module:
     """An export folder in eval mode with no gradients: its BatchNorm statistics stay fixed."""
-    teacher = anfast.load_student(path).to(device).eval()
+    teacher = load_student(path).to(device).eval()
     teacher.requires_grad_(False)
     return teacher
 

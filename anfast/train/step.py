@@ -29,7 +29,7 @@ import torch
 from torch.optim.swa_utils import AveragedModel
 
 from anfast.data.synthetic import synthetic_batch
-from anfast.train.checkpoint import get_rng_state, set_rng_state
+from anfast.runs.checkpoint import get_rng_state, set_rng_state
 
 __all__ = ["forward_loss", "train_step", "optimizer_step", "ema_update", "StepMeter",
            "resolve_compile", "warm_up"]

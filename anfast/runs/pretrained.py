@@ -23,7 +23,7 @@ import torch
 
 from anfast.adjoin import AdjoinedNetwork
 from anfast.nn import AdjoinedBatchNorm2d
-from anfast.train.config import ConfigError
+from anfast.runs.errors import ConfigError
 
 __all__ = ["read_state_dict", "load_pretrained"]
 

@@ -31,7 +31,9 @@ import time
 from pathlib import Path
 from typing import IO, Any, Dict, Optional, Sequence
 
-from anfast.train.config import ConfigError, load_config
+import yaml
+
+from anfast.runs.errors import ConfigError
 
 __all__ = ["RunDirLock", "claim_run_dir", "restart_options", "TRAIN_ARTIFACTS", "SEARCH_ARTIFACTS",
            "LOCK_NAME"]
@@ -188,3 +190,20 @@ def restart_options(run_dir: Path) -> Dict[str, Any]:
         return {}
     saved = load_config(str(config))
     return {name: value for name, value in saved.items() if name not in ("out", "resume", "overwrite")}
+
+
+def load_config(path: str) -> Dict[str, Any]:
+    """The options in a YAML file, as a dict of TrainConfig field names."""
+    file = Path(path)
+    if not file.is_file():
+        raise ConfigError(f"--config {path}: no such file")
+    try:
+        # safe_load builds plain values only: a tag such as !!python/object is refused, never run.
+        values = yaml.safe_load(file.read_text()) or {}
+    except (yaml.YAMLError, UnicodeDecodeError) as error:
+        problem = " ".join(str(error).split())[:300]
+        raise ConfigError(f"{path} is not a YAML file of plain option: value lines ({problem}); fix "
+                          f"or restore it") from None
+    if not isinstance(values, dict):
+        raise ConfigError(f"{path}: expected a YAML mapping of option: value")
+    return {str(key).replace("-", "_"): value for key, value in values.items()}

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import argparse
-import sys
 
-import anfast
+from anfast.adjoin import adjoin
+from anfast.export import export_base, export_student
 from anfast.profile import count_parameters, profile
+from anfast.runs.errors import ConfigError
+from anfast.train.config import POLICY_CHOICES, parse_alpha
 
 __all__ = ["register", "describe"]
 
@@ -17,19 +19,14 @@ PAPER_RESNET50_STUDENT = {"params": 1.8e6, "gmacs": 1.6, "top1": 71.8}
 _PAPER_BASES = ("xresnet50", "resnet50", "timm:resnet50d")
 
 
-def _parse_alpha(text: str):
-    values = tuple(float(v) for v in text.split(","))
-    return values[0] if len(values) == 1 else values
-
-
 def describe(arch: str, alpha, policy: str, round_to: int, num_classes: int, image_size: int) -> str:
     """The text ``anfast info`` prints."""
-    an = anfast.adjoin(arch, alpha=alpha, policy=policy, round_to=round_to, num_classes=num_classes,
+    an = adjoin(arch, alpha=alpha, policy=policy, round_to=round_to, num_classes=num_classes,
                        input_size=(3, image_size, image_size))
     size = (3, image_size, image_size)
     classifier = list(an.layer_widths)[-1]
-    rows = [("base", anfast.export_base(an))] + [
-        (f"student (alpha {a:g})", anfast.export_student(an, s)) for s, a in enumerate(an.alphas)
+    rows = [("base", export_base(an))] + [
+        (f"student (alpha {a:g})", export_student(an, s)) for s, a in enumerate(an.alphas)
     ]
     lines = [f"{arch}, alpha {alpha}, policy {policy!r}, round_to {round_to}, {num_classes} classes, "
              f"{image_size}x{image_size} input", ""]
@@ -59,14 +56,13 @@ def _run(args: argparse.Namespace) -> int:
     for flag, value in (("--image-size", args.image_size), ("--num-classes", args.num_classes),
                         ("--round-to", args.round_to)):
         if value < 1:
-            print(f"anfast info: error: {flag} {value} must be >= 1", file=sys.stderr)
-            return 2
+            raise ConfigError(f"{flag} {value} must be >= 1")
+    alpha = parse_alpha(args.alpha)
     try:
-        text = describe(args.arch, _parse_alpha(args.alpha), args.policy, args.round_to, args.num_classes,
-                        args.image_size)
-    except (ValueError, ImportError) as error:  # unknown --arch, missing timm, a model adjoin refuses
-        print(f"anfast info: error: {error}", file=sys.stderr)
-        return 2
+        text = describe(args.arch, alpha[0] if len(alpha) == 1 else alpha, args.policy, args.round_to,
+                        args.num_classes, args.image_size)
+    except ValueError as error:  # unknown --arch, a model adjoin refuses
+        raise ConfigError(str(error)) from error
     print(text)
     return 0
 
@@ -80,7 +76,7 @@ def register(subparsers) -> None:
                         help="torchvision name, xresnet18/34/50/101 (the paper's network) or timm:NAME "
                              "(default resnet50)")
     parser.add_argument("--alpha", default="4", help="shrink factor, or a comma list for nested students")
-    parser.add_argument("--policy", default="paper", choices=["paper", "all"], help="which layers shrink")
+    parser.add_argument("--policy", default="paper", choices=POLICY_CHOICES, help="which layers shrink")
     parser.add_argument("--round-to", type=int, default=8, help="round student widths to multiples of this")
     parser.add_argument("--num-classes", type=int, default=1000)
     parser.add_argument("--image-size", type=int, default=224)

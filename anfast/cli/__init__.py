@@ -1,4 +1,10 @@
-"""The ``anfast`` command: train | search | tune | eval | export | info | data."""
+"""The ``anfast`` command: train | eval | export | search | tune | info | data.
+
+One module per command (anfast/cli/<command>.py, each with ``register(subparsers)``);
+the flags several commands share are declared once in anfast/cli/args.py. Commands
+raise; ``main`` is the one place that prints an error: one line for an error the user
+can fix (``user_error``), the traceback for a bug or with ``--debug``.
+"""
 
 from __future__ import annotations
 
@@ -7,15 +13,13 @@ import errno
 import sys
 from typing import Optional, Sequence
 
-from anfast import info, tune
-from anfast.dan import cli as dan_cli
-from anfast.data import cli as data_cli
-from anfast.train import cli as train_cli
+from anfast.cli import data, export, info, search, train, tune
+from anfast.cli import eval as evaluate
 
-__all__ = ["main", "build_parser"]
+__all__ = ["main", "build_parser", "user_error"]
 
-# Each module adds its subcommands with register(subparsers).
-_COMMAND_MODULES = (train_cli, dan_cli, tune, info, data_cli)
+# Each module adds its subcommand with register(subparsers), in the order of --help.
+_COMMAND_MODULES = (train, evaluate, export, search, tune, info, data)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -41,17 +45,19 @@ _USER_ERRNOS = {errno.ENOSPC: "free disk space or choose another --out",
                 errno.EROFS: "the file system is read-only; choose another --out"}
 
 
-def _user_error(error: BaseException) -> Optional[str]:
+def user_error(error: BaseException) -> Optional[str]:
     """The one-line message for an error the user can fix, or None for a bug."""
     from anfast.adjoin import AdjoinError
     from anfast.dan.space import DanError
     from anfast.data import DataLayoutError
     from anfast.export import ExportError
-    from anfast.train.checkpoint import CheckpointError, DiskFullError
-    from anfast.train.config import ConfigError
+    from anfast.runs.checkpoint import CheckpointError, DiskFullError
+    from anfast.runs.errors import ConfigError
 
     if isinstance(error, (ConfigError, DataLayoutError, DanError, CheckpointError, ExportError,
                           AdjoinError, FileNotFoundError)):
+        return " ".join(str(error).split())
+    if isinstance(error, ImportError):  # an optional dependency the options need (apex, onnx, timm)
         return " ".join(str(error).split())
     if isinstance(error, DiskFullError):
         return f"{error.strerror} ({error.filename}): {error.space()}; {_USER_ERRNOS[error.errno]}"
@@ -68,7 +74,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     try:
         return args.func(args) or 0
     except Exception as error:
-        message = _user_error(error)
+        message = user_error(error)
         if message is None or args.debug:
             raise
         print(f"anfast {args.command}: error: {message} (--debug shows the traceback)", file=sys.stderr)

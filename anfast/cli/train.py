@@ -1,7 +1,6 @@
-"""`anfast train`, `anfast eval` and `anfast export`: argparse front ends of anfast.train.
+"""`anfast train`: the argparse front end of anfast.train.fit.
 
-``register(subparsers)`` adds the three commands to the main ``anfast`` parser;
-``python -m anfast.train ...`` runs `train` alone. Precedence of an option:
+``register(subparsers)`` adds the command to the main ``anfast`` parser. Precedence of an option:
 command line > --config YAML > the TrainConfig default; with --resume, the resumed
 run's own options (its checkpoint's config) come before the defaults, so
 `anfast train --out RUN --resume auto` continues RUN as it was started.
@@ -11,26 +10,17 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import sys
 from pathlib import Path
-from typing import List, Optional
 
-from anfast.train.config import (AMP_CHOICES, BACKEND_CHOICES, COMPILE_CHOICES,
-                                 LAMBDA_SCHEDULE_CHOICES, OBJECTIVE_CHOICES,
-                                 LOADER_CHOICES, OPTIMIZER_CHOICES, POLICY_CHOICES,
-                                 ConfigError, TrainConfig, load_config)
+from anfast.cli.args import add_model_arguments, default_help as _default
+from anfast.train.config import (BACKEND_CHOICES, COMPILE_CHOICES, LAMBDA_SCHEDULE_CHOICES,
+                                 LOADER_CHOICES, OBJECTIVE_CHOICES, OPTIMIZER_CHOICES, TrainConfig,
+                                 load_config)
 
-__all__ = ["register", "add_train_arguments", "config_from_args", "main"]
+__all__ = ["register", "add_train_arguments", "config_from_args"]
 
 _DEFAULTS = TrainConfig()
-
-
-def _default(name: str) -> str:
-    value = getattr(_DEFAULTS, name)
-    if name == "alpha":
-        value = ",".join(f"{a:g}" for a in value)
-    return f"(default: {value})"
 
 
 def add_train_arguments(parser: argparse.ArgumentParser) -> None:
@@ -43,18 +33,8 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
     add("--num-classes", type=int, help="classes of --data synthetic (default: 1000)")
     add("--synthetic-steps", type=int,
         help=f"training steps per epoch of --data synthetic {_default('synthetic_steps')}")
-    add("--arch", help=f"torchvision name, xresnet18/34/50/101 (the paper's network), or "
-                       f"timm:NAME (pip install 'anfast[timm]') {_default('arch')}")
-    add("--alpha",
-        help=f"student width divisor; a comma list (2,4,8) trains nested students {_default('alpha')}")
-    add("--policy", choices=POLICY_CHOICES,
-        help=f"which layers shrink: paper (convs with in and out channels > 64) or all "
-             f"{_default('policy')}")
-    add("--arch-config", help="per-width-group alphas from `anfast search` (JSON "
-                              "{\"groups\": {name: alpha}}); replaces --policy")
-    add("--round-to", type=int, help=f"student widths round up to this {_default('round_to')}")
+    add_model_arguments(parser)
     add("--epochs", type=int, help=_default("epochs"))
-    add("--batch-size", type=int, help=f"per process {_default('batch_size')}")
     add("--accum-steps", type=int,
         help=f"gradient accumulation: micro-batches of --batch-size per optimizer step, so the "
              f"effective batch is accum-steps x batch-size x processes; the LR schedule, "
@@ -78,10 +58,6 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
         help=f"weight of --teacher's soft term, (1 - it) on the CE {_default('distill_weight')}")
     add("--warmup-epochs", type=float, help=f"linear LR warmup {_default('warmup_epochs')}")
     add("--clip-grad", type=float, help="max global gradient norm (default: no clipping)")
-    add("--amp", choices=AMP_CHOICES,
-        help=f"autocast dtype; auto is bf16 on CUDA, off on CPU {_default('amp')}")
-    add("--channels-last", action=argparse.BooleanOptionalAction,
-        help=f"NHWC activations and weights {_default('channels_last')}")
     add("--compile", nargs="?", const="default", choices=COMPILE_CHOICES,
         help="torch.compile the model; a bare --compile is mode default, reduce-overhead adds "
              "CUDA graphs (on the CPU it falls back to default) (default: off)")
@@ -95,7 +71,6 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
              f"and replay it; CUDA, one process, no --compile {_default('cuda_graphs')}")
     add("--loader", choices=LOADER_CHOICES, help=f"input pipeline {_default('loader')}")
     add("--workers", type=int, help=f"loader worker processes / threads {_default('workers')}")
-    add("--image-size", type=int, help=f"train crop and val size in pixels {_default('image_size')}")
     add("--out", help=f"run directory {_default('out')}")
     add("--resume", help="checkpoint to continue from, or 'auto' (the newest usable of "
                          "RUN_DIR/checkpoints/last.pt, last.prev.pt, best.pt; with none yet, the "
@@ -111,7 +86,6 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
     add("--ema-decay", type=float, help=_default("ema_decay"))
     add("--sync-bn", action=argparse.BooleanOptionalAction,
         help=f"SyncBatchNorm across torchrun ranks, CUDA only {_default('sync_bn')}")
-    add("--device", help=f"cpu, cuda or cuda:N {_default('device')}")
     add("--backend", choices=BACKEND_CHOICES,
         help=f"adjoined conv kernels; auto runs torch on the CPU and, on a GPU, the fastest "
              f"backend verified against torch (see `anfast tune`) {_default('backend')}")
@@ -145,9 +119,9 @@ def resumed_run_options(resume: str, out: str) -> dict:
     (out, resume, overwrite): its checkpoint's config (see checkpoint.resume_checkpoint)
     or, for ``--resume auto`` in a run that saved no checkpoint yet, its config.yaml
     (rundir.restart_options); empty for a new directory (a fresh start)."""
-    from anfast.train.checkpoint import load_checkpoint, resume_checkpoint
+    from anfast.runs.checkpoint import load_checkpoint, resume_checkpoint
     from anfast.train.export import ARCH_CONFIG_COPY
-    from anfast.train.rundir import restart_options
+    from anfast.runs.rundir import restart_options
 
     path = resume_checkpoint(resume, out)
     if path is None:
@@ -162,11 +136,6 @@ def resumed_run_options(resume: str, out: str) -> dict:
     return options
 
 
-def _fail(command: str, error: Exception) -> int:
-    print(f"anfast {command}: error: {error}", file=sys.stderr)
-    return 2
-
-
 def run_train(args: argparse.Namespace) -> int:
     """`anfast train`; ConfigError, DataLayoutError and other user errors reach anfast.cli.main,
     which prints them in one line."""
@@ -174,8 +143,6 @@ def run_train(args: argparse.Namespace) -> int:
 
     try:
         summary = fit(config_from_args(args))
-    except ImportError as error:
-        return _fail("train", error)
     except NonFiniteLossError as error:
         print(f"anfast train: {error}", file=sys.stderr)
         return 1
@@ -184,37 +151,8 @@ def run_train(args: argparse.Namespace) -> int:
     return 0
 
 
-def run_eval(args: argparse.Namespace) -> int:
-    from anfast.train.export import evaluate_run
-
-    try:
-        evaluate_run(args.run_dir, data=args.data, checkpoint=args.checkpoint,
-                     batch_size=args.batch_size, workers=args.workers, device=args.device)
-    except ImportError as error:
-        return _fail("eval", error)
-    return 0
-
-
-def run_export(args: argparse.Namespace) -> int:
-    from anfast.train.export import export_run
-
-    try:
-        written = export_run(args.run_dir, checkpoint=args.checkpoint, onnx=args.onnx)
-    except ImportError as error:
-        return _fail("export", error)
-    print(json.dumps({name: str(path) for name, path in written.items()}, indent=2))
-    return 0
-
-
-def _add_run_arguments(parser: argparse.ArgumentParser) -> None:
-    """RUN_DIR and --checkpoint, shared by `eval` and `export`."""
-    parser.add_argument("run_dir", help="a run directory written by `anfast train`")
-    parser.add_argument("--checkpoint", choices=("best", "last"), default="best",
-                        help="which checkpoint (default: best)")
-
-
 def register(subparsers) -> None:
-    """Add `train`, `eval` and `export` to the main parser's subcommands."""
+    """Add `train` to the main parser's subcommands."""
     train = subparsers.add_parser(
         "train", help="train an adjoined network (base + students)",
         description="Train a CNN (torchvision, timm:NAME or anfast's XResNet) and its adjoined "
@@ -223,30 +161,3 @@ def register(subparsers) -> None:
                     "curves.png, student/ and base/ exports and summary.json to --out.")
     add_train_arguments(train)
     train.set_defaults(func=run_train)
-
-    evaluate = subparsers.add_parser(
-        "eval", help="evaluate a run's base and students",
-        description="Top-1, top-5 and loss of the base and every student of a run's "
-                    "checkpoint; prints a table and writes RUN_DIR/eval.json.")
-    _add_run_arguments(evaluate)
-    evaluate.add_argument("--data", help="data root (default: the run's --data)")
-    evaluate.add_argument("--batch-size", type=int, help="default: the run's")
-    evaluate.add_argument("--workers", type=int, help="default: the run's")
-    evaluate.add_argument("--device", help="default: the run's")
-    evaluate.set_defaults(func=run_eval)
-
-    export = subparsers.add_parser(
-        "export", help="re-export a run's student/ and base/ from a checkpoint",
-        description="Write RUN_DIR/student/ (and student_N/ for nested students) and "
-                    "RUN_DIR/base/ as safetensors + JSON from the best or last checkpoint.")
-    _add_run_arguments(export)
-    export.add_argument("--onnx", action="store_true",
-                        help="also write student/student.onnx (needs `pip install onnx`)")
-    export.set_defaults(func=run_export)
-
-
-def main(argv: Optional[List[str]] = None) -> int:
-    """`python -m anfast.train [options]`: `anfast train [options]`, with its error handling."""
-    from anfast.cli import main as anfast_main
-
-    return anfast_main(["train", *(sys.argv[1:] if argv is None else argv)])

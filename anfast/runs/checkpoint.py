@@ -28,7 +28,7 @@ from typing import Any, Dict, Iterator, Optional, Tuple, Union
 import numpy as np
 import torch
 
-from anfast.train.config import ConfigError
+from anfast.runs.errors import ConfigError
 
 __all__ = ["save_checkpoint", "load_checkpoint", "load_training_checkpoint", "previous_checkpoint",
            "CheckpointError", "get_rng_state", "set_rng_state", "remove_stale_temp_files",

@@ -31,7 +31,7 @@ class DistributedInfo:
 
 def resolve_device(device: str, local_rank: int = 0) -> torch.device:
     """"auto" -> this rank's GPU when CUDA is available, else the CPU."""
-    from anfast.train.config import ConfigError
+    from anfast.runs.errors import ConfigError
 
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
