@@ -15,6 +15,9 @@ CUDA C++: the compiled extension anfast/_C*.so, when present, is read per kernel
 and arch with the cuobjdump the triton wheel ships; each symbol's (dtype, op,
 threadblock tile) names the tile variants that run it, and anfast._C.kernel_resources()
 gives its threads and dynamic shared memory, so every variant gets its CTAs per SM.
+With sm_90 in the archs the sm_90a cubin is read too: the CUTLASS 3 kernels (forward,
+stride-1 dgrad and wgrad per 16-bit dtype, kernels/adjoined_conv_sm90a.cu), named by
+their variant and identified by the conv::Operator in their ConvProblemShape.
 
 Per kernel and config: registers, spill bytes (ptxas' spill stores; for the
 extension the local + stack bytes, an upper bound), static shared memory (Triton's
@@ -457,7 +460,8 @@ def main(argv=None) -> int:
     }
     print(f"summary: {summary['rows']} kernels compiled, {summary['spilling']} spill, "
           f"{summary['sm90_triton_without_hgmma']} sm_90 Triton configs without HGMMA, "
-          f"{summary['triton_one_cta_per_sm']} Triton configs at 1 CTA/SM; {summary['seconds']} s")
+          f"{summary['triton_one_cta_per_sm']} Triton configs at 1 CTA/SM, {summary['sm90a_kernels']} sm_90a "
+          f"kernels ({summary['sm90a_kernels_without_hgmma_or_tma']} without HGMMA or TMA); {summary['seconds']} s")
     if not args.no_write:
         payload = {
             "benchmark": "kernel_report", **env,
