@@ -9,7 +9,8 @@ Environment:
     ANFAST_BUILD_CUDA=0        skip the extension
     ANFAST_CUDA_ARCHS="80;90"  compute capabilities to compile for (sm_80 or newer); with 90
                                in the list kernels/adjoined_conv_sm90a.cu (CUTLASS 3, TMA +
-                               wgmma) is compiled too, for sm_90a only (37 s on 2 cores)
+                               wgmma: forward, wgrad, stride-1 dgrad) is compiled too, for
+                               sm_90a only (1 min 11 s on 2 cores)
     ANFAST_PREBUILT_KERNELS=D  link the kernels/ objects D/adjoined_conv_{fprop,dgrad,wgrad}.o
                                (compiled elsewhere by the same nvcc, for this GPU's arch;
                                with 90 in the archs, D/adjoined_conv_sm90a.o as well)
