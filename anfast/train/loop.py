@@ -1,4 +1,4 @@
-"""``fit(config)``: train an adjoined network, top to bottom in one function.
+"""``fit(config)``: train an adjoined network, set-up, epochs and summary read top to bottom.
 
 Order of events: validate the config, join torchrun, open the loaders and build the
 model and optimizer (every bad option fails here, before the first step), resume if
@@ -10,6 +10,10 @@ steps with a checkpoint; ``--resume`` continues it to the same numbers.
 The steps themselves never wait for the device (anfast.train.step): the loss and
 gradient norm are read on the host every --log-interval steps, at epoch end and at a
 stop; non-finite steps are skipped on the device and counted.
+
+What the set-up builds is one ``Run``, which the epoch loop only reads; what the run
+has done so far (counters, sums, history) is one ``RunState`` (anfast.train.state),
+passed to each function that changes it and saved flat in every checkpoint.
 """
 
 from __future__ import annotations
@@ -25,7 +29,8 @@ import sys
 import threading
 import time
 from pathlib import Path
-from typing import Any, Callable, Dict, Optional, Sequence
+from dataclasses import dataclass
+from typing import Any, Callable, Dict, Iterable, Iterator, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -59,6 +64,7 @@ from anfast.runs.pretrained import load_pretrained
 from anfast.runs.records import MetricsLog, plot_curves, plot_tradeoff
 from anfast.runs.rundir import TRAIN_ARTIFACTS, RunDirLock, claim_run_dir, restart_options
 from anfast.runs.schedule import lr_at
+from anfast.train.state import RunState
 from anfast.train.step import StepMeter, ema_update, resolve_compile, train_step, warm_up
 from anfast.nn.backends import collect_layer_problems, layer_backends, prepare_backends, set_backend
 
@@ -224,34 +230,143 @@ def _preview(names: Sequence[str]) -> str:
     return str(names[:5])[:-1] + (f", ... {len(names)} in all]" if len(names) > 5 else "]")
 
 
+@dataclass
+class Schedule:
+    """The run's optimizer steps: each takes --accum-steps micro-batches (an epoch's last
+    step the rest), under warmup + cosine LR (anfast.runs.schedule)."""
+
+    accum_steps: int
+    batches_per_epoch: int
+    steps_per_epoch: int
+    total_steps: int
+    warmup_steps: int
+    effective_batch: int  # images per optimizer step, all processes
+    base_lr: float
+    min_lr: float
+
+    @classmethod
+    def create(cls, config: TrainConfig, batches_per_epoch: int, world_size: int) -> "Schedule":
+        steps_per_epoch = math.ceil(batches_per_epoch / config.accum_steps)
+        return cls(accum_steps=config.accum_steps, batches_per_epoch=batches_per_epoch,
+                   steps_per_epoch=steps_per_epoch, total_steps=config.epochs * steps_per_epoch,
+                   warmup_steps=round(config.warmup_epochs * steps_per_epoch),
+                   effective_batch=_effective_batch(config, batches_per_epoch, world_size),
+                   base_lr=config.lr, min_lr=config.min_lr)
+
+    def lr(self, step: int) -> float:
+        return lr_at(step, total_steps=self.total_steps, warmup_steps=self.warmup_steps,
+                     base_lr=self.base_lr, min_lr=self.min_lr)
+
+
+@dataclass
+class Data:
+    """The run's loaders and where they read (a folder, or "synthetic")."""
+
+    train_loader: Any
+    val_loader: Any
+    root: Any
+
+
+@dataclass
+class Parts:
+    """The trained network and what trains it, built before anything is written."""
+
+    an: torch.nn.Module
+    optimizer: torch.optim.Optimizer
+    scaler: torch.amp.GradScaler
+    ema: Optional[AveragedModel]  # its own update (step.ema_update): no host reads
+    loss_fn: torch.nn.Module
+    lambda_schedule: Callable[[float], float]
+
+
+@dataclass
+class Run:
+    """What the epoch loop reads. Set up once and never replaced; the objects inside
+    (model, optimizer, log) change as they train, the run's counters live in RunState."""
+
+    config: TrainConfig
+    info: DistributedInfo
+    amp_dtype: Optional[torch.dtype]
+    data: Data
+    parts: Parts
+    schedule: Schedule
+    compile_mode: Optional[str]
+    model: torch.nn.Module       # what the steps call: DDP, --teacher and torch.compile around parts.an
+    eval_model: torch.nn.Module  # the EMA when there is one
+    log: Optional[MetricsLog]    # rank 0 only
+    host_group: Any              # agrees on stops between ranks (create_host_group)
+    stop_signal: StopOnSignal
+    should_stop: Optional[Callable[[int], bool]]
+    started: float               # perf_counter at the start of this process's run
+
+    @property
+    def run_dir(self) -> Path:
+        return Path(self.config.out)
+
+    @property
+    def checkpoint_dir(self) -> Path:
+        return self.run_dir / "checkpoints"
+
+
 def _fit(config: TrainConfig, info: DistributedInfo, should_stop: Optional[Callable[[int], bool]],
          stop_signal: StopOnSignal, lock: Optional[RunDirLock]) -> Dict[str, Any]:
     started = time.perf_counter()
-    device = info.device
-    check_environment(config, device)
-    amp_dtype = resolve_amp_dtype(config.amp, device)
-    run_dir = Path(config.out)
-    checkpoint_dir = run_dir / "checkpoints"
-    resume_path = resolve_resume_path(config)
-    checkpoint = None
-    if resume_path is not None:
-        checkpoint = load_training_checkpoint(resume_path, map_location=device)
-        conflicts = resume_conflicts(checkpoint["config"] or {}, config)
-        if conflicts:
-            raise ConfigError(f"--resume {resume_path} continues a run, with the options it was "
-                              f"started with, but {'; '.join(conflicts)}; leave these options out "
-                              f"(the CLI then takes the run's), or start a new run in another --out")
+    check_environment(config, info.device)
+    amp_dtype = resolve_amp_dtype(config.amp, info.device)
+    resume_path, checkpoint = _open_resumed_checkpoint(config, info.device)
     torch.manual_seed(config.seed + info.rank)
     np.random.seed(config.seed + info.rank)
 
     # Data, model and optimizer, all before the first step so bad options fail early.
+    data = _open_data(config, info, checkpoint, resume_path)
+    parts = _build_parts(config, info, len(data.train_loader.classes), amp_dtype,
+                         pretrained=resume_path is None)
+    schedule = Schedule.create(config, len(data.train_loader), info.world_size)
+    state, resume_rng = _restore(parts, checkpoint, resume_path)
+    mode = _compile_mode(config, info, parts, len(data.train_loader.classes), amp_dtype)
+    config, log = _open_run_dir(config, info, lock, resume_path, state, data, schedule)
+    model = _training_model(config, info, parts.an, mode, schedule)
+    run = Run(config=config, info=info, amp_dtype=amp_dtype, data=data, parts=parts, schedule=schedule,
+              compile_mode=mode, model=model, eval_model=parts.ema.module if parts.ema else parts.an,
+              log=log, host_group=create_host_group(), stop_signal=stop_signal, should_stop=should_stop,
+              started=started)
+    stepper = Stepper(run, state)
+
+    while state.epoch < config.epochs:
+        lambda_ = parts.lambda_schedule(state.epoch / config.epochs)
+        epoch_start = time.perf_counter() - state.epoch_seconds
+        if not _train_epoch(run, state, stepper, lambda_, epoch_start, resume_rng):
+            return _save_stopped_run(run, state)
+        _end_epoch(run, state, lambda_, epoch_start)
+    return _finish_run(run, state)
+
+
+def _open_resumed_checkpoint(config: TrainConfig, device: torch.device
+                             ) -> Tuple[Optional[Path], Optional[Dict[str, Any]]]:
+    """The checkpoint --resume continues and its contents (None, None for a fresh start);
+    refused when the command line changes an option the run was started with."""
+    resume_path = resolve_resume_path(config)
+    if resume_path is None:
+        return None, None
+    checkpoint = load_training_checkpoint(resume_path, map_location=device)
+    conflicts = resume_conflicts(checkpoint["config"] or {}, config)
+    if conflicts:
+        raise ConfigError(f"--resume {resume_path} continues a run, with the options it was "
+                          f"started with, but {'; '.join(conflicts)}; leave these options out "
+                          f"(the CLI then takes the run's), or start a new run in another --out")
+    return resume_path, checkpoint
+
+
+def _open_data(config: TrainConfig, info: DistributedInfo, checkpoint: Optional[Dict[str, Any]],
+               resume_path: Optional[Path]) -> Data:
+    """The train and val loaders, checked against each other and the resumed run."""
     if config.data == SYNTHETIC_DATA:
         train_loader, val_loader = _synthetic_loaders(config, info)
         data_root = SYNTHETIC_DATA
     else:
         data_root = _data_root(config, info)
         loader_options = dict(batch_size=config.batch_size, image_size=config.image_size,
-                              loader=config.loader, workers=config.workers, device=device,
+                              loader=config.loader, workers=config.workers, device=info.device,
                               channels_last=config.channels_last, shard_id=info.rank,
                               num_shards=info.world_size, seed=config.seed)
         train_loader = create_loader(data_root, "train", **loader_options)
@@ -264,12 +379,19 @@ def _fit(config: TrainConfig, info: DistributedInfo, should_stop: Optional[Calla
                           f"fewer than one batch of {config.batch_size}; lower --batch-size")
     if checkpoint is not None:
         _check_resumed_data(checkpoint, resume_path, data_root, train_loader)
-    num_classes = len(train_loader.classes)
+    return Data(train_loader, val_loader, data_root)
+
+
+def _build_parts(config: TrainConfig, info: DistributedInfo, num_classes: int,
+                 amp_dtype: Optional[torch.dtype], *, pretrained: bool) -> Parts:
+    """The adjoined model on the device with its backends chosen, its optimizer, gradient
+    scaler, EMA and loss; ``pretrained``: load --pretrained (a fresh start, not a resume)."""
+    device = info.device
     an = create_adjoined_model(config, num_classes)
     if config.batch_size == 1:
         _check_one_image_batches(an, config.image_size)
     an = an.to(device)
-    if config.pretrained is not None and resume_path is None:
+    if config.pretrained is not None and pretrained:
         load_pretrained(an, config.pretrained, config.pretrained_skip_classifier)
     if config.sync_bn:
         an = convert_sync_batchnorm(an)
@@ -282,84 +404,97 @@ def _fit(config: TrainConfig, info: DistributedInfo, should_stop: Optional[Calla
     if config.cuda_graphs and info.world_size > 1:
         raise ConfigError(f"--cuda-graphs captures one process's step; this run has {info.world_size} "
                           f"processes (DDP's all-reduce is not captured): leave --cuda-graphs out")
-    optimizer = create_optimizer(an, config, device)
-    scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
-    # Its own update (step.ema_update) replaces update_parameters: same numbers, no host reads.
-    ema = AveragedModel(an, use_buffers=True) if config.ema else None
-    loss_fn = _create_loss(config)
-    lambda_schedule = get_lambda_schedule(config.lambda_schedule)
-    alphas = list(config.alpha)
+    return Parts(an=an, optimizer=create_optimizer(an, config, device),
+                 scaler=torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16),
+                 ema=AveragedModel(an, use_buffers=True) if config.ema else None,
+                 loss_fn=_create_loss(config), lambda_schedule=get_lambda_schedule(config.lambda_schedule))
 
-    # Optimizer steps: each takes --accum-steps micro-batches (an epoch's last step the rest).
-    accum = config.accum_steps
-    batches_per_epoch = len(train_loader)
-    steps_per_epoch = math.ceil(batches_per_epoch / accum)
-    effective_batch = _effective_batch(config, batches_per_epoch, info.world_size)
-    total_steps = config.epochs * steps_per_epoch
-    warmup_steps = round(config.warmup_epochs * steps_per_epoch)
-    # Everything a resumed run needs to continue as if never stopped; the epoch_* sums
-    # cover the part of the current epoch done before a mid-epoch stop.
-    state = {"epoch": 0, "batches_done": 0, "step": 0, "best_student_top1": -1.0,
-             "history": [], "train_images": 0, "train_seconds": 0.0, "wall_time_s": 0.0,
-             "epoch_loss_sum": 0.0, "epoch_images": 0, "epoch_seconds": 0.0,
-             "epoch_grad_norm_sum": 0.0, "epoch_good_steps": 0, "bad_steps": 0}
-    resume_rng = None
-    if checkpoint is not None:
-        try:
-            an.load_state_dict(checkpoint["model"])
-        except RuntimeError as error:  # torch lists every mismatched key; the first says enough
-            trained = {key: checkpoint["config"].get(key) for key in ("arch", "alpha", "policy", "arch_config")}
-            raise ConfigError(f"--resume {resume_path}: its weights do not fit this network "
-                              f"({(str(error).splitlines()[1:] or [str(error)])[0].strip()[:200]}); "
-                              f"resume with the options it "
-                              f"was trained with: {trained}") from None
-        optimizer.load_state_dict(checkpoint["optimizer"])
-        scaler.load_state_dict(checkpoint["scaler"])
-        if ema is not None:
-            if checkpoint["ema"] is None:
-                raise ConfigError(f"--resume {resume_path}: the run was trained without --ema; "
-                                  f"resume it without --ema")
-            ema.load_state_dict(checkpoint["ema"])
-        state = {key: checkpoint.get(key, value) for key, value in state.items()}
-        resume_rng = checkpoint["rng"]
-        if state["batches_done"] == 0:
-            set_rng_state(resume_rng)
-    # Compiled before anything is written: a compiler failure is set-up too.
-    mode, fallback = resolve_compile(compile_mode(config.compile), device)
+
+def _restore(parts: Parts, checkpoint: Optional[Dict[str, Any]], resume_path: Optional[Path]
+             ) -> Tuple[RunState, Optional[Dict[str, Any]]]:
+    """The run's state, and the RNG state to restore after a mid-epoch resume's replayed
+    batches; a resumed run also gets its weights and optimizer states back."""
+    if checkpoint is None:
+        return RunState(), None
+    try:
+        parts.an.load_state_dict(checkpoint["model"])
+    except RuntimeError as error:  # torch lists every mismatched key; the first says enough
+        trained = {key: checkpoint["config"].get(key) for key in ("arch", "alpha", "policy", "arch_config")}
+        raise ConfigError(f"--resume {resume_path}: its weights do not fit this network "
+                          f"({(str(error).splitlines()[1:] or [str(error)])[0].strip()[:200]}); "
+                          f"resume with the options it "
+                          f"was trained with: {trained}") from None
+    parts.optimizer.load_state_dict(checkpoint["optimizer"])
+    parts.scaler.load_state_dict(checkpoint["scaler"])
+    if parts.ema is not None:
+        if checkpoint["ema"] is None:
+            raise ConfigError(f"--resume {resume_path}: the run was trained without --ema; "
+                              f"resume it without --ema")
+        parts.ema.load_state_dict(checkpoint["ema"])
+    state = RunState.from_checkpoint(checkpoint)
+    if state.batches_done == 0:
+        set_rng_state(checkpoint["rng"])
+    return state, checkpoint["rng"]
+
+
+def _compile_mode(config: TrainConfig, info: DistributedInfo, parts: Parts, num_classes: int,
+                  amp_dtype: Optional[torch.dtype]) -> Optional[str]:
+    """The torch.compile mode on this device (None: eager), after the eager warm-up that
+    makes the backend decisions outside the compiler: a compiler failure is set-up too."""
+    mode, fallback = resolve_compile(compile_mode(config.compile), info.device)
     if fallback:
         _say(info, f"anfast train: {fallback}")
     if mode is not None:
-        warm_up(an, lambda out, target: loss_fn(out, target, 1.0), batch_size=config.batch_size,
+        warm_up(parts.an, functools.partial(parts.loss_fn, lambda_=1.0), batch_size=config.batch_size,
                 image_size=config.image_size, num_classes=num_classes,
-                channels_last=config.channels_last, amp_dtype=amp_dtype, device=device)
+                channels_last=config.channels_last, amp_dtype=amp_dtype, device=info.device)
+    return mode
+
+
+def _open_run_dir(config: TrainConfig, info: DistributedInfo, lock: Optional[RunDirLock],
+                  resume_path: Optional[Path], state: RunState, data: Data, schedule: Schedule
+                  ) -> Tuple[TrainConfig, Optional[MetricsLog]]:
+    """Set-up passed: rank 0 replaces an --overwrite run, writes config.yaml and opens the
+    metrics log. Returns the config as saved (--arch-config pointing at the run's own copy)
+    and the log (None on the other ranks)."""
     # The run keeps its own copy of --arch-config, so eval, export and resume find it from
     # any working directory (read now: --overwrite may be about to delete the old copy).
     arch_config_text = Path(config.arch_config).read_text() if config.arch_config else None
-    if info.is_main:
-        if lock is not None:
-            lock.remove_previous_run()  # --overwrite: set-up passed, the old run may go now
-        run_dir.mkdir(parents=True, exist_ok=True)
-        _set_aside_unusable_last(config, resume_path, checkpoint_dir, info)
-        if arch_config_text is not None:
-            arch_copy = run_dir / ARCH_CONFIG_COPY
-            if not arch_copy.is_file() or arch_copy.read_text() != arch_config_text:
-                arch_copy.write_text(arch_config_text)
-            config = dataclasses.replace(config, arch_config=str(arch_copy.resolve()))
-        remove_stale_temp_files(checkpoint_dir)
-        with reporting_full_disk(run_dir / "config.yaml", len(json.dumps(config.to_dict()))):
-            save_config(config, run_dir / "config.yaml")
-        with reporting_full_disk(run_dir / "metrics.jsonl", len(json.dumps(state["history"]))):
-            log = MetricsLog(run_dir, state["history"])
-        _say(info, f"anfast train: {config.arch}, alpha {','.join(f'{a:g}' for a in alphas)}, "
-                   f"{num_classes} classes, {train_loader.num_samples * info.world_size} train "
-                   f"images, {steps_per_epoch} steps/epoch"
-                   + (f" of {min(accum, batches_per_epoch)} micro-batches (effective batch "
-                      f"{effective_batch})" if accum > 1 else "")
-                   + f", device {device}, "
-                   f"world size {info.world_size}, {train_loader.reason}"
-                   + (f"; resuming from {resume_path} at epoch {state['epoch'] + 1}"
-                      if resume_path else ""))
+    if not info.is_main:
+        return config, None
+    run_dir = Path(config.out)
+    checkpoint_dir = run_dir / "checkpoints"
+    if lock is not None:
+        lock.remove_previous_run()  # --overwrite: set-up passed, the old run may go now
+    run_dir.mkdir(parents=True, exist_ok=True)
+    _set_aside_unusable_last(config, resume_path, checkpoint_dir, info)
+    if arch_config_text is not None:
+        arch_copy = run_dir / ARCH_CONFIG_COPY
+        if not arch_copy.is_file() or arch_copy.read_text() != arch_config_text:
+            arch_copy.write_text(arch_config_text)
+        config = dataclasses.replace(config, arch_config=str(arch_copy.resolve()))
+    remove_stale_temp_files(checkpoint_dir)
+    with reporting_full_disk(run_dir / "config.yaml", len(json.dumps(config.to_dict()))):
+        save_config(config, run_dir / "config.yaml")
+    with reporting_full_disk(run_dir / "metrics.jsonl", len(json.dumps(state.history))):
+        log = MetricsLog(run_dir, state.history)
+    train_loader, accum = data.train_loader, schedule.accum_steps
+    _say(info, f"anfast train: {config.arch}, alpha {','.join(f'{a:g}' for a in config.alpha)}, "
+               f"{len(train_loader.classes)} classes, {train_loader.num_samples * info.world_size} train "
+               f"images, {schedule.steps_per_epoch} steps/epoch"
+               + (f" of {min(accum, schedule.batches_per_epoch)} micro-batches (effective batch "
+                  f"{schedule.effective_batch})" if accum > 1 else "")
+               + f", device {info.device}, "
+               f"world size {info.world_size}, {train_loader.reason}"
+               + (f"; resuming from {resume_path} at epoch {state.epoch + 1}"
+                  if resume_path else ""))
+    return config, log
 
+
+def _training_model(config: TrainConfig, info: DistributedInfo, an: torch.nn.Module,
+                    mode: Optional[str], schedule: Schedule) -> torch.nn.Module:
+    """What the steps call: ``an`` under DDP (torchrun), with --teacher, torch.compiled."""
+    device = info.device
     # Gradients as views of DDP's buckets: no copy between them. static_graph lets DDP
     # skip per-iteration bookkeeping (every parameter is used every step), but not
     # under torch.compile, whose DDPOptimizer does not support it (pytorch#109261), nor
@@ -367,192 +502,229 @@ def _fit(config: TrainConfig, info: DistributedInfo, should_stop: Optional[Calla
     # ("expect_autograd_hooks_ INTERNAL ASSERT FAILED", seen on 2 gloo ranks).
     model = DistributedDataParallel(an, device_ids=[device] if device.type == "cuda" else None,
                                     gradient_as_bucket_view=True,
-                                    static_graph=mode is None and accum == 1) if info.enabled else an
+                                    static_graph=mode is None and schedule.accum_steps == 1
+                                    ) if info.enabled else an
     if config.teacher is not None:
         model = WithTeacher(model, _load_teacher(config.teacher, device))
     if mode is not None:
         model = torch.compile(model, mode=mode)
-    eval_model = ema.module if ema is not None else an
-    parameters = [p for p in an.parameters() if p.requires_grad]
-    update_ema = (functools.partial(ema_update, ema, an, decay=config.ema_decay)
-                  if ema is not None else None)
-    # Ranks agree on a stop on the host, over gloo: a 4-byte all-reduce per step that
-    # never waits for the GPU (it costs microseconds against a step of tens of ms), so
-    # every rank stops after the same step without the device having to finish first.
-    host_group = create_host_group()
+    return model
 
-    def checkpoint_state() -> Dict[str, Any]:
-        return {"model": an.state_dict(), "optimizer": optimizer.state_dict(),
-                "scaler": scaler.state_dict(), "ema": ema.state_dict() if ema else None,
-                "rng": get_rng_state(), "config": config.to_dict(),
-                "classes": list(train_loader.classes), "batches_per_epoch": batches_per_epoch,
-                **state}
 
-    def read_meter(meter: StepMeter) -> Dict[str, Any]:
-        """The one host read: sums into ``state``; stop if too many steps were bad."""
-        values = meter.read()
-        state.update(epoch_loss_sum=values["loss_sum"],
-                     epoch_grad_norm_sum=values["grad_norm_sum"],
-                     epoch_good_steps=values["good_steps"], bad_steps=values["bad_steps"])
-        failed_at = values["failed_at"]
-        if failed_at is not None:
-            last = checkpoint_dir / "last.pt"
-            where = (f"the last good checkpoint is {last}" if last.is_file()
-                     else "no checkpoint has been written yet")
-            raise NonFiniteLossError(
-                f"step {failed_at} (epoch {(failed_at - 1) // steps_per_epoch + 1}): "
-                f"the loss or the gradient norm is not finite; the step was skipped, "
-                f"{values['bad_steps']} bad step(s) so far, more than --max-bad-steps "
-                f"{config.max_bad_steps}; {where}. Lower --lr, set --clip-grad, use --amp "
-                f"fp16 / off, or allow skipped steps with --max-bad-steps")
-        return values
+class Stepper:
+    """The run's optimizer step: ``train_step``, or under --cuda-graphs its capture (made on
+    the first batch, replayed from then on; what changes between steps lives on the device,
+    see anfast.train.graphs). Both add to one StepMeter, whose sums ``start_epoch`` restarts
+    in the same device tensor (a captured step keeps writing the tensor it was captured with)."""
 
-    # --cuda-graphs: what changes between steps lives on the device (anfast.train.graphs);
-    # the step is captured on the first batch and replayed from then on.
-    captured_step = None
-    meter = None
-    reported_skips = 0  # compiled graphs that reduce-overhead ran without a CUDA graph
-    lambda_on_device = torch.zeros((), device=device) if config.cuda_graphs else None
-    if config.cuda_graphs:
-        tensor_learning_rates(optimizer, device)
-    while state["epoch"] < config.epochs:
-        epoch = state["epoch"]
-        lambda_ = lambda_schedule(epoch / config.epochs)
-        if lambda_on_device is not None:
-            lambda_on_device.fill_(lambda_)
-        train_loader.set_epoch(epoch)
-        model.train()
-        epoch_start = time.perf_counter() - state["epoch_seconds"]
-        bar = tqdm(total=steps_per_epoch, initial=math.ceil(state["batches_done"] / accum),
-                   desc=f"epoch {epoch + 1}/{config.epochs}", leave=False,
-                   disable=None if info.is_main else True)
-        stopped = False
-        sums = dict(step=state["step"], bad_steps=state["bad_steps"], loss_sum=state["epoch_loss_sum"],
-                    grad_norm_sum=state["epoch_grad_norm_sum"], good_steps=state["epoch_good_steps"])
-        if meter is None or captured_step is None:
-            meter = StepMeter(device, max_bad_steps=config.max_bad_steps, **sums)
-        else:
-            meter.restart(**sums)  # the captured step writes this meter's sums
-        batches = enumerate(train_loader)
-        for batch_index, (images, labels) in batches:
-            # A run resumed mid-epoch replays the loader to where it stopped and restores
-            # the RNGs after the last replayed batch, so the remaining batches and random
-            # draws are those of an uninterrupted run.
-            if batch_index < state["batches_done"]:
-                if batch_index == state["batches_done"] - 1:
-                    set_rng_state(resume_rng)
-                continue
-            lr = lr_at(state["step"], total_steps=total_steps, warmup_steps=warmup_steps,
-                       base_lr=config.lr, min_lr=config.min_lr)
-            set_learning_rate(optimizer, lr)
-            # This step's further micro-batches, drawn from the same iterator one at a time.
-            micro_batches = min(accum, batches_per_epoch - batch_index)
-            images_seen = [labels.numel()]
+    def __init__(self, run: Run, state: RunState) -> None:
+        device, parts = run.info.device, run.parts
+        self.run = run
+        self.meter = StepMeter(device, max_bad_steps=run.config.max_bad_steps, **state.meter_sums())
+        self.parameters = [p for p in parts.an.parameters() if p.requires_grad]
+        self.update_ema = (functools.partial(ema_update, parts.ema, parts.an, decay=run.config.ema_decay)
+                           if parts.ema is not None else None)
+        self.captured_step: Optional[CapturedStep] = None
+        self.lambda_on_device = torch.zeros((), device=device) if run.config.cuda_graphs else None
+        if run.config.cuda_graphs:
+            tensor_learning_rates(parts.optimizer, device)
+        self.graph_skips_reported = 0  # compiled graphs that reduce-overhead ran without a CUDA graph
+        self.loss_fn: Optional[Callable] = None
 
-            def more_batches(count=micro_batches - 1, seen=images_seen):
-                for _ in range(count):
-                    _, (more_images, more_labels) = next(batches)
-                    seen.append(more_labels.numel())
-                    yield more_images, more_labels
+    def start_epoch(self, lambda_: float, state: RunState) -> None:
+        """Take this epoch's distillation weight and the sums the epoch starts from."""
+        if self.lambda_on_device is not None:
+            self.lambda_on_device.fill_(lambda_)
+        weight = self.lambda_on_device if self.lambda_on_device is not None else lambda_
+        self.loss_fn = functools.partial(self.run.parts.loss_fn, lambda_=weight)
+        self.meter.restart(**state.meter_sums())
 
-            distill_weight = lambda_on_device if lambda_on_device is not None else lambda_
-            step_options = dict(loss_fn=lambda out, target: loss_fn(out, target, distill_weight),
-                                optimizer=optimizer, scaler=scaler, parameters=parameters,
-                                amp_dtype=amp_dtype, clip_grad=config.clip_grad, update_ema=update_ema,
-                                meter=meter)
-            if config.cuda_graphs:
-                if captured_step is None:
-                    captured_step = CapturedStep(functools.partial(train_step, model, **step_options),
-                                                 images, labels,
-                                                 state=step_state_tensors(an, optimizer, ema, meter))
-                captured_step(images, labels)
-            else:
-                train_step(model, images, labels, **step_options, more_batches=more_batches(),
-                           accumulate=micro_batches)
-            state["step"] += 1
-            state["batches_done"] = batch_index + micro_batches
-            state["epoch_images"] += sum(images_seen) * info.world_size
-            bar.update(1)
-            stop = stop_signal.requested or bool(should_stop and should_stop(state["step"]))
-            # Ranks must agree, or one would wait forever in the next all-reduce.
-            if any_rank_on_host(stop, host_group):
-                stopped = True
-                break
-            if state["step"] % config.log_interval == 0:
-                values = read_meter(meter)
-                if values["recent_loss"] is not None:
-                    bar.set_postfix(loss=f"{values['recent_loss']:.3f}",
-                                    grad_norm=f"{values['recent_grad_norm']:.3g}",
-                                    lr=f"{lr:.3g}", bad_steps=values["bad_steps"])
-        bar.close()
-        read_meter(meter)  # at the epoch's end or a stop
+    def __call__(self, images: torch.Tensor, labels: torch.Tensor,
+                 more_batches: Iterable[Tuple[torch.Tensor, torch.Tensor]], micro_batches: int) -> None:
+        """One optimizer step on ``images, labels`` and ``more_batches`` (micro_batches in all)."""
+        run, parts = self.run, self.run.parts
+        options = dict(loss_fn=self.loss_fn, optimizer=parts.optimizer, scaler=parts.scaler,
+                       parameters=self.parameters, amp_dtype=run.amp_dtype,
+                       clip_grad=run.config.clip_grad, update_ema=self.update_ema, meter=self.meter)
+        if not run.config.cuda_graphs:
+            train_step(run.model, images, labels, **options, more_batches=more_batches,
+                       accumulate=micro_batches)
+            return
+        if self.captured_step is None:
+            self.captured_step = CapturedStep(functools.partial(train_step, run.model, **options),
+                                              images, labels,
+                                              state=step_state_tensors(parts.an, parts.optimizer,
+                                                                       parts.ema, self.meter))
+        self.captured_step(images, labels)
+
+    def report_graph_skips(self) -> None:
+        """Say once per new count when reduce-overhead ran compiled graphs without CUDA graphs."""
         skips = cudagraph_skips()
-        if mode == "reduce-overhead" and skips > reported_skips:
-            _say(info, f"anfast train: torch.compile reduce-overhead ran {skips} compiled graph(s) "
-                       f"without CUDA graphs (inductor skips a graph that mutates its inputs, "
-                       f"BatchNorm's running statistics among them; TORCH_LOGS=perf_hints says why); "
-                       f"--cuda-graphs captures the whole eager step instead")
-            reported_skips = skips
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        state["epoch_seconds"] = time.perf_counter() - epoch_start
-        if stopped:
-            state["wall_time_s"] += time.perf_counter() - started
-            if info.is_main:
-                save_checkpoint(checkpoint_state(), checkpoint_dir / "last.pt", keep_previous=True)
-                log.close()
-                _say(info, f"stopped at epoch {epoch + 1}, step {state['step']}; saved "
-                           f"{checkpoint_dir / 'last.pt'} (continue with --resume auto)")
-            barrier()
-            return {"interrupted": True, "epoch": epoch, "step": state["step"],
-                    "checkpoint": str(checkpoint_dir / "last.pt")}
+        if self.run.compile_mode == "reduce-overhead" and skips > self.graph_skips_reported:
+            _say(self.run.info, f"anfast train: torch.compile reduce-overhead ran {skips} compiled "
+                                f"graph(s) without CUDA graphs (inductor skips a graph that mutates its "
+                                f"inputs, BatchNorm's running statistics among them; TORCH_LOGS=perf_hints "
+                                f"says why); --cuda-graphs captures the whole eager step instead")
+            self.graph_skips_reported = skips
 
-        if info.enabled:
-            broadcast_buffers(an)
-        metrics = evaluate(eval_model, val_loader, device, amp_dtype=amp_dtype,
-                           show_progress=info.is_main, alphas=alphas)
-        last_lr = lr_at(state["step"] - 1, total_steps=total_steps, warmup_steps=warmup_steps,
-                        base_lr=config.lr, min_lr=config.min_lr)
-        row = {"epoch": epoch, "step": state["step"], "lr": last_lr, "lambda": lambda_,
-               "train_loss": state["epoch_loss_sum"] / max(1, state["epoch_good_steps"]),
-               "grad_norm": state["epoch_grad_norm_sum"] / max(1, state["epoch_good_steps"]),
-               "bad_steps": state["bad_steps"],
-               "images_per_second": state["epoch_images"] / state["epoch_seconds"],
-               "epoch_seconds": time.perf_counter() - epoch_start,
-               "base": metrics["base"], "students": metrics["students"],
-               "student": metrics["students"][0],
-               "skipped_images": _skipped(train_loader, val_loader, device)}
-        state["history"].append(row)
-        state["train_images"] += state["epoch_images"]
-        state["train_seconds"] += state["epoch_seconds"]
-        state.update(epoch=epoch + 1, batches_done=0, epoch_loss_sum=0.0, epoch_images=0,
-                     epoch_seconds=0.0, epoch_grad_norm_sum=0.0, epoch_good_steps=0)
-        is_best = row["student"]["top1"] > state["best_student_top1"]
-        state["best_student_top1"] = max(state["best_student_top1"], row["student"]["top1"])
-        if info.is_main:
-            with reporting_full_disk(log.path, len(json.dumps(row)) + 1):
-                log.log(row)
-            _say(info, f"epoch {epoch + 1}/{config.epochs}  loss {row['train_loss']:.4f}  "
-                       f"base top-1 {100 * row['base']['top1']:.2f}%  student top-1 "
-                       f"{100 * row['student']['top1']:.2f}%  lambda {lambda_:.3f}  "
-                       f"{row['images_per_second']:.0f} img/s")
-            state_to_save = checkpoint_state()
-            state_to_save["wall_time_s"] += time.perf_counter() - started
-            save_checkpoint(state_to_save, checkpoint_dir / "last.pt", keep_previous=True)
-            if is_best:
-                save_checkpoint(state_to_save, checkpoint_dir / "best.pt")
-        barrier()
 
-    state["wall_time_s"] += time.perf_counter() - started
-    costs = network_costs(eval_model, config.image_size)
-    summary = _summary(config, state, eval_model, costs, alphas, train_loader, device, info,
-                       amp_dtype)
+def _train_epoch(run: Run, state: RunState, stepper: Stepper, lambda_: float, epoch_start: float,
+                 resume_rng: Optional[Dict[str, Any]]) -> bool:
+    """Train the rest of epoch ``state.epoch``; False when a stop request ended it early.
+
+    The steps never read the device; the StepMeter is read every --log-interval steps and
+    at the end (``_read_meter``).
+    """
+    config, schedule, epoch = run.config, run.schedule, state.epoch
+    stepper.start_epoch(lambda_, state)
+    train_loader = run.data.train_loader
+    train_loader.set_epoch(epoch)
+    run.model.train()
+    bar = tqdm(total=schedule.steps_per_epoch, initial=math.ceil(state.batches_done / schedule.accum_steps),
+               desc=f"epoch {epoch + 1}/{config.epochs}", leave=False,
+               disable=None if run.info.is_main else True)
+    stopped = False
+    batches = enumerate(train_loader)
+    for batch_index, (images, labels) in batches:
+        # A run resumed mid-epoch replays the loader to where it stopped and restores
+        # the RNGs after the last replayed batch, so the remaining batches and random
+        # draws are those of an uninterrupted run.
+        if batch_index < state.batches_done:
+            if batch_index == state.batches_done - 1:
+                set_rng_state(resume_rng)
+            continue
+        lr = schedule.lr(state.step)
+        set_learning_rate(run.parts.optimizer, lr)
+        micro_batches = min(schedule.accum_steps, schedule.batches_per_epoch - batch_index)
+        images_seen = [labels.numel()]
+        stepper(images, labels, _more_batches(batches, micro_batches - 1, images_seen), micro_batches)
+        state.step += 1
+        state.batches_done = batch_index + micro_batches
+        state.epoch_images += sum(images_seen) * run.info.world_size
+        bar.update(1)
+        # Ranks must agree, or one would wait forever in the next all-reduce.
+        if any_rank_on_host(_stop_requested(run, state.step), run.host_group):
+            stopped = True
+            break
+        if state.step % config.log_interval == 0:
+            values = _read_meter(run, state, stepper.meter)
+            if values["recent_loss"] is not None:
+                bar.set_postfix(loss=f"{values['recent_loss']:.3f}",
+                                grad_norm=f"{values['recent_grad_norm']:.3g}",
+                                lr=f"{lr:.3g}", bad_steps=values["bad_steps"])
+    bar.close()
+    _read_meter(run, state, stepper.meter)  # at the epoch's end or a stop
+    stepper.report_graph_skips()
+    if run.info.device.type == "cuda":
+        torch.cuda.synchronize(run.info.device)
+    state.epoch_seconds = time.perf_counter() - epoch_start
+    return not stopped
+
+
+def _more_batches(batches: Iterator, count: int, seen: List[int]):
+    """A step's further ``count`` micro-batches, drawn from the epoch's iterator one at a
+    time; each one's number of images is appended to ``seen``."""
+    for _ in range(count):
+        _, (images, labels) = next(batches)
+        seen.append(labels.numel())
+        yield images, labels
+
+
+def _stop_requested(run: Run, step: int) -> bool:
+    """SIGTERM / SIGINT, or fit's ``should_stop(step)``, polled after every step."""
+    return run.stop_signal.requested or bool(run.should_stop and run.should_stop(step))
+
+
+def _read_meter(run: Run, state: RunState, meter: StepMeter) -> Dict[str, Any]:
+    """The one host read: the sums into ``state``; stop if too many steps were bad."""
+    values = meter.read()
+    state.take_meter_read(values)
+    failed_at = values["failed_at"]
+    if failed_at is not None:
+        last = run.checkpoint_dir / "last.pt"
+        where = (f"the last good checkpoint is {last}" if last.is_file()
+                 else "no checkpoint has been written yet")
+        raise NonFiniteLossError(
+            f"step {failed_at} (epoch {(failed_at - 1) // run.schedule.steps_per_epoch + 1}): "
+            f"the loss or the gradient norm is not finite; the step was skipped, "
+            f"{values['bad_steps']} bad step(s) so far, more than --max-bad-steps "
+            f"{run.config.max_bad_steps}; {where}. Lower --lr, set --clip-grad, use --amp "
+            f"fp16 / off, or allow skipped steps with --max-bad-steps")
+    return values
+
+
+def _checkpoint(run: Run, state: RunState) -> Dict[str, Any]:
+    """Everything a resumed run needs (the state's wall time counts this process's so far)."""
+    parts = run.parts
+    return {"model": parts.an.state_dict(), "optimizer": parts.optimizer.state_dict(),
+            "scaler": parts.scaler.state_dict(), "ema": parts.ema.state_dict() if parts.ema else None,
+            "rng": get_rng_state(), "config": run.config.to_dict(),
+            "classes": list(run.data.train_loader.classes),
+            "batches_per_epoch": run.schedule.batches_per_epoch,
+            **state.to_checkpoint(), "wall_time_s": _wall_time(run, state)}
+
+
+def _wall_time(run: Run, state: RunState) -> float:
+    """Seconds the run has taken: its earlier processes' and this one's so far."""
+    return state.wall_time_s + time.perf_counter() - run.started
+
+
+def _save_stopped_run(run: Run, state: RunState) -> Dict[str, Any]:
+    """A stop request ended the run between two steps: save last.pt (rank 0) and say how to go on."""
+    last = run.checkpoint_dir / "last.pt"
+    if run.info.is_main:
+        save_checkpoint(_checkpoint(run, state), last, keep_previous=True)
+        run.log.close()
+        _say(run.info, f"stopped at epoch {state.epoch + 1}, step {state.step}; saved "
+                       f"{last} (continue with --resume auto)")
+    barrier()
+    return {"interrupted": True, "epoch": state.epoch, "step": state.step, "checkpoint": str(last)}
+
+
+def _end_epoch(run: Run, state: RunState, lambda_: float, epoch_start: float) -> None:
+    """Evaluate the base and every student, log the epoch's row, save last.pt (and best.pt)."""
+    info, config = run.info, run.config
+    if info.enabled:
+        broadcast_buffers(run.parts.an)
+    metrics = evaluate(run.eval_model, run.data.val_loader, info.device, amp_dtype=run.amp_dtype,
+                       show_progress=info.is_main, alphas=list(config.alpha))
+    row = {"epoch": state.epoch, "step": state.step, "lr": run.schedule.lr(state.step - 1),
+           "lambda": lambda_, "train_loss": state.mean_epoch_loss(),
+           "grad_norm": state.mean_epoch_grad_norm(), "bad_steps": state.bad_steps,
+           "images_per_second": state.epoch_images / state.epoch_seconds,
+           "epoch_seconds": time.perf_counter() - epoch_start,
+           "base": metrics["base"], "students": metrics["students"],
+           "student": metrics["students"][0],
+           "skipped_images": _skipped(run.data.train_loader, run.data.val_loader, info.device)}
+    is_best = state.finish_epoch(row)
     if info.is_main:
-        log.close()
-        plot_curves(state["history"], run_dir / "curves.png")
+        with reporting_full_disk(run.log.path, len(json.dumps(row)) + 1):
+            run.log.log(row)
+        _say(info, f"epoch {state.epoch}/{config.epochs}  loss {row['train_loss']:.4f}  "
+                   f"base top-1 {100 * row['base']['top1']:.2f}%  student top-1 "
+                   f"{100 * row['student']['top1']:.2f}%  lambda {lambda_:.3f}  "
+                   f"{row['images_per_second']:.0f} img/s")
+        checkpoint = _checkpoint(run, state)
+        save_checkpoint(checkpoint, run.checkpoint_dir / "last.pt", keep_previous=True)
+        if is_best:
+            save_checkpoint(checkpoint, run.checkpoint_dir / "best.pt")
+    barrier()
+
+
+def _finish_run(run: Run, state: RunState) -> Dict[str, Any]:
+    """The last epoch is done: summary.json, curves, the tradeoff plot and the exports."""
+    config, info, run_dir = run.config, run.info, run.run_dir
+    state.wall_time_s = _wall_time(run, state)
+    alphas = list(config.alpha)
+    costs = network_costs(run.eval_model, config.image_size)
+    summary = _summary(config, state, run.eval_model, costs, alphas, run.data.train_loader, info.device,
+                       info, run.amp_dtype)
+    if info.is_main:
+        run.log.close()
+        plot_curves(state.history, run_dir / "curves.png")
         plot_tradeoff(summary, costs, run_dir / "tradeoff.png",
                       f"{config.arch}, {config.image_size} px, epoch {config.epochs}")
-        export_networks(eval_model, run_dir, len(alphas))
+        export_networks(run.eval_model, run_dir, len(alphas))
         summary_text = json.dumps(summary, indent=2) + "\n"
         with reporting_full_disk(run_dir / "summary.json", len(summary_text)):
             (run_dir / "summary.json").write_text(summary_text)
@@ -627,12 +799,12 @@ def _skipped(train_loader, val_loader, device: torch.device) -> int:
     return int(all_reduce_sum([train_loader.skipped + val_loader.skipped], device)[0])
 
 
-def _summary(config: TrainConfig, state: Dict[str, Any], eval_model: torch.nn.Module, costs,
+def _summary(config: TrainConfig, state: RunState, eval_model: torch.nn.Module, costs,
              alphas, train_loader, device: torch.device, info: DistributedInfo,
              amp_dtype: Optional[torch.dtype]) -> Dict[str, Any]:
     """summary.json: final metrics of every network, their size and cost (``costs``:
     network_costs of ``eval_model``), throughput, and the conv backend each layer ran."""
-    final = state["history"][-1]
+    final = state.history[-1]
     input_size = (1, 3, config.image_size, config.image_size)
     base_profile, student_profiles = costs[0], costs[1:]
     pick = lambda row: {key: row[key] for key in ("top1", "top5", "loss")}  # noqa: E731
@@ -643,18 +815,18 @@ def _summary(config: TrainConfig, state: Dict[str, Any], eval_model: torch.nn.Mo
         "student": {**pick(final["student"]), "alpha": alphas[0]},
         "students": [{**pick(row), "alpha": alpha} for row, alpha in zip(final["students"], alphas)],
         "arch_config": config.arch_config,
-        "best_student_top1": state["best_student_top1"],
+        "best_student_top1": state.best_student_top1,
         "params": {"base": base_profile["params"], "student": student_profiles[0]["params"],
                    "students": [p["params"] for p in student_profiles]},
         "flops": {"base": base_profile["flops"], "student": student_profiles[0]["flops"],
                   "students": [p["flops"] for p in student_profiles],
                   "input_size": list(input_size)},
-        "images_per_second": state["train_images"] / max(state["train_seconds"], 1e-9),
-        "wall_time_s": state["wall_time_s"],
+        "images_per_second": state.train_images / max(state.train_seconds, 1e-9),
+        "wall_time_s": state.wall_time_s,
         "epochs": config.epochs,
-        "steps": state["step"],
+        "steps": state.step,
         "effective_batch_size": _effective_batch(config, len(train_loader), info.world_size),
-        "bad_steps": state["bad_steps"],
+        "bad_steps": state.bad_steps,
         "skipped_images": final["skipped_images"],
         "loader": train_loader.name,
         "device": str(device),
