@@ -16,7 +16,7 @@ import pytest
 import torch
 
 import anfast
-from anfast.ops import adjoined_conv2d, explain, tuning
+from anfast.ops import adjoined_conv2d, adjoined_conv2d_reference, explain, tuning
 from anfast.ops.conv import _problem
 from anfast.ops.tuning import Tuner, cache_path
 from anfast.nn.backends import LayerDecision
@@ -398,3 +398,31 @@ def test_a_bare_anfast_tune_tunes_the_model_a_bare_anfast_train_trains(tmp_path,
     assert seen["tune"] == seen["train"]
     assert seen["tune"]["batch"] == 64 and seen["tune"]["image"] == 32  # TrainConfig's, not resnet50's
     assert any(name.startswith("layer4") for name in seen["tune"]["widths"])  # a resnet18, adjoined
+
+
+def test_the_backward_pass_runs_the_backend_its_forward_ran(tuner, monkeypatch):
+    """The choice is made once, before the op: a decision that changes between the forward
+    and the backward pass (here the tuner is replaced) does not reach that call's backward."""
+    class Counting(StandInBackend):
+        backward_calls = 0
+
+        def backward(self, *args, **kwargs):
+            self.backward_calls += 1
+            return super().backward(*args, **kwargs)
+
+    fast = Counting("fast")
+    install_backends(monkeypatch, fast)
+    tuner.timer = FakeTimer({"fast": 0.5, "torch": 1.0})
+    inputs = make_inputs()
+    y_base, y_student = adjoined_conv2d(*inputs, out_student=4, padding=1)  # decides "fast"
+    assert tuner.lookup(problem_of(inputs))["backend"] == "fast"
+    ran = fast.backward_calls  # verifying and timing ran it too
+    tuning.set_tuner(Tuner(timer=FakeTimer({}), lazy_devices=("cpu",)))  # would say torch now
+    (y_base.square().sum() + 3 * y_student.sum()).backward()
+    assert fast.backward_calls == ran + 1
+    # ... and its gradients are the float64 reference's.
+    leaves = [t.detach().double().requires_grad_() for t in inputs]
+    y64 = adjoined_conv2d_reference(*leaves, 4, (1, 1), (1, 1), (1, 1), 1, None)
+    (y64[0].square().sum() + 3 * y64[1].sum()).backward()
+    for name, t, reference in zip(("dx_base", "dx_student", "dweight", "dbias"), inputs, leaves):
+        assert_close_rel(t.grad, reference.grad, 1e-5, name)

@@ -1,8 +1,10 @@
 """``adjoined_conv2d``: the public op, a torch.library custom op with autograd.
 
-Path of one call: adjoined_conv2d (checks) -> anfast::adjoined_conv2d (custom op,
-backend chosen inside, so torch.compile sees one opaque node) -> Backend.forward.
-Backward runs anfast::adjoined_conv2d_backward, also one node, also dispatched.
+Path of one call: adjoined_conv2d (checks, then the backend choice, made once:
+anfast.ops.dispatch.decide_backend) -> anfast::adjoined_conv2d (custom op, one opaque
+node for torch.compile, told the chosen backend's name) -> Backend.forward. Backward runs
+anfast::adjoined_conv2d_backward, also one node, on the backend the forward ran: the
+choice travels one way, from the call to both passes.
 
 Decide, then trace (DESIGN.md section 4c): when the backend is known before the call
 looks at the problem (named, $ANFAST_BACKEND, or auto on a device auto does not tune),
@@ -23,7 +25,7 @@ from torch.utils import flop_counter
 
 from anfast.ops import gemm_backend, reference, tuning
 from anfast.ops.backend import ConvProblem
-from anfast.ops.dispatch import choose_backend, note_choice
+from anfast.ops.dispatch import decide_backend, decided_backend, note_choice
 
 __all__ = ["adjoined_conv2d", "fixed_backend_name", "TRACEABLE_BACKENDS"]
 
@@ -65,7 +67,7 @@ def _adjoined_conv2d_op(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     problem = _problem(x_base, x_student, weight, bias, student_in_index, out_student, stride,
                        padding, dilation, groups)
-    return choose_backend(problem, backend).forward(problem)
+    return decided_backend(problem, backend, "forward").forward(problem)
 
 
 @_adjoined_conv2d_op.register_fake
@@ -99,7 +101,7 @@ def _adjoined_conv2d_backward_op(
     bias = weight.new_empty(weight.shape[0]) if has_bias else None
     problem = _problem(x_base, x_student, weight, bias, student_in_index, out_student, stride,
                        padding, dilation, groups, tuple(output_mask))
-    grads = choose_backend(problem, backend, phase="backward").backward(
+    grads = decided_backend(problem, backend, "backward").backward(
         grad_base, grad_student, problem, tuple(output_mask))
     # Custom ops return tensors only: an empty tensor stands for "not asked for". Each
     # gradient takes its input's layout, as the fake implementation promises (cuDNN
@@ -309,15 +311,17 @@ def adjoined_conv2d(
     stride, padding, dilation = (_pair(stride, "stride"), _pair(padding, "padding"),
                                  _pair(dilation, "dilation"))
     _check(x_base, x_student, weight, bias, out_student, groups, student_in_index)
+    problem = _problem(x_base, x_student, weight, bias, student_in_index, out_student, stride,
+                       padding, dilation, groups)
     name = fixed_backend_name(backend, x_base.device)
     if name in TRACEABLE_BACKENDS:
         # Each traceable form refuses what its backend cannot run (torch runs everything
         # the checks above let through), so the backend's reasons are asked once.
-        note_choice(_problem(x_base, x_student, weight, bias, student_in_index, out_student,
-                                    stride, padding, dilation, groups), "forward", name)
+        note_choice(problem, "forward", name)
         return TRACEABLE_BACKENDS[name](x_base, x_student, weight, bias, out_student, stride,
                                         padding, dilation, groups, student_in_index)
+    chosen = decide_backend(problem, backend or "")  # None: the op decides when it runs
     return _adjoined_conv2d_op(
         x_base, x_student, weight, bias, student_in_index, out_student, stride, padding,
-        dilation, groups, backend or "",
+        dilation, groups, chosen.name if chosen is not None else "",
     )
