@@ -22,7 +22,7 @@ _PAPER_BASES = ("xresnet50", "resnet50", "timm:resnet50d")
 def describe(arch: str, alpha, policy: str, round_to: int, num_classes: int, image_size: int) -> str:
     """The text ``anfast info`` prints."""
     an = adjoin(arch, alpha=alpha, policy=policy, round_to=round_to, num_classes=num_classes,
-                       input_size=(3, image_size, image_size))
+                input_size=(3, image_size, image_size))
     size = (3, image_size, image_size)
     classifier = list(an.layer_widths)[-1]
     rows = [("base", export_base(an))] + [

@@ -89,7 +89,7 @@ def create_adjoined_model(config: TrainConfig, num_classes: int) -> torch.nn.Mod
                                          input_size)
         # By name, so exports record the source and load_student rebuilds it.
         return adjoin(config.arch, alpha=alpha, policy=policy, round_to=config.round_to,
-                             input_size=input_size, num_classes=num_classes)
+                      input_size=input_size, num_classes=num_classes)
     except (ValueError, TypeError, NotImplementedError) as error:
         raise ConfigError(f"cannot adjoin --arch {config.arch} with --alpha "
                           f"{','.join(f'{a:g}' for a in config.alpha)}: {error}") from error
@@ -103,7 +103,7 @@ def _arch_config_policy(arch: str, num_classes: int, group_alphas: Dict[str, flo
     a listed group gets the group's alpha; unlisted groups stay at full width.
     """
     probe = adjoin(arch, alpha=1, policy="all", round_to=round_to, input_size=input_size,
-                          num_classes=num_classes)
+                   num_classes=num_classes)
     producers = {group.name: group.producers for group in probe.width_groups}
     unknown = sorted(set(group_alphas) - set(producers))
     if unknown:
