@@ -1,6 +1,6 @@
 """Training: ``fit(TrainConfig)`` (loop), the step engine (step, graphs), building a run's parts
 (build) and evaluating and exporting a finished run (evaluate, export). The commands that
-call them are anfast/cli/'s; what a run is on disk is anfast/runs/'.
+call them live in anfast/cli/; what a run is on disk, in anfast/runs/.
 
 ``fit`` and ``TrainConfig`` load on first use so ``import anfast`` stays light.
 """
