@@ -1,6 +1,5 @@
 """The trade-off table and tradeoff.png of a run with nested students."""
 
-import torch
 from PIL import Image
 
 import anfast
