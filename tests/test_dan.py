@@ -14,7 +14,7 @@ from torch import nn
 
 import anfast
 from anfast.dan import (ChoiceGates, CostModel, DanError, SearchConfig, SearchSpace, StudentMasks, derive, read_arch,
-                        search, temperature)
+                        search, search_training, temperature)
 from anfast.cli.search import config_from_args, register
 
 
@@ -127,11 +127,11 @@ def test_gates_noise_and_temperature():
     assert not torch.equal(resampled(2.0), resampled(2.0))
     assert torch.allclose(resampled(0.5).sum(dim=-1), torch.ones(len(space.groups)))
     assert temperature(0) == 15.0 and math.isclose(temperature(10), 15.0 * 0.956**10)
-    short = SearchConfig(target_flops=0.5, epochs=3)
+    short = SearchConfig(target_flops=0.5, train=search_training(epochs=3))
     assert short.resolved_tau_schedule() == "anneal"
     assert short.tau_at(0, 30, 90) == 1.0 and math.isclose(short.tau_at(89, 30, 90), 0.2)
     assert math.isclose(short.tau_at(45, 30, 90), 1.0 * 0.2 ** (45 / 89))
-    long = SearchConfig(target_flops=0.5, epochs=100)
+    long = SearchConfig(target_flops=0.5, train=search_training(epochs=100))
     assert long.resolved_tau_schedule() == "paper" and math.isclose(long.tau_at(95, 30, 3000), 15.0 * 0.956**3)
 
 
@@ -182,8 +182,9 @@ def test_search_writes_arch_metrics_and_plot(tmp_path):
     generator = torch.Generator().manual_seed(0)
     batches = [(torch.randn(6, 3, 8, 8, generator=generator), torch.randint(0, 3, (6,), generator=generator))
                for _ in range(4)]
-    config = SearchConfig(target_flops=0.4, epochs=1, max_steps_per_epoch=3, image_size=8, round_to=4,
-                          choices=(1, 2, 4), tau0=1.0, device="cpu", out=str(tmp_path / "run"))
+    config = SearchConfig(target_flops=0.4, max_steps_per_epoch=3, choices=(1, 2, 4), tau0=1.0,
+                          train=search_training(epochs=1, image_size=8, round_to=4, device="cpu",
+                                                out=str(tmp_path / "run")))
     result = search(config, model=TinyResidualNet(), train_loader=batches, num_classes=3)
 
     arch = read_arch(result.arch_path)
@@ -219,9 +220,9 @@ def test_cli_builds_the_config_and_validates_the_target():
                               "--epochs", "3", "--max-steps-per-epoch", "10", "--frozen-noise", "--out", "r",
                               "--tau-schedule", "paper", "--arch-warmup", "0.5", "--optimizer", "sgd"])
     config = config_from_args(args)
-    assert config.tau_schedule == "paper" and config.arch_warmup == 0.5 and config.optimizer == "sgd"
+    assert config.tau_schedule == "paper" and config.arch_warmup == 0.5 and config.train.optimizer == "sgd"
     assert config.target == {"params": 0.25} and config.choices == (1.0, 2.0, 4.0)
-    assert config.tau0 == 2.0 and config.epochs == 3 and config.max_steps_per_epoch == 10 and config.frozen_noise
+    assert config.tau0 == 2.0 and config.train.epochs == 3 and config.max_steps_per_epoch == 10 and config.frozen_noise
     assert args.func is not None
     with pytest.raises(SystemExit):
         parser.parse_args(["search"])  # a target is required

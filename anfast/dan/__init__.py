@@ -1,6 +1,6 @@
 """DAN: differentiable search of one student width per width group (DESIGN.md section 3).
 
-    result = anfast.dan.search(SearchConfig(arch="resnet18", target_flops=0.4))
+    result = anfast.dan.search(SearchConfig(target_flops=0.4, train=search_training(arch="resnet18")))
     result.arch_path            # RUN_DIR/arch.json, for `anfast train --arch-config`
 
 ``derive`` measures the student of given per-group alphas; ``CostModel`` is the
@@ -10,7 +10,7 @@ differentiable FLOPs / params model the search penalises.
 from anfast.dan.cost import CostModel
 from anfast.dan.derive import ARCH_FORMAT, derive, plot_widths, read_arch, write_arch
 from anfast.dan.gates import ChoiceGates, StudentMasks, temperature
-from anfast.dan.search import SearchConfig, SearchResult, search
+from anfast.dan.search import SearchConfig, SearchResult, search, search_training
 from anfast.dan.space import DEFAULT_CHOICES, DanError, SearchSpace
 
 __all__ = [
@@ -27,6 +27,7 @@ __all__ = [
     "plot_widths",
     "read_arch",
     "search",
+    "search_training",
     "temperature",
     "write_arch",
 ]

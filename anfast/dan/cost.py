@@ -21,7 +21,7 @@ from __future__ import annotations
 
 from collections import defaultdict
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Sequence, Union
 
 import torch
 from torch import nn
@@ -85,6 +85,15 @@ class CostModel:
         # modules (which adjoin keeps at full width) enter as constants.
         self._constant = {k: self.base[k] - full_width[k] for k in ("flops", "params")}
         self._polynomials = self._polynomial_form()
+
+    def to(self, device: Union[str, torch.device]) -> "CostModel":
+        """Keep the model's tensors (and its space's widths) on ``device``, where the search's
+        steps evaluate it, so no step copies them there; returns self."""
+        self.space.widths = self.space.widths.to(device)
+        self._fixed_channels = self._fixed_channels.to(device)
+        self._polynomials = {kind: (exponents.to(device), coefficients.to(device))
+                             for kind, (exponents, coefficients) in self._polynomials.items()}
+        return self
 
     def moments(self, probabilities: torch.Tensor) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
         """{"flops": (E[F], E[F^2]), "params": (...)} as fractions of the base's count.

@@ -8,7 +8,7 @@ student's tensors of group g are multiplied by m_g[c] = sum_i g_i * 1[c < width_
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import Optional, Union
 
 import torch
 from torch import nn
@@ -42,14 +42,19 @@ class ChoiceGates(nn.Module):
         self.frozen_noise = frozen_noise
         self.register_buffer("noise", _gumbel(shape, generator) if frozen_noise else None)
 
-    def forward(self, tau: float) -> torch.Tensor:
-        """Gate weights (groups x choices), each row on the simplex, differentiable in theta."""
+    def forward(self, tau: Union[float, torch.Tensor], *, learn: bool = True) -> torch.Tensor:
+        """Gate weights (groups x choices), each row on the simplex, differentiable in theta
+        unless ``learn`` is False. ``tau`` may be a 0-d device tensor."""
         noise = self.noise if self.frozen_noise else _gumbel(self.theta.shape, device=self.theta.device)
-        return torch.softmax((self.theta + noise) / tau, dim=-1)
+        return torch.softmax((self._logits(learn) + noise) / tau, dim=-1)
 
-    def probabilities(self) -> torch.Tensor:
-        """softmax(theta): the architecture distribution without noise (differentiable)."""
-        return torch.softmax(self.theta, dim=-1)
+    def probabilities(self, *, learn: bool = True) -> torch.Tensor:
+        """softmax(theta): the architecture distribution without noise (differentiable unless
+        ``learn`` is False)."""
+        return torch.softmax(self._logits(learn), dim=-1)
+
+    def _logits(self, learn: bool) -> torch.Tensor:
+        return self.theta if learn else self.theta.detach()
 
     def argmax(self) -> torch.Tensor:
         """The derived architecture: the most likely choice of each group."""

@@ -45,7 +45,9 @@ TRAIN_ARTIFACTS = ("config.yaml", "metrics.jsonl", "summary.json", "checkpoints"
                    "arch_config.json")
 # What a finished run (and `anfast eval` of it) writes: work a restart from step 0 would replace.
 FINISHED_WORK = ("summary.json", "eval.json", "base", "student", "student_*")
-SEARCH_ARTIFACTS = ("search_config.json", "metrics.jsonl", "tensorboard", "arch.json", "widths.png")
+# What `anfast search` writes: its own records and, as a run of the training engine, its checkpoints.
+SEARCH_ARTIFACTS = ("search_config.json", "config.yaml", "metrics.jsonl", "tensorboard", "checkpoints",
+                    "arch.json", "widths.png")
 
 
 class RunDirLock:

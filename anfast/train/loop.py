@@ -68,7 +68,8 @@ from anfast.train.state import RunState
 from anfast.train.step import StepMeter, ema_update, resolve_compile, train_step, warm_up
 from anfast.nn.backends import collect_layer_problems, layer_backends, prepare_backends, set_backend
 
-__all__ = ["fit", "NonFiniteLossError", "resolve_resume_path"]
+__all__ = ["fit", "Training", "Run", "Parts", "Data", "Schedule", "NonFiniteLossError", "resolve_resume_path",
+           "prepare_network", "loader_options", "data_root", "check_resumed_data"]
 
 
 class NonFiniteLossError(RuntimeError):
@@ -119,23 +120,27 @@ def resolve_resume_path(config: TrainConfig) -> Optional[Path]:
     return path
 
 
-def fit(config: TrainConfig, *, should_stop: Optional[Callable[[int], bool]] = None
-        ) -> Dict[str, Any]:
+def fit(config: TrainConfig, *, should_stop: Optional[Callable[[int], bool]] = None,
+        kind: Optional["Training"] = None) -> Any:
     """Train ``config`` to the end (or to a stop request) and return the run summary.
 
     ``should_stop(step)`` is polled after every optimizer step next to SIGTERM / SIGINT,
     for programs that embed a run under their own time limit. A stopped run saves
     checkpoints/last.pt and returns {"interrupted": True, ...}; resume it with
     ``config.resume = "auto"``.
+
+    ``kind`` is what the run trains and reports; the default, ``Training()``, is
+    `anfast train`'s, and anfast.dan.search runs a DAN search on the same engine.
     """
     config.validate()
+    kind = kind if kind is not None else Training()
     # Handlers go in first: a signal during set-up must also end the run cleanly.
     with StopOnSignal() as stop_signal:
         info = init_distributed(config.device)
         try:
-            lock = _claim_run_dir(config, info)
+            lock = _claim_run_dir(config, info, kind.artifacts)
             try:
-                return _fit(config, info, should_stop, stop_signal, lock)
+                return _fit(config, info, should_stop, stop_signal, lock, kind)
             finally:
                 if lock is not None:
                     lock.release()
@@ -143,12 +148,13 @@ def fit(config: TrainConfig, *, should_stop: Optional[Callable[[int], bool]] = N
             destroy_distributed()
 
 
-def _claim_run_dir(config: TrainConfig, info: DistributedInfo) -> Optional[RunDirLock]:
+def _claim_run_dir(config: TrainConfig, info: DistributedInfo, artifacts: Sequence[str]
+                   ) -> Optional[RunDirLock]:
     """Rank 0 locks --out (see rundir.py); every rank stops when it is refused."""
     refusal, lock = None, None
     if info.is_main:
         try:
-            lock = claim_run_dir(Path(config.out), TRAIN_ARTIFACTS, resume=config.resume is not None,
+            lock = claim_run_dir(Path(config.out), artifacts, resume=config.resume is not None,
                                  overwrite=config.overwrite)
         except ConfigError as error:
             refusal = error
@@ -158,18 +164,18 @@ def _claim_run_dir(config: TrainConfig, info: DistributedInfo) -> Optional[RunDi
     return lock
 
 
-def _check_resumed_data(checkpoint: Dict[str, Any], resume_path: Path, data_root: Any,
-                        train_loader: Any) -> None:
+def check_resumed_data(checkpoint: Dict[str, Any], resume_path: Path, root: Any,
+                       train_loader: Any) -> None:
     """A resumed run must read the data it was trained on: the same classes in the same
     order, and as many batches per epoch per process (same images, batch size, processes)."""
     classes, batches = checkpoint.get("classes"), checkpoint.get("batches_per_epoch")
     if classes is not None and list(classes) != list(train_loader.classes):
         raise ConfigError(f"--resume {resume_path}: the run was trained on classes "
-                          f"{_preview(classes)}, {data_root} has {_preview(train_loader.classes)}; "
+                          f"{_preview(classes)}, {root} has {_preview(train_loader.classes)}; "
                           f"resume with the run's data (--data)")
     if batches is not None and batches != len(train_loader):
         raise ConfigError(f"--resume {resume_path}: the run had {batches} batches per epoch per "
-                          f"process, {data_root} gives {len(train_loader)} here; resume with the same "
+                          f"process, {root} gives {len(train_loader)} here; resume with the same "
                           f"images and number of processes")
 
 
@@ -189,7 +195,7 @@ def _check_backend(an: torch.nn.Module, config: TrainConfig, device: torch.devic
 
 
 def _set_aside_unusable_last(config: TrainConfig, resume_path: Optional[Path], checkpoint_dir: Path,
-                             info: DistributedInfo) -> None:
+                             info: DistributedInfo, command: str) -> None:
     """--resume auto continues from last.prev.pt or best.pt only when last.pt is unusable (a
     directory, a dangling symlink, damaged): rename it to last.unusable.pt, so the next save
     neither fails on it nor keeps it as last.prev.pt in place of a good checkpoint."""
@@ -199,7 +205,7 @@ def _set_aside_unusable_last(config: TrainConfig, resume_path: Optional[Path], c
     why = newest_usable_checkpoint(checkpoint_dir)[1]["last.pt"]
     aside = checkpoint_dir / "last.unusable.pt"
     os.replace(last, aside)
-    _say(info, f"anfast train: {last} is {why}; renamed it {aside.name} and resuming from "
+    _say(info, f"{command}: {last} is {why}; renamed it {aside.name} and resuming from "
                f"{resume_path.name}")
 
 
@@ -272,6 +278,7 @@ class Parts:
     """The trained network and what trains it, built before anything is written."""
 
     an: torch.nn.Module
+    trained: torch.nn.Module  # what the steps train: ``an``, or a module around it (DAN's gates)
     optimizer: torch.optim.Optimizer
     scaler: torch.amp.GradScaler
     ema: Optional[AveragedModel]  # its own update (step.ema_update): no host reads
@@ -285,13 +292,14 @@ class Run:
     (model, optimizer, log) change as they train, the run's counters live in RunState."""
 
     config: TrainConfig
+    kind: "Training"
     info: DistributedInfo
     amp_dtype: Optional[torch.dtype]
     data: Data
     parts: Parts
     schedule: Schedule
     compile_mode: Optional[str]
-    model: torch.nn.Module       # what the steps call: DDP, --teacher and torch.compile around parts.an
+    model: torch.nn.Module       # what the steps call: DDP, --teacher and torch.compile around parts.trained
     eval_model: torch.nn.Module  # the EMA when there is one
     log: Optional[MetricsLog]    # rank 0 only
     host_group: Any              # agrees on stops between ranks (create_host_group)
@@ -309,7 +317,7 @@ class Run:
 
 
 def _fit(config: TrainConfig, info: DistributedInfo, should_stop: Optional[Callable[[int], bool]],
-         stop_signal: StopOnSignal, lock: Optional[RunDirLock]) -> Dict[str, Any]:
+         stop_signal: StopOnSignal, lock: Optional[RunDirLock], kind: "Training") -> Any:
     started = time.perf_counter()
     check_environment(config, info.device)
     amp_dtype = resolve_amp_dtype(config.amp, info.device)
@@ -318,17 +326,17 @@ def _fit(config: TrainConfig, info: DistributedInfo, should_stop: Optional[Calla
     np.random.seed(config.seed + info.rank)
 
     # Data, model and optimizer, all before the first step so bad options fail early.
-    data = _open_data(config, info, checkpoint, resume_path)
-    parts = _build_parts(config, info, len(data.train_loader.classes), amp_dtype,
-                         pretrained=resume_path is None)
+    data = kind.open_data(config, info, checkpoint, resume_path)
+    parts = kind.build(config, info, data, amp_dtype, pretrained=resume_path is None)
     schedule = Schedule.create(config, len(data.train_loader), info.world_size)
-    state, resume_rng = _restore(parts, checkpoint, resume_path)
-    mode = _compile_mode(config, info, parts, len(data.train_loader.classes), amp_dtype)
-    config, log = _open_run_dir(config, info, lock, resume_path, state, data, schedule)
-    model = _training_model(config, info, parts.an, mode, schedule)
-    run = Run(config=config, info=info, amp_dtype=amp_dtype, data=data, parts=parts, schedule=schedule,
-              compile_mode=mode, model=model, eval_model=parts.ema.module if parts.ema else parts.an,
-              log=log, host_group=create_host_group(), stop_signal=stop_signal, should_stop=should_stop,
+    mode = _compile_mode(config, info, kind, parts, len(data.train_loader.classes), amp_dtype)
+    state, resume_rng = _restore(kind, parts, checkpoint, resume_path)
+    config, log = _open_run_dir(config, kind, info, lock, resume_path, state, data, schedule)
+    model = _training_model(config, info, parts.trained, mode, schedule, kind.find_unused_parameters)
+    run = Run(config=config, kind=kind, info=info, amp_dtype=amp_dtype, data=data, parts=parts,
+              schedule=schedule, compile_mode=mode, model=model,
+              eval_model=parts.ema.module if parts.ema else parts.an, log=log,
+              host_group=create_host_group(), stop_signal=stop_signal, should_stop=should_stop,
               started=started)
     stepper = Stepper(run, state)
 
@@ -338,7 +346,7 @@ def _fit(config: TrainConfig, info: DistributedInfo, should_stop: Optional[Calla
         if not _train_epoch(run, state, stepper, lambda_, epoch_start, resume_rng):
             return _save_stopped_run(run, state)
         _end_epoch(run, state, lambda_, epoch_start)
-    return _finish_run(run, state)
+    return kind.finish(run, state)
 
 
 def _open_resumed_checkpoint(config: TrainConfig, device: torch.device
@@ -362,32 +370,51 @@ def _open_data(config: TrainConfig, info: DistributedInfo, checkpoint: Optional[
     """The train and val loaders, checked against each other and the resumed run."""
     if config.data == SYNTHETIC_DATA:
         train_loader, val_loader = _synthetic_loaders(config, info)
-        data_root = SYNTHETIC_DATA
+        root = SYNTHETIC_DATA
     else:
-        data_root = _data_root(config, info)
-        loader_options = dict(batch_size=config.batch_size, image_size=config.image_size,
-                              loader=config.loader, workers=config.workers, device=info.device,
-                              channels_last=config.channels_last, shard_id=info.rank,
-                              num_shards=info.world_size, seed=config.seed)
-        train_loader = create_loader(data_root, "train", **loader_options)
-        val_loader = create_loader(data_root, "val", **loader_options)
+        root = data_root(config, info)
+        train_loader = create_loader(root, "train", **loader_options(config, info))
+        val_loader = create_loader(root, "val", **loader_options(config, info))
     mismatch = class_mismatch(train_loader.classes, val_loader.classes)
     if mismatch:
-        raise ConfigError(f"{data_root}: {mismatch}")
+        raise ConfigError(f"{root}: {mismatch}")
     if len(train_loader) == 0:
-        raise ConfigError(f"{data_root}/train has {train_loader.num_samples} images per process, "
+        raise ConfigError(f"{root}/train has {train_loader.num_samples} images per process, "
                           f"fewer than one batch of {config.batch_size}; lower --batch-size")
     if checkpoint is not None:
-        _check_resumed_data(checkpoint, resume_path, data_root, train_loader)
-    return Data(train_loader, val_loader, data_root)
+        check_resumed_data(checkpoint, resume_path, root, train_loader)
+    return Data(train_loader, val_loader, root)
+
+
+def loader_options(config: TrainConfig, info: DistributedInfo) -> Dict[str, Any]:
+    """create_loader's options for this process's shard of a folder."""
+    return dict(batch_size=config.batch_size, image_size=config.image_size, loader=config.loader,
+                workers=config.workers, device=info.device, channels_last=config.channels_last,
+                shard_id=info.rank, num_shards=info.world_size, seed=config.seed)
 
 
 def _build_parts(config: TrainConfig, info: DistributedInfo, num_classes: int,
                  amp_dtype: Optional[torch.dtype], *, pretrained: bool) -> Parts:
-    """The adjoined model on the device with its backends chosen, its optimizer, gradient
-    scaler, EMA and loss; ``pretrained``: load --pretrained (a fresh start, not a resume)."""
+    """The adjoined model of ``config`` ready to train (prepare_network), its optimizer,
+    gradient scaler, EMA and loss."""
     device = info.device
-    an = create_adjoined_model(config, num_classes)
+    an = prepare_network(create_adjoined_model(config, num_classes), config, info, amp_dtype,
+                         pretrained=pretrained)
+    if config.cuda_graphs and info.world_size > 1:
+        raise ConfigError(f"--cuda-graphs captures one process's step; this run has {info.world_size} "
+                          f"processes (DDP's all-reduce is not captured): leave --cuda-graphs out")
+    return Parts(an=an, trained=an, optimizer=create_optimizer(an, config, device),
+                 scaler=torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16),
+                 ema=AveragedModel(an, use_buffers=True) if config.ema else None,
+                 loss_fn=_create_loss(config), lambda_schedule=get_lambda_schedule(config.lambda_schedule))
+
+
+def prepare_network(an: torch.nn.Module, config: TrainConfig, info: DistributedInfo,
+                    amp_dtype: Optional[torch.dtype], *, pretrained: bool) -> torch.nn.Module:
+    """An adjoined network on the device: --pretrained weights (``pretrained``: a fresh
+    start, not a resume), --sync-bn, --channels-last, its conv backends chosen and checked,
+    --streams."""
+    device = info.device
     if config.batch_size == 1:
         _check_one_image_batches(an, config.image_size)
     an = an.to(device)
@@ -401,17 +428,11 @@ def _build_parts(config: TrainConfig, info: DistributedInfo, num_classes: int,
     prepare_backends(an, config.backend, config.batch_size, config.image_size, amp_dtype)
     if config.streams > 1:
         use_streams(an, config.streams)
-    if config.cuda_graphs and info.world_size > 1:
-        raise ConfigError(f"--cuda-graphs captures one process's step; this run has {info.world_size} "
-                          f"processes (DDP's all-reduce is not captured): leave --cuda-graphs out")
-    return Parts(an=an, optimizer=create_optimizer(an, config, device),
-                 scaler=torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16),
-                 ema=AveragedModel(an, use_buffers=True) if config.ema else None,
-                 loss_fn=_create_loss(config), lambda_schedule=get_lambda_schedule(config.lambda_schedule))
+    return an
 
 
-def _restore(parts: Parts, checkpoint: Optional[Dict[str, Any]], resume_path: Optional[Path]
-             ) -> Tuple[RunState, Optional[Dict[str, Any]]]:
+def _restore(kind: "Training", parts: Parts, checkpoint: Optional[Dict[str, Any]],
+             resume_path: Optional[Path]) -> Tuple[RunState, Optional[Dict[str, Any]]]:
     """The run's state, and the RNG state to restore after a mid-epoch resume's replayed
     batches; a resumed run also gets its weights and optimizer states back."""
     if checkpoint is None:
@@ -431,30 +452,33 @@ def _restore(parts: Parts, checkpoint: Optional[Dict[str, Any]], resume_path: Op
             raise ConfigError(f"--resume {resume_path}: the run was trained without --ema; "
                               f"resume it without --ema")
         parts.ema.load_state_dict(checkpoint["ema"])
+    kind.load_extra_state(checkpoint, resume_path)
     state = RunState.from_checkpoint(checkpoint)
     if state.batches_done == 0:
         set_rng_state(checkpoint["rng"])
     return state, checkpoint["rng"]
 
 
-def _compile_mode(config: TrainConfig, info: DistributedInfo, parts: Parts, num_classes: int,
-                  amp_dtype: Optional[torch.dtype]) -> Optional[str]:
+def _compile_mode(config: TrainConfig, info: DistributedInfo, kind: "Training", parts: Parts,
+                  num_classes: int, amp_dtype: Optional[torch.dtype]) -> Optional[str]:
     """The torch.compile mode on this device (None: eager), after the eager warm-up that
-    makes the backend decisions outside the compiler: a compiler failure is set-up too."""
+    makes the backend decisions outside the compiler: a compiler failure is set-up too.
+    (Before a resume loads its state: the warm-up leaves no trace, and the state it
+    loads replaces anything the warm-up's forward added up.)"""
     mode, fallback = resolve_compile(compile_mode(config.compile), info.device)
     if fallback:
-        _say(info, f"anfast train: {fallback}")
+        _say(info, f"{kind.command}: {fallback}")
     if mode is not None:
-        warm_up(parts.an, functools.partial(parts.loss_fn, lambda_=1.0), batch_size=config.batch_size,
+        warm_up(parts.trained, functools.partial(parts.loss_fn, lambda_=1.0), batch_size=config.batch_size,
                 image_size=config.image_size, num_classes=num_classes,
                 channels_last=config.channels_last, amp_dtype=amp_dtype, device=info.device)
     return mode
 
 
-def _open_run_dir(config: TrainConfig, info: DistributedInfo, lock: Optional[RunDirLock],
-                  resume_path: Optional[Path], state: RunState, data: Data, schedule: Schedule
-                  ) -> Tuple[TrainConfig, Optional[MetricsLog]]:
-    """Set-up passed: rank 0 replaces an --overwrite run, writes config.yaml and opens the
+def _open_run_dir(config: TrainConfig, kind: "Training", info: DistributedInfo,
+                  lock: Optional[RunDirLock], resume_path: Optional[Path], state: RunState, data: Data,
+                  schedule: Schedule) -> Tuple[TrainConfig, Optional[MetricsLog]]:
+    """Set-up passed: rank 0 replaces an --overwrite run, writes its config and opens the
     metrics log. Returns the config as saved (--arch-config pointing at the run's own copy)
     and the log (None on the other ranks)."""
     # The run keeps its own copy of --arch-config, so eval, export and resume find it from
@@ -467,7 +491,7 @@ def _open_run_dir(config: TrainConfig, info: DistributedInfo, lock: Optional[Run
     if lock is not None:
         lock.remove_previous_run()  # --overwrite: set-up passed, the old run may go now
     run_dir.mkdir(parents=True, exist_ok=True)
-    _set_aside_unusable_last(config, resume_path, checkpoint_dir, info)
+    _set_aside_unusable_last(config, resume_path, checkpoint_dir, info, kind.command)
     if arch_config_text is not None:
         arch_copy = run_dir / ARCH_CONFIG_COPY
         if not arch_copy.is_file() or arch_copy.read_text() != arch_config_text:
@@ -475,35 +499,30 @@ def _open_run_dir(config: TrainConfig, info: DistributedInfo, lock: Optional[Run
         config = dataclasses.replace(config, arch_config=str(arch_copy.resolve()))
     remove_stale_temp_files(checkpoint_dir)
     with reporting_full_disk(run_dir / "config.yaml", len(json.dumps(config.to_dict()))):
-        save_config(config, run_dir / "config.yaml")
+        kind.write_config(config, run_dir)
     with reporting_full_disk(run_dir / "metrics.jsonl", len(json.dumps(state.history))):
         log = MetricsLog(run_dir, state.history)
-    train_loader, accum = data.train_loader, schedule.accum_steps
-    _say(info, f"anfast train: {config.arch}, alpha {','.join(f'{a:g}' for a in config.alpha)}, "
-               f"{len(train_loader.classes)} classes, {train_loader.num_samples * info.world_size} train "
-               f"images, {schedule.steps_per_epoch} steps/epoch"
-               + (f" of {min(accum, schedule.batches_per_epoch)} micro-batches (effective batch "
-                  f"{schedule.effective_batch})" if accum > 1 else "")
-               + f", device {info.device}, "
-               f"world size {info.world_size}, {train_loader.reason}"
-               + (f"; resuming from {resume_path} at epoch {state.epoch + 1}"
-                  if resume_path else ""))
+    _say(info, kind.describe(config, info, data, schedule)
+               + (f"; resuming from {resume_path} at epoch {state.epoch + 1}" if resume_path else ""))
     return config, log
 
 
-def _training_model(config: TrainConfig, info: DistributedInfo, an: torch.nn.Module,
-                    mode: Optional[str], schedule: Schedule) -> torch.nn.Module:
-    """What the steps call: ``an`` under DDP (torchrun), with --teacher, torch.compiled."""
+def _training_model(config: TrainConfig, info: DistributedInfo, trained: torch.nn.Module,
+                    mode: Optional[str], schedule: Schedule, find_unused_parameters: bool
+                    ) -> torch.nn.Module:
+    """What the steps call: ``trained`` under DDP (torchrun), with --teacher, torch.compiled.
+    ``find_unused_parameters``: some parameter may get no gradient in a step."""
     device = info.device
     # Gradients as views of DDP's buckets: no copy between them. static_graph lets DDP
     # skip per-iteration bookkeeping (every parameter is used every step), but not
     # under torch.compile, whose DDPOptimizer does not support it (pytorch#109261), nor
     # with --accum-steps: its no_sync micro-batches fail the static graph's reducer
     # ("expect_autograd_hooks_ INTERNAL ASSERT FAILED", seen on 2 gloo ranks).
-    model = DistributedDataParallel(an, device_ids=[device] if device.type == "cuda" else None,
-                                    gradient_as_bucket_view=True,
-                                    static_graph=mode is None and schedule.accum_steps == 1
-                                    ) if info.enabled else an
+    static_graph = mode is None and schedule.accum_steps == 1 and not find_unused_parameters
+    model = DistributedDataParallel(trained, device_ids=[device] if device.type == "cuda" else None,
+                                    gradient_as_bucket_view=True, static_graph=static_graph,
+                                    find_unused_parameters=find_unused_parameters
+                                    ) if info.enabled else trained
     if config.teacher is not None:
         model = WithTeacher(model, _load_teacher(config.teacher, device))
     if mode is not None:
@@ -538,17 +557,20 @@ class Stepper:
         weight = self.lambda_on_device if self.lambda_on_device is not None else lambda_
         self.loss_fn = functools.partial(self.run.parts.loss_fn, lambda_=weight)
         self.meter.restart(**state.meter_sums())
+        self.run.kind.start_epoch(state)
 
     def __call__(self, images: torch.Tensor, labels: torch.Tensor,
-                 more_batches: Iterable[Tuple[torch.Tensor, torch.Tensor]], micro_batches: int) -> None:
-        """One optimizer step on ``images, labels`` and ``more_batches`` (micro_batches in all)."""
+                 more_batches: Iterable[Tuple[torch.Tensor, torch.Tensor]], micro_batches: int,
+                 step: int) -> None:
+        """Optimizer step ``step`` on ``images, labels`` and ``more_batches`` (micro_batches in all)."""
         run, parts = self.run, self.run.parts
+        more_optimizers = run.kind.before_step(run, step)
         options = dict(loss_fn=self.loss_fn, optimizer=parts.optimizer, scaler=parts.scaler,
                        parameters=self.parameters, amp_dtype=run.amp_dtype,
                        clip_grad=run.config.clip_grad, update_ema=self.update_ema, meter=self.meter)
         if not run.config.cuda_graphs:
             train_step(run.model, images, labels, **options, more_batches=more_batches,
-                       accumulate=micro_batches)
+                       accumulate=micro_batches, more_optimizers=more_optimizers)
             return
         if self.captured_step is None:
             self.captured_step = CapturedStep(functools.partial(train_step, run.model, **options),
@@ -561,10 +583,11 @@ class Stepper:
         """Say once per new count when reduce-overhead ran compiled graphs without CUDA graphs."""
         skips = cudagraph_skips()
         if self.run.compile_mode == "reduce-overhead" and skips > self.graph_skips_reported:
-            _say(self.run.info, f"anfast train: torch.compile reduce-overhead ran {skips} compiled "
-                                f"graph(s) without CUDA graphs (inductor skips a graph that mutates its "
-                                f"inputs, BatchNorm's running statistics among them; TORCH_LOGS=perf_hints "
-                                f"says why); --cuda-graphs captures the whole eager step instead")
+            _say(self.run.info, f"{self.run.kind.command}: torch.compile reduce-overhead ran {skips} "
+                                f"compiled graph(s) without CUDA graphs (inductor skips a graph that "
+                                f"mutates its inputs, BatchNorm's running statistics among them; "
+                                f"TORCH_LOGS=perf_hints says why); --cuda-graphs captures the whole eager "
+                                f"step instead")
             self.graph_skips_reported = skips
 
 
@@ -597,7 +620,8 @@ def _train_epoch(run: Run, state: RunState, stepper: Stepper, lambda_: float, ep
         set_learning_rate(run.parts.optimizer, lr)
         micro_batches = min(schedule.accum_steps, schedule.batches_per_epoch - batch_index)
         images_seen = [labels.numel()]
-        stepper(images, labels, _more_batches(batches, micro_batches - 1, images_seen), micro_batches)
+        stepper(images, labels, _more_batches(batches, micro_batches - 1, images_seen), micro_batches,
+                state.step)
         state.step += 1
         state.batches_done = batch_index + micro_batches
         state.epoch_images += sum(images_seen) * run.info.world_size
@@ -660,7 +684,7 @@ def _checkpoint(run: Run, state: RunState) -> Dict[str, Any]:
             "scaler": parts.scaler.state_dict(), "ema": parts.ema.state_dict() if parts.ema else None,
             "rng": get_rng_state(), "config": run.config.to_dict(),
             "classes": list(run.data.train_loader.classes),
-            "batches_per_epoch": run.schedule.batches_per_epoch,
+            "batches_per_epoch": run.schedule.batches_per_epoch, **run.kind.extra_state(),
             **state.to_checkpoint(), "wall_time_s": _wall_time(run, state)}
 
 
@@ -682,28 +706,15 @@ def _save_stopped_run(run: Run, state: RunState) -> Dict[str, Any]:
 
 
 def _end_epoch(run: Run, state: RunState, lambda_: float, epoch_start: float) -> None:
-    """Evaluate the base and every student, log the epoch's row, save last.pt (and best.pt)."""
-    info, config = run.info, run.config
-    if info.enabled:
-        broadcast_buffers(run.parts.an)
-    metrics = evaluate(run.eval_model, run.data.val_loader, info.device, amp_dtype=run.amp_dtype,
-                       show_progress=info.is_main, alphas=list(config.alpha))
-    row = {"epoch": state.epoch, "step": state.step, "lr": run.schedule.lr(state.step - 1),
-           "lambda": lambda_, "train_loss": state.mean_epoch_loss(),
-           "grad_norm": state.mean_epoch_grad_norm(), "bad_steps": state.bad_steps,
-           "images_per_second": state.epoch_images / state.epoch_seconds,
-           "epoch_seconds": time.perf_counter() - epoch_start,
-           "base": metrics["base"], "students": metrics["students"],
-           "student": metrics["students"][0],
-           "skipped_images": _skipped(run.data.train_loader, run.data.val_loader, info.device)}
+    """Log the epoch's row (the run kind's: for `anfast train` the base and every student
+    evaluated), save last.pt (and best.pt for the best student so far)."""
+    info, kind = run.info, run.kind
+    row = kind.epoch_row(run, state, lambda_, epoch_start)
     is_best = state.finish_epoch(row)
     if info.is_main:
         with reporting_full_disk(run.log.path, len(json.dumps(row)) + 1):
             run.log.log(row)
-        _say(info, f"epoch {state.epoch}/{config.epochs}  loss {row['train_loss']:.4f}  "
-                   f"base top-1 {100 * row['base']['top1']:.2f}%  student top-1 "
-                   f"{100 * row['student']['top1']:.2f}%  lambda {lambda_:.3f}  "
-                   f"{row['images_per_second']:.0f} img/s")
+        _say(info, kind.epoch_message(run.config, state, row))
         checkpoint = _checkpoint(run, state)
         save_checkpoint(checkpoint, run.checkpoint_dir / "last.pt", keep_previous=True)
         if is_best:
@@ -711,29 +722,108 @@ def _end_epoch(run: Run, state: RunState, lambda_: float, epoch_start: float) ->
     barrier()
 
 
-def _finish_run(run: Run, state: RunState) -> Dict[str, Any]:
-    """The last epoch is done: summary.json, curves, the tradeoff plot and the exports."""
-    config, info, run_dir = run.config, run.info, run.run_dir
-    state.wall_time_s = _wall_time(run, state)
-    alphas = list(config.alpha)
-    costs = network_costs(run.eval_model, config.image_size)
-    summary = _summary(config, state, run.eval_model, costs, alphas, run.data.train_loader, info.device,
-                       info, run.amp_dtype)
-    if info.is_main:
-        run.log.close()
-        plot_curves(state.history, run_dir / "curves.png")
-        plot_tradeoff(summary, costs, run_dir / "tradeoff.png",
-                      f"{config.arch}, {config.image_size} px, epoch {config.epochs}")
-        export_networks(run.eval_model, run_dir, len(alphas))
-        summary_text = json.dumps(summary, indent=2) + "\n"
-        with reporting_full_disk(run_dir / "summary.json", len(summary_text)):
-            (run_dir / "summary.json").write_text(summary_text)
-        _say(info, format_table(summary, costs))
-        _say(info, f"done in {summary['wall_time_s']:.0f} s: base top-1 "
-                   f"{100 * summary['base']['top1']:.2f}%, student top-1 "
-                   f"{100 * summary['student']['top1']:.2f}%; run directory {run_dir}")
-    barrier()
-    return summary
+class Training:
+    """The kind of run `anfast train` is: what fit's engine trains and how the run reports.
+
+    The engine (set-up order, the steps, stops, checkpoints, resume, the run directory)
+    is fit's; a kind says which data and network, what a checkpoint holds beyond the
+    engine's, what happens around each step, and what each epoch and the end write.
+    anfast.dan.search.Search is the other kind: a DAN search.
+    """
+
+    command = "anfast train"         # how the run's messages begin
+    artifacts = TRAIN_ARTIFACTS      # what --overwrite removes (rundir.claim_run_dir)
+    find_unused_parameters = False   # DDP: every parameter gets a gradient in every step
+
+    def open_data(self, config: TrainConfig, info: DistributedInfo, checkpoint: Optional[Dict[str, Any]],
+                  resume_path: Optional[Path]) -> Data:
+        """The train and val loaders, checked against each other and the resumed run."""
+        return _open_data(config, info, checkpoint, resume_path)
+
+    def build(self, config: TrainConfig, info: DistributedInfo, data: Data,
+              amp_dtype: Optional[torch.dtype], *, pretrained: bool) -> Parts:
+        """The network and what trains it (``pretrained``: a fresh start, not a resume)."""
+        return _build_parts(config, info, len(data.train_loader.classes), amp_dtype, pretrained=pretrained)
+
+    def extra_state(self) -> Dict[str, Any]:
+        """What a checkpoint holds beyond the engine's (weights, optimizer, RunState, ...)."""
+        return {}
+
+    def load_extra_state(self, checkpoint: Dict[str, Any], resume_path: Path) -> None:
+        """Take ``extra_state`` back from a resumed checkpoint."""
+
+    def write_config(self, config: TrainConfig, run_dir: Path) -> None:
+        """The resolved options next to the run: config.yaml (loadable with --config)."""
+        save_config(config, run_dir / "config.yaml")
+
+    def describe(self, config: TrainConfig, info: DistributedInfo, data: Data, schedule: Schedule) -> str:
+        """The line that says set-up is done and the steps begin."""
+        train_loader, accum = data.train_loader, schedule.accum_steps
+        return (f"{self.command}: {config.arch}, alpha {','.join(f'{a:g}' for a in config.alpha)}, "
+                f"{len(train_loader.classes)} classes, {train_loader.num_samples * info.world_size} train "
+                f"images, {schedule.steps_per_epoch} steps/epoch"
+                + (f" of {min(accum, schedule.batches_per_epoch)} micro-batches (effective batch "
+                   f"{schedule.effective_batch})" if accum > 1 else "")
+                + f", device {info.device}, world size {info.world_size}, {train_loader.reason}")
+
+    def start_epoch(self, state: RunState) -> None:
+        """Called before the steps of epoch ``state.epoch`` (also when a resume joins it mid-way)."""
+
+    def before_step(self, run: Run, step: int) -> Sequence[torch.optim.Optimizer]:
+        """Called before optimizer step ``step``; returns the optimizers the step takes
+        beside ``parts.optimizer``. No host read of the device here."""
+        return ()
+
+    def training_row(self, run: Run, state: RunState, lambda_: float, epoch_start: float) -> Dict[str, Any]:
+        """The epoch's training numbers, from the StepMeter's sums in ``state``."""
+        return {"epoch": state.epoch, "step": state.step, "lr": run.schedule.lr(state.step - 1),
+                "lambda": lambda_, "train_loss": state.mean_epoch_loss(),
+                "grad_norm": state.mean_epoch_grad_norm(), "bad_steps": state.bad_steps,
+                "images_per_second": state.epoch_images / state.epoch_seconds,
+                "epoch_seconds": time.perf_counter() - epoch_start}
+
+    def epoch_row(self, run: Run, state: RunState, lambda_: float, epoch_start: float) -> Dict[str, Any]:
+        """metrics.jsonl's row of the finished epoch: the base and every student evaluated."""
+        info = run.info
+        if info.enabled:
+            broadcast_buffers(run.parts.an)
+        metrics = evaluate(run.eval_model, run.data.val_loader, info.device, amp_dtype=run.amp_dtype,
+                           show_progress=info.is_main, alphas=list(run.config.alpha))
+        return {**self.training_row(run, state, lambda_, epoch_start),
+                "base": metrics["base"], "students": metrics["students"], "student": metrics["students"][0],
+                "skipped_images": _skipped(run.data.train_loader, run.data.val_loader, info.device)}
+
+    def epoch_message(self, config: TrainConfig, state: RunState, row: Dict[str, Any]) -> str:
+        """The log line of the epoch ``row`` (``state`` has counted it)."""
+        return (f"epoch {state.epoch}/{config.epochs}  loss {row['train_loss']:.4f}  "
+                f"base top-1 {100 * row['base']['top1']:.2f}%  student top-1 "
+                f"{100 * row['student']['top1']:.2f}%  lambda {row['lambda']:.3f}  "
+                f"{row['images_per_second']:.0f} img/s")
+
+    def finish(self, run: Run, state: RunState) -> Dict[str, Any]:
+        """The last epoch is done: summary.json, curves, the tradeoff plot and the exports;
+        returns the summary."""
+        config, info, run_dir = run.config, run.info, run.run_dir
+        state.wall_time_s = _wall_time(run, state)
+        alphas = list(config.alpha)
+        costs = network_costs(run.eval_model, config.image_size)
+        summary = _summary(config, state, run.eval_model, costs, alphas, run.data.train_loader, info.device,
+                           info, run.amp_dtype)
+        if info.is_main:
+            run.log.close()
+            plot_curves(state.history, run_dir / "curves.png")
+            plot_tradeoff(summary, costs, run_dir / "tradeoff.png",
+                          f"{config.arch}, {config.image_size} px, epoch {config.epochs}")
+            export_networks(run.eval_model, run_dir, len(alphas))
+            summary_text = json.dumps(summary, indent=2) + "\n"
+            with reporting_full_disk(run_dir / "summary.json", len(summary_text)):
+                (run_dir / "summary.json").write_text(summary_text)
+            _say(info, format_table(summary, costs))
+            _say(info, f"done in {summary['wall_time_s']:.0f} s: base top-1 "
+                       f"{100 * summary['base']['top1']:.2f}%, student top-1 "
+                       f"{100 * summary['student']['top1']:.2f}%; run directory {run_dir}")
+        barrier()
+        return summary
 
 
 def _create_loss(config: TrainConfig) -> torch.nn.Module:
@@ -771,7 +861,7 @@ def _load_teacher(path: str, device: torch.device) -> torch.nn.Module:
     return teacher
 
 
-def _data_root(config: TrainConfig, info: DistributedInfo) -> Path:
+def data_root(config: TrainConfig, info: DistributedInfo) -> Path:
     """--data, or the built-in set (generated once, by rank 0, while the others wait)."""
     if config.data is not None:
         return Path(config.data)

@@ -52,7 +52,8 @@ def train_step(model: torch.nn.Module, images: torch.Tensor, labels: torch.Tenso
                update_ema: Optional[Callable[[torch.Tensor], None]] = None,
                meter: Optional["StepMeter"] = None,
                more_batches: Iterable[Tuple[torch.Tensor, torch.Tensor]] = (),
-               accumulate: int = 1) -> None:
+               accumulate: int = 1,
+               more_optimizers: Sequence[torch.optim.Optimizer] = ()) -> None:
     """Forward, backward, clip, optimizer step and EMA update, with no host read.
 
     ``parameters`` are the trained module's (for the gradient norm); ``update_ema(skip)``
@@ -66,8 +67,14 @@ def train_step(model: torch.nn.Module, images: torch.Tensor, labels: torch.Tenso
     step's gradient and its logged loss are those of the mean loss over the micro-batches
     (for mean-reduced losses, one step on their concatenation, BatchNorm statistics
     aside). Under DDP only the last micro-batch all-reduces (``no_sync`` before it).
+
+    ``more_optimizers`` train further parameters on the same loss (DAN's architecture
+    logits): zeroed, unscaled and stepped with ``optimizer``, skipped by the same flag,
+    outside the clipping and the gradient norm.
     """
-    optimizer.zero_grad(set_to_none=True)
+    optimizers = (optimizer, *more_optimizers)
+    for each in optimizers:
+        each.zero_grad(set_to_none=True)
     no_sync = getattr(model, "no_sync", None)  # DDP, also through torch.compile's wrapper
     loss_sum = None
     count = 0
@@ -82,7 +89,8 @@ def train_step(model: torch.nn.Module, images: torch.Tensor, labels: torch.Tenso
     if count != accumulate:
         raise ValueError(f"train_step: {count} micro-batch(es), but accumulate={accumulate}")
     loss = loss_sum / accumulate if accumulate > 1 else loss_sum
-    scaler.unscale_(optimizer)
+    for each in optimizers:
+        scaler.unscale_(each)
     if clip_grad:
         grad_norm = torch.nn.utils.clip_grad_norm_(parameters, clip_grad)
     else:
@@ -91,10 +99,12 @@ def train_step(model: torch.nn.Module, images: torch.Tensor, labels: torch.Tenso
     # non-finite loss on one rank makes its gradients, hence everyone's, non-finite.
     bad = torch.logical_not(torch.isfinite(loss) & torch.isfinite(grad_norm))
     if scaler.is_enabled():
-        scaler.step(optimizer)  # fused optimizers take the scaler's found_inf: no host read
+        for each in optimizers:
+            scaler.step(each)  # fused optimizers take the scaler's found_inf: no host read
         scaler.update()
     else:
-        optimizer_step(optimizer, bad)
+        for each in optimizers:
+            optimizer_step(each, bad)
     if update_ema is not None:
         update_ema(bad)
     if meter is not None:
