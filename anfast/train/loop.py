@@ -14,6 +14,10 @@ stop; non-finite steps are skipped on the device and counted.
 What the set-up builds is one ``Run``, which the epoch loop only reads; what the run
 has done so far (counters, sums, history) is one ``RunState`` (anfast.train.state),
 passed to each function that changes it and saved flat in every checkpoint.
+
+The engine is shared by every kind of run: ``Training`` (the default, `anfast train`)
+says which data and network, what each epoch and the end write; anfast.dan.search's
+``Search`` runs a DAN width search through the same set-up, steps and checkpoints.
 """
 
 from __future__ import annotations
