@@ -14,8 +14,9 @@ optimizer, schedule, augmentation and seed; only TrainConfig.objective / teacher
              (Hinton et al. 2015: T = 4, weight 0.9 on the soft term, the values of that
              paper's common use; --temperature / --distill-weight change them);
 - adjoined:  the paper's AN loss and lambda schedule (`anfast train`'s defaults);
-- dan:       not run: a DAN search plus training did not fit the 2-core CPU's time
-             budget; the JSON says so instead of carrying a row.
+- dan:       `anfast search` with the same seed, epochs, batch and image size, its FLOPs
+             target the same seed's AN student's fraction of the base, then AN training
+             of the derived widths (`--arch-config arch.json`): the row is that student.
 
 Top-1 is the val top-1 after the last epoch, mean and sample standard deviation over
 --seeds. Writes benchmarks/results/paper_table-<machine>-<date>.json (common.write_result)
@@ -45,21 +46,40 @@ import matplotlib.pyplot as plt  # noqa: E402
 
 from common import environment, write_result  # noqa: E402
 
+from anfast.cli import main as anfast_main  # noqa: E402
+from anfast.dan import read_arch  # noqa: E402
 from anfast.train.config import POLICY_CHOICES, TrainConfig, parse_alpha  # noqa: E402
 from anfast.train.loop import fit  # noqa: E402
 
-ROWS = ("base", "scratch", "distilled", "adjoined")
-DAN_NOT_RUN = ("not run: `anfast search` at the AN student's FLOPs plus training of the derived "
-               "network did not fit the 2-core CPU's time budget next to the four rows above")
+ROWS = ("base", "scratch", "distilled", "adjoined", "dan")
 
 
 def row_config(name: str, common: TrainConfig, seed: int, work: pathlib.Path) -> TrainConfig:
     """The TrainConfig of row ``name`` for ``seed``; the distilled row's teacher is the same
-    seed's base run (run first)."""
-    objective = {"base": "base", "scratch": "student", "distilled": "student", "adjoined": "adjoined"}[name]
+    seed's base run, the dan row's widths the same seed's search (both run first)."""
+    objective = {"base": "base", "scratch": "student", "distilled": "student", "adjoined": "adjoined",
+                 "dan": "adjoined"}[name]
     teacher = str(work / f"base-{seed}" / "base") if name == "distilled" else None
-    return dataclasses.replace(common, objective=objective, teacher=teacher, seed=seed,
-                               out=str(work / f"{name}-{seed}"), overwrite=True)
+    arch_config = str(search_dir(work, seed) / "arch.json") if name == "dan" else common.arch_config
+    return dataclasses.replace(common, objective=objective, teacher=teacher, arch_config=arch_config,
+                               seed=seed, out=str(work / f"{name}-{seed}"), overwrite=True)
+
+
+def search_dir(work: pathlib.Path, seed: int) -> pathlib.Path:
+    return work / f"dan-search-{seed}"
+
+
+def search_widths(common: TrainConfig, seed: int, work: pathlib.Path, target_flops: float) -> Dict:
+    """`anfast search` for the dan row: the table's data, network, batch, image size, epochs
+    and seed, toward ``target_flops`` (a fraction of the base's); returns its arch.json."""
+    argv = ["search", "--target-flops", repr(target_flops), "--arch", common.arch,
+            "--round-to", str(common.round_to), "--image-size", str(common.image_size),
+            "--batch-size", str(common.batch_size), "--epochs", str(common.epochs),
+            "--seed", str(seed), "--device", common.device, "--workers", str(common.workers),
+            "--out", str(search_dir(work, seed)), "--overwrite", *(["--data", common.data] if common.data else [])]
+    if anfast_main(argv) != 0:
+        raise SystemExit(f"paper_table: `anfast {' '.join(argv)}` failed (its error is above)")
+    return read_arch(search_dir(work, seed) / "arch.json")
 
 
 def row_result(name: str, summary: Dict) -> Dict[str, float]:
@@ -69,7 +89,7 @@ def row_result(name: str, summary: Dict) -> Dict[str, float]:
     result = {"top1": summary[side]["top1"], "params": summary["params"][side],
               "flops": summary["flops"][side]}
     if name == "adjoined":
-        result["base_top1"] = summary["base"]["top1"]
+        result["base_top1"], result["base_flops"] = summary["base"]["top1"], summary["flops"]["base"]
     return result
 
 
@@ -79,6 +99,9 @@ def run_table(common: TrainConfig, seeds: int, work: pathlib.Path) -> Dict[str, 
     for seed in range(seeds):
         for name in ROWS:
             started = time.perf_counter()
+            if name == "dan":  # at the FLOPs of this seed's AN student
+                adjoined = runs["adjoined"][-1]
+                search_widths(common, seed, work, adjoined["flops"] / adjoined["base_flops"])
             result = row_result(name, fit(row_config(name, common, seed, work)))
             runs[name].append(result)
             print(f"paper_table: {name} seed {seed}: top-1 {100 * result['top1']:.2f}% "
@@ -89,12 +112,16 @@ def run_table(common: TrainConfig, seeds: int, work: pathlib.Path) -> Dict[str, 
         rows[name] = {"top1_mean": statistics.fmean(top1),
                       "top1_std": statistics.stdev(top1) if len(top1) > 1 else 0.0,
                       "top1": top1, "params": results[0]["params"], "flops": results[0]["flops"]}
+        if name == "dan":  # each seed's search derives its own widths
+            rows[name].update(params=statistics.fmean(r["params"] for r in results),
+                              flops=statistics.fmean(r["flops"] for r in results),
+                              params_per_seed=[r["params"] for r in results],
+                              flops_per_seed=[r["flops"] for r in results])
         if name == "adjoined":
             base_top1 = [r["base_top1"] for r in results]
             rows[name].update(base_top1_mean=statistics.fmean(base_top1),
                               base_top1_std=statistics.stdev(base_top1) if len(base_top1) > 1 else 0.0,
                               base_top1=base_top1)
-    rows["dan"] = {"not_run": DAN_NOT_RUN}
     return rows
 
 

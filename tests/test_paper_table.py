@@ -79,14 +79,22 @@ def test_paper_table_end_to_end(tmp_path):
     assert path == out
     result = json.loads(out.read_text())
     assert set(result["rows"]) == {"base", "scratch", "distilled", "adjoined", "dan"}
-    for name in ("base", "scratch", "distilled", "adjoined"):
+    for name in ("base", "scratch", "distilled", "adjoined", "dan"):
         row = result["rows"][name]
         assert 0 <= row["top1_mean"] <= 1 and row["top1_std"] == 0 and len(row["top1"]) == 1
         assert row["params"] > 0 and row["flops"] > 0
     assert result["rows"]["scratch"]["params"] == result["rows"]["adjoined"]["params"]
     assert result["rows"]["base"]["params"] > result["rows"]["scratch"]["params"]
     assert 0 <= result["rows"]["adjoined"]["base_top1_mean"] <= 1
-    assert "not_run" in result["rows"]["dan"]
+    # The dan row trains the widths its search derived, searched at the AN student's FLOPs.
+    arch = anfast.dan.read_arch(tmp_path / "work" / "dan-search-0" / "arch.json")
+    adjoined = result["rows"]["adjoined"]
+    base_flops = anfast.profile(anfast.export_base(anfast.adjoin("resnet18", alpha=4, num_classes=3,
+                                                                 input_size=(3, 16, 16))),
+                                (3, 16, 16))["flops"]
+    assert arch["target"]["flops"] == pytest.approx(adjoined["flops"] / base_flops)
+    assert result["rows"]["dan"]["flops"] == arch["student"]["flops"]
+    assert result["rows"]["dan"]["params"] == arch["student"]["params"]
     assert result["commit"] and result["versions"]
     assert out.with_suffix(".png").is_file()
     # Row 2's network is exactly what export_student gives for this arch and alpha: the
