@@ -304,3 +304,13 @@ def test_seeds_torch_and_numpy_cannot_take_are_refused_at_config_time(tmp_path, 
     line = _one_line(["train", "--out", str(tmp_path / "run"), *flags], capsys)
     assert "must be in [0, 2147483647]" in line, line
     assert not (tmp_path / "run").exists()
+
+
+def test_a_run_that_stops_on_a_non_finite_loss_exits_1_with_one_line(data, tmp_path, capsys):
+    """Not bad input but a run that stopped itself: the one error printer, exit status 1."""
+    run_dir = tmp_path / "run"
+    status = anfast.cli.main(_train_args(data, run_dir, "--epochs", "2", "--lr", "1e30", "--momentum", "0"))
+    captured = capsys.readouterr()
+    lines = captured.err.strip().splitlines()
+    assert status == 1 and len(lines) == 1 and "Traceback" not in captured.err, captured.err
+    assert lines[0].startswith("anfast train: error: step ") and "is not finite" in lines[0], lines[0]

@@ -14,6 +14,7 @@ import sys
 from typing import Optional, Sequence
 
 from anfast.cli import data, export, info, search, train, tune
+from anfast.runs.errors import RunStoppedError
 from anfast.cli import eval as evaluate
 
 __all__ = ["main", "build_parser", "user_error"]
@@ -52,10 +53,10 @@ def user_error(error: BaseException) -> Optional[str]:
     from anfast.data import DataLayoutError
     from anfast.export import ExportError
     from anfast.runs.checkpoint import CheckpointError, DiskFullError
-    from anfast.runs.errors import ConfigError
+    from anfast.runs.errors import ConfigError, RunStoppedError
 
     if isinstance(error, (ConfigError, DataLayoutError, DanError, CheckpointError, ExportError,
-                          AdjoinError, FileNotFoundError)):
+                          AdjoinError, FileNotFoundError, RunStoppedError)):
         return " ".join(str(error).split())
     if isinstance(error, ImportError):  # an optional dependency the options need (apex, onnx, timm)
         return " ".join(str(error).split())
@@ -68,8 +69,9 @@ def user_error(error: BaseException) -> Optional[str]:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    """Run one ``anfast`` command; a user error prints one line and returns 2 (``--debug``:
-    raise it with its traceback)."""
+    """Run one ``anfast`` command; an error the user acts on prints one line and returns 2
+    (1 for a run that stopped itself: RunStoppedError); ``--debug`` raises it with its
+    traceback."""
     args = build_parser().parse_args(argv)
     try:
         return args.func(args) or 0
@@ -78,7 +80,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         if message is None or args.debug:
             raise
         print(f"anfast {args.command}: error: {message} (--debug shows the traceback)", file=sys.stderr)
-        return 2
+        return 1 if isinstance(error, RunStoppedError) else 2
 
 
 if __name__ == "__main__":

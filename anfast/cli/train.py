@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import sys
 from pathlib import Path
 
 from anfast.cli.args import add_model_arguments, default_help as _default
@@ -137,15 +136,11 @@ def resumed_run_options(resume: str, out: str) -> dict:
 
 
 def run_train(args: argparse.Namespace) -> int:
-    """`anfast train`; ConfigError, DataLayoutError and other user errors reach anfast.cli.main,
-    which prints them in one line."""
-    from anfast.train.loop import NonFiniteLossError, fit
+    """`anfast train`; ConfigError, DataLayoutError, a non-finite loss and the other errors
+    a user acts on reach anfast.cli.main, which prints them in one line."""
+    from anfast.train.loop import fit
 
-    try:
-        summary = fit(config_from_args(args))
-    except NonFiniteLossError as error:
-        print(f"anfast train: {error}", file=sys.stderr)
-        return 1
+    summary = fit(config_from_args(args))
     if summary.get("interrupted"):
         print(f"anfast train: interrupted; checkpoint {summary['checkpoint']}")
     return 0

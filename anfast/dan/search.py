@@ -35,10 +35,10 @@ from torch import nn
 
 from anfast.adjoin import AdjoinedOutput, adjoin
 from anfast.dan.cost import CostModel
-from anfast.data import create_loader
 from anfast.dan.derive import derive, plot_widths, write_arch
 from anfast.dan.gates import ChoiceGates, StudentMasks, entropy, temperature
 from anfast.dan.space import DEFAULT_CHOICES, DanError, SearchSpace, _check_choices
+from anfast.data import create_loader
 from anfast.loss import AdjoinedLoss, get_lambda_schedule
 from anfast.runs.distributed import DistributedInfo, barrier
 from anfast.runs.errors import ConfigError

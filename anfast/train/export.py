@@ -19,7 +19,7 @@ from torch.optim.swa_utils import AveragedModel
 from anfast import export as exporting
 from anfast.export import export_base, export_student
 from anfast.runs.checkpoint import (CheckpointError, load_training_checkpoint, newest_usable_checkpoint,
-                                     reporting_full_disk, tensor_bytes)
+                                    reporting_full_disk, tensor_bytes)
 from anfast.train.config import SYNTHETIC_DATA, ConfigError, TrainConfig, check_field_types, load_config
 
 __all__ = ["export_networks", "load_run", "checkpoint_path", "evaluate_run", "export_run",

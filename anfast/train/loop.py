@@ -42,41 +42,42 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.optim.swa_utils import AveragedModel
 from tqdm import tqdm
 
-from anfast.export import load_student
-from anfast.nn import convert_sync_batchnorm
-from anfast.streams import use_streams
 from anfast.data import builtin_dataset, create_loader
 from anfast.data.folder import class_mismatch
 from anfast.data.synthetic import DEFAULT_SYNTHETIC_CLASSES, SyntheticLoader
-from anfast.ops.backend import backend_reasons
-from anfast.train.build import (check_environment, create_adjoined_model, create_optimizer,
-                                resolve_amp_dtype)
-from anfast.runs.checkpoint import (get_rng_state, load_training_checkpoint, newest_usable_checkpoint,
-                                     remove_stale_temp_files, reporting_full_disk, resume_checkpoint,
-                                     save_checkpoint, set_rng_state)
-from anfast.train.config import (SYNTHETIC_DATA, ConfigError, TrainConfig, compile_mode, resume_conflicts,
-                                 save_config)
-from anfast.runs.distributed import (DistributedInfo, all_reduce_sum, any_rank, any_rank_on_host,
-                                      barrier, broadcast_buffers, create_host_group,
-                                      destroy_distributed, init_distributed)
-from anfast.train.evaluate import evaluate, format_table, network_costs
-from anfast.train.export import ARCH_CONFIG_COPY, export_networks
-from anfast.train.graphs import (CapturedStep, cudagraph_skips, set_learning_rate, step_state_tensors,
-                                 tensor_learning_rates)
+from anfast.export import load_student
 from anfast.loss import AdjoinedLoss, OneNetworkLoss, TaughtOutput, get_lambda_schedule
+from anfast.nn import convert_sync_batchnorm
+from anfast.nn.backends import collect_layer_problems, layer_backends, prepare_backends, set_backend
+from anfast.ops.backend import backend_reasons
+from anfast.runs.checkpoint import (get_rng_state, load_training_checkpoint, newest_usable_checkpoint,
+                                    remove_stale_temp_files, reporting_full_disk, resume_checkpoint,
+                                    save_checkpoint, set_rng_state)
+from anfast.runs.distributed import (DistributedInfo, all_reduce_sum, any_rank, any_rank_on_host,
+                                     barrier, broadcast_buffers, create_host_group,
+                                     destroy_distributed, init_distributed)
+from anfast.runs.errors import RunStoppedError
 from anfast.runs.pretrained import load_pretrained
 from anfast.runs.records import MetricsLog, plot_curves, plot_tradeoff
 from anfast.runs.rundir import TRAIN_ARTIFACTS, RunDirLock, claim_run_dir, restart_options
 from anfast.runs.schedule import lr_at
+from anfast.streams import use_streams
+from anfast.train.build import (check_environment, create_adjoined_model, create_optimizer,
+                                resolve_amp_dtype)
+from anfast.train.config import (SYNTHETIC_DATA, ConfigError, TrainConfig, compile_mode, resume_conflicts,
+                                 save_config)
+from anfast.train.evaluate import evaluate, format_table, network_costs
+from anfast.train.export import ARCH_CONFIG_COPY, export_networks
+from anfast.train.graphs import (CapturedStep, cudagraph_skips, set_learning_rate, step_state_tensors,
+                                 tensor_learning_rates)
 from anfast.train.state import RunState
 from anfast.train.step import StepMeter, ema_update, resolve_compile, train_step, warm_up
-from anfast.nn.backends import collect_layer_problems, layer_backends, prepare_backends, set_backend
 
 __all__ = ["fit", "Training", "Run", "Parts", "Data", "Schedule", "NonFiniteLossError", "resolve_resume_path",
            "prepare_network", "loader_options", "data_root", "check_resumed_data"]
 
 
-class NonFiniteLossError(RuntimeError):
+class NonFiniteLossError(RunStoppedError):
     """More steps than --max-bad-steps had a NaN / inf loss or gradient (each was skipped)."""
 
 
