@@ -1,10 +1,13 @@
 """``adjoined_conv2d``: the public op, a torch.library custom op with autograd.
 
-Path of one call: adjoined_conv2d (checks, then the backend choice, made once:
-anfast.ops.dispatch.decide_backend) -> anfast::adjoined_conv2d (custom op, one opaque
-node for torch.compile, told the chosen backend's name) -> Backend.forward. Backward runs
-anfast::adjoined_conv2d_backward, also one node, on the backend the forward ran: the
-choice travels one way, from the call to both passes.
+Path of one call: adjoined_conv2d (checks, then the backend choice, made once in eager
+mode) -> anfast::adjoined_conv2d (custom op, one opaque node for torch.compile, told the
+chosen backend's name) -> Backend.forward. Backward runs anfast::adjoined_conv2d_backward,
+also one node, on the backend the forward ran: the choice travels one way, from the call to
+both passes. While torch.compile traces, the choice (which reads the tuning cache and loads
+backend modules, nothing dynamo can trace) is left to the op's body, as the requested name
+with ``decided=False``: the forward op chooses when it runs, and the backward op reads the
+same decision.
 
 Decide, then trace (DESIGN.md section 4c): when the backend is known before the call
 looks at the problem (named, $ANFAST_BACKEND, or auto on a device auto does not tune),
@@ -25,7 +28,7 @@ from torch.utils import flop_counter
 
 from anfast.ops import gemm_backend, reference, tuning
 from anfast.ops.backend import ConvProblem
-from anfast.ops.dispatch import decide_backend, decided_backend, note_choice
+from anfast.ops.dispatch import choose_backend, decided_backend, note_choice
 
 __all__ = ["adjoined_conv2d", "fixed_backend_name", "TRACEABLE_BACKENDS"]
 
@@ -64,15 +67,16 @@ def _adjoined_conv2d_op(
     dilation: List[int],
     groups: int,
     backend: str,
+    decided: bool,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     problem = _problem(x_base, x_student, weight, bias, student_in_index, out_student, stride,
                        padding, dilation, groups)
-    return decided_backend(problem, backend, "forward").forward(problem)
+    return decided_backend(problem, backend, decided, "forward").forward(problem)
 
 
 @_adjoined_conv2d_op.register_fake
 def _(x_base, x_student, weight, bias, student_in_index, out_student, stride, padding, dilation,
-      groups, backend):
+      groups, backend, decided):
     # Shapes and memory formats are those of F.conv2d, which every backend must give.
     return reference.adjoined_conv2d_reference(
         x_base, x_student, weight, bias, out_student, stride, padding, dilation, groups,
@@ -95,13 +99,14 @@ def _adjoined_conv2d_backward_op(
     dilation: List[int],
     groups: int,
     backend: str,
+    decided: bool,
     output_mask: List[bool],
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     # A bias stand-in that is never read: backends only look at its presence.
     bias = weight.new_empty(weight.shape[0]) if has_bias else None
     problem = _problem(x_base, x_student, weight, bias, student_in_index, out_student, stride,
                        padding, dilation, groups, tuple(output_mask))
-    grads = decided_backend(problem, backend, "backward").backward(
+    grads = decided_backend(problem, backend, decided, "backward").backward(
         grad_base, grad_student, problem, tuple(output_mask))
     # Custom ops return tensors only: an empty tensor stands for "not asked for". Each
     # gradient takes its input's layout, as the fake implementation promises (cuDNN
@@ -116,7 +121,7 @@ def _adjoined_conv2d_backward_op(
 
 @_adjoined_conv2d_backward_op.register_fake
 def _(grad_base, grad_student, x_base, x_student, weight, has_bias, student_in_index, out_student,
-      stride, padding, dilation, groups, backend, output_mask):
+      stride, padding, dilation, groups, backend, decided, output_mask):
     like = (x_base, x_student, weight, weight.new_empty(weight.shape[0]) if has_bias else None)
     return tuple(
         torch.empty_like(t) if need and t is not None else weight.new_empty(0)
@@ -126,25 +131,25 @@ def _(grad_base, grad_student, x_base, x_student, weight, has_bias, student_in_i
 
 def _setup_context(ctx, inputs, output):
     (x_base, x_student, weight, bias, student_in_index, out_student, stride, padding, dilation,
-     groups, backend) = inputs
+     groups, backend, decided) = inputs
     ctx.save_for_backward(x_base, x_student, weight, student_in_index)
     ctx.has_bias = bias is not None
-    ctx.config = (out_student, stride, padding, dilation, groups, backend)
+    ctx.config = (out_student, stride, padding, dilation, groups, backend, decided)
 
 
 def _backward(ctx, grad_base, grad_student):
     x_base, x_student, weight, student_in_index = ctx.saved_tensors
-    out_student, stride, padding, dilation, groups, backend = ctx.config
+    out_student, stride, padding, dilation, groups, backend, decided = ctx.config
     needs = ctx.needs_input_grad
     output_mask = [needs[0], needs[1], needs[2], needs[3] and ctx.has_bias]
     grads = _adjoined_conv2d_backward_op(
         grad_base.contiguous(memory_format=_memory_format(x_base)),
         grad_student.contiguous(memory_format=_memory_format(x_student)),
         x_base, x_student, weight, ctx.has_bias, student_in_index, out_student, stride, padding,
-        dilation, groups, backend, output_mask,
+        dilation, groups, backend, decided, output_mask,
     )
     dx_base, dx_student, dweight, dbias = (g if need else None for g, need in zip(grads, output_mask))
-    return dx_base, dx_student, dweight, dbias, None, None, None, None, None, None, None
+    return dx_base, dx_student, dweight, dbias, None, None, None, None, None, None, None, None
 
 
 def _memory_format(x: torch.Tensor) -> torch.memory_format:
@@ -168,7 +173,7 @@ def _student_weight_shape(x_student, weight, groups, y_student) -> list[int]:
 
 @flop_counter.register_flop_formula(torch.ops.anfast.adjoined_conv2d)
 def _forward_flops(x_base, x_student, weight, bias, student_in_index, out_student, stride, padding,
-                   dilation, groups, backend, out_shape) -> int:
+                   dilation, groups, backend, decided, out_shape) -> int:
     y_base, y_student = out_shape
     student = _student_weight_shape(x_student, weight, groups, y_student)
     return (flop_counter.conv_flop_count(x_base, weight, y_base)
@@ -177,7 +182,7 @@ def _forward_flops(x_base, x_student, weight, bias, student_in_index, out_studen
 
 @flop_counter.register_flop_formula(torch.ops.anfast.adjoined_conv2d_backward)
 def _backward_flops(grad_base, grad_student, x_base, x_student, weight, has_bias, student_in_index,
-                    out_student, stride, padding, dilation, groups, backend, output_mask,
+                    out_student, stride, padding, dilation, groups, backend, decided, output_mask,
                     out_shape) -> int:
     dx_base, dx_student, dweight, _ = output_mask
     student = _student_weight_shape(x_student, weight, groups, grad_student)
@@ -320,8 +325,11 @@ def adjoined_conv2d(
         note_choice(problem, "forward", name)
         return TRACEABLE_BACKENDS[name](x_base, x_student, weight, bias, out_student, stride,
                                         padding, dilation, groups, student_in_index)
-    chosen = decide_backend(problem, backend or "")  # None: the op decides when it runs
+    if torch.compiler.is_compiling():  # the op's body chooses when it runs
+        name, decided = backend or "", False
+    else:
+        name, decided = choose_backend(problem, backend or "").name, True
     return _adjoined_conv2d_op(
         x_base, x_student, weight, bias, student_in_index, out_student, stride, padding,
-        dilation, groups, chosen.name if chosen is not None else "",
+        dilation, groups, name, decided,
     )

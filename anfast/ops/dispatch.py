@@ -11,14 +11,12 @@ from __future__ import annotations
 
 import contextlib
 import os
-from typing import List, Optional
-
-import torch
+from typing import List
 
 from anfast.ops import backend as registry, tuning
 from anfast.ops.backend import Backend, BackendUnavailable, ConvProblem, backend_reasons, get_backend
 
-__all__ = ["choose_backend", "decide_backend", "decided_backend", "explain", "recording", "note_choice"]
+__all__ = ["choose_backend", "decided_backend", "explain", "recording", "note_choice"]
 
 
 # Recorders see every choice the op makes: `anfast tune` collects a model's problems
@@ -64,25 +62,13 @@ def choose_backend(problem: ConvProblem, requested: str = "", phase: str = "forw
     return backend
 
 
-def decide_backend(problem: ConvProblem, requested: str = "") -> Optional[Backend]:
-    """The choice, made once per call before the custom op runs (the op and its backward
-    pass then run the backend it names): choose_backend's, or None while torch.compile
-    traces a problem that auto has not decided yet, which the op decides when it runs
-    (nothing can be timed on a tracer's fake tensors)."""
-    requested = requested or os.environ.get("ANFAST_BACKEND", "")
-    if requested in ("", "auto") and torch.compiler.is_compiling():
-        tuner = tuning.get_tuner()
-        if problem.x_base.device.type in tuner.lazy_devices and tuner.lookup(problem) is None:
-            return None
-    return choose_backend(problem, requested)
-
-
-def decided_backend(problem: ConvProblem, name: str, phase: str) -> Backend:
-    """The backend a custom-op pass runs: ``name``, decided once by decide_backend before
-    the forward (the backward pass runs the forward's), else (an empty name, or "auto":
-    torch.compile traced an undecided problem) the choice made now, in ``phase``."""
-    if not name or name == "auto":
-        return choose_backend(problem, "", phase=phase)
+def decided_backend(problem: ConvProblem, name: str, decided: bool, phase: str) -> Backend:
+    """The backend a custom-op pass runs. ``decided``: ``name`` was chosen by choose_backend
+    before the forward op (eager mode), and both passes run it, the backward pass repeating
+    no choice. Else ``name`` is the request as the call gave it (torch.compile traced the
+    call: nothing was chosen then), and the choice is choose_backend's, now, in ``phase``."""
+    if not decided:
+        return choose_backend(problem, name, phase=phase)
     if phase == "backward":  # the forward's pass was recorded when its choice was made
         note_choice(problem, phase, name)
     return get_backend(name)
