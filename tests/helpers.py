@@ -154,3 +154,45 @@ def resnet50_shapes(batch: int = 8) -> dict[str, dict]:
 def shape_id(s: dict) -> str:
     return (f"N{s['batch']}-C{s['in_channels']}/{s['in_student']}-K{s['out_channels']}/{s['out_student']}"
             f"-{s['height']}x{s['width']}-k{s['kernel']}s{s['stride']}p{s['padding']}")
+
+
+# The Tensor methods that read a value on the host (a device sync on a GPU).
+HOST_READS = ("item", "__float__", "__bool__", "__int__", "tolist")
+
+
+class HostReads:
+    """Counts every host read of a tensor (HOST_READS) during a run of anfast.train.loop,
+    tagged with where the run was: "setup", ("in step", n) inside optimizer step n,
+    ("after step", n) after it, and ``end`` from the call of ``owner.name`` on (what a
+    run does once it has trained: not the loop's reads)."""
+
+    def __init__(self, monkeypatch, owner, name: str, end: str):
+        import anfast.train.loop as loop
+
+        self.where, self.reads, self.steps, self.end = "setup", [], 0, end
+        for read in HOST_READS:
+            monkeypatch.setattr(torch.Tensor, read, self._counted(getattr(torch.Tensor, read)))
+        step, finish = loop.train_step, getattr(owner, name)
+
+        def watched_step(*args, **kwargs):
+            self.where = ("in step", self.steps + 1)
+            step(*args, **kwargs)
+            self.steps += 1
+            self.where = ("after step", self.steps)
+
+        def watched_finish(*args, **kwargs):
+            self.where = end
+            return finish(*args, **kwargs)
+
+        monkeypatch.setattr(loop, "train_step", watched_step)
+        monkeypatch.setattr(owner, name, watched_finish)
+
+    def _counted(self, original):
+        def read(tensor, *args, **kwargs):
+            self.reads.append(self.where)
+            return original(tensor, *args, **kwargs)
+        return read
+
+    def per_step(self) -> dict:
+        """{("in step" | "after step", n): reads}, the set-up's and the end's left out."""
+        return {key: self.reads.count(key) for key in set(self.reads) if key not in ("setup", self.end)}

@@ -12,9 +12,9 @@ import sys
 import pytest
 import torch
 
-import anfast.train.loop as loop
 from anfast.dan import DanError, SearchConfig, search, search_training
 from anfast.dan.search import Search
+from helpers import HostReads
 from test_dan import TinyResidualNet
 from test_train_config import make_image_folder
 from test_train_run import _Training
@@ -22,7 +22,6 @@ from test_train_run import _Training
 pytestmark = pytest.mark.slow
 
 _TIMING_KEYS = ("images_per_second", "epoch_seconds")
-_READS = ("item", "__float__", "__bool__", "__int__", "tolist")
 
 
 @pytest.fixture(scope="module")
@@ -136,37 +135,10 @@ def test_search_steps_read_nothing_on_the_host_between_log_points(tmp_path, monk
     batches = [(torch.randn(6, 3, 8, 8, generator=generator), torch.randint(0, 3, (6,), generator=generator))
                for _ in range(4)]
     reference = _tiny_search(tmp_path / "reference", batches)
-    where = ["setup"]
-    reads = []
-
-    def counted(original):
-        def read(self, *args, **kwargs):
-            reads.append(where[0])
-            return original(self, *args, **kwargs)
-        return read
-
-    for name in _READS:
-        monkeypatch.setattr(torch.Tensor, name, counted(getattr(torch.Tensor, name)))
-    step = loop.train_step
-    steps_done = [0]
-
-    def watched_step(*args, **kwargs):
-        where[0] = ("in step", steps_done[0] + 1)
-        step(*args, **kwargs)
-        steps_done[0] += 1
-        where[0] = ("after step", steps_done[0])
-
-    monkeypatch.setattr(loop, "train_step", watched_step)
-    finish = Search.finish
-
-    def watched_finish(*args, **kwargs):
-        where[0] = "finish"  # deriving the student after the search: not the loop's reads
-        return finish(*args, **kwargs)
-
-    monkeypatch.setattr(Search, "finish", watched_finish)
+    reads = HostReads(monkeypatch, Search, "finish", "finish")  # deriving the student after the search
     result = _tiny_search(tmp_path / "run", batches)
-    assert steps_done[0] == 12
-    per_step = {key: reads.count(key) for key in set(reads) if key not in ("setup", "finish")}
+    assert reads.steps == 12
+    per_step = reads.per_step()
     assert not [key for key in per_step if key[0] == "in step"], per_step
     epoch_ends, log_points = {4, 8, 12}, {3, 6, 9, 12}
     for (_, step_number), count in per_step.items():

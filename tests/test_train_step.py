@@ -19,6 +19,7 @@ from anfast.train.config import ConfigError, TrainConfig
 from anfast.train.loop import NonFiniteLossError, fit
 import anfast
 from anfast.train.step import StepMeter, ema_update, optimizer_step, resolve_compile, train_step
+from helpers import HostReads
 from test_train_config import make_image_folder, tiny_config
 
 
@@ -212,7 +213,6 @@ def data(tmp_path_factory):
 # batch-6 AdamW at lr 1e-3 grows a 1e-6 difference to 7% in 8 steps.
 _RUN = dict(epochs=5, batch_size=6, optimizer="sgd", lr=0.01, workers=1, ema=True, ema_decay=0.5, clip_grad=1.0,
             log_interval=10)
-_READS = ("item", "__float__", "__bool__", "__int__", "tolist")
 
 
 def _losses(run_dir) -> list[list[float]]:
@@ -236,38 +236,11 @@ def _fit_on_one_thread(config) -> None:
 def test_steps_read_nothing_on_the_host_between_log_points(data, tmp_path, monkeypatch):
     # The reference: the same run with nothing counted, in this process and torch.
     _fit_on_one_thread(tiny_config(data, tmp_path / "reference", **_RUN))
-    where = ["setup"]
-    reads = []
-
-    def counted(original):
-        def read(self, *args, **kwargs):
-            reads.append(where[0])
-            return original(self, *args, **kwargs)
-        return read
-
-    for name in _READS:
-        monkeypatch.setattr(torch.Tensor, name, counted(getattr(torch.Tensor, name)))
-    step = loop.train_step
-    steps_done = [0]
-
-    def watched_step(*args, **kwargs):
-        where[0] = ("in step", steps_done[0] + 1)
-        step(*args, **kwargs)
-        steps_done[0] += 1
-        where[0] = ("after step", steps_done[0])
-
-    monkeypatch.setattr(loop, "train_step", watched_step)
-    summary = loop._summary
-
-    def watched_summary(*args, **kwargs):
-        where[0] = "summary"  # profiles and exports after training: not the loop's reads
-        return summary(*args, **kwargs)
-
-    monkeypatch.setattr(loop, "_summary", watched_summary)
+    reads = HostReads(monkeypatch, loop, "_summary", "summary")  # profiles and exports after training
     run_dir = tmp_path / "run"
     _fit_on_one_thread(tiny_config(data, run_dir, **_RUN))
-    assert steps_done[0] == 20
-    per_step = {key: reads.count(key) for key in set(reads) if key not in ("setup", "summary")}
+    assert reads.steps == 20
+    per_step = reads.per_step()
     assert not [key for key in per_step if key[0] == "in step"], per_step
     epoch_ends = {4, 8, 12, 16, 20}
     log_points = {10, 20}

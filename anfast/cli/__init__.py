@@ -55,10 +55,9 @@ def user_error(error: BaseException) -> Optional[str]:
     from anfast.runs.checkpoint import CheckpointError, DiskFullError
     from anfast.runs.errors import ConfigError, RunStoppedError
 
+    # ImportError: an optional dependency the options need (apex, onnx, timm).
     if isinstance(error, (ConfigError, DataLayoutError, DanError, CheckpointError, ExportError,
-                          AdjoinError, FileNotFoundError, RunStoppedError)):
-        return " ".join(str(error).split())
-    if isinstance(error, ImportError):  # an optional dependency the options need (apex, onnx, timm)
+                          AdjoinError, FileNotFoundError, RunStoppedError, ImportError)):
         return " ".join(str(error).split())
     if isinstance(error, DiskFullError):
         return f"{error.strerror} ({error.filename}): {error.space()}; {_USER_ERRNOS[error.errno]}"
