@@ -16,6 +16,7 @@ from typing import Any, Dict, List, Sequence
 import torch
 
 from anfast.cli.args import add_model_arguments, model_options
+from anfast.data.builtin import SHAPES
 from anfast.nn.backends import LayerDecision, tune_model
 from anfast.ops import backend as registry, tuning
 from anfast.ops.backend import ConvProblem
@@ -120,8 +121,6 @@ def _run(args: argparse.Namespace) -> int:
 
 def register(subparsers) -> None:
     """Add `anfast tune` to the main parser."""
-    from anfast.data.builtin import SHAPES
-
     parser = subparsers.add_parser(
         "tune", help="verify and time the backends for every conv of a model; fill auto's cache",
         description="Build the adjoined model `anfast train` would with the same model flags (the "
