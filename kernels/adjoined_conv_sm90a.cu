@@ -24,6 +24,7 @@
 #include <type_traits>
 
 #include "adjoined_conv_sm90a.h"
+#include "cutlass_element.cuh"
 
 #include "cute/tensor.hpp"
 // Before the conv collectives: CUTLASS 4.2's sm100 collective names KernelHardwareInfo
@@ -42,23 +43,12 @@ namespace {
 
 using cutlass::conv::Operator;
 
-template <typename T>
-struct Sm90aElement;
-template <>
-struct Sm90aElement<__half> {
-  using type = cutlass::half_t;
-};
-template <>
-struct Sm90aElement<__nv_bfloat16> {
-  using type = cutlass::bfloat16_t;
-};
-
 // One traits struct per kernel: element type, tile and cluster, and the CUTLASS 3
 // types the builders derive from them (mainloop stages fill the shared memory the
 // epilogue leaves).
 template <typename T, Operator Op>
 struct Sm90aConv {
-  using Element = typename Sm90aElement<T>::type;
+  using Element = typename CutlassElement<T>::type;
   static constexpr int kAlignment = 128 / cutlass::sizeof_bits<Element>::value;
   // GEMM modes (CUTLASS's conv/detail.hpp): fprop M = output positions, N = output
   // channels, K = (input channel, tap); dgrad M = input positions, N = input channels,

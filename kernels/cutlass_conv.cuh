@@ -22,23 +22,11 @@
 #include <cutlass/gemm/threadblock/threadblock_swizzle.h>
 
 #include "adjoined_conv.h"
+#include "cutlass_element.cuh"
 #include "phase_output_iterator.cuh"
 
 namespace anfast {
 namespace detail {
-
-template <typename T>
-struct CutlassElement {
-  using type = T;
-};
-template <>
-struct CutlassElement<__half> {
-  using type = cutlass::half_t;
-};
-template <>
-struct CutlassElement<__nv_bfloat16> {
-  using type = cutlass::bfloat16_t;
-};
 
 // 16-bit inputs: tensor cores (mma.sync 16x8x16), 4 warps of (kM / 2) x (kN / 2) on a
 // kM x kN tile, 32-deep k steps in a 4-stage cp.async pipeline (128x128: 64 KB of
