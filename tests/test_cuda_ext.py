@@ -281,11 +281,11 @@ def test_auto_dispatch_verifies_the_cuda_backend_and_follows_its_decision(monkey
                                      (s["stride"],) * 2, (s["padding"],) * 2, (1, 1), 1, None)
     assert BACKEND.unsupported_reasons(problem, explicit=False) == []
     (decision, cached), = anfast.ops.tuning.tune_problems([problem], ["cuda"])
-    cuda = decision["candidates"]["cuda"]
-    assert cuda["verified"], cuda["why"]
+    cuda = decision.candidates["cuda"]
+    assert cuda.verified, cuda.why
     assert not cached
     # Every variant was verified and timed; the fastest is named and is what the backend runs.
-    assert sorted(cuda["variants"]) == sorted(BACKEND.variants(problem))
-    assert cuda["ms"] == min(r["ms"] for r in cuda["variants"].values() if r["verified"])
-    assert cuda["variant"] == anfast.ops.tuning.decided_variant(problem, "cuda")
-    assert anfast.ops.choose_backend(problem, "auto").name == decision["backend"]
+    assert sorted(cuda.variants) == sorted(BACKEND.variants(problem))
+    assert cuda.ms == min(r.ms for r in cuda.variants.values() if r.verified)
+    assert cuda.variant == anfast.ops.tuning.decided_variant(problem, "cuda")
+    assert anfast.ops.choose_backend(problem, "auto").name == decision.backend

@@ -263,9 +263,9 @@ def test_tuner_verifies_gemm_for_real_and_picks_the_faster(tuner, gemm_ms, chose
     tuner.timer = FakeTimer({"gemm": gemm_ms, "torch": 1.0})  # cuda is refused on the CPU, untimed
     problem = _auto_call(make_tensors(5, 4, seed=9))
     decision = tuner.lookup(problem)
-    gemm = decision["candidates"]["gemm"]
-    assert gemm["verified"] and gemm["error"] < TOLERANCE[torch.float32] and gemm["ms"] == gemm_ms
-    assert decision["backend"] == chosen and tuner.timer.calls == 2
+    gemm = decision.candidates["gemm"]
+    assert gemm.verified and gemm.error < TOLERANCE[torch.float32] and gemm.ms == gemm_ms
+    assert decision.backend == chosen and tuner.timer.calls == 2
     assert f"auto: {chosen}: " in explain(problem)
     with dispatch.recording() as records:
         _auto_call(make_tensors(5, 4, seed=9))
@@ -280,8 +280,8 @@ def test_tuner_records_why_gemm_cannot_run_a_3x3_conv(tuner):
     adjoined_conv2d(*leaves, out_student=4)
     problem = ConvProblem(*leaves, 4, (1, 1), (0, 0), (1, 1), 1, None)
     decision = tuner.lookup(problem)
-    assert decision["backend"] == "torch" and tuner.timer.calls == 1
-    assert "unsupported: kernel size (3, 3)" in decision["candidates"]["gemm"]["why"]
+    assert decision.backend == "torch" and tuner.timer.calls == 1
+    assert "unsupported: kernel size (3, 3)" in decision.candidates["gemm"].why
 
 
 def _recording_backend():

@@ -76,7 +76,7 @@ def test_wrong_backend_is_never_chosen_and_named_once(tuner, monkeypatch, wrong,
                           got, expected):
         assert_close_rel(a, b, 1e-6, name)
     decision = tuner.lookup(problem_of(inputs))
-    assert decision["backend"] == "torch" and not decision["candidates"]["bad"]["verified"]
+    assert decision.backend == "torch" and not decision.candidates["bad"].verified
     timings, calls = tuner.timer.calls, bad.forward_calls
     with tuning.warnings.catch_warnings():
         tuning.warnings.simplefilter("error")  # logged once: a decided key warns no more
@@ -92,8 +92,8 @@ def test_fastest_verified_backend_wins_and_runs(tuner, monkeypatch, fast_ms, cho
     inputs = make_inputs()
     run_op(inputs)
     decision = tuner.lookup(problem_of(inputs))
-    assert decision["backend"] == chosen
-    assert decision["candidates"]["fast"]["verified"] and decision["candidates"]["fast"]["ms"] == fast_ms
+    assert decision.backend == chosen
+    assert decision.candidates["fast"].verified and decision.candidates["fast"].ms == fast_ms
     assert tuner.timer.calls == 2  # torch and the candidate, once
     calls = fast.forward_calls
     run_op(inputs)
@@ -113,12 +113,11 @@ def test_fastest_verified_variant_wins_runs_and_round_trips_the_cache(tuner, mon
     for name, a, b in zip(("y_base", "y_student", "dx_base", "dx_student", "dweight", "dbias"), got, expected):
         assert_close_rel(a, b, 1e-6, name)
     decision = tuner.lookup(problem_of(inputs))
-    result = decision["candidates"]["tiles"]
-    assert (decision["backend"], decision["variant"], result["variant"], result["ms"]) == \
-        ("tiles", "64x64", "64x64", 0.5)
-    assert {name: r["verified"] for name, r in result["variants"].items()} == \
+    result = decision.candidates["tiles"]
+    assert (decision.backend, decision.variant, result.variant, result.ms) == ("tiles", "64x64", "64x64", 0.5)
+    assert {name: r.verified for name, r in result.variants.items()} == \
         {"128x128": True, "64x64": True, "wrong": False}
-    assert "variant 64x64" in decision["reason"] and "tiles:64x64 0.5 ms" in explain(problem_of(inputs))
+    assert "variant 64x64" in decision.reason and "tiles:64x64 0.5 ms" in explain(problem_of(inputs))
     assert tuner.timer.calls == 4 and tiles.ran == ["64x64"]  # torch + 3 variants; then the winner ran
 
     # A fresh process reads the variant back, measures nothing and runs that variant, also
@@ -140,10 +139,10 @@ def test_backend_whose_every_variant_fails_is_never_chosen(tuner, monkeypatch):
     with pytest.warns(UserWarning, match="failed verification"):
         run_op(inputs)
     decision = tuner.lookup(problem_of(inputs))
-    result = decision["candidates"]["tiles"]
-    assert (decision["backend"], decision["variant"], result["verified"], result["ms"]) == ("torch", "", False, None)
-    assert result["why"].startswith("no variant verified: a: y_student relative error")
-    assert "b: y_base NaN or inf" in result["why"]
+    result = decision.candidates["tiles"]
+    assert (decision.backend, decision.variant, result.verified, result.ms) == ("torch", "", False, None)
+    assert result.why.startswith("no variant verified: a: y_student relative error")
+    assert "b: y_base NaN or inf" in result.why
     run_op(inputs, backend="tiles")
     assert tiles.ran == [""]  # named, with no verified variant: its default
 
@@ -161,8 +160,53 @@ def test_format_1_cache_is_set_aside_and_retuned(tuner, monkeypatch):
     path.write_text(json.dumps(old))
     with pytest.warns(UserWarning, match="ignoring tuning cache .*'format': 1"):
         run_op(inputs)
-    assert tuner.timer.calls == 3 and tuner.lookup(problem_of(inputs))["variant"] == "64x64"
+    assert tuner.timer.calls == 3 and tuner.lookup(problem_of(inputs)).variant == "64x64"
     assert json.loads(path.read_text())["format"] == tuning._CACHE_FORMAT
+
+
+
+def test_format_2_cache_loads_into_decisions_and_round_trips_byte_for_byte(tuner):
+    """A decisions file as the released code writes it (format 2: sorted keys, indent 1)
+    reads into Decision / Candidate records and is written back unchanged."""
+    tiled, untiled = problem_of(make_inputs()), problem_of(make_inputs(channels=16, size=5))
+    wrong = "dweight relative error 5.00e-01 > tolerance 1e-05"
+    unsupported = "unsupported: kernel size (3, 3)"
+    faster = "verified (variant 64x64), 2.00x torch's speed"
+    slower = "no verified fused backend is faster than torch"
+    header = tuning._expected_header(torch.device("cpu"))
+    content = {**header, "decisions": {
+        tuning.problem_key(tiled): {"backend": "tiles", "variant": "64x64", "reason": faster, "torch_ms": 1.0,
+                                    "candidates": {
+            "gemm": {"verified": False, "error": None, "why": unsupported, "ms": None},
+            "tiles": {"verified": True, "error": 3e-07, "why": "", "ms": 0.5, "variant": "64x64", "variants": {
+                "128x128": {"verified": True, "error": 2e-07, "why": "", "ms": 0.8},
+                "64x64": {"verified": True, "error": 3e-07, "why": "", "ms": 0.5},
+                "wrong": {"verified": False, "error": 0.5, "why": wrong, "ms": None}}}}},
+        tuning.problem_key(untiled): {"backend": "torch", "variant": "", "reason": slower, "torch_ms": 2,
+                                      "candidates": {
+            "fast": {"verified": True, "error": 0.0, "why": "", "ms": 2.5}}}}}
+    path = cache_path(torch.device("cpu"))
+    path.parent.mkdir(parents=True)
+    written = json.dumps(content, indent=1, sort_keys=True)
+    path.write_text(written)
+
+    Candidate = tuning.Candidate
+    assert tuner.lookup(tiled) == tuning.Decision(
+        backend="tiles", variant="64x64", reason=faster, torch_ms=1.0, candidates={
+            "gemm": Candidate(verified=False, ms=None, why=unsupported, error=None),
+            "tiles": Candidate(verified=True, ms=0.5, why="", error=3e-07, variant="64x64", variants={
+                "128x128": Candidate(verified=True, ms=0.8, why="", error=2e-07),
+                "64x64": Candidate(verified=True, ms=0.5, why="", error=3e-07),
+                "wrong": Candidate(verified=False, ms=None, why=wrong, error=0.5)})})
+    assert tuner.lookup(untiled) == tuning.Decision(
+        backend="torch", variant="", reason=slower, torch_ms=2,
+        candidates={"fast": Candidate(verified=True, ms=2.5, why="", error=0.0)})
+    assert tuning.decided_variant(tiled, "tiles") == "64x64"
+
+    entries = {key: decision.to_json() for key, decision in tuner.table(torch.device("cpu")).items()}
+    assert json.dumps({**header, "decisions": entries}, indent=1, sort_keys=True) == written
+    tuning._write_cache(path, header, {})  # merges nothing: the file is rewritten as it was
+    assert path.read_text() == written
 
 
 @pytest.mark.parametrize("fused_layout, verified", [("channels_last", True), ("nchw", False)])
@@ -191,10 +235,10 @@ def test_output_strides_are_checked_against_torch_in_the_problems_dtype(tuner, m
         tuning.warnings.simplefilter("always")
         run_op(inputs)
     decision = tuner.lookup(problem_of(inputs))
-    assert decision["candidates"]["fast"]["verified"] is verified
-    assert decision["backend"] == ("fast" if verified else "torch")
+    assert decision.candidates["fast"].verified is verified
+    assert decision.backend == ("fast" if verified else "torch")
     if not verified:
-        assert "y_base has strides" in decision["candidates"]["fast"]["why"]
+        assert "y_base has strides" in decision.candidates["fast"].why
         assert any("failed verification" in str(w.message) for w in caught)
 
 
@@ -226,10 +270,13 @@ def test_cache_round_trips_and_survives_corrupt_and_foreign_files(tuner, monkeyp
     reader = Tuner(timer=FakeTimer({}), lazy_devices=("cpu",))
     tuning.set_tuner(reader)
     run_op(inputs)
-    assert reader.timer.calls == 0 and reader.lookup(problem_of(inputs))["backend"] == "fast"
+    assert reader.timer.calls == 0 and reader.lookup(problem_of(inputs)).backend == "fast"
 
     foreign = dict(stored, device="Some Other GPU", capability="sm_75")
-    for content, why in (("{not json", "unreadable"), (json.dumps(foreign), "written for")):
+    malformed = dict(stored, decisions={key: {**decision, "candidates": {"fast": {"verified": True}}}
+                                        for key, decision in stored["decisions"].items()})
+    for content, why in (("{not json", "unreadable"), (json.dumps(foreign), "written for"),
+                         (json.dumps(malformed), r"the decision for \[.*\], candidate 'fast' has the keys")):
         path.write_text(content)
         fresh = Tuner(timer=FakeTimer({"fast": 0.5, "torch": 1.0}), lazy_devices=("cpu",))
         tuning.set_tuner(fresh)
@@ -415,7 +462,7 @@ def test_the_backward_pass_runs_the_backend_its_forward_ran(tuner, monkeypatch):
     tuner.timer = FakeTimer({"fast": 0.5, "torch": 1.0})
     inputs = make_inputs()
     y_base, y_student = adjoined_conv2d(*inputs, out_student=4, padding=1)  # decides "fast"
-    assert tuner.lookup(problem_of(inputs))["backend"] == "fast"
+    assert tuner.lookup(problem_of(inputs)).backend == "fast"
     ran = fast.backward_calls  # verifying and timing ran it too
     tuning.set_tuner(Tuner(timer=FakeTimer({}), lazy_devices=("cpu",)))  # would say torch now
     (y_base.square().sum() + 3 * y_student.sum()).backward()

@@ -35,7 +35,7 @@ def main(rank: int, world: int, store: str, out: str, cache: str) -> None:
     after = choose_backend(problems[0]).name
     with open(out, "w") as file:
         json.dump({"before": before, "after": after, "timings": timer.calls,
-                   "decisions": [decision["backend"] for decision, _ in decisions]}, file)
+                   "decisions": [decision.backend for decision, _ in decisions]}, file)
     dist.destroy_process_group()
 
 

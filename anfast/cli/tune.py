@@ -39,30 +39,30 @@ def format_table(rows: List[LayerDecision], candidates: Sequence[str]) -> str:
               + f"  {'choice':<8}{'speed-up':>9}  {'status':<7}verification")
     lines = [header, "-" * len(header)]
     for row in rows:
-        results = row.decision["candidates"]
-        times = "".join(f"{results[name]['ms']:>11.3f}" if results.get(name, {}).get("ms") is not None
+        results = row.decision.candidates
+        times = "".join(f"{results[name].ms:>11.3f}" if name in results and results[name].ms is not None
                         else f"{'-':>11}" for name in candidates)
         checks = "; ".join(
-            f"{name} verified (error {results[name]['error']:.1e})" if results[name]["verified"]
-            else f"{name} NOT verified: {results[name]['why']}" for name in candidates if name in results)
-        lines.append(f"{row.layer:<24}{_shape(row.problem):<44}{row.decision['torch_ms']:>10.3f}"
-                     f"{times}  {row.decision['backend']:<8}"
-                     f"{row.decision['torch_ms'] / row.chosen_ms():>8.2f}x  "
+            f"{name} verified (error {results[name].error:.1e})" if results[name].verified
+            else f"{name} NOT verified: {results[name].why}" for name in candidates if name in results)
+        lines.append(f"{row.layer:<24}{_shape(row.problem):<44}{row.decision.torch_ms:>10.3f}"
+                     f"{times}  {row.decision.backend:<8}"
+                     f"{row.decision.torch_ms / row.chosen_ms():>8.2f}x  "
                      f"{'cached' if row.cached else 'timed':<7}{checks}")
     lines.append(_totals_line(_totals(rows)))
     return "\n".join(lines)
 
 
 def _totals(rows: List[LayerDecision]) -> Dict[str, Any]:
-    torch_ms = sum(row.decision["torch_ms"] for row in rows)
+    torch_ms = sum(row.decision.torch_ms for row in rows)
     chosen_ms = sum(row.chosen_ms() for row in rows)
     keys = {tuning.problem_key(row.problem): row.cached for row in rows}
     return {"layers": len(rows), "problems": len(keys),
             "timed": sum(not cached for cached in keys.values()),
             "cached": sum(keys.values()), "torch_ms": torch_ms, "chosen_ms": chosen_ms,
             "speedup": torch_ms / chosen_ms if chosen_ms else 1.0,
-            "choices": {name: sum(row.decision["backend"] == name for row in rows)
-                        for name in sorted({row.decision["backend"] for row in rows})}}
+            "choices": {name: sum(row.decision.backend == name for row in rows)
+                        for name in sorted({row.decision.backend for row in rows})}}
 
 
 def _totals_line(totals: Dict[str, Any]) -> str:

@@ -88,13 +88,12 @@ class LayerDecision:
 
     layer: str
     problem: ConvProblem
-    decision: Dict[str, Any]
+    decision: tuning.Decision
     cached: bool
 
     def chosen_ms(self) -> float:
-        choice = self.decision["backend"]
-        return self.decision["torch_ms"] if choice == "torch" else \
-            self.decision["candidates"][choice]["ms"]
+        choice = self.decision.backend
+        return self.decision.torch_ms if choice == "torch" else self.decision.candidates[choice].ms
 
     def to_dict(self) -> Dict[str, Any]:
         p = self.problem
@@ -102,11 +101,11 @@ class LayerDecision:
                 "x_base": list(p.x_base.shape), "x_student": list(p.x_student.shape),
                 "weight": list(p.weight.shape), "out_student": p.out_student,
                 "stride": list(p.stride), "padding": list(p.padding),
-                "choice": self.decision["backend"], "variant": self.decision["variant"],
-                "reason": self.decision["reason"],
-                "torch_ms": self.decision["torch_ms"], "chosen_ms": self.chosen_ms(),
-                "speedup": self.decision["torch_ms"] / self.chosen_ms(),
-                "candidates": self.decision["candidates"], "cached": self.cached}
+                "choice": self.decision.backend, "variant": self.decision.variant,
+                "reason": self.decision.reason,
+                "torch_ms": self.decision.torch_ms, "chosen_ms": self.chosen_ms(),
+                "speedup": self.decision.torch_ms / self.chosen_ms(),
+                "candidates": self.decision.to_json()["candidates"], "cached": self.cached}
 
 
 def tune_model(model: torch.nn.Module, batch_size: int, image_size: int,
@@ -151,7 +150,7 @@ def pin_traceable_decisions(model: torch.nn.Module, decisions: Sequence["LayerDe
     (DESIGN.md section 4c, decide then trace). Returns the names of the pinned layers."""
     chosen: Dict[str, set] = {}
     for row in decisions:
-        chosen.setdefault(row.layer.split("#")[0], set()).add(row.decision["backend"])
+        chosen.setdefault(row.layer.split("#")[0], set()).add(row.decision.backend)
     pinned = []
     for name, module in model.named_modules():
         names = chosen.get(name, set())

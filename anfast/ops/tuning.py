@@ -12,8 +12,9 @@ backend's tile shapes) has each variant verified and timed as a candidate of its
 own ("cuda:128x64x32"); the backend's result is its fastest verified variant, which
 the decision names and the backend then runs for that key.
 
-Decisions persist in ANFAST_CACHE_DIR (default ~/.cache/anfast), one JSON file per
-device and software versions. No tuning happens when ANFAST_TUNE=0, while a CUDA
+A key's ``Decision`` holds one ``Candidate`` per fused backend tried. Decisions persist
+in ANFAST_CACHE_DIR (default ~/.cache/anfast), one JSON file per device and software
+versions. No tuning happens when ANFAST_TUNE=0, while a CUDA
 graph is being captured or while torch.compile traces (the custom op body is opaque
 there anyway), nor lazily inside a distributed run: there ``tune_problems`` is a
 collective (rank 0 measures, every rank installs rank 0's decisions), and the op
@@ -32,7 +33,7 @@ import statistics
 import tempfile
 import time
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence
 
@@ -53,6 +54,8 @@ __all__ = [
     "cache_path",
     "stream_is_capturing",
     "default_timer",
+    "Candidate",
+    "Decision",
     "backend_variants",
     "decided_variant",
     "Tuner",
@@ -137,6 +140,111 @@ def device_identity(device: torch.device) -> Dict[str, str]:
     return {"device": f"{device.type} {platform.machine()}", "capability": ""}
 
 
+def _checked(entry: Any, what: str, types: Dict[str, tuple], optional: Sequence[str] = ()) -> None:
+    """Raise ValueError naming what differs unless ``entry`` is a JSON object with the keys
+    of ``types`` (those in ``optional`` all or none), each value of one of its types."""
+    if not isinstance(entry, dict):
+        raise ValueError(f"{what} is a {type(entry).__name__}, not a JSON object")
+    expected = set(types) if set(optional) & entry.keys() else set(types) - set(optional)
+    if entry.keys() != expected:
+        together = f" ({' and '.join(optional)} together or neither)" if optional else ""
+        raise ValueError(f"{what} has the keys {sorted(entry)}, expected {sorted(expected)}{together}")
+    for key, value in entry.items():
+        allowed = types[key]
+        if not isinstance(value, allowed) or isinstance(value, bool) and bool not in allowed:
+            names = " or ".join("null" if t is type(None) else t.__name__ for t in allowed)
+            raise ValueError(f"{what}: {key!r} is {value!r}, expected {names}")
+
+
+_NUMBER_OR_NULL = (int, float, type(None))
+
+
+@dataclass(frozen=True)
+class Candidate:
+    """One fused backend's result on one problem (or one kernel variant's, inside
+    ``variants``), as the decisions file stores it.
+
+    Attributes:
+        verified: forward and every needed gradient matched torch within TOLERANCE,
+            output strides included.
+        ms: median forward + backward milliseconds; None unless verified.
+        why: why it was refused ("unsupported: ...", "raised ...", the worst error);
+            "" when verified.
+        error: worst relative error against the float64 reference; None when it did
+            not run to a comparison.
+        variant: for a backend with kernel variants, the fastest verified one ("" when
+            none verified, or for a backend without variants).
+        variants: {variant: Candidate} of every variant tried; None for a backend
+            without variants (its file entry then has neither "variant" nor "variants").
+    """
+
+    verified: bool
+    ms: Optional[float]
+    why: str
+    error: Optional[float]
+    variant: str = ""
+    variants: Optional[Dict[str, "Candidate"]] = None
+
+    def to_json(self) -> Dict[str, Any]:
+        """The entry of the decisions file (and of ``anfast tune --out``'s "candidates")."""
+        entry = {"verified": self.verified, "error": self.error, "why": self.why, "ms": self.ms}
+        if self.variants is not None:
+            entry["variant"] = self.variant
+            entry["variants"] = {name: result.to_json() for name, result in self.variants.items()}
+        return entry
+
+    @classmethod
+    def from_json(cls, entry: Any, what: str = "candidate") -> "Candidate":
+        """The Candidate of a file entry; ValueError, naming the entry as ``what``, when it
+        is not one ``to_json`` writes."""
+        _checked(entry, what, {"verified": (bool,), "error": _NUMBER_OR_NULL, "why": (str,),
+                               "ms": _NUMBER_OR_NULL, "variant": (str,), "variants": (dict,)},
+                 optional=("variant", "variants"))
+        variants = entry.get("variants")
+        if variants is not None:
+            variants = {name: cls.from_json(result, f"{what}, variant {name!r}")
+                        for name, result in variants.items()}
+        return cls(verified=entry["verified"], ms=entry["ms"], why=entry["why"], error=entry["error"],
+                   variant=entry.get("variant", ""), variants=variants)
+
+
+@dataclass(frozen=True)
+class Decision:
+    """Auto's choice for one problem key, as the decisions file stores it.
+
+    Attributes:
+        backend: what runs the key: "torch" or the fastest verified fused backend.
+        variant: the kernel variant ``backend`` runs ("" for torch or a backend
+            without variants).
+        reason: why, in one line ("verified (variant 64x64), 1.60x torch's speed").
+        torch_ms: torch's median forward + backward milliseconds.
+        candidates: {fused backend name: Candidate} of every backend tried.
+    """
+
+    backend: str
+    variant: str
+    reason: str
+    torch_ms: float
+    candidates: Dict[str, Candidate]
+
+    def to_json(self) -> Dict[str, Any]:
+        """The entry of the decisions file under the key's problem_key."""
+        return {"backend": self.backend, "variant": self.variant, "reason": self.reason,
+                "torch_ms": self.torch_ms,
+                "candidates": {name: result.to_json() for name, result in self.candidates.items()}}
+
+    @classmethod
+    def from_json(cls, entry: Any, what: str = "decision") -> "Decision":
+        """The Decision of a file entry; ValueError, naming the entry as ``what``, when it
+        is not one ``to_json`` writes."""
+        _checked(entry, what, {"backend": (str,), "variant": (str,), "reason": (str,),
+                               "torch_ms": (int, float), "candidates": (dict,)})
+        return cls(backend=entry["backend"], variant=entry["variant"], reason=entry["reason"],
+                   torch_ms=entry["torch_ms"],
+                   candidates={name: Candidate.from_json(result, f"{what}, candidate {name!r}")
+                               for name, result in entry["candidates"].items()})
+
+
 def cache_dir() -> Path:
     """$ANFAST_CACHE_DIR, else ~/.cache/anfast."""
     return Path(os.environ.get("ANFAST_CACHE_DIR") or Path.home() / ".cache" / "anfast")
@@ -154,26 +262,32 @@ def _expected_header(device: torch.device) -> Dict[str, Any]:
     return {"format": _CACHE_FORMAT, **device_identity(device), "versions": versions()}
 
 
-def _read_cache(path: Path, header: Dict[str, Any]) -> Dict[str, Dict[str, Any]]:
-    """Decisions in ``path``; a missing file is empty, a corrupt or foreign one is
-    ignored with a one-line warning (never a crash: the cache only saves time)."""
+def _read_cache(path: Path, header: Dict[str, Any]) -> Dict[str, Decision]:
+    """Decisions in ``path``; a missing file is empty, a corrupt or foreign one (or one
+    with an entry Decision.from_json refuses) is ignored with a one-line warning (never a
+    crash: the cache only saves time)."""
     try:
         content = json.loads(path.read_text())
     except FileNotFoundError:
         return {}
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
-        warnings.warn(f"anfast: ignoring tuning cache {path}: unreadable ({error}); "
-                      f"it will be rewritten", stacklevel=2)
-        return {}
+        return _ignore_cache(path, f"unreadable ({error})")
     found = {key: content.get(key) for key in header} if isinstance(content, dict) else None
     if found != header or not isinstance(content.get("decisions"), dict):
-        warnings.warn(f"anfast: ignoring tuning cache {path}: written for {found}, this process "
-                      f"is {header}; it will be rewritten", stacklevel=2)
-        return {}
-    return content["decisions"]
+        return _ignore_cache(path, f"written for {found}, this process is {header}")
+    try:
+        return {key: Decision.from_json(entry, f"the decision for [{key}]")
+                for key, entry in content["decisions"].items()}
+    except ValueError as error:
+        return _ignore_cache(path, f"unreadable ({error})")
 
 
-def _write_cache(path: Path, header: Dict[str, Any], decisions: Dict[str, Dict[str, Any]]) -> None:
+def _ignore_cache(path: Path, why: str) -> Dict[str, Decision]:
+    warnings.warn(f"anfast: ignoring tuning cache {path}: {why}; it will be rewritten", stacklevel=3)
+    return {}
+
+
+def _write_cache(path: Path, header: Dict[str, Any], decisions: Dict[str, Decision]) -> None:
     """Merge ``decisions`` into the file and replace it atomically (temp + os.replace),
     so a concurrent reader sees the old file or the new one, never half of one."""
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -183,7 +297,8 @@ def _write_cache(path: Path, header: Dict[str, Any], decisions: Dict[str, Dict[s
     handle, temp = tempfile.mkstemp(prefix=path.name, suffix=".tmp", dir=path.parent)
     try:
         with os.fdopen(handle, "w") as file:
-            json.dump({**header, "decisions": merged}, file, indent=1, sort_keys=True)
+            entries = {key: decision.to_json() for key, decision in merged.items()}
+            json.dump({**header, "decisions": entries}, file, indent=1, sort_keys=True)
         os.replace(temp, path)
     except BaseException:
         os.unlink(temp)
@@ -261,8 +376,9 @@ def _reference(problem: ConvProblem, mask) -> _Reference:
 
 
 def _verify(outputs: tuple, grads: tuple, mask, reference: _Reference, dtype: torch.dtype,
-            torch_outputs: tuple) -> Dict[str, Any]:
-    """{"verified": bool, "error": worst relative error, "why": reason when not verified}.
+            torch_outputs: tuple) -> Candidate:
+    """The candidate's verification: verified, worst relative error, why when not verified
+    (its ms is left None for the caller that timed it).
 
     Values are compared with the float64 reference; output strides with ``torch_outputs``,
     the torch backend's outputs in the problem's own dtype: that is what a run without
@@ -277,20 +393,20 @@ def _verify(outputs: tuple, grads: tuple, mask, reference: _Reference, dtype: to
     for name, got, want in checks:
         if got is None or got.shape != want.shape:
             shape = None if got is None else tuple(got.shape)
-            return {"verified": False, "error": None,
-                    "why": f"{name} has shape {shape}, torch gives {tuple(want.shape)}"}
+            return Candidate(verified=False, ms=None, error=None,
+                             why=f"{name} has shape {shape}, torch gives {tuple(want.shape)}")
         error = relative_error(got, want)
         if error >= worst:
             worst_name, worst = name, error
     for name, got, want in zip(_OUTPUT_NAMES, outputs, torch_outputs):
         if got.stride() != want.stride():
-            return {"verified": False, "error": worst,
-                    "why": f"{name} has strides {got.stride()}, torch gives {want.stride()}"}
+            return Candidate(verified=False, ms=None, error=worst,
+                             why=f"{name} has strides {got.stride()}, torch gives {want.stride()}")
     if worst > tolerance:
         what = "NaN or inf" if worst == float("inf") else f"relative error {worst:.2e}"
-        return {"verified": False, "error": worst,
-                "why": f"{worst_name} {what} > tolerance {tolerance:.0e}"}
-    return {"verified": True, "error": worst, "why": ""}
+        return Candidate(verified=False, ms=None, error=worst,
+                         why=f"{worst_name} {what} > tolerance {tolerance:.0e}")
+    return Candidate(verified=True, ms=None, error=worst, why="")
 
 
 def backend_variants(backend: Backend, problem: ConvProblem) -> List[tuple[str, Backend]]:
@@ -308,23 +424,22 @@ def decided_variant(problem: ConvProblem, backend_name: str) -> str:
     not decided or that backend's variants were not verified): what the backend runs for
     it, whether auto chose it or it was named."""
     decision = get_tuner().lookup(problem)
-    if decision is None:
-        return ""
-    return decision["candidates"].get(backend_name, {}).get("variant", "")
+    result = decision.candidates.get(backend_name) if decision is not None else None
+    return result.variant if result is not None else ""
 
 
-def _fastest_variant(tried: Dict[str, Dict[str, Any]]) -> Dict[str, Any]:
+def _fastest_variant(tried: Dict[str, Candidate]) -> Candidate:
     """A backend's result from its variants' ({variant: result}; {"": result} for a
     backend without variants): the fastest verified variant's result naming it, with
-    every variant's result under "variants"."""
+    every variant's result as its ``variants``."""
     if list(tried) == [""]:
         return tried[""]
-    verified = [name for name, result in tried.items() if result["verified"]]
+    verified = [name for name, result in tried.items() if result.verified]
     if verified:
-        best = min(verified, key=lambda name: tried[name]["ms"])
-        return {**tried[best], "variant": best, "variants": tried}
-    why = "no variant verified: " + "; ".join(f"{name}: {result['why']}" for name, result in tried.items())
-    return {"verified": False, "error": None, "why": why, "ms": None, "variant": "", "variants": tried}
+        best = min(verified, key=lambda name: tried[name].ms)
+        return replace(tried[best], variant=best, variants=tried)
+    why = "no variant verified: " + "; ".join(f"{name}: {result.why}" for name, result in tried.items())
+    return Candidate(verified=False, ms=None, why=why, error=None, variant="", variants=tried)
 
 
 class Tuner:
@@ -340,10 +455,10 @@ class Tuner:
     def __init__(self, timer: Timer = default_timer, lazy_devices: Iterable[str] = ("cuda",)):
         self.timer = timer
         self.lazy_devices = frozenset(lazy_devices)
-        self._tables: Dict[tuple, Dict[str, Dict[str, Any]]] = {}
-        self._agreed: Dict[str, Dict[str, Any]] = {}
+        self._tables: Dict[tuple, Dict[str, Decision]] = {}
+        self._agreed: Dict[str, Decision] = {}
 
-    def table(self, device: torch.device) -> Dict[str, Dict[str, Any]]:
+    def table(self, device: torch.device) -> Dict[str, Decision]:
         """This process's decisions for ``device`` (read from its cache file once; keyed
         without building the file name, since auto looks this up on every call)."""
         where = (device, os.environ.get("ANFAST_CACHE_DIR"))
@@ -351,7 +466,7 @@ class Tuner:
             self._tables[where] = _read_cache(cache_path(device), _expected_header(device))
         return self._tables[where]
 
-    def lookup(self, problem: ConvProblem) -> Optional[Dict[str, Any]]:
+    def lookup(self, problem: ConvProblem) -> Optional[Decision]:
         """The decision auto uses for ``problem``, or None (not decided: torch runs)."""
         if _distributed():
             return self._agreed.get(problem_key(problem))
@@ -372,7 +487,7 @@ class Tuner:
         return ""
 
     def decide(self, problem: ConvProblem, candidates: Sequence[str], explicit: bool = False,
-               ) -> Dict[str, Any]:
+               ) -> Decision:
         """Verify and time ``candidates`` (fused backend names) against torch on
         ``problem``'s own tensors; store and persist the decision and return it."""
         device = problem.x_base.device
@@ -386,47 +501,46 @@ class Tuner:
             for name in candidates:
                 reasons = registry.backend_reasons(name, problem, explicit)
                 if reasons:
-                    results[name] = {"verified": False, "error": None, "ms": None,
-                                     "why": "unsupported: " + "; ".join(reasons)}
+                    results[name] = Candidate(verified=False, ms=None, error=None,
+                                              why="unsupported: " + "; ".join(reasons))
                     continue
                 tried = {variant: self._try(f"{name}:{variant}" if variant else name, runner, problem, mask,
                                             reference, torch_outputs)
                          for variant, runner in backend_variants(registry.get_backend(name), problem)}
                 results[name] = _fastest_variant(tried)
-                if results[name]["verified"]:
-                    times[name] = results[name]["ms"]
+                if results[name].verified:
+                    times[name] = results[name].ms
         fastest = min(times, key=times.get)
+        variant = results[fastest].variant if fastest in results else ""
         if fastest == "torch":
             reason = ("no verified fused backend is faster than torch" if len(times) > 1
                       else "no fused backend could run it and pass verification" if results
                       else "no fused backend to try")
         else:
-            variant = results[fastest].get("variant")
             reason = (f"verified{f' (variant {variant})' if variant else ''}, "
                       f"{times['torch'] / times[fastest]:.2f}x torch's speed")
-        decision = {"backend": fastest, "variant": results.get(fastest, {}).get("variant", ""),
-                    "reason": reason, "torch_ms": times["torch"], "candidates": results}
+        decision = Decision(backend=fastest, variant=variant, reason=reason, torch_ms=times["torch"],
+                            candidates=results)
         self.table(device)[problem_key(problem)] = decision
         _write_cache(cache_path(device), _expected_header(device),
                      {problem_key(problem): decision})
         return decision
 
     def _try(self, label: str, backend: Backend, problem: ConvProblem, mask, reference: _Reference,
-             torch_outputs: tuple) -> Dict[str, Any]:
+             torch_outputs: tuple) -> Candidate:
         """Time and verify one candidate (a backend, or one variant of it, named ``label``):
-        its result with "ms" (None unless verified); a failure is reported once."""
-        ms = None
+        its result with ``ms`` (None unless verified); a failure is reported once."""
         try:
             ms, outputs, grads = self._time(backend, label, problem, mask, reference)
         except Exception as error:  # a kernel that cannot run this problem
-            result = {"verified": False, "error": None,
-                      "why": f"raised {type(error).__name__}: {str(error).splitlines()[0]}"}
+            result = Candidate(verified=False, ms=None, error=None,
+                               why=f"raised {type(error).__name__}: {str(error).splitlines()[0]}")
         else:
             result = _verify(outputs, grads, mask, reference, problem.x_base.dtype, torch_outputs)
-        result["ms"] = ms if result["verified"] else None
-        if not result["verified"]:
-            warnings.warn(f"anfast: backend {label!r} failed verification on [{problem_key(problem)}]: "
-                          f"{result['why']}; auto will not use it for this problem", stacklevel=3)
+            if result.verified:
+                return replace(result, ms=ms)
+        warnings.warn(f"anfast: backend {label!r} failed verification on [{problem_key(problem)}]: "
+                      f"{result.why}; auto will not use it for this problem", stacklevel=3)
         return result
 
     def _time(self, backend: Backend, label: str, problem: ConvProblem, mask, reference: _Reference):
@@ -498,11 +612,11 @@ def auto_backend_name(problem: ConvProblem, phase: str, may_tune: bool = True) -
     decision = tuner.lookup(problem)
     if decision is None and phase == "forward" and may_tune and not tuner.may_tune(problem):
         decision = tuner.decide(problem, fused_backend_names())
-    return decision["backend"] if decision else "torch"
+    return decision.backend if decision else "torch"
 
 
 def tune_problems(problems: Sequence[ConvProblem], candidates: Optional[Sequence[str]] = None,
-                  explicit: bool = False, force: bool = False) -> List[tuple[Dict[str, Any], bool]]:
+                  explicit: bool = False, force: bool = False) -> List[tuple[Decision, bool]]:
     """Decide every problem; returns (decision, was_cached) per problem.
 
     Keys already decided (in memory or the cache file) are not measured again unless
@@ -538,7 +652,7 @@ def _decide_all(tuner: Tuner, problems, candidates, explicit, force):
         cached = tuner.table(problem.x_base.device).get(key)
         measured_now = any(key == k and not was_cached for k, _, was_cached in results)
         if cached is not None and (measured_now or not force and
-                                   set(candidates) <= set(cached["candidates"])):
+                                   set(candidates) <= set(cached.candidates)):
             results.append((key, cached, not measured_now))
         else:
             results.append((key, tuner.decide(problem, candidates, explicit), False))
@@ -556,10 +670,10 @@ def describe_auto(problem: ConvProblem) -> str:
         blocked = tuner.may_tune(problem)
         return ("torch: not tuned yet; " + (f"cannot tune now: {blocked}" if blocked else
                 "the first forward call will verify and time the fused backends"))
-    parts = [f"{decision['backend']}: {decision['reason']} (torch {decision['torch_ms']:.3g} ms"]
-    for name, result in decision["candidates"].items():
-        variant = f":{result['variant']}" if result.get("variant") else ""
-        parts.append(f"{name}{variant} {result['ms']:.3g} ms" if result["verified"]
-                     else f"{name} not verified: {result['why']}")
+    parts = [f"{decision.backend}: {decision.reason} (torch {decision.torch_ms:.3g} ms"]
+    for name, result in decision.candidates.items():
+        variant = f":{result.variant}" if result.variant else ""
+        parts.append(f"{name}{variant} {result.ms:.3g} ms" if result.verified
+                     else f"{name} not verified: {result.why}")
     where = "agreed by rank 0" if _distributed() else f"cached in {cache_path(device)}"
     return "; ".join(parts) + f"); {where}"
