@@ -14,12 +14,11 @@ the decision names and the backend then runs for that key.
 
 A key's ``Decision`` holds one ``Candidate`` per fused backend tried. Decisions persist
 in ANFAST_CACHE_DIR (default ~/.cache/anfast), one JSON file per device and software
-versions. No tuning happens when ANFAST_TUNE=0, while a CUDA
-graph is being captured or while torch.compile traces (the custom op body is opaque
-there anyway), nor lazily inside a distributed run: there ``tune_problems`` is a
-collective (rank 0 measures, every rank installs rank 0's decisions), and the op
-only reads those agreed decisions, so ranks can neither diverge nor wait on each
-other inside a convolution.
+versions. No tuning happens when ANFAST_TUNE=0, while a CUDA graph is being captured
+or while torch.compile traces (the custom op body is opaque there anyway), nor lazily
+inside a distributed run: there ``tune_problems`` is a collective (rank 0 measures,
+every rank installs rank 0's decisions), and the op only reads those agreed
+decisions, so ranks can neither diverge nor wait on each other inside a convolution.
 """
 
 from __future__ import annotations
