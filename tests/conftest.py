@@ -13,4 +13,8 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 # Auto's tuning decisions of a test run go to a scratch cache, never ~/.cache/anfast.
-os.environ.setdefault("ANFAST_CACHE_DIR", tempfile.mkdtemp(prefix="anfast-test-cache-"))
+# The folder is removed when the session's process exits (TemporaryDirectory's
+# finalizer); the test subprocesses inherit the variable and run inside the session.
+if "ANFAST_CACHE_DIR" not in os.environ:
+    _tuning_cache = tempfile.TemporaryDirectory(prefix="anfast-test-cache-")
+    os.environ["ANFAST_CACHE_DIR"] = _tuning_cache.name
