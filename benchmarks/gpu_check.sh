@@ -4,6 +4,12 @@
 #   bash benchmarks/gpu_check.sh OUTDIR [STEP ...]
 #   GPU_CHECK_PACK=DIR bash benchmarks/gpu_check.sh OUTDIR     # also pack the results into DIR
 #
+# Rehearse it on a machine without a GPU before a lease (tests/test_benchmark_tools.py
+# does): every command line is checked by its own parser, every pytest step collects:
+#
+#   PYTHON="python benchmarks/dry_python.py" NCU=/none bash benchmarks/gpu_check.sh /tmp/dry \
+#       engine_correct cuda_correct step_engine tune train_bench census ...
+#
 # Runs from the repository root (any cwd). Every step tees its log into OUTDIR and runs
 # under its own time limit and a share of one overall deadline (GPU_CHECK_BUDGET_S,
 # default 540 s), so a short lease still gets the first answers; a failed or timed-out

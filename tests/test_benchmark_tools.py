@@ -160,3 +160,47 @@ def test_launch_census_counts_fewer_launches_compiled_and_more_for_the_adjoined_
         assert 0 < count["compiled"] < count["eager"], (name, count)
     assert counts["anfast_torch"]["eager"] > counts["base"]["eager"], counts
     assert counts["anfast_torch"]["compiled"] > counts["base"]["compiled"], counts
+
+
+# ----------------------------------------------------------------- gpu_check.sh, rehearsed
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+DRY_PYTHON = [sys.executable, str(REPO / "benchmarks" / "dry_python.py")]
+
+
+def test_dry_python_refuses_an_unknown_flag_and_a_selection_of_no_test():
+    """The rehearsal can fail: a flag the script's parser does not know exits 2, a pytest
+    selection that collects nothing exits 5, a command line the parser takes exits 0."""
+    import subprocess
+
+    def run(*argv):
+        return subprocess.run([*DRY_PYTHON, *argv], cwd=REPO, capture_output=True, text=True)
+
+    bad = run("benchmarks/conv.py", "--quick", "--no-such-flag")
+    assert bad.returncode == 2 and "unrecognized arguments: --no-such-flag" in bad.stderr
+    assert run("benchmarks/conv.py", "--quick", "--no-compiled").returncode == 0
+    assert run("-m", "anfast", "tune", "--no-such-flag").returncode == 2
+    assert run("-m", "pytest", "-q", "tests/test_import_graph.py", "-k", "no_test_is_named_so").returncode == 5
+
+
+@pytest.mark.slow
+def test_gpu_check_rehearsed_on_the_cpu_runs_every_step_but_the_install(tmp_path):
+    """gpu_check.sh with dry_python.py for python: every step's command line is accepted by
+    its program and every pytest step collects tests, so a lease is not spent on a renamed
+    flag or test. The install (pip's build of the extension) and ncu are the GPU machine's."""
+    import os
+    import re
+    import subprocess
+
+    script = (REPO / "benchmarks" / "gpu_check.sh").read_text()
+    all_steps = re.search(r'^ALL_STEPS="([^"]+)"', script, re.M).group(1).split()
+    steps = [step for step in all_steps if step != "install"]
+    env = {**os.environ, "PYTHON": " ".join(DRY_PYTHON), "NCU": str(tmp_path / "no-ncu"),
+           "TRITON_CACHE_DIR": str(tmp_path / "triton")}
+    done = subprocess.run(["bash", "benchmarks/gpu_check.sh", str(tmp_path / "out"), *steps], cwd=REPO,
+                          env=env, capture_output=True, text=True, timeout=280)
+    rows = [line.split("\t") for line in (tmp_path / "out" / "summary.tsv").read_text().splitlines()]
+    status = {row[0]: row[1] for row in rows}
+    expected = {step: "ok" for step in steps} | {"correctness_report": "ok", "ncu": "SKIPPED"}
+    assert status == expected, done.stdout[-3000:]
+    assert done.returncode == 1  # the skipped ncu counts as not done
