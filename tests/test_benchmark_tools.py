@@ -1,7 +1,8 @@
 """The CPU-checkable parts of the GPU benchmarks: conv.py's per-phase calls compute the
 gradients their names claim (vs torch autograd in float64), ncu_layer.py reads an Nsight
 Compute listing and tune results as documented (vs hand-written files), step_census.py
-counts launches as a fused graph and an adjoined step must."""
+counts launches as a fused graph and an adjoined step must; gpu_check.sh, rehearsed
+through dry_python.py, runs every step's command line as its program accepts it."""
 
 import json
 import pathlib
@@ -204,3 +205,16 @@ def test_gpu_check_rehearsed_on_the_cpu_runs_every_step_but_the_install(tmp_path
     expected = {step: "ok" for step in steps} | {"correctness_report": "ok", "ncu": "SKIPPED"}
     assert status == expected, done.stdout[-3000:]
     assert done.returncode == 1  # the skipped ncu counts as not done
+
+
+def test_benchmarks_readme_lists_gpu_checks_steps_in_their_order():
+    """benchmarks/README.md's step list is gpu_check.sh's: one backticked step name opens
+    each numbered item, in ALL_STEPS's order."""
+    import re
+
+    script = (REPO / "benchmarks" / "gpu_check.sh").read_text()
+    all_steps = re.search(r'^ALL_STEPS="([^"]+)"', script, re.M).group(1).split()
+    readme = (REPO / "benchmarks" / "README.md").read_text()
+    section = readme.split("## gpu_check.sh", 1)[1].split("\n## ", 1)[0]
+    listed = re.findall(r"^\d+\. `(\w+)`", section, re.M)
+    assert listed == all_steps, listed
