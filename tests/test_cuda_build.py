@@ -106,9 +106,13 @@ def test_extension_checks_name_the_bad_argument():
 @needs_nvcc
 @pytest.mark.skipif(shutil.which("cmake") is None, reason="cmake is not installed")
 def test_cmake_builds_library_test_and_benchmark(tmp_path):
+    """The integrators' build: library, test and benchmark link, the test runs. For sm_90
+    alone, which takes CMakeLists.txt's sm_90a branch too: the sm_80 objects of the same
+    sources are the installed extension's (setup.py builds 80;90); both here took 156 s
+    of the suite on the 2-core machine, sm_90 alone 121 s."""
     build = tmp_path / "build"
     configure = subprocess.run(
-        ["cmake", "-S", str(ROOT), "-B", str(build), "-DCMAKE_CUDA_ARCHITECTURES=80;90",
+        ["cmake", "-S", str(ROOT), "-B", str(build), "-DCMAKE_CUDA_ARCHITECTURES=90",
          f"-DPython3_EXECUTABLE={sys.executable}"],
         capture_output=True, text=True)
     assert configure.returncode == 0, configure.stdout + configure.stderr
