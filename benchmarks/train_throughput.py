@@ -35,7 +35,9 @@ channels_last.
         --compile off,default,reduce-overhead
 
 Writes benchmarks/results/train_throughput-<device>-<date>.json, or
-OUT/train_throughput.json with --out OUT (a directory).
+OUT/train_throughput.json with --out OUT (a directory), after the warm-up (each key's
+warm-up seconds: compiles and captures included) and again after every round, so a run
+cut short keeps its rounds ("rounds_done").
 """
 
 from __future__ import annotations
@@ -205,6 +207,8 @@ def main() -> None:
     if unknown or not modes:
         parser.error(f"--compile {args.compile}: use a comma list of off, {GRAPHS}, "
                      f"{', '.join(COMPILE_CHOICES)}")
+    if args.rounds < 1 or args.steps < 1:
+        parser.error(f"--rounds {args.rounds} --steps {args.steps}: both must be at least 1")
     if GRAPHS in modes and not on_cuda:
         parser.error(f"--compile {GRAPHS} captures CUDA graphs; it needs --device cuda")
     default_providers = PROVIDERS if on_cuda else tuple(p for p in PROVIDERS if p != "anfast_streams")
@@ -257,24 +261,49 @@ def main() -> None:
                                     state=step_state_tensors(model, optimizer, meter))
             steps[key] = functools.partial(step, images, labels)
 
+    out = None if args.out is None else args.out / "train_throughput.json"
+    common = {"arch": args.arch, "alpha": args.alpha, "policy": "paper", "providers_run": chosen,
+              "image_size": image_size, "batch_size": batch_size, "num_classes": args.num_classes,
+              "data": "synthetic", "precision": "bf16" if amp_dtype else "fp32",
+              "channels_last": channels_last, "compile": modes, "warmup_steps": args.warmup,
+              "rounds": args.rounds, "steps_per_round": args.steps}
     load_before = os.getloadavg()
+    warmup_s = {}
     for key, step in steps.items():  # also compiles, tunes and records CUDA graphs
+        start = time.perf_counter()
         seconds_per_step(step, args.warmup, device)
+        warmup_s[key] = time.perf_counter() - start
+        print(f"warm-up of {key}: {warmup_s[key]:.1f} s", flush=True)
     times = {key: [] for key in steps}
+    # The JSON is rewritten after the warm-up and after every round, so a run that a time
+    # limit ends (a GPU lease) keeps what it measured; "rounds_done" says how far it got.
+    path = write_result("train_throughput", summarize(
+        times, warmup_s, modes, list(providers), batch_size, device, common, load_before), out)
     for round_index in range(args.rounds):
         for key, step in steps.items():
             times[key].append(seconds_per_step(step, args.steps, device))
         print(f"round {round_index + 1}/{args.rounds}: " + ", ".join(
             f"{key} {batch_size / statistics.median(t):.1f} img/s" for key, t in times.items()),
             flush=True)
-    load_after = os.getloadavg()
+        result = summarize(times, warmup_s, modes, list(providers), batch_size, device, common, load_before)
+        path = write_result("train_throughput", result, out)
+    print(json.dumps({"ratios": result["ratios"],
+                      **{k: v["images_per_second"] for k, v in result["providers"].items()}}, indent=2))
+    print(f"wrote {path}")
 
+
+def summarize(times: dict, warmup_s: dict, modes: list, providers: list, batch_size: int,
+              device: torch.device, common: dict, load_before) -> dict:
+    """The result JSON of the rounds in ``times`` ({key: [seconds per step, one per round]}):
+    each provider's median img/s, the ratios of RATIOS and compiled / eager per mode."""
     rows = {}
     for key, round_times in times.items():
+        if not round_times:
+            continue
         median = statistics.median(round_times)
         rows[key] = {"images_per_second": batch_size / median, "median_step_s": median,
                      "min_step_s": min(round_times), "max_step_s": max(round_times),
-                     "rounds": len(round_times), "steps_per_round": args.steps}
+                     "rounds": len(round_times), "steps_per_round": common["steps_per_round"]}
     ratios = {}
     for mode in modes:
         suffix = "" if mode == "off" else f"+{mode}"
@@ -285,28 +314,19 @@ def main() -> None:
                 ratios[f"{numerator}_over_{denominator}{suffix}"] = speed[numerator] / speed[denominator]
         if "off" in modes and mode != "off":  # each provider compiled vs eager
             for name in speed:
-                ratios[f"{name}{suffix}_over_{name}"] = speed[name] / rows[name]["images_per_second"]
-    result = {
+                if name in rows:
+                    ratios[f"{name}{suffix}_over_{name}"] = speed[name] / rows[name]["images_per_second"]
+    return {
         "benchmark": "train_throughput",
         "question": "AN training img/s: anfast (student at real width; auto and torch backends, "
                     "pure aten convs, student streams) vs the authors' masked full-width student "
                     "vs plain base training, eager, compiled and as whole-step CUDA graphs",
-        **environment(device),
-        "arch": args.arch, "alpha": args.alpha, "policy": "paper", "providers_run": chosen,
-        "image_size": image_size,
-        "batch_size": batch_size, "num_classes": args.num_classes, "data": "synthetic",
-        "precision": "bf16" if amp_dtype else "fp32", "channels_last": channels_last,
-        "compile": modes, "warmup_steps": args.warmup, "rounds": args.rounds,
-        "steps_per_round": args.steps, "load_average_before": load_before,
-        "load_average_after": load_after,
-        "anfast_backend": os.environ.get("ANFAST_BACKEND", "auto"), "providers": rows,
-        "ratios": ratios, "anfast_version": anfast.__version__,
+        **environment(device), **common,
+        "rounds_done": min((len(t) for t in times.values()), default=0),
+        "load_average_before": load_before, "load_average_after": os.getloadavg(),
+        "anfast_backend": os.environ.get("ANFAST_BACKEND", "auto"), "warmup_s": warmup_s,
+        "providers": rows, "ratios": ratios, "anfast_version": anfast.__version__,
     }
-    path = write_result("train_throughput", result,
-                        None if args.out is None else args.out / "train_throughput.json")
-    print(json.dumps({"ratios": ratios, **{k: v["images_per_second"] for k, v in rows.items()}},
-                     indent=2))
-    print(f"wrote {path}")
 
 
 if __name__ == "__main__":

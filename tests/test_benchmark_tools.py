@@ -181,7 +181,7 @@ def test_dry_python_refuses_an_unknown_flag_and_a_selection_of_no_test():
     assert bad.returncode == 2 and "unrecognized arguments: --no-such-flag" in bad.stderr
     assert run("benchmarks/conv.py", "--quick", "--no-compiled").returncode == 0
     assert run("-m", "anfast", "tune", "--no-such-flag").returncode == 2
-    assert run("-m", "pytest", "-q", "tests/test_import_graph.py", "-k", "no_test_is_named_so").returncode == 5
+    assert run("-m", "pytest", "-q", "tests/test_import_graph.py", "-k", "no_such_test").returncode == 5
 
 
 @pytest.mark.slow
@@ -218,3 +218,33 @@ def test_benchmarks_readme_lists_gpu_checks_steps_in_their_order():
     section = readme.split("## gpu_check.sh", 1)[1].split("\n## ", 1)[0]
     listed = re.findall(r"^\d+\. `(\w+)`", section, re.M)
     assert listed == all_steps, listed
+
+
+def test_train_throughput_killed_mid_run_keeps_the_rounds_it_finished(tmp_path):
+    """A time limit (a GPU lease's) that kills train_throughput.py mid-run leaves a whole
+    JSON of the rounds done: it is rewritten, atomically, after every round."""
+    import signal
+    import subprocess
+
+    command = [sys.executable, str(REPO / "benchmarks" / "train_throughput.py"), "--device", "cpu",
+               "--arch", "resnet18", "--image-size", "16", "--batch-size", "2", "--warmup", "1",
+               "--rounds", "10000", "--steps", "1", "--providers", "base,anfast_torch",
+               "--out", str(tmp_path)]
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        # A round's line is printed before its JSON is written: at round 3's, round 2's is.
+        for line in process.stdout:
+            if line.startswith("round 3/"):
+                break
+        else:
+            pytest.fail(f"train_throughput.py ended before round 3 (exit {process.wait()})")
+    finally:
+        process.send_signal(signal.SIGKILL)
+        process.wait()
+    result = json.loads((tmp_path / "train_throughput.json").read_text())
+    assert result["rounds"] == 10000 and result["rounds_done"] >= 2
+    assert set(result["providers"]) == {"base", "anfast_torch"} == set(result["warmup_s"])
+    for row in result["providers"].values():
+        assert row["rounds"] == result["rounds_done"] and row["images_per_second"] > 0
+    speed = {name: row["images_per_second"] for name, row in result["providers"].items()}
+    assert result["ratios"]["anfast_torch_over_base"] == pytest.approx(speed["anfast_torch"] / speed["base"])
