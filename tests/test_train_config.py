@@ -6,7 +6,9 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import errno
+import json
 import math
+import os
 import random
 import re
 import signal
@@ -23,9 +25,9 @@ from PIL import Image
 from anfast.data import DataLayoutError
 from anfast.train.build import has_apex
 import anfast.cli
-from anfast.runs.checkpoint import (CheckpointError, get_rng_state, load_checkpoint,
+from anfast.runs.checkpoint import (CheckpointError, DiskFullError, get_rng_state, load_checkpoint,
                                      load_training_checkpoint, previous_checkpoint, save_checkpoint,
-                                     set_rng_state)
+                                     set_rng_state, write_text_atomically)
 from anfast.cli.train import add_train_arguments, config_from_args
 from anfast.train.config import RESUME_FIXED, RESUME_FREE, ConfigError, TrainConfig, resume_conflicts
 from anfast.train.loop import fit
@@ -348,6 +350,24 @@ _WRITER = textwrap.dedent("""
                         keep_previous=True)
         print(version, flush=True)
 """)
+
+
+def test_a_failed_text_write_keeps_the_old_file_and_names_the_path(tmp_path, monkeypatch):
+    """config.yaml, summary.json, eval.json, ... are written like checkpoints: a write that
+    fails once the bytes are out (here the fsync, with a full disk) leaves the old file
+    whole and no temp file; a plain write_text would have replaced the old text already."""
+    path = tmp_path / "config.yaml"
+    path.write_text("epochs: 1\n")
+
+    def full_disk(fd):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(os, "fsync", full_disk)
+    with pytest.raises(DiskFullError, match=re.escape(str(path))) as raised:
+        write_text_atomically(path, "epochs: 2\n" * 1000)
+    assert raised.value.needed_bytes == len("epochs: 2\n" * 1000)
+    assert path.read_text() == "epochs: 1\n"
+    assert [p.name for p in tmp_path.iterdir()] == ["config.yaml"]
 
 
 def test_damaged_checkpoints_name_the_file_the_previous_one_and_the_fix(tmp_path):

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import argparse
 import json
-from pathlib import Path
 from typing import Any, Dict, List, Sequence
 
 import torch
@@ -20,6 +19,7 @@ from anfast.data.builtin import SHAPES
 from anfast.nn.backends import LayerDecision, tune_model
 from anfast.ops import backend as registry, tuning
 from anfast.ops.backend import ConvProblem
+from anfast.runs.checkpoint import write_text_atomically
 from anfast.runs.errors import ConfigError
 
 __all__ = ["register", "format_table"]
@@ -113,8 +113,7 @@ def _run(args: argparse.Namespace) -> int:
         report = {**tuning.device_identity(device), "versions": tuning.versions(),
                   "cache": str(cache), "model": config.to_dict(), "backends": candidates,
                   "layers": [row.to_dict() for row in rows], "totals": _totals(rows)}
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(json.dumps(report, indent=2) + "\n")
+        write_text_atomically(args.out, json.dumps(report, indent=2) + "\n")
         print(f"wrote {args.out}")
     return 0
 

@@ -28,6 +28,7 @@ from anfast.dan.space import DanError
 from anfast.export import export_base, export_student
 from anfast.models import arch_name
 from anfast.profile import profile
+from anfast.runs.checkpoint import write_text_atomically
 
 __all__ = ["ARCH_FORMAT", "derive", "write_arch", "read_arch", "plot_widths"]
 
@@ -95,12 +96,9 @@ def derive(
 
 
 def write_arch(arch: Mapping[str, Any], path: Union[str, os.PathLike]) -> Path:
-    """Write an arch record as JSON (via a temporary name, so a crash leaves no half file)."""
+    """Write an arch record as JSON (write_text_atomically: a crash leaves no half file)."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    staging = path.with_name(path.name + ".tmp")
-    staging.write_text(json.dumps(arch, indent=2) + "\n")
-    os.replace(staging, path)
+    write_text_atomically(path, json.dumps(arch, indent=2) + "\n")
     return path
 
 

@@ -40,6 +40,7 @@ from anfast.dan.gates import ChoiceGates, StudentMasks, entropy, temperature
 from anfast.dan.space import DEFAULT_CHOICES, DanError, SearchSpace, _check_choices
 from anfast.data import create_loader
 from anfast.loss import AdjoinedLoss, get_lambda_schedule
+from anfast.runs.checkpoint import write_text_atomically
 from anfast.runs.distributed import DistributedInfo, barrier
 from anfast.runs.errors import ConfigError
 from anfast.runs.rundir import SEARCH_ARTIFACTS
@@ -381,7 +382,7 @@ class Search(Training):
     def write_config(self, config: TrainConfig, run_dir: Path) -> None:
         super().write_config(config, run_dir)
         options = {**self.config.search_options(), "train": config.to_dict()}
-        (run_dir / "search_config.json").write_text(json.dumps(options, indent=2) + "\n")
+        write_text_atomically(run_dir / "search_config.json", json.dumps(options, indent=2) + "\n")
 
     def describe(self, config: TrainConfig, info: DistributedInfo, data: Data, schedule: Schedule) -> str:
         (kind, value), = self.config.target.items()

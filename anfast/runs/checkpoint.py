@@ -23,7 +23,7 @@ import re
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Any, Dict, Iterator, Optional, Tuple, Union
+from typing import IO, Any, Dict, Iterator, Optional, Tuple, Union
 
 import numpy as np
 import torch
@@ -33,7 +33,7 @@ from anfast.runs.errors import ConfigError
 __all__ = ["save_checkpoint", "load_checkpoint", "load_training_checkpoint", "previous_checkpoint",
            "CheckpointError", "get_rng_state", "set_rng_state", "remove_stale_temp_files",
            "newest_usable_checkpoint", "resume_checkpoint", "RESUME_CANDIDATES",
-           "reporting_full_disk", "tensor_bytes", "DiskFullError"]
+           "reporting_full_disk", "tensor_bytes", "DiskFullError", "write_text_atomically"]
 
 _TEMP_SUFFIX = ".tmp"
 # What a resumable training checkpoint holds besides the loop's counters.
@@ -63,17 +63,39 @@ def save_checkpoint(state: Dict[str, Any], path: Union[str, Path], keep_previous
     """Atomically write ``state`` to ``path`` (see the module docstring); a full disk raises
     DiskFullError naming ``path`` and the space it needs (``reporting_full_disk``)."""
     path = Path(path)
+
+    def keep_the_replaced_file():
+        _link_atomically(path, previous_checkpoint(path))
+
+    keep = keep_the_replaced_file if keep_previous and path.is_file() else None
+    with _replacing(path, tensor_bytes(state), binary=True, before_replace=keep) as file:
+        torch.save(state, file)
+
+
+def write_text_atomically(path: Union[str, Path], text: str) -> None:
+    """Write ``text`` to ``path`` as a checkpoint is written: a reader (or a run resumed
+    after kill -9) sees the old file or the new one, never half of one. For the files a
+    run's state is read back from (config.yaml, summary.json, eval.json, ...); a full disk
+    raises DiskFullError naming ``path``."""
+    with _replacing(Path(path), len(text.encode()), binary=False) as file:
+        file.write(text)
+
+
+@contextlib.contextmanager
+def _replacing(path: Path, needed_bytes: int, binary: bool, before_replace=None) -> Iterator[IO]:
+    """A temp file in ``path``'s directory to write; on leaving, it is flushed, fsynced and
+    renamed over ``path`` (after ``before_replace()``), and the directory is fsynced. On an
+    error the temp file is removed and ``path`` is left as it was."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, temp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.",
-                                     suffix=_TEMP_SUFFIX)
+    fd, temp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=_TEMP_SUFFIX)
     try:
-        with reporting_full_disk(path, tensor_bytes(state)):
-            with os.fdopen(fd, "wb") as file:
-                torch.save(state, file)
+        with reporting_full_disk(path, needed_bytes):
+            with (os.fdopen(fd, "wb") if binary else os.fdopen(fd, "w", encoding="utf-8")) as file:
+                yield file
                 file.flush()
                 os.fsync(file.fileno())
-            if keep_previous and path.is_file():
-                _link_atomically(path, previous_checkpoint(path))
+            if before_replace is not None:
+                before_replace()
             os.replace(temp_name, path)
     except BaseException as error:
         Path(temp_name).unlink(missing_ok=True)

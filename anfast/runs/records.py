@@ -6,6 +6,8 @@ import json
 from pathlib import Path
 from typing import Any, Dict, List, Sequence
 
+from anfast.runs.checkpoint import write_text_atomically
+
 __all__ = ["MetricsLog", "plot_curves", "plot_tradeoff"]
 
 
@@ -21,7 +23,7 @@ class MetricsLog:
 
         self.path = run_dir / "metrics.jsonl"
         self.history = list(history)
-        self.path.write_text("".join(json.dumps(row) + "\n" for row in self.history))
+        write_text_atomically(self.path, "".join(json.dumps(row) + "\n" for row in self.history))
         self.writer = SummaryWriter(log_dir=str(run_dir / "tensorboard"),
                                     purge_step=self.history[-1]["step"] + 1 if self.history else None)
 

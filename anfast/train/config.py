@@ -17,6 +17,7 @@ from typing import Any, Dict, List, Optional, Tuple, Type, Union
 
 import yaml
 
+from anfast.runs.checkpoint import write_text_atomically
 from anfast.runs.errors import ConfigError
 from anfast.runs.rundir import load_config
 
@@ -371,4 +372,4 @@ def load_arch_config(path: str) -> Dict[str, float]:
 def save_config(config: TrainConfig, path: Path) -> None:
     """Write the resolved config as YAML (loadable with ``--config``)."""
     # Reused with --config for another --out, a saved `overwrite: true` would delete that run.
-    path.write_text(yaml.safe_dump({**config.to_dict(), "overwrite": False}, sort_keys=False))
+    write_text_atomically(path, yaml.safe_dump({**config.to_dict(), "overwrite": False}, sort_keys=False))

@@ -19,7 +19,7 @@ from torch.optim.swa_utils import AveragedModel
 from anfast import export as exporting
 from anfast.export import export_base, export_student
 from anfast.runs.checkpoint import (CheckpointError, load_training_checkpoint, newest_usable_checkpoint,
-                                    reporting_full_disk, tensor_bytes)
+                                    reporting_full_disk, tensor_bytes, write_text_atomically)
 from anfast.train.config import SYNTHETIC_DATA, ConfigError, TrainConfig, check_field_types, load_config
 
 __all__ = ["export_networks", "load_run", "checkpoint_path", "evaluate_run", "export_run",
@@ -120,8 +120,7 @@ def evaluate_run(run_dir: Union[str, Path], *, data: Optional[str] = None,
                     "skipped_images": loader.skipped})
     print(format_table(metrics, network_costs(an, config.image_size)))
     text = json.dumps(metrics, indent=2) + "\n"
-    with reporting_full_disk(run_dir / "eval.json", len(text)):
-        (run_dir / "eval.json").write_text(text)
+    write_text_atomically(run_dir / "eval.json", text)
     return metrics
 
 

@@ -52,7 +52,7 @@ from anfast.nn.backends import collect_layer_problems, layer_backends, prepare_b
 from anfast.ops.backend import backend_reasons
 from anfast.runs.checkpoint import (get_rng_state, load_training_checkpoint, newest_usable_checkpoint,
                                     remove_stale_temp_files, reporting_full_disk, resume_checkpoint,
-                                    save_checkpoint, set_rng_state)
+                                    save_checkpoint, set_rng_state, write_text_atomically)
 from anfast.runs.distributed import (DistributedInfo, all_reduce_sum, any_rank, any_rank_on_host,
                                      barrier, broadcast_buffers, create_host_group,
                                      destroy_distributed, init_distributed)
@@ -500,9 +500,10 @@ def _open_run_dir(config: TrainConfig, kind: "Training", info: DistributedInfo,
     if arch_config_text is not None:
         arch_copy = run_dir / ARCH_CONFIG_COPY
         if not arch_copy.is_file() or arch_copy.read_text() != arch_config_text:
-            arch_copy.write_text(arch_config_text)
+            write_text_atomically(arch_copy, arch_config_text)
         config = dataclasses.replace(config, arch_config=str(arch_copy.resolve()))
     remove_stale_temp_files(checkpoint_dir)
+    remove_stale_temp_files(run_dir)  # of config.yaml, summary.json, ... (write_text_atomically)
     with reporting_full_disk(run_dir / "config.yaml", len(json.dumps(config.to_dict()))):
         kind.write_config(config, run_dir)
     with reporting_full_disk(run_dir / "metrics.jsonl", len(json.dumps(state.history))):
@@ -821,8 +822,7 @@ class Training:
                           f"{config.arch}, {config.image_size} px, epoch {config.epochs}")
             export_networks(run.eval_model, run_dir, len(alphas))
             summary_text = json.dumps(summary, indent=2) + "\n"
-            with reporting_full_disk(run_dir / "summary.json", len(summary_text)):
-                (run_dir / "summary.json").write_text(summary_text)
+            write_text_atomically(run_dir / "summary.json", summary_text)
             _say(info, format_table(summary, costs))
             _say(info, f"done in {summary['wall_time_s']:.0f} s: base top-1 "
                        f"{100 * summary['base']['top1']:.2f}%, student top-1 "
