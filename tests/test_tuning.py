@@ -84,6 +84,18 @@ def test_wrong_backend_is_never_chosen_and_named_once(tuner, monkeypatch, wrong,
     assert (tuner.timer.calls, bad.forward_calls) == (timings, calls)
 
 
+def test_tuning_shows_a_bar_of_the_problems_when_asked_and_nothing_when_not(tuner, monkeypatch, capsys):
+    install_backends(monkeypatch, StandInBackend("fast"))
+    tuner.timer = FakeTimer({"fast": 0.5, "torch": 1.0})
+    problems = [problem_of(make_inputs(seed=0)), problem_of(make_inputs(seed=1, size=9))]
+    decided = tuning.tune_problems(problems, ["fast"], progress=True)
+    assert [cached for _, cached in decided] == [False, False] and tuner.timer.calls == 4
+    bar = capsys.readouterr().err
+    assert "anfast: tuning the convs" in bar and "0/2 [" in bar, bar  # total: the 2 problems
+    assert [cached for _, cached in tuning.tune_problems(problems, ["fast"], progress=False)] == [True, True]
+    assert capsys.readouterr().err == ""
+
+
 @pytest.mark.parametrize("fast_ms, chosen", [(0.5, "fast"), (1.5, "torch")])
 def test_fastest_verified_backend_wins_and_runs(tuner, monkeypatch, fast_ms, chosen):
     fast = StandInBackend("fast")

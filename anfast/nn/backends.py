@@ -110,17 +110,18 @@ class LayerDecision:
 
 def tune_model(model: torch.nn.Module, batch_size: int, image_size: int,
                amp_dtype: Optional[torch.dtype], candidates: Optional[Sequence[str]] = None,
-               explicit: bool = False, force: bool = False, layers: str = "*"
-               ) -> List[LayerDecision]:
+               explicit: bool = False, force: bool = False, layers: str = "*",
+               progress: Optional[bool] = None) -> List[LayerDecision]:
     """Decide auto's backend for every adjoined conv of ``model`` at this batch shape
-    (those whose name matches the glob ``layers``).
+    (those whose name matches the glob ``layers``); ``progress`` as in
+    ``tuning.tune_problems`` (a bar where stderr is a terminal).
 
     A collective in a distributed run (every rank calls it; all get rank 0's decisions).
     """
     layers = [layer for layer in collect_layer_problems(model, batch_size, image_size, amp_dtype)
               if fnmatch.fnmatchcase(layer[0], layers)]
     results = tuning.tune_problems([problem for _, problem, _ in layers], candidates, explicit,
-                                   force)
+                                   force, progress)
     return [LayerDecision(name, problem, decision, cached)
             for (name, problem, _), (decision, cached) in zip(layers, results)]
 

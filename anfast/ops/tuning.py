@@ -38,6 +38,7 @@ from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence
 
 import torch
 import torch.distributed as dist
+from tqdm import tqdm
 
 from anfast.ops import backend as registry
 from anfast.ops.backend import Backend, ConvProblem
@@ -615,25 +616,28 @@ def auto_backend_name(problem: ConvProblem, phase: str, may_tune: bool = True) -
 
 
 def tune_problems(problems: Sequence[ConvProblem], candidates: Optional[Sequence[str]] = None,
-                  explicit: bool = False, force: bool = False) -> List[tuple[Decision, bool]]:
+                  explicit: bool = False, force: bool = False, progress: Optional[bool] = None,
+                  ) -> List[tuple[Decision, bool]]:
     """Decide every problem; returns (decision, was_cached) per problem.
 
     Keys already decided (in memory or the cache file) are not measured again unless
     ``force``, or unless the cached decision did not try one of ``candidates``. In a
     distributed run this is a collective that every rank must call: rank 0 measures,
-    then broadcasts its decisions, which every rank installs for auto.
+    then broadcasts its decisions, which every rank installs for auto. ``progress``: a
+    tqdm bar of the problems on stderr (None: where stderr is a terminal; a first tune
+    of a ResNet-50 on a GPU takes from seconds to minutes, Triton's compiles included).
     """
     tuner = get_tuner()
     candidates = list(fused_backend_names() if candidates is None else candidates)
     if not _distributed():
         return [(decision, was_cached) for _, decision, was_cached in
-                _decide_all(tuner, problems, candidates, explicit, force)]
+                _decide_all(tuner, problems, candidates, explicit, force, progress)]
     # Rank 0 sends its decisions, or its error: the other ranks must never wait for a
     # broadcast that will not come.
     box = [None]
     if dist.get_rank() == 0:
         try:
-            box[0] = _decide_all(tuner, problems, candidates, explicit, force)
+            box[0] = _decide_all(tuner, problems, candidates, explicit, force, progress)
         except Exception as error:
             box[0] = f"{type(error).__name__}: {error}"
     dist.broadcast_object_list(box, src=0)
@@ -643,11 +647,14 @@ def tune_problems(problems: Sequence[ConvProblem], candidates: Optional[Sequence
     return [(decision, was_cached) for _, decision, was_cached in box[0]]
 
 
-def _decide_all(tuner: Tuner, problems, candidates, explicit, force):
+def _decide_all(tuner: Tuner, problems, candidates, explicit, force, progress=None):
     """(key, decision, was_cached) per problem; a key repeated in ``problems`` is measured once."""
     results = []
-    for problem in problems:
+    bar = tqdm(problems, desc="anfast: tuning the convs", unit="conv", leave=False,
+               disable=None if progress is None else not progress)
+    for problem in bar:
         key = problem_key(problem)
+        bar.set_postfix_str(key[:60], refresh=False)
         cached = tuner.table(problem.x_base.device).get(key)
         measured_now = any(key == k and not was_cached for k, _, was_cached in results)
         if cached is not None and (measured_now or not force and
