@@ -369,7 +369,8 @@ def test_anfast_tune_on_the_interpreter_verifies_triton_chooses_torch_then_reads
         assert main(argv + ["--out", str(tmp_path / f"t{run}.json")]) == 0
         reports.append((capsys.readouterr().out, json.loads((tmp_path / f"t{run}.json").read_text())))
     (first_text, first), (second_text, second) = reports
-    assert [layer["layer"] for layer in first["layers"]] == ["layer1.0.conv1", "layer1.0.conv2"]
+    assert first["complete"] and [layer["layer"] for layer in first["layers"]] == ["layer1.0.conv1",
+                                                                                 "layer1.0.conv2"]
     for layer in first["layers"]:
         triton = layer["candidates"]["triton"]
         assert triton["verified"] and triton["error"] < 2e-2 and triton["ms"] > 0
@@ -415,6 +416,38 @@ def test_prepare_backends_pins_convs_auto_decided_for_torch(tuner, monkeypatch, 
     monkeypatch.setattr(conv_op, "_adjoined_conv2d_op", lambda *args: op_calls.append(1) or original(*args))
     an(torch.randn(2, 3, 16, 16))
     assert len(op_calls) == (0 if pinned else len(convs))
+
+
+def test_anfast_tune_cut_short_keeps_the_layers_it_decided_in_its_out_json(tmp_path, monkeypatch):
+    """--out is rewritten as each layer is decided, so a tune a time limit ends (a GPU
+    lease) leaves the layers done, marked incomplete; a whole tune is marked complete."""
+    from anfast.cli import main
+
+    monkeypatch.setenv("ANFAST_CACHE_DIR", str(tmp_path / "cache"))
+    monkeypatch.setattr(tuning, "_tuner", Tuner(timer=FakeTimer({"torch": 1.0}), lazy_devices=("cpu",)))
+    argv = ["tune", "--device", "cpu", "--arch", "resnet18", "--batch-size", "2", "--image-size", "32",
+            "--backends", "torch", "--layers", "layer2.0.*", "--out", str(tmp_path / "tune.json")]
+    decide, calls = Tuner.decide, []
+
+    def cut_at_the_second(self, *args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt  # what a time limit's SIGINT / SIGTERM handler raises
+        return decide(self, *args, **kwargs)
+
+    monkeypatch.setattr(Tuner, "decide", cut_at_the_second)
+    with pytest.raises(KeyboardInterrupt):
+        main(argv)
+    cut = json.loads((tmp_path / "tune.json").read_text())
+    assert not cut["complete"] and [layer["layer"] for layer in cut["layers"]] == ["layer2.0.conv1"]
+    assert cut["layers"][0]["choice"] == "torch" and cut["totals"]["layers"] == 1
+
+    monkeypatch.setattr(Tuner, "decide", decide)
+    assert main(argv) == 0
+    whole = json.loads((tmp_path / "tune.json").read_text())
+    assert whole["complete"] and [layer["layer"] for layer in whole["layers"]] == [
+        "layer2.0.conv1", "layer2.0.conv2", "layer2.0.downsample.0"]
+    assert [layer["cached"] for layer in whole["layers"]] == [True, False, False]  # the cut tune's first
 
 
 def test_a_bare_anfast_tune_tunes_the_model_a_bare_anfast_train_trains(tmp_path, monkeypatch):

@@ -97,12 +97,28 @@ def _run(args: argparse.Namespace) -> int:
     model = create_adjoined_model(config, args.num_classes).to(device)
     if config.channels_last:
         model = model.to(memory_format=torch.channels_last)
+    cache = tuning.cache_path(device)
+
+    def write(rows: List[LayerDecision], complete: bool) -> None:
+        report = {**tuning.device_identity(device), "versions": tuning.versions(),
+                  "cache": str(cache), "model": config.to_dict(), "backends": candidates,
+                  "complete": complete, "layers": [row.to_dict() for row in rows], "totals": _totals(rows)}
+        write_text_atomically(args.out, json.dumps(report, indent=2) + "\n")
+
+    # --out is rewritten as each layer is decided ("complete": false until the last), so a
+    # tune cut short (a GPU lease's time limit) keeps its layers; the cache keeps them too.
+    done: List[LayerDecision] = []
+
+    def decided(row: LayerDecision) -> None:
+        done.append(row)
+        if args.out:
+            write(done, complete=False)
+
     rows = tune_model(model, config.batch_size, config.image_size, amp_dtype, candidates,
-                      explicit=True, force=args.force, layers=args.layers)
+                      explicit=True, force=args.force, layers=args.layers, on_row=decided)
     if not rows:
         raise ConfigError(f"--layers {args.layers!r} matches no adjoined conv of {config.arch}; "
                           f"`anfast info --arch {config.arch}` lists the layers")
-    cache = tuning.cache_path(device)
     alpha = ",".join(f"{a:g}" for a in config.alpha)
     print(f"anfast tune: {config.arch}, alpha {alpha}, policy {config.policy}, batch "
           f"{config.batch_size}, {config.image_size} px, amp {config.amp}, "
@@ -110,10 +126,7 @@ def _run(args: argparse.Namespace) -> int:
           f"{tuning.device_identity(device)['device']}; cache {cache}")
     print(format_table(rows, candidates))
     if args.out:
-        report = {**tuning.device_identity(device), "versions": tuning.versions(),
-                  "cache": str(cache), "model": config.to_dict(), "backends": candidates,
-                  "layers": [row.to_dict() for row in rows], "totals": _totals(rows)}
-        write_text_atomically(args.out, json.dumps(report, indent=2) + "\n")
+        write(rows, complete=True)
         print(f"wrote {args.out}")
     return 0
 
@@ -138,5 +151,6 @@ def register(subparsers) -> None:
                         help="tune only the layers whose name matches this glob, e.g. 'layer1.*' "
                              "(default: all)")
     parser.add_argument("--force", action="store_true", help="re-time problems already cached")
-    parser.add_argument("--out", help="also write the table as JSON here")
+    parser.add_argument("--out", help="also write the table as JSON here (rewritten as each layer "
+                                      "is decided; its \"complete\" is true once every layer is)")
     parser.set_defaults(func=_run)

@@ -617,6 +617,7 @@ def auto_backend_name(problem: ConvProblem, phase: str, may_tune: bool = True) -
 
 def tune_problems(problems: Sequence[ConvProblem], candidates: Optional[Sequence[str]] = None,
                   explicit: bool = False, force: bool = False, progress: Optional[bool] = None,
+                  on_decided: Optional[Callable[[int, Decision, bool], None]] = None,
                   ) -> List[tuple[Decision, bool]]:
     """Decide every problem; returns (decision, was_cached) per problem.
 
@@ -626,18 +627,20 @@ def tune_problems(problems: Sequence[ConvProblem], candidates: Optional[Sequence
     then broadcasts its decisions, which every rank installs for auto. ``progress``: a
     tqdm bar of the problems on stderr (None: where stderr is a terminal; a first tune
     of a ResNet-50 on a GPU takes from seconds to minutes, Triton's compiles included).
+    ``on_decided(index, decision, was_cached)`` is called as each problem is decided (on
+    rank 0 only in a distributed run), so a caller can keep what a cut-short tune did.
     """
     tuner = get_tuner()
     candidates = list(fused_backend_names() if candidates is None else candidates)
     if not _distributed():
         return [(decision, was_cached) for _, decision, was_cached in
-                _decide_all(tuner, problems, candidates, explicit, force, progress)]
+                _decide_all(tuner, problems, candidates, explicit, force, progress, on_decided)]
     # Rank 0 sends its decisions, or its error: the other ranks must never wait for a
     # broadcast that will not come.
     box = [None]
     if dist.get_rank() == 0:
         try:
-            box[0] = _decide_all(tuner, problems, candidates, explicit, force, progress)
+            box[0] = _decide_all(tuner, problems, candidates, explicit, force, progress, on_decided)
         except Exception as error:
             box[0] = f"{type(error).__name__}: {error}"
     dist.broadcast_object_list(box, src=0)
@@ -647,7 +650,7 @@ def tune_problems(problems: Sequence[ConvProblem], candidates: Optional[Sequence
     return [(decision, was_cached) for _, decision, was_cached in box[0]]
 
 
-def _decide_all(tuner: Tuner, problems, candidates, explicit, force, progress=None):
+def _decide_all(tuner: Tuner, problems, candidates, explicit, force, progress=None, on_decided=None):
     """(key, decision, was_cached) per problem; a key repeated in ``problems`` is measured once."""
     results = []
     bar = tqdm(problems, desc="anfast: tuning the convs", unit="conv", leave=False,
@@ -662,6 +665,8 @@ def _decide_all(tuner: Tuner, problems, candidates, explicit, force, progress=No
             results.append((key, cached, not measured_now))
         else:
             results.append((key, tuner.decide(problem, candidates, explicit), False))
+        if on_decided is not None:
+            on_decided(len(results) - 1, results[-1][1], results[-1][2])
     return results
 
 
