@@ -35,7 +35,7 @@ from dataclasses import asdict, dataclass
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import environment  # noqa: E402
+from common import environment, write_result  # noqa: E402
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 # Dense (no sparsity) bf16 / fp16 tensor-core peaks in TFLOP/s, from NVIDIA's data
@@ -257,10 +257,9 @@ def main(argv=None) -> int:
     }
 
     def write_json(rows, complete):
-        # Written after every layer, so a run cut short by a time limit keeps its rows.
-        with open(out, "w") as f:
-            json.dump({**header_fields, "complete": complete, "rows": rows, "summary": summarize(rows)},
-                      f, indent=1)
+        # Written (atomically) after every layer, so a run cut short by a time limit keeps its rows.
+        write_result("conv", {**header_fields, "complete": complete, "rows": rows,
+                              "summary": summarize(rows)}, out)
 
     rows = []
     print(f"{device_name}, torch {torch.__version__}, triton {triton.__version__}, batch {args.batch}, "
