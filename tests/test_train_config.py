@@ -370,6 +370,18 @@ def test_a_failed_text_write_keeps_the_old_file_and_names_the_path(tmp_path, mon
     assert [p.name for p in tmp_path.iterdir()] == ["config.yaml"]
 
 
+def test_a_runs_set_up_removes_the_temp_file_a_killed_writer_left(tmp_path):
+    """A temp file of write_text_atomically (".NAME.<random>.tmp") that a kill -9 left in
+    the run folder is not a run (the folder is still free) and is gone once the next run
+    has set up."""
+    data = make_image_folder(tmp_path / "data")
+    stale = tmp_path / "run" / ".summary.json.k9x2.tmp"
+    stale.parent.mkdir()
+    stale.write_text("half a file")
+    fit(tiny_config(data, tmp_path / "run", epochs=1))
+    assert not stale.exists() and (tmp_path / "run" / "summary.json").is_file()
+
+
 def test_damaged_checkpoints_name_the_file_the_previous_one_and_the_fix(tmp_path):
     path = tmp_path / "checkpoints" / "last.pt"
     path.parent.mkdir()
