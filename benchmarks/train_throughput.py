@@ -262,8 +262,9 @@ def main() -> None:
             steps[key] = functools.partial(step, images, labels)
 
     out = None if args.out is None else args.out / "train_throughput.json"
-    common = {"arch": args.arch, "alpha": args.alpha, "policy": "paper", "providers_run": chosen,
-              "image_size": image_size, "batch_size": batch_size, "num_classes": args.num_classes,
+    # What every write of the JSON shares, the environment (commit, versions) read once.
+    common = {**environment(device), "arch": args.arch, "alpha": args.alpha, "policy": "paper",
+              "providers_run": chosen, "image_size": image_size, "batch_size": batch_size, "num_classes": args.num_classes,
               "data": "synthetic", "precision": "bf16" if amp_dtype else "fp32",
               "channels_last": channels_last, "compile": modes, "warmup_steps": args.warmup,
               "rounds": args.rounds, "steps_per_round": args.steps}
@@ -275,27 +276,31 @@ def main() -> None:
         warmup_s[key] = time.perf_counter() - start
         print(f"warm-up of {key}: {warmup_s[key]:.1f} s", flush=True)
     times = {key: [] for key in steps}
+
     # The JSON is rewritten after the warm-up and after every round, so a run that a time
     # limit ends (a GPU lease) keeps what it measured; "rounds_done" says how far it got.
-    path = write_result("train_throughput", summarize(
-        times, warmup_s, modes, list(providers), batch_size, device, common, load_before), out)
+    def save() -> tuple[dict, Path]:
+        result = summarize(times, warmup_s, list(providers), common, load_before)
+        return result, write_result("train_throughput", result, out)
+
+    result, path = save()
     for round_index in range(args.rounds):
         for key, step in steps.items():
             times[key].append(seconds_per_step(step, args.steps, device))
         print(f"round {round_index + 1}/{args.rounds}: " + ", ".join(
             f"{key} {batch_size / statistics.median(t):.1f} img/s" for key, t in times.items()),
             flush=True)
-        result = summarize(times, warmup_s, modes, list(providers), batch_size, device, common, load_before)
-        path = write_result("train_throughput", result, out)
+        result, path = save()
     print(json.dumps({"ratios": result["ratios"],
                       **{k: v["images_per_second"] for k, v in result["providers"].items()}}, indent=2))
     print(f"wrote {path}")
 
 
-def summarize(times: dict, warmup_s: dict, modes: list, providers: list, batch_size: int,
-              device: torch.device, common: dict, load_before) -> dict:
+def summarize(times: dict, warmup_s: dict, providers: list, common: dict, load_before) -> dict:
     """The result JSON of the rounds in ``times`` ({key: [seconds per step, one per round]}):
-    each provider's median img/s, the ratios of RATIOS and compiled / eager per mode."""
+    each provider's median img/s, the ratios of RATIOS and compiled / eager per mode;
+    ``common`` holds the environment and the run's options (batch size, compile modes)."""
+    batch_size, modes = common["batch_size"], common["compile"]
     rows = {}
     for key, round_times in times.items():
         if not round_times:
@@ -314,14 +319,13 @@ def summarize(times: dict, warmup_s: dict, modes: list, providers: list, batch_s
                 ratios[f"{numerator}_over_{denominator}{suffix}"] = speed[numerator] / speed[denominator]
         if "off" in modes and mode != "off":  # each provider compiled vs eager
             for name in speed:
-                if name in rows:
-                    ratios[f"{name}{suffix}_over_{name}"] = speed[name] / rows[name]["images_per_second"]
+                ratios[f"{name}{suffix}_over_{name}"] = speed[name] / rows[name]["images_per_second"]
     return {
         "benchmark": "train_throughput",
         "question": "AN training img/s: anfast (student at real width; auto and torch backends, "
                     "pure aten convs, student streams) vs the authors' masked full-width student "
                     "vs plain base training, eager, compiled and as whole-step CUDA graphs",
-        **environment(device), **common,
+        **common,
         "rounds_done": min((len(t) for t in times.values()), default=0),
         "load_average_before": load_before, "load_average_after": os.getloadavg(),
         "anfast_backend": os.environ.get("ANFAST_BACKEND", "auto"), "warmup_s": warmup_s,
