@@ -111,23 +111,22 @@ class LayerDecision:
 def tune_model(model: torch.nn.Module, batch_size: int, image_size: int,
                amp_dtype: Optional[torch.dtype], candidates: Optional[Sequence[str]] = None,
                explicit: bool = False, force: bool = False, layers: str = "*",
-               progress: Optional[bool] = None,
                on_row: Optional[Callable[[LayerDecision], None]] = None) -> List[LayerDecision]:
     """Decide auto's backend for every adjoined conv of ``model`` at this batch shape
-    (those whose name matches the glob ``layers``); ``progress`` as in
-    ``tuning.tune_problems`` (a bar where stderr is a terminal); ``on_row(row)`` is called
-    with each layer's row as it is decided.
+    (those whose name matches the glob ``layers``), with tuning's progress bar where stderr
+    is a terminal; ``on_row(row)`` is called with each layer's row as it is decided.
 
     A collective in a distributed run (every rank calls it; all get rank 0's decisions).
     """
     layers = [layer for layer in collect_layer_problems(model, batch_size, image_size, amp_dtype)
               if fnmatch.fnmatchcase(layer[0], layers)]
+
     def decided(index: int, decision: tuning.Decision, cached: bool) -> None:
         name, problem, _ = layers[index]
         on_row(LayerDecision(name, problem, decision, cached))
 
     results = tuning.tune_problems([problem for _, problem, _ in layers], candidates, explicit,
-                                   force, progress, decided if on_row is not None else None)
+                                   force, on_decided=decided if on_row is not None else None)
     return [LayerDecision(name, problem, decision, cached)
             for (name, problem, _), (decision, cached) in zip(layers, results)]
 

@@ -650,7 +650,7 @@ def tune_problems(problems: Sequence[ConvProblem], candidates: Optional[Sequence
     return [(decision, was_cached) for _, decision, was_cached in box[0]]
 
 
-def _decide_all(tuner: Tuner, problems, candidates, explicit, force, progress=None, on_decided=None):
+def _decide_all(tuner: Tuner, problems, candidates, explicit, force, progress, on_decided):
     """(key, decision, was_cached) per problem; a key repeated in ``problems`` is measured once."""
     results = []
     bar = tqdm(problems, desc="anfast: tuning the convs", unit="conv", leave=False,

@@ -504,8 +504,7 @@ def _open_run_dir(config: TrainConfig, kind: "Training", info: DistributedInfo,
         config = dataclasses.replace(config, arch_config=str(arch_copy.resolve()))
     remove_stale_temp_files(checkpoint_dir)
     remove_stale_temp_files(run_dir)  # of config.yaml, summary.json, ... (write_text_atomically)
-    with reporting_full_disk(run_dir / "config.yaml", len(json.dumps(config.to_dict()))):
-        kind.write_config(config, run_dir)
+    kind.write_config(config, run_dir)  # write_text_atomically: a full disk names the file
     with reporting_full_disk(run_dir / "metrics.jsonl", len(json.dumps(state.history))):
         log = MetricsLog(run_dir, state.history)
     _say(info, kind.describe(config, info, data, schedule)
