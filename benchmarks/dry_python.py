@@ -32,15 +32,11 @@ class _Accepted(SystemExit):
 
 
 def _without_xdist(args: List[str]) -> List[str]:
-    kept, skip_next = [], False
-    for arg in args:
-        if skip_next:
-            skip_next = False
-        elif arg == "-n":
-            skip_next = True
-        elif not arg.startswith("-n") or arg.startswith("--"):
-            kept.append(arg)
-    return kept
+    """``args`` without pytest-xdist's ``-n N`` (gpu_check.sh's form of it)."""
+    if "-n" not in args:
+        return args
+    at = args.index("-n")
+    return args[:at] + args[at + 2:]
 
 
 def _parse_then_stop(original):

@@ -5,7 +5,11 @@ counts launches as a fused graph and an adjoined step must; gpu_check.sh, rehear
 through dry_python.py, runs every step's command line as its program accepts it."""
 
 import json
+import os
 import pathlib
+import re
+import signal
+import subprocess
 import sys
 
 import pytest
@@ -169,10 +173,15 @@ REPO = pathlib.Path(__file__).resolve().parents[1]
 DRY_PYTHON = [sys.executable, str(REPO / "benchmarks" / "dry_python.py")]
 
 
+def _gpu_check_steps() -> list:
+    """gpu_check.sh's ALL_STEPS, in its order."""
+    script = (REPO / "benchmarks" / "gpu_check.sh").read_text()
+    return re.search(r'^ALL_STEPS="([^"]+)"', script, re.M).group(1).split()
+
+
 def test_dry_python_refuses_an_unknown_flag_and_a_selection_of_no_test():
     """The rehearsal can fail: a flag the script's parser does not know exits 2, a pytest
     selection that collects nothing exits 5, a command line the parser takes exits 0."""
-    import subprocess
 
     def run(*argv):
         return subprocess.run([*DRY_PYTHON, *argv], cwd=REPO, capture_output=True, text=True)
@@ -189,13 +198,7 @@ def test_gpu_check_rehearsed_on_the_cpu_runs_every_step_but_the_install(tmp_path
     """gpu_check.sh with dry_python.py for python: every step's command line is accepted by
     its program and every pytest step collects tests, so a lease is not spent on a renamed
     flag or test. The install (pip's build of the extension) and ncu are the GPU machine's."""
-    import os
-    import re
-    import subprocess
-
-    script = (REPO / "benchmarks" / "gpu_check.sh").read_text()
-    all_steps = re.search(r'^ALL_STEPS="([^"]+)"', script, re.M).group(1).split()
-    steps = [step for step in all_steps if step != "install"]
+    steps = [step for step in _gpu_check_steps() if step != "install"]
     env = {**os.environ, "PYTHON": " ".join(DRY_PYTHON), "NCU": str(tmp_path / "no-ncu"),
            "TRITON_CACHE_DIR": str(tmp_path / "triton")}
     done = subprocess.run(["bash", "benchmarks/gpu_check.sh", str(tmp_path / "out"), *steps], cwd=REPO,
@@ -210,22 +213,15 @@ def test_gpu_check_rehearsed_on_the_cpu_runs_every_step_but_the_install(tmp_path
 def test_benchmarks_readme_lists_gpu_checks_steps_in_their_order():
     """benchmarks/README.md's step list is gpu_check.sh's: one backticked step name opens
     each numbered item, in ALL_STEPS's order."""
-    import re
-
-    script = (REPO / "benchmarks" / "gpu_check.sh").read_text()
-    all_steps = re.search(r'^ALL_STEPS="([^"]+)"', script, re.M).group(1).split()
     readme = (REPO / "benchmarks" / "README.md").read_text()
     section = readme.split("## gpu_check.sh", 1)[1].split("\n## ", 1)[0]
     listed = re.findall(r"^\d+\. `(\w+)`", section, re.M)
-    assert listed == all_steps, listed
+    assert listed == _gpu_check_steps(), listed
 
 
 def test_train_throughput_killed_mid_run_keeps_the_rounds_it_finished(tmp_path):
     """A time limit (a GPU lease's) that kills train_throughput.py mid-run leaves a whole
     JSON of the rounds done: it is rewritten, atomically, after every round."""
-    import signal
-    import subprocess
-
     command = [sys.executable, str(REPO / "benchmarks" / "train_throughput.py"), "--device", "cpu",
                "--arch", "resnet18", "--image-size", "16", "--batch-size", "2", "--warmup", "1",
                "--rounds", "10000", "--steps", "1", "--providers", "base,anfast_torch",
