@@ -258,7 +258,7 @@ def main() -> None:
             if mode == GRAPHS:
                 tensor_learning_rates(optimizer, device)
                 step = CapturedStep(step, images, labels,
-                                    state=step_state_tensors(model, optimizer, meter))
+                                    state=functools.partial(step_state_tensors, model, optimizer, meter))
             steps[key] = functools.partial(step, images, labels)
 
     out = None if args.out is None else args.out / "train_throughput.json"

@@ -9,7 +9,8 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
 import anfast
-from anfast.train.graphs import CapturedStep, set_learning_rate, step_state_tensors, tensor_learning_rates
+from anfast.train.graphs import (CapturedStep, set_learning_rate, step_state_tensors, tensor_learning_rates,
+                                 undo_warm_up)
 from anfast.loss import AdjoinedLoss
 from anfast.train.step import StepMeter, ema_update, train_step
 
@@ -101,20 +102,54 @@ def test_a_tensor_learning_rate_and_lambda_give_the_steps_of_floats():
         assert torch.equal(eager, tensor_lr)
 
 
+def _state(objects):
+    an, optimizer, ema, meter = objects
+    return (list(an.state_dict().values()) + list(ema.state_dict().values())
+            + [v for state in optimizer.state.values() for v in state.values()] + list(meter.state_tensors()))
+
+
+@pytest.mark.parametrize("optimizer_name", ["sgd", "adamw"])
+def test_steps_after_an_undone_warm_up_are_the_steps_of_a_fresh_start(optimizer_name):
+    """Three warm-up steps on the first batch, undone, then three steps: the weights, BatchNorm
+    statistics, EMA, meter sums and optimizer state of three steps from a fresh start. On a
+    fresh run AdamW creates its moments and step count in its first step, inside the warm-up."""
+    torch.manual_seed(1)
+    batches = [(torch.randn(4, 3, 16, 16), torch.randint(0, 5, (4,))) for _ in range(3)]
+    results = []
+    for warmed_up in (False, True):
+        objects = _training_objects(optimizer_name)
+        step = _step(*objects, lambda_=0.5)
+        if warmed_up:
+            undo_warm_up(lambda: [step(*batches[0]) for _ in range(3)],
+                         functools.partial(step_state_tensors, *objects))
+        for batch in batches:
+            step(*batch)
+        results.append(_state(objects))
+    fresh, warmed = results
+    assert len(fresh) == len(warmed)
+    for a, b in zip(fresh, warmed):
+        if a.is_floating_point():
+            assert_close_rel(b, a, 1e-6)
+        else:
+            assert torch.equal(a, b)
+
+
 def test_capture_refuses_a_cpu_batch():
     with pytest.raises(ValueError, match="--cuda-graphs needs a CUDA device; the batch is on cpu"):
-        CapturedStep(lambda images, labels: None, torch.zeros(2, 3), torch.zeros(2), state=[])
+        CapturedStep(lambda images, labels: None, torch.zeros(2, 3), torch.zeros(2), state=list)
 
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
-def test_captured_steps_continue_exactly_like_eager_steps():
+@pytest.mark.parametrize("optimizer_name", ["sgd", "adamw"])
+def test_captured_steps_continue_exactly_like_eager_steps(optimizer_name):
     """Three replays from the state three eager steps started from: the same weights,
-    BatchNorm statistics, EMA and meter sums (within bf16-free fp32 rounding)."""
+    BatchNorm statistics, EMA and meter sums (within bf16-free fp32 rounding); AdamW's
+    state is made in the warm-up, SGD's before it."""
     device = torch.device("cuda")
     results = []
     for captured in (False, True):
-        an, optimizer, ema, meter = _training_objects("sgd")
+        an, optimizer, ema, meter = _training_objects(optimizer_name)
         an.to(device), ema.to(device)
         for state in optimizer.state.values():
             state["momentum_buffer"] = state["momentum_buffer"].to(device)
@@ -126,7 +161,8 @@ def test_captured_steps_continue_exactly_like_eager_steps():
         batches = [(torch.randn(8, 3, 16, 16, device=device), torch.randint(0, 5, (8,), device=device))
                    for _ in range(3)]
         if captured:
-            step = CapturedStep(step, *batches[0], state=step_state_tensors(an, optimizer, ema, meter))
+            step = CapturedStep(step, *batches[0],
+                                state=functools.partial(step_state_tensors, an, optimizer, ema, meter))
         for index, batch in enumerate(batches):
             set_learning_rate(optimizer, 0.1 / (index + 1))
             step(*batch)

@@ -16,8 +16,12 @@ the graph reads, never in Python values baked into it at capture:
 
 The warm-up that capture needs (torch's recipe: a few steps on a side stream, so lazy
 initialisation and cuDNN's algorithm search happen outside the capture) would train on
-the first batch; ``CapturedStep`` saves every tensor the step writes and puts it back
-after the warm-up, so a captured run continues exactly where an eager one would.
+the first batch; ``undo_warm_up`` saves every tensor the step writes and puts it back
+after the warm-up, so a captured run continues exactly where an eager one would. That
+includes the state an optimizer creates lazily in its first step (AdamW's moments and
+step count on a fresh run): it did not exist before the warm-up, so it is set to the
+zeros the optimizer starts it from (Adam's m_0 = v_0 = 0 and t = 0; SGD's momentum
+buffers are made as zeros beforehand, anfast.train.build.create_optimizer).
 """
 
 from __future__ import annotations
@@ -29,7 +33,7 @@ import torch
 from anfast.runs.checkpoint import get_rng_state, set_rng_state
 
 __all__ = ["CapturedStep", "tensor_learning_rates", "set_learning_rate", "step_state_tensors",
-           "cudagraph_skips"]
+           "undo_warm_up", "cudagraph_skips"]
 
 
 def tensor_learning_rates(optimizer: torch.optim.Optimizer, device: torch.device) -> None:
@@ -69,6 +73,27 @@ def step_state_tensors(*holders) -> List[torch.Tensor]:
     return list(unique.values())
 
 
+def undo_warm_up(warm_up: Callable[[], None], state: Callable[[], Sequence[torch.Tensor]]) -> None:
+    """Run ``warm_up``, then put back every tensor of ``state()`` and the RNG states.
+
+    ``state`` is called before and after the warm-up: a tensor of both calls gets its value
+    from before; one that only the second call returns was created by the warm-up (an
+    optimizer's lazily made moments and step count) and is zeroed, the value that
+    torch's SGD (momentum) and Adam / AdamW start their state from.
+    """
+    before = list(state())  # kept alive, so an id() below names one tensor
+    saved = {id(t): t.detach().clone() for t in before}
+    saved_rng = get_rng_state()
+    warm_up()
+    with torch.no_grad():
+        for tensor in state():
+            if id(tensor) in saved:
+                tensor.copy_(saved[id(tensor)])
+            else:
+                tensor.zero_()
+    set_rng_state(saved_rng)
+
+
 def cudagraph_skips() -> int:
     """How many compiled graphs torch.compile(mode="reduce-overhead") has run without a CUDA
     graph in this process: inductor skips those that mutate their inputs (BatchNorm's
@@ -87,31 +112,32 @@ class CapturedStep:
             EMA, meter; it must make no host read (anfast.train.step.train_step makes none)
             and read what changes between steps from device tensors (see the module doc).
         images, labels: a batch of the training shape, dtype, device and memory format.
-        state: every tensor ``step`` writes (``step_state_tensors``); the warm-up's
-            changes to them are undone before capture.
+        state: returns every tensor ``step`` writes (``step_state_tensors`` of the model,
+            optimizer, ...); called before and after the warm-up, whose changes to them
+            are undone before capture (``undo_warm_up``).
         warmup_steps: eager steps on a side stream before capture (torch's recipe).
     """
 
     def __init__(self, step: Callable[[torch.Tensor, torch.Tensor], None], images: torch.Tensor,
-                 labels: torch.Tensor, *, state: Sequence[torch.Tensor], warmup_steps: int = 3):
+                 labels: torch.Tensor, *, state: Callable[[], Sequence[torch.Tensor]],
+                 warmup_steps: int = 3):
         if images.device.type != "cuda":
             raise ValueError(f"--cuda-graphs needs a CUDA device; the batch is on {images.device}")
         self.images = torch.empty_like(images)
         self.labels = torch.empty_like(labels)
         self.images.copy_(images)
         self.labels.copy_(labels)
-        saved = [t.detach().clone() for t in state]
-        saved_rng = get_rng_state()
-        side = torch.cuda.Stream(images.device)
-        side.wait_stream(torch.cuda.current_stream(images.device))
-        with torch.cuda.stream(side):
-            for _ in range(warmup_steps):
-                step(self.images, self.labels)
-        torch.cuda.current_stream(images.device).wait_stream(side)
-        with torch.no_grad():
-            for tensor, value in zip(state, saved):
-                tensor.copy_(value)
-        set_rng_state(saved_rng)
+        device = images.device
+
+        def warm_up() -> None:
+            side = torch.cuda.Stream(device)
+            side.wait_stream(torch.cuda.current_stream(device))
+            with torch.cuda.stream(side):
+                for _ in range(warmup_steps):
+                    step(self.images, self.labels)
+            torch.cuda.current_stream(device).wait_stream(side)
+
+        undo_warm_up(warm_up, state)
         self.graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(self.graph):
             step(self.images, self.labels)

@@ -580,8 +580,9 @@ class Stepper:
         if self.captured_step is None:
             self.captured_step = CapturedStep(functools.partial(train_step, run.model, **options),
                                               images, labels,
-                                              state=step_state_tensors(parts.an, parts.optimizer,
-                                                                       parts.ema, self.meter))
+                                              state=functools.partial(step_state_tensors, parts.an,
+                                                                      parts.optimizer, parts.ema,
+                                                                      self.meter))
         self.captured_step(images, labels)
 
     def report_graph_skips(self) -> None:
