@@ -18,3 +18,10 @@ if not torch.cuda.is_available():
 if "ANFAST_CACHE_DIR" not in os.environ:
     _tuning_cache = tempfile.TemporaryDirectory(prefix="anfast-test-cache-")
     os.environ["ANFAST_CACHE_DIR"] = _tuning_cache.name
+
+# So do the built-in dataset and the image-check caches (ANFAST_DATA_HOME): a test then
+# sees what it would see on a fresh machine, whatever this one's ~/.cache/anfast holds
+# (the set is drawn once per session, in seconds, by the first test that needs it).
+if "ANFAST_DATA_HOME" not in os.environ:
+    _data_home = tempfile.TemporaryDirectory(prefix="anfast-test-data-")
+    os.environ["ANFAST_DATA_HOME"] = _data_home.name
