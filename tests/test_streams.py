@@ -10,6 +10,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
 import anfast
+from anfast.nn import conv as conv_module
 from anfast.nn import streams as streams_module
 from anfast.loss import AdjoinedLoss
 
@@ -95,6 +96,24 @@ def test_every_network_reads_only_its_own_or_handed_over_tensors(monkeypatch, ar
     assert networks == set(range(an.num_students + 1))  # every student's convs ran on its stream
     assert stand_in.current == 0  # the loss runs on the base's (the caller's) stream
     assert len(out.students) == an.num_students
+
+
+@pytest.mark.parametrize("autocast", [False, True])
+def test_fused_pairs_read_only_their_own_tensors(monkeypatch, autocast):
+    """The fused path (auto on a GPU, forced here) with three students: the pass of
+    students 1 and 2 slices its weight and, under bf16 autocast, casts its inputs on
+    student 1's stream, where it reads them."""
+    monkeypatch.setattr(conv_module, "fixed_backend_name", lambda requested, device: None)
+    torch.manual_seed(0)
+    an = anfast.adjoin("resnet18", alpha=(2, 4, 8), policy="paper", num_classes=5, input_size=(3, 32, 32))
+    stand_in = _cpu_streams(monkeypatch, an, an.num_students + 1)
+    detector = RaceDetector(stand_in)
+    with detector, torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+        out = an(torch.randn(2, 3, 32, 32))
+    assert not detector.races, (len(detector.races), detector.races[:5])
+    networks = {n for n, op in detector.ops if "conv" in op}
+    assert networks == {0, 2}  # the passes (base, student 0) and (student 1, student 2)
+    assert len(out.students) == 3
 
 
 def test_two_streams_give_the_numbers_of_one(monkeypatch):

@@ -145,10 +145,12 @@ class AdjoinedConv2d(nn.Conv2d):
             if child == len(inputs):
                 outputs.append(self._conv_on_stream(parent, inputs[parent]))
                 continue
-            weight, bias, groups = self.network_weight(parent)
-            x_parent, x_child, weight, bias = autocast_inputs(
-                inputs[parent], hand_over(inputs[child], parent, source=child), weight, bias)
-            with network_stream(parent):  # one fused launch for both, on the wider's stream
+            x_child = hand_over(inputs[child], parent, source=child)
+            # One fused launch for both, on the wider's stream; the weight slice and the
+            # autocast copies too: they read that network's tensors and feed its launch.
+            with network_stream(parent):
+                weight, bias, groups = self.network_weight(parent)
+                x_parent, x_child, weight, bias = autocast_inputs(inputs[parent], x_child, weight, bias)
                 y_parent, y_child = adjoined_conv2d(
                     x_parent, x_child, weight, bias, out_student=self.student_out_channels[child - 1],
                     stride=self.stride, padding=self.padding, dilation=self.dilation, groups=groups,
@@ -159,8 +161,8 @@ class AdjoinedConv2d(nn.Conv2d):
 
     def _conv_on_stream(self, n: int, x: torch.Tensor) -> torch.Tensor:
         """Network n's convolution alone (F.conv2d on its weight slice), on its stream."""
-        weight, bias, groups = self.network_weight(n)
-        with network_stream(n):
+        with network_stream(n):  # the weight slice too: it feeds this stream's conv
+            weight, bias, groups = self.network_weight(n)
             return nn.functional.conv2d(x, weight, bias, self.stride, self.padding, self.dilation, groups)
 
     def extra_repr(self) -> str:
