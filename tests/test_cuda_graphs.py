@@ -134,6 +134,29 @@ def test_steps_after_an_undone_warm_up_are_the_steps_of_a_fresh_start(optimizer_
             assert torch.equal(a, b)
 
 
+class _Capturing:
+    """A current stream that says it is capturing, for torch's optimizer capture check."""
+
+    def is_capturing(self):
+        return True
+
+
+def test_adamw_with_tensor_learning_rates_passes_torch_s_capture_check(monkeypatch):
+    """torch's Adam / AdamW refuse a step inside a CUDA graph capture unless every param
+    group is capturable; tensor_learning_rates sets that (also on a resumed optimizer)."""
+    an, optimizer, _, _ = _training_objects("adamw")
+    for p in an.parameters():
+        p.grad = torch.ones_like(p)
+    monkeypatch.setattr(torch.accelerator, "current_accelerator", lambda check_available=False: torch.device("cuda"))
+    monkeypatch.setattr(torch.accelerator, "current_stream", lambda device=None: _Capturing())
+    with pytest.raises(RuntimeError, match="capturable is False"):  # the check this test stands on
+        optimizer.step()
+    tensor_learning_rates(optimizer, torch.device("cpu"))
+    before = [p.detach().clone() for p in an.parameters()]
+    optimizer.step()
+    assert any(not torch.equal(a, p) for a, p in zip(before, an.parameters()))
+
+
 def test_capture_refuses_a_cpu_batch():
     with pytest.raises(ValueError, match="--cuda-graphs needs a CUDA device; the batch is on cpu"):
         CapturedStep(lambda images, labels: None, torch.zeros(2, 3), torch.zeros(2), state=list)
@@ -176,3 +199,26 @@ def test_captured_steps_continue_exactly_like_eager_steps(optimizer_name):
             assert torch.equal(a, b)
     assert read_1["step"] == read_2["step"] == 3
     assert abs(read_1["loss_sum"] - read_2["loss_sum"]) <= 1e-5 * abs(read_1["loss_sum"])
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_a_captured_run_with_adamw_and_ema_is_the_run_of_eager_steps(tmp_path):
+    """`anfast train --cuda-graphs --ema` with AdamW (the default optimizer): the capture
+    accepts the optimizer, the EMA's count lives on the GPU, and the run's losses and
+    EMA weights are those of eager steps."""
+    import json
+
+    from anfast.train.loop import fit
+    from test_train_config import make_image_folder, tiny_config
+
+    data = make_image_folder(tmp_path / "data")
+    runs = {}
+    for graphs in (False, True):
+        out = tmp_path / f"graphs_{graphs}"
+        summary = fit(tiny_config(data, out, device="cuda", cuda_graphs=graphs, ema=True, epochs=2,
+                                  optimizer="adamw", lr=1e-3))
+        assert summary["cuda_graphs"]["mode"] == ("whole step (--cuda-graphs)" if graphs else "off")
+        runs[graphs] = [json.loads(line)["train_loss"] for line in (out / "metrics.jsonl").read_text().splitlines()]
+    for eager, captured in zip(runs[False], runs[True]):
+        assert abs(captured - eager) <= 1e-4 * abs(eager), runs

@@ -38,10 +38,14 @@ __all__ = ["CapturedStep", "tensor_learning_rates", "set_learning_rate", "step_s
 
 def tensor_learning_rates(optimizer: torch.optim.Optimizer, device: torch.device) -> None:
     """Make every param group's lr a 0-d float32 tensor on ``device`` (fused optimizers
-    read it on the device, so a captured step sees each new value)."""
+    read it on the device, so a captured step sees each new value), and make optimizers
+    that have the flag (Adam, AdamW) ``capturable``: their step refuses a capture otherwise.
+    Set here, not at construction, so a run resumed with --cuda-graphs gets it too."""
     for group in optimizer.param_groups:
         lr = group["lr"]
         group["lr"] = torch.tensor(float(lr), dtype=torch.float32, device=device)
+        if "capturable" in group:
+            group["capturable"] = True
 
 
 def set_learning_rate(optimizer: torch.optim.Optimizer, lr: float) -> None:
@@ -139,7 +143,9 @@ class CapturedStep:
 
         undo_warm_up(warm_up, state)
         self.graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(self.graph):
+        # thread_local: the loader's pin-memory thread may call CUDA during the capture,
+        # which the default ("global") mode turns into a capture error.
+        with torch.cuda.graph(self.graph, capture_error_mode="thread_local"):
             step(self.images, self.labels)
 
     def __call__(self, images: torch.Tensor, labels: torch.Tensor) -> None:

@@ -410,7 +410,7 @@ def _build_parts(config: TrainConfig, info: DistributedInfo, num_classes: int,
                           f"processes (DDP's all-reduce is not captured): leave --cuda-graphs out")
     return Parts(an=an, trained=an, optimizer=create_optimizer(an, config, device),
                  scaler=torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16),
-                 ema=AveragedModel(an, use_buffers=True) if config.ema else None,
+                 ema=AveragedModel(an, device=device, use_buffers=True) if config.ema else None,
                  loss_fn=_create_loss(config), lambda_schedule=get_lambda_schedule(config.lambda_schedule))
 
 
