@@ -15,7 +15,23 @@ from anfast.profile import count_parameters, profile
 from anfast.streams import use_streams
 from anfast.loss import AdjoinedLoss
 
-__version__ = _metadata.version("anfast")  # pyproject.toml's, as installed
+
+
+def _version() -> str:
+    """pyproject.toml's version: from the installed metadata, or read from the source tree
+    while an editable install has not written its metadata yet (gpu_check's tests start
+    beside its background build)."""
+    try:
+        return _metadata.version("anfast")
+    except _metadata.PackageNotFoundError:
+        import tomllib
+        from pathlib import Path
+
+        with open(Path(__file__).resolve().parent.parent / "pyproject.toml", "rb") as file:
+            return tomllib.load(file)["project"]["version"]
+
+
+__version__ = _version()
 
 __all__ = [
     "ops",

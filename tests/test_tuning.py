@@ -7,6 +7,7 @@ Auto tunes on CUDA devices only; these tests add "cpu" to the tuner's lazy devic
 
 from __future__ import annotations
 
+import hashlib
 import json
 import subprocess
 import sys
@@ -266,6 +267,45 @@ def test_auto_tries_triton_only_when_anfast_auto_backends_names_it(monkeypatch):
     with pytest.raises(ConfigError, match="ANFAST_AUTO_BACKENDS"):
         TrainConfig().validate()  # refused before any data or model is built
     TrainConfig(backend="torch").validate()  # a named backend does not read it
+
+
+def test_the_version_is_pyproject_s_before_an_install_has_written_its_metadata(monkeypatch):
+    """gpu_check starts tests beside its background `pip install -e .`: anfast imports, and
+    decisions are keyed, by the source tree's version until the metadata exists."""
+    from importlib import metadata
+
+    installed = metadata.version("anfast")
+
+    def not_yet_installed(name):
+        raise metadata.PackageNotFoundError(name)
+
+    monkeypatch.setattr(anfast._metadata, "version", not_yet_installed)
+    assert anfast._version() == installed
+
+
+def test_decisions_of_another_build_of_the_extension_are_not_read(tuner, monkeypatch, tmp_path):
+    """A decision names a kernel variant of one anfast._C build and was timed on its code:
+    a rebuilt extension (other variants, other kernels) reads no decision of the old one."""
+    from anfast.ops import cuda_backend
+
+    install_backends(monkeypatch, StandInBackend("fast"))
+    builds = {}
+    for name, content in (("a", b"kernels of build a"), ("b", b"kernels of build b")):
+        builds[name] = type("Extension", (), {"__file__": str(tmp_path / f"_C_{name}.so")})
+        Path(builds[name].__file__).write_bytes(content)
+    inputs = make_inputs()
+    try:
+        for build, timed in (("a", 2), ("b", 2), ("a", 0)):
+            monkeypatch.setattr(cuda_backend, "load_extension", lambda build=build: (builds[build], ""))
+            tuning.versions.cache_clear()
+            digest = hashlib.sha256(Path(builds[build].__file__).read_bytes()).hexdigest()
+            assert tuning.versions()["kernels"] == digest[:12]
+            fresh = Tuner(timer=FakeTimer({"fast": 0.5, "torch": 1.0}), lazy_devices=("cpu",))
+            tuning.set_tuner(fresh)
+            run_op(inputs)
+            assert fresh.timer.calls == timed, build  # b tunes anew; a's file still holds a's
+    finally:
+        tuning.versions.cache_clear()
 
 
 def test_cache_round_trips_and_survives_corrupt_and_foreign_files(tuner, monkeypatch):

@@ -12,18 +12,20 @@ backend's tile shapes) has each variant verified and timed as a candidate of its
 own ("cuda:128x64x32"); the backend's result is its fastest verified variant, which
 the decision names and the backend then runs for that key.
 
-A key's ``Decision`` holds one ``Candidate`` per fused backend tried. Decisions persist
-in ANFAST_CACHE_DIR (default ~/.cache/anfast), one JSON file per device and software
-versions. No tuning happens when ANFAST_TUNE=0, while a CUDA graph is being captured
-or while torch.compile traces (the custom op body is opaque there anyway), nor lazily
-inside a distributed run: there ``tune_problems`` is a collective (rank 0 measures,
-every rank installs rank 0's decisions), and the op only reads those agreed
-decisions, so ranks can neither diverge nor wait on each other inside a convolution.
+A key's ``Decision`` holds one ``Candidate`` per fused backend tried. Decisions
+persist in ANFAST_CACHE_DIR (default ~/.cache/anfast), one JSON file per device,
+software versions and build of anfast._C. No tuning happens when ANFAST_TUNE=0, while
+a CUDA graph is being captured or while torch.compile traces (the custom op body is
+opaque there anyway), nor lazily inside a distributed run: there ``tune_problems`` is
+a collective (rank 0 measures, every rank installs rank 0's decisions), and the op
+only reads those agreed decisions, so ranks can neither diverge nor wait on each other
+inside a convolution.
 """
 
 from __future__ import annotations
 
 import functools
+import hashlib
 import json
 import os
 import platform
@@ -121,14 +123,28 @@ def problem_key(problem: ConvProblem) -> str:
 
 @functools.lru_cache(maxsize=None)
 def versions() -> Dict[str, str]:
-    """The torch, triton and anfast versions a decision holds for."""
+    """The torch, triton and anfast versions a decision holds for, and the build of
+    anfast._C: a decision names one of its kernel variants and was timed on its code."""
     from importlib import metadata
 
     try:
         triton_version = metadata.version("triton")
     except metadata.PackageNotFoundError:
         triton_version = "none"
-    return {"torch": torch.__version__, "triton": triton_version, "anfast": metadata.version("anfast")}
+    import anfast
+
+    return {"torch": torch.__version__, "triton": triton_version, "anfast": anfast.__version__,
+            "kernels": extension_fingerprint()}
+
+
+def extension_fingerprint() -> str:
+    """The first 12 hex digits of the sha256 of the built anfast._C, "none" without one."""
+    from anfast.ops.cuda_backend import load_extension
+
+    extension, _ = load_extension()
+    if extension is None:
+        return "none"
+    return hashlib.sha256(Path(extension.__file__).read_bytes()).hexdigest()[:12]
 
 
 @functools.lru_cache(maxsize=None)
