@@ -187,7 +187,7 @@ def test_fake_implementations_promise_the_real_strides(stride):
     real gemm outputs of the forward op and of the backward op."""
     t = make_tensors(5, 4, stride=stride, seed=8)
     common = [[stride, stride], [0, 0], [1, 1], 1, "gemm", False]  # requested, chosen by the op
-    forward_args = (t["x_base"], t["x_student"], t["weight"], t["bias"], None, 4, *common)
+    forward_args = (t["x_base"], t["x_student"], t["weight"], t["bias"], None, 4, *common, [True] * 4)
     torch.library.opcheck(torch.ops.anfast.adjoined_conv2d.default, forward_args,
                           test_utils=("test_schema", "test_faketensor"))
     backward_args = (t["grad_base"], t["grad_student"], t["x_base"], t["x_student"], t["weight"], True,

@@ -558,3 +558,32 @@ def test_the_backward_pass_runs_the_backend_its_forward_ran(tuner, monkeypatch):
     (y64[0].square().sum() + 3 * y64[1].sum()).backward()
     for name, t, reference in zip(("dx_base", "dx_student", "dweight", "dbias"), inputs, leaves):
         assert_close_rel(t.grad, reference.grad, 1e-5, name)
+
+
+def test_a_compiled_call_reads_the_decision_its_eager_call_tuned(tuner, monkeypatch):
+    """torch.compile leaves the choice to the op's body, which sees its inputs without
+    requires_grad: the gradients a call needs travel as an argument, so the forward pass
+    looks up the key eager mode tuned, not one of an inference problem."""
+    install_backends(monkeypatch, StandInBackend("fast"))
+    tuner.timer = FakeTimer({"fast": 0.5, "torch": 1.0})
+    inputs = make_inputs()
+    eager = run_op(inputs)
+    cpu = torch.device("cpu")
+    assert tuner.timer.calls == 2 and len(tuner.table(cpu)) == 1
+
+    reader = Tuner(timer=FakeTimer({"fast": 0.5, "torch": 1.0}), lazy_devices=("cpu",))
+    tuning.set_tuner(reader)
+    seen = []
+    lookup = reader.lookup
+    monkeypatch.setattr(reader, "lookup", lambda problem: seen.append(tuning.problem_key(problem)) or lookup(problem))
+    # The images come from ops inside the graph, as a network's activations do.
+    conv = torch.compile(lambda x_base, x_student, weight, bias: adjoined_conv2d(
+        x_base * 1, x_student * 1, weight, bias, out_student=4, padding=1), backend="aot_eager", fullgraph=True)
+    for t in inputs:
+        t.grad = None
+    y_base, y_student = conv(*inputs)
+    (y_base.square().sum() + 3 * y_student.sum()).backward()
+    assert seen and set(seen) == set(tuner.table(cpu)), seen  # forward and backward: eager's key
+    assert reader.timer.calls == 0
+    for got, want in zip((y_base, y_student, *(t.grad for t in inputs)), eager):
+        assert_close_rel(got.detach(), want, 1e-6)

@@ -68,15 +68,19 @@ def _adjoined_conv2d_op(
     groups: int,
     backend: str,
     decided: bool,
+    needs_grad: List[bool],
 ) -> tuple[torch.Tensor, torch.Tensor]:
+    # needs_grad: which inputs get a gradient, taken before the op (a compiled graph hands
+    # its body activations without requires_grad), so the forward pass's decision key is
+    # the one eager mode tuned and the backward pass looks up.
     problem = _problem(x_base, x_student, weight, bias, student_in_index, out_student, stride,
-                       padding, dilation, groups)
+                       padding, dilation, groups, tuple(needs_grad))
     return decided_backend(problem, backend, decided, "forward").forward(problem)
 
 
 @_adjoined_conv2d_op.register_fake
 def _(x_base, x_student, weight, bias, student_in_index, out_student, stride, padding, dilation,
-      groups, backend, decided):
+      groups, backend, decided, needs_grad):
     # Shapes and memory formats are those of F.conv2d, which every backend must give.
     return reference.adjoined_conv2d_reference(
         x_base, x_student, weight, bias, out_student, stride, padding, dilation, groups,
@@ -131,7 +135,7 @@ def _(grad_base, grad_student, x_base, x_student, weight, has_bias, student_in_i
 
 def _setup_context(ctx, inputs, output):
     (x_base, x_student, weight, bias, student_in_index, out_student, stride, padding, dilation,
-     groups, backend, decided) = inputs
+     groups, backend, decided, _) = inputs
     ctx.save_for_backward(x_base, x_student, weight, student_in_index)
     ctx.has_bias = bias is not None
     ctx.config = (out_student, stride, padding, dilation, groups, backend, decided)
@@ -149,7 +153,7 @@ def _backward(ctx, grad_base, grad_student):
         dilation, groups, backend, decided, output_mask,
     )
     dx_base, dx_student, dweight, dbias = (g if need else None for g, need in zip(grads, output_mask))
-    return dx_base, dx_student, dweight, dbias, None, None, None, None, None, None, None, None
+    return dx_base, dx_student, dweight, dbias, None, None, None, None, None, None, None, None, None
 
 
 def _memory_format(x: torch.Tensor) -> torch.memory_format:
@@ -173,7 +177,7 @@ def _student_weight_shape(x_student, weight, groups, y_student) -> list[int]:
 
 @flop_counter.register_flop_formula(torch.ops.anfast.adjoined_conv2d)
 def _forward_flops(x_base, x_student, weight, bias, student_in_index, out_student, stride, padding,
-                   dilation, groups, backend, decided, out_shape) -> int:
+                   dilation, groups, backend, decided, needs_grad, out_shape) -> int:
     y_base, y_student = out_shape
     student = _student_weight_shape(x_student, weight, groups, y_student)
     return (flop_counter.conv_flop_count(x_base, weight, y_base)
@@ -331,5 +335,5 @@ def adjoined_conv2d(
         name, decided = choose_backend(problem, backend or "").name, True
     return _adjoined_conv2d_op(
         x_base, x_student, weight, bias, student_in_index, out_student, stride, padding,
-        dilation, groups, name, decided,
+        dilation, groups, name, decided, list(tuning.grad_mask(problem)),
     )
