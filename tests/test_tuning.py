@@ -255,6 +255,23 @@ def test_output_strides_are_checked_against_torch_in_the_problems_dtype(tuner, m
         assert any("failed verification" in str(w.message) for w in caught)
 
 
+def test_candidates_are_timed_on_output_gradients_in_their_inputs_layout(monkeypatch):
+    """The backward pass a candidate is timed on gets the output gradients the op hands it
+    (channels_last for channels_last inputs), also where torch's float64 reference returns
+    NCHW outputs (CUDA, torch 2.11): else the timing includes the backend's layout copy."""
+    torch_backend = tuning.registry.get_backend("torch")
+    real_forward = type(torch_backend).forward
+    monkeypatch.setattr(type(torch_backend), "forward",
+                        lambda self, problem: tuple(y.contiguous() for y in real_forward(self, problem)))
+    inputs = [t.detach().contiguous(memory_format=torch.channels_last).requires_grad_()
+              if t.dim() == 4 else t for t in make_inputs()]
+    reference = tuning._reference(problem_of(inputs), (True, True, True, True))
+    assert all(y.is_contiguous() for y in reference.outputs)  # the simulated NCHW reference
+    for grad, x in zip(reference.grads_out, inputs[:2]):
+        assert grad.is_contiguous(memory_format=torch.channels_last) and not grad.is_contiguous()
+        assert grad.dtype == x.dtype
+
+
 def test_auto_tries_triton_only_when_anfast_auto_backends_names_it(monkeypatch):
     monkeypatch.delenv("ANFAST_AUTO_BACKENDS", raising=False)
     assert tuning.fused_backend_names() == ["gemm", "cuda"]  # the default: all but tuning.AUTO_OPT_IN

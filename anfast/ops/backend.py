@@ -26,6 +26,7 @@ __all__ = [
     "backend_reasons",
     "FUSED_DTYPES",
     "fused_kernel_reasons",
+    "memory_format",
 ]
 
 # The fused backends auto may try, then torch. Modules are imported lazily: the package must import on a
@@ -58,13 +59,20 @@ class ConvProblem:
     dilation: tuple[int, int]
     groups: int
     student_in_index: Optional[torch.Tensor]
-    # (x_base, x_student, weight, bias) gradients the backward pass computes; None in
-    # a forward call, where the tensors' requires_grad says the same.
+    # (x_base, x_student, weight, bias) gradients the backward pass computes; None where
+    # the tensors' requires_grad says it (an eager call, before the custom op).
     needs_grad: Optional[tuple[bool, bool, bool, bool]] = None
 
     @property
     def in_student(self) -> int:
         return self.x_student.shape[1]
+
+
+def memory_format(x: torch.Tensor) -> torch.memory_format:
+    """channels_last where ``x`` is (and not also contiguous), else contiguous: the layout
+    the op hands a backend each output gradient in, that of the pass's input."""
+    return torch.channels_last if x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last) \
+        and not x.is_contiguous() else torch.contiguous_format
 
 
 class Backend:

@@ -27,7 +27,7 @@ import torch
 from torch.utils import flop_counter
 
 from anfast.ops import gemm_backend, reference, tuning
-from anfast.ops.backend import ConvProblem
+from anfast.ops.backend import ConvProblem, memory_format
 from anfast.ops.dispatch import choose_backend, decided_backend, note_choice
 
 __all__ = ["adjoined_conv2d", "fixed_backend_name", "TRACEABLE_BACKENDS"]
@@ -147,18 +147,13 @@ def _backward(ctx, grad_base, grad_student):
     needs = ctx.needs_input_grad
     output_mask = [needs[0], needs[1], needs[2], needs[3] and ctx.has_bias]
     grads = _adjoined_conv2d_backward_op(
-        grad_base.contiguous(memory_format=_memory_format(x_base)),
-        grad_student.contiguous(memory_format=_memory_format(x_student)),
+        grad_base.contiguous(memory_format=memory_format(x_base)),
+        grad_student.contiguous(memory_format=memory_format(x_student)),
         x_base, x_student, weight, ctx.has_bias, student_in_index, out_student, stride, padding,
         dilation, groups, backend, decided, output_mask,
     )
     dx_base, dx_student, dweight, dbias = (g if need else None for g, need in zip(grads, output_mask))
     return dx_base, dx_student, dweight, dbias, None, None, None, None, None, None, None, None, None
-
-
-def _memory_format(x: torch.Tensor) -> torch.memory_format:
-    return torch.channels_last if x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last) \
-        and not x.is_contiguous() else torch.contiguous_format
 
 
 torch.library.register_autograd(

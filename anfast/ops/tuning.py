@@ -43,7 +43,7 @@ import torch.distributed as dist
 from tqdm import tqdm
 
 from anfast.ops import backend as registry
-from anfast.ops.backend import Backend, ConvProblem
+from anfast.ops.backend import Backend, ConvProblem, memory_format
 
 __all__ = [
     "TOLERANCE",
@@ -384,8 +384,12 @@ def _reference(problem: ConvProblem, mask) -> _Reference:
     torch_backend = registry.get_backend("torch")
     outputs = torch_backend.forward(problem64)
     generator = torch.Generator(problem.x_base.device).manual_seed(0)
-    grads_out = tuple(torch.empty_like(y, dtype=problem.x_base.dtype).normal_(generator=generator)
-                      for y in outputs)
+    # In the layout the op hands the backward pass (its input's), not the float64
+    # reference's: torch's float64 conv on CUDA returns NCHW for channels_last inputs,
+    # and a candidate timed on those would time a layout copy too.
+    grads_out = tuple(
+        torch.empty_like(y, dtype=problem.x_base.dtype, memory_format=memory_format(x)).normal_(generator=generator)
+        for y, x in zip(outputs, (problem.x_base, problem.x_student)))
     grads = torch_backend.backward(*(g.double() for g in grads_out), problem64, mask) \
         if any(mask) else (None,) * 4
     return _Reference(outputs, grads_out, grads)
