@@ -100,6 +100,32 @@ def test_op_and_every_gradient_match_float64(op_path, dtype, stride, bias, width
     assert (y_base.stride(), y_student.stride()) == tuple(y.stride() for y in same_dtype)
 
 
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("width", [1, 7, CHANNELS])
+@pytest.mark.parametrize("stride", [1, 2])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=str)
+def test_op_and_every_gradient_match_float64_on_a_gpu(op_path, dtype, stride, width):
+    """cuBLAS's GEMMs through both paths, in the dtypes training runs, against float64
+    (the ResNet-50 shapes run in tests/test_gpu_resnet50.py)."""
+    in_student, out_student = width, CHANNELS + 1 - width
+    t = {name: None if v is None else v.to(device="cuda", dtype=dtype)
+         for name, v in make_tensors(in_student, out_student, torch.float32, True, stride, seed=9).items()}
+    leaves = {name: t[name].clone().requires_grad_() for name in ("x_base", "x_student", "weight", "bias")}
+    y_base, y_student = adjoined_conv2d(*leaves.values(), out_student=out_student, stride=stride, backend="gemm")
+    torch.autograd.backward((y_base, y_student), (t["grad_base"], t["grad_student"]))
+    (ref_base, ref_student), ref_grads = reference(t, out_student, stride)
+    tolerance = TOLERANCE[dtype]
+    assert_close_rel(y_base, ref_base, tolerance, "y_base")
+    assert_close_rel(y_student, ref_student, tolerance, "y_student")
+    for name, leaf, expected in zip(GRAD_NAMES, leaves.values(), ref_grads):
+        assert_close_rel(leaf.grad, expected, tolerance, name)
+        assert leaf.grad.stride() == leaf.stride(), name
+    same_dtype = adjoined_conv2d_reference(t["x_base"], t["x_student"], t["weight"], t["bias"],
+                                           out_student, stride)
+    assert (y_base.stride(), y_student.stride()) == tuple(y.stride() for y in same_dtype)
+
+
 @pytest.mark.parametrize("stride", [1, 2])
 def test_launchers_write_every_element_of_poisoned_buffers(stride):
     """Each launcher writes into NaN buffers: an element it forgets stays NaN."""
