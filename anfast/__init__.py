@@ -6,32 +6,15 @@
     student = anfast.export_student(an, path="student/") # a plain, smaller model
 """
 
-from importlib import metadata as _metadata
-
 from anfast import models, ops
+from anfast._version import version as _package_version
 from anfast.adjoin import AdjoinedNetwork, AdjoinedOutput, AdjoinError, adjoin, student_width
 from anfast.export import export_base, export_student, load_student, save_exported
 from anfast.profile import count_parameters, profile
 from anfast.streams import use_streams
 from anfast.loss import AdjoinedLoss
 
-
-
-def _version() -> str:
-    """pyproject.toml's version: from the installed metadata, or read from the source tree
-    while an editable install has not written its metadata yet (gpu_check's tests start
-    beside its background build)."""
-    try:
-        return _metadata.version("anfast")
-    except _metadata.PackageNotFoundError:
-        import tomllib
-        from pathlib import Path
-
-        with open(Path(__file__).resolve().parent.parent / "pyproject.toml", "rb") as file:
-            return tomllib.load(file)["project"]["version"]
-
-
-__version__ = _version()
+__version__ = _package_version()  # pyproject.toml's
 
 __all__ = [
     "ops",

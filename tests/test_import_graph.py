@@ -18,7 +18,7 @@ PACKAGE = Path(__file__).resolve().parent.parent / "anfast"
 
 # Lowest first. A module may import its own floor and the floors below it.
 FLOORS = (
-    ("anfast.ops", "anfast.triton"),
+    ("anfast._version", "anfast.ops", "anfast.triton"),
     ("anfast.nn",),
     ("anfast.models", "anfast.data", "anfast.adjoin", "anfast.export", "anfast.profile", "anfast.loss",
      "anfast.streams"),

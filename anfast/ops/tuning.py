@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import importlib.util
 import json
 import os
 import platform
@@ -42,6 +43,7 @@ import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
+from anfast._version import version
 from anfast.ops import backend as registry
 from anfast.ops.backend import Backend, ConvProblem, memory_format
 
@@ -131,20 +133,20 @@ def versions() -> Dict[str, str]:
         triton_version = metadata.version("triton")
     except metadata.PackageNotFoundError:
         triton_version = "none"
-    import anfast
-
-    return {"torch": torch.__version__, "triton": triton_version, "anfast": anfast.__version__,
+    return {"torch": torch.__version__, "triton": triton_version, "anfast": version(),
             "kernels": extension_fingerprint()}
 
 
 def extension_fingerprint() -> str:
     """The first 12 hex digits of the sha256 of the built anfast._C, "none" without one."""
-    from anfast.ops.cuda_backend import load_extension
+    path = _extension_file()
+    return "none" if path is None else hashlib.sha256(path.read_bytes()).hexdigest()[:12]
 
-    extension, _ = load_extension()
-    if extension is None:
-        return "none"
-    return hashlib.sha256(Path(extension.__file__).read_bytes()).hexdigest()[:12]
+
+def _extension_file() -> Optional[Path]:
+    """The file ``import anfast._C`` loads (found, not loaded), None where it is not built."""
+    spec = importlib.util.find_spec("anfast._C")
+    return None if spec is None or not spec.origin else Path(spec.origin)
 
 
 @functools.lru_cache(maxsize=None)
