@@ -177,14 +177,14 @@ if wants install; then
             && echo "gpu_check: installed, extension built here"
     }
     export -f install_extension
-    # The build runs beside the Triton correctness step, which needs no extension.
+    # The build runs beside the engine step (engine_correct), which needs no extension.
     start_step install 240 bash -c install_extension
 fi
 
 # Correctness first. The step engine and the gemm backend need no extension: they run
 # beside its build. Then each fused backend through the public op on every distinct
 # ResNet-50 conv (bf16 / fp32, channels_last / NCHW, outputs and every gradient vs float64).
-wants engine_correct && run_step engine_correct 60 env OMP_NUM_THREADS=2 "${PYTEST[@]}" \
+wants engine_correct && run_step engine_correct 90 env OMP_NUM_THREADS=2 "${PYTEST[@]}" \
     -m gpu tests/test_streams.py tests/test_cuda_graphs.py tests/test_gemm_backend.py
 finish_step install
 # 856 cases now (every tile variant and the sm_90a kernels); 360 took 26 s on 12 processes
