@@ -325,6 +325,35 @@ def test_decisions_of_another_build_of_the_extension_are_not_read(tuner, monkeyp
         tuning.versions.cache_clear()
 
 
+def test_a_float32_decision_holds_for_its_tf32_setting_only(tuner, monkeypatch):
+    """cuDNN's TF32 convs time the torch backend and a TF32 matmul takes gemm out of the
+    fp32 tolerance: turning either setting over tunes a float32 problem anew, turning it
+    back reads the first decision, and a bfloat16 key does not hold the setting."""
+    install_backends(monkeypatch, StandInBackend("fast"))
+    tuner.timer = FakeTimer({"fast": 0.5, "torch": 1.0})
+    inputs = make_inputs()
+    default = tuning.problem_key(problem_of(inputs))
+    run_op(inputs)
+    assert tuner.timer.calls == 2
+    with torch.backends.cudnn.flags(enabled=True, allow_tf32=tuning.fp32_precision("conv") != "tf32"):
+        conv_over = tuning.problem_key(problem_of(inputs))
+        run_op(inputs)
+    assert tuner.timer.calls == 4
+    matmul_tf32 = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = not matmul_tf32
+    try:
+        matmul_over = tuning.problem_key(problem_of(inputs))
+        run_op(inputs)
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = matmul_tf32
+    assert tuner.timer.calls == 6
+    run_op(inputs)
+    assert tuner.timer.calls == 6  # the default setting's decision again
+    assert len({default, conv_over, matmul_over}) == 3, (default, conv_over, matmul_over)
+    bf16 = [t.detach().bfloat16() for t in inputs]
+    assert "conv:" not in tuning.problem_key(problem_of(bf16))
+
+
 def test_cache_round_trips_and_survives_corrupt_and_foreign_files(tuner, monkeypatch):
     install_backends(monkeypatch, StandInBackend("fast"))
     tuner.timer = FakeTimer({"fast": 0.5, "torch": 1.0})

@@ -52,6 +52,7 @@ __all__ = [
     "relative_error",
     "grad_mask",
     "problem_key",
+    "fp32_precision",
     "versions",
     "device_identity",
     "cache_dir",
@@ -108,19 +109,41 @@ def grad_mask(problem: ConvProblem) -> tuple[bool, bool, bool, bool]:
 
 
 def problem_key(problem: ConvProblem) -> str:
-    """The per-problem part of a decision's key (the device and versions name the file)."""
+    """The per-problem part of a decision's key (the device and versions name the file).
+
+    A float32 key also holds how CUDA runs float32 convolutions and matmuls (TF32 or
+    IEEE): cuDNN's TF32 convs (torch's default) time the torch backend, and a TF32 matmul
+    takes the gemm backend out of the 1e-5 tolerance, so a decision made under one
+    setting says nothing about the other."""
     def tensor(name, x):
         return f"{name}{'x'.join(map(str, x.shape))}:{_format_name(x)}"
 
     dtype = _DTYPE_NAMES.get(problem.x_base.dtype, str(problem.x_base.dtype))
-    return " ".join([
+    parts = [
         dtype, tensor("xb", problem.x_base), tensor("xs", problem.x_student),
         tensor("w", problem.weight), f"bias{int(problem.bias is not None)}",
         f"os{problem.out_student}", "stride{},{}".format(*problem.stride),
         "pad{},{}".format(*problem.padding), "dil{},{}".format(*problem.dilation),
         f"g{problem.groups}", f"index{int(problem.student_in_index is not None)}",
         "grad" + "".join(str(int(need)) for need in grad_mask(problem)),
-    ])
+    ]
+    if problem.x_base.dtype == torch.float32:
+        parts.append(f"conv:{fp32_precision('conv')} mm:{fp32_precision('matmul')}")
+    return " ".join(parts)
+
+
+def fp32_precision(op: str) -> str:
+    """"tf32" or "ieee": how CUDA runs float32 ``op`` ("conv": cuDNN, "matmul": cuBLAS)
+    in this process, set either by torch's legacy ``allow_tf32`` flags or (torch >= 2.9)
+    by ``fp32_precision``; the op's own setting wins where both are given."""
+    backends = torch.backends
+    leaf, legacy = ((getattr(backends.cudnn, "conv", None), lambda: backends.cudnn.allow_tf32)
+                    if op == "conv" else
+                    (getattr(backends.cuda, "matmul", None), lambda: backends.cuda.matmul.allow_tf32))
+    precision = getattr(leaf, "fp32_precision", "none")
+    if precision in ("tf32", "ieee"):
+        return precision
+    return "tf32" if legacy() else "ieee"
 
 
 @functools.lru_cache(maxsize=None)
