@@ -2,11 +2,13 @@
 
 - anfast._C (built by `pip install -e .` where nvcc is found) imports here;
 - backend "cuda" refuses CPU tensors and says why, and so do the C++ input checks;
-- the CMake project (kernels as a library + C++ test + benchmark) builds for sm_80
-  and sm_90, and its test reports "skipped" (exit 77) without a GPU.
+- the CMake project (kernels as a library + C++ test + benchmark) builds for sm_80, its
+  test reports "skipped" (exit 77) without a GPU, and for sm_90 it adds the sm_90a
+  kernels (read from its compile commands; pip install compiled them already).
 Skipped only where nvcc is absent.
 """
 
+import json
 import os
 import re
 import shutil
@@ -103,19 +105,27 @@ def test_extension_checks_name_the_bad_argument():
         extension.forward(x_base, x_student, weight, None, 2, [1, 1], [1, 1])
 
 
-@needs_nvcc
-@pytest.mark.skipif(shutil.which("cmake") is None, reason="cmake is not installed")
-def test_cmake_builds_library_test_and_benchmark(tmp_path):
-    """The integrators' build: library, test and benchmark link, the test runs. For sm_90
-    alone, which takes CMakeLists.txt's sm_90a branch too: the sm_80 objects of the same
-    sources are the installed extension's (setup.py builds 80;90); both here took 156 s
-    of the suite on the 2-core machine, sm_90 alone 121 s."""
-    build = tmp_path / "build"
+needs_cmake = pytest.mark.skipif(shutil.which("cmake") is None, reason="cmake is not installed")
+
+
+def _cmake_configure(build: Path, archs: str) -> None:
     configure = subprocess.run(
-        ["cmake", "-S", str(ROOT), "-B", str(build), "-DCMAKE_CUDA_ARCHITECTURES=90",
-         f"-DPython3_EXECUTABLE={sys.executable}"],
+        ["cmake", "-S", str(ROOT), "-B", str(build), f"-DCMAKE_CUDA_ARCHITECTURES={archs}",
+         "-DCMAKE_EXPORT_COMPILE_COMMANDS=ON", f"-DPython3_EXECUTABLE={sys.executable}"],
         capture_output=True, text=True)
     assert configure.returncode == 0, configure.stdout + configure.stderr
+
+
+@needs_nvcc
+@needs_cmake
+def test_cmake_builds_library_test_and_benchmark(tmp_path):
+    """The integrators' build: library, test and benchmark link, the test runs. For sm_80:
+    the installed extension already compiled the same sources for sm_80, sm_90 and
+    sm_90a (pip install), so this build checks CMake's own wiring, and its sm_90a branch
+    is checked without compiling (next test). An sm_90 build here took 160 s of the
+    suite on the 2-core machine (the CUTLASS 3 file alone 116 s), sm_80 alone about 50 s."""
+    build = tmp_path / "build"
+    _cmake_configure(build, "80")
     compile_ = subprocess.run(["cmake", "--build", str(build), "-j2"], capture_output=True, text=True)
     assert compile_.returncode == 0, compile_.stdout[-4000:] + compile_.stderr[-4000:]
     for artifact in ("libanfast_kernels.a", "anfast_kernels_test", "anfast_kernels_bench"):
@@ -126,6 +136,38 @@ def test_cmake_builds_library_test_and_benchmark(tmp_path):
         assert run.returncode == 0, run.stdout + run.stderr
     else:
         assert run.returncode == 77 and "SKIP" in run.stdout, (run.returncode, run.stdout, run.stderr)
+
+
+def _with_options_files(entry: dict) -> str:
+    """A compile_commands.json entry's command with its response files (nvcc's
+    ``--options-file F``, CMake's includes) read into it."""
+    def expand(match):
+        return (Path(entry["directory"]) / match.group(1)).read_text()
+    return re.sub(r"(?:--options-file |@)(\S+)", expand, entry["command"])
+
+
+@needs_nvcc
+@needs_cmake
+def test_cmake_builds_the_sm90a_kernels_for_sm_90_and_only_then(tmp_path):
+    """CMakeLists.txt's sm_90a branch, read from the compile commands it generates: with
+    90 among the archs, kernels/adjoined_conv_sm90a.cu compiles for sm_90a alone (with
+    CUTLASS's util headers) into the library, whose users get ANFAST_HAS_SM90A; without
+    90 it is not built at all."""
+    def commands(archs):
+        build = tmp_path / archs
+        _cmake_configure(build, archs)
+        entries = json.loads((build / "compile_commands.json").read_text())
+        return {Path(entry["file"]).name: _with_options_files(entry) for entry in entries}
+
+    hopper = commands("90")
+    sm90a = hopper["adjoined_conv_sm90a.cu"]
+    assert "-gencode=arch=compute_90a,code=sm_90a" in sm90a and "arch=compute_90," not in sm90a, sm90a
+    assert re.search(r"-I\S*tools/util/include", sm90a), sm90a
+    assert "-DANFAST_HAS_SM90A" in hopper["adjoined_conv_test.cpp"], hopper["adjoined_conv_test.cpp"]
+    assert "sm_90" in hopper["adjoined_conv_fprop.cu"] and "sm_90a" not in hopper["adjoined_conv_fprop.cu"]
+    ampere = commands("80")
+    assert "adjoined_conv_sm90a.cu" not in ampere, sorted(ampere)
+    assert "ANFAST_HAS_SM90A" not in ampere["adjoined_conv_test.cpp"]
 
 
 def _cuobjdump() -> str | None:
