@@ -139,14 +139,17 @@ def aten_adjoined(network: nn.Module) -> nn.Module:
     return network
 
 
-def build_providers(arch: str, alpha: float, num_classes: int, input_size, policy: str = "paper"
-                    ) -> dict:
+def build_providers(arch: str | torch.nn.Module, alpha: float, num_classes: int, input_size,
+                    policy: str = "paper") -> dict:
     """name -> (model, loss_fn(output, target)), all from the same initial weights.
 
-    ``policy`` is the anfast providers' width policy; the masked student is the paper's.
+    ``arch`` is a torchvision model name, or the base network itself (whose classifier
+    then has its own number of classes); ``policy`` is the anfast providers' width policy;
+    the masked student is the paper's.
     """
     torch.manual_seed(0)
-    base = torchvision.models.get_model(arch, weights=None, num_classes=num_classes)
+    base = arch if isinstance(arch, torch.nn.Module) else \
+        torchvision.models.get_model(arch, weights=None, num_classes=num_classes)
     adjoined = {key: anfast.adjoin(copy.deepcopy(base), alpha=alpha, policy=policy, round_to=8,
                                    input_size=input_size, backend=backend)
                 for key, backend in ((None, None), ("torch", "torch"), ("aten", "torch"),
