@@ -504,6 +504,28 @@ def test_prepare_backends_pins_convs_auto_decided_for_torch(tuner, monkeypatch, 
     assert len(op_calls) == (0 if pinned else len(convs))
 
 
+def test_prepare_backends_with_anfast_tune_0_reads_the_cache_and_measures_nothing(tuner, monkeypatch):
+    """ANFAST_TUNE=0 (gpu_check's train_bench after its tune step): the warm-up measures
+    nothing; a conv without a cached decision is pinned to torch, which auto would run,
+    and one whose cached decision is a fused backend stays with auto."""
+    from anfast.nn.backends import prepare_backends
+
+    install_backends(monkeypatch, StandInBackend("fast"))
+    tuner.timer = FakeTimer({"fast": 0.5, "torch": 1.0})
+    an = anfast.adjoin("resnet18", alpha=4, policy="paper", input_size=(3, 16, 16), num_classes=4)
+    convs = [m for m in an.modules() if isinstance(m, anfast.nn.AdjoinedConv2d) and not m.input_shared]
+    monkeypatch.setenv("ANFAST_TUNE", "0")
+    prepare_backends(an, "auto", 2, 16, None)
+    assert tuner.timer.calls == 0 and {m.backend for m in convs} == {"torch"}
+    monkeypatch.delenv("ANFAST_TUNE")
+    prepare_backends(an, "auto", 2, 16, None)
+    tuned = tuner.timer.calls
+    assert tuned > 0 and {m.backend for m in convs} == {None}
+    monkeypatch.setenv("ANFAST_TUNE", "0")
+    prepare_backends(an, "auto", 2, 16, None)
+    assert tuner.timer.calls == tuned and {m.backend for m in convs} == {None}
+
+
 def test_anfast_tune_cut_short_keeps_the_layers_it_decided_in_its_out_json(tmp_path, monkeypatch):
     """--out is rewritten as each layer is decided, so a tune a time limit ends (a GPU
     lease) leaves the layers done, marked incomplete; a whole tune is marked complete."""

@@ -142,24 +142,38 @@ def prepare_backends(model: torch.nn.Module, backend: str, batch_size: int, imag
                      amp_dtype: Optional[torch.dtype]) -> None:
     """What `anfast train` does before its first step: set every layer's backend and,
     for auto on a GPU, tune the model's problems now (a collective under torchrun), so
-    the ranks agree and the first epoch's throughput does not include the tuning."""
+    the ranks agree and the first epoch's throughput does not include the tuning.
+
+    With ANFAST_TUNE=0 nothing is measured: the cached decisions are read, and a conv
+    with none runs torch, as auto would run it."""
     set_backend(model, backend)
     device = next(model.parameters()).device
-    if backend == "auto" and device.type in tuning.get_tuner().lazy_devices:
-        pin_traceable_decisions(model, tune_model(model, batch_size, image_size, amp_dtype))
+    if backend != "auto" or device.type not in tuning.get_tuner().lazy_devices:
+        return
+    if tuning.tuning_off():
+        tuner = tuning.get_tuner()
+        chosen = {}
+        for name, problem, _ in collect_layer_problems(model, batch_size, image_size, amp_dtype):
+            decision = tuner.lookup(problem)
+            chosen[name] = decision.backend if decision is not None else "torch"
+        pin_traceable_decisions(model, chosen)
+    else:
+        rows = tune_model(model, batch_size, image_size, amp_dtype)
+        pin_traceable_decisions(model, {row.layer: row.decision.backend for row in rows})
 
 
-def pin_traceable_decisions(model: torch.nn.Module, decisions: Sequence["LayerDecision"]) -> List[str]:
-    """Fix the backend of every adjoined conv whose passes auto decided alike for a backend
-    with a traceable form (torch: aten convolutions), so torch.compile and CUDA graphs see
-    plain aten ops there instead of the custom op that would decide again on every call
-    (DESIGN.md section 4c, decide then trace). Returns the names of the pinned layers."""
-    chosen: Dict[str, set] = {}
-    for row in decisions:
-        chosen.setdefault(row.layer.split("#")[0], set()).add(row.decision.backend)
+def pin_traceable_decisions(model: torch.nn.Module, chosen: Dict[str, str]) -> List[str]:
+    """Fix the backend of every adjoined conv whose passes (``chosen``: {layer or
+    "layer#pass": backend}) auto decided alike for a backend with a traceable form
+    (torch: aten convolutions), so torch.compile and CUDA graphs see plain aten ops there
+    instead of the custom op that would decide again on every call (DESIGN.md section 4c,
+    decide then trace). Returns the names of the pinned layers."""
+    by_layer: Dict[str, set] = {}
+    for layer, backend in chosen.items():
+        by_layer.setdefault(layer.split("#")[0], set()).add(backend)
     pinned = []
     for name, module in model.named_modules():
-        names = chosen.get(name, set())
+        names = by_layer.get(name, set())
         if isinstance(module, AdjoinedConv2d) and len(names) == 1 and names <= TRACEABLE_BACKENDS.keys():
             module.backend = next(iter(names))
             pinned.append(name)

@@ -57,6 +57,7 @@ __all__ = [
     "device_identity",
     "cache_dir",
     "cache_path",
+    "tuning_off",
     "stream_is_capturing",
     "default_timer",
     "Candidate",
@@ -346,6 +347,12 @@ def _write_cache(path: Path, header: Dict[str, Any], decisions: Dict[str, Decisi
         raise
 
 
+def tuning_off() -> bool:
+    """Whether ANFAST_TUNE=0 turns tuning inside a run off (the op's first calls and
+    ``anfast train``'s warm-up tune); ``anfast tune`` and ``tune_problems`` still measure."""
+    return os.environ.get("ANFAST_TUNE", "1") == "0"
+
+
 def stream_is_capturing(device: torch.device) -> bool:
     """True while a CUDA graph is being captured on ``device``'s current stream."""
     return device.type == "cuda" and torch.cuda.is_current_stream_capturing()
@@ -520,7 +527,7 @@ class Tuner:
     def may_tune(self, problem: ConvProblem) -> str:
         """'' when auto may tune ``problem`` now, else why not."""
         device = problem.x_base.device
-        if os.environ.get("ANFAST_TUNE", "1") == "0":
+        if tuning_off():
             return "ANFAST_TUNE=0 turns on-the-fly tuning off"
         if stream_is_capturing(device):
             return "a CUDA graph is being captured"
