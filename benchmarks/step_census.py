@@ -119,10 +119,13 @@ def census(model: torch.nn.Module, loss_fn, *, batch_size: int, image_size: int,
             "most_called": dict(ops.by_op.most_common(12))}
 
 
-def _is_launch(event) -> bool:
-    """A profiler event that is one kernel launch (see the module docstring)."""
-    if event.device_type == torch.autograd.DeviceType.CUDA:
-        return True
+def _is_launch(event, on_cuda: bool) -> bool:
+    """A profiler event that is one kernel launch (see the module docstring). On CUDA only
+    the device's own events count: the host's aten ops and inductor's launcher records
+    (named after the Triton kernel they launch) are the same launches seen from the CPU."""
+    if on_cuda:
+        return (event.device_type == torch.autograd.DeviceType.CUDA
+                and not getattr(event, "is_user_annotation", False))
     name = event.name
     if "cpp_fused" in name or name.startswith("triton_"):
         return True  # a kernel inductor generated
@@ -165,7 +168,7 @@ def launch_census(model: torch.nn.Module, loss_fn, *, compiled: bool, batch_size
         step()
         if device.type == "cuda":
             torch.cuda.synchronize(device)
-    return sum(1 for event in prof.events() if _is_launch(event))
+    return sum(1 for event in prof.events() if _is_launch(event, device.type == "cuda"))
 
 
 def main() -> None:
@@ -218,6 +221,29 @@ def main() -> None:
     if unknown or not names:
         parser.error(f"--providers {args.providers}: choose from {', '.join(providers)}")
 
+    def write(rows: dict) -> Path:
+        """The JSON of what is counted so far: after the meta census and after each
+        provider's launches, so a run its time limit ends (a GPU lease's) keeps them."""
+        result = {
+            "benchmark": "step_census",
+            "question": "what one training step (forward + backward) dispatches, per provider: FLOPs, "
+                        "operator calls and tensor elements touched, counted on the meta device",
+            **env,
+            "arch": args.arch, "alpha": args.alpha, "policy": args.policy, "image_size": args.image_size,
+            "batch_size": args.batch_size, "num_classes": args.num_classes,
+            "channels_last": args.channels_last, "counted_on": "meta device (no compute)",
+            "launches_on": ({"device": str(device), "batch_size": launch_batch, "image_size": launch_size,
+                             **({"gpu": torch.cuda.get_device_name(device)} if device.type == "cuda" else {})}
+                            if args.launches else None),
+            "launches_done": [name for name, row in rows.items() if "launches" in row],
+            "measured_step_times_from": None if args.throughput is None else str(args.throughput),
+            "measured_on": None if measured is None else measured.get("device"),
+            "providers": rows, "ratios_to_base": ratios_to_base(rows), "anfast_version": anfast.__version__,
+        }
+        return write_result(f"step_census-{args.arch}-{args.policy}", result,
+                            None if args.out is None else args.out / "step_census.json")
+
+    env = environment("cpu")
     rows = {}
     for name in names:
         model, loss_fn = providers[name]
@@ -227,6 +253,7 @@ def main() -> None:
             rows[name]["measured_step_s"] = measured["providers"][name]["median_step_s"]
         print(f"{name}: {rows[name]['flops']['total'] / 1e12:.2f} TFLOP, calls {rows[name]['calls']}, "
               f"elements {rows[name]['elements']}", flush=True)
+    path = write(rows)
     if args.launches:  # fresh models: the census moved the first ones to the meta device
         live = build_providers(args.arch, args.alpha, args.num_classes,
                                (3, launch_size, launch_size), policy=args.policy)
@@ -238,44 +265,33 @@ def main() -> None:
                                     channels_last=args.channels_last, device=device)
                 for mode in ("eager", "compiled")}
             print(f"{name}: launches per step {rows[name]['launches']}", flush=True)
+            path = write(rows)
+    print(json.dumps(ratios_to_base(rows), indent=2))
+    print(f"wrote {path}")
 
-    # Each provider against plain training, the floor (DESIGN: ratios, not absolutes).
+
+def ratios_to_base(rows: dict) -> dict:
+    """Each provider against plain training, the floor (DESIGN: ratios, not absolutes);
+    launch ratios where both were counted."""
     base = rows.get("base")
     ratios = {}
-    if base is not None:
-        for name, row in rows.items():
-            if name == "base":
-                continue
-            ratios[name] = {
-                "flops": row["flops"]["total"] / base["flops"]["total"],
-                "gemm_calls": row["calls"]["gemm"] / base["calls"]["gemm"],
-                "other_calls": row["calls"]["other"] / base["calls"]["other"],
-                "other_elements": row["elements"]["other"] / base["elements"]["other"],
-            }
-            if "launches" in row:
-                for mode in ("eager", "compiled"):
-                    ratios[name][f"launches_{mode}"] = row["launches"][mode] / base["launches"][mode]
-            if "measured_step_s" in row and "measured_step_s" in base:
-                ratios[name]["measured_step_time"] = row["measured_step_s"] / base["measured_step_s"]
-    result = {
-        "benchmark": "step_census",
-        "question": "what one training step (forward + backward) dispatches, per provider: FLOPs, "
-                    "operator calls and tensor elements touched, counted on the meta device",
-        **environment("cpu"),
-        "arch": args.arch, "alpha": args.alpha, "policy": args.policy, "image_size": args.image_size,
-        "batch_size": args.batch_size, "num_classes": args.num_classes,
-        "channels_last": args.channels_last, "counted_on": "meta device (no compute)",
-        "launches_on": ({"device": str(device), "batch_size": launch_batch, "image_size": launch_size,
-                         **({"gpu": torch.cuda.get_device_name(device)} if device.type == "cuda" else {})}
-                        if args.launches else None),
-        "measured_step_times_from": None if args.throughput is None else str(args.throughput),
-        "measured_on": None if measured is None else measured.get("device"),
-        "providers": rows, "ratios_to_base": ratios, "anfast_version": anfast.__version__,
-    }
-    path = write_result(f"step_census-{args.arch}-{args.policy}", result,
-                        None if args.out is None else args.out / "step_census.json")
-    print(json.dumps(ratios, indent=2))
-    print(f"wrote {path}")
+    if base is None:
+        return ratios
+    for name, row in rows.items():
+        if name == "base":
+            continue
+        ratios[name] = {
+            "flops": row["flops"]["total"] / base["flops"]["total"],
+            "gemm_calls": row["calls"]["gemm"] / base["calls"]["gemm"],
+            "other_calls": row["calls"]["other"] / base["calls"]["other"],
+            "other_elements": row["elements"]["other"] / base["elements"]["other"],
+        }
+        if "launches" in row and "launches" in base:
+            for mode in ("eager", "compiled"):
+                ratios[name][f"launches_{mode}"] = row["launches"][mode] / base["launches"][mode]
+        if "measured_step_s" in row and "measured_step_s" in base:
+            ratios[name]["measured_step_time"] = row["measured_step_s"] / base["measured_step_s"]
+    return ratios
 
 
 if __name__ == "__main__":

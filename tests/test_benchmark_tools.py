@@ -170,6 +170,28 @@ def test_launch_census_counts_fewer_launches_compiled_and_more_for_the_adjoined_
     assert counts["anfast_torch"]["compiled"] > counts["base"]["compiled"], counts
 
 
+def test_a_cuda_launch_census_counts_the_devices_events_only():
+    """On CUDA a launch is a device event (kernel, memcpy, memset): the host's aten op and
+    inductor's launcher record (named after its Triton kernel) are the same launches seen
+    from the CPU, and a user annotation's device span launches nothing. On the CPU the
+    outermost computing aten op and inductor's kernels count."""
+    from types import SimpleNamespace
+
+    host, device = torch.autograd.DeviceType.CPU, torch.autograd.DeviceType.CUDA
+
+    def event(name, device_type, parent=None, annotation=False):
+        return SimpleNamespace(name=name, device_type=device_type, cpu_parent=parent,
+                               is_user_annotation=annotation)
+
+    add = event("aten::add_", host)
+    events = [add, event("aten::add", host, parent=add),
+              event("void at::native::vectorized_elementwise_kernel<4>", device),
+              event("triton_poi_fused_add_relu_0", host), event("triton_poi_fused_add_relu_0", device),
+              event("Memcpy HtoD (Pageable -> Device)", device), event("ProfilerStep#1", device, annotation=True)]
+    assert [step_census._is_launch(e, on_cuda=True) for e in events] == [False, False, True, False, True, True, False]
+    assert [step_census._is_launch(e, on_cuda=False) for e in events[:2] + events[3:4]] == [True, False, True]
+
+
 # ----------------------------------------------------------------- gpu_check.sh, rehearsed
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
