@@ -33,22 +33,20 @@ def _targets(gm) -> list[str]:
 
 @pytest.mark.slow
 def test_adjoined_resnet50_compiles_like_a_plain_network():
-    """1 graph, 0 breaks, and the compiler sees one aten convolution per base conv plus one
-    per student conv (the stem's student is the base's leading channels: no conv of its own)."""
+    """1 graph, 0 breaks (fullgraph=True raises at a break, with its reason), and the
+    compiler sees one aten convolution per base conv plus one per student conv (the stem's
+    student is the base's leading channels: no conv of its own)."""
     torch._dynamo.reset()
     torch.manual_seed(0)
     an = anfast.adjoin("resnet50", alpha=4, policy="paper", num_classes=10, input_size=(3, 32, 32),
                        backend="torch")
     x = torch.randn(2, 3, 32, 32)
-    explained = torch._dynamo.explain(an)(x)
-    assert (explained.graph_count, explained.graph_break_count) == (1, 0), explained.break_reasons
 
     convs = [m for m in an.modules() if isinstance(m, AdjoinedConv2d)]
     base_convs = sum(1 for m in an.architecture().modules() if isinstance(m, torch.nn.Conv2d))
     student_convs = sum(len(m.student_out_channels) for m in convs if not m.input_shared)
     assert (len(convs), base_convs, student_convs) == (53, 53, 52)  # 49 + 4 shortcut convs; stem shared
 
-    torch._dynamo.reset()
     backend, graphs = _graph_capture()
     out = torch.compile(an, fullgraph=True, backend=backend)(x)
     (out.base.sum() + out.student.sum()).backward()
