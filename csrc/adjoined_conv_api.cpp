@@ -65,6 +65,37 @@ anfast::Tensor4d describe_nhwc(const at::Tensor& t) {
   return {t.data_ptr(), {h * w * c, 1, w * c, c}};
 }
 
+template <typename T>
+struct TypeTag {
+  using type = T;
+};
+
+// Calls fn(TypeTag<kernel type>) for the tensor's dtype.
+template <typename Fn>
+void dispatch_dtype(at::ScalarType dtype, Fn&& fn) {
+  switch (dtype) {
+    case at::kFloat: fn(TypeTag<float>{}); break;
+    case at::kHalf: fn(TypeTag<__half>{}); break;
+    case at::kBFloat16: fn(TypeTag<__nv_bfloat16>{}); break;
+    default:
+      TORCH_CHECK(false, "anfast._C: dtype ", dtype,
+                  " is not supported; use float32, float16 or bfloat16");
+  }
+}
+
+int64_t round_up(int64_t value, int64_t multiple) { return (value + multiple - 1) / multiple * multiple; }
+
+// The shape the kernels run: every channel count rounded up to the dtype's alignment.
+anfast::AdjoinedConvShape padded_shape(anfast::AdjoinedConvShape s, at::ScalarType dtype) {
+  int alignment = 1;
+  dispatch_dtype(dtype, [&](auto tag) {
+    alignment = anfast::adjoined_conv2d_channel_alignment<typename decltype(tag)::type>();
+  });
+  for (int* channels : {&s.in_channels, &s.in_channels_student, &s.out_channels, &s.out_channels_student})
+    *channels = static_cast<int>(round_up(*channels, alignment));
+  return s;
+}
+
 // Sizes shared by the three entry points, checked against x_base / x_student / weight.
 anfast::AdjoinedConvShape conv_shape(const at::Tensor& x_base, const at::Tensor& x_student,
                                      const at::Tensor& weight, int64_t out_student,
@@ -100,8 +131,14 @@ anfast::AdjoinedConvShape conv_shape(const at::Tensor& x_base, const at::Tensor&
   shape.stride_w = static_cast<int>(stride[1]);
   shape.pad_h = static_cast<int>(padding[0]);
   shape.pad_w = static_cast<int>(padding[1]);
-  // Alignment is not checked here: padded_shape() below pads the channels for it.
-  const char* error = anfast::adjoined_conv2d_shape_error<float>(shape);
+  // The kernels run the padded shape (padded_shape: channels rounded up to the dtype's
+  // alignment), so that shape's sizes are checked, in the dtype's own bytes (the 2 GiB
+  // limit of a 16-bit activation is twice a float one's).
+  const char* error = nullptr;
+  dispatch_dtype(weight.scalar_type(), [&](auto tag) {
+    using T = typename decltype(tag)::type;
+    error = anfast::adjoined_conv2d_shape_error<T>(padded_shape(shape, weight.scalar_type()));
+  });
   TORCH_CHECK(error == nullptr, "anfast._C: unsupported convolution: ", error, " (x_base ",
               x_base.sizes(), ", x_student ", x_student.sizes(), ", weight ", weight.sizes(),
               ", out_student ", out_student, ", stride ", at::IntArrayRef(stride), ", padding ", at::IntArrayRef(padding), ")");
@@ -131,24 +168,6 @@ at::Tensor output_or(const std::optional<at::Tensor>& given, const char* name,
   TORCH_CHECK(out.is_non_overlapping_and_dense(), "anfast._C: ", name,
               " must be dense and non-overlapping (contiguous or channels_last)");
   return out;
-}
-
-template <typename T>
-struct TypeTag {
-  using type = T;
-};
-
-// Calls fn(TypeTag<kernel type>) for the tensor's dtype.
-template <typename Fn>
-void dispatch_dtype(at::ScalarType dtype, Fn&& fn) {
-  switch (dtype) {
-    case at::kFloat: fn(TypeTag<float>{}); break;
-    case at::kHalf: fn(TypeTag<__half>{}); break;
-    case at::kBFloat16: fn(TypeTag<__nv_bfloat16>{}); break;
-    default:
-      TORCH_CHECK(false, "anfast._C: dtype ", dtype,
-                  " is not supported; use float32, float16 or bfloat16");
-  }
 }
 
 // Kernel variants by name: the tile shape ("128x64x32"), then "-unsplit" where wgrad
@@ -197,23 +216,19 @@ anfast::KernelVariant variant_named(const std::string& name, at::ScalarType dtyp
   return variant;
 }
 
-int64_t round_up(int64_t value, int64_t multiple) { return (value + multiple - 1) / multiple * multiple; }
-
-// The shape the kernels run: every channel count rounded up to the dtype's alignment.
-anfast::AdjoinedConvShape padded_shape(anfast::AdjoinedConvShape s, at::ScalarType dtype) {
-  int alignment = 1;
-  dispatch_dtype(dtype, [&](auto tag) {
-    alignment = anfast::adjoined_conv2d_channel_alignment<typename decltype(tag)::type>();
-  });
-  for (int* channels : {&s.in_channels, &s.in_channels_student, &s.out_channels, &s.out_channels_student})
-    *channels = static_cast<int>(round_up(*channels, alignment));
-  return s;
-}
+// Whether t's data starts on 16 bytes, as the kernels' vector loads and stores (8 16-bit
+// channels per cp.async) and TMA descriptors need. A fresh allocation does; a view need
+// not (x[:, 4:20] of a channels_last tensor is channels_last-contiguous and starts 4
+// channels in), and the kernels would fault on it.
+bool aligned16(const at::Tensor& t) { return reinterpret_cast<uintptr_t>(t.data_ptr()) % 16 == 0; }
 
 // t as channels_last with `channels` channels, zero past t's own: t itself when it
-// already is one.
+// already is one (and starts on 16 bytes).
 at::Tensor nhwc(const at::Tensor& t, int64_t channels) {
-  if (t.size(1) == channels) return t.contiguous(at::MemoryFormat::ChannelsLast);
+  if (t.size(1) == channels) {
+    at::Tensor dense = t.contiguous(at::MemoryFormat::ChannelsLast);
+    if (aligned16(dense)) return dense;
+  }
   // at::empty, then zero_: at::zeros drops the memory format of its TensorOptions (it
   // returned an NCHW tensor here, and describe_nhwc's check failed on the GPU).
   at::Tensor padded = at::empty({t.size(0), channels, t.size(2), t.size(3)},
@@ -224,8 +239,10 @@ at::Tensor nhwc(const at::Tensor& t, int64_t channels) {
 
 // The weight as KRSC (channels_last) with the padded shape's channel counts.
 at::Tensor krsc(const at::Tensor& weight, const anfast::AdjoinedConvShape& p) {
-  if (weight.size(0) == p.out_channels && weight.size(1) == p.in_channels)
-    return weight.contiguous(at::MemoryFormat::ChannelsLast);
+  if (weight.size(0) == p.out_channels && weight.size(1) == p.in_channels) {
+    at::Tensor dense = weight.contiguous(at::MemoryFormat::ChannelsLast);
+    if (aligned16(dense)) return dense;
+  }
   at::Tensor padded = at::empty({p.out_channels, p.in_channels, weight.size(2), weight.size(3)},
                                 weight.options().memory_format(at::MemoryFormat::ChannelsLast)).zero_();
   padded.narrow(0, 0, weight.size(0)).narrow(1, 0, weight.size(1)).copy_(weight);
@@ -233,9 +250,10 @@ at::Tensor krsc(const at::Tensor& weight, const anfast::AdjoinedConvShape& p) {
 }
 
 // Where a kernel writes `out` (padded to `channels`): out itself when it has the
-// kernels' layout, else a scratch tensor that finish() copies back.
+// kernels' layout and alignment, else a scratch tensor that finish() copies back.
 at::Tensor kernel_target(const at::Tensor& out, int64_t channels) {
-  if (out.size(1) == channels && out.is_contiguous(at::MemoryFormat::ChannelsLast)) return out;
+  if (out.size(1) == channels && out.is_contiguous(at::MemoryFormat::ChannelsLast) && aligned16(out))
+    return out;
   return at::empty({out.size(0), channels, out.size(2), out.size(3)},
                    out.options().memory_format(at::MemoryFormat::ChannelsLast));
 }
@@ -307,7 +325,7 @@ std::vector<at::Tensor> forward(const at::Tensor& x_base, const at::Tensor& x_st
   const at::Tensor w = krsc(weight, p);
   at::Tensor bias_padded;
   if (bias.has_value()) {
-    if (p.out_channels == s.out_channels) {
+    if (p.out_channels == s.out_channels && aligned16(bias->contiguous())) {
       bias_padded = bias->contiguous();
     } else {
       bias_padded = at::zeros({p.out_channels}, weight.options());
@@ -417,7 +435,7 @@ at::Tensor wgrad(const at::Tensor& grad_base, const at::Tensor& grad_student,
     const at::Tensor xb = nhwc(x_base, p.in_channels), xs = nhwc(x_student, p.in_channels_student);
     // CUTLASS 3's wgrad writes packed KRSC alone: grad_weight itself where it is that.
     const at::Tensor dw =
-        !padded && grad_weight.is_contiguous(at::MemoryFormat::ChannelsLast)
+        !padded && grad_weight.is_contiguous(at::MemoryFormat::ChannelsLast) && aligned16(grad_weight)
             ? grad_weight
             : at::empty({p.out_channels, p.in_channels, s.kernel_h, s.kernel_w},
                         weight.options().memory_format(at::MemoryFormat::ChannelsLast));

@@ -230,6 +230,53 @@ def test_sm90a_variant_falls_back_per_phase_and_refuses_other_gpus():
     check_kernels_against_float64(s, torch.bfloat16, seed=0, variant=SM90A_VARIANT, channels_last=True)
 
 
+def off_16_bytes(tensor: torch.Tensor) -> torch.Tensor:
+    """``tensor``'s values in a channels_last tensor whose data starts 8 bytes past a
+    16-byte boundary: a view into a larger buffer."""
+    buffer = torch.empty(tensor.numel() + 8, dtype=tensor.dtype, device=tensor.device)
+    offset = next(o for o in range(8) if (buffer.data_ptr() + o * tensor.element_size()) % 16 == 8)
+    view = buffer[offset:offset + tensor.numel()].view(tensor.shape)  # 1x1 maps: NCHW is NHWC
+    assert view.is_contiguous(memory_format=torch.channels_last) and view.data_ptr() % 16 == 8
+    return view.copy_(tensor)
+
+
+@pytest.mark.parametrize("variant", [v for v in kernel_variants("bfloat16") if v != SM90A_VARIANT or on_sm90()])
+def test_tensors_that_start_off_16_bytes_are_copied_not_handed_to_the_kernels(variant):
+    """A channels_last tensor need not start on 16 bytes (x[:, 4:20] of an N x 24 x 1 x 1
+    map is channels_last-contiguous, 8 bytes in for bf16), where the kernels' 16-byte
+    vector loads and TMA descriptors fault: the binding copies such inputs and writes such
+    outputs through a scratch tensor. Every input, output and gradient starts 8 bytes in."""
+    extension, why = load_extension()
+    assert extension is not None, why
+    torch.manual_seed(0)
+    dtype, batch, channels, out_student = torch.bfloat16, 3, 16, 8
+    x_base, grad_base = (off_16_bytes(torch.randn(batch, channels, 1, 1, device="cuda", dtype=dtype))
+                         for _ in range(2))
+    x_student, grad_student = (off_16_bytes(torch.randn(batch, 8, 1, 1, device="cuda", dtype=dtype))
+                               for _ in range(2))
+    weight = off_16_bytes(torch.randn(channels, channels, 1, 1, device="cuda", dtype=dtype))
+    bias = torch.randn(channels + 4, device="cuda", dtype=dtype)[4:]  # 8 bytes in
+    conv_args = (x_base, x_student, weight, out_student, [1, 1], [0, 0])
+    nan = lambda t: off_16_bytes(torch.full_like(t, float("nan")))  # noqa: E731
+
+    x_b64, x_s64, w64 = (t.double() for t in (x_base, x_student, weight))
+    want = reference.adjoined_conv2d_reference(x_b64, x_s64, w64, bias.double(), out_student, 1, 0)
+    want_grads = reference.adjoined_conv2d_backward_reference(
+        grad_base.double(), grad_student.double(), x_b64, x_s64, w64, True, out_student, 1, 0,
+        output_mask=(True, True, True, False))
+    y_base, y_student = extension.forward(x_base, x_student, weight, bias, out_student, [1, 1], [0, 0],
+                                          y_base_out=nan(grad_base), y_student_out=nan(grad_student),
+                                          variant=variant)
+    dx_base, dx_student = extension.dgrad(grad_base, grad_student, *conv_args, grad_x_base_out=nan(x_base),
+                                          grad_x_student_out=nan(x_student), variant=variant)
+    dweight = extension.wgrad(grad_base, grad_student, *conv_args, grad_weight_out=nan(weight), variant=variant)
+    torch.cuda.synchronize()
+    for name, got, expected in (("y_base", y_base, want[0]), ("y_student", y_student, want[1]),
+                                ("grad x_base", dx_base, want_grads[0]),
+                                ("grad x_student", dx_student, want_grads[1]), ("grad weight", dweight, want_grads[2])):
+        assert_close(got, expected, dtype, name)
+
+
 @pytest.mark.parametrize("variant", kernel_variants("float32"))
 @pytest.mark.parametrize("index", [0, 5, len(SHAPES) - 2], ids=lambda i: shape_id(SHAPES[i]))
 def test_every_fp32_variant_matches_float64_reference(index, variant):
