@@ -11,7 +11,7 @@ from anfast.loss import AdjoinedLoss
 from torch._dynamo.backends.common import aot_autograd
 from torch._functorch.aot_autograd import make_boxed_func
 
-from helpers import assert_close_rel, two_stage_resnet
+from helpers import assert_close_rel, small_resnet
 
 
 def _graph_capture():
@@ -66,7 +66,7 @@ def test_compiled_adjoined_step_matches_eager():
     ResNet-18's compile took 75 s of the suite."""
     torch._dynamo.reset()
     torch.manual_seed(0)
-    an = anfast.adjoin(two_stage_resnet(5), alpha=4, policy="all", input_size=(3, 16, 16)).double()
+    an = anfast.adjoin(small_resnet(5), alpha=4, policy="all", input_size=(3, 16, 16)).double()
     x, labels = torch.randn(3, 3, 16, 16, dtype=torch.float64), torch.tensor([0, 3, 4])
     loss_fn = AdjoinedLoss()
 

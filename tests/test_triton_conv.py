@@ -26,7 +26,7 @@ from anfast.triton import (  # noqa: E402
     adjoined_conv2d_forward,
     adjoined_conv2d_wgrad,
 )
-from helpers import two_stage_resnet  # noqa: E402
+from helpers import small_resnet  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 TOLERANCE = {torch.float32: 1e-5, torch.bfloat16: 2e-2, torch.float16: 2e-3}
@@ -385,7 +385,7 @@ def test_adjoined_resnet18_trains_like_the_torch_backend(monkeypatch):
     else:
         monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)
     torch.manual_seed(0)
-    model = torchvision.models.resnet18(num_classes=10) if DEVICE == "cuda" else two_stage_resnet(10)
+    model = torchvision.models.resnet18(num_classes=10) if DEVICE == "cuda" else small_resnet(10)
     adjoined = anfast.adjoin(model, alpha=4, policy="all", input_size=(3, 16, 16)).eval()
     images = torch.randn(2, 3, 16, 16).to(DEVICE, memory_format=torch.channels_last)
     labels = torch.tensor([1, 7], device=DEVICE)
