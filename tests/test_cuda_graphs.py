@@ -45,7 +45,10 @@ class WriteRecorder(TorchDispatchMode):
 
 def _training_objects(optimizer_name):
     torch.manual_seed(0)
-    an = anfast.adjoin("resnet18", alpha=4, policy="paper", num_classes=5, input_size=(3, 16, 16))
+    # The torch backend, as auto runs it on the CPU: on a GPU auto would tune every conv
+    # inside the eager run first (the lease's time, and a backend choice left to timing).
+    an = anfast.adjoin("resnet18", alpha=4, policy="paper", num_classes=5, input_size=(3, 16, 16),
+                       backend="torch")
     decay = [p for p in an.parameters() if p.ndim > 1]
     rest = [p for p in an.parameters() if p.ndim <= 1]
     groups = [{"params": decay, "weight_decay": 1e-4}, {"params": rest, "weight_decay": 0.0}]
