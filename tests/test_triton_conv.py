@@ -30,7 +30,7 @@ from helpers import small_resnet  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 TOLERANCE = {torch.float32: 1e-5, torch.bfloat16: 2e-2, torch.float16: 2e-3}
-SEEDS = list(range(32))
+SEEDS = list(range(16))  # every (kernel size, stride, layout) of random_case once
 
 
 def relative_error(actual: torch.Tensor, expected: torch.Tensor, name: str) -> float:
@@ -53,10 +53,13 @@ def assert_close(actual, expected, dtype, name):
 
 def random_case(seed: int) -> dict:
     """An odd conv shape; the interpreter's cost grows with k^2 * positions, so big
-    kernels get small images (runtime budget of this file: 4 minutes on 2 cores)."""
+    kernels get small images (runtime budget of this file: 4 minutes on 2 cores). The
+    kernel size, stride and layout follow the seed, so SEEDS holds each of their 16
+    combinations once; sizes, padding, widths and bias are drawn."""
     rng = random.Random(seed)
     k = (1, 3, 5, 7)[seed % 4]
-    stride = rng.choice((1, 2))
+    stride = (1, 2)[seed // 4 % 2]
+    channels_last = seed // 8 % 2 == 0
     max_side = {1: 17, 3: 13, 5: 10, 7: 9}[k]
     height, width = rng.randint(max(5, k - 2), max_side), rng.randint(max(5, k - 2), max_side)
     padding = rng.randint(0, k // 2)
@@ -70,7 +73,7 @@ def random_case(seed: int) -> dict:
         # Student widths down to one channel, and sometimes the full width.
         in_student=rng.choice((1, rng.randint(1, c_in), c_in)),
         out_student=rng.choice((1, rng.randint(1, c_out), c_out)),
-        bias=rng.random() < 0.5, channels_last=rng.random() < 0.75,
+        bias=rng.random() < 0.5, channels_last=channels_last,
     )
 
 
