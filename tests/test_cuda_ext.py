@@ -11,6 +11,9 @@ Skipped without a CUDA device (CPU CI); run first by benchmarks/gpu_check.sh (py
 """
 
 import random
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -245,7 +248,19 @@ def test_tensors_that_start_off_16_bytes_are_copied_not_handed_to_the_kernels(va
     """A channels_last tensor need not start on 16 bytes (x[:, 4:20] of an N x 24 x 1 x 1
     map is channels_last-contiguous, 8 bytes in for bf16), where the kernels' 16-byte
     vector loads and TMA descriptors fault: the binding copies such inputs and writes such
-    outputs through a scratch tensor. Every input, output and gradient starts 8 bytes in."""
+    outputs through a scratch tensor. Every input, output and gradient starts 8 bytes in.
+
+    The kernels run in a child process: a fault leaves a CUDA context unusable, and in this
+    process (a pytest-xdist worker under gpu_check.sh) it would fail every later test."""
+    child = subprocess.run(
+        [sys.executable, "-c", f"import test_cuda_ext; test_cuda_ext.check_off_16_bytes({variant!r})"],
+        cwd=Path(__file__).parent, capture_output=True, text=True, timeout=240)
+    assert child.returncode == 0, f"variant {variant}, in a child process:\n{child.stderr[-4000:]}"
+
+
+def check_off_16_bytes(variant: str) -> None:
+    """The kernels of ``variant`` on inputs, outputs and gradients that start 8 bytes past
+    16 bytes, against the float64 reference (the test above runs it in a child process)."""
     extension, why = load_extension()
     assert extension is not None, why
     torch.manual_seed(0)
