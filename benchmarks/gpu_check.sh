@@ -191,6 +191,12 @@ finish_step install
 # (2026-11-27), so 150 s leaves room for a slow start without cutting the step's answers.
 wants cuda_correct && run_step cuda_correct 150 env OMP_NUM_THREADS=2 "${PYTEST[@]}" \
     "${XDIST[@]}" -k "cuda or gemm" tests/test_gpu_resnet50.py tests/test_cuda_ext.py
+# Step 2's JSON as soon as its cases are in (triton_correct adds its own to it later).
+report_correctness() {  # report_correctness NAME: correctness.jsonl so far, as one JSON
+    run_step "$1" 30 $PYTHON benchmarks/correctness_report.py "$OUTDIR/correctness.jsonl" \
+        --out "$OUTDIR/correctness-resnet50.json"
+}
+wants cuda_correct && report_correctness correctness_report
 
 # The AN step against the plain step, eager, compiled and as one CUDA graph, side by side in
 # one process (issue 23's targets: AN compiled / plain compiled >= 0.62, AN >= 4000 img/s).
@@ -222,10 +228,7 @@ wants census && run_step census 120 env TRITON_CACHE_DIR=/tmp/inductor-triton $P
 
 wants triton_correct && run_step triton_correct 90 env OMP_NUM_THREADS=2 "${PYTEST[@]}" \
     "${XDIST[@]}" -k triton tests/test_gpu_resnet50.py
-if wants triton_correct || wants cuda_correct; then
-    run_step correctness_report 30 $PYTHON benchmarks/correctness_report.py "$OUTDIR/correctness.jsonl" \
-        --out "$OUTDIR/correctness-resnet50.json"
-fi
+wants triton_correct && report_correctness correctness_report_triton
 
 # Where the fused kernels lose: per phase (forward, dgrad, wgrad) on 4 layers, including
 # each backend's slowest (layer1's 3x3 for CUDA C++, layer3.0.conv2 for Triton).
