@@ -35,9 +35,11 @@ channels_last.
         --compile off,default,reduce-overhead
 
 Writes benchmarks/results/train_throughput-<device>-<date>.json, or
-OUT/train_throughput.json with --out OUT (a directory), after the warm-up (each key's
-warm-up seconds: compiles and captures included) and again after every round, so a run
-cut short keeps its rounds ("rounds_done").
+OUT/train_throughput.json with --out OUT (a directory), after each key's warm-up (its
+seconds: compiles and captures included; on CUDA its peak memory) and again after every
+round, so a run cut short keeps its rounds ("rounds_done"). Keys warm up eager first,
+then compiled, then as CUDA graphs (whose memory pools stay held); one that fails (out
+of memory, a compile or capture error) is named under "errors" and the others go on.
 """
 
 from __future__ import annotations
@@ -166,6 +168,51 @@ def build_providers(arch: str | torch.nn.Module, alpha: float, num_classes: int,
     }
 
 
+def build_step(model: nn.Module, loss_fn, mode: str, compile_as, images: torch.Tensor,
+               labels: torch.Tensor, *, scaler, batch_size: int, image_size: int, num_classes: int,
+               channels_last: bool, amp_dtype, memory_format):
+    """One provider's training step in one --compile mode, as a call without arguments:
+    eager ("off"), torch.compile'd (``compile_as``), or captured as a CUDA graph (GRAPHS)."""
+    device = images.device
+    model.to(device=device, memory_format=memory_format).train()
+    optimizer = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9, fused=True)
+    forward = model
+    if compile_as is not None or mode == GRAPHS:
+        warm_up(model, loss_fn, batch_size=batch_size, image_size=image_size,
+                num_classes=num_classes, channels_last=channels_last,
+                amp_dtype=amp_dtype, device=device)
+    if compile_as is not None:
+        forward = torch.compile(model, mode=compile_as)
+    meter = StepMeter(device, max_bad_steps=0, step=0)
+    step = functools.partial(
+        train_step, forward, loss_fn=loss_fn, optimizer=optimizer, scaler=scaler,
+        parameters=list(model.parameters()), amp_dtype=amp_dtype, meter=meter)
+    if mode == GRAPHS:
+        tensor_learning_rates(optimizer, device)
+        step = CapturedStep(step, images, labels,
+                            state=functools.partial(step_state_tensors, model, optimizer, meter))
+    return functools.partial(step, images, labels)
+
+
+def warmed_up(step, steps: int, device: torch.device):
+    """``step`` after ``steps`` untimed runs of it (compiles, tunes, fills caches)."""
+    seconds_per_step(step, steps, device)
+    return step
+
+
+def guarded(key: str, errors: dict, work):
+    """``work()``, or None with ``errors[key]`` set to what it raised (an out-of-memory, a
+    failed compile or capture): one key's failure leaves the others measured."""
+    try:
+        return work()
+    except Exception as error:  # noqa: BLE001 -- any failure is the result for this key
+        errors[key] = f"{type(error).__name__}: {error}"[:600]
+        print(f"{key} failed and is left out: {errors[key]}", flush=True)
+        if torch.cuda.is_available() and torch.cuda.is_initialized():
+            torch.cuda.empty_cache()  # what the failed key held, for the keys after it
+        return None
+
+
 def seconds_per_step(step, steps: int, device: torch.device) -> float:
     """Run ``steps`` steps back to back and wait for the device once, as training does."""
     if device.type == "cuda":
@@ -236,33 +283,23 @@ def main() -> None:
         # to it, so they compile as aten convolutions.
         model = providers["anfast"][0].to(device=device, memory_format=memory_format)
         prepare_backends(model, "auto", batch_size, image_size, amp_dtype)
-    steps = {}
-    for mode in modes:
+    # Each key's step is built when its warm-up comes, eager first, compiled next, CUDA
+    # graphs last (their memory pools stay held for the rest of the run): a compile or a
+    # capture that fails (out of memory, a capture error) is recorded under "errors" and
+    # the other keys go on.
+    builders = {}
+    for mode in sorted(modes, key=lambda m: (m != "off", m == GRAPHS)):
         compile_as, fallback = resolve_compile(None if mode in ("off", GRAPHS) else mode, device)
         if fallback:
             print(fallback, flush=True)
         for name, (model, loss_fn) in providers.items():
             if mode != "off" and name == "anfast_streams":
                 continue  # streams run eager kernels on several streams: not captured, not compiled
-            model.to(device=device, memory_format=memory_format).train()
-            optimizer = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9, fused=True)
-            forward = model
-            if compile_as is not None or mode == GRAPHS:
-                warm_up(model, loss_fn, batch_size=batch_size, image_size=image_size,
-                        num_classes=args.num_classes, channels_last=channels_last,
-                        amp_dtype=amp_dtype, device=device)
-            if compile_as is not None:
-                forward = torch.compile(model, mode=compile_as)
-            meter = StepMeter(device, max_bad_steps=0, step=0)
             key = name if mode == "off" else f"{name}+{mode}"
-            step = functools.partial(
-                train_step, forward, loss_fn=loss_fn, optimizer=optimizer, scaler=scaler,
-                parameters=list(model.parameters()), amp_dtype=amp_dtype, meter=meter)
-            if mode == GRAPHS:
-                tensor_learning_rates(optimizer, device)
-                step = CapturedStep(step, images, labels,
-                                    state=functools.partial(step_state_tensors, model, optimizer, meter))
-            steps[key] = functools.partial(step, images, labels)
+            builders[key] = functools.partial(
+                build_step, model, loss_fn, mode, compile_as, images, labels, scaler=scaler,
+                batch_size=batch_size, image_size=image_size, num_classes=args.num_classes,
+                channels_last=channels_last, amp_dtype=amp_dtype, memory_format=memory_format)
 
     out = None if args.out is None else args.out / "train_throughput.json"
     # What every write of the JSON shares, the environment (commit, versions) read once.
@@ -272,26 +309,39 @@ def main() -> None:
               "channels_last": channels_last, "compile": modes, "warmup_steps": args.warmup,
               "rounds": args.rounds, "steps_per_round": args.steps}
     load_before = os.getloadavg()
-    warmup_s = {}
-    for key, step in steps.items():  # also compiles, tunes and records CUDA graphs
-        start = time.perf_counter()
-        seconds_per_step(step, args.warmup, device)
-        warmup_s[key] = time.perf_counter() - start
-        print(f"warm-up of {key}: {warmup_s[key]:.1f} s", flush=True)
-    times = {key: [] for key in steps}
+    times, warmup_s, errors, memory_gib = {}, {}, {}, {}
 
-    # The JSON is rewritten after the warm-up and after every round, so a run that a time
-    # limit ends (a GPU lease) keeps what it measured; "rounds_done" says how far it got.
+    # The JSON is rewritten after each key's warm-up and after every round, so a run that
+    # a time limit ends (a GPU lease) keeps what it measured; "rounds_done" says how far it got.
     def save() -> tuple[dict, Path]:
         result = summarize(times, warmup_s, list(providers), common, load_before)
+        result.update(errors=errors, peak_memory_gib=memory_gib)
         return result, write_result("train_throughput", result, out)
 
-    result, path = save()
+    steps = {}
+    for key, build in builders.items():  # builds, compiles, tunes and captures
+        start = time.perf_counter()
+        if on_cuda:
+            torch.cuda.reset_peak_memory_stats(device)
+        step = guarded(key, errors, lambda: warmed_up(build(), args.warmup, device))
+        if step is not None:
+            steps[key], times[key] = step, []
+            warmup_s[key] = time.perf_counter() - start
+            print(f"warm-up of {key}: {warmup_s[key]:.1f} s", flush=True)
+        if on_cuda:  # the key's peak, and what the run holds (CUDA graphs' pools) after it
+            memory_gib[key] = {"peak_allocated": torch.cuda.max_memory_allocated(device) / 2**30,
+                               "reserved_after": torch.cuda.memory_reserved(device) / 2**30}
+        result, path = save()
+
     for round_index in range(args.rounds):
-        for key, step in steps.items():
-            times[key].append(seconds_per_step(step, args.steps, device))
+        for key, step in list(steps.items()):
+            seconds = guarded(key, errors, lambda: seconds_per_step(step, args.steps, device))
+            if seconds is None:
+                del steps[key]
+            else:
+                times[key].append(seconds)
         print(f"round {round_index + 1}/{args.rounds}: " + ", ".join(
-            f"{key} {batch_size / statistics.median(t):.1f} img/s" for key, t in times.items()),
+            f"{key} {batch_size / statistics.median(t):.1f} img/s" for key, t in times.items() if t),
             flush=True)
         result, path = save()
     print(json.dumps({"ratios": result["ratios"],

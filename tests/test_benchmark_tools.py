@@ -283,3 +283,35 @@ def test_train_throughput_killed_mid_run_keeps_the_rounds_it_finished(tmp_path):
         assert row["rounds"] == result["rounds_done"] and row["images_per_second"] > 0
     speed = {name: row["images_per_second"] for name, row in result["providers"].items()}
     assert result["ratios"]["anfast_torch_over_base"] == pytest.approx(speed["anfast_torch"] / speed["base"])
+
+
+def test_train_throughput_leaves_out_a_key_whose_set_up_fails_and_measures_the_rest(tmp_path, monkeypatch):
+    """A key whose build or warm-up raises (on a GPU: a capture error, an out-of-memory of
+    the CUDA graphs' pools) is named under "errors", and every other key is still warmed
+    up and timed in every round, in the order eager, compiled, graphs."""
+    import train_throughput
+
+    built = []
+
+    def build_step(model, loss_fn, mode, *args, **kwargs):
+        built.append((loss_fn is F.cross_entropy, mode))
+        if loss_fn is not F.cross_entropy:  # the adjoined provider: fails as an OOM would
+            raise RuntimeError("CUDA out of memory. Tried to allocate 20.00 GiB (stand-in)")
+        if mode != "off":  # what a compiled step computes is not the question here
+            return lambda: None
+        return real_build_step(model, loss_fn, mode, *args, **kwargs)
+
+    real_build_step = train_throughput.build_step
+    monkeypatch.setattr(train_throughput, "build_step", build_step)
+    monkeypatch.setattr(sys, "argv", [
+        "train_throughput.py", "--device", "cpu", "--arch", "resnet18", "--image-size", "16",
+        "--batch-size", "2", "--warmup", "1", "--rounds", "2", "--steps", "1",
+        "--providers", "anfast_torch,base", "--compile", "default,off", "--out", str(tmp_path)])
+    train_throughput.main()
+    result = json.loads((tmp_path / "train_throughput.json").read_text())
+    assert built == [(False, "off"), (True, "off"), (False, "default"), (True, "default")]
+    assert list(result["errors"]) == ["anfast_torch", "anfast_torch+default"]
+    assert result["errors"]["anfast_torch"].startswith("RuntimeError: CUDA out of memory")
+    assert set(result["providers"]) == {"base", "base+default"} == set(result["warmup_s"])
+    assert result["providers"]["base"]["rounds"] == 2 == result["rounds_done"]
+    assert "anfast_torch_over_base" not in result["ratios"]
