@@ -138,14 +138,17 @@ pack() {  # the results as at most 8 flat files (what a device call brings back)
 $PYTHON benchmarks/common.py --device cuda --out "$OUTDIR/environment.json" 2>&1 | tee "$OUTDIR/environment.log"
 # pytest-xdist spreads the GPU tests over processes (each with few CPU threads; the
 # correctness cases report themselves in correctness.jsonl as they finish); the
-# per-test timeout of pytest-timeout prints the stacks of a test that hangs.
+# per-test timeout of pytest-timeout prints the stacks of a test that hangs and ends its
+# process (the thread method: a hang inside a CUDA call never returns to Python to see a
+# signal), which xdist replaces, as it does one whose test broke the CUDA context
+# (tests/conftest.py).
 PYTEST=($PYTHON -m pytest -q -rs -p no:cacheprovider -p no:benchmark)
 XDIST=()
 if $PYTHON -c "import xdist" 2>/dev/null; then
     XDIST=(-n "$((NPROC > 12 ? 12 : NPROC))")
 fi
 if $PYTHON -c "import pytest_timeout" 2>/dev/null; then
-    PYTEST+=(--timeout=60)
+    PYTEST+=(--timeout=60 --timeout-method=thread)
 fi
 
 # A previous call's Triton kernel cache, carried in .gpu/ (see the header).

@@ -7,6 +7,7 @@ at collection time, before any test module imports anfast.triton.
 import os
 import tempfile
 
+import pytest
 import torch
 
 if not torch.cuda.is_available():
@@ -25,3 +26,12 @@ if "ANFAST_CACHE_DIR" not in os.environ:
 if "ANFAST_DATA_HOME" not in os.environ:
     _data_home = tempfile.TemporaryDirectory(prefix="anfast-test-data-")
     os.environ["ANFAST_DATA_HOME"] = _data_home.name
+
+
+@pytest.hookimpl(trylast=True)
+def pytest_runtest_teardown(item, nextitem):
+    """A test that broke the CUDA context stops its process (helpers.stop_if_cuda_context_is_broken;
+    imported here, after TRITON_INTERPRET is set: helpers imports anfast)."""
+    from helpers import stop_if_cuda_context_is_broken
+
+    stop_if_cuda_context_is_broken(item.nodeid)

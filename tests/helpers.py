@@ -1,11 +1,14 @@
 """Shared test helpers: dtype tolerances, a verbose relative-error check, stand-in
 backends (some with kernel variants) and timers for the dispatch tests, and ResNet-50's
-adjoined conv shapes."""
+adjoined conv shapes, and the check that a GPU test left its CUDA context usable."""
 
 from __future__ import annotations
 
 import functools
+import os
+import sys
 
+import pytest
 import torch
 import torchvision
 
@@ -211,3 +214,24 @@ class HostReads:
     def per_step(self) -> dict:
         """{("in step" | "after step", n): reads}, the set-up's and the end's left out."""
         return {key: self.reads.count(key) for key in set(self.reads) if key not in ("setup", self.end)}
+
+
+def stop_if_cuda_context_is_broken(nodeid: str) -> None:
+    """After a test: if it used CUDA and the context no longer works (a kernel fault --
+    an illegal address, a misaligned access -- is sticky: every later CUDA call in this
+    process fails), stop this process rather than fail every later test in it.
+
+    In a pytest-xdist worker (gpu_check.sh's correctness steps) the worker exits and
+    xdist starts a fresh one for the tests left; in a plain run the session stops.
+    """
+    if not (torch.cuda.is_available() and torch.cuda.is_initialized()):
+        return
+    try:
+        torch.cuda.synchronize()
+    except RuntimeError as error:  # torch.AcceleratorError is a RuntimeError
+        message = (f"{nodeid} left this process's CUDA context unusable ({error}); "
+                   f"stopping the process so that later tests run in a fresh one")
+        if os.environ.get("PYTEST_XDIST_WORKER"):
+            print(message, file=sys.stderr, flush=True)
+            os._exit(1)
+        pytest.exit(message, returncode=1)

@@ -16,6 +16,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+import helpers
 from helpers import small_resnet
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1] / "benchmarks"))
@@ -315,3 +316,36 @@ def test_train_throughput_leaves_out_a_key_whose_set_up_fails_and_measures_the_r
     assert set(result["providers"]) == {"base", "base+default"} == set(result["warmup_s"])
     assert result["providers"]["base"]["rounds"] == 2 == result["rounds_done"]
     assert "anfast_torch_over_base" not in result["ratios"]
+
+
+def test_a_test_that_breaks_the_cuda_context_stops_its_process(monkeypatch):
+    """After a GPU test whose kernel faulted (the next synchronize raises, as it does for a
+    sticky CUDA error), the process stops: an xdist worker exits (xdist replaces it), a
+    plain run ends its session. A working or unused context changes nothing."""
+    calls = []
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "is_initialized", lambda: calls.append("is_initialized") or True)
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda: calls.append("synchronize"))
+    helpers.stop_if_cuda_context_is_broken("tests/x.py::fine")
+    assert calls == ["is_initialized", "synchronize"]
+
+    def fault():
+        raise RuntimeError("CUDA error: an illegal memory access was encountered")
+
+    monkeypatch.setattr(torch.cuda, "synchronize", fault)
+    monkeypatch.delenv("PYTEST_XDIST_WORKER", raising=False)
+    with pytest.raises(pytest.exit.Exception, match=r"tests/x.py::faulted left this process's CUDA "
+                                                    r"context unusable \(CUDA error: an illegal memory"):
+        helpers.stop_if_cuda_context_is_broken("tests/x.py::faulted")
+
+    def process_exit(code):  # os._exit does not return
+        raise SystemExit(f"os._exit({code})")
+
+    monkeypatch.setattr(os, "_exit", process_exit)
+    monkeypatch.setenv("PYTEST_XDIST_WORKER", "gw3")
+    with pytest.raises(SystemExit, match=r"os._exit\(1\)"):
+        helpers.stop_if_cuda_context_is_broken("tests/x.py::faulted")
+
+    monkeypatch.setattr(torch.cuda, "is_initialized", lambda: False)  # a test that never used CUDA
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda: pytest.fail("synchronized an unused context"))
+    helpers.stop_if_cuda_context_is_broken("tests/x.py::cpu_only")
