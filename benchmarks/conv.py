@@ -77,31 +77,36 @@ class ConvShape:
 
 
 def resnet50_conv_shapes(alpha: float, round_to: int = 8) -> list[tuple[list[str], ConvShape]]:
-    """Every conv of torchvision resnet50 at 224x224: (layer names, shape), deduplicated."""
-    import torchvision
-    from anfast import student_width
+    """Every conv of torchvision resnet50 at 224x224 adjoined as training adjoins it
+    (``anfast.adjoin``, paper policy): (layer names, shape), deduplicated.
 
-    model = torchvision.models.resnet50().to("meta")
+    The student widths are adjoin's, not a per-layer rule: a conv's student input is what
+    its producer's student outputs (layer2.0.conv1 shrinks, yet reads layer1's full 256
+    channels). The stem's student shares the image (input_shared: training computes it once
+    with the base); it is listed as its own problem, x_student the image's 3 channels.
+    """
+    import anfast
+    from anfast.nn import AdjoinedConv2d
+
+    torch.manual_seed(0)
+    network = anfast.adjoin("resnet50", alpha=alpha, policy="paper", round_to=round_to,
+                            input_size=(3, 224, 224), backend="torch")
     found: dict[ConvShape, list[str]] = {}
 
     def hook(name):
-        def record(module, inputs, output):
-            c_in, c_out = module.in_channels, module.out_channels
-            shrink = c_in > 64 and c_out > 64  # the paper's ResNet-50 rule: stem and layer1 stay full
+        def record(module, inputs):
             shape = ConvShape(
-                c_in, c_out, module.kernel_size[0], module.stride[0], module.padding[0],
-                inputs[0].shape[2], inputs[0].shape[3],
-                student_width(c_in, alpha, round_to) if shrink else c_in,
-                student_width(c_out, alpha, round_to) if shrink else c_out,
-            )
+                module.in_channels, module.out_channels, module.kernel_size[0], module.stride[0],
+                module.padding[0], inputs[0].shape[2], inputs[0].shape[3],
+                module.student_in_channels[0], module.student_out_channels[0])
             found.setdefault(shape, []).append(name)
         return record
 
-    for name, module in model.named_modules():
-        if isinstance(module, torch.nn.Conv2d):
-            module.register_forward_hook(hook(name))
+    for name, module in network.named_modules():
+        if isinstance(module, AdjoinedConv2d):
+            module.register_forward_pre_hook(hook(name))
     with torch.no_grad():
-        model(torch.empty(1, 3, 224, 224, device="meta"))
+        network.eval()(torch.zeros(1, 3, 224, 224))
     return [(names, shape) for shape, names in found.items()]
 
 
@@ -131,13 +136,27 @@ def make_problem(shape: ConvShape, batch: int, dtype: torch.dtype, device: str =
 
     x_base = randn(batch, shape.c_in, shape.height, shape.width)
     x_student = randn(batch, shape.in_student, shape.height, shape.width)
-    weight = randn(shape.c_out, shape.c_in, shape.kernel, shape.kernel, channels_last=False) * 0.05
+    weight = randn(shape.c_out, shape.c_in, shape.kernel, shape.kernel) * 0.05
     h, w = shape.output_size()
     grad_base = randn(batch, shape.c_out, h, w)
     grad_student = randn(batch, shape.out_student, h, w)
+    # The problem of a conv inside a channels_last training network (its weight channels_last
+    # too, gradients for both inputs and the weight): the tuning key `anfast tune` records,
+    # so a fused backend runs the kernel variant the tune found fastest for this layer.
     problem = ConvProblem(x_base, x_student, weight, None, shape.out_student, (shape.stride,) * 2,
-                          (shape.padding,) * 2, (1, 1), 1, None)
+                          (shape.padding,) * 2, (1, 1), 1, None, (True, True, True, False))
     return problem, grad_base, grad_student
+
+
+def variant_run(provider: str, problem) -> str | None:
+    """The kernel variant a fused provider runs on ``problem``: the tune's choice, "default"
+    where the tuning cache holds none; None for a provider without variants."""
+    from anfast.ops import tuning
+
+    backend = provider.removeprefix("fused-")
+    if backend == provider or backend != "cuda":
+        return None
+    return tuning.decided_variant(problem, backend) or "default"
 
 
 def providers(problem, compiled: bool = True) -> dict:
@@ -279,6 +298,7 @@ def main(argv=None) -> int:
             tflops = {phase: flops[phase] / (times[phase]["median_ms"] * 1e-3) / 1e12 for phase in flops}
             row = {
                 "layers": names, "count": len(names), "shape": asdict(shape), "provider": provider,
+                "variant": variant_run(provider, problem),
                 "batch": args.batch, "dtype": args.dtype, "times": times, "flops": flops, "tflops": tflops,
                 "percent_of_floor": (None if peak is None
                                      else {phase: 100.0 * t / peak for phase, t in tflops.items()}),

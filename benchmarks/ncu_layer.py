@@ -156,7 +156,7 @@ def run(layer: str, provider: str, batch: int, dtype_name: str, warmup: int) -> 
     """Warm ``provider`` up on ``layer``, then run its phases once inside the profiled range."""
     import torch
 
-    from conv import DTYPES, make_problem, phase_calls, providers, resnet50_conv_shapes
+    from conv import DTYPES, make_problem, phase_calls, providers, resnet50_conv_shapes, variant_run
 
     if not torch.cuda.is_available():
         print("benchmarks/ncu_layer.py run: no CUDA device visible; it profiles GPU kernels.", file=sys.stderr)
@@ -184,7 +184,9 @@ def run(layer: str, provider: str, batch: int, dtype_name: str, warmup: int) -> 
             calls[phase]()
     torch.cuda.synchronize()
     torch.cuda.profiler.stop()
-    print(f"ran {provider} on {layer} ({shapes[0]}) at batch {batch}, {dtype_name}: {', '.join(PHASE_ORDER)}")
+    variant = variant_run(provider, problem)
+    print(f"ran {provider}{'' if variant is None else f' (variant {variant})'} on {layer} ({shapes[0]}) "
+          f"at batch {batch}, {dtype_name}: {', '.join(PHASE_ORDER)}")
     return 0
 
 

@@ -69,6 +69,31 @@ def test_conv_layer_patterns_select_shapes_and_name_the_fix():
         conv.select_shapes(shapes, ["layer9.*"])
 
 
+def test_conv_benchmark_times_each_layer_on_the_problem_training_tunes():
+    """conv.py (and ncu_layer.py) time each ResNet-50 layer on the problem a channels_last
+    bf16 training step hands the op, under the tuning key `anfast tune` records for it
+    (collected here through the op's own path), so a fused backend runs the kernel variant
+    the tune chose for that layer. The stem is no such problem: training computes its
+    student with the base (input_shared)."""
+    import anfast
+    from anfast.nn.backends import collect_layer_problems
+    from anfast.ops.tuning import problem_key
+
+    network = anfast.adjoin("resnet50", alpha=4, policy="paper", input_size=(3, 224, 224))
+    network = network.to(memory_format=torch.channels_last)
+    recorded = {name: problem_key(problem)
+                for name, problem, _ in collect_layer_problems(network, 2, 224, torch.bfloat16)}
+    assert len(recorded) == 52 and "conv1" not in recorded
+    benchmarked = set()
+    for names, shape in conv.resnet50_conv_shapes(4.0):
+        problem, _, _ = conv.make_problem(shape, 2, torch.bfloat16, device="cpu")
+        for name in names:
+            if name != "conv1":
+                assert problem_key(problem) == recorded[name], name
+                benchmarked.add(name)
+    assert benchmarked == set(recorded)
+
+
 def _tune_file(path, layers):
     path.write_text(json.dumps({"tune": {"layers": layers}}))
     return path
@@ -349,3 +374,15 @@ def test_a_test_that_breaks_the_cuda_context_stops_its_process(monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_initialized", lambda: False)  # a test that never used CUDA
     monkeypatch.setattr(torch.cuda, "synchronize", lambda: pytest.fail("synchronized an unused context"))
     helpers.stop_if_cuda_context_is_broken("tests/x.py::cpu_only")
+
+
+def test_step_census_ratios_use_the_launch_counts_done_so_far():
+    """The census writes its JSON after each launch count (every provider's eager step, then
+    the compiled ones): a run cut after the eager counts reports their ratios, and none for
+    a mode one side lacks."""
+    meta = {"flops": {"total": 10.0}, "calls": {"gemm": 2, "other": 4}, "elements": {"other": 8}}
+    rows = {"base": {**meta, "launches": {"eager": 100, "compiled": 40}},
+            "anfast_torch": {"flops": {"total": 12.0}, "calls": {"gemm": 4, "other": 10},
+                             "elements": {"other": 12}, "launches": {"eager": 215}}}
+    assert step_census.ratios_to_base(rows) == {"anfast_torch": {
+        "flops": 1.2, "gemm_calls": 2.0, "other_calls": 2.5, "other_elements": 1.5, "launches_eager": 2.15}}
