@@ -202,6 +202,42 @@ def test_overwrite_with_a_backend_this_machine_cannot_run_keeps_the_run(run, dat
     assert not fresh.exists()  # nothing left that would make the next run refuse --out
 
 
+@pytest.mark.parametrize("environment, message", [
+    ("gemm", "$ANFAST_BACKEND=gemm cannot run layer1.0.conv1 on cpu: "),
+    ("bogus", "$ANFAST_BACKEND=bogus is not a backend: choose one of gemm, cuda, triton, torch, or unset it"),
+])
+def test_overwrite_with_an_anfast_backend_that_cannot_run_keeps_the_run(run, data, capsys, monkeypatch,
+                                                                        environment, message):
+    """$ANFAST_BACKEND names the backend of a --backend auto run: checked at set-up like
+    --backend (it once deleted the old run, then failed at step 1 with a traceback)."""
+    monkeypatch.setenv("ANFAST_BACKEND", environment)
+    before = _tree(run)
+    line = _one_line(_train_args(data, run, "--overwrite"), capsys)
+    assert line.startswith(f"anfast train: error: {message}"), line
+    assert _tree(run) == before
+
+
+def test_overwrite_removes_every_kind_of_run_the_folder_held(tmp_path):
+    """--overwrite replaces the folder's run whatever command made it: a training over a
+    search leaves no arch.json / widths.png beside it, a search over a training no exports
+    or summary.json; files of neither kind stay."""
+    from anfast.runs.rundir import SEARCH_ARTIFACTS, TRAIN_ARTIFACTS, claim_run_dir
+
+    for old, new in ((SEARCH_ARTIFACTS, TRAIN_ARTIFACTS), (TRAIN_ARTIFACTS, SEARCH_ARTIFACTS)):
+        run_dir = tmp_path / f"run{len(old)}"
+        run_dir.mkdir()
+        for pattern in old:
+            path = run_dir / pattern.replace("*", "s2")
+            path.mkdir() if "." not in pattern else path.write_text("old run")
+        (run_dir / "notes.txt").write_text("the user's")
+        lock = claim_run_dir(run_dir, new, resume=True, overwrite=True)
+        try:
+            lock.remove_previous_run()
+        finally:
+            lock.release()
+        assert sorted(p.name for p in run_dir.iterdir()) == ["notes.txt"]
+
+
 # ---------------------------------------------------------------- defect 6: unreadable data
 
 

@@ -151,7 +151,8 @@ def claim_run_dir(run_dir: Path, artifacts: Sequence[str], *, resume: Optional[b
     """Lock ``run_dir``; refuse it when it holds a run that is neither resumed nor overwritten.
 
     ``resume`` is None for commands that cannot continue a run. With ``overwrite`` the
-    previous run's ``artifacts`` are deleted by ``lock.remove_previous_run()``, which the
+    previous run's files are deleted by ``lock.remove_previous_run()`` (``artifacts`` and
+    those of every other kind of run: a search's arch.json, a training's exports), which the
     caller runs once its set-up has passed (never before the lock is taken, so a live run
     is never touched; never before the new run's options are checked, so a bad option
     keeps the old run). Returns the held lock; release it at the end.
@@ -165,8 +166,8 @@ def claim_run_dir(run_dir: Path, artifacts: Sequence[str], *, resume: Optional[b
             fix = ("continue it with --resume auto, or replace it with --overwrite" if resume is not None
                    else "replace it with --overwrite, or choose another --out")
             raise ConfigError(f"--out {run_dir} already holds a run ({names}); {fix}")
-        if overwrite:
-            lock._replaced = tuple(artifacts)
+        if overwrite:  # the old run may be of another kind (a search replaced by a training)
+            lock._replaced = tuple(dict.fromkeys((*artifacts, *TRAIN_ARTIFACTS, *SEARCH_ARTIFACTS)))
     except BaseException:
         lock.release()
         raise

@@ -49,7 +49,7 @@ from anfast.export import load_student
 from anfast.loss import AdjoinedLoss, OneNetworkLoss, TaughtOutput, get_lambda_schedule
 from anfast.nn import convert_sync_batchnorm
 from anfast.nn.backends import collect_layer_problems, layer_backends, prepare_backends, set_backend
-from anfast.ops.backend import backend_reasons
+from anfast.ops.backend import BACKEND_PRIORITY, backend_reasons
 from anfast.runs.checkpoint import (get_rng_state, load_training_checkpoint, newest_usable_checkpoint,
                                     remove_stale_temp_files, reporting_full_disk, resume_checkpoint,
                                     save_checkpoint, set_rng_state, write_text_atomically)
@@ -188,15 +188,25 @@ def _check_backend(an: torch.nn.Module, config: TrainConfig, device: torch.devic
                    amp_dtype: Optional[torch.dtype]) -> None:
     """A named fused --backend must run every adjoined conv of this network on this device,
     checked on one forward pass before anything is written: `--backend cuda` on a CPU
-    machine once failed only at step 1, after --overwrite had deleted the old run."""
-    if config.backend in ("auto", "torch"):
+    machine once failed only at step 1, after --overwrite had deleted the old run. Under
+    --backend auto, $ANFAST_BACKEND names the backend (anfast.ops.dispatch), so it is
+    checked the same way."""
+    backend, named = config.backend, f"--backend {config.backend}"
+    fix = "use --backend auto (or torch)"
+    environment = os.environ.get("ANFAST_BACKEND", "")
+    if backend == "auto" and environment not in ("", "auto"):
+        backend, named = environment, f"$ANFAST_BACKEND={environment}"
+        fix = "unset ANFAST_BACKEND (auto then chooses per conv) or set it to torch"
+        if backend not in BACKEND_PRIORITY:
+            raise ConfigError(f"{named} is not a backend: choose one of {', '.join(BACKEND_PRIORITY)}, "
+                              f"or unset it")
+    if backend in ("auto", "torch"):
         return
     set_backend(an, "torch")
     for layer, problem, _ in collect_layer_problems(an, config.batch_size, config.image_size, amp_dtype):
-        reasons = backend_reasons(config.backend, problem, explicit=True)
+        reasons = backend_reasons(backend, problem, explicit=True)
         if reasons:
-            raise ConfigError(f"--backend {config.backend} cannot run {layer} on {device}: "
-                              f"{'; '.join(reasons)}; use --backend auto (or torch)")
+            raise ConfigError(f"{named} cannot run {layer} on {device}: {'; '.join(reasons)}; {fix}")
 
 
 def _set_aside_unusable_last(config: TrainConfig, resume_path: Optional[Path], checkpoint_dir: Path,
