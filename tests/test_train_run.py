@@ -171,6 +171,43 @@ def test_resume_from_any_stop_equals_an_uninterrupted_run(data, tmp_path, worker
         assert torch.equal(tensor, again["model"][name]), name
 
 
+def test_a_stop_after_the_last_step_ends_the_run_or_is_reported_with_its_summary(data, tmp_path, monkeypatch):
+    """A SIGTERM during the last epoch's evaluation (after its last step) stops the run
+    there, and a resume only writes its end (the same metrics and weights as a run never
+    stopped); one during the final exports leaves a whole run whose summary says a stop
+    was asked for, so a program running it stops too. Both were once noticed by no one."""
+    from anfast.train.loop import Training
+
+    straight = tmp_path / "straight"
+    fit(tiny_config(data, straight, epochs=1))
+    real_epoch_row, real_finish = Training.epoch_row, Training.finish
+
+    def terminated_during(method):
+        def during(self, *args, **kwargs):
+            os.kill(os.getpid(), signal.SIGTERM)  # StopOnSignal's handler sets its flag
+            return method(self, *args, **kwargs)
+        return during
+
+    run_dir = tmp_path / "run"
+    monkeypatch.setattr(Training, "epoch_row", terminated_during(real_epoch_row))
+    result = fit(tiny_config(data, run_dir, epochs=1))
+    assert result["interrupted"] and result["step"] == 3 and result["epoch"] == 1
+    assert not (run_dir / "summary.json").exists()
+    monkeypatch.setattr(Training, "epoch_row", real_epoch_row)
+    summary = fit(tiny_config(data, run_dir, epochs=1, resume="auto"))
+    assert "stop_requested" not in summary and (run_dir / "summary.json").is_file()
+    assert _without_timings(_metrics(run_dir)) == _without_timings(_metrics(straight))
+    expected = load_checkpoint(straight / "checkpoints" / "last.pt")["model"]
+    for name, tensor in load_checkpoint(run_dir / "checkpoints" / "last.pt")["model"].items():
+        assert torch.equal(tensor, expected[name]), name
+
+    late = tmp_path / "late"
+    monkeypatch.setattr(Training, "finish", terminated_during(real_finish))
+    summary = fit(tiny_config(data, late, epochs=1))
+    assert summary["stop_requested"] is True and (late / "summary.json").is_file()
+    assert _without_timings(_metrics(late)) == _without_timings(_metrics(straight))
+
+
 def test_gradient_accumulation_counts_optimizer_steps_and_resumes_exactly(data, tmp_path):
     # 24 images / batch 8 = 3 micro-batches per epoch; --accum-steps 2 makes 2 optimizer
     # steps of them (2 + the last 1). Stop after each step of epoch 1 and the first of

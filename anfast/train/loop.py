@@ -361,7 +361,17 @@ def _fit(config: TrainConfig, info: DistributedInfo, should_stop: Optional[Calla
         if not _train_epoch(run, state, stepper, lambda_, epoch_start, resume_rng):
             return _save_stopped_run(run, state)
         _end_epoch(run, state, lambda_, epoch_start)
-    return kind.finish(run, state)
+        # A stop requested during the epoch's evaluation and checkpoint, after its last step,
+        # ends the run here, before the next epoch or the final exports (a resumed run
+        # starts there); it was once noticed by no one, and the run went on.
+        if any_rank_on_host(_stop_requested(run, state.step), run.host_group):
+            return _save_stopped_run(run, state)
+    summary = kind.finish(run, state)
+    if isinstance(summary, dict) and stop_signal.requested:
+        # The run is whole; a program running it (benchmarks/paper_table.py) learns that it
+        # was asked to stop while the run wrote its exports, and stops too.
+        summary["stop_requested"] = True
+    return summary
 
 
 def _open_resumed_checkpoint(config: TrainConfig, device: torch.device
@@ -715,8 +725,9 @@ def _save_stopped_run(run: Run, state: RunState) -> Dict[str, Any]:
     if run.info.is_main:
         save_checkpoint(_checkpoint(run, state), last, keep_previous=True)
         run.log.close()
-        _say(run.info, f"stopped at epoch {state.epoch + 1}, step {state.step}; saved "
-                       f"{last} (continue with --resume auto)")
+        where = (f"after epoch {state.epoch}" if state.batches_done == 0
+                 else f"at epoch {state.epoch + 1}")
+        _say(run.info, f"stopped {where}, step {state.step}; saved {last} (continue with --resume auto)")
     barrier()
     return {"interrupted": True, "epoch": state.epoch, "step": state.step, "checkpoint": str(last)}
 
