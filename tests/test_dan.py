@@ -255,3 +255,19 @@ def test_search_errors_are_one_line_on_stderr(tmp_path, capsys):
     assert captured.out == ""
     assert captured.err.startswith("anfast search: error: target flops=0.0: give a fraction of the base")
     assert len(captured.err.strip().splitlines()) == 1
+
+
+def test_the_search_report_says_when_the_derived_student_misses_its_target(tmp_path):
+    """A search too short to pull the widths down derives the base itself: the report says
+    the target was not reached (and how to reach it) instead of only listing both numbers."""
+    from anfast.dan.search import _report
+
+    def arch(student_flops, target):
+        return {"arch": "resnet18", "image_size": 32, "round_to": 8, "target": target,
+                "base": {"flops": 1000, "params": 400}, "student": {"flops": student_flops, "params": 100}}
+
+    missed = _report(arch(1000, {"flops": 0.5}), tmp_path / "arch.json", tmp_path / "widths.png", None)
+    assert ("note: the student's flops are 100.0% of the base's, the target 50.0%: the search did "
+            "not reach it") in missed
+    for close in (arch(520, {"flops": 0.5}), arch(1000, {"params": 0.25})):  # 104% / exactly 25%
+        assert "note:" not in _report(close, tmp_path / "arch.json", tmp_path / "widths.png", None)

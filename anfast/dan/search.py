@@ -434,11 +434,25 @@ class Search(Training):
         return SearchResult(arch, run_dir, arch_path, plot_path, self.gates.theta.detach().cpu(), state.history)
 
 
+# How far the derived student's cost may lie from the target (relative) before the report
+# says that the search did not reach it.
+TARGET_MISS = 0.1
+
+
 def _report(arch: Dict[str, Any], arch_path: Path, plot_path: Path, data: Optional[str]) -> str:
-    """The derived student's cost, where its files are, and the command that trains it."""
+    """The derived student's cost, where its files are, and the command that trains it; a
+    note under the cost when it misses the target by more than TARGET_MISS."""
     fractions = {k: arch["student"][k] / arch["base"][k] for k in ("flops", "params")}
+    missed = ""
+    for kind, value in arch.get("target", {}).items():
+        if abs(fractions[kind] - value) <= TARGET_MISS * value:
+            continue
+        missed = (f"  note: the student's {kind} are {fractions[kind]:.1%} of the base's, the target "
+                  f"{value:.1%}: the search did not reach it; search longer (--epochs) or weigh the "
+                  f"cost more (--gamma)\n")
     return (f"anfast search: derived student {arch['student']['flops']:,} FLOPs ({fractions['flops']:.1%} of "
             f"base), {arch['student']['params']:,} params ({fractions['params']:.1%}); target {arch['target']}\n"
+            + missed +
             f"  arch: {arch_path}\n  plot: {plot_path}\n"
             f"  train it: anfast train --arch {arch['arch']} --image-size {arch['image_size']} "
             f"--round-to {arch['round_to']} --arch-config {arch_path}" + (f" --data {data}" if data else ""))
