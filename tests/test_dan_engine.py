@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -103,7 +104,7 @@ def test_a_search_stopped_by_sigterm_and_resumed_ends_with_the_uninterrupted_arc
     run.process.send_signal(signal.SIGTERM)
     returncode, output = run.finish()
     assert returncode == 0, output
-    assert "stopped at epoch" in output and "--resume auto" in output, output
+    assert re.search(r"stopped (at|after) epoch", output) and "--resume auto" in output, output
     assert not (run_dir / "arch.json").exists()
 
     resumed = subprocess.run([*command, "--resume", "auto"], capture_output=True, text=True, timeout=300,
@@ -114,6 +115,35 @@ def test_a_search_stopped_by_sigterm_and_resumed_ends_with_the_uninterrupted_arc
     changed = subprocess.run([*command, "--resume", "auto", "--gamma", "3"], capture_output=True, text=True,
                              timeout=300, env=env)
     assert changed.returncode == 2 and "--gamma 3.0 (the run: 10.0)" in changed.stderr, changed.stderr
+    assert "give the run's values (anfast search does not take them from the run)" in changed.stderr
+
+
+def test_a_search_run_and_a_training_run_are_told_apart_in_one_line(data, tmp_path, capsys):
+    """`anfast train --resume`, `anfast eval` and `anfast export` of a search run, and `anfast
+    search --resume` of a training run, say which kind of run it is and what to do, before
+    any option or weight of it is compared (they ended in a traceback of size mismatches, or
+    in option advice that could not help)."""
+    import anfast.cli
+
+    def one_line(argv):
+        assert anfast.cli.main(argv) == 2
+        lines = capsys.readouterr().err.strip().splitlines()
+        assert len(lines) == 1, lines
+        return lines[0]
+
+    searched, trained = tmp_path / "searched", tmp_path / "trained"
+    assert anfast.cli.main(["search", *_search_args(data, searched, **{"--epochs": "1"})]) == 0
+    assert anfast.cli.main(["train", "--data", str(data), "--out", str(trained), "--arch", "resnet18",
+                            "--epochs", "1", "--batch-size", "8", "--image-size", "16", "--workers", "0",
+                            "--loader", "torch", "--device", "cpu"]) == 0
+    capsys.readouterr()
+    line = one_line(["train", "--out", str(searched), "--resume", "auto"])
+    assert "a checkpoint of `anfast search`, not of `anfast train`" in line, line
+    for command in ("eval", "export"):
+        line = one_line([command, str(searched)])
+        assert f"{searched} is an `anfast search` run: what it found is {searched / 'arch.json'}" in line, line
+    line = one_line(["search", *_search_args(data, trained, **{"--epochs": "1"}), "--resume", "auto"])
+    assert "not a checkpoint of `anfast search`" in line, line
 
 
 def _tiny_search(run_dir, batches):

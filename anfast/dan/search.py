@@ -306,6 +306,13 @@ class Search(Training):
 
     command = "anfast search"
     artifacts = SEARCH_ARTIFACTS
+    # `anfast search` takes its options from the command line alone (no merge with the run's).
+    keep_options = "give the run's values (anfast search does not take them from the run)"
+
+    def check_resumed(self, checkpoint: Dict[str, Any], resume_path: Path) -> None:
+        if checkpoint.get("search_config") is None:
+            raise ConfigError(f"--resume {resume_path}: not a checkpoint of `anfast search` (no search "
+                              f"options in it); resume it with `anfast train`")
 
     def __init__(self, config: SearchConfig, *, model: Optional[nn.Module] = None,
                  train_loader: Optional[Iterable] = None, num_classes: Optional[int] = None) -> None:
@@ -364,17 +371,14 @@ class Search(Training):
                 "arch_optimizer": self.arch_optimizer.state_dict(), "search_sums": self.loss.sums.clone()}
 
     def load_extra_state(self, checkpoint: Dict[str, Any], resume_path: Path) -> None:
-        saved = checkpoint.get("search_config")
-        if saved is None:
-            raise ConfigError(f"--resume {resume_path}: not a checkpoint of `anfast search` (no search "
-                              f"options in it); resume it with `anfast train`")
+        saved = checkpoint["search_config"]  # check_resumed refused a checkpoint without it
         current = self.config.search_options()
         changed = [f"--{name.replace('_', '-')} {current[name]} (the run: {saved.get(name)})"
                    for name in current if saved.get(name) != current[name]]
         if changed:
             raise ConfigError(f"--resume {resume_path} continues a search with the options it was "
-                              f"started with, but {'; '.join(changed)}; leave these out or give the "
-                              f"run's, or start a new search in another --out")
+                              f"started with, but {'; '.join(changed)}; {self.keep_options}, or "
+                              f"start a new search in another --out")
         self.gates.load_state_dict(checkpoint["gates"])
         self.arch_optimizer.load_state_dict(checkpoint["arch_optimizer"])
         self.loss.sums.copy_(checkpoint["search_sums"])

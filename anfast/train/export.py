@@ -57,6 +57,10 @@ def load_run(run_dir: Union[str, Path], checkpoint: str = "best",
         state = load_training_checkpoint(path, map_location=device)
     except CheckpointError as error:
         raise _damaged_checkpoint(run_dir, path, error) from None
+    if state.get("search_config") is not None:  # its weights are a gated supernet's
+        raise ConfigError(f"{run_dir} is an `anfast search` run: what it found is {run_dir / 'arch.json'}; "
+                          f"train that network (`anfast train --arch-config {run_dir / 'arch.json'} ...`, "
+                          f"as the search printed), then evaluate or export that run")
     an = create_adjoined_model(config, len(state["classes"])).to(device)
     if state["ema"] is not None:
         ema = AveragedModel(an, use_buffers=True)

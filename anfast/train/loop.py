@@ -108,10 +108,15 @@ class StopOnSignal:
             signal.signal(sig, handler)
 
 
-def resolve_resume_path(config: TrainConfig) -> Optional[Path]:
+# How a refused --resume of `anfast train` says to keep the run's options.
+KEEP_THE_RUNS_OPTIONS = "leave these options out (the CLI then takes the run's)"
+
+
+def resolve_resume_path(config: TrainConfig, keep_options: str = KEEP_THE_RUNS_OPTIONS) -> Optional[Path]:
     """The checkpoint the run continues (checkpoint.resume_checkpoint: for --resume auto the
     newest usable one), or None for a fresh start. --resume auto in a run that saved no
-    checkpoint yet restarts it, with the options of its config.yaml (rundir.restart_options)."""
+    checkpoint yet restarts it, with the options of its config.yaml (rundir.restart_options);
+    ``keep_options`` is the refusal's advice when the command line changes one."""
     if config.resume is None:
         return None
     path = resume_checkpoint(config.resume, config.out)
@@ -120,8 +125,7 @@ def resolve_resume_path(config: TrainConfig) -> Optional[Path]:
         if conflicts:
             raise ConfigError(f"--resume auto restarts the run in --out {config.out} from its "
                               f"config.yaml (it saved no checkpoint yet), but {'; '.join(conflicts)}; "
-                              f"leave these options out (the CLI then takes the run's), or start a "
-                              f"new run in another --out")
+                              f"{keep_options}, or start a new run in another --out")
     return path
 
 
@@ -336,7 +340,7 @@ def _fit(config: TrainConfig, info: DistributedInfo, should_stop: Optional[Calla
     started = time.perf_counter()
     check_environment(config, info.device)
     amp_dtype = resolve_amp_dtype(config.amp, info.device)
-    resume_path, checkpoint = _open_resumed_checkpoint(config, info.device)
+    resume_path, checkpoint = _open_resumed_checkpoint(config, info.device, kind)
     torch.manual_seed(config.seed + info.rank)
     np.random.seed(config.seed + info.rank)
 
@@ -374,19 +378,21 @@ def _fit(config: TrainConfig, info: DistributedInfo, should_stop: Optional[Calla
     return summary
 
 
-def _open_resumed_checkpoint(config: TrainConfig, device: torch.device
+def _open_resumed_checkpoint(config: TrainConfig, device: torch.device, kind: "Training"
                              ) -> Tuple[Optional[Path], Optional[Dict[str, Any]]]:
     """The checkpoint --resume continues and its contents (None, None for a fresh start);
-    refused when the command line changes an option the run was started with."""
-    resume_path = resolve_resume_path(config)
+    refused when it is another kind of run's (a search's for `anfast train`), then when the
+    command line changes an option the run was started with."""
+    resume_path = resolve_resume_path(config, kind.keep_options)
     if resume_path is None:
         return None, None
     checkpoint = load_training_checkpoint(resume_path, map_location=device)
+    kind.check_resumed(checkpoint, resume_path)
     conflicts = resume_conflicts(checkpoint["config"] or {}, config)
     if conflicts:
         raise ConfigError(f"--resume {resume_path} continues a run, with the options it was "
-                          f"started with, but {'; '.join(conflicts)}; leave these options out "
-                          f"(the CLI then takes the run's), or start a new run in another --out")
+                          f"started with, but {'; '.join(conflicts)}; {kind.keep_options}, or "
+                          f"start a new run in another --out")
     return resume_path, checkpoint
 
 
@@ -761,6 +767,16 @@ class Training:
     command = "anfast train"         # how the run's messages begin
     artifacts = TRAIN_ARTIFACTS      # what --overwrite removes (rundir.claim_run_dir)
     find_unused_parameters = False   # DDP: every parameter gets a gradient in every step
+    keep_options = KEEP_THE_RUNS_OPTIONS  # a refused --resume's advice on the run's options
+
+    def check_resumed(self, checkpoint: Dict[str, Any], resume_path: Path) -> None:
+        """Refuse a checkpoint of another kind of run before any of it is read (its options
+        or weights would be refused with advice that cannot help)."""
+        if checkpoint.get("search_config") is not None:
+            raise ConfigError(f"--resume {resume_path}: a checkpoint of `anfast search`, not of "
+                              f"`anfast train`; continue that search with `anfast search ... "
+                              f"--resume auto`, or train the network it found with `anfast train "
+                              f"--arch-config RUN/arch.json` in another --out")
 
     def open_data(self, config: TrainConfig, info: DistributedInfo, checkpoint: Optional[Dict[str, Any]],
                   resume_path: Optional[Path]) -> Data:
