@@ -38,12 +38,16 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-# Disk and permission failures a user fixes outside anfast; other OSErrors are bugs.
+# Disk, permission and path failures a user fixes outside anfast (a file where a folder
+# is to be made or read, a folder where a file is to be written); other OSErrors are bugs.
 _USER_ERRNOS = {errno.ENOSPC: "free disk space or choose another --out",
                 errno.EDQUOT: "free disk space or choose another --out",
                 errno.EACCES: "choose a directory you can write, or fix its permissions",
                 errno.EPERM: "choose a directory you can write, or fix its permissions",
-                errno.EROFS: "the file system is read-only; choose another --out"}
+                errno.EROFS: "the file system is read-only; choose another --out",
+                errno.EEXIST: "a file or folder is already there; move it or choose another path",
+                errno.ENOTDIR: "a part of the path is a file, not a folder; choose another path",
+                errno.EISDIR: "that is a folder; give a file path"}
 
 
 def user_error(error: BaseException) -> Optional[str]:
@@ -62,7 +66,9 @@ def user_error(error: BaseException) -> Optional[str]:
     if isinstance(error, DiskFullError):
         return f"{error.strerror} ({error.filename}): {error.space()}; {_USER_ERRNOS[error.errno]}"
     if isinstance(error, OSError) and error.errno in _USER_ERRNOS:
-        where = f" ({error.filename})" if error.filename else ""
+        # A rename's failure (os.replace) names its source and target.
+        where = (f" ({error.filename} -> {error.filename2})" if error.filename2
+                 else f" ({error.filename})" if error.filename else "")
         return f"{error.strerror}{where}; {_USER_ERRNOS[error.errno]}"
     return None
 

@@ -24,7 +24,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                     "and list the unreadable ones. The DALI loader reuses the cached result and leaves "
                     "those files out. Exit status 1 when any file is unreadable.")
     check.add_argument("dir", type=pathlib.Path, help="dataset root (with train/ and val/) or any image folder")
-    check.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="decoding processes")
+    check.add_argument("--workers", type=_workers, default=os.cpu_count() or 1,
+                       help="decoding processes; 0 or 1 decodes in this process (default: the CPU count)")
     check.set_defaults(func=lambda args: check_command(args.dir, workers=args.workers))
 
     builtin = commands.add_parser("builtin", help="create the built-in shapes dataset and print its path")
@@ -58,6 +59,14 @@ def _seed(text: str) -> int:
     if seed < 0:
         raise argparse.ArgumentTypeError(f"{seed} is negative; give a seed >= 0")
     return seed
+
+
+def _workers(text: str) -> int:
+    """argparse type of --workers: a process count >= 0, as `anfast train --workers` takes."""
+    workers = int(text)
+    if workers < 0:
+        raise argparse.ArgumentTypeError(f"{workers} must be >= 0 (0 or 1 decodes in this process)")
+    return workers
 
 
 def check_command(directory: str | os.PathLike, *, workers: int = 1, progress: bool = True) -> int:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import pathlib
 from typing import Any, Dict, List, Sequence
 
 import torch
@@ -75,11 +76,45 @@ def _totals_line(totals: Dict[str, Any]) -> str:
 
 def _parse_backends(text: str) -> List[str]:
     names = [name.strip() for name in text.split(",") if name.strip()]
+    if not names:
+        raise ConfigError(f"--backends {text!r} names no backend; give a comma list of "
+                          f"{','.join(registry.BACKEND_PRIORITY)}, e.g. triton,torch (or leave "
+                          f"--backends out to try them all)")
     unknown = [name for name in names if name not in registry.BACKEND_PRIORITY]
-    if unknown or not names:
+    if unknown:
         raise ConfigError(f"--backends {text!r}: unknown backend(s) {unknown}; choose from "
                           f"{','.join(registry.BACKEND_PRIORITY)}")
     return [name for name in names if name != "torch"]
+
+
+# The keys of every JSON `anfast tune --out` has written (_run's report; "complete" came later).
+_TUNE_KEYS = ("model", "backends", "layers", "totals")
+
+
+def _is_tune_result(path: pathlib.Path) -> bool:
+    """Whether file ``path`` is a JSON object `anfast tune --out` wrote (_TUNE_KEYS)."""
+    try:
+        report = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError):
+        return False
+    return isinstance(report, dict) and all(key in report for key in _TUNE_KEYS)
+
+
+def _check_out(out: str) -> None:
+    """Refuse an --out the tune JSON cannot be written to, or must not replace, before any
+    layer is tuned: a folder, a path under a file, or a file that is not an earlier tune's
+    JSON (a run's config.yaml, say). An earlier tune's JSON is replaced, as documented."""
+    path = pathlib.Path(out)
+    if path.is_dir():
+        raise ConfigError(f"--out {out} is a folder; give the tune JSON's file path, e.g. "
+                          f"--out {path / 'tune.json'}")
+    parent = next((folder for folder in path.parents if folder.exists()), None)
+    if parent is not None and not parent.is_dir():
+        raise ConfigError(f"--out {out}: {parent} is a file, not a folder; choose another --out")
+    if path.exists() and not _is_tune_result(path):
+        raise ConfigError(f"--out {out} exists and is not a JSON `anfast tune` wrote; anfast tune "
+                          f"replaces only an earlier tune's JSON: choose another --out, or move "
+                          f"{out} away")
 
 
 def _run(args: argparse.Namespace) -> int:
@@ -88,6 +123,8 @@ def _run(args: argparse.Namespace) -> int:
     from anfast.train.config import TrainConfig
 
     candidates = _parse_backends(args.backends)
+    if args.out:
+        _check_out(args.out)
     if args.num_classes < 1:
         raise ConfigError(f"--num-classes {args.num_classes} must be >= 1")
     config = TrainConfig.from_dict(model_options(args)).validate()
@@ -152,5 +189,6 @@ def register(subparsers) -> None:
                              "(default: all)")
     parser.add_argument("--force", action="store_true", help="re-time problems already cached")
     parser.add_argument("--out", help="also write the table as JSON here (rewritten as each layer "
-                                      "is decided; its \"complete\" is true once every layer is)")
+                                      "is decided; its \"complete\" is true once every layer is); an earlier "
+                                      "tune's JSON is replaced, any other file is refused")
     parser.set_defaults(func=_run)
