@@ -655,3 +655,28 @@ def test_a_compiled_call_reads_the_decision_its_eager_call_tuned(tuner, monkeypa
     assert reader.timer.calls == 0
     for got, want in zip((y_base, y_student, *(t.grad for t in inputs)), eager):
         assert_close_rel(got.detach(), want, 1e-6)
+
+
+def test_the_gpu_timer_queues_its_repeats_and_waits_for_them_once(monkeypatch):
+    """On a GPU a candidate's repeats are queued back to back between their events and
+    waited for once, so the host runs ahead as in training: a synchronize after each
+    repeat left the GPU idle while the host queued the next and added that host time to
+    every candidate. The result is the median of the events' elapsed times."""
+    log = []
+
+    class Event:  # stands in for torch.cuda.Event: a "time" is the position in the log
+        def __init__(self, enable_timing):
+            assert enable_timing
+
+        def record(self):
+            log.append("record")
+            self.at = len(log)
+
+        def elapsed_time(self, end):
+            return float(end.at - self.at)
+
+    monkeypatch.setattr(torch.cuda, "Event", Event)
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda *device: log.append("synchronize"))
+    ms = tuning.default_timer(lambda: log.append("run"), backend="cuda", device=torch.device("cuda"))
+    assert log == ["run"] * 5 + ["synchronize"] + ["record", "run", "record"] * 20 + ["synchronize"]
+    assert ms == 2.0

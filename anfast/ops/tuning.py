@@ -358,32 +358,24 @@ def stream_is_capturing(device: torch.device) -> bool:
     return device.type == "cuda" and torch.cuda.is_current_stream_capturing()
 
 
-def _median_ms(run: Callable[[], None], clock: Callable[[], Callable[[], float]], warmup: int,
-               repeats: int) -> float:
+def _cuda_median_ms(run: Callable[[], None], warmup: int, repeats: int) -> float:
+    """Median milliseconds of ``run`` on the GPU: each repeat between two CUDA events, the
+    repeats queued back to back and waited for once. The host runs ahead, as it does in
+    training, so a repeat's time is the device's (the host's launch work counts only
+    where it is slower than the kernels it launches); a synchronize after every repeat
+    would leave the GPU idle while the host queues the next one and add that host time
+    to every candidate."""
     for _ in range(warmup):
         run()
-    times = []
-    for _ in range(repeats):
-        stop = clock()
+    events = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True))
+              for _ in range(repeats)]
+    torch.cuda.synchronize()
+    for start, end in events:
+        start.record()
         run()
-        times.append(stop())
-    return statistics.median(times)
-
-
-def _cuda_clock() -> Callable[[], float]:
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-
-    def stop() -> float:
         end.record()
-        end.synchronize()
-        return start.elapsed_time(end)
-    return stop
-
-
-def _wall_clock() -> Callable[[], float]:
-    start = time.perf_counter()
-    return lambda: (time.perf_counter() - start) * 1e3
+    torch.cuda.synchronize()
+    return statistics.median(start.elapsed_time(end) for start, end in events)
 
 
 def default_timer(run: Callable[[], None], *, backend: str, device: torch.device) -> float:
@@ -391,8 +383,10 @@ def default_timer(run: Callable[[], None], *, backend: str, device: torch.device
     perf_counter run: auto never uses a CPU measurement (auto on the CPU is torch), and
     the Triton interpreter takes seconds to minutes per call."""
     if device.type == "cuda":
-        return _median_ms(run, _cuda_clock, warmup=5, repeats=20)
-    return _median_ms(run, _wall_clock, warmup=0, repeats=1)
+        return _cuda_median_ms(run, warmup=5, repeats=20)
+    start = time.perf_counter()
+    run()
+    return (time.perf_counter() - start) * 1e3
 
 
 Timer = Callable[..., float]
