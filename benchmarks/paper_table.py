@@ -22,6 +22,12 @@ Top-1 is the val top-1 after the last epoch, mean and sample standard deviation 
 --seeds. Writes benchmarks/results/paper_table-<machine>-<date>.json (common.write_result)
 and the plot (top-1 against FLOPs, error bars) next to it as .png.
 
+The runs go to --work (default: a temporary folder, removed at the end); a --work that
+already holds runs of the table is refused unless --overwrite replaces them. An option
+that cannot work is one line on stderr and exit status 2 (`anfast`'s error printer,
+anfast.cli.user_error); SIGTERM / SIGINT ends the running row with its checkpoint and
+stops the script with one line naming the row, exit status 1, the table not written.
+
     python benchmarks/paper_table.py                          # built-in set, 3 seeds
     python benchmarks/paper_table.py --data /imagenette --arch resnet18 --epochs 20
 """
@@ -46,10 +52,12 @@ import matplotlib.pyplot as plt  # noqa: E402
 
 from common import environment, write_result  # noqa: E402
 
-from anfast.cli import main as anfast_main  # noqa: E402
-from anfast.dan import read_arch  # noqa: E402
+from anfast.cli import user_error  # noqa: E402
+from anfast.dan.search import SearchConfig, search, search_training  # noqa: E402
+from anfast.runs.errors import ConfigError, RunStoppedError  # noqa: E402
+from anfast.runs.rundir import SEARCH_ARTIFACTS, TRAIN_ARTIFACTS  # noqa: E402
 from anfast.train.config import POLICY_CHOICES, TrainConfig, parse_alpha  # noqa: E402
-from anfast.train.loop import fit  # noqa: E402
+from anfast.train.loop import StopOnSignal, fit  # noqa: E402
 
 ROWS = ("base", "scratch", "distilled", "adjoined", "dan")
 
@@ -62,24 +70,34 @@ def row_config(name: str, common: TrainConfig, seed: int, work: pathlib.Path) ->
     teacher = str(work / f"base-{seed}" / "base") if name == "distilled" else None
     arch_config = str(search_dir(work, seed) / "arch.json") if name == "dan" else common.arch_config
     return dataclasses.replace(common, objective=objective, teacher=teacher, arch_config=arch_config,
-                               seed=seed, out=str(work / f"{name}-{seed}"), overwrite=True)
+                               seed=seed, out=str(work / f"{name}-{seed}"))
 
 
 def search_dir(work: pathlib.Path, seed: int) -> pathlib.Path:
     return work / f"dan-search-{seed}"
 
 
-def search_widths(common: TrainConfig, seed: int, work: pathlib.Path, target_flops: float) -> Dict:
-    """`anfast search` for the dan row: the table's data, network, batch, image size, epochs
-    and seed, toward ``target_flops`` (a fraction of the base's); returns its arch.json."""
-    argv = ["search", "--target-flops", repr(target_flops), "--arch", common.arch,
-            "--round-to", str(common.round_to), "--image-size", str(common.image_size),
-            "--batch-size", str(common.batch_size), "--epochs", str(common.epochs),
-            "--seed", str(seed), "--device", common.device, "--workers", str(common.workers),
-            "--out", str(search_dir(work, seed)), "--overwrite", *(["--data", common.data] if common.data else [])]
-    if anfast_main(argv) != 0:
-        raise SystemExit(f"paper_table: `anfast {' '.join(argv)}` failed (its error is above)")
-    return read_arch(search_dir(work, seed) / "arch.json")
+def search_config(common: TrainConfig, seed: int, work: pathlib.Path, target_flops: float) -> SearchConfig:
+    """`anfast search` for the dan row: the table's data, network, batch, image size, epochs,
+    seed and --overwrite, toward ``target_flops`` (a fraction of the base's)."""
+    return SearchConfig(target_flops=target_flops, train=search_training(
+        data=common.data, arch=common.arch, round_to=common.round_to, image_size=common.image_size,
+        batch_size=common.batch_size, epochs=common.epochs, seed=seed, device=common.device,
+        workers=common.workers, out=str(search_dir(work, seed)), overwrite=common.overwrite))
+
+
+def refuse_previous_runs(work: pathlib.Path, seeds: int) -> None:
+    """Refuse a --work whose row or search folders already hold a run: the table would
+    replace it (rundir.claim_run_dir refuses each folder too, but names --out and comes
+    only when the table reaches that row)."""
+    folders = [work / f"{name}-{seed}" for seed in range(seeds) for name in ROWS]
+    folders += [search_dir(work, seed) for seed in range(seeds)]
+    held = [folder.name for folder in folders
+            if any(any(folder.glob(pattern)) for pattern in {*TRAIN_ARTIFACTS, *SEARCH_ARTIFACTS})]
+    if held:
+        raise ConfigError(f"--work {work} already holds runs ({', '.join(held[:4])}"
+                          f"{', ...' if len(held) > 4 else ''}); replace them with --overwrite, "
+                          f"or choose another --work")
 
 
 def row_result(name: str, summary: Dict) -> Dict[str, float]:
@@ -93,19 +111,37 @@ def row_result(name: str, summary: Dict) -> Dict[str, float]:
     return result
 
 
+def train_row(name: str, common: TrainConfig, seed: int, work: pathlib.Path,
+              runs: Dict[str, List[Dict[str, float]]]) -> Dict:
+    """fit's summary of row ``name`` for ``seed``; the dan row searches first, at the FLOPs of
+    this seed's AN student, and a stop request during its search returns the search's
+    ``{"interrupted": True, ...}``."""
+    if name == "dan":
+        adjoined = runs["adjoined"][-1]
+        searched = search(search_config(common, seed, work, adjoined["flops"] / adjoined["base_flops"]))
+        if isinstance(searched, dict):
+            return searched
+    return fit(row_config(name, common, seed, work))
+
+
 def run_table(common: TrainConfig, seeds: int, work: pathlib.Path) -> Dict[str, Dict]:
-    """Train every row for every seed; one stdout line per finished run."""
+    """Train every row for every seed; one stdout line per finished run. A stop request
+    (SIGTERM / SIGINT: fit saves the running row's checkpoint; between two runs, the
+    StopOnSignal here) raises RunStoppedError naming the row, before the next one starts."""
     runs: Dict[str, List[Dict[str, float]]] = {name: [] for name in ROWS}
-    for seed in range(seeds):
-        for name in ROWS:
-            started = time.perf_counter()
-            if name == "dan":  # at the FLOPs of this seed's AN student
-                adjoined = runs["adjoined"][-1]
-                search_widths(common, seed, work, adjoined["flops"] / adjoined["base_flops"])
-            result = row_result(name, fit(row_config(name, common, seed, work)))
-            runs[name].append(result)
-            print(f"paper_table: {name} seed {seed}: top-1 {100 * result['top1']:.2f}% "
-                  f"({time.perf_counter() - started:.0f} s)", flush=True)
+    with StopOnSignal() as stop_signal:
+        for seed in range(seeds):
+            for name in ROWS:
+                started = time.perf_counter()
+                summary = train_row(name, common, seed, work, runs)
+                # stop_requested: a whole run that was asked to stop after its last step.
+                if summary.get("interrupted") or summary.get("stop_requested") or stop_signal.requested:
+                    raise RunStoppedError(f"stopped (SIGTERM / SIGINT) during row {name} seed {seed}; "
+                                          f"nothing of the table was written")
+                result = row_result(name, summary)
+                runs[name].append(result)
+                print(f"paper_table: {name} seed {seed}: top-1 {100 * result['top1']:.2f}% "
+                      f"({time.perf_counter() - started:.0f} s)", flush=True)
     rows = {}
     for name, results in runs.items():
         top1 = [r["top1"] for r in results]
@@ -142,6 +178,9 @@ def plot_rows(rows: Dict[str, Dict], path: pathlib.Path, title: str) -> None:
 
 
 def main(argv: Optional[List[str]] = None) -> pathlib.Path:
+    """Run the table and return the JSON's path. An error the user can fix (anfast.cli.user_error)
+    prints one line and exits with status 2, a stopped run (RunStoppedError) with 1, as `anfast`
+    does; any other is a bug and keeps its traceback."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     defaults = TrainConfig()
     parser.add_argument("--data", help="ImageFolder root (train/, val/); default: the built-in set")
@@ -155,15 +194,33 @@ def main(argv: Optional[List[str]] = None) -> pathlib.Path:
     parser.add_argument("--distill-weight", type=float, default=defaults.distill_weight)
     parser.add_argument("--seeds", type=int, default=3)
     parser.add_argument("--work", help="folder for the runs (default: a temporary one)")
+    parser.add_argument("--overwrite", action="store_true", help="replace the runs a --work already holds")
     parser.add_argument("--out", help="JSON path (default: benchmarks/results/paper_table-<machine>-<date>.json)")
     args = parser.parse_args(argv)
+    if args.seeds < 1:
+        parser.error("--seeds must be at least 1")
+    try:
+        return write_table(args, parser, argv)
+    except Exception as error:
+        message = user_error(error)
+        if message is None:
+            raise
+        print(f"paper_table: error: {message}", file=sys.stderr)
+        raise SystemExit(1 if isinstance(error, RunStoppedError) else 2) from None
+
+
+def write_table(args: argparse.Namespace, parser: argparse.ArgumentParser,
+                argv: Optional[List[str]]) -> pathlib.Path:
+    """Train the rows of ``args`` and write the table's JSON and plot; returns the JSON's path."""
     alpha = parse_alpha(args.alpha)
     if len(alpha) != 1:
         parser.error(f"--alpha {args.alpha}: the table compares one student; give one divisor")
     common = TrainConfig(data=args.data, arch=args.arch, alpha=alpha, policy=args.policy,
                          epochs=args.epochs, image_size=args.image_size, batch_size=args.batch_size,
                          distill_temperature=args.temperature, distill_weight=args.distill_weight,
-                         device="cpu", workers=0).validate()
+                         device="cpu", workers=0, overwrite=args.overwrite).validate()
+    if args.work and not args.overwrite:
+        refuse_previous_runs(pathlib.Path(args.work), args.seeds)
     started = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="paper_table-") as scratch_dir:
         rows = run_table(common, args.seeds, pathlib.Path(args.work or scratch_dir))

@@ -3,7 +3,9 @@
 import importlib.util
 import json
 import math
+import os
 import pathlib
+import signal
 import sys
 
 import pytest
@@ -13,7 +15,8 @@ import anfast
 from anfast.adjoin import AdjoinedOutput
 from anfast.train.config import ConfigError, TrainConfig
 from anfast.loss import OneNetworkLoss, TaughtOutput, distillation_loss
-from test_train_config import make_image_folder
+from anfast.train.loop import fit
+from test_train_config import make_image_folder, tiny_config
 
 BENCHMARKS = pathlib.Path(__file__).resolve().parent.parent / "benchmarks"
 
@@ -105,3 +108,107 @@ def test_paper_table_end_to_end(tmp_path):
     shapes = lambda model: {name: p.shape for name, p in model.named_parameters()}  # noqa: E731
     assert shapes(scratch) == shapes(reference)
     assert sum(p.numel() for p in scratch.parameters()) == result["rows"]["scratch"]["params"]
+
+
+def table_args(data, work, out, *extra):
+    return ["--data", str(data), "--seeds", "1", "--epochs", "1", "--image-size", "16", "--batch-size", "4",
+            "--work", str(work), "--out", str(out), *extra]
+
+
+def test_paper_table_refuses_work_that_holds_runs(tmp_path, monkeypatch, capsys):
+    data = make_image_folder(tmp_path / "data", train_per_class=4, val_per_class=2, size=16)
+    work = tmp_path / "work"
+    fit(tiny_config(data, work / "base-0", objective="base"))  # a finished run of the table's first row
+    before = (work / "base-0" / "summary.json").read_bytes()
+    paper_table = load_paper_table()
+    trained = []
+
+    class Recorded(Exception):
+        """Ends the table at its first fit: what fit was asked to do is recorded."""
+
+    def record_and_stop(config, **options):
+        trained.append(config)
+        raise Recorded
+
+    monkeypatch.setattr(paper_table, "fit", record_and_stop)
+    with pytest.raises(SystemExit) as refused:
+        paper_table.main(table_args(data, work, tmp_path / "table.json"))
+    error = capsys.readouterr().err
+    assert refused.value.code == 2 and not trained, error
+    assert error.count("\n") == 1 and f"--work {work} already holds runs (base-0)" in error
+    assert "--overwrite" in error
+    assert (work / "base-0" / "summary.json").read_bytes() == before
+    # --overwrite is the explicit request: the rows' runs may then replace what is there.
+    with pytest.raises(Recorded):
+        paper_table.main(table_args(data, work, tmp_path / "table.json", "--overwrite"))
+    assert [config.overwrite for config in trained] == [True]
+
+
+@pytest.mark.parametrize("seeds", ["0", "-2"])
+def test_paper_table_needs_a_seed(tmp_path, monkeypatch, capsys, seeds):
+    paper_table = load_paper_table()
+    monkeypatch.setattr(paper_table, "fit", lambda config, **options: pytest.fail("trained with no seed"))
+    with pytest.raises(SystemExit) as refused:
+        paper_table.main(["--seeds", seeds, "--work", str(tmp_path / "work"), "--out", str(tmp_path / "t.json")])
+    assert refused.value.code == 2
+    assert "--seeds must be at least 1" in capsys.readouterr().err
+    assert not (tmp_path / "work").exists() and not (tmp_path / "t.json").exists()
+
+
+@pytest.mark.parametrize("option, value, message", [
+    ("--data", "missing", "no such directory"),
+    ("--alpha", "0", "alpha=0"),
+    ("--alpha", "abc", "alpha='abc': expected a number"),
+    ("--epochs", "0", "epochs=0 must be >= 1"),
+    ("--arch", "bogus", "--arch 'bogus' is not a torchvision model"),  # raised inside fit
+])
+def test_paper_table_option_error_is_one_line(tmp_path, capsys, option, value, message):
+    data = make_image_folder(tmp_path / "data", train_per_class=1, val_per_class=1, size=16)
+    value = str(tmp_path / value) if option == "--data" else value
+    with pytest.raises(SystemExit) as failed:
+        load_paper_table().main([*table_args(data, tmp_path / "work", tmp_path / "t.json"), option, value])
+    error = capsys.readouterr().err
+    assert failed.value.code == 2, error
+    assert error.startswith("paper_table: error: ") and error.count("\n") == 1 and message in error, error
+    assert not (tmp_path / "t.json").exists()
+
+
+@pytest.mark.parametrize("when", ["during", "after"])
+def test_paper_table_stops_on_sigterm(tmp_path, monkeypatch, capsys, when):
+    """SIGTERM during the base row (fit stops it with a checkpoint), or between the base
+    and the scratch row: the script stops with one line naming the row, the table not
+    written, and starts no later row."""
+    data = make_image_folder(tmp_path / "data", train_per_class=4, val_per_class=2, size=16)
+    work = tmp_path / "work"
+    paper_table = load_paper_table()
+
+    def terminate(step=None):
+        os.kill(os.getpid(), signal.SIGTERM)
+        return False
+
+    def fit_with_sigterm(config, **options):
+        if when == "during":
+            return fit(config, should_stop=terminate, **options)  # a real SIGTERM at its first step
+        summary = fit(config, **options)
+        terminate()  # after the run: the handler is paper_table's own
+        return summary
+
+    def unhandled(signum, frame):
+        raise AssertionError("SIGTERM reached no handler of paper_table")
+
+    monkeypatch.setattr(paper_table, "fit", fit_with_sigterm)
+    previous = signal.signal(signal.SIGTERM, unhandled)  # the default action would end pytest
+    try:
+        with pytest.raises(SystemExit) as stopped:
+            paper_table.main(table_args(data, work, tmp_path / "table.json"))
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    error = capsys.readouterr().err
+    assert stopped.value.code == 1, error
+    assert "Traceback" not in error and error.splitlines()[-1] == (
+        f"paper_table: error: stopped (SIGTERM / SIGINT) during row base seed 0; nothing of the table was written")
+    assert not (tmp_path / "table.json").exists() and not (tmp_path / "table.png").exists()
+    assert not (work / "scratch-0").exists()
+    if when == "during":  # the interrupted run kept its checkpoint
+        assert (work / "base-0" / "checkpoints" / "last.pt").is_file()
+    assert (work / "base-0" / "summary.json").is_file() == (when == "after")
