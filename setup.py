@@ -16,7 +16,8 @@ Environment:
                                with 90 in the archs, D/adjoined_conv_sm90a.o as well)
                                instead of compiling kernels/*.cu: the device code does not
                                include torch, so only the bindings are built here (a GPU
-                               lease then spends seconds, not minutes, on the build)
+                               lease then spends seconds, not minutes, on the build); D's
+                               SOURCES.sha256 must be this tree's (kernels/sources_digest.py)
     CUDA_HOME                  toolkit root; default: resolved from nvcc on PATH
     MAX_JOBS                   parallel compile jobs (default 2: CI has 2 cores)
 """
@@ -139,6 +140,15 @@ def cuda_extension_or_reason():
         missing = [o for o in objects if not os.path.isfile(o)]
         if missing:
             raise SystemExit(f"setup.py: ANFAST_PREBUILT_KERNELS={prebuilt}: missing {', '.join(missing)}")
+        # Objects of other kernel sources would link and run kernels the bindings do not describe.
+        stamp = Path(prebuilt) / "SOURCES.sha256"
+        expected = runpy.run_path(str(ROOT / "kernels" / "sources_digest.py"))["sources_digest"](archs)
+        found = stamp.read_text().strip() if stamp.is_file() else "none"
+        if found != expected:
+            raise SystemExit(f"setup.py: ANFAST_PREBUILT_KERNELS={prebuilt}: its objects were compiled from "
+                             f"other kernel sources or archs than this tree's for {archs!r} ({stamp}: "
+                             f"{found[:12]}, this tree: {expected[:12]}); rebuild them with "
+                             f"benchmarks/prebuild_kernels.sh, or unset ANFAST_PREBUILT_KERNELS")
     else:
         sources += kernels
     extension = CUDAExtension(

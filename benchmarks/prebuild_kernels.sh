@@ -19,4 +19,6 @@ ANFAST_CUDA_ARCHS="$ARCHS" MAX_JOBS="${MAX_JOBS:-2}" $PYTHON setup.py -q build_e
     --build-temp "$BUILD/temp" --build-lib "$BUILD/lib"
 mkdir -p .gpu/kernels
 cp "$BUILD"/temp/kernels/adjoined_conv_*.o .gpu/kernels/
+# setup.py links these objects only into a tree with the same kernel sources and archs.
+$PYTHON kernels/sources_digest.py "$ARCHS" > .gpu/kernels/SOURCES.sha256
 ls -la .gpu/kernels

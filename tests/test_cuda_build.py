@@ -51,6 +51,48 @@ def small_cpu_problem():
 
 
 @needs_nvcc
+def test_kernel_sources_digest_follows_every_device_source_and_the_archs(tmp_path):
+    """The digest prebuilt kernel objects carry (kernels/sources_digest.py) changes with any
+    byte of a kernels/ source and with the archs, and is the same for one arch list however
+    it is written."""
+    for path in (ROOT / "kernels").iterdir():
+        if path.suffix in (".cu", ".cuh", ".h", ".py"):
+            shutil.copy(path, tmp_path / path.name)
+    import runpy
+
+    here = runpy.run_path(str(ROOT / "kernels" / "sources_digest.py"))["sources_digest"]
+    copy = runpy.run_path(str(tmp_path / "sources_digest.py"))["sources_digest"]
+    assert copy("90") == here("90") == here(" 90;") != here("80;90") == here("90,80")
+    tile_table = tmp_path / "cutlass_conv.cuh"
+    tile_table.write_bytes(tile_table.read_bytes().replace(b"128", b"256", 1))
+    assert copy("90") != here("90")
+
+
+@pytest.mark.skipif(not HAS_NVCC, reason="setup.py builds the extension only where nvcc is found")
+def test_prebuilt_kernel_objects_of_other_sources_are_refused_before_any_build(tmp_path):
+    """setup.py links ANFAST_PREBUILT_KERNELS's objects only when their SOURCES.sha256 is this
+    tree's: objects of another commit's kernels would link, and run tiles the bindings do
+    not describe. gpu_check.sh's install then builds the kernels itself."""
+    import runpy
+
+    objects = tmp_path / "kernels"
+    objects.mkdir()
+    for stem in ("adjoined_conv_fprop", "adjoined_conv_dgrad", "adjoined_conv_wgrad", "adjoined_conv_sm90a"):
+        (objects / f"{stem}.o").write_bytes(b"")
+    digest = runpy.run_path(str(ROOT / "kernels" / "sources_digest.py"))["sources_digest"]
+    for stamp, named in ((None, "none"), ("0" * 64, "000000000000"), (digest("80;90"), digest("80;90")[:12])):
+        if stamp is not None:
+            (objects / "SOURCES.sha256").write_text(stamp + "\n")
+        build = subprocess.run(
+            [sys.executable, "setup.py", "build_ext", "--build-temp", str(tmp_path / "temp"),
+             "--build-lib", str(tmp_path / "lib")], cwd=ROOT, capture_output=True, text=True, timeout=240,
+            env={**os.environ, "ANFAST_PREBUILT_KERNELS": str(objects), "ANFAST_CUDA_ARCHS": "90"})
+        assert build.returncode != 0
+        assert (f"its objects were compiled from other kernel sources or archs than this tree's for '90' "
+                f"({objects / 'SOURCES.sha256'}: {named}, this tree: {digest('90')[:12]})") in build.stderr, build.stderr
+        assert not (tmp_path / "temp").exists()  # refused before anything compiled
+
+
 def test_bindings_never_ask_at_zeros_for_a_memory_format():
     # at::zeros drops the memory format of its TensorOptions: the binding's zero-padded
     # "channels_last" copies came back NCHW and failed its own layout check in wgrad on
