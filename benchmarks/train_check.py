@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import signal
 import subprocess
 import sys
@@ -32,6 +33,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import environment, write_result  # noqa: E402
+
+# What `anfast train` prints when a stop request ended it (anfast.train.loop._save_stopped_run).
+STOP_LINE = re.compile(r"stopped (at|after) epoch \d+")
 
 
 def train_command(run_dir: Path, args: argparse.Namespace, *extra: str) -> list[str]:
@@ -78,7 +82,8 @@ def run_stopped_and_resumed(run_dir: Path, args: argparse.Namespace) -> dict:
     if first.returncode != 0:
         raise SystemExit(f"train_check: the run sent SIGTERM exited {first.returncode} (expected 0 "
                          f"after saving):\n{first_log[-2000:]}")
-    stopped = "stopped at epoch" in first_log
+    # fit's line for a stop mid-epoch ("stopped at epoch N") or at an epoch's end ("after").
+    stopped = STOP_LINE.search(first_log) is not None
     second = subprocess.run(train_command(run_dir, args, "--resume", "auto"), capture_output=True,
                             text=True)
     if second.returncode != 0:
@@ -87,7 +92,7 @@ def run_stopped_and_resumed(run_dir: Path, args: argparse.Namespace) -> dict:
     result = finished(run_dir, time.perf_counter() - start, second.stdout + second.stderr)
     result["stopped_by_sigterm"] = stopped
     result["stop_message"] = next((line for line in first_log.splitlines()
-                                   if "stopped at epoch" in line), None)
+                                   if STOP_LINE.search(line)), None)
     return result
 
 

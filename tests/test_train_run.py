@@ -171,7 +171,8 @@ def test_resume_from_any_stop_equals_an_uninterrupted_run(data, tmp_path, worker
         assert torch.equal(tensor, again["model"][name]), name
 
 
-def test_a_stop_after_the_last_step_ends_the_run_or_is_reported_with_its_summary(data, tmp_path, monkeypatch):
+def test_a_stop_after_the_last_step_ends_the_run_or_is_reported_with_its_summary(data, tmp_path, monkeypatch,
+                                                                                capsys):
     """A SIGTERM during the last epoch's evaluation (after its last step) stops the run
     there, and a resume only writes its end (the same metrics and weights as a run never
     stopped); one during the final exports leaves a whole run whose summary says a stop
@@ -193,6 +194,12 @@ def test_a_stop_after_the_last_step_ends_the_run_or_is_reported_with_its_summary
     result = fit(tiny_config(data, run_dir, epochs=1))
     assert result["interrupted"] and result["step"] == 3 and result["epoch"] == 1
     assert not (run_dir / "summary.json").exists()
+    said = capsys.readouterr().out
+    assert "stopped after epoch 1, step 3" in said, said
+    # benchmarks/train_check.py (gpu_check's SIGTERM check) reads this line.
+    monkeypatch.syspath_prepend(str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    import train_check
+    assert train_check.STOP_LINE.search(said)
     monkeypatch.setattr(Training, "epoch_row", real_epoch_row)
     summary = fit(tiny_config(data, run_dir, epochs=1, resume="auto"))
     assert "stop_requested" not in summary and (run_dir / "summary.json").is_file()
