@@ -36,7 +36,7 @@ channels_last.
 
 Writes benchmarks/results/train_throughput-<device>-<date>.json, or
 OUT/train_throughput.json with --out OUT (a directory), after each key's warm-up (its
-seconds: compiles and captures included; on CUDA its peak memory) and again after every
+seconds: compiles and captures included; on CUDA the peak memory during it) and again after every
 round, so a run cut short keeps its rounds ("rounds_done"). Keys warm up eager first,
 then compiled, then as CUDA graphs (whose memory pools stay held); one that fails (out
 of memory, a compile or capture error) is named under "errors" and the others go on.
@@ -314,8 +314,8 @@ def main() -> None:
     # The JSON is rewritten after each key's warm-up and after every round, so a run that
     # a time limit ends (a GPU lease) keeps what it measured; "rounds_done" says how far it got.
     def save() -> tuple[dict, Path]:
-        result = summarize(times, warmup_s, list(providers), common, load_before)
-        result.update(errors=errors, peak_memory_gib=memory_gib)
+        result = summarize(times, warmup_s, list(providers), common, load_before, errors)
+        result["peak_memory_gib"] = memory_gib
         return result, write_result("train_throughput", result, out)
 
     steps = {}
@@ -328,7 +328,8 @@ def main() -> None:
             steps[key], times[key] = step, []
             warmup_s[key] = time.perf_counter() - start
             print(f"warm-up of {key}: {warmup_s[key]:.1f} s", flush=True)
-        if on_cuda:  # the key's peak, and what the run holds (CUDA graphs' pools) after it
+        if on_cuda:  # the peak during the key's warm-up (what earlier keys hold included), and
+            # what the run holds after it (CUDA graphs' pools)
             memory_gib[key] = {"peak_allocated": torch.cuda.max_memory_allocated(device) / 2**30,
                                "reserved_after": torch.cuda.memory_reserved(device) / 2**30}
         result, path = save()
@@ -349,10 +350,14 @@ def main() -> None:
     print(f"wrote {path}")
 
 
-def summarize(times: dict, warmup_s: dict, providers: list, common: dict, load_before) -> dict:
+def summarize(times: dict, warmup_s: dict, providers: list, common: dict, load_before,
+              errors: dict | None = None) -> dict:
     """The result JSON of the rounds in ``times`` ({key: [seconds per step, one per round]}):
     each provider's median img/s, the ratios of RATIOS and compiled / eager per mode;
-    ``common`` holds the environment and the run's options (batch size, compile modes)."""
+    ``common`` holds the environment and the run's options (batch size, compile modes);
+    ``errors`` the keys left out ({key: what it raised}), whose rounds before the error
+    are reported but do not hold "rounds_done" back."""
+    errors = errors or {}
     batch_size, modes = common["batch_size"], common["compile"]
     rows = {}
     for key, round_times in times.items():
@@ -370,19 +375,20 @@ def summarize(times: dict, warmup_s: dict, providers: list, common: dict, load_b
         for numerator, denominator in RATIOS:
             if numerator in speed and denominator in speed:
                 ratios[f"{numerator}_over_{denominator}{suffix}"] = speed[numerator] / speed[denominator]
-        if "off" in modes and mode != "off":  # each provider compiled vs eager
+        if "off" in modes and mode != "off":  # each provider compiled vs eager, where both ran
             for name in speed:
-                ratios[f"{name}{suffix}_over_{name}"] = speed[name] / rows[name]["images_per_second"]
+                if name in rows:
+                    ratios[f"{name}{suffix}_over_{name}"] = speed[name] / rows[name]["images_per_second"]
     return {
         "benchmark": "train_throughput",
         "question": "AN training img/s: anfast (student at real width; auto and torch backends, "
                     "pure aten convs, student streams) vs the authors' masked full-width student "
                     "vs plain base training, eager, compiled and as whole-step CUDA graphs",
         **common,
-        "rounds_done": min((len(t) for t in times.values()), default=0),
+        "rounds_done": min((len(t) for key, t in times.items() if key not in errors), default=0),
         "load_average_before": load_before, "load_average_after": os.getloadavg(),
         "anfast_backend": os.environ.get("ANFAST_BACKEND", "auto"), "warmup_s": warmup_s,
-        "providers": rows, "ratios": ratios, "anfast_version": anfast.__version__,
+        "providers": rows, "ratios": ratios, "errors": errors, "anfast_version": anfast.__version__,
     }
 
 
