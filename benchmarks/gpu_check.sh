@@ -137,18 +137,21 @@ pack() {  # the results as at most 8 flat files (what a device call brings back)
 
 $PYTHON benchmarks/common.py --device cuda --out "$OUTDIR/environment.json" 2>&1 | tee "$OUTDIR/environment.log"
 # pytest-xdist spreads the GPU tests over processes (each with few CPU threads; the
-# correctness cases report themselves in correctness.jsonl as they finish); the
-# per-test timeout of pytest-timeout prints the stacks of a test that hangs and ends its
-# process (the thread method: a hang inside a CUDA call never returns to Python to see a
-# signal), which xdist replaces, as it does one whose test broke the CUDA context
-# (tests/conftest.py).
+# correctness cases report themselves in correctness.jsonl as they finish). A worker
+# whose test broke the CUDA context ends itself (tests/conftest.py) and xdist starts
+# another, as often as a faulting kernel variant needs (xdist's default allows 4 per
+# worker). pytest-timeout fails a test past 60 s and prints its stacks; under xdist with
+# the thread method, which also ends a worker hung inside a CUDA call (a signal never
+# gets back to Python there), while a plain run keeps the signal method (the thread
+# method would end the whole session).
 PYTEST=($PYTHON -m pytest -q -rs -p no:cacheprovider -p no:benchmark)
 XDIST=()
 if $PYTHON -c "import xdist" 2>/dev/null; then
-    XDIST=(-n "$((NPROC > 12 ? 12 : NPROC))")
+    XDIST=(-n "$((NPROC > 12 ? 12 : NPROC))" --max-worker-restart=1000)
 fi
 if $PYTHON -c "import pytest_timeout" 2>/dev/null; then
-    PYTEST+=(--timeout=60 --timeout-method=thread)
+    PYTEST+=(--timeout=60)
+    [ ${#XDIST[@]} -gt 0 ] && XDIST+=(--timeout-method=thread)
 fi
 
 # A previous call's Triton kernel cache, carried in .gpu/ (see the header).
