@@ -436,3 +436,19 @@ def _cli_args(data, run_dir, **overrides):
             str(config.batch_size), "--image-size", str(config.image_size), "--workers", "0",
             "--loader", "torch", "--lr", str(config.lr), "--warmup-epochs", "0",
             "--device", "cpu"]
+
+
+def test_a_signal_reaches_every_enclosing_stop_handler():
+    """fit's StopOnSignal inside a program's own (benchmarks/paper_table.py around each run):
+    a SIGTERM during the run raises both flags, so the program stops after it even when
+    the run itself finished (a search's last phase returns no interrupted summary)."""
+    from anfast.train.loop import StopOnSignal
+
+    before = signal.getsignal(signal.SIGTERM)
+    with StopOnSignal() as outer:
+        with StopOnSignal() as inner:
+            os.kill(os.getpid(), signal.SIGTERM)
+            assert inner.requested and outer.requested
+        with StopOnSignal() as later:  # a later run starts with its own flag down
+            assert not later.requested
+    assert signal.getsignal(signal.SIGTERM) == before  # the handlers are put back

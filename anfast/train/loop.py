@@ -85,7 +85,10 @@ class StopOnSignal:
     """Turn SIGTERM / SIGINT into a flag the loop polls, so it stops between two steps.
 
     Saving inside the handler could interrupt a half-done optimizer step; the loop
-    saves instead. A second Ctrl-C raises KeyboardInterrupt as usual.
+    saves instead. A second Ctrl-C raises KeyboardInterrupt as usual. Nested, the flag
+    is raised in every enclosing StopOnSignal too: a program that runs fit in a loop
+    (benchmarks/paper_table.py) sees a stop that came during a run, whatever the run
+    returned.
     """
 
     def __init__(self):
@@ -102,6 +105,10 @@ class StopOnSignal:
         if self.requested and signum == signal.SIGINT:
             raise KeyboardInterrupt
         self.requested = True
+        outer = getattr(self._previous.get(signum), "__self__", None)
+        while isinstance(outer, StopOnSignal):
+            outer.requested = True
+            outer = getattr(outer._previous.get(signum), "__self__", None)
 
     def __exit__(self, *exc) -> None:
         for sig, handler in self._previous.items():
