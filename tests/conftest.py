@@ -34,4 +34,4 @@ def pytest_runtest_teardown(item, nextitem):
     imported here, after TRITON_INTERPRET is set: helpers imports anfast)."""
     from helpers import stop_if_cuda_context_is_broken
 
-    stop_if_cuda_context_is_broken(item.nodeid)
+    stop_if_cuda_context_is_broken(item.nodeid, item.config)

@@ -216,13 +216,15 @@ class HostReads:
         return {key: self.reads.count(key) for key in set(self.reads) if key not in ("setup", self.end)}
 
 
-def stop_if_cuda_context_is_broken(nodeid: str) -> None:
+def stop_if_cuda_context_is_broken(nodeid: str, config=None) -> None:
     """After a test: if it used CUDA and the context no longer works (a kernel fault --
     an illegal address, a misaligned access -- is sticky: every later CUDA call in this
     process fails), stop this process rather than fail every later test in it.
 
     In a pytest-xdist worker (gpu_check.sh's correctness steps) the worker exits and
-    xdist starts a fresh one for the tests left; in a plain run the session stops.
+    xdist starts a fresh one for the tests left, its CUDA error printed to the real stderr
+    (pytest's ``config``: its output capture is suspended first, else the exit would
+    discard the line); in a plain run the session stops.
     """
     if not (torch.cuda.is_available() and torch.cuda.is_initialized()):
         return
@@ -232,6 +234,9 @@ def stop_if_cuda_context_is_broken(nodeid: str) -> None:
         message = (f"{nodeid} left this process's CUDA context unusable ({error}); "
                    f"stopping the process so that later tests run in a fresh one")
         if os.environ.get("PYTEST_XDIST_WORKER"):
+            capture = config.pluginmanager.getplugin("capturemanager") if config is not None else None
+            if capture is not None:
+                capture.suspend_global_capture(in_=True)
             print(message, file=sys.stderr, flush=True)
             os._exit(1)
         pytest.exit(message, returncode=1)
