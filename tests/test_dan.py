@@ -269,5 +269,7 @@ def test_the_search_report_says_when_the_derived_student_misses_its_target(tmp_p
     missed = _report(arch(1000, {"flops": 0.5}), tmp_path / "arch.json", tmp_path / "widths.png", None)
     assert ("note: the student's flops are 100.0% of the base's, the target 50.0%: the search did "
             "not reach it") in missed
+    under = _report(arch(400, {"flops": 0.5}), tmp_path / "arch.json", tmp_path / "widths.png", None)
+    assert "are 40.0% of the base's, the target 50.0%: it went below; weigh the cost less (--gamma)" in under
     for close in (arch(520, {"flops": 0.5}), arch(1000, {"params": 0.25})):  # 104% / exactly 25%
         assert "note:" not in _report(close, tmp_path / "arch.json", tmp_path / "widths.png", None)

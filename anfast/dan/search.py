@@ -451,9 +451,12 @@ def _report(arch: Dict[str, Any], arch_path: Path, plot_path: Path, data: Option
     for kind, value in arch.get("target", {}).items():
         if abs(fractions[kind] - value) <= TARGET_MISS * value:
             continue
+        # The penalty pulls toward the target from both sides: say which side it missed on.
+        fix = ("the search did not reach it; search longer (--epochs) or weigh the cost more (--gamma)"
+               if fractions[kind] > value else
+               "it went below; weigh the cost less (--gamma) or give finer --choices")
         missed = (f"  note: the student's {kind} are {fractions[kind]:.1%} of the base's, the target "
-                  f"{value:.1%}: the search did not reach it; search longer (--epochs) or weigh the "
-                  f"cost more (--gamma)\n")
+                  f"{value:.1%}: {fix}\n")
     return (f"anfast search: derived student {arch['student']['flops']:,} FLOPs ({fractions['flops']:.1%} of "
             f"base), {arch['student']['params']:,} params ({fractions['params']:.1%}); target {arch['target']}\n"
             + missed +
