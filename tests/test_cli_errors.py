@@ -137,5 +137,8 @@ def test_data_check_refuses_negative_workers_as_argparse_does(tmp_path, capsys):
     assert exited.value.code == 2
     captured = capsys.readouterr()
     assert "argument --workers: -1 must be >= 0" in captured.err and captured.out == "", captured
+    with pytest.raises(SystemExit):
+        anfast.cli.main(["data", "check", str(data), "--workers", "abc"])
+    assert "argument --workers: 'abc' is not a whole number" in capsys.readouterr().err
     assert anfast.cli.main(["data", "check", str(data), "--workers", "0"]) == 0
     assert "train: 1 images, 0 unreadable" in capsys.readouterr().out

@@ -53,9 +53,18 @@ def _image_groups(directory: pathlib.Path) -> dict[str, list[str]]:
     return groups or {str(directory): _image_files(directory)}
 
 
+def _whole_number(text: str) -> int:
+    """``int(text)``, or argparse's error naming the text (a ValueError would show the
+    type function's name: "invalid _seed value")."""
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+
+
 def _seed(text: str) -> int:
     """argparse type of --seed: numpy seeds are whole numbers >= 0."""
-    seed = int(text)
+    seed = _whole_number(text)
     if seed < 0:
         raise argparse.ArgumentTypeError(f"{seed} is negative; give a seed >= 0")
     return seed
@@ -63,7 +72,7 @@ def _seed(text: str) -> int:
 
 def _workers(text: str) -> int:
     """argparse type of --workers: a process count >= 0, as `anfast train --workers` takes."""
-    workers = int(text)
+    workers = _whole_number(text)
     if workers < 0:
         raise argparse.ArgumentTypeError(f"{workers} must be >= 0 (0 or 1 decodes in this process)")
     return workers
