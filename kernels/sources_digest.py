@@ -5,8 +5,9 @@ benchmarks/prebuild_kernels.sh writes it next to the kernel objects it compiles
 that digest is this tree's: objects compiled from other kernel sources (another commit's
 tile table, say) would link and run kernels the bindings do not describe. The digest
 covers every kernels/*.cu, *.cuh and *.h (what the objects are compiled from; the bindings
-in csrc/ are compiled on the GPU machine) and the archs, normalised ("90", "90;" and " 90"
-are one). It does not cover nvcc's version: objects of another nvcc 13.x link.
+in csrc/ are compiled on the GPU machine), find_cutlass.py (the pinned CUTLASS headers'
+version) and the archs, normalised ("90", "90;" and " 90" are one). It does not cover
+nvcc's version: objects of another nvcc 13.x link.
 
     python kernels/sources_digest.py 90
 """
@@ -25,7 +26,8 @@ def sources_digest(archs: str) -> str:
     digest = hashlib.sha256()
     numbers = sorted({a.strip() for a in archs.replace(",", ";").split(";") if a.strip()})
     digest.update(("archs=" + ";".join(numbers) + "\0").encode())
-    for path in sorted(p for p in KERNELS.iterdir() if p.suffix in (".cu", ".cuh", ".h")):
+    for path in sorted(p for p in KERNELS.iterdir()
+                       if p.suffix in (".cu", ".cuh", ".h") or p.name == "find_cutlass.py"):
         digest.update(path.name.encode() + b"\0" + path.read_bytes() + b"\0")
     return digest.hexdigest()
 
