@@ -150,13 +150,8 @@ def prepare_backends(model: torch.nn.Module, backend: str, batch_size: int, imag
     device = next(model.parameters()).device
     if backend != "auto" or device.type not in tuning.get_tuner().lazy_devices:
         return
-    if tuning.tuning_off():
-        tuner = tuning.get_tuner()
-        chosen = {}
-        for name, problem, _ in collect_layer_problems(model, batch_size, image_size, amp_dtype):
-            decision = tuner.lookup(problem)
-            chosen[name] = decision.backend if decision is not None else "torch"
-        pin_traceable_decisions(model, chosen)
+    if tuning.tuning_off():  # what each conv runs now: its cached decision, else torch
+        pin_traceable_decisions(model, layer_backends(model, batch_size, image_size, amp_dtype))
     else:
         rows = tune_model(model, batch_size, image_size, amp_dtype)
         pin_traceable_decisions(model, {row.layer: row.decision.backend for row in rows})
