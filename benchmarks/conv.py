@@ -88,7 +88,6 @@ def resnet50_conv_shapes(alpha: float, round_to: int = 8) -> list[tuple[list[str
     import anfast
     from anfast.nn import AdjoinedConv2d
 
-    torch.manual_seed(0)
     network = anfast.adjoin("resnet50", alpha=alpha, policy="paper", round_to=round_to,
                             input_size=(3, 224, 224), backend="torch")
     found: dict[ConvShape, list[str]] = {}

@@ -351,13 +351,12 @@ def main() -> None:
 
 
 def summarize(times: dict, warmup_s: dict, providers: list, common: dict, load_before,
-              errors: dict | None = None) -> dict:
+              errors: dict) -> dict:
     """The result JSON of the rounds in ``times`` ({key: [seconds per step, one per round]}):
     each provider's median img/s, the ratios of RATIOS and compiled / eager per mode;
     ``common`` holds the environment and the run's options (batch size, compile modes);
     ``errors`` the keys left out ({key: what it raised}), whose rounds before the error
     are reported but do not hold "rounds_done" back."""
-    errors = errors or {}
     batch_size, modes = common["batch_size"], common["compile"]
     rows = {}
     for key, round_times in times.items():

@@ -7,13 +7,12 @@ from __future__ import annotations
 import functools
 import os
 import sys
+from pathlib import Path
 
 import pytest
 import torch
 import torchvision
 
-import anfast
-from anfast.nn.conv import AdjoinedConv2d
 from anfast.ops import backend as registry, tuning
 from anfast.ops.backend import TorchBackend
 from anfast.ops.tuning import TOLERANCE  # noqa: F401  (DESIGN.md section 6, one definition)
@@ -143,30 +142,21 @@ def resnet50_distinct_convs(batch: int = 8) -> list[str]:
 
 @functools.lru_cache(maxsize=None)
 def resnet50_shapes(batch: int = 8) -> dict[str, dict]:
-    """Each conv of ResNet-50 adjoined with the paper policy (alpha 4), as a shape dict.
+    """Each conv of ResNet-50 adjoined with the paper policy (alpha 4), as a shape dict, in
+    model order: benchmarks/conv.py's shapes (read from ``anfast.adjoin``'s network), so
+    the GPU tests check the problems the benchmarks time.
 
     The stem's student shares the image (input_shared), so it is tested with an
     x_student of the image's 3 channels: the kernels still meet its C_in = 3.
     """
-    net = anfast.adjoin("resnet50", alpha=4, policy="paper")
-    shapes = {}
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    import conv
 
-    def record(name):
-        def hook(module, inputs):
-            height, width = inputs[0].shape[2:]
-            shapes[name] = dict(
-                batch=batch, in_channels=module.in_channels, out_channels=module.out_channels,
-                height=height, width=width, kernel=module.kernel_size[0], stride=module.stride[0],
-                padding=module.padding[0], in_student=module.student_in_channels[0],
-                out_student=module.student_out_channels[0])
-        return hook
-
-    for name, module in net.named_modules():
-        if isinstance(module, AdjoinedConv2d):
-            module.register_forward_pre_hook(record(name))
-    with torch.no_grad():
-        net(torch.randn(1, 3, 224, 224))
-    return shapes
+    by_name = {name: shape for names, shape in conv.resnet50_conv_shapes(4.0) for name in names}
+    return {name: dict(batch=batch, in_channels=s.c_in, out_channels=s.c_out, height=s.height,
+                       width=s.width, kernel=s.kernel, stride=s.stride, padding=s.padding,
+                       in_student=s.in_student, out_student=s.out_student)
+            for name in resnet50_conv_names() for s in [by_name[name]]}
 
 
 def shape_id(s: dict) -> str:
