@@ -134,8 +134,9 @@ def run_table(common: TrainConfig, seeds: int, work: pathlib.Path) -> Dict[str, 
             for name in ROWS:
                 started = time.perf_counter()
                 summary = train_row(name, common, seed, work, runs)
-                # stop_requested: a whole run that was asked to stop after its last step.
-                if summary.get("interrupted") or summary.get("stop_requested") or stop_signal.requested:
+                # A signal during a run raises this flag too (StopOnSignal nests), whether the
+                # run stopped (interrupted) or had passed its last step.
+                if stop_signal.requested:
                     raise RunStoppedError(f"stopped (SIGTERM / SIGINT) during row {name} seed {seed}; "
                                           f"nothing of the table was written")
                 result = row_result(name, summary)
