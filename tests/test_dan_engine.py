@@ -18,6 +18,7 @@ from anfast.dan.search import Search
 from helpers import HostReads
 from test_dan import TinyResidualNet
 from test_train_config import make_image_folder
+from test_run_safety import _one_line
 from test_train_run import _Training
 
 pytestmark = pytest.mark.slow
@@ -125,24 +126,19 @@ def test_a_search_run_and_a_training_run_are_told_apart_in_one_line(data, tmp_pa
     in option advice that could not help)."""
     import anfast.cli
 
-    def one_line(argv):
-        assert anfast.cli.main(argv) == 2
-        lines = capsys.readouterr().err.strip().splitlines()
-        assert len(lines) == 1, lines
-        return lines[0]
-
     searched, trained = tmp_path / "searched", tmp_path / "trained"
     assert anfast.cli.main(["search", *_search_args(data, searched, **{"--epochs": "1"})]) == 0
     assert anfast.cli.main(["train", "--data", str(data), "--out", str(trained), "--arch", "resnet18",
                             "--epochs", "1", "--batch-size", "8", "--image-size", "16", "--workers", "0",
                             "--loader", "torch", "--device", "cpu"]) == 0
     capsys.readouterr()
-    line = one_line(["train", "--out", str(searched), "--resume", "auto"])
+    line = _one_line(["train", "--out", str(searched), "--resume", "auto"], capsys)
     assert "a checkpoint of `anfast search`, not of `anfast train`" in line, line
     for command in ("eval", "export"):
-        line = one_line([command, str(searched)])
+        line = _one_line([command, str(searched)], capsys)
         assert f"{searched} is an `anfast search` run: what it found is {searched / 'arch.json'}" in line, line
-    line = one_line(["search", *_search_args(data, trained, **{"--epochs": "1"}), "--resume", "auto"])
+    line = _one_line(["search", *_search_args(data, trained, **{"--epochs": "1"}), "--resume", "auto"],
+                     capsys)
     assert "not a checkpoint of `anfast search`" in line, line
 
 
