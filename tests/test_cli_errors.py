@@ -4,7 +4,8 @@
 config.yaml), and a folder or a path under a file is refused before the first layer is
 tuned; a file or folder in the way of a path (EEXIST, EISDIR, ENOTDIR) is a user error
 for the one error printer (anfast.cli.user_error); an empty --backends and a negative
-`data check --workers` are refused with the fix.
+`data check --workers` are refused with the fix, and so is a train flag that does
+nothing without another option (--ema-decay without --ema).
 """
 
 from __future__ import annotations
@@ -142,3 +143,35 @@ def test_data_check_refuses_negative_workers_as_argparse_does(tmp_path, capsys):
     assert "argument --workers: 'abc' is not a whole number" in capsys.readouterr().err
     assert anfast.cli.main(["data", "check", str(data), "--workers", "0"]) == 0
     assert "train: 1 images, 0 unreadable" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("flags, needed", [
+    (["--ema-decay", "0.99"], "--ema"),
+    (["--distill-temperature", "2"], "--teacher"),
+    (["--distill-weight", "0.5"], "--teacher"),
+])
+def test_a_flag_that_acts_only_with_another_option_is_refused_alone(tmp_path, capsys, flags, needed):
+    """--ema-decay without --ema (or --distill-* without --teacher) would change nothing:
+    refused before the run directory is made; with the option, or from a run's own
+    config.yaml (which holds every option) given as --config, it is accepted."""
+    from anfast.cli.train import config_from_args
+    from anfast.train.config import TrainConfig, save_config
+
+    out = tmp_path / "run"
+    line = _one_line(["train", "--out", str(out), "--device", "cpu", *flags], capsys)
+    assert line.startswith(f"anfast train: error: {flags[0]} {flags[1]} does nothing without {needed};"), line
+    assert f"leave {flags[0]} out" in line and not out.exists()
+
+    saved = tmp_path / "config.yaml"
+    save_config(TrainConfig(), saved)  # ema: false, distill_*: set, no teacher
+    parse = anfast.cli.build_parser().parse_args
+    assert config_from_args(parse(["train", "--config", str(saved)])) == TrainConfig()
+    if needed == "--ema":
+        assert config_from_args(parse(["train", "--ema", *flags])).ema_decay == 0.99
+    else:
+        teacher = tmp_path / "teacher"
+        teacher.mkdir()
+        (teacher / "config.json").write_text("{}")
+        config = config_from_args(parse(["train", "--objective", "student", "--teacher", str(teacher),
+                                         *flags]))
+        assert getattr(config, flags[0][2:].replace("-", "_")) == float(flags[1])

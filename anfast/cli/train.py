@@ -14,8 +14,8 @@ from pathlib import Path
 
 from anfast.cli.args import add_model_arguments, default_help as _default
 from anfast.train.config import (BACKEND_CHOICES, COMPILE_CHOICES, LAMBDA_SCHEDULE_CHOICES,
-                                 LOADER_CHOICES, OBJECTIVE_CHOICES, OPTIMIZER_CHOICES, TrainConfig,
-                                 load_config)
+                                 LOADER_CHOICES, OBJECTIVE_CHOICES, OPTIMIZER_CHOICES, ConfigError,
+                                 TrainConfig, load_config)
 
 __all__ = ["register", "add_train_arguments", "config_from_args"]
 
@@ -110,7 +110,29 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
                    if name in fields and value is not None})
     if values.get("resume"):
         values = {**resumed_run_options(values["resume"], values.get("out", _DEFAULTS.out)), **values}
-    return TrainConfig.from_dict(values)
+    config = TrainConfig.from_dict(values)
+    _check_flags_that_act_alone(args, config)
+    return config
+
+
+# Flags that act only with another option: (the option, how to turn it on). A flag given on
+# the command line without it would change nothing, so it is refused. A YAML file is not
+# checked: a run's own config.yaml, reused with --config, holds every option.
+_ACTS_WITH = {
+    "ema_decay": ("ema", "--ema"),
+    "distill_temperature": ("teacher", "--teacher RUN_DIR/base (with --objective student)"),
+    "distill_weight": ("teacher", "--teacher RUN_DIR/base (with --objective student)"),
+}
+
+
+def _check_flags_that_act_alone(args: argparse.Namespace, config: TrainConfig) -> None:
+    """Refuse a flag of _ACTS_WITH given on the command line without the option it needs."""
+    for name, (needed, how) in _ACTS_WITH.items():
+        given = getattr(args, name, None)
+        if given is not None and not getattr(config, needed):
+            flag = "--" + name.replace("_", "-")
+            raise ConfigError(f"{flag} {given:g} does nothing without --{needed}; "
+                              f"add {how}, or leave {flag} out")
 
 
 def resumed_run_options(resume: str, out: str) -> dict:
