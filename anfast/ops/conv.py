@@ -315,8 +315,13 @@ def adjoined_conv2d(
     stride, padding, dilation = (_pair(stride, "stride"), _pair(padding, "padding"),
                                  _pair(dilation, "dilation"))
     _check(x_base, x_student, weight, bias, out_student, groups, student_in_index)
+    # Under no_grad (an evaluation) autograd records nothing and no backward pass comes:
+    # the problem needs no gradients whatever its tensors' requires_grad, so auto's key
+    # (tuning.problem_key) times the forward pass alone.
+    needs_grad = tuple(torch.is_grad_enabled() and t is not None and t.requires_grad
+                       for t in (x_base, x_student, weight, bias))
     problem = _problem(x_base, x_student, weight, bias, student_in_index, out_student, stride,
-                       padding, dilation, groups)
+                       padding, dilation, groups, needs_grad)
     name = fixed_backend_name(backend, x_base.device)
     if name in TRACEABLE_BACKENDS:
         # Each traceable form refuses what its backend cannot run (torch runs everything
