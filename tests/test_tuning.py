@@ -504,6 +504,33 @@ def test_prepare_backends_pins_convs_auto_decided_for_torch(tuner, monkeypatch, 
     assert len(op_calls) == (0 if pinned else len(convs))
 
 
+@pytest.mark.parametrize("fast_ms", [0.5, 1.5])
+def test_prepare_backends_decides_the_evaluations_keys_of_the_layers_auto_keeps(tuner, monkeypatch,
+                                                                                 fast_ms):
+    """An evaluation (no_grad) meets keys without gradients: prepare_backends decides
+    them for the convs left with auto, so evaluating measures nothing; for convs pinned
+    to torch it decides none (they run aten convolutions, whatever their key)."""
+    from anfast.nn.backends import collect_layer_problems, prepare_backends
+
+    install_backends(monkeypatch, StandInBackend("fast"))
+    tuner.timer = FakeTimer({"fast": fast_ms, "torch": 1.0})
+    an = anfast.adjoin("resnet18", alpha=4, policy="paper", input_size=(3, 16, 16), num_classes=4)
+    prepare_backends(an, "auto", 2, 16, None)
+    keys = {tuning.problem_key(problem) for _, problem, _ in
+            collect_layer_problems(an, 2, 16, None, gradients=False)}
+    decided = tuner.table(torch.device("cpu"))
+    assert keys and all(" grad0000 " in key for key in keys)  # no_grad: no gradients, whatever requires_grad says
+    if fast_ms < 1:  # the fused backend won: every conv stays with auto
+        assert keys <= decided.keys() and {decided[key].backend for key in keys} == {"fast"}
+    else:
+        assert not keys & decided.keys()
+    before = tuner.timer.calls
+    an.eval()
+    with torch.no_grad():
+        an(torch.randn(2, 3, 16, 16))
+    assert tuner.timer.calls == before
+
+
 def test_prepare_backends_with_anfast_tune_0_reads_the_cache_and_measures_nothing(tuner, monkeypatch):
     """ANFAST_TUNE=0 (gpu_check's train_bench after its tune step): the warm-up measures
     nothing; a conv without a cached decision is pinned to torch, which auto would run,

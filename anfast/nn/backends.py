@@ -4,8 +4,9 @@ One forward pass at the run's batch size, image size, AMP dtype and memory forma
 records every problem the adjoined conv op meets (the backward pass meets the same
 keys: a key includes which gradients are needed). Each problem is then verified and
 timed by anfast.ops.tuning, which fills the cache that auto reads in training;
-``prepare_backends`` does that before a run's first step and pins the decisions that
-have a traceable form (anfast.ops.conv.TRACEABLE_BACKENDS).
+``prepare_backends`` does that before a run's first step, pins the decisions that
+have a traceable form (anfast.ops.conv.TRACEABLE_BACKENDS) and decides the
+evaluation's no-gradient keys of the layers left with auto.
 """
 
 from __future__ import annotations
@@ -42,13 +43,16 @@ def _example_batch(model: torch.nn.Module, batch_size: int, image_size: int) -> 
 
 
 def collect_layer_problems(model: torch.nn.Module, batch_size: int, image_size: int,
-                           amp_dtype: Optional[torch.dtype]) -> List[tuple[str, ConvProblem, str]]:
+                           amp_dtype: Optional[torch.dtype], *, gradients: bool = True,
+                           ) -> List[tuple[str, ConvProblem, str]]:
     """(layer name, problem, backend that ran it) of every adjoined conv call of one
     forward pass on random images shaped like the run's batches.
 
     The model runs in eval mode (BatchNorm statistics stay untouched) with gradients
-    enabled, so each problem's key says which gradients training needs. A conv module
-    with several fused passes (nested students) names them ``layer#1``, ``layer#2``.
+    enabled, so each problem's key says which gradients training needs; with
+    ``gradients=False`` it runs under no_grad, as an evaluation does, and the keys need
+    none. A conv module with several fused passes (nested students) names them
+    ``layer#1``, ``layer#2``.
     """
     images = _example_batch(model, batch_size, image_size)
     named: List[tuple[str, ConvProblem, str]] = []
@@ -72,7 +76,7 @@ def collect_layer_problems(model: torch.nn.Module, batch_size: int, image_size: 
     was_training = model.training
     model.eval()
     try:
-        with dispatch.recording() as records, torch.autocast(
+        with dispatch.recording() as records, torch.set_grad_enabled(gradients), torch.autocast(
                 images.device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
             model(images)
     finally:
@@ -144,6 +148,11 @@ def prepare_backends(model: torch.nn.Module, backend: str, batch_size: int, imag
     for auto on a GPU, tune the model's problems now (a collective under torchrun), so
     the ranks agree and the first epoch's throughput does not include the tuning.
 
+    Evaluation runs under no_grad, and a problem that needs no gradients has a key of
+    its own: for the layers auto keeps (those not pinned to a traceable backend), those
+    keys are decided now as well, so an evaluation never stops to tune and, under
+    torchrun, runs the agreed decisions rather than torch.
+
     With ANFAST_TUNE=0 nothing is measured: the cached decisions are read, and a conv
     with none runs torch, as auto would run it."""
     set_backend(model, backend)
@@ -152,9 +161,16 @@ def prepare_backends(model: torch.nn.Module, backend: str, batch_size: int, imag
         return
     if tuning.tuning_off():  # what each conv runs now: its cached decision, else torch
         pin_traceable_decisions(model, layer_backends(model, batch_size, image_size, amp_dtype))
-    else:
-        rows = tune_model(model, batch_size, image_size, amp_dtype)
-        pin_traceable_decisions(model, {row.layer: row.decision.backend for row in rows})
+        return
+    rows = tune_model(model, batch_size, image_size, amp_dtype)
+    pinned = set(pin_traceable_decisions(model, {row.layer: row.decision.backend for row in rows}))
+    # The same on every rank (rank 0's decisions pinned them), so the collective below is
+    # called by all ranks or by none.
+    evaluation = [problem for layer, problem, _ in
+                  collect_layer_problems(model, batch_size, image_size, amp_dtype, gradients=False)
+                  if layer.split("#")[0] not in pinned]
+    if evaluation:
+        tuning.tune_problems(evaluation)
 
 
 def pin_traceable_decisions(model: torch.nn.Module, chosen: Dict[str, str]) -> List[str]:
