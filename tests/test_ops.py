@@ -171,6 +171,53 @@ def test_the_drop_in_layer_checks_its_students_widths_and_inputs():
         conv(x, x[:, :4], x[:, :4])
 
 
+def test_the_drop_in_layer_computes_what_conv2d_computes_or_refuses_at_construction():
+    """padding_mode, padding="same", whole groups and the backend name are checked when
+    the layer is built: a reflect-padded layer used to zero-pad silently, the others to
+    fail only at the first call."""
+    from anfast.nn import AdjoinedConv2d
+    from anfast.nn.backends import set_backend
+
+    torch.manual_seed(0)
+    x = torch.randn(2, 8, 6, 6, dtype=torch.float64)
+    with pytest.raises(ValueError, match=r"padding_mode='reflect': the adjoined op pads with zeros"):
+        AdjoinedConv2d(8, 16, 3, padding=1, padding_mode="reflect", student_in_channels=(4,),
+                       student_out_channels=(8,))
+    # Reading the image, every network shares the base's conv: reflect is nn.Conv2d's.
+    stem = AdjoinedConv2d(8, 16, 3, padding=1, padding_mode="reflect", student_in_channels=(8,),
+                          student_out_channels=(8,), input_shared=True).double()
+    reference = F.conv2d(F.pad(x, (1, 1, 1, 1), mode="reflect"), stem.weight, stem.bias)
+    y_base, y_student = stem(x)
+    assert torch.allclose(y_base, reference) and torch.allclose(y_student, reference[:, :8])
+
+    same = AdjoinedConv2d(8, 16, 3, padding="same", dilation=2, student_in_channels=(4,),
+                          student_out_channels=(8,)).double()
+    y_base, y_student = same(x, x[:, :4])
+    assert torch.allclose(y_base, F.conv2d(x, same.weight, same.bias, padding=2, dilation=2))
+    assert torch.allclose(y_student, F.conv2d(x[:, :4], same.weight[:8, :4], same.bias[:8], padding=2,
+                                              dilation=2))
+    with pytest.raises(ValueError, match=r"padding='same' with kernel \(2, 2\).*pads unevenly"):
+        AdjoinedConv2d(8, 16, 2, padding="same", student_in_channels=(4,), student_out_channels=(8,))
+
+    # groups=4: 2 input and 4 output channels per group.
+    for c_in, c_out in ((4, 10), (6, 8)):
+        with pytest.raises(ValueError, match=rf"student 0 has {c_in} input and {c_out} output channels; "
+                                             rf"with groups=4 a student keeps whole leading groups"):
+            AdjoinedConv2d(8, 16, 3, groups=4, student_in_channels=(c_in,), student_out_channels=(c_out,))
+    grouped = AdjoinedConv2d(8, 16, 3, groups=4, student_in_channels=(4,), student_out_channels=(8,)).double()
+    y_student = grouped(x, x[:, :4])[1]
+    assert torch.allclose(y_student, F.conv2d(x[:, :4], grouped.weight[:8], grouped.bias[:8], groups=2))
+
+    with pytest.raises(ValueError, match=r"backend='cudnn' is no backend; choose one of gemm, cuda, triton, torch"):
+        AdjoinedConv2d(8, 16, 3, student_in_channels=(4,), student_out_channels=(8,), backend="cudnn")
+    with pytest.raises(ValueError, match=r"backend='trition' is no backend"):
+        set_backend(same, "trition")
+    set_backend(same, "torch")
+    assert same.backend == "torch"
+    set_backend(same, "auto")
+    assert same.backend is None
+
+
 def test_named_backend_that_cannot_run_lists_its_reasons(monkeypatch):
     x = torch.randn(1, 4, 5, 5)
     w = torch.randn(6, 4, 3, 3)

@@ -9,6 +9,7 @@ from torch import nn
 
 from anfast.nn.streams import active_streams, hand_over, network_stream
 from anfast.ops import adjoined_conv2d
+from anfast.ops.backend import BACKEND_PRIORITY
 from anfast.ops.conv import fixed_backend_name
 from anfast.ops.reference import student_groups, student_weight
 
@@ -80,6 +81,8 @@ class AdjoinedConv2d(nn.Conv2d):
         # Students that see the base's very input (the image) get the base's leading
         # output channels, computed once (DESIGN.md section 1, "Stem").
         self.input_shared = input_shared
+        if not input_shared:
+            self._check_fused_form()
         self.backend = backend
         indices = tuple(student_in_indices) or (None,) * len(self.student_out_channels)
         for s, index in enumerate(indices):  # absolute: base channel of each input channel
@@ -91,6 +94,40 @@ class AdjoinedConv2d(nn.Conv2d):
             if child <= len(indices):
                 relative = self._relative_index(indices, parent, child)
                 self.register_buffer(f"_pair_index_{parent}", relative, persistent=False)
+
+    @property
+    def backend(self) -> Optional[str]:
+        """The backend of anfast.ops.adjoined_conv2d this layer runs (None: $ANFAST_BACKEND,
+        else auto); a name that is no backend is refused when set, not at the first call."""
+        return self._backend
+
+    @backend.setter
+    def backend(self, name: Optional[str]) -> None:
+        if name is not None and name != "auto" and name not in BACKEND_PRIORITY:
+            raise ValueError(f"AdjoinedConv2d: backend={name!r} is no backend; choose one of "
+                             f"{', '.join(BACKEND_PRIORITY)}, or None / 'auto' for auto")
+        self._backend = None if name == "auto" else name
+
+    def _check_fused_form(self) -> None:
+        """What the fused op cannot compute as nn.Conv2d would, refused before any call:
+        it pads with zeros, symmetrically, and a grouped student keeps whole leading groups."""
+        if self.padding_mode != "zeros":
+            raise ValueError(f"AdjoinedConv2d: padding_mode={self.padding_mode!r}: the adjoined op pads "
+                             f"with zeros; use padding_mode='zeros' (anfast.adjoin keeps such a conv "
+                             f"only where it reads the image, which every network shares)")
+        if isinstance(self.padding, str):
+            self.padding = numeric_padding(self)  # "same" with an even kernel: ValueError
+        if self.groups == 1:
+            return
+        out_per_group = self.out_channels // self.groups
+        in_per_group = self.in_channels // self.groups
+        for s, (c_in, c_out) in enumerate(zip(self.student_in_channels, self.student_out_channels)):
+            if c_out % out_per_group or c_in != c_out // out_per_group * in_per_group:
+                raise ValueError(
+                    f"AdjoinedConv2d: student {s} has {c_in} input and {c_out} output channels; with "
+                    f"groups={self.groups} a student keeps whole leading groups of {in_per_group} input "
+                    f"and {out_per_group} output channels (e.g. {in_per_group * max(1, c_out // out_per_group)} "
+                    f"and {out_per_group * max(1, c_out // out_per_group)})")
 
     @classmethod
     def from_conv(cls, conv: nn.Conv2d, **student_kwargs) -> "AdjoinedConv2d":
