@@ -30,6 +30,7 @@ from torch.fx.passes.shape_prop import ShapeProp
 
 from anfast.nn import AdjoinedBatchNorm2d, AdjoinedConv2d, AdjoinedLinear
 from anfast.nn.conv import numeric_padding
+from anfast.ops.backend import BACKEND_PRIORITY
 
 __all__ = [
     "AdjoinError",
@@ -272,7 +273,7 @@ def _analyse(gm: torch.fx.GraphModule) -> _Analysis:
             result.channels[node] = in_channels[0]
             result.layers[node.target] = ("norm", in_channels[0], in_channels[0])
         elif function is not None and function in _CONCAT and _concat_dim(node) == 1:
-            parts = [channels_of(n) for n in node.args[0]]
+            parts = [channels_of(n) for n in _concat_tensors(node)]
             if any(p is None or p.features_per_channel != 1 for p in parts):
                 raise AdjoinError(f"{where}: concatenates tensors whose channels anfast cannot follow")
             result.channels[node] = _Channels(tuple(d for p in parts for d in p.parts))
@@ -281,6 +282,11 @@ def _analyse(gm: torch.fx.GraphModule) -> _Analysis:
         elif inputs:
             result.channels[node] = _follow_generic(node, shape, inputs, in_channels, where)
     return result
+
+
+def _concat_tensors(node: torch.fx.Node) -> Sequence[torch.fx.Node]:
+    """torch.cat's tensors, given by position or as ``tensors=``."""
+    return node.kwargs["tensors"] if "tensors" in node.kwargs else node.args[0]
 
 
 def _concat_dim(node: torch.fx.Node) -> int:
@@ -426,6 +432,12 @@ class AdjoinedNetwork(torch.fx.GraphModule):
             result.__dict__[name] = copy.deepcopy(self.__dict__[name], memo)
         return result
 
+    def __reduce__(self):
+        # GraphModule pickles (torch.save too) as a plain GraphModule rebuilt from its code:
+        # rebuild that, then this class around it with the attributes it does not know.
+        rebuild, args = super().__reduce__()[:2]
+        return (_unpickle_adjoined, (rebuild, args, {name: self.__dict__[name] for name in self._EXTRA_ATTRIBUTES}))
+
     @property
     def num_students(self) -> int:
         return len(self.alphas)
@@ -435,21 +447,33 @@ class AdjoinedNetwork(torch.fx.GraphModule):
 
         It carries the original classes' state_dict versions (``_metadata``), which some
         ``_load_from_state_dict`` methods require (torchvision's MNASNet)."""
-        state = collections.OrderedDict(
-            (k, v) for k, v in self.state_dict().items() if ".student_norms." not in k)
-        state._metadata = self.__dict__["_skeleton"].state_dict()._metadata
+        # The original's own keys only: tracing adds the students' norms and, for a tensor
+        # made in forward (torch.tensor(2.0)), a _tensor_constant buffer the original lacks.
+        original = self.__dict__["_skeleton"].state_dict()
+        state = collections.OrderedDict((k, v) for k, v in self.state_dict().items() if k in original)
+        state._metadata = original._metadata
         return state
 
     def load_base_state_dict(self, state_dict: Mapping[str, torch.Tensor]) -> None:
         """Load a checkpoint of the original architecture (a torchvision one, say) into the base.
 
         The students' batch norms start as slices of the loaded base's (affine parameters and
-        running statistics), as when ``adjoin`` is given the trained model itself."""
-        missing, unexpected = self.load_state_dict(state_dict, strict=False)
-        missing = [k for k in missing if ".student_norms." not in k]
-        if missing or unexpected:
-            raise KeyError(f"state_dict does not match the base network: missing {missing[:5]}, "
-                           f"unexpected {unexpected[:5]}")
+        running statistics), as when ``adjoin`` is given the trained model itself. Keys and
+        shapes are checked first: a checkpoint that does not match raises ValueError and
+        leaves the network as it was."""
+        own = self.base_state_dict()
+        missing = [k for k in own if k not in state_dict]
+        unexpected = [k for k in state_dict if k not in own]
+        resized = [f"{k} {tuple(state_dict[k].shape)} (the base: {tuple(own[k].shape)})" for k in own
+                   if k in state_dict and tuple(getattr(state_dict[k], "shape", ())) != tuple(own[k].shape)]
+        if missing or unexpected or resized:
+            found = [f"{what} {keys[:5]}" + (f" and {len(keys) - 5} more" if len(keys) > 5 else "")
+                     for what, keys in (("missing", missing), ("unexpected", unexpected),
+                                        ("other shapes", resized)) if keys]
+            raise ValueError(f"state_dict does not match the base network, nothing was loaded: "
+                             f"{'; '.join(found)}; give a checkpoint of the architecture adjoined "
+                             f"(with its number of classes)")
+        self.load_state_dict(state_dict, strict=False)
         for module in self.modules():
             if isinstance(module, AdjoinedBatchNorm2d):
                 module.copy_base_to_students()
@@ -457,6 +481,15 @@ class AdjoinedNetwork(torch.fx.GraphModule):
     def architecture(self) -> nn.Module:
         """A fresh, parameter-less (meta) copy of the original model class."""
         return copy.deepcopy(self.__dict__["_skeleton"])
+
+
+def _unpickle_adjoined(rebuild, args, extras: dict) -> "AdjoinedNetwork":
+    """AdjoinedNetwork.__reduce__'s inverse: GraphModule's rebuild, as an AdjoinedNetwork."""
+    rebuilt = rebuild(*args)
+    network = AdjoinedNetwork(rebuilt, rebuilt.graph, class_name="AdjoinedNetwork")
+    network.train(rebuilt.training)
+    network.__dict__.update(extras)
+    return network
 
 
 def adjoin(
@@ -490,6 +523,9 @@ def adjoin(
         An AdjoinedNetwork; ``an(x)`` gives ``AdjoinedOutput(base, students)``.
     """
     alphas = _check_alpha(alpha)
+    if backend not in (None, "auto", *BACKEND_PRIORITY):
+        raise AdjoinError(f"backend={backend!r} is no backend; choose one of {', '.join(BACKEND_PRIORITY)}, "
+                          f"or leave it out for auto")
     source: dict = {}
     if isinstance(model, str):
         from anfast.models import create_model

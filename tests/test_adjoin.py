@@ -342,3 +342,91 @@ def test_convert_sync_batchnorm_keeps_students_and_names():
     with torch.no_grad():  # eval mode: running statistics, no communication
         after = an(x)
     assert torch.equal(before.base, after.base) and torch.equal(before.student, after.student)
+
+
+def test_a_refused_base_checkpoint_leaves_the_network_as_it_was():
+    """load_base_state_dict checks keys and shapes before it loads anything: a checkpoint
+    with another classifier, or of another depth, used to overwrite every tensor that
+    matched before the refusal, leaving the students' norms out of step with the base."""
+    an = anfast.adjoin("resnet18", num_classes=10, alpha=4, input_size=SIZE)
+    before = {k: v.clone() for k, v in an.state_dict().items()}
+    for other in (torchvision.models.resnet18(num_classes=1000), torchvision.models.resnet34(num_classes=10)):
+        with pytest.raises(ValueError, match="does not match the base network, nothing was loaded"):
+            an.load_base_state_dict(other.state_dict())
+        assert all(torch.equal(v, before[k]) for k, v in an.state_dict().items())
+    with pytest.raises(ValueError, match=r"other shapes \['fc.weight \(1000, 512\) \(the base: \(10, 512\)\)'"):
+        an.load_base_state_dict(torchvision.models.resnet18(num_classes=1000).state_dict())
+    with pytest.raises(ValueError, match=r"unexpected \['layer1.2.conv1.weight'.* and \d+ more"):
+        an.load_base_state_dict(torchvision.models.resnet34(num_classes=10).state_dict())
+
+
+class _ConstantAndKeywordCat(nn.Module):
+    """A tensor made in forward (traced as a _tensor_constant buffer) and torch.cat by keyword."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.c, self.b = nn.Conv2d(3, 64, 3), nn.Conv2d(3, 64, 3), nn.Conv2d(128, 4, 1)
+
+    def forward(self, x):
+        return self.b(torch.cat(tensors=[self.a(x), self.c(x) * torch.tensor(2.0)], dim=1))
+
+
+def test_keyword_concat_and_tensor_constants_adjoin_and_export_exactly():
+    torch.manual_seed(0)
+    model = _ConstantAndKeywordCat()
+    an = anfast.adjoin(model, policy="all", input_size=(3, 8, 8))
+    x = torch.randn(2, 3, 8, 8, dtype=torch.float64)
+    an.double()
+    out = an(x)
+    assert torch.allclose(out.base, model.double()(x))
+    fresh = _ConstantAndKeywordCat()
+    fresh.load_state_dict(an.base_state_dict())  # strict: no _tensor_constant0 key
+    student = anfast.export_student(an)
+    width = an.layer_widths["a"].student_out[0]
+    expected = F.conv2d(torch.cat([F.conv2d(x, model.a.weight[:width], model.a.bias[:width]),
+                                   2 * F.conv2d(x, model.c.weight[:width], model.c.bias[:width])], 1),
+                        model.b.weight[:, torch.cat([torch.arange(width), 64 + torch.arange(width)])], model.b.bias)
+    assert torch.allclose(student(x), expected) and torch.allclose(out.students[0], expected)
+
+
+def test_an_adjoined_network_pickles_and_torch_saves_as_itself(tmp_path):
+    import pickle
+
+    an = anfast.adjoin("resnet18", num_classes=10, alpha=(2, 4), input_size=SIZE).eval()
+    torch.save(an, tmp_path / "an.pt")
+    x = torch.randn(2, *SIZE)
+    expected = an(x)
+    for copied in (pickle.loads(pickle.dumps(an)), torch.load(tmp_path / "an.pt", weights_only=False)):
+        assert isinstance(copied, anfast.AdjoinedNetwork) and copied.alphas == an.alphas
+        assert not copied.training and copied.layer_widths == an.layer_widths
+        out = copied(x)
+        assert torch.equal(out.base, expected.base)
+        assert all(torch.equal(a, b) for a, b in zip(out.students, expected.students))
+        assert torch.equal(anfast.export_student(copied, index=1)(x), expected.students[1])
+
+
+def test_models_named_by_string_build_where_their_builder_computes_with_tensors():
+    """torchvision's RegNets compute their widths with tensors (.tolist()), which the meta
+    device cannot run: the size check and load_student build them with each tensor moved
+    to meta as it is registered. GoogLeNet's init_weights loads nothing and is accepted."""
+    from anfast.models import create_model
+    from anfast.models.registry import build_on_meta, fetching_kwargs
+
+    model, source = create_model("regnet_y_400mf", num_classes=10)
+    assert source == {"torchvision": "regnet_y_400mf", "kwargs": {"num_classes": 10}}
+    reference = torchvision.models.regnet_y_400mf(num_classes=10)
+    assert [(k, v.shape) for k, v in model.state_dict().items()] == \
+        [(k, v.shape) for k, v in reference.state_dict().items()]
+    on_meta = build_on_meta(lambda: torchvision.models.regnet_y_400mf(num_classes=10))
+    assert {t.device.type for t in (*on_meta.parameters(), *on_meta.buffers())} == {"meta"}
+    with torch.device("meta"):
+        assert create_model("regnet_x_400mf", num_classes=10)[0].stem[0].weight.is_meta
+    assert fetching_kwargs(["init_weights", "weights_path"]) == ["weights_path"]
+    assert create_model("googlenet", num_classes=10, aux_logits=False, init_weights=True)[1]["kwargs"][
+        "init_weights"] is True
+
+
+def test_an_unknown_backend_is_refused_by_adjoin_before_tracing():
+    with pytest.raises(AdjoinError, match=r"backend='cudnn' is no backend; choose one of gemm, cuda, triton, "
+                                          r"torch, or leave it out for auto"):
+        anfast.adjoin(SmallCNN(), backend="cudnn", input_size=SIZE)

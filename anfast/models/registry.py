@@ -35,7 +35,7 @@ from torch import nn
 
 from anfast.models.xresnet import xresnet18, xresnet34, xresnet50, xresnet101
 
-__all__ = ["resolve_arch", "create_model", "model_from_source", "arch_name", "list_models", "fetching_kwargs",
+__all__ = ["resolve_arch", "create_model", "build_on_meta", "model_from_source", "arch_name", "list_models", "fetching_kwargs",
            "available_memory", "MissingExtraError", "TIMM_PREFIX"]
 
 TIMM_PREFIX = "timm:"
@@ -49,6 +49,9 @@ _ANFAST_MODELS: dict[str, Callable[..., nn.Module]] = {
 # depth) is not caught by "path"; a name ending in "_path" (or "path" itself) is.
 _FETCHING_WORDS = {"weight", "weights", "pretrain", "pretrained", "checkpoint", "url", "urls",
                    "download", "hub", "cache", "file", "files", "dir"}
+# Names with such a word that load nothing: torchvision's GoogLeNet / Inception v3 choose
+# their initialisation with init_weights.
+_NOT_FETCHING = {"init_weights"}
 
 
 def fetching_kwargs(names) -> list[str]:
@@ -59,7 +62,7 @@ def fetching_kwargs(names) -> list[str]:
     def fetches(name: str) -> bool:
         words = name.lower().split("_")
         return bool(_FETCHING_WORDS.intersection(words)) or words[-1] == "path"
-    return sorted(name for name in names if fetches(str(name)))
+    return sorted(name for name in names if str(name) not in _NOT_FETCHING and fetches(str(name)))
 
 
 class MissingExtraError(ImportError):
@@ -275,10 +278,41 @@ def create_model(arch: str, **kwargs) -> tuple[nn.Module, dict]:
         signatures, build = (builder,), builder
     _check_signature(library, name, kwargs, signatures)
     off = _no_weights(library, name, signatures)
-    if torch.get_default_device().type != "meta":
+    source = {library: name, "kwargs": kwargs}
+    if torch.get_default_device().type == "meta":
+        return build_on_meta(functools.partial(build, **off, **kwargs)), source
+    _check_size(arch, kwargs, build_on_meta(functools.partial(build, **off, **kwargs)))
+    return build(**off, **kwargs), source
+
+
+def build_on_meta(build: Callable[[], nn.Module]) -> nn.Module:
+    """``build()`` with its parameters and buffers on the meta device: no memory.
+
+    A builder that computes with tensors to choose its sizes (torchvision's RegNets call
+    ``.tolist()``) cannot run under ``torch.device("meta")``; it then runs on the CPU with
+    each parameter and buffer moved to meta as it is registered, so memory holds one
+    layer's tensors at a time, never the model's."""
+    try:
         with torch.device("meta"):
-            _check_size(arch, kwargs, build(**off, **kwargs))
-    return build(**off, **kwargs), {library: name, "kwargs": kwargs}
+            return build()
+    except NotImplementedError:  # "Cannot copy out of meta tensor": sizes computed from data
+        pass
+    from torch.nn.modules import module as nn_module
+
+    def parameter(module, name, value):
+        return None if value is None else nn.Parameter(value.to("meta"), value.requires_grad)
+
+    def buffer(module, name, value):
+        return None if value is None else value.to("meta")
+
+    handles = [nn_module.register_module_parameter_registration_hook(parameter),
+               nn_module.register_module_buffer_registration_hook(buffer)]
+    try:
+        with torch.device("cpu"):
+            return build()
+    finally:
+        for handle in handles:
+            handle.remove()
 
 
 def arch_name(source: Mapping[str, Any]) -> Optional[str]:
