@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import collections
 import json
+import numbers
 import os
 from pathlib import Path
 from typing import Any, Optional, Union
@@ -76,19 +77,14 @@ _SIZES = {"Conv2d": ("in_channels", "out_channels", "groups"), "BatchNorm2d": ("
           "Linear": ("in_features", "out_features")}
 
 
-def _resize_layer(module: nn.Module, name: str, spec: dict, device) -> None:
+def _resize_layer(module: nn.Module, spec: dict, device) -> None:
     """Give ``module`` the sizes of ``spec`` in place, with new uninitialised parameters.
 
-    The module keeps its class, so a timm BatchNormAct2d keeps its activation.
+    The module keeps its class, so a timm BatchNormAct2d keeps its activation. ``spec``
+    differs from ``module`` in sizes only: export_student reads it from the module's own
+    adjoined layer, and load_student checks it first (``_check_layer_targets``).
     """
     fresh = _layer_from_spec(spec, device)
-    if not isinstance(module, type(fresh)):
-        raise ValueError(f"layer {name}: the export has a {spec['type']}, the model a {type(module).__name__}; "
-                         "pass the architecture the network was exported from")
-    for key in spec.keys() - {"type", *_SIZES[spec["type"]]}:
-        if _layer_spec(module)[key] != spec[key]:
-            raise ValueError(f"layer {name}: {key}={spec[key]!r} in the export, {_layer_spec(module)[key]!r} "
-                             "in the model; pass the architecture the network was exported from")
     for key in _SIZES[spec["type"]]:
         setattr(module, key, getattr(fresh, key))
     for key, tensor in [*fresh.named_parameters(recurse=False), *fresh.named_buffers(recurse=False)]:
@@ -97,7 +93,7 @@ def _resize_layer(module: nn.Module, name: str, spec: dict, device) -> None:
 
 def _swap_layers(model: nn.Module, specs: dict[str, dict], device) -> nn.Module:
     for name, spec in specs.items():
-        _resize_layer(model.get_submodule(name), name, spec, device)
+        _resize_layer(model.get_submodule(name), spec, device)
     return model
 
 
@@ -169,12 +165,26 @@ def _load_state(model: nn.Module, state: dict) -> None:
     model.load_state_dict(state, strict=True)
 
 
+def _adjoined_network(an: Any, function: str) -> AdjoinedNetwork:
+    """``an``, or the adjoined network that ``torch.compile(an)`` wraps; anything else is refused."""
+    network = getattr(an, "_orig_mod", an)
+    if not isinstance(network, AdjoinedNetwork):
+        raise TypeError(f"{function} takes an adjoined network, got a {type(an).__name__}; "
+                        f"pass what anfast.adjoin(model) returns")
+    return network
+
+
 def export_student(an: AdjoinedNetwork, index: int = 0, path: Optional[Union[str, os.PathLike]] = None) -> nn.Module:
     """Student ``index`` as a plain, physically smaller copy of the original model class.
 
-    Its outputs equal ``an(x).students[index]`` in eval mode. With ``path``, also
-    writes ``path/model.safetensors`` and ``path/config.json`` (see load_student).
+    Its outputs equal ``an(x).students[index]`` in eval mode. With ``path``, a folder,
+    also writes ``path/model.safetensors`` and ``path/config.json`` (see load_student).
     """
+    an = _adjoined_network(an, "export_student")
+    if isinstance(index, bool) or not isinstance(index, numbers.Integral):
+        raise TypeError(f"index={index!r}: must be a whole number, the student's position "
+                        f"(0 to {an.num_students - 1})")
+    index = int(index)
     if not 0 <= index < an.num_students:
         raise IndexError(f"student index {index} out of range: the network has {an.num_students} students")
     model = an.architecture()
@@ -183,7 +193,7 @@ def export_student(an: AdjoinedNetwork, index: int = 0, path: Optional[Union[str
     for name, widths in an.layer_widths.items():
         plain, layer_state = _student_layer(an, name, widths, index)
         specs[name] = _layer_spec(plain)
-        _resize_layer(model.get_submodule(name), name, specs[name], "meta")
+        _resize_layer(model.get_submodule(name), specs[name], "meta")
         for key in [k for k in state if k.startswith(name + ".")]:
             del state[key]
         state.update({f"{name}.{k}": v for k, v in layer_state.items()})
@@ -196,17 +206,24 @@ def export_student(an: AdjoinedNetwork, index: int = 0, path: Optional[Union[str
 
 def export_base(an: AdjoinedNetwork, path: Optional[Union[str, os.PathLike]] = None) -> nn.Module:
     """The base network as the original model class; its state_dict loads into that class."""
+    an = _adjoined_network(an, "export_base")
     config = {"format": EXPORT_FORMAT, "network": "base", "source": an.source, "layers": {}}
     return _finish(an, an.architecture(), an.base_state_dict(), config, path)
 
 
 def save_exported(model: nn.Module, path: Union[str, os.PathLike]) -> Path:
-    """Write an exported network as ``path/model.safetensors`` + ``path/config.json``."""
+    """Write an exported network as ``path/model.safetensors`` + ``path/config.json``;
+    ``path`` is a folder, made if missing."""
     config = getattr(model, "anfast_config", None)
     if config is None:
         raise ValueError("save_exported takes a network from anfast.export_student / export_base")
     path = Path(path)
-    path.mkdir(parents=True, exist_ok=True)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except (FileExistsError, NotADirectoryError):
+        blocker = next((part for part in (path, *path.parents) if part.exists() and not part.is_dir()), path)
+        raise NotADirectoryError(f"path={str(path)!r}: {blocker} is not a folder; pass a folder, which will "
+                                 f"hold {_WEIGHTS} and {_CONFIG}") from None
     state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
     # Write to temporary names, then rename: a crash never leaves half a model.
     save_file(state, path / (_WEIGHTS + ".tmp"), metadata={"format": EXPORT_FORMAT})
@@ -238,7 +255,7 @@ def load_student(path: Union[str, os.PathLike], model: Optional[nn.Module] = Non
             raise ExportError(f"{path}: the network is a {source.get('class')}; pass model=<a new instance of it>")
         model = _model_from_source(source, layers, shapes, path, device)
     else:
-        _check_against_weights(model, layers, shapes, path)
+        _check_against_weights(model, layers, shapes, path, "pass the architecture the network was exported from")
         model = _swap_layers(model.to(device), layers, device)
     _load_state(model, load_file(path / _WEIGHTS, device=str(device)))
     model.anfast_config = config
@@ -258,7 +275,7 @@ def _model_from_source(source: dict, layers: dict, shapes: dict[str, tuple[int, 
     """
     with torch.device("meta"):
         model = _build(source, path)
-    _check_against_weights(model, layers, shapes, path)
+    _check_against_weights(model, layers, shapes, path, "the export is damaged or was edited; re-export the network")
     if not _non_persistent_buffers(model):
         return _swap_layers(model, layers, "meta").to_empty(device=device)
     return _swap_layers(_build(source, path).to(device), layers, device)
@@ -392,8 +409,10 @@ def _layer_shapes(spec: dict) -> dict[str, tuple[int, ...]]:
     return shapes
 
 
-def _check_layer_targets(model: nn.Module, layers: dict, file: Path) -> None:
-    """Each swapped layer replaces a module of its own type that computes what it would."""
+def _check_layer_targets(model: nn.Module, layers: dict, file: Path, fix: str) -> None:
+    """Each swapped layer replaces a module of its own type that computes what it would:
+    the two differ in sizes only (``_SIZES``), not in stride, padding, eps, ... ``fix``
+    ends the message of such a difference."""
     for name, spec in layers.items():
         try:
             original = model.get_submodule(name)
@@ -401,16 +420,22 @@ def _check_layer_targets(model: nn.Module, layers: dict, file: Path) -> None:
             raise ExportError(f"{file}: layers.{name}: the {type(model).__name__} has no such module") from None
         if not isinstance(original, getattr(nn, spec["type"])):
             raise ExportError(f"{file}: layers.{name}: a {spec['type']} cannot replace the model's "
-                              f"{type(original).__name__}")
+                              f"{type(original).__name__}; {fix}")
         if getattr(original, "padding_mode", "zeros") != "zeros":
             raise ExportError(f"{file}: layers.{name}: the model pads with {original.padding_mode!r}, "
                               f"the exported layer with zeros; they would compute different outputs")
+        found = _layer_spec(original)
+        for key in sorted(spec.keys() - {"type", *_SIZES[spec["type"]]}):
+            if found[key] != spec[key]:
+                raise ExportError(f"{file}: layers.{name}.{key}: {spec[key]!r} in the export, {found[key]!r} "
+                                  f"in the {type(model).__name__}; {fix}")
 
 
 def _check_against_weights(model: nn.Module, layers: dict, shapes: dict[str, tuple[int, ...]],
-                           path: Path) -> None:
-    """``model`` with ``layers`` swapped in has exactly the tensors of the safetensors header."""
-    _check_layer_targets(model, layers, path / _CONFIG)
+                           path: Path, fix: str) -> None:
+    """``model`` with ``layers`` swapped in has exactly the tensors of the safetensors header;
+    ``fix`` ends the message of a layer that computes otherwise (``_check_layer_targets``)."""
+    _check_layer_targets(model, layers, path / _CONFIG, fix)
     expected = {key: tuple(value.shape) for key, value in model.state_dict().items()
                 if not any(key.startswith(f"{name}.") for name in layers)}
     for name, spec in layers.items():
