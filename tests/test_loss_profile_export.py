@@ -1,8 +1,11 @@
 """AdjoinedLoss against a hand-written formula, profile against hand counts, export round trips."""
 
 import copy
+import json
 import math
 import pathlib
+import re
+import shutil
 import sys
 
 import pytest
@@ -12,7 +15,9 @@ from torch import nn
 
 import anfast
 from anfast.adjoin import AdjoinedOutput
-from anfast.loss import get_lambda_schedule, paper_lambda
+from anfast.export import ExportError
+from anfast.loss import (OneNetworkLoss, constant_lambda, distillation_loss, get_lambda_schedule, linear_lambda,
+                         paper_lambda)
 
 
 def test_loss_matches_the_paper_formula_in_float64():
@@ -52,6 +57,96 @@ def test_lambda_schedules():
     assert get_lambda_schedule("constant")(0.0) == 1.0
     with pytest.raises(ValueError, match="unknown lambda schedule 'cubic'"):
         get_lambda_schedule("cubic")
+
+
+def test_loss_refuses_a_lambda_outside_0_1_and_never_reads_a_tensor_one():
+    torch.manual_seed(0)
+    base, student = torch.randn(4, 10, dtype=torch.float64), torch.randn(4, 10, dtype=torch.float64)
+    target = torch.tensor([0, 3, 9, 2])
+    out = AdjoinedOutput(base, (student,))
+    for lambda_ in (float("nan"), float("inf"), -1.0, 1.5):
+        with pytest.raises(ValueError, match=rf"^lambda_={lambda_}: must be a finite number in \[0, 1\]; "
+                                             r"the schedules of anfast.loss give such values$"):
+            anfast.AdjoinedLoss()(out, target, lambda_)
+    # The CUDA-graph loop passes a device tensor (Stepper.lambda_on_device): reading it would
+    # synchronise every step. On meta, any read of a value raises.
+    meta = AdjoinedOutput(torch.randn(4, 10, device="meta"), (torch.randn(4, 10, device="meta"),))
+    loss = anfast.AdjoinedLoss()(meta, target.to("meta"), torch.tensor(0.5, device="meta"))
+    assert loss.shape == () and loss.is_meta
+    # By hand: CE on the base + lambda * mean_batch sum_k p_b (log p_b - log p_s).
+    p_b, p_s = torch.softmax(base, 1), torch.softmax(student, 1)
+    expected = float(nn.functional.nll_loss(p_b.log(), target) + 0.5 * (p_b * (p_b.log() - p_s.log())).sum() / 4)
+    assert float(anfast.AdjoinedLoss()(out, target, torch.tensor(0.5, dtype=torch.float64))) == pytest.approx(
+        expected, rel=1e-12)
+
+
+@pytest.mark.parametrize("make, message", [
+    pytest.param(lambda: anfast.AdjoinedLoss(temperature=float("nan")),
+                 r"temperature=nan: must be a finite number in \(0, inf\)", id="AdjoinedLoss-temperature-nan"),
+    pytest.param(lambda: anfast.AdjoinedLoss(temperature=0.0),
+                 r"temperature=0.0: must be a finite number in \(0, inf\)", id="AdjoinedLoss-temperature-0"),
+    pytest.param(lambda: anfast.AdjoinedLoss(label_smoothing=-0.1),
+                 r"label_smoothing=-0.1: must be a finite number in \[0, 1\] \(what F.cross_entropy takes\)",
+                 id="AdjoinedLoss-label_smoothing-negative"),
+    pytest.param(lambda: anfast.AdjoinedLoss(label_smoothing=1.5),
+                 r"label_smoothing=1.5: must be a finite number in \[0, 1\] \(what F.cross_entropy takes\)",
+                 id="AdjoinedLoss-label_smoothing-above-1"),
+    pytest.param(lambda: anfast.AdjoinedLoss(student_ce_weight=float("nan")),
+                 r"student_ce_weight=nan: must be a finite number in \[0, inf\)",
+                 id="AdjoinedLoss-student_ce_weight-nan"),
+    pytest.param(lambda: OneNetworkLoss("student", temperature=float("inf")),
+                 r"temperature=inf: must be a finite number in \(0, inf\)", id="OneNetworkLoss-temperature-inf"),
+    pytest.param(lambda: OneNetworkLoss("student", distill_weight=float("nan")),
+                 r"distill_weight=nan: must be a finite number in \[0, 1\]", id="OneNetworkLoss-distill_weight-nan"),
+    pytest.param(lambda: OneNetworkLoss("base", label_smoothing=-0.1),
+                 r"label_smoothing=-0.1: must be a finite number in \[0, 1\] \(what F.cross_entropy takes\)",
+                 id="OneNetworkLoss-label_smoothing-negative"),
+    pytest.param(lambda: distillation_loss(torch.zeros(2, 3), torch.zeros(2, 3), torch.tensor([0, 1]),
+                                           temperature=float("nan")),
+                 r"temperature=nan: must be a finite number in \(0, inf\)", id="distillation_loss-temperature-nan"),
+    pytest.param(lambda: distillation_loss(torch.zeros(2, 3), torch.zeros(2, 3), torch.tensor([0, 1]), weight=-0.5),
+                 r"weight=-0.5: must be a finite number in \[0, 1\]", id="distillation_loss-weight-negative"),
+])
+def test_loss_options_must_be_finite_and_in_range(make, message):
+    with pytest.raises(ValueError, match=rf"^{message}$"):
+        make()
+
+
+def test_label_smoothing_takes_what_cross_entropy_takes():
+    base, target = torch.randn(3, 5, dtype=torch.float64), torch.tensor([0, 4, 2])
+    loss = anfast.AdjoinedLoss(label_smoothing=1.0)(AdjoinedOutput(base, (base.clone(),)), target, 1.0)
+    # label smoothing 1: the target is uniform, so the CE is the mean over classes of -log p.
+    assert float(loss) == pytest.approx(float(-torch.log_softmax(base, 1).mean()), rel=1e-12)
+
+
+def test_loss_refuses_logits_that_are_not_batch_by_classes_of_one_shape():
+    base, target = torch.randn(4, 10), torch.tensor([0, 1, 2, 3])
+    with pytest.raises(ValueError, match=r"^students\[1\] logits of shape \(10,\): must have the base's shape "
+                                         r"\(4, 10\)$"):
+        anfast.AdjoinedLoss()(AdjoinedOutput(base, (torch.randn(4, 10), torch.randn(10))), target, 0.5)
+    # (N, C, H, W): the CE would be over dim 1, the KL over W.
+    dense = AdjoinedOutput(torch.randn(2, 10, 4, 4), (torch.randn(2, 10, 4, 4),))
+    with pytest.raises(ValueError, match=r"^base logits of shape \(2, 10, 4, 4\): must be 2-D \(batch, classes\); "
+                                         r"for dense predictions, move the classes last and flatten the rest$"):
+        anfast.AdjoinedLoss()(dense, torch.randint(0, 10, (2, 4, 4)), 0.5)
+    with pytest.raises(ValueError, match=r"^student logits of shape \(1, 10\): must have the teacher's shape "
+                                         r"\(4, 10\)$"):
+        distillation_loss(torch.randn(1, 10), base, target)
+
+
+@pytest.mark.parametrize("schedule, by_hand", [
+    (paper_lambda, {0.0: 0.0, 0.25: 0.25, 0.5: 1.0, 1.0: 1.0}),
+    (linear_lambda, {0.0: 0.0, 0.25: 0.5, 0.5: 1.0, 1.0: 1.0}),
+    (constant_lambda, {0.0: 1.0, 0.25: 1.0, 1.0: 1.0}),
+])
+def test_lambda_schedules_take_progress_in_0_1(schedule, by_hand):
+    for progress in (-0.5, -1, 1.5, float("nan"), float("inf")):
+        with pytest.raises(ValueError, match=rf"^progress={progress}: must be a finite number in \[0, 1\]; "
+                                             r"pass the fraction of training done, e / E$"):
+            schedule(progress)
+    assert {progress: schedule(progress) for progress in by_hand} == by_hand
+    # The training loop's values: epoch / epochs for epoch in range(epochs).
+    assert all(0 <= schedule(epoch / 7) <= 1 for epoch in range(7))
 
 
 def test_profile_counts_by_hand():
@@ -146,3 +241,53 @@ def test_step_census_counts_on_meta_what_a_real_step_runs():
     assert census(copy.deepcopy(providers["base"][0].conv1), lambda y, _: y.sum(), batch_size=2,
                   image_size=32, num_classes=10, channels_last=False)["flops"] == {
         "forward": stem, "backward": stem, "total": 2 * stem}
+
+
+@pytest.fixture(scope="module")
+def resnet18_student(tmp_path_factory):
+    """A resnet18 student (10 classes, 32 px) exported once, for the tests that edit it."""
+    path = tmp_path_factory.mktemp("export") / "student"
+    anfast.export_student(anfast.adjoin("resnet18", alpha=4, num_classes=10, input_size=(3, 32, 32)), path=path)
+    return path
+
+
+@pytest.mark.parametrize("layer, key, value, model_has", [
+    ("layer4.0.conv1", "stride", [1, 1], [2, 2]),
+    ("layer3.0.conv2", "padding", [2, 2], [1, 1]),
+    ("layer4.0.bn1", "eps", 0.001, 1e-05),
+])
+def test_load_student_refuses_an_edited_layer_naming_the_file_and_key(resnet18_student, tmp_path, layer, key, value,
+                                                                       model_has):
+    path = shutil.copytree(resnet18_student, tmp_path / "student")
+    config = json.loads((path / "config.json").read_text())
+    config["layers"][layer][key] = value
+    (path / "config.json").write_text(json.dumps(config))
+    message = (rf"^{re.escape(str(path / 'config.json'))}: layers\.{re.escape(layer)}\.{key}: "
+               rf"{re.escape(repr(value))} in the export, {re.escape(repr(model_has))} in the ResNet; ")
+    # Built from config.json's own source, the advice to pass another architecture would be wrong.
+    with pytest.raises(ExportError, match=message + r"the export is damaged or was edited; re-export the network$"):
+        anfast.load_student(path)
+    with pytest.raises(ExportError, match=message + r"pass the architecture the network was exported from$"):
+        anfast.load_student(path, model=torchvision.models.resnet18(num_classes=10))
+
+
+def test_export_refuses_a_plain_network_an_index_that_is_not_a_whole_number_and_a_file_for_a_folder(tmp_path):
+    for export in (anfast.export_student, anfast.export_base):
+        with pytest.raises(TypeError, match=rf"^{export.__name__} takes an adjoined network, got a ResNet; "
+                                            r"pass what anfast.adjoin\(model\) returns$"):
+            export(torchvision.models.resnet18(num_classes=10))
+    model = nn.Sequential(nn.Conv2d(3, 16, 3), nn.BatchNorm2d(16), nn.ReLU(), nn.Conv2d(16, 16, 3),
+                          nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(16, 3))
+    an = anfast.adjoin(model, alpha=2, policy="all", input_size=(3, 8, 8)).eval()
+    for index in ("0", 0.0, True):
+        with pytest.raises(TypeError, match=rf"^index={re.escape(repr(index))}: must be a whole number, the "
+                                            r"student's position \(0 to 0\)$"):
+            anfast.export_student(an, index)
+    file = tmp_path / "a_file"
+    file.write_text("x")
+    for export, path in ((anfast.export_student, file), (anfast.export_base, file / "base")):
+        with pytest.raises(NotADirectoryError, match=rf"^path={re.escape(repr(str(path)))}: {re.escape(str(file))} "
+                                                     r"is not a folder; pass a folder, which will hold "
+                                                     r"model.safetensors and config.json$"):
+            export(an, path=path)
+    assert file.read_text() == "x"
