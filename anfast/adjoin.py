@@ -558,6 +558,7 @@ def adjoin(
     network.width_groups = list(groups.values())
     skeleton = copy.deepcopy(model).to("meta")
     network.__dict__["_skeleton"] = skeleton  # not a submodule: no parameters, no state
+    _check_students_run(network, model, input_size)
     network.train(model.training)
     return network
 
@@ -661,6 +662,36 @@ def _propagate_shapes(traced: torch.fx.GraphModule, model: nn.Module, input_size
                           "accepts") from error
     finally:
         traced.train(was_training)
+
+
+def _check_students_run(network: "AdjoinedNetwork", model: nn.Module, input_size: Sequence[int]) -> None:
+    """Run the adjoined network once, as _propagate_shapes ran the model. A forward that
+    fixes a channel count (``x.reshape(-1, 128, 6, 6)``, ``expand(2, 128, ...)``) traces
+    and runs at full width, and fails only at a student's width: refused here, naming
+    the node, rather than at the first call. Its convs run on torch for this one pass
+    (no tuning, no compiles), in eval mode (running statistics untouched)."""
+    convs = [module for module in network.modules() if isinstance(module, AdjoinedConv2d)]
+    backends = [conv.backend for conv in convs]
+    for conv in convs:
+        conv.backend = "torch"
+    parameter = next(network.parameters(), None)
+    device = parameter.device if parameter is not None else torch.device("cpu")
+    dtype = parameter.dtype if parameter is not None else torch.float32
+    network.eval()
+    propagation = _ShapeProp(network)
+    try:
+        with torch.no_grad(), contextlib.redirect_stderr(io.StringIO()):
+            propagation.propagate(torch.zeros(2, *input_size, device=device, dtype=dtype))
+    except Exception as error:
+        cause = error.__cause__ if isinstance(error, RuntimeError) and error.__cause__ is not None else error
+        where = f" at {_node_label(propagation.node)}" if propagation.node is not None else ""
+        raise AdjoinError(f"{type(model).__name__} runs, but its students fail{where}: {type(cause).__name__}: "
+                          f"{cause}; the forward fixes a channel count there (a number in reshape / view / "
+                          f"expand): compute it from the tensor (x.shape[1], or -1), or make that code a leaf "
+                          f"module, which keeps full width") from error
+    finally:
+        for conv, backend in zip(convs, backends):
+            conv.backend = backend
 
 
 def _assign_widths(analysis: _Analysis, traced, policy, alphas, round_to) -> dict:

@@ -430,3 +430,27 @@ def test_an_unknown_backend_is_refused_by_adjoin_before_tracing():
     with pytest.raises(AdjoinError, match=r"backend='cudnn' is no backend; choose one of gemm, cuda, triton, "
                                           r"torch, or leave it out for auto"):
         anfast.adjoin(SmallCNN(), backend="cudnn", input_size=SIZE)
+
+
+class _FixedChannels(nn.Module):
+    def __init__(self, expand: bool):
+        super().__init__()
+        self.a, self.b, self.expand = nn.Conv2d(3, 128, 3), nn.Conv2d(128, 4, 1), expand
+
+    def forward(self, x):
+        y = self.a(x)
+        return self.b(y.expand(2, 128, 6, 6) if self.expand else y.reshape(-1, 128, 6, 6))
+
+
+@pytest.mark.parametrize("expand", [False, True])
+def test_a_forward_that_fixes_a_channel_count_is_refused_by_adjoin_naming_the_node(expand):
+    """It runs at full width, so tracing and shape propagation pass; at the students'
+    width it fails: adjoin says where, instead of the network's first call."""
+    model = _FixedChannels(expand)
+    model(torch.zeros(2, 3, 8, 8))  # the original runs
+    method = "expand" if expand else "reshape"
+    with pytest.raises(AdjoinError, match=rf"_FixedChannels runs, but its students fail at {method}_\d+ "
+                                          rf"\(call_method {method}\).*fixes a channel count"):
+        anfast.adjoin(model, policy="all", input_size=(3, 8, 8))
+    assert anfast.adjoin(model, policy={"a": False}, input_size=(3, 8, 8))(torch.zeros(2, 3, 8, 8)).base.shape \
+        == (2, 4, 6, 6)
