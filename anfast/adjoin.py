@@ -18,6 +18,7 @@ import contextlib
 import copy
 import io
 import math
+import numbers
 import operator
 import sys
 from dataclasses import dataclass, field
@@ -77,8 +78,12 @@ torch.fx.wrap("_make_output")
 def student_width(channels: int, alpha: float, round_to: int = 8, multiple: int = 1) -> int:
     """width(C, alpha) = C if alpha == 1 else min(C, round_up(ceil(C / alpha), step)).
 
-    ``step`` is lcm(round_to, multiple): grouped convs keep whole groups.
+    ``step`` is lcm(round_to, multiple): grouped convs keep whole groups. ``alpha`` is a
+    finite number >= 1 (ValueError otherwise: inf would give 0 channels, a negative one
+    a negative width).
     """
+    if not (isinstance(alpha, numbers.Real) and math.isfinite(alpha) and alpha >= 1):
+        raise ValueError(f"alpha={alpha!r}: give a finite number >= 1 (the student is 1/alpha as wide)")
     if alpha == 1:
         return channels
     step = math.lcm(max(1, int(round_to)), max(1, int(multiple)))
@@ -213,7 +218,8 @@ def _analyse(gm: torch.fx.GraphModule) -> _Analysis:
         if node.op in ("placeholder", "get_attr"):
             result.shared.add(node)
             if shape is not None and len(shape) >= 2:
-                result.channels[node] = _Channels((new_dim(shape[1], fixed="model input"),))
+                fixed = "model input" if node.op == "placeholder" else f"parameter / buffer {node.target}"
+                result.channels[node] = _Channels((new_dim(shape[1], fixed=fixed),))
             continue
         if node.op == "output":
             def mark_fixed(n):
@@ -233,12 +239,17 @@ def _analyse(gm: torch.fx.GraphModule) -> _Analysis:
         where = _describe(node)
         function = node.target if node.op in ("call_function", "call_method") else None
 
+        if isinstance(module, (nn.Conv1d, nn.Conv3d, nn.ConvTranspose2d)):
+            raise AdjoinError(f"{where}: {type(module).__name__} is not supported; anfast adjoins Conv2d "
+                              f"(2-D image CNNs)")
         if isinstance(module, (nn.Conv2d, nn.Linear, nn.BatchNorm2d)):
             _check_layer_class(module, where)
         if isinstance(module, nn.Conv2d):
             x = in_channels[0]
             if x is None or x.features_per_channel != 1:
-                raise AdjoinError(f"{where}: cannot follow the channels of its input")
+                raise AdjoinError(f"{where}: cannot follow the channels of its input: an op before it "
+                                  f"splits the channel axis (chunk, split or a channel slice, say), which "
+                                  f"anfast does not follow channels through")
             if module.padding_mode != "zeros":
                 raise AdjoinError(f"{where}: padding_mode={module.padding_mode!r}; anfast supports 'zeros'")
             try:
@@ -372,10 +383,20 @@ def _as_alphas(value: Any, alphas: tuple[float, ...], where: str) -> tuple[float
         return alphas
     if value is False or value is None:
         return (1.0,) * len(alphas)
-    if isinstance(value, (int, float)):
-        result = (float(value),) * len(alphas)
+    def number(v):
+        if isinstance(v, bool) or not isinstance(v, numbers.Real):
+            raise AdjoinError(f"policy for {where}: {value!r} is not an alpha; give a number >= 1, a tuple of "
+                              f"one per student, True (shrink by alpha) or False (keep full width)")
+        return float(v)
+
+    if isinstance(value, numbers.Real):
+        result = (number(value),) * len(alphas)
     else:
-        result = tuple(float(v) for v in value)
+        try:
+            result = tuple(number(v) for v in value)
+        except TypeError:  # not iterable
+            number(value)
+            raise
         if len(result) != len(alphas):
             raise AdjoinError(f"policy for {where}: {len(result)} alphas given for {len(alphas)} students")
     if not all(math.isfinite(a) and a >= 1 for a in result):
@@ -398,8 +419,11 @@ def _layer_alphas(policy: Policy, name: str, module: nn.Module, alphas: tuple[fl
 
 
 def _check_alpha(alpha: Alpha) -> tuple[float, ...]:
-    alphas = (alpha,) if isinstance(alpha, (int, float)) else tuple(alpha)
-    if not alphas or not all(isinstance(a, (int, float)) and not isinstance(a, bool) and math.isfinite(a)
+    try:
+        alphas = (alpha,) if isinstance(alpha, numbers.Real) else tuple(alpha)
+    except TypeError:  # not a number, not iterable: a 0-d tensor, say
+        alphas = ()
+    if not alphas or not all(isinstance(a, numbers.Real) and not isinstance(a, bool) and math.isfinite(a)
                              and a >= 1 for a in alphas):
         raise AdjoinError(f"alpha={alpha!r}: give a number >= 1 (the student is 1/alpha as wide) or a tuple of them")
     if list(alphas) != sorted(alphas):

@@ -229,6 +229,49 @@ def test_errors_name_the_module_and_the_fix():
                       input_size=(3, 8, 8))
 
 
+class _Split(nn.Module):
+    """Each failure mode of test_errors_say_what_they_found: a gated half, a per-channel parameter."""
+
+    def __init__(self, gated: bool):
+        super().__init__()
+        self.gated, self.a, self.b = gated, nn.Conv2d(3, 128, 3), nn.Conv2d(64 if gated else 128, 4, 1)
+        self.p = nn.Parameter(torch.ones(1, 128, 1, 1))
+
+    def forward(self, x):
+        if self.gated:
+            y1, y2 = self.a(x).chunk(2, dim=1)
+            return self.b(y1 * torch.sigmoid(y2))
+        return self.b(self.a(x) + self.p)
+
+
+def test_errors_say_what_they_found():
+    """Types a user may hand in (numpy / torch scalars, strings from a config) and layers
+    anfast cannot adjoin get errors that say what was found, not what was not."""
+    import numpy as np
+    from anfast.dan import SearchSpace
+    from anfast.dan import DanError
+
+    assert anfast.adjoin(SmallCNN(), alpha=np.float32(4), input_size=(3, 9, 9)).alphas == (4.0,)
+    with pytest.raises(AdjoinError, match=r"alpha=tensor\(4.\): give a number >= 1"):
+        anfast.adjoin(SmallCNN(), alpha=torch.tensor(4.0), input_size=(3, 9, 9))
+    for policy, found in ((lambda name, module: "x", "'x'"), ({"left": "2"}, "'2'")):
+        with pytest.raises(AdjoinError, match=rf"policy for \w+: {found} is not an alpha; give a number >= 1"):
+            anfast.adjoin(SmallCNN(), policy=policy, input_size=(3, 9, 9))
+    with pytest.raises(AdjoinError, match="0: Conv1d is not supported; anfast adjoins Conv2d"):
+        anfast.adjoin(nn.Sequential(nn.Conv1d(3, 128, 3), nn.Conv1d(128, 4, 1)), input_size=(3, 16))
+    with pytest.raises(AdjoinError, match="b: cannot follow the channels of its input: an op before it splits"):
+        anfast.adjoin(_Split(gated=True), policy="all", input_size=(3, 8, 8))
+    with pytest.raises(AdjoinError, match="shrink a, but its channels are the parameter / buffer p"):
+        anfast.adjoin(_Split(gated=False), policy={"a": 4}, input_size=(3, 8, 8))
+    for alpha in (float("inf"), -2, float("nan")):
+        with pytest.raises(ValueError, match=rf"alpha={alpha}: give a finite number >= 1"):
+            student_width(64, alpha)
+    network = anfast.adjoin(SmallCNN(), alpha=1, policy="all", input_size=(3, 9, 9))
+    for bad in (float("inf"), float("nan")):
+        with pytest.raises(DanError, match=r"give two or more distinct width divisors >= 1"):
+            SearchSpace.from_network(network, choices=(1, bad))
+
+
 class Scaled(nn.Module):
     """A non-persistent normalisation buffer, string paddings and a (C, 1, 1) layer scale."""
 

@@ -8,6 +8,8 @@ layer outputs carry each group's mask.
 
 from __future__ import annotations
 
+import math
+
 from dataclasses import dataclass
 from typing import Sequence
 
@@ -88,7 +90,7 @@ class SearchSpace:
 
 def _check_choices(choices: Sequence[float]) -> tuple[float, ...]:
     values = tuple(float(c) for c in choices)
-    if len(values) < 2 or any(c < 1 for c in values) or len(set(values)) != len(values):
+    if len(values) < 2 or not all(math.isfinite(c) and c >= 1 for c in values) or len(set(values)) != len(values):
         raise DanError(f"choices={tuple(choices)}: give two or more distinct width divisors >= 1, "
                        "e.g. 1,2,4,8 (the student is 1/alpha as wide)")
     return tuple(sorted(values))
