@@ -21,6 +21,7 @@ import math
 import numbers
 import operator
 import sys
+import warnings
 from dataclasses import dataclass, field
 from typing import Any, Callable, Mapping, NamedTuple, Optional, Sequence, Union
 
@@ -580,6 +581,12 @@ def adjoin(
     network.alphas = alphas
     network.source = source
     network.width_groups = list(groups.values())
+    if any(a > 1 for a in alphas) and all(w == g.channels for g in network.width_groups for w in g.widths):
+        rule = (f" ('paper' shrinks convs whose in and out channels both exceed {PAPER_MIN_CHANNELS})"
+                if policy == "paper" else "")
+        warnings.warn(f"adjoin: no layer of {type(model).__name__} shrinks under this policy{rule}, so every "
+                      f"student equals the base; use policy='all' or name the layers to shrink",
+                      UserWarning, stacklevel=2)
     skeleton = copy.deepcopy(model).to("meta")
     network.__dict__["_skeleton"] = skeleton  # not a submodule: no parameters, no state
     _check_students_run(network, model, input_size)

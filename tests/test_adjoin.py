@@ -497,3 +497,17 @@ def test_a_forward_that_fixes_a_channel_count_is_refused_by_adjoin_naming_the_no
         anfast.adjoin(model, policy="all", input_size=(3, 8, 8))
     assert anfast.adjoin(model, policy={"a": False}, input_size=(3, 8, 8))(torch.zeros(2, 3, 8, 8)).base.shape \
         == (2, 4, 6, 6)
+
+
+def test_a_policy_that_shrinks_nothing_warns_once_students_would_equal_the_base():
+    small = nn.Sequential(nn.Conv2d(3, 32, 3), nn.ReLU(), nn.Conv2d(32, 4, 1))
+    with pytest.warns(UserWarning, match=r"no layer of Sequential shrinks under this policy \('paper' shrinks "
+                                         r"convs whose in and out channels both exceed 64\)"):
+        an = anfast.adjoin(small, input_size=(3, 8, 8))
+    assert all(w == g.channels for g in an.width_groups for w in g.widths)
+    import warnings
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert anfast.adjoin(small, alpha=1, policy="all", input_size=(3, 8, 8))  # DAN's full-width start
+        shrunk = anfast.adjoin(small, policy="all", input_size=(3, 8, 8))
+    assert shrunk.layer_widths["0"].student_out == (8,)
