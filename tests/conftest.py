@@ -28,6 +28,28 @@ if "ANFAST_DATA_HOME" not in os.environ:
     os.environ["ANFAST_DATA_HOME"] = _data_home.name
 
 
+@pytest.fixture(scope="session", autouse=True)
+def background_work(request, tmp_path_factory):
+    """{test module name: what its ``start_in_background(folder)`` returned}, for the test
+    modules with a selected test named in their ``BACKGROUND_TESTS``: work of a minute or
+    more (test_cuda_build's CMake build) that starts with the session, at low priority,
+    and runs beside the tests before it, most of which keep one of two cores busy.
+    Nothing starts under xdist (each worker would start its own); a test then starts its
+    work itself. Whatever still runs at the session's end is killed."""
+    started = {}
+    if os.environ.get("PYTEST_XDIST_WORKER") is None:
+        for item in request.session.items:
+            module = getattr(item, "module", None)
+            if (module is not None and module.__name__ not in started
+                    and item.name in getattr(module, "BACKGROUND_TESTS", ())):
+                started[module.__name__] = module.start_in_background(tmp_path_factory.mktemp(module.__name__))
+    yield started
+    for work in started.values():
+        if work is not None and work[0].poll() is None:
+            work[0].kill()
+            work[0].wait()
+
+
 @pytest.hookimpl(trylast=True)
 def pytest_runtest_teardown(item, nextitem):
     """A test that broke the CUDA context stops its process (helpers.stop_if_cuda_context_is_broken;
