@@ -673,13 +673,17 @@ def _node_label(node: torch.fx.Node) -> str:
     return f"{node.name} ({node.op} {getattr(node.target, '__name__', node.target)})"
 
 
-def _propagate_shapes(traced: torch.fx.GraphModule, model: nn.Module, input_size: Sequence[int]) -> None:
-    parameter = next(model.parameters(), None)
+def _run_zero_batch(graph_module: torch.fx.GraphModule, input_size: Sequence[int],
+                    refusal: Callable[[str, BaseException], str]) -> None:
+    """Run ``graph_module`` node by node (ShapeProp: every node gets its tensor_meta) on a
+    zero batch of 2 at ``input_size``, in eval mode (running statistics untouched) and
+    without gradients; a failure raises AdjoinError(refusal(" at NODE", cause))."""
+    parameter = next(graph_module.parameters(), None)
     device = parameter.device if parameter is not None else torch.device("cpu")
     dtype = parameter.dtype if parameter is not None else torch.float32
-    was_training = traced.training
-    traced.eval()  # never update running statistics while tracing shapes
-    propagation = _ShapeProp(traced)
+    was_training = graph_module.training
+    graph_module.eval()
+    propagation = _ShapeProp(graph_module)
     try:
         # ShapeProp prints the traceback of a failing node before it raises; the error
         # below chains it (--debug shows it), so the user sees one line.
@@ -688,11 +692,15 @@ def _propagate_shapes(traced: torch.fx.GraphModule, model: nn.Module, input_size
     except Exception as error:
         cause = error.__cause__ if isinstance(error, RuntimeError) and error.__cause__ is not None else error
         where = f" at {_node_label(propagation.node)}" if propagation.node is not None else ""
-        raise AdjoinError(f"{type(model).__name__} fails on an input of size (2, {', '.join(map(str, input_size))})"
-                          f"{where}: {type(cause).__name__}: {cause}; pass input_size=(C, H, W) that the model "
-                          "accepts") from error
+        raise AdjoinError(refusal(where, cause)) from error
     finally:
-        traced.train(was_training)
+        graph_module.train(was_training)
+
+
+def _propagate_shapes(traced: torch.fx.GraphModule, model: nn.Module, input_size: Sequence[int]) -> None:
+    _run_zero_batch(traced, input_size, lambda where, cause: (
+        f"{type(model).__name__} fails on an input of size (2, {', '.join(map(str, input_size))}){where}: "
+        f"{type(cause).__name__}: {cause}; pass input_size=(C, H, W) that the model accepts"))
 
 
 def _check_students_run(network: "AdjoinedNetwork", model: nn.Module, input_size: Sequence[int]) -> None:
@@ -700,26 +708,16 @@ def _check_students_run(network: "AdjoinedNetwork", model: nn.Module, input_size
     fixes a channel count (``x.reshape(-1, 128, 6, 6)``, ``expand(2, 128, ...)``) traces
     and runs at full width, and fails only at a student's width: refused here, naming
     the node, rather than at the first call. Its convs run on torch for this one pass
-    (no tuning, no compiles), in eval mode (running statistics untouched)."""
+    (no tuning, no compiles)."""
     convs = [module for module in network.modules() if isinstance(module, AdjoinedConv2d)]
     backends = [conv.backend for conv in convs]
     for conv in convs:
         conv.backend = "torch"
-    parameter = next(network.parameters(), None)
-    device = parameter.device if parameter is not None else torch.device("cpu")
-    dtype = parameter.dtype if parameter is not None else torch.float32
-    network.eval()
-    propagation = _ShapeProp(network)
     try:
-        with torch.no_grad(), contextlib.redirect_stderr(io.StringIO()):
-            propagation.propagate(torch.zeros(2, *input_size, device=device, dtype=dtype))
-    except Exception as error:
-        cause = error.__cause__ if isinstance(error, RuntimeError) and error.__cause__ is not None else error
-        where = f" at {_node_label(propagation.node)}" if propagation.node is not None else ""
-        raise AdjoinError(f"{type(model).__name__} runs, but its students fail{where}: {type(cause).__name__}: "
-                          f"{cause}; the forward fixes a channel count there (a number in reshape / view / "
-                          f"expand): compute it from the tensor (x.shape[1], or -1), or make that code a leaf "
-                          f"module, which keeps full width") from error
+        _run_zero_batch(network, input_size, lambda where, cause: (
+            f"{type(model).__name__} runs, but its students fail{where}: {type(cause).__name__}: {cause}; "
+            f"the forward fixes a channel count there (a number in reshape / view / expand): compute it "
+            f"from the tensor (x.shape[1], or -1), or make that code a leaf module, which keeps full width"))
     finally:
         for conv, backend in zip(convs, backends):
             conv.backend = backend
