@@ -11,7 +11,6 @@ Skipped only where nvcc is absent.
 import json
 import os
 import re
-import shlex
 import shutil
 import signal
 import subprocess
@@ -199,10 +198,11 @@ def start_in_background(folder: Path):
     build.mkdir(parents=True)
     configure = ["cmake", "-S", str(ROOT), "-B", str(build), "-DCMAKE_CUDA_ARCHITECTURES=80",
                  "-DCMAKE_EXPORT_COMPILE_COMMANDS=ON", f"-DPython3_EXECUTABLE={sys.executable}"]
-    script = f"{' '.join(map(shlex.quote, configure))} && cmake --build {shlex.quote(str(build))} -j2"
+    compile_ = ["cmake", "--build", str(build), "-j2"]
+    script = f"import subprocess\nsubprocess.run({configure!r}, check=True)\nsubprocess.run({compile_!r}, check=True)"
     with open(build / "build.log", "w") as log:
-        process = subprocess.Popen(["nice", "-n", "10", "bash", "-c", script], stdout=log,
-                                   stderr=subprocess.STDOUT)
+        process = subprocess.Popen([sys.executable, "-c", script], stdout=log, stderr=subprocess.STDOUT,
+                                   preexec_fn=lambda: os.nice(10))
     return process, build
 
 
