@@ -31,8 +31,7 @@ from torch import nn
 from torch.fx.passes.shape_prop import ShapeProp
 
 from anfast.nn import AdjoinedBatchNorm2d, AdjoinedConv2d, AdjoinedLinear
-from anfast.nn.conv import numeric_padding
-from anfast.ops.backend import BACKEND_PRIORITY
+from anfast.nn.conv import numeric_padding, unknown_backend
 
 __all__ = [
     "AdjoinError",
@@ -548,9 +547,8 @@ def adjoin(
         An AdjoinedNetwork; ``an(x)`` gives ``AdjoinedOutput(base, students)``.
     """
     alphas = _check_alpha(alpha)
-    if backend not in (None, "auto", *BACKEND_PRIORITY):
-        raise AdjoinError(f"backend={backend!r} is no backend; choose one of {', '.join(BACKEND_PRIORITY)}, "
-                          f"or leave it out for auto")
+    if unknown_backend(backend):
+        raise AdjoinError(f"{unknown_backend(backend)}, or leave it out for auto")
     source: dict = {}
     if isinstance(model, str):
         from anfast.models import create_model

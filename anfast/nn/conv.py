@@ -13,7 +13,7 @@ from anfast.ops.backend import BACKEND_PRIORITY
 from anfast.ops.conv import fixed_backend_name
 from anfast.ops.reference import student_groups, student_weight
 
-__all__ = ["AdjoinedConv2d", "autocast_inputs", "numeric_padding"]
+__all__ = ["AdjoinedConv2d", "autocast_inputs", "numeric_padding", "unknown_backend"]
 
 
 def numeric_padding(conv: nn.Conv2d) -> tuple[int, int]:
@@ -29,6 +29,14 @@ def numeric_padding(conv: nn.Conv2d) -> tuple[int, int]:
         raise ValueError(f"padding='same' with kernel {tuple(conv.kernel_size)} and dilation "
                          f"{tuple(conv.dilation)} pads unevenly; give explicit padding or an odd kernel")
     return tuple(t // 2 for t in total)
+
+
+def unknown_backend(name: Optional[str]) -> str:
+    """Why ``name`` is no backend of anfast.ops.adjoined_conv2d ("" for a backend, "auto"
+    and None): one check for the layer's setter and adjoin's ``backend=``."""
+    if name is None or name == "auto" or name in BACKEND_PRIORITY:
+        return ""
+    return f"backend={name!r} is no backend; choose one of {', '.join(BACKEND_PRIORITY)}"
 
 
 def autocast_inputs(*tensors: Optional[torch.Tensor]) -> tuple[Optional[torch.Tensor], ...]:
@@ -103,9 +111,9 @@ class AdjoinedConv2d(nn.Conv2d):
 
     @backend.setter
     def backend(self, name: Optional[str]) -> None:
-        if name is not None and name != "auto" and name not in BACKEND_PRIORITY:
-            raise ValueError(f"AdjoinedConv2d: backend={name!r} is no backend; choose one of "
-                             f"{', '.join(BACKEND_PRIORITY)}, or None / 'auto' for auto")
+        unknown = unknown_backend(name)
+        if unknown:
+            raise ValueError(f"AdjoinedConv2d: {unknown}, or None / 'auto' for auto")
         self._backend = None if name == "auto" else name
 
     def _check_fused_form(self) -> None:
