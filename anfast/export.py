@@ -8,6 +8,7 @@ code that expects a torchvision ResNet keeps working.
 from __future__ import annotations
 
 import collections
+import hashlib
 import json
 import numbers
 import os
@@ -24,7 +25,7 @@ from anfast.models import arch_name, fetching_kwargs, model_from_source
 from anfast.nn.conv import numeric_padding
 
 __all__ = ["export_student", "export_base", "save_exported", "load_student", "read_export",
-           "ExportError", "EXPORT_FORMAT"]
+           "export_digest", "ExportError", "EXPORT_FORMAT"]
 
 EXPORT_FORMAT = "anfast.export/1"
 _WEIGHTS, _CONFIG = "model.safetensors", "config.json"
@@ -291,6 +292,22 @@ def _build(source: dict, path: Path) -> nn.Module:
 def _non_persistent_buffers(model: nn.Module) -> list[str]:
     persistent = model.state_dict().keys()
     return [name for name, _ in model.named_buffers() if name not in persistent]
+
+
+def export_digest(path: Union[str, os.PathLike]) -> str:
+    """SHA-256 of an export's config.json and model.safetensors: two folders with the same
+    digest load the same network with the same weights (a copy of a folder keeps it, a
+    network trained on or re-exported with other weights does not)."""
+    path = Path(path)
+    digest = hashlib.sha256()
+    for file in (path / _CONFIG, path / _WEIGHTS):
+        if not file.is_file():
+            raise FileNotFoundError(f"{path}: expected {_CONFIG} and {_WEIGHTS} written by anfast.export_student")
+        digest.update(f"{file.name}\0{file.stat().st_size}\0".encode())
+        with open(file, "rb") as stream:
+            for block in iter(lambda: stream.read(1 << 20), b""):
+                digest.update(block)
+    return digest.hexdigest()
 
 
 def read_export(path: Union[str, os.PathLike]) -> tuple[dict, dict[str, tuple[int, ...]]]:

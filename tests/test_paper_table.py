@@ -5,6 +5,8 @@ import json
 import math
 import os
 import pathlib
+import re
+import shutil
 import signal
 import sys
 
@@ -71,6 +73,40 @@ def test_teacher_needs_student_objective(tmp_path):
         TrainConfig(teacher=str(tmp_path)).validate()
     with pytest.raises(ConfigError, match="not an anfast export folder"):
         TrainConfig(objective="student", teacher=str(tmp_path)).validate()
+
+
+def test_a_resumed_run_keeps_its_teacher_wherever_its_folder_moved(tmp_path):
+    """--teacher says where the teacher lives (RESUME_FREE): a resume may name a copy of the
+    same export, but not another network's weights, nor add a teacher to a run trained without
+    one or drop the run's (each was accepted, and the rest of the run distilled from another
+    network or from none); refused before anything is written."""
+    data = make_image_folder(tmp_path / "data")
+    teachers = []
+    for seed in (0, 1):  # two exports of one architecture: same config.json, other weights
+        torch.manual_seed(seed)
+        teachers.append(tmp_path / f"teacher{seed}")
+        anfast.export_base(anfast.adjoin("resnet18", alpha=4, num_classes=3, input_size=(3, 16, 16)),
+                           path=teachers[-1])
+    moved = shutil.copytree(teachers[0], tmp_path / "moved")
+    stop_at_step_1 = dict(should_stop=lambda step: step == 1)
+    taught, alone = tmp_path / "taught", tmp_path / "alone"
+    assert fit(tiny_config(data, taught, objective="student", epochs=2, teacher=str(teachers[0])),
+               **stop_at_step_1)["interrupted"]
+    assert fit(tiny_config(data, alone, objective="student", epochs=2), **stop_at_step_1)["interrupted"]
+    refused = (
+        (taught, teachers[1], f"--teacher {teachers[1]} holds other weights than the run's teacher "
+                              f"(--teacher {teachers[0]} when it was started)"),
+        (taught, None, f"no --teacher (the run: --teacher {teachers[0]})"),
+        (alone, teachers[0], f"--teacher {teachers[0]} (the run: none)"),
+    )
+    for run, teacher, conflict in refused:
+        before = (run / "checkpoints" / "last.pt").read_bytes()
+        with pytest.raises(ConfigError, match=re.escape(conflict)):
+            fit(tiny_config(data, run, objective="student", epochs=2, resume="auto",
+                            teacher=None if teacher is None else str(teacher)))
+        assert (run / "checkpoints" / "last.pt").read_bytes() == before
+    summary = fit(tiny_config(data, taught, objective="student", epochs=2, resume="auto", teacher=str(moved)))
+    assert summary["epochs"] == 2 and not summary.get("interrupted")
 
 
 def test_paper_table_end_to_end(tmp_path):

@@ -245,7 +245,8 @@ RESUME_FIXED = ("num_classes", "synthetic_steps", "arch", "alpha", "policy", "ro
                 "warmup_epochs", "clip_grad", "amp",
                 "image_size", "seed", "ema", "ema_decay", "sync_bn")
 # Options a resumed run takes from its command line: where and how it runs, not what it computes.
-# arch_config may name another copy of the same file (its widths are checked by loading the weights).
+# arch_config may name another copy of the same file (its widths are checked by loading the weights),
+# teacher another copy of the same export (checked by resume_conflicts and the weights' digest).
 RESUME_FREE = ("data", "arch_config", "channels_last", "compile", "streams", "cuda_graphs", "loader",
                "workers", "out", "resume", "overwrite", "device", "backend", "log_interval", "max_bad_steps", "pretrained",
                "pretrained_skip_classifier", "teacher")
@@ -267,6 +268,11 @@ def resume_conflicts(saved: Dict[str, Any], config: "TrainConfig") -> List[str]:
             old = [float(v) for v in old]
         if old != new:
             conflicts.append(f"--{name.replace('_', '-')} {show(new)} (the run: {show(old)})")
+    # The teacher's folder may move (RESUME_FREE), but a run taught by one is taught by one
+    # (its weights are compared by digest where the checkpoint holds one: anfast.train.loop).
+    if "teacher" in saved and (saved["teacher"] is None) != (config.teacher is None):
+        conflicts.append(f"--teacher {config.teacher} (the run: none)" if saved["teacher"] is None
+                         else f"no --teacher (the run: --teacher {saved['teacher']})")
     return conflicts
 
 

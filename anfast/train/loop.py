@@ -45,7 +45,7 @@ from tqdm import tqdm
 from anfast.data import builtin_dataset, create_loader
 from anfast.data.folder import class_mismatch
 from anfast.data.synthetic import DEFAULT_SYNTHETIC_CLASSES, SyntheticLoader
-from anfast.export import load_student
+from anfast.export import export_digest, load_student
 from anfast.loss import AdjoinedLoss, OneNetworkLoss, TaughtOutput, get_lambda_schedule
 from anfast.nn import convert_sync_batchnorm
 from anfast.nn.backends import collect_layer_problems, layer_backends, prepare_backends, set_backend
@@ -332,6 +332,7 @@ class Run:
     stop_signal: StopOnSignal
     should_stop: Optional[Callable[[int], bool]]
     started: float               # perf_counter at the start of this process's run
+    teacher_sha256: Optional[str]  # export_digest of --teacher, kept in the checkpoint
 
     @property
     def run_dir(self) -> Path:
@@ -347,7 +348,8 @@ def _fit(config: TrainConfig, info: DistributedInfo, should_stop: Optional[Calla
     started = time.perf_counter()
     check_environment(config, info.device)
     amp_dtype = resolve_amp_dtype(config.amp, info.device)
-    resume_path, checkpoint = _open_resumed_checkpoint(config, info.device, kind)
+    teacher_sha256 = export_digest(config.teacher) if config.teacher is not None else None
+    resume_path, checkpoint = _open_resumed_checkpoint(config, info.device, kind, teacher_sha256)
     torch.manual_seed(config.seed + info.rank)
     np.random.seed(config.seed + info.rank)
 
@@ -363,7 +365,7 @@ def _fit(config: TrainConfig, info: DistributedInfo, should_stop: Optional[Calla
               schedule=schedule, compile_mode=mode, model=model,
               eval_model=parts.ema.module if parts.ema else parts.an, log=log,
               host_group=create_host_group(), stop_signal=stop_signal, should_stop=should_stop,
-              started=started)
+              started=started, teacher_sha256=teacher_sha256)
     stepper = Stepper(run, state)
 
     while state.epoch < config.epochs:
@@ -385,17 +387,22 @@ def _fit(config: TrainConfig, info: DistributedInfo, should_stop: Optional[Calla
     return summary
 
 
-def _open_resumed_checkpoint(config: TrainConfig, device: torch.device, kind: "Training"
-                             ) -> Tuple[Optional[Path], Optional[Dict[str, Any]]]:
+def _open_resumed_checkpoint(config: TrainConfig, device: torch.device, kind: "Training",
+                             teacher_sha256: Optional[str]) -> Tuple[Optional[Path], Optional[Dict[str, Any]]]:
     """The checkpoint --resume continues and its contents (None, None for a fresh start);
     refused when it is another kind of run's (a search's for `anfast train`), then when the
-    command line changes an option the run was started with."""
+    command line changes an option the run was started with, or gives a --teacher whose
+    weights (``teacher_sha256``, export_digest) are not the run's teacher's."""
     resume_path = resolve_resume_path(config, kind.keep_options)
     if resume_path is None:
         return None, None
     checkpoint = load_training_checkpoint(resume_path, map_location=device)
     kind.check_resumed(checkpoint, resume_path)
-    conflicts = resume_conflicts(checkpoint["config"] or {}, config)
+    saved = checkpoint["config"] or {}
+    conflicts = resume_conflicts(saved, config)
+    if None not in (teacher_sha256, checkpoint.get("teacher_sha256")) and teacher_sha256 != checkpoint["teacher_sha256"]:
+        conflicts.append(f"--teacher {config.teacher} holds other weights than the run's teacher "
+                         f"(--teacher {saved.get('teacher')} when it was started)")
     if conflicts:
         raise ConfigError(f"--resume {resume_path} continues a run, with the options it was "
                           f"started with, but {'; '.join(conflicts)}; {kind.keep_options}, or "
@@ -723,7 +730,8 @@ def _checkpoint(run: Run, state: RunState) -> Dict[str, Any]:
             "scaler": parts.scaler.state_dict(), "ema": parts.ema.state_dict() if parts.ema else None,
             "rng": get_rng_state(), "config": run.config.to_dict(),
             "classes": list(run.data.train_loader.classes),
-            "batches_per_epoch": run.schedule.batches_per_epoch, **run.kind.extra_state(),
+            "batches_per_epoch": run.schedule.batches_per_epoch, "teacher_sha256": run.teacher_sha256,
+            **run.kind.extra_state(),
             **state.to_checkpoint(), "wall_time_s": _wall_time(run, state)}
 
 
