@@ -131,3 +131,26 @@ def test_no_module_imports_a_floor_above_its_own(graph):
 
 def test_nothing_inside_anfast_imports_the_package_init(graph):
     assert sorted(module for module, targets in graph.items() if "anfast" in targets) == []
+
+
+def test_import_anfast_reaches_every_subpackage_and_loads_the_lazy_ones_on_first_use():
+    """docs/data.md's ``anfast.data.builtin_dataset()`` after ``import anfast`` works (it raised
+    AttributeError: anfast.data was never imported), while ``import anfast`` still leaves the
+    data stack and the trainer unloaded; a name that is no subpackage is an AttributeError."""
+    import subprocess
+    import sys
+
+    packages = sorted(path.name for path in PACKAGE.iterdir() if (path / "__init__.py").is_file())
+    script = (
+        "import sys, anfast\n"
+        "print(sorted(m for m in ('anfast.data', 'anfast.train', 'anfast.dan') if m in sys.modules))\n"
+        f"print(sum(getattr(anfast, p).__name__ == 'anfast.' + p for p in {packages!r}))\n"
+        "print(anfast.data.builtin_dataset.__module__, 'data' in dir(anfast))\n"
+        "try:\n    anfast.no_such_subpackage\nexcept AttributeError as error:\n    print(error)\n"
+    )
+    run = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=PACKAGE.parent)
+    assert run.returncode == 0, run.stderr
+    assert run.stdout.splitlines() == [
+        "[]", str(len(packages)), "anfast.data.builtin True",
+        "module 'anfast' has no attribute 'no_such_subpackage'",
+    ]
