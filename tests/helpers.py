@@ -165,7 +165,10 @@ def shape_id(s: dict) -> str:
 
 
 # The Tensor methods that read a value on the host (a device sync on a GPU).
-HOST_READS = ("item", "__float__", "__bool__", "__int__", "tolist")
+# Every way a tensor's values reach Python: on a GPU each one waits for the device. (On the
+# CPU .cpu() returns the tensor itself and .numpy() shares its memory, so no torch op would
+# show them: they are counted by name. __array__ goes through numpy, __format__ through item.)
+HOST_READS = ("item", "__float__", "__bool__", "__int__", "tolist", "cpu", "numpy")
 
 
 class HostReads:

@@ -171,8 +171,11 @@ def test_search_steps_read_nothing_on_the_host_between_log_points(tmp_path, monk
         assert step_number in epoch_ends | log_points, per_step
         if step_number not in epoch_ends:
             assert count == 1, per_step  # the StepMeter read
-        else:
-            assert count <= 6, per_step  # meters, the derived student's cost, the choice entropy
+        else:  # meters, the derived student's cost (.cpu() and its floats), the choice entropy
+            assert count <= 7, per_step
+    # The reads that must be there: a counter that saw nothing would pass the bounds above.
+    assert [per_step.get(("after step", n)) for n in sorted(log_points - epoch_ends)] == [1, 1, 1], per_step
+    assert all(per_step.get(("after step", n), 0) >= 2 for n in epoch_ends), per_step
     # Counting the reads changed nothing the search computes.
     assert torch.equal(result.logits, reference.logits)
     assert _metrics(result.run_dir) == _metrics(reference.run_dir)

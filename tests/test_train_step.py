@@ -250,6 +250,9 @@ def test_steps_read_nothing_on_the_host_between_log_points(data, tmp_path, monke
             assert count == 1, per_step  # the StepMeter read
         else:
             assert count <= 6, per_step  # meter, loader order, evaluation, skipped images
+    # The reads that must be there: a counter that saw nothing would pass the bounds above.
+    assert per_step.get(("after step", 10)) == 1, per_step
+    assert all(per_step.get(("after step", n), 0) >= 2 for n in epoch_ends), per_step
     # Counting the reads changed nothing the run computes: the same losses, bit for bit.
     assert _losses(run_dir) == _losses(tmp_path / "reference")
 
