@@ -127,7 +127,10 @@ def test_full_run_writes_every_artifact_and_eval_export_agree(data, tmp_path):
     assert summary["flops"]["base"] > summary["flops"]["students"][0] > summary["flops"]["students"][1]
     rows = _metrics(run_dir)
     assert [row["epoch"] for row in rows] == [0, 1]
-    assert rows[-1]["base"] == pytest.approx(summary["base"] | {"top1": summary["base"]["top1"]})
+    # metrics.jsonl (read back from disk) ends with the row summary.json reports; evaluate()
+    # itself is checked against hand counts and a float64 loss in test_evaluate.py.
+    assert {key: rows[-1]["base"][key] for key in ("top1", "top5", "loss")} == pytest.approx(
+        {key: summary["base"][key] for key in ("top1", "top5", "loss")})
 
     # eval of the last checkpoint reproduces the final epoch's numbers.
     metrics = evaluate_run(run_dir, checkpoint="last", device="cpu")
