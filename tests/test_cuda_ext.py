@@ -113,12 +113,15 @@ def check_kernels_against_float64(s: dict, dtype: torch.dtype, seed: int, varian
         grad_base.double(), grad_student.double(), x_b64, x_s64, w64, with_bias,
         s["out_student"], stride, padding, output_mask=(True, True, True, False))
     conv_args = (x_base, x_student, weight, s["out_student"], stride, padding)
-    dx_base, dx_student = extension.dgrad(
-        grad_base, grad_student, *conv_args,
-        grad_x_base_out=poisoned_like(x_base.shape, x_base, torch.channels_last),
-        grad_x_student_out=poisoned_like(x_student.shape, x_base), variant=variant)
-    dweight = extension.wgrad(grad_base, grad_student, *conv_args,
-                              grad_weight_out=poisoned_like(weight.shape, weight), variant=variant)
+    dx_base_out = poisoned_like(x_base.shape, x_base, torch.channels_last)
+    dx_student_out = poisoned_like(x_student.shape, x_base)
+    dx_base, dx_student = extension.dgrad(grad_base, grad_student, *conv_args, grad_x_base_out=dx_base_out,
+                                          grad_x_student_out=dx_student_out, variant=variant)
+    dweight_out = poisoned_like(weight.shape, weight)
+    dweight = extension.wgrad(grad_base, grad_student, *conv_args, grad_weight_out=dweight_out, variant=variant)
+    # A binding that ignored the *_out buffers would pass the NaN check with tensors of its own.
+    assert dx_base.data_ptr() == dx_base_out.data_ptr() and dx_student.data_ptr() == dx_student_out.data_ptr()
+    assert dweight.data_ptr() == dweight_out.data_ptr()
     assert_close(dx_base, want_dx_b, dtype, "grad x_base")
     assert_close(dx_student, want_dx_s, dtype, "grad x_student")
     assert_close(dweight, want_dw, dtype, "grad weight")
@@ -279,16 +282,21 @@ def check_off_16_bytes(variant: str) -> None:
     want_grads = reference.adjoined_conv2d_backward_reference(
         grad_base.double(), grad_student.double(), x_b64, x_s64, w64, True, out_student, 1, 0,
         output_mask=(True, True, True, False))
+    outs = dict(y_base=nan(grad_base), y_student=nan(grad_student), dx_base=nan(x_base),
+                dx_student=nan(x_student), dweight=nan(weight))
     y_base, y_student = extension.forward(x_base, x_student, weight, bias, out_student, [1, 1], [0, 0],
-                                          y_base_out=nan(grad_base), y_student_out=nan(grad_student),
+                                          y_base_out=outs["y_base"], y_student_out=outs["y_student"],
                                           variant=variant)
-    dx_base, dx_student = extension.dgrad(grad_base, grad_student, *conv_args, grad_x_base_out=nan(x_base),
-                                          grad_x_student_out=nan(x_student), variant=variant)
-    dweight = extension.wgrad(grad_base, grad_student, *conv_args, grad_weight_out=nan(weight), variant=variant)
+    dx_base, dx_student = extension.dgrad(grad_base, grad_student, *conv_args, grad_x_base_out=outs["dx_base"],
+                                          grad_x_student_out=outs["dx_student"], variant=variant)
+    dweight = extension.wgrad(grad_base, grad_student, *conv_args, grad_weight_out=outs["dweight"],
+                              variant=variant)
     torch.cuda.synchronize()
     for name, got, expected in (("y_base", y_base, want[0]), ("y_student", y_student, want[1]),
-                                ("grad x_base", dx_base, want_grads[0]),
-                                ("grad x_student", dx_student, want_grads[1]), ("grad weight", dweight, want_grads[2])):
+                                ("dx_base", dx_base, want_grads[0]),
+                                ("dx_student", dx_student, want_grads[1]), ("dweight", dweight, want_grads[2])):
+        # The scratch tensor's values must come back into the given (unaligned) buffer.
+        assert got.data_ptr() == outs[name].data_ptr(), f"{name}: not written into its *_out buffer"
         assert_close(got, expected, dtype, name)
 
 

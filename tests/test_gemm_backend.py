@@ -128,23 +128,27 @@ def test_op_and_every_gradient_match_float64_on_a_gpu(op_path, dtype, stride, wi
 
 @pytest.mark.parametrize("stride", [1, 2])
 def test_launchers_write_every_element_of_poisoned_buffers(stride):
-    """Each launcher writes into NaN buffers: an element it forgets stays NaN."""
+    """Each launcher writes into NaN buffers: an element it forgets stays NaN. And it
+    returns those buffers: one that ignored out= would pass the NaN check."""
     in_student, out_student = 5, 4
     t = make_tensors(in_student, out_student, bias=True, stride=stride, seed=3)
     (ref_base, ref_student), (ref_dx_base, ref_dx_student, ref_dw, _) = reference(t, out_student, stride)
     poison = lambda like: torch.full_like(like, float("nan"))  # noqa: E731  (keeps like's strides)
     strides = (stride, stride)
+    buffers = dict(y_base=poison(t["grad_base"]), y_student=poison(t["grad_student"]),
+                   dx_base=poison(t["x_base"]), dx_student=poison(t["x_student"]), dweight=poison(t["weight"]))
 
     y_base, y_student = gemm_forward(t["x_base"], t["x_student"], t["weight"], t["bias"], out_student,
-                                     strides, out=(poison(t["grad_base"]), poison(t["grad_student"])))
-    dx_base = gemm_dgrad(t["grad_base"], t["x_base"], t["weight"], strides, out=poison(t["x_base"]))
+                                     strides, out=(buffers["y_base"], buffers["y_student"]))
+    dx_base = gemm_dgrad(t["grad_base"], t["x_base"], t["weight"], strides, out=buffers["dx_base"])
     dx_student = gemm_dgrad(t["grad_student"], t["x_student"], t["weight"][:out_student, :in_student],
-                            strides, out=poison(t["x_student"]))
+                            strides, out=buffers["dx_student"])
     dweight = gemm_wgrad(t["grad_base"], t["grad_student"], t["x_base"], t["x_student"], t["weight"],
-                         strides, out=poison(t["weight"]))
+                         strides, out=buffers["dweight"])
     for name, got, want in [("y_base", y_base, ref_base), ("y_student", y_student, ref_student),
                             ("dx_base", dx_base, ref_dx_base), ("dx_student", dx_student, ref_dx_student),
                             ("dweight", dweight, ref_dw)]:
+        assert got is buffers[name], f"{name} (stride {stride}): a new tensor, not the out= buffer"
         assert_close_rel(got, want, TOLERANCE[torch.float32], f"{name} (stride {stride})")
 
 

@@ -2,7 +2,8 @@
 
 Without CUDA the kernels run on the Triton interpreter (TRITON_INTERPRET=1, set
 before triton is imported), on small odd shapes. Every launcher writes into outputs
-poisoned with NaN first, so an element a kernel forgets to write fails the test.
+poisoned with NaN first, so an element a kernel forgets to write fails the test, and
+must return those very tensors (a launcher that ignored out= would pass the NaN check).
 """
 
 import os
@@ -103,6 +104,13 @@ def poisoned_like(t: torch.Tensor) -> torch.Tensor:
     return torch.full_like(t, float("nan"))
 
 
+def assert_wrote_into(returned, given, names):
+    """A launcher that ignores out= and returns tensors of its own passes the NaN check:
+    each output must be the poisoned buffer it was given."""
+    for name, got, buffer in zip(names, returned, given, strict=True):
+        assert got is buffer, f"{name}: the launcher returned a new tensor, not its out= buffer"
+
+
 def reference_outputs(case, t):
     wide = {name: (v.double() if v is not None else None) for name, v in t.items()}
     pair = dict(stride=case["stride"], padding=case["padding"])
@@ -126,9 +134,12 @@ def check_kernels(case, dtype, seed):
     dx_base, dx_student = adjoined_conv2d_dgrad(
         t["grad_base"], t["grad_student"], t["x_base"], t["x_student"], t["weight"], stride, padding,
         out=dx_out)
+    dw_out = poisoned_like(t["weight"])
     dw = adjoined_conv2d_wgrad(
         t["grad_base"], t["grad_student"], t["x_base"], t["x_student"], t["weight"], stride, padding,
-        split_m=1, out=poisoned_like(t["weight"]))
+        split_m=1, out=dw_out)
+    assert_wrote_into((y_base, y_student, dx_base, dx_student, dw), (*out, *dx_out, dw_out),
+                      ("y_base", "y_student", "dx_base", "dx_student", "dweight"))
 
     for name, actual, expected in [("y_base", y_base, ref_y_base), ("y_student", y_student, ref_y_student),
                                    ("dx_base", dx_base, ref_dx_base),
@@ -181,9 +192,12 @@ def test_wgrad_row_split_matches_reference():
                 out_student=8, bias=False, channels_last=True)
     t = make_tensors(case, torch.float32, seed=3)
     _, (_, _, ref_dw, _) = reference_outputs(case, t)
-    # 3 splits of 75 rows: the last split owns a partial row block.
+    # 3 splits of 75 rows: the last split owns a partial row block. The kernel writes fp32
+    # partials, which the launcher sums into out=.
+    dw_out = poisoned_like(t["weight"])
     dw = adjoined_conv2d_wgrad(t["grad_base"], t["grad_student"], t["x_base"], t["x_student"],
-                               t["weight"], (2, 2), (1, 1), split_m=3, out=poisoned_like(t["weight"]))
+                               t["weight"], (2, 2), (1, 1), split_m=3, out=dw_out)
+    assert_wrote_into((dw,), (dw_out,), ("split dweight",))
     assert_close(dw.cpu(), ref_dw, torch.float32, "split dweight")
 
 
