@@ -158,6 +158,14 @@ def test_cuda_streams_match_one_stream():
     two = anfast.adjoin("resnet50", **kwargs).to(device)
     two.load_state_dict(one.state_dict())
     anfast.use_streams(two, 3)
+    # Where each network's norm of layer2.0.bn1 runs: the base's on the caller's stream,
+    # each student's on a side stream of its own.
+    seen = {}
+    norm = two.get_submodule("layer2.0.bn1")
+    for name, module in (("base", norm), ("student 0", norm.student_norms[0]),
+                         ("student 1", norm.student_norms[1])):
+        module.register_forward_pre_hook(
+            lambda module, args, name=name: seen.setdefault(name, torch.cuda.current_stream()))
     x = torch.randn(8, 3, 64, 64, device=device)
     labels = torch.randint(0, 10, (8,), device=device)
     grads = []
@@ -169,22 +177,36 @@ def test_cuda_streams_match_one_stream():
     for name in grads[0]:
         assert_close_rel(grads[1][name], grads[0][name], 1e-5, name)
     assert torch.cuda.current_stream() == torch.cuda.default_stream()
+    assert seen["base"] == torch.cuda.default_stream(), seen
+    assert len({seen["base"], seen["student 0"], seen["student 1"]}) == 3, seen
 
 
-def test_train_with_streams_on_the_cpu_gives_the_run_of_one_stream(tmp_path):
-    """`anfast train --streams 2` on the CPU: the same code path, so the same run."""
-    from anfast.train.loop import fit
+def test_train_with_streams_on_the_cpu_gives_the_run_of_one_stream(tmp_path, monkeypatch):
+    """`anfast train --streams 2` switches networks in every step and evaluation (the CPU
+    stand-in stands for the CUDA streams, which the CPU never begins) and trains the run
+    of one stream: the same numbers, bit for bit."""
+    from anfast.train import loop
     from test_train_config import make_image_folder, tiny_config
 
+    installed = []
+
+    def use_streams_with_the_stand_in(network, count):
+        installed.append(_cpu_streams(monkeypatch, network, count))
+        return network
+
+    monkeypatch.setattr(loop, "use_streams", use_streams_with_the_stand_in)
     data = make_image_folder(tmp_path / "data")
     rows = {}
     for streams in (1, 2):
-        summary = fit(tiny_config(data, tmp_path / f"s{streams}", streams=streams, epochs=2))
+        summary = loop.fit(tiny_config(data, tmp_path / f"s{streams}", streams=streams, epochs=2))
         assert summary["streams"] == streams and summary["cuda_graphs"]["mode"] == "off"
         rows[streams] = [json.loads(line) for line in (tmp_path / f"s{streams}" / "metrics.jsonl")
                          .read_text().splitlines()]
     pick = lambda row: (row["train_loss"], row["base"], row["student"])  # noqa: E731
     assert [pick(r) for r in rows[1]] == [pick(r) for r in rows[2]]
+    # Only the 2-stream run installed streams, and its forwards switched between the networks.
+    (stand_in,) = installed
+    assert stand_in.switches > 0 and stand_in.joined and not streams_module._active
 
 
 def test_cuda_graphs_on_the_cpu_is_refused_before_anything_is_written(tmp_path):
