@@ -5,10 +5,13 @@ distinct conv shape runs ``anfast.ops.adjoined_conv2d(..., backend=NAME)`` in bf
 channels_last and NCHW inputs, and its outputs and every gradient (both inputs, the
 weight, the bias) are compared with torch's convolutions in float64 at the dtype's
 tolerance (DESIGN.md section 6). These are the shapes a training run meets, so a
-failure here is a backend that `anfast tune` must refuse. GPU only: run first by
-benchmarks/gpu_check.sh; skipped without a CUDA device.
+failure here is a backend that `anfast tune` must refuse. A backend may refuse a case
+only for a reason it documents (gemm: no 3x3/7x7, padded or NCHW convs; cuda: anfast._C
+not built or a GPU before sm_80; triton: not installed), which skips it; any other
+refusal fails. GPU only: run first by benchmarks/gpu_check.sh; skipped without a CUDA device.
 """
 
+import importlib.util
 import json
 import os
 
@@ -18,6 +21,7 @@ import torch
 import anfast.ops
 from anfast.ops import reference
 from anfast.ops.backend import BackendUnavailable
+from anfast.ops.cuda_backend import load_extension
 from anfast.ops.tuning import relative_error
 
 from helpers import TOLERANCE, assert_close_rel, resnet50_distinct_convs, resnet50_shapes
@@ -27,7 +31,7 @@ pytestmark = [
     pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device"),
 ]
 
-FUSED_BACKENDS = ("gemm", "cuda", "triton")  # gemm refuses (skips) all but the 1x1 convs
+FUSED_BACKENDS = ("gemm", "cuda", "triton")  # gemm refuses (skips) all but the channels_last 1x1 convs
 LAYOUTS = {"channels_last": torch.channels_last, "nchw": torch.contiguous_format}
 BATCH = 16
 
@@ -39,6 +43,25 @@ def record(**fields) -> None:
     if path:
         with open(path, "a") as log:
             log.write(json.dumps(fields) + "\n")
+
+
+def legitimate_refusal(backend: str, s: dict, layout: str) -> str | None:
+    """Why ``backend`` may refuse conv ``s`` in ``layout``, or None where it claims to run it
+    (then a refusal is a bug that a skip would hide: 92 cases each of cuda and triton)."""
+    if backend == "gemm":
+        if s["kernel"] != 1 or s["padding"] != 0:
+            return f"gemm runs 1x1 convs without padding only (kernel {s['kernel']}, padding {s['padding']})"
+        if layout != "channels_last":
+            return "gemm runs channels_last activations only"
+    elif backend == "cuda":
+        extension, why = load_extension()
+        if extension is None:
+            return f"anfast._C is not built ({why})"
+        if torch.cuda.get_device_capability() < (8, 0):
+            return "the cuda kernels need sm_80 or newer"
+    elif backend == "triton" and importlib.util.find_spec("triton") is None:
+        return "triton is not installed"
+    return None
 
 
 # Slowest-varying first: bf16 channels_last (what training runs) comes before the rest.
@@ -67,8 +90,12 @@ def test_fused_backend_matches_float64_on_resnet50_conv(backend, layout, dtype, 
         grads = torch.randn_like(y_base), torch.randn_like(y_student)
         torch.autograd.backward((y_base, y_student), grads)
     except BackendUnavailable as error:
+        expected = legitimate_refusal(backend, s, layout)
+        if expected is None:
+            record(**case, status="raised", why=f"BackendUnavailable: {error}"[:500])
+            pytest.fail(f"{backend} refused {name} ({layout}, {dtype}), a conv it claims to run: {error}")
         record(**case, status="unavailable", why=str(error))
-        pytest.skip(str(error))  # not built here (no extension) or refused with its reasons
+        pytest.skip(f"{expected}: {error}")
     except Exception as error:
         record(**case, status="raised", why=f"{type(error).__name__}: {error}"[:500])
         raise
