@@ -164,7 +164,6 @@ def shape_id(s: dict) -> str:
             f"-{s['height']}x{s['width']}-k{s['kernel']}s{s['stride']}p{s['padding']}")
 
 
-# The Tensor methods that read a value on the host (a device sync on a GPU).
 # Every way a tensor's values reach Python: on a GPU each one waits for the device. (On the
 # CPU .cpu() returns the tensor itself and .numpy() shares its memory, so no torch op would
 # show them: they are counted by name. __array__ goes through numpy, __format__ through item.)
