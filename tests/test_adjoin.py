@@ -1,6 +1,7 @@
 """adjoin(): torchvision models and a hand-written CNN, base/student semantics, errors."""
 
 import copy
+import math
 
 import pytest
 import torch
@@ -58,19 +59,59 @@ def _check_network(model, an, x):
             assert anfast.count_parameters(student) < anfast.count_parameters(model)
 
 
+# Student widths at alpha 4, round_to 8, by hand: round ceil(C / 4) up to a multiple of 8
+# (of lcm(8, channels per conv group) for grouped convs), at most C.
+HAND_WIDTHS = {
+    "resnet18": {"layer4.0.conv1": 128},  # 512 / 4 = 128
+    "resnet50": {"layer3.0.conv3": 256},  # 1024 / 4 = 256
+    # 1024 channels in 32 groups of 32: 1024 / 4 = 256 = 8 whole groups
+    "resnext50_32x4d": {"layer4.0.conv2": 256},
+    "wide_resnet50_2": {"layer1.0.conv1": 32},  # 128 / 4 = 32
+    "vgg11_bn": {"classifier.0": 1024},  # 4096 / 4 = 1024
+    "mobilenet_v2": {"features.3.conv.0.0": 40},  # 144 / 4 = 36 -> 40
+    # 88 / 4 = 22 -> 24; 40 / 4 = 10 -> 16
+    "mobilenet_v3_small": {"features.3.block.0.0": 24, "features.4.block.3.0": 16},
+    # 112 / 4 = 28 -> 32; 4 / 4 = 1 -> 8, capped at 4; 6 / 4 = 1.5 -> 2 -> 8, capped at 6
+    "efficientnet_b0": {"features.5.0.block.3.0": 32, "features.2.0.block.2.fc1": 4,
+                        "features.2.1.block.2.fc1": 6},
+    # 440 / 4 = 110 -> 112; 110 / 4 = 27.5 -> 28 -> 32
+    "regnet_y_400mf": {"trunk_output.block4.block4-0.f.a.0": 112, "trunk_output.block4.block4-1.f.se.fc1": 32},
+    "densenet121": {"features.denseblock1.denselayer1.conv2": 8},  # 32 / 4 = 8
+}
+
+
 @pytest.mark.parametrize("name", MODELS)
 def test_torchvision_models(name):
+    """Students at alpha 4 match the base's forward and export; their layer widths are the
+    hand widths above and round_up(ceil(C / 4), lcm(8, group multiple)) written out here, so a
+    wrong student_width (a narrower student, rounding down, no cap at C) fails."""
     torch.manual_seed(0)
     model = torchvision.models.get_model(name, num_classes=10)
     an = anfast.adjoin(model, alpha=4, policy="all", input_size=SIZE)
     _check_network(model, an, torch.randn(2, *SIZE))
+    for layer, width in HAND_WIDTHS[name].items():
+        assert an.layer_widths[layer].student_out == (width,), f"{layer}: {an.layer_widths[layer].student_out}"
     for layer, widths in an.layer_widths.items():
         group = next(g for g in an.width_groups if g.name == widths.out_group) if widths.out_group != "concat" else None
         if widths.kind == "linear" and layer == list(an.layer_widths)[-1]:
             assert widths.student_out == (widths.out_channels,), f"{layer}: the classifier keeps every class"
         elif widths.kind in ("conv", "linear"):
-            expected = student_width(widths.out_channels, 4, 8, group.multiple)
+            step = math.lcm(8, group.multiple)  # round_to 8, whole conv groups
+            expected = min(widths.out_channels, step * math.ceil(math.ceil(widths.out_channels / 4) / step))
             assert widths.student_out == (expected,), f"{layer}: {widths.student_out} != {expected}"
+
+
+def test_student_width_rounds_a_quarter_up_to_the_step_and_caps_at_the_channels():
+    """Hand values where ceil, the step and the cap matter: rounding down, a wrong alpha, a
+    step that ignores multiple= or a width above C fails."""
+    assert student_width(33, 4) == 16  # ceil(33 / 4) = 9 -> 16 (floor would give 8)
+    assert student_width(10, 4) == 8  # ceil(2.5) = 3 -> 8
+    assert student_width(24, 4, 8) == 8  # 6 -> 8
+    assert student_width(96, 4, 8, multiple=12) == 24  # 24, a multiple of lcm(8, 12) = 24
+    assert student_width(100, 4, 8, multiple=12) == 48  # ceil(25) -> 48, the next multiple of 24
+    assert student_width(4, 4) == 4  # 1 -> 8, capped at C = 4
+    assert student_width(100, 1.5, 4) == 68  # ceil(66.7) = 67 -> 68
+    assert student_width(37, 1) == 37  # alpha 1 keeps C, not rounded
 
 
 def test_paper_policy_on_resnet50_keeps_stem_and_layer1():

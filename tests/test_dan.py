@@ -196,8 +196,9 @@ def test_search_writes_arch_metrics_and_plot(tmp_path):
     # The policy rebuilds the same student: its profile is the recorded count.
     rebuilt = anfast.adjoin(TinyResidualNet(), alpha=1, policy=arch["policy"], round_to=4, input_size=(3, 8, 8))
     assert anfast.profile(anfast.export_student(rebuilt), (3, 8, 8)) == arch["student"]
-    for name, group in arch["groups"].items():
-        assert group["width"] == anfast.student_width(group["channels"], group["alpha"], 4)
+    for name, group in arch["groups"].items():  # round_to 4: ceil(C / alpha) up to a multiple of 4, at most C
+        expected = min(group["channels"], 4 * math.ceil(math.ceil(group["channels"] / group["alpha"]) / 4))
+        assert group["width"] == expected, (name, group)
     rows = [json.loads(line) for line in (result.run_dir / "metrics.jsonl").read_text().splitlines()]
     assert len(rows) == 1 and rows[0]["step"] == 3
     assert rows[0]["derived_flops"] == pytest.approx(arch["student"]["flops"] / arch["base"]["flops"])
