@@ -127,12 +127,29 @@ def test_paper_policy_on_resnet50_keeps_stem_and_layer1():
 
 @pytest.mark.parametrize("name", ["mobilenet_v2", "efficientnet_b0", "densenet121"])
 def test_paper_policy_shrinks_only_convs_over_64_channels(name):
+    """Convs with min(in, out) <= 64 keep full width, and a conv whose width group is produced
+    only by convs with min(in, out) > 64 shrinks to round_up(ceil(C / 4), 8); each model has
+    such a conv with 64 < min <= 127, so a threshold above 64 fails, as does one below."""
+    def over_64(module):
+        return isinstance(module, nn.Conv2d) and min(module.in_channels, module.out_channels) > 64
+
     model = torchvision.models.get_model(name, num_classes=10)
     an = anfast.adjoin(model, alpha=4, policy="paper", input_size=SIZE)
+    groups = {group.name: group for group in an.width_groups}
+    shrunk_near_64 = []
     for layer, widths in an.layer_widths.items():
         module = model.get_submodule(layer)
-        if widths.kind == "conv" and min(module.in_channels, module.out_channels) <= 64:
+        if widths.kind == "conv" and not over_64(module):
             assert widths.student_out == (widths.out_channels,), f"{layer} must stay full width"
+        group = groups.get(widths.out_group)
+        if widths.kind == "conv" and group is not None and not group.fixed and all(
+                over_64(model.get_submodule(producer)) for producer in group.producers):
+            assert group.multiple == 1, f"{layer}: a grouped conv; the hand width below assumes none"
+            expected = min(widths.out_channels, 8 * math.ceil(math.ceil(widths.out_channels / 4) / 8))
+            assert widths.student_out == (expected,), f"{layer} must shrink to {expected}: {widths.student_out}"
+            if min(module.in_channels, module.out_channels) <= 127:
+                shrunk_near_64.append(layer)
+    assert shrunk_near_64, "no conv with 64 < min(in, out) <= 127 checked"
     _check_network(model, an, torch.randn(2, *SIZE))
 
 
