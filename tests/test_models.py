@@ -238,12 +238,15 @@ def test_info_refuses_a_model_larger_than_the_memory_before_allocating(capsys, m
 
 
 def test_info_refuses_a_model_it_cannot_trace_in_one_line(capsys):
+    """One line naming the model, the input size, the failing node and the cause's type, then the
+    advice; the node's name and the cause's text come from torch.fx and torchvision and may change
+    with their versions, so only their form is checked. A missing or wrong part fails."""
     error = _info_error(capsys, "--arch", "vit_b_16", "--image-size", "32")
-    assert error == ("anfast info: error: VisionTransformer fails on an input of size (2, 3, 32, 32) at _assert "
-                     "(call_function _assert): AssertionError: Wrong image height! Expected 224 but got "
-                     "Proxy(getitem_2)!; pass input_size=(C, H, W) that the model accepts"), error
+    assert re.fullmatch(r"anfast info: error: VisionTransformer fails on an input of size \(2, 3, 32, 32\) "
+                        r"at (module [\w.]+|\w+ \(call_\w+ [\w.]+\)): [A-Za-z_]\w*: .+; "
+                        r"pass input_size=\(C, H, W\) that the model accepts", error), error
     error = _info_error(capsys, "--arch", "vit_b_16")
-    assert error.startswith("anfast info: error: reshape (call_method reshape): reshapes the channel axis"), error
+    assert re.match(r"anfast info: error: \w+ \(call_method reshape\): reshapes the channel axis", error), error
 
 
 def test_train_refuses_a_model_it_cannot_adjoin_in_one_line(capsys, tmp_path):
