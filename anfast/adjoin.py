@@ -547,8 +547,9 @@ def adjoin(
         An AdjoinedNetwork; ``an(x)`` gives ``AdjoinedOutput(base, students)``.
     """
     alphas = _check_alpha(alpha)
-    if unknown_backend(backend):
-        raise AdjoinError(f"{unknown_backend(backend)}, or leave it out for auto")
+    unknown = unknown_backend(backend)
+    if unknown:
+        raise AdjoinError(f"{unknown}, or leave it out for auto")
     source: dict = {}
     if isinstance(model, str):
         from anfast.models import create_model
