@@ -5,6 +5,7 @@ adjoined conv shapes, and the check that a GPU test left its CUDA context usable
 from __future__ import annotations
 
 import functools
+import math
 import os
 import sys
 from pathlib import Path
@@ -33,6 +34,13 @@ def assert_close_rel(actual: torch.Tensor, expected: torch.Tensor, tolerance: fl
             + ", ".join(f"{tuple(int(j) for j in w)}: {float(actual64[w]):.6g} vs {float(expected64[w]):.6g}"
                         for w in where)
         )
+
+
+def hand_student_width(channels: int, alpha: float, step: int) -> int:
+    """The tests' own statement of the width rule (not anfast.adjoin.student_width, which it
+    checks): ceil(channels / alpha) rounded up to a multiple of ``step`` (round_to, or its lcm
+    with a grouped conv's channels per group), at most ``channels``."""
+    return min(channels, step * math.ceil(math.ceil(channels / alpha) / step))
 
 
 def small_resnet(num_classes: int, stages: int = 2) -> torch.nn.Module:

@@ -12,7 +12,7 @@ from torch import nn
 import anfast
 from anfast.adjoin import AdjoinError, student_width
 
-from helpers import assert_close_rel
+from helpers import assert_close_rel, hand_student_width
 
 MODELS = [
     "resnet18", "resnet50", "resnext50_32x4d", "wide_resnet50_2", "vgg11_bn", "mobilenet_v2",
@@ -97,7 +97,7 @@ def test_torchvision_models(name):
             assert widths.student_out == (widths.out_channels,), f"{layer}: the classifier keeps every class"
         elif widths.kind in ("conv", "linear"):
             step = math.lcm(8, group.multiple)  # round_to 8, whole conv groups
-            expected = min(widths.out_channels, step * math.ceil(math.ceil(widths.out_channels / 4) / step))
+            expected = hand_student_width(widths.out_channels, 4, step)
             assert widths.student_out == (expected,), f"{layer}: {widths.student_out} != {expected}"
 
 
@@ -145,7 +145,7 @@ def test_paper_policy_shrinks_only_convs_over_64_channels(name):
         if widths.kind == "conv" and group is not None and not group.fixed and all(
                 over_64(model.get_submodule(producer)) for producer in group.producers):
             assert group.multiple == 1, f"{layer}: a grouped conv; the hand width below assumes none"
-            expected = min(widths.out_channels, 8 * math.ceil(math.ceil(widths.out_channels / 4) / 8))
+            expected = hand_student_width(widths.out_channels, 4, 8)
             assert widths.student_out == (expected,), f"{layer} must shrink to {expected}: {widths.student_out}"
             if min(module.in_channels, module.out_channels) <= 127:
                 shrunk_near_64.append(layer)

@@ -16,6 +16,7 @@ import anfast
 from anfast.dan import (ChoiceGates, CostModel, DanError, SearchConfig, SearchSpace, StudentMasks, derive, read_arch,
                         search, search_training, temperature)
 from anfast.cli.search import config_from_args, register
+from helpers import hand_student_width
 
 
 class TinyResidualNet(nn.Module):
@@ -197,7 +198,7 @@ def test_search_writes_arch_metrics_and_plot(tmp_path):
     rebuilt = anfast.adjoin(TinyResidualNet(), alpha=1, policy=arch["policy"], round_to=4, input_size=(3, 8, 8))
     assert anfast.profile(anfast.export_student(rebuilt), (3, 8, 8)) == arch["student"]
     for name, group in arch["groups"].items():  # round_to 4: ceil(C / alpha) up to a multiple of 4, at most C
-        expected = min(group["channels"], 4 * math.ceil(math.ceil(group["channels"] / group["alpha"]) / 4))
+        expected = hand_student_width(group["channels"], group["alpha"], 4)
         assert group["width"] == expected, (name, group)
     rows = [json.loads(line) for line in (result.run_dir / "metrics.jsonl").read_text().splitlines()]
     assert len(rows) == 1 and rows[0]["step"] == 3
