@@ -291,7 +291,7 @@ def _analyse(gm: torch.fx.GraphModule) -> _Analysis:
         elif function in _ELEMENTWISE or function in _FLATTEN or isinstance(module, nn.Flatten):
             result.channels[node] = _follow_simple_op(node, shape, inputs, in_channels, where)
         elif inputs:
-            result.channels[node] = _follow_generic(node, shape, inputs, in_channels, where)
+            result.channels[node] = _follow_generic(node, shape, inputs, in_channels, where, module)
     return result
 
 
@@ -346,7 +346,46 @@ def _keep_full_width(channels: _Channels, why: str) -> None:
         root.fixed = root.fixed or why
 
 
-def _follow_generic(node, shape, inputs, in_channels, where) -> Optional[_Channels]:
+# Ops that keep the channel count but move channels along axis 1: a student's leading
+# channels after them are not its leading channels before them. The value says where the
+# op takes its dims (position after the input, keyword), or None for "always axis 1".
+_REORDERING = {
+    torch.flip: (1, "dims"), "flip": (1, "dims"), torch.roll: (2, "dims"), "roll": (2, "dims"),
+    torch.index_select: (1, "dim"), "index_select": (1, "dim"), torch.gather: (1, "dim"),
+    "gather": (1, "dim"), torch.take_along_dim: (2, "dim"), "take_along_dim": (2, "dim"),
+    torch.fliplr: None, "fliplr": None, torch.channel_shuffle: None,
+    torch.native_channel_shuffle: None,
+}
+
+
+def _reorders_channels(node: torch.fx.Node, module: Optional[nn.Module], ndim: int) -> bool:
+    """Whether ``node`` moves channels along axis 1 (a flip, roll, gather or shuffle on it)."""
+    if isinstance(module, nn.ChannelShuffle):
+        return True
+    if node.op not in ("call_function", "call_method"):
+        return False
+    if node.target is operator.getitem:  # x[:, perm]: an index tensor or list on axis 1
+        index = node.args[1] if isinstance(node.args[1], tuple) else (node.args[1],)
+        if index and index[0] is Ellipsis:  # x[..., i] indexes axes counted from the end
+            index = (slice(None),) * (ndim + 1 - len(index)) + index[1:]
+        return len(index) > 1 and isinstance(index[1], (torch.fx.Node, torch.Tensor, list, tuple))
+    try:
+        where = _REORDERING[node.target]
+    except (KeyError, TypeError):  # TypeError: an unhashable target
+        return False
+    if where is None:
+        return True
+    position, keyword = where
+    dims = node.kwargs.get(keyword, node.args[position] if len(node.args) > position else None)
+    if node.target in (torch.flip, "flip") and len(node.args) > 2:  # x.flip(1, 2)
+        dims = node.args[1:]
+    if dims is None:
+        return node.target in (torch.roll, "roll")  # roll without dims rolls the flattened tensor
+    dims = dims if isinstance(dims, (tuple, list)) else (dims,)
+    return any(isinstance(d, int) and d % ndim == 1 for d in dims)
+
+
+def _follow_generic(node, shape, inputs, in_channels, where, module=None) -> Optional[_Channels]:
     """Ops anfast has no rule for: channel-preserving ones pass through, others refuse."""
     carried = [(n, c) for n, c in zip(inputs, in_channels) if c is not None]
     if not carried:
@@ -359,6 +398,10 @@ def _follow_generic(node, shape, inputs, in_channels, where) -> Optional[_Channe
                 if other.size == channels.size and other is not channels:
                     for a, b in zip(channels.parts, other.parts):
                         _union(a, b, where)
+        # A flip, roll, gather or shuffle along the channels has no student slice: the
+        # channels keep full width, where the student's channels are the base's.
+        if shape[1] > 1 and _reorders_channels(node, module, len(shape)):
+            _keep_full_width(channels, f"channels that {where} reorders")
         # A parameter or buffer the op reads per channel (timm's blur filter (C, 1, 3, 3) in
         # F.conv2d) has no student slice: these channels keep full width.
         for other in inputs:
@@ -450,17 +493,24 @@ class AdjoinedNetwork(torch.fx.GraphModule):
     _EXTRA_ATTRIBUTES = ("width_groups", "layer_widths", "alphas", "source", "_skeleton")
 
     def __deepcopy__(self, memo):
-        # GraphModule's deepcopy rebuilds from code and drops attributes it does not know.
+        # GraphModule's deepcopy rebuilds from code and drops attributes it does not know,
+        # and state that its code never reads.
         result = super().__deepcopy__(memo)
         for name in self._EXTRA_ATTRIBUTES:
             result.__dict__[name] = copy.deepcopy(self.__dict__[name], memo)
+        _register_unread(result, copy.deepcopy(self._unread_state(), memo))
         return result
 
     def __reduce__(self):
         # GraphModule pickles (torch.save too) as a plain GraphModule rebuilt from its code:
         # rebuild that, then this class around it with the attributes it does not know.
         rebuild, args = super().__reduce__()[:2]
-        return (_unpickle_adjoined, (rebuild, args, {name: self.__dict__[name] for name in self._EXTRA_ATTRIBUTES}))
+        extras = {name: self.__dict__[name] for name in self._EXTRA_ATTRIBUTES}
+        return (_unpickle_adjoined, (rebuild, args, extras, self._unread_state()))
+
+    def _unread_state(self) -> dict[str, tuple[torch.Tensor, bool]]:
+        """{name: (tensor, persistent)} of the state that forward never reads."""
+        return {name: (self.get_buffer(name), persistent) for name, persistent in self.__dict__.get("_unread", ())}
 
     @property
     def num_students(self) -> int:
@@ -507,12 +557,13 @@ class AdjoinedNetwork(torch.fx.GraphModule):
         return copy.deepcopy(self.__dict__["_skeleton"])
 
 
-def _unpickle_adjoined(rebuild, args, extras: dict) -> "AdjoinedNetwork":
+def _unpickle_adjoined(rebuild, args, extras: dict, unread: Optional[dict] = None) -> "AdjoinedNetwork":
     """AdjoinedNetwork.__reduce__'s inverse: GraphModule's rebuild, as an AdjoinedNetwork."""
     rebuilt = rebuild(*args)
     network = AdjoinedNetwork(rebuilt, rebuilt.graph, class_name="AdjoinedNetwork")
     network.train(rebuilt.training)
     network.__dict__.update(extras)
+    _register_unread(network, unread or {})
     return network
 
 
@@ -577,6 +628,7 @@ def adjoin(
     analysis = _analyse(traced)
     groups = _assign_widths(analysis, traced, policy, alphas, round_to)
     network = _build(traced, analysis, groups, alphas, share_affine, backend)
+    _keep_unread_state(network, model)
     network.alphas = alphas
     network.source = source
     network.width_groups = list(groups.values())
@@ -591,6 +643,33 @@ def adjoin(
     _check_students_run(network, model, input_size)
     network.train(model.training)
     return network
+
+
+def _keep_unread_state(network: AdjoinedNetwork, model: nn.Module) -> None:
+    """Parameters and buffers that forward never reads (a spare head, an unused index
+    buffer) are not in the traced graph. Keep each under its own name, as a buffer of the
+    same persistence: no gradient reaches them (DDP sees no unused parameter), and the
+    base's state_dict, checkpoints and exports still hold the model's whole state."""
+    kept = {name for name, _ in network.named_parameters(remove_duplicate=False)}
+    kept |= {name for name, _ in network.named_buffers(remove_duplicate=False)}
+    persistent = set(model.state_dict(keep_vars=True))
+    tensors = [*model.named_parameters(remove_duplicate=False), *model.named_buffers(remove_duplicate=False)]
+    _register_unread(network, {name: (tensor.detach(), name in persistent) for name, tensor in tensors
+                               if name not in kept})
+
+
+def _register_unread(network: AdjoinedNetwork, unread: dict[str, tuple[torch.Tensor, bool]]) -> None:
+    """Register ``{name: (tensor, persistent)}`` as buffers, making modules on the way."""
+    for name, (tensor, persistent) in unread.items():
+        owner_name, _, leaf = name.rpartition(".")
+        owner = network
+        for part in owner_name.split(".") if owner_name else ():
+            if not isinstance(getattr(owner, part, None), nn.Module):
+                owner.add_module(part, nn.Module())
+            owner = getattr(owner, part)
+        owner.register_buffer(leaf, tensor, persistent=persistent)
+    network.__dict__["_unread"] = tuple(network.__dict__.get("_unread", ())) + tuple(
+        (name, persistent) for name, (_, persistent) in unread.items())
 
 
 def _qualified_name(cls: type) -> str:

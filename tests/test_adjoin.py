@@ -330,6 +330,65 @@ def test_errors_say_what_they_found():
             SearchSpace.from_network(network, choices=(1, bad))
 
 
+class Reorder(nn.Module):
+    """conv a -> an op on its output -> conv b -> head, the op given by name."""
+
+    OPS = {  # name -> (the op, whether it moves channels along axis 1)
+        "flip method": (lambda y, m: y.flip(1), True),
+        "torch.flip": (lambda y, m: torch.flip(y, [1]), True),
+        "torch.roll": (lambda y, m: torch.roll(y, 3, 1), True),
+        "roll dims=-3": (lambda y, m: y.roll(1, dims=-3), True),
+        "roll, no dims": (lambda y, m: y.roll(5), True),
+        "fliplr": (lambda y, m: torch.fliplr(y), True),
+        "index buffer": (lambda y, m: y[:, m.perm], True),
+        "index_select": (lambda y, m: torch.index_select(y, 1, m.perm), True),
+        "ChannelShuffle": (lambda y, m: m.shuffle(y), True),
+        "spatial flip": (lambda y, m: y.flip(3), False),
+        "spatial roll": (lambda y, m: torch.roll(y, (1, 2), dims=(2, 3)), False),
+        "last-axis index": (lambda y, m: y[..., m.perm_w], False),
+    }
+
+    def __init__(self, op: str):
+        super().__init__()
+        self.op = op
+        self.a, self.b, self.head = nn.Conv2d(3, 16, 1), nn.Conv2d(16, 16, 3, padding=1), nn.Conv2d(16, 4, 1)
+        self.shuffle = nn.ChannelShuffle(4)
+        self.register_buffer("perm", torch.randperm(16))
+        self.register_buffer("perm_w", torch.randperm(8))
+
+    def forward(self, x):
+        y = self.OPS[self.op][0](self.a(x), self)
+        return self.head(F.relu(self.b(y))).mean((2, 3))
+
+
+@pytest.mark.parametrize("op", list(Reorder.OPS))
+def test_an_op_that_reorders_channels_keeps_them_at_full_width(op, tmp_path):
+    """After a flip, roll, gather or shuffle along the channels a student's leading
+    channels are not the leading channels before it: they stay at full width. The same
+    ops along other axes shrink as usual."""
+    torch.manual_seed(0)
+    model = Reorder(op).double().eval()
+    an = anfast.adjoin(model, alpha=4, policy="all", input_size=(3, 8, 8)).eval()
+    moves = Reorder.OPS[op][1]
+    narrow = hand_student_width(16, 4, 8)  # 16 / 4, rounded up to a multiple of 8
+    a = 16 if moves else narrow
+    assert an.layer_widths["a"].student_out == (a,)
+    assert an.layer_widths["b"].student_out == (narrow,)
+    x = torch.randn(2, 3, 8, 8, dtype=torch.float64)
+    with torch.no_grad():
+        # By hand: the leading `a` filters of a, the op, b's leading filters, head on those.
+        y = Reorder.OPS[op][0](F.conv2d(x, model.a.weight[:a], model.a.bias[:a]), model)
+        y = F.relu(F.conv2d(y, model.b.weight[:narrow, :a], model.b.bias[:narrow], padding=1))
+        expected = F.conv2d(y, model.head.weight[:, :narrow], model.head.bias).mean((2, 3))
+        assert (an(x).student - expected).abs().max() <= 1e-12
+        student = anfast.export_student(an, path=tmp_path / "student").eval()
+        assert (student(x) - expected).abs().max() <= 1e-12
+    if moves:
+        with pytest.raises(AdjoinError, match=r"policy asks to shrink a, but its channels are the channels that "
+                                              r"\S+ .*reorders"):
+            anfast.adjoin(model, policy={"a": 2}, input_size=(3, 8, 8))
+
+
 class Scaled(nn.Module):
     """A non-persistent normalisation buffer, string paddings and a (C, 1, 1) layer scale."""
 
@@ -504,6 +563,46 @@ def test_an_adjoined_network_pickles_and_torch_saves_as_itself(tmp_path):
         assert torch.equal(out.base, expected.base)
         assert all(torch.equal(a, b) for a, b in zip(out.students, expected.students))
         assert torch.equal(anfast.export_student(copied, index=1)(x), expected.students[1])
+
+
+class Unread(nn.Module):
+    """A spare head, a persistent and a non-persistent buffer that forward never reads."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Conv2d(3, 16, 1), nn.Conv2d(16, 4, 1)
+        self.spare = nn.Sequential(nn.Linear(16, 3))
+        self.register_buffer("order", torch.randperm(7))
+        self.a.register_buffer("scratch", torch.randn(5), persistent=False)
+
+    def forward(self, x):
+        return self.b(F.relu(self.a(x))).mean((2, 3))
+
+
+def test_state_that_forward_never_reads_survives_export_and_checkpoints(tmp_path):
+    import pickle
+
+    torch.manual_seed(0)
+    model = Unread()
+    an = anfast.adjoin(model, alpha=4, policy="all", input_size=(3, 8, 8))
+    assert list(an.base_state_dict()) == list(model.state_dict())  # same keys, same order
+    trainable = {name for name, _ in an.named_parameters()}
+    assert "spare.0.weight" not in trainable and "a.weight" in trainable  # no gradient, no DDP hook
+    for exported in (anfast.export_base(an, path=tmp_path / "base"), anfast.export_student(an),
+                     anfast.load_student(tmp_path / "base", model=Unread())):
+        state = exported.state_dict()
+        for key in ("spare.0.weight", "spare.0.bias", "order"):
+            assert torch.equal(state[key], model.state_dict()[key]), key
+        assert isinstance(exported.spare[0].weight, nn.Parameter)
+    assert torch.equal(anfast.export_student(an).a.scratch, model.a.scratch)
+    # A checkpoint of the original class loads into the base, unread entries included.
+    other = Unread()
+    an.load_base_state_dict(other.state_dict())
+    assert torch.equal(an.base_state_dict()["spare.0.weight"], other.spare[0].weight)
+    for copied in (pickle.loads(pickle.dumps(an)), copy.deepcopy(an)):
+        assert list(copied.base_state_dict()) == list(model.state_dict())
+        assert torch.equal(copied.base_state_dict()["order"], other.order)
+        assert torch.equal(anfast.export_base(copied).a.scratch, model.a.scratch)
 
 
 def test_models_named_by_string_build_where_their_builder_computes_with_tensors():
