@@ -70,8 +70,10 @@ def test_torchrun_two_cpu_ranks_keep_one_architecture_and_meet_the_target(data, 
     env = dict(os.environ, OMP_NUM_THREADS="1")
     for attempt in range(2):  # gloo on CPU aborted once in eight tries on a 2-core machine
         run_dir = tmp_path / f"run{attempt}"
-        # 12 train images per rank / batch 4: 3 steps per epoch, 90 steps in all.
-        args = _search_args(data, run_dir, **{"--epochs": "30"})
+        # 12 train images per rank / batch 4: 3 steps per epoch, 36 steps in all. A faster
+        # arch learning rate and a heavier penalty reach the target in these few steps
+        # (seeds 0-2 derive 0.238-0.262 of the base's FLOPs; the defaults need 90 steps).
+        args = _search_args(data, run_dir, **{"--epochs": "12", "--arch-lr": "0.3", "--gamma": "20"})
         command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
                    str(driver), json.dumps(args), str(tmp_path)]
         result = subprocess.run(command, capture_output=True, text=True, timeout=600, env=env)
@@ -79,7 +81,7 @@ def test_torchrun_two_cpu_ranks_keep_one_architecture_and_meet_the_target(data, 
             break
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     rank0, rank1 = (json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1))
-    assert rank0["world_size"] == 2 and rank0["steps"] == rank1["steps"] == 90
+    assert rank0["world_size"] == 2 and rank0["steps"] == rank1["steps"] == 36
     # Each rank trained on its own shard; the logits' gradients were all-reduced with the weights'.
     assert rank0["logits"] == rank1["logits"]
     assert torch.tensor(rank0["logits"]).abs().sum() > 0
@@ -87,7 +89,7 @@ def test_torchrun_two_cpu_ranks_keep_one_architecture_and_meet_the_target(data, 
     assert rank0["arch_path"] == rank1["arch_path"] == str(run_dir / "arch.json")
     derived = _derived_fraction(run_dir / "arch.json")
     assert abs(derived / 0.25 - 1) < 0.15, f"derived {derived:.3f} of the base's FLOPs for a 0.25 target"
-    assert len(_metrics(run_dir)) == 30
+    assert len(_metrics(run_dir)) == 12
 
 
 def test_a_search_stopped_by_sigterm_and_resumed_ends_with_the_uninterrupted_arch(data, tmp_path, monkeypatch,
