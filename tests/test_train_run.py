@@ -24,6 +24,7 @@ import anfast.cli
 from anfast.runs.checkpoint import load_checkpoint
 from anfast.train.export import evaluate_run, export_run, load_run
 from anfast.train.loop import NonFiniteLossError, fit
+from test_run_safety import _one_line
 from test_train_config import make_image_folder, tiny_config
 
 pytestmark = pytest.mark.slow
@@ -292,9 +293,7 @@ def test_sigterm_saves_a_checkpoint_exits_0_and_resumes(data, tmp_path):
     state = load_checkpoint(run_dir / "checkpoints" / "last.pt")
     assert state["epoch"] == 0 and 1 <= state["step"] < 3
 
-    done = subprocess.run([*command, "--resume", "auto"], capture_output=True, text=True,
-                          timeout=300)
-    assert done.returncode == 0, done.stdout + done.stderr
+    assert anfast.cli.main([*command[3:], "--resume", "auto"]) == 0  # in this process: no start-up
     assert [row["epoch"] for row in _metrics(run_dir)] == [0, 1]
     assert (run_dir / "summary.json").is_file()
 
@@ -332,31 +331,28 @@ def test_sigterm_to_the_whole_process_group_with_loader_workers_still_saves(data
     assert load_checkpoint(run_dir / "checkpoints" / "last.pt")["epoch"] == 0
 
 
-def test_a_second_run_on_the_same_out_is_refused_and_a_finished_run_is_kept(data, tmp_path):
+def test_a_second_run_on_the_same_out_is_refused_and_a_finished_run_is_kept(data, tmp_path, capsys):
+    # The first run is a process of its own; the others run in this one (no start-up).
     run_dir = tmp_path / "run"
-    command = [sys.executable, "-m", "anfast", "train", *_cli_args(data, run_dir, epochs=1)]
-    first = _Training(command)
+    args = ["train", *_cli_args(data, run_dir, epochs=1)]
+    first = _Training([sys.executable, "-m", "anfast", *args])
     first.wait_for_line("anfast train: resnet18")  # set-up done, the lock is held
-    second = subprocess.run(command, capture_output=True, text=True, timeout=300)
-    assert second.returncode == 2, second.stdout + second.stderr
-    assert second.stderr.startswith(f"anfast train: error: --out {run_dir} is in use by another run "
-                                    f"(pid {first.process.pid} on "), second.stderr
-    assert len(second.stderr.strip().splitlines()) == 1 and "Traceback" not in second.stderr
+    capsys.readouterr()
+    line = _one_line(args, capsys)
+    assert line.startswith(f"anfast train: error: --out {run_dir} is in use by another run "
+                           f"(pid {first.process.pid} on "), line
     returncode, output = first.finish()
     assert returncode == 0, output
     metrics = (run_dir / "metrics.jsonl").read_text()
     checkpoint = (run_dir / "checkpoints" / "last.pt").read_bytes()
 
-    again = subprocess.run(command, capture_output=True, text=True, timeout=300)
-    assert again.returncode == 2
-    assert again.stderr.startswith(f"anfast train: error: --out {run_dir} already holds a run ("), again.stderr
-    assert "continue it with --resume auto, or replace it with --overwrite" in again.stderr
+    line = _one_line(args, capsys)
+    assert line.startswith(f"anfast train: error: --out {run_dir} already holds a run ("), line
+    assert "continue it with --resume auto, or replace it with --overwrite" in line
     assert (run_dir / "metrics.jsonl").read_text() == metrics
     assert (run_dir / "checkpoints" / "last.pt").read_bytes() == checkpoint
 
-    replaced = subprocess.run([*command, "--overwrite", "--seed", "1"], capture_output=True, text=True,
-                              timeout=300)
-    assert replaced.returncode == 0, replaced.stdout + replaced.stderr
+    assert anfast.cli.main([*args, "--overwrite", "--seed", "1"]) == 0
     assert len(_metrics(run_dir)) == 1 and (run_dir / "metrics.jsonl").read_text() != metrics
     assert len(list((run_dir / "tensorboard").glob("events.out.tfevents.*"))) == 1
 
