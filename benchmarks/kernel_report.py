@@ -426,6 +426,8 @@ def main(argv=None) -> int:
     parser.add_argument("--subset", action="store_true",
                         help="the first config of each kernel on one layer (a quick CPU check)")
     parser.add_argument("--arch", type=int, action="append", choices=ARCHS, help="only this arch (repeatable)")
+    parser.add_argument("--backend", choices=("triton", "cuda"), action="append",
+                        help="only this backend's kernels (repeatable; default: both)")
     parser.add_argument("--out", help="JSON path (default results/kernel_report-<date>.json)")
     parser.add_argument("--no-write", action="store_true", help="print only")
     args = parser.parse_args(argv)
@@ -438,11 +440,12 @@ def main(argv=None) -> int:
 
     started = time.perf_counter()
     env = environment("cpu")  # the commit whose kernels are compiled, taken before any edit
-    rows = triton_rows(archs, layers, args.subset, progress)
-    extension = extension_path()
+    backends = set(args.backend or ("triton", "cuda"))
+    rows = triton_rows(archs, layers, args.subset, progress) if "triton" in backends else []
+    extension = extension_path() if "cuda" in backends else None
     if extension is not None:
         rows += extension_rows(extension, archs, progress)
-    else:
+    elif "cuda" in backends:
         print("cuda    (anfast/_C*.so not built: no extension rows)")
     compiled = [r for r in rows if not r.get("error")]
     summary = {
@@ -467,6 +470,7 @@ def main(argv=None) -> int:
             "benchmark": "kernel_report", **env,
             "batch": BATCH, "dtype": "bfloat16", "memory_format": "channels_last",
             "layers": [dataclasses.asdict(layer) for layer in layers], "subset": args.subset,
+            "backends": sorted(backends),
             "extension": str(extension.name) if extension else None, "arch_limits": ARCH_LIMITS,
             "summary": summary, "rows": rows,
         }

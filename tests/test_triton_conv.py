@@ -275,10 +275,11 @@ def test_kernel_report_subset_compiles_without_spills(tmp_path):
     script = pathlib.Path(__file__).resolve().parent.parent / "benchmarks" / "kernel_report.py"
     out = tmp_path / "report.json"
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    result = subprocess.run([sys.executable, str(script), "--subset", "--out", str(out)], env=env,
+    result = subprocess.run([sys.executable, str(script), "--subset", "--backend", "triton", "--out", str(out)], env=env,
                             capture_output=True, text=True, timeout=900)
     assert result.returncode == 0, f"kernel_report failed:\n{result.stdout[-2000:]}{result.stderr[-3000:]}"
-    rows = [r for r in json.loads(out.read_text())["rows"] if r["backend"] == "triton"]
+    rows = json.loads(out.read_text())["rows"]
+    assert {r["backend"] for r in rows} == {"triton"}, rows  # --backend triton: no extension rows
     assert sorted({(r["op"], r["arch"]) for r in rows}) == sorted(
         (op, arch) for op in ("forward", "dgrad", "wgrad") for arch in ("sm_80", "sm_90")), rows
     for row in rows:
