@@ -258,6 +258,32 @@ def test_unsupported_problems_are_refused_with_the_fix(overrides, reason, fix):
         choose_backend(problem, "gemm")
 
 
+def test_gpu_resnet50s_allowed_refusals_let_no_other_reason_through():
+    """test_gpu_resnet50 skips a gemm refusal with a documented reason (a 3x3 conv, NCHW
+    input); its unexplained_reasons must still find a second, undocumented reason in the
+    same refusal. Checked here on CPU tensors of the same shapes (gemm runs on the CPU)."""
+    from test_gpu_resnet50 import unexplained_reasons
+
+    def problem(kernel, layout, **overrides):
+        s = dict(kernel=kernel, padding=kernel // 2)
+        memory_format = torch.channels_last if layout == "channels_last" else torch.contiguous_format
+        x_base, x_student = (torch.randn(2, c, 6, 6).contiguous(memory_format=memory_format) for c in (16, 8))
+        fields = dict(x_base=x_base, x_student=x_student, weight=torch.randn(16, 16, kernel, kernel), bias=None,
+                      out_student=8, stride=(1, 1), padding=(kernel // 2,) * 2, dilation=(1, 1), groups=1,
+                      student_in_index=None)
+        return s, layout, ConvProblem(**{**fields, **overrides})
+
+    # Documented: gemm runs no 3x3 (padded) conv and no NCHW input; a 1x1 channels_last runs.
+    for kernel, layout in ((3, "channels_last"), (3, "nchw"), (1, "nchw"), (1, "channels_last")):
+        assert unexplained_reasons("gemm", *problem(kernel, layout)) == [], (kernel, layout)
+    # A second reason in the same refusal is not hidden by the documented one.
+    hidden = unexplained_reasons("gemm", *problem(3, "nchw", dilation=(2, 2)))
+    assert len(hidden) == 1 and hidden[0].startswith("dilation=(2, 2)"), hidden
+    s, _, nchw = problem(1, "nchw")
+    assert unexplained_reasons("gemm", s, "channels_last", nchw), "NCHW refused in a channels_last case"
+    assert unexplained_reasons("cuda", *problem(3, "nchw")) == []  # refused whole, never per problem
+
+
 def test_supported_problem_has_no_reasons():
     assert BACKEND.unsupported_reasons(cpu_problem(), explicit=False) == []
     assert BACKEND.unsupported_reasons(cpu_problem(stride=(2, 2)), explicit=False) == []
