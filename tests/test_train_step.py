@@ -191,9 +191,16 @@ def test_ema_update_matches_the_formula_in_float64_and_skips():
     for name, value in ema.module.state_dict().items():
         want = decay * expected[name] + (1 - decay) * current[name].double()
         if name.endswith("num_batches_tracked"):
-            assert int(value) == int(want), name  # truncated, as AveragedModel does
+            assert torch.equal(value, current[name]), name  # an integer buffer is copied, not averaged
         else:
             torch.testing.assert_close(value.double(), want, rtol=1e-6, atol=1e-7)
+    # An index buffer stays what it is: averaged and truncated, [0..6] drifted within 50 updates.
+    index = torch.randperm(7)
+    model.register_buffer("order", index.clone())
+    ema.module.register_buffer("order", index.clone())
+    for _ in range(50):
+        ema_update(ema, model, keep, decay=0.9995)
+    assert torch.equal(ema.module.order, index)
     snapshot = copy.deepcopy(ema.state_dict())
     ema_update(ema, model, skip, decay=decay)
     for name, value in ema.state_dict().items():

@@ -138,8 +138,9 @@ def ema_update(ema: AveragedModel, model: torch.nn.Module, skip: torch.Tensor, *
     reads of ``n_averaged`` that AveragedModel makes on every call.
 
     The first update copies the model, later ones lerp toward it by ``1 - decay``
-    (integer buffers: ``decay * ema + (1 - decay) * model``, truncated, as AveragedModel
-    does); a skipped update changes nothing, ``n_averaged`` included.
+    (integer and bool buffers are copied: an average of a step counter or of an index
+    buffer, truncated as AveragedModel's would be, drifts from every value the model
+    held); a skipped update changes nothing, ``n_averaged`` included.
     """
     first = ema.n_averaged == 0
     averaged = list(ema.module.parameters()) + list(ema.module.buffers())
@@ -152,8 +153,7 @@ def ema_update(ema: AveragedModel, model: torch.nn.Module, skip: torch.Tensor, *
                              [weight] * len(floats))
     for a, c in zip(averaged, current):
         if not torch.is_floating_point(a):
-            mixed = torch.where(first, c, (a * decay + c * (1 - decay)).to(a.dtype))
-            a.copy_(torch.where(skip, a, mixed))
+            a.copy_(torch.where(skip, a, c))
     ema.n_averaged += torch.logical_not(skip).to(ema.n_averaged.dtype)
 
 
