@@ -355,6 +355,8 @@ _REORDERING = {
     "gather": (1, "dim"), torch.take_along_dim: (2, "dim"), "take_along_dim": (2, "dim"),
     torch.fliplr: None, "fliplr": None, torch.channel_shuffle: None,
     torch.native_channel_shuffle: None,
+    **{op: (1, "dim") for name in ("scatter", "scatter_add", "scatter_reduce", "index_copy", "index_add")
+       for op in (getattr(torch, name), name, name + "_")},
 }
 
 
@@ -382,7 +384,8 @@ def _reorders_channels(node: torch.fx.Node, module: Optional[nn.Module], ndim: i
     if dims is None:
         return node.target in (torch.roll, "roll")  # roll without dims rolls the flattened tensor
     dims = dims if isinstance(dims, (tuple, list)) else (dims,)
-    return any(isinstance(d, int) and d % ndim == 1 for d in dims)
+    # A dim computed in forward (x.dim() - 3) is a node: it may be axis 1, so it counts.
+    return any(d % ndim == 1 if isinstance(d, int) else isinstance(d, torch.fx.Node) for d in dims)
 
 
 def _follow_generic(node, shape, inputs, in_channels, where, module=None) -> Optional[_Channels]:
@@ -499,6 +502,7 @@ class AdjoinedNetwork(torch.fx.GraphModule):
         for name in self._EXTRA_ATTRIBUTES:
             result.__dict__[name] = copy.deepcopy(self.__dict__[name], memo)
         _register_unread(result, copy.deepcopy(self._unread_state(), memo))
+        result.__dict__["_aliases"] = self.__dict__.get("_aliases", ())
         return result
 
     def __reduce__(self):
@@ -506,6 +510,7 @@ class AdjoinedNetwork(torch.fx.GraphModule):
         # rebuild that, then this class around it with the attributes it does not know.
         rebuild, args = super().__reduce__()[:2]
         extras = {name: self.__dict__[name] for name in self._EXTRA_ATTRIBUTES}
+        extras["_aliases"] = self.__dict__.get("_aliases", ())
         return (_unpickle_adjoined, (rebuild, args, extras, self._unread_state()))
 
     def _unread_state(self) -> dict[str, tuple[torch.Tensor, bool]]:
@@ -524,7 +529,10 @@ class AdjoinedNetwork(torch.fx.GraphModule):
         # The original's own keys only: tracing adds the students' norms and, for a tensor
         # made in forward (torch.tensor(2.0)), a _tensor_constant buffer the original lacks.
         original = self.__dict__["_skeleton"].state_dict()
-        state = collections.OrderedDict((k, v) for k, v in self.state_dict().items() if k in original)
+        own = self.state_dict()
+        for alias, target in self.__dict__.get("_aliases", ()):  # a tied tensor: one tensor, two names
+            own[alias] = own[target]
+        state = collections.OrderedDict((k, own[k]) for k in original if k in own)  # the original's order
         state._metadata = original._metadata
         return state
 
@@ -649,13 +657,26 @@ def _keep_unread_state(network: AdjoinedNetwork, model: nn.Module) -> None:
     """Parameters and buffers that forward never reads (a spare head, an unused index
     buffer) are not in the traced graph. Keep each under its own name, as a buffer of the
     same persistence: no gradient reaches them (DDP sees no unused parameter), and the
-    base's state_dict, checkpoints and exports still hold the model's whole state."""
+    base's state_dict, checkpoints and exports still hold the model's whole state. A name
+    of a tensor the network holds under another name (``self.head = self.fc``) is kept as
+    an alias of that name, never as a copy that would stop following training."""
     kept = {name for name, _ in network.named_parameters(remove_duplicate=False)}
     kept |= {name for name, _ in network.named_buffers(remove_duplicate=False)}
     persistent = set(model.state_dict(keep_vars=True))
     tensors = [*model.named_parameters(remove_duplicate=False), *model.named_buffers(remove_duplicate=False)]
-    _register_unread(network, {name: (tensor.detach(), name in persistent) for name, tensor in tensors
-                               if name not in kept})
+    first_name: dict[int, str] = {}
+    for name, tensor in sorted(tensors, key=lambda item: item[0] not in kept):  # kept names first
+        first_name.setdefault(id(tensor), name)
+    unread, aliases = {}, []
+    for name, tensor in tensors:
+        if name in kept:
+            continue
+        if first_name[id(tensor)] != name:
+            aliases.append((name, first_name[id(tensor)]))
+        else:
+            unread[name] = (tensor.detach(), name in persistent)
+    _register_unread(network, unread)
+    network.__dict__["_aliases"] = tuple(aliases)
 
 
 def _register_unread(network: AdjoinedNetwork, unread: dict[str, tuple[torch.Tensor, bool]]) -> None:
@@ -665,11 +686,25 @@ def _register_unread(network: AdjoinedNetwork, unread: dict[str, tuple[torch.Ten
         owner = network
         for part in owner_name.split(".") if owner_name else ():
             if not isinstance(getattr(owner, part, None), nn.Module):
+                _check_free(network, owner, part, name)
                 owner.add_module(part, nn.Module())
             owner = getattr(owner, part)
+        if leaf in owner._buffers:  # a rebuilt copy's module that brought it along (a.calibrated)
+            continue
+        _check_free(network, owner, leaf, name)
         owner.register_buffer(leaf, tensor, persistent=persistent)
     network.__dict__["_unread"] = tuple(network.__dict__.get("_unread", ())) + tuple(
         (name, persistent) for name, (_, persistent) in unread.items())
+
+
+def _check_free(network: AdjoinedNetwork, owner: nn.Module, attribute: str, name: str) -> None:
+    """Refuse an unread tensor whose name the adjoined network uses for something else."""
+    taken = hasattr(owner, attribute) or (owner is network and (
+        attribute in AdjoinedNetwork._EXTRA_ATTRIBUTES or attribute in ("_unread", "_aliases")))
+    if taken:
+        raise AdjoinError(f"{name}: forward never reads it, and anfast keeps such state under its "
+                          f"own name, but {attribute!r} is an attribute of the adjoined network "
+                          f"({type(owner).__name__}); rename it in the model, or delete it before adjoin")
 
 
 def _qualified_name(cls: type) -> str:

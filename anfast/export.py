@@ -195,9 +195,13 @@ def export_student(an: AdjoinedNetwork, index: int = 0, path: Optional[Union[str
         plain, layer_state = _student_layer(an, name, widths, index)
         specs[name] = _layer_spec(plain)
         _resize_layer(model.get_submodule(name), specs[name], "meta")
-        for key in [k for k in state if k.startswith(name + ".")]:
-            del state[key]
+        # Replace the layer's own entries; other state of the layer (a buffer of the
+        # model's that forward never reads, say) stays as it is.
+        for key in plain.state_dict():
+            state.pop(f"{name}.{key}", None)
         state.update({f"{name}.{k}": v for k, v in layer_state.items()})
+    for alias, target in an.__dict__.get("_aliases", ()):  # a tied tensor follows its resized twin
+        state[alias] = state[target]
     config = {
         "format": EXPORT_FORMAT, "network": "student", "index": index,
         "alpha": an.alphas[index], "source": an.source, "layers": specs,
@@ -225,7 +229,13 @@ def save_exported(model: nn.Module, path: Union[str, os.PathLike]) -> Path:
         blocker = next((part for part in (path, *path.parents) if part.exists() and not part.is_dir()), path)
         raise NotADirectoryError(f"path={str(path)!r}: {blocker} is not a folder; pass a folder, which will "
                                  f"hold {_WEIGHTS} and {_CONFIG}") from None
-    state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+    state, seen = {}, set()
+    for key, value in model.state_dict().items():
+        value = value.detach().contiguous().cpu()
+        # safetensors refuses two names of one storage (tied weights): the second gets a copy.
+        storage = value.untyped_storage().data_ptr()
+        state[key] = value.clone() if storage in seen and value.numel() else value
+        seen.add(storage)
     # Write to temporary names, then rename: a crash never leaves half a model.
     save_file(state, path / (_WEIGHTS + ".tmp"), metadata={"format": EXPORT_FORMAT})
     (path / (_CONFIG + ".tmp")).write_text(json.dumps(config, indent=2))

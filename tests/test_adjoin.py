@@ -340,8 +340,11 @@ class Reorder(nn.Module):
         "roll dims=-3": (lambda y, m: y.roll(1, dims=-3), True),
         "roll, no dims": (lambda y, m: y.roll(5), True),
         "fliplr": (lambda y, m: torch.fliplr(y), True),
+        "flip, a dim from forward": (lambda y, m: y.flip(y.dim() - 3), True),
         "index buffer": (lambda y, m: y[:, m.perm], True),
-        "index_select": (lambda y, m: torch.index_select(y, 1, m.perm), True),
+        "index from forward": (lambda y, m: y[:, torch.arange(15, -1, -1)], True),
+        "index_select": (lambda y, m: torch.index_select(y, 1, torch.arange(15, -1, -1)), True),
+        "scatter": (lambda y, m: torch.zeros_like(y).scatter(1, torch.argsort(y, 1), y), True),
         "ChannelShuffle": (lambda y, m: m.shuffle(y), True),
         "spatial flip": (lambda y, m: y.flip(3), False),
         "spatial roll": (lambda y, m: torch.roll(y, (1, 2), dims=(2, 3)), False),
@@ -566,17 +569,20 @@ def test_an_adjoined_network_pickles_and_torch_saves_as_itself(tmp_path):
 
 
 class Unread(nn.Module):
-    """A spare head, a persistent and a non-persistent buffer that forward never reads."""
+    """A spare head, persistent and non-persistent buffers that forward never reads (one on
+    a layer that adjoin replaces), and a second name of a layer forward calls."""
 
     def __init__(self):
         super().__init__()
-        self.a, self.b = nn.Conv2d(3, 16, 1), nn.Conv2d(16, 4, 1)
+        self.a, self.b, self.fc = nn.Conv2d(3, 16, 1), nn.Conv2d(16, 8, 1), nn.Linear(8, 4)
+        self.head = self.fc  # tied: one module, two names
         self.spare = nn.Sequential(nn.Linear(16, 3))
         self.register_buffer("order", torch.randperm(7))
         self.a.register_buffer("scratch", torch.randn(5), persistent=False)
+        self.a.register_buffer("calibrated", torch.tensor(3))
 
     def forward(self, x):
-        return self.b(F.relu(self.a(x))).mean((2, 3))
+        return self.fc(self.b(F.relu(self.a(x))).mean((2, 3)))
 
 
 def test_state_that_forward_never_reads_survives_export_and_checkpoints(tmp_path):
@@ -603,6 +609,38 @@ def test_state_that_forward_never_reads_survives_export_and_checkpoints(tmp_path
         assert list(copied.base_state_dict()) == list(model.state_dict())
         assert torch.equal(copied.base_state_dict()["order"], other.order)
         assert torch.equal(anfast.export_base(copied).a.scratch, model.a.scratch)
+    # The tied name follows training (and a move to float64), in the base and the student.
+    an = an.double()
+    x = torch.randn(2, 3, 8, 8, dtype=torch.float64)
+    trained = an(x)
+    (trained.base.sum() + trained.student.sum()).backward()
+    torch.optim.SGD(an.parameters(), lr=0.5).step()
+    an.eval()
+    with torch.no_grad():
+        out = an(x)
+        for exported, expected in ((anfast.export_base(an), out.base), (anfast.export_student(an), out.student)):
+            exported.eval()
+            assert exported.head is exported.fc and torch.equal(exported.a.calibrated, model.a.calibrated)
+            assert (exported(x) - expected).abs().max() <= 1e-12
+
+
+class _Named(nn.Module):
+    """A buffer that forward never reads, named like an attribute of the adjoined network."""
+
+    def __init__(self, name):
+        super().__init__()
+        self.a = nn.Conv2d(3, 8, 1)
+        self.register_buffer(name, torch.zeros(2))
+
+    def forward(self, x):
+        return self.a(x).mean((2, 3))
+
+
+@pytest.mark.parametrize("name", ["alphas", "meta", "_unread"])
+def test_unread_state_named_like_an_adjoined_network_attribute_is_refused(name):
+    with pytest.raises(AdjoinError, match=rf"^{name}: forward never reads it, .* {name!r} is an attribute "
+                                          r"of the adjoined network \(AdjoinedNetwork\); rename it"):
+        anfast.adjoin(_Named(name), input_size=(3, 8, 8))
 
 
 def test_models_named_by_string_build_where_their_builder_computes_with_tensors():

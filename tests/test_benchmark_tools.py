@@ -243,11 +243,16 @@ def test_dry_python_refuses_an_unknown_flag_and_a_selection_of_no_test():
     }
     running = {argv: subprocess.Popen([*DRY_PYTHON, *argv], cwd=REPO, stdout=subprocess.PIPE,
                                       stderr=subprocess.PIPE, text=True) for argv in commands}
-    for argv, process in running.items():
-        stdout, stderr = process.communicate(timeout=300)
-        assert process.returncode == commands[argv], (argv, stdout[-2000:], stderr[-2000:])
-        if "--no-such-flag" in argv and argv[0].endswith("conv.py"):
-            assert "unrecognized arguments: --no-such-flag" in stderr
+    try:
+        for argv, process in running.items():
+            stdout, stderr = process.communicate(timeout=300)
+            assert process.returncode == commands[argv], (argv, stdout[-2000:], stderr[-2000:])
+            if "--no-such-flag" in argv and argv[0].endswith("conv.py"):
+                assert "unrecognized arguments: --no-such-flag" in stderr
+    finally:  # a failed check leaves no process running
+        for process in running.values():
+            process.kill()
+            process.wait()
 
 
 @pytest.mark.slow
