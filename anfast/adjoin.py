@@ -531,7 +531,8 @@ class AdjoinedNetwork(torch.fx.GraphModule):
         original = self.__dict__["_skeleton"].state_dict()
         own = self.state_dict()
         for alias, target in self.__dict__.get("_aliases", ()):  # a tied tensor: one tensor, two names
-            own[alias] = own[target]
+            if target in own:
+                own[alias] = own[target]
         state = collections.OrderedDict((k, own[k]) for k in original if k in own)  # the original's order
         state._metadata = original._metadata
         return state

@@ -201,7 +201,8 @@ def export_student(an: AdjoinedNetwork, index: int = 0, path: Optional[Union[str
             state.pop(f"{name}.{key}", None)
         state.update({f"{name}.{k}": v for k, v in layer_state.items()})
     for alias, target in an.__dict__.get("_aliases", ()):  # a tied tensor follows its resized twin
-        state[alias] = state[target]
+        if target in state and alias in state:
+            state[alias] = state[target]
     config = {
         "format": EXPORT_FORMAT, "network": "student", "index": index,
         "alpha": an.alphas[index], "source": an.source, "layers": specs,
