@@ -4,6 +4,7 @@ adjoined conv shapes, and the check that a GPU test left its CUDA context usable
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import math
 import os
@@ -17,6 +18,19 @@ import torchvision
 from anfast.ops import backend as registry, tuning
 from anfast.ops.backend import TorchBackend
 from anfast.ops.tuning import TOLERANCE  # noqa: F401  (DESIGN.md section 6, one definition)
+
+
+@contextlib.contextmanager
+def one_thread():
+    """torch on one thread inside the block, as in a process run with OMP_NUM_THREADS=1: CPU
+    convolutions sum in an order that depends on the thread count, and the tiny runs that
+    compare losses bit for bit amplify the last bit."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
 
 
 def assert_close_rel(actual: torch.Tensor, expected: torch.Tensor, tolerance: float, name: str = "") -> None:

@@ -15,7 +15,7 @@ import torch
 
 from anfast.dan import DanError, SearchConfig, search, search_training
 from anfast.dan.search import Search
-from helpers import HostReads
+from helpers import HostReads, one_thread
 from test_dan import TinyResidualNet
 from test_train_config import make_image_folder
 from test_run_safety import _one_line
@@ -96,12 +96,8 @@ def _on_one_thread(argv) -> int:
     """`anfast ARGV` in this process on one thread, as a process with OMP_NUM_THREADS=1 runs."""
     import anfast.cli
 
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
+    with one_thread():
         return anfast.cli.main(argv)
-    finally:
-        torch.set_num_threads(threads)
 
 
 def test_a_search_stopped_by_sigterm_and_resumed_ends_with_the_uninterrupted_arch(data, tmp_path, monkeypatch,
@@ -161,12 +157,8 @@ def _tiny_search(run_dir, batches):
                                                 out=str(run_dir)))
     torch.manual_seed(0)  # the model's initial weights
     model = TinyResidualNet()
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # both runs sum in the same order
-    try:
+    with one_thread():  # both runs sum in the same order
         return search(config, model=model, train_loader=batches, num_classes=3)
-    finally:
-        torch.set_num_threads(threads)
 
 
 def test_search_steps_read_nothing_on_the_host_between_log_points(tmp_path, monkeypatch):

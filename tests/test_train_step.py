@@ -19,7 +19,7 @@ from anfast.train.config import ConfigError, TrainConfig
 from anfast.train.loop import NonFiniteLossError, fit
 import anfast
 from anfast.train.step import StepMeter, ema_update, optimizer_step, resolve_compile, train_step
-from helpers import HostReads
+from helpers import HostReads, one_thread
 from test_train_config import make_image_folder, tiny_config
 
 
@@ -229,14 +229,10 @@ def _losses(run_dir) -> list[list[float]]:
 
 
 def _fit_on_one_thread(config) -> None:
-    # CPU convolutions sum in an order that depends on the thread count, and this tiny
-    # run amplifies the last bit: both runs use one thread.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:  # workers=1: the augmentations' host reads of CPU random numbers are the worker's
+    # Both runs on one thread (helpers.one_thread). workers=1: the augmentations' host
+    # reads of CPU random numbers are the worker's.
+    with one_thread():
         fit(config)
-    finally:
-        torch.set_num_threads(threads)
 
 
 @pytest.mark.slow
