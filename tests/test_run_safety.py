@@ -24,7 +24,7 @@ import yaml
 import anfast
 import anfast.cli
 from anfast.data import DataLayoutError, create_loader
-from anfast.runs.checkpoint import newest_usable_checkpoint, save_checkpoint
+from anfast.runs.checkpoint import newest_usable_checkpoint, resume_checkpoint, save_checkpoint
 from anfast.train.config import ConfigError
 from anfast.train.loop import fit
 from anfast.runs.records import MetricsLog
@@ -130,6 +130,21 @@ def test_the_newest_usable_checkpoint_wins_and_last_pt_wins_a_tie(tmp_path):
     path, unusable = newest_usable_checkpoint(tmp_path)
     assert path == tmp_path / "best.pt" and list(unusable) == ["last.pt"]
     assert unusable["last.pt"].startswith("damaged (100 bytes, unreadable")
+
+
+def test_resume_auto_continues_last_pt_whenever_it_loads_even_behind_the_others(tmp_path):
+    """A run resumed by name from last.prev.pt (as a damaged last.pt's message advises) and
+    stopped again has a last.pt with fewer steps than last.prev.pt and best.pt: auto
+    continues where it last stopped (it once chose last.prev.pt, then failed with
+    KeyError 'last.pt' while setting a loadable last.pt aside as unusable)."""
+    checkpoints = tmp_path / "checkpoints"
+    state = {key: None for key in ("model", "optimizer", "scaler", "ema", "rng", "config", "classes", "epoch")}
+    for name, step in (("last.prev.pt", 5), ("best.pt", 3), ("last.pt", 4)):
+        save_checkpoint({**state, "step": step}, checkpoints / name)
+    assert resume_checkpoint("auto", tmp_path) == checkpoints / "last.pt"
+    # Unusable, last.pt gives way to the newer of the others.
+    _make(checkpoints / "last.pt", "directory")
+    assert resume_checkpoint("auto", tmp_path) == checkpoints / "last.prev.pt"
 
 
 @pytest.mark.parametrize("kind", ["dangling symlink", "symlink loop", "directory", "damaged"])

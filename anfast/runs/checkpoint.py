@@ -23,7 +23,7 @@ import re
 import shutil
 import tempfile
 from pathlib import Path
-from typing import IO, Any, Dict, Iterator, Optional, Tuple, Union
+from typing import IO, Any, Dict, Iterator, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import torch
@@ -32,7 +32,7 @@ from anfast.runs.errors import ConfigError
 
 __all__ = ["save_checkpoint", "load_checkpoint", "load_training_checkpoint", "previous_checkpoint",
            "CheckpointError", "get_rng_state", "set_rng_state", "remove_stale_temp_files",
-           "newest_usable_checkpoint", "resume_checkpoint", "RESUME_CANDIDATES",
+           "newest_usable_checkpoint", "auto_resume_checkpoint", "resume_checkpoint", "RESUME_CANDIDATES",
            "reporting_full_disk", "tensor_bytes", "DiskFullError", "write_text_atomically"]
 
 _TEMP_SUFFIX = ".tmp"
@@ -248,15 +248,15 @@ def _probe(path: Path) -> Tuple[Optional[Dict[str, Any]], Optional[str]]:
         return None, error.reason
 
 
-def newest_usable_checkpoint(checkpoint_dir: Union[str, Path]
+def newest_usable_checkpoint(checkpoint_dir: Union[str, Path], candidates: Sequence[str] = RESUME_CANDIDATES
                              ) -> Tuple[Optional[Path], Dict[str, str]]:
-    """(the RESUME_CANDIDATES file of ``checkpoint_dir`` with the most optimizer steps that
+    """(the ``candidates`` file of ``checkpoint_dir`` with the most optimizer steps that
     loads, or None; {name: why it is unusable} for every other candidate that exists in
     any form, a dangling symlink included). On a tie the earlier candidate wins: last.pt
     over a best.pt written at the same step. Files are memory-mapped, not read."""
     checkpoint_dir = Path(checkpoint_dir)
     usable, unusable = [], {}
-    for order, name in enumerate(RESUME_CANDIDATES):
+    for order, name in enumerate(candidates):
         path = checkpoint_dir / name
         if not os.path.lexists(path):
             continue
@@ -268,11 +268,24 @@ def newest_usable_checkpoint(checkpoint_dir: Union[str, Path]
     return (max(usable)[1] if usable else None), unusable
 
 
+def auto_resume_checkpoint(checkpoint_dir: Union[str, Path]) -> Tuple[Optional[Path], Dict[str, str]]:
+    """(the checkpoint ``--resume auto`` continues, or None; {name: why it is unusable} as
+    newest_usable_checkpoint gives it). last.pt whenever it loads: it is where the run
+    last stopped, even when last.prev.pt or best.pt holds more steps (a run resumed
+    from one of them by name, then stopped again); when it does not, the newer usable
+    one of last.prev.pt and best.pt."""
+    last, unusable = newest_usable_checkpoint(checkpoint_dir, RESUME_CANDIDATES[:1])
+    if last is not None:
+        return last, unusable
+    path, also_unusable = newest_usable_checkpoint(checkpoint_dir, RESUME_CANDIDATES[1:])
+    return path, {**unusable, **also_unusable}
+
+
 def resume_checkpoint(resume: str, run_dir: Union[str, Path]) -> Optional[Path]:
-    """The checkpoint ``--resume RESUME`` continues: the file it names or, for "auto", the
-    newest usable one of RUN_DIR/checkpoints; None when "auto" finds none in any form (the
-    run saved none yet). Raises ConfigError when the file is missing, or when "auto" finds
-    candidates and none of them loads: a fresh start would replace that run."""
+    """The checkpoint ``--resume RESUME`` continues: the file it names or, for "auto",
+    auto_resume_checkpoint's of RUN_DIR/checkpoints; None when "auto" finds none in any
+    form (the run saved none yet). Raises ConfigError when the file is missing, or when
+    "auto" finds candidates and none of them loads: a fresh start would replace that run."""
     if resume != "auto":
         path = Path(resume)
         if not path.is_file():
@@ -280,7 +293,7 @@ def resume_checkpoint(resume: str, run_dir: Union[str, Path]) -> Optional[Path]:
                               f"--resume auto")
         return path
     checkpoint_dir = Path(run_dir) / "checkpoints"
-    path, unusable = newest_usable_checkpoint(checkpoint_dir)
+    path, unusable = auto_resume_checkpoint(checkpoint_dir)
     if path is None and unusable:
         found = "; ".join(f"{name} is {why}" for name, why in unusable.items())
         raise ConfigError(f"--resume auto: {checkpoint_dir} holds no usable checkpoint ({found}); "

@@ -50,7 +50,7 @@ from anfast.loss import AdjoinedLoss, OneNetworkLoss, TaughtOutput, get_lambda_s
 from anfast.nn import convert_sync_batchnorm
 from anfast.nn.backends import collect_layer_problems, layer_backends, prepare_backends, set_backend
 from anfast.ops.backend import BACKEND_PRIORITY, backend_reasons
-from anfast.runs.checkpoint import (get_rng_state, load_training_checkpoint, newest_usable_checkpoint,
+from anfast.runs.checkpoint import (auto_resume_checkpoint, get_rng_state, load_training_checkpoint,
                                     remove_stale_temp_files, reporting_full_disk, resume_checkpoint,
                                     save_checkpoint, set_rng_state, write_text_atomically)
 from anfast.runs.distributed import (DistributedInfo, all_reduce_sum, any_rank, any_rank_on_host,
@@ -120,10 +120,11 @@ KEEP_THE_RUNS_OPTIONS = "leave these options out (the CLI then takes the run's)"
 
 
 def resolve_resume_path(config: TrainConfig, keep_options: str = KEEP_THE_RUNS_OPTIONS) -> Optional[Path]:
-    """The checkpoint the run continues (checkpoint.resume_checkpoint: for --resume auto the
-    newest usable one), or None for a fresh start. --resume auto in a run that saved no
-    checkpoint yet restarts it, with the options of its config.yaml (rundir.restart_options);
-    ``keep_options`` is the refusal's advice when the command line changes one."""
+    """The checkpoint the run continues (checkpoint.resume_checkpoint: for --resume auto
+    last.pt, or when it is unusable the newer usable one of last.prev.pt and best.pt), or
+    None for a fresh start. --resume auto in a run that saved no checkpoint yet restarts
+    it, with the options of its config.yaml (rundir.restart_options); ``keep_options`` is
+    the refusal's advice when the command line changes one."""
     if config.resume is None:
         return None
     path = resume_checkpoint(config.resume, config.out)
@@ -228,7 +229,7 @@ def _set_aside_unusable_last(config: TrainConfig, resume_path: Optional[Path], c
     last = checkpoint_dir / "last.pt"
     if config.resume != "auto" or resume_path is None or resume_path == last or not os.path.lexists(last):
         return
-    why = newest_usable_checkpoint(checkpoint_dir)[1]["last.pt"]
+    why = auto_resume_checkpoint(checkpoint_dir)[1]["last.pt"]
     aside = checkpoint_dir / "last.unusable.pt"
     os.replace(last, aside)
     _say(info, f"{command}: {last} is {why}; renamed it {aside.name} and resuming from "
