@@ -296,7 +296,7 @@ def _model_from_source(source: dict, layers: dict, shapes: dict[str, tuple[int, 
 def _build(source: dict, path: Path) -> nn.Module:
     try:
         return model_from_source(source)
-    except ValueError as error:  # a kwarg the builder does not take or of another type, too large a model
+    except (ValueError, TypeError) as error:  # a kwarg the builder does not take or of another type, too large a model
         raise ExportError(f"{path / _CONFIG}: source: {error}; re-export the network") from None
 
 

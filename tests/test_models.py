@@ -208,6 +208,28 @@ def test_names_and_refusals():
         anfast.adjoin(model, input_size=(3, 9, 9))
 
 
+@pytest.mark.parametrize("arch, kwargs, message", [
+    # anfast's own builders are annotated as strings (from __future__ import annotations).
+    ("xresnet18", {"num_clases": 5}, r"anfast model 'xresnet18' takes no keyword argument 'num_clases' "
+                                     r"\(did you mean \['num_classes'"),
+    ("xresnet18", {"in_channels": "3"}, r"in_channels='3' \(str\), but in_channels takes int \(default 3\)"),
+    # What the class requires, the builder passes itself: no "got multiple values" later.
+    ("resnet18", {"layers": [1, 1, 1, 1]}, r"torchvision model 'resnet18' sets layers itself"),
+    ("xresnet50", {"block": "BasicBlock"}, r"anfast model 'xresnet50' sets block itself"),
+    ("timm:resnet18d", {"layers": [1, 1, 1, 1]}, r"timm model 'resnet18d' sets layers itself"),
+])
+def test_keyword_arguments_are_checked_for_every_library(arch, kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        create_model(arch, **kwargs)
+
+
+def test_a_list_parameter_takes_a_tuple():
+    """As torchvision does for replace_stride_with_dilation (annotated List[bool])."""
+    with torch.device("meta"):
+        model = create_model("resnet50", replace_stride_with_dilation=(False, True, True))[0]
+    assert [model.layer3[1].conv2.dilation, model.layer4[1].conv2.dilation] == [(2, 2), (4, 4)]
+
+
 def _info_error(capsys, *argv) -> str:
     from anfast.cli import main
 

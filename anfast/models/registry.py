@@ -95,13 +95,23 @@ def _builder(library: str, name: str) -> Callable[..., nn.Module]:
     return torchvision.models.get_model_builder(name)
 
 
+def _signature(function: Callable) -> inspect.Signature:
+    """``function``'s signature with its annotations as objects, also in a module written with
+    ``from __future__ import annotations`` (anfast's XResNet: ``-> "XResNet"``); as strings
+    where they cannot be evaluated (a name imported only under TYPE_CHECKING)."""
+    try:
+        return inspect.signature(function, eval_str=True)
+    except Exception:  # NameError, or anything else the annotations' code raises
+        return inspect.signature(function)
+
+
 def _keyword_parameters(function: Callable) -> dict[str, inspect.Parameter]:
-    return {p.name: p for p in inspect.signature(function).parameters.values()
+    return {p.name: p for p in _signature(function).parameters.values()
             if p.kind in (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)}
 
 
 def _takes_any_keyword(function: Callable) -> bool:
-    return any(p.kind is inspect.Parameter.VAR_KEYWORD for p in inspect.signature(function).parameters.values())
+    return any(p.kind is inspect.Parameter.VAR_KEYWORD for p in _signature(function).parameters.values())
 
 
 def _annotation_options(annotation: Any) -> tuple:
@@ -115,13 +125,14 @@ def _simple_types(parameter: inspect.Parameter) -> Optional[tuple[type, ...]]:
     """The JSON-expressible types ``parameter`` accepts, or None where its signature cannot tell.
 
     From its annotation (``Optional[int]`` -> (int, NoneType)), else from the type of its
-    default; a float parameter also takes an int, a tuple one a list."""
+    default; a float parameter also takes an int, a tuple one a list and a list one a tuple."""
     simple = (bool, int, float, str, type(None), tuple, list)
     annotation = parameter.annotation
     if annotation is not inspect.Parameter.empty and not isinstance(annotation, str):
         options = tuple(typing.get_origin(option) or option for option in _annotation_options(annotation))
         if all(isinstance(option, type) and issubclass(option, simple) for option in options):
-            return options + ((int,) if float in options else ()) + ((list,) if tuple in options else ())
+            return (options + ((int,) if float in options else ()) + ((list,) if tuple in options else ())
+                    + ((tuple,) if list in options else ()))
         return None
     default = parameter.default
     if default is inspect.Parameter.empty or default is None or not isinstance(default, simple):
@@ -166,12 +177,20 @@ def _check_signature(library: str, name: str, kwargs: Mapping[str, Any], functio
     for function in functions:
         parameters.update((key, p) for key, p in _keyword_parameters(function).items() if key != "model_name")
         open_ended = _takes_any_keyword(function)
-    returned = inspect.signature(functions[-1]).return_annotation
+    returned = _signature(functions[-1]).return_annotation
+    bound = {}
     if open_ended and isinstance(returned, type) and issubclass(returned, nn.Module):
-        # Builders pass their **kwargs on to the model class they return.
-        parameters = {**_keyword_parameters(returned.__init__), **parameters}
+        # Builders pass their **kwargs on to the model class they return. What the class
+        # requires (no default) the builder itself passes: ResNet's block and layers.
+        of_class = _keyword_parameters(returned.__init__)
+        bound = {key for key, p in of_class.items() if key != "self" and p.default is inspect.Parameter.empty
+                 and key not in parameters}
+        parameters = {**of_class, **parameters}
         open_ended = _takes_any_keyword(returned.__init__)
     for key, value in kwargs.items():
+        if key in bound:
+            raise ValueError(f"{library} model {name!r} sets {key} itself (it is what {name!r} names); "
+                             f"to change it, choose another architecture")
         if key in parameters:
             _check_value(library, name, key, value, parameters[key])
         elif not open_ended:
