@@ -94,6 +94,28 @@ def test_cli_flags_override_yaml_which_overrides_defaults(tmp_path):
     assert TrainConfig.from_dict(config.to_dict()) == config
 
 
+def _training_checkpoint(path, config: TrainConfig) -> None:
+    """A checkpoint with every key a resume reads and no weights: enough for the CLI to take
+    the run's options from it."""
+    state = {key: None for key in ("model", "optimizer", "scaler", "ema", "rng", "classes", "epoch")}
+    save_checkpoint({**state, "step": 1, "config": config.to_dict()}, path)
+
+
+def test_a_resumed_runs_config_yaml_reused_for_another_out_starts_a_new_run(tmp_path):
+    """config.yaml is reusable with --config: a resumed run's must not carry its --resume, or
+    `--config A/config.yaml --out B` would continue A's checkpoint in B and train nothing."""
+    from anfast.train.config import save_config
+
+    run_a = tmp_path / "A"
+    checkpoint = run_a / "checkpoints" / "last.pt"
+    resumed = TrainConfig(out=str(run_a), resume=str(checkpoint), overwrite=True, epochs=3)
+    _training_checkpoint(checkpoint, resumed)
+    save_config(resumed, run_a / "config.yaml")
+    config = _parse(["--config", str(run_a / "config.yaml"), "--out", str(tmp_path / "B")])
+    assert config.resume is None and config.overwrite is False
+    assert config == dataclasses.replace(resumed, out=str(tmp_path / "B"), resume=None, overwrite=False)
+
+
 def test_unknown_yaml_option_is_named(tmp_path):
     yaml_file = tmp_path / "run.yaml"
     yaml_file.write_text("epoch: 3\n")

@@ -377,5 +377,7 @@ def load_arch_config(path: str) -> Dict[str, float]:
 
 def save_config(config: TrainConfig, path: Path) -> None:
     """Write the resolved config as YAML (loadable with ``--config``)."""
-    # Reused with --config for another --out, a saved `overwrite: true` would delete that run.
-    write_text_atomically(path, yaml.safe_dump({**config.to_dict(), "overwrite": False}, sort_keys=False))
+    # Reused with --config for another --out, a saved `overwrite: true` would delete that run
+    # and a saved `resume` would continue the old run there instead of training a new one.
+    write_text_atomically(path, yaml.safe_dump({**config.to_dict(), "overwrite": False, "resume": None},
+                                               sort_keys=False))
