@@ -116,6 +116,23 @@ def test_a_resumed_runs_config_yaml_reused_for_another_out_starts_a_new_run(tmp_
     assert config == dataclasses.replace(resumed, out=str(tmp_path / "B"), resume=None, overwrite=False)
 
 
+def test_a_run_started_from_pretrained_weights_resumes_once_they_are_gone(tmp_path, capsys):
+    """A resume takes its weights from the checkpoint and never reads --pretrained, which the
+    CLI copies from the checkpoint's config; a start from step 0 still needs the file and is
+    refused in one line before the run directory is made."""
+    gone = str(tmp_path / "pretrained.safetensors")
+    run = tmp_path / "run"
+    _training_checkpoint(run / "checkpoints" / "last.pt", TrainConfig(out=str(run), pretrained=gone))
+    config = _parse(["--out", str(run), "--resume", "auto"]).validate()
+    assert config.pretrained == gone and config.resume == "auto"
+
+    refusal = f"--pretrained {gone}: no such file or folder"
+    for fresh in (["--out", str(tmp_path / "new")], ["--out", str(tmp_path / "new"), "--resume", "auto"]):
+        line = _one_line_error(["train", *fresh, "--pretrained", gone], capsys)
+        assert line.startswith(f"anfast train: error: {refusal}"), line
+    assert not (tmp_path / "new").exists()
+
+
 def test_unknown_yaml_option_is_named(tmp_path):
     yaml_file = tmp_path / "run.yaml"
     yaml_file.write_text("epoch: 3\n")

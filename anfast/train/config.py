@@ -17,7 +17,7 @@ from typing import Any, Dict, List, Optional, Tuple, Type, Union
 
 import yaml
 
-from anfast.runs.checkpoint import write_text_atomically
+from anfast.runs.checkpoint import resume_checkpoint, write_text_atomically
 from anfast.runs.errors import ConfigError
 from anfast.runs.rundir import load_config
 
@@ -191,10 +191,17 @@ class TrainConfig:
                 self.resume == "auto" or Path(self.resume).resolve().is_relative_to(Path(self.out).resolve())):
             raise ConfigError(f"--resume {self.resume} continues the run in --out {self.out} and "
                               f"--overwrite deletes it; give one of the two")
-        if self.pretrained is not None and not Path(self.pretrained).exists():
+        # A resume takes its weights from the checkpoint and never reads --pretrained (the CLI
+        # copies it from the checkpoint's config): only a start from step 0 needs the file.
+        if self.pretrained is not None and not Path(self.pretrained).exists() and self._starts_from_step_0():
             raise ConfigError(f"--pretrained {self.pretrained}: no such file or folder; give a local "
                               f".safetensors / .pt file or an anfast export folder (anfast never downloads)")
         return self
+
+    def _starts_from_step_0(self) -> bool:
+        """No --resume, or --resume auto in a run that saved no checkpoint yet (a fresh start or
+        a restart from its config.yaml); the checkpoints are memory-mapped, not read."""
+        return self.resume is None or resume_checkpoint(self.resume, self.out) is None
 
     def _check_teacher(self) -> None:
         """--teacher distils the students alone: it needs --objective student and an export folder."""
