@@ -166,6 +166,18 @@ def _load_state(model: nn.Module, state: dict) -> None:
     model.load_state_dict(state, strict=True)
 
 
+def _take_dtypes(model: nn.Module, state: dict[str, torch.Tensor]) -> None:
+    """Give each floating-point tensor of ``model`` the dtype ``state`` holds for it: a
+    float64 or bfloat16 export loads as it was saved, not cast into the float32 that
+    the class builds (``load_state_dict`` copies into the existing dtype). In place
+    (``.data``), so tied weights stay one tensor."""
+    for name, tensor in model.state_dict(keep_vars=True).items():
+        saved = state.get(name)
+        if (saved is not None and tensor.is_floating_point() and saved.is_floating_point()
+                and tensor.dtype != saved.dtype):
+            tensor.data = tensor.data.to(saved.dtype)
+
+
 def _adjoined_network(an: Any, function: str) -> AdjoinedNetwork:
     """``an``, or the adjoined network that ``torch.compile(an)`` wraps; anything else is refused."""
     network = getattr(an, "_orig_mod", an)
@@ -269,7 +281,9 @@ def load_student(path: Union[str, os.PathLike], model: Optional[nn.Module] = Non
     else:
         _check_against_weights(model, layers, shapes, path, "pass the architecture the network was exported from")
         model = _swap_layers(model.to(device), layers, device)
-    _load_state(model, load_file(path / _WEIGHTS, device=str(device)))
+    state = load_file(path / _WEIGHTS, device=str(device))
+    _take_dtypes(model, state)
+    _load_state(model, state)
     model.anfast_config = config
     return model.eval()
 
@@ -464,9 +478,14 @@ def _check_against_weights(model: nn.Module, layers: dict, shapes: dict[str, tup
     """``model`` with ``layers`` swapped in has exactly the tensors of the safetensors header;
     ``fix`` ends the message of a layer that computes otherwise (``_check_layer_targets``)."""
     _check_layer_targets(model, layers, path / _CONFIG, fix)
+    # A layer under a second name (``self.head = self.fc``) is resized under both.
+    names = {}
+    for name, module in model.named_modules(remove_duplicate=False):
+        names.setdefault(id(module), []).append(name)
+    swapped = {alias: spec for name, spec in layers.items() for alias in names[id(model.get_submodule(name))]}
     expected = {key: tuple(value.shape) for key, value in model.state_dict().items()
-                if not any(key.startswith(f"{name}.") for name in layers)}
-    for name, spec in layers.items():
+                if not any(key.startswith(f"{name}.") for name in swapped)}
+    for name, spec in swapped.items():
         expected.update({f"{name}.{key}": shape for key, shape in _layer_shapes(spec).items()})
     file = path / _WEIGHTS
     for key in sorted(set(expected) | set(shapes)):

@@ -19,6 +19,8 @@ from anfast.export import ExportError
 from anfast.loss import (OneNetworkLoss, constant_lambda, distillation_loss, get_lambda_schedule, linear_lambda,
                          paper_lambda)
 
+from helpers import assert_close_rel
+
 
 def test_loss_matches_the_paper_formula_in_float64():
     torch.manual_seed(0)
@@ -192,6 +194,43 @@ def test_save_and_load_student_without_pickle(tmp_path):
         with torch.no_grad():
             assert (loaded(x) - out.students[index]).abs().max() <= 1e-5
     assert sorted(p.name for p in (tmp_path / "s0").iterdir()) == ["config.json", "model.safetensors"]
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16])
+def test_a_student_loads_in_the_dtype_it_was_saved_in(tmp_path, dtype):
+    """load_state_dict copies into the float32 the class builds: a float64 export came
+    back float32 (and refused float64 inputs), a bfloat16 one at twice its size."""
+    torch.manual_seed(0)
+    an = anfast.adjoin("resnet18", alpha=4, policy="paper", num_classes=5, input_size=(3, 16, 16)).to(dtype).eval()
+    student = anfast.export_student(an, path=tmp_path)
+    loaded = anfast.load_student(tmp_path)
+    for (name, saved), (_, got) in zip(student.state_dict().items(), loaded.state_dict().items(), strict=True):
+        assert got.dtype == saved.dtype and torch.equal(got, saved), name
+    x = torch.randn(2, 3, 16, 16, dtype=dtype)
+    with torch.no_grad():
+        assert torch.equal(loaded(x), student(x))
+
+
+def test_a_user_class_loads_in_the_saved_dtype_with_its_tied_weights_tied(tmp_path):
+    class Tied(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv1, self.conv2, self.bn = nn.Conv2d(3, 16, 3), nn.Conv2d(16, 16, 3), nn.BatchNorm2d(16)
+            self.fc = nn.Linear(16, 4)
+            self.head = self.fc  # one Linear under two names
+
+        def forward(self, x):
+            return self.head(torch.flatten(nn.functional.adaptive_avg_pool2d(self.bn(self.conv2(self.conv1(x))), 1), 1))
+
+    torch.manual_seed(0)
+    an = anfast.adjoin(Tied(), alpha=2, policy="all", input_size=(3, 8, 8)).double().eval()
+    assert an.layer_widths["conv2"].student_in == (8,)
+    anfast.export_student(an, path=tmp_path)
+    loaded = anfast.load_student(tmp_path, model=Tied())
+    assert loaded.head.weight is loaded.fc.weight and loaded.fc.weight.dtype == torch.float64
+    x = torch.randn(2, 3, 8, 8, dtype=torch.float64)
+    with torch.no_grad():
+        assert_close_rel(loaded(x), an(x).student, 1e-12)
 
 
 def test_load_student_of_a_user_class_needs_an_instance(tmp_path):
