@@ -181,6 +181,10 @@ def test_non_finite_and_out_of_range_flags_are_one_line_errors(tmp_path, capsys,
     ("lr: [1]\n", "lr=[1] is not a number"),
     ("ema: maybe\n", "ema='maybe' must be true or false"),
     ("epochs:\n", "epochs is missing a value"),
+    ("alpha:\n", "alpha is missing a value; give one (default: 4)"),
+    ("alpha: [[2]]\n", "alpha=[[2]]: expected a number or a comma list such as 2,4,8 (default: 4)"),
+    ("alpha: true\n", "alpha=True: expected a number"),
+    ("alpha: [2, false]\n", "alpha=[2, False]: expected a number"),
 ])
 def test_bad_yaml_values_are_one_line_errors(tmp_path, capsys, yaml_text, message):
     yaml_file = tmp_path / "run.yaml"

@@ -350,15 +350,21 @@ def _check_choice(name: str, value: str, choices) -> None:
         raise ConfigError(f"{name}={value!r}; choose one of {list(choices)}")
 
 
-def parse_alpha(value: Union[str, float, int, list, tuple]) -> Tuple[float, ...]:
-    """"4" -> (4.0,); "2,4" -> (2.0, 4.0); also numbers and lists."""
-    if isinstance(value, (int, float)):
-        return (float(value),)
-    parts = value.split(",") if isinstance(value, str) else list(value)
+def parse_alpha(value: Union[str, float, int, list, tuple, None]) -> Tuple[float, ...]:
+    """"4" -> (4.0,); "2,4" -> (2.0, 4.0); also numbers and flat lists of numbers or numeric
+    text. Anything else (YAML ``alpha:`` with no value, ``true``, ``[[2]]``) is a ConfigError."""
+    default = ",".join(f"{alpha:g}" for alpha in TrainConfig.alpha)
+    if value is None:
+        raise ConfigError(f"alpha is missing a value; give one (default: {default})")
+    parts = value.split(",") if isinstance(value, str) else value if isinstance(value, (list, tuple)) else [value]
+    not_alpha = ConfigError(f"alpha={value!r}: expected a number or a comma list such as 2,4,8 "
+                            f"(default: {default})")
+    if not all(isinstance(part, (int, float, str)) and not isinstance(part, bool) for part in parts):
+        raise not_alpha
     try:
         return tuple(float(part) for part in parts if str(part).strip())
     except ValueError:
-        raise ConfigError(f"alpha={value!r}: expected a number or a comma list such as 2,4,8") from None
+        raise not_alpha from None
 
 
 def load_arch_config(path: str) -> Dict[str, float]:
