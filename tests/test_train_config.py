@@ -23,7 +23,7 @@ import torch
 from PIL import Image
 
 from anfast.data import DataLayoutError
-from anfast.train.build import has_apex
+from anfast.train.build import create_adjoined_model, has_apex
 import anfast.cli
 from anfast.runs.checkpoint import (CheckpointError, DiskFullError, get_rng_state, load_checkpoint,
                                      load_training_checkpoint, previous_checkpoint, save_checkpoint,
@@ -331,12 +331,28 @@ def test_info_and_builtin_refuse_bad_numbers(capsys):
     assert "-1 is negative; give a seed >= 0" in capsys.readouterr().err
 
 
-def test_arch_config_with_unknown_group_is_rejected(tmp_path):
-    data = make_image_folder(tmp_path / "data")
+def test_arch_config_with_unknown_group_is_rejected_with_its_own_message(tmp_path):
+    # Not re-worded as "cannot adjoin --arch resnet18 with --alpha 4", an option never given.
     arch = tmp_path / "arch.json"
     arch.write_text('{"groups": {"layer9.0.conv1": 2}}')
-    with pytest.raises(ConfigError, match=r"width groups \['layer9.0.conv1'\] that this model"):
-        fit(tiny_config(data, tmp_path / "run", arch_config=str(arch)))
+    with pytest.raises(ConfigError, match=r"^--arch-config names width groups \['layer9.0.conv1'\] that this model"):
+        create_adjoined_model(TrainConfig(arch_config=str(arch), image_size=16), num_classes=3)
+
+
+def test_arch_config_with_nested_alphas_is_refused_before_anything_runs(tmp_path, capsys):
+    """--arch-config gives one student its widths: --alpha 2,4 would build two identical
+    students labelled 2 and 4."""
+    arch = tmp_path / "arch.json"
+    arch.write_text('{"groups": {"layer3.0.conv1": 2}}')
+    yaml_file = tmp_path / "run.yaml"
+    yaml_file.write_text("alpha: [2, 4]\n")
+    for given in (["--alpha", "2,4"], ["--config", str(yaml_file)]):
+        line = _one_line_error(["train", "--arch-config", str(arch), *given, "--out", str(tmp_path / "run")],
+                               capsys)
+        assert line.startswith(f"anfast train: error: --arch-config {arch} sets each width group's alpha "
+                               f"and builds one student; --alpha 2,4 asks for 2 nested students"), line
+    assert not (tmp_path / "run").exists()
+    assert _parse(["--arch-config", str(arch), "--alpha", "2"]).validate().alpha == (2.0,)
 
 
 # ----------------------------------------------------------------------------- checkpoints

@@ -42,7 +42,8 @@ def add_model_arguments(parser: argparse.ArgumentParser, skip: Sequence[str] = (
                        help=f"which layers shrink: paper (convs with in and out channels > 64) or all "
                             f"{default_help('policy')}"),
         "arch_config": dict(help="per-width-group alphas from `anfast search` (JSON "
-                                 "{\"groups\": {name: alpha}}); replaces --policy"),
+                                 "{\"groups\": {name: alpha}}); replaces --policy and builds one student "
+                                 "(no comma list of --alpha)"),
         "round_to": dict(type=int, help=f"student widths round up to this {default_help('round_to')}"),
         "batch_size": dict(type=int, help=f"per process {default_help('batch_size')}"),
         "image_size": dict(type=int, help=f"train crop and val size in pixels {default_help('image_size')}"),

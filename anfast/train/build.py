@@ -90,9 +90,12 @@ def create_adjoined_model(config: TrainConfig, num_classes: int) -> torch.nn.Mod
         # By name, so exports record the source and load_student rebuilds it.
         return adjoin(config.arch, alpha=alpha, policy=policy, round_to=config.round_to,
                       input_size=input_size, num_classes=num_classes)
+    except ConfigError:  # already names the option and the fix (_arch_config_policy)
+        raise
     except (ValueError, TypeError, NotImplementedError) as error:
-        raise ConfigError(f"cannot adjoin --arch {config.arch} with --alpha "
-                          f"{','.join(f'{a:g}' for a in config.alpha)}: {error}") from error
+        widths = (f"--arch-config {config.arch_config}" if config.arch_config
+                  else f"--alpha {','.join(f'{a:g}' for a in config.alpha)}")
+        raise ConfigError(f"cannot adjoin --arch {config.arch} with {widths}: {error}") from error
 
 
 def _arch_config_policy(arch: str, num_classes: int, group_alphas: Dict[str, float],

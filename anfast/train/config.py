@@ -180,6 +180,11 @@ class TrainConfig:
                               f"train/<class>/*.jpg and val/<class>/*.jpg, or leave --data out "
                               f"for the built-in dataset")
         if self.arch_config is not None:
+            if len(self.alpha) > 1:
+                raise ConfigError(f"--arch-config {self.arch_config} sets each width group's alpha and "
+                                  f"builds one student; --alpha {','.join(f'{a:g}' for a in self.alpha)} "
+                                  f"asks for {len(self.alpha)} nested students, which would all be that "
+                                  f"one: leave --alpha out, or train nested students without --arch-config")
             load_arch_config(self.arch_config)
             searched = json.loads(Path(self.arch_config).read_text())
             for name, flag in (("arch", "--arch"), ("round_to", "--round-to")):
