@@ -2,13 +2,28 @@
 
 from __future__ import annotations
 
-from typing import Sequence
+import contextlib
+from typing import Iterator, Sequence
 
 import torch
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
-__all__ = ["profile", "count_parameters"]
+__all__ = ["profile", "count_parameters", "eval_mode"]
+
+
+@contextlib.contextmanager
+def eval_mode(module: nn.Module) -> Iterator[nn.Module]:
+    """``module`` in eval mode inside the block; after it (also after an error) every
+    submodule is back in its own mode. ``module.train(was_training)`` would put them all
+    in the top module's: a BatchNorm frozen in eval inside a training network would train."""
+    modes = [(m, m.training) for m in module.modules()]
+    module.eval()
+    try:
+        yield module
+    finally:
+        for m, training in modes:
+            m.training = training
 
 
 def count_parameters(module: nn.Module, exclude: Sequence[str] = ()) -> int:
@@ -34,12 +49,7 @@ def profile(module: nn.Module, input_size: Sequence[int]) -> dict[str, int]:
     parameter = next(module.parameters(), None)
     device = parameter.device if parameter is not None else torch.device("cpu")
     dtype = parameter.dtype if parameter is not None else torch.float32
-    was_training = module.training
-    module.eval()
-    try:
-        counter = FlopCounterMode(display=False)
-        with torch.no_grad(), counter:
-            module(torch.zeros(size, device=device, dtype=dtype))
-    finally:
-        module.train(was_training)
+    counter = FlopCounterMode(display=False)
+    with eval_mode(module), torch.no_grad(), counter:
+        module(torch.zeros(size, device=device, dtype=dtype))
     return {"params": count_parameters(module), "flops": int(counter.get_total_flops())}

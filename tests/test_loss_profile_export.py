@@ -158,6 +158,31 @@ def test_profile_counts_by_hand():
     assert stats["flops"] == 2 * (8 * 25 * 3 * 9) + 2 * (200 * 4)
 
 
+def _modes(module: nn.Module) -> dict[str, bool]:
+    return {name: m.training for name, m in module.named_modules()}
+
+
+def test_profile_and_the_dan_cost_model_leave_each_submodule_in_its_own_mode():
+    """A network training with one stage frozen in eval (fine-tuning): counting it must not
+    put the frozen BatchNorms back in training, nor train the others after an error."""
+    from anfast.dan import CostModel, SearchSpace
+
+    model = torchvision.models.resnet18(num_classes=5).train()
+    model.layer1.eval()
+    expected = _modes(model)
+    assert not expected["layer1.0.bn1"] and expected["layer2.0.bn1"]
+    anfast.profile(model, (3, 16, 16))
+    assert _modes(model) == expected
+    with pytest.raises(RuntimeError):  # 4 image channels for a 3-channel stem
+        anfast.profile(model, (4, 16, 16))
+    assert _modes(model) == expected
+    an = anfast.adjoin(model, alpha=1, policy="all", input_size=(3, 16, 16))  # a search network
+    an.layer1.eval()
+    expected = _modes(an)
+    CostModel(an, SearchSpace.from_network(an, choices=(1, 2, 4)), (3, 16, 16))
+    assert _modes(an) == expected
+
+
 def test_profile_of_an_adjoined_network_is_its_base_plus_its_students():
     # Its convs are custom ops: before they had FLOP formulas, profile() counted only the
     # classifiers of an adjoined network.

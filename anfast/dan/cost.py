@@ -29,7 +29,7 @@ from torch import nn
 from anfast.adjoin import AdjoinedNetwork
 from anfast.dan.space import SearchSpace
 from anfast.export import export_base
-from anfast.profile import profile
+from anfast.profile import eval_mode, profile
 
 __all__ = ["CostModel"]
 
@@ -207,13 +207,10 @@ def _output_spatial_sizes(network: AdjoinedNetwork, input_size: Sequence[int]) -
     hooks = [module.register_forward_hook(lambda m, args, out, name=name: sizes.__setitem__(name, out[0].shape[-2] * out[0].shape[-1]))
              for name, module in network.named_modules() if isinstance(module, nn.Conv2d)]
     parameter = next(network.parameters())
-    was_training = network.training
-    network.eval()
     try:
-        with torch.no_grad():
+        with eval_mode(network), torch.no_grad():
             network(torch.zeros(1, *input_size[-3:], device=parameter.device, dtype=parameter.dtype))
     finally:
-        network.train(was_training)
         for hook in hooks:
             hook.remove()
     return sizes
