@@ -152,6 +152,42 @@ def test_full_run_writes_every_artifact_and_eval_export_agree(data, tmp_path):
         torch.testing.assert_close(student(images), an(images).students[0], rtol=1e-4, atol=1e-5)
 
 
+def test_epoch_rows_label_students_with_alpha_but_not_under_arch_config(tmp_path):
+    """An --arch-config student has one alpha per width group: metrics.jsonl, TensorBoard
+    and curves.png must not label it with --alpha (which it never used), as summary.json
+    says "alpha": null. Training.epoch_row on three images."""
+    from types import SimpleNamespace
+
+    from anfast.adjoin import AdjoinedOutput
+    from anfast.runs.distributed import DistributedInfo
+    from anfast.runs.records import plot_curves
+    from anfast.train.loop import Training
+    from anfast.train.state import RunState
+
+    class Batches(list):
+        skipped = 0
+
+    class TwoStudents(torch.nn.Module):  # what evaluate reads of an adjoined network, at no cost
+        def forward(self, images):
+            logits = images.flatten(1)[:, :3]
+            return AdjoinedOutput(logits, (logits, logits))
+
+    an = TwoStudents()
+    loader = Batches([(torch.randn(3, 3, 7, 7), torch.tensor([0, 1, 2]))])
+    rows = {}
+    for arch_config in (None, str(tmp_path / "arch.json")):
+        run = SimpleNamespace(info=DistributedInfo(0, 0, 1, torch.device("cpu")), parts=SimpleNamespace(an=an),
+                              eval_model=an, amp_dtype=None, schedule=SimpleNamespace(lr=lambda step: 0.1),
+                              config=SimpleNamespace(alpha=(2.0, 4.0), arch_config=arch_config),
+                              data=SimpleNamespace(train_loader=loader, val_loader=loader))
+        rows[arch_config] = Training().epoch_row(run, RunState(epoch_seconds=1.0), 0.5, time.perf_counter())
+    assert [student["alpha"] for student in rows[None]["students"]] == [2.0, 4.0]
+    labelled = rows[str(tmp_path / "arch.json")]
+    assert all("alpha" not in student for student in [labelled["student"], *labelled["students"]])
+    plot_curves([labelled], tmp_path / "curves.png")
+    assert (tmp_path / "curves.png").stat().st_size > 0
+
+
 @pytest.mark.parametrize("workers", [0, 2])
 def test_resume_from_any_stop_equals_an_uninterrupted_run(data, tmp_path, workers):
     # 24 images / batch 8 = 3 steps per epoch: stop mid-epoch 1, then after its last step

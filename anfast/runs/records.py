@@ -66,7 +66,9 @@ def plot_curves(history: List[Dict[str, Any]], path: Path) -> None:
     epochs = [row["epoch"] + 1 for row in history]
     figure, (accuracy_axis, loss_axis, lambda_axis) = plt.subplots(1, 3, figsize=(15, 4.2))
     series = [("base", lambda row: row["base"])]
-    series += [(f"student {index} (alpha {student['alpha']:g})",
+    # An --arch-config student has no one alpha (its rows carry none): its width is per group.
+    series += [(f"student {index} (alpha {student['alpha']:g})"
+                if student.get("alpha") is not None else f"student {index} (alpha per group)",
                 lambda row, index=index: row["students"][index])
                for index, student in enumerate(history[0]["students"])]
     for label, pick in series:

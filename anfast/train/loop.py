@@ -846,8 +846,11 @@ class Training:
         info = run.info
         if info.enabled:
             broadcast_buffers(run.parts.an)
+        # Under --arch-config each width group has its own alpha: the students go unlabelled
+        # (summary.json's "alpha" is null), not labelled with --alpha, which they never used.
+        alphas = () if run.config.arch_config else list(run.config.alpha)
         metrics = evaluate(run.eval_model, run.data.val_loader, info.device, amp_dtype=run.amp_dtype,
-                           show_progress=info.is_main, alphas=list(run.config.alpha))
+                           show_progress=info.is_main, alphas=alphas)
         return {**self.training_row(run, state, lambda_, epoch_start),
                 "base": metrics["base"], "students": metrics["students"], "student": metrics["students"][0],
                 "skipped_images": _skipped(run.data.train_loader, run.data.val_loader, info.device)}
