@@ -422,16 +422,18 @@ _DRIVER = textwrap.dedent("""
     import anfast.train.loop as loop
     from anfast.train.config import TrainConfig
     config = TrainConfig.from_dict(json.loads(sys.argv[1]))
-    # Each rank's own weights at every evaluation (the metrics are all-reduced, so they
-    # agree across ranks whatever the weights): DDP must have kept them identical.
-    sums, evaluate = [], loop.evaluate
+    # Each rank's own weights and BatchNorm statistics at every evaluation (the metrics
+    # are all-reduced, so they agree across ranks whatever the model): DDP must have kept
+    # the weights identical, and the statistics must be rank 0's, which last.pt keeps.
+    sums, buffer_sums, evaluate = [], [], loop.evaluate
     def evaluate_and_sum(model, *args, **kwargs):
         sums.append(sum(float(p.double().sum()) for p in model.parameters()))
+        buffer_sums.append(sum(float(b.double().sum()) for b in model.buffers() if b.is_floating_point()))
         return evaluate(model, *args, **kwargs)
     loop.evaluate = evaluate_and_sum
     summary = loop.fit(config)
     with open(os.path.join(sys.argv[2], f"rank{os.environ['RANK']}.json"), "w") as file:
-        json.dump({**summary, "weight_sums": sums}, file)
+        json.dump({**summary, "weight_sums": sums, "buffer_sums": buffer_sums}, file)
 """)
 
 
@@ -439,12 +441,14 @@ def test_torchrun_two_cpu_ranks_report_identical_final_metrics(data, tmp_path):
     driver = tmp_path / "driver.py"
     driver.write_text(_DRIVER)
     # Two micro-batches per step: ranks must all-reduce the accumulated gradients once
-    # (DDP no_sync before the last micro-batch) and so stay identical.
+    # (DDP no_sync before the last micro-batch) and so stay identical. With --ema each
+    # rank's EMA averages its own shard's BatchNorm statistics.
     env = dict(os.environ, OMP_NUM_THREADS="1")
     for attempt in range(2):  # gloo on CPU aborted once in eight tries on a 2-core machine
         # A run directory per attempt: a second run into a failed one's would be refused.
         run_dir = tmp_path / f"run{attempt}"
-        config = tiny_config(data, run_dir, epochs=2, batch_size=4, accum_steps=2).to_dict()
+        config = tiny_config(data, run_dir, epochs=2, batch_size=4, accum_steps=2, ema=True,
+                             ema_decay=0.5).to_dict()
         # The interpreter's own torchrun: a fresh machine has none on the PATH.
         command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node",
                    "2", str(driver), json.dumps(config), str(tmp_path)]
@@ -454,7 +458,7 @@ def test_torchrun_two_cpu_ranks_report_identical_final_metrics(data, tmp_path):
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     rank0, rank1 = (json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1))
     assert rank0["world_size"] == 2
-    for key in ("base", "student", "students", "steps", "skipped_images", "weight_sums"):
+    for key in ("base", "student", "students", "steps", "skipped_images", "weight_sums", "buffer_sums"):
         assert rank0[key] == rank1[key], key
     assert len(rank0["weight_sums"]) == 2 and rank0["weight_sums"][0] != rank0["weight_sums"][1]
     # 12 train images per rank / batch 4 = 3 micro-batches: 2 steps (2 + 1) per epoch.
@@ -462,6 +466,11 @@ def test_torchrun_two_cpu_ranks_report_identical_final_metrics(data, tmp_path):
     # val has 12 images over 2 shards: every image counted once, so top-1 is k/12.
     assert round(rank0["base"]["top1"] * 12, 6) == int(round(rank0["base"]["top1"] * 12))
     assert len(_metrics(run_dir)) == 2
+    # The summary describes the saved EMA: eval of last.pt reproduces it.
+    metrics = evaluate_run(run_dir, checkpoint="last", device="cpu")
+    for evaluated, reported in ((metrics["base"], rank0["base"]), (metrics["students"][0], rank0["student"])):
+        assert evaluated["top1"] == reported["top1"]
+        assert evaluated["loss"] == pytest.approx(reported["loss"], rel=1e-5)
 
 
 def _cli_args(data, run_dir, **overrides):

@@ -845,7 +845,12 @@ class Training:
         """metrics.jsonl's row of the finished epoch: the base and every student evaluated."""
         info = run.info
         if info.enabled:
+            # Rank 0's BatchNorm statistics on every rank: in the trained model (a resume
+            # loads rank 0's) and in the EMA, which each rank averaged from its own batches'
+            # statistics and which is what is evaluated, saved and exported.
             broadcast_buffers(run.parts.an)
+            if run.eval_model is not run.parts.an:
+                broadcast_buffers(run.eval_model)
         # Under --arch-config each width group has its own alpha: the students go unlabelled
         # (summary.json's "alpha" is null), not labelled with --alpha, which they never used.
         alphas = () if run.config.arch_config else list(run.config.alpha)
