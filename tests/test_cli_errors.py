@@ -5,7 +5,8 @@ config.yaml), and a folder or a path under a file is refused before the first la
 tuned; a file or folder in the way of a path (EEXIST, EISDIR, ENOTDIR) is a user error
 for the one error printer (anfast.cli.user_error); an empty --backends and a negative
 `data check --workers` are refused with the fix, and so is a train flag that does
-nothing without another option (--ema-decay without --ema).
+nothing without another option (--ema-decay without --ema); `anfast eval --device cpu`
+of a run trained with --amp fp16 evaluates it in fp32.
 """
 
 from __future__ import annotations
@@ -78,6 +79,37 @@ def test_tune_refuses_to_replace_a_file_it_did_not_write_and_replaces_its_own(
     second = json.loads(out.read_text())  # the second tune's: it read the first's decision
     assert second["complete"] and [row["cached"] for row in second["layers"]] == [True]
     assert [row["layer"] for row in second["layers"]] == ["layer1.0.conv1"]
+
+
+# ------------------------------------------------ eval of an fp16 run off CUDA
+
+
+def test_eval_of_an_fp16_run_on_the_cpu_runs_in_fp32_and_says_so(finished, tmp_path, capsys, monkeypatch):
+    """Training refuses --amp fp16 off CUDA; eval, which has no --amp flag, evaluates such a
+    run in fp32 there (it told the user to pass --amp): the numbers of the run's own fp32
+    evaluation of the same weights (one epoch: best.pt is its epoch-0 row of metrics.jsonl)."""
+    import yaml
+
+    run = tmp_path / "fp16"
+    run.mkdir()
+    (run / "checkpoints").symlink_to(finished / "checkpoints")
+    config = yaml.safe_load((finished / "config.yaml").read_text())
+    (run / "config.yaml").write_text(yaml.safe_dump({**config, "amp": "fp16"}, sort_keys=False))
+    monkeypatch.setenv("ANFAST_BACKEND", "torch")  # eval's convs need no tuning
+    monkeypatch.setattr("anfast.train.evaluate.network_costs", lambda an, image_size: None)  # not checked here
+    assert anfast.cli.main(["eval", str(run), "--device", "cpu", "--workers", "0"]) == 0
+    out = capsys.readouterr().out
+    assert (f"anfast eval: {run} trained with --amp fp16, whose autocast runs on CUDA only; "
+            f"evaluating on cpu in fp32") in out, out
+
+    def numbers(row):
+        return [[network[key] for key in ("top1", "top5", "loss")] for network in (row["base"], *row["students"])]
+
+    trained, = (json.loads(line) for line in (finished / "metrics.jsonl").read_text().splitlines())
+    assert numbers(json.loads((run / "eval.json").read_text())) == numbers(trained)
+    with pytest.raises(SystemExit):  # eval's --device: what resolve_device(device or "auto") does
+        anfast.cli.main(["eval", "--help"])
+    assert "(default: auto, cuda if available, else cpu;" in " ".join(capsys.readouterr().out.split())
 
 
 # ------------------------------------------- G4: --out a folder or under a file, errnos

@@ -27,5 +27,6 @@ def register(subparsers) -> None:
     evaluate.add_argument("--data", help="data root (default: the run's --data)")
     evaluate.add_argument("--batch-size", type=int, help="default: the run's")
     evaluate.add_argument("--workers", type=int, help="default: the run's")
-    evaluate.add_argument("--device", help="default: the run's")
+    evaluate.add_argument("--device", help="cpu, cuda or cuda:N (default: auto, cuda if available, else cpu; "
+                                           "a run trained with --amp fp16 is evaluated in fp32 off CUDA)")
     evaluate.set_defaults(func=run_eval)

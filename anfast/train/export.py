@@ -117,7 +117,14 @@ def evaluate_run(run_dir: Union[str, Path], *, data: Optional[str] = None,
                           f"training classes")
     if config.channels_last:
         an = an.to(memory_format=torch.channels_last)
-    metrics = evaluate(an, loader, resolved, amp_dtype=resolve_amp_dtype(config.amp, resolved),
+    amp = config.amp
+    if amp == "fp16" and resolved.type != "cuda":
+        # Training refuses fp16 off CUDA for its GradScaler; evaluation needs none, and the
+        # fp32 numbers of the same weights are what the user asked for on this device.
+        print(f"anfast eval: {run_dir} trained with --amp fp16, whose autocast runs on CUDA only; "
+              f"evaluating on {resolved} in fp32", flush=True)
+        amp = "off"
+    metrics = evaluate(an, loader, resolved, amp_dtype=resolve_amp_dtype(amp, resolved),
                        show_progress=True, alphas=() if config.arch_config else config.alpha)
     metrics.update({"checkpoint": checkpoint_path(run_dir, checkpoint).stem, "epoch": state["epoch"],
                     "data": str(data_root),
