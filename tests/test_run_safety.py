@@ -24,7 +24,8 @@ import yaml
 import anfast
 import anfast.cli
 from anfast.data import DataLayoutError, create_loader
-from anfast.runs.checkpoint import newest_usable_checkpoint, resume_checkpoint, save_checkpoint
+from anfast.runs.checkpoint import (checkpoint_world_size, get_rng_state, load_checkpoint, newest_usable_checkpoint,
+                                    rank_rng_state, resume_checkpoint, save_checkpoint, set_rng_state)
 from anfast.train.config import ConfigError
 from anfast.train.loop import fit
 from anfast.runs.records import MetricsLog
@@ -145,6 +146,24 @@ def test_resume_auto_continues_last_pt_whenever_it_loads_even_behind_the_others(
     # Unusable, last.pt gives way to the newer of the others.
     _make(checkpoints / "last.pt", "directory")
     assert resume_checkpoint("auto", tmp_path) == checkpoints / "last.prev.pt"
+
+
+def test_each_rank_resumes_its_own_rng_states_and_an_older_checkpoint_its_single_one(tmp_path):
+    """Checkpoints list every rank's RNG states (each rank was seeded seed + rank); one
+    written before holds a single state, rank 0's, which every rank takes as it did then."""
+    states = []
+    for seed in (0, 1):
+        torch.manual_seed(seed)
+        states.append(get_rng_state())
+    save_checkpoint({"rng": states}, tmp_path / "per_rank.pt")
+    save_checkpoint({"rng": states[0]}, tmp_path / "older.pt")
+    per_rank, older = load_checkpoint(tmp_path / "per_rank.pt"), load_checkpoint(tmp_path / "older.pt")
+    assert checkpoint_world_size(per_rank) == 2 and checkpoint_world_size(older) is None
+    for checkpoint, rank, seed in ((per_rank, 0, 0), (per_rank, 1, 1), (older, 0, 0), (older, 1, 0)):
+        set_rng_state(rank_rng_state(checkpoint, rank))
+        drawn = torch.rand(4)
+        torch.manual_seed(seed)
+        assert torch.equal(drawn, torch.rand(4)), (rank, seed)
 
 
 @pytest.mark.parametrize("kind", ["dangling symlink", "symlink loop", "directory", "damaged"])

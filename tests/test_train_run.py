@@ -3,10 +3,12 @@ eval / export, non-finite loss, torchrun."""
 
 from __future__ import annotations
 
+import hashlib
 import importlib.util
 import json
 import os
 import queue
+import re
 import shutil
 import signal
 import subprocess
@@ -22,6 +24,7 @@ import torch
 import anfast
 import anfast.cli
 from anfast.runs.checkpoint import load_checkpoint
+from anfast.train.config import ConfigError
 from anfast.train.export import evaluate_run, export_run, load_run
 from anfast.train.loop import NonFiniteLossError, fit
 from test_run_safety import _one_line
@@ -418,7 +421,8 @@ def test_non_finite_loss_stops_with_a_clear_error(data, tmp_path):
 
 
 _DRIVER = textwrap.dedent("""
-    import json, os, sys
+    import hashlib, json, os, sys
+    import torch
     import anfast.train.loop as loop
     from anfast.train.config import TrainConfig
     config = TrainConfig.from_dict(json.loads(sys.argv[1]))
@@ -431,9 +435,17 @@ _DRIVER = textwrap.dedent("""
         buffer_sums.append(sum(float(b.double().sum()) for b in model.buffers() if b.is_floating_point()))
         return evaluate(model, *args, **kwargs)
     loop.evaluate = evaluate_and_sum
+    # This rank's torch RNG state when the epoch's checkpoint was taken (nothing after it
+    # in _end_epoch draws a random number).
+    rng_at_checkpoint, end_epoch = [], loop._end_epoch
+    def end_epoch_and_keep_rng(*args, **kwargs):
+        end_epoch(*args, **kwargs)
+        rng_at_checkpoint.append(hashlib.sha256(torch.get_rng_state().numpy().tobytes()).hexdigest())
+    loop._end_epoch = end_epoch_and_keep_rng
     summary = loop.fit(config)
     with open(os.path.join(sys.argv[2], f"rank{os.environ['RANK']}.json"), "w") as file:
-        json.dump({**summary, "weight_sums": sums, "buffer_sums": buffer_sums}, file)
+        json.dump({**summary, "weight_sums": sums, "buffer_sums": buffer_sums,
+                   "rng_at_checkpoint": rng_at_checkpoint}, file)
 """)
 
 
@@ -471,6 +483,21 @@ def test_torchrun_two_cpu_ranks_report_identical_final_metrics(data, tmp_path):
     for evaluated, reported in ((metrics["base"], rank0["base"]), (metrics["students"][0], rank0["student"])):
         assert evaluated["top1"] == reported["top1"]
         assert evaluated["loss"] == pytest.approx(reported["loss"], rel=1e-5)
+
+    # last.pt holds each rank's RNG states, as the rank held them, and a resume in another
+    # number of processes is refused: it could not continue both ranks' random draws.
+    last = run_dir / "checkpoints" / "last.pt"
+    rng = load_checkpoint(last)["rng"]
+    assert isinstance(rng, list) and len(rng) == 2
+    for rank, saved in zip((0, 1), rng):
+        digest = hashlib.sha256(saved["torch"].numpy().tobytes()).hexdigest()
+        assert digest == (rank0, rank1)[rank]["rng_at_checkpoint"][-1], rank
+    assert rank0["rng_at_checkpoint"][-1] != rank1["rng_at_checkpoint"][-1]
+    with pytest.raises(ConfigError, match=rf"^--resume {re.escape(str(last))}: the run was trained with world size 2, "
+                                          r"this process has world size 1; resume it with torchrun "
+                                          r"--nproc_per_node 2$"):
+        fit(tiny_config(data, run_dir, epochs=2, batch_size=4, accum_steps=2, ema=True, ema_decay=0.5,
+                        resume=str(last)))
 
 
 def _cli_args(data, run_dir, **overrides):

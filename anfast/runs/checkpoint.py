@@ -31,7 +31,8 @@ import torch
 from anfast.runs.errors import ConfigError
 
 __all__ = ["save_checkpoint", "load_checkpoint", "load_training_checkpoint", "previous_checkpoint",
-           "CheckpointError", "get_rng_state", "set_rng_state", "remove_stale_temp_files",
+           "CheckpointError", "get_rng_state", "set_rng_state", "rank_rng_state", "checkpoint_world_size",
+           "remove_stale_temp_files",
            "newest_usable_checkpoint", "auto_resume_checkpoint", "resume_checkpoint", "RESUME_CANDIDATES",
            "reporting_full_disk", "tensor_bytes", "DiskFullError", "write_text_atomically"]
 
@@ -324,6 +325,22 @@ def get_rng_state() -> Dict[str, Any]:
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
     return state
+
+
+def rank_rng_state(checkpoint: Dict[str, Any], rank: int) -> Dict[str, Any]:
+    """Rank ``rank``'s RNG states in a training checkpoint, whose "rng" lists one
+    ``get_rng_state`` per rank (each rank draws its own dropout masks and noise, seeded
+    seed + rank). A checkpoint written before they were kept per rank holds one state,
+    rank 0's: every rank takes it (exact for a single-process run, as it always was)."""
+    saved = checkpoint["rng"]
+    return saved[rank] if isinstance(saved, list) else saved
+
+
+def checkpoint_world_size(checkpoint: Dict[str, Any]) -> Optional[int]:
+    """How many processes trained the run of a training checkpoint (one RNG state each);
+    None for an older checkpoint with a single state (see rank_rng_state)."""
+    saved = checkpoint["rng"]
+    return len(saved) if isinstance(saved, list) else None
 
 
 def set_rng_state(state: Dict[str, Any]) -> None:

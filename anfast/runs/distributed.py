@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Any, List, Optional, Sequence
 
 import torch
 import torch.distributed as dist
 
 __all__ = ["DistributedInfo", "init_distributed", "resolve_device", "all_reduce_sum",
-           "any_rank", "create_host_group", "any_rank_on_host", "barrier", "broadcast_buffers", "destroy_distributed"]
+           "any_rank", "create_host_group", "any_rank_on_host", "gather_on_main", "barrier",
+           "broadcast_buffers", "destroy_distributed"]
 
 
 @dataclass(frozen=True)
@@ -100,6 +101,17 @@ def any_rank_on_host(flag: bool, group) -> bool:
     tensor = torch.tensor([int(flag)], dtype=torch.int32)
     dist.all_reduce(tensor, group=group)
     return bool(tensor.item())
+
+
+def gather_on_main(value: Any, group) -> Optional[List[Any]]:
+    """Every rank's ``value`` (tensors and plain values) on rank 0, listed by rank, sent
+    over ``create_host_group()``; None on the other ranks, [value] alone. Every rank must
+    call this."""
+    if not dist.is_initialized():
+        return [value]
+    gathered = [None] * dist.get_world_size() if dist.get_rank() == 0 else None
+    dist.gather_object(value, gathered, dst=0, group=group)
+    return gathered
 
 
 def broadcast_buffers(module: torch.nn.Module) -> None:

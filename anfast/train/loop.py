@@ -50,12 +50,13 @@ from anfast.loss import AdjoinedLoss, OneNetworkLoss, TaughtOutput, get_lambda_s
 from anfast.nn import convert_sync_batchnorm
 from anfast.nn.backends import collect_layer_problems, layer_backends, prepare_backends, set_backend
 from anfast.ops.backend import BACKEND_PRIORITY, backend_reasons
-from anfast.runs.checkpoint import (auto_resume_checkpoint, get_rng_state, load_training_checkpoint,
-                                    remove_stale_temp_files, reporting_full_disk, resume_checkpoint,
-                                    save_checkpoint, set_rng_state, write_text_atomically)
+from anfast.runs.checkpoint import (auto_resume_checkpoint, checkpoint_world_size, get_rng_state,
+                                    load_training_checkpoint, rank_rng_state, remove_stale_temp_files,
+                                    reporting_full_disk, resume_checkpoint, save_checkpoint, set_rng_state,
+                                    write_text_atomically)
 from anfast.runs.distributed import (DistributedInfo, all_reduce_sum, any_rank, any_rank_on_host,
                                      barrier, broadcast_buffers, create_host_group,
-                                     destroy_distributed, init_distributed)
+                                     destroy_distributed, gather_on_main, init_distributed)
 from anfast.runs.errors import RunStoppedError
 from anfast.runs.pretrained import load_pretrained
 from anfast.runs.records import MetricsLog, plot_curves, plot_tradeoff
@@ -350,7 +351,7 @@ def _fit(config: TrainConfig, info: DistributedInfo, should_stop: Optional[Calla
     check_environment(config, info.device)
     amp_dtype = resolve_amp_dtype(config.amp, info.device)
     teacher_sha256 = export_digest(config.teacher) if config.teacher is not None else None
-    resume_path, checkpoint = _open_resumed_checkpoint(config, info.device, kind, teacher_sha256)
+    resume_path, checkpoint = _open_resumed_checkpoint(config, info, kind, teacher_sha256)
     torch.manual_seed(config.seed + info.rank)
     np.random.seed(config.seed + info.rank)
 
@@ -359,7 +360,7 @@ def _fit(config: TrainConfig, info: DistributedInfo, should_stop: Optional[Calla
     parts = kind.build(config, info, data, amp_dtype, pretrained=resume_path is None)
     schedule = Schedule.create(config, len(data.train_loader), info.world_size)
     mode = _compile_mode(config, info, kind, parts, len(data.train_loader.classes), amp_dtype)
-    state, resume_rng = _restore(kind, parts, checkpoint, resume_path)
+    state, resume_rng = _restore(kind, parts, checkpoint, resume_path, info.rank)
     config, log = _open_run_dir(config, kind, info, lock, resume_path, state, data, schedule)
     model = _training_model(config, info, parts.trained, mode, schedule, kind.find_unused_parameters)
     run = Run(config=config, kind=kind, info=info, amp_dtype=amp_dtype, data=data, parts=parts,
@@ -388,17 +389,25 @@ def _fit(config: TrainConfig, info: DistributedInfo, should_stop: Optional[Calla
     return summary
 
 
-def _open_resumed_checkpoint(config: TrainConfig, device: torch.device, kind: "Training",
+def _open_resumed_checkpoint(config: TrainConfig, info: DistributedInfo, kind: "Training",
                              teacher_sha256: Optional[str]) -> Tuple[Optional[Path], Optional[Dict[str, Any]]]:
     """The checkpoint --resume continues and its contents (None, None for a fresh start);
-    refused when it is another kind of run's (a search's for `anfast train`), then when the
-    command line changes an option the run was started with, or gives a --teacher whose
-    weights (``teacher_sha256``, export_digest) are not the run's teacher's."""
+    refused when it is another kind of run's (a search's for `anfast train`), when it was
+    trained by another number of processes, then when the command line changes an option
+    the run was started with, or gives a --teacher whose weights (``teacher_sha256``,
+    export_digest) are not the run's teacher's."""
     resume_path = resolve_resume_path(config, kind.keep_options)
     if resume_path is None:
         return None, None
-    checkpoint = load_training_checkpoint(resume_path, map_location=device)
+    checkpoint = load_training_checkpoint(resume_path, map_location=info.device)
     kind.check_resumed(checkpoint, resume_path)
+    world_size = checkpoint_world_size(checkpoint)
+    if world_size not in (None, info.world_size):
+        # Each rank continues its own random draws (dropout, noise), saved per rank.
+        how = ("in one process, without torchrun" if world_size == 1
+               else f"with torchrun --nproc_per_node {world_size}")
+        raise ConfigError(f"--resume {resume_path}: the run was trained with world size {world_size}, this "
+                          f"process has world size {info.world_size}; resume it {how}")
     saved = checkpoint["config"] or {}
     conflicts = resume_conflicts(saved, config)
     if None not in (teacher_sha256, checkpoint.get("teacher_sha256")) and teacher_sha256 != checkpoint["teacher_sha256"]:
@@ -478,9 +487,9 @@ def prepare_network(an: torch.nn.Module, config: TrainConfig, info: DistributedI
 
 
 def _restore(kind: "Training", parts: Parts, checkpoint: Optional[Dict[str, Any]],
-             resume_path: Optional[Path]) -> Tuple[RunState, Optional[Dict[str, Any]]]:
-    """The run's state, and the RNG state to restore after a mid-epoch resume's replayed
-    batches; a resumed run also gets its weights and optimizer states back."""
+             resume_path: Optional[Path], rank: int) -> Tuple[RunState, Optional[Dict[str, Any]]]:
+    """The run's state, and this rank's RNG states to restore after a mid-epoch resume's
+    replayed batches; a resumed run also gets its weights and optimizer states back."""
     if checkpoint is None:
         return RunState(), None
     try:
@@ -500,9 +509,10 @@ def _restore(kind: "Training", parts: Parts, checkpoint: Optional[Dict[str, Any]
         parts.ema.load_state_dict(checkpoint["ema"])
     kind.load_extra_state(checkpoint, resume_path)
     state = RunState.from_checkpoint(checkpoint)
+    rng = rank_rng_state(checkpoint, rank)
     if state.batches_done == 0:
-        set_rng_state(checkpoint["rng"])
-    return state, checkpoint["rng"]
+        set_rng_state(rng)
+    return state, rng
 
 
 def _compile_mode(config: TrainConfig, info: DistributedInfo, kind: "Training", parts: Parts,
@@ -724,12 +734,17 @@ def _read_meter(run: Run, state: RunState, meter: StepMeter) -> Dict[str, Any]:
     return values
 
 
-def _checkpoint(run: Run, state: RunState) -> Dict[str, Any]:
-    """Everything a resumed run needs (the state's wall time counts this process's so far)."""
+def _checkpoint(run: Run, state: RunState) -> Optional[Dict[str, Any]]:
+    """Everything a resumed run needs (the state's wall time counts this process's so far),
+    on rank 0; None on the others. Every rank must call it: it gathers each rank's RNG
+    states (rank_rng_state), the rest is rank 0's."""
+    rng = gather_on_main(get_rng_state(), run.host_group)
+    if not run.info.is_main:
+        return None
     parts = run.parts
     return {"model": parts.an.state_dict(), "optimizer": parts.optimizer.state_dict(),
             "scaler": parts.scaler.state_dict(), "ema": parts.ema.state_dict() if parts.ema else None,
-            "rng": get_rng_state(), "config": run.config.to_dict(),
+            "rng": rng, "config": run.config.to_dict(),
             "classes": list(run.data.train_loader.classes),
             "batches_per_epoch": run.schedule.batches_per_epoch, "teacher_sha256": run.teacher_sha256,
             **run.kind.extra_state(),
@@ -744,8 +759,9 @@ def _wall_time(run: Run, state: RunState) -> float:
 def _save_stopped_run(run: Run, state: RunState) -> Dict[str, Any]:
     """A stop request ended the run between two steps: save last.pt (rank 0) and say how to go on."""
     last = run.checkpoint_dir / "last.pt"
+    checkpoint = _checkpoint(run, state)
     if run.info.is_main:
-        save_checkpoint(_checkpoint(run, state), last, keep_previous=True)
+        save_checkpoint(checkpoint, last, keep_previous=True)
         run.log.close()
         where = (f"after epoch {state.epoch}" if state.batches_done == 0
                  else f"at epoch {state.epoch + 1}")
@@ -760,11 +776,11 @@ def _end_epoch(run: Run, state: RunState, lambda_: float, epoch_start: float) ->
     info, kind = run.info, run.kind
     row = kind.epoch_row(run, state, lambda_, epoch_start)
     is_best = state.finish_epoch(row)
+    checkpoint = _checkpoint(run, state)
     if info.is_main:
         with reporting_full_disk(run.log.path, len(json.dumps(row)) + 1):
             run.log.log(row)
         _say(info, kind.epoch_message(run.config, state, row))
-        checkpoint = _checkpoint(run, state)
         save_checkpoint(checkpoint, run.checkpoint_dir / "last.pt", keep_previous=True)
         if is_best:
             save_checkpoint(checkpoint, run.checkpoint_dir / "best.pt")
