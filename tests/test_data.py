@@ -195,6 +195,32 @@ def test_sharded_val_sees_every_sample_once(indexed, num_shards):
     assert batches == sum(-(-(23 * (s + 1) // num_shards - 23 * s // num_shards) // 4) for s in range(num_shards))
 
 
+def test_a_shard_of_no_image_is_refused_before_loading(indexed):
+    """23 val images on 24 processes: a process would evaluate nothing (DALI refused this;
+    the torch loader gave the shard zero batches and evaluate failed later)."""
+    root, _ = indexed
+    create_loader(root, "val", batch_size=4, image_size=10, loader="torch", workers=0, shard_id=22, num_shards=23)
+    with pytest.raises(DataLayoutError, match=r"/val has 23 image\(s\), fewer than num_shards=24 .*run fewer "
+                                              r"processes$"):
+        create_loader(root, "val", batch_size=4, image_size=10, loader="torch", workers=0, shard_id=0, num_shards=24)
+
+
+def test_loading_a_sample_seeds_the_cpu_generator_only(indexed, monkeypatch):
+    """torch.manual_seed inside the sample's fork also reseeded every CUDA generator (and
+    left them so): a run's dropout and Gumbel noise on the GPU followed the last sample."""
+    root, _ = indexed
+    reseeded = []
+    monkeypatch.setattr(torch.cuda, "manual_seed_all", lambda seed: reseeded.append(seed))
+    monkeypatch.setattr(torch.cuda, "manual_seed", lambda seed: reseeded.append(seed))
+    loader = create_loader(root, "train", batch_size=4, image_size=10, loader="torch", workers=0, seed=3)
+    first = [images for images, _ in loader]
+    assert reseeded == [] and len(first) == 6
+    # The crops are still drawn per sample from (seed, epoch, index): a pass after other
+    # draws from the global generator equals the first.
+    torch.rand(100)
+    assert all(torch.equal(a, b) for a, b in zip(first, (images for images, _ in loader), strict=True))
+
+
 def test_train_shards_shuffle_per_epoch_and_drop_last(indexed):
     root, expected = indexed
     loaders = [create_loader(root, "train", batch_size=4, image_size=10, loader="torch", workers=0, seed=7,
@@ -291,17 +317,19 @@ def test_data_check_reports_what_train_would_refuse(tmp_path, monkeypatch, capsy
     root = tmp_path / "data"
     make_indexed_folder(root, {"ant": (2, 2), "bee": (2, 0), "cat": (0, 2)})
     (root / "train" / "dog").mkdir()
+    for split in ("train", "val"):  # emu holds a folder named like an image, and no image
+        (root / split / "emu" / "x.jpg").mkdir(parents=True)
     # bee has no val images, cat no train images: scan_split refuses the first empty
     # folder; the check lists all of them and the class mismatch, and keeps going.
     assert anfast.cli.main(["data", "check", str(root)]) == 1
     report = capsys.readouterr().out
     assert "Traceback" not in report
-    for folder in ("train/cat", "train/dog", "val/bee"):
+    for folder in ("train/cat", "train/dog", "train/emu", "val/bee", "val/emu"):
         assert f"layout: class folder {root / folder} holds no image" in report, report
     assert ("layout: train/ and val/ hold different class folders (only in train/: ['dog'], "
             "only in val/: []); both splits need the same classes") in report
     assert "train: 4 images, 0 unreadable" in report
-    assert f"4 layout problem(s): `anfast train --data {root}` refuses this folder" in report
+    assert f"6 layout problem(s): `anfast train --data {root}` refuses this folder" in report
 
     import shutil
     shutil.rmtree(root / "val")

@@ -127,11 +127,16 @@ def layout_problems(root: str | os.PathLike) -> list[str]:
             continue
         classes[split] = sorted(entry.name for entry in os.scandir(split_dir) if entry.is_dir())
         for name in classes[split]:
-            if not any(file.lower().endswith(IMAGE_EXTENSIONS) for file in os.listdir(split_dir / name)):
+            try:  # scan_split's test of an image: a folder named x.jpg is none
+                empty = not any(entry.name.lower().endswith(IMAGE_EXTENSIONS) and _is_file(entry)
+                                for entry in os.scandir(split_dir / name))
+            except DataLayoutError as error:  # a symlink loop
+                message = str(error)
+            else:
                 message = (f"class folder {split_dir / name} holds no image ({', '.join(IMAGE_EXTENSIONS)}); "
-                           f"add images or remove the folder")
-                if message not in problems:
-                    problems.append(message)
+                           f"add images or remove the folder") if empty else None
+            if message is not None and message not in problems:
+                problems.append(message)
     mismatch = class_mismatch(classes["train"], classes["val"]) if len(classes) == len(SPLITS) else None
     return problems + ([mismatch] if mismatch else [])
 

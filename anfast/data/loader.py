@@ -7,7 +7,7 @@ import os
 
 import torch
 
-from anfast.data.folder import scan_split
+from anfast.data.folder import DataLayoutError, scan_split
 
 __all__ = ["LOADERS", "choose_loader", "create_loader", "has_dali"]
 
@@ -94,6 +94,10 @@ def create_loader(root: str | os.PathLike, split: str, *, batch_size: int, image
     device = torch.device(device)
     name, reason = choose_loader(loader, device)
     images = scan_split(root, split)
+    if len(images.samples) < num_shards:
+        # A shard of no image: its process would evaluate nothing and fail later, far from the cause.
+        raise DataLayoutError(f"{images.root} has {len(images.samples)} image(s), fewer than num_shards={num_shards} "
+                              f"(one shard per process); add images or run fewer processes")
     if drop_last is None:
         drop_last = split == "train"
     if drop_last and split != "train":

@@ -29,7 +29,7 @@ def synthetic_batch(batch_size: int, image_size: int, num_classes: int, *, devic
 class SyntheticLoader:
     """``steps`` batches per epoch, all the same tensors, with the loader interface of
     :func:`anfast.data.create_loader` (len, set_epoch, name, reason, classes,
-    num_samples, skipped). Each shard draws its own batch (seed + shard)."""
+    num_samples, skipped). Each shard draws its own batch (from seed * 1000 + shard)."""
 
     name = "synthetic"
 

@@ -72,10 +72,12 @@ class _ImageFiles(Dataset):
             image = load_rgb(path)
         except _DECODE_ERRORS as error:
             return None, label, (path, f"{type(error).__name__}: {error}")
-        # torchvision's transforms draw from the global generator; forking keeps the
-        # caller's stream (the training process's, when workers=0) untouched.
+        # torchvision's transforms draw from the CPU's global generator; forking keeps the
+        # caller's stream (the training process's, when workers=0) untouched. Only that
+        # generator is seeded: torch.manual_seed would also reseed every CUDA generator
+        # (dropout, DAN's Gumbel noise) from the last sample's index, and leave it so.
         with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(sample_seed(self.seed, epoch, index))
+            torch.default_generator.manual_seed(sample_seed(self.seed, epoch, index))
             return self.transform(image), label, None
 
 
