@@ -74,7 +74,8 @@ def register(subparsers) -> argparse.ArgumentParser:
         add("--" + name.replace("_", "-"), **typed, help=f"{help_text + ' ' if help_text else ''}{_default(name)}")
     add("--compile", nargs="?", const="default", choices=COMPILE_CHOICES,
         help="torch.compile the gated network; a bare --compile is mode default (default: off)")
-    add("--resume", help="checkpoint to continue from, or 'auto' (the newest usable in RUN_DIR/checkpoints); "
+    add("--resume", help="checkpoint to continue from, or 'auto' (RUN_DIR/checkpoints/last.pt whenever it loads, "
+                         "else the newer usable of last.prev.pt and best.pt); "
                          "give the options the search was started with")
     add("--overwrite", action="store_true", default=None, help="replace a search already in --out")
     add("--sync-bn", action=argparse.BooleanOptionalAction, help="SyncBatchNorm across torchrun ranks, CUDA only")

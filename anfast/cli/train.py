@@ -71,8 +71,8 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
     add("--loader", choices=LOADER_CHOICES, help=f"input pipeline {_default('loader')}")
     add("--workers", type=int, help=f"loader worker processes / threads {_default('workers')}")
     add("--out", help=f"run directory {_default('out')}")
-    add("--resume", help="checkpoint to continue from, or 'auto' (the newest usable of "
-                         "RUN_DIR/checkpoints/last.pt, last.prev.pt, best.pt; with none yet, the "
+    add("--resume", help="checkpoint to continue from, or 'auto' (RUN_DIR/checkpoints/last.pt "
+                         "whenever it loads, else the newer usable of last.prev.pt and best.pt; with none yet, the "
                          "run restarts from its config.yaml; in a new directory, a fresh start); "
                          "the run continues with the options it was started with, so give only "
                          "where it runs (--data, --device, --workers, ...)")
