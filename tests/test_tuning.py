@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -178,9 +179,10 @@ def test_format_1_cache_is_set_aside_and_retuned(tuner, monkeypatch):
 
 
 
-def test_format_2_cache_loads_into_decisions_and_round_trips_byte_for_byte(tuner):
+def test_format_2_cache_loads_into_decisions_and_round_trips_byte_for_byte(tuner, monkeypatch):
     """A decisions file as the released code writes it (format 2: sorted keys, indent 1)
     reads into Decision / Candidate records and is written back unchanged."""
+    install_backends(monkeypatch, StandInBackend("gemm"), VariantStandIn("tiles", {}), StandInBackend("fast"))
     tiled, untiled = problem_of(make_inputs()), problem_of(make_inputs(channels=16, size=5))
     wrong = "dweight relative error 5.00e-01 > tolerance 1e-05"
     unsupported = "unsupported: kernel size (3, 3)"
@@ -382,6 +384,42 @@ def test_cache_round_trips_and_survives_corrupt_and_foreign_files(tuner, monkeyp
             run_op(inputs)
         assert fresh.timer.calls == 2  # tuned again, and the file is valid once more
         assert json.loads(path.read_text())["device"] == stored["device"]
+
+
+def _with_fast(decision, **fields):
+    return {**decision, "candidates": {**decision["candidates"],
+                                       "fast": {**decision["candidates"]["fast"], **fields}}}
+
+
+@pytest.mark.parametrize("spoil, why", [
+    (lambda d: {**d, "backend": "cudnn"}, r"'backend' is 'cudnn', not a backend of this anfast \(fast, torch\)"),
+    (lambda d: _with_fast(d, ms=None), r"candidate 'fast': 'verified' is true but 'ms' is None"),
+    (lambda d: _with_fast(d, ms=float("nan")), r"candidate 'fast': 'verified' is true but 'ms' is nan"),
+    (lambda d: _with_fast(d, verified=False, ms=None, why="raised"),
+     r"'backend' is 'fast', which has no verified candidate"),
+    (lambda d: {**d, "candidates": {**d["candidates"], "cudnn": d["candidates"]["fast"]}},
+     r"candidate 'cudnn' is not a fused backend of this anfast \(fast\)"),
+    (lambda d: {**d, "variant": "64x64"}, r"'variant' is '64x64', its candidate's is ''"),
+], ids=["unknown-backend", "verified-ms-null", "verified-ms-nan", "chosen-unverified", "unknown-candidate",
+        "other-variant"])
+def test_cache_entry_auto_cannot_use_makes_the_file_count_as_corrupt(tuner, monkeypatch, spoil, why):
+    """Well-typed entries that name what auto cannot run or explain (an unknown or unverified
+    backend, a verified result without a time) are ignored with the file, as a malformed one
+    is: a warning naming the file, then tuned again; never a crash or an unverified backend."""
+    install_backends(monkeypatch, StandInBackend("fast"))
+    tuner.timer = FakeTimer({"fast": 0.5, "torch": 1.0})
+    inputs = make_inputs()
+    run_op(inputs)
+    path = cache_path(torch.device("cpu"))
+    stored = json.loads(path.read_text())
+    path.write_text(json.dumps(dict(stored, decisions={key: spoil(decision)
+                                                       for key, decision in stored["decisions"].items()})))
+    fresh = Tuner(timer=FakeTimer({"fast": 0.5, "torch": 1.0}), lazy_devices=("cpu",))
+    tuning.set_tuner(fresh)
+    with pytest.warns(UserWarning, match=f"ignoring tuning cache {re.escape(str(path))}: invalid .*{why}"):
+        assert "not tuned yet" in explain(problem_of(inputs))
+    run_op(inputs)
+    assert fresh.timer.calls == 2 and fresh.lookup(problem_of(inputs)).backend == "fast"
 
 
 def test_no_tuning_during_cuda_graph_capture_or_with_anfast_tune_0(tuner, monkeypatch):

@@ -28,6 +28,7 @@ import functools
 import hashlib
 import importlib.util
 import json
+import math
 import os
 import platform
 import re
@@ -201,6 +202,11 @@ def _checked(entry: Any, what: str, types: Dict[str, tuple], optional: Sequence[
 _NUMBER_OR_NULL = (int, float, type(None))
 
 
+def _is_time(ms: Optional[float]) -> bool:
+    """Whether ``ms`` is a measured time: finite and positive (the tune table divides by it)."""
+    return ms is not None and math.isfinite(ms) and ms > 0
+
+
 @dataclass(frozen=True)
 class Candidate:
     """One fused backend's result on one problem (or one kernel variant's, inside
@@ -238,7 +244,10 @@ class Candidate:
     @classmethod
     def from_json(cls, entry: Any, what: str = "candidate") -> "Candidate":
         """The Candidate of a file entry; ValueError, naming the entry as ``what``, when it
-        is not one ``to_json`` writes."""
+        is not one ``to_json`` writes: other keys or types, or values that contradict the
+        attributes above (a verified result without a time or an error, a time on an
+        unverified one, a variant that is not a verified one of ``variants``), which
+        ``explain``, the tune table and the cuda backend's variant choice rely on."""
         _checked(entry, what, {"verified": (bool,), "error": _NUMBER_OR_NULL, "why": (str,),
                                "ms": _NUMBER_OR_NULL, "variant": (str,), "variants": (dict,)},
                  optional=("variant", "variants"))
@@ -246,8 +255,33 @@ class Candidate:
         if variants is not None:
             variants = {name: cls.from_json(result, f"{what}, variant {name!r}")
                         for name, result in variants.items()}
-        return cls(verified=entry["verified"], ms=entry["ms"], why=entry["why"], error=entry["error"],
-                   variant=entry.get("variant", ""), variants=variants)
+        result = cls(verified=entry["verified"], ms=entry["ms"], why=entry["why"], error=entry["error"],
+                     variant=entry.get("variant", ""), variants=variants)
+        contradiction = result._contradiction()
+        if contradiction:
+            raise ValueError(f"{what}: {contradiction}")
+        return result
+
+    def _contradiction(self) -> str:
+        """Why this result is not one the tuner makes ("" when it is)."""
+        if self.verified and not _is_time(self.ms):
+            return f"'verified' is true but 'ms' is {self.ms!r}, expected its time (a positive number)"
+        if not self.verified and self.ms is not None:
+            return (f"'verified' is false but 'ms' is {self.ms!r}, expected null (only a verified "
+                    "result is timed)")
+        if self.verified and (self.error is None or not math.isfinite(self.error)):
+            return f"'verified' is true but 'error' is {self.error!r}, expected its finite relative error"
+        if self.variants is None:
+            return ""
+        nested = [name for name, result in self.variants.items() if result.variants is not None]
+        if nested:
+            return f"variant {nested[0]!r} has variants of its own"
+        verified = sorted(name for name, result in self.variants.items() if result.verified)
+        if self.verified and self.variant not in verified:
+            return f"'variant' is {self.variant!r}, expected one of its verified variants {verified}"
+        if not self.verified and self.variant:
+            return f"'variant' is {self.variant!r} though 'verified' is false, expected ''"
+        return ""
 
 
 @dataclass(frozen=True)
@@ -278,13 +312,42 @@ class Decision:
     @classmethod
     def from_json(cls, entry: Any, what: str = "decision") -> "Decision":
         """The Decision of a file entry; ValueError, naming the entry as ``what``, when it
-        is not one ``to_json`` writes."""
+        is not one ``to_json`` writes: other keys or types, a candidate Candidate.from_json
+        refuses, or values that contradict the attributes above (a backend or candidate
+        this anfast does not have, a fused backend that was not verified, another variant
+        than its candidate's), so auto never runs a backend the file merely names."""
         _checked(entry, what, {"backend": (str,), "variant": (str,), "reason": (str,),
                                "torch_ms": (int, float), "candidates": (dict,)})
-        return cls(backend=entry["backend"], variant=entry["variant"], reason=entry["reason"],
-                   torch_ms=entry["torch_ms"],
-                   candidates={name: Candidate.from_json(result, f"{what}, candidate {name!r}")
-                               for name, result in entry["candidates"].items()})
+        decision = cls(backend=entry["backend"], variant=entry["variant"], reason=entry["reason"],
+                       torch_ms=entry["torch_ms"],
+                       candidates={name: Candidate.from_json(result, f"{what}, candidate {name!r}")
+                                   for name, result in entry["candidates"].items()})
+        contradiction = decision._contradiction()
+        if contradiction:
+            raise ValueError(f"{what}: {contradiction}")
+        return decision
+
+    def _contradiction(self) -> str:
+        """Why this decision is not one the tuner makes with this anfast's backends ("" when
+        it is)."""
+        if not _is_time(self.torch_ms):
+            return f"'torch_ms' is {self.torch_ms!r}, expected torch's time (a positive number)"
+        if self.backend not in registry.BACKEND_PRIORITY:
+            return (f"'backend' is {self.backend!r}, not a backend of this anfast "
+                    f"({', '.join(registry.BACKEND_PRIORITY)})")
+        fused = [name for name in registry.BACKEND_PRIORITY if name != "torch"]
+        unknown = [name for name in self.candidates if name not in fused]
+        if unknown:
+            return f"candidate {unknown[0]!r} is not a fused backend of this anfast ({', '.join(fused)})"
+        if self.backend == "torch":
+            return f"'variant' is {self.variant!r} for torch, expected ''" if self.variant else ""
+        chosen = self.candidates.get(self.backend)
+        if chosen is None or not chosen.verified:
+            return (f"'backend' is {self.backend!r}, which has no verified candidate (auto runs "
+                    "only verified ones)")
+        if self.variant != chosen.variant:
+            return f"'variant' is {self.variant!r}, its candidate's is {chosen.variant!r}"
+        return ""
 
 
 def cache_dir() -> Path:
@@ -306,8 +369,9 @@ def _expected_header(device: torch.device) -> Dict[str, Any]:
 
 def _read_cache(path: Path, header: Dict[str, Any]) -> Dict[str, Decision]:
     """Decisions in ``path``; a missing file is empty, a corrupt or foreign one (or one
-    with an entry Decision.from_json refuses) is ignored with a one-line warning (never a
-    crash: the cache only saves time)."""
+    with an entry Decision.from_json refuses: malformed, or naming a backend, time or
+    variant auto cannot use) is ignored with a one-line warning (never a crash, never a
+    wrong backend: the cache only saves time)."""
     try:
         content = json.loads(path.read_text())
     except FileNotFoundError:
@@ -321,7 +385,7 @@ def _read_cache(path: Path, header: Dict[str, Any]) -> Dict[str, Decision]:
         return {key: Decision.from_json(entry, f"the decision for [{key}]")
                 for key, entry in content["decisions"].items()}
     except ValueError as error:
-        return _ignore_cache(path, f"unreadable ({error})")
+        return _ignore_cache(path, f"invalid ({error})")
 
 
 def _ignore_cache(path: Path, why: str) -> Dict[str, Decision]:
