@@ -5,6 +5,7 @@ import random
 import pytest
 import torch
 import torch.nn.functional as F
+from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
 import anfast
@@ -68,7 +69,6 @@ def test_reference_matches_conv2d_on_sliced_weights(seed):
     ref_grads = torch.autograd.grad((ref_b * g_b).sum() + (ref_s * g_st).sum(), params)
     for name, got, want in zip(["dx_base", "dx_student", "dweight", "dbias"], grads, ref_grads):
         assert_close_rel(got, want, 1e-12, name)
-
 
 
 def _flops(function) -> tuple[int, int]:
@@ -243,6 +243,20 @@ def test_module_under_bf16_autocast_runs_in_bf16():
         y_b, y_s = conv(x_b, x_s)
     assert y_b.dtype == y_s.dtype == torch.bfloat16
     assert_close_rel(y_s, F.conv2d(x_s, conv.weight[:3, :2], conv.bias[:3], padding=1), 2e-2, "bf16 student")
+
+
+def test_module_under_autocast_leaves_float64_alone_as_conv2d_does():
+    """Autocast never casts float64 (nn.Conv2d stays float64 under it); the layer cast it to bf16."""
+    torch.manual_seed(0)
+    conv = nn.Conv2d(4, 6, 3, padding=1).double()
+    layer = anfast.nn.AdjoinedConv2d.from_conv(conv, student_in_channels=(2,), student_out_channels=(3,))
+    x_b, x_s = torch.randn(2, 4, 5, 5, dtype=torch.float64), torch.randn(2, 2, 5, 5, dtype=torch.float64)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y_b, y_s = layer(x_b, x_s)
+        reference = conv(x_b)
+    assert reference.dtype == y_b.dtype == y_s.dtype == torch.float64
+    torch.testing.assert_close(y_b, reference)
+    torch.testing.assert_close(y_s, F.conv2d(x_s, conv.weight[:3, :2], conv.bias[:3], padding=1))
 
 
 def test_gradients_have_the_layout_the_fake_implementation_promises():

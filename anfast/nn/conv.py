@@ -40,9 +40,11 @@ def unknown_backend(name: Optional[str]) -> str:
 
 
 def autocast_inputs(*tensors: Optional[torch.Tensor]) -> tuple[Optional[torch.Tensor], ...]:
-    """Cast floating tensors to the autocast dtype, as autocast does for F.conv2d.
+    """Cast floating tensors but float64 ones to the autocast dtype, as autocast does for F.conv2d.
 
-    Custom ops are not on autocast's list, so the module applies its policy itself.
+    Custom ops are not on autocast's list, so the module applies its policy itself. Autocast
+    leaves float64 alone (``is_eligible`` in ATen/autocast_mode.h): nn.Conv2d stays float64
+    under autocast, and so does this layer.
     """
     reference = next(t for t in tensors if t is not None)
     device_type = reference.device.type
@@ -50,7 +52,8 @@ def autocast_inputs(*tensors: Optional[torch.Tensor]) -> tuple[Optional[torch.Te
     if device_type == "meta" or not torch.is_autocast_enabled(device_type):
         return tensors
     dtype = torch.get_autocast_dtype(device_type)
-    return tuple(t if t is None or not t.is_floating_point() else t.to(dtype) for t in tensors)
+    return tuple(t.to(dtype) if t is not None and t.is_floating_point() and t.dtype != torch.float64 else t
+                 for t in tensors)
 
 
 class AdjoinedConv2d(nn.Conv2d):
