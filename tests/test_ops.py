@@ -259,6 +259,18 @@ def test_module_under_autocast_leaves_float64_alone_as_conv2d_does():
     torch.testing.assert_close(y_s, F.conv2d(x_s, conv.weight[:3, :2], conv.bias[:3], padding=1))
 
 
+def test_a_reflect_padded_layer_says_what_adjoin_does_with_such_a_conv():
+    """The refusal said anfast.adjoin keeps a reflect-padded conv where it reads the image;
+    adjoin refuses it there too."""
+    with pytest.raises(ValueError, match="anfast.adjoin refuses any padding mode but 'zeros', on the stem too"):
+        anfast.nn.AdjoinedConv2d(8, 16, 3, padding=1, padding_mode="reflect", student_in_channels=(4,),
+                                 student_out_channels=(8,))
+    stem_reflects = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1, padding_mode="reflect"), nn.ReLU(),
+                                  nn.Conv2d(8, 8, 3, padding=1))
+    with pytest.raises(anfast.AdjoinError, match=r"^0: padding_mode='reflect'"):
+        anfast.adjoin(stem_reflects, alpha=2, policy="all", input_size=(3, 6, 6), round_to=4)
+
+
 def test_gradients_have_the_layout_the_fake_implementation_promises():
     """torch.compile trusts the fake strides: real gradients must match them."""
     x_b = torch.randn(2, 8, 7, 7).to(memory_format=torch.channels_last).requires_grad_()

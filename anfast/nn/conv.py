@@ -124,8 +124,9 @@ class AdjoinedConv2d(nn.Conv2d):
         it pads with zeros, symmetrically, and a grouped student keeps whole leading groups."""
         if self.padding_mode != "zeros":
             raise ValueError(f"AdjoinedConv2d: padding_mode={self.padding_mode!r}: the adjoined op pads "
-                             f"with zeros; use padding_mode='zeros' (anfast.adjoin keeps such a conv "
-                             f"only where it reads the image, which every network shares)")
+                             f"with zeros; use padding_mode='zeros', or input_shared=True where every "
+                             f"network reads the same input (the layer then runs nn.Conv2d once). "
+                             f"anfast.adjoin refuses any padding mode but 'zeros', on the stem too")
         if isinstance(self.padding, str):
             self.padding = numeric_padding(self)  # "same" with an even kernel: ValueError
         if self.groups == 1:
