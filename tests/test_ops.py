@@ -271,6 +271,40 @@ def test_a_reflect_padded_layer_says_what_adjoin_does_with_such_a_conv():
         anfast.adjoin(stem_reflects, alpha=2, policy="all", input_size=(3, 6, 6), round_to=4)
 
 
+def test_norm_and_linear_check_their_students_as_the_conv_does():
+    """zip dropped a missing or extra student input silently, and AdjoinedLinear took
+    student widths wider than the base's."""
+    from anfast.nn import AdjoinedBatchNorm2d, AdjoinedLinear
+
+    torch.manual_seed(0)
+    bn = AdjoinedBatchNorm2d(8, student_features=(4,), dtype=torch.float64)
+    x = torch.randn(3, 8, 4, 4, dtype=torch.float64)
+    with pytest.raises(ValueError, match="AdjoinedBatchNorm2d: 2 student inputs for 1 students"):
+        bn(x, x[:, :4], x[:, :2])
+    with pytest.raises(ValueError, match="AdjoinedBatchNorm2d: 0 student inputs for 1 students"):
+        bn(x)
+    with pytest.raises(ValueError, match=r"student 0's input has shape \(3, 6, 4, 4\), expected 4 channels "
+                                         r"\(student_features=\(4,\)\)"):
+        bn(x, x[:, :6])
+    torch.testing.assert_close(bn(x, x[:, :4])[1], nn.BatchNorm2d(4, dtype=torch.float64)(x[:, :4]))
+
+    with pytest.raises(ValueError, match=r"AdjoinedLinear: student_in_features=\(16,\) must be in \[1, 8\]"):
+        AdjoinedLinear(8, 4, student_in_features=(16,), student_out_features=(4,))
+    with pytest.raises(ValueError, match=r"AdjoinedLinear: student_out_features=\(5,\) must be in \[1, 4\]"):
+        AdjoinedLinear(8, 4, student_in_features=(4,), student_out_features=(5,))
+    with pytest.raises(ValueError, match="AdjoinedLinear: 1 student_in_features for 2 student_out_features"):
+        AdjoinedLinear(8, 4, student_in_features=(4,), student_out_features=(4, 4))
+    fc = AdjoinedLinear(8, 4, student_in_features=(4,), student_out_features=(4,), dtype=torch.float64)
+    x = torch.randn(3, 8, dtype=torch.float64)
+    with pytest.raises(ValueError, match="AdjoinedLinear: 0 student inputs for 1 students"):
+        fc(x)
+    with pytest.raises(ValueError, match="AdjoinedLinear: 2 student inputs for 1 students"):
+        fc(x, x[:, :4], x[:, :4])
+    with pytest.raises(ValueError, match=r"student 0's input has shape \(3, 6\), expected 4 features"):
+        fc(x, x[:, :6])
+    torch.testing.assert_close(fc(x, x[:, :4])[1], F.linear(x[:, :4], fc.weight[:, :4], fc.bias))
+
+
 def test_gradients_have_the_layout_the_fake_implementation_promises():
     """torch.compile trusts the fake strides: real gradients must match them."""
     x_b = torch.randn(2, 8, 7, 7).to(memory_format=torch.channels_last).requires_grad_()

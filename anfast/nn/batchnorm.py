@@ -8,6 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from anfast.nn.conv import check_student_inputs
 from anfast.nn.streams import network_stream
 
 __all__ = ["AdjoinedBatchNorm2d", "AdjoinedSyncBatchNorm2d", "convert_sync_batchnorm"]
@@ -76,6 +77,8 @@ class AdjoinedBatchNorm2d(nn.BatchNorm2d):
         return tensor[: self.student_norms[s].num_features]
 
     def forward(self, x_base: torch.Tensor, *x_students: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        check_student_inputs(self, x_students, "student_features",
+                             tuple(norm.num_features for norm in self.student_norms), axis=1)
         outputs = [super().forward(x_base)]
         for s, (norm, x) in enumerate(zip(self.student_norms, x_students)):
             with network_stream(s + 1):

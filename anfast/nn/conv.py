@@ -13,7 +13,8 @@ from anfast.ops.backend import BACKEND_PRIORITY
 from anfast.ops.conv import fixed_backend_name
 from anfast.ops.reference import student_groups, student_weight
 
-__all__ = ["AdjoinedConv2d", "autocast_inputs", "numeric_padding", "unknown_backend"]
+__all__ = ["AdjoinedConv2d", "autocast_inputs", "check_student_inputs", "check_student_widths", "numeric_padding",
+           "unknown_backend"]
 
 
 def numeric_padding(conv: nn.Conv2d) -> tuple[int, int]:
@@ -37,6 +38,37 @@ def unknown_backend(name: Optional[str]) -> str:
     if name is None or name == "auto" or name in BACKEND_PRIORITY:
         return ""
     return f"backend={name!r} is no backend; choose one of {', '.join(BACKEND_PRIORITY)}"
+
+
+def check_student_widths(layer: nn.Module, inputs: tuple[str, Sequence[int], int],
+                         outputs: tuple[str, Sequence[int], int]) -> None:
+    """Refuse, when a layer is built, students' input and output widths, each given as (name,
+    widths, the base's width), that do not pair up one to one or do not fit in the base's."""
+    name = type(layer).__name__
+    (in_name, in_widths, _), (out_name, out_widths, _) = inputs, outputs
+    if len(in_widths) != len(out_widths):
+        raise ValueError(f"{name}: {len(in_widths)} {in_name} for {len(out_widths)} {out_name}; give one "
+                         f"of each per student")
+    for widths_name, widths, limit in (inputs, outputs):
+        if not all(1 <= c <= limit for c in widths):
+            raise ValueError(f"{name}: {widths_name}={tuple(widths)} must be in [1, {limit}] (the base's)")
+
+
+def check_student_inputs(layer: nn.Module, x_students: Sequence[torch.Tensor], widths_name: str,
+                         widths: Sequence[int], axis: int) -> None:
+    """Refuse a call that does not give one input per student, each ``widths[s]`` wide on
+    ``axis``: zip would drop a missing or extra input silently, and a wrong width would run on
+    another weight slice. The call check of every adjoined layer (``widths_name`` names its
+    widths in the message)."""
+    name = type(layer).__name__
+    if len(x_students) != len(widths):
+        raise ValueError(f"{name}: {len(x_students)} student inputs for {len(widths)} students; pass "
+                         f"x_base and one input per student")
+    unit = "features" if axis == -1 else "channels"
+    for s, (x, width) in enumerate(zip(x_students, widths)):
+        if x.dim() == 0 or x.dim() <= axis or x.shape[axis] != width:
+            raise ValueError(f"{name}: student {s}'s input has shape {tuple(x.shape)}, expected {width} "
+                             f"{unit} ({widths_name}={tuple(widths)})")
 
 
 def autocast_inputs(*tensors: Optional[torch.Tensor]) -> tuple[Optional[torch.Tensor], ...]:
@@ -82,13 +114,8 @@ class AdjoinedConv2d(nn.Conv2d):
         super().__init__(*args, **kwargs)
         self.student_out_channels = tuple(int(c) for c in student_out_channels)
         self.student_in_channels = tuple(int(c) for c in student_in_channels)
-        if len(self.student_in_channels) != len(self.student_out_channels):
-            raise ValueError(f"AdjoinedConv2d: {len(self.student_in_channels)} student_in_channels for "
-                             f"{len(self.student_out_channels)} student_out_channels; give one of each per student")
-        for name, widths, limit in (("student_in_channels", self.student_in_channels, self.in_channels),
-                                    ("student_out_channels", self.student_out_channels, self.out_channels)):
-            if not all(1 <= c <= limit for c in widths):
-                raise ValueError(f"AdjoinedConv2d: {name}={widths} must be in [1, {limit}] (the base's)")
+        check_student_widths(self, ("student_in_channels", self.student_in_channels, self.in_channels),
+                             ("student_out_channels", self.student_out_channels, self.out_channels))
         # Students that see the base's very input (the image) get the base's leading
         # output channels, computed once (DESIGN.md section 1, "Stem").
         self.input_shared = input_shared
@@ -178,13 +205,7 @@ class AdjoinedConv2d(nn.Conv2d):
         if self.input_shared:
             y_base = super().forward(x_base)
             return (y_base, *(hand_over(y_base[:, :c], s + 1) for s, c in enumerate(self.student_out_channels)))
-        if len(x_students) != len(self.student_out_channels):
-            raise ValueError(f"AdjoinedConv2d: {len(x_students)} student inputs for "
-                             f"{len(self.student_out_channels)} students; call conv(x_base, *x_students)")
-        for s, (x, channels) in enumerate(zip(x_students, self.student_in_channels)):
-            if x.dim() < 2 or x.shape[1] != channels:
-                raise ValueError(f"AdjoinedConv2d: student {s}'s input has shape {tuple(x.shape)}, expected "
-                                 f"{channels} channels (student_in_channels={self.student_in_channels})")
+        check_student_inputs(self, x_students, "student_in_channels", self.student_in_channels, axis=1)
         inputs = (x_base, *x_students)
         if active_streams() is not None and fixed_backend_name(self.backend, x_base.device) == "torch":
             # One stream per network: the torch backend's two convolutions, each on its own.

@@ -8,6 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from anfast.nn.conv import check_student_inputs, check_student_widths
 from anfast.nn.streams import hand_over, network_stream
 
 __all__ = ["AdjoinedLinear"]
@@ -39,6 +40,8 @@ class AdjoinedLinear(nn.Linear):
         super().__init__(in_features, out_features, bias, device=device, dtype=dtype)
         self.student_in_features = tuple(int(c) for c in student_in_features)
         self.student_out_features = tuple(int(c) for c in student_out_features)
+        check_student_widths(self, ("student_in_features", self.student_in_features, self.in_features),
+                             ("student_out_features", self.student_out_features, self.out_features))
         self.input_shared = input_shared
         indices = tuple(student_in_indices) or (None,) * len(self.student_out_features)
         for s, index in enumerate(indices):
@@ -64,10 +67,12 @@ class AdjoinedLinear(nn.Linear):
         return weight, None if self.bias is None else self.bias[:out_features]
 
     def forward(self, x_base: torch.Tensor, *x_students: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        y_base = F.linear(x_base, self.weight, self.bias)
         if self.input_shared:
+            y_base = F.linear(x_base, self.weight, self.bias)
             return (y_base, *(hand_over(y_base[..., :c], s + 1) for s, c in enumerate(self.student_out_features)))
-        return (y_base, *(self._linear_on_stream(s + 1, x) for s, x in enumerate(x_students)))
+        check_student_inputs(self, x_students, "student_in_features", self.student_in_features, axis=-1)
+        return (F.linear(x_base, self.weight, self.bias),
+                *(self._linear_on_stream(s + 1, x) for s, x in enumerate(x_students)))
 
     def _linear_on_stream(self, n: int, x: torch.Tensor) -> torch.Tensor:
         with network_stream(n):
