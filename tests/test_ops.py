@@ -305,6 +305,24 @@ def test_norm_and_linear_check_their_students_as_the_conv_does():
     torch.testing.assert_close(fc(x, x[:, :4])[1], F.linear(x[:, :4], fc.weight[:, :4], fc.bias))
 
 
+def test_students_of_a_norm_without_running_statistics_follow_its_dtype():
+    """from_batchnorm read the students' dtype from running_mean, None without running
+    statistics: a float64 norm's students were made float32 and failed on float64 inputs."""
+    torch.manual_seed(0)
+    bn = nn.BatchNorm2d(6, track_running_stats=False).double()
+    with torch.no_grad():
+        bn.weight.uniform_(0.5, 2.0)
+        bn.bias.uniform_(-1.0, 1.0)
+    adjoined = anfast.nn.AdjoinedBatchNorm2d.from_batchnorm(bn, [3])
+    x = torch.randn(3, 6, 4, 4, dtype=torch.float64)
+    y_base, y_student = adjoined(x, x[:, :3])
+    reference = nn.BatchNorm2d(3, track_running_stats=False).double()
+    reference.load_state_dict({"weight": bn.weight[:3], "bias": bn.bias[:3]})
+    assert y_student.dtype == torch.float64
+    torch.testing.assert_close(y_base, bn(x))
+    torch.testing.assert_close(y_student, reference(x[:, :3]))
+
+
 def test_gradients_have_the_layout_the_fake_implementation_promises():
     """torch.compile trusts the fake strides: real gradients must match them."""
     x_b = torch.randn(2, 8, 7, 7).to(memory_format=torch.channels_last).requires_grad_()

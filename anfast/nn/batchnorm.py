@@ -9,6 +9,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from anfast.nn.conv import check_student_inputs
+from anfast.nn.conv import check_student_inputs
 from anfast.nn.streams import network_stream
 
 __all__ = ["AdjoinedBatchNorm2d", "AdjoinedSyncBatchNorm2d", "convert_sync_batchnorm"]
@@ -52,10 +53,13 @@ class AdjoinedBatchNorm2d(nn.BatchNorm2d):
                        student_indices: Sequence[Optional[torch.Tensor]] = (),
                        share_affine: bool = False) -> "AdjoinedBatchNorm2d":
         """Adopt ``bn`` as the base norm; students start from the matching slice of it."""
+        # Students follow bn's tensors: its affine parameters, else its running statistics
+        # (track_running_stats=False has none); a norm with neither holds no tensor to follow.
+        held = bn.weight if bn.affine else bn.running_mean
+        placement = {} if held is None else dict(device=held.device, dtype=held.dtype)
         module = cls(bn.num_features, bn.eps, bn.momentum, bn.affine, bn.track_running_stats,
                      student_features=student_features, student_indices=student_indices,
-                     share_affine=share_affine, device=bn.running_mean.device if bn.track_running_stats else None,
-                     dtype=bn.running_mean.dtype if bn.track_running_stats else None)
+                     share_affine=share_affine, **placement)
         module.load_state_dict(bn.state_dict(), strict=False)  # students are filled below
         if bn.affine:
             module.weight, module.bias = bn.weight, bn.bias  # the same Parameter objects
