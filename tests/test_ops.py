@@ -71,6 +71,7 @@ def test_reference_matches_conv2d_on_sliced_weights(seed):
         assert_close_rel(got, want, 1e-12, name)
 
 
+
 def _flops(function) -> tuple[int, int]:
     """(forward, backward) FLOPs of ``function()`` and its backward, as torch counts them."""
     forward, backward = FlopCounterMode(display=False), FlopCounterMode(display=False)
@@ -321,6 +322,50 @@ def test_students_of_a_norm_without_running_statistics_follow_its_dtype():
     assert y_student.dtype == torch.float64
     torch.testing.assert_close(y_base, bn(x))
     torch.testing.assert_close(y_student, reference(x[:, :3]))
+
+
+def test_shared_affine_students_run_their_own_sync_batchnorm(monkeypatch):
+    """With share_affine the students called F.batch_norm themselves, so after
+    convert_sync_batchnorm they normalised with each rank's own statistics. Each must run its
+    SyncBatchNorm forward with the base's affine slice; in one process that forward falls back
+    to batch_norm, so the numbers are nn.BatchNorm2d's."""
+    calls = []
+    sync_forward = nn.SyncBatchNorm.forward
+
+    def spy(norm, x):
+        calls.append((norm.num_features, norm.weight))
+        return sync_forward(norm, x)
+
+    monkeypatch.setattr(nn.SyncBatchNorm, "forward", spy)
+    torch.manual_seed(0)
+    bn = nn.BatchNorm2d(8).double()
+    with torch.no_grad():
+        bn.weight.uniform_(0.5, 2.0)
+        bn.bias.uniform_(-1.0, 1.0)
+    adjoined = anfast.nn.convert_sync_batchnorm(
+        anfast.nn.AdjoinedBatchNorm2d.from_batchnorm(bn, [4], share_affine=True))
+    reference = nn.BatchNorm2d(4).double()
+    reference.load_state_dict({"weight": bn.weight[:4], "bias": bn.bias[:4], "running_mean": bn.running_mean[:4],
+                               "running_var": bn.running_var[:4], "num_batches_tracked": bn.num_batches_tracked})
+    x = torch.randn(3, 8, 4, 4, dtype=torch.float64)
+    x_s = torch.randn(3, 4, 4, 4, dtype=torch.float64, requires_grad=True)
+    y_student = adjoined(x, x_s)[1]
+    assert [features for features, _ in calls] == [8, 4]
+    assert torch.equal(calls[1][1], bn.weight[:4])
+    expected = reference(x_s)
+    torch.testing.assert_close(y_student, expected)
+    grad = torch.randn_like(expected)
+    dx, dweight, dbias = torch.autograd.grad(y_student, (x_s, bn.weight, bn.bias), grad)
+    ref_dx, ref_dweight, ref_dbias = torch.autograd.grad(expected, (x_s, reference.weight, reference.bias), grad)
+    torch.testing.assert_close(dx, ref_dx)
+    torch.testing.assert_close(dweight, torch.cat([ref_dweight, torch.zeros(4, dtype=torch.float64)]))
+    torch.testing.assert_close(dbias, torch.cat([ref_dbias, torch.zeros(4, dtype=torch.float64)]))
+    student = adjoined.student_norms[0]
+    torch.testing.assert_close(student.running_mean, reference.running_mean)
+    torch.testing.assert_close(student.running_var, reference.running_var)
+    assert int(student.num_batches_tracked) == 1
+    adjoined.eval(), reference.eval()
+    torch.testing.assert_close(adjoined(x, x_s)[1], reference(x_s))
 
 
 def test_gradients_have_the_layout_the_fake_implementation_promises():

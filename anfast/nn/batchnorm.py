@@ -5,10 +5,8 @@ from __future__ import annotations
 from typing import Optional, Sequence
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from anfast.nn.conv import check_student_inputs
 from anfast.nn.conv import check_student_inputs
 from anfast.nn.streams import network_stream
 
@@ -92,17 +90,10 @@ class AdjoinedBatchNorm2d(nn.BatchNorm2d):
     def _student_forward(self, s: int, norm: nn.BatchNorm2d, x: torch.Tensor) -> torch.Tensor:
         if not self.share_affine:
             return norm(x)
-        # Private running statistics, the base's (sliced) affine parameters.
-        use_batch_stats = norm.training or not norm.track_running_stats
-        factor = 0.0 if self.momentum is None else self.momentum
-        if norm.training and norm.track_running_stats:
-            norm.num_batches_tracked.add_(1)
-            if self.momentum is None:  # a cumulative average, as nn.BatchNorm2d does it
-                factor = 1.0 / float(norm.num_batches_tracked)
-        return F.batch_norm(
-            x, norm.running_mean, norm.running_var, self._student_slice(self.weight, s),
-            self._student_slice(self.bias, s), use_batch_stats, factor, self.eps,
-        )
+        # Private running statistics, the base's (sliced) affine parameters: the student's own
+        # forward runs with them lent, so after convert_sync_batchnorm it syncs its statistics.
+        affine = {"weight": self._student_slice(self.weight, s), "bias": self._student_slice(self.bias, s)}
+        return torch.func.functional_call(norm, affine, (x,))
 
     def extra_repr(self) -> str:
         features = tuple(n.num_features for n in self.student_norms)
