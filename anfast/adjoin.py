@@ -172,6 +172,7 @@ class _Analysis:
     channels: dict = field(default_factory=dict)  # node -> _Channels
     shared: set = field(default_factory=set)  # nodes equal in every network
     layers: dict = field(default_factory=dict)  # module name -> (kind, in _Channels, out _Channels)
+    reads_shared: dict = field(default_factory=dict)  # module name -> whether its input is in `shared`
     dims: list = field(default_factory=list)
 
 
@@ -195,6 +196,18 @@ def _tensor_inputs(node: torch.fx.Node) -> list[torch.fx.Node]:
     return found
 
 
+def _tuple_source(node: torch.fx.Node) -> Optional[torch.fx.Node]:
+    """The op whose tuple of tensors ``node`` takes an element of (``torch.max(x, 1)[0]``,
+    a chunk, split, sort or topk), or None."""
+    if node.op != "call_function" or node.target is not operator.getitem:
+        return None
+    source = node.args[0]
+    if not isinstance(source, torch.fx.Node) or source.op in ("placeholder", "get_attr"):
+        return None
+    meta = source.meta.get("tensor_meta")  # a tuple of TensorMetadata (itself a NamedTuple)
+    return source if _node_shape(source) is None and isinstance(meta, (tuple, list)) else None
+
+
 def _describe(node: torch.fx.Node) -> str:
     return node.target if node.op == "call_module" else f"{node.name} ({node.op} {getattr(node.target, '__name__', node.target)})"
 
@@ -215,6 +228,9 @@ def _analyse(gm: torch.fx.GraphModule) -> _Analysis:
     for node in gm.graph.nodes:
         shape = _node_shape(node)
         inputs = _tensor_inputs(node)
+        source = _tuple_source(node)
+        if source is not None:  # torch.max(x, 1)[0], x.chunk(2)[1]: the op's tensors are the inputs
+            inputs = _tensor_inputs(source)
         if node.op in ("placeholder", "get_attr"):
             result.shared.add(node)
             if shape is not None and len(shape) >= 2:
@@ -230,13 +246,16 @@ def _analyse(gm: torch.fx.GraphModule) -> _Analysis:
             torch.fx.map_arg(node.args, mark_fixed)
             continue
         module = modules.get(node.target) if node.op == "call_module" else None
-        if all(n in result.shared for n in inputs) and not isinstance(module, (nn.Conv2d, nn.Linear, nn.modules.batchnorm._BatchNorm)):
+        # Every input node, not only those with a tensor shape: an element of a tuple
+        # (torch.max(x, 1)[0]) is equal in every network only if the tuple is.
+        if (all(n in result.shared for n in node.all_input_nodes)
+                and not isinstance(module, (nn.Conv2d, nn.Linear, nn.modules.batchnorm._BatchNorm))):
             if node.op != "call_module" or not any(True for _ in module.parameters()):
                 result.shared.add(node)
         if shape is None:
             continue  # sizes, ints, tuples of sizes
         in_channels = [channels_of(n) for n in inputs]
-        where = _describe(node)
+        where = _describe(node) if source is None else f"{_describe(source)}[{node.args[1]}]"
         function = node.target if node.op in ("call_function", "call_method") else None
 
         if isinstance(module, (nn.Conv1d, nn.Conv3d, nn.ConvTranspose2d)):
@@ -262,27 +281,29 @@ def _analyse(gm: torch.fx.GraphModule) -> _Analysis:
                 in_per_group = module.in_channels // module.groups
                 out_per_group = module.out_channels // module.groups
                 if in_dim is None or in_per_group != out_per_group:
-                    raise AdjoinError(
-                        f"{where}: grouped conv (groups={module.groups}) with {module.in_channels} in and "
-                        f"{module.out_channels} out channels; anfast slices whole groups only when the "
-                        "input is one width group and in/out group widths match. Keep this layer at "
-                        "full width with a dict policy ({'" + str(node.target) + "': 1, ...})"
-                    )
-                out.multiple = out_per_group
-                _union(in_dim, out, where)
+                    # No student slice keeps whole groups on both sides: its input and
+                    # output channels keep full width (a policy that shrinks them is refused).
+                    why = (f"channels of the grouped conv {where} (groups={module.groups}, {module.in_channels} in "
+                           f"and {module.out_channels} out channels), which keeps full width: anfast slices "
+                           "whole groups only when the input is one width group and in/out group widths match")
+                    _keep_full_width(x, why)
+                    _keep_full_width(_Channels((out,)), why)
+                else:
+                    out.multiple = out_per_group
+                    _union(in_dim, out, where)
             result.channels[node] = _Channels((out,))
-            result.layers[node.target] = ("conv", x, result.channels[node])
+            _record_layer(result, node, "conv", x, result.channels[node], where)
         elif isinstance(module, nn.Linear):
             x = in_channels[0]
             if x is None or len(shape) != 2:
                 raise AdjoinError(f"{where}: anfast adjoins Linear layers on (N, features) inputs only")
             result.channels[node] = _Channels((new_dim(module.out_features, producer=node.target),))
-            result.layers[node.target] = ("linear", x, result.channels[node])
+            _record_layer(result, node, "linear", x, result.channels[node], where)
         elif isinstance(module, nn.modules.batchnorm._BatchNorm):
             if not isinstance(module, nn.BatchNorm2d):
                 raise AdjoinError(f"{where}: {type(module).__name__} is not supported; anfast adjoins BatchNorm2d")
             result.channels[node] = in_channels[0]
-            result.layers[node.target] = ("norm", in_channels[0], in_channels[0])
+            _record_layer(result, node, "norm", in_channels[0], in_channels[0], where)
         elif function is not None and function in _CONCAT and _concat_dim(node) == 1:
             parts = [channels_of(n) for n in _concat_tensors(node)]
             if any(p is None or p.features_per_channel != 1 for p in parts):
@@ -291,8 +312,33 @@ def _analyse(gm: torch.fx.GraphModule) -> _Analysis:
         elif function in _ELEMENTWISE or function in _FLATTEN or isinstance(module, nn.Flatten):
             result.channels[node] = _follow_simple_op(node, shape, inputs, in_channels, where)
         elif inputs:
-            result.channels[node] = _follow_generic(node, shape, inputs, in_channels, where, module)
+            result.channels[node] = _follow_generic(source or node, shape, inputs, in_channels, where, module)
     return result
+
+
+def _record_layer(result: _Analysis, node: torch.fx.Node, kind: str, x: _Channels, y: _Channels, where: str) -> None:
+    """``result.layers[name] = (kind, x, y)``. A layer called again (shared weights) must
+    read a tensor of the same kind (equal in every network, or each network's own) and the
+    same channel layout: its calls then share their width groups, or the student would
+    run every call at the widths of the last one."""
+    previous = result.layers.get(node.target)
+    reads_shared = node.args[0] in result.shared
+    if previous is None:
+        result.layers[node.target] = (kind, x, y)
+        result.reads_shared[node.target] = reads_shared
+        return
+    _, before_x, before_y = previous
+    if result.reads_shared[node.target] != reads_shared:
+        raise AdjoinError(f"{where}: called on the image (or a tensor equal in every network) and again on a "
+                          f"tensor each network computes; anfast cannot give one layer both; use two layers")
+    for before, now in ((before_x, x), (before_y, y)):
+        if [p.size for p in before.parts] != [p.size for p in now.parts] or (
+                before.features_per_channel != now.features_per_channel):
+            raise AdjoinError(f"{where}: called again on channels laid out otherwise (parts "
+                              f"{[p.size for p in before.parts]}, then {[p.size for p in now.parts]}); anfast "
+                              f"adjoins a layer called on one channel layout; use two layers")
+        for a, b in zip(before.parts, now.parts):
+            _union(a, b, where)
 
 
 def _concat_tensors(node: torch.fx.Node) -> Sequence[torch.fx.Node]:
@@ -357,7 +403,11 @@ _REORDERING = {
     torch.native_channel_shuffle: None,
     **{op: (1, "dim") for name in ("scatter", "scatter_add", "scatter_reduce", "index_copy", "index_add")
        for op in (getattr(torch, name), name, name + "_")},
+    torch.sort: (1, "dim"), "sort": (1, "dim"), torch.argsort: (1, "dim"), "argsort": (1, "dim"),
+    torch.topk: (2, "dim"), "topk": (2, "dim"),
 }
+# Of those, the ones whose dim defaults to the last axis (axis 1 of an (N, C) tensor).
+_LAST_AXIS_BY_DEFAULT = {torch.sort, "sort", torch.argsort, "argsort", torch.topk, "topk"}
 
 
 def _reorders_channels(node: torch.fx.Node, module: Optional[nn.Module], ndim: int) -> bool:
@@ -381,6 +431,8 @@ def _reorders_channels(node: torch.fx.Node, module: Optional[nn.Module], ndim: i
     dims = node.kwargs.get(keyword, node.args[position] if len(node.args) > position else None)
     if node.target in (torch.flip, "flip") and len(node.args) > 2:  # x.flip(1, 2)
         dims = node.args[1:]
+    if dims is None and node.target in _LAST_AXIS_BY_DEFAULT:
+        dims = -1
     if dims is None:
         return node.target in (torch.roll, "roll")  # roll without dims rolls the flattened tensor
     dims = dims if isinstance(dims, (tuple, list)) else (dims,)
@@ -445,6 +497,9 @@ def _as_alphas(value: Any, alphas: tuple[float, ...], where: str) -> tuple[float
             raise
         if len(result) != len(alphas):
             raise AdjoinError(f"policy for {where}: {len(result)} alphas given for {len(alphas)} students")
+        if list(result) != sorted(result):  # the students are nested: each no wider than the one before
+            raise AdjoinError(f"policy for {where}: alphas {result} must not decrease from one student to the "
+                              f"next, as alpha={alphas} orders the students")
     if not all(math.isfinite(a) and a >= 1 for a in result):
         raise AdjoinError(f"policy for {where}: alpha {result} must be finite and >= 1 (the student is "
                           f"1/alpha wide)")

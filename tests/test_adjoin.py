@@ -317,7 +317,8 @@ def test_errors_say_what_they_found():
             anfast.adjoin(SmallCNN(), policy=policy, input_size=(3, 9, 9))
     with pytest.raises(AdjoinError, match="0: Conv1d is not supported; anfast adjoins Conv2d"):
         anfast.adjoin(nn.Sequential(nn.Conv1d(3, 128, 3), nn.Conv1d(128, 4, 1)), input_size=(3, 16))
-    with pytest.raises(AdjoinError, match="b: cannot follow the channels of its input: an op before it splits"):
+    with pytest.raises(AdjoinError, match=r"^chunk \(call_method chunk\)\[0\]: changes the channel axis "
+                                          r"\(2, 128, 6, 6\) -> \(2, 64, 6, 6\)"):
         anfast.adjoin(_Split(gated=True), policy="all", input_size=(3, 8, 8))
     with pytest.raises(AdjoinError, match="shrink a, but its channels are the parameter / buffer p"):
         anfast.adjoin(_Split(gated=False), policy={"a": 4}, input_size=(3, 8, 8))
@@ -346,6 +347,12 @@ class Reorder(nn.Module):
         "index_select": (lambda y, m: torch.index_select(y, 1, torch.arange(15, -1, -1)), True),
         "scatter": (lambda y, m: torch.zeros_like(y).scatter(1, torch.argsort(y, 1), y), True),
         "ChannelShuffle": (lambda y, m: m.shuffle(y), True),
+        "sort along the channels": (lambda y, m: torch.sort(y, dim=1)[0], True),
+        "topk of every channel": (lambda y, m: y.topk(16, 1)[0], True),
+        # An element of an op's tuple is each network's own (it read the base's).
+        "spatial max": (lambda y, m: torch.max(y, dim=3, keepdim=True)[0], False),
+        "spatial chunk": (lambda y, m: y.chunk(2, dim=2)[1], False),
+        "spatial sort": (lambda y, m: y.sort()[0], False),
         "spatial flip": (lambda y, m: y.flip(3), False),
         "spatial roll": (lambda y, m: torch.roll(y, (1, 2), dims=(2, 3)), False),
         "last-axis index": (lambda y, m: y[..., m.perm_w], False),
@@ -390,6 +397,102 @@ def test_an_op_that_reorders_channels_keeps_them_at_full_width(op, tmp_path):
         with pytest.raises(AdjoinError, match=r"policy asks to shrink a, but its channels are the channels that "
                                               r"\S+ .*reorders"):
             anfast.adjoin(model, policy={"a": 2}, input_size=(3, 8, 8))
+
+
+def test_an_element_of_a_tuple_op_over_the_channels_is_refused_naming_the_op():
+    """torch.max(x, 1)[0] once read the base's max map in every student."""
+    class Gate(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b = nn.Conv2d(3, 16, 3, padding=1), nn.Conv2d(16, 4, 1)
+
+        def forward(self, x):
+            y = self.a(x)
+            return self.b(y * torch.sigmoid(torch.max(y, dim=1, keepdim=True)[0])).mean((2, 3))
+
+    with pytest.raises(AdjoinError, match=r"^max_1 \(call_function max\)\[0\]: changes the channel axis "
+                                          r"\(2, 16, 8, 8\) -> \(2, 1, 8, 8\)"):
+        anfast.adjoin(Gate(), alpha=2, policy="all", input_size=(3, 8, 8))
+
+
+class Grouped(nn.Module):
+    """A grouped conv of 8 in and 16 out channels per group, and a depthwise conv after a
+    concat: no student slice keeps whole groups, so both keep full width."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem, self.c1 = nn.Conv2d(3, 16, 3, padding=1), nn.Conv2d(16, 32, 3, padding=1)
+        self.g = nn.Conv2d(32, 64, 3, padding=1, groups=4)
+        self.left, self.right = nn.Conv2d(64, 16, 1), nn.Conv2d(64, 16, 1)
+        self.dw = nn.Conv2d(32, 32, 3, padding=1, groups=32)
+        self.head = nn.Conv2d(32, 10, 1)
+
+    def forward(self, x):
+        y = self.g(F.relu(self.c1(F.relu(self.stem(x)))))
+        y = self.dw(torch.cat([self.left(y), self.right(y)], 1))
+        return self.head(F.relu(y)).mean((2, 3))
+
+
+def test_grouped_convs_without_a_whole_group_slice_keep_full_width():
+    """They were refused under every policy, the {'g': 1} their message advised included."""
+    torch.manual_seed(0)
+    model = Grouped().double().eval()
+    an = anfast.adjoin(model, alpha=2, policy="all", input_size=(3, 8, 8)).eval()
+    widths = {name: (w.student_in[0], w.student_out[0]) for name, w in an.layer_widths.items()}
+    assert widths == {"stem": (3, 8), "c1": (8, 32), "g": (32, 64), "left": (64, 16), "right": (64, 16),
+                      "dw": (32, 32), "head": (32, 10)}
+    x = torch.randn(2, 3, 8, 8, dtype=torch.float64)
+    m = model
+    with torch.no_grad():  # by hand: stem's leading 8 filters, everything after at full width
+        y = F.relu(F.conv2d(x, m.stem.weight[:8], m.stem.bias[:8], padding=1))
+        y = m.g(F.relu(F.conv2d(y, m.c1.weight[:, :8], m.c1.bias, padding=1)))
+        y = m.head(F.relu(m.dw(torch.cat([m.left(y), m.right(y)], 1)))).mean((2, 3))
+        assert (an(x).student - y).abs().max() <= 1e-12
+        assert (anfast.export_student(an).eval()(x) - y).abs().max() <= 1e-12
+    assert anfast.adjoin(model, alpha=2, policy={"stem": 2, "g": 1}, input_size=(3, 8, 8))
+    with pytest.raises(AdjoinError, match=r"policy asks to shrink c1, but its channels are the channels of the "
+                                          r"grouped conv g \(groups=4, 32 in and 64 out channels\), which keeps"):
+        anfast.adjoin(model, alpha=2, policy={"c1": 2}, input_size=(3, 8, 8))
+
+
+def test_a_per_layer_alpha_tuple_must_not_widen_a_later_student():
+    with pytest.raises(AdjoinError, match=r"policy for c1: alphas \(8.0, 4.0, 2.0\) must not decrease from one "
+                                          r"student to the next, as alpha=\(2.0, 4.0, 8.0\) orders the students"):
+        anfast.adjoin(Grouped(), alpha=(2, 4, 8), policy={"c1": (8, 4, 2)}, input_size=(3, 8, 8))
+
+
+class Reused(nn.Module):
+    """One conv applied twice (shared weights), and optionally first on the image."""
+
+    def __init__(self, on_the_image: bool = False):
+        super().__init__()
+        self.on_the_image = on_the_image
+        self.stem, self.c, self.head = nn.Conv2d(3, 16, 1), nn.Conv2d(16, 16, 3, padding=1), nn.Conv2d(16, 4, 1)
+
+    def forward(self, x):
+        y = self.c(x) if self.on_the_image else F.relu(self.stem(x))  # a 16-channel image
+        return self.head(F.relu(self.c(F.relu(self.c(y))))).mean((2, 3))
+
+
+def test_a_layer_called_twice_gives_both_calls_one_width():
+    """Each call of c reads c's width: its calls share one width group with stem. The last
+    call's widths once stood for both (stem at 4 fed a c that expected 8 channels)."""
+    torch.manual_seed(0)
+    model = Reused().double().eval()
+    an = anfast.adjoin(model, alpha=4, policy={"stem": 4, "c": 2}, round_to=4, input_size=(3, 8, 8)).eval()
+    assert an.layer_widths["stem"].student_out == an.layer_widths["c"].student_in == (8,)
+    x = torch.randn(2, 3, 8, 8, dtype=torch.float64)
+    m = model
+    with torch.no_grad():
+        y = F.relu(F.conv2d(x, m.stem.weight[:8], m.stem.bias[:8]))
+        for _ in range(2):
+            y = F.relu(F.conv2d(y, m.c.weight[:8, :8], m.c.bias[:8], padding=1))
+        expected = F.conv2d(y, m.head.weight[:, :8], m.head.bias).mean((2, 3))
+        assert (an(x).student - expected).abs().max() <= 1e-12
+        assert (anfast.export_student(an).eval()(x) - expected).abs().max() <= 1e-12
+    with pytest.raises(AdjoinError, match=r"^c: called on the image \(or a tensor equal in every network\) and "
+                                          r"again on a tensor each network computes"):
+        anfast.adjoin(Reused(on_the_image=True), alpha=2, policy="all", input_size=(16, 8, 8))
 
 
 class Scaled(nn.Module):
