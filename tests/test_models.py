@@ -213,14 +213,21 @@ def test_names_and_refusals():
     ("xresnet18", {"num_clases": 5}, r"anfast model 'xresnet18' takes no keyword argument 'num_clases' "
                                      r"\(did you mean \['num_classes'"),
     ("xresnet18", {"in_channels": "3"}, r"in_channels='3' \(str\), but in_channels takes int \(default 3\)"),
-    # What the class requires, the builder passes itself: no "got multiple values" later.
+    # What the builder passes itself: one line naming it, not "got multiple values".
     ("resnet18", {"layers": [1, 1, 1, 1]}, r"torchvision model 'resnet18' sets layers itself"),
     ("xresnet50", {"block": "BasicBlock"}, r"anfast model 'xresnet50' sets block itself"),
-    ("timm:resnet18d", {"layers": [1, 1, 1, 1]}, r"timm model 'resnet18d' sets layers itself"),
 ])
 def test_keyword_arguments_are_checked_for_every_library(arch, kwargs, message):
     with pytest.raises(ValueError, match=message):
         create_model(arch, **kwargs)
+
+
+def test_a_class_argument_the_builder_takes_over_its_own_default_builds():
+    """timm merges the user's arguments over its builder's; torchvision's EfficientNet
+    builders pop dropout from theirs: both are the user's to set."""
+    with torch.device("meta"):
+        assert len(create_model("timm:resnet18d", layers=[1, 1, 1, 1])[0].layer1) == 1
+        assert create_model("efficientnet_b0", dropout=0.3)[0].classifier[0].p == 0.3
 
 
 def test_a_list_parameter_takes_a_tuple():

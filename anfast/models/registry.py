@@ -178,19 +178,11 @@ def _check_signature(library: str, name: str, kwargs: Mapping[str, Any], functio
         parameters.update((key, p) for key, p in _keyword_parameters(function).items() if key != "model_name")
         open_ended = _takes_any_keyword(function)
     returned = _signature(functions[-1]).return_annotation
-    bound = {}
     if open_ended and isinstance(returned, type) and issubclass(returned, nn.Module):
-        # Builders pass their **kwargs on to the model class they return. What the class
-        # requires (no default) the builder itself passes: ResNet's block and layers.
-        of_class = _keyword_parameters(returned.__init__)
-        bound = {key for key, p in of_class.items() if key != "self" and p.default is inspect.Parameter.empty
-                 and key not in parameters}
-        parameters = {**of_class, **parameters}
+        # Builders pass their **kwargs on to the model class they return.
+        parameters = {**_keyword_parameters(returned.__init__), **parameters}
         open_ended = _takes_any_keyword(returned.__init__)
     for key, value in kwargs.items():
-        if key in bound:
-            raise ValueError(f"{library} model {name!r} sets {key} itself (it is what {name!r} names); "
-                             f"to change it, choose another architecture")
         if key in parameters:
             _check_value(library, name, key, value, parameters[key])
         elif not open_ended:
@@ -298,10 +290,28 @@ def create_model(arch: str, **kwargs) -> tuple[nn.Module, dict]:
     _check_signature(library, name, kwargs, signatures)
     off = _no_weights(library, name, signatures)
     source = {library: name, "kwargs": kwargs}
+    on_meta = _builder_sets_none_of(kwargs, library, name, functools.partial(build, **off, **kwargs))
     if torch.get_default_device().type == "meta":
-        return build_on_meta(functools.partial(build, **off, **kwargs)), source
-    _check_size(arch, kwargs, build_on_meta(functools.partial(build, **off, **kwargs)))
+        return on_meta, source
+    _check_size(arch, kwargs, on_meta)
     return build(**off, **kwargs), source
+
+
+def _builder_sets_none_of(kwargs: Mapping[str, Any], library: str, name: str, build: Callable[[], nn.Module]
+                          ) -> nn.Module:
+    """``build_on_meta(build)``; a keyword argument the builder passes itself as well
+    (torchvision's resnet18 passes ``layers``) is refused in one line, naming it, instead of
+    the builder's "got multiple values". Builders that merge the user's arguments over
+    their own (timm's) build with them."""
+    try:
+        return build_on_meta(build)
+    except TypeError as error:
+        clash = next((key for key in kwargs if f"got multiple values for argument '{key}'" in str(error)
+                      or f"got multiple values for keyword argument '{key}'" in str(error)), None)
+        if clash is None:
+            raise
+        raise ValueError(f"{library} model {name!r} sets {clash} itself (it is what {name!r} names); to change "
+                         f"it, choose another architecture") from None
 
 
 def build_on_meta(build: Callable[[], nn.Module]) -> nn.Module:
