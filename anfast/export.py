@@ -170,12 +170,22 @@ def _take_dtypes(model: nn.Module, state: dict[str, torch.Tensor]) -> None:
     """Give each floating-point tensor of ``model`` the dtype ``state`` holds for it: a
     float64 or bfloat16 export loads as it was saved, not cast into the float32 that
     the class builds (``load_state_dict`` copies into the existing dtype). In place
-    (``.data``), so tied weights stay one tensor."""
+    (``.data``), so tied weights stay one tensor; non-persistent buffers take the state's
+    floating dtype where it has one."""
     for name, tensor in model.state_dict(keep_vars=True).items():
         saved = state.get(name)
         if (saved is not None and tensor.is_floating_point() and saved.is_floating_point()
                 and tensor.dtype != saved.dtype):
             tensor.data = tensor.data.to(saved.dtype)
+    # Non-persistent buffers (a normalisation constant) are in no file: they follow the
+    # network's floating dtype, as model.to(dtype) would have cast them.
+    dtypes = {tensor.dtype for tensor in state.values() if tensor.is_floating_point()}
+    if len(dtypes) == 1:
+        (dtype,) = dtypes
+        for name in _non_persistent_buffers(model):
+            buffer = model.get_buffer(name)
+            if buffer.is_floating_point():
+                buffer.data = buffer.data.to(dtype)
 
 
 def _adjoined_network(an: Any, function: str) -> AdjoinedNetwork:

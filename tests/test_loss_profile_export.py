@@ -237,22 +237,25 @@ def test_a_student_loads_in_the_dtype_it_was_saved_in(tmp_path, dtype):
 
 
 def test_a_user_class_loads_in_the_saved_dtype_with_its_tied_weights_tied(tmp_path):
+    """Its non-persistent buffer, in no file, follows the saved dtype too."""
     class Tied(nn.Module):
         def __init__(self):
             super().__init__()
             self.conv1, self.conv2, self.bn = nn.Conv2d(3, 16, 3), nn.Conv2d(16, 16, 3), nn.BatchNorm2d(16)
             self.fc = nn.Linear(16, 4)
             self.head = self.fc  # one Linear under two names
+            self.register_buffer("mean", torch.tensor([0.5, -0.25, 2.0]).view(1, 3, 1, 1), persistent=False)
 
         def forward(self, x):
-            return self.head(torch.flatten(nn.functional.adaptive_avg_pool2d(self.bn(self.conv2(self.conv1(x))), 1), 1))
+            x = self.bn(self.conv2(self.conv1(x - self.mean)))
+            return self.head(torch.flatten(nn.functional.adaptive_avg_pool2d(x, 1), 1))
 
     torch.manual_seed(0)
     an = anfast.adjoin(Tied(), alpha=2, policy="all", input_size=(3, 8, 8)).double().eval()
     assert an.layer_widths["conv2"].student_in == (8,)
     anfast.export_student(an, path=tmp_path)
     loaded = anfast.load_student(tmp_path, model=Tied())
-    assert loaded.head.weight is loaded.fc.weight and loaded.fc.weight.dtype == torch.float64
+    assert loaded.head.weight is loaded.fc.weight and loaded.fc.weight.dtype == loaded.mean.dtype == torch.float64
     x = torch.randn(2, 3, 8, 8, dtype=torch.float64)
     with torch.no_grad():
         assert_close_rel(loaded(x), an(x).student, 1e-12)
