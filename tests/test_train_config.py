@@ -353,6 +353,11 @@ def test_arch_config_with_nested_alphas_is_refused_before_anything_runs(tmp_path
                                f"and builds one student; --alpha 2,4 asks for 2 nested students"), line
     assert not (tmp_path / "run").exists()
     assert _parse(["--arch-config", str(arch), "--alpha", "2"]).validate().alpha == (2.0,)
+    # A run started before this refusal resumes with the alphas it was started with.
+    old = tmp_path / "old"
+    _training_checkpoint(old / "checkpoints" / "last.pt",
+                         TrainConfig(out=str(old), arch_config=str(arch), alpha=(2.0, 4.0)))
+    assert _parse(["--out", str(old), "--resume", "auto"]).validate().alpha == (2.0, 4.0)
 
 
 # ----------------------------------------------------------------------------- checkpoints

@@ -494,8 +494,8 @@ def test_torchrun_two_cpu_ranks_report_identical_final_metrics(data, tmp_path):
         assert digest == (rank0, rank1)[rank]["rng_at_checkpoint"][-1], rank
     assert rank0["rng_at_checkpoint"][-1] != rank1["rng_at_checkpoint"][-1]
     with pytest.raises(ConfigError, match=rf"^--resume {re.escape(str(last))}: the run was trained with world size 2, "
-                                          r"this process has world size 1; resume it with torchrun "
-                                          r"--nproc_per_node 2$"):
+                                          r"this process has world size 1; resume it with 2 processes "
+                                          r"in all \(torchrun --nnodes x --nproc_per_node = 2\)$"):
         fit(tiny_config(data, run_dir, epochs=2, batch_size=4, accum_steps=2, ema=True, ema_decay=0.5,
                         resume=str(last)))
 

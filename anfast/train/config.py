@@ -180,7 +180,8 @@ class TrainConfig:
                               f"train/<class>/*.jpg and val/<class>/*.jpg, or leave --data out "
                               f"for the built-in dataset")
         if self.arch_config is not None:
-            if len(self.alpha) > 1:
+            # A run made before this check existed resumes with the alphas it was started with.
+            if len(self.alpha) > 1 and self._starts_from_step_0():
                 raise ConfigError(f"--arch-config {self.arch_config} sets each width group's alpha and "
                                   f"builds one student; --alpha {','.join(f'{a:g}' for a in self.alpha)} "
                                   f"asks for {len(self.alpha)} nested students, which would all be that "

@@ -405,7 +405,7 @@ def _open_resumed_checkpoint(config: TrainConfig, info: DistributedInfo, kind: "
     if world_size not in (None, info.world_size):
         # Each rank continues its own random draws (dropout, noise), saved per rank.
         how = ("in one process, without torchrun" if world_size == 1
-               else f"with torchrun --nproc_per_node {world_size}")
+               else f"with {world_size} processes in all (torchrun --nnodes x --nproc_per_node = {world_size})")
         raise ConfigError(f"--resume {resume_path}: the run was trained with world size {world_size}, this "
                           f"process has world size {info.world_size}; resume it {how}")
     saved = checkpoint["config"] or {}
