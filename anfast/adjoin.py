@@ -32,6 +32,7 @@ from torch.fx.passes.shape_prop import ShapeProp
 
 from anfast.nn import AdjoinedBatchNorm2d, AdjoinedConv2d, AdjoinedLinear
 from anfast.nn.conv import numeric_padding, unknown_backend
+from anfast.nn.modes import eval_mode
 
 __all__ = [
     "AdjoinError",
@@ -267,7 +268,7 @@ def _analyse(gm: torch.fx.GraphModule) -> _Analysis:
             x = in_channels[0]
             if x is None or x.features_per_channel != 1:
                 raise AdjoinError(f"{where}: cannot follow the channels of its input: an op before it "
-                                  f"splits the channel axis (chunk, split or a channel slice, say), which "
+                                  f"splits the channel axis (a channel slice, say), which "
                                   f"anfast does not follow channels through")
             if module.padding_mode != "zeros":
                 raise AdjoinError(f"{where}: padding_mode={module.padding_mode!r}; anfast supports 'zeros'")
@@ -850,20 +851,16 @@ def _run_zero_batch(graph_module: torch.fx.GraphModule, input_size: Sequence[int
     parameter = next(graph_module.parameters(), None)
     device = parameter.device if parameter is not None else torch.device("cpu")
     dtype = parameter.dtype if parameter is not None else torch.float32
-    was_training = graph_module.training
-    graph_module.eval()
     propagation = _ShapeProp(graph_module)
     try:
         # ShapeProp prints the traceback of a failing node before it raises; the error
         # below chains it (--debug shows it), so the user sees one line.
-        with torch.no_grad(), contextlib.redirect_stderr(io.StringIO()):
+        with eval_mode(graph_module), torch.no_grad(), contextlib.redirect_stderr(io.StringIO()):
             propagation.propagate(torch.zeros(2, *input_size, device=device, dtype=dtype))
     except Exception as error:
         cause = error.__cause__ if isinstance(error, RuntimeError) and error.__cause__ is not None else error
         where = f" at {_node_label(propagation.node)}" if propagation.node is not None else ""
         raise AdjoinError(refusal(where, cause)) from error
-    finally:
-        graph_module.train(was_training)
 
 
 def _propagate_shapes(traced: torch.fx.GraphModule, model: nn.Module, input_size: Sequence[int]) -> None:

@@ -2,28 +2,15 @@
 
 from __future__ import annotations
 
-import contextlib
-from typing import Iterator, Sequence
+from typing import Sequence
 
 import torch
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
-__all__ = ["profile", "count_parameters", "eval_mode"]
+from anfast.nn.modes import eval_mode
 
-
-@contextlib.contextmanager
-def eval_mode(module: nn.Module) -> Iterator[nn.Module]:
-    """``module`` in eval mode inside the block; after it (also after an error) every
-    submodule is back in its own mode. ``module.train(was_training)`` would put them all
-    in the top module's: a BatchNorm frozen in eval inside a training network would train."""
-    modes = [(m, m.training) for m in module.modules()]
-    module.eval()
-    try:
-        yield module
-    finally:
-        for m, training in modes:
-            m.training = training
+__all__ = ["profile", "count_parameters"]
 
 
 def count_parameters(module: nn.Module, exclude: Sequence[str] = ()) -> int:

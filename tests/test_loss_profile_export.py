@@ -162,10 +162,12 @@ def _modes(module: nn.Module) -> dict[str, bool]:
     return {name: m.training for name, m in module.named_modules()}
 
 
-def test_profile_and_the_dan_cost_model_leave_each_submodule_in_its_own_mode():
-    """A network training with one stage frozen in eval (fine-tuning): counting it must not
-    put the frozen BatchNorms back in training, nor train the others after an error."""
+def test_counting_evaluating_and_adjoining_leave_each_submodule_in_its_own_mode():
+    """A network training with one stage frozen in eval (fine-tuning): counting, evaluating
+    or adjoining it must not put the frozen BatchNorms back in training, nor train the
+    others after an error."""
     from anfast.dan import CostModel, SearchSpace
+    from anfast.train.evaluate import evaluate
 
     model = torchvision.models.resnet18(num_classes=5).train()
     model.layer1.eval()
@@ -177,9 +179,13 @@ def test_profile_and_the_dan_cost_model_leave_each_submodule_in_its_own_mode():
         anfast.profile(model, (4, 16, 16))
     assert _modes(model) == expected
     an = anfast.adjoin(model, alpha=1, policy="all", input_size=(3, 16, 16))  # a search network
+    assert _modes(model) == expected
     an.layer1.eval()
     expected = _modes(an)
     CostModel(an, SearchSpace.from_network(an, choices=(1, 2, 4)), (3, 16, 16))
+    assert _modes(an) == expected
+    batches = [(torch.randn(2, 3, 16, 16), torch.tensor([0, 4]))]
+    evaluate(an, batches, torch.device("cpu"))
     assert _modes(an) == expected
 
 

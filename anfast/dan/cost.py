@@ -29,7 +29,8 @@ from torch import nn
 from anfast.adjoin import AdjoinedNetwork
 from anfast.dan.space import SearchSpace
 from anfast.export import export_base
-from anfast.profile import eval_mode, profile
+from anfast.nn.modes import eval_mode
+from anfast.profile import profile
 
 __all__ = ["CostModel"]
 

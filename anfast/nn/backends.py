@@ -18,6 +18,7 @@ from typing import Any, Callable, Dict, List, Optional, Sequence
 import torch
 
 from anfast.nn import AdjoinedConv2d
+from anfast.nn.modes import eval_mode
 from anfast.ops import dispatch, tuning
 from anfast.ops.conv import TRACEABLE_BACKENDS
 from anfast.ops.backend import ConvProblem
@@ -73,14 +74,11 @@ def collect_layer_problems(model: torch.nn.Module, batch_size: int, image_size: 
         if isinstance(module, AdjoinedConv2d):
             pre_hook, hook = label(name)
             handles += [module.register_forward_pre_hook(pre_hook), module.register_forward_hook(hook)]
-    was_training = model.training
-    model.eval()
     try:
-        with dispatch.recording() as records, torch.set_grad_enabled(gradients), torch.autocast(
+        with eval_mode(model), dispatch.recording() as records, torch.set_grad_enabled(gradients), torch.autocast(
                 images.device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
             model(images)
     finally:
-        model.train(was_training)
         for handle in handles:
             handle.remove()
     return named

@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any, Dict, List, Sequence
+from typing import Any, Dict, List, Optional, Sequence
 
 from anfast.runs.checkpoint import write_text_atomically
 
-__all__ = ["MetricsLog", "plot_curves", "plot_tradeoff"]
+__all__ = ["MetricsLog", "alpha_label", "plot_curves", "plot_tradeoff"]
 
 
 class MetricsLog:
@@ -55,6 +55,12 @@ def _flatten(row: Dict[str, Any], prefix: str = "") -> Dict[str, float]:
     return scalars
 
 
+def alpha_label(alpha: Optional[float]) -> str:
+    """A student's alpha in a table or legend. Under --arch-config each width group has its
+    own alpha (the rows carry none): no single number applies."""
+    return "per group" if alpha is None else f"{alpha:g}"
+
+
 def plot_curves(history: List[Dict[str, Any]], path: Path) -> None:
     """Base vs student top-1 and loss per epoch, and the distillation weight lambda."""
     import matplotlib
@@ -66,9 +72,7 @@ def plot_curves(history: List[Dict[str, Any]], path: Path) -> None:
     epochs = [row["epoch"] + 1 for row in history]
     figure, (accuracy_axis, loss_axis, lambda_axis) = plt.subplots(1, 3, figsize=(15, 4.2))
     series = [("base", lambda row: row["base"])]
-    # An --arch-config student has no one alpha (its rows carry none): its width is per group.
-    series += [(f"student {index} (alpha {student['alpha']:g})"
-                if student.get("alpha") is not None else f"student {index} (alpha per group)",
+    series += [(f"student {index} (alpha {alpha_label(student.get('alpha'))})",
                 lambda row, index=index: row["students"][index])
                for index, student in enumerate(history[0]["students"])]
     for label, pick in series:

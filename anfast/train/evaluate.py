@@ -9,8 +9,10 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from anfast.export import export_base, export_student
+from anfast.nn.modes import eval_mode
 from anfast.profile import profile
 from anfast.runs.distributed import all_reduce_sum
+from anfast.runs.records import alpha_label
 
 __all__ = ["evaluate", "format_table", "network_costs"]
 
@@ -24,28 +26,26 @@ def evaluate(model: torch.nn.Module, loader, device: torch.device, *,
     Returns {"base": {"top1", "top5", "loss"}, "students": [{..., "alpha"}], "samples"};
     sums are all-reduced, so every rank returns the same numbers.
     """
-    was_training = model.training
-    model.eval()
     sums = None  # per network: loss sum, top-1 hits, top-5 hits
     samples = 0
-    for images, labels in tqdm(loader, desc="eval", leave=False,
-                               disable=None if show_progress else True):
-        with torch.autocast(device.type, dtype=amp_dtype or torch.float32,
-                            enabled=amp_dtype is not None):
-            out = model(images)
-        networks = (out.base, *out.students)
-        if sums is None:
-            sums = torch.zeros(len(networks), 3, dtype=torch.float64, device=device)
-        labels = labels.to(device)
-        k = min(5, networks[0].shape[1])
-        for index, logits in enumerate(networks):
-            logits = logits.float()
-            hits = logits.topk(k, dim=1).indices.eq(labels[:, None])
-            sums[index, 0] += F.cross_entropy(logits, labels, reduction="sum")
-            sums[index, 1] += hits[:, 0].sum()
-            sums[index, 2] += hits.any(dim=1).sum()
-        samples += labels.numel()
-    model.train(was_training)
+    with eval_mode(model):
+        for images, labels in tqdm(loader, desc="eval", leave=False,
+                                   disable=None if show_progress else True):
+            with torch.autocast(device.type, dtype=amp_dtype or torch.float32,
+                                enabled=amp_dtype is not None):
+                out = model(images)
+            networks = (out.base, *out.students)
+            if sums is None:
+                sums = torch.zeros(len(networks), 3, dtype=torch.float64, device=device)
+            labels = labels.to(device)
+            k = min(5, networks[0].shape[1])
+            for index, logits in enumerate(networks):
+                logits = logits.float()
+                hits = logits.topk(k, dim=1).indices.eq(labels[:, None])
+                sums[index, 0] += F.cross_entropy(logits, labels, reduction="sum")
+                sums[index, 1] += hits[:, 0].sum()
+                sums[index, 2] += hits.any(dim=1).sum()
+            samples += labels.numel()
     if sums is None:
         raise ValueError("the validation loader yielded no batches; the val/ split is empty")
     totals = all_reduce_sum([*sums.flatten().tolist(), samples], device)
@@ -69,7 +69,7 @@ def format_table(metrics: Dict[str, Any], costs: Optional[Sequence[Dict[str, int
     lines = [f"{'network':<22}{'top-1 %':>9}{'top-5 %':>9}{'loss':>9}"
              + (f"{'params':>14}{'GFLOPs':>10}" if costs else "")]
     named = [("base", metrics["base"])]
-    named += [(f"student {i} (alpha {_alpha_label(row.get('alpha'))})", row)
+    named += [(f"student {i} (alpha {alpha_label(row.get('alpha'))})", row)
               for i, row in enumerate(metrics["students"])]
     for index, (name, row) in enumerate(named):
         lines.append(f"{name:<22}{100 * row['top1']:>9.2f}{100 * row['top5']:>9.2f}"
@@ -77,7 +77,3 @@ def format_table(metrics: Dict[str, Any], costs: Optional[Sequence[Dict[str, int
                      + (f"{costs[index]['params']:>14,}{costs[index]['flops'] / 1e9:>10.3f}" if costs else ""))
     return "\n".join(lines)
 
-
-def _alpha_label(alpha: Optional[float]) -> str:
-    """Under --arch-config each width group has its own alpha: no single number applies."""
-    return "per group" if alpha is None else f"{alpha:g}"
