@@ -356,13 +356,18 @@ def test_a_float32_decision_holds_for_its_tf32_setting_only(tuner, monkeypatch):
     assert "conv:" not in tuning.problem_key(problem_of(bf16))
 
 
-def test_cache_round_trips_and_survives_corrupt_and_foreign_files(tuner, monkeypatch):
+def _a_cached_decision(tuner, monkeypatch):
+    """(inputs, cache file, its JSON) after the stand-in "fast" beat torch on one problem."""
     install_backends(monkeypatch, StandInBackend("fast"))
     tuner.timer = FakeTimer({"fast": 0.5, "torch": 1.0})
     inputs = make_inputs()
     run_op(inputs)
     path = cache_path(torch.device("cpu"))
-    stored = json.loads(path.read_text())
+    return inputs, path, json.loads(path.read_text())
+
+
+def test_cache_round_trips_and_survives_corrupt_and_foreign_files(tuner, monkeypatch):
+    inputs, path, stored = _a_cached_decision(tuner, monkeypatch)
     assert stored["device"] and stored["versions"]["anfast"] == anfast.__version__
     assert [d["backend"] for d in stored["decisions"].values()] == ["fast"]
 
@@ -406,12 +411,7 @@ def test_cache_entry_auto_cannot_use_makes_the_file_count_as_corrupt(tuner, monk
     """Well-typed entries that name what auto cannot run or explain (an unknown or unverified
     backend, a verified result without a time) are ignored with the file, as a malformed one
     is: a warning naming the file, then tuned again; never a crash or an unverified backend."""
-    install_backends(monkeypatch, StandInBackend("fast"))
-    tuner.timer = FakeTimer({"fast": 0.5, "torch": 1.0})
-    inputs = make_inputs()
-    run_op(inputs)
-    path = cache_path(torch.device("cpu"))
-    stored = json.loads(path.read_text())
+    inputs, path, stored = _a_cached_decision(tuner, monkeypatch)
     path.write_text(json.dumps(dict(stored, decisions={key: spoil(decision)
                                                        for key, decision in stored["decisions"].items()})))
     fresh = Tuner(timer=FakeTimer({"fast": 0.5, "torch": 1.0}), lazy_devices=("cpu",))
