@@ -33,6 +33,30 @@ def one_thread():
         torch.set_num_threads(threads)
 
 
+def kill_session(session: int) -> None:
+    """SIGKILL every process of ``session``: the pid of a child started with
+    ``start_new_session=True``. ``os.killpg`` on that pid misses ninja's compilers, which
+    ninja starts in process groups of their own: killed builds left a cc1plus or nvcc
+    running beside the next tests for a minute or more."""
+    import signal
+
+    for _ in range(10):  # a process may fork while the previous pass kills its parent
+        members = []
+        for entry in os.listdir("/proc"):
+            try:
+                with open(f"/proc/{entry}/stat") as stat:
+                    fields = stat.read().rsplit(")", 1)[1].split()  # state, ppid, pgrp, session, ...
+            except (OSError, IndexError):
+                continue  # not a process, or one that has just exited
+            if int(fields[3]) == session:
+                members.append(int(entry))
+        if not members:
+            return
+        for pid in members:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+
+
 def assert_close_rel(actual: torch.Tensor, expected: torch.Tensor, tolerance: float, name: str = "") -> None:
     """Relative Frobenius error <= tolerance, no NaN; on failure show the worst elements."""
     assert actual.shape == expected.shape, f"{name}: shape {tuple(actual.shape)} != {tuple(expected.shape)}"

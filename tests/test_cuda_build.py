@@ -12,7 +12,6 @@ import json
 import os
 import re
 import shutil
-import signal
 import subprocess
 import sys
 import time
@@ -23,6 +22,8 @@ import torch
 
 import anfast.ops
 from anfast.ops.cuda_backend import BACKEND, SM90A_VARIANT, load_extension
+
+from helpers import kill_session
 
 ROOT = Path(__file__).resolve().parent.parent
 HAS_NVCC = shutil.which("nvcc") is not None or bool(os.environ.get("CUDA_HOME"))
@@ -114,8 +115,7 @@ def test_prebuilt_kernel_objects_are_linked_only_with_this_trees_sources_stamp(t
             time.sleep(0.2)
         started = (tmp_path / "temp").exists()
     finally:
-        if build.poll() is None:
-            os.killpg(build.pid, signal.SIGKILL)
+        kill_session(build.pid)  # ninja's compilers too, in process groups of their own
         output = build.communicate()[0]
     assert started and "compiled from other kernel sources" not in output, output[-3000:]
 
