@@ -8,6 +8,7 @@ import contextlib
 import functools
 import math
 import os
+import signal
 import sys
 from pathlib import Path
 
@@ -38,8 +39,6 @@ def kill_session(session: int) -> None:
     ``start_new_session=True``. ``os.killpg`` on that pid misses ninja's compilers, which
     ninja starts in process groups of their own: killed builds left a cc1plus or nvcc
     running beside the next tests for a minute or more."""
-    import signal
-
     for _ in range(10):  # a process may fork while the previous pass kills its parent
         members = []
         for entry in os.listdir("/proc"):
