@@ -102,6 +102,10 @@ class WidthGroup:
     producers: tuple[str, ...]
     fixed: str = ""  # why the group cannot shrink ("" when it can)
     multiple: int = 1  # widths are multiples of this (whole conv groups)
+    # Ops that reduce over these channels (x.mean(1), torch.max(x, 1)[0], softmax along
+    # them): each network reduces its own channels, so a student shrinks them as usual,
+    # but a DAN search, which masks channels to zero at full width, leaves them unsearched.
+    reduced_by: tuple[str, ...] = ()
 
 
 @dataclass
@@ -116,6 +120,7 @@ class LayerWidths:
     in_group: str
     out_group: str
     in_indices: tuple[Optional[torch.Tensor], ...] = ()
+    in_parts: tuple[str, ...] = ()  # the width groups a concatenated input ("concat") joins
 
 
 # ----------------------------------------------------------------------------- dims
@@ -124,13 +129,15 @@ class LayerWidths:
 class _Dim:
     """One channel dimension; union-find node."""
 
-    def __init__(self, size: int, producer: Optional[str] = None, fixed: str = ""):
+    def __init__(self, size: int, producer: Optional[str] = None, fixed: str = "", label: str = ""):
         self.parent: _Dim = self
         self.size = size
         self.producers = [producer] if producer else []
+        self.label = label  # the group's name when no layer produces it ("" for "input")
         self.fixed = fixed
         self.multiple = 1
         self.order = 0
+        self.reduced_by: list[str] = []  # ops that reduce over these channels (x.mean(1))
 
     def root(self) -> "_Dim":
         node = self
@@ -149,6 +156,7 @@ def _union(a: _Dim, b: _Dim, where: str) -> None:
         a, b = b, a
     b.parent = a
     a.producers += b.producers
+    a.reduced_by += b.reduced_by
     a.fixed = a.fixed or b.fixed
     a.multiple = math.lcm(a.multiple, b.multiple)
 
@@ -175,6 +183,7 @@ class _Analysis:
     layers: dict = field(default_factory=dict)  # module name -> (kind, in _Channels, out _Channels)
     reads_shared: dict = field(default_factory=dict)  # module name -> whether its input is in `shared`
     dims: list = field(default_factory=list)
+    channelless: set = field(default_factory=set)  # per-network nodes whose channel axis a reduction removed
 
 
 _ELEMENTWISE = {
@@ -217,8 +226,8 @@ def _analyse(gm: torch.fx.GraphModule) -> _Analysis:
     result = _Analysis()
     modules = dict(gm.named_modules())
 
-    def new_dim(size: int, producer=None, fixed="") -> _Dim:
-        dim = _Dim(size, producer, fixed)
+    def new_dim(size: int, producer=None, fixed="", label="") -> _Dim:
+        dim = _Dim(size, producer, fixed, label)
         dim.order = len(result.dims)
         result.dims.append(dim)
         return dim
@@ -236,7 +245,8 @@ def _analyse(gm: torch.fx.GraphModule) -> _Analysis:
             result.shared.add(node)
             if shape is not None and len(shape) >= 2:
                 fixed = "model input" if node.op == "placeholder" else f"parameter / buffer {node.target}"
-                result.channels[node] = _Channels((new_dim(shape[1], fixed=fixed),))
+                label = "" if node.op == "placeholder" else node.target
+                result.channels[node] = _Channels((new_dim(shape[1], fixed=fixed, label=label),))
             continue
         if node.op == "output":
             def mark_fixed(n):
@@ -258,6 +268,12 @@ def _analyse(gm: torch.fx.GraphModule) -> _Analysis:
         in_channels = [channels_of(n) for n in inputs]
         where = _describe(node) if source is None else f"{_describe(source)}[{node.args[1]}]"
         function = node.target if node.op in ("call_function", "call_method") else None
+        x_shape = _node_shape(inputs[0]) if inputs else None
+        follows_x = bool(in_channels) and in_channels[0] is not None and len(x_shape) >= 2
+        reduced = _reduced_axes(source or node, len(x_shape)) if follows_x else None
+        if follows_x and (1 in (reduced or ()) or _mixes_channels(source or node, len(x_shape))):
+            for part in in_channels[0].parts:  # each network reduces its own channels
+                part.root().reduced_by.append(where)
 
         if isinstance(module, (nn.Conv1d, nn.Conv3d, nn.ConvTranspose2d)):
             raise AdjoinError(f"{where}: {type(module).__name__} is not supported; anfast adjoins Conv2d "
@@ -310,11 +326,87 @@ def _analyse(gm: torch.fx.GraphModule) -> _Analysis:
             if any(p is None or p.features_per_channel != 1 for p in parts):
                 raise AdjoinError(f"{where}: concatenates tensors whose channels anfast cannot follow")
             result.channels[node] = _Channels(tuple(d for p in parts for d in p.parts))
+        elif 1 in (reduced or ()):
+            # x.mean(1, keepdim=True), torch.max(x, 1)[0]: each network's reduction of its
+            # own channels; one channel per network out of it, or none without keepdim.
+            if len(shape) == len(x_shape):
+                result.channels[node] = _Channels((new_dim(shape[1], fixed=f"output of the channel reduction "
+                                                                           f"{where}", label=node.name),))
+            else:
+                result.channelless.add(node)
         elif function in _ELEMENTWISE or function in _FLATTEN or isinstance(module, nn.Flatten):
             result.channels[node] = _follow_simple_op(node, shape, inputs, in_channels, where)
         elif inputs:
             result.channels[node] = _follow_generic(source or node, shape, inputs, in_channels, where, module)
+        if result.channels.get(node) is None:
+            flat = next((n for n in inputs if n in result.channelless), None)
+            if flat is not None:  # a channel-less map: torch.sigmoid of it, then unsqueeze(1) or stack(dim=1)
+                flat_shape = _node_shape(flat)
+                if len(shape) == len(flat_shape):
+                    result.channelless.add(node)
+                elif len(shape) == len(flat_shape) + 1 and shape[:1] + shape[2:] == flat_shape:
+                    result.channels[node] = _Channels((new_dim(shape[1], fixed=f"channels {where} makes of "
+                                                                               f"channel reductions", label=node.name),))
     return result
+
+
+# Reductions over the axes their ``dim`` names (every axis when it is left out): {op:
+# the position of dim after the input}.
+_REDUCING = {
+    **{op: 1 for name in ("mean", "nanmean", "sum", "nansum", "prod", "amax", "amin", "max", "min", "std", "var",
+                          "std_mean", "var_mean", "logsumexp", "median", "nanmedian", "argmax", "argmin", "any",
+                          "all", "count_nonzero")
+       for op in (getattr(torch, name), name)},
+    **{op: 2 for op in (torch.norm, "norm", torch.linalg.vector_norm, torch.linalg.norm)},
+}
+# Ops that keep the channel count but compute each channel from all of them along
+# ``dim``: {op: (the position of dim after the input, the axis when it is left out)}.
+_MIXING = {
+    **{op: (1, None) for op in (torch.softmax, torch.log_softmax, "softmax", "log_softmax", torch.nn.functional.softmax,
+                                torch.nn.functional.log_softmax, torch.cumsum, "cumsum", torch.cumprod, "cumprod",
+                                torch.logcumsumexp, "logcumsumexp")},
+    torch.nn.functional.normalize: (2, 1),
+}
+
+
+def _dim_argument(node: torch.fx.Node, position: int) -> Any:
+    return node.kwargs.get("dim", node.args[position] if len(node.args) > position else None)
+
+
+def _reduced_axes(node: torch.fx.Node, ndim: int) -> Optional[set]:
+    """The axes ``node`` reduces if it is a reduction (``x.mean(1)``, ``torch.amax(x, (2, 3))``,
+    ``torch.max(x, 1)``, ``x.sum()``), else None: None too for ``torch.max(x, y)`` (an
+    elementwise max) and for a dim computed in forward."""
+    if node.op not in ("call_function", "call_method") or "other" in node.kwargs:
+        return None
+    try:
+        position = _REDUCING[node.target]
+    except (KeyError, TypeError):  # TypeError: an unhashable target
+        return None
+    dims = _dim_argument(node, position)
+    if isinstance(dims, bool):  # torch.std(x, True): unbiased, over every axis
+        dims = None
+    if dims is None or (isinstance(dims, (tuple, list)) and not dims):
+        return set(range(ndim))
+    dims = dims if isinstance(dims, (tuple, list)) else (dims,)
+    if not all(isinstance(d, int) and not isinstance(d, bool) for d in dims):
+        return None
+    return {d % ndim for d in dims}
+
+
+def _mixes_channels(node: torch.fx.Node, ndim: int) -> bool:
+    """Whether ``node`` computes each channel from every channel (a softmax, cumsum or
+    F.normalize along axis 1) while keeping their count."""
+    if node.op not in ("call_function", "call_method"):
+        return False
+    try:
+        position, default = _MIXING[node.target]
+    except (KeyError, TypeError):
+        return False
+    dim = _dim_argument(node, position)
+    if dim is None:  # F.softmax's implicit dim: 0 for 0-, 1- and 3-d inputs, else 1
+        dim = default if default is not None else (0 if ndim in (0, 1, 3) else 1)
+    return isinstance(dim, int) and dim % ndim == 1
 
 
 def _record_layer(result: _Analysis, node: torch.fx.Node, kind: str, x: _Channels, y: _Channels, where: str) -> None:
@@ -446,7 +538,9 @@ def _follow_generic(node, shape, inputs, in_channels, where, module=None) -> Opt
     carried = [(n, c) for n, c in zip(inputs, in_channels) if c is not None]
     if not carried:
         return None
-    source, channels = carried[0]
+    # The input whose channel count the output keeps (x in gate.expand_as(x)), else the first.
+    source, channels = next(((n, c) for n, c in carried if len(_node_shape(n)) == len(shape) >= 2
+                             and _node_shape(n)[1] == shape[1]), carried[0])
     source_shape = _node_shape(source)
     if len(shape) == len(source_shape) and len(shape) >= 2 and shape[1] == source_shape[1]:
         if len(carried) > 1:
@@ -469,7 +563,7 @@ def _follow_generic(node, shape, inputs, in_channels, where, module=None) -> Opt
         raise AdjoinError(
             f"{where}: changes the channel axis {tuple(source_shape)} -> {tuple(shape)} in a way anfast "
             "cannot follow; adjoin supports convs, linears, batch norms, elementwise ops, pooling, "
-            "concat and flatten on the channel axis"
+            "concat, flatten and reductions (x.mean(1, keepdim=True)) on the channel axis"
         )
     return channels
 
@@ -907,7 +1001,7 @@ def _assign_widths(analysis: _Analysis, traced, policy, alphas, round_to) -> dic
         producers = tuple(dict.fromkeys(root.producers))
         layer_alphas = [_layer_alphas(policy, p, modules[p], alphas) for p in producers]
         group_alphas = tuple(min(a[s] for a in layer_alphas) for s in range(len(alphas))) if producers else (1.0,) * len(alphas)
-        name = producers[0] if producers else "input"
+        name = producers[0] if producers else root.label or "input"
         if root.fixed:
             asked = [p for p in producers if isinstance(policy, Mapping)
                      and any(a != 1 for a in _as_alphas(policy.get(p, 1), alphas, p))]
@@ -915,7 +1009,8 @@ def _assign_widths(analysis: _Analysis, traced, policy, alphas, round_to) -> dic
                 raise AdjoinError(f"policy asks to shrink {asked[0]}, but its channels are the {root.fixed}")
             group_alphas = (1.0,) * len(alphas)
         widths = tuple(student_width(root.size, a, round_to, root.multiple) for a in group_alphas)
-        groups[root] = WidthGroup(name, root.size, widths, group_alphas, producers, root.fixed, root.multiple)
+        groups[root] = WidthGroup(name, root.size, widths, group_alphas, producers, root.fixed, root.multiple,
+                                  tuple(dict.fromkeys(root.reduced_by)))
     return groups
 
 
@@ -946,6 +1041,7 @@ def _build(traced, analysis: _Analysis, groups, alphas, share_affine, backend) -
         layer_widths[name] = LayerWidths(
             kind, x.size, y.size, tuple(w for w, _ in ins), tuple(w for w, _ in outs),
             group_name(x), group_name(y), tuple(i for _, i in ins),
+            tuple(groups[p.root()].name for p in x.parts) if len(x.parts) > 1 else (),
         )
         _replace_module(traced, name, modules[name], layer_widths[name], analysis, share_affine, backend)
 

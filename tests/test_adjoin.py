@@ -399,8 +399,61 @@ def test_an_op_that_reorders_channels_keeps_them_at_full_width(op, tmp_path):
             anfast.adjoin(model, policy={"a": 2}, input_size=(3, 8, 8))
 
 
-def test_an_element_of_a_tuple_op_over_the_channels_is_refused_naming_the_op():
-    """torch.max(x, 1)[0] once read the base's max map in every student."""
+class ChannelGate(nn.Module):
+    """conv a -> a gate computed from a reduction over a's channels (CBAM's spatial gate:
+    their mean and max, a 7x7 conv, a sigmoid) -> conv b -> head, the gate given by name."""
+
+    GATES = {
+        "mean and amax, keepdim (timm)": lambda y, g: y * torch.sigmoid(g(torch.cat(
+            [y.mean(1, keepdim=True), y.amax(1, keepdim=True)], 1))),
+        "max element and mean, unsqueezed (CBAM)": lambda y, g: y * torch.sigmoid(g(torch.cat(
+            (torch.max(y, 1)[0].unsqueeze(1), torch.mean(y, 1).unsqueeze(1)), dim=1))),
+        "stacked amin and sum / width, expand_as": lambda y, g: torch.sigmoid(g(torch.stack(
+            [y.amin(1), y.sum(1) / y.shape[1]], 1))).expand_as(y) * y,
+        "softmax over the channels": lambda y, g: y * torch.softmax(y, 1),
+    }
+
+    def __init__(self, gate: str):
+        super().__init__()
+        self.gate_name = gate
+        self.a, self.b = nn.Conv2d(3, 16, 3, padding=1), nn.Conv2d(16, 16, 3, padding=1)
+        self.gate, self.head = nn.Conv2d(2, 1, 7, padding=3), nn.Conv2d(16, 4, 1)
+
+    def forward(self, x):
+        y = self.GATES[self.gate_name](F.relu(self.a(x)), self.gate)
+        return self.head(F.relu(self.b(y))).mean((2, 3))
+
+
+@pytest.mark.parametrize("gate", list(ChannelGate.GATES))
+def test_a_reduction_over_the_channels_runs_per_network_and_exports(gate, tmp_path):
+    """Each network reduces its own channels: the student's mean and max are over its
+    leading channels only (they read the base's once, or were refused). The 1-channel maps
+    they make keep their one channel; the gate's conv keeps its 2 inputs and 1 output."""
+    torch.manual_seed(0)
+    model = ChannelGate(gate).double().eval()
+    an = anfast.adjoin(model, alpha=2, policy="all", input_size=(3, 8, 8)).eval()
+    narrow = hand_student_width(16, 2, 8)
+    assert an.layer_widths["a"].student_out == an.layer_widths["b"].student_out == (narrow,)
+    if "softmax" not in gate:
+        assert (an.layer_widths["gate"].student_in, an.layer_widths["gate"].student_out) == ((2,), (1,))
+    x = torch.randn(2, 3, 8, 8, dtype=torch.float64)
+    with torch.no_grad():
+        # By hand: a's leading filters, the gate on those channels alone, b and head on them.
+        y = F.relu(F.conv2d(x, model.a.weight[:narrow], model.a.bias[:narrow], padding=1))
+        y = ChannelGate.GATES[gate](y, model.gate)
+        y = F.relu(F.conv2d(y, model.b.weight[:narrow, :narrow], model.b.bias[:narrow], padding=1))
+        expected = F.conv2d(y, model.head.weight[:, :narrow], model.head.bias).mean((2, 3))
+        out = an(x)
+        assert (out.base - model(x)).abs().max() <= 1e-12
+        assert (out.student - expected).abs().max() <= 1e-12
+        student = anfast.export_student(an, path=tmp_path / "student").eval()
+        assert (student(x) - expected).abs().max() <= 1e-12
+    reduced = {g.name: g.reduced_by for g in an.width_groups}
+    assert reduced["a"] and not reduced["b"], reduced
+
+
+def test_a_channel_reduction_anfast_cannot_read_is_refused_naming_the_op():
+    """A dim computed in forward may be the channel axis: refused, as before reductions."""
     class Gate(nn.Module):
         def __init__(self):
             super().__init__()
@@ -408,9 +461,9 @@ def test_an_element_of_a_tuple_op_over_the_channels_is_refused_naming_the_op():
 
         def forward(self, x):
             y = self.a(x)
-            return self.b(y * torch.sigmoid(torch.max(y, dim=1, keepdim=True)[0])).mean((2, 3))
+            return self.b(y * torch.sigmoid(y.mean(y.dim() - 3, keepdim=True))).mean((2, 3))
 
-    with pytest.raises(AdjoinError, match=r"^max_1 \(call_function max\)\[0\]: changes the channel axis "
+    with pytest.raises(AdjoinError, match=r"^mean \(call_method mean\): changes the channel axis "
                                           r"\(2, 16, 8, 8\) -> \(2, 1, 8, 8\)"):
         anfast.adjoin(Gate(), alpha=2, policy="all", input_size=(3, 8, 8))
 

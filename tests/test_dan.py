@@ -85,22 +85,68 @@ def test_tiny_model_cost_and_masks_match_the_derived_student():
     assert space.mask_points["head"] == space.group_names.index("head")
     assert "conv2" not in space.mask_points and "bn2" in space.mask_points
 
-    cost = CostModel(network, space, (3, 9, 9))
+    _assert_one_hot_gates_give_the_derived_student(model, network, space, ([2, 1, 0, 2], [1, 2, 2, 0], [0, 0, 1, 1]))
+
+
+def _assert_one_hot_gates_give_the_derived_student(model, network, space, choices, image_size=9):
+    """For each choice (one index per group): the cost model's count is anfast.profile's of
+    the student adjoin derives, and the masked full-width student computes that student."""
+    input_size = (3, image_size, image_size)
+    cost = CostModel(network, space, input_size)
     masks = StudentMasks(network, space)
-    images = torch.randn(5, 3, 9, 9, dtype=torch.float64)
-    for choice in ([2, 1, 0, 2], [1, 2, 2, 0], [0, 0, 1, 1]):
+    images = torch.randn(5, *input_size, dtype=torch.float64)
+    for choice in choices:
         choice = torch.tensor(choice[: len(space.groups)])
         alphas = space.alphas(choice)
         policy = {p: alphas[g.name] for g in space.groups for p in g.producers}
-        derived = anfast.adjoin(model, alpha=1, policy=policy, round_to=4, input_size=(3, 9, 9))
+        derived = anfast.adjoin(model, alpha=1, policy=policy, round_to=space.round_to, input_size=input_size)
         student = anfast.export_student(derived.double()).eval()
-        assert cost.exact(choice) == anfast.profile(student, (3, 9, 9))
+        assert cost.exact(choice) == anfast.profile(student, input_size)
         masks.set_gates(nn.functional.one_hot(choice, len(space.choices)).double())
         with torch.no_grad():
             masked, expected = network(images).student, student(images)
         error = float((masked - expected).norm() / expected.norm())
         assert error < 1e-12, f"choice {choice.tolist()}: masked full-width student differs by {error:.2e}"
     masks.remove()
+
+
+class SpatialGateNet(nn.Module):
+    """stem -> conv a -> CBAM's spatial gate (the mean and max over a's channels, a conv,
+    a sigmoid) -> conv b -> linear head."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem, self.a = nn.Conv2d(3, 16, 3, padding=1), nn.Conv2d(16, 16, 3, padding=1)
+        self.gate, self.b, self.fc = nn.Conv2d(2, 1, 3, padding=1), nn.Conv2d(16, 24, 3, padding=1), nn.Linear(24, 3)
+
+    def forward(self, x):
+        y = torch.relu(self.a(torch.relu(self.stem(x))))
+        y = y * torch.sigmoid(self.gate(torch.cat([y.mean(1, keepdim=True), y.amax(1, keepdim=True)], 1)))
+        return self.fc(torch.relu(self.b(y)).mean((2, 3)))
+
+
+def test_a_group_reduced_over_is_not_searched_so_masks_still_give_the_derived_student():
+    """Masked to zero at full width, a's channels would still count in the gate's mean and
+    max: a's group is left out of the search (full width in every student), the others
+    are searched, and the masked network computes each derived student exactly."""
+    torch.manual_seed(0)
+    model = SpatialGateNet()
+    network = anfast.adjoin(model, alpha=1, policy="all", input_size=(3, 9, 9)).double().eval()
+    space = SearchSpace.from_network(network, choices=(1, 2, 4), round_to=4)
+    assert "a" not in space.group_names and {"stem", "b"} <= set(space.group_names)
+    narrowest = [len(space.choices) - 1] * len(space.groups)
+    _assert_one_hot_gates_give_the_derived_student(model, network, space, (narrowest, [1, 2, 0, 1], [0] * 4))
+
+    class Dense(nn.Module):  # a concat of searched groups (DenseNet's) is still refused
+        def __init__(self):
+            super().__init__()
+            self.a, self.b, self.c = nn.Conv2d(3, 8, 3), nn.Conv2d(3, 8, 3), nn.Conv2d(16, 4, 1)
+
+        def forward(self, x):
+            return self.c(torch.cat([self.a(x), self.b(x)], 1)).mean((2, 3))
+
+    with pytest.raises(DanError, match=r"\['c'\] read channel-concatenated inputs"):
+        SearchSpace.from_network(anfast.adjoin(Dense(), alpha=1, policy="all", input_size=(3, 9, 9)))
 
 
 def test_expected_cost_is_differentiable_and_interpolates():

@@ -102,12 +102,14 @@ def test_xresnet_student_exports_and_loads_by_name(tmp_path):
                                                                             "kwargs": {"num_classes": 5}}
 
 
-TIMM_MODELS = [("resnet18d", {}), ("resnet50d", {"drop_path_rate": 0.1}),
+# ResNet-18-D with CBAM in every block: a gate of the mean and max over the channels.
+TIMM_MODELS = [("resnet18d", {"block_args": {"attn_layer": "cbam"}}), ("resnet50d", {"drop_path_rate": 0.1}),
                ("efficientnet_b0", {"drop_path_rate": 0.2}), ("mobilenetv3_large_100", {}),
                ("regnety_016", {})]
 
 
-@pytest.mark.parametrize("name, kwargs", TIMM_MODELS, ids=[n for n, _ in TIMM_MODELS])
+@pytest.mark.parametrize("name, kwargs", TIMM_MODELS,
+                         ids=[name + "-cbam" * ("block_args" in kwargs) for name, kwargs in TIMM_MODELS])
 def test_timm_model_adjoins_and_exports_exactly(name, kwargs):
     """Base = the timm model; exported students = the adjoined students (eval, float32)."""
     torch.manual_seed(0)

@@ -2,12 +2,12 @@
 
     E[F] = 2 * sum_layers k^2 * H_out * W_out * E[c_in] * E[c_out] / groups
 
-with E[c] = sum_i g_i * width_i for a searched group and the full width for a fixed
-one. The factor 2 and the layers counted follow anfast.profile (torch.utils.
-flop_counter: a multiply-add is 2 FLOPs; convs and linears count, bias adds and
-norms do not), so with one-hot gates the model equals anfast.profile of the derived
-student exactly. Parameters count conv / linear weights and biases and the affine
-parameters of norms, as anfast.count_parameters does.
+with E[c] = sum_i g_i * width_i for a searched group and the full width for any other
+(fixed, or reduced over: see anfast.dan.space). The factor 2 and the layers counted
+follow anfast.profile (torch.utils.flop_counter: a multiply-add is 2 FLOPs; convs and
+linears count, bias adds and norms do not), so with one-hot gates the model equals
+anfast.profile of the derived student exactly. Parameters count conv / linear weights
+and biases and the affine parameters of norms, as anfast.count_parameters does.
 
 Both counts are polynomials of degree <= 2 in the searched widths. When every group
 draws its choice independently from p = softmax(theta), ``moments`` gives the exact
@@ -57,10 +57,14 @@ class CostModel:
     def __init__(self, network: AdjoinedNetwork, space: SearchSpace, input_size: Sequence[int]):
         self.space = space
         searched = {name: i for i, name in enumerate(space.group_names)}
-        fixed = [g for g in network.width_groups if g.fixed]
-        index = {**searched, **{g.name: len(searched) + i for i, g in enumerate(fixed)}}
-        self._fixed_channels = torch.tensor([g.channels for g in fixed], dtype=torch.float64)
-        channels = {g.name: g.channels for g in network.width_groups}
+        # Full width in every student: the unsearched groups, and each concat of them (the
+        # space refuses a concat of searched ones), keyed "concat:LAYER".
+        fixed = {g.name: g.channels for g in network.width_groups if g.name not in searched}
+        fixed.update({f"concat:{name}": w.in_channels for name, w in network.layer_widths.items()
+                      if w.in_group == "concat"})
+        index = {**searched, **{name: len(searched) + i for i, name in enumerate(fixed)}}
+        self._fixed_channels = torch.tensor(list(fixed.values()), dtype=torch.float64)
+        channels = {**{g.name: g.channels for g in network.width_groups}, **fixed}
         spatial = _output_spatial_sizes(network, input_size)
         modules = dict(network.named_modules())
         self._layers = []
@@ -69,11 +73,13 @@ class CostModel:
             if widths.kind == "norm" and not module.affine:
                 continue
             grouped = widths.kind == "conv" and module.groups > 1
+            in_group, out_group = (f"concat:{name}" if group == "concat" else group
+                                   for group in (widths.in_group, widths.out_group))
             self._layers.append(_Layer(
                 kind=widths.kind,
-                in_group=index[widths.in_group],
-                out_group=index[widths.out_group],
-                in_features_per_channel=widths.in_channels // channels[widths.in_group],
+                in_group=index[in_group],
+                out_group=index[out_group],
+                in_features_per_channel=widths.in_channels // channels[in_group],
                 kernel=module.kernel_size[0] * module.kernel_size[1] if widths.kind == "conv" else 1,
                 positions=spatial[name] if widths.kind == "conv" else 1,
                 in_per_group=module.in_channels // module.groups if grouped else 0,

@@ -54,14 +54,21 @@ class SearchSpace:
                 w.student_out[0] != w.out_channels for w in network.layer_widths.values()):
             raise DanError("the search network must have one full-width student: build it with "
                            "anfast.adjoin(model, alpha=1, policy='all')")
-        groups = [g for g in network.width_groups if not g.fixed]
+        # A group an op reduces over (x.mean(1)) is not searched: masked to zero at full
+        # width, its channels would still count in the mean (or the max) the op takes.
+        groups = [g for g in network.width_groups if not g.fixed and not g.reduced_by]
         if not groups:
+            reduced = [g for g in network.width_groups if g.reduced_by]
+            why = (f"; the groups left are reduced over by {reduced[0].reduced_by[0]} and others, which "
+                   "channel masks cannot narrow exactly" if reduced else "")
             raise DanError(f"{type(network.architecture()).__name__} has no width group that can shrink "
-                           "(every channel axis is the model input or output); nothing to search")
+                           f"(every channel axis is the model input or output){why}; nothing to search")
         names = [g.name for g in network.width_groups]
         if len(set(names)) != len(names):
             raise DanError(f"width group names repeat ({names}); DAN keys its choices by group name")
-        concat = sorted(name for name, w in network.layer_widths.items() if "concat" in (w.in_group, w.out_group))
+        # A concat of unsearched groups (CBAM's mean and max maps) is as fixed as they are.
+        searched = {g.name for g in groups}
+        concat = sorted(name for name, w in network.layer_widths.items() if searched & set(w.in_parts))
         if concat:
             raise DanError(f"{concat[:3]} read channel-concatenated inputs; DAN's cost model and masks "
                            "follow prefix channel maps only, so DenseNet / Inception style models "
