@@ -16,13 +16,27 @@ Every Python command of gpu_check.sh then comes here instead of to Python:
 So a renamed flag, test file, marker or subcommand shows on the CPU, before a
 15-minute lease, instead of during it. What a program checks only after its parser
 returns (a provider name, a device) is not rehearsed: it runs on the GPU machine.
+
+Each command is a Python start-up that imports torch (3 s on a 2-core VM, most of a
+parse), so a whole rehearsal can share one: ``dry_python.py --serve SOCKET`` imports
+torch, anfast and pytest once and forks a child per command; with
+``DRY_PYTHON_SERVER=SOCKET`` in the environment, ``dry_python.py ARGS`` hands its command
+line, working directory, environment and stdin / stdout / stderr to that server and
+exits with the child's status (a client imports nothing heavy)::
+
+    python benchmarks/dry_python.py --serve /tmp/dry.sock &
+    DRY_PYTHON_SERVER=/tmp/dry.sock PYTHON="python benchmarks/dry_python.py" NCU=/none \
+        bash benchmarks/gpu_check.sh /tmp/dry engine_correct cuda_correct ...
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import runpy
+import signal
+import socket
 import sys
 from typing import List
 
@@ -78,5 +92,89 @@ def main(argv: List[str]) -> int:
     return 1
 
 
+_FDS = 3  # stdin, stdout, stderr travel with each request
+
+
+def _request(server: str, argv: List[str]) -> int:
+    """Run ``argv`` in the server's fork and return its exit status."""
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as connection:
+        connection.connect(server)
+        message = json.dumps({"argv": argv, "cwd": os.getcwd(), "env": dict(os.environ)}).encode()
+        socket.send_fds(connection, [len(message).to_bytes(8, "big")], [0, 1, 2])
+        connection.sendall(message)
+        status = connection.recv(16)
+    if not status:
+        print(f"dry_python: the server at {server} ended before answering {' '.join(argv)}", file=sys.stderr)
+        return 1
+    return int(status)
+
+
+def _receive(connection: socket.socket):
+    header, fds, _, _ = socket.recv_fds(connection, 8, _FDS)
+    size, body = int.from_bytes(header, "big"), b""
+    while len(body) < size:
+        chunk = connection.recv(size - len(body))
+        if not chunk:
+            raise ConnectionError("the client hung up mid-request")
+        body += chunk
+    return json.loads(body), fds
+
+
+def _serve_one(connection: socket.socket, listener: socket.socket) -> None:
+    """In the forked child: become the client's process and run its command line."""
+    signal.signal(signal.SIGCHLD, signal.SIG_DFL)  # the child waits for its own subprocesses
+    listener.close()
+    request, fds = _receive(connection)
+    for fd, target in zip(fds, range(_FDS)):
+        os.dup2(fd, target)
+        os.close(fd)
+    os.chdir(request["cwd"])
+    os.environ.clear()
+    os.environ.update(request["env"])
+    # What a fresh `python` would have on sys.path: the PYTHONPATH of this command.
+    sys.path[1:1] = [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]
+    if request["argv"][:1] == ["-m"]:
+        sys.path.insert(0, request["cwd"])  # `python -m` puts the working directory first
+    status = 1
+    try:
+        status = main(request["argv"])
+    except SystemExit as error:  # `-c CODE` that calls sys.exit
+        status = error.code if isinstance(error.code, int) else (0 if error.code is None else 1)
+    except BaseException:
+        import traceback
+
+        traceback.print_exc()
+    finally:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        connection.sendall(str(int(status)).encode())
+        os._exit(0)
+
+
+def serve(path: str) -> int:
+    """Accept requests on the Unix socket ``path`` until killed, one forked child each."""
+    import torch  # noqa: F401  what every command imports: once, here, before the forks
+
+    import anfast.cli  # noqa: F401
+    import pytest  # noqa: F401
+
+    signal.signal(signal.SIGCHLD, signal.SIG_IGN)  # the kernel reaps the children
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    listener.bind(path)
+    listener.listen(16)
+    print(f"dry_python: serving on {path}", flush=True)
+    while True:
+        connection, _ = listener.accept()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        if os.fork() == 0:
+            _serve_one(connection, listener)
+        connection.close()
+
+
 if __name__ == "__main__":
+    if sys.argv[1:2] == ["--serve"] and len(sys.argv) == 3:
+        sys.exit(serve(sys.argv[2]))
+    if os.environ.get("DRY_PYTHON_SERVER"):
+        sys.exit(_request(os.environ["DRY_PYTHON_SERVER"], sys.argv[1:]))
     sys.exit(main(sys.argv[1:]))

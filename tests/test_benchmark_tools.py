@@ -11,6 +11,7 @@ import re
 import signal
 import subprocess
 import sys
+import tempfile
 
 import pytest
 import torch
@@ -261,18 +262,28 @@ def test_gpu_check_rehearsed_on_the_cpu_runs_every_step_but_the_install(tmp_path
     its program and every pytest step collects tests, so a lease is not spent on a renamed
     flag or test. The install (pip's build of the extension) and ncu are the GPU machine's."""
     steps = [step for step in _gpu_check_steps() if step != "install"]
-    # Every other step in each of two runs side by side: each step is a Python start-up
-    # and a parse (or a pytest collection) on one core, 63 s in one run.
+    # Every other step in each of two runs side by side, every command a fork of one
+    # dry_python server that imported torch once (a Python start-up per command: 63 s).
     halves = {name: steps[start::2] for name, start in (("even", 0), ("odd", 1))}
     runs = {}
+    with tempfile.TemporaryDirectory(prefix="dry") as folder:  # a Unix socket's path is short
+        server = subprocess.Popen([*DRY_PYTHON, "--serve", os.path.join(folder, "socket")], cwd=REPO,
+                                  stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        try:
+            assert server.stdout.readline().startswith("dry_python: serving on"), server.communicate()[0]
+            for name, half in halves.items():
+                env = {**os.environ, "PYTHON": " ".join(DRY_PYTHON), "NCU": str(tmp_path / "no-ncu"),
+                       "TRITON_CACHE_DIR": str(tmp_path / f"triton-{name}"),
+                       "DRY_PYTHON_SERVER": os.path.join(folder, "socket")}
+                with open(tmp_path / f"{name}.log", "w") as log:
+                    runs[name] = subprocess.Popen(["bash", "benchmarks/gpu_check.sh", str(tmp_path / name), *half],
+                                                  cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT)
+            for run in runs.values():
+                run.wait(timeout=280)
+        finally:
+            server.kill()
+            server.wait()
     for name, half in halves.items():
-        env = {**os.environ, "PYTHON": " ".join(DRY_PYTHON), "NCU": str(tmp_path / "no-ncu"),
-               "TRITON_CACHE_DIR": str(tmp_path / f"triton-{name}")}
-        with open(tmp_path / f"{name}.log", "w") as log:
-            runs[name] = subprocess.Popen(["bash", "benchmarks/gpu_check.sh", str(tmp_path / name), *half],
-                                          cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT)
-    for name, half in halves.items():
-        runs[name].wait(timeout=280)
         output = (tmp_path / f"{name}.log").read_text()
         rows = [line.split("\t") for line in (tmp_path / name / "summary.tsv").read_text().splitlines()]
         status = {row[0]: row[1] for row in rows}
