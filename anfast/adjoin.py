@@ -271,7 +271,7 @@ def _analyse(gm: torch.fx.GraphModule) -> _Analysis:
         x_shape = _node_shape(inputs[0]) if inputs else None
         follows_x = bool(in_channels) and in_channels[0] is not None and len(x_shape) >= 2
         reduced = _reduced_axes(source or node, len(x_shape)) if follows_x else None
-        if follows_x and (1 in (reduced or ()) or _mixes_channels(source or node, len(x_shape))):
+        if follows_x and (1 in (reduced or ()) or _mixes_channels(source or node, module, len(x_shape))):
             for part in in_channels[0].parts:  # each network reduces its own channels
                 part.root().reduced_by.append(where)
 
@@ -394,9 +394,14 @@ def _reduced_axes(node: torch.fx.Node, ndim: int) -> Optional[set]:
     return {d % ndim for d in dims}
 
 
-def _mixes_channels(node: torch.fx.Node, ndim: int) -> bool:
+def _mixes_channels(node: torch.fx.Node, module: Optional[nn.Module], ndim: int) -> bool:
     """Whether ``node`` computes each channel from every channel (a softmax, cumsum or
-    F.normalize along axis 1) while keeping their count."""
+    F.normalize along axis 1, nn.Softmax(dim=1), nn.Softmax2d) while keeping their count."""
+    if isinstance(module, nn.Softmax2d):
+        return ndim == 4  # over axis -3: the channels of (N, C, H, W)
+    if isinstance(module, (nn.Softmax, nn.LogSoftmax, nn.Softmin)):
+        dim = module.dim if module.dim is not None else (0 if ndim in (0, 1, 3) else 1)
+        return dim % ndim == 1
     if node.op not in ("call_function", "call_method"):
         return False
     try:

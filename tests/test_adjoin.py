@@ -404,13 +404,14 @@ class ChannelGate(nn.Module):
     their mean and max, a 7x7 conv, a sigmoid) -> conv b -> head, the gate given by name."""
 
     GATES = {
-        "mean and amax, keepdim (timm)": lambda y, g: y * torch.sigmoid(g(torch.cat(
+        "mean and amax, keepdim (timm)": lambda y, m: y * torch.sigmoid(m.gate(torch.cat(
             [y.mean(1, keepdim=True), y.amax(1, keepdim=True)], 1))),
-        "max element and mean, unsqueezed (CBAM)": lambda y, g: y * torch.sigmoid(g(torch.cat(
+        "max element and mean, unsqueezed (CBAM)": lambda y, m: y * torch.sigmoid(m.gate(torch.cat(
             (torch.max(y, 1)[0].unsqueeze(1), torch.mean(y, 1).unsqueeze(1)), dim=1))),
-        "stacked amin and sum / width, expand_as": lambda y, g: torch.sigmoid(g(torch.stack(
+        "stacked amin and sum / width, expand_as": lambda y, m: torch.sigmoid(m.gate(torch.stack(
             [y.amin(1), y.sum(1) / y.shape[1]], 1))).expand_as(y) * y,
-        "softmax over the channels": lambda y, g: y * torch.softmax(y, 1),
+        "softmax over the channels": lambda y, m: y * torch.softmax(y, 1),
+        "nn.Softmax2d": lambda y, m: y * m.softmax(y),
     }
 
     def __init__(self, gate: str):
@@ -418,9 +419,10 @@ class ChannelGate(nn.Module):
         self.gate_name = gate
         self.a, self.b = nn.Conv2d(3, 16, 3, padding=1), nn.Conv2d(16, 16, 3, padding=1)
         self.gate, self.head = nn.Conv2d(2, 1, 7, padding=3), nn.Conv2d(16, 4, 1)
+        self.softmax = nn.Softmax2d()
 
     def forward(self, x):
-        y = self.GATES[self.gate_name](F.relu(self.a(x)), self.gate)
+        y = self.GATES[self.gate_name](F.relu(self.a(x)), self)
         return self.head(F.relu(self.b(y))).mean((2, 3))
 
 
@@ -434,13 +436,13 @@ def test_a_reduction_over_the_channels_runs_per_network_and_exports(gate, tmp_pa
     an = anfast.adjoin(model, alpha=2, policy="all", input_size=(3, 8, 8)).eval()
     narrow = hand_student_width(16, 2, 8)
     assert an.layer_widths["a"].student_out == an.layer_widths["b"].student_out == (narrow,)
-    if "softmax" not in gate:
+    if "softmax" not in gate.lower():
         assert (an.layer_widths["gate"].student_in, an.layer_widths["gate"].student_out) == ((2,), (1,))
     x = torch.randn(2, 3, 8, 8, dtype=torch.float64)
     with torch.no_grad():
         # By hand: a's leading filters, the gate on those channels alone, b and head on them.
         y = F.relu(F.conv2d(x, model.a.weight[:narrow], model.a.bias[:narrow], padding=1))
-        y = ChannelGate.GATES[gate](y, model.gate)
+        y = ChannelGate.GATES[gate](y, model)
         y = F.relu(F.conv2d(y, model.b.weight[:narrow, :narrow], model.b.bias[:narrow], padding=1))
         expected = F.conv2d(y, model.head.weight[:, :narrow], model.head.bias).mean((2, 3))
         out = an(x)
