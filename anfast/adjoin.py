@@ -208,8 +208,9 @@ def _tensor_inputs(node: torch.fx.Node) -> list[torch.fx.Node]:
 
 def _tuple_source(node: torch.fx.Node) -> Optional[torch.fx.Node]:
     """The op whose tuple of tensors ``node`` takes an element of (``torch.max(x, 1)[0]``,
-    a chunk, split, sort or topk), or None."""
-    if node.op != "call_function" or node.target is not operator.getitem:
+    ``.values``, a chunk, split, sort or topk), or None."""
+    if node.op != "call_function" or not (node.target is operator.getitem or (
+            node.target is getattr and node.args[1] in ("values", "indices"))):
         return None
     source = node.args[0]
     if not isinstance(source, torch.fx.Node) or source.op in ("placeholder", "get_attr"):
@@ -245,7 +246,7 @@ def _analyse(gm: torch.fx.GraphModule) -> _Analysis:
             result.shared.add(node)
             if shape is not None and len(shape) >= 2:
                 fixed = "model input" if node.op == "placeholder" else f"parameter / buffer {node.target}"
-                label = "" if node.op == "placeholder" else node.target
+                label = "" if node.op == "placeholder" else node.name  # a buffer read twice: two nodes
                 result.channels[node] = _Channels((new_dim(shape[1], fixed=fixed, label=label),))
             continue
         if node.op == "output":
@@ -266,7 +267,8 @@ def _analyse(gm: torch.fx.GraphModule) -> _Analysis:
         if shape is None:
             continue  # sizes, ints, tuples of sizes
         in_channels = [channels_of(n) for n in inputs]
-        where = _describe(node) if source is None else f"{_describe(source)}[{node.args[1]}]"
+        where = (_describe(node) if source is None else f"{_describe(source)}.{node.args[1]}"
+                 if isinstance(node.args[1], str) else f"{_describe(source)}[{node.args[1]}]")
         function = node.target if node.op in ("call_function", "call_method") else None
         x_shape = _node_shape(inputs[0]) if inputs else None
         follows_x = bool(in_channels) and in_channels[0] is not None and len(x_shape) >= 2
@@ -344,7 +346,9 @@ def _analyse(gm: torch.fx.GraphModule) -> _Analysis:
                 flat_shape = _node_shape(flat)
                 if len(shape) == len(flat_shape):
                     result.channelless.add(node)
-                elif len(shape) == len(flat_shape) + 1 and shape[:1] + shape[2:] == flat_shape:
+                elif (len(shape) == len(flat_shape) + 1 and shape[:1] + shape[2:] == flat_shape) or (
+                        len(shape) == 2 < len(flat_shape) and shape[1] == math.prod(flat_shape[1:])):
+                    # unsqueeze(1) / stack(dim=1), or flatten(1) into features: fixed channels
                     result.channels[node] = _Channels((new_dim(shape[1], fixed=f"channels {where} makes of "
                                                                                f"channel reductions", label=node.name),))
     return result
@@ -363,14 +367,20 @@ _REDUCING = {
 # ``dim``: {op: (the position of dim after the input, the axis when it is left out)}.
 _MIXING = {
     **{op: (1, None) for op in (torch.softmax, torch.log_softmax, "softmax", "log_softmax", torch.nn.functional.softmax,
-                                torch.nn.functional.log_softmax, torch.cumsum, "cumsum", torch.cumprod, "cumprod",
+                                torch.nn.functional.log_softmax, torch.nn.functional.softmin, torch.special.softmax,
+                                torch.special.log_softmax, torch.cumsum, "cumsum", torch.cumprod, "cumprod",
                                 torch.logcumsumexp, "logcumsumexp")},
     torch.nn.functional.normalize: (2, 1),
 }
 
 
+
 def _dim_argument(node: torch.fx.Node, position: int) -> Any:
-    return node.kwargs.get("dim", node.args[position] if len(node.args) > position else None)
+    """An op's dim: by keyword (``dim``, or numpy's ``axis``, which torch takes too) or at ``position``."""
+    for keyword in ("dim", "axis"):
+        if keyword in node.kwargs:
+            return node.kwargs[keyword]
+    return node.args[position] if len(node.args) > position else None
 
 
 def _reduced_axes(node: torch.fx.Node, ndim: int) -> Optional[set]:
@@ -395,13 +405,22 @@ def _reduced_axes(node: torch.fx.Node, ndim: int) -> Optional[set]:
 
 
 def _mixes_channels(node: torch.fx.Node, module: Optional[nn.Module], ndim: int) -> bool:
-    """Whether ``node`` computes each channel from every channel (a softmax, cumsum or
-    F.normalize along axis 1, nn.Softmax(dim=1), nn.Softmax2d) while keeping their count."""
+    """Whether ``node`` computes each channel from every channel while keeping their
+    count: a softmax, cumsum or F.normalize along axis 1, nn.Softmax(dim=1), nn.Softmax2d,
+    a group norm, a layer norm whose normalized shape reaches axis 1."""
     if isinstance(module, nn.Softmax2d):
         return ndim == 4  # over axis -3: the channels of (N, C, H, W)
     if isinstance(module, (nn.Softmax, nn.LogSoftmax, nn.Softmin)):
         dim = module.dim if module.dim is not None else (0 if ndim in (0, 1, 3) else 1)
         return dim % ndim == 1
+    if isinstance(module, nn.GroupNorm) or node.target in (torch.nn.functional.group_norm, torch.group_norm):
+        return True
+    if isinstance(module, nn.LayerNorm) or node.target in (torch.nn.functional.layer_norm, torch.layer_norm):
+        shape = module.normalized_shape if module is not None else (
+            node.kwargs.get("normalized_shape", node.args[1] if len(node.args) > 1 else ()))
+        # A shape computed in forward (x.shape[1:]) may reach axis 1: it counts.
+        return isinstance(shape, torch.fx.Node) or (isinstance(shape, (tuple, list, torch.Size))
+                                                     and len(shape) >= ndim - 1)
     if node.op not in ("call_function", "call_method"):
         return False
     try:
@@ -999,6 +1018,9 @@ def _assign_widths(analysis: _Analysis, traced, policy, alphas, round_to) -> dic
             raise AdjoinError(f"policy names {unknown[:5]}, which are not conv or linear layers of the model; "
                               f"known layers start {sorted(shrinkable)[:5]}")
     groups: dict[_Dim, WidthGroup] = {}
+    # Group names are unique (DAN keys its choices by them): a group no layer produces is
+    # named by its node, primed where that is also a layer's name.
+    taken = {dim.root().producers[0] for dim in analysis.dims if dim.root().producers}
     for dim in analysis.dims:
         root = dim.root()
         if root in groups or dim is not root:
@@ -1007,6 +1029,9 @@ def _assign_widths(analysis: _Analysis, traced, policy, alphas, round_to) -> dic
         layer_alphas = [_layer_alphas(policy, p, modules[p], alphas) for p in producers]
         group_alphas = tuple(min(a[s] for a in layer_alphas) for s in range(len(alphas))) if producers else (1.0,) * len(alphas)
         name = producers[0] if producers else root.label or "input"
+        while not producers and name in taken:
+            name += "'"
+        taken.add(name)
         if root.fixed:
             asked = [p for p in producers if isinstance(policy, Mapping)
                      and any(a != 1 for a in _as_alphas(policy.get(p, 1), alphas, p))]

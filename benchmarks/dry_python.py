@@ -22,7 +22,11 @@ parse), so a whole rehearsal can share one: ``dry_python.py --serve SOCKET`` imp
 torch, anfast and pytest once and forks a child per command; with
 ``DRY_PYTHON_SERVER=SOCKET`` in the environment, ``dry_python.py ARGS`` hands its command
 line, working directory, environment and stdin / stdout / stderr to that server and
-exits with the child's status (a client imports nothing heavy)::
+exits with the child's status as Python would give it (128 + N for a signal N; a client
+killed by gpu_check's ``timeout`` takes its command with it). A fork has the server's
+modules: a command that would import anfast from another checkout is refused, and what
+Python reads only at start-up (PYTHONWARNINGS, -X options) is the server's. A client
+imports nothing heavy::
 
     python benchmarks/dry_python.py --serve /tmp/dry.sock &
     DRY_PYTHON_SERVER=/tmp/dry.sock PYTHON="python benchmarks/dry_python.py" NCU=/none \
@@ -38,6 +42,7 @@ import runpy
 import signal
 import socket
 import sys
+import threading
 from typing import List
 
 
@@ -120,35 +125,78 @@ def _receive(connection: socket.socket):
     return json.loads(body), fds
 
 
+def _anfast_elsewhere(argv: List[str]) -> str:
+    """Where this command would import anfast from, if not where the server did ("" if
+    the same): a fork runs the server's modules, so another checkout's rehearsal would
+    check this one's parsers."""
+    import anfast
+
+    here = os.path.dirname(os.path.dirname(os.path.abspath(anfast.__file__)))
+    first = [os.getcwd()] if argv[:1] == ["-m"] else [os.path.dirname(os.path.abspath(argv[0]))] if argv else []
+    for folder in first + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]:
+        if os.path.isfile(os.path.join(folder, "anfast", "__init__.py")):
+            return "" if os.path.samefile(folder, here) else folder
+    return ""
+
+
 def _serve_one(connection: socket.socket, listener: socket.socket) -> None:
-    """In the forked child: become the client's process and run its command line."""
-    signal.signal(signal.SIGCHLD, signal.SIG_DFL)  # the child waits for its own subprocesses
+    """In the forked child: become the client's process, run its command line and exit
+    with its status (the server reads it with waitpid and answers the client)."""
+    signal.signal(signal.SIGCHLD, signal.SIG_DFL)
     listener.close()
     request, fds = _receive(connection)
     for fd, target in zip(fds, range(_FDS)):
         os.dup2(fd, target)
         os.close(fd)
+    # A client that is gone (killed by gpu_check's `timeout`) takes its command with it.
+    threading.Thread(target=lambda: connection.recv(1) or os._exit(128 + signal.SIGTERM), daemon=True).start()
     os.chdir(request["cwd"])
     os.environ.clear()
     os.environ.update(request["env"])
-    # What a fresh `python` would have on sys.path: the PYTHONPATH of this command.
+    # What a fresh `python` would have on sys.path: the PYTHONPATH of this command. What
+    # Python reads only at start-up (PYTHONWARNINGS, -X options) stays the server's.
     sys.path[1:1] = [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]
     if request["argv"][:1] == ["-m"]:
         sys.path.insert(0, request["cwd"])  # `python -m` puts the working directory first
     status = 1
     try:
-        status = main(request["argv"])
-    except SystemExit as error:  # `-c CODE` that calls sys.exit
-        status = error.code if isinstance(error.code, int) else (0 if error.code is None else 1)
+        elsewhere = _anfast_elsewhere(request["argv"])
+        if elsewhere:
+            print(f"dry_python: this server imported anfast from another checkout than {elsewhere}, where "
+                  f"this command would import it; start a server there", file=sys.stderr)
+            status = 2
+        else:
+            status = main(request["argv"])
+    except SystemExit as error:  # as Python ends on one: a number, None (0) or a message (1)
+        status = error.code if isinstance(error.code, int) else 0 if error.code is None else 1
+        if not isinstance(error.code, (int, type(None))):
+            print(error.code, file=sys.stderr)
+    except KeyboardInterrupt:  # as Python ends on one: by SIGINT
+        sys.stdout.flush()
+        signal.signal(signal.SIGINT, signal.SIG_DFL)
+        os.kill(os.getpid(), signal.SIGINT)
     except BaseException:
         import traceback
 
         traceback.print_exc()
-    finally:
-        sys.stdout.flush()
-        sys.stderr.flush()
-        connection.sendall(str(int(status)).encode())
-        os._exit(0)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(status & 0xFF)
+
+
+def _answer_finished(waiting: dict) -> None:
+    """Send each finished child's exit status (128 + N for a signal N) to its client."""
+    while waiting:
+        pid, status = os.waitpid(-1, os.WNOHANG)
+        if pid == 0:
+            return
+        code = os.waitstatus_to_exitcode(status)
+        connection = waiting.pop(pid)
+        try:
+            connection.sendall(str(code if code >= 0 else 128 - code).encode())
+        except OSError:  # the client is gone
+            pass
+        connection.close()
 
 
 def serve(path: str) -> int:
@@ -158,18 +206,26 @@ def serve(path: str) -> int:
     import anfast.cli  # noqa: F401
     import pytest  # noqa: F401
 
-    signal.signal(signal.SIGCHLD, signal.SIG_IGN)  # the kernel reaps the children
     listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     listener.bind(path)
     listener.listen(16)
+    listener.settimeout(0.05)  # how often finished children are answered
+    waiting: dict[int, socket.socket] = {}
     print(f"dry_python: serving on {path}", flush=True)
     while True:
-        connection, _ = listener.accept()
+        try:
+            connection, _ = listener.accept()
+        except socket.timeout:
+            _answer_finished(waiting)
+            continue
+        connection.settimeout(None)
         sys.stdout.flush()
         sys.stderr.flush()
-        if os.fork() == 0:
+        pid = os.fork()
+        if pid == 0:
             _serve_one(connection, listener)
-        connection.close()
+        waiting[pid] = connection
+        _answer_finished(waiting)
 
 
 if __name__ == "__main__":

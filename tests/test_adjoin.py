@@ -410,6 +410,8 @@ class ChannelGate(nn.Module):
             (torch.max(y, 1)[0].unsqueeze(1), torch.mean(y, 1).unsqueeze(1)), dim=1))),
         "stacked amin and sum / width, expand_as": lambda y, m: torch.sigmoid(m.gate(torch.stack(
             [y.amin(1), y.sum(1) / y.shape[1]], 1))).expand_as(y) * y,
+        "max .values and mean(axis=1)": lambda y, m: y * torch.sigmoid(m.gate(torch.cat(
+            [y.max(1, keepdim=True).values, y.mean(axis=1, keepdim=True)], 1))),
         "softmax over the channels": lambda y, m: y * torch.softmax(y, 1),
         "nn.Softmax2d": lambda y, m: y * m.softmax(y),
     }
@@ -418,12 +420,12 @@ class ChannelGate(nn.Module):
         super().__init__()
         self.gate_name = gate
         self.a, self.b = nn.Conv2d(3, 16, 3, padding=1), nn.Conv2d(16, 16, 3, padding=1)
-        self.gate, self.head = nn.Conv2d(2, 1, 7, padding=3), nn.Conv2d(16, 4, 1)
+        self.gate, self.head = nn.Conv2d(2, 1, 7, padding=3), nn.Conv2d(16, 16, 1)  # 16 classes: would shrink
         self.softmax = nn.Softmax2d()
 
     def forward(self, x):
         y = self.GATES[self.gate_name](F.relu(self.a(x)), self)
-        return self.head(F.relu(self.b(y))).mean((2, 3))
+        return self.head(F.relu(self.b(y))).mean(axis=(2, 3))  # numpy's keyword: not over the channels
 
 
 @pytest.mark.parametrize("gate", list(ChannelGate.GATES))
@@ -452,6 +454,29 @@ def test_a_reduction_over_the_channels_runs_per_network_and_exports(gate, tmp_pa
         assert (student(x) - expected).abs().max() <= 1e-12
     reduced = {g.name: g.reduced_by for g in an.width_groups}
     assert reduced["a"] and not reduced["b"], reduced
+
+
+def test_a_channel_less_map_flattened_into_a_linear_keeps_its_features(tmp_path):
+    """y.mean(1) of an (N, 16, 8, 8) map, flattened: 64 features in every network."""
+    class Head(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.fc = nn.Conv2d(3, 16, 3, padding=1), nn.Linear(64, 4)
+
+        def forward(self, x):
+            return self.fc(F.relu(self.a(x)).mean(1).flatten(1))
+
+    torch.manual_seed(0)
+    model = Head().double().eval()
+    an = anfast.adjoin(model, alpha=2, policy="all", input_size=(3, 8, 8)).eval()
+    narrow = hand_student_width(16, 2, 8)
+    assert an.layer_widths["fc"].student_in == (64,) and an.layer_widths["a"].student_out == (narrow,)
+    x = torch.randn(2, 3, 8, 8, dtype=torch.float64)
+    with torch.no_grad():
+        y = F.relu(F.conv2d(x, model.a.weight[:narrow], model.a.bias[:narrow], padding=1))
+        expected = F.linear(y.mean(1).flatten(1), model.fc.weight, model.fc.bias)
+        assert (an(x).student - expected).abs().max() <= 1e-12
+        assert (anfast.export_student(an, path=tmp_path / "student").eval()(x) - expected).abs().max() <= 1e-12
 
 
 def test_a_channel_reduction_anfast_cannot_read_is_refused_naming_the_op():

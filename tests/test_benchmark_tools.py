@@ -12,6 +12,7 @@ import signal
 import subprocess
 import sys
 import tempfile
+import time
 
 import pytest
 import torch
@@ -254,6 +255,56 @@ def test_dry_python_refuses_an_unknown_flag_and_a_selection_of_no_test():
         for process in running.values():
             process.kill()
             process.wait()
+
+
+def test_the_dry_python_server_ends_each_command_as_python_would(tmp_path):
+    """Through the fork server: an exit with a message prints it and gives 1, os._exit(3)
+    gives 3, a signal N gives 128 + N; a command whose client is killed (by gpu_check's
+    `timeout`) ends with it; a command that would import another checkout's anfast is
+    refused (the fork has this one's)."""
+    with tempfile.TemporaryDirectory(prefix="dry") as folder:
+        server = subprocess.Popen([*DRY_PYTHON, "--serve", os.path.join(folder, "socket")], cwd=REPO,
+                                  stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        env = {**os.environ, "DRY_PYTHON_SERVER": os.path.join(folder, "socket")}
+
+        def dry(*argv, cwd=REPO):
+            return subprocess.run([*DRY_PYTHON, *argv], cwd=cwd, env=env, capture_output=True, text=True, timeout=60)
+
+        try:
+            assert server.stdout.readline().startswith("dry_python: serving on"), server.communicate()[0]
+            ended = dry("-c", "import sys; sys.exit('no such layer')")
+            assert (ended.returncode, ended.stderr) == (1, "no such layer\n")
+            assert dry("-c", "import os; os._exit(3)").returncode == 3
+            assert dry("-c", "import os, signal; os.kill(os.getpid(), signal.SIGTERM)").returncode == 128 + 15
+            (tmp_path / "other" / "anfast").mkdir(parents=True)
+            (tmp_path / "other" / "anfast" / "__init__.py").touch()
+            refused = dry("-m", "anfast", "tune", cwd=tmp_path / "other")
+            assert refused.returncode == 2 and "start a server there" in refused.stderr, refused.stderr
+
+            pid_file = tmp_path / "pid"
+            client = subprocess.Popen([*DRY_PYTHON, "-c", f"import os, time; open({str(pid_file)!r}, 'w').write("
+                                       f"str(os.getpid())); time.sleep(120)"], cwd=REPO, env=env)
+            deadline = time.monotonic() + 30
+            while not pid_file.exists() or not pid_file.read_text():
+                assert time.monotonic() < deadline and client.poll() is None
+                time.sleep(0.05)
+            client.kill()
+            client.wait()
+            pid = int(pid_file.read_text())
+            while _alive(pid):  # ended by the server's child itself, reaped by the server
+                assert time.monotonic() < deadline, f"the command {pid} outlived its killed client"
+                time.sleep(0.05)
+        finally:
+            server.kill()
+            server.wait()
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return True
 
 
 @pytest.mark.slow

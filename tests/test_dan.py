@@ -110,34 +110,74 @@ def _assert_one_hot_gates_give_the_derived_student(model, network, space, choice
     masks.remove()
 
 
-class SpatialGateNet(nn.Module):
-    """stem -> conv a -> CBAM's spatial gate (the mean and max over a's channels, a conv,
-    a sigmoid) -> conv b -> linear head."""
+class GatedNet(nn.Module):
+    """stem -> conv a -> a gate on a's output, by name -> conv b -> linear head."""
 
-    def __init__(self):
+    GATES = {  # name -> (the gate, whether it reduces or mixes a's channels)
+        "CBAM spatial: mean and amax": (lambda y, m: y * torch.sigmoid(m.gate(torch.cat(
+            [y.mean(1, keepdim=True), y.amax(1, keepdim=True)], 1))), True),
+        "CBAM spatial: max .values, mean(axis=1)": (lambda y, m: y * torch.sigmoid(m.gate(torch.cat(
+            [y.max(1, keepdim=True).values, y.mean(axis=1, keepdim=True)], 1))), True),
+        "softmin over the channels": (lambda y, m: y * nn.functional.softmin(y, 1), True),
+        "group norm": (lambda y, m: m.norm(y), True),
+        # Pools over space: masked channels pool to zero, a is searched. fc1 runs twice.
+        "CBAM channel: one MLP on two pools": (lambda y, m: y * torch.sigmoid(
+            m.fc2(torch.relu(m.fc1(y.mean((2, 3))))) + m.fc2(torch.relu(m.fc1(y.amax((2, 3)))))
+        )[:, :, None, None], False),
+    }
+
+    def __init__(self, gate: str):
         super().__init__()
+        self.gate_name = gate
         self.stem, self.a = nn.Conv2d(3, 16, 3, padding=1), nn.Conv2d(16, 16, 3, padding=1)
         self.gate, self.b, self.fc = nn.Conv2d(2, 1, 3, padding=1), nn.Conv2d(16, 24, 3, padding=1), nn.Linear(24, 3)
+        self.norm, self.fc1, self.fc2 = nn.GroupNorm(2, 16, affine=False), nn.Linear(16, 8), nn.Linear(8, 16)
 
     def forward(self, x):
-        y = torch.relu(self.a(torch.relu(self.stem(x))))
-        y = y * torch.sigmoid(self.gate(torch.cat([y.mean(1, keepdim=True), y.amax(1, keepdim=True)], 1)))
+        y = self.GATES[self.gate_name][0](torch.relu(self.a(torch.relu(self.stem(x)))), self)
         return self.fc(torch.relu(self.b(y)).mean((2, 3)))
 
 
-def test_a_group_reduced_over_is_not_searched_so_masks_still_give_the_derived_student():
-    """Masked to zero at full width, a's channels would still count in the gate's mean and
-    max: a's group is left out of the search (full width in every student), the others
-    are searched, and the masked network computes each derived student exactly."""
+@pytest.mark.parametrize("gate", list(GatedNet.GATES))
+def test_a_group_reduced_over_is_not_searched_so_masks_still_give_the_derived_student(gate):
+    """Masked to zero at full width, a's channels would still count in a mean, max,
+    softmin or group norm over them: a's group is left out of the search (full width in
+    every student), the others are searched, and the masked network computes each
+    derived student exactly, at the cost the cost model gives it (fc1, called twice,
+    counted twice)."""
     torch.manual_seed(0)
-    model = SpatialGateNet()
+    model = GatedNet(gate)
     network = anfast.adjoin(model, alpha=1, policy="all", input_size=(3, 9, 9)).double().eval()
     space = SearchSpace.from_network(network, choices=(1, 2, 4), round_to=4)
-    assert "a" not in space.group_names and {"stem", "b"} <= set(space.group_names)
+    assert ("a" not in space.group_names) == GatedNet.GATES[gate][1], space.group_names
+    assert {"stem", "b"} <= set(space.group_names)
     narrowest = [len(space.choices) - 1] * len(space.groups)
-    _assert_one_hot_gates_give_the_derived_student(model, network, space, (narrowest, [1, 2, 0, 1], [0] * 4))
+    _assert_one_hot_gates_give_the_derived_student(model, network, space, (narrowest, [1, 2, 0, 1, 2], [0] * 5))
 
-    class Dense(nn.Module):  # a concat of searched groups (DenseNet's) is still refused
+
+def test_group_names_are_unique_where_nodes_are_named_like_layers():
+    """A buffer read twice (two get_attr nodes) and a channel mean computed before a layer
+    named "mean" (the mean's node takes the name): DAN keys choices by group name."""
+    class Named(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.mean, self.fc = nn.Conv2d(3, 16, 3, padding=1), nn.Conv2d(1, 8, 3, padding=1), nn.Linear(8, 3)
+            self.register_buffer("window", torch.ones(16, 1, 3, 3) / 9)
+
+        def forward(self, x):
+            y = torch.relu(self.a(x))
+            y = nn.functional.conv2d(nn.functional.conv2d(y, self.window, padding=1, groups=16), self.window,
+                                     padding=1, groups=16)
+            return self.fc(self.mean(y.mean(1, keepdim=True)).mean((2, 3)))
+
+    network = anfast.adjoin(Named(), alpha=1, policy="all", input_size=(3, 8, 8))
+    names = [g.name for g in network.width_groups]
+    assert len(set(names)) == len(names) and "mean" in names and "mean'" in names, names
+    assert "mean" in SearchSpace.from_network(network).group_names
+
+
+def test_a_concat_of_searched_groups_is_refused():
+    class Dense(nn.Module):  # DenseNet's
         def __init__(self):
             super().__init__()
             self.a, self.b, self.c = nn.Conv2d(3, 8, 3), nn.Conv2d(3, 8, 3), nn.Conv2d(16, 4, 1)

@@ -42,7 +42,7 @@ class _Layer:
     out_group: int
     in_features_per_channel: int  # > 1 for a linear after flatten(C x H x W)
     kernel: int  # kh * kw for convs, 1 for linears
-    positions: int  # H_out * W_out for convs, 1 for linears
+    positions: int  # H_out * W_out for convs, 1 for linears, summed over the layer's calls
     in_per_group: int  # C_in / groups of a grouped conv (its student keeps whole groups), else 0
     bias: bool
 
@@ -65,7 +65,7 @@ class CostModel:
         index = {**searched, **{name: len(searched) + i for i, name in enumerate(fixed)}}
         self._fixed_channels = torch.tensor(list(fixed.values()), dtype=torch.float64)
         channels = {**{g.name: g.channels for g in network.width_groups}, **fixed}
-        spatial = _output_spatial_sizes(network, input_size)
+        positions = _output_positions(network, input_size)
         modules = dict(network.named_modules())
         self._layers = []
         for name, widths in network.layer_widths.items():
@@ -81,7 +81,7 @@ class CostModel:
                 out_group=index[out_group],
                 in_features_per_channel=widths.in_channels // channels[in_group],
                 kernel=module.kernel_size[0] * module.kernel_size[1] if widths.kind == "conv" else 1,
-                positions=spatial[name] if widths.kind == "conv" else 1,
+                positions=positions[name] if widths.kind != "norm" else 1,
                 in_per_group=module.in_channels // module.groups if grouped else 0,
                 bias=widths.kind != "norm" and module.bias is not None,
             ))
@@ -208,11 +208,17 @@ class CostModel:
         return {"flops": flops, "params": params}
 
 
-def _output_spatial_sizes(network: AdjoinedNetwork, input_size: Sequence[int]) -> dict[str, int]:
-    """H_out * W_out of every conv, from one forward pass at batch 1."""
+def _output_positions(network: AdjoinedNetwork, input_size: Sequence[int]) -> dict[str, int]:
+    """Where each conv and linear applies its weight in one forward pass at batch 1: H_out *
+    W_out of a conv, 1 for a linear, summed over the calls of a layer called more than once
+    (CBAM's channel MLP runs on the average- and on the max-pooled map)."""
     sizes: dict[str, int] = {}
-    hooks = [module.register_forward_hook(lambda m, args, out, name=name: sizes.__setitem__(name, out[0].shape[-2] * out[0].shape[-1]))
-             for name, module in network.named_modules() if isinstance(module, nn.Conv2d)]
+
+    def count(name: str, out: tuple) -> None:
+        sizes[name] = sizes.get(name, 0) + out[0][0].numel() // out[0].shape[1]  # batch 1: positions
+
+    hooks = [module.register_forward_hook(lambda m, args, out, name=name: count(name, out))
+             for name, module in network.named_modules() if isinstance(module, (nn.Conv2d, nn.Linear))]
     parameter = next(network.parameters())
     try:
         with eval_mode(network), torch.no_grad():

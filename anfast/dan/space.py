@@ -58,11 +58,12 @@ class SearchSpace:
         # width, its channels would still count in the mean (or the max) the op takes.
         groups = [g for g in network.width_groups if not g.fixed and not g.reduced_by]
         if not groups:
-            reduced = [g for g in network.width_groups if g.reduced_by]
-            why = (f"; the groups left are reduced over by {reduced[0].reduced_by[0]} and others, which "
-                   "channel masks cannot narrow exactly" if reduced else "")
-            raise DanError(f"{type(network.architecture()).__name__} has no width group that can shrink "
-                           f"(every channel axis is the model input or output){why}; nothing to search")
+            reduced = [g for g in network.width_groups if g.reduced_by and not g.fixed]
+            why = (f"the groups that could shrink are reduced over ({reduced[0].name} by {reduced[0].reduced_by[0]}), "
+                   "which channel masks cannot narrow exactly" if reduced
+                   else "every channel axis is the model input or output")
+            raise DanError(f"{type(network.architecture()).__name__} has no width group that a search can "
+                           f"shrink ({why}); nothing to search")
         names = [g.name for g in network.width_groups]
         if len(set(names)) != len(names):
             raise DanError(f"width group names repeat ({names}); DAN keys its choices by group name")
