@@ -191,16 +191,17 @@ def test_epoch_rows_label_students_with_alpha_but_not_under_arch_config(tmp_path
     assert (tmp_path / "curves.png").stat().st_size > 0
 
 
-@pytest.mark.parametrize("workers", [0, 2])
-def test_resume_from_any_stop_equals_an_uninterrupted_run(data, tmp_path, workers):
+@pytest.mark.parametrize("workers, stops", [(0, (2, 3, 4)), (2, (4,))], ids=["in-process", "loader-workers"])
+def test_resume_from_any_stop_equals_an_uninterrupted_run(data, tmp_path, workers, stops):
     # 24 images / batch 8 = 3 steps per epoch: stop mid-epoch 1, then after its last step
     # (before its evaluation), then after the first step of epoch 2, then run to the end.
-    # The last restart begins in epoch 2 with fresh loader workers: their crops must follow
-    # from (seed, epoch, index) alone, not from what workers drew in earlier epochs.
+    # With loader workers, the restart that begins in epoch 2 is the point: its fresh
+    # workers' crops must follow from (seed, epoch, index) alone, not from what workers
+    # drew in earlier epochs (each restart starts two worker processes).
     uninterrupted = tmp_path / "straight"
     fit(tiny_config(data, uninterrupted, epochs=2, workers=workers))
     resumed = tmp_path / "resumed"
-    for stop_at in (2, 3, 4):
+    for stop_at in stops:
         result = fit(tiny_config(data, resumed, epochs=2, resume="auto", workers=workers),
                      should_stop=lambda step, stop_at=stop_at: step == stop_at)
         assert result["interrupted"] and result["step"] == stop_at
