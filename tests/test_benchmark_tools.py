@@ -4,6 +4,7 @@ Compute listing and tune results as documented (vs hand-written files), step_cen
 counts launches as a fused graph and an adjoined step must; gpu_check.sh, rehearsed
 through dry_python.py, runs every step's command line as its program accepts it."""
 
+import contextlib
 import json
 import os
 import pathlib
@@ -262,38 +263,47 @@ def test_the_dry_python_server_ends_each_command_as_python_would(tmp_path):
     gives 3, a signal N gives 128 + N; a command whose client is killed (by gpu_check's
     `timeout`) ends with it; a command that would import another checkout's anfast is
     refused (the fork has this one's)."""
-    with tempfile.TemporaryDirectory(prefix="dry") as folder:
-        server = subprocess.Popen([*DRY_PYTHON, "--serve", os.path.join(folder, "socket")], cwd=REPO,
-                                  stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-        env = {**os.environ, "DRY_PYTHON_SERVER": os.path.join(folder, "socket")}
+    with _dry_python_server() as socket_path:
+        env = {**os.environ, "DRY_PYTHON_SERVER": socket_path}
 
         def dry(*argv, cwd=REPO):
             return subprocess.run([*DRY_PYTHON, *argv], cwd=cwd, env=env, capture_output=True, text=True, timeout=60)
 
+        ended = dry("-c", "import sys; sys.exit('no such layer')")
+        assert (ended.returncode, ended.stderr) == (1, "no such layer\n")
+        assert dry("-c", "import os; os._exit(3)").returncode == 3
+        assert dry("-c", "import os, signal; os.kill(os.getpid(), signal.SIGTERM)").returncode == 128 + 15
+        (tmp_path / "other" / "anfast").mkdir(parents=True)
+        (tmp_path / "other" / "anfast" / "__init__.py").touch()
+        refused = dry("-m", "anfast", "tune", cwd=tmp_path / "other")
+        assert refused.returncode == 2 and "start a server there" in refused.stderr, refused.stderr
+
+        pid_file = tmp_path / "pid"
+        client = subprocess.Popen([*DRY_PYTHON, "-c", f"import os, time; open({str(pid_file)!r}, 'w').write("
+                                   f"str(os.getpid())); time.sleep(120)"], cwd=REPO, env=env)
+        deadline = time.monotonic() + 30
+        while not pid_file.exists() or not pid_file.read_text():
+            assert time.monotonic() < deadline and client.poll() is None
+            time.sleep(0.05)
+        client.kill()
+        client.wait()
+        pid = int(pid_file.read_text())
+        while _alive(pid):  # ended by the server's child itself, reaped by the server
+            assert time.monotonic() < deadline, f"the command {pid} outlived its killed client"
+            time.sleep(0.05)
+
+
+@contextlib.contextmanager
+def _dry_python_server():
+    """A running ``dry_python.py --serve``; yields its socket's path (in a short folder:
+    a Unix socket's path is at most 107 bytes) and kills it on the way out."""
+    with tempfile.TemporaryDirectory(prefix="dry") as folder:
+        path = os.path.join(folder, "socket")
+        server = subprocess.Popen([*DRY_PYTHON, "--serve", path], cwd=REPO, stdout=subprocess.PIPE,
+                                  stderr=subprocess.STDOUT, text=True)
         try:
             assert server.stdout.readline().startswith("dry_python: serving on"), server.communicate()[0]
-            ended = dry("-c", "import sys; sys.exit('no such layer')")
-            assert (ended.returncode, ended.stderr) == (1, "no such layer\n")
-            assert dry("-c", "import os; os._exit(3)").returncode == 3
-            assert dry("-c", "import os, signal; os.kill(os.getpid(), signal.SIGTERM)").returncode == 128 + 15
-            (tmp_path / "other" / "anfast").mkdir(parents=True)
-            (tmp_path / "other" / "anfast" / "__init__.py").touch()
-            refused = dry("-m", "anfast", "tune", cwd=tmp_path / "other")
-            assert refused.returncode == 2 and "start a server there" in refused.stderr, refused.stderr
-
-            pid_file = tmp_path / "pid"
-            client = subprocess.Popen([*DRY_PYTHON, "-c", f"import os, time; open({str(pid_file)!r}, 'w').write("
-                                       f"str(os.getpid())); time.sleep(120)"], cwd=REPO, env=env)
-            deadline = time.monotonic() + 30
-            while not pid_file.exists() or not pid_file.read_text():
-                assert time.monotonic() < deadline and client.poll() is None
-                time.sleep(0.05)
-            client.kill()
-            client.wait()
-            pid = int(pid_file.read_text())
-            while _alive(pid):  # ended by the server's child itself, reaped by the server
-                assert time.monotonic() < deadline, f"the command {pid} outlived its killed client"
-                time.sleep(0.05)
+            yield path
         finally:
             server.kill()
             server.wait()
@@ -317,23 +327,15 @@ def test_gpu_check_rehearsed_on_the_cpu_runs_every_step_but_the_install(tmp_path
     # dry_python server that imported torch once (a Python start-up per command: 63 s).
     halves = {name: steps[start::2] for name, start in (("even", 0), ("odd", 1))}
     runs = {}
-    with tempfile.TemporaryDirectory(prefix="dry") as folder:  # a Unix socket's path is short
-        server = subprocess.Popen([*DRY_PYTHON, "--serve", os.path.join(folder, "socket")], cwd=REPO,
-                                  stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-        try:
-            assert server.stdout.readline().startswith("dry_python: serving on"), server.communicate()[0]
-            for name, half in halves.items():
-                env = {**os.environ, "PYTHON": " ".join(DRY_PYTHON), "NCU": str(tmp_path / "no-ncu"),
-                       "TRITON_CACHE_DIR": str(tmp_path / f"triton-{name}"),
-                       "DRY_PYTHON_SERVER": os.path.join(folder, "socket")}
-                with open(tmp_path / f"{name}.log", "w") as log:
-                    runs[name] = subprocess.Popen(["bash", "benchmarks/gpu_check.sh", str(tmp_path / name), *half],
-                                                  cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT)
-            for run in runs.values():
-                run.wait(timeout=280)
-        finally:
-            server.kill()
-            server.wait()
+    with _dry_python_server() as socket_path:
+        for name, half in halves.items():
+            env = {**os.environ, "PYTHON": " ".join(DRY_PYTHON), "NCU": str(tmp_path / "no-ncu"),
+                   "TRITON_CACHE_DIR": str(tmp_path / f"triton-{name}"), "DRY_PYTHON_SERVER": socket_path}
+            with open(tmp_path / f"{name}.log", "w") as log:
+                runs[name] = subprocess.Popen(["bash", "benchmarks/gpu_check.sh", str(tmp_path / name), *half],
+                                              cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT)
+        for run in runs.values():
+            run.wait(timeout=280)
     for name, half in halves.items():
         output = (tmp_path / f"{name}.log").read_text()
         rows = [line.split("\t") for line in (tmp_path / name / "summary.tsv").read_text().splitlines()]
