@@ -223,6 +223,12 @@ def _describe(node: torch.fx.Node) -> str:
     return node.target if node.op == "call_module" else f"{node.name} ({node.op} {getattr(node.target, '__name__', node.target)})"
 
 
+def _describe_element(node: torch.fx.Node, source: torch.fx.Node) -> str:
+    """``max_1 (call_function max)[0]``, or ``.values``: ``node``, an element of ``source``'s tuple."""
+    key = node.args[1]
+    return f"{_describe(source)}.{key}" if isinstance(key, str) else f"{_describe(source)}[{key}]"
+
+
 def _analyse(gm: torch.fx.GraphModule) -> _Analysis:
     result = _Analysis()
     modules = dict(gm.named_modules())
@@ -267,8 +273,7 @@ def _analyse(gm: torch.fx.GraphModule) -> _Analysis:
         if shape is None:
             continue  # sizes, ints, tuples of sizes
         in_channels = [channels_of(n) for n in inputs]
-        where = (_describe(node) if source is None else f"{_describe(source)}.{node.args[1]}"
-                 if isinstance(node.args[1], str) else f"{_describe(source)}[{node.args[1]}]")
+        where = _describe(node) if source is None else _describe_element(node, source)
         function = node.target if node.op in ("call_function", "call_method") else None
         x_shape = _node_shape(inputs[0]) if inputs else None
         follows_x = bool(in_channels) and in_channels[0] is not None and len(x_shape) >= 2
