@@ -28,6 +28,7 @@ from typing import Any, Callable, Mapping, NamedTuple, Optional, Sequence, Union
 import torch
 import torch.fx
 from torch import nn
+from torch.nn import functional as F
 from torch.fx.passes.shape_prop import ShapeProp
 
 from anfast.nn import AdjoinedBatchNorm2d, AdjoinedConv2d, AdjoinedLinear
@@ -341,6 +342,15 @@ def _analyse(gm: torch.fx.GraphModule) -> _Analysis:
                                                                            f"{where}", label=node.name),))
             else:
                 result.channelless.add(node)
+        elif (follows_x and len(shape) == len(x_shape) and shape[1] != x_shape[1]
+              and _slices_channels(source or node, len(x_shape))):
+            # x.split(self.expand_chs // 2, 1), x[:, :self.out_chs]: sizes fixed in the
+            # model's code, which the exported student (the model's own class) runs too, so
+            # the sliced channels keep full width; what each part goes on to compute shrinks.
+            sliced_by = _describe(source or node)
+            _keep_full_width(in_channels[0], f"channels that {sliced_by} slices")
+            result.channels[node] = _Channels((new_dim(shape[1], fixed=f"slice of the channels {where} takes",
+                                                       label=node.name),))
         elif function in _ELEMENTWISE or function in _FLATTEN or isinstance(module, nn.Flatten):
             result.channels[node] = _follow_simple_op(node, shape, inputs, in_channels, where)
         elif inputs:
@@ -481,8 +491,14 @@ def _follow_simple_op(node, shape, inputs, in_channels, where) -> Optional[_Chan
             return in_channels[0] if in_channels else None
         first = meeting[0][1]
         for _, other in meeting[1:]:
-            if len(first.parts) != len(other.parts) or first.features_per_channel != other.features_per_channel:
-                raise AdjoinError(f"{where}: joins tensors with different channel layouts (after a concat)")
+            if ([p.size for p in first.parts] != [p.size for p in other.parts]
+                    or first.features_per_channel != other.features_per_channel):
+                # A concat's parts met by one map (MixNet's gate on its mixed convs): a
+                # student slice of each part is no slice of the map, so both keep full width.
+                why = f"channels {where} joins in different layouts (a concat's parts and a single map)"
+                _keep_full_width(first, why)
+                _keep_full_width(other, why)
+                continue
             for a, b in zip(first.parts, other.parts):
                 _union(a, b, where)
         # A lower-rank tensor that broadcasts along the channel axis (a layer scale of shape
@@ -532,6 +548,42 @@ _REORDERING = {
 _LAST_AXIS_BY_DEFAULT = {torch.sort, "sort", torch.argsort, "argsort", torch.topk, "topk"}
 
 
+def _channel_index(node: torch.fx.Node, ndim: int) -> Any:
+    """What the getitem ``node`` (``x[:, 2:5]``, ``x[..., perm, :, :]``) indexes axis 1
+    with: ``slice(None)`` where it leaves that axis whole."""
+    index = node.args[1] if isinstance(node.args[1], tuple) else (node.args[1],)
+    if index and index[0] is Ellipsis:  # x[..., i] indexes axes counted from the end
+        index = (slice(None),) * (ndim + 1 - len(index)) + index[1:]
+    return index[1] if len(index) > 1 else slice(None)
+
+
+# Ops that take part of the channel axis when their dim is 1 (each defaults to axis 0):
+# {op: the position of dim after the input}.
+_SLICING = {
+    **{op: 2 for name in ("split", "split_with_sizes", "tensor_split", "chunk")
+       for op in (getattr(torch, name), name)},
+    torch.narrow: 1, "narrow": 1,
+}
+
+
+def _slices_channels(node: torch.fx.Node, ndim: int) -> bool:
+    """Whether ``node`` takes part of the channel axis: a split, chunk or narrow along
+    it, ``x[:, :k]``."""
+    if node.op not in ("call_function", "call_method"):
+        return False
+    if node.target is operator.getitem:
+        index = _channel_index(node, ndim)
+        return isinstance(index, slice) and index != slice(None)
+    try:
+        position = _SLICING[node.target]
+    except (KeyError, TypeError):  # TypeError: an unhashable target
+        return False
+    dim = _dim_argument(node, position)
+    dim = 0 if dim is None else dim
+    # A dim computed in forward (x.dim() - 3) is a node: it may be axis 1, so it counts.
+    return isinstance(dim, torch.fx.Node) or (isinstance(dim, int) and dim % ndim == 1)
+
+
 def _reorders_channels(node: torch.fx.Node, module: Optional[nn.Module], ndim: int) -> bool:
     """Whether ``node`` moves channels along axis 1 (a flip, roll, gather or shuffle on it)."""
     if isinstance(module, nn.ChannelShuffle):
@@ -539,10 +591,7 @@ def _reorders_channels(node: torch.fx.Node, module: Optional[nn.Module], ndim: i
     if node.op not in ("call_function", "call_method"):
         return False
     if node.target is operator.getitem:  # x[:, perm]: an index tensor or list on axis 1
-        index = node.args[1] if isinstance(node.args[1], tuple) else (node.args[1],)
-        if index and index[0] is Ellipsis:  # x[..., i] indexes axes counted from the end
-            index = (slice(None),) * (ndim + 1 - len(index)) + index[1:]
-        return len(index) > 1 and isinstance(index[1], (torch.fx.Node, torch.Tensor, list, tuple))
+        return isinstance(_channel_index(node, ndim), (torch.fx.Node, torch.Tensor, list, tuple))
     try:
         where = _REORDERING[node.target]
     except (KeyError, TypeError):  # TypeError: an unhashable target
@@ -592,7 +641,8 @@ def _follow_generic(node, shape, inputs, in_channels, where, module=None) -> Opt
         raise AdjoinError(
             f"{where}: changes the channel axis {tuple(source_shape)} -> {tuple(shape)} in a way anfast "
             "cannot follow; adjoin supports convs, linears, batch norms, elementwise ops, pooling, "
-            "concat, flatten and reductions (x.mean(1, keepdim=True)) on the channel axis"
+            "concat, flatten, slices (x.split(k, 1), x[:, :k]) and reductions (x.mean(1, keepdim=True)) "
+            "on the channel axis"
         )
     return channels
 
@@ -806,6 +856,8 @@ def adjoin(
 
     try:
         traced = _trace(model)
+    except AdjoinError:
+        raise
     except Exception as error:  # fx raises many types; all mean "not traceable"
         raise AdjoinError(
             f"cannot trace {type(model).__name__} with torch.fx: {type(error).__name__}: {error}. "
@@ -928,9 +980,126 @@ class _Tracer(torch.fx.Tracer):
 
 
 def _trace(model: nn.Module) -> torch.fx.GraphModule:
-    tracer = _Tracer()
-    graph = tracer.trace(model)
-    return torch.fx.GraphModule(tracer.root, graph, type(model).__name__)
+    """``model``'s graph in train mode, whose dropouts called as functions read the
+    network's mode at run time; refused if eval mode's graph differs otherwise.
+
+    fx records ``self.training`` as it was while tracing: an eval() after tracing would
+    switch neither ``F.dropout(x, p, training=self.training)`` nor an ``if self.training``
+    branch. Tracing both modes finds both.
+    """
+    evaluated = copy.deepcopy(model)  # a copy traced first would name its constants anew
+    modes = {module: module.training for module in model.modules()}
+    model.train()
+    try:
+        tracer = _Tracer()
+        graph = tracer.trace(model)
+    finally:
+        for module, training in modes.items():
+            module.training = training
+    eval_graph = _Tracer().trace(evaluated.eval())
+    traced = torch.fx.GraphModule(tracer.root, graph, type(model).__name__)
+    _follow_the_mode(traced, eval_graph, type(model).__name__)
+    return traced
+
+
+# Dropouts called as functions: {op: (the position of its training flag, its keyword)}.
+_FUNCTIONAL_DROPOUT = {
+    **{op: (2, "training") for op in (F.dropout, F.dropout1d, F.dropout2d, F.dropout3d, F.alpha_dropout,
+                                      F.feature_alpha_dropout)},
+    **{op: (2, "train") for op in (torch.dropout, torch.alpha_dropout, torch.feature_dropout,
+                                   torch.feature_alpha_dropout)},
+}
+
+
+class _FunctionalDropout(nn.Module):
+    """A dropout the model calls as a function with its ``self.training``: as a module of
+    the adjoined network it reads the network's mode at run time, through deepcopy,
+    pickling (which traces the generated code again) and torch.compile."""
+
+    def __init__(self, function: Callable, flag: tuple[int, str]):
+        super().__init__()
+        self.function, self.flag = function, flag
+
+    def forward(self, *args, **kwargs):
+        position, keyword = self.flag
+        if keyword in kwargs or len(args) <= position:
+            kwargs[keyword] = self.training
+        else:
+            args = (*args[:position], self.training, *args[position + 1:])
+        return self.function(*args, **kwargs)
+
+    def extra_repr(self) -> str:
+        return getattr(self.function, "__name__", str(self.function))
+
+
+def _node_signature(node: torch.fx.Node, position: dict) -> tuple:
+    """What ``node`` computes: its op, target and arguments, other nodes by position."""
+    return node.op, node.target, torch.fx.map_arg((node.args, node.kwargs), lambda n: ("node", position[n]))
+
+
+def _same(a: Any, b: Any) -> bool:
+    try:
+        return bool(a == b)
+    except Exception:  # a tensor constant: equal only as the same object
+        return a is b
+
+
+def _follow_the_mode(traced: torch.fx.GraphModule, eval_graph: torch.fx.Graph, model_name: str) -> None:
+    """Make each dropout whose ``training`` flag is True in ``traced`` (train mode) and
+    False in ``eval_graph`` read ``self.training``; refuse any other difference."""
+    train_nodes, eval_nodes = list(traced.graph.nodes), list(eval_graph.nodes)
+    train_position = {n: i for i, n in enumerate(train_nodes)}
+    eval_position = {n: i for i, n in enumerate(eval_nodes)}
+    for train_node, eval_node in zip(train_nodes, eval_nodes):
+        in_train, in_eval = _node_signature(train_node, train_position), _node_signature(eval_node, eval_position)
+        if _same(in_train, in_eval):
+            continue
+        flag = _FUNCTIONAL_DROPOUT.get(train_node.target) if train_node.op == "call_function" else None
+        if flag is not None and _same(_with_flag(in_train, flag, None), _with_flag(in_eval, flag, None)) and (
+                _flag(in_train, flag) is True and _flag(in_eval, flag) is False):
+            name = f"{train_node.name}_following_mode"
+            while hasattr(traced, name):
+                name += "_"
+            traced.add_submodule(name, _FunctionalDropout(train_node.target, flag))
+            with traced.graph.inserting_before(train_node):
+                call = traced.graph.call_module(name, train_node.args, train_node.kwargs)
+            train_node.replace_all_uses_with(call)
+            traced.graph.erase_node(train_node)
+            train_position[call] = train_position[train_node]
+            continue
+        raise _mode_error(model_name, train_node, eval_node)
+    if len(train_nodes) != len(eval_nodes):
+        longer = train_nodes if len(train_nodes) > len(eval_nodes) else eval_nodes
+        extra = longer[min(len(train_nodes), len(eval_nodes))]
+        raise _mode_error(model_name, *((extra, None) if longer is train_nodes else (None, extra)))
+    traced.recompile()
+
+
+def _flag(signature: tuple, flag: tuple[int, str]) -> Any:
+    """A dropout's training flag in its signature (True, F.dropout's default, if left out)."""
+    _, _, (args, kwargs) = signature
+    position, keyword = flag
+    return kwargs[keyword] if keyword in kwargs else args[position] if len(args) > position else True
+
+
+def _with_flag(signature: tuple, flag: tuple[int, str], value: Any) -> tuple:
+    op, target, (args, kwargs) = signature
+    position, keyword = flag
+    if keyword in kwargs:
+        kwargs = {**kwargs, keyword: value}
+    elif len(args) > position:
+        args = (*args[:position], value, *args[position + 1:])
+    return op, target, (tuple(args), dict(kwargs))
+
+
+def _mode_error(model_name: str, train_node: Optional[torch.fx.Node], eval_node: Optional[torch.fx.Node]) -> AdjoinError:
+    found = lambda node: _describe(node) if node is not None else "nothing"
+    return AdjoinError(
+        f"{model_name} computes {found(train_node)} in train mode where it computes {found(eval_node)} in eval "
+        "mode: its forward branches on self.training, which fx freezes at trace time, so the adjoined "
+        "network's eval() would not switch it; build the model without train-only branches (torchvision's "
+        "inception_v3 and googlenet: aux_logits=False)"
+    )
 
 
 def _check_layer_class(module: nn.Module, where: str) -> None:

@@ -2,6 +2,7 @@
 
 import copy
 import math
+import pickle
 
 import pytest
 import torch
@@ -288,7 +289,8 @@ def test_errors_name_the_module_and_the_fix():
 
 
 class _Split(nn.Module):
-    """Each failure mode of test_errors_say_what_they_found: a gated half, a per-channel parameter."""
+    """Each failure mode of test_errors_say_what_they_found: a gate on half the channels
+    split off by a reshape, a per-channel parameter."""
 
     def __init__(self, gated: bool):
         super().__init__()
@@ -297,7 +299,7 @@ class _Split(nn.Module):
 
     def forward(self, x):
         if self.gated:
-            y1, y2 = self.a(x).chunk(2, dim=1)
+            y1, y2 = self.a(x).unflatten(1, (2, 64)).unbind(1)
             return self.b(y1 * torch.sigmoid(y2))
         return self.b(self.a(x) + self.p)
 
@@ -317,8 +319,8 @@ def test_errors_say_what_they_found():
             anfast.adjoin(SmallCNN(), policy=policy, input_size=(3, 9, 9))
     with pytest.raises(AdjoinError, match="0: Conv1d is not supported; anfast adjoins Conv2d"):
         anfast.adjoin(nn.Sequential(nn.Conv1d(3, 128, 3), nn.Conv1d(128, 4, 1)), input_size=(3, 16))
-    with pytest.raises(AdjoinError, match=r"^chunk \(call_method chunk\)\[0\]: changes the channel axis "
-                                          r"\(2, 128, 6, 6\) -> \(2, 64, 6, 6\)"):
+    with pytest.raises(AdjoinError, match=r"^unflatten \(call_method unflatten\): changes the channel axis "
+                                          r"\(2, 128, 6, 6\) -> \(2, 2, 64, 6, 6\)"):
         anfast.adjoin(_Split(gated=True), policy="all", input_size=(3, 8, 8))
     with pytest.raises(AdjoinError, match="shrink a, but its channels are the parameter / buffer p"):
         anfast.adjoin(_Split(gated=False), policy={"a": 4}, input_size=(3, 8, 8))
@@ -397,6 +399,163 @@ def test_an_op_that_reorders_channels_keeps_them_at_full_width(op, tmp_path):
         with pytest.raises(AdjoinError, match=r"policy asks to shrink a, but its channels are the channels that "
                                               r"\S+ .*reorders"):
             anfast.adjoin(model, policy={"a": 2}, input_size=(3, 8, 8))
+
+
+class SliceChannels(nn.Module):
+    """conv a -> two slices of its channels, by name -> conv b on the first, and a head
+    on b's output concatenated with the second (CSPNet's halves, GhostNet's x[:, :k])."""
+
+    OPS = {  # name -> (the op, the channels of its first slice)
+        "torch.split at sizes": (lambda y: torch.split(y, [6, 10], dim=1), 6),
+        "split method, dim=-3": (lambda y: y.split([6, 10], -3), 6),
+        "split_with_sizes": (lambda y: y.split_with_sizes([6, 10], dim=1), 6),
+        "chunk": (lambda y: y.chunk(2, 1), 8),
+        "tensor_split": (lambda y: torch.tensor_split(y, (6,), dim=1), 6),
+        "narrow": (lambda y: (y.narrow(1, 0, 6), torch.narrow(y, 1, 6, 10)), 6),
+        "slices": (lambda y: (y[:, :6], y[:, 6:]), 6),
+        "slices after an Ellipsis": (lambda y: (y[..., :6, :, :], y[..., 6:, :, :]), 6),
+        "a size from forward": (lambda y: y.split(y.shape[1] // 2, dim=1), 8),
+    }
+
+    def __init__(self, op: str):
+        super().__init__()
+        self.op, first = op, self.OPS[op][1]
+        self.a, self.b = nn.Conv2d(3, 16, 1), nn.Conv2d(first, 16, 3, padding=1)
+        self.head = nn.Conv2d(16 + 16 - first, 4, 1)
+
+    def forward(self, x):
+        first, second = self.OPS[self.op][0](self.a(x))
+        return self.head(torch.cat([F.relu(self.b(first)), second], 1)).mean((2, 3))
+
+
+@pytest.mark.parametrize("op", list(SliceChannels.OPS))
+def test_sliced_channels_keep_full_width_and_what_the_slices_compute_shrinks(op, tmp_path):
+    """A split or slice of the channels at sizes the model's code fixes (which the
+    exported student, the model's own class, runs too): the sliced channels keep full
+    width in every network; b, which reads a slice, shrinks its output as usual."""
+    torch.manual_seed(0)
+    model = SliceChannels(op).double().eval()
+    an = anfast.adjoin(model, alpha=4, policy="all", input_size=(3, 8, 8)).eval()
+    narrow, first = hand_student_width(16, 4, 8), SliceChannels.OPS[op][1]
+    assert an.layer_widths["a"].student_out == (16,)
+    assert an.layer_widths["b"].student_in == (first,) and an.layer_widths["b"].student_out == (narrow,)
+    x = torch.randn(2, 3, 8, 8, dtype=torch.float64)
+    with torch.no_grad():
+        # By hand: all of a, the slices, b's leading filters; the head reads b's leading
+        # channels and all of the second slice.
+        y = F.conv2d(x, model.a.weight, model.a.bias)
+        y_first, y_second = y[:, :first], y[:, first:]
+        z = F.relu(F.conv2d(y_first, model.b.weight[:narrow], model.b.bias[:narrow], padding=1))
+        read = list(range(narrow)) + list(range(16, 32 - first))
+        expected = F.conv2d(torch.cat([z, y_second], 1), model.head.weight[:, read], model.head.bias).mean((2, 3))
+        assert (an(x).student - expected).abs().max() <= 1e-12
+        assert (an(x).base - model(x)).abs().max() <= 1e-12
+        student = anfast.export_student(an, path=tmp_path / "student").eval()
+        assert (student(x) - expected).abs().max() <= 1e-12
+    with pytest.raises(AdjoinError, match=r"policy asks to shrink a, but its channels are the channels that "
+                                          r"\S+ .*slices"):
+        anfast.adjoin(model, policy={"a": 2}, input_size=(3, 8, 8))
+
+
+class MixedGate(nn.Module):
+    """Two convs concatenated (MixNet's mixed conv) times a gate that one conv computes."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Conv2d(3, 8, 3, padding=1), nn.Conv2d(3, 8, 5, padding=2)
+        self.gate, self.c, self.fc = nn.Conv2d(3, 16, 1), nn.Conv2d(16, 16, 1), nn.Linear(16, 4)
+
+    def forward(self, x):
+        y = torch.cat([self.a(x), self.b(x)], 1) * torch.sigmoid(self.gate(x))
+        return self.fc(F.relu(self.c(y)).mean((2, 3)))
+
+
+def test_a_concat_met_by_a_single_map_keeps_full_width():
+    """The student's leading gate channels are no slice of a's and b's leading channels
+    side by side: a, b and the gate keep full width; c, after them, shrinks."""
+    torch.manual_seed(0)
+    model = MixedGate().double().eval()
+    an = anfast.adjoin(model, alpha=4, policy="all", input_size=(3, 8, 8)).eval()
+    narrow = hand_student_width(16, 4, 8)
+    assert [an.layer_widths[n].student_out for n in ("a", "b", "gate", "c")] == [(8,), (8,), (16,), (narrow,)]
+    x = torch.randn(2, 3, 8, 8, dtype=torch.float64)
+    with torch.no_grad():
+        y = torch.cat([model.a(x), model.b(x)], 1) * torch.sigmoid(model.gate(x))
+        y = F.relu(F.conv2d(y, model.c.weight[:narrow], model.c.bias[:narrow])).mean((2, 3))
+        expected = F.linear(y, model.fc.weight[:, :narrow], model.fc.bias)
+        assert (an(x).student - expected).abs().max() <= 1e-12
+        assert (anfast.export_student(an).eval()(x) - expected).abs().max() <= 1e-12
+    with pytest.raises(AdjoinError, match=r"policy asks to shrink gate, but its channels are the channels "
+                                          r"mul \(call_function mul\) joins in different layouts"):
+        anfast.adjoin(model, policy={"gate": 2}, input_size=(3, 8, 8))
+
+
+class HeadDropout(nn.Module):
+    """A conv and a linear head with a dropout between them, called as a function."""
+
+    DROPOUTS = {  # name -> (the dropout, whether eval() switches it off)
+        "F.dropout(training=self.training)": (lambda y, m: F.dropout(y, 0.5, training=m.training), True),
+        "torch.dropout(y, p, self.training)": (lambda y, m: torch.dropout(y, 0.5, m.training), True),
+        "F.alpha_dropout, by position": (lambda y, m: F.alpha_dropout(y, 0.5, m.training), True),
+        "F.dropout, on in both modes": (lambda y, m: F.dropout(y, p=0.5), False),
+    }
+
+    def __init__(self, dropout: str):
+        super().__init__()
+        self.dropout, self.conv, self.fc = dropout, nn.Conv2d(3, 16, 3), nn.Linear(16, 4)
+
+    def forward(self, x):
+        return self.fc(self.DROPOUTS[self.dropout][0](F.relu(self.conv(x)).mean((2, 3)), self))
+
+
+@pytest.mark.parametrize("dropout", list(HeadDropout.DROPOUTS))
+@pytest.mark.parametrize("traced_in", ["train", "eval"])
+def test_a_functional_dropout_follows_the_networks_mode_as_in_the_model(dropout, traced_in):
+    """fx freezes ``self.training`` at trace time: a dropout called with it would stay on
+    after eval() (timm's GhostNet head). The adjoined network switches it as the model
+    does, whatever mode the model was in when adjoined, also once pickled (which traces
+    the network's code again); a dropout on in both modes stays on."""
+    torch.manual_seed(0)
+    model = HeadDropout(dropout).double().train(traced_in == "train")
+    adjoined = anfast.adjoin(model, alpha=2, policy="all", input_size=(3, 8, 8))
+    x = torch.randn(4, 3, 8, 8, dtype=torch.float64)
+    switched = HeadDropout.DROPOUTS[dropout][1]
+    for an in (adjoined, pickle.loads(pickle.dumps(adjoined))):
+        an.eval()
+        with torch.no_grad():
+            if switched:
+                # By hand, without dropout: the student's leading 8 conv filters, fc on them.
+                y = F.relu(F.conv2d(x, model.conv.weight[:8], model.conv.bias[:8])).mean((2, 3))
+                expected = F.linear(y, model.fc.weight[:, :8], model.fc.bias)
+                assert (an(x).student - expected).abs().max() <= 1e-12
+                assert (an(x).base - model.eval()(x)).abs().max() <= 1e-12
+            else:
+                assert not torch.equal(an(x).base, an(x).base)  # a fresh mask each call, in eval too
+            an.train()
+            # Dropout on: a mask drops some of the 16 features (all kept: chance 2**-64).
+            assert not torch.equal(an(x).base, model.eval()(x))
+
+
+class AuxiliaryHead(nn.Module):
+    """A second, train-only output (GoogLeNet's auxiliary classifiers)."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv, self.fc, self.aux = nn.Conv2d(3, 16, 3), nn.Linear(16, 4), nn.Linear(16, 4)
+
+    def forward(self, x):
+        y = F.relu(self.conv(x)).mean((2, 3))
+        return (self.fc(y), self.aux(y)) if self.training else self.fc(y)
+
+
+def test_a_forward_that_branches_on_the_mode_is_refused():
+    """One graph cannot hold both branches: refused, naming where the modes part."""
+    with pytest.raises(AdjoinError, match=r"^AuxiliaryHead computes aux in train mode where it computes output "
+                                          r"\(output output\) in eval mode: its forward branches on "
+                                          r"self.training"):
+        anfast.adjoin(AuxiliaryHead(), policy="all", input_size=(3, 8, 8))
+    with pytest.raises(AdjoinError, match=r"^GoogLeNet computes .* in train mode .* aux_logits=False\)$"):
+        anfast.adjoin(torchvision.models.googlenet(init_weights=False, num_classes=10), input_size=(3, 64, 64))
 
 
 class ChannelGate(nn.Module):

@@ -120,6 +120,8 @@ class GatedNet(nn.Module):
             [y.max(1, keepdim=True).values, y.mean(axis=1, keepdim=True)], 1))), True),
         "softmin over the channels": (lambda y, m: y * nn.functional.softmin(y, 1), True),
         "group norm": (lambda y, m: m.norm(y), True),
+        # Sliced channels keep full width, so they are not searched either.
+        "CSP halves": (lambda y, m: torch.cat([y.split(8, 1)[0], torch.relu(y[:, 8:])], 1), True),
         # Pools over space: masked channels pool to zero, a is searched. fc1 runs twice.
         "CBAM channel: one MLP on two pools": (lambda y, m: y * torch.sigmoid(
             m.fc2(torch.relu(m.fc1(y.mean((2, 3))))) + m.fc2(torch.relu(m.fc1(y.amax((2, 3)))))
