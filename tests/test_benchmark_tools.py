@@ -465,3 +465,34 @@ def test_step_census_ratios_use_the_launch_counts_done_so_far():
                              "elements": {"other": 12}, "launches": {"eager": 215}}}
     assert step_census.ratios_to_base(rows) == {"anfast_torch": {
         "flops": 1.2, "gemm_calls": 2.0, "other_calls": 2.5, "other_elements": 1.5, "launches_eager": 2.15}}
+
+
+def test_adjoin_coverage_says_adjoins_only_where_base_and_export_agree(tmp_path, monkeypatch):
+    """adjoin_coverage.py on resnet18 (adjoins), convnext_atto (refused at its permute to
+    channels-last) and a name timm does not know (failed); then with an export whose
+    weights are off by a little: "differs"."""
+    pytest.importorskip("timm")
+    import adjoin_coverage
+    import timm
+
+    out = tmp_path / "coverage.json"
+    payload = adjoin_coverage.main(["resnet18", "convnext_atto", "no_such_net", "--image-size", "32",
+                                    "--out", str(out)])
+    assert json.loads(out.read_text()) == json.loads(json.dumps(payload))
+    rows = {row["model"]: row for row in payload["rows"]}
+    assert rows["resnet18"]["status"] == "adjoins"
+    base = sum(p.numel() for p in timm.create_model("resnet18", num_classes=10).parameters())
+    assert rows["resnet18"]["params"]["base"] == base > rows["resnet18"]["params"]["student"]
+    assert rows["convnext_atto"]["status"] == "refused" and rows["convnext_atto"]["reason"].startswith("permute")
+    assert rows["no_such_net"]["status"] == "failed" and "no_such_net" in rows["no_such_net"]["reason"]
+    assert payload["counts"] == {"adjoins": 1, "differs": 0, "refused": 1, "failed": 1}
+
+    export = adjoin_coverage.anfast.export_student
+    def off_by_a_little(an, *args, **kwargs):
+        student = export(an, *args, **kwargs)
+        with torch.no_grad():
+            student.fc.bias.add_(1e-6)
+        return student
+    monkeypatch.setattr(adjoin_coverage.anfast, "export_student", off_by_a_little)
+    row = adjoin_coverage.check("resnet18", alpha=2, image_size=32)
+    assert row["status"] == "differs" and 0 < row["student_error"] < 1e-3 and row["base_error"] <= 1e-12

@@ -1,0 +1,101 @@
+"""Which timm CNNs adjoin, and is each adjoined network the model it came from?
+
+    python benchmarks/adjoin_coverage.py                      # the default list below
+    python benchmarks/adjoin_coverage.py resnet50d mixnet_s   # or name the models
+
+For each timm architecture (random weights, 10 classes, nothing downloaded):
+`anfast.adjoin(model, alpha, policy="all")`, then in eval mode, in float64, the
+adjoined base against the model itself and the exported student (the model's own class
+with smaller layers) against the adjoined student. A row says "adjoins" only when both
+agree to 1e-9 (relative); else "differs", "refused" (adjoin's reason, which names the
+node and the fix) or "failed" (any other error). Parameters of base and student come
+with it. The JSON goes to results/adjoin_coverage-<cpu>-<date>.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import warnings
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import environment, write_result  # noqa: E402
+
+import anfast  # noqa: E402
+
+# Families timm builds without downloading: ResNets and their attention variants, the
+# mobile nets, CSP / DarkNet, RegNets, DenseNet, HRNet, VoVNet, NFNets, ConvNeXt, ...
+MODELS = """resnet18 resnet50d seresnet50 ecaresnet26t gcresnet33ts skresnet18 resnext26ts res2net50_14w_8s
+resnest14d dla34 dpn68 densenet121 vgg11 efficientnet_b0 efficientnet_lite0 mobilenetv2_100 mobilenetv3_small_100
+mixnet_s ghostnet_100 regnetx_002 regnety_002 regnetz_005 rexnet_100 hrnet_w18_small cspresnet50 cspdarknet53
+cs3darknet_s convnext_atto convnextv2_atto repvgg_a0 tinynet_a fbnetv3_b lcnet_050 hardcorenas_a nf_resnet26
+selecsls42 ese_vovnet19b_dw tresnet_m inception_v3 xception41 mnasnet_100 spnasnet_100 resnetv2_50 gernet_s
+mobileone_s0 inception_next_atto dm_nfnet_f0 botnet26t_256 halonet26t lambda_resnet26t sebotnet33ts_256 resnet18d
+eca_nfnet_l0 efficientnetv2_rw_t mobilevit_xxs edgenext_xx_small poolformer_s12 convmixer_768_32 sedarknet21""".split()
+
+
+def _relative_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
+    return float((actual - expected).norm() / expected.norm().clamp_min(1e-300))
+
+
+def check(name: str, alpha: float, image_size: int) -> dict:
+    """One model's row: status, reason or errors, parameters of base and student."""
+    import timm
+
+    torch.manual_seed(0)
+    row: dict = {"model": name}
+    try:
+        model = timm.create_model(name, pretrained=False, num_classes=10).double()
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # "no layer shrinks": the row's parameters say it
+            an = anfast.adjoin(model, alpha=alpha, policy="all", input_size=(3, image_size, image_size))
+    except anfast.AdjoinError as error:
+        return {**row, "status": "refused", "reason": str(error)}
+    except Exception as error:  # timm or fx: the row names it, the survey goes on
+        return {**row, "status": "failed", "reason": f"{type(error).__name__}: {error}"}
+    x = torch.randn(2, 3, image_size, image_size, dtype=torch.float64)
+    with torch.no_grad():
+        out = an.eval()(x)
+        student = anfast.export_student(an).eval()
+        row["base_error"] = _relative_error(out.base, model.eval()(x))
+        row["student_error"] = _relative_error(student(x), out.student)
+    row["status"] = "adjoins" if max(row["base_error"], row["student_error"]) <= 1e-9 else "differs"
+    row["params"] = {"base": anfast.count_parameters(model), "student": anfast.count_parameters(student)}
+    return row
+
+
+def main(argv=None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("models", nargs="*", default=MODELS, help="timm model names (default: %(default)s)")
+    parser.add_argument("--alpha", type=float, default=2)
+    parser.add_argument("--image-size", type=int, default=96, help="of the tracing and checking input")
+    parser.add_argument("--out", help="JSON path (default benchmarks/results/adjoin_coverage-<cpu>-<date>.json)")
+    args = parser.parse_args(argv)
+    try:
+        import timm
+    except ImportError:
+        parser.error("timm is not installed: pip install timm (or the [test] extra)")
+
+    payload = {**environment("cpu"), "timm": timm.__version__, "alpha": args.alpha, "policy": "all",
+               "image_size": args.image_size, "rows": []}
+    for name in tqdm(args.models, desc="adjoin", unit="model"):
+        row = check(name, args.alpha, args.image_size)
+        payload["rows"].append(row)
+        path = write_result("adjoin_coverage", payload, args.out)  # after every model: a cut run keeps its rows
+        detail = row.get("reason", "").splitlines()[0][:120] if row["status"] != "adjoins" else (
+            f"{row['params']['base'] / 1e6:.2f}M -> {row['params']['student'] / 1e6:.2f}M parameters")
+        tqdm.write(f"{name:24s} {row['status']:8s} {detail}")
+    counts = {status: sum(r["status"] == status for r in payload["rows"])
+              for status in ("adjoins", "differs", "refused", "failed")}
+    payload["counts"] = counts
+    path = write_result("adjoin_coverage", payload, args.out)
+    print(f"{counts['adjoins']} of {len(payload['rows'])} adjoin ({counts}); wrote {path}")
+    return payload
+
+
+if __name__ == "__main__":
+    main()
