@@ -349,7 +349,7 @@ def _analyse(gm: torch.fx.GraphModule) -> _Analysis:
             # the sliced channels keep full width; what each part goes on to compute shrinks.
             sliced_by = _describe(source or node)
             _keep_full_width(in_channels[0], f"channels that {sliced_by} slices")
-            result.channels[node] = _Channels((new_dim(shape[1], fixed=f"slice of the channels {where} takes",
+            result.channels[node] = _Channels((new_dim(shape[1], fixed=f"output of the channel slice {where}",
                                                        label=node.name),))
         elif function in _ELEMENTWISE or function in _FLATTEN or isinstance(module, nn.Flatten):
             result.channels[node] = _follow_simple_op(node, shape, inputs, in_channels, where)

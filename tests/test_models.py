@@ -196,6 +196,20 @@ def test_info_command_on_a_timm_model(capsys, monkeypatch):
     assert "pip install 'anfast[timm]'" in capsys.readouterr().err
 
 
+def test_info_says_which_groups_keep_full_width_and_why():
+    """CS3DarkNet splits each stage's expanded channels in halves and runs its blocks on
+    the first: the split map and the blocks' residual stream are listed with the reason,
+    and exactly their layers keep full width."""
+    text = describe("timm:cs3darknet_s", 2, "all", 8, 10, 32)
+    kept = dict(re.findall(r"^  (\S+)\s+\d+  (.+)$", text.split("and why:\n")[1], re.M))
+    assert kept["stages.0.conv_exp.conv"] == "channels that split (call_method split) slices"
+    assert kept["stages.0.blocks.0.conv2.conv"] == "output of the channel slice split (call_method split)[0]"
+    rows = re.findall(r"^(\S+)\s+(conv|norm|linear)\s+(\d+)\s+(\d+)\s+(\d+)\s+(\d+)\s+(\S+)$", text, re.M)
+    full = {group for _, _, _, out, _, student_out, group in rows if out == student_out}
+    assert set(kept) == full - {"head.fc"}  # the classifier keeps every class: not listed
+    assert "Kept at full width" not in describe("resnet18", 2, "all", 8, 10, 32)
+
+
 def test_names_and_refusals():
     with pytest.raises(ValueError, match=r"'resnet50x' is not a timm model; did you mean \[.*'resnet50d'"):
         create_model("timm:resnet50x")

@@ -49,6 +49,12 @@ def describe(arch: str, alpha, policy: str, round_to: int, num_classes: int, ima
         student_out = "/".join(map(str, widths.student_out))
         lines.append(f"{name:<34}{widths.kind:<7}{widths.in_channels:>6}{widths.out_channels:>6}  "
                      f"{student_in:>12}{student_out:>13}  {widths.out_group}")
+    # Groups the model's structure keeps whole (a slice, a reordering, a layer scale...);
+    # the class output is left out: it keeps every class by design.
+    kept = [g for g in an.width_groups if g.fixed and g.producers and g.fixed != "model output"]
+    if kept:
+        lines += ["", f"Kept at full width in every student ({len(kept)} groups), and why:"]
+        lines += [f"  {g.name:<32}{g.channels:>6}  {g.fixed}" for g in kept]
     return "\n".join(lines)
 
 
