@@ -185,6 +185,7 @@ class _Analysis:
     reads_shared: dict = field(default_factory=dict)  # module name -> whether its input is in `shared`
     dims: list = field(default_factory=list)
     channelless: set = field(default_factory=set)  # per-network nodes whose channel axis a reduction removed
+    sequences: set = field(default_factory=set)  # per-network (N, 1, C) views, channels along the last axis (ECA)
 
 
 _ELEMENTWISE = {
@@ -277,6 +278,18 @@ def _analyse(gm: torch.fx.GraphModule) -> _Analysis:
         where = _describe(node) if source is None else _describe_element(node, source)
         function = node.target if node.op in ("call_function", "call_method") else None
         x_shape = _node_shape(inputs[0]) if inputs else None
+        if any(n in result.sequences for n in inputs):
+            result.channels[node] = channels_of(next(n for n in inputs if n in result.sequences))
+            if _follow_sequence(node, shape, inputs, module, where, result.channels[node]):
+                result.sequences.add(node)
+            continue
+        if (function in _SEQUENCE_VIEWS and len(inputs) == 1 and x_shape is not None and len(x_shape) == 2
+                and tuple(shape) == (x_shape[0], 1, x_shape[1]) and in_channels[0] is not None
+                and in_channels[0].features_per_channel == 1):
+            # ECA: pooled (N, C) viewed as (N, 1, C), so a Conv1d slides along the channels.
+            result.channels[node] = in_channels[0]
+            result.sequences.add(node)
+            continue
         follows_x = bool(in_channels) and in_channels[0] is not None and len(x_shape) >= 2
         reduced = _reduced_axes(source or node, len(x_shape)) if follows_x else None
         if follows_x and (1 in (reduced or ()) or _mixes_channels(source or node, module, len(x_shape))):
@@ -367,6 +380,51 @@ def _analyse(gm: torch.fx.GraphModule) -> _Analysis:
                     result.channels[node] = _Channels((new_dim(shape[1], fixed=f"channels {where} makes of "
                                                                                f"channel reductions", label=node.name),))
     return result
+
+
+# Views of a pooled (N, C) map as (N, 1, C), the channels along the last axis (ECA).
+_SEQUENCE_VIEWS = {"view", "reshape", torch.reshape, "unsqueeze", torch.unsqueeze}
+
+
+def _follow_sequence(node, shape, inputs, module, where, channels: _Channels) -> bool:
+    """An op on a per-network (N, 1, C) view whose last axis holds the channels (ECA's
+    gate): a Conv1d of one channel sliding along them keeps the view (True); so does an
+    op that acts on each element (an activation: no dim argument, the shape kept); a
+    view back to (N, C, 1, 1) or (N, C) returns the channels to axis 1 (False).
+
+    The Conv1d mixes neighbouring channels, so its groups are marked ``reduced_by``: each
+    network convolves its own channels (the student's last ones see its zero padding), as
+    the exported student does, and a DAN search leaves them unsearched.
+    """
+    x_shape = _node_shape(inputs[0])
+    if isinstance(module, nn.Conv1d):
+        if (module.in_channels, module.out_channels, module.padding_mode) != (1, 1, "zeros") or tuple(shape) != tuple(x_shape):
+            raise AdjoinError(f"{where}: a Conv1d along the channels (ECA) must have one in and one out channel, "
+                              f"zeros padding and keep the length; found {module.in_channels} in, "
+                              f"{module.out_channels} out, padding_mode={module.padding_mode!r}, "
+                              f"{tuple(x_shape)} -> {tuple(shape)}")
+        for part in channels.parts:
+            part.root().reduced_by.append(where)
+        return True
+    if len(inputs) == 1 and len(shape) in (2, 4) and shape[0] == x_shape[0] and shape[1] == x_shape[-1] \
+            and math.prod(shape[2:]) == 1 and (node.target in _SEQUENCE_VIEWS or node.target in _FLATTEN):
+        return False
+    along_an_axis = (any(k in node.kwargs for k in ("dim", "dims", "axis")) or hasattr(module, "dim")
+                     or any(not isinstance(a, (numbers.Number, torch.fx.Node)) for a in node.args[1:])
+                     or any(_in_table(node.target, table) for table in (_MIXING, _REORDERING, _SLICING)))
+    has_parameters = module is not None and any(True for _ in module.parameters())
+    if len(inputs) == 1 and tuple(shape) == tuple(x_shape) and not along_an_axis and not has_parameters:
+        return True
+    raise AdjoinError(f"{where}: acts on channels laid along the last axis {tuple(x_shape)} (ECA's view of a "
+                      "pooled map); anfast follows them through a Conv1d of one channel, activations and a "
+                      "view back to (N, C, 1, 1) only")
+
+
+def _in_table(target: Any, table: Mapping) -> bool:
+    try:
+        return target in table
+    except TypeError:  # an unhashable target
+        return False
 
 
 # Reductions over the axes their ``dim`` names (every axis when it is left out): {op:
@@ -1303,8 +1361,8 @@ def _replace_module(traced, name, module, widths: LayerWidths, analysis, share_a
 def _check_other_parameters(traced, analysis: _Analysis, groups) -> None:
     """Modules with per-channel parameters anfast does not slice must stay at full width."""
     for node in traced.graph.nodes:
-        if node.op != "call_module" or node.target in analysis.layers:
-            continue
+        if node.op != "call_module" or node.target in analysis.layers or node in analysis.sequences:
+            continue  # a Conv1d on a sequence has one in and one out channel: nothing per channel
         module = traced.get_submodule(node.target)
         if not any(True for _ in module.parameters(recurse=True)):
             continue

@@ -457,6 +457,75 @@ def test_sliced_channels_keep_full_width_and_what_the_slices_compute_shrinks(op,
         anfast.adjoin(model, policy={"a": 2}, input_size=(3, 8, 8))
 
 
+class EcaGate(nn.Module):
+    """conv a -> ECA (Wang et al. 2020: a Conv1d of one channel sliding along the pooled
+    channels, spelt as by name) -> conv b -> linear head."""
+
+    SPELLINGS = {  # name -> (the pooled (N, C) map as (N, 1, C), the gate back as (N, C, 1, 1))
+        "timm's view": (lambda y: y.view(y.shape[0], 1, -1), lambda g, y: g.view(y.shape[0], -1, 1, 1)),
+        "unsqueeze and reshape": (lambda y: y.unsqueeze(1), lambda g, y: g.reshape(y.shape[0], -1, 1, 1)),
+        "view back to (N, C)": (lambda y: y.view(y.shape[0], 1, -1), lambda g, y: g.view(y.shape[0], -1)[:, :, None, None]),
+    }
+
+    def __init__(self, spelling: str):
+        super().__init__()
+        self.spelling = spelling
+        self.a, self.b, self.fc = nn.Conv2d(3, 16, 3, padding=1), nn.Conv2d(16, 16, 3, padding=1), nn.Linear(16, 4)
+        self.eca = nn.Conv1d(1, 1, 3, padding=1, bias=False)
+        self.gate = nn.Hardsigmoid()
+
+    def forward(self, x):
+        to_sequence, back = self.SPELLINGS[self.spelling]
+        y = F.relu(self.a(x))
+        gate = back(self.gate(self.eca(to_sequence(y.mean((2, 3)))) * 2), y)
+        return self.fc(F.relu(self.b(y * gate.expand_as(y))).mean((2, 3)))
+
+
+@pytest.mark.parametrize("spelling", list(EcaGate.SPELLINGS))
+def test_an_eca_gate_convolves_each_networks_own_channels(spelling, tmp_path):
+    """Each network slides ECA's Conv1d along its own pooled channels, its last ones
+    next to zero padding, as the exported student (the model's own class) does."""
+    torch.manual_seed(0)
+    model = EcaGate(spelling).double().eval()
+    an = anfast.adjoin(model, alpha=2, policy="all", input_size=(3, 8, 8)).eval()
+    assert an.layer_widths["a"].student_out == an.layer_widths["b"].student_out == (8,)
+    assert [g.reduced_by for g in an.width_groups if g.name == "a"] == [("eca",)]
+    x = torch.randn(2, 3, 8, 8, dtype=torch.float64)
+    with torch.no_grad():
+        # By hand: a's leading 8 filters, the Conv1d over those 8 pooled channels alone.
+        y = F.relu(F.conv2d(x, model.a.weight[:8], model.a.bias[:8], padding=1))
+        gate = F.hardsigmoid(2 * F.conv1d(y.mean((2, 3))[:, None], model.eca.weight, padding=1))
+        y = F.relu(F.conv2d(y * gate[:, 0, :, None, None], model.b.weight[:8, :8], model.b.bias[:8], padding=1))
+        expected = F.linear(y.mean((2, 3)), model.fc.weight[:, :8], model.fc.bias)
+        assert (an(x).student - expected).abs().max() <= 1e-12
+        assert (an(x).base - model(x)).abs().max() <= 1e-12
+        student = anfast.export_student(an, path=tmp_path / "student").eval()
+        assert (student(x) - expected).abs().max() <= 1e-12
+
+
+def test_ops_on_channels_along_the_last_axis_that_anfast_cannot_follow_are_refused():
+    """A Conv1d of two channels, a softmax along the channels and a second operand on ECA's
+    (N, 1, C) view: refused, each naming the node."""
+    class Sequence(nn.Module):
+        def __init__(self, op):
+            super().__init__()
+            self.op, self.a, self.conv = op, nn.Conv2d(3, 16, 1), nn.Conv1d(1, 2, 3, padding=1)
+
+        def forward(self, x):
+            y = self.a(x)
+            s = y.mean((2, 3)).view(y.shape[0], 1, -1)
+            s = {"two channels": lambda: self.conv(s)[:, :1], "softmax": lambda: s.softmax(-1),
+                 "second operand": lambda: s * s}[self.op]()
+            return y * torch.sigmoid(s).view(y.shape[0], -1, 1, 1)
+
+    for op, found in (("two channels", r"^conv: a Conv1d along the channels \(ECA\) must have one in and one "
+                                       r"out channel, zeros padding and keep the length; found 1 in, 2 out"),
+                      ("softmax", r"^softmax \(call_method softmax\): acts on channels laid along the last axis"),
+                      ("second operand", r"^mul \(call_function mul\): acts on channels laid along the last axis")):
+        with pytest.raises(AdjoinError, match=found):
+            anfast.adjoin(Sequence(op), policy="all", input_size=(3, 8, 8))
+
+
 class MixedGate(nn.Module):
     """Two convs concatenated (MixNet's mixed conv) times a gate that one conv computes."""
 
