@@ -31,7 +31,7 @@ from torch import nn
 from torch.nn import functional as F
 from torch.fx.passes.shape_prop import ShapeProp
 
-from anfast.nn import AdjoinedBatchNorm2d, AdjoinedConv2d, AdjoinedLinear
+from anfast.nn import AdjoinedBatchNorm2d, AdjoinedConv2d, AdjoinedLayerNorm, AdjoinedLinear
 from anfast.nn.conv import numeric_padding, unknown_backend
 from anfast.nn.modes import eval_mode
 
@@ -113,7 +113,7 @@ class WidthGroup:
 class LayerWidths:
     """Base and student widths of one adjoined layer."""
 
-    kind: str  # "conv", "linear" or "norm"
+    kind: str  # "conv", "linear", "norm" (a batch norm) or "layernorm"
     in_channels: int
     out_channels: int
     student_in: tuple[int, ...]
@@ -186,6 +186,7 @@ class _Analysis:
     dims: list = field(default_factory=list)
     channelless: set = field(default_factory=set)  # per-network nodes whose channel axis a reduction removed
     sequences: set = field(default_factory=set)  # per-network (N, 1, C) views, channels along the last axis (ECA)
+    channels_last: set = field(default_factory=set)  # per-network (N, H, W, C) permutes (ConvNeXt's blocks)
 
 
 _ELEMENTWISE = {
@@ -283,6 +284,15 @@ def _analyse(gm: torch.fx.GraphModule) -> _Analysis:
             if _follow_sequence(node, shape, inputs, module, where, result.channels[node]):
                 result.sequences.add(node)
             continue
+        if any(n in result.channels_last for n in inputs):
+            _follow_channels_last(node, shape, inputs, module, where, result, new_dim)
+            continue
+        if (function in (torch.permute, "permute") and _permutation(node) == (0, 2, 3, 1) and len(inputs) == 1
+                and in_channels[0] is not None and in_channels[0].features_per_channel == 1):
+            # ConvNeXt: (N, C, H, W) -> (N, H, W, C) for a LayerNorm and Linear layers on the channels.
+            result.channels[node] = in_channels[0]
+            result.channels_last.add(node)
+            continue
         if (function in _SEQUENCE_VIEWS and len(inputs) == 1 and x_shape is not None and len(x_shape) == 2
                 and tuple(shape) == (x_shape[0], 1, x_shape[1]) and in_channels[0] is not None
                 and in_channels[0].features_per_channel == 1):
@@ -337,6 +347,15 @@ def _analyse(gm: torch.fx.GraphModule) -> _Analysis:
                 raise AdjoinError(f"{where}: anfast adjoins Linear layers on (N, features) inputs only")
             result.channels[node] = _Channels((new_dim(module.out_features, producer=node.target),))
             _record_layer(result, node, "linear", x, result.channels[node], where)
+        elif isinstance(module, nn.LayerNorm) and _adopts_layer_norm(module, shape, channels_last=False):
+            # timm's LayerNorm2d on (N, C, H, W), a LayerNorm on (N, C) features.
+            _record_layer_norm(result, node, in_channels[0], where)
+        elif (function in _FLATTEN and inputs and inputs[0] in result.shared and in_channels[0] is None
+              and len(shape) >= 2 and shape[1] > 1 and math.prod(shape) == shape[1]):
+            # A per-channel vector viewed as (1, C, 1, 1) (ConvNeXt's layer scale) has no
+            # student slice: the channels it meets keep full width.
+            why = f"channels of {getattr(inputs[0], 'target', inputs[0].name)} {tuple(x_shape)}"
+            result.channels[node] = _Channels((new_dim(shape[1], fixed=why, label=node.name),))
         elif isinstance(module, nn.modules.batchnorm._BatchNorm):
             if not isinstance(module, nn.BatchNorm2d):
                 raise AdjoinError(f"{where}: {type(module).__name__} is not supported; anfast adjoins BatchNorm2d")
@@ -382,6 +401,98 @@ def _analyse(gm: torch.fx.GraphModule) -> _Analysis:
     return result
 
 
+def _permutation(node: torch.fx.Node) -> Optional[tuple]:
+    """The dims of ``x.permute(0, 2, 3, 1)``, ``torch.permute(x, (0, 2, 3, 1))``, ``dims=``."""
+    dims = node.kwargs.get("dims", node.args[1:] if len(node.args) > 2 else node.args[1] if len(node.args) > 1 else None)
+    return tuple(dims) if isinstance(dims, (tuple, list)) and all(isinstance(d, int) for d in dims) else None
+
+
+# LayerNorm classes adjoin adopts as a layer, by the axis they normalise: the last one,
+# or axis 1 of (N, C, H, W). timm's compute what nn.LayerNorm does (unless its fast-norm
+# kernels are on, which compute it otherwise).
+_LAYER_NORMS = {"timm.layers.norm.LayerNorm": -1, "timm.layers.norm.LayerNorm2d": 1}
+
+
+def _layer_norm_axis(module: nn.LayerNorm) -> Optional[int]:
+    """-1 or 1: the axis of the channels a LayerNorm anfast adopts normalises; None for others."""
+    if len(module.normalized_shape) != 1 or getattr(module, "_fast_norm", False):
+        return None
+    return -1 if type(module).forward is nn.LayerNorm.forward else _LAYER_NORMS.get(_qualified_name(type(module)))
+
+
+def _adopts_layer_norm(module: nn.LayerNorm, shape, channels_last: bool) -> bool:
+    """Whether ``module`` normalises exactly the channels of its (N, H, W, C) input when
+    ``channels_last``, else of its (N, C, H, W) or (N, C) input."""
+    axis = _layer_norm_axis(module)
+    if channels_last:
+        return axis == -1 and len(shape) == 4 and shape[-1] == module.normalized_shape[0]
+    return shape[1] == module.normalized_shape[0] and ((axis == 1 and len(shape) == 4) or (axis == -1 and len(shape) == 2))
+
+
+def _record_layer_norm(result: _Analysis, node: torch.fx.Node, x: _Channels, where: str) -> None:
+    """A LayerNorm over the channels: each network normalises its own (so a DAN search,
+    which masks channels to zero at full width, leaves its groups unsearched)."""
+    if x is None or x.features_per_channel != 1:
+        raise AdjoinError(f"{where}: cannot follow the channels of its input")
+    for part in x.parts:
+        part.root().reduced_by.append(where)
+    result.channels[node] = x
+    _record_layer(result, node, "layernorm", x, x, where)
+
+
+def _acts_per_element(node: torch.fx.Node, shape, inputs, module: Optional[nn.Module]) -> bool:
+    """Whether ``node`` maps its one tensor input element by element (an activation, a
+    dropout, a scale by a number): the shape kept, no dim argument, no parameters."""
+    along_an_axis = (any(k in node.kwargs for k in ("dim", "dims", "axis")) or hasattr(module, "dim")
+                     or any(not isinstance(a, (numbers.Number, torch.fx.Node)) for a in node.args[1:])
+                     or any(_in_table(node.target, table) for table in (_MIXING, _REORDERING, _SLICING)))
+    has_parameters = module is not None and any(True for _ in module.parameters())
+    return len(inputs) == 1 and tuple(shape) == tuple(_node_shape(inputs[0])) and not along_an_axis \
+        and not has_parameters
+
+
+def _follow_channels_last(node, shape, inputs, module, where, result: _Analysis, new_dim) -> None:
+    """An op on a per-network (N, H, W, C) tensor (ConvNeXt's block between its permutes):
+    Linear layers and a LayerNorm over the channels are adjoined there, activations and
+    elementwise ops between such tensors pass, ``permute(0, 3, 1, 2)`` returns the
+    channels to axis 1; anything else is refused."""
+    x_node = next(n for n in inputs if n in result.channels_last)
+    x, x_shape = result.channels[x_node], _node_shape(x_node)
+    function = node.target if node.op in ("call_function", "call_method") else None
+    if function in (torch.permute, "permute") and _permutation(node) == (0, 3, 1, 2):
+        result.channels[node] = x
+        return
+    result.channels_last.add(node)
+    if isinstance(module, nn.Linear):
+        _check_layer_class(module, where)
+        result.channels[node] = _Channels((new_dim(module.out_features, producer=node.target),))
+        _record_layer(result, node, "linear", x, result.channels[node], where)
+        return
+    if isinstance(module, nn.LayerNorm) and _adopts_layer_norm(module, shape, channels_last=True):
+        _record_layer_norm(result, node, x, where)
+        return
+    if function in _ELEMENTWISE and tuple(shape) == tuple(x_shape):
+        for other in inputs:
+            other_shape = _node_shape(other)
+            if other in result.channels_last and tuple(other_shape) == tuple(shape):
+                for a, b in zip(x.parts, result.channels[other].parts):
+                    _union(a, b, where)
+            elif other in result.shared and other_shape and other_shape[-1] == shape[-1] > 1:
+                # A per-channel scale (a layer scale of shape (C,)) has no student slice.
+                _keep_full_width(x, f"channels of {getattr(other, 'target', other.name)} {tuple(other_shape)}")
+            elif other not in result.shared or (other_shape and other_shape[-1] not in (1, shape[-1])):
+                raise AdjoinError(f"{where}: meets a tensor of shape {tuple(other_shape)} that is not "
+                                  f"channels-last; anfast joins channels-last tensors of one shape only")
+        result.channels[node] = x
+        return
+    if _acts_per_element(node, shape, inputs, module):
+        result.channels[node] = x
+        return
+    raise AdjoinError(f"{where}: acts on channels-last {tuple(x_shape)} (after a permute(0, 2, 3, 1)); anfast "
+                      "follows channels there through Linear layers, a LayerNorm over them, activations, "
+                      "elementwise ops and the permute(0, 3, 1, 2) back only")
+
+
 # Views of a pooled (N, C) map as (N, 1, C), the channels along the last axis (ECA).
 _SEQUENCE_VIEWS = {"view", "reshape", torch.reshape, "unsqueeze", torch.unsqueeze}
 
@@ -409,11 +520,7 @@ def _follow_sequence(node, shape, inputs, module, where, channels: _Channels) ->
     if len(inputs) == 1 and len(shape) in (2, 4) and shape[0] == x_shape[0] and shape[1] == x_shape[-1] \
             and math.prod(shape[2:]) == 1 and (node.target in _SEQUENCE_VIEWS or node.target in _FLATTEN):
         return False
-    along_an_axis = (any(k in node.kwargs for k in ("dim", "dims", "axis")) or hasattr(module, "dim")
-                     or any(not isinstance(a, (numbers.Number, torch.fx.Node)) for a in node.args[1:])
-                     or any(_in_table(node.target, table) for table in (_MIXING, _REORDERING, _SLICING)))
-    has_parameters = module is not None and any(True for _ in module.parameters())
-    if len(inputs) == 1 and tuple(shape) == tuple(x_shape) and not along_an_axis and not has_parameters:
+    if _acts_per_element(node, shape, inputs, module):
         return True
     raise AdjoinError(f"{where}: acts on channels laid along the last axis {tuple(x_shape)} (ECA's view of a "
                       "pooled map); anfast follows them through a Conv1d of one channel, activations and a "
@@ -1032,7 +1139,8 @@ class _Tracer(torch.fx.Tracer):
         super().__init__(autowrap_functions=functions)
 
     def is_leaf_module(self, module: nn.Module, qualified_name: str) -> bool:
-        return (isinstance(module, (nn.Conv2d, nn.Linear, nn.modules.batchnorm._BatchNorm) + self._timm_leaves)
+        return (isinstance(module, (nn.Conv2d, nn.Linear, nn.modules.batchnorm._BatchNorm, nn.LayerNorm)
+                           + self._timm_leaves)
                 or _qualified_name(type(module)) in _STOCHASTIC_DEPTH
                 or super().is_leaf_module(module, qualified_name))
 
@@ -1349,6 +1457,11 @@ def _replace_module(traced, name, module, widths: LayerWidths, analysis, share_a
             module, student_in_features=widths.student_in, student_out_features=widths.student_out,
             student_in_indices=widths.in_indices, input_shared=shared,
         )
+    elif widths.kind == "layernorm":
+        if any(index is not None for index in widths.in_indices):
+            raise AdjoinError(f"{name}: a LayerNorm over concatenated channels whose parts shrink; anfast "
+                              "normalises each network's leading channels only")
+        new = AdjoinedLayerNorm.from_layernorm(module, widths.student_out, _layer_norm_axis(module))
     else:
         new = AdjoinedBatchNorm2d.from_batchnorm(module, widths.student_out, widths.in_indices, share_affine)
         for child in _norm_epilogue(module):  # parameter-free, applied to every network's output

@@ -44,6 +44,7 @@ _LAYER_KEYS = {
     "Conv2d": {"in_channels", "out_channels", "kernel_size", "stride", "padding", "dilation", "groups", "bias"},
     "BatchNorm2d": {"num_features", "eps", "momentum", "affine", "track_running_stats"},
     "Linear": {"in_features", "out_features", "bias"},
+    "LayerNorm": {"normalized_shape", "eps", "elementwise_affine", "bias"},
 }
 
 
@@ -57,6 +58,9 @@ def _layer_spec(module: nn.Module) -> dict:
         return {"type": "BatchNorm2d", "num_features": module.num_features, "eps": module.eps,
                 "momentum": module.momentum, "affine": module.affine,
                 "track_running_stats": module.track_running_stats}
+    if isinstance(module, nn.LayerNorm):
+        return {"type": "LayerNorm", "normalized_shape": list(module.normalized_shape), "eps": module.eps,
+                "elementwise_affine": module.elementwise_affine, "bias": module.bias is not None}
     return {"type": "Linear", "in_features": module.in_features, "out_features": module.out_features,
             "bias": module.bias is not None}
 
@@ -70,12 +74,14 @@ def _layer_from_spec(spec: dict, device: Union[str, torch.device] = "cpu") -> nn
         return nn.BatchNorm2d(**args, device=device)
     if kind == "Linear":
         return nn.Linear(**args, device=device)
+    if kind == "LayerNorm":
+        return nn.LayerNorm(**{**args, "normalized_shape": tuple(args["normalized_shape"])}, device=device)
     raise ValueError(f"unknown layer type {kind!r} in an anfast export config")
 
 
 # What a layer of a spec may differ in from the model's layer; the rest must match.
 _SIZES = {"Conv2d": ("in_channels", "out_channels", "groups"), "BatchNorm2d": ("num_features",),
-          "Linear": ("in_features", "out_features")}
+          "Linear": ("in_features", "out_features"), "LayerNorm": ("normalized_shape",)}
 
 
 def _resize_layer(module: nn.Module, spec: dict, device) -> None:
@@ -110,6 +116,11 @@ def _student_layer(an: AdjoinedNetwork, name: str, widths: LayerWidths, s: int) 
         weight, bias = module.network_weight(s + 1)
         plain = nn.Linear(widths.student_in[s], widths.student_out[s], bias is not None, device="meta")
         state = {"weight": weight, **({"bias": bias} if bias is not None else {})}
+    elif widths.kind == "layernorm":
+        weight, bias = module.network_affine(s + 1)
+        plain = nn.LayerNorm(widths.student_out[s], module.eps, module.elementwise_affine, bias is not None,
+                             device="meta")
+        state = {key: value for key, value in (("weight", weight), ("bias", bias)) if value is not None}
     else:
         norm = module.student_norms[s]
         plain = nn.BatchNorm2d(norm.num_features, module.eps, module.momentum, module.affine,
@@ -454,6 +465,13 @@ def _layer_shapes(spec: dict) -> dict[str, tuple[int, ...]]:
     if spec["type"] == "Linear":
         shapes = {"weight": (size_of("out_features"), size_of("in_features"))}
         return {**shapes, **({"bias": (size_of("out_features"),)} if spec["bias"] else {})}
+    if spec["type"] == "LayerNorm":
+        if not isinstance(spec["normalized_shape"], list) or len(spec["normalized_shape"]) != 1:
+            raise ValueError(f"normalized_shape={spec['normalized_shape']!r} must be a list of one whole number")
+        features = (size(spec["normalized_shape"][0], "normalized_shape"),)
+        if not spec["elementwise_affine"]:
+            return {}
+        return {"weight": features, **({"bias": features} if spec["bias"] else {})}
     features = (size_of("num_features"),)
     shapes = {"weight": features, "bias": features} if spec["affine"] else {}
     if spec["track_running_stats"]:

@@ -34,7 +34,7 @@ resnest14d dla34 dpn68 densenet121 vgg11 efficientnet_b0 efficientnet_lite0 mobi
 mixnet_s ghostnet_100 regnetx_002 regnety_002 regnetz_005 rexnet_100 hrnet_w18_small cspresnet50 cspdarknet53
 cs3darknet_s convnext_atto convnextv2_atto repvgg_a0 tinynet_a fbnetv3_b lcnet_050 hardcorenas_a nf_resnet26
 selecsls42 ese_vovnet19b_dw tresnet_m inception_v3 xception41 mnasnet_100 spnasnet_100 resnetv2_50 gernet_s
-mobileone_s0 inception_next_atto dm_nfnet_f0 botnet26t_256 halonet26t lambda_resnet26t sebotnet33ts_256 resnet18d
+mobileone_s0 inception_next_atto convnext_tiny dm_nfnet_f0 botnet26t_256 halonet26t lambda_resnet26t sebotnet33ts_256 resnet18d
 eca_nfnet_l0 efficientnetv2_rw_t mobilevit_xxs edgenext_xx_small poolformer_s12 convmixer_768_32 sedarknet21""".split()
 
 

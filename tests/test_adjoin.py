@@ -526,6 +526,86 @@ def test_ops_on_channels_along_the_last_axis_that_anfast_cannot_follow_are_refus
             anfast.adjoin(Sequence(op), policy="all", input_size=(3, 8, 8))
 
 
+class ChannelsLastBlock(nn.Module):
+    """A ConvNeXt block (Liu et al. 2022) with its layer scale spelt by name: depthwise
+    conv, permute to (N, H, W, C), LayerNorm, Linear to 4C, GELU, Linear back, permute
+    back, residual; then a LayerNorm on the pooled (N, C) features and a linear head."""
+
+    SCALES = ("none", "(C,) on (N, H, W, C)", "(C,) viewed as (1, C, 1, 1)")
+
+    def __init__(self, scale: str):
+        super().__init__()
+        self.scale = scale
+        self.stem, self.dw = nn.Conv2d(3, 16, 2, stride=2), nn.Conv2d(16, 16, 3, padding=1, groups=16)
+        self.norm, self.fc1, self.fc2 = nn.LayerNorm(16, eps=1e-6), nn.Linear(16, 64), nn.Linear(64, 16)
+        self.gamma = nn.Parameter(torch.rand(16))
+        self.head_norm, self.head = nn.LayerNorm(16), nn.Linear(16, 4)
+
+    def forward(self, x):
+        x = self.stem(x)
+        y = self.fc2(F.gelu(self.fc1(self.norm(self.dw(x).permute(0, 2, 3, 1)))))
+        if self.scale == "(C,) on (N, H, W, C)":
+            y = y * self.gamma
+        y = y.permute(0, 3, 1, 2)
+        if self.scale == "(C,) viewed as (1, C, 1, 1)":
+            y = y.mul(self.gamma.reshape(1, -1, 1, 1))
+        return self.head(self.head_norm((x + y).mean((2, 3))))
+
+
+@pytest.mark.parametrize("scale", ChannelsLastBlock.SCALES)
+def test_a_convnext_block_adjoins_its_linears_and_layer_norms_on_channels_last(scale, tmp_path):
+    """Each network normalises its own channels (the leading slice of the LayerNorm's
+    affine parameters) and runs the leading block of each Linear on (N, H, W, C); a layer
+    scale has no student slice, so the channels it meets keep full width."""
+    torch.manual_seed(0)
+    model = ChannelsLastBlock(scale).double().eval()
+    an = anfast.adjoin(model, alpha=2, policy="all", input_size=(3, 8, 8)).eval()
+    width = 16 if scale != "none" else 8
+    assert an.layer_widths["fc1"].student_out == (32,) and an.layer_widths["stem"].student_out == (width,)
+    assert an.layer_widths["norm"].kind == an.layer_widths["head_norm"].kind == "layernorm"
+    x = torch.randn(2, 3, 8, 8, dtype=torch.float64)
+    with torch.no_grad():
+        # By hand: leading slices of every weight, the norms over the student's own channels.
+        h = F.conv2d(x, model.stem.weight[:width], model.stem.bias[:width], stride=2)
+        y = F.conv2d(h, model.dw.weight[:width], model.dw.bias[:width], padding=1, groups=width)
+        y = F.layer_norm(y.permute(0, 2, 3, 1), (width,), model.norm.weight[:width], model.norm.bias[:width], 1e-6)
+        y = F.gelu(F.linear(y, model.fc1.weight[:32, :width], model.fc1.bias[:32]))
+        y = F.linear(y, model.fc2.weight[:width, :32], model.fc2.bias[:width])
+        y = (y * model.gamma if scale != "none" else y).permute(0, 3, 1, 2)
+        pooled = F.layer_norm((h + y).mean((2, 3)), (width,), model.head_norm.weight[:width],
+                              model.head_norm.bias[:width])
+        expected = F.linear(pooled, model.head.weight[:, :width], model.head.bias)
+        assert (an(x).student - expected).abs().max() <= 1e-12
+        assert (an(x).base - model(x)).abs().max() <= 1e-12
+        anfast.export_student(an, path=tmp_path / "student")
+        loaded = anfast.load_student(tmp_path / "student", model=ChannelsLastBlock(scale)).double().eval()
+        assert loaded.norm.normalized_shape == (width,) and loaded.fc1.out_features == 32
+        assert (loaded(x) - expected).abs().max() <= 1e-12
+    if scale != "none":
+        with pytest.raises(AdjoinError, match=r"policy asks to shrink stem, but its channels are the channels "
+                                              r"of gamma \(16,\)"):
+            anfast.adjoin(model, policy={"stem": 2}, input_size=(3, 8, 8))
+
+
+def test_ops_on_channels_last_that_anfast_cannot_follow_are_refused():
+    """A mean over the channels-last map's width and a LayerNorm over (H, W, C): refused,
+    naming the node."""
+    class Last(nn.Module):
+        def __init__(self, op):
+            super().__init__()
+            self.op, self.a, self.norm = op, nn.Conv2d(3, 16, 1), nn.LayerNorm((8, 8, 16))
+
+        def forward(self, x):
+            y = self.a(x).permute(0, 2, 3, 1)
+            y = {"mean": lambda: y - y.mean(2, keepdim=True), "wide norm": lambda: self.norm(y)}[self.op]()
+            return y.permute(0, 3, 1, 2)
+
+    for op, found in (("mean", r"^mean \(call_method mean\): acts on channels-last \(2, 8, 8, 16\)"),
+                      ("wide norm", r"^norm: acts on channels-last")):
+        with pytest.raises(AdjoinError, match=found):
+            anfast.adjoin(Last(op), policy="all", input_size=(3, 8, 8))
+
+
 class MixedGate(nn.Module):
     """Two convs concatenated (MixNet's mixed conv) times a gate that one conv computes."""
 

@@ -160,6 +160,21 @@ def test_a_group_reduced_over_is_not_searched_so_masks_still_give_the_derived_st
     _assert_one_hot_gates_give_the_derived_student(model, network, space, (narrowest, [1, 2, 0, 1, 2], [0] * 5))
 
 
+def test_a_convnext_block_is_searched_through_its_hidden_linear_features():
+    """ConvNeXt's hidden features (Linear to 4C on (N, H, W, C)) are searched, masked along
+    the last axis; the groups its LayerNorms normalise are not. The masked network computes
+    each derived student exactly, at the cost the cost model gives it (a linear on
+    channels-last applies its weight at every H * W position)."""
+    from test_adjoin import ChannelsLastBlock
+
+    torch.manual_seed(0)
+    model = ChannelsLastBlock("none")
+    network = anfast.adjoin(model, alpha=1, policy="all", input_size=(3, 8, 8)).double().eval()
+    space = SearchSpace.from_network(network, choices=(1, 2, 4), round_to=4)
+    assert space.group_names == ["fc1"]
+    _assert_one_hot_gates_give_the_derived_student(model, network, space, ([0], [1], [2]))
+
+
 def test_group_names_are_unique_where_nodes_are_named_like_layers():
     """A buffer read twice (two get_attr nodes) and a channel mean computed before a layer
     named "mean" (the mean's node takes the name): DAN keys choices by group name."""

@@ -105,11 +105,13 @@ def test_xresnet_student_exports_and_loads_by_name(tmp_path):
 # ResNet-18-D with CBAM in every block: a gate of the mean and max over the channels.
 # CS3DarkNet splits its channels in halves, GhostNet keeps x[:, :k] of a concat and calls
 # F.dropout(training=self.training) in its head, MixNet gates its mixed convs' concat;
-# ECA-ResNet slides a Conv1d along each block's pooled channels.
+# ECA-ResNet slides a Conv1d along each block's pooled channels. ConvNeXt's blocks run
+# LayerNorm and Linear layers on (N, H, W, C) and scale by a gamma (which keeps its
+# channels full); ConvNeXt-V2 has no gamma, 1x1 convs, LayerNorm2d and a GRN.
 TIMM_MODELS = [("resnet18d", {"block_args": {"attn_layer": "cbam"}}), ("resnet50d", {"drop_path_rate": 0.1}),
                ("efficientnet_b0", {"drop_path_rate": 0.2}), ("mobilenetv3_large_100", {}),
                ("regnety_016", {}), ("cs3darknet_s", {}), ("ghostnet_100", {}), ("mixnet_s", {}),
-               ("ecaresnet26t", {})]
+               ("ecaresnet26t", {}), ("convnext_atto", {"conv_mlp": False}), ("convnextv2_atto", {})]
 
 
 @pytest.mark.parametrize("name, kwargs", TIMM_MODELS,

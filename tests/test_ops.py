@@ -272,6 +272,46 @@ def test_a_reflect_padded_layer_says_what_adjoin_does_with_such_a_conv():
         anfast.adjoin(stem_reflects, alpha=2, policy="all", input_size=(3, 6, 6), round_to=4)
 
 
+@pytest.mark.parametrize("channels_axis", [-1, 1])
+def test_adjoined_layer_norm_normalises_each_networks_own_channels_with_every_gradient(channels_axis):
+    """Two nested students of 13 channels (7 and 3) on odd shapes: outputs and the gradients
+    of input and affine parameters vs F.layer_norm on the sliced parameters in float64,
+    the norm over the last axis of (N, H, W, C) or over axis 1 of (N, C, H, W)."""
+    from anfast.nn import AdjoinedLayerNorm
+
+    torch.manual_seed(0)
+    norm = AdjoinedLayerNorm(13, eps=1e-6, student_features=(7, 3), channels_axis=channels_axis,
+                             dtype=torch.float64)
+    with torch.no_grad():
+        norm.weight.normal_(), norm.bias.normal_()
+    shape = (3, 5, 7, 13) if channels_axis == -1 else (3, 13, 5, 7)
+    base = torch.randn(shape, dtype=torch.float64, requires_grad=True)
+    students = [torch.randn(shape, dtype=torch.float64).narrow(channels_axis, 0, c).contiguous().requires_grad_()
+                for c in (7, 3)]
+    outputs = norm(base, *students)
+    grads = [torch.randn_like(y) for y in outputs]
+    got = torch.autograd.grad(outputs, (base, *students, norm.weight, norm.bias), grads)
+
+    weight, bias = norm.weight.detach().clone().requires_grad_(), norm.bias.detach().clone().requires_grad_()
+    inputs = [x.detach().clone().requires_grad_() for x in (base, *students)]
+    def reference(x, width):
+        last = x if channels_axis == -1 else x.permute(0, 2, 3, 1)
+        y = F.layer_norm(last, (width,), weight[:width], bias[:width], 1e-6)
+        return y if channels_axis == -1 else y.permute(0, 3, 1, 2)
+    expected = [reference(x, c) for x, c in zip(inputs, (13, 7, 3))]
+    want = torch.autograd.grad(expected, (*inputs, weight, bias), grads)
+    for y, e in zip(outputs, expected):
+        torch.testing.assert_close(y, e, rtol=1e-12, atol=1e-12)
+    for name, g, w in zip(("base", "student 0", "student 1", "weight", "bias"), got, want):
+        torch.testing.assert_close(g, w, rtol=1e-12, atol=1e-12, msg=lambda m: f"{name}: {m}")
+    with pytest.raises(ValueError, match=r"student 0's input has shape"):
+        norm(base, students[1], students[1])
+    with pytest.raises(ValueError, match=r"AdjoinedLayerNorm: student_features=\(14,\) must be in \[1, 13\]"):
+        AdjoinedLayerNorm(13, student_features=(14,))
+    with pytest.raises(ValueError, match=r"AdjoinedLayerNorm: LayerNorm normalises over \(4, 13\)"):
+        AdjoinedLayerNorm.from_layernorm(nn.LayerNorm((4, 13)), (7,))
+
+
 def test_norm_and_linear_check_their_students_as_the_conv_does():
     """zip dropped a missing or extra student input silently, and AdjoinedLinear took
     student widths wider than the base's."""

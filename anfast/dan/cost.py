@@ -37,7 +37,7 @@ __all__ = ["CostModel"]
 
 @dataclass(frozen=True)
 class _Layer:
-    kind: str  # "conv", "linear" or "norm"
+    kind: str  # "conv", "linear", "norm" (a batch norm) or "layernorm"
     in_group: int  # index into the cost model's channel vector
     out_group: int
     in_features_per_channel: int  # > 1 for a linear after flatten(C x H x W)
@@ -70,7 +70,8 @@ class CostModel:
         self._layers = []
         for name, widths in network.layer_widths.items():
             module = modules[name]
-            if widths.kind == "norm" and not module.affine:
+            if (widths.kind == "norm" and not module.affine) or (
+                    widths.kind == "layernorm" and not module.elementwise_affine):
                 continue
             grouped = widths.kind == "conv" and module.groups > 1
             in_group, out_group = (f"concat:{name}" if group == "concat" else group
@@ -81,7 +82,7 @@ class CostModel:
                 out_group=index[out_group],
                 in_features_per_channel=widths.in_channels // channels[in_group],
                 kernel=module.kernel_size[0] * module.kernel_size[1] if widths.kind == "conv" else 1,
-                positions=positions[name] if widths.kind != "norm" else 1,
+                positions=positions[name] if widths.kind in ("conv", "linear") else 1,
                 in_per_group=module.in_channels // module.groups if grouped else 0,
                 bias=widths.kind != "norm" and module.bias is not None,
             ))
@@ -158,8 +159,8 @@ class CostModel:
 
         for layer in self._layers:
             c_out = channels(layer.out_group)
-            if layer.kind == "norm":
-                add("params", 2.0, c_out)
+            if layer.kind in ("norm", "layernorm"):  # a weight and a bias per channel (a LayerNorm may lack the bias)
+                add("params", 1.0 + (layer.kind == "norm" or layer.bias), c_out)
                 continue
             c_in = ((float(layer.in_per_group), ()) if layer.in_per_group
                     else channels(layer.in_group, float(layer.in_features_per_channel)))
@@ -199,8 +200,8 @@ class CostModel:
         params = channels.new_zeros(())
         for layer in self._layers:
             c_out = channels[layer.out_group]
-            if layer.kind == "norm":
-                params = params + 2 * c_out
+            if layer.kind in ("norm", "layernorm"):
+                params = params + (1 + (layer.kind == "norm" or layer.bias)) * c_out
                 continue
             c_in = layer.in_per_group if layer.in_per_group else channels[layer.in_group] * layer.in_features_per_channel
             flops = flops + 2 * layer.kernel * layer.positions * c_in * c_out
@@ -210,14 +211,16 @@ class CostModel:
 
 def _output_positions(network: AdjoinedNetwork, input_size: Sequence[int]) -> dict[str, int]:
     """Where each conv and linear applies its weight in one forward pass at batch 1: H_out *
-    W_out of a conv, 1 for a linear, summed over the calls of a layer called more than once
-    (CBAM's channel MLP runs on the average- and on the max-pooled map)."""
+    W_out of a conv, 1 for a linear on (N, F) and H * W for one on ConvNeXt's (N, H, W, C),
+    summed over the calls of a layer called more than once (CBAM's channel MLP runs on the
+    average- and on the max-pooled map)."""
     sizes: dict[str, int] = {}
 
-    def count(name: str, out: tuple) -> None:
-        sizes[name] = sizes.get(name, 0) + out[0][0].numel() // out[0].shape[1]  # batch 1: positions
+    def count(name: str, out: tuple, axis: int) -> None:
+        sizes[name] = sizes.get(name, 0) + out[0][0].numel() // out[0].shape[axis]  # batch 1: positions
 
-    hooks = [module.register_forward_hook(lambda m, args, out, name=name: count(name, out))
+    hooks = [module.register_forward_hook(
+                 lambda m, args, out, name=name: count(name, out, -1 if isinstance(m, nn.Linear) else 1))
              for name, module in network.named_modules() if isinstance(module, (nn.Conv2d, nn.Linear))]
     parameter = next(network.parameters())
     try:

@@ -91,7 +91,7 @@ def derive(
         "target": dict(target or {}),
         "choices": [float(c) for c in choices] if choices is not None else None,
         "layers": {name: {"channels": w.out_channels, "width": w.student_out[0]}
-                   for name, w in network.layer_widths.items() if w.kind != "norm"},
+                   for name, w in network.layer_widths.items() if w.kind in ("conv", "linear")},
     }
 
 

@@ -15,6 +15,7 @@ from torch import nn
 
 from anfast.adjoin import AdjoinedNetwork
 from anfast.dan.space import SearchSpace
+from anfast.nn import AdjoinedLinear
 
 __all__ = ["ChoiceGates", "StudentMasks", "temperature", "entropy"]
 
@@ -102,7 +103,9 @@ class StudentMasks:
                 raise RuntimeError("StudentMasks: call set_gates(gates) before running the network")
             base, student, *rest = outputs
             mask = self._masks[group].to(student.dtype)
-            shape = (1, -1) + (1,) * (student.dim() - 2)
+            # A linear's features are its last axis: (N, F), or (N, H, W, C) in ConvNeXt's blocks.
+            shape = ((1,) * (student.dim() - 1) + (-1,) if isinstance(module, AdjoinedLinear)
+                     else (1, -1) + (1,) * (student.dim() - 2))
             return (base, student * mask.view(shape), *rest)
 
         return apply

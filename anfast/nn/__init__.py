@@ -2,7 +2,8 @@
 
 from anfast.nn.batchnorm import AdjoinedBatchNorm2d, AdjoinedSyncBatchNorm2d, convert_sync_batchnorm
 from anfast.nn.conv import AdjoinedConv2d
+from anfast.nn.layernorm import AdjoinedLayerNorm
 from anfast.nn.linear import AdjoinedLinear
 
-__all__ = ["AdjoinedConv2d", "AdjoinedBatchNorm2d", "AdjoinedSyncBatchNorm2d", "AdjoinedLinear",
-           "convert_sync_batchnorm"]
+__all__ = ["AdjoinedConv2d", "AdjoinedBatchNorm2d", "AdjoinedSyncBatchNorm2d", "AdjoinedLayerNorm",
+           "AdjoinedLinear", "convert_sync_batchnorm"]

@@ -1,0 +1,86 @@
+"""AdjoinedLayerNorm: a LayerNorm over the channels whose leading slice serves the students."""
+
+from __future__ import annotations
+
+from typing import Optional, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from anfast.nn.conv import check_student_inputs
+from anfast.nn.streams import network_stream
+
+__all__ = ["AdjoinedLayerNorm"]
+
+
+class AdjoinedLayerNorm(nn.LayerNorm):
+    """LayerNorm over the channels for the base, and for each student over its own.
+
+    Each network normalises its own channels, as the exported student (the model's own
+    class with a narrower norm) does. A LayerNorm keeps no running statistics, so the
+    students use the leading slice of the base's affine parameters, as convs use the
+    leading slice of their weight. ``channels_axis`` is -1 for a norm over the last axis
+    (ConvNeXt's blocks on (N, H, W, C), timm's LayerNorm) or 1 for one over axis 1 of
+    (N, C, H, W) (timm's LayerNorm2d).
+
+    Call as ``norm(x_base, *x_students)``; returns ``(y_base, *y_students)``.
+    """
+
+    def __init__(
+        self,
+        num_features: int,
+        eps: float = 1e-5,
+        elementwise_affine: bool = True,
+        bias: bool = True,
+        *,
+        student_features: Sequence[int] = (),
+        channels_axis: int = -1,
+        device=None,
+        dtype=None,
+    ) -> None:
+        super().__init__(num_features, eps, elementwise_affine, bias, device=device, dtype=dtype)
+        if channels_axis not in (1, -1):
+            raise ValueError(f"AdjoinedLayerNorm: channels_axis={channels_axis}; give -1 (N, ..., C) or 1 (N, C, H, W)")
+        self.student_features = tuple(int(c) for c in student_features)
+        if not all(1 <= c <= num_features for c in self.student_features):
+            raise ValueError(f"AdjoinedLayerNorm: student_features={self.student_features} must be in "
+                             f"[1, {num_features}] (the base's)")
+        self.channels_axis = channels_axis
+
+    @classmethod
+    def from_layernorm(cls, norm: nn.LayerNorm, student_features: Sequence[int],
+                       channels_axis: int = -1) -> "AdjoinedLayerNorm":
+        """An AdjoinedLayerNorm that shares ``norm``'s parameters (the same Parameter objects)."""
+        if len(norm.normalized_shape) != 1:
+            raise ValueError(f"AdjoinedLayerNorm: {type(norm).__name__} normalises over "
+                             f"{tuple(norm.normalized_shape)}; anfast adjoins norms over the channels alone")
+        module = cls(norm.normalized_shape[0], norm.eps, norm.elementwise_affine, norm.bias is not None,
+                     student_features=student_features, channels_axis=channels_axis, device="meta")
+        module.weight, module.bias = norm.weight, norm.bias
+        return module
+
+    def network_affine(self, n: int) -> tuple[Optional[torch.Tensor], Optional[torch.Tensor]]:
+        """(weight, bias) of network n, None where the norm has none: 0 is the base, s + 1 is student s."""
+        if n == 0:
+            return self.weight, self.bias
+        width = self.student_features[n - 1]
+        return tuple(None if p is None else p[:width] for p in (self.weight, self.bias))
+
+    def forward(self, x_base: torch.Tensor, *x_students: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        check_student_inputs(self, x_students, "student_features", self.student_features, axis=self.channels_axis)
+        outputs = [self._normalise(0, x_base)]
+        for s, x in enumerate(x_students):
+            with network_stream(s + 1):
+                outputs.append(self._normalise(s + 1, x))
+        return tuple(outputs)
+
+    def _normalise(self, n: int, x: torch.Tensor) -> torch.Tensor:
+        weight, bias = self.network_affine(n)
+        if self.channels_axis == 1:  # as timm's LayerNorm2d: over the channels of (N, C, H, W)
+            return F.layer_norm(x.permute(0, 2, 3, 1), (x.shape[1],), weight, bias, self.eps).permute(0, 3, 1, 2)
+        return F.layer_norm(x, (x.shape[-1],), weight, bias, self.eps)
+
+    def extra_repr(self) -> str:
+        return (f"{super().extra_repr()}, student_features={self.student_features}, "
+                f"channels_axis={self.channels_axis}")
