@@ -43,11 +43,11 @@ def describe(arch: str, alpha, policy: str, round_to: int, num_classes: int, ima
         lines.append(f"{'student / paper':<22}{'':>14}{without / paper['params']:>22.3f}{'':>10}"
                      f"{stats['flops'] / 2e9 / paper['gmacs']:>9.3f}")
     lines += ["", "GFLOPs count a multiply-add as 2 (torch.utils.flop_counter); GMACs = GFLOPs / 2.", "",
-              f"{'layer':<34}{'kind':<7}{'in':>6}{'out':>6}  {'student in':>12}{'student out':>13}  group"]
+              f"{'layer':<34}{'kind':<10}{'in':>6}{'out':>6}  {'student in':>12}{'student out':>13}  group"]
     for name, widths in an.layer_widths.items():
         student_in = "/".join(map(str, widths.student_in))
         student_out = "/".join(map(str, widths.student_out))
-        lines.append(f"{name:<34}{widths.kind:<7}{widths.in_channels:>6}{widths.out_channels:>6}  "
+        lines.append(f"{name:<34}{widths.kind:<10}{widths.in_channels:>6}{widths.out_channels:>6}  "
                      f"{student_in:>12}{student_out:>13}  {widths.out_group}")
     # Groups the model's structure keeps whole (a slice, a reordering, a layer scale...);
     # the class output is left out: it keeps every class by design.
