@@ -404,7 +404,9 @@ def _analyse(gm: torch.fx.GraphModule) -> _Analysis:
 def _permutation(node: torch.fx.Node) -> Optional[tuple]:
     """The dims of ``x.permute(0, 2, 3, 1)``, ``torch.permute(x, (0, 2, 3, 1))``, ``dims=``."""
     dims = node.kwargs.get("dims", node.args[1:] if len(node.args) > 2 else node.args[1] if len(node.args) > 1 else None)
-    return tuple(dims) if isinstance(dims, (tuple, list)) and all(isinstance(d, int) for d in dims) else None
+    if not isinstance(dims, (tuple, list)) or not all(isinstance(d, int) for d in dims):
+        return None
+    return tuple(d % len(dims) for d in dims)  # permute(0, -2, -1, 1) is permute(0, 2, 3, 1)
 
 
 # LayerNorm classes adjoin adopts as a layer, by the axis they normalise: the last one,

@@ -1153,6 +1153,10 @@ def test_models_named_by_string_build_where_their_builder_computes_with_tensors(
     assert fetching_kwargs(["init_weights", "weights_path"]) == ["weights_path"]
     assert create_model("googlenet", num_classes=10, aux_logits=False, init_weights=True)[1]["kwargs"][
         "init_weights"] is True
+    # Auxiliary outputs exist in train mode only, which adjoin refuses: off unless asked for.
+    model, source = create_model("googlenet", num_classes=10)
+    assert model.aux1 is None and source["kwargs"] == {"num_classes": 10, "aux_logits": False}
+    assert create_model("inception_v3", aux_logits=True)[0].AuxLogits is not None
 
 
 def test_an_unknown_backend_is_refused_by_adjoin_before_tracing():

@@ -270,6 +270,10 @@ def resolve_arch(arch: str) -> tuple[str, str]:
     return "torchvision", arch
 
 
+# torchvision models whose forward returns auxiliary outputs in train mode only.
+_TRAIN_ONLY_OUTPUTS = {("torchvision", "googlenet"), ("torchvision", "inception_v3")}
+
+
 def create_model(arch: str, **kwargs) -> tuple[nn.Module, dict]:
     """``(model, source)`` for an ``--arch`` string (see the module docstring), never with weights.
 
@@ -281,6 +285,10 @@ def create_model(arch: str, **kwargs) -> tuple[nn.Module, dict]:
     """
     library, name = resolve_arch(arch)
     kwargs = _check_kwargs(library, name, kwargs)
+    if (library, name) in _TRAIN_ONLY_OUTPUTS:
+        # Their auxiliary classifiers exist in train mode only, which one fx graph cannot
+        # hold (adjoin refuses them); AN trains the main output alone.
+        kwargs.setdefault("aux_logits", False)
     builder = _builder(library, name)
     if library == "timm":  # timm.create_model(name, ...) takes arguments of its own, then the entrypoint's
         timm_create = _import_timm(arch).create_model
