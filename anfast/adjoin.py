@@ -187,6 +187,7 @@ class _Analysis:
     channelless: set = field(default_factory=set)  # per-network nodes whose channel axis a reduction removed
     sequences: set = field(default_factory=set)  # per-network (N, 1, C) views, channels along the last axis (ECA)
     channels_last: set = field(default_factory=set)  # per-network (N, H, W, C) permutes (ConvNeXt's blocks)
+    vectors: dict = field(default_factory=dict)  # node -> (_Dim, axis): a per-channel parameter (layer scale) or a view
 
 
 _ELEMENTWISE = {
@@ -245,6 +246,7 @@ def _analyse(gm: torch.fx.GraphModule) -> _Analysis:
     def channels_of(node) -> Optional[_Channels]:
         return result.channels.get(node)
 
+    vector_dims: dict[str, _Dim] = {}  # one dim per parameter, however often it is read
     for node in gm.graph.nodes:
         shape = _node_shape(node)
         inputs = _tensor_inputs(node)
@@ -253,6 +255,15 @@ def _analyse(gm: torch.fx.GraphModule) -> _Analysis:
             inputs = _tensor_inputs(source)
         if node.op in ("placeholder", "get_attr"):
             result.shared.add(node)
+            axis = _vector_axis(shape) if node.op == "get_attr" else None
+            if axis is not None:
+                # A per-channel vector (a layer scale (C,), (C, 1, 1), (1, C, 1, 1)): each
+                # network reads its leading slice where it meets their channels (below).
+                dim = vector_dims.setdefault(node.target, new_dim(shape[axis], label=node.name))
+                result.vectors[node] = (dim, axis)
+                if axis == 1:
+                    result.channels[node] = _Channels((dim,))
+                    continue
             if shape is not None and len(shape) >= 2:
                 fixed = "model input" if node.op == "placeholder" else f"parameter / buffer {node.target}"
                 label = "" if node.op == "placeholder" else node.name  # a buffer read twice: two nodes
@@ -350,12 +361,14 @@ def _analyse(gm: torch.fx.GraphModule) -> _Analysis:
         elif isinstance(module, nn.LayerNorm) and _adopts_layer_norm(module, shape, channels_last=False):
             # timm's LayerNorm2d on (N, C, H, W), a LayerNorm on (N, C) features.
             _record_layer_norm(result, node, in_channels[0], where)
-        elif (function in _FLATTEN and inputs and inputs[0] in result.shared and in_channels[0] is None
-              and len(shape) >= 2 and shape[1] > 1 and math.prod(shape) == shape[1]):
-            # A per-channel vector viewed as (1, C, 1, 1) (ConvNeXt's layer scale) has no
-            # student slice: the channels it meets keep full width.
-            why = f"channels of {getattr(inputs[0], 'target', inputs[0].name)} {tuple(x_shape)}"
-            result.channels[node] = _Channels((new_dim(shape[1], fixed=why, label=node.name),))
+        elif (function in _FLATTEN and inputs and inputs[0] in result.vectors
+              and _vector_axis(shape) is not None and max(shape) == result.vectors[inputs[0]][0].size):
+            # A per-channel vector viewed as (1, C, 1, 1) or (1, 1, 1, C) (ConvNeXt's gamma,
+            # GRN's affine parameters): the same vector, its leading slice in each student.
+            dim, axis = result.vectors[inputs[0]][0], _vector_axis(shape)
+            result.vectors[node] = (dim, axis)
+            if axis == 1:
+                result.channels[node] = _Channels((dim,))
         elif isinstance(module, nn.modules.batchnorm._BatchNorm):
             if not isinstance(module, nn.BatchNorm2d):
                 raise AdjoinError(f"{where}: {type(module).__name__} is not supported; anfast adjoins BatchNorm2d")
@@ -384,7 +397,7 @@ def _analyse(gm: torch.fx.GraphModule) -> _Analysis:
             result.channels[node] = _Channels((new_dim(shape[1], fixed=f"output of the channel slice {where}",
                                                        label=node.name),))
         elif function in _ELEMENTWISE or function in _FLATTEN or isinstance(module, nn.Flatten):
-            result.channels[node] = _follow_simple_op(node, shape, inputs, in_channels, where)
+            result.channels[node] = _follow_simple_op(node, shape, inputs, in_channels, where, result.vectors)
         elif inputs:
             result.channels[node] = _follow_generic(source or node, shape, inputs, in_channels, where, module)
         if result.channels.get(node) is None:
@@ -398,7 +411,38 @@ def _analyse(gm: torch.fx.GraphModule) -> _Analysis:
                     # unsqueeze(1) / stack(dim=1), or flatten(1) into features: fixed channels
                     result.channels[node] = _Channels((new_dim(shape[1], fixed=f"channels {where} makes of "
                                                                                f"channel reductions", label=node.name),))
+    _check_vector_uses(result)
     return result
+
+
+def _vector_axis(shape: Optional[torch.Size]) -> Optional[int]:
+    """The axis of a per-channel vector's channels: the one axis longer than 1, else None."""
+    long = [axis for axis, size in enumerate(shape or ()) if size > 1]
+    return long[0] if len(long) == 1 else None
+
+
+# Ops by which a per-channel vector scales a map: a mask that zeroes a channel zeroes it after them.
+_SCALING = {operator.mul, operator.imul, torch.mul, "mul", "mul_"}
+
+
+def _check_vector_uses(result: _Analysis) -> None:
+    """A per-channel vector (or a view of it) whose use anfast did not join to a map's
+    channels (a sum of it, a F.linear bias) keeps full width: slicing it would change that
+    use. One added to a map (a bias, GRN's) puts its value in channels a DAN mask zeroed,
+    so its group is marked ``reduced_by`` (unsearched)."""
+    for node, (dim, _) in result.vectors.items():
+        parameter = next(n for n in (node, *node.all_input_nodes) if n.op == "get_attr") if node.op != "get_attr" \
+            else node
+        for user in node.users:
+            if user in result.vectors:
+                continue  # a view of it: its own entry checks its users
+            channels = result.channels.get(user)
+            if channels is None or not any(part.root() is dim.root() for part in channels.parts):
+                root = dim.root()
+                root.fixed = root.fixed or (f"channels of {parameter.target} {tuple(_node_shape(parameter))}, "
+                                            f"which {_describe(user)} reads")
+            elif user.target not in _SCALING:
+                dim.root().reduced_by.append(f"{_describe(user)} (adds {parameter.target})")
 
 
 def _permutation(node: torch.fx.Node) -> Optional[tuple]:
@@ -480,8 +524,11 @@ def _follow_channels_last(node, shape, inputs, module, where, result: _Analysis,
                 for a, b in zip(x.parts, result.channels[other].parts):
                     _union(a, b, where)
             elif other in result.shared and other_shape and other_shape[-1] == shape[-1] > 1:
-                # A per-channel scale (a layer scale of shape (C,)) has no student slice.
-                _keep_full_width(x, f"channels of {getattr(other, 'target', other.name)} {tuple(other_shape)}")
+                vector = result.vectors.get(other)
+                if vector is not None and vector[1] == len(other_shape) - 1 and len(x.parts) == 1:
+                    _union(vector[0], x.parts[0], where)  # a layer scale (C,): its leading slice per student
+                else:
+                    _keep_full_width(x, f"channels of {getattr(other, 'target', other.name)} {tuple(other_shape)}")
             elif other not in result.shared or (other_shape and other_shape[-1] not in (1, shape[-1])):
                 raise AdjoinError(f"{where}: meets a tensor of shape {tuple(other_shape)} that is not "
                                   f"channels-last; anfast joins channels-last tensors of one shape only")
@@ -650,7 +697,7 @@ def _concat_dim(node: torch.fx.Node) -> int:
     return dim if dim >= 0 else dim + len(_node_shape(node))
 
 
-def _follow_simple_op(node, shape, inputs, in_channels, where) -> Optional[_Channels]:
+def _follow_simple_op(node, shape, inputs, in_channels, where, vectors: Mapping) -> Optional[_Channels]:
     if node.target in _ELEMENTWISE:
         meeting = [(n, c) for n, c in zip(inputs, in_channels)
                    if c is not None and len(_node_shape(n)) >= 2 and _node_shape(n)[1] == shape[1] > 1]
@@ -669,13 +716,19 @@ def _follow_simple_op(node, shape, inputs, in_channels, where) -> Optional[_Chan
             for a, b in zip(first.parts, other.parts):
                 _union(a, b, where)
         # A lower-rank tensor that broadcasts along the channel axis (a layer scale of shape
-        # (C, 1, 1)) has no student slice: its channels keep full width.
+        # (C, 1, 1)): a per-channel vector's leading slice serves each student; any other
+        # has no student slice, and its channels keep full width.
         for other in inputs:
             other_shape = _node_shape(other)
             if other_shape is None or len(other_shape) >= len(shape):
                 continue
             axis = len(other_shape) - len(shape) + 1  # right-aligned broadcasting
-            if axis >= 0 and other_shape[axis] == shape[1]:
+            if axis < 0 or other_shape[axis] != shape[1]:
+                continue
+            vector = vectors.get(other)
+            if vector is not None and vector[1] == axis and len(first.parts) == 1 and first.features_per_channel == 1:
+                _union(vector[0], first.parts[0], where)
+            else:
                 _keep_full_width(first, f"channels of {other.target} {tuple(other_shape)}")
         return first
     # flatten / view / reshape
@@ -886,10 +939,13 @@ class AdjoinedNetwork(torch.fx.GraphModule):
 
     width_groups: list[WidthGroup]
     layer_widths: dict[str, LayerWidths]
+    # Per-channel parameters each student reads the leading slice of (ConvNeXt's gamma):
+    # {name: (the axis of its channels, its width group's name)}.
+    channel_vectors: dict[str, tuple[int, str]]
     alphas: tuple[float, ...]
     source: dict
 
-    _EXTRA_ATTRIBUTES = ("width_groups", "layer_widths", "alphas", "source", "_skeleton")
+    _EXTRA_ATTRIBUTES = ("width_groups", "layer_widths", "channel_vectors", "alphas", "source", "_skeleton")
 
     def __deepcopy__(self, memo):
         # GraphModule's deepcopy rebuilds from code and drops attributes it does not know,
@@ -1418,6 +1474,15 @@ def _build(traced, analysis: _Analysis, groups, alphas, share_affine, backend) -
         _replace_module(traced, name, modules[name], layer_widths[name], analysis, share_affine, backend)
 
     _check_other_parameters(traced, analysis, groups)
+    # Per-channel parameters a student narrows, and their views: read per network.
+    sliced = {node: (dim, axis) for node, (dim, axis) in analysis.vectors.items()
+              if node.op == "get_attr" and any(w != dim.size for w in groups[dim.root()].widths)}
+    per_network, frontier = set(), list(sliced)
+    while frontier:
+        for user in frontier.pop().users:
+            if user in analysis.vectors and user not in per_network:
+                per_network.add(user)
+                frontier.append(user)
     graph = torch.fx.Graph()
     env: dict[torch.fx.Node, list] = {}
     networks = len(alphas) + 1
@@ -1426,7 +1491,13 @@ def _build(traced, analysis: _Analysis, groups, alphas, share_affine, backend) -
             per_network = [torch.fx.map_arg(node.args[0], lambda n: env[n][k]) for k in range(networks)]
             graph.output(graph.call_function(_make_output, tuple(per_network)))
             continue
-        if node in analysis.shared:
+        if node in sliced:
+            base = graph.node_copy(node)
+            dim, axis = sliced[node]
+            env[node] = [base] + [base if width == dim.size else graph.call_function(torch.narrow, (base, axis, 0, width))
+                                  for width in groups[dim.root()].widths]
+            continue
+        if node in analysis.shared and node not in per_network:
             copied = graph.node_copy(node, lambda n: env[n][0])
             env[node] = [copied] * networks
             continue
@@ -1443,6 +1514,9 @@ def _build(traced, analysis: _Analysis, groups, alphas, share_affine, backend) -
         env[node] = [graph.node_copy(node, lambda n: env[n][k]) for k in range(networks)]
     network = AdjoinedNetwork(traced, graph, class_name="AdjoinedNetwork")
     network.layer_widths = layer_widths
+    network.channel_vectors = {node.target: (axis, groups[dim.root()].name)
+                               for node, (dim, axis) in analysis.vectors.items()
+                               if node.op == "get_attr" and not groups[dim.root()].fixed}
     return network
 
 

@@ -37,7 +37,7 @@ class ExportError(ValueError):
 
 # What config.json may hold; anything else is refused, so a tampered file cannot pass
 # arguments through to a constructor. Extend these to add a source type or layer type.
-_CONFIG_KEYS = {"format", "network", "index", "alpha", "source", "layers"}
+_CONFIG_KEYS = {"format", "network", "index", "alpha", "source", "layers", "tensors"}
 _SOURCE_KEYS = {"torchvision": {"torchvision", "kwargs"}, "timm": {"timm", "kwargs"},
                 "anfast": {"anfast", "kwargs"}, "class": {"class"}}
 _LAYER_KEYS = {
@@ -98,9 +98,20 @@ def _resize_layer(module: nn.Module, spec: dict, device) -> None:
         setattr(module, key, tensor)
 
 
-def _swap_layers(model: nn.Module, specs: dict[str, dict], device) -> nn.Module:
+def _swap_layers(model: nn.Module, specs: dict[str, dict], device, tensors: Optional[dict] = None) -> nn.Module:
+    """The exported layers of ``specs`` in place, and the per-channel parameters of
+    ``tensors`` ({name: shape}: ConvNeXt's gamma) at their student sizes, uninitialised."""
     for name, spec in specs.items():
         _resize_layer(model.get_submodule(name), spec, device)
+    for name, shape in (tensors or {}).items():
+        owner_name, _, attribute = name.rpartition(".")
+        owner = model.get_submodule(owner_name)
+        old = getattr(owner, attribute)
+        new = torch.empty(tuple(shape), device=device, dtype=old.dtype)
+        if isinstance(old, nn.Parameter):
+            setattr(owner, attribute, nn.Parameter(new, old.requires_grad))
+        else:
+            owner.register_buffer(attribute, new, persistent=attribute not in owner._non_persistent_buffers_set)
     return model
 
 
@@ -223,6 +234,13 @@ def export_student(an: AdjoinedNetwork, index: int = 0, path: Optional[Union[str
         raise IndexError(f"student index {index} out of range: the network has {an.num_students} students")
     model = an.architecture()
     state = {k: v for k, v in an.base_state_dict().items()}
+    widths = {g.name: g.widths[index] for g in an.width_groups}
+    tensors = {}  # per-channel parameters (ConvNeXt's gamma): their leading slice
+    for name, (axis, group) in an.__dict__.get("channel_vectors", {}).items():
+        if widths[group] != state[name].shape[axis]:
+            state[name] = state[name].narrow(axis, 0, widths[group])
+            tensors[name] = list(state[name].shape)
+    _swap_layers(model, {}, "meta", tensors)
     specs = {}
     for name, widths in an.layer_widths.items():
         plain, layer_state = _student_layer(an, name, widths, index)
@@ -239,6 +257,7 @@ def export_student(an: AdjoinedNetwork, index: int = 0, path: Optional[Union[str
     config = {
         "format": EXPORT_FORMAT, "network": "student", "index": index,
         "alpha": an.alphas[index], "source": an.source, "layers": specs,
+        **({"tensors": tensors} if tensors else {}),
     }
     return _finish(an, model, state, config, path)
 
@@ -294,14 +313,15 @@ def load_student(path: Union[str, os.PathLike], model: Optional[nn.Module] = Non
     """
     path = Path(path)
     config, shapes = read_export(path)
-    source, layers = config["source"], config["layers"]
+    source, layers, tensors = config["source"], config["layers"], config.get("tensors", {})
     if model is None:
         if arch_name(source) is None:
             raise ExportError(f"{path}: the network is a {source.get('class')}; pass model=<a new instance of it>")
-        model = _model_from_source(source, layers, shapes, path, device)
+        model = _model_from_source(source, layers, tensors, shapes, path, device)
     else:
-        _check_against_weights(model, layers, shapes, path, "pass the architecture the network was exported from")
-        model = _swap_layers(model.to(device), layers, device)
+        _check_against_weights(model, layers, shapes, path, "pass the architecture the network was exported from",
+                               tensors)
+        model = _swap_layers(model.to(device), layers, device, tensors)
     state = load_file(path / _WEIGHTS, device=str(device))
     _take_dtypes(model, state)
     _load_state(model, state)
@@ -309,7 +329,7 @@ def load_student(path: Union[str, os.PathLike], model: Optional[nn.Module] = Non
     return model.eval()
 
 
-def _model_from_source(source: dict, layers: dict, shapes: dict[str, tuple[int, ...]], path: Path,
+def _model_from_source(source: dict, layers: dict, tensors: dict, shapes: dict[str, tuple[int, ...]], path: Path,
                        device: Union[str, torch.device]) -> nn.Module:
     """The torchvision, timm or anfast network of an export, allocated at the file's sizes only.
 
@@ -322,10 +342,11 @@ def _model_from_source(source: dict, layers: dict, shapes: dict[str, tuple[int, 
     """
     with torch.device("meta"):
         model = _build(source, path)
-    _check_against_weights(model, layers, shapes, path, "the export is damaged or was edited; re-export the network")
+    _check_against_weights(model, layers, shapes, path, "the export is damaged or was edited; re-export the network",
+                           tensors)
     if not _non_persistent_buffers(model):
-        return _swap_layers(model, layers, "meta").to_empty(device=device)
-    return _swap_layers(_build(source, path).to(device), layers, device)
+        return _swap_layers(model, layers, "meta", tensors).to_empty(device=device)
+    return _swap_layers(_build(source, path).to(device), layers, device, tensors)
 
 
 def _build(source: dict, path: Path) -> nn.Module:
@@ -415,6 +436,11 @@ def _check_config(config: Any, file: Path) -> None:
             raise refuse(f"source.kwargs.{key}", "could load weights from outside the export; refused")
         if not _is_plain(value):
             raise refuse(f"source.kwargs.{key}", "expected a number, text, true/false, null or a list of them")
+    tensors = config.get("tensors", {})
+    if not isinstance(tensors, dict) or not all(
+            isinstance(shape, list) and all(isinstance(n, int) and not isinstance(n, bool) and n >= 1 for n in shape)
+            for shape in tensors.values()):
+        raise refuse("tensors", "expected an object {parameter name: [positive sizes]}")
     layers = config.get("layers")
     if not isinstance(layers, dict):
         raise refuse("layers", "expected an object {module name: layer spec}")
@@ -502,7 +528,7 @@ def _check_layer_targets(model: nn.Module, layers: dict, file: Path, fix: str) -
 
 
 def _check_against_weights(model: nn.Module, layers: dict, shapes: dict[str, tuple[int, ...]],
-                           path: Path, fix: str) -> None:
+                           path: Path, fix: str, tensors: Optional[dict] = None) -> None:
     """``model`` with ``layers`` swapped in has exactly the tensors of the safetensors header;
     ``fix`` ends the message of a layer that computes otherwise (``_check_layer_targets``)."""
     _check_layer_targets(model, layers, path / _CONFIG, fix)
@@ -515,6 +541,11 @@ def _check_against_weights(model: nn.Module, layers: dict, shapes: dict[str, tup
                 if not any(key.startswith(f"{name}.") for name in swapped)}
     for name, spec in swapped.items():
         expected.update({f"{name}.{key}": shape for key, shape in _layer_shapes(spec).items()})
+    for name, shape in (tensors or {}).items():
+        if name not in expected:
+            raise ExportError(f"{path / _CONFIG}: tensors.{name}: the {type(model).__name__} has no such "
+                              f"tensor; {fix}")
+        expected[name] = tuple(shape)
     file = path / _WEIGHTS
     for key in sorted(set(expected) | set(shapes)):
         if expected.get(key) != shapes.get(key):

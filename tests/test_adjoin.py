@@ -1,6 +1,7 @@
 """adjoin(): torchvision models and a hand-written CNN, base/student semantics, errors."""
 
 import copy
+import json
 import math
 import pickle
 
@@ -295,7 +296,7 @@ class _Split(nn.Module):
     def __init__(self, gated: bool):
         super().__init__()
         self.gated, self.a, self.b = gated, nn.Conv2d(3, 128, 3), nn.Conv2d(64 if gated else 128, 4, 1)
-        self.p = nn.Parameter(torch.ones(1, 128, 1, 1))
+        self.p = nn.Parameter(torch.ones(1, 128, 6, 6))  # per channel and position: no student slice
 
     def forward(self, x):
         if self.gated:
@@ -555,12 +556,12 @@ class ChannelsLastBlock(nn.Module):
 @pytest.mark.parametrize("scale", ChannelsLastBlock.SCALES)
 def test_a_convnext_block_adjoins_its_linears_and_layer_norms_on_channels_last(scale, tmp_path):
     """Each network normalises its own channels (the leading slice of the LayerNorm's
-    affine parameters) and runs the leading block of each Linear on (N, H, W, C); a layer
-    scale has no student slice, so the channels it meets keep full width."""
+    affine parameters), runs the leading block of each Linear on (N, H, W, C) and scales
+    by the leading slice of the layer scale, however the model spells it."""
     torch.manual_seed(0)
     model = ChannelsLastBlock(scale).double().eval()
     an = anfast.adjoin(model, alpha=2, policy="all", input_size=(3, 8, 8)).eval()
-    width = 16 if scale != "none" else 8
+    width = 8
     assert an.layer_widths["fc1"].student_out == (32,) and an.layer_widths["stem"].student_out == (width,)
     assert an.layer_widths["norm"].kind == an.layer_widths["head_norm"].kind == "layernorm"
     x = torch.randn(2, 3, 8, 8, dtype=torch.float64)
@@ -571,7 +572,7 @@ def test_a_convnext_block_adjoins_its_linears_and_layer_norms_on_channels_last(s
         y = F.layer_norm(y.permute(0, 2, 3, 1), (width,), model.norm.weight[:width], model.norm.bias[:width], 1e-6)
         y = F.gelu(F.linear(y, model.fc1.weight[:32, :width], model.fc1.bias[:32]))
         y = F.linear(y, model.fc2.weight[:width, :32], model.fc2.bias[:width])
-        y = (y * model.gamma if scale != "none" else y).permute(0, 3, 1, 2)
+        y = (y * model.gamma[:width] if scale != "none" else y).permute(0, 3, 1, 2)
         pooled = F.layer_norm((h + y).mean((2, 3)), (width,), model.head_norm.weight[:width],
                               model.head_norm.bias[:width])
         expected = F.linear(pooled, model.head.weight[:, :width], model.head.bias)
@@ -580,11 +581,8 @@ def test_a_convnext_block_adjoins_its_linears_and_layer_norms_on_channels_last(s
         anfast.export_student(an, path=tmp_path / "student")
         loaded = anfast.load_student(tmp_path / "student", model=ChannelsLastBlock(scale)).double().eval()
         assert loaded.norm.normalized_shape == (width,) and loaded.fc1.out_features == 32
+        assert loaded.gamma.shape == ((width,) if scale != "none" else (16,))  # unread without a scale
         assert (loaded(x) - expected).abs().max() <= 1e-12
-    if scale != "none":
-        with pytest.raises(AdjoinError, match=r"policy asks to shrink stem, but its channels are the channels "
-                                              r"of gamma \(16,\)"):
-            anfast.adjoin(model, policy={"stem": 2}, input_size=(3, 8, 8))
 
 
 def test_ops_on_channels_last_that_anfast_cannot_follow_are_refused():
@@ -905,8 +903,9 @@ def test_buffers_string_paddings_and_layer_scales_export_exactly(tmp_path):
     torch.manual_seed(0)
     model = Scaled().double().eval()
     an = anfast.adjoin(model, alpha=4, policy="all", input_size=(3, 8, 8)).eval()
-    # The layer scale has no student slice: its group (stem, body) keeps full width.
-    assert an.layer_widths["body"].student_out == (16,) and an.layer_widths["head"].student_out == (8,)
+    # The layer scale's leading slice serves the student: its group (stem, body) shrinks.
+    assert an.layer_widths["body"].student_out == an.layer_widths["head"].student_out == (8,)
+    assert an.channel_vectors == {"gamma": (0, "stem")}
     x = torch.randn(2, 3, 8, 8, dtype=torch.float64)
     with torch.no_grad():
         out = an(x)
@@ -916,18 +915,37 @@ def test_buffers_string_paddings_and_layer_scales_export_exactly(tmp_path):
         assert torch.equal(base.mean, model.mean)
         assert (base(x) - model(x)).abs().max() <= 1e-12
         student = anfast.export_student(an, path=tmp_path / "student").eval()
-        # By hand: the student is the full stem and body and the leading 8 head filters.
-        h = F.relu(model.stem(x - model.mean))
-        h = h + model.gamma * model.body(h)
-        h = F.relu(F.conv2d(h, model.head.weight[:8], model.head.bias[:8])).mean((2, 3))
+        # By hand: the leading 8 filters of every conv and the leading 8 scales of gamma.
+        h = F.relu(F.conv2d(x - model.mean, model.stem.weight[:8], model.stem.bias[:8], padding=1))
+        h = h + model.gamma[:8] * F.conv2d(h, model.body.weight[:8, :8], model.body.bias[:8], padding=1)
+        h = F.relu(F.conv2d(h, model.head.weight[:8, :8], model.head.bias[:8])).mean((2, 3))
         expected = F.linear(h, model.fc.weight[:, :8], model.fc.bias)
         assert (out.student - expected).abs().max() <= 1e-12
-        assert (student(x) - expected).abs().max() <= 1e-12
+        assert student.gamma.shape == (8, 1, 1) and (student(x) - expected).abs().max() <= 1e-12
+        assert json.loads((tmp_path / "student" / "config.json").read_text())["tensors"] == {"gamma": [8, 1, 1]}
         loaded = anfast.load_student(tmp_path / "student", model=Scaled()).double().eval()
         assert (loaded(x) - expected).abs().max() <= 1e-12
-    with pytest.raises(AdjoinError, match=r"policy asks to shrink body, but its channels are the channels "
-                                          r"of gamma \(16, 1, 1\)"):
-        anfast.adjoin(model, policy={"body": 2}, input_size=(3, 8, 8))
+
+
+def test_a_layer_scale_read_otherwise_keeps_full_width():
+    """Slicing a per-channel vector that is also summed (or is a F.linear bias) would change
+    that use: its channels keep full width, and a policy that shrinks them is refused."""
+    class SummedScale(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.fc = nn.Conv2d(3, 16, 3, padding=1), nn.Linear(16, 3)
+            self.gamma = nn.Parameter(torch.rand(16))
+
+        def forward(self, x):
+            y = self.a(x) * self.gamma.view(1, -1, 1, 1) / self.gamma.sum()
+            return self.fc(y.mean((2, 3)))
+
+    with pytest.warns(UserWarning, match="no layer of SummedScale shrinks"):
+        an = anfast.adjoin(SummedScale(), alpha=2, policy="all", input_size=(3, 8, 8))
+    assert an.layer_widths["a"].student_out == (16,) and an.channel_vectors == {}
+    with pytest.raises(AdjoinError, match=r"policy asks to shrink a, but its channels are the channels of gamma "
+                                          r"\(16,\), which sum\S* \(call_method sum\) reads"):
+        anfast.adjoin(SummedScale(), policy={"a": 2}, input_size=(3, 8, 8))
 
 
 def test_timm_blur_pool_filters_survive_export():
@@ -1154,9 +1172,9 @@ def test_models_named_by_string_build_where_their_builder_computes_with_tensors(
     assert create_model("googlenet", num_classes=10, aux_logits=False, init_weights=True)[1]["kwargs"][
         "init_weights"] is True
     # Auxiliary outputs exist in train mode only, which adjoin refuses: off unless asked for.
-    model, source = create_model("googlenet", num_classes=10)
-    assert model.aux1 is None and source["kwargs"] == {"num_classes": 10, "aux_logits": False}
-    assert create_model("inception_v3", aux_logits=True)[0].AuxLogits is not None
+    model, source = create_model("googlenet", num_classes=10, init_weights=False)
+    assert model.aux1 is None and source["kwargs"] == {"num_classes": 10, "init_weights": False, "aux_logits": False}
+    assert create_model("inception_v3", aux_logits=True, init_weights=False)[0].AuxLogits is not None
 
 
 def test_an_unknown_backend_is_refused_by_adjoin_before_tracing():

@@ -175,6 +175,32 @@ def test_a_convnext_block_is_searched_through_its_hidden_linear_features():
     _assert_one_hot_gates_give_the_derived_student(model, network, space, ([0], [1], [2]))
 
 
+@pytest.mark.parametrize("use", ["scale", "shift"])
+def test_a_layer_scale_is_searched_with_its_group_and_counted_in_the_cost(use):
+    """A per-channel scale (C, 1, 1) zeroes what the mask zeroed: its group is searched
+    and the cost model counts its C parameters at the searched width. A per-channel shift
+    would put its values in masked channels: that group is not searched."""
+    class LayerScaled(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.stem, self.a = nn.Conv2d(3, 16, 3, padding=1), nn.Conv2d(16, 16, 3, padding=1)
+            self.b, self.fc = nn.Conv2d(16, 16, 1), nn.Linear(16, 3)
+            self.vector = nn.Parameter(torch.rand(16, 1, 1) + 0.5)
+
+        def forward(self, x):
+            y = torch.relu(self.stem(x))
+            y = y + (self.a(y) * self.vector if use == "scale" else self.a(y) + self.vector)
+            return self.fc(torch.relu(self.b(y)).mean((2, 3)))
+
+    torch.manual_seed(0)
+    model = LayerScaled()
+    network = anfast.adjoin(model, alpha=1, policy="all", input_size=(3, 9, 9)).double().eval()
+    space = SearchSpace.from_network(network, choices=(1, 2, 4), round_to=4)
+    assert network.channel_vectors == {"vector": (0, "stem")}
+    assert ("stem" in space.group_names) == (use == "scale") and "b" in space.group_names, space.group_names
+    _assert_one_hot_gates_give_the_derived_student(model, network, space, ([0, 2], [1, 0], [2, 1]))
+
+
 def test_group_names_are_unique_where_nodes_are_named_like_layers():
     """A buffer read twice (two get_attr nodes) and a channel mean computed before a layer
     named "mean" (the mean's node takes the name): DAN keys choices by group name."""

@@ -158,6 +158,29 @@ def test_timm_student_round_trip_by_name(tmp_path):
     assert config["source"] == {"timm": "mobilenetv3_large_100", "kwargs": {"num_classes": 6}}
 
 
+def test_a_convnext_student_round_trips_by_name_with_its_sliced_layer_scales(tmp_path):
+    """timm's ConvNeXt: the student's LayerNorms and gammas are narrower than the class
+    builds them; load_student rebuilds it by name on the meta device, resizes both from
+    config.json, checks them against the weight file and loads."""
+    torch.manual_seed(0)
+    an = anfast.adjoin("timm:convnext_atto", alpha=2, policy="all", num_classes=6, conv_mlp=False,
+                       input_size=(3, 32, 32)).eval()
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        anfast.export_student(an, path=tmp_path)
+        loaded = anfast.load_student(tmp_path)
+        assert type(loaded) is timm.models.ConvNeXt and loaded.stages[0].blocks[0].gamma.shape == (24,)
+        assert_close_rel(loaded(x), an(x).student, TOLERANCE[torch.float32], "loaded ConvNeXt student")
+    config = json.loads((tmp_path / "config.json").read_text())
+    assert config["tensors"]["stages.3.blocks.1.gamma"] == [160]
+    assert config["layers"]["stages.0.blocks.0.norm"]["normalized_shape"] == [24]
+    config["tensors"]["stages.3.blocks.1.gamma"] = [161]
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    with pytest.raises(anfast.export.ExportError, match=r"stages.3.blocks.1.gamma: the network config.json "
+                                                        r"describes has \[161\], the file holds \[160\]"):
+        anfast.load_student(tmp_path)
+
+
 def test_stochastic_depth_is_not_mistaken_for_a_weight_download(tmp_path):
     # drop_path_rate contains "path": the export check once refused it as a weight source.
     an = anfast.adjoin("timm:resnet18d", alpha=2, num_classes=3, drop_path_rate=0.1,

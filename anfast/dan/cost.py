@@ -7,7 +7,8 @@ with E[c] = sum_i g_i * width_i for a searched group and the full width for any 
 follow anfast.profile (torch.utils.flop_counter: a multiply-add is 2 FLOPs; convs and
 linears count, bias adds and norms do not), so with one-hot gates the model equals
 anfast.profile of the derived student exactly. Parameters count conv / linear weights
-and biases and the affine parameters of norms, as anfast.count_parameters does.
+and biases, the affine parameters of norms and the per-channel parameters students
+slice (ConvNeXt's gamma), as anfast.count_parameters does.
 
 Both counts are polynomials of degree <= 2 in the searched widths. When every group
 draws its choice independently from p = softmax(theta), ``moments`` gives the exact
@@ -86,6 +87,8 @@ class CostModel:
                 in_per_group=module.in_channels // module.groups if grouped else 0,
                 bias=widths.kind != "norm" and module.bias is not None,
             ))
+        # A per-channel parameter each student slices (ConvNeXt's gamma): one weight per channel.
+        self._vectors = [index[group] for _, group in network.__dict__.get("channel_vectors", {}).values()]
         self.base = profile(export_base(network), input_size)
         full_width = self._modelled_widths(torch.cat([
             torch.tensor([g.channels for g in space.groups], dtype=torch.float64), self._fixed_channels]))
@@ -157,6 +160,8 @@ class CostModel:
                     exponent[g] += 1
             terms[kind][tuple(exponent)] += coefficient
 
+        for group in self._vectors:
+            add("params", 1.0, channels(group))
         for layer in self._layers:
             c_out = channels(layer.out_group)
             if layer.kind in ("norm", "layernorm"):  # a weight and a bias per channel (a LayerNorm may lack the bias)
@@ -197,7 +202,7 @@ class CostModel:
 
     def _modelled_widths(self, channels: torch.Tensor) -> dict[str, torch.Tensor]:
         flops = channels.new_zeros(())
-        params = channels.new_zeros(())
+        params = sum((channels[group] for group in self._vectors), channels.new_zeros(()))
         for layer in self._layers:
             c_out = channels[layer.out_group]
             if layer.kind in ("norm", "layernorm"):
