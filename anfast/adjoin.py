@@ -233,7 +233,10 @@ def _describe_element(node: torch.fx.Node, source: torch.fx.Node) -> str:
     return f"{_describe(source)}.{key}" if isinstance(key, str) else f"{_describe(source)}[{key}]"
 
 
-def _analyse(gm: torch.fx.GraphModule) -> _Analysis:
+def _analyse(gm: torch.fx.GraphModule, state_keys: set) -> _Analysis:
+    """Follow every tensor's channels through ``gm`` (module docstring, step 2);
+    ``state_keys``, the model's state_dict keys, tell its parameters and persistent
+    buffers from constants the tracer made."""
     result = _Analysis()
     modules = dict(gm.named_modules())
 
@@ -255,7 +258,9 @@ def _analyse(gm: torch.fx.GraphModule) -> _Analysis:
             inputs = _tensor_inputs(source)
         if node.op in ("placeholder", "get_attr"):
             result.shared.add(node)
-            axis = _vector_axis(shape) if node.op == "get_attr" else None
+            # Only the model's own state: an export slices it (a tracer's constant, a
+            # non-persistent buffer are taken whole from the network).
+            axis = _vector_axis(shape) if node.op == "get_attr" and node.target in state_keys else None
             if axis is not None:
                 # A per-channel vector (a layer scale (C,), (C, 1, 1), (1, C, 1, 1)): each
                 # network reads its leading slice where it meets their channels (below).
@@ -431,8 +436,9 @@ def _check_vector_uses(result: _Analysis) -> None:
     use. One added to a map (a bias, GRN's) puts its value in channels a DAN mask zeroed,
     so its group is marked ``reduced_by`` (unsearched)."""
     for node, (dim, _) in result.vectors.items():
-        parameter = next(n for n in (node, *node.all_input_nodes) if n.op == "get_attr") if node.op != "get_attr" \
-            else node
+        parameter = node
+        while parameter.op != "get_attr":  # a view of a view of the parameter
+            parameter = next(n for n in parameter.all_input_nodes if n in result.vectors)
         for user in node.users:
             if user in result.vectors:
                 continue  # a view of it: its own entry checks its users
@@ -1024,6 +1030,7 @@ def _unpickle_adjoined(rebuild, args, extras: dict, unread: Optional[dict] = Non
     network = AdjoinedNetwork(rebuilt, rebuilt.graph, class_name="AdjoinedNetwork")
     network.train(rebuilt.training)
     network.__dict__.update(extras)
+    network.__dict__.setdefault("channel_vectors", {})  # pickled before vectors were sliced: none were
     _register_unread(network, unread or {})
     return network
 
@@ -1088,7 +1095,7 @@ def adjoin(
             "mark such submodules as leaves (they then keep full width)"
         ) from error
     _propagate_shapes(traced, model, input_size)
-    analysis = _analyse(traced)
+    analysis = _analyse(traced, set(model.state_dict()))
     groups = _assign_widths(analysis, traced, policy, alphas, round_to)
     network = _build(traced, analysis, groups, alphas, share_affine, backend)
     _keep_unread_state(network, model)

@@ -549,7 +549,7 @@ class ChannelsLastBlock(nn.Module):
             y = y * self.gamma
         y = y.permute(0, 3, 1, 2)
         if self.scale == "(C,) viewed as (1, C, 1, 1)":
-            y = y.mul(self.gamma.reshape(1, -1, 1, 1))
+            y = y.mul(self.gamma.view(-1).reshape(1, -1, 1, 1))
         return self.head(self.head_norm((x + y).mean((2, 3))))
 
 
@@ -946,6 +946,22 @@ def test_a_layer_scale_read_otherwise_keeps_full_width():
     with pytest.raises(AdjoinError, match=r"policy asks to shrink a, but its channels are the channels of gamma "
                                           r"\(16,\), which sum\S* \(call_method sum\) reads"):
         anfast.adjoin(SummedScale(), policy={"a": 2}, input_size=(3, 8, 8))
+
+    class BufferScale(nn.Module):  # fx computes a buffer's view while tracing: a constant of its own
+        def __init__(self):
+            super().__init__()
+            self.a, self.fc = nn.Conv2d(3, 16, 3, padding=1), nn.Linear(16, 3)
+            self.register_buffer("scale", torch.rand(16))
+
+        def forward(self, x):
+            return self.fc((self.a(x) * self.scale.view(1, -1, 1, 1)).mean((2, 3)))
+
+    model = BufferScale().double().eval()
+    with pytest.warns(UserWarning, match="no layer of BufferScale shrinks"):
+        an = anfast.adjoin(model, alpha=2, policy="all", input_size=(3, 8, 8)).eval()
+    x = torch.randn(2, 3, 8, 8, dtype=torch.float64)
+    with torch.no_grad():
+        assert torch.equal(anfast.export_student(an).eval()(x), model(x))
 
 
 def test_timm_blur_pool_filters_survive_export():
