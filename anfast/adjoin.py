@@ -185,7 +185,7 @@ class _Analysis:
     reads_shared: dict = field(default_factory=dict)  # module name -> whether its input is in `shared`
     dims: list = field(default_factory=list)
     channelless: set = field(default_factory=set)  # per-network nodes whose channel axis a reduction removed
-    sequences: set = field(default_factory=set)  # per-network (N, 1, C) views, channels along the last axis (ECA)
+    sequences: set = field(default_factory=set)  # per-network (N, 1, C, ...) views, channels on axis 2 (ECA, GC)
     channels_last: set = field(default_factory=set)  # per-network (N, H, W, C) permutes (ConvNeXt's blocks)
     vectors: dict = field(default_factory=dict)  # node -> (_Dim, axis): a per-channel parameter (layer scale) or a view
 
@@ -297,7 +297,7 @@ def _analyse(gm: torch.fx.GraphModule, state_keys: set) -> _Analysis:
         x_shape = _node_shape(inputs[0]) if inputs else None
         if any(n in result.sequences for n in inputs):
             result.channels[node] = channels_of(next(n for n in inputs if n in result.sequences))
-            if _follow_sequence(node, shape, inputs, module, where, result.channels[node]):
+            if _follow_sequence(node, shape, inputs, module, where, result.channels[node], result.sequences):
                 result.sequences.add(node)
             continue
         if any(n in result.channels_last for n in inputs):
@@ -309,10 +309,12 @@ def _analyse(gm: torch.fx.GraphModule, state_keys: set) -> _Analysis:
             result.channels[node] = in_channels[0]
             result.channels_last.add(node)
             continue
-        if (function in _SEQUENCE_VIEWS and len(inputs) == 1 and x_shape is not None and len(x_shape) == 2
-                and tuple(shape) == (x_shape[0], 1, x_shape[1]) and in_channels[0] is not None
-                and in_channels[0].features_per_channel == 1):
-            # ECA: pooled (N, C) viewed as (N, 1, C), so a Conv1d slides along the channels.
+        if (function in _SEQUENCE_VIEWS and len(inputs) == 1 and x_shape is not None and len(x_shape) >= 2
+                and x_shape[1] > 1 and tuple(shape) == (x_shape[0], 1, *x_shape[1:])
+                and in_channels[0] is not None and in_channels[0].features_per_channel == 1
+                and (function not in (torch.unsqueeze, "unsqueeze") or _dim_argument(node, 1) in (1, -len(shape) + 1))):
+            # ECA: pooled (N, C) viewed as (N, 1, C), so a Conv1d slides along the channels;
+            # GC: (N, C, H * W) as (N, 1, C, H * W), to pool space by a matmul.
             result.channels[node] = in_channels[0]
             result.sequences.add(node)
             continue
@@ -548,15 +550,18 @@ def _follow_channels_last(node, shape, inputs, module, where, result: _Analysis,
                       "elementwise ops and the permute(0, 3, 1, 2) back only")
 
 
-# Views of a pooled (N, C) map as (N, 1, C), the channels along the last axis (ECA).
+# Views of a map (N, C, ...) as (N, 1, C, ...), the channels on axis 2 (ECA, GC).
 _SEQUENCE_VIEWS = {"view", "reshape", torch.reshape, "unsqueeze", torch.unsqueeze}
 
 
-def _follow_sequence(node, shape, inputs, module, where, channels: _Channels) -> bool:
-    """An op on a per-network (N, 1, C) view whose last axis holds the channels (ECA's
-    gate): a Conv1d of one channel sliding along them keeps the view (True); so does an
-    op that acts on each element (an activation: no dim argument, the shape kept); a
-    view back to (N, C, 1, 1) or (N, C) returns the channels to axis 1 (False).
+def _follow_sequence(node, shape, inputs, module, where, channels: _Channels, sequences: set) -> bool:
+    """An op on a per-network (N, 1, C, ...) view whose axis 2 holds the channels: a
+    Conv1d of one channel sliding along them ((N, 1, C): ECA's gate) keeps the view
+    (True); so do an op that acts on each element (an activation: no dim argument, the
+    shape kept) and a matmul that pools the rest per channel ((N, 1, C, H * W) @
+    (N, 1, H * W, 1): GC's attention pooling); a view back to (N, C, 1, 1) or (N, C)
+    returns the channels to axis 1 (False). The Conv1d's and the matmul's groups are
+    marked ``reduced_by`` them (below).
 
     The Conv1d mixes neighbouring channels, so its groups are marked ``reduced_by``: each
     network convolves its own channels (the student's last ones see its zero padding), as
@@ -572,14 +577,23 @@ def _follow_sequence(node, shape, inputs, module, where, channels: _Channels) ->
         for part in channels.parts:
             part.root().reduced_by.append(where)
         return True
-    if len(inputs) == 1 and len(shape) in (2, 4) and shape[0] == x_shape[0] and shape[1] == x_shape[-1] \
-            and math.prod(shape[2:]) == 1 and (node.target in _SEQUENCE_VIEWS or node.target in _FLATTEN):
+    if (len(inputs) == 1 and len(shape) >= 2 and shape[0] == x_shape[0] and shape[1] == x_shape[2]
+            and math.prod(shape[2:]) == math.prod(x_shape[3:]) == 1
+            and (node.target in _SEQUENCE_VIEWS or node.target in _FLATTEN)):
         return False
+    if (node.target in (operator.matmul, torch.matmul, "matmul") and len(inputs) == 2
+            and inputs[0] in sequences and inputs[1] not in sequences and _node_shape(inputs[1])[-1] == 1
+            and tuple(shape[:3]) == tuple(x_shape[:3])):
+        # Each channel's row weighted alone; its FLOPs grow with the channels, which DAN's
+        # cost model counts for convs and linears only: unsearched, as the Conv1d.
+        for part in channels.parts:
+            part.root().reduced_by.append(where)
+        return True
     if _acts_per_element(node, shape, inputs, module):
         return True
-    raise AdjoinError(f"{where}: acts on channels laid along the last axis {tuple(x_shape)} (ECA's view of a "
-                      "pooled map); anfast follows them through a Conv1d of one channel, activations and a "
-                      "view back to (N, C, 1, 1) only")
+    raise AdjoinError(f"{where}: acts on channels moved to axis 2 {tuple(x_shape)} (as ECA's and GC's views "
+                      "do); anfast follows them there through a Conv1d of one channel (ECA), a matmul that pools "
+                      "each channel's row (GC), activations and a view back to (N, C, 1, 1) only")
 
 
 def _in_table(target: Any, table: Mapping) -> bool:
@@ -742,6 +756,8 @@ def _follow_simple_op(node, shape, inputs, in_channels, where, vectors: Mapping)
     if x is None:
         return None
     if len(shape) == len(x_shape) and shape[1] == x_shape[1]:
+        return x
+    if len(shape) >= 3 and tuple(shape[:2]) == tuple(x_shape[:2]):  # (N, C, H, W) -> (N, C, H * W): space only
         return x
     if len(shape) == 2 and shape[0] == x_shape[0] and shape[1] == math.prod(x_shape[1:]):
         return _Channels(x.parts, x.features_per_channel * math.prod(x_shape[2:]))

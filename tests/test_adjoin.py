@@ -504,9 +504,50 @@ def test_an_eca_gate_convolves_each_networks_own_channels(spelling, tmp_path):
         assert (student(x) - expected).abs().max() <= 1e-12
 
 
+class GlobalContext(nn.Module):
+    """conv a -> a GC block (Cao et al. 2019: attention pooling by a matmul, as timm's)
+    -> conv b -> linear head."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b, self.fc = nn.Conv2d(3, 16, 3, padding=1), nn.Conv2d(16, 16, 3, padding=1), nn.Linear(16, 4)
+        self.attn, self.mlp1, self.mlp2 = nn.Conv2d(16, 1, 1), nn.Conv2d(16, 8, 1), nn.Conv2d(8, 16, 1)
+
+    def forward(self, x):
+        y = F.relu(self.a(x))
+        n, c, h, w = y.shape
+        weights = F.softmax(self.attn(y).reshape(n, 1, h * w), dim=-1).unsqueeze(3)
+        context = (y.reshape(n, c, h * w).unsqueeze(1) @ weights).view(n, c, 1, 1)
+        y = y * torch.sigmoid(self.mlp2(F.relu(self.mlp1(context))))
+        return self.fc(F.relu(self.b(y)).mean((2, 3)))
+
+
+def test_a_global_context_block_pools_each_networks_own_channels():
+    """GC's (N, 1, C, H * W) @ (N, 1, H * W, 1): each network weights the positions of its
+    own channels by its own attention map (the attention conv reads the student's leading
+    channels), as the exported student does."""
+    torch.manual_seed(0)
+    model = GlobalContext().double().eval()
+    an = anfast.adjoin(model, alpha=2, policy="all", input_size=(3, 8, 8)).eval()
+    assert an.layer_widths["a"].student_out == an.layer_widths["mlp2"].student_out == (8,)
+    x = torch.randn(2, 3, 8, 8, dtype=torch.float64)
+    with torch.no_grad():
+        # By hand: the student's 8 leading channels, pooled by its own attention map.
+        y = F.relu(F.conv2d(x, model.a.weight[:8], model.a.bias[:8], padding=1))
+        weights = F.softmax(F.conv2d(y, model.attn.weight[:, :8], model.attn.bias).flatten(1), dim=-1)
+        context = torch.einsum("nchw,nhw->nc", y, weights.view(2, 8, 8))[:, :, None, None]
+        gate = torch.sigmoid(F.conv2d(F.relu(F.conv2d(context, model.mlp1.weight[:, :8], model.mlp1.bias)),
+                                      model.mlp2.weight[:8], model.mlp2.bias[:8]))
+        y = F.relu(F.conv2d(y * gate, model.b.weight[:8, :8], model.b.bias[:8], padding=1))
+        expected = F.linear(y.mean((2, 3)), model.fc.weight[:, :8], model.fc.bias)
+        assert (an(x).student - expected).abs().max() <= 1e-12
+        assert (an(x).base - model(x)).abs().max() <= 1e-12
+        assert (anfast.export_student(an).eval()(x) - expected).abs().max() <= 1e-12
+
+
 def test_ops_on_channels_along_the_last_axis_that_anfast_cannot_follow_are_refused():
-    """A Conv1d of two channels, a softmax along the channels and a second operand on ECA's
-    (N, 1, C) view: refused, each naming the node."""
+    """A Conv1d of two channels, a softmax along the channels, a second operand and a
+    matmul that is no pooling on ECA's (N, 1, C) view: refused, each naming the node."""
     class Sequence(nn.Module):
         def __init__(self, op):
             super().__init__()
@@ -516,13 +557,15 @@ def test_ops_on_channels_along_the_last_axis_that_anfast_cannot_follow_are_refus
             y = self.a(x)
             s = y.mean((2, 3)).view(y.shape[0], 1, -1)
             s = {"two channels": lambda: self.conv(s)[:, :1], "softmax": lambda: s.softmax(-1),
-                 "second operand": lambda: s * s}[self.op]()
+                 "second operand": lambda: s * s,
+                 "matmul mixing": lambda: s @ torch.ones(16, 16) / 16}[self.op]()
             return y * torch.sigmoid(s).view(y.shape[0], -1, 1, 1)
 
     for op, found in (("two channels", r"^conv: a Conv1d along the channels \(ECA\) must have one in and one "
                                        r"out channel, zeros padding and keep the length; found 1 in, 2 out"),
-                      ("softmax", r"^softmax \(call_method softmax\): acts on channels laid along the last axis"),
-                      ("second operand", r"^mul \(call_function mul\): acts on channels laid along the last axis")):
+                      ("softmax", r"^softmax \(call_method softmax\): acts on channels moved to axis 2"),
+                      ("second operand", r"^mul \(call_function mul\): acts on channels moved to axis 2"),
+                      ("matmul mixing", r"^matmul \(call_function matmul\): acts on channels moved to axis 2")):
         with pytest.raises(AdjoinError, match=found):
             anfast.adjoin(Sequence(op), policy="all", input_size=(3, 8, 8))
 

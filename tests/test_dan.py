@@ -122,6 +122,10 @@ class GatedNet(nn.Module):
         "group norm": (lambda y, m: m.norm(y), True),
         "ECA": (lambda y, m: y * torch.sigmoid(m.eca(y.mean((2, 3)).view(y.shape[0], 1, -1))).view(
             y.shape[0], -1, 1, 1), True),
+        # GC's attention pooling: its matmul's FLOPs grow with a's channels, and the cost
+        # model counts convs and linears only.
+        "GC attention pooling": (lambda y, m: y * torch.sigmoid((y.flatten(2).unsqueeze(1) @ torch.softmax(
+            m.attn(y).flatten(2), -1).unsqueeze(3)).view(y.shape[0], -1, 1, 1)), True),
         # Sliced channels keep full width, so they are not searched either.
         "CSP halves": (lambda y, m: torch.cat([y.split(8, 1)[0], torch.relu(y[:, 8:])], 1), True),
         # Pools over space: masked channels pool to zero, a is searched. fc1 runs twice.
@@ -136,7 +140,7 @@ class GatedNet(nn.Module):
         self.stem, self.a = nn.Conv2d(3, 16, 3, padding=1), nn.Conv2d(16, 16, 3, padding=1)
         self.gate, self.b, self.fc = nn.Conv2d(2, 1, 3, padding=1), nn.Conv2d(16, 24, 3, padding=1), nn.Linear(24, 3)
         self.norm, self.fc1, self.fc2 = nn.GroupNorm(2, 16, affine=False), nn.Linear(16, 8), nn.Linear(8, 16)
-        self.eca = nn.Conv1d(1, 1, 3, padding=1, bias=False)
+        self.eca, self.attn = nn.Conv1d(1, 1, 3, padding=1, bias=False), nn.Conv2d(16, 1, 1)
 
     def forward(self, x):
         y = self.GATES[self.gate_name][0](torch.relu(self.a(torch.relu(self.stem(x)))), self)

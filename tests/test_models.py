@@ -105,13 +105,14 @@ def test_xresnet_student_exports_and_loads_by_name(tmp_path):
 # ResNet-18-D with CBAM in every block: a gate of the mean and max over the channels.
 # CS3DarkNet splits its channels in halves, GhostNet keeps x[:, :k] of a concat and calls
 # F.dropout(training=self.training) in its head, MixNet gates its mixed convs' concat;
-# ECA-ResNet slides a Conv1d along each block's pooled channels. ConvNeXt's blocks run
+# ECA-ResNet slides a Conv1d along each block's pooled channels, GC-ResNeXt pools space by
+# a matmul with an attention map. ConvNeXt's blocks run
 # LayerNorm and Linear layers on (N, H, W, C) and scale by a gamma (which keeps its
 # channels full); ConvNeXt-V2 has no gamma, 1x1 convs, LayerNorm2d and a GRN.
 TIMM_MODELS = [("resnet18d", {"block_args": {"attn_layer": "cbam"}}), ("resnet50d", {"drop_path_rate": 0.1}),
                ("efficientnet_b0", {"drop_path_rate": 0.2}), ("mobilenetv3_large_100", {}),
                ("regnety_016", {}), ("cs3darknet_s", {}), ("ghostnet_100", {}), ("mixnet_s", {}),
-               ("ecaresnet26t", {}), ("convnext_atto", {"conv_mlp": False}), ("convnextv2_atto", {})]
+               ("ecaresnet26t", {}), ("gcresnext26ts", {}), ("convnext_atto", {"conv_mlp": False}), ("convnextv2_atto", {})]
 
 
 @pytest.mark.parametrize("name, kwargs", TIMM_MODELS,
@@ -320,7 +321,8 @@ def test_info_refuses_a_model_it_cannot_trace_in_one_line(capsys):
                         r"at (module [\w.]+|\w+ \(call_\w+ [\w.]+\)): [A-Za-z_]\w*: .+; "
                         r"pass input_size=\(C, H, W\) that the model accepts", error), error
     error = _info_error(capsys, "--arch", "vit_b_16")
-    assert re.match(r"anfast info: error: \w+ \(call_method reshape\): reshapes the channel axis", error), error
+    # ViT's patches: (N, 768, 14, 14) -> (N, 768, 196) keeps the channels, the transpose to tokens does not.
+    assert re.match(r"anfast info: error: \w+ \(call_method permute\): changes the channel axis", error), error
 
 
 def test_train_refuses_a_model_it_cannot_adjoin_in_one_line(capsys, tmp_path):
