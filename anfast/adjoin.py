@@ -1497,13 +1497,14 @@ def _build(traced, analysis: _Analysis, groups, alphas, share_affine, backend) -
         _replace_module(traced, name, modules[name], layer_widths[name], analysis, share_affine, backend)
 
     _check_other_parameters(traced, analysis, groups)
-    # Per-channel parameters a student narrows, and their views: read per network.
+    # Per-channel parameters a student narrows, and what is computed from them alone
+    # (a view, gamma * 2): read per network.
     sliced = {node: (dim, axis) for node, (dim, axis) in analysis.vectors.items()
               if node.op == "get_attr" and any(w != dim.size for w in groups[dim.root()].widths)}
     per_network, frontier = set(), list(sliced)
     while frontier:
         for user in frontier.pop().users:
-            if user in analysis.vectors and user not in per_network:
+            if user in analysis.shared and user not in per_network:
                 per_network.add(user)
                 frontier.append(user)
     graph = torch.fx.Graph()

@@ -234,11 +234,11 @@ def export_student(an: AdjoinedNetwork, index: int = 0, path: Optional[Union[str
         raise IndexError(f"student index {index} out of range: the network has {an.num_students} students")
     model = an.architecture()
     state = {k: v for k, v in an.base_state_dict().items()}
-    widths = {g.name: g.widths[index] for g in an.width_groups}
+    group_widths = {g.name: g.widths[index] for g in an.width_groups}
     tensors = {}  # per-channel parameters (ConvNeXt's gamma): their leading slice
     for name, (axis, group) in an.__dict__.get("channel_vectors", {}).items():
-        if widths[group] != state[name].shape[axis]:
-            state[name] = state[name].narrow(axis, 0, widths[group])
+        if group_widths[group] != state[name].shape[axis]:
+            state[name] = state[name].narrow(axis, 0, group_widths[group])
             tensors[name] = list(state[name].shape)
     _swap_layers(model, {}, "meta", tensors)
     specs = {}

@@ -592,7 +592,7 @@ class ChannelsLastBlock(nn.Module):
             y = y * self.gamma
         y = y.permute(0, 3, 1, 2)
         if self.scale == "(C,) viewed as (1, C, 1, 1)":
-            y = y.mul(self.gamma.view(-1).reshape(1, -1, 1, 1))
+            y = y.mul(self.gamma.view(-1).reshape(1, -1, 1, 1) * 2)  # a view of a view, times 2
         return self.head(self.head_norm((x + y).mean((2, 3))))
 
 
@@ -615,7 +615,8 @@ def test_a_convnext_block_adjoins_its_linears_and_layer_norms_on_channels_last(s
         y = F.layer_norm(y.permute(0, 2, 3, 1), (width,), model.norm.weight[:width], model.norm.bias[:width], 1e-6)
         y = F.gelu(F.linear(y, model.fc1.weight[:32, :width], model.fc1.bias[:32]))
         y = F.linear(y, model.fc2.weight[:width, :32], model.fc2.bias[:width])
-        y = (y * model.gamma[:width] if scale != "none" else y).permute(0, 3, 1, 2)
+        factor = 2 if scale == "(C,) viewed as (1, C, 1, 1)" else 1
+        y = (y * model.gamma[:width] * factor if scale != "none" else y).permute(0, 3, 1, 2)
         pooled = F.layer_norm((h + y).mean((2, 3)), (width,), model.head_norm.weight[:width],
                               model.head_norm.bias[:width])
         expected = F.linear(pooled, model.head.weight[:, :width], model.head.bias)

@@ -47,6 +47,11 @@ class _Layer:
     in_per_group: int  # C_in / groups of a grouped conv (its student keeps whole groups), else 0
     bias: bool
 
+    @property
+    def norm_parameters(self) -> int:
+        """A norm's parameters per channel: a weight and a bias (a LayerNorm may lack the bias)."""
+        return 1 + (self.kind == "norm" or self.bias)
+
 
 class CostModel:
     """Expected FLOPs / params of the student for given gate weights; exact for one-hot gates.
@@ -164,8 +169,8 @@ class CostModel:
             add("params", 1.0, channels(group))
         for layer in self._layers:
             c_out = channels(layer.out_group)
-            if layer.kind in ("norm", "layernorm"):  # a weight and a bias per channel (a LayerNorm may lack the bias)
-                add("params", 1.0 + (layer.kind == "norm" or layer.bias), c_out)
+            if layer.kind in ("norm", "layernorm"):
+                add("params", float(layer.norm_parameters), c_out)
                 continue
             c_in = ((float(layer.in_per_group), ()) if layer.in_per_group
                     else channels(layer.in_group, float(layer.in_features_per_channel)))
@@ -206,7 +211,7 @@ class CostModel:
         for layer in self._layers:
             c_out = channels[layer.out_group]
             if layer.kind in ("norm", "layernorm"):
-                params = params + (1 + (layer.kind == "norm" or layer.bias)) * c_out
+                params = params + layer.norm_parameters * c_out
                 continue
             c_in = layer.in_per_group if layer.in_per_group else channels[layer.in_group] * layer.in_features_per_channel
             flops = flops + 2 * layer.kernel * layer.positions * c_in * c_out
