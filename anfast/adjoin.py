@@ -536,7 +536,8 @@ def _follow_channels_last(node, shape, inputs, module, where, result: _Analysis,
                 if vector is not None and vector[1] == len(other_shape) - 1 and len(x.parts) == 1:
                     _union(vector[0], x.parts[0], where)  # a layer scale (C,): its leading slice per student
                 else:
-                    _keep_full_width(x, f"channels of {getattr(other, 'target', other.name)} {tuple(other_shape)}")
+                    _keep_full_width(x, f"channels of {other.target if other.op == 'get_attr' else other.name} "
+                                        f"{tuple(other_shape)}")
             elif other not in result.shared or (other_shape and other_shape[-1] not in (1, shape[-1])):
                 raise AdjoinError(f"{where}: meets a tensor of shape {tuple(other_shape)} that is not "
                                   f"channels-last; anfast joins channels-last tensors of one shape only")
@@ -560,12 +561,11 @@ def _follow_sequence(node, shape, inputs, module, where, channels: _Channels, se
     (True); so do an op that acts on each element (an activation: no dim argument, the
     shape kept) and a matmul that pools the rest per channel ((N, 1, C, H * W) @
     (N, 1, H * W, 1): GC's attention pooling); a view back to (N, C, 1, 1) or (N, C)
-    returns the channels to axis 1 (False). The Conv1d's and the matmul's groups are
-    marked ``reduced_by`` them (below).
+    returns the channels to axis 1 (False).
 
-    The Conv1d mixes neighbouring channels, so its groups are marked ``reduced_by``: each
-    network convolves its own channels (the student's last ones see its zero padding), as
-    the exported student does, and a DAN search leaves them unsearched.
+    Each network convolves or pools its own channels (the student's last ones next to the
+    Conv1d's zero padding), as the exported student does. The Conv1d's and the matmul's
+    groups are marked ``reduced_by`` them, so a DAN search leaves them unsearched.
     """
     x_shape = _node_shape(inputs[0])
     if isinstance(module, nn.Conv1d):
@@ -597,9 +597,10 @@ def _follow_sequence(node, shape, inputs, module, where, channels: _Channels, se
 
 
 def _in_table(target: Any, table: Mapping) -> bool:
+    """``target in table``, False for an unhashable target (a callable object)."""
     try:
         return target in table
-    except TypeError:  # an unhashable target
+    except TypeError:
         return False
 
 
@@ -623,7 +624,6 @@ _MIXING = {
 }
 
 
-
 def _dim_argument(node: torch.fx.Node, position: int) -> Any:
     """An op's dim: by keyword (``dim``, or numpy's ``axis``, which torch takes too) or at ``position``."""
     for keyword in ("dim", "axis"):
@@ -638,11 +638,9 @@ def _reduced_axes(node: torch.fx.Node, ndim: int) -> Optional[set]:
     elementwise max) and for a dim computed in forward."""
     if node.op not in ("call_function", "call_method") or "other" in node.kwargs:
         return None
-    try:
-        position = _REDUCING[node.target]
-    except (KeyError, TypeError):  # TypeError: an unhashable target
+    if not _in_table(node.target, _REDUCING):
         return None
-    dims = _dim_argument(node, position)
+    dims = _dim_argument(node, _REDUCING[node.target])
     if isinstance(dims, bool):  # torch.std(x, True): unbiased, over every axis
         dims = None
     if dims is None or (isinstance(dims, (tuple, list)) and not dims):
@@ -672,10 +670,9 @@ def _mixes_channels(node: torch.fx.Node, module: Optional[nn.Module], ndim: int)
                                                      and len(shape) >= ndim - 1)
     if node.op not in ("call_function", "call_method"):
         return False
-    try:
-        position, default = _MIXING[node.target]
-    except (KeyError, TypeError):
+    if not _in_table(node.target, _MIXING):
         return False
+    position, default = _MIXING[node.target]
     dim = _dim_argument(node, position)
     if dim is None:  # F.softmax's implicit dim: 0 for 0-, 1- and 3-d inputs, else 1
         dim = default if default is not None else (0 if ndim in (0, 1, 3) else 1)
@@ -816,11 +813,9 @@ def _slices_channels(node: torch.fx.Node, ndim: int) -> bool:
     if node.target is operator.getitem:
         index = _channel_index(node, ndim)
         return isinstance(index, slice) and index != slice(None)
-    try:
-        position = _SLICING[node.target]
-    except (KeyError, TypeError):  # TypeError: an unhashable target
+    if not _in_table(node.target, _SLICING):
         return False
-    dim = _dim_argument(node, position)
+    dim = _dim_argument(node, _SLICING[node.target])
     dim = 0 if dim is None else dim
     # A dim computed in forward (x.dim() - 3) is a node: it may be axis 1, so it counts.
     return isinstance(dim, torch.fx.Node) or (isinstance(dim, int) and dim % ndim == 1)
@@ -834,10 +829,9 @@ def _reorders_channels(node: torch.fx.Node, module: Optional[nn.Module], ndim: i
         return False
     if node.target is operator.getitem:  # x[:, perm]: an index tensor or list on axis 1
         return isinstance(_channel_index(node, ndim), (torch.fx.Node, torch.Tensor, list, tuple))
-    try:
-        where = _REORDERING[node.target]
-    except (KeyError, TypeError):  # TypeError: an unhashable target
+    if not _in_table(node.target, _REORDERING):
         return False
+    where = _REORDERING[node.target]
     if where is None:
         return True
     position, keyword = where

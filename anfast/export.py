@@ -103,7 +103,13 @@ def _swap_layers(model: nn.Module, specs: dict[str, dict], device, tensors: Opti
     ``tensors`` ({name: shape}: ConvNeXt's gamma) at their student sizes, uninitialised."""
     for name, spec in specs.items():
         _resize_layer(model.get_submodule(name), spec, device)
-    for name, shape in (tensors or {}).items():
+    _resize_tensors(model, tensors or {}, device)
+    return model
+
+
+def _resize_tensors(model: nn.Module, tensors: dict[str, list[int]], device) -> None:
+    """Give each parameter or buffer named in ``tensors`` that shape, uninitialised, in place."""
+    for name, shape in tensors.items():
         owner_name, _, attribute = name.rpartition(".")
         owner = model.get_submodule(owner_name)
         old = getattr(owner, attribute)
@@ -112,7 +118,6 @@ def _swap_layers(model: nn.Module, specs: dict[str, dict], device, tensors: Opti
             setattr(owner, attribute, nn.Parameter(new, old.requires_grad))
         else:
             owner.register_buffer(attribute, new, persistent=attribute not in owner._non_persistent_buffers_set)
-    return model
 
 
 def _student_layer(an: AdjoinedNetwork, name: str, widths: LayerWidths, s: int) -> tuple[nn.Module, dict]:
@@ -236,11 +241,11 @@ def export_student(an: AdjoinedNetwork, index: int = 0, path: Optional[Union[str
     state = {k: v for k, v in an.base_state_dict().items()}
     group_widths = {g.name: g.widths[index] for g in an.width_groups}
     tensors = {}  # per-channel parameters (ConvNeXt's gamma): their leading slice
-    for name, (axis, group) in an.__dict__.get("channel_vectors", {}).items():
+    for name, (axis, group) in an.channel_vectors.items():
         if group_widths[group] != state[name].shape[axis]:
             state[name] = state[name].narrow(axis, 0, group_widths[group])
             tensors[name] = list(state[name].shape)
-    _swap_layers(model, {}, "meta", tensors)
+    _resize_tensors(model, tensors, "meta")
     specs = {}
     for name, widths in an.layer_widths.items():
         plain, layer_state = _student_layer(an, name, widths, index)

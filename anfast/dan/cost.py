@@ -93,7 +93,7 @@ class CostModel:
                 bias=widths.kind != "norm" and module.bias is not None,
             ))
         # A per-channel parameter each student slices (ConvNeXt's gamma): one weight per channel.
-        self._vectors = [index[group] for _, group in network.__dict__.get("channel_vectors", {}).values()]
+        self._vectors = [index[group] for _, group in network.channel_vectors.values()]
         self.base = profile(export_base(network), input_size)
         full_width = self._modelled_widths(torch.cat([
             torch.tensor([g.channels for g in space.groups], dtype=torch.float64), self._fixed_channels]))

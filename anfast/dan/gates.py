@@ -86,8 +86,11 @@ class StudentMasks:
     def __init__(self, network: AdjoinedNetwork, space: SearchSpace) -> None:
         self.space = space
         self._masks: Optional[list[torch.Tensor]] = None
-        self._handles = [network.get_submodule(name).register_forward_hook(self._hook(group))
-                         for name, group in space.mask_points.items()]
+        self._handles = []
+        for name, group in space.mask_points.items():
+            module = network.get_submodule(name)
+            # A linear's features are its last axis: (N, F), or (N, H, W, C) in ConvNeXt's blocks.
+            self._handles.append(module.register_forward_hook(self._hook(group, isinstance(module, AdjoinedLinear))))
 
     def set_gates(self, gates: torch.Tensor) -> None:
         self._masks = self.space.channel_masks(gates)
@@ -97,15 +100,13 @@ class StudentMasks:
             handle.remove()
         self._handles = []
 
-    def _hook(self, group: int):
+    def _hook(self, group: int, last_axis: bool):
         def apply(module, args, outputs):
             if self._masks is None:
                 raise RuntimeError("StudentMasks: call set_gates(gates) before running the network")
             base, student, *rest = outputs
             mask = self._masks[group].to(student.dtype)
-            # A linear's features are its last axis: (N, F), or (N, H, W, C) in ConvNeXt's blocks.
-            shape = ((1,) * (student.dim() - 1) + (-1,) if isinstance(module, AdjoinedLinear)
-                     else (1, -1) + (1,) * (student.dim() - 2))
+            shape = (1,) * (student.dim() - 1) + (-1,) if last_axis else (1, -1) + (1,) * (student.dim() - 2)
             return (base, student * mask.view(shape), *rest)
 
         return apply
