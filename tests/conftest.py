@@ -15,13 +15,16 @@ os.environ.setdefault("TORCHINDUCTOR_VEC_ISA_OK", "0")
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
+
+if not torch.cuda.is_available():
+    # Before inductor's config, which imports triton (torch >= 2.14): triton.language's
+    # own jit functions (tl.cdiv) are made interpreted or compiled as triton is imported.
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
 import torch._inductor.config  # noqa: E402
 
 if os.environ["TORCHINDUCTOR_VEC_ISA_OK"] == "0":  # read when the config was first imported
     torch._inductor.config.cpp.vec_isa_ok = False
-
-if not torch.cuda.is_available():
-    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 # Auto's tuning decisions of a test run go to a scratch cache, never ~/.cache/anfast.
 # The folder is removed when the session's process exits (TemporaryDirectory's
