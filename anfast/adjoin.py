@@ -5,7 +5,9 @@ Steps (DESIGN.md section 1):
 2. follow the channel dimension of every tensor: convs and linears create new
    dimensions, elementwise ops between tensors merge theirs into one *width group*
    (union-find, as Torch-Pruning does), a concat records which parts it joins, a
-   flatten remembers how many features each channel became;
+   flatten remembers how many features each channel became; an op it cannot follow
+   channels through (a view of 2C as (2, C), attention on tokens) runs whole, at the
+   model's widths, up to the next conv, linear or batch norm;
 3. give every width group one student width per student, from the policy;
 4. rebuild the graph with one copy of each op per network, the convs, norms and
    linears replaced by adjoined modules that compute every network at once.
@@ -188,6 +190,11 @@ class _Analysis:
     sequences: set = field(default_factory=set)  # per-network (N, 1, C, ...) views, channels on axis 2 (ECA, GC)
     channels_last: set = field(default_factory=set)  # per-network (N, H, W, C) permutes (ConvNeXt's blocks)
     vectors: dict = field(default_factory=dict)  # node -> (_Dim, axis): a per-channel parameter (layer scale) or a view
+    whole: dict = field(default_factory=dict)  # node -> why: run at the model's shapes in every network
+
+
+class _Unfollowable(Exception):
+    """An op anfast cannot follow channels through; the message names it and its shapes."""
 
 
 _ELEMENTWISE = {
@@ -295,129 +302,142 @@ def _analyse(gm: torch.fx.GraphModule, state_keys: set) -> _Analysis:
         where = _describe(node) if source is None else _describe_element(node, source)
         function = node.target if node.op in ("call_function", "call_method") else None
         x_shape = _node_shape(inputs[0]) if inputs else None
-        if any(n in result.sequences for n in inputs):
-            result.channels[node] = channels_of(next(n for n in inputs if n in result.sequences))
-            if _follow_sequence(node, shape, inputs, module, where, result.channels[node], result.sequences):
+        region = next((result.whole[n] for n in inputs if n in result.whole), None)
+        if region is not None and not _leaves_region(module):
+            _run_whole(node, shape, inputs, region, module, where, result)
+            continue
+        if region is not None and channels_of(inputs[0]) is None:
+            # A layer ends the region: its input's channels, full width, are a group of their own.
+            in_channels[0] = result.channels[inputs[0]] = _Channels((new_dim(x_shape[1], fixed=region,
+                                                                              label=inputs[0].name),))
+        try:
+            if any(n in result.sequences for n in inputs):
+                result.channels[node] = channels_of(next(n for n in inputs if n in result.sequences))
+                if _follow_sequence(node, shape, inputs, module, where, result.channels[node], result.sequences):
+                    result.sequences.add(node)
+                continue
+            if any(n in result.channels_last for n in inputs):
+                _follow_channels_last(node, shape, inputs, module, where, result, new_dim)
+                continue
+            if (function in (torch.permute, "permute") and _permutation(node) == (0, 2, 3, 1) and len(inputs) == 1
+                    and in_channels[0] is not None and in_channels[0].features_per_channel == 1):
+                # ConvNeXt: (N, C, H, W) -> (N, H, W, C) for a LayerNorm and Linear layers on the channels.
+                result.channels[node] = in_channels[0]
+                result.channels_last.add(node)
+                continue
+            if (function in _SEQUENCE_VIEWS and len(inputs) == 1 and x_shape is not None and len(x_shape) >= 2
+                    and x_shape[1] > 1 and tuple(shape) == (x_shape[0], 1, *x_shape[1:])
+                    and in_channels[0] is not None and in_channels[0].features_per_channel == 1
+                    and (function not in (torch.unsqueeze, "unsqueeze") or _dim_argument(node, 1) in (1, -len(shape) + 1))):
+                # ECA: pooled (N, C) viewed as (N, 1, C), so a Conv1d slides along the channels;
+                # GC: (N, C, H * W) as (N, 1, C, H * W), to pool space by a matmul.
+                result.channels[node] = in_channels[0]
                 result.sequences.add(node)
-            continue
-        if any(n in result.channels_last for n in inputs):
-            _follow_channels_last(node, shape, inputs, module, where, result, new_dim)
-            continue
-        if (function in (torch.permute, "permute") and _permutation(node) == (0, 2, 3, 1) and len(inputs) == 1
-                and in_channels[0] is not None and in_channels[0].features_per_channel == 1):
-            # ConvNeXt: (N, C, H, W) -> (N, H, W, C) for a LayerNorm and Linear layers on the channels.
-            result.channels[node] = in_channels[0]
-            result.channels_last.add(node)
-            continue
-        if (function in _SEQUENCE_VIEWS and len(inputs) == 1 and x_shape is not None and len(x_shape) >= 2
-                and x_shape[1] > 1 and tuple(shape) == (x_shape[0], 1, *x_shape[1:])
-                and in_channels[0] is not None and in_channels[0].features_per_channel == 1
-                and (function not in (torch.unsqueeze, "unsqueeze") or _dim_argument(node, 1) in (1, -len(shape) + 1))):
-            # ECA: pooled (N, C) viewed as (N, 1, C), so a Conv1d slides along the channels;
-            # GC: (N, C, H * W) as (N, 1, C, H * W), to pool space by a matmul.
-            result.channels[node] = in_channels[0]
-            result.sequences.add(node)
-            continue
-        follows_x = bool(in_channels) and in_channels[0] is not None and len(x_shape) >= 2
-        reduced = _reduced_axes(source or node, len(x_shape)) if follows_x else None
-        if follows_x and (1 in (reduced or ()) or _mixes_channels(source or node, module, len(x_shape))):
-            for part in in_channels[0].parts:  # each network reduces its own channels
-                part.root().reduced_by.append(where)
+                continue
+            follows_x = bool(in_channels) and in_channels[0] is not None and len(x_shape) >= 2
+            reduced = _reduced_axes(source or node, len(x_shape)) if follows_x else None
+            if follows_x and (1 in (reduced or ()) or _mixes_channels(source or node, module, len(x_shape))):
+                for part in in_channels[0].parts:  # each network reduces its own channels
+                    part.root().reduced_by.append(where)
 
-        if isinstance(module, (nn.Conv1d, nn.Conv3d, nn.ConvTranspose2d)):
-            raise AdjoinError(f"{where}: {type(module).__name__} is not supported; anfast adjoins Conv2d "
-                              f"(2-D image CNNs)")
-        if isinstance(module, (nn.Conv2d, nn.Linear, nn.BatchNorm2d)):
-            _check_layer_class(module, where)
-        if isinstance(module, nn.Conv2d):
-            x = in_channels[0]
-            if x is None or x.features_per_channel != 1:
-                raise AdjoinError(f"{where}: cannot follow the channels of its input: an op before it "
-                                  f"splits the channel axis (a channel slice, say), which "
-                                  f"anfast does not follow channels through")
-            if module.padding_mode != "zeros":
-                raise AdjoinError(f"{where}: padding_mode={module.padding_mode!r}; anfast supports 'zeros'")
-            try:
-                numeric_padding(module)
-            except ValueError as error:
-                raise AdjoinError(f"{where}: {error}") from None
-            out = new_dim(module.out_channels, producer=node.target)
-            if module.groups > 1:
-                in_dim = x.simple()
-                in_per_group = module.in_channels // module.groups
-                out_per_group = module.out_channels // module.groups
-                if in_dim is None or in_per_group != out_per_group:
-                    # No student slice keeps whole groups on both sides: its input and
-                    # output channels keep full width (a policy that shrinks them is refused).
-                    why = (f"channels of the grouped conv {where} (groups={module.groups}, {module.in_channels} in "
-                           f"and {module.out_channels} out channels), which keeps full width: anfast slices "
-                           "whole groups only when the input is one width group and in/out group widths match")
-                    _keep_full_width(x, why)
-                    _keep_full_width(_Channels((out,)), why)
+            if isinstance(module, (nn.Conv1d, nn.Conv3d, nn.ConvTranspose2d)):
+                raise AdjoinError(f"{where}: {type(module).__name__} is not supported; anfast adjoins Conv2d "
+                                  f"(2-D image CNNs)")
+            if isinstance(module, (nn.Conv2d, nn.Linear, nn.BatchNorm2d)):
+                _check_layer_class(module, where)
+            if isinstance(module, nn.Conv2d):
+                x = in_channels[0]
+                if x is None or x.features_per_channel != 1:
+                    raise _Unfollowable(f"{tuple(x_shape)} -> {tuple(shape)}")
+                if module.padding_mode != "zeros":
+                    raise AdjoinError(f"{where}: padding_mode={module.padding_mode!r}; anfast supports 'zeros'")
+                try:
+                    numeric_padding(module)
+                except ValueError as error:
+                    raise AdjoinError(f"{where}: {error}") from None
+                out = new_dim(module.out_channels, producer=node.target)
+                if module.groups > 1:
+                    in_dim = x.simple()
+                    in_per_group = module.in_channels // module.groups
+                    out_per_group = module.out_channels // module.groups
+                    if in_dim is None or in_per_group != out_per_group:
+                        # No student slice keeps whole groups on both sides: its input and
+                        # output channels keep full width (a policy that shrinks them is refused).
+                        why = (f"channels of the grouped conv {where} (groups={module.groups}, {module.in_channels} in "
+                               f"and {module.out_channels} out channels), which keeps full width: anfast slices "
+                               "whole groups only when the input is one width group and in/out group widths match")
+                        _keep_full_width(x, why)
+                        _keep_full_width(_Channels((out,)), why)
+                    else:
+                        out.multiple = out_per_group
+                        _union(in_dim, out, where)
+                result.channels[node] = _Channels((out,))
+                _record_layer(result, node, "conv", x, result.channels[node], where)
+            elif isinstance(module, nn.Linear):
+                x = in_channels[0]
+                if x is None or len(shape) != 2:  # a Linear on tokens (N, T, C): whole
+                    raise _Unfollowable(f"{tuple(x_shape)} -> {tuple(shape)}")
+                result.channels[node] = _Channels((new_dim(module.out_features, producer=node.target),))
+                _record_layer(result, node, "linear", x, result.channels[node], where)
+            elif isinstance(module, nn.LayerNorm) and _adopts_layer_norm(module, shape, channels_last=False):
+                # timm's LayerNorm2d on (N, C, H, W), a LayerNorm on (N, C) features.
+                _record_layer_norm(result, node, in_channels[0], where)
+            elif (function in _FLATTEN and inputs and inputs[0] in result.vectors
+                  and _vector_axis(shape) is not None and max(shape) == result.vectors[inputs[0]][0].size):
+                # A per-channel vector viewed as (1, C, 1, 1) or (1, 1, 1, C) (ConvNeXt's gamma,
+                # GRN's affine parameters): the same vector, its leading slice in each student.
+                dim, axis = result.vectors[inputs[0]][0], _vector_axis(shape)
+                result.vectors[node] = (dim, axis)
+                if axis == 1:
+                    result.channels[node] = _Channels((dim,))
+            elif isinstance(module, nn.modules.batchnorm._BatchNorm):
+                if not isinstance(module, nn.BatchNorm2d):
+                    raise AdjoinError(f"{where}: {type(module).__name__} is not supported; anfast adjoins BatchNorm2d")
+                result.channels[node] = in_channels[0]
+                _record_layer(result, node, "norm", in_channels[0], in_channels[0], where)
+            elif function is not None and function in _CONCAT and _concat_dim(node) == 1:
+                parts = [channels_of(n) for n in _concat_tensors(node)]
+                if any(p is None or p.features_per_channel != 1 for p in parts):
+                    raise _Unfollowable(f"{tuple(x_shape)} -> {tuple(shape)}")
+                result.channels[node] = _Channels(tuple(d for p in parts for d in p.parts))
+            elif 1 in (reduced or ()):
+                # x.mean(1, keepdim=True), torch.max(x, 1)[0]: each network's reduction of its
+                # own channels; one channel per network out of it, or none without keepdim.
+                if len(shape) == len(x_shape):
+                    result.channels[node] = _Channels((new_dim(shape[1], fixed=f"output of the channel reduction "
+                                                                               f"{where}", label=node.name),))
                 else:
-                    out.multiple = out_per_group
-                    _union(in_dim, out, where)
-            result.channels[node] = _Channels((out,))
-            _record_layer(result, node, "conv", x, result.channels[node], where)
-        elif isinstance(module, nn.Linear):
-            x = in_channels[0]
-            if x is None or len(shape) != 2:
-                raise AdjoinError(f"{where}: anfast adjoins Linear layers on (N, features) inputs only")
-            result.channels[node] = _Channels((new_dim(module.out_features, producer=node.target),))
-            _record_layer(result, node, "linear", x, result.channels[node], where)
-        elif isinstance(module, nn.LayerNorm) and _adopts_layer_norm(module, shape, channels_last=False):
-            # timm's LayerNorm2d on (N, C, H, W), a LayerNorm on (N, C) features.
-            _record_layer_norm(result, node, in_channels[0], where)
-        elif (function in _FLATTEN and inputs and inputs[0] in result.vectors
-              and _vector_axis(shape) is not None and max(shape) == result.vectors[inputs[0]][0].size):
-            # A per-channel vector viewed as (1, C, 1, 1) or (1, 1, 1, C) (ConvNeXt's gamma,
-            # GRN's affine parameters): the same vector, its leading slice in each student.
-            dim, axis = result.vectors[inputs[0]][0], _vector_axis(shape)
-            result.vectors[node] = (dim, axis)
-            if axis == 1:
-                result.channels[node] = _Channels((dim,))
-        elif isinstance(module, nn.modules.batchnorm._BatchNorm):
-            if not isinstance(module, nn.BatchNorm2d):
-                raise AdjoinError(f"{where}: {type(module).__name__} is not supported; anfast adjoins BatchNorm2d")
-            result.channels[node] = in_channels[0]
-            _record_layer(result, node, "norm", in_channels[0], in_channels[0], where)
-        elif function is not None and function in _CONCAT and _concat_dim(node) == 1:
-            parts = [channels_of(n) for n in _concat_tensors(node)]
-            if any(p is None or p.features_per_channel != 1 for p in parts):
-                raise AdjoinError(f"{where}: concatenates tensors whose channels anfast cannot follow")
-            result.channels[node] = _Channels(tuple(d for p in parts for d in p.parts))
-        elif 1 in (reduced or ()):
-            # x.mean(1, keepdim=True), torch.max(x, 1)[0]: each network's reduction of its
-            # own channels; one channel per network out of it, or none without keepdim.
-            if len(shape) == len(x_shape):
-                result.channels[node] = _Channels((new_dim(shape[1], fixed=f"output of the channel reduction "
-                                                                           f"{where}", label=node.name),))
-            else:
-                result.channelless.add(node)
-        elif (follows_x and len(shape) == len(x_shape) and shape[1] != x_shape[1]
-              and _slices_channels(source or node, len(x_shape))):
-            # x.split(self.expand_chs // 2, 1), x[:, :self.out_chs]: sizes fixed in the
-            # model's code, which the exported student (the model's own class) runs too, so
-            # the sliced channels keep full width; what each part goes on to compute shrinks.
-            sliced_by = _describe(source or node)
-            _keep_full_width(in_channels[0], f"channels that {sliced_by} slices")
-            result.channels[node] = _Channels((new_dim(shape[1], fixed=f"output of the channel slice {where}",
-                                                       label=node.name),))
-        elif function in _ELEMENTWISE or function in _FLATTEN or isinstance(module, nn.Flatten):
-            result.channels[node] = _follow_simple_op(node, shape, inputs, in_channels, where, result.vectors)
-        elif inputs:
-            result.channels[node] = _follow_generic(source or node, shape, inputs, in_channels, where, module)
-        if result.channels.get(node) is None:
-            flat = next((n for n in inputs if n in result.channelless), None)
-            if flat is not None:  # a channel-less map: torch.sigmoid of it, then unsqueeze(1) or stack(dim=1)
-                flat_shape = _node_shape(flat)
-                if len(shape) == len(flat_shape):
                     result.channelless.add(node)
-                elif (len(shape) == len(flat_shape) + 1 and shape[:1] + shape[2:] == flat_shape) or (
-                        len(shape) == 2 < len(flat_shape) and shape[1] == math.prod(flat_shape[1:])):
-                    # unsqueeze(1) / stack(dim=1), or flatten(1) into features: fixed channels
-                    result.channels[node] = _Channels((new_dim(shape[1], fixed=f"channels {where} makes of "
-                                                                               f"channel reductions", label=node.name),))
+            elif (follows_x and len(shape) == len(x_shape) and shape[1] != x_shape[1]
+                  and _slices_channels(source or node, len(x_shape))):
+                # x.split(self.expand_chs // 2, 1), x[:, :self.out_chs]: sizes fixed in the
+                # model's code, which the exported student (the model's own class) runs too, so
+                # the sliced channels keep full width; what each part goes on to compute shrinks.
+                sliced_by = _describe(source or node)
+                _keep_full_width(in_channels[0], f"channels that {sliced_by} slices")
+                result.channels[node] = _Channels((new_dim(shape[1], fixed=f"output of the channel slice {where}",
+                                                           label=node.name),))
+            elif function in _ELEMENTWISE or function in _FLATTEN or isinstance(module, nn.Flatten):
+                result.channels[node] = _follow_simple_op(node, shape, inputs, in_channels, where, result.vectors)
+            elif inputs:
+                owner = module if source is None or source.op != "call_module" else modules[source.target]
+                result.channels[node] = _follow_generic(source or node, shape, inputs, in_channels, where, owner)
+            if result.channels.get(node) is None:
+                flat = next((n for n in inputs if n in result.channelless), None)
+                if flat is not None:  # a channel-less map: torch.sigmoid of it, then unsqueeze(1) or stack(dim=1)
+                    flat_shape = _node_shape(flat)
+                    if len(shape) == len(flat_shape):
+                        result.channelless.add(node)
+                    elif (len(shape) == len(flat_shape) + 1 and shape[:1] + shape[2:] == flat_shape) or (
+                            len(shape) == 2 < len(flat_shape) and shape[1] == math.prod(flat_shape[1:])):
+                        # unsqueeze(1) / stack(dim=1), or flatten(1) into features: fixed channels
+                        result.channels[node] = _Channels((new_dim(shape[1], fixed=f"channels {where} makes of "
+                                                                                   f"channel reductions", label=node.name),))
+        except _Unfollowable as cannot:
+            # Attention, a radix split, a space-to-depth: each network computes it whole, as
+            # the model does, from inputs kept at full width, up to the next conv or linear.
+            why = f"channels read by {where}, {cannot}, which anfast cannot follow channels through"
+            _run_whole(node, shape, inputs, why, module, where, result)
     _check_vector_uses(result)
     return result
 
@@ -487,7 +507,7 @@ def _record_layer_norm(result: _Analysis, node: torch.fx.Node, x: _Channels, whe
     """A LayerNorm over the channels: each network normalises its own (so a DAN search,
     which masks channels to zero at full width, leaves its groups unsearched)."""
     if x is None or x.features_per_channel != 1:
-        raise AdjoinError(f"{where}: cannot follow the channels of its input")
+        raise _Unfollowable(f"{tuple(_node_shape(node.args[0]))} -> {tuple(_node_shape(node))}")
     for part in x.parts:
         part.root().reduced_by.append(where)
     result.channels[node] = x
@@ -509,7 +529,7 @@ def _follow_channels_last(node, shape, inputs, module, where, result: _Analysis,
     """An op on a per-network (N, H, W, C) tensor (ConvNeXt's block between its permutes):
     Linear layers and a LayerNorm over the channels are adjoined there, activations and
     elementwise ops between such tensors pass, ``permute(0, 3, 1, 2)`` returns the
-    channels to axis 1; anything else is refused."""
+    channels to axis 1; anything else runs whole (``_Unfollowable``)."""
     x_node = next(n for n in inputs if n in result.channels_last)
     x, x_shape = result.channels[x_node], _node_shape(x_node)
     function = node.target if node.op in ("call_function", "call_method") else None
@@ -539,16 +559,13 @@ def _follow_channels_last(node, shape, inputs, module, where, result: _Analysis,
                     _keep_full_width(x, f"channels of {other.target if other.op == 'get_attr' else other.name} "
                                         f"{tuple(other_shape)}")
             elif other not in result.shared or (other_shape and other_shape[-1] not in (1, shape[-1])):
-                raise AdjoinError(f"{where}: meets a tensor of shape {tuple(other_shape)} that is not "
-                                  f"channels-last; anfast joins channels-last tensors of one shape only")
+                raise _Unfollowable(f"{tuple(x_shape)} and {tuple(other_shape)} -> {tuple(shape)}")
         result.channels[node] = x
         return
     if _acts_per_element(node, shape, inputs, module):
         result.channels[node] = x
         return
-    raise AdjoinError(f"{where}: acts on channels-last {tuple(x_shape)} (after a permute(0, 2, 3, 1)); anfast "
-                      "follows channels there through Linear layers, a LayerNorm over them, activations, "
-                      "elementwise ops and the permute(0, 3, 1, 2) back only")
+    raise _Unfollowable(f"channels-last {tuple(x_shape)} -> {tuple(shape)}")
 
 
 # Views of a map (N, C, ...) as (N, 1, C, ...), the channels on axis 2 (ECA, GC).
@@ -561,7 +578,7 @@ def _follow_sequence(node, shape, inputs, module, where, channels: _Channels, se
     (True); so do an op that acts on each element (an activation: no dim argument, the
     shape kept) and a matmul that pools the rest per channel ((N, 1, C, H * W) @
     (N, 1, H * W, 1): GC's attention pooling); a view back to (N, C, 1, 1) or (N, C)
-    returns the channels to axis 1 (False).
+    returns the channels to axis 1 (False); anything else runs whole (``_Unfollowable``).
 
     Each network convolves or pools its own channels (the student's last ones next to the
     Conv1d's zero padding), as the exported student does. The Conv1d's and the matmul's
@@ -570,10 +587,8 @@ def _follow_sequence(node, shape, inputs, module, where, channels: _Channels, se
     x_shape = _node_shape(inputs[0])
     if isinstance(module, nn.Conv1d):
         if (module.in_channels, module.out_channels, module.padding_mode) != (1, 1, "zeros") or tuple(shape) != tuple(x_shape):
-            raise AdjoinError(f"{where}: a Conv1d along the channels (ECA) must have one in and one out channel, "
-                              f"zeros padding and keep the length; found {module.in_channels} in, "
-                              f"{module.out_channels} out, padding_mode={module.padding_mode!r}, "
-                              f"{tuple(x_shape)} -> {tuple(shape)}")
+            raise _Unfollowable(f"channels on axis 2 {tuple(x_shape)} -> {tuple(shape)} ({module.in_channels} "
+                                f"in, {module.out_channels} out, padding_mode={module.padding_mode!r})")
         for part in channels.parts:
             part.root().reduced_by.append(where)
         return True
@@ -591,9 +606,7 @@ def _follow_sequence(node, shape, inputs, module, where, channels: _Channels, se
         return True
     if _acts_per_element(node, shape, inputs, module):
         return True
-    raise AdjoinError(f"{where}: acts on channels moved to axis 2 {tuple(x_shape)} (as ECA's and GC's views "
-                      "do); anfast follows them there through a Conv1d of one channel (ECA), a matmul that pools "
-                      "each channel's row (GC), activations and a view back to (N, C, 1, 1) only")
+    raise _Unfollowable(f"channels on axis 2 {tuple(x_shape)} -> {tuple(shape)}")
 
 
 def _in_table(target: Any, table: Mapping) -> bool:
@@ -735,8 +748,11 @@ def _follow_simple_op(node, shape, inputs, in_channels, where, vectors: Mapping)
         # A lower-rank tensor that broadcasts along the channel axis (a layer scale of shape
         # (C, 1, 1)): a per-channel vector's leading slice serves each student; any other
         # has no student slice, and its channels keep full width.
-        for other in inputs:
+        for other, channels in zip(inputs, in_channels):
             other_shape = _node_shape(other)
+            if channels is None and len(other_shape) == len(shape) and other_shape[1] == shape[1] > 1:
+                # torch.ones(n, 128, 1, 1) made in forward: the count is the model's code's
+                _keep_full_width(first, f"channels of {other.name} {tuple(other_shape)}, which {where} meets")
             if other_shape is None or len(other_shape) >= len(shape):
                 continue
             axis = len(other_shape) - len(shape) + 1  # right-aligned broadcasting
@@ -752,14 +768,28 @@ def _follow_simple_op(node, shape, inputs, in_channels, where, vectors: Mapping)
     x, x_shape = in_channels[0], _node_shape(inputs[0])
     if x is None:
         return None
-    if len(shape) == len(x_shape) and shape[1] == x_shape[1]:
-        return x
-    if len(shape) >= 3 and tuple(shape[:2]) == tuple(x_shape[:2]):  # (N, C, H, W) -> (N, C, H * W): space only
-        return x
-    if len(shape) == 2 and shape[0] == x_shape[0] and shape[1] == math.prod(x_shape[1:]):
-        return _Channels(x.parts, x.features_per_channel * math.prod(x_shape[2:]))
-    raise AdjoinError(f"{where}: reshapes the channel axis {tuple(x_shape)} -> {tuple(shape)}; anfast "
-                      "follows channels only through flatten(start_dim=1)")
+    if (len(shape) == len(x_shape) and shape[1] == x_shape[1]) or (
+            len(shape) >= 3 and tuple(shape[:2]) == tuple(x_shape[:2])):  # (N, C, H, W) -> (N, C, H * W)
+        followed = x
+    elif len(shape) == 2 and shape[0] == x_shape[0] and shape[1] == math.prod(x_shape[1:]):
+        followed = _Channels(x.parts, x.features_per_channel * math.prod(x_shape[2:]))
+    else:
+        raise _Unfollowable(f"{tuple(x_shape)} -> {tuple(shape)}")  # (N, 2C, H, W) -> (N, 2, C, H, W), say
+    _keep_sizes_in_code(node, x, where)
+    return followed
+
+
+def _keep_sizes_in_code(node: torch.fx.Node, channels: _Channels, where: str) -> None:
+    """A view, reshape or expand whose axis 1 the model's code sizes by a number
+    (``x.view(n, self.dim, -1)``: fx records ``self.dim`` as one) keeps ``channels`` at
+    full width: the exported student runs that code too, and fewer channels would not fit.
+    -1 and sizes read from a tensor (``x.view(x.size(0), -1)``) follow the channels."""
+    if node.target not in ("view", "reshape", "expand") or len(node.args) < 2:
+        return
+    sizes = node.args[1] if len(node.args) == 2 and isinstance(node.args[1], (tuple, list)) else node.args[1:]
+    size = sizes[1] if len(sizes) > 1 else None
+    if isinstance(size, int) and size != -1:
+        _keep_full_width(channels, f"channels {where} sizes as {size} in the model's code")
 
 
 def _keep_full_width(channels: _Channels, why: str) -> None:
@@ -767,6 +797,80 @@ def _keep_full_width(channels: _Channels, why: str) -> None:
     for part in channels.parts:
         root = part.root()
         root.fixed = root.fixed or why
+
+
+def _leaves_region(module: Optional[nn.Module]) -> bool:
+    """Whether a layer ends a region run whole: a conv or linear makes new channels of
+    its full-width input, a batch norm keeps each network's statistics apart."""
+    return isinstance(module, (nn.Conv2d, nn.Linear, nn.BatchNorm2d))
+
+
+def _run_whole(node, shape, inputs, why: str, module: Optional[nn.Module], where: str, result: _Analysis) -> None:
+    """``node`` runs in every network as in the model: its inputs' channels keep full width
+    (``why``), and so do the ops after it up to a layer that leaves the region
+    (``_leaves_region``), whose input is then a full-width group of its own. The exported
+    student, the model's own class, runs it the same way."""
+    if module is not None:
+        _check_no_running_stats(module, where)
+    for n in inputs:
+        if result.channels.get(n) is not None:
+            _keep_full_width(result.channels[n], why)
+        if n in result.vectors:  # a layer scale read there: whole
+            root = result.vectors[n][0].root()
+            root.fixed = root.fixed or why
+    for n in _channel_counts_read(node):  # out.reshape(B, C, H, W), C read from x.shape: x whole too
+        if result.channels.get(n) is not None:
+            _keep_full_width(result.channels[n], f"channels whose count {where} reads, in a region run whole: {why}")
+    result.whole[node] = why
+    result.sequences.discard(node)
+    result.channels_last.discard(node)
+    result.channelless.discard(node)
+    result.channels.pop(node, None)
+
+
+def _channel_counts_read(node: torch.fx.Node) -> list[torch.fx.Node]:
+    """The tensors whose channel count ``node``'s size arguments are computed from
+    (``x.shape[1]``, ``x.size(1)``, ``x.size()``, ``x.numel()``, through int arithmetic);
+    a size of another axis (``x.shape[2]``) does not count."""
+    found, seen = [], set()
+
+    def visit(n: torch.fx.Node, axis: Any = None) -> None:
+        if (n, axis) in seen:
+            return
+        seen.add((n, axis))
+        shape = _node_shape(n)
+        if shape is not None:  # a tensor: its sizes were read
+            if not isinstance(axis, int) or axis % max(len(shape), 1) == 1:  # all, x.shape[1], x.shape[-3]
+                found.append(n)
+            return
+        if n.op == "call_function" and n.target is operator.getitem and isinstance(n.args[0], torch.fx.Node):
+            visit(n.args[0], n.args[1])  # x.shape[1]: the shape's item 1
+            return
+        if n.op == "call_method" and n.target == "size" and len(n.args) > 1:
+            visit(n.args[0], n.args[1])
+            return
+        if n.op == "call_function" and n.target is getattr and n.args[1] == "shape":
+            visit(n.args[0], axis)
+            return
+        for m in n.all_input_nodes:
+            visit(m)  # int arithmetic, x.size(), x.numel(): every size it reads
+
+    for n in node.all_input_nodes:
+        if _node_shape(n) is None:
+            visit(n)
+    return found
+
+
+def _check_no_running_stats(module: nn.Module, where: str) -> None:
+    """A module every network calls must not hold running statistics: each network's call
+    in train mode would update them, the students' activations mixed into the base's."""
+    for name, child in module.named_modules():
+        if isinstance(child, nn.modules.batchnorm._NormBase) and child.track_running_stats:
+            inside = f"the {type(child).__name__} {name} inside it" if name else "running statistics"
+            raise AdjoinError(
+                f"{where}: {type(module).__name__} holds {inside}, and anfast runs it whole in every network, "
+                "whose calls in train mode would all update them; anfast adjoins BatchNorm2d layers it reaches "
+                "in the traced graph (a module timm or the tracer keeps whole is not traced into)")
 
 
 # Ops that keep the channel count but move channels along axis 1: a student's leading
@@ -848,7 +952,8 @@ def _reorders_channels(node: torch.fx.Node, module: Optional[nn.Module], ndim: i
 
 
 def _follow_generic(node, shape, inputs, in_channels, where, module=None) -> Optional[_Channels]:
-    """Ops anfast has no rule for: channel-preserving ones pass through, others refuse."""
+    """Ops anfast has no rule for: channel-preserving ones pass through, others run whole
+    (``_Unfollowable``)."""
     carried = [(n, c) for n, c in zip(inputs, in_channels) if c is not None]
     if not carried:
         return None
@@ -866,20 +971,23 @@ def _follow_generic(node, shape, inputs, in_channels, where, module=None) -> Opt
         # channels keep full width, where the student's channels are the base's.
         if shape[1] > 1 and _reorders_channels(node, module, len(shape)):
             _keep_full_width(channels, f"channels that {where} reorders")
+        _keep_sizes_in_code(node, channels, where)  # y.expand(n, 128, h, w)
         # A parameter or buffer the op reads per channel (timm's blur filter (C, 1, 3, 3) in
         # F.conv2d) has no student slice: these channels keep full width.
         for other in inputs:
             other_shape = _node_shape(other)
             if other.op == "get_attr" and other_shape is not None and shape[1] > 1 and shape[1] in other_shape:
                 _keep_full_width(channels, f"channels of {other.target} {tuple(other_shape)}")
+        # So does a module with parameters anfast does not slice (a GroupNorm, a PReLU, a
+        # block timm keeps whole): every network runs it as the model does.
+        if module is not None:
+            _check_no_running_stats(module, where)
+        if module is not None and any(True for _ in module.parameters()):
+            _keep_full_width(channels, f"channels of {where}, a {type(module).__name__} with parameters "
+                                       "anfast does not slice")
         return channels
     if len(shape) < 2 or (len(source_shape) >= 2 and shape[1] != source_shape[1]):
-        raise AdjoinError(
-            f"{where}: changes the channel axis {tuple(source_shape)} -> {tuple(shape)} in a way anfast "
-            "cannot follow; adjoin supports convs, linears, batch norms, elementwise ops, pooling, "
-            "concat, flatten, slices (x.split(k, 1), x[:, :k]) and reductions (x.mean(1, keepdim=True)) "
-            "on the channel axis"
-        )
+        raise _Unfollowable(f"{tuple(source_shape)} -> {tuple(shape)}")
     return channels
 
 
@@ -1107,22 +1215,38 @@ def adjoin(
     _propagate_shapes(traced, model, input_size)
     analysis = _analyse(traced, set(model.state_dict()))
     groups = _assign_widths(analysis, traced, policy, alphas, round_to)
+    nothing_shrinks = _nothing_shrinks(list(groups.values()), traced, policy, alphas, type(model).__name__)
     network = _build(traced, analysis, groups, alphas, share_affine, backend)
     _keep_unread_state(network, model)
     network.alphas = alphas
     network.source = source
     network.width_groups = list(groups.values())
-    if any(a > 1 for a in alphas) and all(w == g.channels for g in network.width_groups for w in g.widths):
-        rule = (f" ('paper' shrinks convs whose in and out channels both exceed {PAPER_MIN_CHANNELS})"
-                if policy == "paper" else "")
-        warnings.warn(f"adjoin: no layer of {type(model).__name__} shrinks under this policy{rule}, so every "
-                      f"student equals the base; use policy='all' or name the layers to shrink",
-                      UserWarning, stacklevel=2)
+    if nothing_shrinks:
+        warnings.warn(nothing_shrinks, UserWarning, stacklevel=2)
     skeleton = copy.deepcopy(model).to("meta")
     network.__dict__["_skeleton"] = skeleton  # not a submodule: no parameters, no state
     _check_students_run(network, model, input_size)
     network.train(model.training)
     return network
+
+
+def _nothing_shrinks(groups: Sequence[WidthGroup], traced, policy, alphas, model_name: str) -> str:
+    """The warning for students that all equal the base ("" when one shrinks): the
+    policy shrinks no layer, or every layer it shrinks keeps full width for the model's
+    structure (a ViT's tokens, say), named with why."""
+    if all(a == 1 for a in alphas) or any(w != g.channels for g in groups for w in g.widths):
+        return ""
+    modules = dict(traced.named_modules())
+    kept = [g for g in groups if g.fixed and g.fixed != "model output" and any(
+        a > 1 for p in g.producers for a in _layer_alphas(policy, p, modules[p], alphas))]
+    if kept:
+        reasons = "; ".join(f"{g.name}: {g.fixed}" for g in kept[:3]) + ("; ..." if len(kept) > 3 else "")
+        return (f"adjoin: no layer of {model_name} shrinks, so every student equals the base: the layers the "
+                f"policy shrinks keep full width ({reasons}); `anfast info` lists every group kept and why")
+    rule = (f" ('paper' shrinks convs whose in and out channels both exceed {PAPER_MIN_CHANNELS})"
+            if policy == "paper" else "")
+    return (f"adjoin: no layer of {model_name} shrinks under this policy{rule}, so every student equals the "
+            f"base; use policy='all' or name the layers to shrink")
 
 
 def _keep_unread_state(network: AdjoinedNetwork, model: nn.Module) -> None:
@@ -1404,9 +1528,10 @@ def _propagate_shapes(traced: torch.fx.GraphModule, model: nn.Module, input_size
 
 def _check_students_run(network: "AdjoinedNetwork", model: nn.Module, input_size: Sequence[int]) -> None:
     """Run the adjoined network once, as _propagate_shapes ran the model. A forward that
-    fixes a channel count (``x.reshape(-1, 128, 6, 6)``, ``expand(2, 128, ...)``) traces
+    sizes one tensor's channels by another's (``y.view(n, z.shape[1] // 3, h, w)``) traces
     and runs at full width, and fails only at a student's width: refused here, naming
-    the node, rather than at the first call. Its convs run on torch for this one pass
+    the node, rather than at the first call. (A number in the code, ``x.view(n, 128, -1)``,
+    keeps its channels at full width instead.) Its convs run on torch for this one pass
     (no tuning, no compiles)."""
     convs = [module for module in network.modules() if isinstance(module, AdjoinedConv2d)]
     backends = [conv.backend for conv in convs]
@@ -1415,8 +1540,9 @@ def _check_students_run(network: "AdjoinedNetwork", model: nn.Module, input_size
     try:
         _run_zero_batch(network, input_size, lambda where, cause: (
             f"{type(model).__name__} runs, but its students fail{where}: {type(cause).__name__}: {cause}; "
-            f"the forward fixes a channel count there (a number in reshape / view / expand): compute it "
-            f"from the tensor (x.shape[1], or -1), or make that code a leaf module, which keeps full width"))
+            f"the forward sizes a channel axis there by another tensor's channels, which shrink otherwise: "
+            f"compute it from the tensor itself (x.shape[1], or -1), or make that code a leaf module, which "
+            f"keeps full width"))
     finally:
         for conv, backend in zip(convs, backends):
             conv.backend = backend
@@ -1490,7 +1616,6 @@ def _build(traced, analysis: _Analysis, groups, alphas, share_affine, backend) -
         )
         _replace_module(traced, name, modules[name], layer_widths[name], analysis, share_affine, backend)
 
-    _check_other_parameters(traced, analysis, groups)
     # Per-channel parameters a student narrows, and what is computed from them alone
     # (a view, gamma * 2): read per network.
     sliced = {node: (dim, axis) for node, (dim, axis) in analysis.vectors.items()
@@ -1563,20 +1688,3 @@ def _replace_module(traced, name, module, widths: LayerWidths, analysis, share_a
     new.train(module.training)
     parent_name, _, child = name.rpartition(".")
     setattr(traced.get_submodule(parent_name), child, new)
-
-
-def _check_other_parameters(traced, analysis: _Analysis, groups) -> None:
-    """Modules with per-channel parameters anfast does not slice must stay at full width."""
-    for node in traced.graph.nodes:
-        if node.op != "call_module" or node.target in analysis.layers or node in analysis.sequences:
-            continue  # a Conv1d on a sequence has one in and one out channel: nothing per channel
-        module = traced.get_submodule(node.target)
-        if not any(True for _ in module.parameters(recurse=True)):
-            continue
-        channels = analysis.channels.get(node)
-        parts = channels.parts if channels else ()
-        if any(w != g.channels for p in parts for g in [groups[p.root()]] for w in g.widths):
-            raise AdjoinError(
-                f"{node.target}: {type(module).__name__} has parameters on a shrinking channel axis; anfast "
-                "slices Conv2d, Linear and BatchNorm2d. Keep its channels at full width with a dict policy"
-            )

@@ -4,6 +4,7 @@ import copy
 import json
 import math
 import pickle
+import re
 
 import pytest
 import torch
@@ -269,7 +270,11 @@ def test_errors_name_the_module_and_the_fix():
         anfast.adjoin(SmallCNN(), policy={"stem.conv": 2}, input_size=(3, 9, 9))
     with pytest.raises(AdjoinError, match="fc.*model output"):
         anfast.adjoin(SmallCNN(), policy={"fc": 2}, input_size=(3, 9, 9))
-    with pytest.raises(AdjoinError, match="view.*channel axis"):
+    # A shuffle by view and transpose runs whole: conv keeps full width, and head's output is
+    # the model's, so nothing shrinks; the warning says why.
+    with pytest.warns(UserWarning, match=r"no layer of ChannelShuffle shrinks.*conv: channels read by view "
+                                         r"\(call_method view\), \(2, 8, 8, 8\) -> \(2, 2, 4, 8, 8\), which "
+                                         r"anfast cannot follow channels through"):
         anfast.adjoin(ChannelShuffle(), policy="all", input_size=(3, 8, 8))
     with pytest.raises(AdjoinError, match="fails on an input of size"):
         anfast.adjoin(SmallCNN(), input_size=(5, 9, 9))
@@ -320,8 +325,8 @@ def test_errors_say_what_they_found():
             anfast.adjoin(SmallCNN(), policy=policy, input_size=(3, 9, 9))
     with pytest.raises(AdjoinError, match="0: Conv1d is not supported; anfast adjoins Conv2d"):
         anfast.adjoin(nn.Sequential(nn.Conv1d(3, 128, 3), nn.Conv1d(128, 4, 1)), input_size=(3, 16))
-    with pytest.raises(AdjoinError, match=r"^unflatten \(call_method unflatten\): changes the channel axis "
-                                          r"\(2, 128, 6, 6\) -> \(2, 2, 64, 6, 6\)"):
+    with pytest.warns(UserWarning, match=r"\(a: channels read by unflatten \(call_method unflatten\), "
+                                         r"\(2, 128, 6, 6\) -> \(2, 2, 64, 6, 6\), which anfast cannot follow"):
         anfast.adjoin(_Split(gated=True), policy="all", input_size=(3, 8, 8))
     with pytest.raises(AdjoinError, match="shrink a, but its channels are the parameter / buffer p"):
         anfast.adjoin(_Split(gated=False), policy={"a": 4}, input_size=(3, 8, 8))
@@ -545,29 +550,66 @@ def test_a_global_context_block_pools_each_networks_own_channels():
         assert (anfast.export_student(an).eval()(x) - expected).abs().max() <= 1e-12
 
 
-def test_ops_on_channels_along_the_last_axis_that_anfast_cannot_follow_are_refused():
+def _assert_runs_whole(model: nn.Module, group: str, why: str, tmp_path=None) -> None:
+    """``model`` (a conv ``a`` of 16 channels, ops anfast cannot follow, then a conv ``head``
+    of 32 and a linear ``fc``) adjoins at alpha 2: ``a``'s group keeps full width for ``why``
+    (a regex naming the op and its shapes), the unfollowed ops run whole in every network,
+    and ``head`` shrinks to 16: the student is the model with ``head``'s leading 16 filters
+    and ``fc``'s leading 16 columns, computed here by hand. Base and exported student agree."""
+    torch.manual_seed(0)
+    model = model.double().eval()
+    an = anfast.adjoin(model, alpha=2, policy="all", input_size=(3, 8, 8)).eval()
+    kept = {g.name: g.fixed for g in an.width_groups}
+    assert re.fullmatch(why, kept[group]), kept[group]
+    assert an.layer_widths["a"].student_out == (16,) and an.layer_widths["head"].student_out == (16,)
+    x = torch.randn(2, 3, 8, 8, dtype=torch.float64)
+    head, fc = model.head, model.fc
+    with torch.no_grad():
+        model.head, model.fc = nn.Conv2d(16, 16, 1).double(), nn.Linear(16, 4).double()
+        model.head.weight.copy_(head.weight[:16]), model.head.bias.copy_(head.bias[:16])
+        model.fc.weight.copy_(fc.weight[:, :16]), model.fc.bias.copy_(fc.bias)
+        expected = model(x)
+        model.head, model.fc = head, fc
+        out = an(x)
+        assert (out.base - model(x)).abs().max() <= 1e-12
+        assert (out.student - expected).abs().max() <= 1e-12
+        assert (anfast.export_student(an).eval()(x) - expected).abs().max() <= 1e-12
+
+
+class _Headed(nn.Module):
+    """A conv ``a`` of 16 channels, ``self.ops`` on it, a conv ``head`` of 32 and ``fc``."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.head, self.fc = nn.Conv2d(3, 16, 1), nn.Conv2d(16, 32, 1), nn.Linear(32, 4)
+
+    def forward(self, x):
+        return self.fc(F.relu(self.head(self.ops(self.a(x)))).mean((2, 3)))
+
+
+def test_ops_on_channels_along_the_last_axis_that_anfast_cannot_follow_run_whole():
     """A Conv1d of two channels, a softmax along the channels, a second operand and a
-    matmul that is no pooling on ECA's (N, 1, C) view: refused, each naming the node."""
-    class Sequence(nn.Module):
+    matmul that is no pooling on ECA's (N, 1, C) view: each network computes them whole,
+    as the model does, from ``a``'s channels kept at full width; the reason names the node."""
+    class Sequence(_Headed):
         def __init__(self, op):
             super().__init__()
-            self.op, self.a, self.conv = op, nn.Conv2d(3, 16, 1), nn.Conv1d(1, 2, 3, padding=1)
+            self.op, self.conv = op, nn.Conv1d(1, 2, 3, padding=1)
+            self.register_buffer("mix", torch.rand(16, 16))
 
-        def forward(self, x):
-            y = self.a(x)
+        def ops(self, y):
             s = y.mean((2, 3)).view(y.shape[0], 1, -1)
             s = {"two channels": lambda: self.conv(s)[:, :1], "softmax": lambda: s.softmax(-1),
-                 "second operand": lambda: s * s,
-                 "matmul mixing": lambda: s @ torch.ones(16, 16) / 16}[self.op]()
+                 "second operand": lambda: s * s, "matmul mixing": lambda: s @ self.mix}[self.op]()
             return y * torch.sigmoid(s).view(y.shape[0], -1, 1, 1)
 
-    for op, found in (("two channels", r"^conv: a Conv1d along the channels \(ECA\) must have one in and one "
-                                       r"out channel, zeros padding and keep the length; found 1 in, 2 out"),
-                      ("softmax", r"^softmax \(call_method softmax\): acts on channels moved to axis 2"),
-                      ("second operand", r"^mul \(call_function mul\): acts on channels moved to axis 2"),
-                      ("matmul mixing", r"^matmul \(call_function matmul\): acts on channels moved to axis 2")):
-        with pytest.raises(AdjoinError, match=found):
-            anfast.adjoin(Sequence(op), policy="all", input_size=(3, 8, 8))
+    for op, node in (("two channels", r"conv, channels on axis 2 \(2, 1, 16\) -> \(2, 2, 16\) \(1 in, 2 out, "
+                                      r"padding_mode='zeros'\)"),
+                     ("softmax", r"softmax \(call_method softmax\), channels on axis 2 \(2, 1, 16\) -> \(2, 1, 16\)"),
+                     ("second operand", r"mul \(call_function mul\), channels on axis 2 \(2, 1, 16\) -> \(2, 1, 16\)"),
+                     ("matmul mixing", r"matmul \(call_function matmul\), channels on axis 2 \(2, 1, 16\) -> "
+                                       r"\(2, 1, 16\)")):
+        _assert_runs_whole(Sequence(op), "a", rf"channels read by {node}, which anfast cannot follow channels through")
 
 
 class ChannelsLastBlock(nn.Module):
@@ -629,24 +671,129 @@ def test_a_convnext_block_adjoins_its_linears_and_layer_norms_on_channels_last(s
         assert (loaded(x) - expected).abs().max() <= 1e-12
 
 
-def test_ops_on_channels_last_that_anfast_cannot_follow_are_refused():
-    """A mean over the channels-last map's width and a LayerNorm over (H, W, C): refused,
-    naming the node."""
-    class Last(nn.Module):
+def test_ops_on_channels_last_that_anfast_cannot_follow_run_whole():
+    """A mean over the channels-last map's width and a LayerNorm over (H, W, C): each network
+    computes them whole from ``a``'s channels kept at full width, naming the node."""
+    class Last(_Headed):
         def __init__(self, op):
             super().__init__()
-            self.op, self.a, self.norm = op, nn.Conv2d(3, 16, 1), nn.LayerNorm((8, 8, 16))
+            self.op, self.norm = op, nn.LayerNorm((8, 8, 16))
 
-        def forward(self, x):
-            y = self.a(x).permute(0, 2, 3, 1)
+        def ops(self, y):
+            y = y.permute(0, 2, 3, 1)
             y = {"mean": lambda: y - y.mean(2, keepdim=True), "wide norm": lambda: self.norm(y)}[self.op]()
             return y.permute(0, 3, 1, 2)
 
-    for op, found in (("mean", r"^mean \(call_method mean\): acts on channels-last \(2, 8, 8, 16\)"),
-                      ("wide norm", r"^norm: acts on channels-last")):
-        with pytest.raises(AdjoinError, match=found):
-            anfast.adjoin(Last(op), policy="all", input_size=(3, 8, 8))
+    for op, node in (("mean", r"mean \(call_method mean\), channels-last \(2, 8, 8, 16\) -> \(2, 8, 1, 16\)"),
+                     ("wide norm", r"norm, channels-last \(2, 8, 8, 16\) -> \(2, 8, 8, 16\)")):
+        _assert_runs_whole(Last(op), "a", rf"channels read by {node}, which anfast cannot follow channels through")
 
+
+
+class SplitAttention(nn.Module):
+    """ResNeSt's split attention (Zhang et al. 2022), radix 2: a conv makes 2 x 16 channels,
+    viewed as (N, 2, 16, H, W); their sum is pooled, an MLP gives each split a softmax
+    weight, and the weighted splits are summed. Then a batch norm, a conv and a linear head."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem, self.conv = nn.Conv2d(3, 16, 3, padding=1), nn.Conv2d(16, 32, 3, padding=1)
+        self.fc1, self.fc2 = nn.Conv2d(16, 16, 1), nn.Conv2d(16, 32, 1)
+        self.bn, self.out, self.fc = nn.BatchNorm2d(16), nn.Conv2d(16, 32, 1), nn.Linear(32, 4)
+
+    def forward(self, x):
+        y = F.relu(self.conv(F.relu(self.stem(x))))
+        n, _, h, w = y.shape
+        splits = y.view(n, 2, 16, h, w)
+        gap = splits.sum(1).mean((2, 3), keepdim=True)
+        attention = self.fc2(F.relu(self.fc1(gap))).view(n, 2, 16, 1, 1).softmax(1)
+        return self.fc(F.relu(self.out(self.bn((splits * attention).sum(1)))).mean((2, 3)))
+
+
+def test_split_attention_runs_whole_between_convs_that_shrink(tmp_path):
+    """The views to (N, 2, 16, ...) are no channel slice: conv's and fc2's outputs keep full
+    width and the attention runs whole in every network, as the model does, up to the batch
+    norm (each network's statistics its own); stem, fc1 and out, around it, shrink.
+    Checked against the student computed by hand."""
+    torch.manual_seed(0)
+    model = SplitAttention().double()
+    model(torch.randn(8, 3, 8, 8, dtype=torch.float64))  # running statistics of their own
+    model.eval()
+    an = anfast.adjoin(model, alpha=2, policy="all", input_size=(3, 8, 8)).eval()
+    widths = {name: an.layer_widths[name].student_out[0] for name in ("stem", "conv", "fc1", "fc2", "out")}
+    assert widths == {"stem": 8, "conv": 32, "fc1": 8, "fc2": 32, "out": 16} and an.layer_widths["bn"].kind == "norm"
+    kept = {g.name: g.fixed for g in an.width_groups}
+    assert kept["conv"] == ("channels read by view (call_method view), (2, 32, 8, 8) -> (2, 2, 16, 8, 8), "
+                            "which anfast cannot follow channels through")
+    assert kept["fc2"].startswith("channels read by view_1 (call_method view), (2, 32, 1, 1) -> (2, 2, 16, 1, 1)")
+    x = torch.randn(2, 3, 8, 8, dtype=torch.float64)
+    with torch.no_grad():
+        y = F.relu(F.conv2d(F.relu(F.conv2d(x, model.stem.weight[:8], model.stem.bias[:8], padding=1)),
+                            model.conv.weight[:, :8], model.conv.bias, padding=1))
+        splits = y.view(2, 2, 16, 8, 8)
+        hidden = F.relu(F.conv2d(splits.sum(1).mean((2, 3), keepdim=True), model.fc1.weight[:8], model.fc1.bias[:8]))
+        attention = F.conv2d(hidden, model.fc2.weight[:, :8], model.fc2.bias).view(2, 2, 16, 1, 1).softmax(1)
+        y = model.bn((splits * attention).sum(1))  # full width
+        y = F.relu(F.conv2d(y, model.out.weight[:16], model.out.bias[:16])).mean((2, 3))
+        expected = F.linear(y, model.fc.weight[:, :16], model.fc.bias)
+        out = an(x)
+        assert (out.base - model(x)).abs().max() <= 1e-12
+        assert (out.student - expected).abs().max() <= 1e-12
+        anfast.export_student(an, path=tmp_path / "student")
+        loaded = anfast.load_student(tmp_path / "student", model=SplitAttention()).double().eval()
+        assert (loaded(x) - expected).abs().max() <= 1e-12
+
+
+def test_a_region_that_reads_a_channel_count_keeps_that_tensor_whole():
+    """out.reshape(n, c, h, w) with c read from a's output (LambdaNet's lambda layer): a's
+    channels keep full width, or the student's c would not fit b's whole channels."""
+    class ReadsCount(_Headed):
+        def __init__(self):
+            super().__init__()
+            self.b = nn.Conv2d(16, 32, 1)
+
+        def ops(self, y):
+            n, c, h, w = y.shape
+            return self.b(y).view(n, 2, 16, h * w).softmax(1).sum(1).reshape(n, c, h, w)
+
+    _assert_runs_whole(ReadsCount(), "a", r"channels whose count reshape \(call_method reshape\) reads, in a "
+                                          r"region run whole: channels read by view \(call_method view\), .*")
+
+
+def test_a_module_with_parameters_anfast_does_not_slice_keeps_its_channels_whole():
+    """A GroupNorm or a PReLU per channel: every network runs it as the model does, on
+    a's channels at full width; a module with running statistics is refused, since every
+    network's call would update them."""
+    class Norm(_Headed):
+        def __init__(self, norm):
+            super().__init__()
+            self.norm = norm
+
+        def ops(self, y):
+            return self.norm(y)
+
+    for norm in (nn.GroupNorm(4, 16), nn.PReLU(16)):
+        _assert_runs_whole(Norm(norm), "a", rf"channels of norm, a {type(norm).__name__} with parameters anfast "
+                                            r"does not slice")
+    with pytest.raises(AdjoinError, match=r"^norm: InstanceNorm2d holds running statistics, and anfast runs it "
+                                          r"whole in every network, whose calls in train mode would all update"):
+        anfast.adjoin(Norm(nn.InstanceNorm2d(16, track_running_stats=True)), alpha=2, policy="all",
+                      input_size=(3, 8, 8))
+
+
+def test_a_linear_on_tokens_runs_whole():
+    """(N, C, H * W) transposed to tokens (N, H * W, C) and a Linear on them (a ViT block):
+    the Linear runs whole in every network, a's channels keep full width."""
+    class Tokens(_Headed):
+        def __init__(self):
+            super().__init__()
+            self.mix = nn.Linear(16, 16)
+
+        def ops(self, y):
+            return self.mix(y.flatten(2).transpose(1, 2)).transpose(1, 2).reshape(y.shape)
+
+    _assert_runs_whole(Tokens(), "a", r"channels read by transpose \(call_method transpose\), \(2, 16, 64\) -> "
+                                      r"\(2, 64, 16\), which anfast cannot follow channels through")
 
 class MixedGate(nn.Module):
     """Two convs concatenated (MixNet's mixed conv) times a gate that one conv computes."""
@@ -829,20 +976,15 @@ def test_a_channel_less_map_flattened_into_a_linear_keeps_its_features(tmp_path)
         assert (anfast.export_student(an, path=tmp_path / "student").eval()(x) - expected).abs().max() <= 1e-12
 
 
-def test_a_channel_reduction_anfast_cannot_read_is_refused_naming_the_op():
-    """A dim computed in forward may be the channel axis: refused, as before reductions."""
-    class Gate(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.a, self.b = nn.Conv2d(3, 16, 3, padding=1), nn.Conv2d(16, 4, 1)
+def test_a_channel_reduction_anfast_cannot_read_runs_whole_naming_the_op():
+    """A dim computed in forward may be the channel axis: the mean runs whole, as before
+    reductions, and ``a``'s channels keep full width."""
+    class Gate(_Headed):
+        def ops(self, y):
+            return y * torch.sigmoid(y.mean(y.dim() - 3, keepdim=True))
 
-        def forward(self, x):
-            y = self.a(x)
-            return self.b(y * torch.sigmoid(y.mean(y.dim() - 3, keepdim=True))).mean((2, 3))
-
-    with pytest.raises(AdjoinError, match=r"^mean \(call_method mean\): changes the channel axis "
-                                          r"\(2, 16, 8, 8\) -> \(2, 1, 8, 8\)"):
-        anfast.adjoin(Gate(), alpha=2, policy="all", input_size=(3, 8, 8))
+    _assert_runs_whole(Gate(), "a", r"channels read by mean \(call_method mean\), \(2, 16, 8, 8\) -> "
+                                    r"\(2, 1, 8, 8\), which anfast cannot follow channels through")
 
 
 class Grouped(nn.Module):
@@ -1243,29 +1385,52 @@ def test_an_unknown_backend_is_refused_by_adjoin_before_tracing():
         anfast.adjoin(SmallCNN(), backend="cudnn", input_size=SIZE)
 
 
-class _FixedChannels(nn.Module):
-    def __init__(self, expand: bool):
+class _NumberedChannels(_Headed):
+    """``a``'s 16 channels written as a number in forward: the code runs at that width in
+    every network and in the exported student, so ``a`` keeps full width."""
+
+    OPS = {"reshape": lambda y: y.reshape(-1, 16, 8, 8), "expand": lambda y: y.expand(2, 16, 8, 8),
+           "made in forward": lambda y: y + torch.ones(1, 16, 1, 1, dtype=y.dtype)}
+
+    def __init__(self, op: str):
         super().__init__()
-        self.a, self.b, self.expand = nn.Conv2d(3, 128, 3), nn.Conv2d(128, 4, 1), expand
+        self.op = op
+
+    def ops(self, y):
+        return self.OPS[self.op](y)
+
+
+@pytest.mark.parametrize("op", _NumberedChannels.OPS)
+def test_a_channel_count_written_in_forward_keeps_full_width(op):
+    node = {"reshape": r"reshape \(call_method reshape\) sizes as 16 in the model's code",
+            "expand": r"expand \(call_method expand\) sizes as 16 in the model's code",
+            "made in forward": r"of ones \(1, 16, 1, 1\), which add \(call_function add\) meets"}[op]
+    _assert_runs_whole(_NumberedChannels(op), "a", rf"channels {node}")
+
+
+class _CountOfAnother(nn.Module):
+    """``a``'s channels viewed by ``b``'s count: b // 3 = a at full width only."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b, self.head = nn.Conv2d(3, 16, 1), nn.Conv2d(3, 48, 1), nn.Conv2d(16, 4, 1)
 
     def forward(self, x):
-        y = self.a(x)
-        return self.b(y.expand(2, 128, 6, 6) if self.expand else y.reshape(-1, 128, 6, 6))
+        y, z = self.a(x), self.b(x)
+        return self.head(y.view(z.shape[0], z.shape[1] // 3, 8, 8)) + z.mean(1, keepdim=True)
 
 
-@pytest.mark.parametrize("expand", [False, True])
-def test_a_forward_that_fixes_a_channel_count_is_refused_by_adjoin_naming_the_node(expand):
+def test_a_forward_that_sizes_channels_by_another_tensor_is_refused_by_adjoin_naming_the_node():
     """It runs at full width, so tracing and shape propagation pass; at the students'
-    width it fails: adjoin says where, instead of the network's first call."""
-    model = _FixedChannels(expand)
+    widths (a: 8, b: 16, 16 // 3 = 5) it fails: adjoin says where, instead of the
+    network's first call."""
+    model = _CountOfAnother()
     model(torch.zeros(2, 3, 8, 8))  # the original runs
-    method = "expand" if expand else "reshape"
-    with pytest.raises(AdjoinError, match=rf"_FixedChannels runs, but its students fail at {method}_\d+ "
-                                          rf"\(call_method {method}\).*fixes a channel count"):
+    with pytest.raises(AdjoinError, match=r"_CountOfAnother runs, but its students fail at view_\d+ \(call_method "
+                                          r"view\).*sizes a channel axis there by another tensor's channels"):
         anfast.adjoin(model, policy="all", input_size=(3, 8, 8))
-    with pytest.warns(UserWarning, match="no layer of _FixedChannels shrinks"):  # a kept at full width
-        kept = anfast.adjoin(model, policy={"a": False}, input_size=(3, 8, 8))
-    assert kept(torch.zeros(2, 3, 8, 8)).base.shape == (2, 4, 6, 6)
+    scaled = anfast.adjoin(model, policy="all", round_to=1, input_size=(3, 8, 8))  # 48 / 4 // 3 = 16 / 4
+    assert scaled(torch.zeros(2, 3, 8, 8)).student.shape == (2, 4, 8, 8)
 
 
 def test_a_policy_that_shrinks_nothing_warns_once_students_would_equal_the_base():

@@ -179,6 +179,20 @@ def test_a_convnext_block_is_searched_through_its_hidden_linear_features():
     _assert_one_hot_gates_give_the_derived_student(model, network, space, ([0], [1], [2]))
 
 
+def test_split_attention_run_whole_is_not_searched_and_the_convs_around_it_are():
+    """ResNeSt's split attention runs whole: the groups it reads (conv's and fc2's outputs,
+    the summed splits) are left out of the search; stem, fc1 and out are searched, and the
+    masked network computes each derived student exactly, at the cost the cost model gives."""
+    from test_adjoin import SplitAttention
+
+    torch.manual_seed(0)
+    model = SplitAttention()
+    network = anfast.adjoin(model, alpha=1, policy="all", input_size=(3, 8, 8)).double().eval()
+    space = SearchSpace.from_network(network, choices=(1, 2, 4), round_to=4)
+    assert space.group_names == ["stem", "fc1", "out"]
+    _assert_one_hot_gates_give_the_derived_student(model, network, space, ([2, 2, 2], [1, 0, 2], [0, 2, 1]))
+
+
 @pytest.mark.parametrize("use", ["scale", "shift"])
 def test_a_layer_scale_is_searched_with_its_group_and_counted_in_the_cost(use):
     """A per-channel scale (C, 1, 1) zeroes what the mask zeroed: its group is searched
