@@ -9,7 +9,8 @@ adjoined base against the model itself and the exported student (the model's own
 with smaller layers) against the adjoined student. A row says "adjoins" only when both
 agree to 1e-9 (relative); else "differs", "refused" (adjoin's reason, which names the
 node and the fix) or "failed" (any other error). Parameters of base and student come
-with it. The JSON goes to results/adjoin_coverage-<cpu>-<date>.json.
+with it, and how many width groups keep full width (ops anfast runs whole, slices,
+grouped convs, the output): a model adjoins exactly however little of it shrinks. The JSON goes to results/adjoin_coverage-<cpu>-<date>.json.
 """
 
 from __future__ import annotations
@@ -43,20 +44,30 @@ def _relative_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
 
 
 def check(name: str, alpha: float, image_size: int) -> dict:
-    """One model's row: status, reason or errors, parameters of base and student."""
+    """One model's row: status, reason or errors, parameters of base and student, width
+    groups kept at full width. A model whose attention takes only its own input size
+    (BoTNet, HaloNet) is tried again at that size, which the row records."""
     import timm
 
     torch.manual_seed(0)
-    row: dict = {"model": name}
+    row: dict = {"model": name, "image_size": image_size}
     try:
         model = timm.create_model(name, pretrained=False, num_classes=10).double()
+        own_size = model.pretrained_cfg.get("input_size", (3, image_size, image_size))[-1]
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # "no layer shrinks": the row's parameters say it
-            an = anfast.adjoin(model, alpha=alpha, policy="all", input_size=(3, image_size, image_size))
+            try:
+                an = anfast.adjoin(model, alpha=alpha, policy="all", input_size=(3, image_size, image_size))
+            except anfast.AdjoinError as error:
+                if "fails on an input of size" not in str(error) or own_size == image_size:
+                    raise
+                row["image_size"] = image_size = own_size
+                an = anfast.adjoin(model, alpha=alpha, policy="all", input_size=(3, image_size, image_size))
     except anfast.AdjoinError as error:
         return {**row, "status": "refused", "reason": str(error)}
     except Exception as error:  # timm or fx: the row names it, the survey goes on
         return {**row, "status": "failed", "reason": f"{type(error).__name__}: {error}"}
+    row["groups"] = {"total": len(an.width_groups), "full_width": sum(bool(g.fixed) for g in an.width_groups)}
     x = torch.randn(2, 3, image_size, image_size, dtype=torch.float64)
     with torch.no_grad():
         out = an.eval()(x)

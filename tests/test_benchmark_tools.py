@@ -483,6 +483,8 @@ def test_adjoin_coverage_says_adjoins_only_where_base_and_export_agree(tmp_path,
     assert rows["resnet18"]["status"] == "adjoins"
     base = sum(p.numel() for p in timm.create_model("resnet18", num_classes=10).parameters())
     assert rows["resnet18"]["params"]["base"] == base > rows["resnet18"]["params"]["student"]
+    # Kept at full width: the image's 3 channels and the 10 logits; the rest shrink.
+    assert rows["resnet18"]["groups"]["full_width"] == 2 and rows["resnet18"]["image_size"] == 32
     assert rows["nf_resnet26"]["status"] == "refused"
     assert rows["nf_resnet26"]["reason"].startswith("stem.conv: ScaledStdConv2d subclasses Conv2d")
     assert rows["no_such_net"]["status"] == "failed" and "no_such_net" in rows["no_such_net"]["reason"]
