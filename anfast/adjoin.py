@@ -191,6 +191,8 @@ class _Analysis:
     channels_last: set = field(default_factory=set)  # per-network (N, H, W, C) permutes (ConvNeXt's blocks)
     vectors: dict = field(default_factory=dict)  # node -> (_Dim, axis): a per-channel parameter (layer scale) or a view
     whole: dict = field(default_factory=dict)  # node -> why: run at the model's shapes in every network
+    size_reads: list = field(default_factory=list)  # (x, tensors whose channel counts size x's view, where)
+    channel_ops: dict = field(default_factory=dict)  # node -> FLOPs per channel: ECA's Conv1d, GC's matmul
 
 
 class _Unfollowable(Exception):
@@ -313,7 +315,7 @@ def _analyse(gm: torch.fx.GraphModule, state_keys: set) -> _Analysis:
         try:
             if any(n in result.sequences for n in inputs):
                 result.channels[node] = channels_of(next(n for n in inputs if n in result.sequences))
-                if _follow_sequence(node, shape, inputs, module, where, result.channels[node], result.sequences):
+                if _follow_sequence(node, shape, inputs, module, where, result):
                     result.sequences.add(node)
                 continue
             if any(n in result.channels_last for n in inputs):
@@ -422,6 +424,8 @@ def _analyse(gm: torch.fx.GraphModule, state_keys: set) -> _Analysis:
             elif inputs:
                 owner = module if source is None or source.op != "call_module" else modules[source.target]
                 result.channels[node] = _follow_generic(source or node, shape, inputs, in_channels, where, owner)
+            if function in _SIZING and result.channels.get(node) is not None and channels_of(inputs[0]) is not None:
+                _check_sizes(node, inputs[0], where, result)
             if result.channels.get(node) is None:
                 flat = next((n for n in inputs if n in result.channelless), None)
                 if flat is not None:  # a channel-less map: torch.sigmoid of it, then unsqueeze(1) or stack(dim=1)
@@ -438,6 +442,7 @@ def _analyse(gm: torch.fx.GraphModule, state_keys: set) -> _Analysis:
             # the model does, from inputs kept at full width, up to the next conv or linear.
             why = f"channels read by {where}, {cannot}, which anfast cannot follow channels through"
             _run_whole(node, shape, inputs, why, module, where, result)
+    _check_size_reads(result)
     _check_vector_uses(result)
     return result
 
@@ -572,7 +577,7 @@ def _follow_channels_last(node, shape, inputs, module, where, result: _Analysis,
 _SEQUENCE_VIEWS = {"view", "reshape", torch.reshape, "unsqueeze", torch.unsqueeze}
 
 
-def _follow_sequence(node, shape, inputs, module, where, channels: _Channels, sequences: set) -> bool:
+def _follow_sequence(node, shape, inputs, module, where, result: _Analysis) -> bool:
     """An op on a per-network (N, 1, C, ...) view whose axis 2 holds the channels: a
     Conv1d of one channel sliding along them ((N, 1, C): ECA's gate) keeps the view
     (True); so do an op that acts on each element (an activation: no dim argument, the
@@ -581,16 +586,16 @@ def _follow_sequence(node, shape, inputs, module, where, channels: _Channels, se
     returns the channels to axis 1 (False); anything else runs whole (``_Unfollowable``).
 
     Each network convolves or pools its own channels (the student's last ones next to the
-    Conv1d's zero padding), as the exported student does. The Conv1d's and the matmul's
-    groups are marked ``reduced_by`` them, so a DAN search leaves them unsearched.
+    Conv1d's zero padding), as the exported student does; a DAN mask's zeros beyond a
+    student's width are that padding too, so the groups stay searched. The Conv1d's and
+    the matmul's FLOPs per channel go to ``result.channel_ops`` for DAN's cost model.
     """
-    x_shape = _node_shape(inputs[0])
+    x_shape, sequences = _node_shape(inputs[0]), result.sequences
     if isinstance(module, nn.Conv1d):
         if (module.in_channels, module.out_channels, module.padding_mode) != (1, 1, "zeros") or tuple(shape) != tuple(x_shape):
             raise _Unfollowable(f"channels on axis 2 {tuple(x_shape)} -> {tuple(shape)} ({module.in_channels} "
                                 f"in, {module.out_channels} out, padding_mode={module.padding_mode!r})")
-        for part in channels.parts:
-            part.root().reduced_by.append(where)
+        result.channel_ops[node] = 2 * module.kernel_size[0]  # one in, one out channel: 2 k per position
         return True
     if (len(inputs) == 1 and len(shape) >= 2 and shape[0] == x_shape[0] and shape[1] == x_shape[2]
             and math.prod(shape[2:]) == math.prod(x_shape[3:]) == 1
@@ -599,10 +604,8 @@ def _follow_sequence(node, shape, inputs, module, where, channels: _Channels, se
     if (node.target in (operator.matmul, torch.matmul, "matmul") and len(inputs) == 2
             and inputs[0] in sequences and inputs[1] not in sequences and _node_shape(inputs[1])[-1] == 1
             and tuple(shape[:3]) == tuple(x_shape[:3])):
-        # Each channel's row weighted alone; its FLOPs grow with the channels, which DAN's
-        # cost model counts for convs and linears only: unsearched, as the Conv1d.
-        for part in channels.parts:
-            part.root().reduced_by.append(where)
+        # Each channel's row weighted alone: 2 K FLOPs per output element of the channel.
+        result.channel_ops[node] = 2 * x_shape[-1] * math.prod(shape[3:])
         return True
     if _acts_per_element(node, shape, inputs, module):
         return True
@@ -775,21 +778,39 @@ def _follow_simple_op(node, shape, inputs, in_channels, where, vectors: Mapping)
         followed = _Channels(x.parts, x.features_per_channel * math.prod(x_shape[2:]))
     else:
         raise _Unfollowable(f"{tuple(x_shape)} -> {tuple(shape)}")  # (N, 2C, H, W) -> (N, 2, C, H, W), say
-    _keep_sizes_in_code(node, x, where)
     return followed
 
 
-def _keep_sizes_in_code(node: torch.fx.Node, channels: _Channels, where: str) -> None:
-    """A view, reshape or expand whose axis 1 the model's code sizes by a number
-    (``x.view(n, self.dim, -1)``: fx records ``self.dim`` as one) keeps ``channels`` at
-    full width: the exported student runs that code too, and fewer channels would not fit.
-    -1 and sizes read from a tensor (``x.view(x.size(0), -1)``) follow the channels."""
-    if node.target not in ("view", "reshape", "expand") or len(node.args) < 2:
-        return
+# Ops that size a tensor: x.view(n, c, -1), x.expand(n, c, h, w), x.new_zeros(n, c, h, w).
+_SIZING = {"view", "reshape", "expand", "new_zeros", "new_ones", "new_empty"}
+
+
+def _check_sizes(node: torch.fx.Node, x: torch.fx.Node, where: str, result: _Analysis) -> None:
+    """A view, reshape, expand or ``new_zeros`` of ``x`` that follows its channels, sized on axis 1 by a
+    number in the model's code (``x.view(n, self.dim, -1)``: fx records ``self.dim`` as
+    one), keeps them at full width: the exported student runs that code too, and fewer
+    channels would not fit. Sized by another tensor's channel count (``y.view(n,
+    z.shape[1] // 3, h, w)``), it is checked once every group is known
+    (``_check_size_reads``). -1 and ``x``'s own count follow the channels."""
     sizes = node.args[1] if len(node.args) == 2 and isinstance(node.args[1], (tuple, list)) else node.args[1:]
     size = sizes[1] if len(sizes) > 1 else None
     if isinstance(size, int) and size != -1:
-        _keep_full_width(channels, f"channels {where} sizes as {size} in the model's code")
+        _keep_full_width(result.channels[x], f"channels {where} sizes as {size} in the model's code")
+    elif isinstance(size, torch.fx.Node):
+        read = [t for t in _channel_counts_read([size]) if t is not x and result.channels.get(t) is not None]
+        if read:
+            result.size_reads.append((x, read, where))
+
+
+def _check_size_reads(result: _Analysis) -> None:
+    """A tensor sized by the channel count of tensors in other width groups keeps its
+    channels, and theirs, at full width: the groups' student widths need not keep the
+    model's ratio (y's 16 = z's 48 // 3 at full width only)."""
+    for x, read, where in result.size_reads:
+        own = {p.root() for p in result.channels[x].parts}
+        others = [t for t in read if {p.root() for p in result.channels[t].parts} != own]
+        for t in [x, *others] if others else ():
+            _keep_full_width(result.channels[t], f"channels {where} sizes by the channel count of {others[0].name}")
 
 
 def _keep_full_width(channels: _Channels, why: str) -> None:
@@ -818,7 +839,7 @@ def _run_whole(node, shape, inputs, why: str, module: Optional[nn.Module], where
         if n in result.vectors:  # a layer scale read there: whole
             root = result.vectors[n][0].root()
             root.fixed = root.fixed or why
-    for n in _channel_counts_read(node):  # out.reshape(B, C, H, W), C read from x.shape: x whole too
+    for n in _channel_counts_read(node.all_input_nodes):  # out.reshape(B, C, H, W), C from x.shape: x whole
         if result.channels.get(n) is not None:
             _keep_full_width(result.channels[n], f"channels whose count {where} reads, in a region run whole: {why}")
     result.whole[node] = why
@@ -828,10 +849,10 @@ def _run_whole(node, shape, inputs, why: str, module: Optional[nn.Module], where
     result.channels.pop(node, None)
 
 
-def _channel_counts_read(node: torch.fx.Node) -> list[torch.fx.Node]:
-    """The tensors whose channel count ``node``'s size arguments are computed from
-    (``x.shape[1]``, ``x.size(1)``, ``x.size()``, ``x.numel()``, through int arithmetic);
-    a size of another axis (``x.shape[2]``) does not count."""
+def _channel_counts_read(nodes: Sequence[torch.fx.Node]) -> list[torch.fx.Node]:
+    """The tensors whose channel count the non-tensor ``nodes`` (an op's size arguments)
+    are computed from (``x.shape[1]``, ``x.size(1)``, ``x.size()``, ``x.numel()``, through
+    int arithmetic); a size of another axis (``x.shape[2]``) does not count."""
     found, seen = [], set()
 
     def visit(n: torch.fx.Node, axis: Any = None) -> None:
@@ -855,7 +876,7 @@ def _channel_counts_read(node: torch.fx.Node) -> list[torch.fx.Node]:
         for m in n.all_input_nodes:
             visit(m)  # int arithmetic, x.size(), x.numel(): every size it reads
 
-    for n in node.all_input_nodes:
+    for n in nodes:
         if _node_shape(n) is None:
             visit(n)
     return found
@@ -971,7 +992,6 @@ def _follow_generic(node, shape, inputs, in_channels, where, module=None) -> Opt
         # channels keep full width, where the student's channels are the base's.
         if shape[1] > 1 and _reorders_channels(node, module, len(shape)):
             _keep_full_width(channels, f"channels that {where} reorders")
-        _keep_sizes_in_code(node, channels, where)  # y.expand(n, 128, h, w)
         # A parameter or buffer the op reads per channel (timm's blur filter (C, 1, 3, 3) in
         # F.conv2d) has no student slice: these channels keep full width.
         for other in inputs:
@@ -1066,10 +1086,15 @@ class AdjoinedNetwork(torch.fx.GraphModule):
     # Per-channel parameters each student reads the leading slice of (ConvNeXt's gamma):
     # {name: (the axis of its channels, its width group's name)}.
     channel_vectors: dict[str, tuple[int, str]]
+    # Ops that act along a group's channels on ECA's and GC's (N, 1, C, ...) views, whose
+    # FLOPs grow with its width (DAN's cost model counts them): {node name: ((group name,
+    # FLOPs per channel at batch 1), ...)}, one pair per part of a concat's channels.
+    channel_ops: dict[str, tuple[tuple[str, int], ...]]
     alphas: tuple[float, ...]
     source: dict
 
-    _EXTRA_ATTRIBUTES = ("width_groups", "layer_widths", "channel_vectors", "alphas", "source", "_skeleton")
+    _EXTRA_ATTRIBUTES = ("width_groups", "layer_widths", "channel_vectors", "channel_ops", "alphas", "source",
+                         "_skeleton")
 
     def __deepcopy__(self, memo):
         # GraphModule's deepcopy rebuilds from code and drops attributes it does not know,
@@ -1528,9 +1553,9 @@ def _propagate_shapes(traced: torch.fx.GraphModule, model: nn.Module, input_size
 
 def _check_students_run(network: "AdjoinedNetwork", model: nn.Module, input_size: Sequence[int]) -> None:
     """Run the adjoined network once, as _propagate_shapes ran the model. A forward that
-    sizes one tensor's channels by another's (``y.view(n, z.shape[1] // 3, h, w)``) traces
-    and runs at full width, and fails only at a student's width: refused here, naming
-    the node, rather than at the first call. (A number in the code, ``x.view(n, 128, -1)``,
+    fixes a channel count out of anfast's sight (in a function fx keeps whole) traces and
+    runs at full width, and fails only at a student's width: refused here, naming the
+    node, rather than at the first call. (A number anfast sees, ``x.view(n, 128, -1)``,
     keeps its channels at full width instead.) Its convs run on torch for this one pass
     (no tuning, no compiles)."""
     convs = [module for module in network.modules() if isinstance(module, AdjoinedConv2d)]
@@ -1540,9 +1565,9 @@ def _check_students_run(network: "AdjoinedNetwork", model: nn.Module, input_size
     try:
         _run_zero_batch(network, input_size, lambda where, cause: (
             f"{type(model).__name__} runs, but its students fail{where}: {type(cause).__name__}: {cause}; "
-            f"the forward sizes a channel axis there by another tensor's channels, which shrink otherwise: "
-            f"compute it from the tensor itself (x.shape[1], or -1), or make that code a leaf module, which "
-            f"keeps full width"))
+            f"the forward fixes a channel count there out of anfast's sight (in a function or module fx "
+            f"keeps whole): compute it from the tensor itself (x.shape[1], or -1), or keep those channels at "
+            f"full width with a dict policy"))
     finally:
         for conv, backend in zip(convs, backends):
             conv.backend = backend
@@ -1660,6 +1685,8 @@ def _build(traced, analysis: _Analysis, groups, alphas, share_affine, backend) -
     network.channel_vectors = {node.target: (axis, groups[dim.root()].name)
                                for node, (dim, axis) in analysis.vectors.items()
                                if node.op == "get_attr" and not groups[dim.root()].fixed}
+    network.channel_ops = {node.name: tuple((groups[part.root()].name, flops) for part in analysis.channels[node].parts)
+                           for node, flops in analysis.channel_ops.items()}
     return network
 
 

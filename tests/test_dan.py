@@ -120,12 +120,13 @@ class GatedNet(nn.Module):
             [y.max(1, keepdim=True).values, y.mean(axis=1, keepdim=True)], 1))), True),
         "softmin over the channels": (lambda y, m: y * nn.functional.softmin(y, 1), True),
         "group norm": (lambda y, m: m.norm(y), True),
+        # ECA's Conv1d sees a mask's zeros beyond the student's width as the student's zero
+        # padding: a is searched, the Conv1d's FLOPs counted per channel.
         "ECA": (lambda y, m: y * torch.sigmoid(m.eca(y.mean((2, 3)).view(y.shape[0], 1, -1))).view(
-            y.shape[0], -1, 1, 1), True),
-        # GC's attention pooling: its matmul's FLOPs grow with a's channels, and the cost
-        # model counts convs and linears only.
+            y.shape[0], -1, 1, 1), False),
+        # GC's attention pooling pools each channel alone: searched, its matmul counted.
         "GC attention pooling": (lambda y, m: y * torch.sigmoid((y.flatten(2).unsqueeze(1) @ torch.softmax(
-            m.attn(y).flatten(2), -1).unsqueeze(3)).view(y.shape[0], -1, 1, 1)), True),
+            m.attn(y).flatten(2), -1).unsqueeze(3)).view(y.shape[0], -1, 1, 1)), False),
         # Sliced channels keep full width, so they are not searched either.
         "CSP halves": (lambda y, m: torch.cat([y.split(8, 1)[0], torch.relu(y[:, 8:])], 1), True),
         # Pools over space: masked channels pool to zero, a is searched. fc1 runs twice.
@@ -153,7 +154,8 @@ def test_a_group_reduced_over_is_not_searched_so_masks_still_give_the_derived_st
     softmin or group norm over them: a's group is left out of the search (full width in
     every student), the others are searched, and the masked network computes each
     derived student exactly, at the cost the cost model gives it (fc1, called twice,
-    counted twice)."""
+    counted twice). ECA's Conv1d and GC's pooling act on each channel with zeros beyond
+    the student's width: a is searched, their FLOPs counted per channel."""
     torch.manual_seed(0)
     model = GatedNet(gate)
     network = anfast.adjoin(model, alpha=1, policy="all", input_size=(3, 9, 9)).double().eval()

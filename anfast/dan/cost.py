@@ -4,9 +4,10 @@
 
 with E[c] = sum_i g_i * width_i for a searched group and the full width for any other
 (fixed, or reduced over: see anfast.dan.space). The factor 2 and the layers counted
-follow anfast.profile (torch.utils.flop_counter: a multiply-add is 2 FLOPs; convs and
-linears count, bias adds and norms do not), so with one-hot gates the model equals
-anfast.profile of the derived student exactly. Parameters count conv / linear weights
+follow anfast.profile (torch.utils.flop_counter: a multiply-add is 2 FLOPs; convs, linears
+and matmuls count, bias adds and norms do not; ECA's Conv1d and GC's matmul along the
+channels add FLOPs linear in their group's width), so with one-hot gates the model
+equals anfast.profile of the derived student exactly. Parameters count conv / linear weights
 and biases, the affine parameters of norms and the per-channel parameters students
 slice (ConvNeXt's gamma), as anfast.count_parameters does.
 
@@ -94,6 +95,8 @@ class CostModel:
             ))
         # A per-channel parameter each student slices (ConvNeXt's gamma): one weight per channel.
         self._vectors = [index[group] for _, group in network.channel_vectors.values()]
+        # ECA's Conv1d and GC's matmul along a group's channels: FLOPs per channel.
+        self._channel_ops = [(index[group], flops) for parts in network.channel_ops.values() for group, flops in parts]
         self.base = profile(export_base(network), input_size)
         full_width = self._modelled_widths(torch.cat([
             torch.tensor([g.channels for g in space.groups], dtype=torch.float64), self._fixed_channels]))
@@ -167,6 +170,8 @@ class CostModel:
 
         for group in self._vectors:
             add("params", 1.0, channels(group))
+        for group, per_channel in self._channel_ops:
+            add("flops", float(per_channel), channels(group))
         for layer in self._layers:
             c_out = channels(layer.out_group)
             if layer.kind in ("norm", "layernorm"):
@@ -206,7 +211,7 @@ class CostModel:
         return self._modelled_widths(torch.cat([searched, self._fixed_channels.to(gates.device)]))
 
     def _modelled_widths(self, channels: torch.Tensor) -> dict[str, torch.Tensor]:
-        flops = channels.new_zeros(())
+        flops = sum((per_channel * channels[group] for group, per_channel in self._channel_ops), channels.new_zeros(()))
         params = sum((channels[group] for group in self._vectors), channels.new_zeros(()))
         for layer in self._layers:
             c_out = channels[layer.out_group]
