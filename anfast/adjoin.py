@@ -786,10 +786,10 @@ _SIZING = {"view", "reshape", "expand", "new_zeros", "new_ones", "new_empty"}
 
 
 def _check_sizes(node: torch.fx.Node, x: torch.fx.Node, where: str, result: _Analysis) -> None:
-    """A view, reshape, expand or ``new_zeros`` of ``x`` that follows its channels, sized on axis 1 by a
-    number in the model's code (``x.view(n, self.dim, -1)``: fx records ``self.dim`` as
-    one), keeps them at full width: the exported student runs that code too, and fewer
-    channels would not fit. Sized by another tensor's channel count (``y.view(n,
+    """A view, reshape, expand or ``new_zeros`` of ``x`` that follows its channels, sized on
+    axis 1 by a number in the model's code (``x.view(n, self.dim, -1)``: fx records
+    ``self.dim`` as one), keeps them at full width: the exported student runs that code
+    too, and fewer channels would not fit. Sized by another tensor's channel count (``y.view(n,
     z.shape[1] // 3, h, w)``), it is checked once every group is known
     (``_check_size_reads``). -1 and ``x``'s own count follow the channels."""
     sizes = node.args[1] if len(node.args) == 2 and isinstance(node.args[1], (tuple, list)) else node.args[1:]
@@ -852,16 +852,21 @@ def _run_whole(node, shape, inputs, why: str, module: Optional[nn.Module], where
 def _channel_counts_read(nodes: Sequence[torch.fx.Node]) -> list[torch.fx.Node]:
     """The tensors whose channel count the non-tensor ``nodes`` (an op's size arguments)
     are computed from (``x.shape[1]``, ``x.size(1)``, ``x.size()``, ``x.numel()``, through
-    int arithmetic); a size of another axis (``x.shape[2]``) does not count."""
+    int arithmetic); sizes of other axes (``x.shape[2]``, ``x.shape[2:]``) do not count."""
     found, seen = [], set()
 
     def visit(n: torch.fx.Node, axis: Any = None) -> None:
-        if (n, axis) in seen:
+        key = (n, (axis.start, axis.stop, axis.step) if isinstance(axis, slice) else axis)  # slices: unhashable
+        if key in seen:
             return
-        seen.add((n, axis))
+        seen.add(key)
         shape = _node_shape(n)
         if shape is not None:  # a tensor: its sizes were read
-            if not isinstance(axis, int) or axis % max(len(shape), 1) == 1:  # all, x.shape[1], x.shape[-3]
+            if isinstance(axis, slice):
+                reads = 1 in range(len(shape))[axis]  # x.shape[2:]: no
+            else:
+                reads = not isinstance(axis, int) or axis % max(len(shape), 1) == 1  # all, x.shape[1], [-3]
+            if reads:
                 found.append(n)
             return
         if n.op == "call_function" and n.target is operator.getitem and isinstance(n.args[0], torch.fx.Node):

@@ -763,6 +763,35 @@ def test_a_region_that_reads_a_channel_count_keeps_that_tensor_whole():
                                           r"region run whole: channels read by view \(call_method view\), .*")
 
 
+def test_a_region_that_reads_only_spatial_sizes_leaves_the_channels_free(tmp_path):
+    """F.interpolate(t, size=y.shape[2:]) in a region reads y's height and width, not its
+    channel count: a's channels, which feed the region only through b, still shrink."""
+    class ReadsSpace(_Headed):
+        def __init__(self):
+            super().__init__()
+            self.b = nn.Conv2d(16, 32, 1)
+
+        def ops(self, y):
+            n, _, h, w = y.shape
+            t = self.b(y).view(n, 2, 16, h * w).softmax(1).sum(1).view(n, 16, h, w)
+            return F.interpolate(t[:, :, ::2, ::2], size=y.shape[2:])
+
+    torch.manual_seed(0)
+    model = ReadsSpace().double().eval()
+    an = anfast.adjoin(model, alpha=2, policy="all", input_size=(3, 8, 8)).eval()
+    assert an.layer_widths["a"].student_out == (8,) and an.layer_widths["b"].student_out == (32,)
+    x = torch.randn(2, 3, 8, 8, dtype=torch.float64)
+    with torch.no_grad():
+        t = F.conv2d(F.conv2d(x, model.a.weight[:8], model.a.bias[:8]), model.b.weight[:, :8], model.b.bias)
+        t = F.interpolate(t.view(2, 2, 16, 64).softmax(1).sum(1).view(2, 16, 8, 8)[:, :, ::2, ::2], size=(8, 8))
+        t = F.relu(F.conv2d(t, model.head.weight[:16], model.head.bias[:16])).mean((2, 3))
+        expected = F.linear(t, model.fc.weight[:, :16], model.fc.bias)
+        out = an(x)
+        assert (out.base - model(x)).abs().max() <= 1e-12
+        assert (out.student - expected).abs().max() <= 1e-12
+        assert (anfast.export_student(an).eval()(x) - expected).abs().max() <= 1e-12
+
+
 def test_a_module_with_parameters_anfast_does_not_slice_keeps_its_channels_whole():
     """A GroupNorm or a PReLU per channel: every network runs it as the model does, on
     a's channels at full width; a module with running statistics is refused, since every
