@@ -1,6 +1,7 @@
 """Which timm CNNs adjoin, and is each adjoined network the model it came from?
 
-    python benchmarks/adjoin_coverage.py                      # the default list below
+    python benchmarks/adjoin_coverage.py                      # the 60 CNNs below
+    python benchmarks/adjoin_coverage.py --set hybrids        # 60 more: hybrids, ViTs, MLPs, CNNs
     python benchmarks/adjoin_coverage.py resnet50d mixnet_s   # or name the models
 
 For each timm architecture (random weights, 10 classes, nothing downloaded):
@@ -10,7 +11,9 @@ with smaller layers) against the adjoined student. A row says "adjoins" only whe
 agree to 1e-9 (relative); else "differs", "refused" (adjoin's reason, which names the
 node and the fix) or "failed" (any other error). Parameters of base and student come
 with it, and how many width groups keep full width (ops anfast runs whole, slices,
-grouped convs, the output): a model adjoins exactly however little of it shrinks. The JSON goes to results/adjoin_coverage-<cpu>-<date>.json.
+grouped convs, the output): a model adjoins exactly however little of it shrinks. The JSON goes to results/adjoin_coverage-<cpu>-<date>.json (adjoin_coverage_hybrids-...
+for the second set). A vision transformer or an MLP "adjoins" with a student that
+equals the base: its tokens run whole, and adjoin warns that nothing shrinks.
 """
 
 from __future__ import annotations
@@ -37,6 +40,18 @@ cs3darknet_s convnext_atto convnextv2_atto repvgg_a0 tinynet_a fbnetv3_b lcnet_0
 selecsls42 ese_vovnet19b_dw tresnet_m inception_v3 xception41 mnasnet_100 spnasnet_100 resnetv2_50 gernet_s
 mobileone_s0 inception_next_atto convnext_tiny dm_nfnet_f0 botnet26t_256 halonet26t lambda_resnet26t sebotnet33ts_256 resnet18d
 eca_nfnet_l0 efficientnetv2_rw_t mobilevit_xxs edgenext_xx_small poolformer_s12 convmixer_768_32 sedarknet21""".split()
+# CNN-transformer hybrids, vision transformers, MLP mixers and more CNNs: where anfast runs
+# attention whole, which blocks timm keeps whole, what a transformer's student is.
+HYBRIDS = """maxvit_nano_rw_256 coatnet_nano_rw_224 fastvit_t8 repvit_m1 efficientformer_l1 efficientformerv2_s0
+levit_128s mobilevitv2_050 ghostnetv2_100 hgnet_tiny hgnetv2_b0 mobilenetv4_conv_small mobilenetv4_hybrid_medium
+rdnet_tiny starnet_s1 inception_v4 inception_resnet_v2 dla60x hrnet_w18 vgg11_bn densenetblur121d resnetblur18
+resnetaa50d seresnext26d_32x4d skresnext50_32x4d resnest26d regnety_008 nf_regnet_b0 xcit_nano_12_p16_224
+vit_tiny_patch16_224 swin_tiny_patch4_window7_224 convit_tiny pvt_v2_b0 twins_svt_small mvitv2_tiny davit_tiny
+focalnet_tiny_srf efficientvit_b0 efficientvit_m0 tiny_vit_5m_224 sequencer2d_s mixer_s16_224 resmlp_12_224
+gmlp_ti16_224 visformer_tiny volo_d1_224 crossvit_tiny_240 ese_vovnet39b mixnet_m cs3sedarknet_l resnet26t
+resnetrs50 coat_tiny poolformerv2_s12 caformer_s18 convformer_s18 nextvit_small fasternet_t0 shvit_s1
+inception_next_tiny""".split()
+SETS = {"cnns": MODELS, "hybrids": HYBRIDS}
 
 
 def _relative_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
@@ -81,7 +96,8 @@ def check(name: str, alpha: float, image_size: int) -> dict:
 
 def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("models", nargs="*", default=MODELS, help="timm model names (default: %(default)s)")
+    parser.add_argument("models", nargs="*", help="timm model names (default: the --set)")
+    parser.add_argument("--set", choices=SETS, default="cnns", help="which list to try (default: %(default)s)")
     parser.add_argument("--alpha", type=float, default=2)
     parser.add_argument("--image-size", type=int, default=96, help="of the tracing and checking input")
     parser.add_argument("--out", help="JSON path (default benchmarks/results/adjoin_coverage-<cpu>-<date>.json)")
@@ -91,19 +107,21 @@ def main(argv=None) -> dict:
     except ImportError:
         parser.error("timm is not installed: pip install timm (or the [test] extra)")
 
+    models = args.models or SETS[args.set]
+    benchmark = "adjoin_coverage" if args.models or args.set == "cnns" else f"adjoin_coverage_{args.set}"
     payload = {**environment("cpu"), "timm": timm.__version__, "alpha": args.alpha, "policy": "all",
-               "image_size": args.image_size, "rows": []}
-    for name in tqdm(args.models, desc="adjoin", unit="model"):
+               "image_size": args.image_size, "set": None if args.models else args.set, "rows": []}
+    for name in tqdm(models, desc="adjoin", unit="model"):
         row = check(name, args.alpha, args.image_size)
         payload["rows"].append(row)
-        path = write_result("adjoin_coverage", payload, args.out)  # after every model: a cut run keeps its rows
+        path = write_result(benchmark, payload, args.out)  # after every model: a cut run keeps its rows
         detail = row.get("reason", "").splitlines()[0][:120] if row["status"] != "adjoins" else (
             f"{row['params']['base'] / 1e6:.2f}M -> {row['params']['student'] / 1e6:.2f}M parameters")
         tqdm.write(f"{name:24s} {row['status']:8s} {detail}")
     counts = {status: sum(r["status"] == status for r in payload["rows"])
               for status in ("adjoins", "differs", "refused", "failed")}
     payload["counts"] = counts
-    path = write_result("adjoin_coverage", payload, args.out)
+    path = write_result(benchmark, payload, args.out)
     print(f"{counts['adjoins']} of {len(payload['rows'])} adjoin ({counts}); wrote {path}")
     return payload
 

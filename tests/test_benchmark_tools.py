@@ -490,6 +490,17 @@ def test_adjoin_coverage_says_adjoins_only_where_base_and_export_agree(tmp_path,
     assert rows["no_such_net"]["status"] == "failed" and "no_such_net" in rows["no_such_net"]["reason"]
     assert payload["counts"] == {"adjoins": 1, "differs": 0, "refused": 1, "failed": 1}
 
+    # --set picks a list, and its own default file: a run of the second set keeps the first's.
+    tried = []
+    monkeypatch.setattr(adjoin_coverage, "check", lambda name, alpha, size: tried.append(name) or {
+        "model": name, "status": "refused", "reason": "by the test"})
+    written = []
+    monkeypatch.setattr(adjoin_coverage, "write_result", lambda name, payload, out: written.append(name) or out)
+    payload = adjoin_coverage.main(["--set", "hybrids", "--out", str(tmp_path / "hybrids.json")])
+    assert tried == adjoin_coverage.HYBRIDS and payload["set"] == "hybrids" and set(written) == {"adjoin_coverage_hybrids"}
+    assert payload["counts"] == {"adjoins": 0, "differs": 0, "refused": len(adjoin_coverage.HYBRIDS), "failed": 0}
+    monkeypatch.undo()
+
     export = adjoin_coverage.anfast.export_student
     def off_by_a_little(an, *args, **kwargs):
         student = export(an, *args, **kwargs)
