@@ -33,7 +33,7 @@ from torch import nn
 from torch.nn import functional as F
 from torch.fx.passes.shape_prop import ShapeProp
 
-from anfast.nn import AdjoinedBatchNorm2d, AdjoinedConv2d, AdjoinedLayerNorm, AdjoinedLinear
+from anfast.nn import AdjoinedBatchNorm1d, AdjoinedBatchNorm2d, AdjoinedConv2d, AdjoinedLayerNorm, AdjoinedLinear
 from anfast.nn.conv import numeric_padding, unknown_backend
 from anfast.nn.modes import eval_mode
 
@@ -345,7 +345,7 @@ def _analyse(gm: torch.fx.GraphModule, state_keys: set) -> _Analysis:
             if isinstance(module, (nn.Conv1d, nn.Conv3d, nn.ConvTranspose2d)):
                 raise AdjoinError(f"{where}: {type(module).__name__} is not supported; anfast adjoins Conv2d "
                                   f"(2-D image CNNs)")
-            if isinstance(module, (nn.Conv2d, nn.Linear, nn.BatchNorm2d)):
+            if isinstance(module, (nn.Conv2d, nn.Linear, nn.BatchNorm2d, nn.BatchNorm1d)):
                 _check_layer_class(module, where)
             if isinstance(module, nn.Conv2d):
                 x = in_channels[0]
@@ -393,8 +393,11 @@ def _analyse(gm: torch.fx.GraphModule, state_keys: set) -> _Analysis:
                 if axis == 1:
                     result.channels[node] = _Channels((dim,))
             elif isinstance(module, nn.modules.batchnorm._BatchNorm):
-                if not isinstance(module, nn.BatchNorm2d):
-                    raise AdjoinError(f"{where}: {type(module).__name__} is not supported; anfast adjoins BatchNorm2d")
+                if not isinstance(module, (nn.BatchNorm2d, nn.BatchNorm1d)):
+                    raise AdjoinError(f"{where}: {type(module).__name__} is not supported; anfast adjoins "
+                                      "BatchNorm2d and BatchNorm1d")
+                if in_channels[0] is None or in_channels[0].features_per_channel != 1:
+                    raise _Unfollowable(f"{tuple(x_shape)} -> {tuple(shape)}")  # BatchNorm1d on flattened maps
                 result.channels[node] = in_channels[0]
                 _record_layer(result, node, "norm", in_channels[0], in_channels[0], where)
             elif function is not None and function in _CONCAT and _concat_dim(node) == 1:
@@ -823,7 +826,7 @@ def _keep_full_width(channels: _Channels, why: str) -> None:
 def _leaves_region(module: Optional[nn.Module]) -> bool:
     """Whether a layer ends a region run whole: a conv or linear makes new channels of
     its full-width input, a batch norm keeps each network's statistics apart."""
-    return isinstance(module, (nn.Conv2d, nn.Linear, nn.BatchNorm2d))
+    return isinstance(module, (nn.Conv2d, nn.Linear, nn.BatchNorm2d, nn.BatchNorm1d))
 
 
 def _run_whole(node, shape, inputs, why: str, module: Optional[nn.Module], where: str, result: _Analysis) -> None:
@@ -895,7 +898,7 @@ def _check_no_running_stats(module: nn.Module, where: str) -> None:
             inside = f"the {type(child).__name__} {name} inside it" if name else "running statistics"
             raise AdjoinError(
                 f"{where}: {type(module).__name__} holds {inside}, and anfast runs it whole in every network, "
-                "whose calls in train mode would all update them; anfast adjoins BatchNorm2d layers it reaches "
+                "whose calls in train mode would all update them; anfast adjoins batch norms it reaches "
                 "in the traced graph (a module timm or the tracer keeps whole is not traced into)")
 
 
@@ -1500,7 +1503,7 @@ def _mode_error(model_name: str, train_node: Optional[torch.fx.Node], eval_node:
 def _check_layer_class(module: nn.Module, where: str) -> None:
     """A subclass of a layer adjoin rebuilds must compute what its base class computes."""
     cls = type(module)
-    base = next(b for b in (nn.Conv2d, nn.Linear, nn.BatchNorm2d) if isinstance(module, b))
+    base = next(b for b in (nn.Conv2d, nn.Linear, nn.BatchNorm2d, nn.BatchNorm1d) if isinstance(module, b))
     if cls is base or cls.forward is base.forward or _qualified_name(cls) in _EQUIVALENT_LAYERS:
         for child in _norm_epilogue(module):
             if any(True for _ in getattr(module, child).parameters()):
@@ -1714,7 +1717,8 @@ def _replace_module(traced, name, module, widths: LayerWidths, analysis, share_a
                               "normalises each network's leading channels only")
         new = AdjoinedLayerNorm.from_layernorm(module, widths.student_out, _layer_norm_axis(module))
     else:
-        new = AdjoinedBatchNorm2d.from_batchnorm(module, widths.student_out, widths.in_indices, share_affine)
+        adjoined = AdjoinedBatchNorm1d if isinstance(module, nn.BatchNorm1d) else AdjoinedBatchNorm2d
+        new = adjoined.from_batchnorm(module, widths.student_out, widths.in_indices, share_affine)
         for child in _norm_epilogue(module):  # parameter-free, applied to every network's output
             new.add_module(child, getattr(module, child))
     new.train(module.training)

@@ -43,6 +43,7 @@ _SOURCE_KEYS = {"torchvision": {"torchvision", "kwargs"}, "timm": {"timm", "kwar
 _LAYER_KEYS = {
     "Conv2d": {"in_channels", "out_channels", "kernel_size", "stride", "padding", "dilation", "groups", "bias"},
     "BatchNorm2d": {"num_features", "eps", "momentum", "affine", "track_running_stats"},
+    "BatchNorm1d": {"num_features", "eps", "momentum", "affine", "track_running_stats"},
     "Linear": {"in_features", "out_features", "bias"},
     "LayerNorm": {"normalized_shape", "eps", "elementwise_affine", "bias"},
 }
@@ -54,8 +55,9 @@ def _layer_spec(module: nn.Module) -> dict:
                 "kernel_size": list(module.kernel_size), "stride": list(module.stride),
                 "padding": list(numeric_padding(module)), "dilation": list(module.dilation),
                 "groups": module.groups, "bias": module.bias is not None}
-    if isinstance(module, nn.BatchNorm2d):
-        return {"type": "BatchNorm2d", "num_features": module.num_features, "eps": module.eps,
+    if isinstance(module, (nn.BatchNorm2d, nn.BatchNorm1d)):
+        kind = "BatchNorm1d" if isinstance(module, nn.BatchNorm1d) else "BatchNorm2d"
+        return {"type": kind, "num_features": module.num_features, "eps": module.eps,
                 "momentum": module.momentum, "affine": module.affine,
                 "track_running_stats": module.track_running_stats}
     if isinstance(module, nn.LayerNorm):
@@ -70,8 +72,8 @@ def _layer_from_spec(spec: dict, device: Union[str, torch.device] = "cpu") -> nn
     args = {k: v for k, v in spec.items() if k != "type"}
     if kind == "Conv2d":
         return nn.Conv2d(**args, device=device)
-    if kind == "BatchNorm2d":
-        return nn.BatchNorm2d(**args, device=device)
+    if kind in ("BatchNorm2d", "BatchNorm1d"):
+        return getattr(nn, kind)(**args, device=device)
     if kind == "Linear":
         return nn.Linear(**args, device=device)
     if kind == "LayerNorm":
@@ -81,6 +83,7 @@ def _layer_from_spec(spec: dict, device: Union[str, torch.device] = "cpu") -> nn
 
 # What a layer of a spec may differ in from the model's layer; the rest must match.
 _SIZES = {"Conv2d": ("in_channels", "out_channels", "groups"), "BatchNorm2d": ("num_features",),
+          "BatchNorm1d": ("num_features",),
           "Linear": ("in_features", "out_features"), "LayerNorm": ("normalized_shape",)}
 
 
@@ -139,8 +142,8 @@ def _student_layer(an: AdjoinedNetwork, name: str, widths: LayerWidths, s: int) 
         state = {key: value for key, value in (("weight", weight), ("bias", bias)) if value is not None}
     else:
         norm = module.student_norms[s]
-        plain = nn.BatchNorm2d(norm.num_features, module.eps, module.momentum, module.affine,
-                               module.track_running_stats, device="meta")
+        plain = module._norm(norm.num_features, module.eps, module.momentum, module.affine,
+                             module.track_running_stats, device="meta")
         state = dict(norm.state_dict())
         if module.share_affine:
             state["weight"] = module._student_slice(module.weight, s)

@@ -1250,6 +1250,55 @@ def test_convert_sync_batchnorm_keeps_students_and_names():
     assert torch.equal(before.base, after.base) and torch.equal(before.student, after.student)
 
 
+class Norm1d(nn.Module):
+    """BatchNorm1d on a map's (N, C, H * W) and on pooled (N, C) features (RepViT's head)."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.seq, self.bn, self.fc = nn.Conv2d(3, 16, 3, padding=1), nn.BatchNorm1d(16), nn.BatchNorm1d(16), nn.Linear(16, 4)
+
+    def forward(self, x):
+        return self.fc(self.bn(self.seq(F.relu(self.a(x)).flatten(2)).mean(2)))
+
+
+def test_batchnorm1d_keeps_each_networks_statistics_and_exports(tmp_path):
+    """Each BatchNorm1d gets an adjoined norm: a train step moves the base's running
+    statistics exactly as the model's and the student's as a BatchNorm1d of the student's
+    leading channels; the student, computed by hand, exports and loads as BatchNorm1d; the
+    norms become SyncBatchNorm under convert_sync_batchnorm, students included."""
+    torch.manual_seed(0)
+    model = Norm1d().double()
+    an = anfast.adjoin(model, alpha=2, policy="all", input_size=(3, 8, 8))
+    assert type(an.bn) is anfast.nn.AdjoinedBatchNorm1d and an.layer_widths["bn"].student_out == (8,)
+    x = torch.randn(4, 3, 8, 8, dtype=torch.float64)
+    with torch.no_grad():
+        an.train()(x), model.train()(x)  # one step of statistics, each network its own
+        y = F.relu(F.conv2d(x, model.a.weight[:8], model.a.bias[:8], padding=1)).flatten(2)
+        # What each student norm saw: the student's leading 8 channels, normalised by batch
+        # statistics in train mode; running means start at 0, momentum 0.1.
+        seen = {"seq": y.mean((0, 2)), "bn": F.batch_norm(y, None, None, model.seq.weight[:8], model.seq.bias[:8],
+                                                          training=True).mean(2).mean(0)}
+        for name, mean in seen.items():
+            norm = an.get_submodule(name)
+            torch.testing.assert_close(norm.running_mean, model.get_submodule(name).running_mean, rtol=0, atol=1e-15)
+            torch.testing.assert_close(norm.student_norms[0].running_mean, 0.1 * mean, rtol=0, atol=1e-15)
+        an.eval(), model.eval()
+        seq, bn = an.seq.student_norms[0], an.bn.student_norms[0]
+        h = F.batch_norm(y, seq.running_mean, seq.running_var, seq.weight, seq.bias, eps=seq.eps).mean(2)
+        h = F.batch_norm(h, bn.running_mean, bn.running_var, bn.weight, bn.bias, eps=bn.eps)
+        expected = F.linear(h, model.fc.weight[:, :8], model.fc.bias)
+        out = an(x)
+        assert (out.base - model(x)).abs().max() <= 1e-12 and (out.student - expected).abs().max() <= 1e-12
+        student = anfast.export_student(an, path=tmp_path / "student").eval()
+        assert type(student.bn) is nn.BatchNorm1d and student.bn.num_features == 8
+        assert json.loads((tmp_path / "student" / "config.json").read_text())["layers"]["bn"]["type"] == "BatchNorm1d"
+        loaded = anfast.load_student(tmp_path / "student", model=Norm1d()).double().eval()
+        assert (loaded(x) - expected).abs().max() <= 1e-12
+        anfast.nn.convert_sync_batchnorm(an)
+        assert type(an.bn) is anfast.nn.AdjoinedSyncBatchNorm1d and isinstance(an.bn.student_norms[0], nn.SyncBatchNorm)
+        assert torch.equal(an(x).student, out.student)  # eval mode: running statistics, no communication
+
+
 def test_a_refused_base_checkpoint_leaves_the_network_as_it_was():
     """load_base_state_dict checks keys and shapes before it loads anything: a checkpoint
     with another classifier, or of another depth, used to overwrite every tensor that

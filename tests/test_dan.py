@@ -195,6 +195,19 @@ def test_split_attention_run_whole_is_not_searched_and_the_convs_around_it_are()
     _assert_one_hot_gates_give_the_derived_student(model, network, space, ([2, 2, 2], [1, 0, 2], [0, 2, 1]))
 
 
+def test_batchnorm1d_groups_are_searched_and_masked_along_their_channels():
+    """BatchNorm1d on (N, C, L) and on (N, C): the mask follows each norm's channel axis,
+    and the masked network computes each derived student at its cost."""
+    from test_adjoin import Norm1d
+
+    torch.manual_seed(0)
+    model = Norm1d()
+    network = anfast.adjoin(model, alpha=1, policy="all", input_size=(3, 8, 8)).double().eval()
+    space = SearchSpace.from_network(network, choices=(1, 2, 4), round_to=4)
+    assert space.group_names == ["a"]
+    _assert_one_hot_gates_give_the_derived_student(model, network, space, ([0], [1], [2]), image_size=8)
+
+
 @pytest.mark.parametrize("use", ["scale", "shift"])
 def test_a_layer_scale_is_searched_with_its_group_and_counted_in_the_cost(use):
     """A per-channel scale (C, 1, 1) zeroes what the mask zeroed: its group is searched

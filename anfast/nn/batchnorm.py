@@ -1,4 +1,4 @@
-"""AdjoinedBatchNorm2d: private normalisation for the base and every student."""
+"""AdjoinedBatchNorm2d (and -1d): private normalisation for the base and every student."""
 
 from __future__ import annotations
 
@@ -10,7 +10,8 @@ from torch import nn
 from anfast.nn.conv import check_student_inputs
 from anfast.nn.streams import network_stream
 
-__all__ = ["AdjoinedBatchNorm2d", "AdjoinedSyncBatchNorm2d", "convert_sync_batchnorm"]
+__all__ = ["AdjoinedBatchNorm2d", "AdjoinedBatchNorm1d", "AdjoinedSyncBatchNorm2d", "AdjoinedSyncBatchNorm1d",
+           "convert_sync_batchnorm"]
 
 
 class AdjoinedBatchNorm2d(nn.BatchNorm2d):
@@ -25,6 +26,8 @@ class AdjoinedBatchNorm2d(nn.BatchNorm2d):
     Call as ``bn(x_base, *x_students)``; returns ``(y_base, *y_students)``.
     """
 
+    _norm = nn.BatchNorm2d  # the students' class, and the plain layer an export writes
+
     def __init__(
         self,
         num_features: int,
@@ -37,7 +40,7 @@ class AdjoinedBatchNorm2d(nn.BatchNorm2d):
         super().__init__(num_features, *args, **kwargs)
         self.share_affine = share_affine and self.affine
         self.student_norms = nn.ModuleList(
-            nn.BatchNorm2d(c, self.eps, self.momentum, affine=self.affine and not self.share_affine,
+            self._norm(c, self.eps, self.momentum, affine=self.affine and not self.share_affine,
                            track_running_stats=self.track_running_stats,
                            device=kwargs.get("device"), dtype=kwargs.get("dtype"))
             for c in student_features
@@ -47,10 +50,11 @@ class AdjoinedBatchNorm2d(nn.BatchNorm2d):
             self.register_buffer(f"_student_index_{s}", index, persistent=False)
 
     @classmethod
-    def from_batchnorm(cls, bn: nn.BatchNorm2d, student_features: Sequence[int],
+    def from_batchnorm(cls, bn: nn.modules.batchnorm._BatchNorm, student_features: Sequence[int],
                        student_indices: Sequence[Optional[torch.Tensor]] = (),
                        share_affine: bool = False) -> "AdjoinedBatchNorm2d":
-        """Adopt ``bn`` as the base norm; students start from the matching slice of it."""
+        """Adopt ``bn`` as the base norm; students start from the matching slice of it.
+        Call on AdjoinedBatchNorm1d for a BatchNorm1d."""
         # Students follow bn's tensors: its affine parameters, else its running statistics
         # (track_running_stats=False has none); a norm with neither holds no tensor to follow.
         held = bn.weight if bn.affine else bn.running_mean
@@ -87,7 +91,7 @@ class AdjoinedBatchNorm2d(nn.BatchNorm2d):
                 outputs.append(self._student_forward(s, norm, x))
         return tuple(outputs)
 
-    def _student_forward(self, s: int, norm: nn.BatchNorm2d, x: torch.Tensor) -> torch.Tensor:
+    def _student_forward(self, s: int, norm: nn.modules.batchnorm._BatchNorm, x: torch.Tensor) -> torch.Tensor:
         if not self.share_affine:
             return norm(x)
         # Private running statistics, the base's (sliced) affine parameters: the student's own
@@ -100,6 +104,16 @@ class AdjoinedBatchNorm2d(nn.BatchNorm2d):
         return f"{super().extra_repr()}, student_features={features}, share_affine={self.share_affine}"
 
 
+class AdjoinedBatchNorm1d(AdjoinedBatchNorm2d):
+    """AdjoinedBatchNorm2d for a BatchNorm1d's (N, C) or (N, C, L) inputs (RepViT's head):
+    the same private statistics per network, BatchNorm1d students."""
+
+    _norm = nn.BatchNorm1d
+
+    def _check_input_dim(self, input: torch.Tensor) -> None:
+        nn.BatchNorm1d._check_input_dim(self, input)
+
+
 class AdjoinedSyncBatchNorm2d(AdjoinedBatchNorm2d, nn.SyncBatchNorm):
     """AdjoinedBatchNorm2d whose base and students use statistics across torchrun ranks.
 
@@ -109,15 +123,20 @@ class AdjoinedSyncBatchNorm2d(AdjoinedBatchNorm2d, nn.SyncBatchNorm):
     """
 
 
+class AdjoinedSyncBatchNorm1d(AdjoinedBatchNorm1d, nn.SyncBatchNorm):
+    """AdjoinedBatchNorm1d whose base and students use statistics across torchrun ranks."""
+
+
 def convert_sync_batchnorm(module: nn.Module, process_group=None) -> nn.Module:
     """SyncBatchNorm for every adjoined norm of ``module``, in place; returns ``module``.
 
     torch.nn.SyncBatchNorm.convert_sync_batchnorm would replace an adjoined norm by a
     plain SyncBatchNorm and drop its students, so adjoined networks use this instead.
     """
+    synced = {AdjoinedBatchNorm2d: AdjoinedSyncBatchNorm2d, AdjoinedBatchNorm1d: AdjoinedSyncBatchNorm1d}
     for norm in module.modules():
-        if type(norm) is AdjoinedBatchNorm2d:
-            norm.__class__ = AdjoinedSyncBatchNorm2d
+        if type(norm) in synced:
+            norm.__class__ = synced[type(norm)]
             norm.process_group = process_group
             norm.student_norms = nn.SyncBatchNorm.convert_sync_batchnorm(norm.student_norms, process_group)
     return module
