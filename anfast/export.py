@@ -142,8 +142,8 @@ def _student_layer(an: AdjoinedNetwork, name: str, widths: LayerWidths, s: int) 
         state = {key: value for key, value in (("weight", weight), ("bias", bias)) if value is not None}
     else:
         norm = module.student_norms[s]
-        plain = module._norm(norm.num_features, module.eps, module.momentum, module.affine,
-                             module.track_running_stats, device="meta")
+        plain = module.norm_class(norm.num_features, module.eps, module.momentum, module.affine,
+                                  module.track_running_stats, device="meta")
         state = dict(norm.state_dict())
         if module.share_affine:
             state["weight"] = module._student_slice(module.weight, s)

@@ -26,7 +26,7 @@ class AdjoinedBatchNorm2d(nn.BatchNorm2d):
     Call as ``bn(x_base, *x_students)``; returns ``(y_base, *y_students)``.
     """
 
-    _norm = nn.BatchNorm2d  # the students' class, and the plain layer an export writes
+    norm_class = nn.BatchNorm2d  # the students' class, and the plain layer an export writes
 
     def __init__(
         self,
@@ -40,7 +40,7 @@ class AdjoinedBatchNorm2d(nn.BatchNorm2d):
         super().__init__(num_features, *args, **kwargs)
         self.share_affine = share_affine and self.affine
         self.student_norms = nn.ModuleList(
-            self._norm(c, self.eps, self.momentum, affine=self.affine and not self.share_affine,
+            self.norm_class(c, self.eps, self.momentum, affine=self.affine and not self.share_affine,
                            track_running_stats=self.track_running_stats,
                            device=kwargs.get("device"), dtype=kwargs.get("dtype"))
             for c in student_features
@@ -108,7 +108,7 @@ class AdjoinedBatchNorm1d(AdjoinedBatchNorm2d):
     """AdjoinedBatchNorm2d for a BatchNorm1d's (N, C) or (N, C, L) inputs (RepViT's head):
     the same private statistics per network, BatchNorm1d students."""
 
-    _norm = nn.BatchNorm1d
+    norm_class = nn.BatchNorm1d
 
     def _check_input_dim(self, input: torch.Tensor) -> None:
         nn.BatchNorm1d._check_input_dim(self, input)
