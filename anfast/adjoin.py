@@ -196,7 +196,13 @@ class _Analysis:
 
 
 class _Unfollowable(Exception):
-    """An op anfast cannot follow channels through; the message names it and its shapes."""
+    """An op anfast cannot follow channels through; the message gives its shapes,
+    ``(2, 128, 6, 6) -> (2, 2, 64, 6, 6)``, after ``on`` (where the channels were) and
+    before ``detail``."""
+
+    def __init__(self, *before: Sequence[int], after: Sequence[int], on: str = "", detail: str = ""):
+        shapes = " and ".join(str(tuple(shape)) for shape in before)
+        super().__init__(f"{on}{shapes} -> {tuple(after)}{detail}")
 
 
 _ELEMENTWISE = {
@@ -350,7 +356,7 @@ def _analyse(gm: torch.fx.GraphModule, state_keys: set) -> _Analysis:
             if isinstance(module, nn.Conv2d):
                 x = in_channels[0]
                 if x is None or x.features_per_channel != 1:
-                    raise _Unfollowable(f"{tuple(x_shape)} -> {tuple(shape)}")
+                    raise _Unfollowable(x_shape, after=shape)
                 if module.padding_mode != "zeros":
                     raise AdjoinError(f"{where}: padding_mode={module.padding_mode!r}; anfast supports 'zeros'")
                 try:
@@ -378,7 +384,7 @@ def _analyse(gm: torch.fx.GraphModule, state_keys: set) -> _Analysis:
             elif isinstance(module, nn.Linear):
                 x = in_channels[0]
                 if x is None or len(shape) != 2:  # a Linear on tokens (N, T, C): whole
-                    raise _Unfollowable(f"{tuple(x_shape)} -> {tuple(shape)}")
+                    raise _Unfollowable(x_shape, after=shape)
                 result.channels[node] = _Channels((new_dim(module.out_features, producer=node.target),))
                 _record_layer(result, node, "linear", x, result.channels[node], where)
             elif isinstance(module, nn.LayerNorm) and _adopts_layer_norm(module, shape, channels_last=False):
@@ -397,13 +403,13 @@ def _analyse(gm: torch.fx.GraphModule, state_keys: set) -> _Analysis:
                     raise AdjoinError(f"{where}: {type(module).__name__} is not supported; anfast adjoins "
                                       "BatchNorm2d and BatchNorm1d")
                 if in_channels[0] is None or in_channels[0].features_per_channel != 1:
-                    raise _Unfollowable(f"{tuple(x_shape)} -> {tuple(shape)}")  # BatchNorm1d on flattened maps
+                    raise _Unfollowable(x_shape, after=shape)  # BatchNorm1d on flattened maps
                 result.channels[node] = in_channels[0]
                 _record_layer(result, node, "norm", in_channels[0], in_channels[0], where)
             elif function is not None and function in _CONCAT and _concat_dim(node) == 1:
                 parts = [channels_of(n) for n in _concat_tensors(node)]
                 if any(p is None or p.features_per_channel != 1 for p in parts):
-                    raise _Unfollowable(f"{tuple(x_shape)} -> {tuple(shape)}")
+                    raise _Unfollowable(x_shape, after=shape)
                 result.channels[node] = _Channels(tuple(d for p in parts for d in p.parts))
             elif 1 in (reduced or ()):
                 # x.mean(1, keepdim=True), torch.max(x, 1)[0]: each network's reduction of its
@@ -515,7 +521,7 @@ def _record_layer_norm(result: _Analysis, node: torch.fx.Node, x: _Channels, whe
     """A LayerNorm over the channels: each network normalises its own (so a DAN search,
     which masks channels to zero at full width, leaves its groups unsearched)."""
     if x is None or x.features_per_channel != 1:
-        raise _Unfollowable(f"{tuple(_node_shape(node.args[0]))} -> {tuple(_node_shape(node))}")
+        raise _Unfollowable(_node_shape(node.args[0]), after=_node_shape(node))
     for part in x.parts:
         part.root().reduced_by.append(where)
     result.channels[node] = x
@@ -567,13 +573,13 @@ def _follow_channels_last(node, shape, inputs, module, where, result: _Analysis,
                     _keep_full_width(x, f"channels of {other.target if other.op == 'get_attr' else other.name} "
                                         f"{tuple(other_shape)}")
             elif other not in result.shared or (other_shape and other_shape[-1] not in (1, shape[-1])):
-                raise _Unfollowable(f"{tuple(x_shape)} and {tuple(other_shape)} -> {tuple(shape)}")
+                raise _Unfollowable(x_shape, other_shape, after=shape)
         result.channels[node] = x
         return
     if _acts_per_element(node, shape, inputs, module):
         result.channels[node] = x
         return
-    raise _Unfollowable(f"channels-last {tuple(x_shape)} -> {tuple(shape)}")
+    raise _Unfollowable(x_shape, after=shape, on="channels-last ")
 
 
 # Views of a map (N, C, ...) as (N, 1, C, ...), the channels on axis 2 (ECA, GC).
@@ -596,8 +602,8 @@ def _follow_sequence(node, shape, inputs, module, where, result: _Analysis) -> b
     x_shape, sequences = _node_shape(inputs[0]), result.sequences
     if isinstance(module, nn.Conv1d):
         if (module.in_channels, module.out_channels, module.padding_mode) != (1, 1, "zeros") or tuple(shape) != tuple(x_shape):
-            raise _Unfollowable(f"channels on axis 2 {tuple(x_shape)} -> {tuple(shape)} ({module.in_channels} "
-                                f"in, {module.out_channels} out, padding_mode={module.padding_mode!r})")
+            raise _Unfollowable(x_shape, after=shape, on="channels on axis 2 ", detail=f" ({module.in_channels} in, "
+                                f"{module.out_channels} out, padding_mode={module.padding_mode!r})")
         result.channel_ops[node] = 2 * module.kernel_size[0]  # one in, one out channel: 2 k per position
         return True
     if (len(inputs) == 1 and len(shape) >= 2 and shape[0] == x_shape[0] and shape[1] == x_shape[2]
@@ -612,7 +618,7 @@ def _follow_sequence(node, shape, inputs, module, where, result: _Analysis) -> b
         return True
     if _acts_per_element(node, shape, inputs, module):
         return True
-    raise _Unfollowable(f"channels on axis 2 {tuple(x_shape)} -> {tuple(shape)}")
+    raise _Unfollowable(x_shape, after=shape, on="channels on axis 2 ")
 
 
 def _in_table(target: Any, table: Mapping) -> bool:
@@ -776,12 +782,10 @@ def _follow_simple_op(node, shape, inputs, in_channels, where, vectors: Mapping)
         return None
     if (len(shape) == len(x_shape) and shape[1] == x_shape[1]) or (
             len(shape) >= 3 and tuple(shape[:2]) == tuple(x_shape[:2])):  # (N, C, H, W) -> (N, C, H * W)
-        followed = x
-    elif len(shape) == 2 and shape[0] == x_shape[0] and shape[1] == math.prod(x_shape[1:]):
-        followed = _Channels(x.parts, x.features_per_channel * math.prod(x_shape[2:]))
-    else:
-        raise _Unfollowable(f"{tuple(x_shape)} -> {tuple(shape)}")  # (N, 2C, H, W) -> (N, 2, C, H, W), say
-    return followed
+        return x
+    if len(shape) == 2 and shape[0] == x_shape[0] and shape[1] == math.prod(x_shape[1:]):
+        return _Channels(x.parts, x.features_per_channel * math.prod(x_shape[2:]))
+    raise _Unfollowable(x_shape, after=shape)  # (N, 2C, H, W) -> (N, 2, C, H, W), say
 
 
 # Ops that size a tensor: x.view(n, c, -1), x.expand(n, c, h, w), x.new_zeros(n, c, h, w).
@@ -812,8 +816,9 @@ def _check_size_reads(result: _Analysis) -> None:
     for x, read, where in result.size_reads:
         own = {p.root() for p in result.channels[x].parts}
         others = [t for t in read if {p.root() for p in result.channels[t].parts} != own]
-        for t in [x, *others] if others else ():
-            _keep_full_width(result.channels[t], f"channels {where} sizes by the channel count of {others[0].name}")
+        if others:
+            for t in (x, *others):
+                _keep_full_width(result.channels[t], f"channels {where} sizes by the channel count of {others[0].name}")
 
 
 def _keep_full_width(channels: _Channels, why: str) -> None:
@@ -840,8 +845,7 @@ def _run_whole(node, shape, inputs, why: str, module: Optional[nn.Module], where
         if result.channels.get(n) is not None:
             _keep_full_width(result.channels[n], why)
         if n in result.vectors:  # a layer scale read there: whole
-            root = result.vectors[n][0].root()
-            root.fixed = root.fixed or why
+            _keep_full_width(_Channels((result.vectors[n][0],)), why)
     for n in _channel_counts_read(node.all_input_nodes):  # out.reshape(B, C, H, W), C from x.shape: x whole
         if result.channels.get(n) is not None:
             _keep_full_width(result.channels[n], f"channels whose count {where} reads, in a region run whole: {why}")
@@ -1010,12 +1014,12 @@ def _follow_generic(node, shape, inputs, in_channels, where, module=None) -> Opt
         # block timm keeps whole): every network runs it as the model does.
         if module is not None:
             _check_no_running_stats(module, where)
-        if module is not None and any(True for _ in module.parameters()):
-            _keep_full_width(channels, f"channels of {where}, a {type(module).__name__} with parameters "
-                                       "anfast does not slice")
+            if any(True for _ in module.parameters()):
+                _keep_full_width(channels, f"channels of {where}, a {type(module).__name__} with parameters "
+                                           "anfast does not slice")
         return channels
     if len(shape) < 2 or (len(source_shape) >= 2 and shape[1] != source_shape[1]):
-        raise _Unfollowable(f"{tuple(source_shape)} -> {tuple(shape)}")
+        raise _Unfollowable(source_shape, after=shape)
     return channels
 
 
@@ -1182,6 +1186,7 @@ def _unpickle_adjoined(rebuild, args, extras: dict, unread: Optional[dict] = Non
     network.train(rebuilt.training)
     network.__dict__.update(extras)
     network.__dict__.setdefault("channel_vectors", {})  # pickled before vectors were sliced: none were
+    network.__dict__.setdefault("channel_ops", {})  # pickled before they were counted: their groups unsearched
     _register_unread(network, unread or {})
     return network
 
