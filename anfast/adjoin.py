@@ -1667,6 +1667,9 @@ def _build(traced, analysis: _Analysis, groups, alphas, share_affine, backend) -
     graph = torch.fx.Graph()
     env: dict[torch.fx.Node, list] = {}
     networks = len(alphas) + 1
+    # Nodes whose networks' tensors share memory: one tensor for all, a stem conv's leading
+    # channels handed to the students, and views of them.
+    aliased: set[torch.fx.Node] = set()
     for node in traced.graph.nodes:
         if node.op == "output":
             per_network = [torch.fx.map_arg(node.args[0], lambda n: env[n][k]) for k in range(networks)]
@@ -1681,6 +1684,7 @@ def _build(traced, analysis: _Analysis, groups, alphas, share_affine, backend) -
         if node in analysis.shared and node not in per_network:
             copied = graph.node_copy(node, lambda n: env[n][0])
             env[node] = [copied] * networks
+            aliased.add(node)
             continue
         if node.op == "call_module" and node.target in layer_widths:
             if len(node.args) != 1 or node.kwargs:
@@ -1691,8 +1695,20 @@ def _build(traced, analysis: _Analysis, groups, alphas, share_affine, backend) -
             for child in _norm_epilogue(modules[node.target]):
                 outputs = [graph.call_module(f"{node.target}.{child}", (y,)) for y in outputs]
             env[node] = outputs
+            if layer_widths[node.target].kind == "conv" and x in analysis.shared:
+                aliased.add(node)  # the students' outputs are views of the base's
+            continue
+        x = node.args[0] if node.args and isinstance(node.args[0], torch.fx.Node) else None
+        if x in aliased and _writes_in_place(node, modules):
+            # Every network would write into the one tensor (nn.SiLU(inplace=True) after a
+            # stem conv: the base's leading channels activated twice): each student writes
+            # into its own copy, taken before the base's op writes.
+            own = [env[x][0]] + [graph.call_method("clone", (env[x][k],)) for k in range(1, networks)]
+            env[node] = [graph.node_copy(node, lambda n: own[k] if n is x else env[n][k]) for k in range(networks)]
             continue
         env[node] = [graph.node_copy(node, lambda n: env[n][k]) for k in range(networks)]
+        if x in aliased and _returns_view(node, modules):
+            aliased.add(node)
     network = AdjoinedNetwork(traced, graph, class_name="AdjoinedNetwork")
     network.layer_widths = layer_widths
     network.channel_vectors = {node.target: (axis, groups[dim.root()].name)
@@ -1701,6 +1717,30 @@ def _build(traced, analysis: _Analysis, groups, alphas, share_affine, backend) -
     network.channel_ops = {node.name: tuple((groups[part.root()].name, flops) for part in analysis.channels[node].parts)
                            for node, flops in analysis.channel_ops.items()}
     return network
+
+
+def _writes_in_place(node: torch.fx.Node, modules: Mapping[str, nn.Module]) -> bool:
+    """Whether ``node`` writes into its first argument: ``x.mul_(g)``, ``F.silu(x, inplace=True)``,
+    ``nn.SiLU(inplace=True)``."""
+    if node.kwargs.get("inplace") is True:
+        return True
+    if node.op == "call_module":
+        return getattr(modules[node.target], "inplace", False) is True
+    name = node.target if node.op == "call_method" else getattr(node.target, "__name__", "")
+    return isinstance(name, str) and name.endswith("_") and not name.endswith("__")
+
+
+# Ops whose result shares its first argument's memory.
+_VIEWS = {"view", "view_as", "reshape", "reshape_as", "narrow", "permute", "transpose", "flatten", "squeeze",
+          "unsqueeze", "expand", "expand_as", "contiguous", "split", "chunk", "unbind", "movedim", "getitem",
+          "detach"}
+
+
+def _returns_view(node: torch.fx.Node, modules: Mapping[str, nn.Module]) -> bool:
+    if node.op == "call_module":
+        return isinstance(modules[node.target], nn.Identity)
+    name = node.target if node.op == "call_method" else getattr(node.target, "__name__", "")
+    return name in _VIEWS
 
 
 def _replace_module(traced, name, module, widths: LayerWidths, analysis, share_affine, backend) -> None:

@@ -407,6 +407,44 @@ def test_an_op_that_reorders_channels_keeps_them_at_full_width(op, tmp_path):
             anfast.adjoin(model, policy={"a": 2}, input_size=(3, 8, 8))
 
 
+class InPlaceOnStem(nn.Module):
+    """stem (reads the image, so the students share its output) -> an op that writes into
+    its input, by name -> conv b -> mean."""
+
+    OPS = {
+        "nn.SiLU(inplace=True)": lambda y, m: m.act(y),
+        "F.hardswish(inplace=True)": lambda y, m: F.hardswish(y, inplace=True),
+        "mul_ on a view": lambda y, m: (y.flatten(2).mul_(3), y)[1],
+    }
+
+    def __init__(self, op: str):
+        super().__init__()
+        self.op, self.act = op, nn.SiLU(inplace=True)
+        self.stem, self.b = nn.Conv2d(3, 16, 3), nn.Conv2d(16, 8, 1)
+
+    def forward(self, x):
+        return self.b(self.OPS[self.op](self.stem(x), self)).mean((2, 3))
+
+
+@pytest.mark.parametrize("op", list(InPlaceOnStem.OPS))
+def test_an_op_in_place_on_the_stems_shared_output_writes_once_per_network(op):
+    """The students' stem outputs are views of the base's: an in-place op that each
+    network runs once wrote the base's leading channels twice (SiLU applied twice). Base
+    and student equal the model and a by-hand student, which apply it once."""
+    torch.manual_seed(0)
+    model = InPlaceOnStem(op).double().eval()
+    an = anfast.adjoin(model, alpha=2, policy="all", input_size=(3, 8, 8)).eval()
+    assert an.layer_widths["stem"].student_out == (8,) and an.layer_widths["stem"].student_in == (3,)
+    x = torch.randn(2, 3, 8, 8, dtype=torch.float64)
+    with torch.no_grad():
+        out = an(x)
+        assert (out.base - model(x)).abs().max() <= 1e-12
+        y = InPlaceOnStem.OPS[op](F.conv2d(x, model.stem.weight[:8], model.stem.bias[:8]), model)
+        expected = F.conv2d(y, model.b.weight[:, :8], model.b.bias).mean((2, 3))
+        assert (out.student - expected).abs().max() <= 1e-12
+        assert (anfast.export_student(an).eval()(x) - expected).abs().max() <= 1e-12
+
+
 class SliceChannels(nn.Module):
     """conv a -> two slices of its channels, by name -> conv b on the first, and a head
     on b's output concatenated with the second (CSPNet's halves, GhostNet's x[:, :k])."""
