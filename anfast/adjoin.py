@@ -34,7 +34,7 @@ from torch.nn import functional as F
 from torch.fx.passes.shape_prop import ShapeProp
 
 from anfast.nn import AdjoinedBatchNorm1d, AdjoinedBatchNorm2d, AdjoinedConv2d, AdjoinedLayerNorm, AdjoinedLinear
-from anfast.nn.conv import numeric_padding, unknown_backend
+from anfast.nn.conv import conv_form, numeric_padding, unknown_backend
 from anfast.nn.modes import eval_mode
 
 __all__ = [
@@ -364,6 +364,11 @@ def _analyse(gm: torch.fx.GraphModule, state_keys: set) -> _Analysis:
                 except ValueError as error:
                     raise AdjoinError(f"{where}: {error}") from None
                 out = new_dim(module.out_channels, producer=node.target)
+                if conv_form(module).get("standardise_eps") is not None:
+                    # Each network standardises its filters over its own input channels: a
+                    # DAN mask at full width would not, so its input channels stay unsearched.
+                    for part in x.parts:
+                        part.root().reduced_by.append(f"{where} (weight standardisation)")
                 if module.groups > 1:
                     in_dim = x.simple()
                     in_per_group = module.in_channels // module.groups
@@ -1358,6 +1363,12 @@ def _norm_epilogue(module: nn.Module) -> tuple[str, ...]:
     return ("drop", "act") if _qualified_name(type(module)) == "timm.layers.norm_act.BatchNormAct2d" else ()
 
 
+# timm's no-trace modules anfast traces into. NormFreeBlock is one only for its
+# ``out.mul_(skipinit_gain)``, which fx records without a user (pytorch#68301): the adjoined
+# graph keeps every node in order and compiles no node away, so the write still comes first.
+_TRACED_TIMM_LEAVES = {"timm.models.nfnet.NormFreeBlock"}
+
+
 class _Tracer(torch.fx.Tracer):
     """torch.fx's tracer that keeps every layer adjoin rebuilds as one call_module node.
 
@@ -1372,7 +1383,9 @@ class _Tracer(torch.fx.Tracer):
         if sys.modules.get("timm") is not None:  # never import timm for a model that is not timm's
             from timm.layers import get_notrace_functions, get_notrace_modules
 
-            functions, self._timm_leaves = tuple(get_notrace_functions()), tuple(get_notrace_modules())
+            functions = tuple(get_notrace_functions())
+            self._timm_leaves = tuple(cls for cls in get_notrace_modules()
+                                      if _qualified_name(cls) not in _TRACED_TIMM_LEAVES)
         super().__init__(autowrap_functions=functions)
 
     def is_leaf_module(self, module: nn.Module, qualified_name: str) -> bool:
@@ -1509,17 +1522,21 @@ def _check_layer_class(module: nn.Module, where: str) -> None:
     """A subclass of a layer adjoin rebuilds must compute what its base class computes."""
     cls = type(module)
     base = next(b for b in (nn.Conv2d, nn.Linear, nn.BatchNorm2d, nn.BatchNorm1d) if isinstance(module, b))
+    if base is nn.Conv2d:
+        if conv_form(module) is not None:
+            return
+        raise AdjoinError(
+            f"{where}: {cls.__name__} subclasses Conv2d with its own forward, which anfast cannot rebuild; anfast "
+            "rebuilds nn.Conv2d and timm's Conv2dSame, StdConv2d, ScaledStdConv2d and their 'Same' variants: use "
+            "one of those")
     if cls is base or cls.forward is base.forward or _qualified_name(cls) in _EQUIVALENT_LAYERS:
         for child in _norm_epilogue(module):
             if any(True for _ in getattr(module, child).parameters()):
                 raise AdjoinError(f"{where}.{child}: {type(getattr(module, child)).__name__} has parameters, "
                                   "which anfast cannot slice per network; use a parameter-free activation")
         return
-    raise AdjoinError(
-        f"{where}: {cls.__name__} subclasses {base.__name__} with its own forward (timm's Conv2dSame, "
-        f"for one, pads at run time), which anfast cannot rebuild; use plain {base.__name__} layers "
-        "(for timm, a model without TF 'same' padding: efficientnet_b0 rather than tf_efficientnet_b0)"
-    )
+    raise AdjoinError(f"{where}: {cls.__name__} subclasses {base.__name__} with its own forward, which anfast "
+                      f"cannot rebuild; use plain {base.__name__} layers")
 
 
 class _ShapeProp(ShapeProp):
@@ -1714,6 +1731,10 @@ def _build(traced, analysis: _Analysis, groups, alphas, share_affine, backend) -
     network.channel_vectors = {node.target: (axis, groups[dim.root()].name)
                                for node, (dim, axis) in analysis.vectors.items()
                                if node.op == "get_attr" and not groups[dim.root()].fixed}
+    fixed = {group.name for group in groups.values() if group.fixed}
+    for name, widths in layer_widths.items():  # ScaledStdConv2d's gain: a conv's per-filter vector
+        if widths.kind == "conv" and network.get_submodule(name).scale is not None and widths.out_group not in fixed:
+            network.channel_vectors[f"{name}.gain"] = (0, widths.out_group)
     network.channel_ops = {node.name: tuple((groups[part.root()].name, flops) for part in analysis.channels[node].parts)
                            for node, flops in analysis.channel_ops.items()}
     return network

@@ -22,7 +22,7 @@ from torch import nn
 
 from anfast.adjoin import AdjoinedNetwork, LayerWidths
 from anfast.models import arch_name, fetching_kwargs, model_from_source
-from anfast.nn.conv import numeric_padding
+from anfast.nn.conv import conv_form, numeric_padding, student_scale
 
 __all__ = ["export_student", "export_base", "save_exported", "load_student", "read_export",
            "export_digest", "ExportError", "EXPORT_FORMAT"]
@@ -95,10 +95,14 @@ def _resize_layer(module: nn.Module, spec: dict, device) -> None:
     adjoined layer, and load_student checks it first (``_check_layer_targets``).
     """
     fresh = _layer_from_spec(spec, device)
+    scale = (conv_form(module) or {}).get("scale") if spec["type"] == "Conv2d" else None
+    fan_in = module.weight[0].numel() if scale is not None else 0
     for key in _SIZES[spec["type"]]:
         setattr(module, key, getattr(fresh, key))
     for key, tensor in [*fresh.named_parameters(recurse=False), *fresh.named_buffers(recurse=False)]:
         setattr(module, key, tensor)
+    if scale is not None:  # ScaledStdConv2d: gamma / sqrt(fan-in), for the new fan-in (its gain: a tensor)
+        module.scale = student_scale(scale, fan_in, module.weight[0].numel())
 
 
 def _swap_layers(model: nn.Module, specs: dict[str, dict], device, tensors: Optional[dict] = None) -> nn.Module:
@@ -545,8 +549,10 @@ def _check_against_weights(model: nn.Module, layers: dict, shapes: dict[str, tup
     for name, module in model.named_modules(remove_duplicate=False):
         names.setdefault(id(module), []).append(name)
     swapped = {alias: spec for name, spec in layers.items() for alias in names[id(model.get_submodule(name))]}
-    expected = {key: tuple(value.shape) for key, value in model.state_dict().items()
-                if not any(key.startswith(f"{name}.") for name in swapped)}
+    # A swapped layer's own tensors take the spec's shapes; others it holds (ScaledStdConv2d's
+    # gain) stay as the model has them, or as ``tensors`` resizes them.
+    replaced = {f"{name}.{key}" for name in swapped for key in _layer_shapes(_layer_spec(model.get_submodule(name)))}
+    expected = {key: tuple(value.shape) for key, value in model.state_dict().items() if key not in replaced}
     for name, spec in swapped.items():
         expected.update({f"{name}.{key}": shape for key, shape in _layer_shapes(spec).items()})
     for name, shape in (tensors or {}).items():

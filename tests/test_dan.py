@@ -234,6 +234,34 @@ def test_a_layer_scale_is_searched_with_its_group_and_counted_in_the_cost(use):
     _assert_one_hot_gates_give_the_derived_student(model, network, space, ([0, 2], [1, 0], [2, 1]))
 
 
+def test_a_weight_standardised_conv_leaves_its_input_unsearched_and_its_gain_is_counted():
+    """timm's ScaledStdConv2d standardises each filter over its input channels: masked to
+    zero at full width they would still count, so the group it reads (stem) is not
+    searched. Its own output (a) is, with its per-filter gain counted in the cost; the
+    masked network computes each derived student exactly, at the cost the model gives."""
+    timm = pytest.importorskip("timm")
+
+    class Standardised(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.stem, self.a = nn.Conv2d(3, 16, 3, padding=1), timm.layers.ScaledStdConv2d(16, 16, 3)
+            self.b, self.fc = nn.Conv2d(16, 24, 3, padding=1), nn.Linear(24, 3)
+
+        def forward(self, x):
+            y = torch.relu(self.a(torch.relu(self.stem(x))))
+            return self.fc(torch.relu(self.b(y)).mean((2, 3)))
+
+    torch.manual_seed(0)
+    model = Standardised()
+    with torch.no_grad():
+        model.a.gain.add_(torch.randn_like(model.a.gain))
+    network = anfast.adjoin(model, alpha=1, policy="all", input_size=(3, 9, 9)).double().eval()
+    space = SearchSpace.from_network(network, choices=(1, 2, 4), round_to=4)
+    assert space.group_names == ["a", "b"]
+    assert network.channel_vectors == {"a.gain": (0, "a")}
+    _assert_one_hot_gates_give_the_derived_student(model, network, space, ([2, 2], [1, 0], [0, 1]))
+
+
 def test_group_names_are_unique_where_nodes_are_named_like_layers():
     """A buffer read twice (two get_attr nodes) and a channel mean computed before a layer
     named "mean" (the mean's node takes the name): DAN keys choices by group name."""

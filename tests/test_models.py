@@ -143,6 +143,92 @@ def test_timm_model_adjoins_and_exports_exactly(name, kwargs):
             assert_close_rel(student(x), out.students[index], TOLERANCE[torch.float32], f"{name} student {index}")
 
 
+# timm's convs with a forward of their own: (class, stride, input size). A stride-2 "SAME"
+# conv on an odd size pads unevenly at run time; NFNets standardise their filters.
+TIMM_CONVS = [("Conv2dSame", 2, 9), ("StdConv2d", 1, 8), ("StdConv2dSame", 2, 9), ("ScaledStdConv2d", 1, 8),
+              ("ScaledStdConv2dSame", 2, 8)]
+
+
+@pytest.mark.parametrize("name, stride, size", TIMM_CONVS, ids=[c[0] for c in TIMM_CONVS])
+def test_timm_convs_adjoin_as_timm_computes_them_at_each_width(name, stride, size):
+    """AdjoinedConv2d.from_conv(timm layer): the base is the layer; the student is timm's
+    own layer built at the student's width (its own fan-in, so its own scale) holding the
+    leading slice of the weights; the gradients of weight, gain and bias are the two
+    layers' summed (float64)."""
+    torch.manual_seed(0)
+    cls = getattr(timm.layers, name)
+    kwargs = {"bias": True} if "Std" in name else {}
+    layer = cls(8, 16, 3, stride=stride, **kwargs).double()
+    student = cls(4, 12, 3, stride=stride, **kwargs).double()
+    with torch.no_grad():
+        for parameter in layer.parameters():
+            parameter.add_(torch.randn_like(parameter))  # gains off their 1, biases off 0
+        for key, parameter in student.named_parameters():
+            parameter.copy_(getattr(layer, key)[:12, :4] if key == "weight" else getattr(layer, key)[:12])
+    adjoined = anfast.nn.AdjoinedConv2d.from_conv(layer, student_in_channels=(4,), student_out_channels=(12,))
+    assert adjoined.gain is layer.gain if hasattr(layer, "gain") else not hasattr(adjoined, "gain")
+    x = torch.randn(2, 8, size, size, dtype=torch.float64)
+    y_base, y_student = adjoined(x, x[:, :4])
+    expected_base, expected_student = layer(x), student(x[:, :4])
+    assert y_base.shape == expected_base.shape and y_student.shape == expected_student.shape
+    assert_close_rel(y_base, expected_base, 1e-14, f"{name} base")
+    assert_close_rel(y_student, expected_student, 1e-12, f"{name} student")
+
+    weights = torch.randn_like(expected_base), torch.randn_like(expected_student)
+    ((y_base * weights[0]).sum() + (y_student * weights[1]).sum()).backward()
+    adjoined_grads = {key: p.grad.clone() for key, p in layer.named_parameters()}
+    layer.zero_grad()
+    ((layer(x) * weights[0]).sum() + (student(x[:, :4]) * weights[1]).sum()).backward()
+    for key, parameter in layer.named_parameters():
+        expected = parameter.grad.clone()
+        student_grad = getattr(student, key).grad
+        if key == "weight":
+            expected[:12, :4] += student_grad
+        else:
+            expected[:12] += student_grad
+        assert_close_rel(adjoined_grads[key], expected, 1e-12, f"{name} d{key}")
+
+
+def _tiny_nfnet() -> nn.Module:
+    """A normaliser-free network of timm's layers: a stride-2 "SAME" stem that pads at run
+    time, an in-place activation on the stem's output (which the students share), a
+    NormFreeBlock (grouped convs, a skip-init gain written in place) and a StdConv2d."""
+    from timm.models.nfnet import NormFreeBlock
+
+    return nn.Sequential(
+        timm.layers.ScaledStdConv2dSame(3, 16, 3, stride=2), nn.SiLU(inplace=True),
+        NormFreeBlock(16, 32, stride=2, alpha=0.2, bottle_ratio=1.0, group_size=8, skipinit=True, act_layer=nn.SiLU),
+        timm.layers.StdConv2d(32, 24, 1), nn.SiLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(24, 5),
+    )
+
+
+def test_a_normaliser_free_network_adjoins_and_its_student_round_trips(tmp_path):
+    """Base = the model, exported and reloaded student = the adjoined one (float64); the
+    student's ScaledStdConv2d layers scale by their own fan-in, as timm's layers of their
+    width do, and its gains are the leading slice of the base's."""
+    torch.manual_seed(0)
+    model = _tiny_nfnet().double()
+    with torch.no_grad():
+        for parameter in model.parameters():  # the skip-init gain starts at 0: it would hide the block
+            parameter.add_(torch.randn_like(parameter) * 0.1)
+    an = anfast.adjoin(model, alpha=2, policy="all", input_size=(3, 17, 17)).eval()
+    assert an.layer_widths["2.conv1"].student_in == (8,)  # the block was traced into, not run whole
+    x = torch.randn(2, 3, 17, 17, dtype=torch.float64)
+    with torch.no_grad():
+        out = an(x)
+        assert_close_rel(out.base, model.eval()(x), 1e-14, "base")
+        student = anfast.export_student(an, path=tmp_path)
+        assert_close_rel(student(x), out.student, 1e-14, "exported student")
+        loaded = anfast.load_student(tmp_path, model=_tiny_nfnet())
+        assert_close_rel(loaded.double()(x), out.student, 1e-14, "loaded student")
+    for network in (student, loaded):
+        conv = network[2].conv1
+        assert type(conv) is timm.layers.ScaledStdConv2d and conv.weight.shape == (8, 8, 1, 1)
+        assert conv.scale == pytest.approx(timm.layers.ScaledStdConv2d(8, 8, 1).scale, rel=1e-15)
+        assert torch.equal(conv.gain.detach(), model[2].conv1.gain.detach()[:8])
+    assert anfast.count_parameters(student) < anfast.count_parameters(model)
+
+
 def test_timm_student_round_trip_by_name(tmp_path):
     torch.manual_seed(0)
     an = anfast.adjoin("timm:mobilenetv3_large_100", alpha=4, policy="all", num_classes=6,
@@ -245,9 +331,14 @@ def test_names_and_refusals():
         create_model("xresnet5")
     with pytest.raises(ValueError, match=r"\['pretrained'\] would load weights"):
         create_model("timm:resnet18d", pretrained=True)
-    # TF-style 'same' padding is computed at run time: refused with the module and the fix.
-    model = nn.Sequential(timm.layers.create_conv2d(3, 8, 3, stride=2, padding="same"), nn.BatchNorm2d(8))
-    with pytest.raises(AdjoinError, match=r"0: Conv2dSame .* efficientnet_b0 rather than tf_efficientnet_b0"):
+    # A Conv2d subclass with a forward anfast does not know (timm's it does): refused by name.
+    class Doubled(nn.Conv2d):
+        def forward(self, x):
+            return 2 * super().forward(x)
+
+    model = nn.Sequential(Doubled(3, 8, 3), nn.BatchNorm2d(8))
+    with pytest.raises(AdjoinError, match=r"0: Doubled subclasses Conv2d with its own forward.*timm's Conv2dSame, "
+                                          r"StdConv2d, ScaledStdConv2d"):
         anfast.adjoin(model, input_size=(3, 9, 9))
     model = nn.Sequential(nn.Conv2d(3, 8, 3), timm.layers.BatchNormAct2d(8, act_layer=nn.PReLU), nn.Conv2d(8, 4, 1))
     with pytest.raises(AdjoinError, match=r"1.act: PReLU has parameters"):

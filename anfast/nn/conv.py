@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
-from typing import Optional, Sequence
+import math
+from typing import Any, Optional, Sequence
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from anfast.nn.streams import active_streams, hand_over, network_stream
@@ -13,8 +15,8 @@ from anfast.ops.backend import BACKEND_PRIORITY
 from anfast.ops.conv import fixed_backend_name
 from anfast.ops.reference import student_groups, student_weight
 
-__all__ = ["AdjoinedConv2d", "autocast_inputs", "check_student_inputs", "check_student_widths", "numeric_padding",
-           "unknown_backend"]
+__all__ = ["AdjoinedConv2d", "autocast_inputs", "check_student_inputs", "check_student_widths", "conv_form",
+           "numeric_padding", "pad_same", "standardised_weight", "student_scale", "unknown_backend"]
 
 
 def numeric_padding(conv: nn.Conv2d) -> tuple[int, int]:
@@ -30,6 +32,56 @@ def numeric_padding(conv: nn.Conv2d) -> tuple[int, int]:
         raise ValueError(f"padding='same' with kernel {tuple(conv.kernel_size)} and dilation "
                          f"{tuple(conv.dilation)} pads unevenly; give explicit padding or an odd kernel")
     return tuple(t // 2 for t in total)
+
+
+def pad_same(x: torch.Tensor, kernel_size: Sequence[int], stride: Sequence[int],
+             dilation: Sequence[int]) -> torch.Tensor:
+    """``x`` padded as TensorFlow's "SAME" convolution pads it at its size (timm's Conv2dSame
+    at run time): ceil(size / stride) outputs per axis, an odd pixel of padding going last."""
+    pads = []
+    for size, k, s, d in zip(reversed(x.shape[-2:]), reversed(kernel_size), reversed(stride), reversed(dilation)):
+        total = max(((size + s - 1) // s - 1) * s + (k - 1) * d + 1 - size, 0)
+        pads += [total // 2, total - total // 2]  # F.pad's order: the last axis first
+    return F.pad(x, pads)
+
+
+def standardised_weight(weight: torch.Tensor, eps: float, gain: Optional[torch.Tensor] = None,
+                        scale: float = 1.0) -> torch.Tensor:
+    """Weight standardisation as timm's StdConv2d (no ``gain``) and ScaledStdConv2d (BiT,
+    NFNets) compute it: each filter to zero mean and unit variance over its input channels
+    and taps (``eps`` added to the variance), then times ``gain * scale`` (gain: (C_out, 1, 1, 1))."""
+    affine = None if gain is None else (gain * scale).view(-1)
+    return F.batch_norm(weight.reshape(1, weight.shape[0], -1), None, None, weight=affine, training=True,
+                        momentum=0.0, eps=eps).reshape_as(weight)
+
+
+def student_scale(scale: float, fan_in: int, student_fan_in: int) -> float:
+    """ScaledStdConv2d's ``scale``, gamma / sqrt(fan-in), for a slice of ``student_fan_in``
+    inputs per filter: what timm's layer of the student's width computes (the base's own
+    value where the fan-in is the base's)."""
+    return scale if student_fan_in == fan_in else scale * math.sqrt(fan_in / student_fan_in)
+
+
+# timm's Conv2d subclasses with a forward of their own, and what they compute beyond
+# nn.Conv2d, as AdjoinedConv2d's keyword arguments (read from the layer by ``conv_form``).
+_CONV_FORMS = {
+    "timm.layers.conv2d_same.Conv2dSame": lambda conv: {"pad_same": True},
+    "timm.layers.std_conv.StdConv2d": lambda conv: {"standardise_eps": conv.eps},
+    "timm.layers.std_conv.StdConv2dSame": lambda conv: {"standardise_eps": conv.eps, "pad_same": conv.same_pad},
+    "timm.layers.std_conv.ScaledStdConv2d": lambda conv: {"standardise_eps": conv.eps, "scale": conv.scale},
+    "timm.layers.std_conv.ScaledStdConv2dSame": lambda conv: {"standardise_eps": conv.eps, "scale": conv.scale,
+                                                              "pad_same": conv.same_pad},
+}
+
+
+def conv_form(conv: nn.Conv2d) -> Optional[dict[str, Any]]:
+    """What ``conv`` computes beyond nn.Conv2d, as AdjoinedConv2d's keyword arguments: {} for
+    nn.Conv2d and subclasses that keep its forward, None for a forward anfast does not know."""
+    cls = type(conv)
+    if cls.forward is nn.Conv2d.forward:
+        return {}
+    form = _CONV_FORMS.get(f"{cls.__module__}.{cls.__qualname__}")
+    return None if form is None else form(conv)
 
 
 def unknown_backend(name: Optional[str]) -> str:
@@ -99,7 +151,19 @@ class AdjoinedConv2d(nn.Conv2d):
     Call as ``conv(x_base, *x_students)``; returns ``(y_base, *y_students)``.
     Nested students run as successive fused passes: student s is the "base" of the
     pass that computes student s + 1.
+
+    timm's layers that compute more (``conv_form``) keep it: ``pad_same`` pads every
+    input at run time as TF's "SAME" does (Conv2dSame); ``standardise_eps`` standardises
+    each network's filters over its own slice (StdConv2d), times the leading rows of a
+    ``gain`` parameter and a ``scale`` for the network's fan-in (ScaledStdConv2d:
+    ``student_scale``). A standardised student's filters are not a slice of the base's
+    standardised filters, so such a layer runs each network's conv alone.
     """
+
+    # Class defaults: layers pickled before these existed compute plain convolutions.
+    pad_same: bool = False
+    standardise_eps: Optional[float] = None
+    scale: Optional[float] = None
 
     def __init__(
         self,
@@ -109,9 +173,20 @@ class AdjoinedConv2d(nn.Conv2d):
         student_in_indices: Sequence[Optional[torch.Tensor]] = (),
         input_shared: bool = False,
         backend: Optional[str] = None,
+        pad_same: bool = False,
+        standardise_eps: Optional[float] = None,
+        scale: Optional[float] = None,
         **kwargs,
     ) -> None:
         super().__init__(*args, **kwargs)
+        if scale is not None and standardise_eps is None:
+            raise ValueError("AdjoinedConv2d: scale multiplies standardised filters; give standardise_eps too")
+        self.pad_same = bool(pad_same)
+        self.standardise_eps = standardise_eps
+        self.scale = scale
+        if scale is not None:  # ScaledStdConv2d's per-filter gain, its names and shape
+            self.gain = nn.Parameter(torch.ones(self.out_channels, 1, 1, 1, device=self.weight.device,
+                                                dtype=self.weight.dtype))
         self.student_out_channels = tuple(int(c) for c in student_out_channels)
         self.student_in_channels = tuple(int(c) for c in student_in_channels)
         check_student_widths(self, ("student_in_channels", self.student_in_channels, self.in_channels),
@@ -170,14 +245,21 @@ class AdjoinedConv2d(nn.Conv2d):
 
     @classmethod
     def from_conv(cls, conv: nn.Conv2d, **student_kwargs) -> "AdjoinedConv2d":
-        """An AdjoinedConv2d that shares ``conv``'s parameters (the same Parameter objects)."""
+        """An AdjoinedConv2d that shares ``conv``'s parameters (the same Parameter objects) and
+        computes what it computes (``conv_form``: timm's same-padded and standardised convs)."""
+        form = conv_form(conv)
+        if form is None:
+            raise ValueError(f"AdjoinedConv2d.from_conv: {type(conv).__name__} has a forward of its own, which "
+                             f"AdjoinedConv2d does not know; give an nn.Conv2d")
         module = cls(
             conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride, numeric_padding(conv),
             conv.dilation, conv.groups, conv.bias is not None, conv.padding_mode,
-            device="meta", **student_kwargs,
+            device="meta", **form, **student_kwargs,
         )
         module.weight = conv.weight
         module.bias = conv.bias
+        if module.scale is not None:
+            module.gain = conv.gain
         return module
 
     @staticmethod
@@ -201,14 +283,32 @@ class AdjoinedConv2d(nn.Conv2d):
         bias = None if self.bias is None else self.bias[:out_channels]
         return weight, bias, student_groups(self.weight, self.groups, out_channels)
 
+    def conv_weight(self, n: int) -> tuple[torch.Tensor, Optional[torch.Tensor], int]:
+        """(weight, bias, groups) network n convolves with: ``network_weight``'s, standardised
+        over its own slice where the layer standardises its filters."""
+        weight, bias, groups = self.network_weight(n)
+        if self.standardise_eps is None:
+            return weight, bias, groups
+        gain, scale = None, 1.0
+        if self.scale is not None:
+            gain = self.gain[:weight.shape[0]]
+            scale = student_scale(self.scale, self.weight[0].numel(), weight[0].numel())
+        return standardised_weight(weight, self.standardise_eps, gain, scale), bias, groups
+
+    def _padded(self, x: torch.Tensor) -> torch.Tensor:
+        return pad_same(x, self.kernel_size, self.stride, self.dilation) if self.pad_same else x
+
     def forward(self, x_base: torch.Tensor, *x_students: torch.Tensor) -> tuple[torch.Tensor, ...]:
         if self.input_shared:
-            y_base = super().forward(x_base)
+            weight, bias, _ = self.conv_weight(0)
+            y_base = self._conv_forward(self._padded(x_base), weight, bias)  # nn.Conv2d's, any padding_mode
             return (y_base, *(hand_over(y_base[:, :c], s + 1) for s, c in enumerate(self.student_out_channels)))
         check_student_inputs(self, x_students, "student_in_channels", self.student_in_channels, axis=1)
-        inputs = (x_base, *x_students)
-        if active_streams() is not None and fixed_backend_name(self.backend, x_base.device) == "torch":
-            # One stream per network: the torch backend's two convolutions, each on its own.
+        inputs = tuple(self._padded(x) for x in (x_base, *x_students))
+        if self.standardise_eps is not None or (
+                active_streams() is not None and fixed_backend_name(self.backend, x_base.device) == "torch"):
+            # Each network alone: a standardised student's filters are not the leading
+            # slice of the base's; on streams, the torch backend's convolutions each on its own.
             return tuple(self._conv_on_stream(n, x) for n, x in enumerate(inputs))
         outputs = []
         for parent, child in self._pairs:
@@ -232,12 +332,15 @@ class AdjoinedConv2d(nn.Conv2d):
     def _conv_on_stream(self, n: int, x: torch.Tensor) -> torch.Tensor:
         """Network n's convolution alone (F.conv2d on its weight slice), on its stream."""
         with network_stream(n):  # the weight slice too: it feeds this stream's conv
-            weight, bias, groups = self.network_weight(n)
-            return nn.functional.conv2d(x, weight, bias, self.stride, self.padding, self.dilation, groups)
+            weight, bias, groups = self.conv_weight(n)
+            return F.conv2d(x, weight, bias, self.stride, self.padding, self.dilation, groups)
 
     def extra_repr(self) -> str:
         return (
             f"{super().extra_repr()}, student_in_channels={self.student_in_channels}, "
             f"student_out_channels={self.student_out_channels}"
             + (", input_shared=True" if self.input_shared else "")
+            + (", pad_same=True" if self.pad_same else "")
+            + (f", standardise_eps={self.standardise_eps}" if self.standardise_eps is not None else "")
+            + (f", scale={self.scale}" if self.scale is not None else "")
         )
