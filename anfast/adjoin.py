@@ -191,7 +191,7 @@ class _Analysis:
     channels_last: set = field(default_factory=set)  # per-network (N, H, W, C) permutes (ConvNeXt's blocks)
     vectors: dict = field(default_factory=dict)  # node -> (_Dim, axis): a per-channel parameter (layer scale) or a view
     whole: dict = field(default_factory=dict)  # node -> why: run at the model's shapes in every network
-    size_reads: list = field(default_factory=list)  # (x, tensors whose channel counts size x's view, where)
+    size_reads: list = field(default_factory=list)  # (channels of a view, tensors whose channel counts size it, where)
     channel_ops: dict = field(default_factory=dict)  # node -> FLOPs per channel: ECA's Conv1d, GC's matmul
 
 
@@ -401,6 +401,8 @@ def _analyse(gm: torch.fx.GraphModule, state_keys: set) -> _Analysis:
                 # GRN's affine parameters): the same vector, its leading slice in each student.
                 dim, axis = result.vectors[inputs[0]][0], _vector_axis(shape)
                 result.vectors[node] = (dim, axis)
+                if function != "flatten" and function is not torch.flatten:  # self.scale.view(self.shape)
+                    _check_sizes(node, inputs[0], where, result, axis, _Channels((dim,)))
                 if axis == 1:
                     result.channels[node] = _Channels((dim,))
             elif isinstance(module, nn.modules.batchnorm._BatchNorm):
@@ -797,33 +799,35 @@ def _follow_simple_op(node, shape, inputs, in_channels, where, vectors: Mapping)
 _SIZING = {"view", "reshape", "expand", "new_zeros", "new_ones", "new_empty"}
 
 
-def _check_sizes(node: torch.fx.Node, x: torch.fx.Node, where: str, result: _Analysis) -> None:
+def _check_sizes(node: torch.fx.Node, x: torch.fx.Node, where: str, result: _Analysis, axis: int = 1,
+                 channels: Optional[_Channels] = None) -> None:
     """A view, reshape, expand or ``new_zeros`` of ``x`` that follows its channels, sized on
     axis 1 by a number in the model's code (``x.view(n, self.dim, -1)``: fx records
     ``self.dim`` as one), keeps them at full width: the exported student runs that code
     too, and fewer channels would not fit. Sized by another tensor's channel count (``y.view(n,
     z.shape[1] // 3, h, w)``), it is checked once every group is known
-    (``_check_size_reads``). -1 and ``x``'s own count follow the channels."""
+    (``_check_size_reads``). -1 and ``x``'s own count follow the channels. A per-channel
+    vector's view gives its channels' ``axis`` and ``channels``."""
     sizes = node.args[1] if len(node.args) == 2 and isinstance(node.args[1], (tuple, list)) else node.args[1:]
-    size = sizes[1] if len(sizes) > 1 else None
+    size = sizes[axis] if len(sizes) > axis else None
     if isinstance(size, int) and size != -1:
-        _keep_full_width(result.channels[x], f"channels {where} sizes as {size} in the model's code")
+        _keep_full_width(channels or result.channels[x], f"channels {where} sizes as {size} in the model's code")
     elif isinstance(size, torch.fx.Node):
         read = [t for t in _channel_counts_read([size]) if t is not x and result.channels.get(t) is not None]
         if read:
-            result.size_reads.append((x, read, where))
+            result.size_reads.append((channels or result.channels[x], read, where))
 
 
 def _check_size_reads(result: _Analysis) -> None:
     """A tensor sized by the channel count of tensors in other width groups keeps its
     channels, and theirs, at full width: the groups' student widths need not keep the
     model's ratio (y's 16 = z's 48 // 3 at full width only)."""
-    for x, read, where in result.size_reads:
-        own = {p.root() for p in result.channels[x].parts}
+    for channels, read, where in result.size_reads:
+        own = {p.root() for p in channels.parts}
         others = [t for t in read if {p.root() for p in result.channels[t].parts} != own]
         if others:
-            for t in (x, *others):
-                _keep_full_width(result.channels[t], f"channels {where} sizes by the channel count of {others[0].name}")
+            for sized in (channels, *(result.channels[t] for t in others)):
+                _keep_full_width(sized, f"channels {where} sizes by the channel count of {others[0].name}")
 
 
 def _keep_full_width(channels: _Channels, why: str) -> None:

@@ -1184,8 +1184,9 @@ def test_buffers_string_paddings_and_layer_scales_export_exactly(tmp_path):
 
 
 def test_a_layer_scale_read_otherwise_keeps_full_width():
-    """Slicing a per-channel vector that is also summed (or is a F.linear bias) would change
-    that use: its channels keep full width, and a policy that shrinks them is refused."""
+    """Slicing a per-channel vector that is also summed (or is a F.linear bias), or viewed at a
+    size the model's code fixes, would change that use: its channels keep full width, and
+    a policy that shrinks them is refused."""
     class SummedScale(nn.Module):
         def __init__(self):
             super().__init__()
@@ -1202,6 +1203,19 @@ def test_a_layer_scale_read_otherwise_keeps_full_width():
     with pytest.raises(AdjoinError, match=r"policy asks to shrink a, but its channels are the channels of gamma "
                                           r"\(16,\), which sum\S* \(call_method sum\) reads"):
         anfast.adjoin(SummedScale(), policy={"a": 2}, input_size=(3, 8, 8))
+
+    class ViewedScale(nn.Module):  # PoolFormer's Scale: x * self.scale.view(self.shape), shape (C, 1, 1)
+        def __init__(self):
+            super().__init__()
+            self.a, self.fc = nn.Conv2d(3, 16, 3, padding=1), nn.Linear(16, 3)
+            self.gamma = nn.Parameter(torch.rand(16))
+
+        def forward(self, x):
+            return self.fc((self.a(x) * self.gamma.view(16, 1, 1)).mean((2, 3)))
+
+    with pytest.raises(AdjoinError, match=r"policy asks to shrink a, but its channels are the channels view\S* "
+                                          r"\(call_method view\) sizes as 16 in the model's code"):
+        anfast.adjoin(ViewedScale(), policy={"a": 2}, input_size=(3, 8, 8))
 
     class BufferScale(nn.Module):  # fx computes a buffer's view while tracing: a constant of its own
         def __init__(self):
