@@ -33,7 +33,8 @@ from torch import nn
 from torch.nn import functional as F
 from torch.fx.passes.shape_prop import ShapeProp
 
-from anfast.nn import AdjoinedBatchNorm1d, AdjoinedBatchNorm2d, AdjoinedConv2d, AdjoinedLayerNorm, AdjoinedLinear
+from anfast.nn import (AdjoinedBatchNorm1d, AdjoinedBatchNorm2d, AdjoinedConv2d, AdjoinedGroupNorm, AdjoinedLayerNorm,
+                       AdjoinedLinear)
 from anfast.nn.conv import conv_form, numeric_padding, unknown_backend
 from anfast.nn.modes import eval_mode
 
@@ -395,6 +396,10 @@ def _analyse(gm: torch.fx.GraphModule, state_keys: set) -> _Analysis:
             elif isinstance(module, nn.LayerNorm) and _adopts_layer_norm(module, shape, channels_last=False):
                 # timm's LayerNorm2d on (N, C, H, W), a LayerNorm on (N, C) features.
                 _record_layer_norm(result, node, in_channels[0], where)
+            elif isinstance(module, nn.GroupNorm) and _adopts_group_norm(module, shape):
+                _record_layer_norm(result, node, in_channels[0], where, kind="groupnorm")
+                for part in in_channels[0].parts:  # each network's width: whole groups
+                    part.root().multiple = math.lcm(part.root().multiple, module.num_groups)
             elif (function in _FLATTEN and inputs and inputs[0] in result.vectors
                   and _vector_axis(shape) is not None and max(shape) == result.vectors[inputs[0]][0].size):
                 # A per-channel vector viewed as (1, C, 1, 1) or (1, 1, 1, C) (ConvNeXt's gamma,
@@ -524,15 +529,30 @@ def _adopts_layer_norm(module: nn.LayerNorm, shape, channels_last: bool) -> bool
     return shape[1] == module.normalized_shape[0] and ((axis == 1 and len(shape) == 4) or (axis == -1 and len(shape) == 2))
 
 
-def _record_layer_norm(result: _Analysis, node: torch.fx.Node, x: _Channels, where: str) -> None:
-    """A LayerNorm over the channels: each network normalises its own (so a DAN search,
-    which masks channels to zero at full width, leaves its groups unsearched)."""
+# GroupNorm classes adjoin adopts as a layer: timm's compute what nn.GroupNorm does (unless
+# its fast-norm kernels are on), the "Act" ones then their parameter-free .drop and .act.
+_GROUP_NORMS = {"timm.layers.norm.GroupNorm", "timm.layers.norm.GroupNorm1", "timm.layers.norm_act.GroupNormAct",
+                "timm.layers.norm_act.GroupNorm1Act"}
+
+
+def _adopts_group_norm(module: nn.GroupNorm, shape) -> bool:
+    """Whether ``module`` is a GroupNorm anfast rebuilds, on (N, C, ...) channels."""
+    known = type(module).forward is nn.GroupNorm.forward or (
+        _qualified_name(type(module)) in _GROUP_NORMS and not getattr(module, "_fast_norm", False))
+    epilogue_free = not any(True for child in _norm_epilogue(module) for _ in getattr(module, child).parameters())
+    return known and epilogue_free and len(shape) >= 2 and shape[1] == module.num_channels
+
+
+def _record_layer_norm(result: _Analysis, node: torch.fx.Node, x: _Channels, where: str,
+                       kind: str = "layernorm") -> None:
+    """A LayerNorm (or GroupNorm) over the channels: each network normalises its own (so a
+    DAN search, which masks channels to zero at full width, leaves its groups unsearched)."""
     if x is None or x.features_per_channel != 1:
         raise _Unfollowable(_node_shape(node.args[0]), after=_node_shape(node))
     for part in x.parts:
         part.root().reduced_by.append(where)
     result.channels[node] = x
-    _record_layer(result, node, "layernorm", x, x, where)
+    _record_layer(result, node, kind, x, x, where)
 
 
 def _acts_per_element(node: torch.fx.Node, shape, inputs, module: Optional[nn.Module]) -> bool:
@@ -1362,9 +1382,13 @@ _EQUIVALENT_LAYERS = {"timm.layers.linear.Linear", "timm.layers.norm_act.BatchNo
 _STOCHASTIC_DEPTH = {"timm.layers.drop.DropPath", "torchvision.ops.stochastic_depth.StochasticDepth"}
 
 
+_NORM_ACTS = {"timm.layers.norm_act.BatchNormAct2d", "timm.layers.norm_act.GroupNormAct",
+              "timm.layers.norm_act.GroupNorm1Act"}
+
+
 def _norm_epilogue(module: nn.Module) -> tuple[str, ...]:
     """Children a norm layer applies after normalising (timm's BatchNormAct2d: drop, act)."""
-    return ("drop", "act") if _qualified_name(type(module)) == "timm.layers.norm_act.BatchNormAct2d" else ()
+    return ("drop", "act") if _qualified_name(type(module)) in _NORM_ACTS else ()
 
 
 # timm's no-trace modules anfast traces into. NormFreeBlock is one only for its
@@ -1376,7 +1400,7 @@ _TRACED_TIMM_LEAVES = {"timm.models.nfnet.NormFreeBlock"}
 class _Tracer(torch.fx.Tracer):
     """torch.fx's tracer that keeps every layer adjoin rebuilds as one call_module node.
 
-    Subclasses of Conv2d, Linear and BatchNorm (timm's BatchNormAct2d, Conv2dSame)
+    Subclasses of Conv2d, Linear, BatchNorm and GroupNorm (timm's BatchNormAct2d, Conv2dSame)
     stay whole so adjoin can adopt or refuse them by name, stochastic depth stays a
     module, and timm's registered no-trace modules and functions are leaves, as in
     timm's own fx feature extraction.
@@ -1393,7 +1417,7 @@ class _Tracer(torch.fx.Tracer):
         super().__init__(autowrap_functions=functions)
 
     def is_leaf_module(self, module: nn.Module, qualified_name: str) -> bool:
-        return (isinstance(module, (nn.Conv2d, nn.Linear, nn.modules.batchnorm._BatchNorm, nn.LayerNorm)
+        return (isinstance(module, (nn.Conv2d, nn.Linear, nn.modules.batchnorm._BatchNorm, nn.LayerNorm, nn.GroupNorm)
                            + self._timm_leaves)
                 or _qualified_name(type(module)) in _STOCHASTIC_DEPTH
                 or super().is_leaf_module(module, qualified_name))
@@ -1786,6 +1810,13 @@ def _replace_module(traced, name, module, widths: LayerWidths, analysis, share_a
             raise AdjoinError(f"{name}: a LayerNorm over concatenated channels whose parts shrink; anfast "
                               "normalises each network's leading channels only")
         new = AdjoinedLayerNorm.from_layernorm(module, widths.student_out, _layer_norm_axis(module))
+    elif widths.kind == "groupnorm":
+        if any(index is not None for index in widths.in_indices):
+            raise AdjoinError(f"{name}: a GroupNorm over concatenated channels whose parts shrink; anfast "
+                              "normalises each network's leading channels only")
+        new = AdjoinedGroupNorm.from_groupnorm(module, widths.student_out)
+        for child in _norm_epilogue(module):  # parameter-free, applied to every network's output
+            new.add_module(child, getattr(module, child))
     else:
         adjoined = AdjoinedBatchNorm1d if isinstance(module, nn.BatchNorm1d) else AdjoinedBatchNorm2d
         new = adjoined.from_batchnorm(module, widths.student_out, widths.in_indices, share_affine)

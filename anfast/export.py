@@ -46,6 +46,7 @@ _LAYER_KEYS = {
     "BatchNorm1d": {"num_features", "eps", "momentum", "affine", "track_running_stats"},
     "Linear": {"in_features", "out_features", "bias"},
     "LayerNorm": {"normalized_shape", "eps", "elementwise_affine", "bias"},
+    "GroupNorm": {"num_groups", "num_channels", "eps", "affine"},
 }
 
 
@@ -63,6 +64,9 @@ def _layer_spec(module: nn.Module) -> dict:
     if isinstance(module, nn.LayerNorm):
         return {"type": "LayerNorm", "normalized_shape": list(module.normalized_shape), "eps": module.eps,
                 "elementwise_affine": module.elementwise_affine, "bias": module.bias is not None}
+    if isinstance(module, nn.GroupNorm):
+        return {"type": "GroupNorm", "num_groups": module.num_groups, "num_channels": module.num_channels,
+                "eps": module.eps, "affine": module.affine}
     return {"type": "Linear", "in_features": module.in_features, "out_features": module.out_features,
             "bias": module.bias is not None}
 
@@ -78,13 +82,15 @@ def _layer_from_spec(spec: dict, device: Union[str, torch.device] = "cpu") -> nn
         return nn.Linear(**args, device=device)
     if kind == "LayerNorm":
         return nn.LayerNorm(**{**args, "normalized_shape": tuple(args["normalized_shape"])}, device=device)
+    if kind == "GroupNorm":
+        return nn.GroupNorm(**args, device=device)
     raise ValueError(f"unknown layer type {kind!r} in an anfast export config")
 
 
 # What a layer of a spec may differ in from the model's layer; the rest must match.
 _SIZES = {"Conv2d": ("in_channels", "out_channels", "groups"), "BatchNorm2d": ("num_features",),
           "BatchNorm1d": ("num_features",),
-          "Linear": ("in_features", "out_features"), "LayerNorm": ("normalized_shape",)}
+          "Linear": ("in_features", "out_features"), "LayerNorm": ("normalized_shape",), "GroupNorm": ("num_channels",)}
 
 
 def _resize_layer(module: nn.Module, spec: dict, device) -> None:
@@ -143,6 +149,10 @@ def _student_layer(an: AdjoinedNetwork, name: str, widths: LayerWidths, s: int) 
         weight, bias = module.network_affine(s + 1)
         plain = nn.LayerNorm(widths.student_out[s], module.eps, module.elementwise_affine, bias is not None,
                              device="meta")
+        state = {key: value for key, value in (("weight", weight), ("bias", bias)) if value is not None}
+    elif widths.kind == "groupnorm":
+        weight, bias = module.network_affine(s + 1)
+        plain = nn.GroupNorm(module.num_groups, widths.student_out[s], module.eps, module.affine, device="meta")
         state = {key: value for key, value in (("weight", weight), ("bias", bias)) if value is not None}
     else:
         norm = module.student_norms[s]
@@ -503,6 +513,11 @@ def _layer_shapes(spec: dict) -> dict[str, tuple[int, ...]]:
     if spec["type"] == "Linear":
         shapes = {"weight": (size_of("out_features"), size_of("in_features"))}
         return {**shapes, **({"bias": (size_of("out_features"),)} if spec["bias"] else {})}
+    if spec["type"] == "GroupNorm":
+        channels, groups = size_of("num_channels"), size_of("num_groups")
+        if channels % groups:
+            raise ValueError(f"num_groups={groups} must divide num_channels={channels}")
+        return {"weight": (channels,), "bias": (channels,)} if spec["affine"] else {}
     if spec["type"] == "LayerNorm":
         if not isinstance(spec["normalized_shape"], list) or len(spec["normalized_shape"]) != 1:
             raise ValueError(f"normalized_shape={spec['normalized_shape']!r} must be a list of one whole number")

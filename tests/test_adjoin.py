@@ -830,10 +830,65 @@ def test_a_region_that_reads_only_spatial_sizes_leaves_the_channels_free(tmp_pat
         assert (anfast.export_student(an).eval()(x) - expected).abs().max() <= 1e-12
 
 
+def _group_norm_by_hand(x: torch.Tensor, groups: int, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+    """GroupNorm from its definition: each sample's channels in ``groups`` runs of C / groups,
+    normalised over the run and the map (biased variance, eps 1e-5), then scaled and shifted."""
+    n, c, h, w = x.shape
+    runs = x.reshape(n, groups, c // groups * h * w)
+    mean, var = runs.mean(-1, keepdim=True), runs.var(-1, unbiased=False, keepdim=True)
+    normalised = ((runs - mean) / torch.sqrt(var + 1e-5)).reshape(n, c, h, w)
+    return normalised * weight[:, None, None] + bias[:, None, None]
+
+
+@pytest.mark.parametrize("groups", [1, 8])
+def test_a_group_norm_normalises_each_networks_own_channels_in_whole_groups(groups, tmp_path):
+    """GroupNorm(groups, 24) between two convs: each student width is a whole number of
+    groups (24 / 4 = 6, rounded to 2: 6 in one group, 8 in 8 groups), the student
+    normalises its own channels in as many groups with the leading slice of the affine
+    parameters, as GroupNorm(groups, width) of the exported student does (by hand here);
+    the base is the model; the export round-trips; a GroupNorm over a concat whose
+    parts shrink is refused."""
+    class Grouped(nn.Module):
+        def __init__(self, concat: bool = False):
+            super().__init__()
+            self.concat = concat
+            self.a, self.norm = nn.Conv2d(3, 12 if concat else 24, 3), nn.GroupNorm(groups, 24)
+            self.b, self.fc = nn.Conv2d(24, 16, 1), nn.Linear(16, 3)
+
+        def forward(self, x):
+            y = self.a(x)
+            y = torch.cat([y, y * 2], 1) if self.concat else y
+            return self.fc(F.relu(self.b(F.relu(self.norm(y)))).mean((2, 3)))
+
+    torch.manual_seed(0)
+    model = Grouped().double().eval()
+    with torch.no_grad():
+        model.norm.weight.normal_(), model.norm.bias.normal_()
+    an = anfast.adjoin(model, alpha=4, policy="all", round_to=2, input_size=(3, 8, 8)).eval()
+    width = 6 if groups == 1 else 8
+    assert an.layer_widths["norm"].kind == "groupnorm" and an.layer_widths["norm"].student_out == (width,)
+    assert an.layer_widths["b"].student_out == (4,)
+    x = torch.randn(2, 3, 8, 8, dtype=torch.float64)
+    with torch.no_grad():
+        y = F.conv2d(x, model.a.weight[:width], model.a.bias[:width])
+        y = F.relu(_group_norm_by_hand(y, groups, model.norm.weight[:width], model.norm.bias[:width]))
+        y = F.relu(F.conv2d(y, model.b.weight[:4, :width], model.b.bias[:4]))
+        expected = F.linear(y.mean((2, 3)), model.fc.weight[:, :4], model.fc.bias)
+        out = an(x)
+        assert (out.base - model(x)).abs().max() <= 1e-12
+        assert (out.student - expected).abs().max() <= 1e-12
+        anfast.export_student(an, path=tmp_path)
+        loaded = anfast.load_student(tmp_path, model=Grouped()).double()
+        assert loaded.norm.num_groups == groups and loaded.norm.num_channels == width
+        assert (loaded(x) - expected).abs().max() <= 1e-12
+    with pytest.raises(AdjoinError, match=r"norm: a GroupNorm over concatenated channels whose parts shrink"):
+        anfast.adjoin(Grouped(concat=True), alpha=4, policy="all", input_size=(3, 8, 8))
+
+
 def test_a_module_with_parameters_anfast_does_not_slice_keeps_its_channels_whole():
-    """A GroupNorm or a PReLU per channel: every network runs it as the model does, on
-    a's channels at full width; a module with running statistics is refused, since every
-    network's call would update them."""
+    """An affine InstanceNorm2d or a PReLU per channel: every network runs it as the model
+    does, on a's channels at full width; a module with running statistics is refused,
+    since every network's call would update them."""
     class Norm(_Headed):
         def __init__(self, norm):
             super().__init__()
@@ -842,7 +897,7 @@ def test_a_module_with_parameters_anfast_does_not_slice_keeps_its_channels_whole
         def ops(self, y):
             return self.norm(y)
 
-    for norm in (nn.GroupNorm(4, 16), nn.PReLU(16)):
+    for norm in (nn.InstanceNorm2d(16, affine=True), nn.PReLU(16)):
         _assert_runs_whole(Norm(norm), "a", rf"channels of norm, a {type(norm).__name__} with parameters anfast "
                                             r"does not slice")
     with pytest.raises(AdjoinError, match=r"^norm: InstanceNorm2d holds running statistics, and anfast runs it "

@@ -262,6 +262,28 @@ def test_a_weight_standardised_conv_leaves_its_input_unsearched_and_its_gain_is_
     _assert_one_hot_gates_give_the_derived_student(model, network, space, ([2, 2], [1, 0], [0, 1]))
 
 
+def test_a_group_norms_channels_are_not_searched_and_the_others_are():
+    """Masked to zero at full width, a's channels would still count in the GroupNorm's
+    statistics: a is not searched, stem and b are, and the masked network computes each
+    derived student exactly, at the cost the cost model gives it."""
+    class Grouped(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.stem, self.a = nn.Conv2d(3, 16, 3, padding=1), nn.Conv2d(16, 16, 3, padding=1)
+            self.norm, self.b, self.fc = nn.GroupNorm(4, 16), nn.Conv2d(16, 24, 1), nn.Linear(24, 3)
+
+        def forward(self, x):
+            y = torch.relu(self.norm(self.a(torch.relu(self.stem(x)))))
+            return self.fc(torch.relu(self.b(y)).mean((2, 3)))
+
+    torch.manual_seed(0)
+    model = Grouped()
+    network = anfast.adjoin(model, alpha=1, policy="all", input_size=(3, 9, 9)).double().eval()
+    space = SearchSpace.from_network(network, choices=(1, 2, 4), round_to=4)
+    assert space.group_names == ["stem", "b"]
+    _assert_one_hot_gates_give_the_derived_student(model, network, space, ([2, 2], [1, 0], [0, 1]))
+
+
 def test_group_names_are_unique_where_nodes_are_named_like_layers():
     """A buffer read twice (two get_attr nodes) and a channel mean computed before a layer
     named "mean" (the mean's node takes the name): DAN keys choices by group name."""

@@ -229,6 +229,35 @@ def test_a_normaliser_free_network_adjoins_and_its_student_round_trips(tmp_path)
     assert anfast.count_parameters(student) < anfast.count_parameters(model)
 
 
+def test_timm_group_norms_adjoin_and_the_student_keeps_their_classes(tmp_path):
+    """BiT's pattern, StdConv2d then GroupNormAct, and PoolFormer's GroupNorm1: base = the
+    model, exported and reloaded student = the adjoined one (float64); the student's norms
+    are timm's classes with the model's number of groups over the student's channels."""
+    def bit_like():
+        return nn.Sequential(
+            timm.layers.StdConv2d(3, 32, 3), timm.layers.GroupNormAct(32, num_groups=8, act_layer=nn.ReLU),
+            nn.Conv2d(32, 16, 1), timm.layers.GroupNorm1(16), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(16, 5),
+        )
+
+    torch.manual_seed(0)
+    model = bit_like().double()
+    with torch.no_grad():
+        for parameter in model.parameters():
+            parameter.add_(torch.randn_like(parameter) * 0.1)
+    an = anfast.adjoin(model, alpha=4, policy="all", input_size=(3, 9, 9)).eval()
+    assert [an.layer_widths[name].student_out for name in ("1", "3")] == [(8,), (8,)]
+    x = torch.randn(2, 3, 9, 9, dtype=torch.float64)
+    with torch.no_grad():
+        out = an(x)
+        assert_close_rel(out.base, model.eval()(x), 1e-14, "base")
+        student = anfast.export_student(an, path=tmp_path)
+        loaded = anfast.load_student(tmp_path, model=bit_like()).double()
+        for network in (student, loaded):
+            assert_close_rel(network(x), out.student, 1e-14, "student")
+            assert type(network[1]) is timm.layers.GroupNormAct and type(network[3]) is timm.layers.GroupNorm1
+            assert (network[1].num_groups, network[1].num_channels, network[3].num_groups) == (8, 8, 1)
+
+
 def test_timm_student_round_trip_by_name(tmp_path):
     torch.manual_seed(0)
     an = anfast.adjoin("timm:mobilenetv3_large_100", alpha=4, policy="all", num_classes=6,

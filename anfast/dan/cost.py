@@ -37,9 +37,12 @@ from anfast.profile import profile
 __all__ = ["CostModel"]
 
 
+_NORMS = ("norm", "layernorm", "groupnorm")  # a weight and a bias per channel, no FLOPs counted
+
+
 @dataclass(frozen=True)
 class _Layer:
-    kind: str  # "conv", "linear", "norm" (a batch norm) or "layernorm"
+    kind: str  # "conv", "linear", "norm" (a batch norm), "layernorm" or "groupnorm"
     in_group: int  # index into the cost model's channel vector
     out_group: int
     in_features_per_channel: int  # > 1 for a linear after flatten(C x H x W)
@@ -77,7 +80,7 @@ class CostModel:
         self._layers = []
         for name, widths in network.layer_widths.items():
             module = modules[name]
-            if (widths.kind == "norm" and not module.affine) or (
+            if (widths.kind in ("norm", "groupnorm") and not module.affine) or (
                     widths.kind == "layernorm" and not module.elementwise_affine):
                 continue
             grouped = widths.kind == "conv" and module.groups > 1
@@ -174,7 +177,7 @@ class CostModel:
             add("flops", float(per_channel), channels(group))
         for layer in self._layers:
             c_out = channels(layer.out_group)
-            if layer.kind in ("norm", "layernorm"):
+            if layer.kind in _NORMS:
                 add("params", float(layer.norm_parameters), c_out)
                 continue
             c_in = ((float(layer.in_per_group), ()) if layer.in_per_group
@@ -215,7 +218,7 @@ class CostModel:
         params = sum((channels[group] for group in self._vectors), channels.new_zeros(()))
         for layer in self._layers:
             c_out = channels[layer.out_group]
-            if layer.kind in ("norm", "layernorm"):
+            if layer.kind in _NORMS:
                 params = params + layer.norm_parameters * c_out
                 continue
             c_in = layer.in_per_group if layer.in_per_group else channels[layer.in_group] * layer.in_features_per_channel
