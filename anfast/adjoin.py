@@ -19,6 +19,7 @@ import collections
 import contextlib
 import copy
 import io
+import itertools
 import math
 import numbers
 import operator
@@ -194,6 +195,7 @@ class _Analysis:
     whole: dict = field(default_factory=dict)  # node -> why: run at the model's shapes in every network
     size_reads: list = field(default_factory=list)  # (channels of a view, tensors whose channel counts size it, where)
     channel_ops: dict = field(default_factory=dict)  # node -> FLOPs per channel: ECA's Conv1d, GC's matmul
+    statistics: set = field(default_factory=set)  # modules every network runs that hold running statistics
 
 
 class _Unfollowable(Exception):
@@ -444,7 +446,8 @@ def _analyse(gm: torch.fx.GraphModule, state_keys: set) -> _Analysis:
                 result.channels[node] = _follow_simple_op(node, shape, inputs, in_channels, where, result.vectors)
             elif inputs:
                 owner = module if source is None or source.op != "call_module" else modules[source.target]
-                result.channels[node] = _follow_generic(source or node, shape, inputs, in_channels, where, owner)
+                result.channels[node] = _follow_generic(source or node, shape, inputs, in_channels, where, owner,
+                                                         result.statistics)
             if function in _SIZING and result.channels.get(node) is not None and channels_of(inputs[0]) is not None:
                 _check_sizes(node, inputs[0], where, result)
             if result.channels.get(node) is None:
@@ -869,7 +872,7 @@ def _run_whole(node, shape, inputs, why: str, module: Optional[nn.Module], where
     (``_leaves_region``), whose input is then a full-width group of its own. The exported
     student, the model's own class, runs it the same way."""
     if module is not None:
-        _check_no_running_stats(module, where)
+        _note_running_stats(node, module, result.statistics)
     for n in inputs:
         if result.channels.get(n) is not None:
             _keep_full_width(result.channels[n], why)
@@ -923,16 +926,16 @@ def _channel_counts_read(nodes: Sequence[torch.fx.Node]) -> list[torch.fx.Node]:
     return found
 
 
-def _check_no_running_stats(module: nn.Module, where: str) -> None:
-    """A module every network calls must not hold running statistics: each network's call
-    in train mode would update them, the students' activations mixed into the base's."""
-    for name, child in module.named_modules():
-        if isinstance(child, nn.modules.batchnorm._NormBase) and child.track_running_stats:
-            inside = f"the {type(child).__name__} {name} inside it" if name else "running statistics"
-            raise AdjoinError(
-                f"{where}: {type(module).__name__} holds {inside}, and anfast runs it whole in every network, "
-                "whose calls in train mode would all update them; anfast adjoins batch norms it reaches "
-                "in the traced graph (a module timm or the tracer keeps whole is not traced into)")
+def _note_running_stats(node: torch.fx.Node, module: nn.Module, statistics: set) -> bool:
+    """Whether ``module``, which every network calls, holds running statistics (a batch norm
+    inside a block timm keeps whole); if so it is added to ``statistics``, and each student
+    gets its own copy of its buffers (``_build``): each network's call in train mode would
+    otherwise update the one set, the students' activations mixed into the base's."""
+    holds = any(isinstance(child, nn.modules.batchnorm._NormBase) and child.track_running_stats
+                for child in module.modules())
+    if holds:
+        statistics.add(node.target)
+    return holds
 
 
 # Ops that keep the channel count but move channels along axis 1: a student's leading
@@ -1013,9 +1016,10 @@ def _reorders_channels(node: torch.fx.Node, module: Optional[nn.Module], ndim: i
     return any(d % ndim == 1 if isinstance(d, int) else isinstance(d, torch.fx.Node) for d in dims)
 
 
-def _follow_generic(node, shape, inputs, in_channels, where, module=None) -> Optional[_Channels]:
+def _follow_generic(node, shape, inputs, in_channels, where, module: Optional[nn.Module],
+                    statistics: set) -> Optional[_Channels]:
     """Ops anfast has no rule for: channel-preserving ones pass through, others run whole
-    (``_Unfollowable``)."""
+    (``_Unfollowable``); a module with running statistics is added to ``statistics``."""
     carried = [(n, c) for n, c in zip(inputs, in_channels) if c is not None]
     if not carried:
         return None
@@ -1039,12 +1043,12 @@ def _follow_generic(node, shape, inputs, in_channels, where, module=None) -> Opt
             other_shape = _node_shape(other)
             if other.op == "get_attr" and other_shape is not None and shape[1] > 1 and shape[1] in other_shape:
                 _keep_full_width(channels, f"channels of {other.target} {tuple(other_shape)}")
-        # So does a module with parameters anfast does not slice (a GroupNorm, a PReLU, a
-        # block timm keeps whole): every network runs it as the model does.
+        # So does a module with parameters or running statistics anfast does not slice (a
+        # PReLU, a block timm keeps whole): every network runs it as the model does.
         if module is not None:
-            _check_no_running_stats(module, where)
-            if any(True for _ in module.parameters()):
-                _keep_full_width(channels, f"channels of {where}, a {type(module).__name__} with parameters "
+            held = "running statistics" if _note_running_stats(node, module, statistics) else "parameters"
+            if held == "running statistics" or any(True for _ in module.parameters()):
+                _keep_full_width(channels, f"channels of {where}, a {type(module).__name__} with {held} "
                                            "anfast does not slice")
         return channels
     if len(shape) < 2 or (len(source_shape) >= 2 and shape[1] != source_shape[1]):
@@ -1118,7 +1122,8 @@ class AdjoinedNetwork(torch.fx.GraphModule):
     """A traced CNN whose forward returns the base's and every student's outputs.
 
     Parameters keep the original model's names (``layer1.0.conv1.weight``); student
-    batch norms add ``*.student_norms.{s}.*``. ``width_groups`` and ``layer_widths``
+    batch norms add ``*.student_norms.{s}.*``, and the students' running statistics of
+    modules every network runs whole ``student_statistics.{s}.*``. ``width_groups`` and ``layer_widths``
     describe the students; export them with :func:`anfast.export_student`.
     """
 
@@ -1131,11 +1136,15 @@ class AdjoinedNetwork(torch.fx.GraphModule):
     # FLOPs grow with its width (DAN's cost model counts them): {node name: ((group name,
     # FLOPs per channel at batch 1), ...)}, one pair per part of a concat's channels.
     channel_ops: dict[str, tuple[tuple[str, int], ...]]
+    # Modules every network runs whole that hold running statistics (a batch norm inside
+    # a block timm keeps whole): student s runs its copy, ``student_statistics.{s}.{name}``,
+    # whose buffers are its own and whose parameters are the base's.
+    statistics_modules: tuple[str, ...]
     alphas: tuple[float, ...]
     source: dict
 
-    _EXTRA_ATTRIBUTES = ("width_groups", "layer_widths", "channel_vectors", "channel_ops", "alphas", "source",
-                         "_skeleton")
+    _EXTRA_ATTRIBUTES = ("width_groups", "layer_widths", "channel_vectors", "channel_ops", "statistics_modules",
+                         "alphas", "source", "_skeleton")
 
     def __deepcopy__(self, memo):
         # GraphModule's deepcopy rebuilds from code and drops attributes it does not know,
@@ -1183,7 +1192,8 @@ class AdjoinedNetwork(torch.fx.GraphModule):
         """Load a checkpoint of the original architecture (a torchvision one, say) into the base.
 
         The students' batch norms start as slices of the loaded base's (affine parameters and
-        running statistics), as when ``adjoin`` is given the trained model itself. Keys and
+        running statistics), and their copies of the running statistics of modules every
+        network runs whole as the base's, as when ``adjoin`` is given the trained model itself. Keys and
         shapes are checked first: a checkpoint that does not match raises ValueError and
         leaves the network as it was."""
         own = self.base_state_dict()
@@ -1202,6 +1212,11 @@ class AdjoinedNetwork(torch.fx.GraphModule):
         for module in self.modules():
             if isinstance(module, AdjoinedBatchNorm2d):
                 module.copy_base_to_students()
+        with torch.no_grad():
+            for name, s in itertools.product(self.statistics_modules, range(self.num_students)):
+                own = self.get_submodule(f"{_STUDENT_STATISTICS}.{s}.{name}")
+                for (_, base), (_, student) in zip(self.get_submodule(name).named_buffers(), own.named_buffers()):
+                    student.copy_(base)
 
     def architecture(self) -> nn.Module:
         """A fresh, parameter-less (meta) copy of the original model class."""
@@ -1216,6 +1231,7 @@ def _unpickle_adjoined(rebuild, args, extras: dict, unread: Optional[dict] = Non
     network.__dict__.update(extras)
     network.__dict__.setdefault("channel_vectors", {})  # pickled before vectors were sliced: none were
     network.__dict__.setdefault("channel_ops", {})  # pickled before they were counted: their groups unsearched
+    network.__dict__.setdefault("statistics_modules", ())  # pickled before they were kept apart: none were
     _register_unread(network, unread or {})
     return network
 
@@ -1712,6 +1728,16 @@ def _build(traced, analysis: _Analysis, groups, alphas, share_affine, backend) -
     graph = torch.fx.Graph()
     env: dict[torch.fx.Node, list] = {}
     networks = len(alphas) + 1
+    statistics = _add_student_statistics(traced, sorted(analysis.statistics), len(alphas))
+
+    def node_copy(node: torch.fx.Node, k: int, arg: Callable) -> torch.fx.Node:
+        """Network k's copy of ``node``; a student's call of a module with running
+        statistics calls its copy of the module (``_add_student_statistics``)."""
+        copied = graph.node_copy(node, arg)
+        if k and node.op == "call_module" and node.target in statistics:
+            copied.target = f"{_STUDENT_STATISTICS}.{k - 1}.{node.target}"
+        return copied
+
     # Nodes whose networks' tensors share memory: one tensor for all, a stem conv's leading
     # channels handed to the students, and views of them.
     aliased: set[torch.fx.Node] = set()
@@ -1749,13 +1775,14 @@ def _build(traced, analysis: _Analysis, groups, alphas, share_affine, backend) -
             # stem conv: the base's leading channels activated twice): each student writes
             # into its own copy, taken before the base's op writes.
             own = [env[x][0]] + [graph.call_method("clone", (env[x][k],)) for k in range(1, networks)]
-            env[node] = [graph.node_copy(node, lambda n: own[k] if n is x else env[n][k]) for k in range(networks)]
+            env[node] = [node_copy(node, k, lambda n: own[k] if n is x else env[n][k]) for k in range(networks)]
             continue
-        env[node] = [graph.node_copy(node, lambda n: env[n][k]) for k in range(networks)]
+        env[node] = [node_copy(node, k, lambda n: env[n][k]) for k in range(networks)]
         if x in aliased and _returns_view(node, modules):
             aliased.add(node)
     network = AdjoinedNetwork(traced, graph, class_name="AdjoinedNetwork")
     network.layer_widths = layer_widths
+    network.statistics_modules = tuple(statistics)
     network.channel_vectors = {node.target: (axis, groups[dim.root()].name)
                                for node, (dim, axis) in analysis.vectors.items()
                                if node.op == "get_attr" and not groups[dim.root()].fixed}
@@ -1766,6 +1793,26 @@ def _build(traced, analysis: _Analysis, groups, alphas, share_affine, backend) -
     network.channel_ops = {node.name: tuple((groups[part.root()].name, flops) for part in analysis.channels[node].parts)
                            for node, flops in analysis.channel_ops.items()}
     return network
+
+
+# Where each student's copies of modules with running statistics live: ``student_statistics.{s}.{name}``.
+_STUDENT_STATISTICS = "student_statistics"
+
+
+def _add_student_statistics(traced: torch.fx.GraphModule, names: Sequence[str], students: int) -> list[str]:
+    """Give each student a copy of each module ``names`` with its own buffers (running
+    statistics) and the base's parameters (the same Parameter objects), under
+    ``student_statistics.{s}.{name}``: every network runs such a module whole, and each
+    keeps its statistics apart, as the exported student, the model's own class, does."""
+    if names and hasattr(traced, _STUDENT_STATISTICS):
+        raise AdjoinError(f"the model has an attribute {_STUDENT_STATISTICS!r}, where anfast keeps the students' "
+                          f"running statistics of {names[0]}; rename it in the model")
+    for name in names:
+        module = traced.get_submodule(name)
+        for s in range(students):
+            shared = {id(p): p for p in module.parameters()}
+            traced.add_submodule(f"{_STUDENT_STATISTICS}.{s}.{name}", copy.deepcopy(module, shared))
+    return list(names)
 
 
 def _writes_in_place(node: torch.fx.Node, modules: Mapping[str, nn.Module]) -> bool:

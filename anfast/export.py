@@ -20,7 +20,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from anfast.adjoin import AdjoinedNetwork, LayerWidths
+from anfast.adjoin import _STUDENT_STATISTICS, AdjoinedNetwork, LayerWidths
 from anfast.models import arch_name, fetching_kwargs, model_from_source
 from anfast.nn.conv import conv_form, numeric_padding, student_scale
 
@@ -273,6 +273,10 @@ def export_student(an: AdjoinedNetwork, index: int = 0, path: Optional[Union[str
         for key in plain.state_dict():
             state.pop(f"{name}.{key}", None)
         state.update({f"{name}.{k}": v for k, v in layer_state.items()})
+    for name in an.statistics_modules:  # running statistics of a module every network runs whole: its own
+        own = an.get_submodule(f"{_STUDENT_STATISTICS}.{index}.{name}")
+        state.update({f"{name}.{key}": value for key, value in own.state_dict(keep_vars=True).items()
+                      if not isinstance(value, nn.Parameter)})
     for alias, target in an.__dict__.get("_aliases", ()):  # a tied tensor follows its resized twin
         if target in state and alias in state:
             state[alias] = state[target]

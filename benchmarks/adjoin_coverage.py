@@ -5,9 +5,10 @@
     python benchmarks/adjoin_coverage.py resnet50d mixnet_s   # or name the models
 
 For each timm architecture (random weights, 10 classes, nothing downloaded):
-`anfast.adjoin(model, alpha, policy="all")`, then in eval mode, in float64, the
-adjoined base against the model itself and the exported student (the model's own class
-with smaller layers) against the adjoined student. A row says "adjoins" only when both
+`anfast.adjoin(model, alpha, policy="all")`, one training-mode forward of both on a
+batch (the running statistics move), then in eval mode, in float64, the adjoined base
+against the model itself and the exported student (the model's own class with smaller
+layers) against the adjoined student. A row says "adjoins" only when both
 agree to 1e-9 (relative); else "differs", "refused" (adjoin's reason, which names the
 node and the fix) or "failed" (any other error). Parameters of base and student come
 with it, and how many width groups keep full width (ops anfast runs whole, slices,
@@ -60,7 +61,8 @@ def _relative_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
 
 def check(name: str, alpha: float, image_size: int) -> dict:
     """One model's row: status, reason or errors, parameters of base and student, width
-    groups kept at full width. A model whose attention takes only its own input size
+    groups kept at full width. Base and exported student are compared in eval mode after
+    one training forward on a batch. A model whose attention takes only its own input size
     (BoTNet, HaloNet) is tried again at that size, which the row records."""
     import timm
 
@@ -83,8 +85,11 @@ def check(name: str, alpha: float, image_size: int) -> dict:
     except Exception as error:  # timm or fx: the row names it, the survey goes on
         return {**row, "status": "failed", "reason": f"{type(error).__name__}: {error}"}
     row["groups"] = {"total": len(an.width_groups), "full_width": sum(bool(g.fixed) for g in an.width_groups)}
-    x = torch.randn(2, 3, image_size, image_size, dtype=torch.float64)
+    x, batch = (torch.randn(n, 3, image_size, image_size, dtype=torch.float64) for n in (2, 4))
     with torch.no_grad():
+        # One training forward of each moves the running statistics: the base's must stay
+        # the model's, each student's its own, which its export must carry.
+        an.train()(batch), model.train()(batch)
         out = an.eval()(x)
         student = anfast.export_student(an).eval()
         row["base_error"] = _relative_error(out.base, model.eval()(x))

@@ -886,9 +886,8 @@ def test_a_group_norm_normalises_each_networks_own_channels_in_whole_groups(grou
 
 
 def test_a_module_with_parameters_anfast_does_not_slice_keeps_its_channels_whole():
-    """An affine InstanceNorm2d or a PReLU per channel: every network runs it as the model
-    does, on a's channels at full width; a module with running statistics is refused,
-    since every network's call would update them."""
+    """An affine InstanceNorm2d or a PReLU per channel, or an InstanceNorm2d with running
+    statistics: every network runs it as the model does, on a's channels at full width."""
     class Norm(_Headed):
         def __init__(self, norm):
             super().__init__()
@@ -900,10 +899,60 @@ def test_a_module_with_parameters_anfast_does_not_slice_keeps_its_channels_whole
     for norm in (nn.InstanceNorm2d(16, affine=True), nn.PReLU(16)):
         _assert_runs_whole(Norm(norm), "a", rf"channels of norm, a {type(norm).__name__} with parameters anfast "
                                             r"does not slice")
-    with pytest.raises(AdjoinError, match=r"^norm: InstanceNorm2d holds running statistics, and anfast runs it "
-                                          r"whole in every network, whose calls in train mode would all update"):
-        anfast.adjoin(Norm(nn.InstanceNorm2d(16, track_running_stats=True)), alpha=2, policy="all",
-                      input_size=(3, 8, 8))
+    _assert_runs_whole(Norm(nn.InstanceNorm2d(16, track_running_stats=True)), "a",
+                       r"channels of norm, a InstanceNorm2d with running statistics anfast does not slice")
+
+
+class OwnStatistics(nn.Module):
+    """stem -> a -> an InstanceNorm2d with running statistics (whole in every network) -> head -> fc."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem, self.a = nn.Conv2d(3, 16, 1), nn.Conv2d(16, 16, 1)
+        self.norm = nn.InstanceNorm2d(16, affine=True, track_running_stats=True)
+        self.head, self.fc = nn.Conv2d(16, 32, 1), nn.Linear(32, 4)
+
+    def forward(self, x):
+        return self.fc(F.relu(self.head(self.norm(self.a(F.relu(self.stem(x)))))).mean((2, 3)))
+
+
+def test_a_module_with_running_statistics_keeps_each_networks_own(tmp_path):
+    """A module every network runs whole that holds running statistics (here an
+    InstanceNorm2d; in timm, a batch norm inside MobileViT's blocks): each student runs a
+    copy with its own buffers and the base's parameters. After two training batches the
+    base's statistics are the model's and the student's those of a copy of the norm fed
+    the student's activations, computed by hand; the export carries them, and
+    load_base_state_dict starts the student's from the base's, as adjoining does."""
+    torch.manual_seed(0)
+    model = OwnStatistics().double()
+    norm = copy.deepcopy(model.norm)  # the statistics as adjoin finds them
+    an = anfast.adjoin(model, alpha=2, policy="all", input_size=(3, 8, 8)).train()
+    assert an.statistics_modules == ("norm",) and an.layer_widths["stem"].student_out == (8,)
+    own = an.get_submodule("student_statistics.0.norm")
+    assert own.weight is an.norm.weight and own.running_mean is not an.norm.running_mean
+    batches = [torch.randn(4, 3, 8, 8, dtype=torch.float64) for _ in range(2)]
+    with torch.no_grad():
+        for x in batches:
+            an(x), model(x)
+            norm(F.conv2d(F.relu(F.conv2d(x, model.stem.weight[:8], model.stem.bias[:8])), model.a.weight[:, :8],
+                          model.a.bias))
+    for key in ("running_mean", "running_var"):
+        assert torch.allclose(getattr(an.norm, key), getattr(model.norm, key), rtol=0, atol=1e-12)
+        assert torch.allclose(getattr(own, key), getattr(norm, key), rtol=0, atol=1e-12)
+        assert not torch.allclose(getattr(own, key), getattr(model.norm, key))
+    an.eval()
+    x = torch.randn(2, 3, 8, 8, dtype=torch.float64)
+    with torch.no_grad():
+        student = anfast.export_student(an, path=tmp_path).eval()
+        assert torch.equal(student.norm.running_mean, own.running_mean)
+        assert (student(x) - an(x).student).abs().max() <= 1e-12
+        loaded = anfast.load_student(tmp_path, model=OwnStatistics()).double()
+        assert (loaded(x) - an(x).student).abs().max() <= 1e-12
+    for restored in (pickle.loads(pickle.dumps(an)), copy.deepcopy(an)):
+        assert restored.statistics_modules == ("norm",)
+        assert torch.equal(restored.get_submodule("student_statistics.0.norm").running_var, own.running_var)
+    an.load_base_state_dict(model.state_dict())
+    assert torch.equal(own.running_mean, model.norm.running_mean)
 
 
 def test_a_linear_on_tokens_runs_whole():

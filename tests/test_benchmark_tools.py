@@ -468,15 +468,15 @@ def test_step_census_ratios_use_the_launch_counts_done_so_far():
 
 
 def test_adjoin_coverage_says_adjoins_only_where_base_and_export_agree(tmp_path, monkeypatch):
-    """adjoin_coverage.py on resnet18 (adjoins), mobilevit_xxs (refused at the batch norm
-    inside a block timm keeps whole) and a name timm does not know (failed); then with an
+    """adjoin_coverage.py on resnet18 (adjoins), levit_128s (refused: its attention biases
+    are cached in eval mode only) and a name timm does not know (failed); then with an
     export whose weights are off by a little: "differs"."""
     pytest.importorskip("timm")
     import adjoin_coverage
     import timm
 
     out = tmp_path / "coverage.json"
-    payload = adjoin_coverage.main(["resnet18", "mobilevit_xxs", "no_such_net", "--image-size", "32",
+    payload = adjoin_coverage.main(["resnet18", "levit_128s", "no_such_net", "--image-size", "32",
                                     "--out", str(out)])
     assert json.loads(out.read_text()) == json.loads(json.dumps(payload))
     rows = {row["model"]: row for row in payload["rows"]}
@@ -485,8 +485,8 @@ def test_adjoin_coverage_says_adjoins_only_where_base_and_export_agree(tmp_path,
     assert rows["resnet18"]["params"]["base"] == base > rows["resnet18"]["params"]["student"]
     # Kept at full width: the image's 3 channels and the 10 logits; the rest shrink.
     assert rows["resnet18"]["groups"]["full_width"] == 2 and rows["resnet18"]["image_size"] == 32
-    assert rows["mobilevit_xxs"]["status"] == "refused"
-    assert rows["mobilevit_xxs"]["reason"].startswith("stages.2.1: MobileVitBlock holds the BatchNormAct2d")
+    assert rows["levit_128s"]["status"] == "refused"
+    assert rows["levit_128s"]["reason"].startswith("LevitDistilled computes stages_0_blocks_0_attn_attention_biases")
     assert rows["no_such_net"]["status"] == "failed" and "no_such_net" in rows["no_such_net"]["reason"]
     assert payload["counts"] == {"adjoins": 1, "differs": 0, "refused": 1, "failed": 1}
 

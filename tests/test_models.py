@@ -108,11 +108,13 @@ def test_xresnet_student_exports_and_loads_by_name(tmp_path):
 # ECA-ResNet slides a Conv1d along each block's pooled channels, GC-ResNeXt pools space by
 # a matmul with an attention map. ConvNeXt's blocks run
 # LayerNorm and Linear layers on (N, H, W, C) and scale by a gamma (which keeps its
-# channels full); ConvNeXt-V2 has no gamma, 1x1 convs, LayerNorm2d and a GRN.
+# channels full); ConvNeXt-V2 has no gamma, 1x1 convs, LayerNorm2d and a GRN. MobileViT's
+# blocks, which timm keeps whole, hold batch norms: each student keeps its own statistics.
 TIMM_MODELS = [("resnet18d", {"block_args": {"attn_layer": "cbam"}}), ("resnet50d", {"drop_path_rate": 0.1}),
                ("efficientnet_b0", {"drop_path_rate": 0.2}), ("mobilenetv3_large_100", {}),
                ("regnety_016", {}), ("cs3darknet_s", {}), ("ghostnet_100", {}), ("mixnet_s", {}),
-               ("ecaresnet26t", {}), ("gcresnext26ts", {}), ("convnext_atto", {"conv_mlp": False}), ("convnextv2_atto", {})]
+               ("ecaresnet26t", {}), ("gcresnext26ts", {}), ("convnext_atto", {"conv_mlp": False}), ("convnextv2_atto", {}),
+               ("mobilevit_xxs", {})]
 
 
 @pytest.mark.parametrize("name, kwargs", TIMM_MODELS,
