@@ -26,7 +26,7 @@ import operator
 import sys
 import warnings
 from dataclasses import dataclass, field
-from typing import Any, Callable, Mapping, NamedTuple, Optional, Sequence, Union
+from typing import Any, Callable, Collection, Mapping, NamedTuple, Optional, Sequence, Union
 
 import torch
 import torch.fx
@@ -1422,7 +1422,8 @@ class _Tracer(torch.fx.Tracer):
     timm's own fx feature extraction.
     """
 
-    def __init__(self):
+    def __init__(self, whole: Collection[type] = ()):
+        self._whole = tuple(whole)  # classes whose forward branches on self.training (_trace)
         functions, self._timm_leaves = (), ()
         if sys.modules.get("timm") is not None:  # never import timm for a model that is not timm's
             from timm.layers import get_notrace_functions, get_notrace_modules
@@ -1434,7 +1435,7 @@ class _Tracer(torch.fx.Tracer):
 
     def is_leaf_module(self, module: nn.Module, qualified_name: str) -> bool:
         return (isinstance(module, (nn.Conv2d, nn.Linear, nn.modules.batchnorm._BatchNorm, nn.LayerNorm, nn.GroupNorm)
-                           + self._timm_leaves)
+                           + self._timm_leaves + self._whole)
                 or _qualified_name(type(module)) in _STOCHASTIC_DEPTH
                 or super().is_leaf_module(module, qualified_name))
 
@@ -1445,21 +1446,54 @@ def _trace(model: nn.Module) -> torch.fx.GraphModule:
 
     fx records ``self.training`` as it was while tracing: an eval() after tracing would
     switch neither ``F.dropout(x, p, training=self.training)`` nor an ``if self.training``
-    branch. Tracing both modes finds both.
+    branch. Tracing both modes finds both. A submodule whose forward branches (timm's
+    LeViT and EfficientFormer attention, which caches its biases in eval mode) is traced
+    again as one call, for every module of its class: as a module it reads its own
+    ``training`` at run time, and every network runs it whole. A branch in the model's own
+    forward is refused (``_mode_error``).
     """
     evaluated = copy.deepcopy(model)  # a copy traced first would name its constants anew
-    modes = {module: module.training for module in model.modules()}
-    model.train()
-    try:
-        tracer = _Tracer()
-        graph = tracer.trace(model)
-    finally:
-        for module, training in modes.items():
-            module.training = training
-    eval_graph = _Tracer().trace(evaluated.eval())
-    traced = torch.fx.GraphModule(tracer.root, graph, type(model).__name__)
-    _follow_the_mode(traced, eval_graph, type(model).__name__)
-    return traced
+    name, whole = type(model).__name__, set()
+    while True:  # each try traces both copies once more, so their constants keep one name
+        modes = {module: module.training for module in model.modules()}
+        model.train()
+        try:
+            tracer = _Tracer(whole)
+            graph = tracer.trace(model)
+        finally:
+            for module, training in modes.items():
+                module.training = training
+        eval_graph = _Tracer(whole).trace(evaluated.eval())
+        traced = torch.fx.GraphModule(tracer.root, graph, name)
+        try:
+            _follow_the_mode(traced, eval_graph)
+            return traced
+        except _ModesDiffer as differs:
+            branching = _branching_module(model, differs.train_node, differs.eval_node)
+            if branching is None or branching in whole:
+                raise _mode_error(name, differs.train_node, differs.eval_node) from None
+            whole.add(branching)
+
+
+class _ModesDiffer(Exception):
+    """Where the train-mode and eval-mode graphs part (None: the graph ended there)."""
+
+    def __init__(self, train_node: Optional[torch.fx.Node], eval_node: Optional[torch.fx.Node]):
+        super().__init__()
+        self.train_node, self.eval_node = train_node, eval_node
+
+
+def _branching_module(model: nn.Module, *nodes: Optional[torch.fx.Node]) -> Optional[type]:
+    """The class of the innermost submodule whose forward made ``nodes`` (in both modes'
+    graphs), from fx's module stacks; None for the model's own forward. A leaf's own call
+    is its caller's: the branch that differs is there."""
+    paths = []
+    for node in nodes:
+        if node is not None:
+            path = [qualified for qualified, _ in node.meta.get("nn_module_stack", {}).values()]
+            paths.append(path[:-1] if node.op == "call_module" else path)
+    common = [names[0] for names in itertools.takewhile(lambda names: len(set(names)) == 1, zip(*paths))]
+    return type(model.get_submodule(common[-1])) if common else None
 
 
 # Dropouts called as functions: {op: (the position of its training flag, its keyword)}.
@@ -1504,9 +1538,9 @@ def _same(a: Any, b: Any) -> bool:
         return a is b
 
 
-def _follow_the_mode(traced: torch.fx.GraphModule, eval_graph: torch.fx.Graph, model_name: str) -> None:
+def _follow_the_mode(traced: torch.fx.GraphModule, eval_graph: torch.fx.Graph) -> None:
     """Make each dropout whose ``training`` flag is True in ``traced`` (train mode) and
-    False in ``eval_graph`` read ``self.training``; refuse any other difference."""
+    False in ``eval_graph`` read ``self.training``; raise _ModesDiffer at any other difference."""
     train_nodes, eval_nodes = list(traced.graph.nodes), list(eval_graph.nodes)
     train_position = {n: i for i, n in enumerate(train_nodes)}
     eval_position = {n: i for i, n in enumerate(eval_nodes)}
@@ -1527,11 +1561,11 @@ def _follow_the_mode(traced: torch.fx.GraphModule, eval_graph: torch.fx.Graph, m
             traced.graph.erase_node(train_node)
             train_position[call] = train_position[train_node]
             continue
-        raise _mode_error(model_name, train_node, eval_node)
+        raise _ModesDiffer(train_node, eval_node)
     if len(train_nodes) != len(eval_nodes):
         longer = train_nodes if len(train_nodes) > len(eval_nodes) else eval_nodes
         extra = longer[min(len(train_nodes), len(eval_nodes))]
-        raise _mode_error(model_name, *((extra, None) if longer is train_nodes else (None, extra)))
+        raise _ModesDiffer(*((extra, None) if longer is train_nodes else (None, extra)))
     traced.recompile()
 
 

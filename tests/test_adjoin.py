@@ -1070,6 +1070,51 @@ def test_a_forward_that_branches_on_the_mode_is_refused():
         anfast.adjoin(torchvision.models.googlenet(init_weights=False, num_classes=10), input_size=(3, 64, 64))
 
 
+class ModeScale(nn.Module):
+    """Scales by its parameter in train mode and by a copy it caches on eval() (LeViT's and
+    EfficientFormer's attention biases): the same numbers, two graphs."""
+
+    def __init__(self, channels: int):
+        super().__init__()
+        self.scale, self.cached = nn.Parameter(torch.rand(channels) + 0.5), None
+
+    def train(self, mode: bool = True) -> "ModeScale":
+        super().train(mode)
+        self.cached = None if mode else self.scale.detach().clone()
+        return self
+
+    def forward(self, x):
+        return x * (self.scale if self.training else self.cached).view(1, -1, 1, 1)
+
+
+def test_a_submodule_that_branches_on_the_mode_runs_whole_as_a_module():
+    """Its branch is traced as one call of the module, which reads its own ``training`` at
+    run time: every network runs it whole, on a's channels at full width (base and
+    student equal the model and a by-hand student), and the base equals the model in both
+    modes, eval() caching the trained scale."""
+    class Scaled(_Headed):
+        def __init__(self):
+            super().__init__()
+            self.scale = ModeScale(16)
+
+        def ops(self, y):
+            return self.scale(y)
+
+    _assert_runs_whole(Scaled(), "a", r"channels of scale, a ModeScale with parameters anfast does not slice")
+    torch.manual_seed(0)
+    model = Scaled().double()
+    an = anfast.adjoin(model, alpha=2, policy="all", input_size=(3, 8, 8)).train()
+    with torch.no_grad():
+        an.scale.scale.mul_(3)  # trained: the eval copy must be taken from it
+    x = torch.randn(2, 3, 8, 8, dtype=torch.float64)
+    with torch.no_grad():
+        model.load_state_dict(anfast.export_base(an).state_dict())
+        for mode in (True, False):
+            out, expected = an.train(mode)(x), model.train(mode)(x)
+            assert (out.base - expected).abs().max() <= 1e-12
+    assert torch.equal(an.scale.cached, an.scale.scale.detach())  # eval() reached the module: the trained scale
+
+
 class ChannelGate(nn.Module):
     """conv a -> a gate computed from a reduction over a's channels (CBAM's spatial gate:
     their mean and max, a 7x7 conv, a sigmoid) -> conv b -> head, the gate given by name."""
