@@ -542,8 +542,8 @@ def _adopts_group_norm(module: nn.GroupNorm, shape) -> bool:
     """Whether ``module`` is a GroupNorm anfast rebuilds, on (N, C, ...) channels."""
     known = type(module).forward is nn.GroupNorm.forward or (
         _qualified_name(type(module)) in _GROUP_NORMS and not getattr(module, "_fast_norm", False))
-    epilogue_free = not any(True for child in _norm_epilogue(module) for _ in getattr(module, child).parameters())
-    return known and epilogue_free and len(shape) >= 2 and shape[1] == module.num_channels
+    return (known and _epilogue_with_parameters(module) is None and len(shape) >= 2
+            and shape[1] == module.num_channels)
 
 
 def _record_layer_norm(result: _Analysis, node: torch.fx.Node, x: _Channels, where: str,
@@ -1407,6 +1407,13 @@ def _norm_epilogue(module: nn.Module) -> tuple[str, ...]:
     return ("drop", "act") if _qualified_name(type(module)) in _NORM_ACTS else ()
 
 
+def _epilogue_with_parameters(module: nn.Module) -> Optional[str]:
+    """The first child of ``module``'s epilogue that has parameters (a PReLU), which anfast
+    cannot slice per network; None when there is none."""
+    return next((child for child in _norm_epilogue(module) if any(True for _ in getattr(module, child).parameters())),
+                None)
+
+
 # timm's no-trace modules anfast traces into. NormFreeBlock is one only for its
 # ``out.mul_(skipinit_gain)``, which fx records without a user (pytorch#68301): the adjoined
 # graph keeps every node in order and compiles no node away, so the write still comes first.
@@ -1608,10 +1615,10 @@ def _check_layer_class(module: nn.Module, where: str) -> None:
             "rebuilds nn.Conv2d and timm's Conv2dSame, StdConv2d, ScaledStdConv2d and their 'Same' variants: use "
             "one of those")
     if cls is base or cls.forward is base.forward or _qualified_name(cls) in _EQUIVALENT_LAYERS:
-        for child in _norm_epilogue(module):
-            if any(True for _ in getattr(module, child).parameters()):
-                raise AdjoinError(f"{where}.{child}: {type(getattr(module, child)).__name__} has parameters, "
-                                  "which anfast cannot slice per network; use a parameter-free activation")
+        child = _epilogue_with_parameters(module)
+        if child is not None:
+            raise AdjoinError(f"{where}.{child}: {type(getattr(module, child)).__name__} has parameters, "
+                              "which anfast cannot slice per network; use a parameter-free activation")
         return
     raise AdjoinError(f"{where}: {cls.__name__} subclasses {base.__name__} with its own forward, which anfast "
                       f"cannot rebuild; use plain {base.__name__} layers")
@@ -1762,13 +1769,13 @@ def _build(traced, analysis: _Analysis, groups, alphas, share_affine, backend) -
     graph = torch.fx.Graph()
     env: dict[torch.fx.Node, list] = {}
     networks = len(alphas) + 1
-    statistics = _add_student_statistics(traced, sorted(analysis.statistics), len(alphas))
+    _add_student_statistics(traced, sorted(analysis.statistics), len(alphas))
 
     def node_copy(node: torch.fx.Node, k: int, arg: Callable) -> torch.fx.Node:
         """Network k's copy of ``node``; a student's call of a module with running
         statistics calls its copy of the module (``_add_student_statistics``)."""
         copied = graph.node_copy(node, arg)
-        if k and node.op == "call_module" and node.target in statistics:
+        if k and node.op == "call_module" and node.target in analysis.statistics:
             copied.target = f"{_STUDENT_STATISTICS}.{k - 1}.{node.target}"
         return copied
 
@@ -1816,7 +1823,7 @@ def _build(traced, analysis: _Analysis, groups, alphas, share_affine, backend) -
             aliased.add(node)
     network = AdjoinedNetwork(traced, graph, class_name="AdjoinedNetwork")
     network.layer_widths = layer_widths
-    network.statistics_modules = tuple(statistics)
+    network.statistics_modules = tuple(sorted(analysis.statistics))
     network.channel_vectors = {node.target: (axis, groups[dim.root()].name)
                                for node, (dim, axis) in analysis.vectors.items()
                                if node.op == "get_attr" and not groups[dim.root()].fixed}
@@ -1833,7 +1840,7 @@ def _build(traced, analysis: _Analysis, groups, alphas, share_affine, backend) -
 _STUDENT_STATISTICS = "student_statistics"
 
 
-def _add_student_statistics(traced: torch.fx.GraphModule, names: Sequence[str], students: int) -> list[str]:
+def _add_student_statistics(traced: torch.fx.GraphModule, names: Sequence[str], students: int) -> None:
     """Give each student a copy of each module ``names`` with its own buffers (running
     statistics) and the base's parameters (the same Parameter objects), under
     ``student_statistics.{s}.{name}``: every network runs such a module whole, and each
@@ -1843,10 +1850,9 @@ def _add_student_statistics(traced: torch.fx.GraphModule, names: Sequence[str], 
                           f"running statistics of {names[0]}; rename it in the model")
     for name in names:
         module = traced.get_submodule(name)
+        shared = {id(p): p for p in module.parameters()}
         for s in range(students):
-            shared = {id(p): p for p in module.parameters()}
-            traced.add_submodule(f"{_STUDENT_STATISTICS}.{s}.{name}", copy.deepcopy(module, shared))
-    return list(names)
+            traced.add_submodule(f"{_STUDENT_STATISTICS}.{s}.{name}", copy.deepcopy(module, dict(shared)))
 
 
 def _writes_in_place(node: torch.fx.Node, modules: Mapping[str, nn.Module]) -> bool:
@@ -1856,8 +1862,8 @@ def _writes_in_place(node: torch.fx.Node, modules: Mapping[str, nn.Module]) -> b
         return True
     if node.op == "call_module":
         return getattr(modules[node.target], "inplace", False) is True
-    name = node.target if node.op == "call_method" else getattr(node.target, "__name__", "")
-    return isinstance(name, str) and name.endswith("_") and not name.endswith("__")
+    name = _op_name(node)
+    return name.endswith("_") and not name.endswith("__")
 
 
 # Ops whose result shares its first argument's memory.
@@ -1869,8 +1875,13 @@ _VIEWS = {"view", "view_as", "reshape", "reshape_as", "narrow", "permute", "tran
 def _returns_view(node: torch.fx.Node, modules: Mapping[str, nn.Module]) -> bool:
     if node.op == "call_module":
         return isinstance(modules[node.target], nn.Identity)
+    return _op_name(node) in _VIEWS
+
+
+def _op_name(node: torch.fx.Node) -> str:
+    """A method's or function's name (``mul_``, ``getitem``); "" for other nodes."""
     name = node.target if node.op == "call_method" else getattr(node.target, "__name__", "")
-    return name in _VIEWS
+    return name if isinstance(name, str) else ""
 
 
 def _replace_module(traced, name, module, widths: LayerWidths, analysis, share_affine, backend) -> None:

@@ -794,17 +794,26 @@ def test_split_attention_runs_whole_between_convs_that_shrink(tmp_path):
         assert (loaded(x) - expected).abs().max() <= 1e-12
 
 
+class _TwoHeads(_Headed):
+    """``_Headed`` whose ops start with a region run whole: a conv b to two heads of 16,
+    viewed apart, a softmax across them and their sum (N, 16, H * W) (a lambda layer's)."""
+
+    def __init__(self):
+        super().__init__()
+        self.b = nn.Conv2d(16, 32, 1)
+
+    def heads(self, y):
+        n, _, h, w = y.shape
+        return self.b(y).view(n, 2, 16, h * w).softmax(1).sum(1)
+
+
 def test_a_region_that_reads_a_channel_count_keeps_that_tensor_whole():
     """out.reshape(n, c, h, w) with c read from a's output (LambdaNet's lambda layer): a's
     channels keep full width, or the student's c would not fit b's whole channels."""
-    class ReadsCount(_Headed):
-        def __init__(self):
-            super().__init__()
-            self.b = nn.Conv2d(16, 32, 1)
-
+    class ReadsCount(_TwoHeads):
         def ops(self, y):
             n, c, h, w = y.shape
-            return self.b(y).view(n, 2, 16, h * w).softmax(1).sum(1).reshape(n, c, h, w)
+            return self.heads(y).reshape(n, c, h, w)
 
     _assert_runs_whole(ReadsCount(), "a", r"channels whose count reshape \(call_method reshape\) reads, in a "
                                           r"region run whole: channels read by view \(call_method view\), .*")
@@ -813,14 +822,10 @@ def test_a_region_that_reads_a_channel_count_keeps_that_tensor_whole():
 def test_a_region_that_reads_only_spatial_sizes_leaves_the_channels_free(tmp_path):
     """F.interpolate(t, size=y.shape[2:]) in a region reads y's height and width, not its
     channel count: a's channels, which feed the region only through b, still shrink."""
-    class ReadsSpace(_Headed):
-        def __init__(self):
-            super().__init__()
-            self.b = nn.Conv2d(16, 32, 1)
-
+    class ReadsSpace(_TwoHeads):
         def ops(self, y):
             n, _, h, w = y.shape
-            t = self.b(y).view(n, 2, 16, h * w).softmax(1).sum(1).view(n, 16, h, w)
+            t = self.heads(y).view(n, 16, h, w)
             return F.interpolate(t[:, :, ::2, ::2], size=y.shape[2:])
 
     torch.manual_seed(0)

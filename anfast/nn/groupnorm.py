@@ -2,19 +2,18 @@
 
 from __future__ import annotations
 
-from typing import Optional, Sequence
+from typing import Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from anfast.nn.conv import check_student_inputs
-from anfast.nn.streams import network_stream
+from anfast.nn.layernorm import _ChannelNorm
 
 __all__ = ["AdjoinedGroupNorm"]
 
 
-class AdjoinedGroupNorm(nn.GroupNorm):
+class AdjoinedGroupNorm(_ChannelNorm, nn.GroupNorm):
     """GroupNorm for the base, and for each student over its own channels in as many groups.
 
     The exported student is the model's own class with a narrower norm,
@@ -26,6 +25,9 @@ class AdjoinedGroupNorm(nn.GroupNorm):
 
     Call as ``norm(x_base, *x_students)``; returns ``(y_base, *y_students)``.
     """
+
+    _widths_name = "student_channels"
+    channels_axis = 1
 
     def __init__(self, num_groups: int, num_channels: int, eps: float = 1e-5, affine: bool = True, *,
                  student_channels: Sequence[int] = (), device=None, dtype=None) -> None:
@@ -43,20 +45,8 @@ class AdjoinedGroupNorm(nn.GroupNorm):
         module.weight, module.bias = norm.weight, norm.bias
         return module
 
-    def network_affine(self, n: int) -> tuple[Optional[torch.Tensor], Optional[torch.Tensor]]:
-        """(weight, bias) of network n, None where the norm has none: 0 is the base, s + 1 is student s."""
-        if n == 0:
-            return self.weight, self.bias
-        width = self.student_channels[n - 1]
-        return tuple(None if p is None else p[:width] for p in (self.weight, self.bias))
-
-    def forward(self, x_base: torch.Tensor, *x_students: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        check_student_inputs(self, x_students, "student_channels", self.student_channels, axis=1)
-        outputs = [F.group_norm(x_base, self.num_groups, self.weight, self.bias, self.eps)]
-        for s, x in enumerate(x_students):
-            with network_stream(s + 1):
-                outputs.append(F.group_norm(x, self.num_groups, *self.network_affine(s + 1), self.eps))
-        return tuple(outputs)
+    def _normalise(self, n: int, x: torch.Tensor) -> torch.Tensor:
+        return F.group_norm(x, self.num_groups, *self.network_affine(n), self.eps)
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, student_channels={self.student_channels}"

@@ -14,7 +14,33 @@ from anfast.nn.streams import network_stream
 __all__ = ["AdjoinedLayerNorm"]
 
 
-class AdjoinedLayerNorm(nn.LayerNorm):
+class _ChannelNorm:
+    """A norm without running statistics, for adjoined layers: each network normalises its
+    own channels with the leading slice of the base's affine parameters; the students'
+    widths are the attribute ``_widths_name`` names, on ``channels_axis``. A subclass
+    defines ``_normalise(n, x)``, network n's norm of x."""
+
+    _widths_name: str
+    channels_axis: int
+
+    def network_affine(self, n: int) -> tuple[Optional[torch.Tensor], Optional[torch.Tensor]]:
+        """(weight, bias) of network n, None where the norm has none: 0 is the base, s + 1 is student s."""
+        if n == 0:
+            return self.weight, self.bias
+        width = getattr(self, self._widths_name)[n - 1]
+        return tuple(None if p is None else p[:width] for p in (self.weight, self.bias))
+
+    def forward(self, x_base: torch.Tensor, *x_students: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        check_student_inputs(self, x_students, self._widths_name, getattr(self, self._widths_name),
+                             axis=self.channels_axis)
+        outputs = [self._normalise(0, x_base)]
+        for s, x in enumerate(x_students):
+            with network_stream(s + 1):
+                outputs.append(self._normalise(s + 1, x))
+        return tuple(outputs)
+
+
+class AdjoinedLayerNorm(_ChannelNorm, nn.LayerNorm):
     """LayerNorm over the channels for the base, and for each student over its own.
 
     Each network normalises its own channels, as the exported student (the model's own
@@ -26,6 +52,8 @@ class AdjoinedLayerNorm(nn.LayerNorm):
 
     Call as ``norm(x_base, *x_students)``; returns ``(y_base, *y_students)``.
     """
+
+    _widths_name = "student_features"
 
     def __init__(
         self,
@@ -59,21 +87,6 @@ class AdjoinedLayerNorm(nn.LayerNorm):
                      student_features=student_features, channels_axis=channels_axis, device="meta")
         module.weight, module.bias = norm.weight, norm.bias
         return module
-
-    def network_affine(self, n: int) -> tuple[Optional[torch.Tensor], Optional[torch.Tensor]]:
-        """(weight, bias) of network n, None where the norm has none: 0 is the base, s + 1 is student s."""
-        if n == 0:
-            return self.weight, self.bias
-        width = self.student_features[n - 1]
-        return tuple(None if p is None else p[:width] for p in (self.weight, self.bias))
-
-    def forward(self, x_base: torch.Tensor, *x_students: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        check_student_inputs(self, x_students, "student_features", self.student_features, axis=self.channels_axis)
-        outputs = [self._normalise(0, x_base)]
-        for s, x in enumerate(x_students):
-            with network_stream(s + 1):
-                outputs.append(self._normalise(s + 1, x))
-        return tuple(outputs)
 
     def _normalise(self, n: int, x: torch.Tensor) -> torch.Tensor:
         weight, bias = self.network_affine(n)
