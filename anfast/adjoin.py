@@ -347,7 +347,9 @@ def _analyse(gm: torch.fx.GraphModule, state_keys: set) -> _Analysis:
                 continue
             follows_x = bool(in_channels) and in_channels[0] is not None and len(x_shape) >= 2
             reduced = _reduced_axes(source or node, len(x_shape)) if follows_x else None
-            if follows_x and (1 in (reduced or ()) or _mixes_channels(source or node, module, len(x_shape))):
+            norm_kind = _adopted_norm_kind(module, shape)
+            if follows_x and not norm_kind and (1 in (reduced or ()) or _mixes_channels(source or node, module,
+                                                                                     len(x_shape))):
                 for part in in_channels[0].parts:  # each network reduces its own channels
                     part.root().reduced_by.append(where)
 
@@ -366,12 +368,10 @@ def _analyse(gm: torch.fx.GraphModule, state_keys: set) -> _Analysis:
                     numeric_padding(module)
                 except ValueError as error:
                     raise AdjoinError(f"{where}: {error}") from None
+                # A weight-standardised conv (conv_form) needs no mark: each network standardises
+                # its filters over its own input channels, and so does each width choice of a
+                # DAN search (anfast.dan.gates).
                 out = new_dim(module.out_channels, producer=node.target)
-                if conv_form(module).get("standardise_eps") is not None:
-                    # Each network standardises its filters over its own input channels: a
-                    # DAN mask at full width would not, so its input channels stay unsearched.
-                    for part in x.parts:
-                        part.root().reduced_by.append(f"{where} (weight standardisation)")
                 if module.groups > 1:
                     in_dim = x.simple()
                     in_per_group = module.in_channels // module.groups
@@ -395,10 +395,10 @@ def _analyse(gm: torch.fx.GraphModule, state_keys: set) -> _Analysis:
                     raise _Unfollowable(x_shape, after=shape)
                 result.channels[node] = _Channels((new_dim(module.out_features, producer=node.target),))
                 _record_layer(result, node, "linear", x, result.channels[node], where)
-            elif isinstance(module, nn.LayerNorm) and _adopts_layer_norm(module, shape, channels_last=False):
+            elif norm_kind == "layernorm":
                 # timm's LayerNorm2d on (N, C, H, W), a LayerNorm on (N, C) features.
                 _record_layer_norm(result, node, in_channels[0], where)
-            elif isinstance(module, nn.GroupNorm) and _adopts_group_norm(module, shape):
+            elif norm_kind == "groupnorm":
                 _record_layer_norm(result, node, in_channels[0], where, kind="groupnorm")
                 for part in in_channels[0].parts:  # each network's width: whole groups
                     part.root().multiple = math.lcm(part.root().multiple, module.num_groups)
@@ -546,14 +546,23 @@ def _adopts_group_norm(module: nn.GroupNorm, shape) -> bool:
             and shape[1] == module.num_channels)
 
 
+def _adopted_norm_kind(module: Optional[nn.Module], shape) -> Optional[str]:
+    """"layernorm" or "groupnorm" for a norm over the channels of (N, C, ...) that adjoin
+    rebuilds as a layer, None for anything else."""
+    if isinstance(module, nn.LayerNorm) and _adopts_layer_norm(module, shape, channels_last=False):
+        return "layernorm"
+    if isinstance(module, nn.GroupNorm) and _adopts_group_norm(module, shape):
+        return "groupnorm"
+    return None
+
+
 def _record_layer_norm(result: _Analysis, node: torch.fx.Node, x: _Channels, where: str,
                        kind: str = "layernorm") -> None:
-    """A LayerNorm (or GroupNorm) over the channels: each network normalises its own (so a
-    DAN search, which masks channels to zero at full width, leaves its groups unsearched)."""
+    """A LayerNorm (or GroupNorm) over the channels: each network normalises its own. Its
+    groups stay searchable: a DAN search normalises each width choice's leading channels
+    (anfast.dan.gates), as the student of that width does."""
     if x is None or x.features_per_channel != 1:
         raise _Unfollowable(_node_shape(node.args[0]), after=_node_shape(node))
-    for part in x.parts:
-        part.root().reduced_by.append(where)
     result.channels[node] = x
     _record_layer(result, node, kind, x, x, where)
 

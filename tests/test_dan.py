@@ -11,6 +11,7 @@ import math
 import pytest
 import torch
 from torch import nn
+import torch.nn.functional as F
 
 import anfast
 from anfast.dan import (ChoiceGates, CostModel, DanError, SearchConfig, SearchSpace, StudentMasks, derive, read_arch,
@@ -119,7 +120,8 @@ class GatedNet(nn.Module):
         "CBAM spatial: max .values, mean(axis=1)": (lambda y, m: y * torch.sigmoid(m.gate(torch.cat(
             [y.max(1, keepdim=True).values, y.mean(axis=1, keepdim=True)], 1))), True),
         "softmin over the channels": (lambda y, m: y * nn.functional.softmin(y, 1), True),
-        "group norm": (lambda y, m: m.norm(y), True),
+        # Each width choice's GroupNorm normalises its own leading channels: a is searched.
+        "group norm": (lambda y, m: m.norm(y), False),
         # ECA's Conv1d sees a mask's zeros beyond the student's width as the student's zero
         # padding: a is searched, the Conv1d's FLOPs counted per channel.
         "ECA": (lambda y, m: y * torch.sigmoid(m.eca(y.mean((2, 3)).view(y.shape[0], 1, -1))).view(
@@ -150,12 +152,13 @@ class GatedNet(nn.Module):
 
 @pytest.mark.parametrize("gate", list(GatedNet.GATES))
 def test_a_group_reduced_over_is_not_searched_so_masks_still_give_the_derived_student(gate):
-    """Masked to zero at full width, a's channels would still count in a mean, max,
-    softmin or group norm over them: a's group is left out of the search (full width in
-    every student), the others are searched, and the masked network computes each
-    derived student exactly, at the cost the cost model gives it (fc1, called twice,
-    counted twice). ECA's Conv1d and GC's pooling act on each channel with zeros beyond
-    the student's width: a is searched, their FLOPs counted per channel."""
+    """Masked to zero at full width, a's channels would still count in a mean, max or
+    softmin over them: a's group is left out of the search (full width in every student),
+    the others are searched, and the masked network computes each derived student
+    exactly, at the cost the cost model gives it (fc1, called twice, counted twice). ECA's
+    Conv1d and GC's pooling act on each channel with zeros beyond the student's width, and
+    an adopted GroupNorm normalises each choice's channels alone: a is searched, the
+    Conv1d's and the matmul's FLOPs counted per channel."""
     torch.manual_seed(0)
     model = GatedNet(gate)
     network = anfast.adjoin(model, alpha=1, policy="all", input_size=(3, 9, 9)).double().eval()
@@ -166,19 +169,24 @@ def test_a_group_reduced_over_is_not_searched_so_masks_still_give_the_derived_st
     _assert_one_hot_gates_give_the_derived_student(model, network, space, (narrowest, [1, 2, 0, 1, 2], [0] * 5))
 
 
-def test_a_convnext_block_is_searched_through_its_hidden_linear_features():
-    """ConvNeXt's hidden features (Linear to 4C on (N, H, W, C)) are searched, masked along
-    the last axis; the groups its LayerNorms normalise are not. The masked network computes
-    each derived student exactly, at the cost the cost model gives it (a linear on
-    channels-last applies its weight at every H * W position)."""
+@pytest.mark.parametrize("scale", ["none", "(C,) viewed as (1, C, 1, 1)"])
+def test_a_convnext_block_is_searched_through_its_layer_norms_and_hidden_features(scale):
+    """ConvNeXt's residual stream (stem, depthwise conv, fc2: normalised by both
+    LayerNorms, on (N, H, W, C) and on pooled (N, C)) and its hidden features (Linear to 4C)
+    are searched. The norms normalise each choice's leading channels, the linears are
+    masked along the last axis; the masked network computes each derived student
+    exactly, at the cost the cost model gives it (a linear on channels-last applies its
+    weight at every H * W position; the layer scale counts its channels)."""
     from test_adjoin import ChannelsLastBlock
 
     torch.manual_seed(0)
-    model = ChannelsLastBlock("none")
+    model = ChannelsLastBlock(scale)
     network = anfast.adjoin(model, alpha=1, policy="all", input_size=(3, 8, 8)).double().eval()
     space = SearchSpace.from_network(network, choices=(1, 2, 4), round_to=4)
-    assert space.group_names == ["fc1"]
-    _assert_one_hot_gates_give_the_derived_student(model, network, space, ([0], [1], [2]))
+    assert space.group_names == ["stem", "fc1"]
+    assert space.norm_points == {"norm": 0, "head_norm": 0} and not set(space.norm_points) & set(space.mask_points)
+    _assert_one_hot_gates_give_the_derived_student(model, network, space, ([0, 2], [1, 0], [2, 1], [2, 2]),
+                                                   image_size=8)
 
 
 def test_split_attention_run_whole_is_not_searched_and_the_convs_around_it_are():
@@ -234,21 +242,25 @@ def test_a_layer_scale_is_searched_with_its_group_and_counted_in_the_cost(use):
     _assert_one_hot_gates_give_the_derived_student(model, network, space, ([0, 2], [1, 0], [2, 1]))
 
 
-def test_a_weight_standardised_conv_leaves_its_input_unsearched_and_its_gain_is_counted():
-    """timm's ScaledStdConv2d standardises each filter over its input channels: masked to
-    zero at full width they would still count, so the group it reads (stem) is not
-    searched. Its own output (a) is, with its per-filter gain counted in the cost; the
-    masked network computes each derived student exactly, at the cost the model gives."""
+def test_weight_standardised_convs_standardise_each_choices_filters_over_its_own_inputs():
+    """timm's ScaledStdConv2d standardises each filter over its input channels, and the
+    student's over its own: the group it reads (stem) is searched, its student convolving
+    with each choice's standardised filters (ScaledStdConv2d's scale for that fan-in),
+    weighted by the gates. A grouped StdConv2dSame (its output in its input's group) keeps
+    its fan-in (whole groups), so a mask is exact for it. The masked network computes
+    each derived student exactly, at the cost the model gives it (the gain counted per
+    channel)."""
     timm = pytest.importorskip("timm")
 
     class Standardised(nn.Module):
         def __init__(self):
             super().__init__()
             self.stem, self.a = nn.Conv2d(3, 16, 3, padding=1), timm.layers.ScaledStdConv2d(16, 16, 3)
+            self.c = timm.layers.StdConv2dSame(16, 16, 3, stride=2, groups=4)
             self.b, self.fc = nn.Conv2d(16, 24, 3, padding=1), nn.Linear(24, 3)
 
         def forward(self, x):
-            y = torch.relu(self.a(torch.relu(self.stem(x))))
+            y = torch.relu(self.c(torch.relu(self.a(torch.relu(self.stem(x))))))
             return self.fc(torch.relu(self.b(y)).mean((2, 3)))
 
     torch.manual_seed(0)
@@ -257,15 +269,18 @@ def test_a_weight_standardised_conv_leaves_its_input_unsearched_and_its_gain_is_
         model.a.gain.add_(torch.randn_like(model.a.gain))
     network = anfast.adjoin(model, alpha=1, policy="all", input_size=(3, 9, 9)).double().eval()
     space = SearchSpace.from_network(network, choices=(1, 2, 4), round_to=4)
-    assert space.group_names == ["a", "b"]
+    assert space.group_names == ["stem", "a", "b"]  # c's groups in and out are one: a's
+    assert space.standardised_points == {"a": 0}  # c is grouped: masked like any conv
     assert network.channel_vectors == {"a.gain": (0, "a")}
-    _assert_one_hot_gates_give_the_derived_student(model, network, space, ([2, 2], [1, 0], [0, 1]))
+    _assert_one_hot_gates_give_the_derived_student(model, network, space, ([2, 2, 2], [1, 0, 2], [0, 1, 1],
+                                                                           [2, 0, 0]))
 
 
-def test_a_group_norms_channels_are_not_searched_and_the_others_are():
-    """Masked to zero at full width, a's channels would still count in the GroupNorm's
-    statistics: a is not searched, stem and b are, and the masked network computes each
-    derived student exactly, at the cost the cost model gives it."""
+def test_a_group_norms_channels_are_searched_in_whole_groups():
+    """The GroupNorm normalises each width choice's leading channels in its 4 groups, as
+    the derived student's GroupNorm does: a is searched (in whole groups) with stem and b,
+    and the masked network computes each derived student exactly, at the cost the cost
+    model gives it."""
     class Grouped(nn.Module):
         def __init__(self):
             super().__init__()
@@ -279,9 +294,11 @@ def test_a_group_norms_channels_are_not_searched_and_the_others_are():
     torch.manual_seed(0)
     model = Grouped()
     network = anfast.adjoin(model, alpha=1, policy="all", input_size=(3, 9, 9)).double().eval()
-    space = SearchSpace.from_network(network, choices=(1, 2, 4), round_to=4)
-    assert space.group_names == ["stem", "b"]
-    _assert_one_hot_gates_give_the_derived_student(model, network, space, ([2, 2], [1, 0], [0, 1]))
+    space = SearchSpace.from_network(network, choices=(1, 2, 4, 8), round_to=1)
+    assert space.group_names == ["stem", "a", "b"]
+    assert space.widths[1].tolist() == [16, 8, 4, 4]  # 16 / 8 rounds up to one channel per group
+    _assert_one_hot_gates_give_the_derived_student(model, network, space, ([2, 3, 2], [1, 2, 0], [0, 1, 1],
+                                                                           [3, 0, 3]))
 
 
 def test_group_names_are_unique_where_nodes_are_named_like_layers():
@@ -490,3 +507,91 @@ def test_the_search_report_says_when_the_derived_student_misses_its_target(tmp_p
     assert "are 40.0% of the base's, the target 50.0%: it went below; weigh the cost less (--gamma)" in under
     for close in (arch(520, {"flops": 0.5}), arch(1000, {"params": 0.25})):  # 104% / exactly 25%
         assert "note:" not in _report(close, tmp_path / "arch.json", tmp_path / "widths.png", None)
+
+
+@pytest.mark.parametrize("norm", ["group norm", "layer norm on (N, H, W, C)"])
+def test_soft_gates_mix_each_choices_norm_of_its_leading_channels(norm):
+    """With soft gates, a norm over a searched group outputs sum_i g_i * norm_i, norm_i its
+    norm of the leading width_i channels (zero beyond), choices of one width summed:
+    against F.group_norm / F.layer_norm of each slice, by hand, in float64."""
+    from test_adjoin import ChannelsLastBlock
+
+    class Grouped(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.stem, self.a = nn.Conv2d(3, 16, 3, padding=1), nn.Conv2d(16, 16, 3, padding=1)
+            self.norm, self.b, self.fc = nn.GroupNorm(4, 16), nn.Conv2d(16, 24, 1), nn.Linear(24, 3)
+
+        def forward(self, x):
+            y = torch.relu(self.norm(self.a(torch.relu(self.stem(x)))))
+            return self.fc(torch.relu(self.b(y)).mean((2, 3)))
+
+    torch.manual_seed(0)
+    model = Grouped() if norm == "group norm" else ChannelsLastBlock("none")
+    with torch.no_grad():
+        model.norm.weight.add_(torch.randn_like(model.norm.weight))
+        model.norm.bias.add_(torch.randn_like(model.norm.bias))
+    network = anfast.adjoin(model, alpha=1, policy="all", input_size=(3, 8, 8)).double().eval()
+    space = SearchSpace.from_network(network, choices=(1, 2, 4, 8), round_to=4)
+    group = space.norm_points["norm"]
+    widths = space.widths[group].tolist()
+    assert len(set(widths)) < len(widths), widths  # two choices of one width: their gates add up
+    masks = StudentMasks(network, space)
+    seen = {}
+    network.norm.register_forward_hook(lambda module, args, outputs: seen.update(x=args[1], y=outputs[1]))
+    gates = torch.softmax(torch.randn(len(space.groups), len(space.choices), dtype=torch.float64), -1)
+    masks.set_gates(gates)
+    with torch.no_grad():
+        network(torch.randn(2, 3, 8, 8, dtype=torch.float64))
+    x, weight, bias = seen["x"], model.norm.weight.double(), model.norm.bias.double()
+    expected = torch.zeros_like(seen["y"])
+    for gate, width in zip(gates[group].tolist(), widths):
+        if norm == "group norm":
+            expected[:, :width] += gate * F.group_norm(x[:, :width], 4, weight[:width], bias[:width], 1e-5)
+        else:
+            expected[..., :width] += gate * F.layer_norm(x[..., :width], (width,), weight[:width], bias[:width], 1e-6)
+    torch.testing.assert_close(seen["y"], expected, rtol=1e-12, atol=1e-12)
+
+
+def test_soft_gates_mix_each_choices_standardised_filters():
+    """With soft gates, a weight-standardised conv's student convolves with sum_i g_i * S_i,
+    S_i the filters standardised over the leading width_i input channels, times the gain
+    and gamma / sqrt(fan-in) of that width (zero beyond), and then masked by its own
+    group's gates: by hand, in float64."""
+    timm = pytest.importorskip("timm")
+
+    class Standardised(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.stem = nn.Conv2d(3, 16, 3, padding=1)
+            self.a = timm.layers.ScaledStdConv2d(16, 8, 3, gamma=1.7, eps=1e-5)
+            self.fc = nn.Linear(8, 3)
+
+        def forward(self, x):
+            return self.fc(torch.relu(self.a(torch.relu(self.stem(x)))).mean((2, 3)))
+
+    torch.manual_seed(0)
+    model = Standardised()
+    with torch.no_grad():
+        model.a.gain.add_(torch.randn_like(model.a.gain))
+    network = anfast.adjoin(model, alpha=1, policy="all", input_size=(3, 8, 8)).double().eval()
+    space = SearchSpace.from_network(network, choices=(1, 2, 4, 8), round_to=4)
+    group = space.standardised_points["a"]
+    widths = space.widths[group].tolist()
+    assert len(set(widths)) < len(widths), widths  # two choices of one width: their gates add up
+    masks = StudentMasks(network, space)
+    seen = {}
+    network.a.register_forward_hook(lambda module, args, outputs: seen.update(x=args[1], y=outputs[1]))
+    gates = torch.softmax(torch.randn(len(space.groups), len(space.choices), dtype=torch.float64), -1)
+    masks.set_gates(gates)
+    with torch.no_grad():
+        network(torch.randn(2, 3, 8, 8, dtype=torch.float64))
+    weight, gain = model.a.weight.double(), model.a.gain.double()
+    mixed = torch.zeros_like(weight)
+    for gate, width in zip(gates[group].tolist(), widths):
+        w = weight[:, :width]
+        mean, var = w.mean((1, 2, 3), keepdim=True), w.var((1, 2, 3), keepdim=True, unbiased=False)
+        mixed[:, :width] += gate * (w - mean) / torch.sqrt(var + 1e-5) * gain * 1.7 / math.sqrt(width * 9)
+    expected = F.conv2d(seen["x"], mixed, model.a.bias.double(), padding=model.a.padding)
+    expected = expected * space.channel_masks(gates)[space.group_names.index("a")].view(-1, 1, 1)  # then a's mask
+    torch.testing.assert_close(seen["y"], expected, rtol=1e-12, atol=1e-12)

@@ -3,7 +3,11 @@
 Per group g the search learns logits theta_g over the width choices; each step draws
 gate weights g = softmax((theta_g + G) / tau) with Gumbel noise G (resampled every
 step, or one draw kept for the whole search as in the paper), and the full-width
-student's tensors of group g are multiplied by m_g[c] = sum_i g_i * 1[c < width_i].
+student's tensors of group g are multiplied by m_g[c] = sum_i g_i * 1[c < width_i]. A
+LayerNorm or GroupNorm over group g outputs sum_i g_i * norm(x[:width_i]), each term
+zero beyond its width: masked channels must not count in its statistics. For the same
+reason a weight-standardised conv reading group g convolves with sum_i g_i * S_i, S_i its
+filters standardised over the leading width_i input channels (zero beyond).
 """
 
 from __future__ import annotations
@@ -11,6 +15,7 @@ from __future__ import annotations
 from typing import Optional, Union
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from anfast.adjoin import AdjoinedNetwork
@@ -80,13 +85,31 @@ class StudentMasks:
 
     ``set_gates(gates)`` before each forward; ``remove()`` detaches the hooks. With
     one-hot gates the masked full-width student computes exactly the derived student
-    (the masked channels are zero everywhere they would not exist).
+    (the masked channels are zero everywhere they would not exist). A LayerNorm or
+    GroupNorm over a searched group (``space.norm_points``) instead outputs the
+    gate-weighted sum of each choice's norm of its leading channels, zero beyond them
+    (its ``student_norm``), and a weight-standardised conv reading one
+    (``space.standardised_points``) convolves its student with the gate-weighted sum of
+    each choice's standardised filters (its ``student_filters``): with one-hot gates,
+    what the derived student computes.
     """
 
     def __init__(self, network: AdjoinedNetwork, space: SearchSpace) -> None:
         self.space = space
         self._masks: Optional[list[torch.Tensor]] = None
+        self._gates: Optional[torch.Tensor] = None
         self._handles = []
+        # Read once, here: the mixtures then index the gates on the device without a sync.
+        widths = [[int(w) for w in row] for row in space.widths.tolist()]
+        self._overridden = []
+        for name, group in space.norm_points.items():
+            module = network.get_submodule(name)
+            module.student_norm = self._mixed_norm(module, group, widths[group])
+            self._overridden.append((module, "student_norm"))
+        for name, group in space.standardised_points.items():
+            module = network.get_submodule(name)
+            module.student_filters = self._mixed_filters(module, group, widths[group])
+            self._overridden.append((module, "student_filters"))
         for name, group in space.mask_points.items():
             module = network.get_submodule(name)
             # A linear's features are its last axis: (N, F), or (N, H, W, C) in ConvNeXt's blocks.
@@ -94,11 +117,16 @@ class StudentMasks:
 
     def set_gates(self, gates: torch.Tensor) -> None:
         self._masks = self.space.channel_masks(gates)
+        self._gates = gates
 
     def remove(self) -> None:
+        """Detach the hooks and give the norms and convs back their own student computation."""
         for handle in self._handles:
             handle.remove()
         self._handles = []
+        for module, attribute in self._overridden:
+            delattr(module, attribute)  # back to the class's None
+        self._overridden = []
 
     def _hook(self, group: int, last_axis: bool):
         def apply(module, args, outputs):
@@ -110,3 +138,33 @@ class StudentMasks:
             return (base, student * mask.view(shape), *rest)
 
         return apply
+
+    def _mixture(self, group: int, widths: list[int], term, axis: int, channels: int, dtype: torch.dtype):
+        """sum_i g_i * term(width_i), each term zero-padded to ``channels`` along ``axis``;
+        choices of one width share one term, their gates summed."""
+        if self._gates is None:
+            raise RuntimeError("StudentMasks: call set_gates(gates) before running the network")
+        gates = self._gates[group].to(dtype)
+        mixed = None
+        for width in sorted(set(widths)):
+            value = term(width)
+            # F.pad lists the last axis first.
+            value = F.pad(sum(gates[i] for i, w in enumerate(widths) if w == width) * value,
+                          (0, 0) * (value.dim() - 1 - axis) + (0, channels - width))
+            mixed = value if mixed is None else mixed + value
+        return mixed
+
+    def _mixed_norm(self, module: nn.Module, group: int, widths: list[int]):
+        def student_norm(x: torch.Tensor) -> torch.Tensor:
+            axis = module.channels_axis % x.dim()
+            return self._mixture(group, widths, lambda width: module.normalise_leading(x, width), axis,
+                                 x.shape[axis], x.dtype)
+
+        return student_norm
+
+    def _mixed_filters(self, module: nn.Module, group: int, widths: list[int]):
+        def student_filters() -> torch.Tensor:
+            return self._mixture(group, widths, module.standardised_filters, 1, module.in_channels,
+                                 module.weight.dtype)
+
+        return student_filters

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import math
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Sequence
 
 import torch
@@ -24,6 +24,8 @@ __all__ = ["DanError", "SearchSpace", "DEFAULT_CHOICES"]
 # The paper searched (1, 2, 4); 8 lets a group drop to an eighth when the target is tight.
 DEFAULT_CHOICES = (1.0, 2.0, 4.0, 8.0)
 
+_CHANNEL_NORMS = ("layernorm", "groupnorm")  # normalised per width choice (anfast.dan.gates), not masked
+
 
 class DanError(ValueError):
     """A search setting or model DAN cannot work with; the message names the fix."""
@@ -36,7 +38,12 @@ class SearchSpace:
     ``widths[g, i]`` is the student width of group ``groups[g]`` at ``choices[i]``,
     computed by anfast.adjoin.student_width exactly as adjoin will build it.
     ``mask_points`` maps a module name to the group whose mask multiplies that
-    module's student output.
+    module's student output. ``norm_points`` maps each LayerNorm and GroupNorm over a
+    searched group to that group: its student output is the gate-weighted sum of the norms
+    of each choice's leading channels, each zero beyond its width (masked by itself).
+    ``standardised_points`` maps each weight-standardised conv (groups=1) that reads a
+    searched group to that group: its student convolves with the gate-weighted sum of the
+    filters standardised over each choice's leading input channels.
     """
 
     groups: list[WidthGroup]
@@ -44,6 +51,8 @@ class SearchSpace:
     round_to: int
     widths: torch.Tensor  # (groups, choices), int64
     mask_points: dict[str, int]
+    norm_points: dict[str, int] = field(default_factory=dict)
+    standardised_points: dict[str, int] = field(default_factory=dict)
 
     @classmethod
     def from_network(cls, network: AdjoinedNetwork, choices: Sequence[float] = DEFAULT_CHOICES,
@@ -77,7 +86,15 @@ class SearchSpace:
         widths = torch.tensor([[student_width(g.channels, a, round_to, g.multiple) for a in choices]
                                for g in groups], dtype=torch.long)
         index = {g.name: i for i, g in enumerate(groups)}
-        return cls(groups, choices, round_to, widths, _mask_points(network, index))
+        norm_points = {name: index[w.out_group] for name, w in network.layer_widths.items()
+                       if w.kind in _CHANNEL_NORMS and w.out_group in index}
+        # A grouped one keeps its fan-in (whole groups): the mask on its input is exact.
+        standardised = {name: index[w.in_group] for name, w in network.layer_widths.items()
+                        if w.kind == "conv" and w.in_group in index
+                        and network.get_submodule(name).standardise_eps is not None
+                        and network.get_submodule(name).groups == 1}
+        return cls(groups, choices, round_to, widths, _mask_points(network, index, norm_points), norm_points,
+                   standardised)
 
     @property
     def group_names(self) -> list[str]:
@@ -104,30 +121,32 @@ def _check_choices(choices: Sequence[float]) -> tuple[float, ...]:
     return tuple(sorted(values))
 
 
-def _mask_points(network: AdjoinedNetwork, group_index: dict[str, int]) -> dict[str, int]:
+def _mask_points(network: AdjoinedNetwork, group_index: dict[str, int], norm_points: dict[str, int]) -> dict[str, int]:
     """Every student tensor of a group must carry the group's mask.
 
     Masking after each batch norm of a group covers the tensors that norm produces
     (a norm would otherwise re-normalise masked channels back to its bias); a
     producer whose student output reaches anything but norms is masked itself.
-    ReLU, pooling and residual adds then pass the mask on unchanged.
+    ReLU, pooling and residual adds then pass the mask on unchanged. A LayerNorm or
+    GroupNorm (``norm_points``) masks its own output: it normalises each choice's leading
+    channels alone, so its input needs no mask either.
     """
     points: dict[str, int] = {}
     modules = dict(network.named_modules())
     for name, widths in network.layer_widths.items():
         group = group_index.get(widths.out_group)
-        if group is None:
+        if group is None or name in norm_points:
             continue
-        if widths.kind == "norm" or not _feeds_only_norms(network, name, modules):
+        if widths.kind == "norm" or not _feeds_only_norms(network, name, modules, norm_points):
             points[name] = group
     return points
 
 
-def _feeds_only_norms(network: torch.fx.GraphModule, name: str, modules: dict) -> bool:
+def _feeds_only_norms(network: torch.fx.GraphModule, name: str, modules: dict, norm_points: dict[str, int]) -> bool:
     for node in network.graph.nodes:
         if node.op == "call_module" and node.target == name:
             students = [u for u in node.users if u.args[1] == 1]  # getitem(call, 1): the student
             users = [u for s in students for u in s.users]
-            return bool(users) and all(u.op == "call_module" and isinstance(modules[u.target], AdjoinedBatchNorm2d)
-                                       for u in users)
+            return bool(users) and all(u.op == "call_module" and (
+                isinstance(modules[u.target], AdjoinedBatchNorm2d) or u.target in norm_points) for u in users)
     raise DanError(f"{name}: not called in the network's graph")

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from typing import Any, Optional, Sequence
+from typing import Any, Callable, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -164,6 +164,9 @@ class AdjoinedConv2d(nn.Conv2d):
     pad_same: bool = False
     standardise_eps: Optional[float] = None
     scale: Optional[float] = None
+    # Set by a DAN search on a standardised layer (anfast.dan.gates.StudentMasks): the first
+    # student's filters, called at each forward (the gates' mix of standardised filters).
+    student_filters: Optional[Callable[[], torch.Tensor]] = None
 
     def __init__(
         self,
@@ -287,24 +290,38 @@ class AdjoinedConv2d(nn.Conv2d):
         """(weight, bias, groups) network n convolves with: ``network_weight``'s, standardised
         over its own slice where the layer standardises its filters."""
         weight, bias, groups = self.network_weight(n)
-        if self.standardise_eps is None:
-            return weight, bias, groups
+        if n == 1 and self.student_filters is not None:
+            return self.student_filters(), bias, groups
+        return (weight if self.standardise_eps is None else self._standardised(weight)), bias, groups
+
+    def standardised_filters(self, in_channels: int) -> torch.Tensor:
+        """Every filter over its leading ``in_channels`` input channels, standardised as the
+        layer of that input width computes them (ScaledStdConv2d's scale for its fan-in): what
+        a DAN search mixes over the width choices of the group this layer reads."""
+        if self.standardise_eps is None or self.groups != 1:
+            raise ValueError(f"AdjoinedConv2d: standardised_filters needs a weight-standardised conv with "
+                             f"groups=1 (this one: standardise_eps={self.standardise_eps}, groups={self.groups})")
+        return self._standardised(self.weight[:, :in_channels])
+
+    def _standardised(self, weight: torch.Tensor) -> torch.Tensor:
         gain, scale = None, 1.0
         if self.scale is not None:
             gain = self.gain[:weight.shape[0]]
             scale = student_scale(self.scale, self.weight[0].numel(), weight[0].numel())
-        return standardised_weight(weight, self.standardise_eps, gain, scale), bias, groups
+        return standardised_weight(weight, self.standardise_eps, gain, scale)
 
-    def _padded(self, x: torch.Tensor) -> torch.Tensor:
+    def pad_input(self, x: torch.Tensor) -> torch.Tensor:
+        """x padded as TF's "SAME" does where the layer pads so (``pad_same``), else x: what
+        F.conv2d at ``self.padding`` reads."""
         return pad_same(x, self.kernel_size, self.stride, self.dilation) if self.pad_same else x
 
     def forward(self, x_base: torch.Tensor, *x_students: torch.Tensor) -> tuple[torch.Tensor, ...]:
         if self.input_shared:
             weight, bias, _ = self.conv_weight(0)
-            y_base = self._conv_forward(self._padded(x_base), weight, bias)  # nn.Conv2d's, any padding_mode
+            y_base = self._conv_forward(self.pad_input(x_base), weight, bias)  # nn.Conv2d's, any padding_mode
             return (y_base, *(hand_over(y_base[:, :c], s + 1) for s, c in enumerate(self.student_out_channels)))
         check_student_inputs(self, x_students, "student_in_channels", self.student_in_channels, axis=1)
-        inputs = tuple(self._padded(x) for x in (x_base, *x_students))
+        inputs = tuple(self.pad_input(x) for x in (x_base, *x_students))
         if self.standardise_eps is not None or (
                 active_streams() is not None and fixed_backend_name(self.backend, x_base.device) == "torch"):
             # Each network alone: a standardised student's filters are not the leading

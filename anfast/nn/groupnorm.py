@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Optional, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -45,8 +45,8 @@ class AdjoinedGroupNorm(_ChannelNorm, nn.GroupNorm):
         module.weight, module.bias = norm.weight, norm.bias
         return module
 
-    def _normalise(self, n: int, x: torch.Tensor) -> torch.Tensor:
-        return F.group_norm(x, self.num_groups, *self.network_affine(n), self.eps)
+    def _normalise(self, x: torch.Tensor, weight: Optional[torch.Tensor], bias: Optional[torch.Tensor]) -> torch.Tensor:
+        return F.group_norm(x, self.num_groups, weight, bias, self.eps)
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, student_channels={self.student_channels}"

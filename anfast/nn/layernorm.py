@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Optional, Sequence
+from typing import Callable, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -18,25 +18,38 @@ class _ChannelNorm:
     """A norm without running statistics, for adjoined layers: each network normalises its
     own channels with the leading slice of the base's affine parameters; the students'
     widths are the attribute ``_widths_name`` names, on ``channels_axis``. A subclass
-    defines ``_normalise(n, x)``, network n's norm of x."""
+    defines ``_normalise(x, weight, bias)``, the norm of all of x's channels."""
 
     _widths_name: str
     channels_axis: int
+    # Set by a DAN search (anfast.dan.gates.StudentMasks): the first student's norm of its
+    # input, in place of its own (the gates' mix of each width choice's norm).
+    student_norm: Optional[Callable[[torch.Tensor], torch.Tensor]] = None
 
     def network_affine(self, n: int) -> tuple[Optional[torch.Tensor], Optional[torch.Tensor]]:
         """(weight, bias) of network n, None where the norm has none: 0 is the base, s + 1 is student s."""
         if n == 0:
             return self.weight, self.bias
-        width = getattr(self, self._widths_name)[n - 1]
+        return self._leading_affine(getattr(self, self._widths_name)[n - 1])
+
+    def _leading_affine(self, width: int) -> tuple[Optional[torch.Tensor], Optional[torch.Tensor]]:
         return tuple(None if p is None else p[:width] for p in (self.weight, self.bias))
+
+    def normalise_leading(self, x: torch.Tensor, width: int) -> torch.Tensor:
+        """The norm of x's leading ``width`` channels as a network of that width computes it:
+        statistics over those channels alone, the leading slice of the affine parameters.
+        A DAN search mixes these over its width choices (anfast.dan.gates)."""
+        x = x.narrow(self.channels_axis, 0, width)
+        return self._normalise(x, *self._leading_affine(width))
 
     def forward(self, x_base: torch.Tensor, *x_students: torch.Tensor) -> tuple[torch.Tensor, ...]:
         check_student_inputs(self, x_students, self._widths_name, getattr(self, self._widths_name),
                              axis=self.channels_axis)
-        outputs = [self._normalise(0, x_base)]
+        outputs = [self._normalise(x_base, *self.network_affine(0))]
         for s, x in enumerate(x_students):
             with network_stream(s + 1):
-                outputs.append(self._normalise(s + 1, x))
+                outputs.append(self.student_norm(x) if s == 0 and self.student_norm is not None
+                               else self._normalise(x, *self.network_affine(s + 1)))
         return tuple(outputs)
 
 
@@ -88,8 +101,7 @@ class AdjoinedLayerNorm(_ChannelNorm, nn.LayerNorm):
         module.weight, module.bias = norm.weight, norm.bias
         return module
 
-    def _normalise(self, n: int, x: torch.Tensor) -> torch.Tensor:
-        weight, bias = self.network_affine(n)
+    def _normalise(self, x: torch.Tensor, weight: Optional[torch.Tensor], bias: Optional[torch.Tensor]) -> torch.Tensor:
         if self.channels_axis == 1:  # as timm's LayerNorm2d: over the channels of (N, C, H, W)
             return F.layer_norm(x.permute(0, 2, 3, 1), (x.shape[1],), weight, bias, self.eps).permute(0, 3, 1, 2)
         return F.layer_norm(x, (x.shape[-1],), weight, bias, self.eps)
