@@ -518,3 +518,43 @@ def test_adjoin_coverage_says_adjoins_only_where_base_and_export_agree(tmp_path,
     # Through main, whose progress line for a row without a reason once failed on it.
     (row,) = adjoin_coverage.main(["resnet18", "--image-size", "32", "--out", str(out)])["rows"]
     assert row["status"] == "differs" and 0 < row["student_error"] < 1e-3 and row["base_error"] <= 1e-12
+
+
+def test_dan_coverage_says_searches_only_where_the_masked_network_is_the_derived_student(tmp_path, monkeypatch):
+    """dan_coverage.py on resnet18 (searched: every group but the image's and the logits'),
+    a model the search refuses (by the test) and a name timm does not know (failed); then
+    with exports whose weights are off by a little: "differs"."""
+    pytest.importorskip("timm")
+    import dan_coverage
+
+    space = dan_coverage.SearchSpace.from_network
+    def refuse_mobilenets(network, *args, **kwargs):
+        if type(network.architecture()).__name__ == "MobileNetV3":
+            raise dan_coverage.DanError("refused by the test")
+        return space(network, *args, **kwargs)
+    monkeypatch.setattr(dan_coverage.SearchSpace, "from_network", refuse_mobilenets)
+    out = tmp_path / "dan.json"
+    payload = dan_coverage.main(["resnet18", "mobilenetv3_small_050", "no_such_net", "--image-size", "32",
+                                 "--out", str(out)])
+    monkeypatch.undo()
+    assert json.loads(out.read_text()) == json.loads(json.dumps(payload))
+    rows = {row["model"]: row for row in payload["rows"]}
+    resnet = rows["resnet18"]
+    assert resnet["status"] == "searches" and resnet["groups"]["searched"] == resnet["groups"]["shrinkable"] > 0
+    assert resnet["through"] == {"norms": 0, "standardised_convs": 0} and len(resnet["draws"]) == 2
+    assert all(d["cost_equals_profile"] and d["student_error"] <= 1e-12 and d["params"] < resnet["params"]
+               for d in resnet["draws"])
+    refused = rows["mobilenetv3_small_050"]
+    assert refused["status"] == "refused" and "by the test" in refused["reason"]
+    assert rows["no_such_net"]["status"] == "failed" and "no_such_net" in rows["no_such_net"]["reason"]
+    assert payload["counts"] == {"searches": 1, "differs": 0, "refused": 1, "failed": 1}
+
+    export = dan_coverage.anfast.export_student
+    def off_by_a_little(an, *args, **kwargs):
+        student = export(an, *args, **kwargs)
+        with torch.no_grad():
+            student.fc.bias.add_(1e-6)
+        return student
+    monkeypatch.setattr(dan_coverage.anfast, "export_student", off_by_a_little)
+    (row,) = dan_coverage.main(["resnet18", "--image-size", "32", "--draws", "1", "--out", str(out)])["rows"]
+    assert row["status"] == "differs" and 0 < row["draws"][0]["student_error"] < 1e-3

@@ -297,6 +297,8 @@ def test_a_group_norms_channels_are_searched_in_whole_groups():
     space = SearchSpace.from_network(network, choices=(1, 2, 4, 8), round_to=1)
     assert space.group_names == ["stem", "a", "b"]
     assert space.widths[1].tolist() == [16, 8, 4, 4]  # 16 / 8 rounds up to one channel per group
+    # The norm masks its own output; a, which feeds only the norm, needs no mask.
+    assert space.norm_points == {"norm": 1} and "a" not in space.mask_points and "norm" not in space.mask_points
     _assert_one_hot_gates_give_the_derived_student(model, network, space, ([2, 3, 2], [1, 2, 0], [0, 1, 1],
                                                                            [3, 0, 3]))
 

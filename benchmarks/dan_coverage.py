@@ -1,0 +1,129 @@
+"""Which timm CNNs can a DAN search shrink, and does its masked network compute the students it derives?
+
+    python benchmarks/dan_coverage.py                      # adjoin_coverage.py's 60 CNNs
+    python benchmarks/dan_coverage.py --set hybrids        # its 60 hybrids, ViTs, MLPs, CNNs
+    python benchmarks/dan_coverage.py convnext_atto nf_resnet26   # or name the models
+
+For each timm architecture (random weights, 10 classes, nothing downloaded): the search's
+network, `anfast.adjoin(model, alpha=1, policy="all")` in float64, and its
+`anfast.dan.SearchSpace`: how many of the width groups that can shrink the search
+searches (the others are reduced over or mixed in a way no mask narrows, or a shift is
+added to them: docs/dan.md, "Limits"), and through how many LayerNorms / GroupNorms and
+weight-standardised convs. Then, for ``--draws`` random architectures (one width choice
+per group), the network masked by one-hot gates against the student the search would
+derive (adjoin with those widths, exported as the model's own class), in eval mode on
+one batch, and the cost model's FLOPs and parameters against anfast.profile of that
+export. A row says "searches" only when the outputs agree to 1e-9 (relative) and the
+counts are equal; else "differs", "refused" (adjoin's or the search's reason) or
+"failed". The JSON goes to results/dan_coverage-<cpu>-<date>.json (dan_coverage_hybrids-...
+for the second set).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import warnings
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from adjoin_coverage import SETS, _relative_error  # noqa: E402
+from common import environment, write_result  # noqa: E402
+
+import anfast  # noqa: E402
+from anfast.dan import CostModel, DanError, SearchSpace, StudentMasks  # noqa: E402
+
+
+def check(name: str, image_size: int, draws: int) -> dict:
+    """One model's row: status, reason or errors, groups searched of those that can shrink,
+    the layers searched through, and each drawn architecture's parameters."""
+    import timm
+
+    generator = torch.Generator().manual_seed(0)
+    torch.manual_seed(0)
+    row: dict = {"model": name, "image_size": image_size}
+    input_size = (3, image_size, image_size)
+    try:
+        model = timm.create_model(name, pretrained=False, num_classes=10).double().eval()
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # "no layer shrinks": the row's counts say it
+            network = anfast.adjoin(model, alpha=1, policy="all", input_size=input_size).eval()
+            space = SearchSpace.from_network(network)
+    except (anfast.AdjoinError, DanError) as error:
+        return {**row, "status": "refused", "reason": str(error)}
+    except Exception as error:  # timm or fx: the row names it, the survey goes on
+        return {**row, "status": "failed", "reason": f"{type(error).__name__}: {error}"}
+    row["groups"] = {"shrinkable": sum(not g.fixed for g in network.width_groups), "searched": len(space.groups)}
+    row["through"] = {"norms": len(space.norm_points), "standardised_convs": len(space.standardised_points)}
+    try:
+        cost = CostModel(network, space, input_size)
+        masks = StudentMasks(network, space)
+        images = torch.randn(2, *input_size, dtype=torch.float64)
+        row["draws"] = []
+        for _ in range(draws):
+            choice = torch.randint(0, len(space.choices), (len(space.groups),), generator=generator)
+            alphas = space.alphas(choice)
+            policy = {producer: alphas[g.name] for g in space.groups for producer in g.producers}
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                derived = anfast.adjoin(model, alpha=1, policy=policy, round_to=space.round_to, input_size=input_size)
+            student = anfast.export_student(derived).eval()
+            masks.set_gates(torch.nn.functional.one_hot(choice, len(space.choices)).double())
+            with torch.no_grad():
+                error = _relative_error(network(images).student, student(images))
+            counted, profiled = cost.exact(choice), anfast.profile(student, input_size)
+            row["draws"].append({"student_error": error, "cost_equals_profile": counted == profiled,
+                                 "params": profiled["params"], "flops": profiled["flops"]})
+        masks.remove()
+    except Exception as error:
+        return {**row, "status": "failed", "reason": f"{type(error).__name__}: {error}"}
+    row["params"], row["flops"] = cost.base["params"], cost.base["flops"]
+    exact = all(d["student_error"] <= 1e-9 and d["cost_equals_profile"] for d in row["draws"])
+    row["status"] = "searches" if exact else "differs"
+    return row
+
+
+def main(argv=None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("models", nargs="*", help="timm model names (default: the --set)")
+    parser.add_argument("--set", choices=SETS, default="cnns", help="which list to try (default: %(default)s)")
+    parser.add_argument("--image-size", type=int, default=64, help="of the tracing and checking input")
+    parser.add_argument("--draws", type=int, default=2, help="random architectures checked per model")
+    parser.add_argument("--out", help="JSON path (default benchmarks/results/dan_coverage-<cpu>-<date>.json)")
+    args = parser.parse_args(argv)
+    if args.draws < 1:
+        parser.error(f"--draws {args.draws}: give 1 or more")
+    try:
+        import timm
+    except ImportError:
+        parser.error("timm is not installed: pip install timm (or the [test] extra)")
+
+    models = args.models or SETS[args.set]
+    benchmark = "dan_coverage" if args.models or args.set == "cnns" else f"dan_coverage_{args.set}"
+    payload = {**environment("cpu"), "timm": timm.__version__, "image_size": args.image_size, "draws": args.draws,
+               "set": None if args.models else args.set, "rows": []}
+    for name in tqdm(models, desc="dan", unit="model"):
+        row = check(name, args.image_size, args.draws)
+        payload["rows"].append(row)
+        path = write_result(benchmark, payload, args.out)  # after every model: a cut run keeps its rows
+        if row["status"] in ("refused", "failed"):
+            detail = row["reason"].splitlines()[0][:120]
+        else:
+            groups, through = row["groups"], row["through"]
+            detail = (f"{groups['searched']} of {groups['shrinkable']} groups, through {through['norms']} norms and "
+                      f"{through['standardised_convs']} standardised convs; largest student error "
+                      f"{max(d['student_error'] for d in row['draws']):.1e}")
+        tqdm.write(f"{name:24s} {row['status']:8s} {detail}")
+    counts = {status: sum(r["status"] == status for r in payload["rows"])
+              for status in ("searches", "differs", "refused", "failed")}
+    payload["counts"] = counts
+    path = write_result(benchmark, payload, args.out)
+    print(f"{counts['searches']} of {len(payload['rows'])} search exactly ({counts}); wrote {path}")
+    return payload
+
+
+if __name__ == "__main__":
+    main()
