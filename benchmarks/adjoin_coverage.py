@@ -59,6 +59,22 @@ def _relative_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
     return float((actual - expected).norm() / expected.norm().clamp_min(1e-300))
 
 
+def adjoin_at_its_size(model: torch.nn.Module, image_size: int, **options) -> tuple:
+    """(``anfast.adjoin(model, input_size=(3, image_size, image_size), **options)``, the
+    size it took): a model whose attention takes only its own input size (BoTNet, HaloNet)
+    is adjoined at that size instead. Warnings that nothing shrinks are silenced: the
+    caller's counts say it."""
+    own_size = model.pretrained_cfg.get("input_size", (3, image_size, image_size))[-1]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        try:
+            return anfast.adjoin(model, input_size=(3, image_size, image_size), **options), image_size
+        except anfast.AdjoinError as error:
+            if "fails on an input of size" not in str(error) or own_size == image_size:
+                raise
+            return anfast.adjoin(model, input_size=(3, own_size, own_size), **options), own_size
+
+
 def check(name: str, alpha: float, image_size: int) -> dict:
     """One model's row: status, reason or errors, parameters of base and student, width
     groups kept at full width. Base and exported student are compared in eval mode after
@@ -70,16 +86,8 @@ def check(name: str, alpha: float, image_size: int) -> dict:
     row: dict = {"model": name, "image_size": image_size}
     try:
         model = timm.create_model(name, pretrained=False, num_classes=10).double()
-        own_size = model.pretrained_cfg.get("input_size", (3, image_size, image_size))[-1]
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # "no layer shrinks": the row's parameters say it
-            try:
-                an = anfast.adjoin(model, alpha=alpha, policy="all", input_size=(3, image_size, image_size))
-            except anfast.AdjoinError as error:
-                if "fails on an input of size" not in str(error) or own_size == image_size:
-                    raise
-                row["image_size"] = image_size = own_size
-                an = anfast.adjoin(model, alpha=alpha, policy="all", input_size=(3, image_size, image_size))
+        an, row["image_size"] = adjoin_at_its_size(model, image_size, alpha=alpha, policy="all")
+        image_size = row["image_size"]
     except anfast.AdjoinError as error:
         return {**row, "status": "refused", "reason": str(error)}
     except Exception as error:  # timm or fx: the row names it, the survey goes on

@@ -5,7 +5,8 @@
     python benchmarks/dan_coverage.py convnext_atto nf_resnet26   # or name the models
 
 For each timm architecture (random weights, 10 classes, nothing downloaded): the search's
-network, `anfast.adjoin(model, alpha=1, policy="all")` in float64, and its
+network, `anfast.adjoin(model, alpha=1, policy="all")` in float64 at 96 px (or the
+model's own size where its attention takes no other), and its
 `anfast.dan.SearchSpace`: how many of the width groups that can shrink the search
 searches (the others are reduced over or mixed in a way no mask narrows, or a shift is
 added to them: docs/dan.md, "Limits"), and through how many LayerNorms / GroupNorms and
@@ -30,7 +31,7 @@ import torch
 from tqdm import tqdm
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from adjoin_coverage import SETS, _relative_error  # noqa: E402
+from adjoin_coverage import SETS, _relative_error, adjoin_at_its_size  # noqa: E402
 from common import environment, write_result  # noqa: E402
 
 import anfast  # noqa: E402
@@ -45,17 +46,16 @@ def check(name: str, image_size: int, draws: int) -> dict:
     generator = torch.Generator().manual_seed(0)
     torch.manual_seed(0)
     row: dict = {"model": name, "image_size": image_size}
-    input_size = (3, image_size, image_size)
     try:
         model = timm.create_model(name, pretrained=False, num_classes=10).double().eval()
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # "no layer shrinks": the row's counts say it
-            network = anfast.adjoin(model, alpha=1, policy="all", input_size=input_size).eval()
-            space = SearchSpace.from_network(network)
+        network, row["image_size"] = adjoin_at_its_size(model, image_size, alpha=1, policy="all")
+        network.eval()
+        space = SearchSpace.from_network(network)
     except (anfast.AdjoinError, DanError) as error:
         return {**row, "status": "refused", "reason": str(error)}
     except Exception as error:  # timm or fx: the row names it, the survey goes on
         return {**row, "status": "failed", "reason": f"{type(error).__name__}: {error}"}
+    input_size = (3, row["image_size"], row["image_size"])
     row["groups"] = {"shrinkable": sum(not g.fixed for g in network.width_groups), "searched": len(space.groups)}
     row["through"] = {"norms": len(space.norm_points), "standardised_convs": len(space.standardised_points)}
     try:
@@ -90,7 +90,8 @@ def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("models", nargs="*", help="timm model names (default: the --set)")
     parser.add_argument("--set", choices=SETS, default="cnns", help="which list to try (default: %(default)s)")
-    parser.add_argument("--image-size", type=int, default=64, help="of the tracing and checking input")
+    parser.add_argument("--image-size", type=int, default=96,
+                        help="of the tracing and checking input (a model whose attention takes only its own: that)")
     parser.add_argument("--draws", type=int, default=2, help="random architectures checked per model")
     parser.add_argument("--out", help="JSON path (default benchmarks/results/dan_coverage-<cpu>-<date>.json)")
     args = parser.parse_args(argv)
