@@ -324,17 +324,66 @@ def test_group_names_are_unique_where_nodes_are_named_like_layers():
     assert "mean" in SearchSpace.from_network(network).group_names
 
 
-def test_a_concat_of_searched_groups_is_refused():
-    class Dense(nn.Module):  # DenseNet's
+class Dense(nn.Module):
+    """DenseNet's concats (Huang et al. 2017): each layer reads the batch-normed concat of
+    everything before it; a part that is not searched (the pooled image); a transition,
+    and a linear head on the pooled concat."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem, self.stem_bn = nn.Conv2d(3, 16, 3, padding=1, bias=False), nn.BatchNorm2d(16)
+        self.norm1, self.conv1 = nn.BatchNorm2d(16), nn.Conv2d(16, 8, 3, padding=1, bias=False)
+        self.norm2, self.conv2 = nn.BatchNorm2d(24), nn.Conv2d(24, 8, 3, padding=1, bias=False)
+        self.norm3, self.transition = nn.BatchNorm2d(35), nn.Conv2d(35, 16, 1)
+        self.head_norm, self.fc = nn.BatchNorm2d(24), nn.Linear(24, 3)
+
+    def forward(self, x):
+        features = [torch.relu(self.stem_bn(self.stem(x)))]
+        for norm, conv in ((self.norm1, self.conv1), (self.norm2, self.conv2)):
+            features.append(conv(torch.relu(norm(torch.cat(features, 1)))))
+        y = self.transition(torch.relu(self.norm3(torch.cat([*features, x], 1))))  # the image: full width
+        y = torch.cat([F.avg_pool2d(y, 2), F.avg_pool2d(features[-1], 2)], 1)
+        return self.fc(torch.relu(self.head_norm(y)).mean((2, 3)))
+
+
+def test_densenet_concats_are_searched_part_by_part():
+    """A layer reading a concat reads each part's searched width (the cost model sums their
+    monomials); a batch norm over one is masked after by its parts' masks end to end (ones
+    for the image). The masked network computes each derived student exactly, at the cost
+    the cost model gives it."""
+    torch.manual_seed(0)
+    model = Dense()
+    with torch.no_grad():
+        for norm in (model.norm1, model.norm2, model.norm3, model.head_norm):
+            norm.bias.add_(torch.rand_like(norm.bias) + 0.5)  # a masked channel would show its bias
+    network = anfast.adjoin(model, alpha=1, policy="all", input_size=(3, 8, 8)).double().eval()
+    space = SearchSpace.from_network(network, choices=(1, 2, 4), round_to=4)
+    assert space.group_names == ["stem", "conv1", "conv2", "transition"]
+    assert space.concat_points == {"norm2": ((0, 16), (1, 8)), "norm3": ((0, 16), (1, 8), (2, 8), (None, 3)),
+                                   "head_norm": ((3, 16), (2, 8))}
+    _assert_one_hot_gates_give_the_derived_student(model, network, space, (
+        [2, 2, 2, 2], [1, 0, 2, 1], [0, 1, 1, 2], [2, 1, 0, 0]), image_size=8)
+
+
+def test_a_layer_norm_over_a_concat_leaves_its_parts_unsearched():
+    """A LayerNorm normalises each width choice of one group, not of a concat's parts:
+    those parts keep full width; the conv after it is searched."""
+    class Normed(nn.Module):
         def __init__(self):
             super().__init__()
-            self.a, self.b, self.c = nn.Conv2d(3, 8, 3), nn.Conv2d(3, 8, 3), nn.Conv2d(16, 4, 1)
+            self.a, self.b = nn.Conv2d(3, 8, 3, padding=1), nn.Conv2d(3, 8, 3, padding=1)
+            self.norm, self.c, self.fc = nn.LayerNorm(16), nn.Conv2d(16, 8, 1), nn.Linear(8, 3)
 
         def forward(self, x):
-            return self.c(torch.cat([self.a(x), self.b(x)], 1)).mean((2, 3))
+            y = self.norm(torch.cat([self.a(x), self.b(x)], 1).permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
+            return self.fc(torch.relu(self.c(y)).mean((2, 3)))
 
-    with pytest.raises(DanError, match=r"\['c'\] read channel-concatenated inputs"):
-        SearchSpace.from_network(anfast.adjoin(Dense(), alpha=1, policy="all", input_size=(3, 9, 9)))
+    torch.manual_seed(0)
+    model = Normed()
+    network = anfast.adjoin(model, alpha=1, policy="all", input_size=(3, 8, 8)).double().eval()
+    space = SearchSpace.from_network(network, choices=(1, 2, 4), round_to=4)
+    assert space.group_names == ["c"]
+    _assert_one_hot_gates_give_the_derived_student(model, network, space, ([0], [1], [2]), image_size=8)
 
 
 def test_expected_cost_is_differentiable_and_interpolates():
@@ -370,9 +419,11 @@ def test_gates_noise_and_temperature():
     assert long.resolved_tau_schedule() == "paper" and math.isclose(long.tau_at(95, 30, 3000), 15.0 * 0.956**3)
 
 
-def test_moments_and_expected_penalty_equal_enumeration():
-    """E_p[cost], E_p[cost^2] and E_p[R] against a sum over every architecture."""
-    network = anfast.adjoin(TinyResidualNet(), alpha=1, policy="all", input_size=(3, 8, 8))
+@pytest.mark.parametrize("model", [TinyResidualNet, Dense])
+def test_moments_and_expected_penalty_equal_enumeration(model):
+    """E_p[cost], E_p[cost^2] and E_p[R] against a sum over every architecture (with
+    DenseNet's concats: a layer's input channels are the sum of its parts')."""
+    network = anfast.adjoin(model(), alpha=1, policy="all", input_size=(3, 8, 8))
     space = SearchSpace.from_network(network, choices=(1, 2, 4), round_to=4)
     cost = CostModel(network, space, (3, 8, 8))
     probabilities = torch.softmax(torch.randn(len(space.groups), 3, generator=torch.Generator().manual_seed(3),

@@ -43,8 +43,10 @@ _NORMS = ("norm", "layernorm", "groupnorm")  # a weight and a bias per channel, 
 @dataclass(frozen=True)
 class _Layer:
     kind: str  # "conv", "linear", "norm" (a batch norm), "layernorm" or "groupnorm"
-    in_group: int  # index into the cost model's channel vector
-    out_group: int
+    # Indices into the cost model's channel vector: one group, or a concat's parts (its
+    # channels are their sum; a norm over a concat has them as outputs too).
+    in_groups: tuple[int, ...]
+    out_groups: tuple[int, ...]
     in_features_per_channel: int  # > 1 for a linear after flatten(C x H x W)
     kernel: int  # kh * kw for convs, 1 for linears
     positions: int  # H_out * W_out for convs, 1 for linears, summed over the layer's calls
@@ -67,14 +69,11 @@ class CostModel:
     def __init__(self, network: AdjoinedNetwork, space: SearchSpace, input_size: Sequence[int]):
         self.space = space
         searched = {name: i for i, name in enumerate(space.group_names)}
-        # Full width in every student: the unsearched groups, and each concat of them (the
-        # space refuses a concat of searched ones), keyed "concat:LAYER".
+        # Full width in every student: the unsearched groups.
         fixed = {g.name: g.channels for g in network.width_groups if g.name not in searched}
-        fixed.update({f"concat:{name}": w.in_channels for name, w in network.layer_widths.items()
-                      if w.in_group == "concat"})
         index = {**searched, **{name: len(searched) + i for i, name in enumerate(fixed)}}
         self._fixed_channels = torch.tensor(list(fixed.values()), dtype=torch.float64)
-        channels = {**{g.name: g.channels for g in network.width_groups}, **fixed}
+        channels = {g.name: g.channels for g in network.width_groups}
         positions = _output_positions(network, input_size)
         modules = dict(network.named_modules())
         self._layers = []
@@ -84,13 +83,13 @@ class CostModel:
                     widths.kind == "layernorm" and not module.elementwise_affine):
                 continue
             grouped = widths.kind == "conv" and module.groups > 1
-            in_group, out_group = (f"concat:{name}" if group == "concat" else group
+            in_parts, out_parts = (widths.in_parts if group == "concat" else (group,)
                                    for group in (widths.in_group, widths.out_group))
             self._layers.append(_Layer(
                 kind=widths.kind,
-                in_group=index[in_group],
-                out_group=index[out_group],
-                in_features_per_channel=widths.in_channels // channels[in_group],
+                in_groups=tuple(index[part] for part in in_parts),
+                out_groups=tuple(index[part] for part in out_parts),
+                in_features_per_channel=widths.in_channels // sum(channels[part] for part in in_parts),
                 kernel=module.kernel_size[0] * module.kernel_size[1] if widths.kind == "conv" else 1,
                 positions=positions[name] if widths.kind in ("conv", "linear") else 1,
                 in_per_group=module.in_channels // module.groups if grouped else 0,
@@ -176,14 +175,16 @@ class CostModel:
         for group, per_channel in self._channel_ops:
             add("flops", float(per_channel), channels(group))
         for layer in self._layers:
-            c_out = channels(layer.out_group)
             if layer.kind in _NORMS:
-                add("params", float(layer.norm_parameters), c_out)
+                for group in layer.out_groups:
+                    add("params", float(layer.norm_parameters), channels(group))
                 continue
-            c_in = ((float(layer.in_per_group), ()) if layer.in_per_group
-                    else channels(layer.in_group, float(layer.in_features_per_channel)))
-            add("flops", 2.0 * layer.kernel * layer.positions, c_in, c_out)
-            add("params", float(layer.kernel), c_in, c_out)
+            (c_out,) = (channels(group) for group in layer.out_groups)
+            # A concat's channels are the sum of its parts': one monomial per part.
+            for c_in in ([(float(layer.in_per_group), ())] if layer.in_per_group
+                         else [channels(group, float(layer.in_features_per_channel)) for group in layer.in_groups]):
+                add("flops", 2.0 * layer.kernel * layer.positions, c_in, c_out)
+                add("params", float(layer.kernel), c_in, c_out)
             if layer.bias:
                 add("params", 1.0, c_out)
         forms = {}
@@ -217,11 +218,12 @@ class CostModel:
         flops = sum((per_channel * channels[group] for group, per_channel in self._channel_ops), channels.new_zeros(()))
         params = sum((channels[group] for group in self._vectors), channels.new_zeros(()))
         for layer in self._layers:
-            c_out = channels[layer.out_group]
+            c_out = sum(channels[group] for group in layer.out_groups)
             if layer.kind in _NORMS:
                 params = params + layer.norm_parameters * c_out
                 continue
-            c_in = layer.in_per_group if layer.in_per_group else channels[layer.in_group] * layer.in_features_per_channel
+            c_in = layer.in_per_group if layer.in_per_group else (
+                sum(channels[group] for group in layer.in_groups) * layer.in_features_per_channel)
             flops = flops + 2 * layer.kernel * layer.positions * c_in * c_out
             params = params + layer.kernel * c_in * c_out + (c_out if layer.bias else 0)
         return {"flops": flops, "params": params}

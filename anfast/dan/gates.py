@@ -110,10 +110,13 @@ class StudentMasks:
             module = network.get_submodule(name)
             module.student_filters = self._mixed_filters(module, group, widths[group])
             self._overridden.append((module, "student_filters"))
-        for name, group in space.mask_points.items():
+        masked = [(name, lambda masks, group=group: masks[group]) for name, group in space.mask_points.items()]
+        masked += [(name, lambda masks, parts=parts: _end_to_end(masks, parts))
+                   for name, parts in space.concat_points.items()]
+        for name, mask_of in masked:
             module = network.get_submodule(name)
             # A linear's features are its last axis: (N, F), or (N, H, W, C) in ConvNeXt's blocks.
-            self._handles.append(module.register_forward_hook(self._hook(group, isinstance(module, AdjoinedLinear))))
+            self._handles.append(module.register_forward_hook(self._hook(mask_of, isinstance(module, AdjoinedLinear))))
 
     def set_gates(self, gates: torch.Tensor) -> None:
         self._masks = self.space.channel_masks(gates)
@@ -128,12 +131,12 @@ class StudentMasks:
             delattr(module, attribute)  # back to the class's None
         self._overridden = []
 
-    def _hook(self, group: int, last_axis: bool):
+    def _hook(self, mask_of, last_axis: bool):
         def apply(module, args, outputs):
             if self._masks is None:
                 raise RuntimeError("StudentMasks: call set_gates(gates) before running the network")
             base, student, *rest = outputs
-            mask = self._masks[group].to(student.dtype)
+            mask = mask_of(self._masks).to(student.dtype)
             shape = (1,) * (student.dim() - 1) + (-1,) if last_axis else (1, -1) + (1,) * (student.dim() - 2)
             return (base, student * mask.view(shape), *rest)
 
@@ -168,3 +171,9 @@ class StudentMasks:
                                  module.weight.dtype)
 
         return student_filters
+
+
+def _end_to_end(masks: list[torch.Tensor], parts) -> torch.Tensor:
+    """The mask of a channel concat: its parts' masks, (group index, channels) each, end to
+    end; ones for a part not searched (group None)."""
+    return torch.cat([masks[group] if group is not None else masks[0].new_ones(channels) for group, channels in parts])

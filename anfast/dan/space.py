@@ -11,7 +11,7 @@ from __future__ import annotations
 import math
 
 from dataclasses import dataclass, field
-from typing import Sequence
+from typing import Optional, Sequence
 
 import torch
 import torch.fx
@@ -43,7 +43,10 @@ class SearchSpace:
     of each choice's leading channels, each zero beyond its width (masked by itself).
     ``standardised_points`` maps each weight-standardised conv (groups=1) that reads a
     searched group to that group: its student convolves with the gate-weighted sum of the
-    filters standardised over each choice's leading input channels.
+    filters standardised over each choice's leading input channels. ``concat_points`` maps
+    each batch norm over a channel concat with a searched part to its parts, (group index
+    or None where the part is not searched, channels) each: its student output is masked
+    by the parts' masks end to end.
     """
 
     groups: list[WidthGroup]
@@ -53,6 +56,7 @@ class SearchSpace:
     mask_points: dict[str, int]
     norm_points: dict[str, int] = field(default_factory=dict)
     standardised_points: dict[str, int] = field(default_factory=dict)
+    concat_points: dict[str, tuple[tuple[Optional[int], int], ...]] = field(default_factory=dict)
 
     @classmethod
     def from_network(cls, network: AdjoinedNetwork, choices: Sequence[float] = DEFAULT_CHOICES,
@@ -64,8 +68,13 @@ class SearchSpace:
             raise DanError("the search network must have one full-width student: build it with "
                            "anfast.adjoin(model, alpha=1, policy='all')")
         # A group an op reduces over (x.mean(1)) is not searched: masked to zero at full
-        # width, its channels would still count in the mean (or the max) the op takes.
-        groups = [g for g in network.width_groups if not g.fixed and not g.reduced_by]
+        # width, its channels would still count in the mean (or the max) the op takes. Nor is
+        # a part of a concat that a LayerNorm / GroupNorm or a standardised conv reads: they
+        # normalise each width choice of one group, not of a concat's parts.
+        mixed_concat = {part for name, w in network.layer_widths.items() if w.in_group == "concat"
+                        and (w.kind in _CHANNEL_NORMS or _standardises_all_inputs(network, name, w))
+                        for part in w.in_parts}
+        groups = [g for g in network.width_groups if not g.fixed and not g.reduced_by and g.name not in mixed_concat]
         if not groups:
             reduced = [g for g in network.width_groups if g.reduced_by and not g.fixed]
             why = (f"the groups that could shrink are reduced over ({reduced[0].name} by {reduced[0].reduced_by[0]}), "
@@ -76,25 +85,21 @@ class SearchSpace:
         names = [g.name for g in network.width_groups]
         if len(set(names)) != len(names):
             raise DanError(f"width group names repeat ({names}); DAN keys its choices by group name")
-        # A concat of unsearched groups (CBAM's mean and max maps) is as fixed as they are.
-        searched = {g.name for g in groups}
-        concat = sorted(name for name, w in network.layer_widths.items() if searched & set(w.in_parts))
-        if concat:
-            raise DanError(f"{concat[:3]} read channel-concatenated inputs; DAN's cost model and masks "
-                           "follow prefix channel maps only, so DenseNet / Inception style models "
-                           "cannot be searched. Train them with a fixed alpha (anfast train --alpha)")
         widths = torch.tensor([[student_width(g.channels, a, round_to, g.multiple) for a in choices]
                                for g in groups], dtype=torch.long)
         index = {g.name: i for i, g in enumerate(groups)}
         norm_points = {name: index[w.out_group] for name, w in network.layer_widths.items()
                        if w.kind in _CHANNEL_NORMS and w.out_group in index}
-        # A grouped one keeps its fan-in (whole groups): the mask on its input is exact.
         standardised = {name: index[w.in_group] for name, w in network.layer_widths.items()
-                        if w.kind == "conv" and w.in_group in index
-                        and network.get_submodule(name).standardise_eps is not None
-                        and network.get_submodule(name).groups == 1}
+                        if w.in_group in index and _standardises_all_inputs(network, name, w)}
+        # A batch norm over a concat (DenseNet's norm1) re-normalises its masked channels:
+        # masked after, by its parts' masks end to end (a part not searched: ones).
+        channels = {g.name: g.channels for g in network.width_groups}
+        concat_points = {name: tuple((index.get(part), channels[part]) for part in w.in_parts)
+                         for name, w in network.layer_widths.items()
+                         if w.kind == "norm" and w.in_group == "concat" and set(w.in_parts) & set(index)}
         return cls(groups, choices, round_to, widths, _mask_points(network, index, norm_points), norm_points,
-                   standardised)
+                   standardised, concat_points)
 
     @property
     def group_names(self) -> list[str]:
@@ -119,6 +124,16 @@ def _check_choices(choices: Sequence[float]) -> tuple[float, ...]:
         raise DanError(f"choices={tuple(choices)}: give two or more distinct width divisors >= 1, "
                        "e.g. 1,2,4,8 (the student is 1/alpha as wide)")
     return tuple(sorted(values))
+
+
+def _standardises_all_inputs(network: AdjoinedNetwork, name: str, widths) -> bool:
+    """Whether layer ``name`` is a weight-standardised conv whose filters span all its input
+    channels (groups=1): a narrower input changes every filter's standardisation. A grouped
+    one keeps its fan-in (whole groups), so a mask on its input is exact."""
+    if widths.kind != "conv":
+        return False
+    module = network.get_submodule(name)
+    return module.standardise_eps is not None and module.groups == 1
 
 
 def _mask_points(network: AdjoinedNetwork, group_index: dict[str, int], norm_points: dict[str, int]) -> dict[str, int]:
