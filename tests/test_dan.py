@@ -4,6 +4,7 @@ the search loop and arch.json, the penalty's pull toward the target, the CLI."""
 from __future__ import annotations
 
 import argparse
+import copy
 import itertools
 import json
 import math
@@ -648,3 +649,38 @@ def test_soft_gates_mix_each_choices_standardised_filters():
     expected = F.conv2d(seen["x"], mixed, model.a.bias.double(), padding=model.a.padding)
     expected = expected * space.channel_masks(gates)[space.group_names.index("a")].view(-1, 1, 1)  # then a's mask
     torch.testing.assert_close(seen["y"], expected, rtol=1e-12, atol=1e-12)
+
+
+def test_a_copy_of_the_search_network_normalises_and_standardises_with_its_own_weights():
+    """A norm's and a standardised conv's search computation is called with the layer, so a
+    deep copy (an averaged model, a probe) runs on its own parameters: changing the copy's
+    changes its student alone, and removing the masks gives the layers their own again."""
+    timm = pytest.importorskip("timm")
+
+    class Both(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.stem, self.norm = nn.Conv2d(3, 16, 3, padding=1), nn.GroupNorm(4, 16)
+            self.a, self.fc = timm.layers.ScaledStdConv2d(16, 8, 3), nn.Linear(8, 3)
+
+        def forward(self, x):
+            return self.fc(torch.relu(self.a(torch.relu(self.norm(self.stem(x))))).mean((2, 3)))
+
+    torch.manual_seed(0)
+    network = anfast.adjoin(Both(), alpha=1, policy="all", input_size=(3, 8, 8)).double().eval()
+    space = SearchSpace.from_network(network, choices=(1, 2, 4), round_to=4)
+    assert set(space.norm_points) == {"norm"} and set(space.standardised_points) == {"a"}
+    masks = StudentMasks(network, space)
+    masks.set_gates(torch.softmax(torch.randn(len(space.groups), 3, dtype=torch.float64), -1))
+    x = torch.randn(2, 3, 8, 8, dtype=torch.float64)
+    with torch.no_grad():
+        before = network(x).student
+        for layer in ("norm", "a"):
+            twin = copy.deepcopy(network)
+            assert torch.equal(twin(x).student, before)
+            getattr(twin, layer).weight.mul_(1.5).add_(0.1)
+            assert not torch.allclose(twin(x).student, before) and torch.equal(network(x).student, before)
+        masks.remove()
+        assert network.norm.student_norm is None and network.a.student_filters is None
+        unmasked = network(x)
+    torch.testing.assert_close(unmasked.student, unmasked.base, rtol=1e-12, atol=1e-12)  # full width: the base

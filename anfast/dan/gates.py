@@ -81,7 +81,9 @@ def entropy(weights: torch.Tensor) -> torch.Tensor:
 
 
 class StudentMasks:
-    """Forward hooks that multiply the student outputs of a group's layers by its mask.
+    """Forward hooks that multiply the student outputs of a group's layers by its mask
+    (a batch norm over a channel concat, ``space.concat_points``: by its parts' masks end
+    to end).
 
     ``set_gates(gates)`` before each forward; ``remove()`` detaches the hooks. With
     one-hot gates the masked full-width student computes exactly the derived student
@@ -104,11 +106,11 @@ class StudentMasks:
         self._overridden = []
         for name, group in space.norm_points.items():
             module = network.get_submodule(name)
-            module.student_norm = self._mixed_norm(module, group, widths[group])
+            module.student_norm = self._mixed_norm(group, widths[group])
             self._overridden.append((module, "student_norm"))
         for name, group in space.standardised_points.items():
             module = network.get_submodule(name)
-            module.student_filters = self._mixed_filters(module, group, widths[group])
+            module.student_filters = self._mixed_filters(group, widths[group])
             self._overridden.append((module, "student_filters"))
         masked = [(name, lambda masks, group=group: masks[group]) for name, group in space.mask_points.items()]
         masked += [(name, lambda masks, parts=parts: _end_to_end(masks, parts))
@@ -157,16 +159,16 @@ class StudentMasks:
             mixed = value if mixed is None else mixed + value
         return mixed
 
-    def _mixed_norm(self, module: nn.Module, group: int, widths: list[int]):
-        def student_norm(x: torch.Tensor) -> torch.Tensor:
+    def _mixed_norm(self, group: int, widths: list[int]):
+        def student_norm(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
             axis = module.channels_axis % x.dim()
             return self._mixture(group, widths, lambda width: module.normalise_leading(x, width), axis,
                                  x.shape[axis], x.dtype)
 
         return student_norm
 
-    def _mixed_filters(self, module: nn.Module, group: int, widths: list[int]):
-        def student_filters() -> torch.Tensor:
+    def _mixed_filters(self, group: int, widths: list[int]):
+        def student_filters(module: nn.Module) -> torch.Tensor:
             return self._mixture(group, widths, module.standardised_filters, 1, module.in_channels,
                                  module.weight.dtype)
 

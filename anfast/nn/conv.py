@@ -165,8 +165,9 @@ class AdjoinedConv2d(nn.Conv2d):
     standardise_eps: Optional[float] = None
     scale: Optional[float] = None
     # Set by a DAN search on a standardised layer (anfast.dan.gates.StudentMasks): the first
-    # student's filters, called at each forward (the gates' mix of standardised filters).
-    student_filters: Optional[Callable[[], torch.Tensor]] = None
+    # student's filters, student_filters(self) at each forward (the gates' mix of standardised
+    # filters). Called with the layer, so a copy of the network computes with its own.
+    student_filters: Optional[Callable[[nn.Module], torch.Tensor]] = None
 
     def __init__(
         self,
@@ -291,7 +292,7 @@ class AdjoinedConv2d(nn.Conv2d):
         over its own slice where the layer standardises its filters."""
         weight, bias, groups = self.network_weight(n)
         if n == 1 and self.student_filters is not None:
-            return self.student_filters(), bias, groups
+            return self.student_filters(self), bias, groups
         return (weight if self.standardise_eps is None else self._standardised(weight)), bias, groups
 
     def standardised_filters(self, in_channels: int) -> torch.Tensor:

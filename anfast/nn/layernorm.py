@@ -23,8 +23,9 @@ class _ChannelNorm:
     _widths_name: str
     channels_axis: int
     # Set by a DAN search (anfast.dan.gates.StudentMasks): the first student's norm of its
-    # input, in place of its own (the gates' mix of each width choice's norm).
-    student_norm: Optional[Callable[[torch.Tensor], torch.Tensor]] = None
+    # input x, student_norm(self, x), in place of its own (the gates' mix of each width
+    # choice's norm). Called with the layer, so a copy of the network computes with its own.
+    student_norm: Optional[Callable[[nn.Module, torch.Tensor], torch.Tensor]] = None
 
     def network_affine(self, n: int) -> tuple[Optional[torch.Tensor], Optional[torch.Tensor]]:
         """(weight, bias) of network n, None where the norm has none: 0 is the base, s + 1 is student s."""
@@ -48,7 +49,7 @@ class _ChannelNorm:
         outputs = [self._normalise(x_base, *self.network_affine(0))]
         for s, x in enumerate(x_students):
             with network_stream(s + 1):
-                outputs.append(self.student_norm(x) if s == 0 and self.student_norm is not None
+                outputs.append(self.student_norm(self, x) if s == 0 and self.student_norm is not None
                                else self._normalise(x, *self.network_affine(s + 1)))
         return tuple(outputs)
 
