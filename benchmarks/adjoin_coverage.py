@@ -130,20 +130,30 @@ def main(argv=None) -> dict:
     benchmark = "adjoin_coverage" if args.models or args.set == "cnns" else f"adjoin_coverage_{args.set}"
     payload = {**environment("cpu"), "timm": timm.__version__, "alpha": args.alpha, "policy": "all",
                "image_size": args.image_size, "set": None if args.models else args.set, "rows": []}
-    for name in tqdm(models, desc="adjoin", unit="model"):
-        row = check(name, args.alpha, args.image_size)
-        payload["rows"].append(row)
-        path = write_result(benchmark, payload, args.out)  # after every model: a cut run keeps its rows
-        detail = (row.get("reason") or f"relative error {max(row['base_error'], row['student_error']):.1e}"
-                  ).splitlines()[0][:120] if row["status"] != "adjoins" else (
-            f"{row['params']['base'] / 1e6:.2f}M -> {row['params']['student'] / 1e6:.2f}M parameters")
-        tqdm.write(f"{name:24s} {row['status']:8s} {detail}")
-    counts = {status: sum(r["status"] == status for r in payload["rows"])
-              for status in ("adjoins", "differs", "refused", "failed")}
-    payload["counts"] = counts
-    path = write_result(benchmark, payload, args.out)
+    def describe(row: dict) -> str:
+        if row["status"] == "adjoins":
+            return f"{row['params']['base'] / 1e6:.2f}M -> {row['params']['student'] / 1e6:.2f}M parameters"
+        return (row.get("reason") or f"relative error {max(row['base_error'], row['student_error']):.1e}"
+                ).splitlines()[0][:120]
+
+    path = survey(models, lambda name: check(name, args.alpha, args.image_size), describe,
+                  ("adjoins", "differs", "refused", "failed"), benchmark, payload, args.out, desc="adjoin")
+    counts = payload["counts"]
     print(f"{counts['adjoins']} of {len(payload['rows'])} adjoin ({counts}); wrote {path}")
     return payload
+
+
+def survey(models, check_one, describe, statuses, benchmark: str, payload: dict, out, desc: str) -> Path:
+    """``check_one(name)`` for each model into ``payload["rows"]``, the JSON written after
+    every row (a cut run keeps its rows) with a progress line (``describe(row)``); then
+    ``payload["counts"]`` per status. Returns the JSON's path."""
+    for name in tqdm(models, desc=desc, unit="model"):
+        row = check_one(name)
+        payload["rows"].append(row)
+        write_result(benchmark, payload, out)
+        tqdm.write(f"{name:24s} {row['status']:8s} {describe(row)}")
+    payload["counts"] = {status: sum(r["status"] == status for r in payload["rows"]) for status in statuses}
+    return write_result(benchmark, payload, out)
 
 
 if __name__ == "__main__":

@@ -28,11 +28,10 @@ import warnings
 from pathlib import Path
 
 import torch
-from tqdm import tqdm
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from adjoin_coverage import SETS, _relative_error, adjoin_at_its_size  # noqa: E402
-from common import environment, write_result  # noqa: E402
+from adjoin_coverage import SETS, _relative_error, adjoin_at_its_size, survey  # noqa: E402
+from common import environment  # noqa: E402
 
 import anfast  # noqa: E402
 from anfast.dan import CostModel, DanError, SearchSpace, StudentMasks  # noqa: E402
@@ -106,22 +105,17 @@ def main(argv=None) -> dict:
     benchmark = "dan_coverage" if args.models or args.set == "cnns" else f"dan_coverage_{args.set}"
     payload = {**environment("cpu"), "timm": timm.__version__, "image_size": args.image_size, "draws": args.draws,
                "set": None if args.models else args.set, "rows": []}
-    for name in tqdm(models, desc="dan", unit="model"):
-        row = check(name, args.image_size, args.draws)
-        payload["rows"].append(row)
-        path = write_result(benchmark, payload, args.out)  # after every model: a cut run keeps its rows
+    def describe(row: dict) -> str:
         if row["status"] in ("refused", "failed"):
-            detail = row["reason"].splitlines()[0][:120]
-        else:
-            groups, through = row["groups"], row["through"]
-            detail = (f"{groups['searched']} of {groups['shrinkable']} groups, through {through['norms']} norms and "
-                      f"{through['standardised_convs']} standardised convs; largest student error "
-                      f"{max(d['student_error'] for d in row['draws']):.1e}")
-        tqdm.write(f"{name:24s} {row['status']:8s} {detail}")
-    counts = {status: sum(r["status"] == status for r in payload["rows"])
-              for status in ("searches", "differs", "refused", "failed")}
-    payload["counts"] = counts
-    path = write_result(benchmark, payload, args.out)
+            return row["reason"].splitlines()[0][:120]
+        groups, through = row["groups"], row["through"]
+        return (f"{groups['searched']} of {groups['shrinkable']} groups, through {through['norms']} norms and "
+                f"{through['standardised_convs']} standardised convs; largest student error "
+                f"{max(d['student_error'] for d in row['draws']):.1e}")
+
+    path = survey(models, lambda name: check(name, args.image_size, args.draws), describe,
+                  ("searches", "differs", "refused", "failed"), benchmark, payload, args.out, desc="dan")
+    counts = payload["counts"]
     print(f"{counts['searches']} of {len(payload['rows'])} search exactly ({counts}); wrote {path}")
     return payload
 

@@ -277,23 +277,26 @@ def test_weight_standardised_convs_standardise_each_choices_filters_over_its_own
                                                                            [2, 0, 0]))
 
 
+class GroupNormed(nn.Module):
+    """stem -> a -> GroupNorm(4 groups) -> b -> linear head."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem, self.a = nn.Conv2d(3, 16, 3, padding=1), nn.Conv2d(16, 16, 3, padding=1)
+        self.norm, self.b, self.fc = nn.GroupNorm(4, 16), nn.Conv2d(16, 24, 1), nn.Linear(24, 3)
+
+    def forward(self, x):
+        y = torch.relu(self.norm(self.a(torch.relu(self.stem(x)))))
+        return self.fc(torch.relu(self.b(y)).mean((2, 3)))
+
+
 def test_a_group_norms_channels_are_searched_in_whole_groups():
     """The GroupNorm normalises each width choice's leading channels in its 4 groups, as
     the derived student's GroupNorm does: a is searched (in whole groups) with stem and b,
     and the masked network computes each derived student exactly, at the cost the cost
     model gives it."""
-    class Grouped(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.stem, self.a = nn.Conv2d(3, 16, 3, padding=1), nn.Conv2d(16, 16, 3, padding=1)
-            self.norm, self.b, self.fc = nn.GroupNorm(4, 16), nn.Conv2d(16, 24, 1), nn.Linear(24, 3)
-
-        def forward(self, x):
-            y = torch.relu(self.norm(self.a(torch.relu(self.stem(x)))))
-            return self.fc(torch.relu(self.b(y)).mean((2, 3)))
-
     torch.manual_seed(0)
-    model = Grouped()
+    model = GroupNormed()
     network = anfast.adjoin(model, alpha=1, policy="all", input_size=(3, 9, 9)).double().eval()
     space = SearchSpace.from_network(network, choices=(1, 2, 4, 8), round_to=1)
     assert space.group_names == ["stem", "a", "b"]
@@ -563,6 +566,26 @@ def test_the_search_report_says_when_the_derived_student_misses_its_target(tmp_p
         assert "note:" not in _report(close, tmp_path / "arch.json", tmp_path / "widths.png", None)
 
 
+def _run_with_soft_gates(model: nn.Module, layer: str, points: str):
+    """One float64 forward of ``model``'s search network under random soft gates, with
+    two choices of one width in ``layer``'s group (``points``: the SearchSpace attribute
+    that maps it). Returns the space, the layer's student input and output, its group's
+    widths and gates, and every group's gates."""
+    network = anfast.adjoin(model, alpha=1, policy="all", input_size=(3, 8, 8)).double().eval()
+    space = SearchSpace.from_network(network, choices=(1, 2, 4, 8), round_to=4)
+    group = getattr(space, points)[layer]
+    widths = space.widths[group].tolist()
+    assert len(set(widths)) < len(widths), widths  # two choices of one width: their gates add up
+    masks = StudentMasks(network, space)
+    seen = {}
+    network.get_submodule(layer).register_forward_hook(lambda module, args, out: seen.update(x=args[1], y=out[1]))
+    gates = torch.softmax(torch.randn(len(space.groups), len(space.choices), dtype=torch.float64), -1)
+    masks.set_gates(gates)
+    with torch.no_grad():
+        network(torch.randn(2, 3, 8, 8, dtype=torch.float64))
+    return space, seen["x"], seen["y"], widths, gates[group].tolist(), gates
+
+
 @pytest.mark.parametrize("norm", ["group norm", "layer norm on (N, H, W, C)"])
 def test_soft_gates_mix_each_choices_norm_of_its_leading_channels(norm):
     """With soft gates, a norm over a searched group outputs sum_i g_i * norm_i, norm_i its
@@ -570,41 +593,20 @@ def test_soft_gates_mix_each_choices_norm_of_its_leading_channels(norm):
     against F.group_norm / F.layer_norm of each slice, by hand, in float64."""
     from test_adjoin import ChannelsLastBlock
 
-    class Grouped(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.stem, self.a = nn.Conv2d(3, 16, 3, padding=1), nn.Conv2d(16, 16, 3, padding=1)
-            self.norm, self.b, self.fc = nn.GroupNorm(4, 16), nn.Conv2d(16, 24, 1), nn.Linear(24, 3)
-
-        def forward(self, x):
-            y = torch.relu(self.norm(self.a(torch.relu(self.stem(x)))))
-            return self.fc(torch.relu(self.b(y)).mean((2, 3)))
-
     torch.manual_seed(0)
-    model = Grouped() if norm == "group norm" else ChannelsLastBlock("none")
+    model = GroupNormed() if norm == "group norm" else ChannelsLastBlock("none")
     with torch.no_grad():
         model.norm.weight.add_(torch.randn_like(model.norm.weight))
         model.norm.bias.add_(torch.randn_like(model.norm.bias))
-    network = anfast.adjoin(model, alpha=1, policy="all", input_size=(3, 8, 8)).double().eval()
-    space = SearchSpace.from_network(network, choices=(1, 2, 4, 8), round_to=4)
-    group = space.norm_points["norm"]
-    widths = space.widths[group].tolist()
-    assert len(set(widths)) < len(widths), widths  # two choices of one width: their gates add up
-    masks = StudentMasks(network, space)
-    seen = {}
-    network.norm.register_forward_hook(lambda module, args, outputs: seen.update(x=args[1], y=outputs[1]))
-    gates = torch.softmax(torch.randn(len(space.groups), len(space.choices), dtype=torch.float64), -1)
-    masks.set_gates(gates)
-    with torch.no_grad():
-        network(torch.randn(2, 3, 8, 8, dtype=torch.float64))
-    x, weight, bias = seen["x"], model.norm.weight.double(), model.norm.bias.double()
-    expected = torch.zeros_like(seen["y"])
-    for gate, width in zip(gates[group].tolist(), widths):
+    _, x, y, widths, gates, _ = _run_with_soft_gates(model, "norm", "norm_points")
+    weight, bias = model.norm.weight.double(), model.norm.bias.double()
+    expected = torch.zeros_like(y)
+    for gate, width in zip(gates, widths):
         if norm == "group norm":
             expected[:, :width] += gate * F.group_norm(x[:, :width], 4, weight[:width], bias[:width], 1e-5)
         else:
             expected[..., :width] += gate * F.layer_norm(x[..., :width], (width,), weight[:width], bias[:width], 1e-6)
-    torch.testing.assert_close(seen["y"], expected, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(y, expected, rtol=1e-12, atol=1e-12)
 
 
 def test_soft_gates_mix_each_choices_standardised_filters():
@@ -628,27 +630,16 @@ def test_soft_gates_mix_each_choices_standardised_filters():
     model = Standardised()
     with torch.no_grad():
         model.a.gain.add_(torch.randn_like(model.a.gain))
-    network = anfast.adjoin(model, alpha=1, policy="all", input_size=(3, 8, 8)).double().eval()
-    space = SearchSpace.from_network(network, choices=(1, 2, 4, 8), round_to=4)
-    group = space.standardised_points["a"]
-    widths = space.widths[group].tolist()
-    assert len(set(widths)) < len(widths), widths  # two choices of one width: their gates add up
-    masks = StudentMasks(network, space)
-    seen = {}
-    network.a.register_forward_hook(lambda module, args, outputs: seen.update(x=args[1], y=outputs[1]))
-    gates = torch.softmax(torch.randn(len(space.groups), len(space.choices), dtype=torch.float64), -1)
-    masks.set_gates(gates)
-    with torch.no_grad():
-        network(torch.randn(2, 3, 8, 8, dtype=torch.float64))
+    space, x, y, widths, gates, every_gate = _run_with_soft_gates(model, "a", "standardised_points")
     weight, gain = model.a.weight.double(), model.a.gain.double()
     mixed = torch.zeros_like(weight)
-    for gate, width in zip(gates[group].tolist(), widths):
+    for gate, width in zip(gates, widths):
         w = weight[:, :width]
         mean, var = w.mean((1, 2, 3), keepdim=True), w.var((1, 2, 3), keepdim=True, unbiased=False)
         mixed[:, :width] += gate * (w - mean) / torch.sqrt(var + 1e-5) * gain * 1.7 / math.sqrt(width * 9)
-    expected = F.conv2d(seen["x"], mixed, model.a.bias.double(), padding=model.a.padding)
-    expected = expected * space.channel_masks(gates)[space.group_names.index("a")].view(-1, 1, 1)  # then a's mask
-    torch.testing.assert_close(seen["y"], expected, rtol=1e-12, atol=1e-12)
+    expected = F.conv2d(x, mixed, model.a.bias.double(), padding=model.a.padding)
+    own_mask = space.channel_masks(every_gate)[space.group_names.index("a")]
+    torch.testing.assert_close(y, expected * own_mask.view(-1, 1, 1), rtol=1e-12, atol=1e-12)
 
 
 def test_a_copy_of_the_search_network_normalises_and_standardises_with_its_own_weights():
