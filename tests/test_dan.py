@@ -675,3 +675,31 @@ def test_a_copy_of_the_search_network_normalises_and_standardises_with_its_own_w
         assert network.norm.student_norm is None and network.a.student_filters is None
         unmasked = network(x)
     torch.testing.assert_close(unmasked.student, unmasked.base, rtol=1e-12, atol=1e-12)  # full width: the base
+
+
+def test_channel_masks_are_three_ops_however_many_groups():
+    """DenseNet-121 has 120 searched groups: its masks, against each group's
+    gates[g] @ 1[c < widths[g]] by hand, take one gather, one fill and one sum (views of
+    one tensor after that), not a few ops per group each step."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Count(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.ops = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.ops.append(func.overloadpacket.__name__)
+            return func(*args, **(kwargs or {}))
+
+    network = anfast.adjoin("densenet121", alpha=1, policy="all", input_size=(3, 32, 32), num_classes=10)
+    space = SearchSpace.from_network(network)
+    assert len(space.groups) > 100
+    gates = torch.softmax(torch.randn(len(space.groups), len(space.choices), dtype=torch.float64), -1)
+    with Count() as count:
+        masks = space.channel_masks(gates)
+    for g, group in enumerate(space.groups):
+        keep = (torch.arange(group.channels)[None, :] < space.widths[g][:, None]).double()
+        torch.testing.assert_close(masks[g], gates[g] @ keep, rtol=1e-15, atol=0)
+    computing = [op for op in count.ops if op not in ("split", "split_with_sizes", "detach", "_to_copy")]
+    assert len(computing) == 3, count.ops

@@ -108,9 +108,9 @@ class CostModel:
         self._polynomials = self._polynomial_form()
 
     def to(self, device: Union[str, torch.device]) -> "CostModel":
-        """Keep the model's tensors (and its space's widths) on ``device``, where the search's
-        steps evaluate it, so no step copies them there; returns self."""
-        self.space.widths = self.space.widths.to(device)
+        """Keep the model's tensors (and its space's widths and mask tables) on ``device``,
+        where the search's steps evaluate it, so no step copies them there; returns self."""
+        self.space.to(device)
         self._fixed_channels = self._fixed_channels.to(device)
         self._polynomials = {kind: (exponents.to(device), coefficients.to(device))
                              for kind, (exponents, coefficients) in self._polynomials.items()}

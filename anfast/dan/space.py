@@ -11,7 +11,7 @@ from __future__ import annotations
 import math
 
 from dataclasses import dataclass, field
-from typing import Optional, Sequence
+from typing import Optional, Sequence, Union
 
 import torch
 import torch.fx
@@ -57,6 +57,23 @@ class SearchSpace:
     norm_points: dict[str, int] = field(default_factory=dict)
     standardised_points: dict[str, int] = field(default_factory=dict)
     concat_points: dict[str, tuple[tuple[Optional[int], int], ...]] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        # Every group's channels end to end: the group owning each, and the choices whose
+        # width it lies beyond (c >= width_i), so channel_masks is three ops a step however
+        # many groups there are.
+        sizes = [g.channels for g in self.groups]
+        self._owner = torch.repeat_interleave(torch.arange(len(sizes), device=self.widths.device),
+                                              torch.tensor(sizes, device=self.widths.device))
+        position = torch.cat([torch.arange(c, device=self.widths.device) for c in sizes])
+        self._beyond = position[:, None] >= self.widths[self._owner]
+        self._sizes = sizes
+
+    def to(self, device: Union[str, torch.device]) -> "SearchSpace":
+        """Keep the widths and the mask tables on ``device``, where the search's steps read
+        them, so no step copies them there; returns self."""
+        self.widths, self._owner, self._beyond = (t.to(device) for t in (self.widths, self._owner, self._beyond))
+        return self
 
     @classmethod
     def from_network(cls, network: AdjoinedNetwork, choices: Sequence[float] = DEFAULT_CHOICES,
@@ -106,12 +123,10 @@ class SearchSpace:
         return [g.name for g in self.groups]
 
     def channel_masks(self, gates: torch.Tensor) -> list[torch.Tensor]:
-        """m_g[c] = sum_i gates[g, i] * 1[c < widths[g, i]], one (C_g,) tensor per group."""
-        masks = []
-        for g, group in enumerate(self.groups):
-            keep = torch.arange(group.channels, device=gates.device) < self.widths[g].to(gates.device)[:, None]
-            masks.append(gates[g] @ keep.to(gates.dtype))
-        return masks
+        """m_g[c] = sum_i gates[g, i] * 1[c < widths[g, i]], one (C_g,) tensor per group
+        (views of one tensor of every group's channels)."""
+        owner, beyond = self._owner.to(gates.device), self._beyond.to(gates.device)  # no-ops after .to(device)
+        return list(gates[owner].masked_fill(beyond, 0).sum(dim=-1).split(self._sizes))
 
     def alphas(self, choice_index: torch.Tensor) -> dict[str, float]:
         """{group name: alpha} of one choice index per group."""
