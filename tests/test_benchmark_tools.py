@@ -467,6 +467,17 @@ def test_step_census_ratios_use_the_launch_counts_done_so_far():
         "flops": 1.2, "gemm_calls": 2.0, "other_calls": 2.5, "other_elements": 1.5, "launches_eager": 2.15}}
 
 
+def _refusing_mobilenets(function, error: Exception, model_of=lambda model: model):
+    """``function`` raising ``error`` where its first argument is (``model_of`` it) a timm
+    MobileNetV3: every model the surveys list is taken, so the tests refuse one."""
+    def refuse(first, *args, **kwargs):
+        if type(model_of(first)).__name__ == "MobileNetV3":
+            raise error
+        return function(first, *args, **kwargs)
+
+    return refuse
+
+
 def test_adjoin_coverage_says_adjoins_only_where_base_and_export_agree(tmp_path, monkeypatch):
     """adjoin_coverage.py on resnet18 (adjoins), mobilenetv3_small_050 (refused, by the test:
     every model the survey lists adjoins) and a name timm does not know (failed); then with
@@ -475,12 +486,8 @@ def test_adjoin_coverage_says_adjoins_only_where_base_and_export_agree(tmp_path,
     import adjoin_coverage
     import timm
 
-    adjoin = adjoin_coverage.anfast.adjoin
-    def refuse_mobilenets(model, *args, **kwargs):
-        if type(model).__name__ == "MobileNetV3":
-            raise adjoin_coverage.anfast.AdjoinError("blocks.0: refused by the test")
-        return adjoin(model, *args, **kwargs)
-    monkeypatch.setattr(adjoin_coverage.anfast, "adjoin", refuse_mobilenets)
+    monkeypatch.setattr(adjoin_coverage.anfast, "adjoin", _refusing_mobilenets(
+        adjoin_coverage.anfast.adjoin, adjoin_coverage.anfast.AdjoinError("blocks.0: refused by the test")))
     out = tmp_path / "coverage.json"
     payload = adjoin_coverage.main(["resnet18", "mobilenetv3_small_050", "no_such_net", "--image-size", "32",
                                     "--out", str(out)])
@@ -527,12 +534,9 @@ def test_dan_coverage_says_searches_only_where_the_masked_network_is_the_derived
     pytest.importorskip("timm")
     import dan_coverage
 
-    space = dan_coverage.SearchSpace.from_network
-    def refuse_mobilenets(network, *args, **kwargs):
-        if type(network.architecture()).__name__ == "MobileNetV3":
-            raise dan_coverage.DanError("refused by the test")
-        return space(network, *args, **kwargs)
-    monkeypatch.setattr(dan_coverage.SearchSpace, "from_network", refuse_mobilenets)
+    monkeypatch.setattr(dan_coverage.SearchSpace, "from_network", _refusing_mobilenets(
+        dan_coverage.SearchSpace.from_network, dan_coverage.DanError("refused by the test"),
+        model_of=lambda network: network.architecture()))
     out = tmp_path / "dan.json"
     payload = dan_coverage.main(["resnet18", "mobilenetv3_small_050", "no_such_net", "--image-size", "32",
                                  "--out", str(out)])
