@@ -1906,23 +1906,18 @@ def _replace_module(traced, name, module, widths: LayerWidths, analysis, share_a
             module, student_in_features=widths.student_in, student_out_features=widths.student_out,
             student_in_indices=widths.in_indices, input_shared=shared,
         )
-    elif widths.kind == "layernorm":
+    elif widths.kind in ("layernorm", "groupnorm"):
         if any(index is not None for index in widths.in_indices):
-            raise AdjoinError(f"{name}: a LayerNorm over concatenated channels whose parts shrink; anfast "
+            norm = "LayerNorm" if widths.kind == "layernorm" else "GroupNorm"
+            raise AdjoinError(f"{name}: a {norm} over concatenated channels whose parts shrink; anfast "
                               "normalises each network's leading channels only")
-        new = AdjoinedLayerNorm.from_layernorm(module, widths.student_out, _layer_norm_axis(module))
-    elif widths.kind == "groupnorm":
-        if any(index is not None for index in widths.in_indices):
-            raise AdjoinError(f"{name}: a GroupNorm over concatenated channels whose parts shrink; anfast "
-                              "normalises each network's leading channels only")
-        new = AdjoinedGroupNorm.from_groupnorm(module, widths.student_out)
-        for child in _norm_epilogue(module):  # parameter-free, applied to every network's output
-            new.add_module(child, getattr(module, child))
+        new = (AdjoinedLayerNorm.from_layernorm(module, widths.student_out, _layer_norm_axis(module))
+               if widths.kind == "layernorm" else AdjoinedGroupNorm.from_groupnorm(module, widths.student_out))
     else:
         adjoined = AdjoinedBatchNorm1d if isinstance(module, nn.BatchNorm1d) else AdjoinedBatchNorm2d
         new = adjoined.from_batchnorm(module, widths.student_out, widths.in_indices, share_affine)
-        for child in _norm_epilogue(module):  # parameter-free, applied to every network's output
-            new.add_module(child, getattr(module, child))
+    for child in _norm_epilogue(module):  # timm's norm-act layers: parameter-free, applied to every network's output
+        new.add_module(child, getattr(module, child))
     new.train(module.training)
     parent_name, _, child = name.rpartition(".")
     setattr(traced.get_submodule(parent_name), child, new)
