@@ -34,6 +34,8 @@
 #                  leases never reached; pytest-xdist spreads the kernel compiles)
 #   conv_bench     benchmarks/conv.py --quick: fused vs two cuDNN convs on 4 layers, per
 #                  phase (forward, dgrad, wgrad)
+#   search_bench   a DAN search step's img/s (train_throughput.py's dan provider) against
+#                  plain and AN training, eager and compiled
 #   train_check    the built-in-set training (bf16, channels_last, the CUDA backend) and
 #                  a SIGTERM / --resume run
 #   ncu            Nsight Compute on each fused backend's slowest layer (picked from the
@@ -55,7 +57,7 @@ if [ $# -lt 1 ]; then
 fi
 OUTDIR=$(mkdir -p "$1" && cd "$1" && pwd)
 shift
-ALL_STEPS="install engine_correct cuda_correct step_engine tune train_bench census triton_correct conv_bench train_check ncu tune_triton gpu_tests"
+ALL_STEPS="install engine_correct cuda_correct step_engine tune train_bench census triton_correct conv_bench search_bench train_check ncu tune_triton gpu_tests"
 STEPS=${*:-$ALL_STEPS}
 cd "$(dirname "$0")/.."
 REPO=$(pwd)
@@ -240,6 +242,13 @@ wants triton_correct && report_correctness correctness_report_triton
 # each backend's slowest (layer1's 3x3 for CUDA C++, layer3.0.conv2 for Triton).
 wants conv_bench && run_step conv_bench 90 $PYTHON benchmarks/conv.py --quick --no-compiled \
     --out "$OUTDIR/conv.json"
+
+# What a DAN search step costs (`anfast search`: the full-width student masked by its
+# gates, the cost penalty, the logits' Adam) against plain and AN training steps.
+wants search_bench && run_step search_bench 120 env TRITON_CACHE_DIR=/tmp/inductor-triton \
+    $PYTHON benchmarks/train_throughput.py --device cuda --arch resnet50 --image-size 224 \
+    --batch-size 256 --providers base,anfast_torch,dan --compile off,default --rounds 3 --steps 4 \
+    --out "$OUTDIR/search_bench"
 
 # The quickstart's training on this GPU (bf16, channels_last, the CUDA backend) and a
 # SIGTERM + resume.

@@ -19,9 +19,16 @@ Providers, all with fused SGD, the same model, data and precision:
   masked        the base plus a full-width student that shares the conv / linear modules
                 (so the same weights), has its own BatchNorms, and multiplies every shrunk
                 conv's output by a 0/1 channel mask of width(C, alpha); same AdjoinedLoss
+  dan           one step of a DAN width search (`anfast search`, anfast.dan): the adjoined
+                network at alpha 1, policy "all", torch backend, its full-width student
+                masked by Gumbel-softmax gates over the choices 1, 2, 4, 8 of every width
+                group, the search's loss (AdjoinedLoss + the expected FLOPs penalty, target
+                0.4) and the architecture logits' Adam step after the warm-up; what a
+                search costs against plain and AN training
 and each again per --compile mode: torch.compile modes ("+default", "+reduce-overhead"),
 and "graphs", the whole eager step captured as one CUDA graph (anfast.train.graphs, as
-`anfast train --cuda-graphs`; CUDA only, not for anfast_streams).
+`anfast train --cuda-graphs`; CUDA only, not for anfast_streams, nor for dan: a search
+refuses --cuda-graphs).
 
 Every step is the trainer's own (anfast.train.step.train_step: no host read inside)
 on `anfast train --data synthetic`'s batch (anfast.data.synthetic: one random batch
@@ -61,6 +68,8 @@ import torchvision
 
 import anfast
 from anfast.adjoin import PAPER_MIN_CHANNELS
+from anfast.dan import ChoiceGates, CostModel, DEFAULT_CHOICES, SearchConfig, SearchSpace
+from anfast.dan.search import GatedNetwork, SearchLoss
 from anfast.nn import AdjoinedConv2d
 from anfast.data.synthetic import DEFAULT_SYNTHETIC_CLASSES, synthetic_batch
 from anfast.train.config import COMPILE_CHOICES
@@ -114,12 +123,14 @@ class MaskedAdjoined(nn.Module):
         return anfast.AdjoinedOutput(self.base(x), (self.student(x),))
 
 
-PROVIDERS = ("base", "anfast", "anfast_torch", "anfast_aten", "anfast_streams", "masked")
+PROVIDERS = ("base", "anfast", "anfast_torch", "anfast_aten", "anfast_streams", "masked", "dan")
 GRAPHS = "graphs"  # a --compile entry: the whole eager step as one CUDA graph
 # (numerator, denominator) of the img/s ratios reported per compile mode.
 RATIOS = (("anfast", "masked"), ("anfast_torch", "masked"), ("anfast", "anfast_torch"), ("anfast", "base"),
           ("anfast_torch", "base"), ("masked", "base"), ("anfast", "anfast_aten"), ("anfast_aten", "base"), ("anfast_streams", "base"),
-          ("anfast_streams", "anfast"))
+          ("anfast_streams", "anfast"), ("dan", "base"), ("dan", "anfast_torch"), ("dan", "masked"))
+# The search the dan provider steps: its FLOPs target and its gates' temperature.
+DAN_TARGET_FLOPS, DAN_TAU = 0.4, 1.0
 
 
 def _aten_forward(conv: AdjoinedConv2d, x_base: torch.Tensor, *x_students: torch.Tensor):
@@ -141,13 +152,27 @@ def aten_adjoined(network: nn.Module) -> nn.Module:
     return network
 
 
+def search_provider(base: nn.Module, input_size, device: torch.device) -> tuple:
+    """(GatedNetwork, its loss) of a DAN search of ``base``, built as anfast.dan.Search
+    builds them: alpha 1, policy "all", the default choices, the cost model on ``device``."""
+    network = anfast.adjoin(copy.deepcopy(base), alpha=1, policy="all", round_to=8,
+                            input_size=input_size, backend="torch")
+    space = SearchSpace.from_network(network, DEFAULT_CHOICES, 8)
+    cost_model = CostModel(network, space, input_size).to(device)
+    gated = GatedNetwork(network, space, ChoiceGates(space).to(device))
+    gated.tau.fill_(DAN_TAU)
+    loss = SearchLoss(cost_model, {"flops": DAN_TARGET_FLOPS}, SearchConfig.gamma, device)
+    return gated, functools.partial(loss, lambda_=1.0)
+
+
 def build_providers(arch: str | torch.nn.Module, alpha: float, num_classes: int, input_size,
-                    policy: str = "paper") -> dict:
+                    policy: str = "paper", device: torch.device = torch.device("cpu")) -> dict:
     """name -> (model, loss_fn(output, target)), all from the same initial weights.
 
     ``arch`` is a torchvision model name, or the base network itself (whose classifier
     then has its own number of classes); ``policy`` is the anfast providers' width policy;
-    the masked student is the paper's.
+    the masked student is the paper's; the search's step (dan) keeps its cost model and
+    loss sums on ``device``.
     """
     torch.manual_seed(0)
     base = arch if isinstance(arch, torch.nn.Module) else \
@@ -165,6 +190,7 @@ def build_providers(arch: str | torch.nn.Module, alpha: float, num_classes: int,
         "anfast_aten": (aten_adjoined(adjoined["aten"]), adjoined_loss),
         "anfast_streams": (anfast.use_streams(adjoined["streams"], 2), adjoined_loss),
         "masked": (masked, adjoined_loss),
+        "dan": search_provider(base, input_size, device),
     }
 
 
@@ -175,7 +201,11 @@ def build_step(model: nn.Module, loss_fn, mode: str, compile_as, images: torch.T
     eager ("off"), torch.compile'd (``compile_as``), or captured as a CUDA graph (GRAPHS)."""
     device = images.device
     model.to(device=device, memory_format=memory_format).train()
-    optimizer = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9, fused=True)
+    weights, more_optimizers = model, ()
+    if isinstance(model, GatedNetwork):  # as a search trains: the logits by their own Adam
+        weights = model.network
+        more_optimizers = (torch.optim.Adam(model.gates.parameters(), lr=SearchConfig.arch_lr, fused=True),)
+    optimizer = torch.optim.SGD(weights.parameters(), lr=1e-3, momentum=0.9, fused=True)
     forward = model
     if compile_as is not None or mode == GRAPHS:
         warm_up(model, loss_fn, batch_size=batch_size, image_size=image_size,
@@ -186,7 +216,8 @@ def build_step(model: nn.Module, loss_fn, mode: str, compile_as, images: torch.T
     meter = StepMeter(device, max_bad_steps=0, step=0)
     step = functools.partial(
         train_step, forward, loss_fn=loss_fn, optimizer=optimizer, scaler=scaler,
-        parameters=list(model.parameters()), amp_dtype=amp_dtype, meter=meter)
+        parameters=list(weights.parameters()), amp_dtype=amp_dtype, meter=meter,
+        more_optimizers=more_optimizers)
     if mode == GRAPHS:
         tensor_learning_rates(optimizer, device)
         step = CapturedStep(step, images, labels,
@@ -272,7 +303,8 @@ def main() -> None:
     channels_last = on_cuda if args.channels_last is None else args.channels_last
     memory_format = torch.channels_last if channels_last else torch.contiguous_format
 
-    providers = build_providers(args.arch, args.alpha, args.num_classes, (3, image_size, image_size))
+    providers = build_providers(args.arch, args.alpha, args.num_classes, (3, image_size, image_size),
+                                device=device)
     providers = {name: providers[name] for name in chosen}
     images, labels = synthetic_batch(batch_size, image_size, args.num_classes, device=device,
                                      channels_last=channels_last)
@@ -295,6 +327,8 @@ def main() -> None:
         for name, (model, loss_fn) in providers.items():
             if mode != "off" and name == "anfast_streams":
                 continue  # streams run eager kernels on several streams: not captured, not compiled
+            if mode == GRAPHS and name == "dan":
+                continue  # a search's temperature and warm-up change between steps: not captured
             key = name if mode == "off" else f"{name}+{mode}"
             builders[key] = functools.partial(
                 build_step, model, loss_fn, mode, compile_as, images, labels, scaler=scaler,
@@ -382,7 +416,8 @@ def summarize(times: dict, warmup_s: dict, providers: list, common: dict, load_b
         "benchmark": "train_throughput",
         "question": "AN training img/s: anfast (student at real width; auto and torch backends, "
                     "pure aten convs, student streams) vs the authors' masked full-width student "
-                    "vs plain base training, eager, compiled and as whole-step CUDA graphs",
+                    "vs plain base training, eager, compiled and as whole-step CUDA graphs; "
+                    "and a DAN search step (dan) against them",
         **common,
         "rounds_done": min((len(t) for key, t in times.items() if key not in errors), default=0),
         "load_average_before": load_before, "load_average_after": os.getloadavg(),

@@ -422,6 +422,38 @@ def test_train_throughput_leaves_out_a_key_whose_set_up_fails_and_measures_the_r
         / result["providers"]["base+default"]["images_per_second"])
 
 
+
+def test_train_throughputs_search_step_trains_the_weights_by_sgd_and_the_logits_by_their_own_adam():
+    """The dan provider's step is a search's: the gated full-width network (every shrinkable
+    group searched), its loss CE + KL + gamma * R, the weights stepped by the run's SGD and
+    the architecture logits by Adam alone. Checked on one step from the gradients it left:
+    SGD's first step moves a weight by -lr * grad; Adam's moves a logit by -lr * g / (|g| +
+    eps), about lr against the gradient's sign, and no SGD step on top."""
+    import train_throughput
+    from anfast.dan import SearchConfig
+    from anfast.dan.search import GatedNetwork
+
+    torch.manual_seed(0)
+    providers = train_throughput.build_providers(small_resnet(10, stages=2), 4.0, 10, (3, 16, 16), policy="all")
+    model, loss_fn = providers["dan"]
+    assert isinstance(model, GatedNetwork)
+    space = model.masks.space
+    assert len(space.groups) == len(model.network.width_groups) - 2  # all but the image's and the logits'
+    images, labels = torch.randn(2, 3, 16, 16), torch.tensor([1, 7])
+    step = train_throughput.build_step(
+        model, loss_fn, "off", None, images, labels, scaler=torch.amp.GradScaler("cpu", enabled=False),
+        batch_size=2, image_size=16, num_classes=10, channels_last=False, amp_dtype=None,
+        memory_format=torch.contiguous_format)
+    weights = {name: p.detach().clone() for name, p in model.network.named_parameters()}
+    theta = model.gates.theta.detach().clone()
+    step()
+    for name, parameter in model.network.named_parameters():
+        torch.testing.assert_close(parameter.detach(), weights[name] - 1e-3 * parameter.grad, msg=name)
+    gradient = model.gates.theta.grad
+    assert gradient is not None and (gradient.abs() > 1e-6).all(), "every group's logits take the penalty's gradient"
+    torch.testing.assert_close(model.gates.theta.detach(),
+                               theta - SearchConfig.arch_lr * gradient / (gradient.abs() + 1e-8))
+
 def test_a_test_that_breaks_the_cuda_context_stops_its_process(monkeypatch):
     """After a GPU test whose kernel faulted (the next synchronize raises, as it does for a
     sticky CUDA error), the process stops: an xdist worker exits (xdist replaces it), a
