@@ -34,8 +34,8 @@ from torch import nn
 from torch.nn import functional as F
 from torch.fx.passes.shape_prop import ShapeProp
 
-from anfast.nn import (AdjoinedBatchNorm1d, AdjoinedBatchNorm2d, AdjoinedConv2d, AdjoinedGroupNorm, AdjoinedLayerNorm,
-                       AdjoinedLinear)
+from anfast.nn import (AdjoinedBatchNorm1d, AdjoinedBatchNorm2d, AdjoinedConv2d, AdjoinedGlobalResponseNorm,
+                       AdjoinedGroupNorm, AdjoinedLayerNorm, AdjoinedLinear)
 from anfast.nn.conv import conv_form, numeric_padding, unknown_backend
 from anfast.nn.modes import eval_mode
 
@@ -117,7 +117,7 @@ class WidthGroup:
 class LayerWidths:
     """Base and student widths of one adjoined layer."""
 
-    kind: str  # "conv", "linear", "norm" (a batch norm) or "layernorm"
+    kind: str  # "conv", "linear", "norm" (a batch norm), "layernorm", "groupnorm" or "grn"
     in_channels: int
     out_channels: int
     student_in: tuple[int, ...]
@@ -395,9 +395,9 @@ def _analyse(gm: torch.fx.GraphModule, state_keys: set) -> _Analysis:
                     raise _Unfollowable(x_shape, after=shape)
                 result.channels[node] = _Channels((new_dim(module.out_features, producer=node.target),))
                 _record_layer(result, node, "linear", x, result.channels[node], where)
-            elif norm_kind == "layernorm":
-                # timm's LayerNorm2d on (N, C, H, W), a LayerNorm on (N, C) features.
-                _record_layer_norm(result, node, in_channels[0], where)
+            elif norm_kind in ("layernorm", "grn"):
+                # timm's LayerNorm2d on (N, C, H, W), a LayerNorm on (N, C) features, GRN on (N, C, H, W).
+                _record_layer_norm(result, node, in_channels[0], where, kind=norm_kind)
             elif norm_kind == "groupnorm":
                 _record_layer_norm(result, node, in_channels[0], where, kind="groupnorm")
                 for part in in_channels[0].parts:  # each network's width: whole groups
@@ -547,13 +547,30 @@ def _adopts_group_norm(module: nn.GroupNorm, shape) -> bool:
 
 
 def _adopted_norm_kind(module: Optional[nn.Module], shape) -> Optional[str]:
-    """"layernorm" or "groupnorm" for a norm over the channels of (N, C, ...) that adjoin
-    rebuilds as a layer, None for anything else."""
+    """"layernorm", "groupnorm" or "grn" for a norm over the channels of (N, C, ...) that
+    adjoin rebuilds as a layer, None for anything else."""
     if isinstance(module, nn.LayerNorm) and _adopts_layer_norm(module, shape, channels_last=False):
         return "layernorm"
     if isinstance(module, nn.GroupNorm) and _adopts_group_norm(module, shape):
         return "groupnorm"
+    if _adopts_grn(module, shape, channels_last=False):
+        return "grn"
     return None
+
+
+# ConvNeXt-V2's Global Response Normalization, adopted as a layer (AdjoinedGlobalResponseNorm):
+# traced through, its mean over the channels and its added bias would leave its group
+# unsearched by DAN (a mask's zeros would count in the mean, the bias fill masked channels).
+_GRN = "timm.layers.grn.GlobalResponseNorm"
+
+
+def _adopts_grn(module: Optional[nn.Module], shape, channels_last: bool) -> bool:
+    """Whether ``module`` is timm's GlobalResponseNorm on the channels of its (N, H, W, C)
+    input when ``channels_last``, else of its (N, C, H, W) input."""
+    if module is None or _qualified_name(type(module)) != _GRN or len(shape) != 4:
+        return False
+    axis = -1 if channels_last else 1
+    return module.channel_dim in (axis, axis % 4) and shape[axis] == module.weight.numel()
 
 
 def _record_layer_norm(result: _Analysis, node: torch.fx.Node, x: _Channels, where: str,
@@ -597,6 +614,9 @@ def _follow_channels_last(node, shape, inputs, module, where, result: _Analysis,
         return
     if isinstance(module, nn.LayerNorm) and _adopts_layer_norm(module, shape, channels_last=True):
         _record_layer_norm(result, node, x, where)
+        return
+    if _adopts_grn(module, shape, channels_last=True):
+        _record_layer_norm(result, node, x, where, kind="grn")
         return
     if function in _ELEMENTWISE and tuple(shape) == tuple(x_shape):
         for other in inputs:
@@ -1452,7 +1472,7 @@ class _Tracer(torch.fx.Tracer):
     def is_leaf_module(self, module: nn.Module, qualified_name: str) -> bool:
         return (isinstance(module, (nn.Conv2d, nn.Linear, nn.modules.batchnorm._BatchNorm, nn.LayerNorm, nn.GroupNorm)
                            + self._timm_leaves + self._whole)
-                or _qualified_name(type(module)) in _STOCHASTIC_DEPTH
+                or _qualified_name(type(module)) in (*_STOCHASTIC_DEPTH, _GRN)
                 or super().is_leaf_module(module, qualified_name))
 
 
@@ -1837,9 +1857,13 @@ def _build(traced, analysis: _Analysis, groups, alphas, share_affine, backend) -
                                for node, (dim, axis) in analysis.vectors.items()
                                if node.op == "get_attr" and not groups[dim.root()].fixed}
     fixed = {group.name for group in groups.values() if group.fixed}
-    for name, widths in layer_widths.items():  # ScaledStdConv2d's gain: a conv's per-filter vector
-        if widths.kind == "conv" and network.get_submodule(name).scale is not None and widths.out_group not in fixed:
-            network.channel_vectors[f"{name}.gain"] = (0, widths.out_group)
+    for name, widths in layer_widths.items():
+        if widths.out_group in fixed:
+            continue
+        if widths.kind == "conv" and network.get_submodule(name).scale is not None:
+            network.channel_vectors[f"{name}.gain"] = (0, widths.out_group)  # ScaledStdConv2d's per-filter gain
+        elif widths.kind == "grn":  # timm's GlobalResponseNorm has no size argument, only these two vectors
+            network.channel_vectors.update({f"{name}.{key}": (0, widths.out_group) for key in ("weight", "bias")})
     network.channel_ops = {node.name: tuple((groups[part.root()].name, flops) for part in analysis.channels[node].parts)
                            for node, flops in analysis.channel_ops.items()}
     return network
@@ -1906,13 +1930,16 @@ def _replace_module(traced, name, module, widths: LayerWidths, analysis, share_a
             module, student_in_features=widths.student_in, student_out_features=widths.student_out,
             student_in_indices=widths.in_indices, input_shared=shared,
         )
-    elif widths.kind in ("layernorm", "groupnorm"):
+    elif widths.kind in ("layernorm", "groupnorm", "grn"):
         if any(index is not None for index in widths.in_indices):
-            norm = "LayerNorm" if widths.kind == "layernorm" else "GroupNorm"
-            raise AdjoinError(f"{name}: a {norm} over concatenated channels whose parts shrink; anfast "
-                              "normalises each network's leading channels only")
-        new = (AdjoinedLayerNorm.from_layernorm(module, widths.student_out, _layer_norm_axis(module))
-               if widths.kind == "layernorm" else AdjoinedGroupNorm.from_groupnorm(module, widths.student_out))
+            raise AdjoinError(f"{name}: a {type(module).__name__} over concatenated channels whose parts shrink; "
+                              "anfast normalises each network's leading channels only")
+        if widths.kind == "layernorm":
+            new = AdjoinedLayerNorm.from_layernorm(module, widths.student_out, _layer_norm_axis(module))
+        elif widths.kind == "groupnorm":
+            new = AdjoinedGroupNorm.from_groupnorm(module, widths.student_out)
+        else:
+            new = AdjoinedGlobalResponseNorm.from_grn(module, widths.student_out)
     else:
         adjoined = AdjoinedBatchNorm1d if isinstance(module, nn.BatchNorm1d) else AdjoinedBatchNorm2d
         new = adjoined.from_batchnorm(module, widths.student_out, widths.in_indices, share_affine)

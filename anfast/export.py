@@ -257,7 +257,7 @@ def export_student(an: AdjoinedNetwork, index: int = 0, path: Optional[Union[str
     model = an.architecture()
     state = {k: v for k, v in an.base_state_dict().items()}
     group_widths = {g.name: g.widths[index] for g in an.width_groups}
-    tensors = {}  # per-channel parameters (ConvNeXt's gamma): their leading slice
+    tensors = {}  # per-channel parameters (ConvNeXt's gamma, GRN's weight and bias): their leading slice
     for name, (axis, group) in an.channel_vectors.items():
         if group_widths[group] != state[name].shape[axis]:
             state[name] = state[name].narrow(axis, 0, group_widths[group])
@@ -265,6 +265,8 @@ def export_student(an: AdjoinedNetwork, index: int = 0, path: Optional[Union[str
     _resize_tensors(model, tensors, "meta")
     specs = {}
     for name, widths in an.layer_widths.items():
+        if widths.kind == "grn":  # timm's GlobalResponseNorm has no size argument: its vectors are sliced above
+            continue
         plain, layer_state = _student_layer(an, name, widths, index)
         specs[name] = _layer_spec(plain)
         _resize_layer(model.get_submodule(name), specs[name], "meta")

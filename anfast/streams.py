@@ -17,7 +17,8 @@ import torch.fx
 from torch import nn
 
 from anfast.adjoin import AdjoinedNetwork, _make_output
-from anfast.nn import AdjoinedBatchNorm2d, AdjoinedConv2d, AdjoinedGroupNorm, AdjoinedLayerNorm, AdjoinedLinear
+from anfast.nn import (AdjoinedBatchNorm2d, AdjoinedConv2d, AdjoinedGlobalResponseNorm, AdjoinedGroupNorm,
+                       AdjoinedLayerNorm, AdjoinedLinear)
 from anfast.nn import streams as runtime
 
 __all__ = ["use_streams"]
@@ -54,7 +55,8 @@ def use_streams(network: nn.Module, count: int) -> nn.Module:
     if count == 1 or "_network_streams" in network.__dict__:
         return network
     graph = network.graph
-    kinds = (AdjoinedConv2d, AdjoinedBatchNorm2d, AdjoinedGroupNorm, AdjoinedLayerNorm, AdjoinedLinear)
+    kinds = (AdjoinedConv2d, AdjoinedBatchNorm2d, AdjoinedGlobalResponseNorm, AdjoinedGroupNorm, AdjoinedLayerNorm,
+             AdjoinedLinear)
     adjoined = {node for node in graph.nodes if node.op == "call_module"
                 and isinstance(network.get_submodule(node.target), kinds)}
     owner = _networks_of(graph, adjoined)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import functools
 import itertools
 import json
 import math
@@ -305,6 +306,49 @@ def test_a_group_norms_channels_are_searched_in_whole_groups():
     assert space.norm_points == {"norm": 1} and "a" not in space.mask_points and "norm" not in space.mask_points
     _assert_one_hot_gates_give_the_derived_student(model, network, space, ([2, 3, 2], [1, 2, 0], [0, 1, 1],
                                                                            [3, 0, 3]))
+
+
+class ResponseNormed(nn.Module):
+    """A ConvNeXt-V2 block's MLP (Woo et al. 2023): expand, GELU, timm's GRN, project back,
+    residual; on (N, H, W, C) with Linear layers or on (N, C, H, W) with 1x1 convs. GRN's
+    weight and bias are drawn (timm starts them at zero: GRN would be the identity)."""
+
+    def __init__(self, channels_last: bool):
+        super().__init__()
+        GlobalResponseNorm = pytest.importorskip("timm.layers.grn").GlobalResponseNorm
+        self.channels_last = channels_last
+        self.stem = nn.Conv2d(3, 16, 3, padding=1)
+        layer = nn.Linear if channels_last else functools.partial(nn.Conv2d, kernel_size=1)
+        self.fc1, self.fc2 = layer(16, 32), layer(32, 16)
+        self.grn = GlobalResponseNorm(32, channels_last=channels_last)
+        self.head = nn.Linear(16, 3)
+        with torch.no_grad():
+            self.grn.weight.normal_()
+            self.grn.bias.normal_()
+
+    def forward(self, x):
+        x = self.stem(x)
+        y = x.permute(0, 2, 3, 1) if self.channels_last else x
+        y = self.fc2(self.grn(F.gelu(self.fc1(y))))
+        y = y.permute(0, 3, 1, 2) if self.channels_last else y
+        return self.head((x + y).mean((2, 3)))
+
+
+@pytest.mark.parametrize("channels_last", [True, False], ids=["NHWC", "NCHW"])
+def test_a_grn_normalises_each_choices_channels_and_adds_its_bias_there_alone(channels_last):
+    """GRN divides each channel's spatial norm by their mean over the channels and adds a
+    bias: a mask's zeros would count in the mean and the bias would fill masked channels.
+    Adopted as a layer, it outputs each choice's GRN of its leading channels, zero beyond:
+    fc1's group is searched, and the masked network computes each derived student
+    exactly, at the cost the cost model gives it (GRN's two vectors counted per channel)."""
+    torch.manual_seed(0)
+    model = ResponseNormed(channels_last)
+    network = anfast.adjoin(model, alpha=1, policy="all", input_size=(3, 9, 9)).double().eval()
+    space = SearchSpace.from_network(network, choices=(1, 2, 4), round_to=4)
+    assert space.group_names == ["stem", "fc1"]
+    assert space.norm_points == {"grn": 1} and "grn" not in space.mask_points
+    assert network.channel_vectors == {"grn.weight": (0, "fc1"), "grn.bias": (0, "fc1")}
+    _assert_one_hot_gates_give_the_derived_student(model, network, space, ([0, 2], [1, 0], [2, 1], [2, 2], [0, 1]))
 
 
 def test_group_names_are_unique_where_nodes_are_named_like_layers():

@@ -123,6 +123,10 @@ def test_timm_model_adjoins_and_exports_exactly(name, kwargs):
     """Base = the timm model; exported students = the adjoined students (eval, float32)."""
     torch.manual_seed(0)
     model = timm.create_model(name, pretrained=False, num_classes=10, **kwargs)
+    with torch.no_grad():
+        for parameter in model.parameters():
+            if not parameter.any():  # started at zero (biases, GRN's weight and bias): drawn, so they count
+                parameter.normal_(0, 0.1)
     an = anfast.adjoin(model, alpha=(2, 4), policy="all", input_size=(3, 32, 32))
     an(torch.randn(4, 3, 32, 32))  # training step with stochastic depth on: moves running stats
     an.eval()
@@ -189,6 +193,40 @@ def test_timm_convs_adjoin_as_timm_computes_them_at_each_width(name, stride, siz
         else:
             expected[:12] += student_grad
         assert_close_rel(adjoined_grads[key], expected, 1e-12, f"{name} d{key}")
+
+
+@pytest.mark.parametrize("channels_last", [True, False], ids=["NHWC", "NCHW"])
+def test_timm_grn_adjoins_as_timm_computes_it_at_each_width(channels_last):
+    """AdjoinedGlobalResponseNorm.from_grn(timm's GRN): the base is the layer; the student is
+    timm's GRN built at the student's width holding the leading slice of weight and bias
+    (its channel mean over its own channels); the gradients of weight and bias are the
+    two layers' summed (float64)."""
+    from timm.layers.grn import GlobalResponseNorm
+
+    torch.manual_seed(0)
+    layer = GlobalResponseNorm(12, channels_last=channels_last).double()
+    student = GlobalResponseNorm(8, channels_last=channels_last).double()
+    with torch.no_grad():
+        for key, parameter in layer.named_parameters():
+            parameter.normal_()  # timm starts both at zero: the identity
+            getattr(student, key).copy_(parameter[:8])
+    adjoined = anfast.nn.AdjoinedGlobalResponseNorm.from_grn(layer, student_channels=(8,))
+    assert adjoined.weight is layer.weight and adjoined.bias is layer.bias
+    axis = -1 if channels_last else 1
+    x = torch.randn((2, 5, 6, 12) if channels_last else (2, 12, 5, 6), dtype=torch.float64)
+    x_student = x.narrow(axis, 0, 8)
+    y_base, y_student = adjoined(x, x_student)
+    assert_close_rel(y_base, layer(x), 1e-12, "base")
+    assert_close_rel(y_student, student(x_student), 1e-12, "student")
+    weights = [torch.randn_like(y) for y in (y_base, y_student)]
+    adjoined_grads = dict(zip(("weight", "bias"), torch.autograd.grad(
+        (y_base * weights[0]).sum() + (y_student * weights[1]).sum(), (adjoined.weight, adjoined.bias))))
+    layer.zero_grad()
+    ((layer(x) * weights[0]).sum() + (student(x_student) * weights[1]).sum()).backward()
+    for key, parameter in layer.named_parameters():
+        expected = parameter.grad.clone()
+        expected[:8] += getattr(student, key).grad
+        assert_close_rel(adjoined_grads[key], expected, 1e-12, f"d{key}")
 
 
 def _tiny_nfnet() -> nn.Module:

@@ -80,8 +80,8 @@ class CostModel:
         for name, widths in network.layer_widths.items():
             module = modules[name]
             if (widths.kind in ("norm", "groupnorm") and not module.affine) or (
-                    widths.kind == "layernorm" and not module.elementwise_affine):
-                continue
+                    widths.kind == "layernorm" and not module.elementwise_affine) or widths.kind == "grn":
+                continue  # no parameters, or (GRN's) counted as channel vectors
             grouped = widths.kind == "conv" and module.groups > 1
             in_parts, out_parts = (widths.in_parts if group == "concat" else (group,)
                                    for group in (widths.in_group, widths.out_group))

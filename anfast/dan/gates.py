@@ -4,8 +4,9 @@ Per group g the search learns logits theta_g over the width choices; each step d
 gate weights g = softmax((theta_g + G) / tau) with Gumbel noise G (resampled every
 step, or one draw kept for the whole search as in the paper), and the full-width
 student's tensors of group g are multiplied by m_g[c] = sum_i g_i * 1[c < width_i]. A
-LayerNorm or GroupNorm over group g outputs sum_i g_i * norm(x[:width_i]), each term
-zero beyond its width: masked channels must not count in its statistics. For the same
+LayerNorm, GroupNorm or GRN over group g outputs sum_i g_i * norm(x[:width_i]), each term
+zero beyond its width: masked channels must not count in its statistics (nor take GRN's
+bias). For the same
 reason a weight-standardised conv reading group g convolves with sum_i g_i * S_i, S_i its
 filters standardised over the leading width_i input channels (zero beyond).
 """
@@ -87,8 +88,8 @@ class StudentMasks:
 
     ``set_gates(gates)`` before each forward; ``remove()`` detaches the hooks. With
     one-hot gates the masked full-width student computes exactly the derived student
-    (the masked channels are zero everywhere they would not exist). A LayerNorm or
-    GroupNorm over a searched group (``space.norm_points``) instead outputs the
+    (the masked channels are zero everywhere they would not exist). A LayerNorm,
+    GroupNorm or GRN over a searched group (``space.norm_points``) instead outputs the
     gate-weighted sum of each choice's norm of its leading channels, zero beyond them
     (its ``student_norm``), and a weight-standardised conv reading one
     (``space.standardised_points``) convolves its student with the gate-weighted sum of

@@ -24,7 +24,7 @@ __all__ = ["DanError", "SearchSpace", "DEFAULT_CHOICES"]
 # The paper searched (1, 2, 4); 8 lets a group drop to an eighth when the target is tight.
 DEFAULT_CHOICES = (1.0, 2.0, 4.0, 8.0)
 
-_CHANNEL_NORMS = ("layernorm", "groupnorm")  # normalised per width choice (anfast.dan.gates), not masked
+_CHANNEL_NORMS = ("layernorm", "groupnorm", "grn")  # normalised per width choice (anfast.dan.gates), not masked
 
 
 class DanError(ValueError):
@@ -86,7 +86,7 @@ class SearchSpace:
                            "anfast.adjoin(model, alpha=1, policy='all')")
         # A group an op reduces over (x.mean(1)) is not searched: masked to zero at full
         # width, its channels would still count in the mean (or the max) the op takes. Nor is
-        # a part of a concat that a LayerNorm / GroupNorm or a standardised conv reads: they
+        # a part of a concat that a LayerNorm / GroupNorm / GRN or a standardised conv reads: they
         # normalise each width choice of one group, not of a concat's parts.
         mixed_concat = {part for name, w in network.layer_widths.items() if w.in_group == "concat"
                         and (w.kind in _CHANNEL_NORMS or _standardises_all_inputs(network, name, w))
@@ -157,8 +157,8 @@ def _mask_points(network: AdjoinedNetwork, group_index: dict[str, int], norm_poi
     Masking after each batch norm of a group covers the tensors that norm produces
     (a norm would otherwise re-normalise masked channels back to its bias); a
     producer whose student output reaches anything but norms is masked itself.
-    ReLU, pooling and residual adds then pass the mask on unchanged. A LayerNorm or
-    GroupNorm (``norm_points``) masks its own output: it normalises each choice's leading
+    ReLU, pooling and residual adds then pass the mask on unchanged. A LayerNorm,
+    GroupNorm or GRN (``norm_points``) masks its own output: it normalises each choice's leading
     channels alone, so its input needs no mask either.
     """
     points: dict[str, int] = {}
