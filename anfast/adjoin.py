@@ -575,7 +575,7 @@ def _adopts_grn(module: Optional[nn.Module], shape, channels_last: bool) -> bool
 
 def _record_layer_norm(result: _Analysis, node: torch.fx.Node, x: _Channels, where: str,
                        kind: str = "layernorm") -> None:
-    """A LayerNorm (or GroupNorm) over the channels: each network normalises its own. Its
+    """A LayerNorm (or GroupNorm, or GRN) over the channels: each network normalises its own. Its
     groups stay searchable: a DAN search normalises each width choice's leading channels
     (anfast.dan.gates), as the student of that width does."""
     if x is None or x.features_per_channel != 1:

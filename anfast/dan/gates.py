@@ -6,9 +6,9 @@ step, or one draw kept for the whole search as in the paper), and the full-width
 student's tensors of group g are multiplied by m_g[c] = sum_i g_i * 1[c < width_i]. A
 LayerNorm, GroupNorm or GRN over group g outputs sum_i g_i * norm(x[:width_i]), each term
 zero beyond its width: masked channels must not count in its statistics (nor take GRN's
-bias). For the same
-reason a weight-standardised conv reading group g convolves with sum_i g_i * S_i, S_i its
-filters standardised over the leading width_i input channels (zero beyond).
+bias). For the same reason a weight-standardised conv reading group g convolves with
+sum_i g_i * S_i, S_i its filters standardised over the leading width_i input channels
+(zero beyond).
 """
 
 from __future__ import annotations

@@ -15,5 +15,4 @@ from anfast.nn.linear import AdjoinedLinear
 
 __all__ = ["AdjoinedConv2d", "AdjoinedBatchNorm2d", "AdjoinedBatchNorm1d", "AdjoinedSyncBatchNorm2d",
            "AdjoinedSyncBatchNorm1d", "AdjoinedGlobalResponseNorm", "AdjoinedGroupNorm", "AdjoinedLayerNorm",
-           "AdjoinedLinear",
-           "convert_sync_batchnorm"]
+           "AdjoinedLinear", "convert_sync_batchnorm"]
