@@ -38,6 +38,7 @@ from anfast.nn import (AdjoinedBatchNorm1d, AdjoinedBatchNorm2d, AdjoinedConv2d,
                        AdjoinedGroupNorm, AdjoinedLayerNorm, AdjoinedLinear)
 from anfast.nn.conv import conv_form, numeric_padding, unknown_backend
 from anfast.nn.modes import eval_mode
+from anfast.nn.reduction import StudentReduction
 
 __all__ = [
     "AdjoinError",
@@ -195,6 +196,9 @@ class _Analysis:
     whole: dict = field(default_factory=dict)  # node -> why: run at the model's shapes in every network
     size_reads: list = field(default_factory=list)  # (channels of a view, tensors whose channel counts size it, where)
     channel_ops: dict = field(default_factory=dict)  # node -> FLOPs per channel: ECA's Conv1d, GC's matmul
+    # node -> (_Dim, keeps channels): an op over one group's channels on axis 1 that each width
+    # choice of a DAN search computes on its own leading channels (_reduces_per_width)
+    reductions: dict = field(default_factory=dict)
     statistics: set = field(default_factory=set)  # modules every network runs that hold running statistics
 
 
@@ -350,8 +354,13 @@ def _analyse(gm: torch.fx.GraphModule, state_keys: set) -> _Analysis:
             norm_kind = _adopted_norm_kind(module, shape)
             if follows_x and not norm_kind and (1 in (reduced or ()) or _mixes_channels(source or node, module,
                                                                                      len(x_shape))):
-                for part in in_channels[0].parts:  # each network reduces its own channels
-                    part.root().reduced_by.append(where)
+                # Each network reduces its own channels; a DAN search, whose masks leave zeros
+                # that would count, mixes each width choice's op (StudentReduction) where it can.
+                if source is None and _reduces_per_width(node, inputs, in_channels[0], result):
+                    result.reductions[node] = (in_channels[0].parts[0], 1 not in (reduced or ()))
+                else:
+                    for part in in_channels[0].parts:
+                        part.root().reduced_by.append(where)
 
             if isinstance(module, (nn.Conv1d, nn.Conv3d, nn.ConvTranspose2d)):
                 raise AdjoinError(f"{where}: {type(module).__name__} is not supported; anfast adjoins Conv2d "
@@ -733,6 +742,27 @@ def _reduced_axes(node: torch.fx.Node, ndim: int) -> Optional[set]:
     if not all(isinstance(d, int) and not isinstance(d, bool) for d in dims):
         return None
     return {d % ndim for d in dims}
+
+
+# Reductions and mixing ops along the channels whose student a DAN search computes per width
+# choice on its leading channels: one tensor in, one floating tensor out (not torch.max(x, 1),
+# a tuple; not argmax, indices).
+_PER_WIDTH = {
+    **{op: None for name in ("mean", "nanmean", "sum", "nansum", "prod", "amax", "amin", "std", "var", "logsumexp")
+       for op in (getattr(torch, name), name)},
+    **{op: None for op in (torch.norm, "norm", torch.linalg.vector_norm)},
+    **{op: None for op in _MIXING},
+}
+
+
+def _reduces_per_width(node: torch.fx.Node, inputs, x: Optional[_Channels], result: _Analysis) -> bool:
+    """Whether ``node``, which reduces or mixes the channels of ``x``, is one op on one
+    per-network tensor (its first argument) over one width group, so that a DAN search can
+    compute it on each width choice's leading channels (StudentReduction)."""
+    return (node.op in ("call_function", "call_method") and _in_table(node.target, _PER_WIDTH)
+            and len(inputs) == 1 and bool(node.args) and node.args[0] is inputs[0]
+            and inputs[0] not in result.shared and x is not None and len(x.parts) == 1
+            and x.features_per_channel == 1)
 
 
 def _mixes_channels(node: torch.fx.Node, module: Optional[nn.Module], ndim: int) -> bool:
@@ -1165,6 +1195,9 @@ class AdjoinedNetwork(torch.fx.GraphModule):
     # FLOPs grow with its width (DAN's cost model counts them): {node name: ((group name,
     # FLOPs per channel at batch 1), ...)}, one pair per part of a concat's channels.
     channel_ops: dict[str, tuple[tuple[str, int], ...]]
+    # The first student's ops over a shrinkable group's channels on axis 1 (CBAM's channel
+    # mean and max), StudentReduction layers a DAN search sets: {module name: group name}.
+    channel_reductions: dict[str, str]
     # Modules every network runs whole that hold running statistics (a batch norm inside
     # a block timm keeps whole): student s runs its copy, ``student_statistics.{s}.{name}``,
     # whose buffers are its own and whose parameters are the base's.
@@ -1172,8 +1205,8 @@ class AdjoinedNetwork(torch.fx.GraphModule):
     alphas: tuple[float, ...]
     source: dict
 
-    _EXTRA_ATTRIBUTES = ("width_groups", "layer_widths", "channel_vectors", "channel_ops", "statistics_modules",
-                         "alphas", "source", "_skeleton")
+    _EXTRA_ATTRIBUTES = ("width_groups", "layer_widths", "channel_vectors", "channel_ops", "channel_reductions",
+                         "statistics_modules", "alphas", "source", "_skeleton")
 
     def __deepcopy__(self, memo):
         # GraphModule's deepcopy rebuilds from code and drops attributes it does not know,
@@ -1260,6 +1293,7 @@ def _unpickle_adjoined(rebuild, args, extras: dict, unread: Optional[dict] = Non
     network.__dict__.update(extras)
     network.__dict__.setdefault("channel_vectors", {})  # pickled before vectors were sliced: none were
     network.__dict__.setdefault("channel_ops", {})  # pickled before they were counted: their groups unsearched
+    network.__dict__.setdefault("channel_reductions", {})  # pickled before: its reduced groups were unsearched
     network.__dict__.setdefault("statistics_modules", ())  # pickled before they were kept apart: none were
     _register_unread(network, unread or {})
     return network
@@ -1800,9 +1834,20 @@ def _build(traced, analysis: _Analysis, groups, alphas, share_affine, backend) -
     networks = len(alphas) + 1
     _add_student_statistics(traced, sorted(analysis.statistics), len(alphas))
 
+    reductions = {node: (groups[dim.root()].name, keeps) for node, (dim, keeps) in analysis.reductions.items()
+                  if not groups[dim.root()].fixed}
+    if reductions and hasattr(traced, _STUDENT_REDUCTIONS):
+        raise AdjoinError(f"the model has an attribute {_STUDENT_REDUCTIONS!r}, where anfast keeps the first "
+                          f"student's ops over its channels; rename it in the model")
+
     def node_copy(node: torch.fx.Node, k: int, arg: Callable) -> torch.fx.Node:
         """Network k's copy of ``node``; a student's call of a module with running
-        statistics calls its copy of the module (``_add_student_statistics``)."""
+        statistics calls its copy of the module (``_add_student_statistics``), and the
+        first student's op over a shrinkable group's channels is a StudentReduction."""
+        if k == 1 and node in reductions:
+            name = f"{_STUDENT_REDUCTIONS}.{node.name}"
+            traced.add_submodule(name, StudentReduction(node.target, keeps_channels=reductions[node][1]))
+            return graph.call_module(name, torch.fx.map_arg(node.args, arg), torch.fx.map_arg(node.kwargs, arg))
         copied = graph.node_copy(node, arg)
         if k and node.op == "call_module" and node.target in analysis.statistics:
             copied.target = f"{_STUDENT_STATISTICS}.{k - 1}.{node.target}"
@@ -1866,11 +1911,15 @@ def _build(traced, analysis: _Analysis, groups, alphas, share_affine, backend) -
             network.channel_vectors.update({f"{name}.{key}": (0, widths.out_group) for key in ("weight", "bias")})
     network.channel_ops = {node.name: tuple((groups[part.root()].name, flops) for part in analysis.channels[node].parts)
                            for node, flops in analysis.channel_ops.items()}
+    network.channel_reductions = ({f"{_STUDENT_REDUCTIONS}.{node.name}": group for node, (group, _) in reductions.items()}
+                                  if networks > 1 else {})
     return network
 
 
 # Where each student's copies of modules with running statistics live: ``student_statistics.{s}.{name}``.
 _STUDENT_STATISTICS = "student_statistics"
+# Where the first student's ops over a shrinkable group's channels live: ``student_reductions.{node}``.
+_STUDENT_REDUCTIONS = "student_reductions"
 
 
 def _add_student_statistics(traced: torch.fx.GraphModule, names: Sequence[str], students: int) -> None:

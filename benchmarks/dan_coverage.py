@@ -9,8 +9,9 @@ network, `anfast.adjoin(model, alpha=1, policy="all")` in float64 at 96 px (or t
 model's own size where its attention takes no other), and its
 `anfast.dan.SearchSpace`: how many of the width groups that can shrink the search
 searches (the others are reduced over or mixed in a way no mask narrows, or a shift is
-added to them: docs/dan.md, "Limits"), and through how many LayerNorms / GroupNorms and
-weight-standardised convs. Then, for ``--draws`` random architectures (one width choice
+added to them: docs/dan.md, "Limits"), and through how many LayerNorms / GroupNorms /
+GRNs, weight-standardised convs and reductions over the channels (CBAM's mean and max).
+Then, for ``--draws`` random architectures (one width choice
 per group), the network masked by one-hot gates against the student the search would
 derive (adjoin with those widths, exported as the model's own class), in eval mode on
 one batch, and the cost model's FLOPs and parameters against anfast.profile of that
@@ -56,7 +57,8 @@ def check(name: str, image_size: int, draws: int) -> dict:
         return {**row, "status": "failed", "reason": f"{type(error).__name__}: {error}"}
     input_size = (3, row["image_size"], row["image_size"])
     row["groups"] = {"shrinkable": sum(not g.fixed for g in network.width_groups), "searched": len(space.groups)}
-    row["through"] = {"norms": len(space.norm_points), "standardised_convs": len(space.standardised_points)}
+    row["through"] = {"norms": len(space.norm_points), "standardised_convs": len(space.standardised_points),
+                      "reductions": len(space.reduction_points)}
     try:
         cost = CostModel(network, space, input_size)
         masks = StudentMasks(network, space)
@@ -109,8 +111,9 @@ def main(argv=None) -> dict:
         if row["status"] in ("refused", "failed"):
             return row["reason"].splitlines()[0][:120]
         groups, through = row["groups"], row["through"]
-        return (f"{groups['searched']} of {groups['shrinkable']} groups, through {through['norms']} norms and "
-                f"{through['standardised_convs']} standardised convs; largest student error "
+        return (f"{groups['searched']} of {groups['shrinkable']} groups, through {through['norms']} norms, "
+                f"{through['standardised_convs']} standardised convs and {through['reductions']} channel "
+                f"reductions; largest student error "
                 f"{max(d['student_error'] for d in row['draws']):.1e}")
 
     path = survey(models, lambda name: check(name, args.image_size, args.draws), describe,

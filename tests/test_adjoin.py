@@ -14,6 +14,7 @@ from torch import nn
 
 import anfast
 from anfast.adjoin import AdjoinError, student_width
+from anfast.nn.reduction import StudentReduction
 
 from helpers import assert_close_rel, hand_student_width
 
@@ -1183,7 +1184,13 @@ def test_a_reduction_over_the_channels_runs_per_network_and_exports(gate, tmp_pa
         student = anfast.export_student(an, path=tmp_path / "student").eval()
         assert (student(x) - expected).abs().max() <= 1e-12
     reduced = {g.name: g.reduced_by for g in an.width_groups}
-    assert reduced["a"] and not reduced["b"], reduced
+    # For a DAN search: an op on one tensor of a's channels becomes the first student's
+    # StudentReduction, which the search computes per width choice; a tuple's element
+    # (torch.max(y, 1)[0]) or a module (nn.Softmax2d) leaves a's group reduced over, unsearched.
+    mixed = set(an.channel_reductions.values())
+    assert (reduced["a"] or "a" in mixed) and not reduced["b"] and "b" not in mixed, (reduced, mixed)
+    assert bool(reduced["a"]) == any(kind in gate for kind in ("max element", ".values", "Softmax2d")), reduced
+    assert all(isinstance(an.get_submodule(name), StudentReduction) for name in an.channel_reductions)
 
 
 def test_a_channel_less_map_flattened_into_a_linear_keeps_its_features(tmp_path):

@@ -577,7 +577,7 @@ def test_dan_coverage_says_searches_only_where_the_masked_network_is_the_derived
     rows = {row["model"]: row for row in payload["rows"]}
     resnet = rows["resnet18"]
     assert resnet["status"] == "searches" and resnet["groups"]["searched"] == resnet["groups"]["shrinkable"] > 0
-    assert resnet["through"] == {"norms": 0, "standardised_convs": 0} and len(resnet["draws"]) == 2
+    assert resnet["through"] == {"norms": 0, "standardised_convs": 0, "reductions": 0} and len(resnet["draws"]) == 2
     assert all(d["cost_equals_profile"] and d["student_error"] <= 1e-12 and d["params"] < resnet["params"]
                for d in resnet["draws"])
     refused = rows["mobilenetv3_small_050"]

@@ -116,12 +116,15 @@ def _assert_one_hot_gates_give_the_derived_student(model, network, space, choice
 class GatedNet(nn.Module):
     """stem -> conv a -> a gate on a's output, by name -> conv b -> linear head."""
 
-    GATES = {  # name -> (the gate, whether it reduces or mixes a's channels)
+    GATES = {  # name -> (the gate, whether a's channels are left out of a search)
+        # Each width choice's mean and amax over its own leading channels (StudentReduction):
+        # a is searched. So is a softmin along them, zero-padded beyond each width.
         "CBAM spatial: mean and amax": (lambda y, m: y * torch.sigmoid(m.gate(torch.cat(
-            [y.mean(1, keepdim=True), y.amax(1, keepdim=True)], 1))), True),
+            [y.mean(1, keepdim=True), y.amax(1, keepdim=True)], 1))), False),
+        # torch.max(y, 1) returns values and indices, which no mix of widths gives: a is left out.
         "CBAM spatial: max .values, mean(axis=1)": (lambda y, m: y * torch.sigmoid(m.gate(torch.cat(
             [y.max(1, keepdim=True).values, y.mean(axis=1, keepdim=True)], 1))), True),
-        "softmin over the channels": (lambda y, m: y * nn.functional.softmin(y, 1), True),
+        "softmin over the channels": (lambda y, m: y * nn.functional.softmin(y, 1), False),
         # Each width choice's GroupNorm normalises its own leading channels: a is searched.
         "group norm": (lambda y, m: m.norm(y), False),
         # ECA's Conv1d sees a mask's zeros beyond the student's width as the student's zero
@@ -153,11 +156,12 @@ class GatedNet(nn.Module):
 
 
 @pytest.mark.parametrize("gate", list(GatedNet.GATES))
-def test_a_group_reduced_over_is_not_searched_so_masks_still_give_the_derived_student(gate):
+def test_a_group_reduced_over_is_searched_per_width_choice_or_left_out_so_masks_give_the_derived_student(gate):
     """Masked to zero at full width, a's channels would still count in a mean, max or
-    softmin over them: a's group is left out of the search (full width in every student),
-    the others are searched, and the masked network computes each derived student
-    exactly, at the cost the cost model gives it (fc1, called twice, counted twice). ECA's
+    softmin over them: the student computes the gates' mix of the op on each choice's
+    leading channels (a StudentReduction), or, for torch.max(y, 1), a's group is left out
+    of the search (full width in every student). The masked network computes each derived
+    student exactly, at the cost the cost model gives it (fc1, called twice, counted twice). ECA's
     Conv1d and GC's pooling act on each channel with zeros beyond the student's width, and
     an adopted GroupNorm normalises each choice's channels alone: a is searched, the
     Conv1d's and the matmul's FLOPs counted per channel."""
@@ -610,11 +614,12 @@ def test_the_search_report_says_when_the_derived_student_misses_its_target(tmp_p
         assert "note:" not in _report(close, tmp_path / "arch.json", tmp_path / "widths.png", None)
 
 
-def _run_with_soft_gates(model: nn.Module, layer: str, points: str):
+def _run_with_soft_gates(model: nn.Module, layer: str, points: str, adjoined: bool = True):
     """One float64 forward of ``model``'s search network under random soft gates, with
     two choices of one width in ``layer``'s group (``points``: the SearchSpace attribute
-    that maps it). Returns the space, the layer's student input and output, its group's
-    widths and gates, and every group's gates."""
+    that maps it). Returns the space, the layer's student input and output (an adjoined
+    layer's second ones; with ``adjoined`` False, a StudentReduction's only ones), its
+    group's widths and gates, and every group's gates."""
     network = anfast.adjoin(model, alpha=1, policy="all", input_size=(3, 8, 8)).double().eval()
     space = SearchSpace.from_network(network, choices=(1, 2, 4, 8), round_to=4)
     group = getattr(space, points)[layer]
@@ -622,7 +627,8 @@ def _run_with_soft_gates(model: nn.Module, layer: str, points: str):
     assert len(set(widths)) < len(widths), widths  # two choices of one width: their gates add up
     masks = StudentMasks(network, space)
     seen = {}
-    network.get_submodule(layer).register_forward_hook(lambda module, args, out: seen.update(x=args[1], y=out[1]))
+    network.get_submodule(layer).register_forward_hook(
+        lambda module, args, out: seen.update(x=args[1], y=out[1]) if adjoined else seen.update(x=args[0], y=out))
     gates = torch.softmax(torch.randn(len(space.groups), len(space.choices), dtype=torch.float64), -1)
     masks.set_gates(gates)
     with torch.no_grad():
@@ -650,6 +656,25 @@ def test_soft_gates_mix_each_choices_norm_of_its_leading_channels(norm):
             expected[:, :width] += gate * F.group_norm(x[:, :width], 4, weight[:width], bias[:width], 1e-5)
         else:
             expected[..., :width] += gate * F.layer_norm(x[..., :width], (width,), weight[:width], bias[:width], 1e-6)
+    torch.testing.assert_close(y, expected, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("gate, node, op", [
+    ("CBAM spatial: mean and amax", "mean", lambda x: x.mean(1, keepdim=True)),
+    ("CBAM spatial: mean and amax", "amax", lambda x: x.amax(1, keepdim=True)),
+    ("softmin over the channels", "softmin", lambda x: F.softmin(x, 1)),
+])
+def test_soft_gates_mix_each_choices_reduction_of_its_leading_channels(gate, node, op):
+    """With soft gates, an op over a searched group's channels (a StudentReduction) outputs
+    sum_i g_i * op(x[:, :width_i]), choices of one width summed; a softmin's terms, which
+    keep the channels, zero beyond each width: by hand, in float64."""
+    torch.manual_seed(0)
+    _, x, y, widths, gates, _ = _run_with_soft_gates(GatedNet(gate), f"student_reductions.{node}",
+                                                     "reduction_points", adjoined=False)
+    expected = torch.zeros_like(y)
+    for weight, width in zip(gates, widths):
+        term = op(x[:, :width])
+        expected[:, :term.shape[1]] += weight * term
     torch.testing.assert_close(y, expected, rtol=1e-12, atol=1e-12)
 
 

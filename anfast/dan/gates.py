@@ -8,7 +8,8 @@ LayerNorm, GroupNorm or GRN over group g outputs sum_i g_i * norm(x[:width_i]), 
 zero beyond its width: masked channels must not count in its statistics (nor take GRN's
 bias). For the same reason a weight-standardised conv reading group g convolves with
 sum_i g_i * S_i, S_i its filters standardised over the leading width_i input channels
-(zero beyond).
+(zero beyond), and an op that reduces or mixes group g's channels (CBAM's channel mean
+and max) outputs sum_i g_i * op(x[:, :width_i]).
 """
 
 from __future__ import annotations
@@ -93,7 +94,10 @@ class StudentMasks:
     gate-weighted sum of each choice's norm of its leading channels, zero beyond them
     (its ``student_norm``), and a weight-standardised conv reading one
     (``space.standardised_points``) convolves its student with the gate-weighted sum of
-    each choice's standardised filters (its ``student_filters``): with one-hot gates,
+    each choice's standardised filters (its ``student_filters``), and an op over a
+    searched group's channels (``space.reduction_points``, a StudentReduction: CBAM's
+    channel mean and max) outputs the gate-weighted sum of the op on each choice's
+    leading channels (its ``student_reduce``): with one-hot gates,
     what the derived student computes.
     """
 
@@ -113,6 +117,10 @@ class StudentMasks:
             module = network.get_submodule(name)
             module.student_filters = self._mixed_filters(group, widths[group])
             self._overridden.append((module, "student_filters"))
+        for name, group in space.reduction_points.items():
+            module = network.get_submodule(name)
+            module.student_reduce = self._mixed_reduction(group, widths[group])
+            self._overridden.append((module, "student_reduce"))
         masked = [(name, lambda masks, group=group: masks[group]) for name, group in space.mask_points.items()]
         masked += [(name, lambda masks, parts=parts: _end_to_end(masks, parts))
                    for name, parts in space.concat_points.items()]
@@ -145,18 +153,18 @@ class StudentMasks:
 
         return apply
 
-    def _mixture(self, group: int, widths: list[int], term, axis: int, channels: int, dtype: torch.dtype):
-        """sum_i g_i * term(width_i), each term zero-padded to ``channels`` along ``axis``;
-        choices of one width share one term, their gates summed."""
+    def _mixture(self, group: int, widths: list[int], term, axis: int, channels: Optional[int], dtype: torch.dtype):
+        """sum_i g_i * term(width_i), each term zero-padded to ``channels`` along ``axis``
+        (``channels`` None: terms of one shape, not padded); choices of one width share one
+        term, their gates summed."""
         if self._gates is None:
             raise RuntimeError("StudentMasks: call set_gates(gates) before running the network")
         gates = self._gates[group].to(dtype)
         mixed = None
         for width in sorted(set(widths)):
-            value = term(width)
-            # F.pad lists the last axis first.
-            value = F.pad(sum(gates[i] for i, w in enumerate(widths) if w == width) * value,
-                          (0, 0) * (value.dim() - 1 - axis) + (0, channels - width))
+            value = sum(gates[i] for i, w in enumerate(widths) if w == width) * term(width)
+            if channels is not None:  # F.pad lists the last axis first
+                value = F.pad(value, (0, 0) * (value.dim() - 1 - axis % value.dim()) + (0, channels - width))
             mixed = value if mixed is None else mixed + value
         return mixed
 
@@ -167,6 +175,15 @@ class StudentMasks:
                                  x.shape[axis], x.dtype)
 
         return student_norm
+
+    def _mixed_reduction(self, group: int, widths: list[int]):
+        def student_reduce(module: nn.Module, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+            def term(width: int) -> torch.Tensor:
+                return module.apply_op(x.narrow(1, 0, width), *args, **kwargs)
+
+            return self._mixture(group, widths, term, 1, x.shape[1] if module.keeps_channels else None, x.dtype)
+
+        return student_reduce
 
     def _mixed_filters(self, group: int, widths: list[int]):
         def student_filters(module: nn.Module) -> torch.Tensor:

@@ -46,7 +46,9 @@ class SearchSpace:
     filters standardised over each choice's leading input channels. ``concat_points`` maps
     each batch norm over a channel concat with a searched part to its parts, (group index
     or None where the part is not searched, channels) each: its student output is masked
-    by the parts' masks end to end.
+    by the parts' masks end to end. ``reduction_points`` maps each StudentReduction (an op
+    over a searched group's channels: CBAM's channel mean and max) to that group: its
+    student output is the gate-weighted sum of the op on each choice's leading channels.
     """
 
     groups: list[WidthGroup]
@@ -57,6 +59,7 @@ class SearchSpace:
     norm_points: dict[str, int] = field(default_factory=dict)
     standardised_points: dict[str, int] = field(default_factory=dict)
     concat_points: dict[str, tuple[tuple[Optional[int], int], ...]] = field(default_factory=dict)
+    reduction_points: dict[str, int] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         # Every group's channels end to end: the group owning each, and the choices whose
@@ -115,8 +118,10 @@ class SearchSpace:
         concat_points = {name: tuple((index.get(part), channels[part]) for part in w.in_parts)
                          for name, w in network.layer_widths.items()
                          if w.kind == "norm" and w.in_group == "concat" and set(w.in_parts) & set(index)}
+        reductions = {name: index[group] for name, group in network.__dict__.get("channel_reductions", {}).items()
+                      if group in index}
         return cls(groups, choices, round_to, widths, _mask_points(network, index, norm_points), norm_points,
-                   standardised, concat_points)
+                   standardised, concat_points, reductions)
 
     @property
     def group_names(self) -> list[str]:
