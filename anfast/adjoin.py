@@ -356,8 +356,8 @@ def _analyse(gm: torch.fx.GraphModule, state_keys: set) -> _Analysis:
                                                                                      len(x_shape))):
                 # Each network reduces its own channels; a DAN search, whose masks leave zeros
                 # that would count, mixes each width choice's op (StudentReduction) where it can.
-                if source is None and _reduces_per_width(node, inputs, in_channels[0], result):
-                    result.reductions[node] = (in_channels[0].parts[0], 1 not in (reduced or ()))
+                if _reduces_per_width(source or node, source is not None, inputs, in_channels[0], result):
+                    result.reductions[source or node] = (in_channels[0].parts[0], 1 not in (reduced or ()))
                 else:
                     for part in in_channels[0].parts:
                         part.root().reduced_by.append(where)
@@ -745,24 +745,36 @@ def _reduced_axes(node: torch.fx.Node, ndim: int) -> Optional[set]:
 
 
 # Reductions and mixing ops along the channels whose student a DAN search computes per width
-# choice on its leading channels: one tensor in, one floating tensor out (not torch.max(x, 1),
-# a tuple; not argmax, indices).
+# choice on its leading channels: one tensor in, one floating tensor out (not argmax: indices)...
 _PER_WIDTH = {
     **{op: None for name in ("mean", "nanmean", "sum", "nansum", "prod", "amax", "amin", "std", "var", "logsumexp")
        for op in (getattr(torch, name), name)},
     **{op: None for op in (torch.norm, "norm", torch.linalg.vector_norm)},
     **{op: None for op in _MIXING},
 }
+# ... or (values, indices) of which the model reads the values alone (torch.max(x, 1)[0],
+# x.min(1).values): the values are mixed, the indices are the widest choice's.
+_PER_WIDTH_VALUES = {op: None for name in ("max", "min", "median", "nanmedian") for op in (getattr(torch, name), name)}
 
 
-def _reduces_per_width(node: torch.fx.Node, inputs, x: Optional[_Channels], result: _Analysis) -> bool:
-    """Whether ``node``, which reduces or mixes the channels of ``x``, is one op on one
-    per-network tensor (its first argument) over one width group, so that a DAN search can
-    compute it on each width choice's leading channels (StudentReduction)."""
-    return (node.op in ("call_function", "call_method") and _in_table(node.target, _PER_WIDTH)
-            and len(inputs) == 1 and bool(node.args) and node.args[0] is inputs[0]
+def _reduces_per_width(op: torch.fx.Node, returns_tuple: bool, inputs, x: Optional[_Channels],
+                       result: _Analysis) -> bool:
+    """Whether ``op``, which reduces or mixes the channels of ``x``, is one function or
+    method on one per-network tensor (its first argument) over one width group, with one
+    floating result or (``returns_tuple``) values the model reads alone, so that a DAN
+    search can compute it on each width choice's leading channels (StudentReduction)."""
+    table = _PER_WIDTH_VALUES if returns_tuple else _PER_WIDTH
+    return (op.op in ("call_function", "call_method") and _in_table(op.target, table)
+            and (not returns_tuple or all(_reads_values(user) for user in op.users))
+            and len(inputs) == 1 and bool(op.args) and op.args[0] is inputs[0]
             and inputs[0] not in result.shared and x is not None and len(x.parts) == 1
             and x.features_per_channel == 1)
+
+
+def _reads_values(node: torch.fx.Node) -> bool:
+    """``node`` is ``t[0]`` or ``t.values`` of a (values, indices) tuple ``t``."""
+    return node.op == "call_function" and ((node.target is operator.getitem and node.args[1] == 0)
+                                           or (node.target is getattr and node.args[1] == "values"))
 
 
 def _mixes_channels(node: torch.fx.Node, module: Optional[nn.Module], ndim: int) -> bool:

@@ -121,9 +121,14 @@ class GatedNet(nn.Module):
         # a is searched. So is a softmin along them, zero-padded beyond each width.
         "CBAM spatial: mean and amax": (lambda y, m: y * torch.sigmoid(m.gate(torch.cat(
             [y.mean(1, keepdim=True), y.amax(1, keepdim=True)], 1))), False),
-        # torch.max(y, 1) returns values and indices, which no mix of widths gives: a is left out.
+        # torch.max(y, 1) returns values and indices; the values alone are read: mixed too.
         "CBAM spatial: max .values, mean(axis=1)": (lambda y, m: y * torch.sigmoid(m.gate(torch.cat(
-            [y.max(1, keepdim=True).values, y.mean(axis=1, keepdim=True)], 1))), True),
+            [y.max(1, keepdim=True).values, y.mean(axis=1, keepdim=True)], 1))), False),
+        "CBAM spatial: torch.max(y, 1)[0], min": (lambda y, m: y * torch.sigmoid(m.gate(torch.cat(
+            [torch.max(y, 1)[0].unsqueeze(1), y.min(1, keepdim=True)[0]], 1))), False),
+        # The indices read too, which no mix of widths gives: a is left out.
+        "argmax by torch.max(y, 1)[1]": (lambda y, m: y * torch.sigmoid(m.gate(torch.cat(
+            [torch.max(y, 1, keepdim=True)[1].to(y.dtype), y.mean(1, keepdim=True)], 1))), True),
         "softmin over the channels": (lambda y, m: y * nn.functional.softmin(y, 1), False),
         # Each width choice's GroupNorm normalises its own leading channels: a is searched.
         "group norm": (lambda y, m: m.norm(y), False),
@@ -159,8 +164,9 @@ class GatedNet(nn.Module):
 def test_a_group_reduced_over_is_searched_per_width_choice_or_left_out_so_masks_give_the_derived_student(gate):
     """Masked to zero at full width, a's channels would still count in a mean, max or
     softmin over them: the student computes the gates' mix of the op on each choice's
-    leading channels (a StudentReduction), or, for torch.max(y, 1), a's group is left out
-    of the search (full width in every student). The masked network computes each derived
+    leading channels (a StudentReduction; of torch.max(y, 1), the values), or, where the
+    model reads torch.max's indices, a's group is left out of the search (full width in
+    every student). The masked network computes each derived
     student exactly, at the cost the cost model gives it (fc1, called twice, counted twice). ECA's
     Conv1d and GC's pooling act on each channel with zeros beyond the student's width, and
     an adopted GroupNorm normalises each choice's channels alone: a is searched, the
@@ -663,14 +669,19 @@ def test_soft_gates_mix_each_choices_norm_of_its_leading_channels(norm):
     ("CBAM spatial: mean and amax", "mean", lambda x: x.mean(1, keepdim=True)),
     ("CBAM spatial: mean and amax", "amax", lambda x: x.amax(1, keepdim=True)),
     ("softmin over the channels", "softmin", lambda x: F.softmin(x, 1)),
+    ("CBAM spatial: max .values, mean(axis=1)", "max_1", lambda x: x.max(1, keepdim=True).values),
 ])
 def test_soft_gates_mix_each_choices_reduction_of_its_leading_channels(gate, node, op):
     """With soft gates, an op over a searched group's channels (a StudentReduction) outputs
     sum_i g_i * op(x[:, :width_i]), choices of one width summed; a softmin's terms, which
-    keep the channels, zero beyond each width: by hand, in float64."""
+    keep the channels, zero beyond each width; of torch.max's (values, indices), the values,
+    and the widest choice's indices: by hand, in float64."""
     torch.manual_seed(0)
     _, x, y, widths, gates, _ = _run_with_soft_gates(GatedNet(gate), f"student_reductions.{node}",
                                                      "reduction_points", adjoined=False)
+    if isinstance(y, tuple):
+        assert torch.equal(y.indices, x.max(1, keepdim=True).indices)  # the widest choice is all of x
+        y = y.values
     expected = torch.zeros_like(y)
     for weight, width in zip(gates, widths):
         term = op(x[:, :width])

@@ -177,11 +177,17 @@ class StudentMasks:
         return student_norm
 
     def _mixed_reduction(self, group: int, widths: list[int]):
-        def student_reduce(module: nn.Module, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
-            def term(width: int) -> torch.Tensor:
-                return module.apply_op(x.narrow(1, 0, width), *args, **kwargs)
-
-            return self._mixture(group, widths, term, 1, x.shape[1] if module.keeps_channels else None, x.dtype)
+        def student_reduce(module: nn.Module, x: torch.Tensor, *args, **kwargs):
+            terms = {width: module.apply_op(x.narrow(1, 0, width), *args, **kwargs) for width in sorted(set(widths))}
+            channels = x.shape[1] if module.keeps_channels else None
+            widest = terms[max(terms)]
+            if not isinstance(widest, tuple):
+                return self._mixture(group, widths, terms.__getitem__, 1, channels, x.dtype)
+            # (values, indices), of which the model reads the values alone (adjoin checked):
+            # the values mixed, the indices the widest choice's.
+            return type(widest)(tuple(
+                self._mixture(group, widths, lambda width, j=j: terms[width][j], 1, channels, x.dtype)
+                if element.is_floating_point() else element for j, element in enumerate(widest)))
 
         return student_reduce
 

@@ -12,8 +12,8 @@ __all__ = ["StudentReduction"]
 
 class StudentReduction(nn.Module):
     """An op that reduces or mixes the first student's channels on axis 1 (CBAM's
-    ``x.mean(1, keepdim=True)`` and ``x.amax(1, keepdim=True)``, a softmax along them),
-    called as the model calls it: ``op(x, *args, **kwargs)``, or ``x.op(*args, **kwargs)``
+    ``x.mean(1, keepdim=True)`` and ``x.amax(1, keepdim=True)`` or ``torch.max(x, 1)``, a
+    softmax along them), called as the model calls it: ``op(x, *args, **kwargs)``, or ``x.op(*args, **kwargs)``
     for a method. adjoin puts one in the first student's graph for each such op on a
     group that can shrink (``AdjoinedNetwork.channel_reductions``); it has no state.
 
