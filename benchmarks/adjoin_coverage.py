@@ -4,7 +4,8 @@
     python benchmarks/adjoin_coverage.py --set hybrids        # 60 more: hybrids, ViTs, MLPs, CNNs
     python benchmarks/adjoin_coverage.py resnet50d mixnet_s   # or name the models
 
-For each timm architecture (random weights, 10 classes, nothing downloaded):
+For each timm architecture (random weights, the parameters timm starts at zero drawn
+too, so that every residual branch counts; 10 classes, nothing downloaded):
 `anfast.adjoin(model, alpha, policy="all")`, one forward of both on a batch with their
 norms in train mode (the running statistics move), then in eval mode, in float64, the adjoined base
 against the model itself and the exported student (the model's own class with smaller
@@ -59,6 +60,18 @@ def _relative_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
     return float((actual - expected).norm() / expected.norm().clamp_min(1e-300))
 
 
+def draw_zero_parameters(model: torch.nn.Module) -> torch.nn.Module:
+    """``model`` with each parameter that starts at zero drawn from N(0, 0.1): a residual
+    block's last batch-norm weight (timm's zero_init_last), GRN's weight and bias, a
+    skip-init gain zero a branch's output, and a comparison of outputs would not see what
+    the branch computes. Returns ``model``."""
+    with torch.no_grad():
+        for parameter in model.parameters():
+            if not parameter.any():
+                parameter.normal_(0, 0.1)
+    return model
+
+
 def adjoin_at_its_size(model: torch.nn.Module, image_size: int, **options) -> tuple:
     """(``anfast.adjoin(model, input_size=(3, image_size, image_size), **options)``, the
     size it took): a model whose attention takes only its own input size (BoTNet, HaloNet)
@@ -85,7 +98,7 @@ def check(name: str, alpha: float, image_size: int) -> dict:
     torch.manual_seed(0)
     row: dict = {"model": name, "image_size": image_size}
     try:
-        model = timm.create_model(name, pretrained=False, num_classes=10).double()
+        model = draw_zero_parameters(timm.create_model(name, pretrained=False, num_classes=10).double())
         an, row["image_size"] = adjoin_at_its_size(model, image_size, alpha=alpha, policy="all")
         image_size = row["image_size"]
     except anfast.AdjoinError as error:

@@ -4,7 +4,9 @@
     python benchmarks/dan_coverage.py --set hybrids        # its 60 hybrids, ViTs, MLPs, CNNs
     python benchmarks/dan_coverage.py convnext_atto nf_resnet26   # or name the models
 
-For each timm architecture (random weights, 10 classes, nothing downloaded): the search's
+For each timm architecture (random weights, those timm starts at zero drawn too: a
+residual branch's last norm at zero would hide what the branch computes; 10 classes,
+nothing downloaded): the search's
 network, `anfast.adjoin(model, alpha=1, policy="all")` in float64 at 96 px (or the
 model's own size where its attention takes no other), and its
 `anfast.dan.SearchSpace`: how many of the width groups that can shrink the search
@@ -31,7 +33,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from adjoin_coverage import SETS, _relative_error, adjoin_at_its_size, survey  # noqa: E402
+from adjoin_coverage import SETS, _relative_error, adjoin_at_its_size, draw_zero_parameters, survey  # noqa: E402
 from common import environment  # noqa: E402
 
 import anfast  # noqa: E402
@@ -47,7 +49,7 @@ def check(name: str, image_size: int, draws: int) -> dict:
     torch.manual_seed(0)
     row: dict = {"model": name, "image_size": image_size}
     try:
-        model = timm.create_model(name, pretrained=False, num_classes=10).double().eval()
+        model = draw_zero_parameters(timm.create_model(name, pretrained=False, num_classes=10).double().eval())
         network, row["image_size"] = adjoin_at_its_size(model, image_size, alpha=1, policy="all")
         network.eval()
         space = SearchSpace.from_network(network)

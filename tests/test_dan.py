@@ -181,6 +181,27 @@ def test_a_group_reduced_over_is_searched_per_width_choice_or_left_out_so_masks_
     _assert_one_hot_gates_give_the_derived_student(model, network, space, (narrowest, [1, 2, 0, 1, 2], [0] * 5))
 
 
+def test_a_cbam_resnet_searches_the_residual_streams_its_spatial_gates_reduce_over():
+    """timm's ResNet-18-D with CBAM in every block: each spatial gate takes the mean and
+    amax over its block's output channels, the residual stream's. Computed per width
+    choice (16 StudentReductions), every group that can shrink is searched, and the
+    masked network computes each derived student exactly, at the cost the cost model gives."""
+    timm = pytest.importorskip("timm")
+    torch.manual_seed(0)
+    model = timm.create_model("resnet18d", num_classes=10, block_args={"attn_layer": "cbam"})
+    with torch.no_grad():
+        for parameter in model.parameters():
+            if not parameter.any():  # each block's last BN starts at zero: its gate would see zeros
+                parameter.normal_(0, 0.1)
+    network = anfast.adjoin(model, alpha=1, policy="all", input_size=(3, 16, 16)).double().eval()
+    space = SearchSpace.from_network(network, choices=(1, 2, 4), round_to=4)
+    assert len(space.groups) == sum(not g.fixed for g in network.width_groups) == 30
+    assert len(space.reduction_points) == 16 and not any(g.reduced_by for g in space.groups)
+    generator = torch.Generator().manual_seed(0)
+    choices = [torch.randint(0, 3, (30,), generator=generator).tolist() for _ in range(2)]
+    _assert_one_hot_gates_give_the_derived_student(model, network, space, choices, image_size=16)
+
+
 @pytest.mark.parametrize("scale", ["none", "(C,) viewed as (1, C, 1, 1)"])
 def test_a_convnext_block_is_searched_through_its_layer_norms_and_hidden_features(scale):
     """ConvNeXt's residual stream (stem, depthwise conv, fc2: normalised by both
