@@ -453,6 +453,9 @@ def _analyse(gm: torch.fx.GraphModule, state_keys: set) -> _Analysis:
                                                            label=node.name),))
             elif function in _ELEMENTWISE or function in _FLATTEN or isinstance(module, nn.Flatten):
                 result.channels[node] = _follow_simple_op(node, shape, inputs, in_channels, where, result.vectors)
+                if _shifts(node, shape, inputs, in_channels, result):
+                    # A mask's zeros would take the shift: each width choice shifts its own channels.
+                    result.reductions[node] = (in_channels[0].parts[0], True)
             elif inputs:
                 owner = module if source is None or source.op != "call_module" else modules[source.target]
                 result.channels[node] = _follow_generic(source or node, shape, inputs, in_channels, where, owner,
@@ -769,6 +772,37 @@ def _reduces_per_width(op: torch.fx.Node, returns_tuple: bool, inputs, x: Option
             and len(inputs) == 1 and bool(op.args) and op.args[0] is inputs[0]
             and inputs[0] not in result.shared and x is not None and len(x.parts) == 1
             and x.features_per_channel == 1)
+
+
+# Ops that shift a map by a number or a tensor equal in every network (StarReLU's and
+# HGNetV2's learnable scalar bias): a channel a DAN mask zeroed would hold the shift.
+_SHIFTING = {operator.add, torch.add, "add", operator.sub, torch.sub, "sub"}
+
+
+def _shifts(node: torch.fx.Node, shape, inputs, in_channels, result: _Analysis) -> bool:
+    """Whether ``node`` adds to (or subtracts from) one per-network map of one width group,
+    its first argument, a nonzero number or a tensor equal in every network that
+    broadcasts along the channels (not a per-channel vector: _check_vector_uses marks
+    those), so that a DAN search computes it per width choice (StudentReduction)."""
+    if node.target not in _SHIFTING or not node.args or node.args[0] is not (inputs[0] if inputs else None):
+        return False
+    x = in_channels[0]
+    if x is None or len(x.parts) != 1 or x.features_per_channel != 1 or inputs[0] in result.shared:
+        return False
+    others = [a for a in (*node.args[1:], *node.kwargs.values()) if a is not None]
+    shifted = False
+    for other in others:
+        if isinstance(other, numbers.Number):
+            shifted = shifted or other != 0
+            continue
+        if not isinstance(other, torch.fx.Node) or other not in result.shared or other in result.vectors:
+            return False
+        other_shape = _node_shape(other)
+        axis = len(other_shape or ()) - len(shape) + 1  # right-aligned broadcasting
+        if other_shape is None or (0 <= axis < len(other_shape) and other_shape[axis] != 1):
+            return False
+        shifted = True
+    return shifted
 
 
 def _reads_values(node: torch.fx.Node) -> bool:

@@ -12,7 +12,8 @@ model's own size where its attention takes no other), and its
 `anfast.dan.SearchSpace`: how many of the width groups that can shrink the search
 searches (the others are reduced over or mixed in a way no mask narrows, or a shift is
 added to them: docs/dan.md, "Limits"), and through how many LayerNorms / GroupNorms /
-GRNs, weight-standardised convs and reductions over the channels (CBAM's mean and max).
+GRNs, weight-standardised convs and ops a mask's zeros do not pass (CBAM's mean and max
+over the channels, StarReLU's scalar bias).
 Then, for ``--draws`` random architectures (one width choice
 per group), the network masked by one-hot gates against the student the search would
 derive (adjoin with those widths, exported as the model's own class), in eval mode on
@@ -114,8 +115,8 @@ def main(argv=None) -> dict:
             return row["reason"].splitlines()[0][:120]
         groups, through = row["groups"], row["through"]
         return (f"{groups['searched']} of {groups['shrinkable']} groups, through {through['norms']} norms, "
-                f"{through['standardised_convs']} standardised convs and {through['reductions']} channel "
-                f"reductions; largest student error "
+                f"{through['standardised_convs']} standardised convs and {through['reductions']} reductions "
+                f"or shifts; largest student error "
                 f"{max(d['student_error'] for d in row['draws']):.1e}")
 
     path = survey(models, lambda name: check(name, args.image_size, args.draws), describe,

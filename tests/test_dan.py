@@ -130,6 +130,8 @@ class GatedNet(nn.Module):
         "argmax by torch.max(y, 1)[1]": (lambda y, m: y * torch.sigmoid(m.gate(torch.cat(
             [torch.max(y, 1, keepdim=True)[1].to(y.dtype), y.mean(1, keepdim=True)], 1))), True),
         "softmin over the channels": (lambda y, m: y * nn.functional.softmin(y, 1), False),
+        # StarReLU's learnable scalar bias would fill masked channels: each choice shifts its own.
+        "StarReLU: scale * relu(y) ** 2 + bias": (lambda y, m: 1.3 * torch.relu(y) ** 2 + m.shift, False),
         # Each width choice's GroupNorm normalises its own leading channels: a is searched.
         "group norm": (lambda y, m: m.norm(y), False),
         # ECA's Conv1d sees a mask's zeros beyond the student's width as the student's zero
@@ -154,6 +156,7 @@ class GatedNet(nn.Module):
         self.gate, self.b, self.fc = nn.Conv2d(2, 1, 3, padding=1), nn.Conv2d(16, 24, 3, padding=1), nn.Linear(24, 3)
         self.norm, self.fc1, self.fc2 = nn.GroupNorm(2, 16, affine=False), nn.Linear(16, 8), nn.Linear(8, 16)
         self.eca, self.attn = nn.Conv1d(1, 1, 3, padding=1, bias=False), nn.Conv2d(16, 1, 1)
+        self.shift = nn.Parameter(torch.tensor([0.75]))
 
     def forward(self, x):
         y = self.GATES[self.gate_name][0](torch.relu(self.a(torch.relu(self.stem(x)))), self)
@@ -691,12 +694,13 @@ def test_soft_gates_mix_each_choices_norm_of_its_leading_channels(norm):
     ("CBAM spatial: mean and amax", "amax", lambda x: x.amax(1, keepdim=True)),
     ("softmin over the channels", "softmin", lambda x: F.softmin(x, 1)),
     ("CBAM spatial: max .values, mean(axis=1)", "max_1", lambda x: x.max(1, keepdim=True).values),
+    ("StarReLU: scale * relu(y) ** 2 + bias", "add", lambda x: x + 0.75),
 ])
 def test_soft_gates_mix_each_choices_reduction_of_its_leading_channels(gate, node, op):
     """With soft gates, an op over a searched group's channels (a StudentReduction) outputs
     sum_i g_i * op(x[:, :width_i]), choices of one width summed; a softmin's terms, which
-    keep the channels, zero beyond each width; of torch.max's (values, indices), the values,
-    and the widest choice's indices: by hand, in float64."""
+    keep the channels, and a shift's, zero beyond each width; of torch.max's (values,
+    indices), the values, and the widest choice's indices: by hand, in float64."""
     torch.manual_seed(0)
     _, x, y, widths, gates, _ = _run_with_soft_gates(GatedNet(gate), f"student_reductions.{node}",
                                                      "reduction_points", adjoined=False)

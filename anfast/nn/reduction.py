@@ -13,16 +13,17 @@ __all__ = ["StudentReduction"]
 class StudentReduction(nn.Module):
     """An op that reduces or mixes the first student's channels on axis 1 (CBAM's
     ``x.mean(1, keepdim=True)`` and ``x.amax(1, keepdim=True)`` or ``torch.max(x, 1)``, a
-    softmax along them), called as the model calls it: ``op(x, *args, **kwargs)``, or ``x.op(*args, **kwargs)``
-    for a method. adjoin puts one in the first student's graph for each such op on a
+    softmax along them), or that shifts them by a number or a tensor equal in every
+    network (StarReLU's learnable scalar bias: ``x + b``), called as the model calls it:
+    ``op(x, *args, **kwargs)``, or ``x.op(*args, **kwargs)`` for a method. adjoin puts one in the first student's graph for each such op on a
     group that can shrink (``AdjoinedNetwork.channel_reductions``); it has no state.
 
     A DAN search masks channels to zero at full width, where they would still count in a
-    mean (or win a max over negative values); it sets ``student_reduce``, which computes
+    mean (or win a max over negative values, or take the shift); it sets ``student_reduce``, which computes
     the gates' mix of each width choice's op on its leading channels instead (anfast.dan.gates).
 
-    ``keeps_channels``: the op keeps the channel axis at its size (a softmax), rather than
-    reducing it away or to one.
+    ``keeps_channels``: the op keeps the channel axis at its size (a softmax, a shift),
+    rather than reducing it away or to one.
     """
 
     # Set by a DAN search: student_reduce(self, x, *args, **kwargs), called in place of the op.
