@@ -784,7 +784,8 @@ def _shifts(node: torch.fx.Node, shape, inputs, in_channels, result: _Analysis) 
     its first argument, a nonzero number or a tensor equal in every network that
     broadcasts along the channels (not a per-channel vector: _check_vector_uses marks
     those), so that a DAN search computes it per width choice (StudentReduction)."""
-    if node.target not in _SHIFTING or not node.args or node.args[0] is not (inputs[0] if inputs else None):
+    if (node.op not in ("call_function", "call_method") or node.target not in _SHIFTING or not node.args
+            or node.args[0] is not (inputs[0] if inputs else None)):
         return False
     x = in_channels[0]
     if x is None or len(x.parts) != 1 or x.features_per_channel != 1 or inputs[0] in result.shared:
