@@ -767,11 +767,17 @@ def _reduces_per_width(op: torch.fx.Node, returns_tuple: bool, inputs, x: Option
     floating result or (``returns_tuple``) values the model reads alone, so that a DAN
     search can compute it on each width choice's leading channels (StudentReduction)."""
     table = _PER_WIDTH_VALUES if returns_tuple else _PER_WIDTH
-    return (op.op in ("call_function", "call_method") and _in_table(op.target, table)
-            and (not returns_tuple or all(_reads_values(user) for user in op.users))
-            and len(inputs) == 1 and bool(op.args) and op.args[0] is inputs[0]
-            and inputs[0] not in result.shared and x is not None and len(x.parts) == 1
-            and x.features_per_channel == 1)
+    return (_in_table(op.target, table) and len(inputs) == 1 and _acts_on_one_group(op, inputs, x, result)
+            and (not returns_tuple or all(_reads_values(user) for user in op.users)))
+
+
+def _acts_on_one_group(op: torch.fx.Node, inputs, x: Optional[_Channels], result: _Analysis) -> bool:
+    """Whether ``op`` is a function or method call whose first argument is a per-network
+    tensor (``inputs[0]``) whose channels ``x`` are one width group's: what a
+    StudentReduction computes per width choice."""
+    return (op.op in ("call_function", "call_method") and bool(op.args) and bool(inputs)
+            and op.args[0] is inputs[0] and inputs[0] not in result.shared and x is not None
+            and len(x.parts) == 1 and x.features_per_channel == 1)
 
 
 # Ops that shift a map by a number or a tensor equal in every network (StarReLU's and
@@ -784,11 +790,8 @@ def _shifts(node: torch.fx.Node, shape, inputs, in_channels, result: _Analysis) 
     its first argument, a nonzero number or a tensor equal in every network that
     broadcasts along the channels (not a per-channel vector: _check_vector_uses marks
     those), so that a DAN search computes it per width choice (StudentReduction)."""
-    if (node.op not in ("call_function", "call_method") or node.target not in _SHIFTING or not node.args
-            or node.args[0] is not (inputs[0] if inputs else None)):
-        return False
-    x = in_channels[0]
-    if x is None or len(x.parts) != 1 or x.features_per_channel != 1 or inputs[0] in result.shared:
+    if not (_in_table(node.target, _SHIFTING) and in_channels
+            and _acts_on_one_group(node, inputs, in_channels[0], result)):
         return False
     others = [a for a in (*node.args[1:], *node.kwargs.values()) if a is not None]
     shifted = False
@@ -1958,8 +1961,7 @@ def _build(traced, analysis: _Analysis, groups, alphas, share_affine, backend) -
             network.channel_vectors.update({f"{name}.{key}": (0, widths.out_group) for key in ("weight", "bias")})
     network.channel_ops = {node.name: tuple((groups[part.root()].name, flops) for part in analysis.channels[node].parts)
                            for node, flops in analysis.channel_ops.items()}
-    network.channel_reductions = ({f"{_STUDENT_REDUCTIONS}.{node.name}": group for node, (group, _) in reductions.items()}
-                                  if networks > 1 else {})
+    network.channel_reductions = {f"{_STUDENT_REDUCTIONS}.{node.name}": group for node, (group, _) in reductions.items()}
     return network
 
 

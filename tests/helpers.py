@@ -73,6 +73,17 @@ def assert_close_rel(actual: torch.Tensor, expected: torch.Tensor, tolerance: fl
         )
 
 
+def draw_zero_parameters(model: torch.nn.Module) -> torch.nn.Module:
+    """``model`` with each parameter that starts at zero drawn from N(0, 0.1) (timm's
+    zero-initialised last BN of a residual block, GRN's weight and bias, biases): at zero
+    a branch outputs zero and a comparison would not see what it computes."""
+    with torch.no_grad():
+        for parameter in model.parameters():
+            if not parameter.any():
+                parameter.normal_(0, 0.1)
+    return model
+
+
 def hand_student_width(channels: int, alpha: float, step: int) -> int:
     """The tests' own statement of the width rule (not anfast.adjoin.student_width, which it
     checks): ceil(channels / alpha) rounded up to a multiple of ``step`` (round_to, or its lcm

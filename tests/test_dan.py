@@ -19,7 +19,7 @@ import anfast
 from anfast.dan import (ChoiceGates, CostModel, DanError, SearchConfig, SearchSpace, StudentMasks, derive, read_arch,
                         search, search_training, temperature)
 from anfast.cli.search import config_from_args, register
-from helpers import hand_student_width
+from helpers import draw_zero_parameters, hand_student_width
 
 
 class TinyResidualNet(nn.Module):
@@ -191,11 +191,8 @@ def test_a_cbam_resnet_searches_the_residual_streams_its_spatial_gates_reduce_ov
     masked network computes each derived student exactly, at the cost the cost model gives."""
     timm = pytest.importorskip("timm")
     torch.manual_seed(0)
-    model = timm.create_model("resnet18d", num_classes=10, block_args={"attn_layer": "cbam"})
-    with torch.no_grad():
-        for parameter in model.parameters():
-            if not parameter.any():  # each block's last BN starts at zero: its gate would see zeros
-                parameter.normal_(0, 0.1)
+    # Each block's last BN starts at zero: its gate would see zeros.
+    model = draw_zero_parameters(timm.create_model("resnet18d", num_classes=10, block_args={"attn_layer": "cbam"}))
     network = anfast.adjoin(model, alpha=1, policy="all", input_size=(3, 16, 16)).double().eval()
     space = SearchSpace.from_network(network, choices=(1, 2, 4), round_to=4)
     assert len(space.groups) == sum(not g.fixed for g in network.width_groups) == 30

@@ -15,7 +15,7 @@ from anfast.adjoin import AdjoinError
 from anfast.cli.info import describe
 from anfast.models import MissingExtraError, create_model, fetching_kwargs, xresnet18, xresnet50
 
-from helpers import TOLERANCE, assert_close_rel
+from helpers import TOLERANCE, assert_close_rel, draw_zero_parameters
 
 timm = pytest.importorskip("timm")
 
@@ -122,11 +122,7 @@ TIMM_MODELS = [("resnet18d", {"block_args": {"attn_layer": "cbam"}}), ("resnet50
 def test_timm_model_adjoins_and_exports_exactly(name, kwargs):
     """Base = the timm model; exported students = the adjoined students (eval, float32)."""
     torch.manual_seed(0)
-    model = timm.create_model(name, pretrained=False, num_classes=10, **kwargs)
-    with torch.no_grad():
-        for parameter in model.parameters():
-            if not parameter.any():  # started at zero (biases, GRN's weight and bias): drawn, so they count
-                parameter.normal_(0, 0.1)
+    model = draw_zero_parameters(timm.create_model(name, pretrained=False, num_classes=10, **kwargs))
     an = anfast.adjoin(model, alpha=(2, 4), policy="all", input_size=(3, 32, 32))
     an(torch.randn(4, 3, 32, 32))  # training step with stochastic depth on: moves running stats
     an.eval()

@@ -118,8 +118,7 @@ class SearchSpace:
         concat_points = {name: tuple((index.get(part), channels[part]) for part in w.in_parts)
                          for name, w in network.layer_widths.items()
                          if w.kind == "norm" and w.in_group == "concat" and set(w.in_parts) & set(index)}
-        reductions = {name: index[group] for name, group in network.__dict__.get("channel_reductions", {}).items()
-                      if group in index}
+        reductions = {name: index[group] for name, group in network.channel_reductions.items() if group in index}
         return cls(groups, choices, round_to, widths, _mask_points(network, index, norm_points), norm_points,
                    standardised, concat_points, reductions)
 
