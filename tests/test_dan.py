@@ -686,6 +686,40 @@ def test_soft_gates_mix_each_choices_norm_of_its_leading_channels(norm):
     torch.testing.assert_close(y, expected, rtol=1e-12, atol=1e-12)
 
 
+@pytest.mark.parametrize("affine", ["own", "shared", "none"])
+@pytest.mark.parametrize("norm_class", [nn.BatchNorm2d, nn.BatchNorm1d])
+def test_a_batch_norms_mask_scales_its_affine_and_equals_masking_its_output(norm_class, affine):
+    """A searched batch norm computes bn(x) * m as one norm with weight * m and bias * m:
+    against F.batch_norm times the mask in float64, in train mode, the output, the running
+    statistics and the gradients of the input, the mask and the affine parameters, for the
+    student's own affine parameters, the base's shared slice, and a norm without any."""
+    torch.manual_seed(0)
+    bn = norm_class(6, affine=affine != "none", dtype=torch.float64)
+    if bn.affine:
+        with torch.no_grad():
+            bn.weight.copy_(torch.randn(6)), bn.bias.copy_(torch.randn(6))
+    adjoined_class = anfast.nn.AdjoinedBatchNorm2d if norm_class is nn.BatchNorm2d else anfast.nn.AdjoinedBatchNorm1d
+    layer = adjoined_class.from_batchnorm(bn, [6], share_affine=affine == "shared").train()
+    student = layer.student_norms[0]
+    params = [layer.weight, layer.bias] if affine == "shared" else [student.weight, student.bias] if bn.affine else []
+    mask = torch.sigmoid(torch.randn(6, dtype=torch.float64)).requires_grad_()
+    layer.student_mask = lambda module: mask
+    shape = (4, 6, 3, 3) if norm_class is nn.BatchNorm2d else (4, 6)
+    x = torch.randn(shape, dtype=torch.float64, requires_grad=True)
+    weights = torch.randn(shape, dtype=torch.float64)
+    running = (student.running_mean.clone(), student.running_var.clone())
+    expected = F.batch_norm(x, *running, *(params or (None, None)), True, bn.momentum, bn.eps)
+    expected = expected * mask.view((1, -1) + (1,) * (len(shape) - 2))
+    expected_grads = torch.autograd.grad((expected * weights).sum(), [x, mask, *params])
+
+    y = layer(torch.randn(shape, dtype=torch.float64), x)[1]
+    torch.testing.assert_close(y, expected, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close((student.running_mean, student.running_var), running, rtol=1e-12, atol=1e-12)
+    grads = torch.autograd.grad((y * weights).sum(), [x, mask, *params])
+    for name, got, want in zip(["x", "mask", "weight", "bias"], grads, expected_grads):
+        torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12, msg=lambda m, name=name: f"d{name}: {m}")
+
+
 @pytest.mark.parametrize("gate, node, op", [
     ("CBAM spatial: mean and amax", "mean", lambda x: x.mean(1, keepdim=True)),
     ("CBAM spatial: mean and amax", "amax", lambda x: x.amax(1, keepdim=True)),

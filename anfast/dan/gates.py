@@ -22,7 +22,7 @@ from torch import nn
 
 from anfast.adjoin import AdjoinedNetwork
 from anfast.dan.space import SearchSpace
-from anfast.nn import AdjoinedLinear
+from anfast.nn import AdjoinedBatchNorm2d, AdjoinedLinear
 
 __all__ = ["ChoiceGates", "StudentMasks", "temperature", "entropy"]
 
@@ -83,11 +83,13 @@ def entropy(weights: torch.Tensor) -> torch.Tensor:
 
 
 class StudentMasks:
-    """Forward hooks that multiply the student outputs of a group's layers by its mask
-    (a batch norm over a channel concat, ``space.concat_points``: by its parts' masks end
-    to end).
+    """Multiply the student outputs of a group's layers by its mask (a batch norm over a
+    channel concat, ``space.concat_points``: by its parts' masks end to end): a batch norm
+    multiplies its affine parameters by it (its ``student_mask``), any other layer its
+    output (a forward hook).
 
-    ``set_gates(gates)`` before each forward; ``remove()`` detaches the hooks. With
+    ``set_gates(gates)`` before each forward; ``remove()`` detaches the hooks and gives
+    the layers back their own student computation. With
     one-hot gates the masked full-width student computes exactly the derived student
     (the masked channels are zero everywhere they would not exist). A LayerNorm,
     GroupNorm or GRN over a searched group (``space.norm_points``) instead outputs the
@@ -126,6 +128,10 @@ class StudentMasks:
                    for name, parts in space.concat_points.items()]
         for name, mask_of in masked:
             module = network.get_submodule(name)
+            if isinstance(module, AdjoinedBatchNorm2d):  # the 1d norm too: its mask scales its affine
+                module.student_mask = self._norm_mask(mask_of)
+                self._overridden.append((module, "student_mask"))
+                continue
             # A linear's features are its last axis: (N, F), or (N, H, W, C) in ConvNeXt's blocks.
             self._handles.append(module.register_forward_hook(self._hook(mask_of, isinstance(module, AdjoinedLinear))))
 
@@ -152,6 +158,14 @@ class StudentMasks:
             return (base, student * mask.view(shape), *rest)
 
         return apply
+
+    def _norm_mask(self, mask_of):
+        def student_mask(module: nn.Module) -> torch.Tensor:
+            if self._masks is None:
+                raise RuntimeError("StudentMasks: call set_gates(gates) before running the network")
+            return mask_of(self._masks)
+
+        return student_mask
 
     def _mixture(self, group: int, widths: list[int], term, axis: int, channels: Optional[int], dtype: torch.dtype):
         """sum_i g_i * term(width_i), each term zero-padded to ``channels`` along ``axis``

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Optional, Sequence
+from typing import Callable, Optional, Sequence
 
 import torch
 from torch import nn
@@ -27,6 +27,12 @@ class AdjoinedBatchNorm2d(nn.BatchNorm2d):
     """
 
     norm_class = nn.BatchNorm2d  # the students' class, and the plain layer an export writes
+    # Set by a DAN search (anfast.dan.gates.StudentMasks): the first student's channel mask,
+    # student_mask(self) at each forward, multiplied into its affine parameters: bn(x) * m
+    # is one norm with weight * m and bias * m, so the mask costs no product over the
+    # activation and its gradient no reduction over it. Called with the layer, as
+    # AdjoinedConv2d.student_filters is.
+    student_mask: Optional[Callable[[nn.Module], torch.Tensor]] = None
 
     def __init__(
         self,
@@ -92,11 +98,21 @@ class AdjoinedBatchNorm2d(nn.BatchNorm2d):
         return tuple(outputs)
 
     def _student_forward(self, s: int, norm: nn.modules.batchnorm._BatchNorm, x: torch.Tensor) -> torch.Tensor:
-        if not self.share_affine:
+        mask = self.student_mask(self) if s == 0 and self.student_mask is not None else None
+        if mask is None and not self.share_affine:
             return norm(x)
-        # Private running statistics, the base's (sliced) affine parameters: the student's own
-        # forward runs with them lent, so after convert_sync_batchnorm it syncs its statistics.
-        affine = {"weight": self._student_slice(self.weight, s), "bias": self._student_slice(self.bias, s)}
+        # Private running statistics, lent affine parameters (the base's slice, or the
+        # student's own times its mask): the student's own forward runs with them, so after
+        # convert_sync_batchnorm it syncs its statistics.
+        if self.share_affine:
+            weight, bias = self._student_slice(self.weight, s), self._student_slice(self.bias, s)
+        else:
+            weight, bias = norm.weight, norm.bias
+        if mask is not None:
+            mask = mask.to(x.dtype if weight is None else weight.dtype)
+            weight = mask if weight is None else weight * mask
+            bias = None if bias is None else bias * mask
+        affine = {"weight": weight} if bias is None else {"weight": weight, "bias": bias}
         return torch.func.functional_call(norm, affine, (x,))
 
     def extra_repr(self) -> str:
