@@ -156,9 +156,9 @@ def test_full_run_writes_every_artifact_and_eval_export_agree(data, tmp_path):
 
 
 def test_epoch_rows_label_students_with_alpha_but_not_under_arch_config(tmp_path):
-    """An --arch-config student has one alpha per width group: metrics.jsonl, TensorBoard
-    and curves.png must not label it with --alpha (which it never used), as summary.json
-    says "alpha": null. Training.epoch_row on three images."""
+    """An --arch-config student has one alpha per width group: metrics.jsonl, TensorBoard,
+    curves.png and the line that starts the steps must not label it with --alpha (which it
+    never used), as summary.json says "alpha": null. Training.epoch_row on three images."""
     from types import SimpleNamespace
 
     from anfast.adjoin import AdjoinedOutput
@@ -184,6 +184,12 @@ def test_epoch_rows_label_students_with_alpha_but_not_under_arch_config(tmp_path
                               config=SimpleNamespace(alpha=(2.0, 4.0), arch_config=arch_config),
                               data=SimpleNamespace(train_loader=loader, val_loader=loader))
         rows[arch_config] = Training().epoch_row(run, RunState(epoch_seconds=1.0), 0.5, time.perf_counter())
+        start = Training().describe(
+            SimpleNamespace(arch="resnet18", **vars(run.config)), run.info,
+            SimpleNamespace(train_loader=SimpleNamespace(classes=[0, 1, 2], num_samples=3, reason="torch")),
+            SimpleNamespace(accum_steps=1, steps_per_epoch=1))
+        assert start.startswith("anfast train: resnet18, widths arch.json, 3 classes" if arch_config
+                                else "anfast train: resnet18, alpha 2,4, 3 classes"), start
     assert [student["alpha"] for student in rows[None]["students"]] == [2.0, 4.0]
     labelled = rows[str(tmp_path / "arch.json")]
     assert all("alpha" not in student for student in [labelled["student"], *labelled["students"]])

@@ -834,7 +834,9 @@ class Training:
     def describe(self, config: TrainConfig, info: DistributedInfo, data: Data, schedule: Schedule) -> str:
         """The line that says set-up is done and the steps begin."""
         train_loader, accum = data.train_loader, schedule.accum_steps
-        return (f"{self.command}: {config.arch}, alpha {','.join(f'{a:g}' for a in config.alpha)}, "
+        widths = ("widths " + Path(config.arch_config).name if config.arch_config
+                  else "alpha " + ",".join(f"{a:g}" for a in config.alpha))
+        return (f"{self.command}: {config.arch}, {widths}, "
                 f"{len(train_loader.classes)} classes, {train_loader.num_samples * info.world_size} train "
                 f"images, {schedule.steps_per_epoch} steps/epoch"
                 + (f" of {min(accum, schedule.batches_per_epoch)} micro-batches (effective batch "
