@@ -445,8 +445,8 @@ def test_densenet_concats_are_searched_part_by_part():
 
 
 def test_a_layer_norm_over_a_concat_leaves_its_parts_unsearched():
-    """A LayerNorm normalises each width choice of one group, not of a concat's parts:
-    those parts keep full width; the conv after it is searched."""
+    """A LayerNorm normalises each width choice of one group, not of a concat's parts: where
+    two parts can shrink, they keep full width; the conv after it is searched."""
     class Normed(nn.Module):
         def __init__(self):
             super().__init__()
@@ -463,6 +463,45 @@ def test_a_layer_norm_over_a_concat_leaves_its_parts_unsearched():
     space = SearchSpace.from_network(network, choices=(1, 2, 4), round_to=4)
     assert space.group_names == ["c"]
     _assert_one_hot_gates_give_the_derived_student(model, network, space, ([0], [1], [2]), image_size=8)
+
+
+@pytest.mark.parametrize("last", [True, False], ids=["shrinking-part-last", "shrinking-part-first"])
+@pytest.mark.parametrize("reader", ["layer norm", "group norm", "standardised conv"])
+def test_a_norm_over_a_concat_whose_last_part_alone_shrinks_searches_that_part(reader, last):
+    """RDNet's transitions: a norm (or a standardised conv) reads a concat of a part that
+    keeps full width (a grouped conv anfast cannot slice) and one that can shrink. Last, the
+    part is searched: each choice's channels are the concat's leading 12 + width, and the
+    masked network computes each derived student. First, it is not: a choice's channels
+    would not be the concat's leading ones."""
+    from timm.layers import LayerNorm2d, StdConv2d
+
+    class ConcatNormed(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a = nn.Conv2d(3, 12, 3, padding=1, groups=3)  # 1 in, 4 out per group: full width
+            self.b = nn.Conv2d(3, 16, 3, padding=1)
+            self.reader = {"layer norm": LayerNorm2d(28), "group norm": nn.GroupNorm(4, 28),
+                           "standardised conv": StdConv2d(28, 8, 1)}[reader]
+            self.c, self.fc = nn.Conv2d(8 if reader == "standardised conv" else 28, 8, 1), nn.Linear(8, 3)
+
+        def forward(self, x):
+            parts = [self.a(x), self.b(x)] if last else [self.b(x), self.a(x)]
+            y = self.reader(torch.relu(torch.cat(parts, 1)))
+            return self.fc(torch.relu(self.c(y)).mean((2, 3)))
+
+    torch.manual_seed(0)
+    model = ConcatNormed()
+    if reader != "standardised conv":
+        with torch.no_grad():
+            model.reader.weight.add_(torch.randn(28)), model.reader.bias.add_(torch.randn(28))
+    network = anfast.adjoin(model, alpha=1, policy="all", input_size=(3, 8, 8)).double().eval()
+    space = SearchSpace.from_network(network, choices=(1, 2, 4), round_to=4)
+    standardised = reader == "standardised conv"
+    assert space.group_names == ["b"] * last + ["reader"] * standardised + ["c"]
+    points = space.standardised_points if standardised else space.norm_points
+    assert (points, space.leading_channels) == (({"reader": 0}, {"reader": 12}) if last else ({}, {}))
+    _assert_one_hot_gates_give_the_derived_student(model, network, space, ([0, 1, 2], [1, 2, 0], [2, 0, 1]),
+                                                   image_size=8)
 
 
 def test_expected_cost_is_differentiable_and_interpolates():

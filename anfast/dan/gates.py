@@ -111,13 +111,15 @@ class StudentMasks:
         # Read once, here: the mixtures then index the gates on the device without a sync.
         widths = [[int(w) for w in row] for row in space.widths.tolist()]
         self._overridden = []
+        # Over a concat whose last part is the group: each choice's channels follow the whole parts before.
+        leading = lambda name, group: [space.leading_channels.get(name, 0) + w for w in widths[group]]
         for name, group in space.norm_points.items():
             module = network.get_submodule(name)
-            module.student_norm = self._mixed_norm(group, widths[group])
+            module.student_norm = self._mixed_norm(group, leading(name, group))
             self._overridden.append((module, "student_norm"))
         for name, group in space.standardised_points.items():
             module = network.get_submodule(name)
-            module.student_filters = self._mixed_filters(group, widths[group])
+            module.student_filters = self._mixed_filters(group, leading(name, group))
             self._overridden.append((module, "student_filters"))
         for name, group in space.reduction_points.items():
             module = network.get_submodule(name)

@@ -49,6 +49,9 @@ class SearchSpace:
     by the parts' masks end to end. ``reduction_points`` maps each StudentReduction (an op
     over a searched group's channels: CBAM's channel mean and max) to that group: its
     student output is the gate-weighted sum of the op on each choice's leading channels.
+    ``leading_channels`` maps a norm or standardised conv over a channel concat whose last
+    part is its searched group to the channels of the whole parts before that part: each
+    choice's channels are those and the group's leading ``widths[g, i]``.
     """
 
     groups: list[WidthGroup]
@@ -60,6 +63,7 @@ class SearchSpace:
     standardised_points: dict[str, int] = field(default_factory=dict)
     concat_points: dict[str, tuple[tuple[Optional[int], int], ...]] = field(default_factory=dict)
     reduction_points: dict[str, int] = field(default_factory=dict)
+    leading_channels: dict[str, int] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         # Every group's channels end to end: the group owning each, and the choices whose
@@ -88,13 +92,23 @@ class SearchSpace:
             raise DanError("the search network must have one full-width student: build it with "
                            "anfast.adjoin(model, alpha=1, policy='all')")
         # A group an op reduces over (x.mean(1)) is not searched: masked to zero at full
-        # width, its channels would still count in the mean (or the max) the op takes. Nor is
-        # a part of a concat that a LayerNorm / GroupNorm / GRN or a standardised conv reads: they
-        # normalise each width choice of one group, not of a concat's parts.
-        mixed_concat = {part for name, w in network.layer_widths.items() if w.in_group == "concat"
-                        and (w.kind in _CHANNEL_NORMS or _standardises_all_inputs(network, name, w))
-                        for part in w.in_parts}
-        groups = [g for g in network.width_groups if not g.fixed and not g.reduced_by and g.name not in mixed_concat]
+        # width, its channels would still count in the mean (or the max) the op takes.
+        # A LayerNorm / GroupNorm / GRN or a standardised conv normalises each width choice of
+        # one group. Over a concat it can where the last part alone can shrink: each choice's
+        # channels are then the concat's leading ones, the whole parts before it and the
+        # part's own leading channels (RDNet's transitions). The parts of any other concat
+        # such a layer reads are not searched.
+        shrinkable = {g.name for g in network.width_groups if not g.fixed and not g.reduced_by}
+        channels = {g.name: g.channels for g in network.width_groups}
+        leading: dict[str, int] = {}
+        mixed_concat: set[str] = set()
+        for name, w in network.layer_widths.items():
+            if w.in_group == "concat" and (w.kind in _CHANNEL_NORMS or _standardises_all_inputs(network, name, w)):
+                if [part for part in w.in_parts if part in shrinkable] == [w.in_parts[-1]]:
+                    leading[name] = sum(channels[part] for part in w.in_parts[:-1])
+                else:
+                    mixed_concat.update(w.in_parts)
+        groups = [g for g in network.width_groups if g.name in shrinkable and g.name not in mixed_concat]
         if not groups:
             reduced = [g for g in network.width_groups if g.reduced_by and not g.fixed]
             why = (f"the groups that could shrink are reduced over ({reduced[0].name} by {reduced[0].reduced_by[0]}), "
@@ -108,19 +122,20 @@ class SearchSpace:
         widths = torch.tensor([[student_width(g.channels, a, round_to, g.multiple) for a in choices]
                                for g in groups], dtype=torch.long)
         index = {g.name: i for i, g in enumerate(groups)}
-        norm_points = {name: index[w.out_group] for name, w in network.layer_widths.items()
-                       if w.kind in _CHANNEL_NORMS and w.out_group in index}
-        standardised = {name: index[w.in_group] for name, w in network.layer_widths.items()
-                        if w.in_group in index and _standardises_all_inputs(network, name, w)}
+        read = {name: w.in_parts[-1] if name in leading else w.in_group for name, w in network.layer_widths.items()}
+        leading = {name: offset for name, offset in leading.items() if read[name] in index}
+        norm_points = {name: index[read[name]] for name, w in network.layer_widths.items()
+                       if w.kind in _CHANNEL_NORMS and read[name] in index}
+        standardised = {name: index[read[name]] for name, w in network.layer_widths.items()
+                        if read[name] in index and _standardises_all_inputs(network, name, w)}
         # A batch norm over a concat (DenseNet's norm1) re-normalises its masked channels:
         # masked after, by its parts' masks end to end (a part not searched: ones).
-        channels = {g.name: g.channels for g in network.width_groups}
         concat_points = {name: tuple((index.get(part), channels[part]) for part in w.in_parts)
                          for name, w in network.layer_widths.items()
                          if w.kind == "norm" and w.in_group == "concat" and set(w.in_parts) & set(index)}
         reductions = {name: index[group] for name, group in network.channel_reductions.items() if group in index}
         return cls(groups, choices, round_to, widths, _mask_points(network, index, norm_points), norm_points,
-                   standardised, concat_points, reductions)
+                   standardised, concat_points, reductions, leading)
 
     @property
     def group_names(self) -> list[str]:
