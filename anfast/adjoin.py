@@ -409,6 +409,11 @@ def _analyse(gm: torch.fx.GraphModule, state_keys: set) -> _Analysis:
                 _record_layer_norm(result, node, in_channels[0], where, kind=norm_kind)
             elif norm_kind == "groupnorm":
                 _record_layer_norm(result, node, in_channels[0], where, kind="groupnorm")
+                leading = sum(part.size for part in in_channels[0].parts[:-1])  # a concat's whole parts
+                if leading % module.num_groups:
+                    _keep_full_width(_Channels(in_channels[0].parts[-1:]), (
+                        f"channels of the last part of a concat that the GroupNorm {where} normalises in "
+                        f"{module.num_groups} groups: the {leading} channels before it are no whole number of groups"))
                 for part in in_channels[0].parts:  # each network's width: whole groups
                     part.root().multiple = math.lcm(part.root().multiple, module.num_groups)
             elif (function in _FLATTEN and inputs and inputs[0] in result.vectors
@@ -589,9 +594,15 @@ def _record_layer_norm(result: _Analysis, node: torch.fx.Node, x: _Channels, whe
                        kind: str = "layernorm") -> None:
     """A LayerNorm (or GroupNorm, or GRN) over the channels: each network normalises its own. Its
     groups stay searchable: a DAN search normalises each width choice's leading channels
-    (anfast.dan.gates), as the student of that width does."""
+    (anfast.dan.gates), as the student of that width does. Over a concat the student's
+    channels must be the concat's leading ones: the parts before the last keep full width."""
     if x is None or x.features_per_channel != 1:
         raise _Unfollowable(_node_shape(node.args[0]), after=_node_shape(node))
+    if len(x.parts) > 1:
+        label = {"layernorm": "LayerNorm", "groupnorm": "GroupNorm", "grn": "GRN"}[kind]
+        _keep_full_width(_Channels(x.parts[:-1]), f"channels of a part before the last of a concat that the {label} "
+                         f"{where} normalises: each network normalises the concat's leading channels, so only its "
+                         "last part shrinks")
     result.channels[node] = x
     _record_layer(result, node, kind, x, x, where)
 
@@ -2029,9 +2040,6 @@ def _replace_module(traced, name, module, widths: LayerWidths, analysis, share_a
             student_in_indices=widths.in_indices, input_shared=shared,
         )
     elif widths.kind in ("layernorm", "groupnorm", "grn"):
-        if any(index is not None for index in widths.in_indices):
-            raise AdjoinError(f"{name}: a {type(module).__name__} over concatenated channels whose parts shrink; "
-                              "anfast normalises each network's leading channels only")
         if widths.kind == "layernorm":
             new = AdjoinedLayerNorm.from_layernorm(module, widths.student_out, _layer_norm_axis(module))
         elif widths.kind == "groupnorm":

@@ -861,18 +861,19 @@ def test_a_group_norm_normalises_each_networks_own_channels_in_whole_groups(grou
     groups (24 / 4 = 6, rounded to 2: 6 in one group, 8 in 8 groups), the student
     normalises its own channels in as many groups with the leading slice of the affine
     parameters, as GroupNorm(groups, width) of the exported student does (by hand here);
-    the base is the model; the export round-trips; a GroupNorm over a concat whose
-    parts shrink is refused."""
+    the base is the model; the export round-trips. Over a concat, the student's channels
+    must be the concat's leading ones: the part before the last keeps full width, and the
+    last shrinks in whole groups."""
     class Grouped(nn.Module):
         def __init__(self, concat: bool = False):
             super().__init__()
             self.concat = concat
-            self.a, self.norm = nn.Conv2d(3, 12 if concat else 24, 3), nn.GroupNorm(groups, 24)
+            self.a, self.norm = nn.Conv2d(3, 8 if concat else 24, 3), nn.GroupNorm(groups, 24)
             self.b, self.fc = nn.Conv2d(24, 16, 1), nn.Linear(16, 3)
+            self.c = nn.Conv2d(3, 16, 3)
 
         def forward(self, x):
-            y = self.a(x)
-            y = torch.cat([y, y * 2], 1) if self.concat else y
+            y = torch.cat([self.a(x), self.c(x)], 1) if self.concat else self.a(x)
             return self.fc(F.relu(self.b(F.relu(self.norm(y)))).mean((2, 3)))
 
     torch.manual_seed(0)
@@ -896,8 +897,34 @@ def test_a_group_norm_normalises_each_networks_own_channels_in_whole_groups(grou
         loaded = anfast.load_student(tmp_path, model=Grouped()).double()
         assert loaded.norm.num_groups == groups and loaded.norm.num_channels == width
         assert (loaded(x) - expected).abs().max() <= 1e-12
-    with pytest.raises(AdjoinError, match=r"norm: a GroupNorm over concatenated channels whose parts shrink"):
-        anfast.adjoin(Grouped(concat=True), alpha=4, policy="all", input_size=(3, 8, 8))
+
+    model = Grouped(concat=True).double().eval()
+    an = anfast.adjoin(model, alpha=4, policy="all", round_to=2, input_size=(3, 8, 8)).eval()
+    fixed = {g.name: g.fixed for g in an.width_groups}
+    assert "only its last part shrinks" in fixed["a"] and not fixed["c"]
+    width = 4 if groups == 1 else 8  # 16 / 4 = 4 channels, in whole groups
+    assert an.layer_widths["norm"].student_out == (8 + width,)
+    with torch.no_grad():
+        y = torch.cat([F.conv2d(x, model.a.weight, model.a.bias), F.conv2d(x, model.c.weight[:width], model.c.bias[:width])], 1)
+        y = F.relu(_group_norm_by_hand(y, groups, model.norm.weight[:8 + width], model.norm.bias[:8 + width]))
+        y = F.relu(F.conv2d(y, model.b.weight[:4, :8 + width], model.b.bias[:4]))
+        expected = F.linear(y.mean((2, 3)), model.fc.weight[:, :4], model.fc.bias)
+        assert (an(x).student - expected).abs().max() <= 1e-12
+        anfast.export_student(an, path=tmp_path / "concat")
+        assert (anfast.load_student(tmp_path / "concat", model=Grouped(concat=True)).double()(x) - expected).abs().max() <= 1e-12
+
+    class Uneven(nn.Module):  # GroupNorm(groups, 24) over 12 + 12 channels
+        def __init__(self):
+            super().__init__()
+            self.a, self.c, self.norm = nn.Conv2d(3, 12, 3), nn.Conv2d(3, 12, 3), nn.GroupNorm(groups, 24)
+            self.b, self.head = nn.Conv2d(24, 16, 1), nn.Conv2d(16, 4, 1)
+
+        def forward(self, x):
+            return self.head(self.b(self.norm(torch.cat([self.a(x), self.c(x)], 1))))
+
+    # In 8 groups, the 12 channels before the last part are no whole number of groups: it keeps full width too.
+    fixed = {g.name: g.fixed for g in anfast.adjoin(Uneven(), alpha=4, policy="all", input_size=(3, 8, 8)).width_groups}
+    assert ("no whole number of groups" in fixed["c"]) == (groups == 8), fixed["c"]
 
 
 def test_a_module_with_parameters_anfast_does_not_slice_keeps_its_channels_whole():

@@ -444,25 +444,36 @@ def test_densenet_concats_are_searched_part_by_part():
         [2, 2, 2, 2], [1, 0, 2, 1], [0, 1, 1, 2], [2, 1, 0, 0]), image_size=8)
 
 
-def test_a_layer_norm_over_a_concat_leaves_its_parts_unsearched():
-    """A LayerNorm normalises each width choice of one group, not of a concat's parts: where
-    two parts can shrink, they keep full width; the conv after it is searched."""
+@pytest.mark.parametrize("reader", ["layer norm", "standardised conv"])
+def test_a_norm_over_a_concat_of_two_shrinking_parts_searches_the_last(reader):
+    """Over a concat of two parts that could shrink, adjoin keeps the first whole for a
+    LayerNorm (each network normalises the concat's leading channels): the search shrinks
+    the last and the conv after. A standardised conv, which adjoin slices on both parts,
+    leaves both unsearched: a choice's channels would not be the concat's leading ones."""
     class Normed(nn.Module):
         def __init__(self):
             super().__init__()
             self.a, self.b = nn.Conv2d(3, 8, 3, padding=1), nn.Conv2d(3, 8, 3, padding=1)
-            self.norm, self.c, self.fc = nn.LayerNorm(16), nn.Conv2d(16, 8, 1), nn.Linear(8, 3)
+            self.norm = nn.LayerNorm(16) if reader == "layer norm" else StdConv2d(16, 16, 1)
+            self.c, self.fc = nn.Conv2d(16, 8, 1), nn.Linear(8, 3)
 
         def forward(self, x):
-            y = self.norm(torch.cat([self.a(x), self.b(x)], 1).permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
+            y = torch.cat([self.a(x), self.b(x)], 1)
+            y = self.norm(y.permute(0, 2, 3, 1)).permute(0, 3, 1, 2) if reader == "layer norm" else self.norm(y)
             return self.fc(torch.relu(self.c(y)).mean((2, 3)))
+
+    from timm.layers import StdConv2d
 
     torch.manual_seed(0)
     model = Normed()
     network = anfast.adjoin(model, alpha=1, policy="all", input_size=(3, 8, 8)).double().eval()
     space = SearchSpace.from_network(network, choices=(1, 2, 4), round_to=4)
-    assert space.group_names == ["c"]
-    _assert_one_hot_gates_give_the_derived_student(model, network, space, ([0], [1], [2]), image_size=8)
+    if reader == "layer norm":
+        assert space.group_names == ["b", "c"] and space.leading_channels == {"norm": 8}
+        assert "only its last part shrinks" in next(g.fixed for g in network.width_groups if g.name == "a")
+    else:
+        assert space.group_names == ["norm", "c"] and space.leading_channels == {}
+    _assert_one_hot_gates_give_the_derived_student(model, network, space, ([0, 1], [1, 2], [2, 0]), image_size=8)
 
 
 @pytest.mark.parametrize("last", [True, False], ids=["shrinking-part-last", "shrinking-part-first"])
