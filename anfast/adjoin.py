@@ -530,7 +530,8 @@ def _permutation(node: torch.fx.Node) -> Optional[tuple]:
 # LayerNorm classes adjoin adopts as a layer, by the axis they normalise: the last one,
 # or axis 1 of (N, C, H, W). timm's compute what nn.LayerNorm does (unless its fast-norm
 # kernels are on, which compute it otherwise).
-_LAYER_NORMS = {"timm.layers.norm.LayerNorm": -1, "timm.layers.norm.LayerNorm2d": 1}
+_LAYER_NORMS = {"timm.layers.norm.LayerNorm": -1, "timm.layers.norm.LayerNorm2d": 1,
+                "torchvision.models.convnext.LayerNorm2d": 1}
 
 
 def _layer_norm_axis(module: nn.LayerNorm) -> Optional[int]:

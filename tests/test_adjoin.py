@@ -20,7 +20,7 @@ from helpers import assert_close_rel, hand_student_width
 
 MODELS = [
     "resnet18", "resnet50", "resnext50_32x4d", "wide_resnet50_2", "vgg11_bn", "mobilenet_v2",
-    "mobilenet_v3_small", "efficientnet_b0", "regnet_y_400mf", "densenet121",
+    "mobilenet_v3_small", "efficientnet_b0", "regnet_y_400mf", "densenet121", "convnext_tiny",
 ]
 SIZE = (3, 32, 32)
 
@@ -81,6 +81,10 @@ HAND_WIDTHS = {
     # 440 / 4 = 110 -> 112; 110 / 4 = 27.5 -> 28 -> 32
     "regnet_y_400mf": {"trunk_output.block4.block4-0.f.a.0": 112, "trunk_output.block4.block4-1.f.se.fc1": 32},
     "densenet121": {"features.denseblock1.denselayer1.conv2": 8},  # 32 / 4 = 8
+    # The residual stream through torchvision's LayerNorm2d (stem, downsampling, head): 96 / 4 = 24,
+    # 384 / 4 = 96; the blocks' hidden Linear 3072 / 4 = 768.
+    "convnext_tiny": {"features.1.0.block.0": 24, "features.6.0": 96, "classifier.0": 192,
+                      "features.7.0.block.3": 768},
 }
 
 

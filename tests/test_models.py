@@ -389,6 +389,18 @@ def test_info_says_which_groups_keep_full_width_and_why():
     assert "Kept at full width" not in describe("resnet18", 2, "all", 8, 10, 32)
 
 
+def test_info_columns_fit_a_long_classifier_name():
+    """torchvision's ConvNeXt names its classifier classifier.2: the column of parameters
+    without it widens to its header, so each count ends under it."""
+    lines = describe("convnext_tiny", 4, "all", 8, 10, 32).splitlines()
+    header = next(line for line in lines if line.startswith("network"))
+    end = header.index("classifier.2") + len("classifier.2")
+    for label in ("base", "student (alpha 4)"):
+        row = next(line for line in lines if line.startswith(label))
+        assert row[end - 1].isdigit() and row[end] == " ", (header, row)
+    assert re.search(r"\bparams +params w/o classifier\.2 ", header), header
+
+
 def test_names_and_refusals():
     with pytest.raises(ValueError, match=r"'resnet50x' is not a timm model; did you mean \[.*'resnet50d'"):
         create_model("timm:resnet50x")

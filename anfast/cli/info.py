@@ -30,17 +30,19 @@ def describe(arch: str, alpha, policy: str, round_to: int, num_classes: int, ima
     ]
     lines = [f"{arch}, alpha {alpha}, policy {policy!r}, round_to {round_to}, {num_classes} classes, "
              f"{image_size}x{image_size} input", ""]
-    lines.append(f"{'network':<22}{'params':>14}{'params w/o ' + classifier:>22}{'GFLOPs':>10}{'GMACs':>9}")
+    without_label = "params w/o " + classifier
+    w = max(22, len(without_label) + 2)  # that column fits the classifier's name
+    lines.append(f"{'network':<22}{'params':>14}{without_label:>{w}}{'GFLOPs':>10}{'GMACs':>9}")
     for label, module in rows:
         stats = profile(module, size)
         without = count_parameters(module, exclude=(classifier,))
-        lines.append(f"{label:<22}{stats['params']:>14,}{without:>22,}{stats['flops'] / 1e9:>10.3f}"
+        lines.append(f"{label:<22}{stats['params']:>14,}{without:>{w},}{stats['flops'] / 1e9:>10.3f}"
                      f"{stats['flops'] / 2e9:>9.3f}")
     if arch in _PAPER_BASES and policy == "paper" and alpha == 4 and image_size == 224:
         paper = PAPER_RESNET50_STUDENT
-        lines.append(f"{'paper (XResNet-50)':<22}{'':>14}{paper['params']:>22,.0f}{'':>10}"
+        lines.append(f"{'paper (XResNet-50)':<22}{'':>14}{paper['params']:>{w},.0f}{'':>10}"
                      f"{paper['gmacs']:>9.1f}   top-1 {paper['top1']}%")
-        lines.append(f"{'student / paper':<22}{'':>14}{without / paper['params']:>22.3f}{'':>10}"
+        lines.append(f"{'student / paper':<22}{'':>14}{without / paper['params']:>{w}.3f}{'':>10}"
                      f"{stats['flops'] / 2e9 / paper['gmacs']:>9.3f}")
     lines += ["", "GFLOPs count a multiply-add as 2 (torch.utils.flop_counter); GMACs = GFLOPs / 2.", "",
               f"{'layer':<34}{'kind':<10}{'in':>6}{'out':>6}  {'student in':>12}{'student out':>13}  group"]
