@@ -1,10 +1,11 @@
-"""Which timm CNNs adjoin, and is each adjoined network the model it came from?
+"""Which timm and torchvision CNNs adjoin, and is each adjoined network the model it came from?
 
-    python benchmarks/adjoin_coverage.py                      # the 60 CNNs below
+    python benchmarks/adjoin_coverage.py                      # the 60 timm CNNs below
     python benchmarks/adjoin_coverage.py --set hybrids        # 60 more: hybrids, ViTs, MLPs, CNNs
-    python benchmarks/adjoin_coverage.py resnet50d mixnet_s   # or name the models
+    python benchmarks/adjoin_coverage.py --set torchvision    # torchvision's 22 CNNs below
+    python benchmarks/adjoin_coverage.py resnet50d torchvision:convnext_tiny   # or name the models
 
-For each timm architecture (random weights, the parameters timm starts at zero drawn
+For each architecture (random weights, the parameters the library starts at zero drawn
 too, so that every residual branch counts; 10 classes, nothing downloaded):
 `anfast.adjoin(model, alpha, policy="all")`, one forward of both on a batch with their
 norms in train mode (the running statistics move), then in eval mode, in float64, the adjoined base
@@ -14,7 +15,7 @@ agree to 1e-9 (relative); else "differs", "refused" (adjoin's reason, which name
 node and the fix) or "failed" (any other error). Parameters of base and student come
 with it, and how many width groups keep full width (ops anfast runs whole, slices,
 grouped convs, the output): a model adjoins exactly however little of it shrinks. The JSON goes to results/adjoin_coverage-<cpu>-<date>.json (adjoin_coverage_hybrids-...
-for the second set). A vision transformer or an MLP "adjoins" with a student that
+for the second set, adjoin_coverage_torchvision-... for the third). A vision transformer or an MLP "adjoins" with a student that
 equals the base: its tokens run whole, and adjoin warns that nothing shrinks.
 """
 
@@ -53,7 +54,14 @@ focalnet_tiny_srf efficientvit_b0 efficientvit_m0 tiny_vit_5m_224 sequencer2d_s 
 gmlp_ti16_224 visformer_tiny volo_d1_224 crossvit_tiny_240 ese_vovnet39b mixnet_m cs3sedarknet_l resnet26t
 resnetrs50 coat_tiny poolformerv2_s12 caformer_s18 convformer_s18 nextvit_small fasternet_t0 shvit_s1
 inception_next_tiny""".split()
-SETS = {"cnns": MODELS, "hybrids": HYBRIDS}
+# torchvision's classification CNNs, one or two per family, as anfast's --arch builds them
+# (anfast.models.create_model: GoogLeNet and Inception-v3 without their auxiliary heads);
+# its transformers (ViT, Swin, MaxViT) are left to timm's in the hybrids.
+TORCHVISION = ["torchvision:" + name for name in """alexnet convnext_tiny densenet121 efficientnet_b0
+efficientnet_v2_s googlenet inception_v3 mnasnet0_5 mnasnet1_0 mobilenet_v2 mobilenet_v3_large mobilenet_v3_small
+regnet_x_400mf regnet_y_400mf resnet18 resnet50 resnext50_32x4d shufflenet_v2_x1_0 squeezenet1_0 squeezenet1_1
+vgg11_bn wide_resnet50_2""".split()]
+SETS = {"cnns": MODELS, "hybrids": HYBRIDS, "torchvision": TORCHVISION}
 
 
 def _relative_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
@@ -72,12 +80,26 @@ def draw_zero_parameters(model: torch.nn.Module) -> torch.nn.Module:
     return model
 
 
+def create(name: str) -> torch.nn.Module:
+    """The model ``name`` names (a timm name, or ``torchvision:NAME``) with 10 classes, in
+    float64, its parameters that start at zero drawn (draw_zero_parameters)."""
+    if name.startswith("torchvision:"):
+        from anfast.models import create_model
+
+        model = create_model(name.split(":", 1)[1], num_classes=10)[0]
+    else:
+        import timm
+
+        model = timm.create_model(name, pretrained=False, num_classes=10)
+    return draw_zero_parameters(model.double())
+
+
 def adjoin_at_its_size(model: torch.nn.Module, image_size: int, **options) -> tuple:
     """(``anfast.adjoin(model, input_size=(3, image_size, image_size), **options)``, the
     size it took): a model whose attention takes only its own input size (BoTNet, HaloNet)
     is adjoined at that size instead. Warnings that nothing shrinks are silenced: the
     caller's counts say it."""
-    own_size = model.pretrained_cfg.get("input_size", (3, image_size, image_size))[-1]
+    own_size = getattr(model, "pretrained_cfg", {}).get("input_size", (3, image_size, image_size))[-1]
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         try:
@@ -93,17 +115,15 @@ def check(name: str, alpha: float, image_size: int) -> dict:
     groups kept at full width. Base and exported student are compared in eval mode after
     one forward on a batch with the norms in train mode. A model whose attention takes only its own input size
     (BoTNet, HaloNet) is tried again at that size, which the row records."""
-    import timm
-
     torch.manual_seed(0)
     row: dict = {"model": name, "image_size": image_size}
     try:
-        model = draw_zero_parameters(timm.create_model(name, pretrained=False, num_classes=10).double())
+        model = create(name)
         an, row["image_size"] = adjoin_at_its_size(model, image_size, alpha=alpha, policy="all")
         image_size = row["image_size"]
     except anfast.AdjoinError as error:
         return {**row, "status": "refused", "reason": str(error)}
-    except Exception as error:  # timm or fx: the row names it, the survey goes on
+    except Exception as error:  # the library or fx: the row names it, the survey goes on
         return {**row, "status": "failed", "reason": f"{type(error).__name__}: {error}"}
     row["groups"] = {"total": len(an.width_groups), "full_width": sum(bool(g.fixed) for g in an.width_groups)}
     x, batch = (torch.randn(n, 3, image_size, image_size, dtype=torch.float64) for n in (2, 4))
@@ -128,7 +148,7 @@ def check(name: str, alpha: float, image_size: int) -> dict:
 
 def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("models", nargs="*", help="timm model names (default: the --set)")
+    parser.add_argument("models", nargs="*", help="timm model names or torchvision:NAME (default: the --set)")
     parser.add_argument("--set", choices=SETS, default="cnns", help="which list to try (default: %(default)s)")
     parser.add_argument("--alpha", type=float, default=2)
     parser.add_argument("--image-size", type=int, default=96, help="of the tracing and checking input")

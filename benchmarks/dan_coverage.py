@@ -1,10 +1,11 @@
-"""Which timm CNNs can a DAN search shrink, and does its masked network compute the students it derives?
+"""Which timm and torchvision CNNs can a DAN search shrink, and does its masked network compute the students it derives?
 
-    python benchmarks/dan_coverage.py                      # adjoin_coverage.py's 60 CNNs
+    python benchmarks/dan_coverage.py                      # adjoin_coverage.py's 60 timm CNNs
     python benchmarks/dan_coverage.py --set hybrids        # its 60 hybrids, ViTs, MLPs, CNNs
-    python benchmarks/dan_coverage.py convnext_atto nf_resnet26   # or name the models
+    python benchmarks/dan_coverage.py --set torchvision    # its 22 torchvision CNNs
+    python benchmarks/dan_coverage.py convnext_atto torchvision:convnext_tiny   # or name the models
 
-For each timm architecture (random weights, those timm starts at zero drawn too: a
+For each architecture (random weights, those the library starts at zero drawn too: a
 residual branch's last norm at zero would hide what the branch computes; 10 classes,
 nothing downloaded): the search's
 network, `anfast.adjoin(model, alpha=1, policy="all")` in float64 at 96 px (or the
@@ -21,7 +22,7 @@ one batch, and the cost model's FLOPs and parameters against anfast.profile of t
 export. A row says "searches" only when the outputs agree to 1e-9 (relative) and the
 counts are equal; else "differs", "refused" (adjoin's or the search's reason) or
 "failed". The JSON goes to results/dan_coverage-<cpu>-<date>.json (dan_coverage_hybrids-...
-for the second set).
+for the second set, dan_coverage_torchvision-... for the third).
 """
 
 from __future__ import annotations
@@ -34,7 +35,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from adjoin_coverage import SETS, _relative_error, adjoin_at_its_size, draw_zero_parameters, survey  # noqa: E402
+from adjoin_coverage import SETS, _relative_error, adjoin_at_its_size, create, survey  # noqa: E402
 from common import environment  # noqa: E402
 
 import anfast  # noqa: E402
@@ -44,19 +45,17 @@ from anfast.dan import CostModel, DanError, SearchSpace, StudentMasks  # noqa: E
 def check(name: str, image_size: int, draws: int) -> dict:
     """One model's row: status, reason or errors, groups searched of those that can shrink,
     the layers searched through, and each drawn architecture's parameters."""
-    import timm
-
     generator = torch.Generator().manual_seed(0)
     torch.manual_seed(0)
     row: dict = {"model": name, "image_size": image_size}
     try:
-        model = draw_zero_parameters(timm.create_model(name, pretrained=False, num_classes=10).double().eval())
+        model = create(name).eval()
         network, row["image_size"] = adjoin_at_its_size(model, image_size, alpha=1, policy="all")
         network.eval()
         space = SearchSpace.from_network(network)
     except (anfast.AdjoinError, DanError) as error:
         return {**row, "status": "refused", "reason": str(error)}
-    except Exception as error:  # timm or fx: the row names it, the survey goes on
+    except Exception as error:  # the library or fx: the row names it, the survey goes on
         return {**row, "status": "failed", "reason": f"{type(error).__name__}: {error}"}
     input_size = (3, row["image_size"], row["image_size"])
     row["groups"] = {"shrinkable": sum(not g.fixed for g in network.width_groups), "searched": len(space.groups)}
@@ -92,7 +91,7 @@ def check(name: str, image_size: int, draws: int) -> dict:
 
 def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("models", nargs="*", help="timm model names (default: the --set)")
+    parser.add_argument("models", nargs="*", help="timm model names or torchvision:NAME (default: the --set)")
     parser.add_argument("--set", choices=SETS, default="cnns", help="which list to try (default: %(default)s)")
     parser.add_argument("--image-size", type=int, default=96,
                         help="of the tracing and checking input (a model whose attention takes only its own: that)")

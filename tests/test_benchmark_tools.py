@@ -18,6 +18,7 @@ import time
 import pytest
 import torch
 import torch.nn.functional as F
+import torchvision
 
 import helpers
 from helpers import small_resnet
@@ -511,9 +512,9 @@ def _refusing_mobilenets(function, error: Exception, model_of=lambda model: mode
 
 
 def test_adjoin_coverage_says_adjoins_only_where_base_and_export_agree(tmp_path, monkeypatch):
-    """adjoin_coverage.py on resnet18 (adjoins), mobilenetv3_small_050 (refused, by the test:
-    every model the survey lists adjoins) and a name timm does not know (failed); then with
-    an export whose weights are off by a little: "differs"."""
+    """adjoin_coverage.py on resnet18 (adjoins), torchvision's (adjoins), mobilenetv3_small_050
+    (refused, by the test: every model the survey lists adjoins) and a name timm does not
+    know (failed); then with an export whose weights are off by a little: "differs"."""
     pytest.importorskip("timm")
     import adjoin_coverage
     import timm
@@ -521,8 +522,8 @@ def test_adjoin_coverage_says_adjoins_only_where_base_and_export_agree(tmp_path,
     monkeypatch.setattr(adjoin_coverage.anfast, "adjoin", _refusing_mobilenets(
         adjoin_coverage.anfast.adjoin, adjoin_coverage.anfast.AdjoinError("blocks.0: refused by the test")))
     out = tmp_path / "coverage.json"
-    payload = adjoin_coverage.main(["resnet18", "mobilenetv3_small_050", "no_such_net", "--image-size", "32",
-                                    "--out", str(out)])
+    payload = adjoin_coverage.main(["resnet18", "torchvision:resnet18", "mobilenetv3_small_050", "no_such_net",
+                                    "--image-size", "32", "--out", str(out)])
     monkeypatch.undo()
     assert json.loads(out.read_text()) == json.loads(json.dumps(payload))
     rows = {row["model"]: row for row in payload["rows"]}
@@ -531,10 +532,14 @@ def test_adjoin_coverage_says_adjoins_only_where_base_and_export_agree(tmp_path,
     assert rows["resnet18"]["params"]["base"] == base > rows["resnet18"]["params"]["student"]
     # Kept at full width: the image's 3 channels and the 10 logits; the rest shrink.
     assert rows["resnet18"]["groups"]["full_width"] == 2 and rows["resnet18"]["image_size"] == 32
+    torchvision_row = rows["torchvision:resnet18"]
+    base = sum(p.numel() for p in torchvision.models.resnet18(num_classes=10).parameters())
+    assert torchvision_row["status"] == "adjoins" and torchvision_row["params"]["base"] == base
+    assert torchvision_row["groups"]["full_width"] == 2
     assert rows["mobilenetv3_small_050"] == {"model": "mobilenetv3_small_050", "image_size": 32, "status": "refused",
                                              "reason": "blocks.0: refused by the test"}
     assert rows["no_such_net"]["status"] == "failed" and "no_such_net" in rows["no_such_net"]["reason"]
-    assert payload["counts"] == {"adjoins": 1, "differs": 0, "refused": 1, "failed": 1}
+    assert payload["counts"] == {"adjoins": 2, "differs": 0, "refused": 1, "failed": 1}
 
     # --set picks a list, and its own default file: a run of the second set keeps the first's.
     tried = []
