@@ -290,7 +290,7 @@ def _analyse(gm: torch.fx.GraphModule, state_keys: set) -> _Analysis:
                 result.vectors[node] = (dim, axis)
                 if axis == 1:
                     result.channels[node] = _Channels((dim,))
-                    continue
+                continue  # a (C, 1, 1) vector's axis 1 holds no channels of its own
             if shape is not None and len(shape) >= 2:
                 fixed = "model input" if node.op == "placeholder" else f"parameter / buffer {node.target}"
                 label = "" if node.op == "placeholder" else node.name  # a buffer read twice: two nodes

@@ -99,6 +99,8 @@ def test_torchvision_models(name):
     _check_network(model, an, torch.randn(2, *SIZE))
     for layer, width in HAND_WIDTHS[name].items():
         assert an.layer_widths[layer].student_out == (width,), f"{layer}: {an.layer_widths[layer].student_out}"
+    # Only the image and the logits keep full width (ConvNeXt's (C, 1, 1) layer scales add no group).
+    assert [g.fixed for g in an.width_groups if g.fixed] == ["model input", "model output"]
     for layer, widths in an.layer_widths.items():
         group = next(g for g in an.width_groups if g.name == widths.out_group) if widths.out_group != "concat" else None
         if widths.kind == "linear" and layer == list(an.layer_widths)[-1]:
