@@ -770,6 +770,35 @@ def test_a_batch_norms_mask_scales_its_affine_and_equals_masking_its_output(norm
         torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12, msg=lambda m, name=name: f"d{name}: {m}")
 
 
+@pytest.mark.parametrize("bias", [True, False], ids=["bias", "no-bias"])
+@pytest.mark.parametrize("case", ["(N, F)", "(N, H, W, C)", "input shared"])
+def test_a_linears_mask_scales_its_weight_rows_and_equals_masking_its_output(case, bias):
+    """A searched linear computes F.linear(x, w, b) * m as F.linear(x, w * m[:, None], b * m):
+    against the product on the output in float64, the output and the gradients of the
+    input, the mask and the parameters; on ConvNeXt's (N, H, W, C) features too, and for a
+    linear on the image (its students slice the base's output, masked after)."""
+    torch.manual_seed(0)
+    shared = case == "input shared"
+    layer = anfast.nn.AdjoinedLinear(8, 6, bias, student_in_features=(8,), student_out_features=(4,),
+                                     input_shared=shared, dtype=torch.float64)
+    mask = torch.sigmoid(torch.randn(4, dtype=torch.float64)).requires_grad_()
+    layer.student_mask = lambda module: mask
+    shape = (3, 5, 5, 8) if case == "(N, H, W, C)" else (3, 8)
+    x_base, x = (torch.randn(shape, dtype=torch.float64, requires_grad=True) for _ in range(2))
+    inputs = (x_base,) if shared else (x_base, x)
+    read = x_base if shared else x  # what the student's output is computed from
+    weights = torch.randn(*shape[:-1], 4, dtype=torch.float64)
+    params = [layer.weight] + ([layer.bias] if bias else [])
+    expected = F.linear(read, layer.weight[:4], layer.bias[:4] if bias else None) * mask
+    expected_grads = torch.autograd.grad((expected * weights).sum(), [read, mask, *params])
+
+    y = layer(*inputs)[1]
+    torch.testing.assert_close(y, expected, rtol=1e-12, atol=1e-12)
+    grads = torch.autograd.grad((y * weights).sum(), [read, mask, *params])
+    for name, got, want in zip(["x", "mask", "weight", "bias"], grads, expected_grads):
+        torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12, msg=lambda m, name=name: f"d{name}: {m}")
+
+
 @pytest.mark.parametrize("gate, node, op", [
     ("CBAM spatial: mean and amax", "mean", lambda x: x.mean(1, keepdim=True)),
     ("CBAM spatial: mean and amax", "amax", lambda x: x.amax(1, keepdim=True)),

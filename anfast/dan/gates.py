@@ -85,8 +85,8 @@ def entropy(weights: torch.Tensor) -> torch.Tensor:
 class StudentMasks:
     """Multiply the student outputs of a group's layers by its mask (a batch norm over a
     channel concat, ``space.concat_points``: by its parts' masks end to end): a batch norm
-    multiplies its affine parameters by it (its ``student_mask``), any other layer its
-    output (a forward hook).
+    multiplies its affine parameters by it, a linear its weight rows and bias (their
+    ``student_mask``), a conv its output (a forward hook).
 
     ``set_gates(gates)`` before each forward; ``remove()`` detaches the hooks and gives
     the layers back their own student computation. With
@@ -130,12 +130,12 @@ class StudentMasks:
                    for name, parts in space.concat_points.items()]
         for name, mask_of in masked:
             module = network.get_submodule(name)
-            if isinstance(module, AdjoinedBatchNorm2d):  # the 1d norm too: its mask scales its affine
-                module.student_mask = self._norm_mask(mask_of)
+            if isinstance(module, (AdjoinedBatchNorm2d, AdjoinedLinear)):  # the 1d norm too
+                # The mask scales a norm's affine parameters, a linear's weight rows and bias.
+                module.student_mask = self._layer_mask(mask_of)
                 self._overridden.append((module, "student_mask"))
                 continue
-            # A linear's features are its last axis: (N, F), or (N, H, W, C) in ConvNeXt's blocks.
-            self._handles.append(module.register_forward_hook(self._hook(mask_of, isinstance(module, AdjoinedLinear))))
+            self._handles.append(module.register_forward_hook(self._hook(mask_of)))
 
     def set_gates(self, gates: torch.Tensor) -> None:
         self._masks = self.space.channel_masks(gates)
@@ -150,18 +150,17 @@ class StudentMasks:
             delattr(module, attribute)  # back to the class's None
         self._overridden = []
 
-    def _hook(self, mask_of, last_axis: bool):
-        def apply(module, args, outputs):
+    def _hook(self, mask_of):
+        def apply(module, args, outputs):  # a conv's: (base, student, ...), channels on axis 1
             if self._masks is None:
                 raise RuntimeError("StudentMasks: call set_gates(gates) before running the network")
             base, student, *rest = outputs
             mask = mask_of(self._masks).to(student.dtype)
-            shape = (1,) * (student.dim() - 1) + (-1,) if last_axis else (1, -1) + (1,) * (student.dim() - 2)
-            return (base, student * mask.view(shape), *rest)
+            return (base, student * mask.view((1, -1) + (1,) * (student.dim() - 2)), *rest)
 
         return apply
 
-    def _norm_mask(self, mask_of):
+    def _layer_mask(self, mask_of):
         def student_mask(module: nn.Module) -> torch.Tensor:
             if self._masks is None:
                 raise RuntimeError("StudentMasks: call set_gates(gates) before running the network")

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Optional, Sequence
+from typing import Callable, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -23,6 +23,12 @@ class AdjoinedLinear(nn.Linear):
 
     Call as ``fc(x_base, *x_students)``; returns ``(y_base, *y_students)``.
     """
+
+    # Set by a DAN search (anfast.dan.gates.StudentMasks): the first student's mask of its
+    # output features, student_mask(self) at each forward, multiplied into its weight rows
+    # and bias: F.linear(x, w, b) * m is F.linear(x, w * m[:, None], b * m), a product of
+    # the weight's size, not of the activation's (ConvNeXt's (N, H, W, 4C) hidden features).
+    student_mask: Optional[Callable[[nn.Module], torch.Tensor]] = None
 
     def __init__(
         self,
@@ -69,14 +75,21 @@ class AdjoinedLinear(nn.Linear):
     def forward(self, x_base: torch.Tensor, *x_students: torch.Tensor) -> tuple[torch.Tensor, ...]:
         if self.input_shared:
             y_base = F.linear(x_base, self.weight, self.bias)
-            return (y_base, *(hand_over(y_base[..., :c], s + 1) for s, c in enumerate(self.student_out_features)))
+            y_students = [hand_over(y_base[..., :c], s + 1) for s, c in enumerate(self.student_out_features)]
+            if self.student_mask is not None:  # the base's own output, sliced: masked after
+                y_students[0] = y_students[0] * self.student_mask(self).to(y_students[0].dtype)
+            return (y_base, *y_students)
         check_student_inputs(self, x_students, "student_in_features", self.student_in_features, axis=-1)
         return (F.linear(x_base, self.weight, self.bias),
                 *(self._linear_on_stream(s + 1, x) for s, x in enumerate(x_students)))
 
     def _linear_on_stream(self, n: int, x: torch.Tensor) -> torch.Tensor:
         with network_stream(n):
-            return F.linear(x, *self.network_weight(n))
+            weight, bias = self.network_weight(n)
+            if n == 1 and self.student_mask is not None:
+                mask = self.student_mask(self).to(weight.dtype)
+                weight, bias = weight * mask[:, None], None if bias is None else bias * mask
+            return F.linear(x, weight, bias)
 
     def extra_repr(self) -> str:
         return (f"{super().extra_repr()}, student_in_features={self.student_in_features}, "
