@@ -14,9 +14,11 @@ layers) against the adjoined student. A row says "adjoins" only when both
 agree to 1e-9 (relative); else "differs", "refused" (adjoin's reason, which names the
 node and the fix) or "failed" (any other error). Parameters of base and student come
 with it, and how many width groups keep full width (ops anfast runs whole, slices,
-grouped convs, the output): a model adjoins exactly however little of it shrinks. The JSON goes to results/adjoin_coverage-<cpu>-<date>.json (adjoin_coverage_hybrids-...
-for the second set, adjoin_coverage_torchvision-... for the third). A vision transformer or an MLP "adjoins" with a student that
-equals the base: its tokens run whole, and adjoin warns that nothing shrinks.
+grouped convs, the output): a model adjoins exactly however little of it shrinks. The
+JSON goes to results/adjoin_coverage-<cpu>-<date>.json (adjoin_coverage_hybrids-... for
+the second set, adjoin_coverage_torchvision-... for the third). A vision transformer or
+an MLP "adjoins" with a student that equals the base: its tokens run whole, and adjoin
+warns that nothing shrinks.
 """
 
 from __future__ import annotations

@@ -911,13 +911,15 @@ def test_a_group_norm_normalises_each_networks_own_channels_in_whole_groups(grou
     width = 4 if groups == 1 else 8  # 16 / 4 = 4 channels, in whole groups
     assert an.layer_widths["norm"].student_out == (8 + width,)
     with torch.no_grad():
-        y = torch.cat([F.conv2d(x, model.a.weight, model.a.bias), F.conv2d(x, model.c.weight[:width], model.c.bias[:width])], 1)
+        y = torch.cat([F.conv2d(x, model.a.weight, model.a.bias),
+                       F.conv2d(x, model.c.weight[:width], model.c.bias[:width])], 1)
         y = F.relu(_group_norm_by_hand(y, groups, model.norm.weight[:8 + width], model.norm.bias[:8 + width]))
         y = F.relu(F.conv2d(y, model.b.weight[:4, :8 + width], model.b.bias[:4]))
         expected = F.linear(y.mean((2, 3)), model.fc.weight[:, :4], model.fc.bias)
         assert (an(x).student - expected).abs().max() <= 1e-12
         anfast.export_student(an, path=tmp_path / "concat")
-        assert (anfast.load_student(tmp_path / "concat", model=Grouped(concat=True)).double()(x) - expected).abs().max() <= 1e-12
+        loaded = anfast.load_student(tmp_path / "concat", model=Grouped(concat=True)).double()
+        assert (loaded(x) - expected).abs().max() <= 1e-12
 
     class Uneven(nn.Module):  # GroupNorm(groups, 24) over 12 + 12 channels
         def __init__(self):
