@@ -20,6 +20,12 @@ from anfast.ops import backend as registry, tuning
 from anfast.ops.backend import TorchBackend
 from anfast.ops.tuning import TOLERANCE  # noqa: F401  (DESIGN.md section 6, one definition)
 
+# The coverage benchmarks' draw of the parameters a library starts at zero (timm's
+# zero-initialised last BN of a residual block, GRN's weight and bias): one definition.
+if str(Path(__file__).resolve().parents[1] / "benchmarks") not in sys.path:
+    sys.path.append(str(Path(__file__).resolve().parents[1] / "benchmarks"))
+from adjoin_coverage import draw_zero_parameters  # noqa: E402,F401
+
 
 @contextlib.contextmanager
 def one_thread():
@@ -71,17 +77,6 @@ def assert_close_rel(actual: torch.Tensor, expected: torch.Tensor, tolerance: fl
             + ", ".join(f"{tuple(int(j) for j in w)}: {float(actual64[w]):.6g} vs {float(expected64[w]):.6g}"
                         for w in where)
         )
-
-
-def draw_zero_parameters(model: torch.nn.Module) -> torch.nn.Module:
-    """``model`` with each parameter that starts at zero drawn from N(0, 0.1) (timm's
-    zero-initialised last BN of a residual block, GRN's weight and bias, biases): at zero
-    a branch outputs zero and a comparison would not see what it computes."""
-    with torch.no_grad():
-        for parameter in model.parameters():
-            if not parameter.any():
-                parameter.normal_(0, 0.1)
-    return model
 
 
 def hand_student_width(channels: int, alpha: float, step: int) -> int:

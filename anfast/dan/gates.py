@@ -150,21 +150,22 @@ class StudentMasks:
             delattr(module, attribute)  # back to the class's None
         self._overridden = []
 
+    def _mask(self, mask_of) -> torch.Tensor:
+        if self._masks is None:
+            raise RuntimeError("StudentMasks: call set_gates(gates) before running the network")
+        return mask_of(self._masks)
+
     def _hook(self, mask_of):
         def apply(module, args, outputs):  # a conv's: (base, student, ...), channels on axis 1
-            if self._masks is None:
-                raise RuntimeError("StudentMasks: call set_gates(gates) before running the network")
             base, student, *rest = outputs
-            mask = mask_of(self._masks).to(student.dtype)
+            mask = self._mask(mask_of).to(student.dtype)
             return (base, student * mask.view((1, -1) + (1,) * (student.dim() - 2)), *rest)
 
         return apply
 
     def _layer_mask(self, mask_of):
         def student_mask(module: nn.Module) -> torch.Tensor:
-            if self._masks is None:
-                raise RuntimeError("StudentMasks: call set_gates(gates) before running the network")
-            return mask_of(self._masks)
+            return self._mask(mask_of)
 
         return student_mask
 

@@ -100,12 +100,13 @@ class SearchSpace:
         # such a layer reads are not searched.
         shrinkable = {g.name for g in network.width_groups if not g.fixed and not g.reduced_by}
         channels = {g.name: g.channels for g in network.width_groups}
-        leading: dict[str, int] = {}
+        reads: dict[str, tuple[str, int]] = {}  # layer -> (the group it reads, the whole channels before it)
         mixed_concat: set[str] = set()
         for name, w in network.layer_widths.items():
+            reads[name] = (w.in_group, 0)
             if w.in_group == "concat" and (w.kind in _CHANNEL_NORMS or _standardises_all_inputs(network, name, w)):
                 if [part for part in w.in_parts if part in shrinkable] == [w.in_parts[-1]]:
-                    leading[name] = sum(channels[part] for part in w.in_parts[:-1])
+                    reads[name] = (w.in_parts[-1], sum(channels[part] for part in w.in_parts[:-1]))
                 else:
                     mixed_concat.update(w.in_parts)
         groups = [g for g in network.width_groups if g.name in shrinkable and g.name not in mixed_concat]
@@ -122,12 +123,12 @@ class SearchSpace:
         widths = torch.tensor([[student_width(g.channels, a, round_to, g.multiple) for a in choices]
                                for g in groups], dtype=torch.long)
         index = {g.name: i for i, g in enumerate(groups)}
-        read = {name: w.in_parts[-1] if name in leading else w.in_group for name, w in network.layer_widths.items()}
-        leading = {name: offset for name, offset in leading.items() if read[name] in index}
-        norm_points = {name: index[read[name]] for name, w in network.layer_widths.items()
-                       if w.kind in _CHANNEL_NORMS and read[name] in index}
-        standardised = {name: index[read[name]] for name, w in network.layer_widths.items()
-                        if read[name] in index and _standardises_all_inputs(network, name, w)}
+        searched = {name: index[group] for name, (group, _) in reads.items() if group in index}  # layers reading one
+        widths_of = network.layer_widths
+        norm_points = {name: group for name, group in searched.items() if widths_of[name].kind in _CHANNEL_NORMS}
+        standardised = {name: group for name, group in searched.items()
+                        if _standardises_all_inputs(network, name, widths_of[name])}
+        leading = {name: reads[name][1] for name in searched if reads[name][1]}
         # A batch norm over a concat (DenseNet's norm1) re-normalises its masked channels:
         # masked after, by its parts' masks end to end (a part not searched: ones).
         concat_points = {name: tuple((index.get(part), channels[part]) for part in w.in_parts)
