@@ -118,3 +118,39 @@ def test_compile_inductor_adjoined_conv_op(monkeypatch):
     got, want = compiled(x_b, x_s), conv(x_b, x_s)
     for g, w in zip(got, want):
         assert_close_rel(g, w, 1e-5, "inductor")
+
+
+def test_a_dan_search_network_compiles_whole_and_matches_eager():
+    """A ConvNeXt block's search network (its LayerNorms mixed over the width choices in
+    one pass, a custom autograd function) under inductor, fullgraph: the base and student
+    outputs and the gradients of every parameter and of the gates, in float64."""
+    from anfast.dan import SearchSpace, StudentMasks
+    from test_adjoin import ChannelsLastBlock
+
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    network = anfast.adjoin(ChannelsLastBlock("none"), alpha=1, policy="all", input_size=(3, 8, 8)).double()
+    space = SearchSpace.from_network(network, choices=(1, 2, 4), round_to=4)
+    assert "norm" in space.norm_points
+    masks = StudentMasks(network, space)
+    logits = torch.randn(len(space.groups), len(space.choices), dtype=torch.float64, requires_grad=True)
+    x = torch.randn(3, 3, 8, 8, dtype=torch.float64)
+    weights = [torch.randn(3, 4, dtype=torch.float64) for _ in range(2)]
+
+    def step(model):
+        network.zero_grad(set_to_none=True)
+        logits.grad = None
+        masks.set_gates(torch.softmax(logits, -1))
+        output = model(x)
+        outputs = (output.base, output.student)
+        sum(((out * w).sum() for out, w in zip(outputs, weights))).backward()
+        return [out.detach() for out in outputs], {"gates": logits.grad.clone(), **{
+            name: p.grad.clone() for name, p in network.named_parameters() if p.grad is not None}}
+
+    eager_outputs, eager_grads = step(network)
+    compiled_outputs, compiled_grads = step(torch.compile(network, fullgraph=True))
+    for name, compiled, eager in zip(["base", "student"], compiled_outputs, eager_outputs):
+        assert_close_rel(compiled, eager, 1e-9, name)
+    assert eager_grads.keys() == compiled_grads.keys()
+    for name in eager_grads:
+        assert_close_rel(compiled_grads[name], eager_grads[name], 1e-9, name)

@@ -19,7 +19,7 @@ import anfast
 from anfast.dan import (ChoiceGates, CostModel, DanError, SearchConfig, SearchSpace, StudentMasks, derive, read_arch,
                         search, search_training, temperature)
 from anfast.cli.search import config_from_args, register
-from helpers import draw_zero_parameters, hand_student_width
+from helpers import assert_close_rel, draw_zero_parameters, hand_student_width
 
 
 class TinyResidualNet(nn.Module):
@@ -734,6 +734,57 @@ def test_soft_gates_mix_each_choices_norm_of_its_leading_channels(norm):
         else:
             expected[..., :width] += gate * F.layer_norm(x[..., :width], (width,), weight[:width], bias[:width], 1e-6)
     torch.testing.assert_close(y, expected, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("dtype, tolerance", [(torch.float64, 1e-12), (torch.float32, 2e-5)])
+@pytest.mark.parametrize("channels, widths", [(16, (4, 8, 16)), (13, (3, 7, 12)), (24, (8, 16))],
+                         ids=["blocks of 4", "blocks of 1, a tail no choice has", "no choice at full width"])
+@pytest.mark.parametrize("affine", ["weight and bias", "weight", "none"])
+@pytest.mark.parametrize("channels_axis", [-1, 1])
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=[pytest.mark.gpu, pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="needs a CUDA device")])])
+def test_a_layer_norms_mixture_in_one_pass_equals_each_choices_norm_summed(device, channels_axis, affine, channels,
+                                                                          widths, dtype, tolerance):
+    """AdjoinedLayerNorm.mix_leading (a DAN search's mixed LayerNorm, one pass over the
+    channels) against sum_k g_k * F.layer_norm of the leading widths[k] channels, zero
+    padded, in float64: the output and the gradients of x, the gates, weight and bias. The
+    input's mean is 30 standard deviations from zero, where E[x^2] - mean^2 would lose the
+    variance in float32."""
+    torch.manual_seed(0)
+    norm = anfast.nn.AdjoinedLayerNorm(channels, 1e-6, elementwise_affine=affine != "none", bias=affine == "weight and bias",
+                                       channels_axis=channels_axis).to(device, dtype)
+    with torch.no_grad():
+        for parameter in norm.parameters():
+            parameter.copy_(torch.randn_like(parameter))
+    shape = (3, 5, 7, channels) if channels_axis == -1 else (3, channels, 5, 7)
+    x = (torch.randn(shape, dtype=torch.float64) + 30).to(device, dtype).requires_grad_()
+    gates = torch.softmax(torch.randn(len(widths), dtype=torch.float64), 0).to(device, dtype).requires_grad_()
+    inputs = [x, gates, *norm.parameters()]
+    y = norm.mix_leading(x, widths, gates)
+    grad_y = torch.randn_like(y)
+    grads = torch.autograd.grad(y, inputs, grad_y)
+
+    reference = [t.detach().double().requires_grad_() for t in inputs]
+    x64, gates64, weight64, bias64 = reference + [None] * (4 - len(reference))
+    rows = x64.movedim(channels_axis, -1)
+    expected = sum(gate * F.pad(F.layer_norm(rows[..., :width], (width,), None if weight64 is None else weight64[:width],
+                                             None if bias64 is None else bias64[:width], 1e-6), (0, channels - width))
+                   for gate, width in zip(gates64, widths)).movedim(-1, channels_axis)
+    expected_grads = torch.autograd.grad(expected, reference, grad_y.double())
+    assert y.dtype == dtype
+    assert_close_rel(y, expected, tolerance, "output")
+    for name, grad, expected_grad in zip(["x", "gates", "weight", "bias"], grads, expected_grads):
+        assert_close_rel(grad, expected_grad, tolerance, f"d {name}")
+
+
+def test_a_layer_norms_mixture_refuses_widths_it_cannot_mix():
+    norm = anfast.nn.AdjoinedLayerNorm(8)
+    x, gates = torch.randn(2, 8), torch.full((2,), 0.5)
+    for widths in [(4, 2), (4, 4), (0, 8), (4, 9)]:
+        with pytest.raises(ValueError, match=r"mix_leading: widths=.* must ascend"):
+            norm.mix_leading(x, widths, gates)
+    with pytest.raises(ValueError, match=r"one gate each \(gates of shape \(3,\)\)"):
+        norm.mix_leading(x, (4, 8), torch.full((3,), 0.5))
 
 
 @pytest.mark.parametrize("affine", ["own", "shared", "none"])

@@ -22,7 +22,7 @@ from torch import nn
 
 from anfast.adjoin import AdjoinedNetwork
 from anfast.dan.space import SearchSpace
-from anfast.nn import AdjoinedBatchNorm2d, AdjoinedLinear
+from anfast.nn import AdjoinedBatchNorm2d, AdjoinedLayerNorm, AdjoinedLinear
 
 __all__ = ["ChoiceGates", "StudentMasks", "temperature", "entropy"]
 
@@ -94,7 +94,8 @@ class StudentMasks:
     (the masked channels are zero everywhere they would not exist). A LayerNorm,
     GroupNorm or GRN over a searched group (``space.norm_points``) instead outputs the
     gate-weighted sum of each choice's norm of its leading channels, zero beyond them
-    (its ``student_norm``), and a weight-standardised conv reading one
+    (its ``student_norm``; a LayerNorm's in one pass over the channels,
+    ``AdjoinedLayerNorm.mix_leading``), and a weight-standardised conv reading one
     (``space.standardised_points``) convolves its student with the gate-weighted sum of
     each choice's standardised filters (its ``student_filters``), and an op over a
     searched group's channels (``space.reduction_points``, a StudentReduction: CBAM's
@@ -169,16 +170,22 @@ class StudentMasks:
 
         return student_mask
 
+    def _gates_per_width(self, group: int, widths: list[int]) -> tuple[list[int], list[torch.Tensor]]:
+        """The group's distinct widths, ascending, and each one's gate: choices of one width
+        share one, their gates summed."""
+        if self._gates is None:
+            raise RuntimeError("StudentMasks: call set_gates(gates) before running the network")
+        gates = self._gates[group]
+        distinct = sorted(set(widths))
+        return distinct, [sum(gates[i] for i, w in enumerate(widths) if w == width) for width in distinct]
+
     def _mixture(self, group: int, widths: list[int], term, axis: int, channels: Optional[int], dtype: torch.dtype):
         """sum_i g_i * term(width_i), each term zero-padded to ``channels`` along ``axis``
         (``channels`` None: terms of one shape, not padded); choices of one width share one
         term, their gates summed."""
-        if self._gates is None:
-            raise RuntimeError("StudentMasks: call set_gates(gates) before running the network")
-        gates = self._gates[group].to(dtype)
         mixed = None
-        for width in sorted(set(widths)):
-            value = sum(gates[i] for i, w in enumerate(widths) if w == width) * term(width)
+        for width, gate in zip(*self._gates_per_width(group, widths)):
+            value = gate.to(dtype) * term(width)
             if channels is not None:  # F.pad lists the last axis first
                 value = F.pad(value, (0, 0) * (value.dim() - 1 - axis % value.dim()) + (0, channels - width))
             mixed = value if mixed is None else mixed + value
@@ -186,6 +193,9 @@ class StudentMasks:
 
     def _mixed_norm(self, group: int, widths: list[int]):
         def student_norm(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
+            if isinstance(module, AdjoinedLayerNorm):  # one pass over the channels, not one norm per choice
+                distinct, gates = self._gates_per_width(group, widths)
+                return module.mix_leading(x, distinct, torch.stack(gates))
             axis = module.channels_axis % x.dim()
             return self._mixture(group, widths, lambda width: module.normalise_leading(x, width), axis,
                                  x.shape[axis], x.dtype)
