@@ -218,6 +218,8 @@ def test_a_convnext_block_is_searched_through_its_layer_norms_and_hidden_feature
     space = SearchSpace.from_network(network, choices=(1, 2, 4), round_to=4)
     assert space.group_names == ["stem", "fc1"]
     assert space.norm_points == {"norm": 0, "head_norm": 0} and not set(space.norm_points) & set(space.mask_points)
+    # The depthwise conv's output reaches the LayerNorm through a permute alone: no mask.
+    assert space.mask_points == {"stem": 0, "fc1": 1, "fc2": 0}
     _assert_one_hot_gates_give_the_derived_student(model, network, space, ([0, 2], [1, 0], [2, 1], [2, 2]),
                                                    image_size=8)
 

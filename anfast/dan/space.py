@@ -193,10 +193,27 @@ def _mask_points(network: AdjoinedNetwork, group_index: dict[str, int], norm_poi
 
 
 def _feeds_only_norms(network: torch.fx.GraphModule, name: str, modules: dict, norm_points: dict[str, int]) -> bool:
+    """Whether layer ``name``'s student output reaches batch norms and ``norm_points``
+    alone, through ops that only move axes (ConvNeXt's depthwise conv: a permute, then its
+    LayerNorm)."""
     for node in network.graph.nodes:
         if node.op == "call_module" and node.target == name:
             students = [u for u in node.users if u.args[1] == 1]  # getitem(call, 1): the student
-            users = [u for s in students for u in s.users]
+            users = [u for s in students for u in _readers(s)]
             return bool(users) and all(u.op == "call_module" and (
                 isinstance(modules[u.target], AdjoinedBatchNorm2d) or u.target in norm_points) for u in users)
     raise DanError(f"{name}: not called in the network's graph")
+
+
+_AXIS_MOVES = {("call_function", torch.permute), ("call_function", torch.transpose), ("call_function", torch.movedim),
+               ("call_method", "permute"), ("call_method", "transpose"), ("call_method", "movedim"),
+               ("call_method", "contiguous")}
+
+
+def _readers(node: torch.fx.Node):
+    """The nodes that read ``node``'s values, looking through ops that only move its axes."""
+    for user in node.users:
+        if (user.op, user.target) in _AXIS_MOVES and user.args[0] is node:
+            yield from _readers(user)
+        else:
+            yield user
