@@ -15,6 +15,8 @@ in seconds on any machine.
   elements            tensor elements each call reads or writes (inputs + outputs);
                       "other" calls do a few operations per element, so their time is
                       their traffic: elements x bytes per element / memory bandwidth.
+  most_called,        the 12 operators called most, and the 12 that touch the most
+  most_elements       elements (GEMM-like or not): where a provider's traffic goes.
 
 Views and allocations move no data and are not counted. The optimizer step is left
 out (its traffic is a few passes over the weights, the same for every provider).
@@ -67,7 +69,8 @@ GEMM_OPS = frozenset({"convolution", "convolution_backward", "mm", "addmm", "bmm
                       "adjoined_conv2d", "adjoined_conv2d_backward"})
 # Calls that move no data: views, metadata, allocations.
 FREE_OPS = frozenset({"view", "_unsafe_view", "t", "permute", "expand", "detach", "slice", "alias",
-                      "as_strided", "transpose", "unsqueeze", "squeeze", "select",
+                      "as_strided", "transpose", "unsqueeze", "squeeze", "select", "unbind", "split",
+                      "split_with_sizes", "narrow",
                       "empty", "empty_like", "empty_strided", "new_empty", "new_empty_strided",
                       "lift_fresh"})
 
@@ -80,6 +83,7 @@ class OpCensus(TorchDispatchMode):
         self.calls: collections.Counter = collections.Counter()
         self.elements: collections.Counter = collections.Counter()
         self.by_op: collections.Counter = collections.Counter()
+        self.elements_by_op: collections.Counter = collections.Counter()
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
@@ -92,6 +96,7 @@ class OpCensus(TorchDispatchMode):
         self.calls[kind] += 1
         self.elements[kind] += touched
         self.by_op[name] += 1
+        self.elements_by_op[name] += touched
         return out
 
 
@@ -116,7 +121,8 @@ def census(model: torch.nn.Module, loss_fn, *, batch_size: int, image_size: int,
     forward, backward = forward_flops.get_total_flops(), backward_flops.get_total_flops()
     return {"flops": {"forward": forward, "backward": backward, "total": forward + backward},
             "calls": dict(ops.calls), "elements": dict(ops.elements),
-            "most_called": dict(ops.by_op.most_common(12))}
+            "most_called": dict(ops.by_op.most_common(12)),
+            "most_elements": dict(ops.elements_by_op.most_common(12))}
 
 
 def _is_launch(event, on_cuda: bool) -> bool:
