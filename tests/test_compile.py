@@ -120,16 +120,29 @@ def test_compile_inductor_adjoined_conv_op(monkeypatch):
         assert_close_rel(g, w, 1e-5, "inductor")
 
 
-def test_a_dan_search_network_compiles_whole_and_matches_eager():
-    """A ConvNeXt block's search network (its LayerNorms mixed over the width choices in
-    one pass, a custom autograd function) under inductor, fullgraph: the base and student
-    outputs and the gradients of every parameter and of the gates, in float64."""
+class _GroupNormThenInPlaceReLU(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv, self.norm = torch.nn.Conv2d(3, 16, 3, padding=1), torch.nn.GroupNorm(4, 16)
+        self.relu, self.head = torch.nn.ReLU(inplace=True), torch.nn.Linear(16, 4)
+
+    def forward(self, x):
+        return self.head(self.relu(self.norm(self.conv(x))).mean((2, 3)))
+
+
+@pytest.mark.parametrize("model", ["ConvNeXt block", "GroupNorm, then an in-place ReLU"])
+def test_a_dan_search_network_compiles_whole_and_matches_eager(model):
+    """A search network whose norms mix the width choices in one pass (custom autograd
+    functions: a ConvNeXt block's LayerNorms, a GroupNorm) under inductor, fullgraph: the
+    base and student outputs and the gradients of every parameter and of the gates, in
+    float64."""
     from anfast.dan import SearchSpace, StudentMasks
     from test_adjoin import ChannelsLastBlock
 
     torch._dynamo.reset()
     torch.manual_seed(0)
-    network = anfast.adjoin(ChannelsLastBlock("none"), alpha=1, policy="all", input_size=(3, 8, 8)).double()
+    source = ChannelsLastBlock("none") if model == "ConvNeXt block" else _GroupNormThenInPlaceReLU()
+    network = anfast.adjoin(source, alpha=1, policy="all", input_size=(3, 8, 8)).double()
     space = SearchSpace.from_network(network, choices=(1, 2, 4), round_to=4)
     assert "norm" in space.norm_points
     masks = StudentMasks(network, space)

@@ -779,6 +779,78 @@ def test_a_layer_norms_mixture_in_one_pass_equals_each_choices_norm_summed(devic
         assert_close_rel(grad, expected_grad, tolerance, f"d {name}")
 
 
+@pytest.mark.parametrize("dtype, tolerance", [(torch.float64, 1e-11), (torch.float32, 1e-4)])
+@pytest.mark.parametrize("groups, channels, widths", [(4, 16, (4, 8, 16)), (1, 13, (3, 7, 12)), (2, 24, (8, 16))],
+                         ids=["4 groups, blocks of 1", "1 group, a tail no choice has", "2 groups of 4-channel blocks"])
+@pytest.mark.parametrize("affine", [True, False])
+@pytest.mark.parametrize("layout", ["(N, C, H, W)", "channels_last", "(N, C)"])
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=[pytest.mark.gpu, pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="needs a CUDA device")])])
+def test_a_group_norms_mixture_in_one_pass_equals_each_choices_norm_summed(device, layout, affine, groups, channels,
+                                                                          widths, dtype, tolerance):
+    """AdjoinedGroupNorm.mix_leading against sum_k g_k * F.group_norm of the leading
+    widths[k] channels in as many groups, zero padded, in float64: the output and the
+    gradients of x, the gates, weight and bias, with the input's mean 30 standard
+    deviations from zero (float32: the gates' gradient sums gw * (x - mean) as
+    sum gw * x - mean * sum gw, losing about a digit and a half there)."""
+    torch.manual_seed(0)
+    norm = anfast.nn.AdjoinedGroupNorm(groups, channels, affine=affine).to(device, dtype)
+    with torch.no_grad():
+        for parameter in norm.parameters():
+            parameter.copy_(torch.randn_like(parameter))
+    if layout == "(N, C)":  # groups of 1-6 values: far from zero they are nearly equal (see _MixedGroupNorm)
+        if dtype == torch.float32 and widths[0] == groups:
+            pytest.skip("a group of one value (its output is the bias): rstd = eps^-1/2 amplifies float32 rounding")
+        x = torch.randn(5, channels, dtype=torch.float64)
+    else:
+        x = torch.randn(3, channels, 5, 7, dtype=torch.float64) + 30
+    x = x.to(device, dtype, memory_format=torch.channels_last if layout == "channels_last" else torch.preserve_format)
+    x.requires_grad_()
+    gates = torch.softmax(torch.randn(len(widths), dtype=torch.float64), 0).to(device, dtype).requires_grad_()
+    inputs = [x, gates, *norm.parameters()]
+    y = norm.mix_leading(x, widths, gates)
+    grad_y = torch.randn_like(y)
+    grads = torch.autograd.grad(y, inputs, grad_y)
+
+    reference = [t.detach().double().requires_grad_() for t in inputs]
+    x64, gates64, weight64, bias64 = reference + [None] * (4 - len(reference))
+    expected = sum(gate * F.pad(F.group_norm(x64[:, :width], groups, None if weight64 is None else weight64[:width],
+                                             None if bias64 is None else bias64[:width], norm.eps),
+                                (0, 0) * (x64.dim() - 2) + (0, channels - width))
+                   for gate, width in zip(gates64, widths))
+    expected_grads = torch.autograd.grad(expected, reference, grad_y.double())
+    assert y.dtype == dtype and y.shape == x.shape
+    assert_close_rel(y, expected, tolerance, "output")
+    for name, grad, expected_grad in zip(["x", "gates", "weight", "bias"], grads, expected_grads):
+        assert_close_rel(grad, expected_grad, tolerance, f"d {name}")
+
+
+@pytest.mark.parametrize("norm", ["layer norm on (N, H, W, C)", "layer norm on (N, C, H, W)", "group norm"])
+def test_a_norms_mixture_may_be_modified_in_place(norm):
+    """A mixture is a new tensor, not a view made inside the autograd function (which
+    autograd forbids modifying in place): an in-place ReLU after it, as ResNet-GN's blocks
+    have, gives the gradients of an out-of-place one."""
+    torch.manual_seed(0)
+    if norm == "group norm":
+        module, shape = anfast.nn.AdjoinedGroupNorm(4, 16).double(), (2, 16, 3, 3)
+    else:
+        axis = -1 if "(N, H, W, C)" in norm else 1
+        module = anfast.nn.AdjoinedLayerNorm(16, channels_axis=axis).double()
+        shape = (2, 3, 3, 16) if axis == -1 else (2, 16, 3, 3)
+    x = torch.randn(shape, dtype=torch.float64, requires_grad=True)
+    gates = torch.tensor([0.2, 0.3, 0.5], dtype=torch.float64)
+    expected = torch.autograd.grad(torch.relu(module.mix_leading(x, (4, 8, 16), gates)).sum(), x)[0]
+    mixed = module.mix_leading(x, (4, 8, 16), gates)
+    mixed.relu_()
+    assert torch.equal(torch.autograd.grad(mixed.sum(), x)[0], expected)
+
+
+def test_a_group_norms_mixture_refuses_widths_it_cannot_mix():
+    norm = anfast.nn.AdjoinedGroupNorm(4, 16)
+    with pytest.raises(ValueError, match=r"widths=\[6, 16\] must ascend, distinct, multiples of num_groups=4"):
+        norm.mix_leading(torch.randn(2, 16, 3, 3), (6, 16), torch.full((2,), 0.5))
+
+
 def test_a_layer_norms_mixture_refuses_widths_it_cannot_mix():
     norm = anfast.nn.AdjoinedLayerNorm(8)
     x, gates = torch.randn(2, 8), torch.full((2,), 0.5)

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from typing import Optional, Sequence
+import functools
+import math
+from typing import NamedTuple, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -48,5 +50,174 @@ class AdjoinedGroupNorm(_ChannelNorm, nn.GroupNorm):
     def _normalise(self, x: torch.Tensor, weight: Optional[torch.Tensor], bias: Optional[torch.Tensor]) -> torch.Tensor:
         return F.group_norm(x, self.num_groups, weight, bias, self.eps)
 
+    def mix_leading(self, x: torch.Tensor, widths: Sequence[int], gates: torch.Tensor) -> torch.Tensor:
+        """sum_k gates[k] * normalise_leading(x, widths[k]), each zero beyond its width (a DAN
+        search's student_norm; widths ascending, distinct, multiples of num_groups, one
+        gate each), in one pass over x instead of one norm per width choice: see
+        _MixedGroupNorm."""
+        widths = tuple(int(w) for w in widths)
+        channels = x.shape[1]
+        if list(widths) != sorted(set(widths)) or not widths or widths[0] < 1 or widths[-1] > channels \
+                or any(w % self.num_groups for w in widths) or gates.shape != (len(widths),):
+            raise ValueError(f"{type(self).__name__}.mix_leading: widths={list(widths)} must ascend, distinct, "
+                             f"multiples of num_groups={self.num_groups} in [1, {channels}], one gate each "
+                             f"(gates of shape {tuple(gates.shape)})")
+        return _MixedGroupNorm.apply(x, gates, self.weight, self.bias, widths, self.num_groups, self.eps)
+
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, student_channels={self.student_channels}"
+
+
+class _MixedGroupNorm(torch.autograd.Function):
+    """y = sum_k g_k * GN_k(x), GN_k the group norm of x's leading widths[k] channels in
+    ``groups`` groups (widths[k] / groups channels each) with the leading slice of weight
+    and bias, zero beyond them; x is (N, C, ...).
+
+    As _MixedLayerNorm (anfast.nn.layernorm), over blocks of ``unit`` = gcd(C, each
+    choice's channels per group) channels: every group of every choice is a run of whole
+    blocks. The blocks' means and variances give each choice's groups' mean and rstd,
+    per sample. In block b the
+    mixture is affine in x, per sample: y = (x * A_b - B_b) * weight + H_b * bias with
+    A_b = sum_k g_k rstd_{k, group_k(b)} over the choices k that have block b,
+    B_b = sum_k g_k rstd mean of the same, H_b = sum_k g_k; and so is its gradient.
+    Computing x * A_b - B_b rather than (x - mean) * rstd loses about |mean| / std units
+    in the last place: nothing in float64, and in float32 little unless a group's values
+    are nearly equal (a group of one channel at one position: its output is the bias).
+    """
+
+    @staticmethod
+    def forward(ctx, x, gates, weight, bias, widths, groups, eps):
+        compute = torch.promote_types(x.dtype, torch.float32)
+        plan = _group_plan(widths, groups, x.shape[1], x.device, compute)
+        samples = x.shape[0]
+        # Welford, whatever the strides: a group norm with a group per block would give these
+        # too, but on a CPU from E[x^2] - mean^2 for channels_last input (relative error 1e-4
+        # in float32 at a mean 30 standard deviations from zero).
+        block_var, block_mean = torch.var_mean(_blocks(x, plan).to(compute), dim=(2, 3), correction=0)
+        # A choice's group: the mean of its blocks' variances plus the variance of their means
+        # (all one size), every choice at once, (samples, K * groups).
+        block_mean = block_mean.repeat(1, len(widths))  # (samples, K * blocks): choice k's copy at k
+        mean = _over_groups(block_mean, plan, average=True)
+        offset = block_mean - mean.index_select(1, plan.group_of_block)
+        var = _over_groups(block_var.repeat(1, len(widths)) + offset.square(), plan, average=True)
+        mean, rstd = mean.view(samples, -1, groups), torch.rsqrt(var + eps).view(samples, -1, groups)
+        gates = gates.to(compute)
+        # Per channel, (samples, C, 1, ...): the full-size ops then run on x as it is laid
+        # out and give a new tensor, not a view of one, which a ReLU after may modify in place.
+        scale, lower = _to_channels(torch.stack([rstd, -rstd * mean], 1), gates, plan, x.dim()).unbind(1)
+        normalised = torch.addcmul(lower, x, scale)
+        if weight is not None:
+            weight_channels = _per_channel(weight, x.dim())
+            normalised = normalised * weight_channels if bias is None else torch.addcmul(
+                _per_channel(_gate_sums(gates, plan).repeat_interleave(plan.unit) * bias, x.dim()),
+                normalised, weight_channels)
+        ctx.save_for_backward(x, gates, weight, bias, mean, rstd)
+        ctx.widths, ctx.groups = widths, groups
+        return normalised.to(x.dtype)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad):
+        """As _MixedLayerNorm's, per sample and group: with gw = dy * weight, P and Q the
+        sums of gw and gw * x over a choice's group, R = rstd * (Q - mean * P) and M the
+        group's elements, dx = gw * A_b + x * alpha_b + beta_b, alpha_b and beta_b the
+        gates' sums over the choices that have block b of -rstd^2 R / M and
+        rstd (mean rstd R - P) / M of its group."""
+        x, gates, weight, bias, mean, rstd = ctx.saved_tensors
+        widths, groups = ctx.widths, ctx.groups
+        compute = gates.dtype
+        plan = _group_plan(widths, groups, x.shape[1], x.device, compute)
+        positions = x[0, 0].numel()
+        over_positions = tuple(range(2, x.dim()))
+        x_compute, grad = x.to(compute), grad.to(compute)
+        weighted = grad if weight is None else grad * _per_channel(weight, x.dim())
+        per_block = torch.stack([_blocks(weighted, plan).sum((2, 3)), _blocks(weighted * x_compute, plan).sum((2, 3))],
+                                1).repeat(1, 1, len(widths))  # (samples, 2, K * blocks)
+        P, Q = _over_groups(per_block, plan, average=False).unflatten(-1, (-1, groups)).unbind(1)  # (samples, K, groups)
+        R = rstd * (Q - mean * P)
+        per_element = rstd / plan.group_elements.view(1, -1, 1) / positions
+        scale, lower, alpha, beta = _to_channels(torch.stack([
+            rstd, -rstd * mean, -per_element * rstd * R, per_element * (mean * rstd * R - P)], 1),
+            gates, plan, x.dim()).unbind(1)
+        grad_x = grad_gates = grad_weight = grad_bias = None
+        if ctx.needs_input_grad[0]:
+            grad_x = torch.addcmul(torch.addcmul(beta, x_compute, alpha), weighted, scale).to(x.dtype)
+        column_sums = None  # dy summed over samples and positions, (C,)
+        if bias is not None and (ctx.needs_input_grad[1] or ctx.needs_input_grad[3]):
+            column_sums = grad.sum((0,) + over_positions)
+        if ctx.needs_input_grad[1]:
+            grad_gates = R.sum((0, 2))
+            if bias is not None:  # each choice adds its bias over its own channels
+                grad_gates = grad_gates + torch.cumsum(column_sums * bias, 0)[plan.last_channels]
+        if ctx.needs_input_grad[2] and weight is not None:
+            grad_weight = (grad * torch.addcmul(lower, x_compute, scale)).sum((0,) + over_positions).to(weight.dtype)
+        if ctx.needs_input_grad[3] and bias is not None:
+            grad_bias = (_gate_sums(gates, plan).repeat_interleave(plan.unit) * column_sums).to(bias.dtype)
+        return grad_x, grad_gates, grad_weight, grad_bias, None, None, None
+
+
+class _GroupPlan(NamedTuple):
+    """How _MixedGroupNorm's widths and groups split the channels, as tensors on one device."""
+
+    unit: int                     # channels per block: gcd of the channels and each choice's per group
+    groups: int                   # each choice's groups
+    group_elements: torch.Tensor  # (K,) channels in each choice's group (times the positions: M)
+    group_of_block: torch.Tensor  # (K * blocks,) for choice k and block b: k * groups + b's group in k
+    membership: torch.Tensor      # (K, blocks) 1 where choice k has block b
+    block_share: torch.Tensor     # (K * blocks,) membership / the blocks in the block's group in k
+    last_channels: torch.Tensor   # (K,) index of each choice's last channel
+
+
+def _group_plan(widths: tuple[int, ...], groups: int, channels: int, device, dtype) -> _GroupPlan:
+    """The plan, made once per arguments (see anfast.nn.layernorm._block_plan)."""
+    if torch.compiler.is_compiling():
+        return _make_group_plan(widths, groups, channels, device, dtype)
+    return _cached_group_plan(widths, groups, channels, device, dtype)
+
+
+def _make_group_plan(widths, groups, channels, device, dtype) -> _GroupPlan:
+    per_group = [w // groups for w in widths]
+    unit = math.gcd(channels, *per_group)
+    blocks = channels // unit
+    blocks_per_group = tuple(n // unit for n in per_group)
+    group_of_block = [k * groups + min(b // n, groups - 1) for k, n in enumerate(blocks_per_group) for b in range(blocks)]
+    membership = [[float(b < groups * n) for b in range(blocks)] for n in blocks_per_group]
+    share = [m / n for row, n in zip(membership, blocks_per_group) for m in row]
+    tensor = functools.partial(torch.tensor, device=device)
+    return _GroupPlan(unit, groups, tensor(per_group, dtype=dtype), tensor(group_of_block),
+                      tensor(membership, dtype=dtype), tensor(share, dtype=dtype), tensor([w - 1 for w in widths]))
+
+
+_cached_group_plan = functools.lru_cache(maxsize=1024)(_make_group_plan)
+
+
+def _over_groups(per_block: torch.Tensor, plan: _GroupPlan, average: bool) -> torch.Tensor:
+    """(..., K * blocks) -> (..., K * groups): each choice's groups' sum (or mean) of its
+    member blocks' values (a block no choice has adds nothing)."""
+    weights = plan.block_share if average else plan.membership.flatten()
+    bins = per_block.new_zeros(per_block.shape[:-1] + (plan.membership.shape[0] * plan.groups,))
+    return bins.index_add(-1, plan.group_of_block, per_block * weights)
+
+
+def _blocks(t: torch.Tensor, plan: _GroupPlan) -> torch.Tensor:
+    """(N, C, ...) -> (N, blocks, unit, positions), a view where t's strides allow."""
+    return t.reshape(t.shape[0], -1, plan.unit, t[0, 0].numel())
+
+
+def _per_channel(values: torch.Tensor, dims: int) -> torch.Tensor:
+    """(..., C) -> (..., C, 1, ...): broadcast over the positions of a ``dims``-d (N, C, ...) tensor."""
+    return values.view(values.shape + (1,) * (dims - 2))
+
+
+def _to_channels(per_group: torch.Tensor, gates: torch.Tensor, plan: _GroupPlan, dims: int) -> torch.Tensor:
+    """(samples, Q, K, groups) -> (samples, Q, C, 1, ...): for each channel, the gates' sum
+    over the choices that have its block of the value of its group in that choice."""
+    samples, quantities, choices, _ = per_group.shape
+    of_blocks = per_group.flatten(2).index_select(2, plan.group_of_block).view(samples, quantities, choices, -1)
+    per_block = (of_blocks * (gates[:, None] * plan.membership)).sum(2)
+    return _per_channel(per_block.repeat_interleave(plan.unit, -1), dims)
+
+
+def _gate_sums(gates: torch.Tensor, plan: _GroupPlan) -> torch.Tensor:
+    """(blocks,): the gates' sum over the choices that have each block."""
+    return (gates[:, None] * plan.membership).sum(0)

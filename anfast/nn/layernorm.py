@@ -119,9 +119,7 @@ class AdjoinedLayerNorm(_ChannelNorm, nn.LayerNorm):
                 or gates.shape != (len(widths),):
             raise ValueError(f"{type(self).__name__}.mix_leading: widths={list(widths)} must ascend, distinct, in "
                              f"[1, {channels}], one gate each (gates of shape {tuple(gates.shape)})")
-        rows = x.movedim(self.channels_axis, -1)
-        mixed = _MixedLayerNorm.apply(rows, gates, self.weight, self.bias, widths, self.eps)
-        return mixed.movedim(-1, self.channels_axis)
+        return _MixedLayerNorm.apply(x, gates, self.weight, self.bias, widths, self.eps, self.channels_axis)
 
     def extra_repr(self) -> str:
         return (f"{super().extra_repr()}, student_features={self.student_features}, "
@@ -144,7 +142,9 @@ class _MixedLayerNorm(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, x, gates, weight, bias, widths, eps):
+    def forward(ctx, x, gates, weight, bias, widths, eps, channels_axis):
+        ctx.channels_axis = channels_axis
+        x = x.movedim(channels_axis, -1)  # the rows: (..., channels)
         compute = torch.promote_types(x.dtype, torch.float32)
         plan = _block_plan(widths, x.shape[-1], x.device, compute)
         blocks = x.unflatten(-1, (-1, plan.unit)).to(compute)  # (..., blocks, unit)
@@ -161,13 +161,19 @@ class _MixedLayerNorm(torch.autograd.Function):
         gates = gates.to(compute)
         scale, lower = _per_block(torch.stack([gates * rstd, -gates * rstd * mean], -2), plan).unbind(-2)
         normalised = torch.addcmul(lower.unsqueeze(-1), blocks, scale.unsqueeze(-1))  # (x * A - B)
-        if weight is not None:  # nn.LayerNorm has a bias only with a weight
-            weight_blocks = weight.view(-1, plan.unit)
-            normalised = normalised * weight_blocks if bias is None else torch.addcmul(
-                _per_block(gates, plan).unsqueeze(-1) * bias.view(-1, plan.unit), normalised, weight_blocks)
+        # Back in x's layout before the last op, which so gives a new tensor, not a view of
+        # one: a view made in here may not be modified in place after (a ReLU's).
+        normalised = normalised.flatten(-2).movedim(-1, channels_axis)
+        if weight is None:
+            mixed = normalised.clone()
+        else:  # nn.LayerNorm has a bias only with a weight
+            per_channel = (-1,) + (1,) * (-1 - channels_axis % x.dim() + x.dim())  # along channels_axis
+            mixed = normalised * weight.view(per_channel) if bias is None else torch.addcmul(
+                (_per_block(gates, plan).repeat_interleave(plan.unit) * bias).view(per_channel), normalised,
+                weight.view(per_channel))
         ctx.save_for_backward(x, gates, weight, bias, mean, rstd)
         ctx.widths = widths
-        return normalised.flatten(-2).to(x.dtype)
+        return mixed.to(x.dtype)
 
     @staticmethod
     @torch.autograd.function.once_differentiable
@@ -180,7 +186,8 @@ class _MixedLayerNorm(torch.autograd.Function):
         beta_j = sum_{k>=j} g_k rstd_k (mean_k rstd_k R_k - P_k) / N_k (N_k = widths[k]).
         The gates' gradient is R_k summed over the rows, plus the bias over choice k's
         channels times dy summed over the rows."""
-        x, gates, weight, bias, mean, rstd = ctx.saved_tensors
+        x, gates, weight, bias, mean, rstd = ctx.saved_tensors  # x as rows, (..., channels)
+        grad = grad.movedim(ctx.channels_axis, -1)
         compute = gates.dtype
         plan = _block_plan(ctx.widths, x.shape[-1], x.device, compute)
         rows = tuple(range(x.dim() - 1))  # of x, and of its (..., blocks, unit) view
@@ -195,7 +202,8 @@ class _MixedLayerNorm(torch.autograd.Function):
             plan).unsqueeze(-1).unbind(-3)
         grad_x = grad_gates = grad_weight = grad_bias = None
         if ctx.needs_input_grad[0]:
-            grad_x = torch.addcmul(torch.addcmul(beta, blocks, alpha), weighted, scale).flatten(-2).to(x.dtype)
+            grad_x = torch.addcmul(torch.addcmul(beta, blocks, alpha), weighted, scale).flatten(-2).to(x.dtype) \
+                .movedim(-1, ctx.channels_axis)
         column_sums = None  # dy summed over the rows, (blocks, unit)
         if bias is not None and (ctx.needs_input_grad[1] or ctx.needs_input_grad[3]):
             column_sums = grad_blocks.sum(rows)
@@ -208,7 +216,7 @@ class _MixedLayerNorm(torch.autograd.Function):
             grad_weight = (grad_blocks * normalised).sum(rows).flatten().to(weight.dtype)
         if ctx.needs_input_grad[3] and bias is not None:
             grad_bias = (_per_block(gates, plan).unsqueeze(-1) * column_sums).flatten().to(bias.dtype)
-        return grad_x, grad_gates, grad_weight, grad_bias, None, None
+        return grad_x, grad_gates, grad_weight, grad_bias, None, None, None
 
 
 def _block_moments(blocks: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
