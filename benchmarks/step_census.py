@@ -177,9 +177,19 @@ def launch_census(model: torch.nn.Module, loss_fn, *, compiled: bool, batch_size
     return sum(1 for event in prof.events() if _is_launch(event, device.type == "cuda"))
 
 
+def _base(args) -> "str | torch.nn.Module":
+    """--arch as build_providers takes it: a torchvision name, or a timm model built here."""
+    if args.arch.startswith("timm:"):
+        import timm
+
+        return timm.create_model(args.arch.removeprefix("timm:"), num_classes=args.num_classes)
+    return args.arch
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--arch", default="resnet50")
+    parser.add_argument("--arch", default="resnet50",
+                        help="a torchvision model, or timm:NAME for a timm one (default: %(default)s)")
     parser.add_argument("--alpha", type=float, default=4.0)
     parser.add_argument("--policy", default="paper",
                         help="width policy of the anfast providers (the masked one is always the "
@@ -220,7 +230,7 @@ def main() -> None:
         if mismatched:
             parser.error(f"--throughput {args.throughput} measured another problem: "
                          + ", ".join(mismatched))
-    providers = build_providers(args.arch, args.alpha, args.num_classes,
+    providers = build_providers(_base(args), args.alpha, args.num_classes,
                                 (3, args.image_size, args.image_size), policy=args.policy)
     names = [name.strip() for name in args.providers.split(",") if name.strip()]
     unknown = sorted(set(names) - set(providers))
@@ -247,7 +257,7 @@ def main() -> None:
             "measured_on": None if measured is None else measured.get("device"),
             "providers": rows, "ratios_to_base": ratios_to_base(rows), "anfast_version": anfast.__version__,
         }
-        return write_result(f"step_census-{args.arch}-{args.policy}", result,
+        return write_result(f"step_census-{args.arch.replace(':', '-')}-{args.policy}", result,
                             None if args.out is None else args.out / "step_census.json")
 
     env = environment("cpu")
@@ -262,7 +272,7 @@ def main() -> None:
               f"elements {rows[name]['elements']}", flush=True)
     path = write(rows)
     if args.launches:  # fresh models: the census moved the first ones to the meta device
-        live = build_providers(args.arch, args.alpha, args.num_classes,
+        live = build_providers(_base(args), args.alpha, args.num_classes,
                                (3, launch_size, launch_size), policy=args.policy)
         # Every provider's eager step first, then the compiled ones (each a cold compile),
         # the JSON written after each count: a run its time limit ends keeps the eager row.
