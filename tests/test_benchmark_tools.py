@@ -180,6 +180,26 @@ def test_plot_results_reads_verified_ratios_in_network_order(tmp_path):
     assert plot_results.cudnn_version("8902") == "8.9"  # cuDNN 8 numbered major * 1000
 
 
+def test_step_census_builds_timm_models_by_name_and_names_the_file_after_them(tmp_path, monkeypatch):
+    """--arch timm:NAME builds the timm model with --num-classes classes; the JSON's name
+    has no colon."""
+    import argparse
+    import timm
+
+    base = step_census._base(argparse.Namespace(arch="timm:resnet18", num_classes=7))
+    assert isinstance(base, timm.models.ResNet) and base.num_classes == 7
+    assert step_census._base(argparse.Namespace(arch="resnet18", num_classes=7)) == "resnet18"
+    written = []
+    monkeypatch.setattr(step_census, "write_result",
+                        lambda name, result, out: written.append((name, result)) or tmp_path / f"{name}.json")
+    monkeypatch.setattr(sys, "argv", ["step_census.py", "--arch", "timm:resnet18", "--providers", "base",
+                                      "--batch-size", "2", "--image-size", "32", "--num-classes", "7"])
+    step_census.main()
+    name, result = written[-1]
+    assert name == "step_census-timm-resnet18-paper" and result["arch"] == "timm:resnet18"
+    assert result["providers"]["base"]["flops"]["total"] > 0
+
+
 @pytest.mark.slow
 def test_launch_census_counts_fewer_launches_compiled_and_more_for_the_adjoined_step():
     """step_census.py --launches on the CPU: inductor fuses the elementwise work (fewer

@@ -76,8 +76,8 @@ class _MixedGroupNorm(torch.autograd.Function):
     As _MixedLayerNorm (anfast.nn.layernorm), over blocks of ``unit`` = gcd(C, each
     choice's channels per group) channels: every group of every choice is a run of whole
     blocks. The blocks' means and variances give each choice's groups' mean and rstd,
-    per sample. In block b the
-    mixture is affine in x, per sample: y = (x * A_b - B_b) * weight + H_b * bias with
+    per sample. In block b the mixture is affine in x, per sample:
+    y = (x * A_b - B_b) * weight + H_b * bias with
     A_b = sum_k g_k rstd_{k, group_k(b)} over the choices k that have block b,
     B_b = sum_k g_k rstd mean of the same, H_b = sum_k g_k; and so is its gradient.
     Computing x * A_b - B_b rather than (x - mean) * rstd loses about |mean| / std units
