@@ -825,7 +825,41 @@ def test_a_group_norms_mixture_in_one_pass_equals_each_choices_norm_summed(devic
         assert_close_rel(grad, expected_grad, tolerance, f"d {name}")
 
 
-@pytest.mark.parametrize("norm", ["layer norm on (N, H, W, C)", "layer norm on (N, C, H, W)", "group norm"])
+@pytest.mark.parametrize("dtype, tolerance", [(torch.float64, 1e-12), (torch.float32, 2e-5)])
+@pytest.mark.parametrize("channels_axis", [-1, 1])
+def test_a_grns_mixture_in_one_pass_equals_each_choices_grn_summed(channels_axis, dtype, tolerance):
+    """AdjoinedGlobalResponseNorm.mix_leading against sum_k g_k * GRN_k by hand in float64,
+    GRN_k = x + bias + weight * x * n / (mean of n over the leading widths[k] channels +
+    eps) on those channels, zero beyond (n: each channel's spatial L2 norm): the output
+    and the gradients of x, the gates, weight and bias; 13 channels, a tail no choice has."""
+    torch.manual_seed(0)
+    channels, widths = 13, (3, 7, 12)
+    norm = anfast.nn.AdjoinedGlobalResponseNorm(channels, channels_axis=channels_axis).to(dtype)
+    with torch.no_grad():
+        for parameter in norm.parameters():
+            parameter.copy_(torch.randn_like(parameter))
+    shape = (2, 5, 4, channels) if channels_axis == -1 else (2, channels, 5, 4)
+    x = torch.randn(shape, dtype=torch.float64).to(dtype).requires_grad_()
+    gates = torch.softmax(torch.randn(len(widths), dtype=torch.float64), 0).to(dtype).requires_grad_()
+    inputs = [x, gates, norm.weight, norm.bias]
+    y = norm.mix_leading(x, widths, gates)
+    grad_y = torch.randn_like(y)
+    grads = torch.autograd.grad(y, inputs, grad_y)
+
+    x64, gates64, weight64, bias64 = reference = [t.detach().double().requires_grad_() for t in inputs]
+    rows = x64.movedim(channels_axis, -1)  # (N, H, W, C)
+    n = rows.square().sum((1, 2), keepdim=True).sqrt()
+    expected = sum(gate * F.pad(rows[..., :w] + bias64[:w] + weight64[:w] * rows[..., :w] * n[..., :w]
+                                / (n[..., :w].mean(-1, keepdim=True) + norm.eps), (0, channels - w))
+                   for gate, w in zip(gates64, widths)).movedim(-1, channels_axis)
+    expected_grads = torch.autograd.grad(expected, reference, grad_y.double())
+    assert y.dtype == dtype
+    assert_close_rel(y, expected, tolerance, "output")
+    for name, grad, expected_grad in zip(["x", "gates", "weight", "bias"], grads, expected_grads):
+        assert_close_rel(grad, expected_grad, tolerance, f"d {name}")
+
+
+@pytest.mark.parametrize("norm", ["layer norm on (N, H, W, C)", "layer norm on (N, C, H, W)", "group norm", "grn"])
 def test_a_norms_mixture_may_be_modified_in_place(norm):
     """A mixture is a new tensor, not a view made inside the autograd function (which
     autograd forbids modifying in place): an in-place ReLU after it, as ResNet-GN's blocks
@@ -833,6 +867,9 @@ def test_a_norms_mixture_may_be_modified_in_place(norm):
     torch.manual_seed(0)
     if norm == "group norm":
         module, shape = anfast.nn.AdjoinedGroupNorm(4, 16).double(), (2, 16, 3, 3)
+    elif norm == "grn":
+        module, shape = anfast.nn.AdjoinedGlobalResponseNorm(16).double(), (2, 3, 3, 16)
+        torch.nn.init.normal_(module.weight)
     else:
         axis = -1 if "(N, H, W, C)" in norm else 1
         module = anfast.nn.AdjoinedLayerNorm(16, channels_axis=axis).double()

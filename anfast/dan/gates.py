@@ -22,7 +22,7 @@ from torch import nn
 
 from anfast.adjoin import AdjoinedNetwork
 from anfast.dan.space import SearchSpace
-from anfast.nn import AdjoinedBatchNorm2d, AdjoinedGroupNorm, AdjoinedLayerNorm, AdjoinedLinear
+from anfast.nn import AdjoinedBatchNorm2d, AdjoinedLinear
 
 __all__ = ["ChoiceGates", "StudentMasks", "temperature", "entropy"]
 
@@ -94,8 +94,7 @@ class StudentMasks:
     (the masked channels are zero everywhere they would not exist). A LayerNorm,
     GroupNorm or GRN over a searched group (``space.norm_points``) instead outputs the
     gate-weighted sum of each choice's norm of its leading channels, zero beyond them
-    (its ``student_norm``; a LayerNorm's and a GroupNorm's in one pass over x,
-    their ``mix_leading``), and a weight-standardised conv reading one
+    (its ``student_norm``: the norm's ``mix_leading``, one pass over x), and a weight-standardised conv reading one
     (``space.standardised_points``) convolves its student with the gate-weighted sum of
     each choice's standardised filters (its ``student_filters``), and an op over a
     searched group's channels (``space.reduction_points``, a StudentReduction: CBAM's
@@ -193,12 +192,8 @@ class StudentMasks:
 
     def _mixed_norm(self, group: int, widths: list[int]):
         def student_norm(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
-            if isinstance(module, (AdjoinedLayerNorm, AdjoinedGroupNorm)):  # one pass, not one norm per choice
-                distinct, gates = self._gates_per_width(group, widths)
-                return module.mix_leading(x, distinct, torch.stack(gates))
-            axis = module.channels_axis % x.dim()
-            return self._mixture(group, widths, lambda width: module.normalise_leading(x, width), axis,
-                                 x.shape[axis], x.dtype)
+            distinct, gates = self._gates_per_width(group, widths)  # one pass, not one norm per choice
+            return module.mix_leading(x, distinct, torch.stack(gates))
 
         return student_norm
 

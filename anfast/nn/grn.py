@@ -60,6 +60,39 @@ class AdjoinedGlobalResponseNorm(_ChannelNorm, nn.Module):
         scaled = norms / (norms.mean(dim=self.channels_axis, keepdim=True) + self.eps)
         return x + torch.addcmul(bias.view(shape), weight.view(shape), x * scaled)
 
+    def mix_leading(self, x: torch.Tensor, widths: Sequence[int], gates: torch.Tensor) -> torch.Tensor:
+        """sum_k gates[k] * normalise_leading(x, widths[k]), each zero beyond its width (a DAN
+        search's student_norm; widths ascending and distinct, one gate each), in one pass
+        over x instead of one GRN per width choice.
+
+        In the channels only choices j, j+1, ... have (segment j), the mixture is
+        ``x * (H_j + weight * g * S_j) + H_j * bias``, ``g`` each channel's norm,
+        ``S_j = sum_{k>=j} gates[k] / (mean of choice k's norms + eps)`` per sample and
+        ``H_j = sum_{k>=j} gates[k]``: a multiplier per sample and channel, so one product
+        over x, and autograd's backward of it is one more pass."""
+        widths = self._check_mix(x, widths, gates)
+        axis = self.channels_axis % x.dim()
+        channels = x.shape[axis]
+        spatial = (1, 2) if self.channels_axis == -1 else (2, 3)
+        norms = x.norm(p=2, dim=spatial, keepdim=True)  # (N, 1, 1, C) or (N, C, 1, 1)
+        gates = gates.to(norms.dtype)
+        per_choice = torch.stack([gate / (norms.narrow(axis, 0, width).mean(dim=axis, keepdim=True) + self.eps)
+                                  for gate, width in zip(gates, widths)])  # (K, N, 1, 1, 1)
+
+        def per_channel(values):  # (K, ...) per choice -> each channel's sum over the choices that have it
+            suffix = values.flip(0).cumsum(0).flip(0)
+            segments = [suffix[j].expand(suffix.shape[1:axis + 1] + (end - start,) + suffix.shape[axis + 2:])
+                        for j, (start, end) in enumerate(zip((0,) + widths, widths))]
+            beyond = channels - widths[-1]
+            if beyond:
+                segments.append(suffix.new_zeros(suffix.shape[1:axis + 1] + (beyond,) + suffix.shape[axis + 2:]))
+            return torch.cat(segments, dim=axis)
+
+        shape = (1, 1, 1, -1) if self.channels_axis == -1 else (1, -1, 1, 1)
+        share = per_channel(gates.view((-1,) + (1,) * norms.dim()))  # (1, 1, 1, C) or (1, C, 1, 1)
+        multiplier = torch.addcmul(share, self.weight.view(shape) * norms, per_channel(per_choice))
+        return torch.addcmul(share * self.bias.view(shape), x, multiplier)
+
     def extra_repr(self) -> str:
         return (f"{self.num_channels}, eps={self.eps}, channels_axis={self.channels_axis}, "
                 f"student_channels={self.student_channels}")

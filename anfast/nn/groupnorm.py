@@ -55,13 +55,7 @@ class AdjoinedGroupNorm(_ChannelNorm, nn.GroupNorm):
         search's student_norm; widths ascending, distinct, multiples of num_groups, one
         gate each), in one pass over x instead of one norm per width choice: see
         _MixedGroupNorm."""
-        widths = tuple(int(w) for w in widths)
-        channels = x.shape[1]
-        if list(widths) != sorted(set(widths)) or not widths or widths[0] < 1 or widths[-1] > channels \
-                or any(w % self.num_groups for w in widths) or gates.shape != (len(widths),):
-            raise ValueError(f"{type(self).__name__}.mix_leading: widths={list(widths)} must ascend, distinct, "
-                             f"multiples of num_groups={self.num_groups} in [1, {channels}], one gate each "
-                             f"(gates of shape {tuple(gates.shape)})")
+        widths = self._check_mix(x, widths, gates, self.num_groups, f"multiples of num_groups={self.num_groups} ")
         return _MixedGroupNorm.apply(x, gates, self.weight, self.bias, widths, self.num_groups, self.eps)
 
     def extra_repr(self) -> str:

@@ -20,7 +20,9 @@ class _ChannelNorm:
     """A norm without running statistics, for adjoined layers: each network normalises its
     own channels with the leading slice of the base's affine parameters; the students'
     widths are the attribute ``_widths_name`` names, on ``channels_axis``. A subclass
-    defines ``_normalise(x, weight, bias)``, the norm of all of x's channels."""
+    defines ``_normalise(x, weight, bias)``, the norm of all of x's channels, and
+    ``mix_leading(x, widths, gates)``, a DAN search's student norm: the gates' sum of
+    each width's ``normalise_leading``, zero beyond it, in one pass over x."""
 
     _widths_name: str
     channels_axis: int
@@ -41,9 +43,20 @@ class _ChannelNorm:
     def normalise_leading(self, x: torch.Tensor, width: int) -> torch.Tensor:
         """The norm of x's leading ``width`` channels as a network of that width computes it:
         statistics over those channels alone, the leading slice of the affine parameters.
-        A DAN search mixes these over its width choices (anfast.dan.gates)."""
+        A DAN search mixes these over its width choices (``mix_leading``, tested against this)."""
         x = x.narrow(self.channels_axis, 0, width)
         return self._normalise(x, *self._leading_affine(width))
+
+    def _check_mix(self, x: torch.Tensor, widths: Sequence[int], gates: torch.Tensor,
+                   multiple: int = 1, what: str = "") -> tuple[int, ...]:
+        """``widths`` as ints, after checking them against x and the gates for mix_leading."""
+        widths = tuple(int(w) for w in widths)
+        channels = x.shape[self.channels_axis]
+        if list(widths) != sorted(set(widths)) or not widths or widths[0] < 1 or widths[-1] > channels \
+                or any(w % multiple for w in widths) or gates.shape != (len(widths),):
+            raise ValueError(f"{type(self).__name__}.mix_leading: widths={list(widths)} must ascend, distinct, "
+                             f"{what}in [1, {channels}], one gate each (gates of shape {tuple(gates.shape)})")
+        return widths
 
     def forward(self, x_base: torch.Tensor, *x_students: torch.Tensor) -> tuple[torch.Tensor, ...]:
         check_student_inputs(self, x_students, self._widths_name, getattr(self, self._widths_name),
@@ -113,12 +126,7 @@ class AdjoinedLayerNorm(_ChannelNorm, nn.LayerNorm):
         """sum_k gates[k] * normalise_leading(x, widths[k]), each zero beyond its width (a DAN
         search's student_norm; widths ascending and distinct, one gate each), in one pass
         over x's channels instead of one norm per width choice: see _MixedLayerNorm."""
-        widths = tuple(int(w) for w in widths)
-        channels = x.shape[self.channels_axis]
-        if list(widths) != sorted(set(widths)) or not widths or widths[0] < 1 or widths[-1] > channels \
-                or gates.shape != (len(widths),):
-            raise ValueError(f"{type(self).__name__}.mix_leading: widths={list(widths)} must ascend, distinct, in "
-                             f"[1, {channels}], one gate each (gates of shape {tuple(gates.shape)})")
+        widths = self._check_mix(x, widths, gates)
         return _MixedLayerNorm.apply(x, gates, self.weight, self.bias, widths, self.eps, self.channels_axis)
 
     def extra_repr(self) -> str:
