@@ -94,7 +94,8 @@ class StudentMasks:
     (the masked channels are zero everywhere they would not exist). A LayerNorm,
     GroupNorm or GRN over a searched group (``space.norm_points``) instead outputs the
     gate-weighted sum of each choice's norm of its leading channels, zero beyond them
-    (its ``student_norm``: the norm's ``mix_leading``, one pass over x), and a weight-standardised conv reading one
+    (its ``student_norm``: the norm's ``mix_leading``, one pass over x), and a
+    weight-standardised conv reading one
     (``space.standardised_points``) convolves its student with the gate-weighted sum of
     each choice's standardised filters (its ``student_filters``), and an op over a
     searched group's channels (``space.reduction_points``, a StudentReduction: CBAM's
