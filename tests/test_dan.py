@@ -753,8 +753,8 @@ def test_a_layer_norms_mixture_in_one_pass_equals_each_choices_norm_summed(devic
     input's mean is 30 standard deviations from zero, where E[x^2] - mean^2 would lose the
     variance in float32."""
     torch.manual_seed(0)
-    norm = anfast.nn.AdjoinedLayerNorm(channels, 1e-6, elementwise_affine=affine != "none", bias=affine == "weight and bias",
-                                       channels_axis=channels_axis).to(device, dtype)
+    norm = anfast.nn.AdjoinedLayerNorm(channels, 1e-6, elementwise_affine=affine != "none",
+                                       bias=affine == "weight and bias", channels_axis=channels_axis).to(device, dtype)
     with torch.no_grad():
         for parameter in norm.parameters():
             parameter.copy_(torch.randn_like(parameter))
@@ -769,7 +769,8 @@ def test_a_layer_norms_mixture_in_one_pass_equals_each_choices_norm_summed(devic
     reference = [t.detach().double().requires_grad_() for t in inputs]
     x64, gates64, weight64, bias64 = reference + [None] * (4 - len(reference))
     rows = x64.movedim(channels_axis, -1)
-    expected = sum(gate * F.pad(F.layer_norm(rows[..., :width], (width,), None if weight64 is None else weight64[:width],
+    expected = sum(gate * F.pad(F.layer_norm(rows[..., :width], (width,),
+                                             None if weight64 is None else weight64[:width],
                                              None if bias64 is None else bias64[:width], 1e-6), (0, channels - width))
                    for gate, width in zip(gates64, widths)).movedim(-1, channels_axis)
     expected_grads = torch.autograd.grad(expected, reference, grad_y.double())

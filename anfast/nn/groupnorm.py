@@ -127,7 +127,8 @@ class _MixedGroupNorm(torch.autograd.Function):
         weighted = grad if weight is None else grad * _per_channel(weight, x.dim())
         per_block = torch.stack([_blocks(weighted, plan).sum((2, 3)), _blocks(weighted * x_compute, plan).sum((2, 3))],
                                 1).repeat(1, 1, len(widths))  # (samples, 2, K * blocks)
-        P, Q = _over_groups(per_block, plan, average=False).unflatten(-1, (-1, groups)).unbind(1)  # (samples, K, groups)
+        # (samples, K, groups) each
+        P, Q = _over_groups(per_block, plan, average=False).unflatten(-1, (-1, groups)).unbind(1)
         R = rstd * (Q - mean * P)
         per_element = rstd / plan.group_elements.view(1, -1, 1) / positions
         scale, lower, alpha, beta = _to_channels(torch.stack([
@@ -174,7 +175,8 @@ def _make_group_plan(widths, groups, channels, device, dtype) -> _GroupPlan:
     unit = math.gcd(channels, *per_group)
     blocks = channels // unit
     blocks_per_group = tuple(n // unit for n in per_group)
-    group_of_block = [k * groups + min(b // n, groups - 1) for k, n in enumerate(blocks_per_group) for b in range(blocks)]
+    group_of_block = [k * groups + min(b // n, groups - 1)
+                      for k, n in enumerate(blocks_per_group) for b in range(blocks)]
     membership = [[float(b < groups * n) for b in range(blocks)] for n in blocks_per_group]
     share = [m / n for row, n in zip(membership, blocks_per_group) for m in row]
     tensor = functools.partial(torch.tensor, device=device)
