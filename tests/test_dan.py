@@ -738,46 +738,62 @@ def test_soft_gates_mix_each_choices_norm_of_its_leading_channels(norm):
     torch.testing.assert_close(y, expected, rtol=1e-12, atol=1e-12)
 
 
+def _assert_mix_equals(norm: nn.Module, x: torch.Tensor, widths: tuple, tolerance: float, expected_of) -> None:
+    """norm.mix_leading(x, widths, gates), random gates, against ``expected_of(x, gates,
+    weight, bias)`` computed in float64 from the same values: the output and the
+    gradients of x, the gates, weight and bias (those the norm has), for one random dy.
+    The norm's parameters are drawn first (a norm starts at ones and zeros)."""
+    with torch.no_grad():
+        for parameter in norm.parameters():
+            parameter.copy_(torch.randn_like(parameter))
+    x = x.requires_grad_()
+    gates = torch.softmax(torch.randn(len(widths), dtype=torch.float64), 0).to(x.device, x.dtype).requires_grad_()
+    inputs = [x, gates, *norm.parameters()]
+    y = norm.mix_leading(x, widths, gates)
+    grad_y = torch.randn_like(y)
+    grads = torch.autograd.grad(y, inputs, grad_y)
+    reference = [t.detach().double().requires_grad_() for t in inputs]
+    expected = expected_of(*reference + [None] * (4 - len(reference)))
+    expected_grads = torch.autograd.grad(expected, reference, grad_y.double())
+    assert y.dtype == x.dtype and y.shape == x.shape
+    assert_close_rel(y, expected, tolerance, "output")
+    for name, grad, expected_grad in zip(["x", "gates", "weight", "bias"], grads, expected_grads):
+        assert_close_rel(grad, expected_grad, tolerance, f"d {name}")
+
+
+def _leading(parameter, width):
+    return None if parameter is None else parameter[:width]
+
+
+ON_CUDA_TOO = pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=[pytest.mark.gpu, pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="needs a CUDA device")])])
+
+
 @pytest.mark.parametrize("dtype, tolerance", [(torch.float64, 1e-12), (torch.float32, 2e-5)])
 @pytest.mark.parametrize("channels, widths", [(16, (4, 8, 16)), (13, (3, 7, 12)), (24, (8, 16))],
                          ids=["blocks of 4", "blocks of 1, a tail no choice has", "no choice at full width"])
 @pytest.mark.parametrize("affine", ["weight and bias", "weight", "none"])
 @pytest.mark.parametrize("channels_axis", [-1, 1])
-@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=[pytest.mark.gpu, pytest.mark.skipif(
-    not torch.cuda.is_available(), reason="needs a CUDA device")])])
+@ON_CUDA_TOO
 def test_a_layer_norms_mixture_in_one_pass_equals_each_choices_norm_summed(device, channels_axis, affine, channels,
                                                                           widths, dtype, tolerance):
     """AdjoinedLayerNorm.mix_leading (a DAN search's mixed LayerNorm, one pass over the
     channels) against sum_k g_k * F.layer_norm of the leading widths[k] channels, zero
-    padded, in float64: the output and the gradients of x, the gates, weight and bias. The
-    input's mean is 30 standard deviations from zero, where E[x^2] - mean^2 would lose the
-    variance in float32."""
+    padded. The input's mean is 30 standard deviations from zero, where E[x^2] - mean^2
+    would lose the variance in float32."""
     torch.manual_seed(0)
     norm = anfast.nn.AdjoinedLayerNorm(channels, 1e-6, elementwise_affine=affine != "none",
                                        bias=affine == "weight and bias", channels_axis=channels_axis).to(device, dtype)
-    with torch.no_grad():
-        for parameter in norm.parameters():
-            parameter.copy_(torch.randn_like(parameter))
     shape = (3, 5, 7, channels) if channels_axis == -1 else (3, channels, 5, 7)
-    x = (torch.randn(shape, dtype=torch.float64) + 30).to(device, dtype).requires_grad_()
-    gates = torch.softmax(torch.randn(len(widths), dtype=torch.float64), 0).to(device, dtype).requires_grad_()
-    inputs = [x, gates, *norm.parameters()]
-    y = norm.mix_leading(x, widths, gates)
-    grad_y = torch.randn_like(y)
-    grads = torch.autograd.grad(y, inputs, grad_y)
+    x = (torch.randn(shape, dtype=torch.float64) + 30).to(device, dtype)
 
-    reference = [t.detach().double().requires_grad_() for t in inputs]
-    x64, gates64, weight64, bias64 = reference + [None] * (4 - len(reference))
-    rows = x64.movedim(channels_axis, -1)
-    expected = sum(gate * F.pad(F.layer_norm(rows[..., :width], (width,),
-                                             None if weight64 is None else weight64[:width],
-                                             None if bias64 is None else bias64[:width], 1e-6), (0, channels - width))
-                   for gate, width in zip(gates64, widths)).movedim(-1, channels_axis)
-    expected_grads = torch.autograd.grad(expected, reference, grad_y.double())
-    assert y.dtype == dtype
-    assert_close_rel(y, expected, tolerance, "output")
-    for name, grad, expected_grad in zip(["x", "gates", "weight", "bias"], grads, expected_grads):
-        assert_close_rel(grad, expected_grad, tolerance, f"d {name}")
+    def expected_of(x, gates, weight, bias):
+        rows = x.movedim(channels_axis, -1)
+        return sum(gate * F.pad(F.layer_norm(rows[..., :width], (width,), _leading(weight, width),
+                                             _leading(bias, width), 1e-6), (0, channels - width))
+                   for gate, width in zip(gates, widths)).movedim(-1, channels_axis)
+
+    _assert_mix_equals(norm, x, widths, tolerance, expected_of)
 
 
 @pytest.mark.parametrize("dtype, tolerance", [(torch.float64, 1e-11), (torch.float32, 1e-4)])
@@ -785,20 +801,15 @@ def test_a_layer_norms_mixture_in_one_pass_equals_each_choices_norm_summed(devic
                          ids=["4 groups, blocks of 1", "1 group, a tail no choice has", "2 groups of 4-channel blocks"])
 @pytest.mark.parametrize("affine", [True, False])
 @pytest.mark.parametrize("layout", ["(N, C, H, W)", "channels_last", "(N, C)"])
-@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=[pytest.mark.gpu, pytest.mark.skipif(
-    not torch.cuda.is_available(), reason="needs a CUDA device")])])
+@ON_CUDA_TOO
 def test_a_group_norms_mixture_in_one_pass_equals_each_choices_norm_summed(device, layout, affine, groups, channels,
                                                                           widths, dtype, tolerance):
     """AdjoinedGroupNorm.mix_leading against sum_k g_k * F.group_norm of the leading
-    widths[k] channels in as many groups, zero padded, in float64: the output and the
-    gradients of x, the gates, weight and bias, with the input's mean 30 standard
+    widths[k] channels in as many groups, zero padded, with the input's mean 30 standard
     deviations from zero (float32: the gates' gradient sums gw * (x - mean) as
     sum gw * x - mean * sum gw, losing about a digit and a half there)."""
     torch.manual_seed(0)
     norm = anfast.nn.AdjoinedGroupNorm(groups, channels, affine=affine).to(device, dtype)
-    with torch.no_grad():
-        for parameter in norm.parameters():
-            parameter.copy_(torch.randn_like(parameter))
     if layout == "(N, C)":  # groups of 1-6 values: far from zero they are nearly equal (see _MixedGroupNorm)
         if dtype == torch.float32 and widths[0] == groups:
             pytest.skip("a group of one value (its output is the bias): rstd = eps^-1/2 amplifies float32 rounding")
@@ -806,58 +817,35 @@ def test_a_group_norms_mixture_in_one_pass_equals_each_choices_norm_summed(devic
     else:
         x = torch.randn(3, channels, 5, 7, dtype=torch.float64) + 30
     x = x.to(device, dtype, memory_format=torch.channels_last if layout == "channels_last" else torch.preserve_format)
-    x.requires_grad_()
-    gates = torch.softmax(torch.randn(len(widths), dtype=torch.float64), 0).to(device, dtype).requires_grad_()
-    inputs = [x, gates, *norm.parameters()]
-    y = norm.mix_leading(x, widths, gates)
-    grad_y = torch.randn_like(y)
-    grads = torch.autograd.grad(y, inputs, grad_y)
 
-    reference = [t.detach().double().requires_grad_() for t in inputs]
-    x64, gates64, weight64, bias64 = reference + [None] * (4 - len(reference))
-    expected = sum(gate * F.pad(F.group_norm(x64[:, :width], groups, None if weight64 is None else weight64[:width],
-                                             None if bias64 is None else bias64[:width], norm.eps),
-                                (0, 0) * (x64.dim() - 2) + (0, channels - width))
-                   for gate, width in zip(gates64, widths))
-    expected_grads = torch.autograd.grad(expected, reference, grad_y.double())
-    assert y.dtype == dtype and y.shape == x.shape
-    assert_close_rel(y, expected, tolerance, "output")
-    for name, grad, expected_grad in zip(["x", "gates", "weight", "bias"], grads, expected_grads):
-        assert_close_rel(grad, expected_grad, tolerance, f"d {name}")
+    def expected_of(x, gates, weight, bias):
+        return sum(gate * F.pad(F.group_norm(x[:, :width], groups, _leading(weight, width), _leading(bias, width),
+                                             norm.eps), (0, 0) * (x.dim() - 2) + (0, channels - width))
+                   for gate, width in zip(gates, widths))
+
+    _assert_mix_equals(norm, x, widths, tolerance, expected_of)
 
 
 @pytest.mark.parametrize("dtype, tolerance", [(torch.float64, 1e-12), (torch.float32, 2e-5)])
 @pytest.mark.parametrize("channels_axis", [-1, 1])
 def test_a_grns_mixture_in_one_pass_equals_each_choices_grn_summed(channels_axis, dtype, tolerance):
-    """AdjoinedGlobalResponseNorm.mix_leading against sum_k g_k * GRN_k by hand in float64,
-    GRN_k = x + bias + weight * x * n / (mean of n over the leading widths[k] channels +
-    eps) on those channels, zero beyond (n: each channel's spatial L2 norm): the output
-    and the gradients of x, the gates, weight and bias; 13 channels, a tail no choice has."""
+    """AdjoinedGlobalResponseNorm.mix_leading against sum_k g_k * GRN_k by hand, GRN_k =
+    x + bias + weight * x * n / (mean of n over the leading widths[k] channels + eps) on
+    those channels, zero beyond (n: each channel's spatial L2 norm); 13 channels, a tail
+    no choice has."""
     torch.manual_seed(0)
     channels, widths = 13, (3, 7, 12)
     norm = anfast.nn.AdjoinedGlobalResponseNorm(channels, channels_axis=channels_axis).to(dtype)
-    with torch.no_grad():
-        for parameter in norm.parameters():
-            parameter.copy_(torch.randn_like(parameter))
     shape = (2, 5, 4, channels) if channels_axis == -1 else (2, channels, 5, 4)
-    x = torch.randn(shape, dtype=torch.float64).to(dtype).requires_grad_()
-    gates = torch.softmax(torch.randn(len(widths), dtype=torch.float64), 0).to(dtype).requires_grad_()
-    inputs = [x, gates, norm.weight, norm.bias]
-    y = norm.mix_leading(x, widths, gates)
-    grad_y = torch.randn_like(y)
-    grads = torch.autograd.grad(y, inputs, grad_y)
 
-    x64, gates64, weight64, bias64 = reference = [t.detach().double().requires_grad_() for t in inputs]
-    rows = x64.movedim(channels_axis, -1)  # (N, H, W, C)
-    n = rows.square().sum((1, 2), keepdim=True).sqrt()
-    expected = sum(gate * F.pad(rows[..., :w] + bias64[:w] + weight64[:w] * rows[..., :w] * n[..., :w]
+    def expected_of(x, gates, weight, bias):
+        rows = x.movedim(channels_axis, -1)  # (N, H, W, C)
+        n = rows.square().sum((1, 2), keepdim=True).sqrt()
+        return sum(gate * F.pad(rows[..., :w] + bias[:w] + weight[:w] * rows[..., :w] * n[..., :w]
                                 / (n[..., :w].mean(-1, keepdim=True) + norm.eps), (0, channels - w))
-                   for gate, w in zip(gates64, widths)).movedim(-1, channels_axis)
-    expected_grads = torch.autograd.grad(expected, reference, grad_y.double())
-    assert y.dtype == dtype
-    assert_close_rel(y, expected, tolerance, "output")
-    for name, grad, expected_grad in zip(["x", "gates", "weight", "bias"], grads, expected_grads):
-        assert_close_rel(grad, expected_grad, tolerance, f"d {name}")
+                   for gate, w in zip(gates, widths)).movedim(-1, channels_axis)
+
+    _assert_mix_equals(norm, torch.randn(shape, dtype=torch.float64).to(dtype), widths, tolerance, expected_of)
 
 
 @pytest.mark.parametrize("norm", ["layer norm on (N, H, W, C)", "layer norm on (N, C, H, W)", "group norm", "grn"])
