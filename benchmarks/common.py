@@ -85,6 +85,16 @@ def environment(device: str | torch.device = "cpu") -> dict:
     }
 
 
+def base_model(arch: str, num_classes: int) -> "str | torch.nn.Module":
+    """--arch as the benchmarks' build_providers takes it: a torchvision model name as is
+    (it builds the model), "timm:NAME" as the timm model built here."""
+    if arch.startswith("timm:"):
+        import timm
+
+        return timm.create_model(arch.removeprefix("timm:"), num_classes=num_classes)
+    return arch
+
+
 def tune_ratios(path: str | os.PathLike) -> dict[str, dict[str, float]]:
     """backend -> {layer: fused ms / torch ms} over the verified candidates of one
     `anfast tune --out` JSON (or a benchmark file that wraps it under "tune")."""

@@ -59,7 +59,7 @@ from torch.utils.flop_counter import FlopCounterMode
 import anfast
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import environment, write_result  # noqa: E402
+from common import base_model, environment, write_result  # noqa: E402
 from train_throughput import build_providers  # noqa: E402
 
 from anfast.data.synthetic import synthetic_batch  # noqa: E402
@@ -177,15 +177,6 @@ def launch_census(model: torch.nn.Module, loss_fn, *, compiled: bool, batch_size
     return sum(1 for event in prof.events() if _is_launch(event, device.type == "cuda"))
 
 
-def _base(args) -> "str | torch.nn.Module":
-    """--arch as build_providers takes it: a torchvision name, or a timm model built here."""
-    if args.arch.startswith("timm:"):
-        import timm
-
-        return timm.create_model(args.arch.removeprefix("timm:"), num_classes=args.num_classes)
-    return args.arch
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--arch", default="resnet50",
@@ -230,7 +221,7 @@ def main() -> None:
         if mismatched:
             parser.error(f"--throughput {args.throughput} measured another problem: "
                          + ", ".join(mismatched))
-    providers = build_providers(_base(args), args.alpha, args.num_classes,
+    providers = build_providers(base_model(args.arch, args.num_classes), args.alpha, args.num_classes,
                                 (3, args.image_size, args.image_size), policy=args.policy)
     names = [name.strip() for name in args.providers.split(",") if name.strip()]
     unknown = sorted(set(names) - set(providers))
@@ -272,7 +263,7 @@ def main() -> None:
               f"elements {rows[name]['elements']}", flush=True)
     path = write(rows)
     if args.launches:  # fresh models: the census moved the first ones to the meta device
-        live = build_providers(_base(args), args.alpha, args.num_classes,
+        live = build_providers(base_model(args.arch, args.num_classes), args.alpha, args.num_classes,
                                (3, launch_size, launch_size), policy=args.policy)
         # Every provider's eager step first, then the compiled ones (each a cold compile),
         # the JSON written after each count: a run its time limit ends keeps the eager row.

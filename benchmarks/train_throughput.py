@@ -78,7 +78,7 @@ from anfast.train.step import StepMeter, resolve_compile, train_step, warm_up
 from anfast.nn.backends import prepare_backends
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import environment, write_result  # noqa: E402
+from common import base_model, environment, write_result  # noqa: E402
 
 
 class MaskedConv2d(nn.Module):
@@ -259,7 +259,8 @@ def seconds_per_step(step, steps: int, device: torch.device) -> float:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--arch", default="resnet50")
+    parser.add_argument("--arch", default="resnet50",
+                        help="a torchvision model, or timm:NAME for a timm one (default: %(default)s)")
     parser.add_argument("--alpha", type=float, default=4.0)
     parser.add_argument("--image-size", type=int, default=None, help="default: 64 CPU, 224 CUDA")
     parser.add_argument("--batch-size", type=int, default=None, help="default: 8 CPU, 64 CUDA")
@@ -303,8 +304,8 @@ def main() -> None:
     channels_last = on_cuda if args.channels_last is None else args.channels_last
     memory_format = torch.channels_last if channels_last else torch.contiguous_format
 
-    providers = build_providers(args.arch, args.alpha, args.num_classes, (3, image_size, image_size),
-                                device=device)
+    providers = build_providers(base_model(args.arch, args.num_classes), args.alpha, args.num_classes,
+                                (3, image_size, image_size), device=device)
     providers = {name: providers[name] for name in chosen}
     images, labels = synthetic_batch(batch_size, image_size, args.num_classes, device=device,
                                      channels_last=channels_last)

@@ -183,12 +183,12 @@ def test_plot_results_reads_verified_ratios_in_network_order(tmp_path):
 def test_step_census_builds_timm_models_by_name_and_names_the_file_after_them(tmp_path, monkeypatch):
     """--arch timm:NAME builds the timm model with --num-classes classes; the JSON's name
     has no colon."""
-    import argparse
     import timm
+    from common import base_model
 
-    base = step_census._base(argparse.Namespace(arch="timm:resnet18", num_classes=7))
+    base = base_model("timm:resnet18", num_classes=7)
     assert isinstance(base, timm.models.ResNet) and base.num_classes == 7
-    assert step_census._base(argparse.Namespace(arch="resnet18", num_classes=7)) == "resnet18"
+    assert base_model("resnet18", num_classes=7) == "resnet18"
     written = []
     monkeypatch.setattr(step_census, "write_result",
                         lambda name, result, out: written.append((name, result)) or tmp_path / f"{name}.json")
