@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from anfast.nn.layernorm import _ChannelNorm
+from anfast.nn.layernorm import _ChannelNorm, _device_constants
 
 __all__ = ["AdjoinedGroupNorm"]
 
@@ -103,7 +103,7 @@ class _MixedGroupNorm(torch.autograd.Function):
         if weight is not None:
             weight_channels = _per_channel(weight, x.dim())
             normalised = normalised * weight_channels if bias is None else torch.addcmul(
-                _per_channel(_gate_sums(gates, plan).repeat_interleave(plan.unit) * bias, x.dim()),
+                _per_channel(_gate_sums(gates, plan) * bias, x.dim()),
                 normalised, weight_channels)
         ctx.save_for_backward(x, gates, weight, bias, mean, rstd)
         ctx.widths, ctx.groups = widths, groups
@@ -147,7 +147,7 @@ class _MixedGroupNorm(torch.autograd.Function):
         if ctx.needs_input_grad[2] and weight is not None:
             grad_weight = (grad * torch.addcmul(lower, x_compute, scale)).sum((0,) + over_positions).to(weight.dtype)
         if ctx.needs_input_grad[3] and bias is not None:
-            grad_bias = (_gate_sums(gates, plan).repeat_interleave(plan.unit) * column_sums).to(bias.dtype)
+            grad_bias = (_gate_sums(gates, plan) * column_sums).to(bias.dtype)
         return grad_x, grad_gates, grad_weight, grad_bias, None, None, None
 
 
@@ -164,10 +164,7 @@ class _GroupPlan(NamedTuple):
 
 
 def _group_plan(widths: tuple[int, ...], groups: int, channels: int, device, dtype) -> _GroupPlan:
-    """The plan, made once per arguments (see anfast.nn.layernorm._block_plan)."""
-    if torch.compiler.is_compiling():
-        return _make_group_plan(widths, groups, channels, device, dtype)
-    return _cached_group_plan(widths, groups, channels, device, dtype)
+    return _device_constants(_make_group_plan, widths, groups, channels, device, dtype)
 
 
 def _make_group_plan(widths, groups, channels, device, dtype) -> _GroupPlan:
@@ -183,8 +180,6 @@ def _make_group_plan(widths, groups, channels, device, dtype) -> _GroupPlan:
     return _GroupPlan(unit, groups, tensor(per_group, dtype=dtype), tensor(group_of_block),
                       tensor(membership, dtype=dtype), tensor(share, dtype=dtype), tensor([w - 1 for w in widths]))
 
-
-_cached_group_plan = functools.lru_cache(maxsize=1024)(_make_group_plan)
 
 
 def _over_groups(per_block: torch.Tensor, plan: _GroupPlan, average: bool) -> torch.Tensor:
@@ -215,5 +210,5 @@ def _to_channels(per_group: torch.Tensor, gates: torch.Tensor, plan: _GroupPlan,
 
 
 def _gate_sums(gates: torch.Tensor, plan: _GroupPlan) -> torch.Tensor:
-    """(blocks,): the gates' sum over the choices that have each block."""
-    return (gates[:, None] * plan.membership).sum(0)
+    """(C,): the gates' sum over the choices that have each channel's block."""
+    return (gates[:, None] * plan.membership).sum(0).repeat_interleave(plan.unit)

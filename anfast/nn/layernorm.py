@@ -253,12 +253,20 @@ class _BlockPlan(NamedTuple):
     segment_of_block: torch.Tensor  # (blocks,) the first choice a block is in; K for none
 
 
-def _block_plan(widths: tuple[int, ...], channels: int, device: torch.device, dtype: torch.dtype) -> _BlockPlan:
-    """The plan, made once per arguments: a tensor built from host values is a synchronising
-    copy on a GPU, which a search step must not make (traced, they are graph constants)."""
+def _device_constants(make: Callable, *args):
+    """``make(*args)``, tensors built from host values, made once per arguments: such a
+    tensor is a synchronising copy on a GPU, which a search step must not make (traced,
+    they are the graph's constants, made in the trace)."""
     if torch.compiler.is_compiling():
-        return _make_block_plan(widths, channels, device, dtype)
-    return _cached_block_plan(widths, channels, device, dtype)
+        return make(*args)
+    return _cached_constants(make, *args)
+
+
+_cached_constants = functools.lru_cache(maxsize=1024)(lambda make, *args: make(*args))
+
+
+def _block_plan(widths: tuple[int, ...], channels: int, device: torch.device, dtype: torch.dtype) -> _BlockPlan:
+    return _device_constants(_make_block_plan, widths, channels, device, dtype)
 
 
 def _make_block_plan(widths, channels, device, dtype) -> _BlockPlan:
@@ -272,8 +280,6 @@ def _make_block_plan(widths, channels, device, dtype) -> _BlockPlan:
                       torch.ones(len(widths), len(widths), dtype=torch.bool, device=device).triu(),
                       tensor(segment_of_block))
 
-
-_cached_block_plan = functools.lru_cache(maxsize=1024)(_make_block_plan)
 
 
 def _over_choices(per_block: torch.Tensor, plan: _BlockPlan) -> torch.Tensor:
