@@ -950,6 +950,66 @@ def test_a_linears_mask_scales_its_weight_rows_and_equals_masking_its_output(cas
         torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12, msg=lambda m, name=name: f"d{name}: {m}")
 
 
+@pytest.mark.parametrize("bias", [True, False], ids=["bias", "no-bias"])
+@pytest.mark.parametrize("case", ["plain", "depthwise", "same-padded", "standardised", "mixed filters", "input shared"])
+def test_a_convs_mask_scales_its_filters_and_equals_masking_its_output(case, bias):
+    """A searched conv computes conv(x, w, b) * m as conv(x, w * m, b * m): against the
+    product on the output in float64, the output and the gradients of the input, the mask
+    and the parameters; for a depthwise conv, TF's "SAME" padding, a ScaledStdConv2d
+    (filters standardised over the student's slice, its gain), one whose filters a search
+    mixes (``student_filters``), and a conv on the image (its student slices the base's
+    output, masked after)."""
+    torch.manual_seed(0)
+    shared = case == "input shared"
+    groups = 6 if case == "depthwise" else 1
+    form = {"same-padded": {"pad_same": True}, "standardised": {"standardise_eps": 1e-5, "scale": 0.7},
+            "mixed filters": {"standardise_eps": 1e-5}}.get(case, {})
+    in_student = 6 if shared else 4 if groups > 1 else 5
+    layer = anfast.nn.AdjoinedConv2d(6, 6, 3, 2, 0 if form.get("pad_same") else 1, groups=groups, bias=bias,
+                                     student_in_channels=(in_student,), student_out_channels=(4,),
+                                     input_shared=shared, dtype=torch.float64, **form)
+    with torch.no_grad():
+        if layer.scale is not None:
+            layer.gain.copy_(torch.rand(6, 1, 1, 1) + 0.5)
+    mixed = torch.randn(4, in_student, 3, 3, dtype=torch.float64, requires_grad=True)
+    if case == "mixed filters":
+        layer.student_filters = lambda module: mixed
+    mask = torch.sigmoid(torch.randn(4, dtype=torch.float64)).requires_grad_()
+    layer.student_mask = lambda module: mask
+    x_base = torch.randn(3, 6, 9, 8, dtype=torch.float64, requires_grad=True)
+    x = torch.randn(3, in_student, 9, 8, dtype=torch.float64, requires_grad=True)
+    inputs, read = ((x_base,), x_base) if shared else ((x_base, x), x)  # what the student reads
+    # The student's own conv by hand: its filters and bias sliced (a depthwise conv keeps
+    # its leading groups), standardised as timm's layer of its width, or the mixed ones.
+    weight = layer.weight if shared else layer.weight[:4] if groups > 1 else layer.weight[:4, :in_student]
+    if case == "standardised":
+        fan_in = weight[0].numel()
+        centred = weight - weight.mean(dim=(1, 2, 3), keepdim=True)
+        std = (centred.pow(2).mean(dim=(1, 2, 3), keepdim=True) + 1e-5).sqrt()
+        weight = centred / std * layer.gain[:4] * 0.7 * (6 * 9 / fan_in) ** 0.5
+    elif case == "mixed filters":
+        weight = mixed
+    # "SAME" at stride 2 by hand: 9 rows give 5 outputs, one pixel each side; 8 columns
+    # give 4, the odd pixel last.
+    padded = F.pad(read, (0, 1, 1, 1)) if case == "same-padded" else read
+    padding = 1 if shared or not form.get("pad_same") else 0
+    expected = F.conv2d(padded, weight, layer.bias[:weight.shape[0]] if bias else None, 2, padding,
+                        groups=4 if groups > 1 else 1)
+    expected = expected[:, :4] * mask.view(-1, 1, 1)
+    params = [layer.weight] + ([layer.bias] if bias else []) + ([layer.gain] if layer.scale else []) + (
+        [mixed] if case == "mixed filters" else [])
+    weights = torch.randn_like(expected)
+    expected_grads = torch.autograd.grad((expected * weights).sum(), [read, mask, *params], allow_unused=True)
+
+    y = layer(*inputs)[1]
+    torch.testing.assert_close(y, expected, rtol=1e-12, atol=1e-12)
+    grads = torch.autograd.grad((y * weights).sum(), [read, mask, *params], allow_unused=True)
+    names = ["x", "mask", "weight"] + (["bias"] if bias else []) + (["gain"] if layer.scale else []) + (
+        ["mixed filters"] if case == "mixed filters" else [])
+    for name, got, want in zip(names, grads, expected_grads):
+        torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12, msg=lambda m, name=name: f"d{name}: {m}")
+
+
 @pytest.mark.parametrize("gate, node, op", [
     ("CBAM spatial: mean and amax", "mean", lambda x: x.mean(1, keepdim=True)),
     ("CBAM spatial: mean and amax", "amax", lambda x: x.amax(1, keepdim=True)),

@@ -22,7 +22,7 @@ from torch import nn
 
 from anfast.adjoin import AdjoinedNetwork
 from anfast.dan.space import SearchSpace
-from anfast.nn import AdjoinedBatchNorm2d, AdjoinedLinear
+from anfast.nn import AdjoinedBatchNorm2d, AdjoinedConv2d, AdjoinedLinear
 
 __all__ = ["ChoiceGates", "StudentMasks", "temperature", "entropy"]
 
@@ -85,11 +85,11 @@ def entropy(weights: torch.Tensor) -> torch.Tensor:
 class StudentMasks:
     """Multiply the student outputs of a group's layers by its mask (a batch norm over a
     channel concat, ``space.concat_points``: by its parts' masks end to end): a batch norm
-    multiplies its affine parameters by it, a linear its weight rows and bias (their
-    ``student_mask``), a conv its output (a forward hook).
+    multiplies its affine parameters by it, a linear or a conv its weight rows and bias
+    (their ``student_mask``), so a mask costs products over parameters, not activations.
 
-    ``set_gates(gates)`` before each forward; ``remove()`` detaches the hooks and gives
-    the layers back their own student computation. With
+    ``set_gates(gates)`` before each forward; ``remove()`` gives the layers back their own
+    student computation. With
     one-hot gates the masked full-width student computes exactly the derived student
     (the masked channels are zero everywhere they would not exist). A LayerNorm,
     GroupNorm or GRN over a searched group (``space.norm_points``) instead outputs the
@@ -108,7 +108,14 @@ class StudentMasks:
         self.space = space
         self._masks: Optional[list[torch.Tensor]] = None
         self._gates: Optional[torch.Tensor] = None
-        self._handles = []
+        masked = [(name, lambda masks, group=group: masks[group]) for name, group in space.mask_points.items()]
+        masked += [(name, lambda masks, parts=parts: _end_to_end(masks, parts))
+                   for name, parts in space.concat_points.items()]
+        for name, _ in masked:  # refused before any layer is changed
+            module = network.get_submodule(name)
+            if not isinstance(module, (AdjoinedBatchNorm2d, AdjoinedLinear, AdjoinedConv2d)):  # the 1d norm too
+                raise TypeError(f"StudentMasks: {name} is a {type(module).__name__}, which takes no channel "
+                                f"mask; a mask goes to an adjoined batch norm, linear or conv")
         # Read once, here: the mixtures then index the gates on the device without a sync.
         widths = [[int(w) for w in row] for row in space.widths.tolist()]
         self._overridden = []
@@ -126,27 +133,18 @@ class StudentMasks:
             module = network.get_submodule(name)
             module.student_reduce = self._mixed_reduction(group, widths[group])
             self._overridden.append((module, "student_reduce"))
-        masked = [(name, lambda masks, group=group: masks[group]) for name, group in space.mask_points.items()]
-        masked += [(name, lambda masks, parts=parts: _end_to_end(masks, parts))
-                   for name, parts in space.concat_points.items()]
         for name, mask_of in masked:
             module = network.get_submodule(name)
-            if isinstance(module, (AdjoinedBatchNorm2d, AdjoinedLinear)):  # the 1d norm too
-                # The mask scales a norm's affine parameters, a linear's weight rows and bias.
-                module.student_mask = self._layer_mask(mask_of)
-                self._overridden.append((module, "student_mask"))
-                continue
-            self._handles.append(module.register_forward_hook(self._hook(mask_of)))
+            # The mask scales a norm's affine parameters, a linear's or a conv's weight rows and bias.
+            module.student_mask = self._layer_mask(mask_of)
+            self._overridden.append((module, "student_mask"))
 
     def set_gates(self, gates: torch.Tensor) -> None:
         self._masks = self.space.channel_masks(gates)
         self._gates = gates
 
     def remove(self) -> None:
-        """Detach the hooks and give the norms and convs back their own student computation."""
-        for handle in self._handles:
-            handle.remove()
-        self._handles = []
+        """Give the layers back their own student computation."""
         for module, attribute in self._overridden:
             delattr(module, attribute)  # back to the class's None
         self._overridden = []
@@ -155,14 +153,6 @@ class StudentMasks:
         if self._masks is None:
             raise RuntimeError("StudentMasks: call set_gates(gates) before running the network")
         return mask_of(self._masks)
-
-    def _hook(self, mask_of):
-        def apply(module, args, outputs):  # a conv's: (base, student, ...), channels on axis 1
-            base, student, *rest = outputs
-            mask = self._mask(mask_of).to(student.dtype)
-            return (base, student * mask.view((1, -1) + (1,) * (student.dim() - 2)), *rest)
-
-        return apply
 
     def _layer_mask(self, mask_of):
         def student_mask(module: nn.Module) -> torch.Tensor:

@@ -168,6 +168,11 @@ class AdjoinedConv2d(nn.Conv2d):
     # student's filters, student_filters(self) at each forward (the gates' mix of standardised
     # filters). Called with the layer, so a copy of the network computes with its own.
     student_filters: Optional[Callable[[nn.Module], torch.Tensor]] = None
+    # Set by a DAN search on a conv whose student output carries a channel mask: the mask
+    # of the first student's output channels, student_mask(self) at each forward,
+    # multiplied into its filters and bias: conv(x, w * m, b * m) = conv(x, w, b) * m, a
+    # product over the weight instead of the activation.
+    student_mask: Optional[Callable[[nn.Module], torch.Tensor]] = None
 
     def __init__(
         self,
@@ -289,11 +294,19 @@ class AdjoinedConv2d(nn.Conv2d):
 
     def conv_weight(self, n: int) -> tuple[torch.Tensor, Optional[torch.Tensor], int]:
         """(weight, bias, groups) network n convolves with: ``network_weight``'s, standardised
-        over its own slice where the layer standardises its filters."""
+        over its own slice where the layer standardises its filters (the first student's:
+        ``student_filters``' where a search set them), times ``student_mask``'s channel
+        mask along the first student's filters and bias where a search set one."""
         weight, bias, groups = self.network_weight(n)
         if n == 1 and self.student_filters is not None:
-            return self.student_filters(self), bias, groups
-        return (weight if self.standardise_eps is None else self._standardised(weight)), bias, groups
+            weight = self.student_filters(self)
+        elif self.standardise_eps is not None:
+            weight = self._standardised(weight)
+        if n == 1 and self.student_mask is not None:
+            mask = self.student_mask(self).to(weight.dtype)
+            weight = weight * mask.view(-1, 1, 1, 1)
+            bias = None if bias is None else bias * mask
+        return weight, bias, groups
 
     def standardised_filters(self, in_channels: int) -> torch.Tensor:
         """Every filter over its leading ``in_channels`` input channels, standardised as the
@@ -320,13 +333,18 @@ class AdjoinedConv2d(nn.Conv2d):
         if self.input_shared:
             weight, bias, _ = self.conv_weight(0)
             y_base = self._conv_forward(self.pad_input(x_base), weight, bias)  # nn.Conv2d's, any padding_mode
-            return (y_base, *(hand_over(y_base[:, :c], s + 1) for s, c in enumerate(self.student_out_channels)))
+            y_students = [hand_over(y_base[:, :c], s + 1) for s, c in enumerate(self.student_out_channels)]
+            if self.student_mask is not None:  # the base's own output, sliced: masked after
+                mask = self.student_mask(self).to(y_students[0].dtype)
+                y_students[0] = y_students[0] * mask.view(-1, 1, 1)
+            return (y_base, *y_students)
         check_student_inputs(self, x_students, "student_in_channels", self.student_in_channels, axis=1)
         inputs = tuple(self.pad_input(x) for x in (x_base, *x_students))
-        if self.standardise_eps is not None or (
+        if self.standardise_eps is not None or self.student_mask is not None or (
                 active_streams() is not None and fixed_backend_name(self.backend, x_base.device) == "torch"):
-            # Each network alone: a standardised student's filters are not the leading
-            # slice of the base's; on streams, the torch backend's convolutions each on its own.
+            # Each network alone: a standardised or masked student's filters are not the
+            # leading slice of the base's; on streams, the torch backend's convolutions each
+            # on its own.
             return tuple(self._conv_on_stream(n, x) for n, x in enumerate(inputs))
         outputs = []
         for parent, child in self._pairs:
