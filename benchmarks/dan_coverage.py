@@ -19,8 +19,11 @@ Then, for ``--draws`` random architectures (one width choice
 per group), the network masked by one-hot gates against the student the search would
 derive (adjoin with those widths, exported as the model's own class), in eval mode on
 one batch, and the cost model's FLOPs and parameters against anfast.profile of that
-export. A row says "searches" only when the outputs agree to 1e-9 (relative) and the
-counts are equal; else "differs", "refused" (adjoin's or the search's reason) or
+export; then one search step in train mode under soft gates (forward, cross-entropy on
+base and student, backward: the model's in-place ops after masked layers included),
+whose gates' gradient must be finite and not all zero. A row says "searches" only when
+the outputs agree to 1e-9 (relative), the counts are equal and the step's gradient
+reaches the gates; else "differs", "refused" (adjoin's or the search's reason) or
 "failed". The JSON goes to results/dan_coverage-<cpu>-<date>.json (dan_coverage_hybrids-...
 for the second set, dan_coverage_torchvision-... for the third).
 """
@@ -80,13 +83,34 @@ def check(name: str, image_size: int, draws: int) -> dict:
             counted, profiled = cost.exact(choice), anfast.profile(student, input_size)
             row["draws"].append({"student_error": error, "cost_equals_profile": counted == profiled,
                                  "params": profiled["params"], "flops": profiled["flops"]})
+        row["step_gates_grad"] = search_step(network, masks, len(space.choices), images, generator)
         masks.remove()
     except Exception as error:
         return {**row, "status": "failed", "reason": f"{type(error).__name__}: {error}"}
     row["params"], row["flops"] = cost.base["params"], cost.base["flops"]
-    exact = all(d["student_error"] <= 1e-9 and d["cost_equals_profile"] for d in row["draws"])
+    exact = all(d["student_error"] <= 1e-9 and d["cost_equals_profile"] for d in row["draws"]) and (
+        0 < row["step_gates_grad"] < float("inf"))
     row["status"] = "searches" if exact else "differs"
     return row
+
+
+def search_step(network, masks: StudentMasks, choices: int, images: torch.Tensor,
+                generator: torch.Generator) -> float:
+    """One search step's forward and backward in train mode under soft gates (random
+    logits, softmax), cross-entropy on base and student against random labels: the norm of
+    the gates' gradient (nan or inf where it is not finite). Leaves the network in eval mode."""
+    logits = torch.randn(len(masks.space.groups), choices, dtype=torch.float64, generator=generator)
+    logits.requires_grad_()
+    masks.set_gates(torch.softmax(logits, -1))
+    network.train()
+    try:
+        output = network(images)
+        labels = torch.randint(0, output.base.shape[-1], (images.shape[0],), generator=generator)
+        loss = sum(torch.nn.functional.cross_entropy(logits_of, labels) for logits_of in (output.base, output.student))
+        loss.backward()
+    finally:
+        network.eval()
+    return float(logits.grad.norm())
 
 
 def main(argv=None) -> dict:

@@ -1068,6 +1068,53 @@ def test_soft_gates_mix_each_choices_standardised_filters():
     torch.testing.assert_close(y, expected * own_mask.view(-1, 1, 1), rtol=1e-12, atol=1e-12)
 
 
+class InPlaceNet(nn.Module):
+    """VGG without norms: an in-place ReLU right after the stem conv (whose students slice
+    the base's output) and after the next conv, then a linear head."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem, self.conv = nn.Conv2d(3, 16, 3, padding=1), nn.Conv2d(16, 16, 3, padding=1)
+        self.act1, self.act2, self.fc = nn.ReLU(inplace=True), nn.ReLU(inplace=True), nn.Linear(16, 3)
+
+    def forward(self, x):
+        return self.fc(self.act2(self.conv(self.act1(self.stem(x)))).mean((2, 3)))
+
+
+def test_a_search_step_backs_through_in_place_relus_after_masked_convs():
+    """A search step of a network with in-place ReLUs after its masked convs (VGG-11,
+    SqueezeNet) runs backward, and the student's output and every gradient, the gates'
+    included, equal the masked student computed by hand in float64: relu(conv(x) * m)
+    per conv, each mask the gates' sum over the choices wider than the channel."""
+    torch.manual_seed(0)
+    network = anfast.adjoin(InPlaceNet().double(), alpha=1, policy="all", input_size=(3, 8, 8))
+    space = SearchSpace.from_network(network, choices=(1, 2, 4), round_to=4)
+    assert sorted(space.mask_points) == ["conv", "stem"]
+    masks = StudentMasks(network, space)
+    logits = torch.randn(len(space.groups), 3, dtype=torch.float64, requires_grad=True)
+    images, labels = torch.randn(4, 3, 8, 8, dtype=torch.float64), torch.tensor([0, 1, 2, 1])
+    params = [network.stem.weight, network.stem.bias, network.conv.weight, network.conv.bias, network.fc.weight]
+
+    def mask(layer, gates):  # by hand: channel c keeps the gates of the widths beyond it
+        g = space.mask_points[layer]
+        widths = space.widths[g]
+        return torch.stack([gates[g][widths > c].sum() for c in range(16)])
+
+    gates = torch.softmax(logits, -1)
+    hidden = torch.relu(F.conv2d(images, network.stem.weight, network.stem.bias, padding=1) * mask("stem", gates)[:, None, None])
+    hidden = torch.relu(F.conv2d(hidden, network.conv.weight, network.conv.bias, padding=1) * mask("conv", gates)[:, None, None])
+    expected = F.linear(hidden.mean((2, 3)), network.fc.weight, network.fc.bias)
+    expected_grads = torch.autograd.grad(F.cross_entropy(expected, labels), [logits, *params])
+
+    masks.set_gates(torch.softmax(logits, -1))
+    student = network(images).student
+    torch.testing.assert_close(student, expected, rtol=1e-12, atol=1e-12)
+    grads = torch.autograd.grad(F.cross_entropy(student, labels), [logits, *params])
+    for name, got, want in zip(["gates' logits", "stem weight", "stem bias", "conv weight", "conv bias", "fc weight"],
+                               grads, expected_grads):
+        torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12, msg=lambda m, name=name: f"d {name}: {m}")
+
+
 def test_a_copy_of_the_search_network_normalises_and_standardises_with_its_own_weights():
     """A norm's and a standardised conv's search computation is called with the layer, so a
     deep copy (an averaged model, a probe) runs on its own parameters: changing the copy's

@@ -332,11 +332,14 @@ class AdjoinedConv2d(nn.Conv2d):
     def forward(self, x_base: torch.Tensor, *x_students: torch.Tensor) -> tuple[torch.Tensor, ...]:
         if self.input_shared:
             weight, bias, _ = self.conv_weight(0)
-            y_base = self._conv_forward(self.pad_input(x_base), weight, bias)  # nn.Conv2d's, any padding_mode
+            x_base = self.pad_input(x_base)
+            y_base = self._conv_forward(x_base, weight, bias)  # nn.Conv2d's, any padding_mode
             y_students = [hand_over(y_base[:, :c], s + 1) for s, c in enumerate(self.student_out_channels)]
-            if self.student_mask is not None:  # the base's own output, sliced: masked after
-                mask = self.student_mask(self).to(y_students[0].dtype)
-                y_students[0] = y_students[0] * mask.view(-1, 1, 1)
+            if self.student_mask is not None:
+                # A masked student convolves by itself: its mask's gradient would read the
+                # base's output, which the base's in-place ReLU overwrites (VGG).
+                with network_stream(1):
+                    y_students[0] = self._conv_forward(x_base, *self.conv_weight(1)[:2])
             return (y_base, *y_students)
         check_student_inputs(self, x_students, "student_in_channels", self.student_in_channels, axis=1)
         inputs = tuple(self.pad_input(x) for x in (x_base, *x_students))

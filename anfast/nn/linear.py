@@ -76,8 +76,10 @@ class AdjoinedLinear(nn.Linear):
         if self.input_shared:
             y_base = F.linear(x_base, self.weight, self.bias)
             y_students = [hand_over(y_base[..., :c], s + 1) for s, c in enumerate(self.student_out_features)]
-            if self.student_mask is not None:  # the base's own output, sliced: masked after
-                y_students[0] = y_students[0] * self.student_mask(self).to(y_students[0].dtype)
+            if self.student_mask is not None:
+                # A masked student computes by itself: its mask's gradient would read the
+                # base's output, which an in-place op of the base may overwrite.
+                y_students[0] = self._linear_on_stream(1, x_base)
             return (y_base, *y_students)
         check_student_inputs(self, x_students, "student_in_features", self.student_in_features, axis=-1)
         return (F.linear(x_base, self.weight, self.bias),
