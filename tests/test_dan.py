@@ -1068,6 +1068,56 @@ def test_soft_gates_mix_each_choices_standardised_filters():
     torch.testing.assert_close(y, expected * own_mask.view(-1, 1, 1), rtol=1e-12, atol=1e-12)
 
 
+@pytest.mark.parametrize("form", ["StdConv2d", "ScaledStdConv2d"])
+@pytest.mark.parametrize("widths", [(2, 4, 8, 16), (3, 5, 16), (6,)], ids=["halvings", "uneven", "one"])
+def test_a_standardised_convs_mixture_in_one_computation_equals_each_choices_filters_summed(widths, form):
+    """mix_standardised(widths, gates) = sum_k g_k * S_k, S_k the filters standardised over
+    their leading widths[k] input channels and taps (zero beyond), times the gain and gamma /
+    sqrt(fan-in) of that width: against the formula by hand in float64 (mean and biased
+    variance per filter), the output and the gradients of the weight, the gain and the
+    gates (not summing to one: the mix is linear in them)."""
+    torch.manual_seed(0)
+    scaled = form == "ScaledStdConv2d"
+    # timm's ScaledStdConv2d: scale = gamma / sqrt(fan-in), gamma 1.7
+    layer = anfast.nn.AdjoinedConv2d(16, 8, 3, padding=1, standardise_eps=1e-5,
+                                     scale=1.7 / math.sqrt(16 * 9) if scaled else None,
+                                     student_in_channels=(16,), student_out_channels=(8,), dtype=torch.float64)
+    with torch.no_grad():
+        layer.weight.add_(0.3)  # filters whose mean is not zero
+        if scaled:
+            layer.gain.copy_(torch.rand(8, 1, 1, 1) + 0.5)
+    gates = torch.rand(len(widths), dtype=torch.float64, requires_grad=True)
+    params = [layer.weight, gates] + ([layer.gain] if scaled else [])
+    expected = torch.zeros_like(layer.weight)
+    for k, width in enumerate(widths):
+        w = layer.weight[:, :width]
+        mean, var = w.mean((1, 2, 3), keepdim=True), w.var((1, 2, 3), keepdim=True, unbiased=False)
+        factor = layer.gain * 1.7 / math.sqrt(width * 9) if scaled else 1.0
+        expected = expected + F.pad(gates[k] * (w - mean) / torch.sqrt(var + 1e-5) * factor,
+                                    (0, 0, 0, 0, 0, 16 - width))
+    weights = torch.randn_like(expected)
+    expected_grads = torch.autograd.grad((expected * weights).sum(), params)
+
+    mixed = layer.mix_standardised(widths, gates)
+    torch.testing.assert_close(mixed, expected, rtol=1e-12, atol=1e-12)
+    grads = torch.autograd.grad((mixed * weights).sum(), params)
+    for name, got, want in zip(["weight", "gates", "gain"], grads, expected_grads):
+        torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12, msg=lambda m, name=name: f"d{name}: {m}")
+
+
+def test_a_standardised_convs_mixture_refuses_widths_it_cannot_mix():
+    layer = anfast.nn.AdjoinedConv2d(8, 4, 3, standardise_eps=1e-5, student_in_channels=(8,),
+                                     student_out_channels=(4,))
+    for widths in [(4, 2), (4, 4), (0, 8), (4, 9)]:
+        with pytest.raises(ValueError, match=r"mix_standardised: widths=.* must ascend"):
+            layer.mix_standardised(widths, torch.full((2,), 0.5))
+    with pytest.raises(ValueError, match=r"one gate each \(gates of shape \(3,\)\)"):
+        layer.mix_standardised((4, 8), torch.full((3,), 0.5))
+    plain = anfast.nn.AdjoinedConv2d(8, 4, 3, student_in_channels=(8,), student_out_channels=(4,))
+    with pytest.raises(ValueError, match=r"needs a weight-standardised conv with groups=1"):
+        plain.mix_standardised((4, 8), torch.full((2,), 0.5))
+
+
 class InPlaceNet(nn.Module):
     """VGG without norms: an in-place ReLU right after the stem conv (whose students slice
     the base's output) and after the next conv, then a linear head."""

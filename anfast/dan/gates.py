@@ -205,8 +205,8 @@ class StudentMasks:
 
     def _mixed_filters(self, group: int, widths: list[int]):
         def student_filters(module: nn.Module) -> torch.Tensor:
-            return self._mixture(group, widths, module.standardised_filters, 1, module.in_channels,
-                                 module.weight.dtype)
+            distinct, gates = self._gates_per_width(group, widths)  # one computation, not one per choice
+            return module.mix_standardised(distinct, torch.stack(gates))
 
         return student_filters
 

@@ -10,7 +10,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from anfast.nn.layernorm import _ChannelNorm, _device_constants
+from anfast.nn.constants import device_constants
+from anfast.nn.layernorm import _ChannelNorm
 
 __all__ = ["AdjoinedGroupNorm"]
 
@@ -164,7 +165,7 @@ class _GroupPlan(NamedTuple):
 
 
 def _group_plan(widths: tuple[int, ...], groups: int, channels: int, device, dtype) -> _GroupPlan:
-    return _device_constants(_make_group_plan, widths, groups, channels, device, dtype)
+    return device_constants(_make_group_plan, widths, groups, channels, device, dtype)
 
 
 def _make_group_plan(widths, groups, channels, device, dtype) -> _GroupPlan:

@@ -10,6 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from anfast.nn.constants import device_constants
 from anfast.nn.conv import check_student_inputs
 from anfast.nn.streams import network_stream
 
@@ -253,20 +254,8 @@ class _BlockPlan(NamedTuple):
     segment_of_block: torch.Tensor  # (blocks,) the first choice a block is in; K for none
 
 
-def _device_constants(make: Callable, *args):
-    """``make(*args)``, tensors built from host values, made once per arguments: such a
-    tensor is a synchronising copy on a GPU, which a search step must not make (traced,
-    they are the graph's constants, made in the trace)."""
-    if torch.compiler.is_compiling():
-        return make(*args)
-    return _cached_constants(make, *args)
-
-
-_cached_constants = functools.lru_cache(maxsize=1024)(lambda make, *args: make(*args))
-
-
 def _block_plan(widths: tuple[int, ...], channels: int, device: torch.device, dtype: torch.dtype) -> _BlockPlan:
-    return _device_constants(_make_block_plan, widths, channels, device, dtype)
+    return device_constants(_make_block_plan, widths, channels, device, dtype)
 
 
 def _make_block_plan(widths, channels, device, dtype) -> _BlockPlan:
