@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from anfast.nn.constants import device_constants
+from anfast.nn.mixing import device_constants, mixed_layer_norm
 from anfast.nn.streams import active_streams, hand_over, network_stream
 from anfast.ops import adjoined_conv2d
 from anfast.ops.backend import BACKEND_PRIORITY
@@ -75,16 +75,10 @@ _CONV_FORMS = {
 }
 
 
-def _leading_fan_in(widths: tuple[int, ...], taps: int, scale: Optional[float], fan_in: int,
-                    device: torch.device, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """For AdjoinedConv2d.mix_standardised, per width choice k: the 0/1 mask of the leading
-    widths[k] input channels along the fan-in (choices, 1, fan-in), their count and the
-    scale of that fan-in (``student_scale``; 1 without one), each (choices, 1, 1)."""
-    counts = [w * taps for w in widths]
-    keep = torch.arange(fan_in, device=device) < torch.tensor(counts, device=device).view(-1, 1, 1)
-    scales = [1.0 if scale is None else student_scale(scale, fan_in, c) for c in counts]
-    as_column = lambda values: torch.tensor(values, device=device, dtype=dtype).view(-1, 1, 1)
-    return keep.to(dtype), as_column(counts), as_column(scales)
+def _fan_in_scales(scale: float, fan_in: int, fan_ins: tuple[int, ...], device: torch.device,
+                   dtype: torch.dtype) -> torch.Tensor:
+    """``student_scale`` of each fan-in, as a tensor (for AdjoinedConv2d.mix_standardised)."""
+    return torch.tensor([student_scale(scale, fan_in, f) for f in fan_ins], device=device, dtype=dtype)
 
 
 def conv_form(conv: nn.Conv2d) -> Optional[dict[str, Any]]:
@@ -332,13 +326,11 @@ class AdjoinedConv2d(nn.Conv2d):
 
     def mix_standardised(self, widths: Sequence[int], gates: torch.Tensor) -> torch.Tensor:
         """sum_k gates[k] * standardised_filters(widths[k]), each zero beyond its width (a
-        DAN search's student_filters; widths ascending and distinct, one gate each).
-
-        One computation batched over the choices instead of one standardisation, padding and
-        sum per choice: each choice's mean and variance over its leading fan-in (the weight
-        times the choice's 0/1 mask of input channels; two passes, exact), then every
-        choice's centred filters times gate * gain * scale / std, summed over the choices.
-        (choices, C_out, fan-in) products: a few times the weight's size, no activation."""
+        DAN search's student_filters; widths ascending and distinct, one gate each), in one
+        pass over the weight instead of one standardisation, padding and sum per choice:
+        standardising a filter is a layer norm of its fan-in, input channels outermost, so
+        this is anfast.nn.mixing's layer norm mix over widths[k] * taps of each filter, the
+        gates times each width's ``student_scale``, then times the gain."""
         if self.standardise_eps is None or self.groups != 1:
             raise ValueError(f"AdjoinedConv2d: mix_standardised needs a weight-standardised conv with groups=1 "
                              f"(this one: standardise_eps={self.standardise_eps}, groups={self.groups})")
@@ -349,13 +341,11 @@ class AdjoinedConv2d(nn.Conv2d):
                              f"[1, {self.in_channels}], one gate each (gates of shape {tuple(gates.shape)})")
         weight = self.weight.flatten(1)  # (C_out, fan-in), input channels outermost
         taps = weight.shape[1] // self.in_channels
-        keep, count, scale = device_constants(_leading_fan_in, widths, taps, self.scale, weight.shape[1],
-                                              weight.device, weight.dtype)
-        mean = (weight * keep).sum(-1, keepdim=True) / count  # (choices, C_out, 1)
-        centred = (weight - mean) * keep
-        variance = centred.square().sum(-1, keepdim=True) / count
-        factor = gates.to(weight.dtype).view(-1, 1, 1) * scale * torch.rsqrt(variance + self.standardise_eps)
-        mixed = (centred * factor).sum(0)
+        fan_ins = tuple(w * taps for w in widths)
+        if self.scale is not None:  # the mix is linear in the gates: each width's scale goes into its gate
+            gates = gates * device_constants(_fan_in_scales, self.scale, weight.shape[1], fan_ins, gates.device,
+                                             gates.dtype)
+        mixed = mixed_layer_norm(weight, gates, None, None, fan_ins, self.standardise_eps)
         if self.scale is not None:
             mixed = mixed * self.gain.view(-1, 1)
         return mixed.view_as(self.weight)

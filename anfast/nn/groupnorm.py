@@ -10,8 +10,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from anfast.nn.constants import device_constants
 from anfast.nn.layernorm import _ChannelNorm
+from anfast.nn.mixing import device_constants
 
 __all__ = ["AdjoinedGroupNorm"]
 
@@ -68,7 +68,7 @@ class _MixedGroupNorm(torch.autograd.Function):
     ``groups`` groups (widths[k] / groups channels each) with the leading slice of weight
     and bias, zero beyond them; x is (N, C, ...).
 
-    As _MixedLayerNorm (anfast.nn.layernorm), over blocks of ``unit`` = gcd(C, each
+    As _MixedLayerNorm (anfast.nn.mixing), over blocks of ``unit`` = gcd(C, each
     choice's channels per group) channels: every group of every choice is a run of whole
     blocks. The blocks' means and variances give each choice's groups' mean and rstd,
     per sample. In block b the mixture is affine in x, per sample:
