@@ -130,21 +130,42 @@ class _GroupNormThenInPlaceReLU(torch.nn.Module):
         return self.head(self.relu(self.norm(self.conv(x))).mean((2, 3)))
 
 
-@pytest.mark.parametrize("model", ["ConvNeXt block", "GroupNorm, then an in-place ReLU"])
+class _StandardisedThenInPlaceReLUs(torch.nn.Module):
+    """NFNet-like: a stem conv on the image, a ScaledStdConv2d, each masked (no norm
+    follows) and followed by an in-place ReLU."""
+
+    def __init__(self):
+        super().__init__()
+        timm = pytest.importorskip("timm")
+        self.stem, self.conv = torch.nn.Conv2d(3, 16, 3, padding=1), timm.layers.ScaledStdConv2d(16, 16, 3, padding=1)
+        self.act1, self.act2, self.head = torch.nn.ReLU(inplace=True), torch.nn.ReLU(inplace=True), torch.nn.Linear(16, 4)
+
+    def forward(self, x):
+        return self.head(self.act2(self.conv(self.act1(self.stem(x)))).mean((2, 3)))
+
+
+_SEARCHED = {  # model -> (a module making it, the SearchSpace attribute its mixed layer is in, that layer)
+    "ConvNeXt block": (lambda: __import__("test_adjoin").ChannelsLastBlock("none"), "norm_points", "norm"),
+    "GroupNorm, then an in-place ReLU": (_GroupNormThenInPlaceReLU, "norm_points", "norm"),
+    "standardised conv, masked convs, in-place ReLUs": (_StandardisedThenInPlaceReLUs, "standardised_points", "conv"),
+}
+
+
+@pytest.mark.parametrize("model", list(_SEARCHED))
 def test_a_dan_search_network_compiles_whole_and_matches_eager(model):
-    """A search network whose norms mix the width choices in one pass (custom autograd
-    functions: a ConvNeXt block's LayerNorms, a GroupNorm) under inductor, fullgraph: the
-    base and student outputs and the gradients of every parameter and of the gates, in
-    float64."""
+    """A search network whose norms and standardised convs mix the width choices in one
+    pass (custom autograd functions: a ConvNeXt block's LayerNorms, a GroupNorm, a
+    ScaledStdConv2d's filters) and whose convs take their masks into their filters, under
+    inductor, fullgraph: the base and student outputs and the gradients of every
+    parameter and of the gates, in float64."""
     from anfast.dan import SearchSpace, StudentMasks
-    from test_adjoin import ChannelsLastBlock
 
     torch._dynamo.reset()
     torch.manual_seed(0)
-    source = ChannelsLastBlock("none") if model == "ConvNeXt block" else _GroupNormThenInPlaceReLU()
-    network = anfast.adjoin(source, alpha=1, policy="all", input_size=(3, 8, 8)).double()
+    make, points, layer = _SEARCHED[model]
+    network = anfast.adjoin(make(), alpha=1, policy="all", input_size=(3, 8, 8)).double()
     space = SearchSpace.from_network(network, choices=(1, 2, 4), round_to=4)
-    assert "norm" in space.norm_points
+    assert layer in getattr(space, points)
     masks = StudentMasks(network, space)
     logits = torch.randn(len(space.groups), len(space.choices), dtype=torch.float64, requires_grad=True)
     x = torch.randn(3, 3, 8, 8, dtype=torch.float64)
