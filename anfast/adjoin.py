@@ -38,7 +38,7 @@ from anfast.nn import (AdjoinedBatchNorm1d, AdjoinedBatchNorm2d, AdjoinedConv2d,
                        AdjoinedGroupNorm, AdjoinedLayerNorm, AdjoinedLinear)
 from anfast.nn.conv import conv_form, numeric_padding, unknown_backend
 from anfast.nn.modes import eval_mode
-from anfast.nn.reduction import StudentReduction
+from anfast.nn.reduction import SHIFTING_OPS, StudentReduction
 
 __all__ = [
     "AdjoinError",
@@ -792,9 +792,6 @@ def _acts_on_one_group(op: torch.fx.Node, inputs, x: Optional[_Channels], result
             and len(x.parts) == 1 and x.features_per_channel == 1)
 
 
-# Ops that shift a map by a number or a tensor equal in every network (StarReLU's and
-# HGNetV2's learnable scalar bias): a channel a DAN mask zeroed would hold the shift.
-_SHIFTING = {operator.add, torch.add, "add", operator.sub, torch.sub, "sub"}
 
 
 def _shifts(node: torch.fx.Node, shape, inputs, in_channels, result: _Analysis) -> bool:
@@ -802,7 +799,7 @@ def _shifts(node: torch.fx.Node, shape, inputs, in_channels, result: _Analysis) 
     its first argument, a nonzero number or a tensor equal in every network that
     broadcasts along the channels (not a per-channel vector: _check_vector_uses marks
     those), so that a DAN search computes it per width choice (StudentReduction)."""
-    if not (_in_table(node.target, _SHIFTING) and in_channels
+    if not (_in_table(node.target, SHIFTING_OPS) and in_channels
             and _acts_on_one_group(node, inputs, in_channels[0], result)):
         return False
     others = [a for a in (*node.args[1:], *node.kwargs.values()) if a is not None]

@@ -190,6 +190,9 @@ class StudentMasks:
 
     def _mixed_reduction(self, group: int, widths: list[int]):
         def student_reduce(module: nn.Module, x: torch.Tensor, *args, **kwargs):
+            if module.shifts:  # sum_i g_i * (x + b) * 1[c < width_i], one pass
+                mask = self._mask(lambda masks: masks[group]).to(x.dtype)
+                return module.apply_op(x, *args, **kwargs) * mask.view((-1,) + (1,) * (x.dim() - 2))
             terms = {width: module.apply_op(x.narrow(1, 0, width), *args, **kwargs) for width in sorted(set(widths))}
             channels = x.shape[1] if module.keeps_channels else None
             widest = terms[max(terms)]

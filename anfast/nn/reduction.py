@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import operator
 from typing import Any, Callable, Optional, Union
 
 import torch
 from torch import nn
 
-__all__ = ["StudentReduction"]
+__all__ = ["SHIFTING_OPS", "StudentReduction"]
 
 
 class StudentReduction(nn.Module):
@@ -33,6 +34,17 @@ class StudentReduction(nn.Module):
         super().__init__()
         self.op, self.keeps_channels = op, keeps_channels
 
+    @property
+    def shifts(self) -> bool:
+        """Whether the op shifts x (adds or subtracts what adjoin found equal along the
+        channels): then each width choice's op on its leading channels, zero beyond, is the
+        op on all of them times 1[c < width], and their gates' mix is the op times the
+        group's channel mask."""
+        try:
+            return self.keeps_channels and self.op in SHIFTING_OPS
+        except TypeError:  # an unhashable callable object
+            return False
+
     def apply_op(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
         """The op on ``x`` as the model computes it."""
         return getattr(x, self.op)(*args, **kwargs) if isinstance(self.op, str) else self.op(x, *args, **kwargs)
@@ -45,3 +57,9 @@ class StudentReduction(nn.Module):
     def extra_repr(self) -> str:
         name = self.op if isinstance(self.op, str) else f"{getattr(self.op, '__module__', '')}.{self.op.__name__}"
         return f"{name}, keeps_channels={self.keeps_channels}"
+
+
+# Ops that shift a map by a number or a tensor equal in every network (StarReLU's and
+# HGNetV2's learnable scalar bias), which adjoin makes StudentReductions where a DAN mask
+# would leave the shift in zeroed channels.
+SHIFTING_OPS = frozenset({operator.add, torch.add, "add", operator.sub, torch.sub, "sub"})
