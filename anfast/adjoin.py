@@ -792,8 +792,6 @@ def _acts_on_one_group(op: torch.fx.Node, inputs, x: Optional[_Channels], result
             and len(x.parts) == 1 and x.features_per_channel == 1)
 
 
-
-
 def _shifts(node: torch.fx.Node, shape, inputs, in_channels, result: _Analysis) -> bool:
     """Whether ``node`` adds to (or subtracts from) one per-network map of one width group,
     its first argument, a nonzero number or a tensor equal in every network that

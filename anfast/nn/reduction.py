@@ -21,7 +21,8 @@ class StudentReduction(nn.Module):
 
     A DAN search masks channels to zero at full width, where they would still count in a
     mean (or win a max over negative values, or take the shift); it sets ``student_reduce``, which computes
-    the gates' mix of each width choice's op on its leading channels instead (anfast.dan.gates).
+    the gates' mix of each width choice's op on its leading channels instead (anfast.dan.gates;
+    for a shift, ``shifts``, that is the op times the group's channel mask).
 
     ``keeps_channels``: the op keeps the channel axis at its size (a softmax, a shift),
     rather than reducing it away or to one.
