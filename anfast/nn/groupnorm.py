@@ -85,10 +85,16 @@ class _MixedGroupNorm(torch.autograd.Function):
         compute = torch.promote_types(x.dtype, torch.float32)
         plan = _group_plan(widths, groups, x.shape[1], x.device, compute)
         samples = x.shape[0]
-        # Welford, whatever the strides: a group norm with a group per block would give these
-        # too, but on a CPU from E[x^2] - mean^2 for channels_last input (relative error 1e-4
-        # in float32 at a mean 30 standard deviations from zero).
-        block_var, block_mean = torch.var_mean(_blocks(x, plan).to(compute), dim=(2, 3), correction=0)
+        # Each channel's mean and variance over the positions, one pass over x as it is laid
+        # out (Welford: a group norm with a group per channel would give these too, but on a
+        # CPU from E[x^2] - mean^2 for channels_last input, relative error 1e-4 in float32 at
+        # a mean 30 standard deviations from zero); then each block's, from its channels'.
+        channel_var, channel_mean = torch.var_mean(_with_positions(x).to(compute), dim=tuple(range(2, max(x.dim(), 3))),
+                                                   correction=0)
+        channel_mean = channel_mean.view(samples, -1, plan.unit)
+        block_mean = channel_mean.mean(-1)
+        block_var = channel_var.view(samples, -1, plan.unit).mean(-1) + (
+            channel_mean - block_mean.unsqueeze(-1)).square().mean(-1)
         # A choice's group: the mean of its blocks' variances plus the variance of their means
         # (all one size), every choice at once, (samples, K * groups).
         block_mean = block_mean.repeat(1, len(widths))  # (samples, K * blocks): choice k's copy at k
@@ -99,13 +105,14 @@ class _MixedGroupNorm(torch.autograd.Function):
         gates = gates.to(compute)
         # Per channel, (samples, C, 1, ...): the full-size ops then run on x as it is laid
         # out and give a new tensor, not a view of one, which a ReLU after may modify in place.
+        # The weight and the gates' share of the bias go into them, so x is read once more.
         scale, lower = _to_channels(torch.stack([rstd, -rstd * mean], 1), gates, plan, x.dim()).unbind(1)
-        normalised = torch.addcmul(lower, x, scale)
         if weight is not None:
             weight_channels = _per_channel(weight, x.dim())
-            normalised = normalised * weight_channels if bias is None else torch.addcmul(
-                _per_channel(_gate_sums(gates, plan) * bias, x.dim()),
-                normalised, weight_channels)
+            lower = lower * weight_channels if bias is None else torch.addcmul(
+                _per_channel(_gate_sums(gates, plan) * bias, x.dim()), lower, weight_channels)
+            scale = scale * weight_channels
+        normalised = torch.addcmul(lower, x, scale)
         ctx.save_for_backward(x, gates, weight, bias, mean, rstd)
         ctx.widths, ctx.groups = widths, groups
         return normalised.to(x.dtype)
@@ -117,17 +124,22 @@ class _MixedGroupNorm(torch.autograd.Function):
         sums of gw and gw * x over a choice's group, R = rstd * (Q - mean * P) and M the
         group's elements, dx = gw * A_b + x * alpha_b + beta_b, alpha_b and beta_b the
         gates' sums over the choices that have block b of -rstd^2 R / M and
-        rstd (mean rstd R - P) / M of its group."""
+        rstd (mean rstd R - P) / M of its group. Everything comes from dy's and dy * x's sums
+        over each sample's channel's positions: P and Q (times the weight), the bias's and
+        the gates' gradients, and the weight's, sum_n A_nc * sum(dy x) - B_nc * sum(dy)."""
         x, gates, weight, bias, mean, rstd = ctx.saved_tensors
         widths, groups = ctx.widths, ctx.groups
         compute = gates.dtype
         plan = _group_plan(widths, groups, x.shape[1], x.device, compute)
-        positions = x[0, 0].numel()
-        over_positions = tuple(range(2, x.dim()))
+        samples, positions = x.shape[0], x[0, 0].numel()
         x_compute, grad = x.to(compute), grad.to(compute)
-        weighted = grad if weight is None else grad * _per_channel(weight, x.dim())
-        per_block = torch.stack([_blocks(weighted, plan).sum((2, 3)), _blocks(weighted * x_compute, plan).sum((2, 3))],
-                                1).repeat(1, 1, len(widths))  # (samples, 2, K * blocks)
+        over_positions = tuple(range(2, max(x.dim(), 3)))
+        sum_grad = _with_positions(grad).sum(over_positions)  # (samples, C)
+        sum_grad_x = _with_positions(grad * x_compute).sum(over_positions)
+        weighted = torch.stack([sum_grad, sum_grad_x], 1)  # (samples, 2, C)
+        if weight is not None:
+            weighted = weighted * weight
+        per_block = weighted.view(samples, 2, -1, plan.unit).sum(-1).repeat(1, 1, len(widths))  # (samples, 2, K * blocks)
         # (samples, K, groups) each
         P, Q = _over_groups(per_block, plan, average=False).unflatten(-1, (-1, groups)).unbind(1)
         R = rstd * (Q - mean * P)
@@ -137,16 +149,18 @@ class _MixedGroupNorm(torch.autograd.Function):
             gates, plan, x.dim()).unbind(1)
         grad_x = grad_gates = grad_weight = grad_bias = None
         if ctx.needs_input_grad[0]:
-            grad_x = torch.addcmul(torch.addcmul(beta, x_compute, alpha), weighted, scale).to(x.dtype)
+            grad_scale = scale if weight is None else scale * _per_channel(weight, x.dim())
+            grad_x = torch.addcmul(torch.addcmul(beta, x_compute, alpha), grad, grad_scale).to(x.dtype)
         column_sums = None  # dy summed over samples and positions, (C,)
         if bias is not None and (ctx.needs_input_grad[1] or ctx.needs_input_grad[3]):
-            column_sums = grad.sum((0,) + over_positions)
+            column_sums = sum_grad.sum(0)
         if ctx.needs_input_grad[1]:
             grad_gates = R.sum((0, 2))
             if bias is not None:  # each choice adds its bias over its own channels
                 grad_gates = grad_gates + torch.cumsum(column_sums * bias, 0)[plan.last_channels]
-        if ctx.needs_input_grad[2] and weight is not None:
-            grad_weight = (grad * torch.addcmul(lower, x_compute, scale)).sum((0,) + over_positions).to(weight.dtype)
+        if ctx.needs_input_grad[2] and weight is not None:  # dy times the normalised x, summed
+            grad_weight = (scale.reshape(samples, -1) * sum_grad_x + lower.reshape(samples, -1) * sum_grad).sum(0) \
+                .to(weight.dtype)
         if ctx.needs_input_grad[3] and bias is not None:
             grad_bias = (_gate_sums(gates, plan) * column_sums).to(bias.dtype)
         return grad_x, grad_gates, grad_weight, grad_bias, None, None, None
@@ -191,9 +205,10 @@ def _over_groups(per_block: torch.Tensor, plan: _GroupPlan, average: bool) -> to
     return bins.index_add(-1, plan.group_of_block, per_block * weights)
 
 
-def _blocks(t: torch.Tensor, plan: _GroupPlan) -> torch.Tensor:
-    """(N, C, ...) -> (N, blocks, unit, positions), a view where t's strides allow."""
-    return t.reshape(t.shape[0], -1, plan.unit, t[0, 0].numel())
+def _with_positions(t: torch.Tensor) -> torch.Tensor:
+    """(N, C, ...) as it is, an (N, C) tensor as (N, C, 1): reductions over the positions,
+    axes 2 on, then have an axis to reduce (an empty tuple of axes would reduce them all)."""
+    return t if t.dim() > 2 else t.unsqueeze(-1)
 
 
 def _per_channel(values: torch.Tensor, dims: int) -> torch.Tensor:
