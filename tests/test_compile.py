@@ -138,7 +138,8 @@ class _StandardisedThenInPlaceReLUs(torch.nn.Module):
         super().__init__()
         timm = pytest.importorskip("timm")
         self.stem, self.conv = torch.nn.Conv2d(3, 16, 3, padding=1), timm.layers.ScaledStdConv2d(16, 16, 3, padding=1)
-        self.act1, self.act2, self.head = torch.nn.ReLU(inplace=True), torch.nn.ReLU(inplace=True), torch.nn.Linear(16, 4)
+        self.act1, self.act2 = torch.nn.ReLU(inplace=True), torch.nn.ReLU(inplace=True)
+        self.head = torch.nn.Linear(16, 4)
 
     def forward(self, x):
         return self.head(self.act2(self.conv(self.act1(self.stem(x)))).mean((2, 3)))

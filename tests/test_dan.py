@@ -1151,8 +1151,10 @@ def test_a_search_step_backs_through_in_place_relus_after_masked_convs():
         return torch.stack([gates[g][widths > c].sum() for c in range(16)])
 
     gates = torch.softmax(logits, -1)
-    hidden = torch.relu(F.conv2d(images, network.stem.weight, network.stem.bias, padding=1) * mask("stem", gates)[:, None, None])
-    hidden = torch.relu(F.conv2d(hidden, network.conv.weight, network.conv.bias, padding=1) * mask("conv", gates)[:, None, None])
+    hidden = F.conv2d(images, network.stem.weight, network.stem.bias, padding=1)
+    hidden = torch.relu(hidden * mask("stem", gates)[:, None, None])
+    hidden = F.conv2d(hidden, network.conv.weight, network.conv.bias, padding=1)
+    hidden = torch.relu(hidden * mask("conv", gates)[:, None, None])
     expected = F.linear(hidden.mean((2, 3)), network.fc.weight, network.fc.bias)
     expected_grads = torch.autograd.grad(F.cross_entropy(expected, labels), [logits, *params])
 

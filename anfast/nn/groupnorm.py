@@ -89,8 +89,8 @@ class _MixedGroupNorm(torch.autograd.Function):
         # out (Welford: a group norm with a group per channel would give these too, but on a
         # CPU from E[x^2] - mean^2 for channels_last input, relative error 1e-4 in float32 at
         # a mean 30 standard deviations from zero); then each block's, from its channels'.
-        channel_var, channel_mean = torch.var_mean(_with_positions(x).to(compute), dim=tuple(range(2, max(x.dim(), 3))),
-                                                   correction=0)
+        position_axes = tuple(range(2, max(x.dim(), 3)))
+        channel_var, channel_mean = torch.var_mean(_with_positions(x).to(compute), dim=position_axes, correction=0)
         channel_mean = channel_mean.view(samples, -1, plan.unit)
         block_mean = channel_mean.mean(-1)
         block_var = channel_var.view(samples, -1, plan.unit).mean(-1) + (
@@ -105,7 +105,7 @@ class _MixedGroupNorm(torch.autograd.Function):
         gates = gates.to(compute)
         # Per channel, (samples, C, 1, ...): the full-size ops then run on x as it is laid
         # out and give a new tensor, not a view of one, which a ReLU after may modify in place.
-        # The weight and the gates' share of the bias go into them, so x is read once more.
+        # The weight and the gates' share of the bias go into them: one op over x gives y.
         scale, lower = _to_channels(torch.stack([rstd, -rstd * mean], 1), gates, plan, x.dim()).unbind(1)
         if weight is not None:
             weight_channels = _per_channel(weight, x.dim())
@@ -139,7 +139,8 @@ class _MixedGroupNorm(torch.autograd.Function):
         weighted = torch.stack([sum_grad, sum_grad_x], 1)  # (samples, 2, C)
         if weight is not None:
             weighted = weighted * weight
-        per_block = weighted.view(samples, 2, -1, plan.unit).sum(-1).repeat(1, 1, len(widths))  # (samples, 2, K * blocks)
+        # (samples, 2, K * blocks)
+        per_block = weighted.view(samples, 2, -1, plan.unit).sum(-1).repeat(1, 1, len(widths))
         # (samples, K, groups) each
         P, Q = _over_groups(per_block, plan, average=False).unflatten(-1, (-1, groups)).unbind(1)
         R = rstd * (Q - mean * P)
