@@ -983,10 +983,7 @@ def test_a_convs_mask_scales_its_filters_and_equals_masking_its_output(case, bia
     # its leading groups), standardised as timm's layer of its width, or the mixed ones.
     weight = layer.weight if shared else layer.weight[:4] if groups > 1 else layer.weight[:4, :in_student]
     if case == "standardised":
-        fan_in = weight[0].numel()
-        centred = weight - weight.mean(dim=(1, 2, 3), keepdim=True)
-        std = (centred.pow(2).mean(dim=(1, 2, 3), keepdim=True) + 1e-5).sqrt()
-        weight = centred / std * layer.gain[:4] * 0.7 * (6 * 9 / fan_in) ** 0.5
+        weight = _standardised_by_hand(weight) * layer.gain[:4] * 0.7 * (6 * 9 / weight[0].numel()) ** 0.5
     elif case == "mixed filters":
         weight = mixed
     # "SAME" at stride 2 by hand: 9 rows give 5 outputs, one pixel each side; 8 columns
@@ -1035,6 +1032,13 @@ def test_soft_gates_mix_each_choices_reduction_of_its_leading_channels(gate, nod
     torch.testing.assert_close(y, expected, rtol=1e-12, atol=1e-12)
 
 
+def _standardised_by_hand(filters: torch.Tensor, eps: float = 1e-5) -> torch.Tensor:
+    """Each filter to zero mean and unit variance over its inputs and taps (the biased
+    variance, eps added), as weight standardisation defines it."""
+    mean = filters.mean((1, 2, 3), keepdim=True)
+    return (filters - mean) / torch.sqrt(filters.var((1, 2, 3), keepdim=True, unbiased=False) + eps)
+
+
 def test_soft_gates_mix_each_choices_standardised_filters():
     """With soft gates, a weight-standardised conv's student convolves with sum_i g_i * S_i,
     S_i the filters standardised over the leading width_i input channels, times the gain
@@ -1060,9 +1064,7 @@ def test_soft_gates_mix_each_choices_standardised_filters():
     weight, gain = model.a.weight.double(), model.a.gain.double()
     mixed = torch.zeros_like(weight)
     for gate, width in zip(gates, widths):
-        w = weight[:, :width]
-        mean, var = w.mean((1, 2, 3), keepdim=True), w.var((1, 2, 3), keepdim=True, unbiased=False)
-        mixed[:, :width] += gate * (w - mean) / torch.sqrt(var + 1e-5) * gain * 1.7 / math.sqrt(width * 9)
+        mixed[:, :width] += gate * _standardised_by_hand(weight[:, :width]) * gain * 1.7 / math.sqrt(width * 9)
     expected = F.conv2d(x, mixed, model.a.bias.double(), padding=model.a.padding)
     own_mask = space.channel_masks(every_gate)[space.group_names.index("a")]
     torch.testing.assert_close(y, expected * own_mask.view(-1, 1, 1), rtol=1e-12, atol=1e-12)
@@ -1090,10 +1092,8 @@ def test_a_standardised_convs_mixture_in_one_computation_equals_each_choices_fil
     params = [layer.weight, gates] + ([layer.gain] if scaled else [])
     expected = torch.zeros_like(layer.weight)
     for k, width in enumerate(widths):
-        w = layer.weight[:, :width]
-        mean, var = w.mean((1, 2, 3), keepdim=True), w.var((1, 2, 3), keepdim=True, unbiased=False)
         factor = layer.gain * 1.7 / math.sqrt(width * 9) if scaled else 1.0
-        expected = expected + F.pad(gates[k] * (w - mean) / torch.sqrt(var + 1e-5) * factor,
+        expected = expected + F.pad(gates[k] * _standardised_by_hand(layer.weight[:, :width]) * factor,
                                     (0, 0, 0, 0, 0, 16 - width))
     weights = torch.randn_like(expected)
     expected_grads = torch.autograd.grad((expected * weights).sum(), params)

@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from anfast.nn.mixing import device_constants, mixed_layer_norm
+from anfast.nn.mixing import check_mix_widths, device_constants, mixed_layer_norm
 from anfast.nn.streams import active_streams, hand_over, network_stream
 from anfast.ops import adjoined_conv2d
 from anfast.ops.backend import BACKEND_PRIORITY
@@ -334,11 +334,7 @@ class AdjoinedConv2d(nn.Conv2d):
         if self.standardise_eps is None or self.groups != 1:
             raise ValueError(f"AdjoinedConv2d: mix_standardised needs a weight-standardised conv with groups=1 "
                              f"(this one: standardise_eps={self.standardise_eps}, groups={self.groups})")
-        widths = tuple(int(w) for w in widths)
-        if list(widths) != sorted(set(widths)) or not widths or widths[0] < 1 or widths[-1] > self.in_channels \
-                or gates.shape != (len(widths),):
-            raise ValueError(f"AdjoinedConv2d.mix_standardised: widths={list(widths)} must ascend, distinct, in "
-                             f"[1, {self.in_channels}], one gate each (gates of shape {tuple(gates.shape)})")
+        widths = check_mix_widths("AdjoinedConv2d.mix_standardised", widths, self.in_channels, gates)
         weight = self.weight.flatten(1)  # (C_out, fan-in), input channels outermost
         taps = weight.shape[1] // self.in_channels
         fan_ins = tuple(w * taps for w in widths)

@@ -8,6 +8,7 @@ import torch
 from torch import nn
 
 from anfast.nn.layernorm import _ChannelNorm
+from anfast.nn.mixing import leading_sums
 
 __all__ = ["AdjoinedGlobalResponseNorm"]
 
@@ -71,26 +72,16 @@ class AdjoinedGlobalResponseNorm(_ChannelNorm, nn.Module):
         ``H_j = sum_{k>=j} gates[k]``: a multiplier per sample and channel, so one product
         over x, and autograd's backward of it is one more pass."""
         widths = self._check_mix(x, widths, gates)
-        axis = self.channels_axis % x.dim()
-        channels = x.shape[axis]
+        channels = x.shape[self.channels_axis]
         spatial = (1, 2) if self.channels_axis == -1 else (2, 3)
         norms = x.norm(p=2, dim=spatial, keepdim=True)  # (N, 1, 1, C) or (N, C, 1, 1)
+        per_sample = norms.flatten(1)  # (N, C)
         gates = gates.to(norms.dtype)
-        per_choice = torch.stack([gate / (norms.narrow(axis, 0, width).mean(dim=axis, keepdim=True) + self.eps)
-                                  for gate, width in zip(gates, widths)])  # (K, N, 1, 1, 1)
-
-        def per_channel(values):  # (K, ...) per choice -> each channel's sum over the choices that have it
-            suffix = values.flip(0).cumsum(0).flip(0)
-            segments = [suffix[j].expand(suffix.shape[1:axis + 1] + (end - start,) + suffix.shape[axis + 2:])
-                        for j, (start, end) in enumerate(zip((0,) + widths, widths))]
-            beyond = channels - widths[-1]
-            if beyond:
-                segments.append(suffix.new_zeros(suffix.shape[1:axis + 1] + (beyond,) + suffix.shape[axis + 2:]))
-            return torch.cat(segments, dim=axis)
-
+        per_choice = gates / (torch.stack([per_sample[:, :width].mean(1) for width in widths], -1) + self.eps)
         shape = (1, 1, 1, -1) if self.channels_axis == -1 else (1, -1, 1, 1)
-        share = per_channel(gates.view((-1,) + (1,) * norms.dim()))  # (1, 1, 1, C) or (1, C, 1, 1)
-        multiplier = torch.addcmul(share, self.weight.view(shape) * norms, per_channel(per_choice))
+        share = leading_sums(gates, widths, channels).view(shape)  # H per channel
+        inverse_means = leading_sums(per_choice, widths, channels).view(norms.shape)  # S per sample and channel
+        multiplier = torch.addcmul(share, self.weight.view(shape) * norms, inverse_means)
         return torch.addcmul(share * self.bias.view(shape), x, multiplier)
 
     def extra_repr(self) -> str:

@@ -197,7 +197,6 @@ def _make_group_plan(widths, groups, channels, device, dtype) -> _GroupPlan:
                       tensor(membership, dtype=dtype), tensor(share, dtype=dtype), tensor([w - 1 for w in widths]))
 
 
-
 def _over_groups(per_block: torch.Tensor, plan: _GroupPlan, average: bool) -> torch.Tensor:
     """(..., K * blocks) -> (..., K * groups): each choice's groups' sum (or mean) of its
     member blocks' values (a block no choice has adds nothing)."""

@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from anfast.nn.conv import check_student_inputs
-from anfast.nn.mixing import mixed_layer_norm
+from anfast.nn.mixing import check_mix_widths, mixed_layer_norm
 from anfast.nn.streams import network_stream
 
 __all__ = ["AdjoinedLayerNorm"]
@@ -49,13 +49,8 @@ class _ChannelNorm:
     def _check_mix(self, x: torch.Tensor, widths: Sequence[int], gates: torch.Tensor,
                    multiple: int = 1, what: str = "") -> tuple[int, ...]:
         """``widths`` as ints, after checking them against x and the gates for mix_leading."""
-        widths = tuple(int(w) for w in widths)
-        channels = x.shape[self.channels_axis]
-        if list(widths) != sorted(set(widths)) or not widths or widths[0] < 1 or widths[-1] > channels \
-                or any(w % multiple for w in widths) or gates.shape != (len(widths),):
-            raise ValueError(f"{type(self).__name__}.mix_leading: widths={list(widths)} must ascend, distinct, "
-                             f"{what}in [1, {channels}], one gate each (gates of shape {tuple(gates.shape)})")
-        return widths
+        return check_mix_widths(f"{type(self).__name__}.mix_leading", widths, x.shape[self.channels_axis], gates,
+                                multiple, what)
 
     def forward(self, x_base: torch.Tensor, *x_students: torch.Tensor) -> tuple[torch.Tensor, ...]:
         check_student_inputs(self, x_students, self._widths_name, getattr(self, self._widths_name),

@@ -16,7 +16,7 @@ from typing import Callable, NamedTuple, Optional, Sequence
 import torch
 import torch.nn.functional as F
 
-__all__ = ["device_constants", "mixed_layer_norm"]
+__all__ = ["check_mix_widths", "device_constants", "leading_sums", "mixed_layer_norm"]
 
 
 def mixed_layer_norm(x: torch.Tensor, gates: torch.Tensor, weight: Optional[torch.Tensor],
@@ -27,6 +27,27 @@ def mixed_layer_norm(x: torch.Tensor, gates: torch.Tensor, weight: Optional[torc
     distinct (the caller checks them). Linear in the gates, which need not sum to one.
     See _MixedLayerNorm."""
     return _MixedLayerNorm.apply(x, gates, weight, bias, tuple(widths), eps, channels_axis)
+
+
+def check_mix_widths(where: str, widths: Sequence[int], channels: int, gates: torch.Tensor, multiple: int = 1,
+                     what: str = "") -> tuple[int, ...]:
+    """``widths`` as ints, after checking them for a mix over ``channels``: ascending,
+    distinct, in [1, channels], multiples of ``multiple`` (``what`` says so in the message),
+    one gate each; else a ValueError naming ``where``."""
+    widths = tuple(int(w) for w in widths)
+    if list(widths) != sorted(set(widths)) or not widths or widths[0] < 1 or widths[-1] > channels \
+            or any(w % multiple for w in widths) or gates.shape != (len(widths),):
+        raise ValueError(f"{where}: widths={list(widths)} must ascend, distinct, {what}in [1, {channels}], one "
+                         f"gate each (gates of shape {tuple(gates.shape)})")
+    return widths
+
+
+def leading_sums(per_choice: torch.Tensor, widths: Sequence[int], channels: int) -> torch.Tensor:
+    """(..., K) -> (..., channels): for each channel c, ``per_choice`` summed over the
+    choices k that have it (c < widths[k], widths ascending and distinct); zero beyond the
+    widest."""
+    plan = _block_plan(tuple(widths), channels, per_choice.device, per_choice.dtype)
+    return _per_block(per_choice, plan).repeat_interleave(plan.unit, -1)
 
 
 def device_constants(make: Callable, *args):
